@@ -1,0 +1,283 @@
+//! Bucket properties: replication and conflict-handling settings per bucket.
+//!
+//! The JSON shape is Riak's (`{"props": {...}}`): quorum values are integers or the symbolic
+//! `"one"`, `"quorum"`, `"all"`, `"default"`. Unknown properties and out-of-range values are
+//! refused with a clear error and change nothing (the update is validated as a whole before it
+//! is applied). `allow_mult` defaults to true: siblings are kept unless a bucket opts out.
+
+use crate::limits;
+use crate::storage::Durability;
+use serde_json::{Map, Value, json};
+use thiserror::Error;
+
+/// A replica count requirement as Riak expresses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quorum {
+    One,
+    Quorum,
+    All,
+    /// The bucket's own setting (only meaningful in a request).
+    Default,
+    Count(u32),
+}
+
+impl Quorum {
+    /// The number of replies needed out of `n`, with `default` standing for `Default`.
+    pub fn resolve(self, n: u32, default: Quorum) -> u32 {
+        match self {
+            Quorum::One => 1,
+            Quorum::Quorum => n / 2 + 1,
+            Quorum::All => n,
+            Quorum::Default => match default {
+                Quorum::Default => n / 2 + 1,
+                other => other.resolve(n, Quorum::Quorum),
+            },
+            Quorum::Count(count) => count,
+        }
+    }
+
+    /// Parse a JSON value (`2`, `"2"`, `"quorum"`, ...).
+    pub fn from_json(value: &Value) -> Option<Quorum> {
+        match value {
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Quorum::Count),
+            Value::String(s) => Quorum::parse(s),
+            _ => None,
+        }
+    }
+
+    /// Parse a query-string or JSON string value.
+    pub fn parse(text: &str) -> Option<Quorum> {
+        match text {
+            "one" => Some(Quorum::One),
+            "quorum" => Some(Quorum::Quorum),
+            "all" => Some(Quorum::All),
+            "default" => Some(Quorum::Default),
+            other => other.parse::<u32>().ok().map(Quorum::Count),
+        }
+    }
+
+    pub fn to_json(self) -> Value {
+        match self {
+            Quorum::One => json!("one"),
+            Quorum::Quorum => json!("quorum"),
+            Quorum::All => json!("all"),
+            Quorum::Default => json!("default"),
+            Quorum::Count(n) => json!(n),
+        }
+    }
+}
+
+/// Settings of one bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketProps {
+    pub n_val: u32,
+    pub r: Quorum,
+    pub w: Quorum,
+    pub dw: Quorum,
+    pub rw: Quorum,
+    pub pr: Quorum,
+    pub pw: Quorum,
+    pub allow_mult: bool,
+    pub last_write_wins: bool,
+    pub basic_quorum: bool,
+    pub notfound_ok: bool,
+    pub durability: Durability,
+}
+
+impl Default for BucketProps {
+    fn default() -> Self {
+        BucketProps {
+            n_val: 3,
+            r: Quorum::Quorum,
+            w: Quorum::Quorum,
+            dw: Quorum::Quorum,
+            rw: Quorum::Quorum,
+            pr: Quorum::Count(0),
+            pw: Quorum::Count(0),
+            allow_mult: true,
+            last_write_wins: false,
+            basic_quorum: false,
+            notfound_ok: true,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// Why a properties update was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PropsError {
+    #[error("unknown bucket property {0:?}")]
+    Unknown(String),
+    #[error("bad value for bucket property {name:?}: {reason}")]
+    BadValue { name: String, reason: String },
+    #[error("body must be a JSON object of the form {{\"props\": {{...}}}}")]
+    Shape,
+}
+
+fn bad(name: &str, reason: &str) -> PropsError {
+    PropsError::BadValue {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+impl BucketProps {
+    /// Riak's JSON form, including the bucket name.
+    pub fn to_json(&self, bucket: &str) -> Value {
+        json!({
+            "name": bucket,
+            "n_val": self.n_val,
+            "r": self.r.to_json(),
+            "w": self.w.to_json(),
+            "dw": self.dw.to_json(),
+            "rw": self.rw.to_json(),
+            "pr": self.pr.to_json(),
+            "pw": self.pw.to_json(),
+            "allow_mult": self.allow_mult,
+            "last_write_wins": self.last_write_wins,
+            "basic_quorum": self.basic_quorum,
+            "notfound_ok": self.notfound_ok,
+            "durability": match self.durability {
+                Durability::Fsync => "fsync",
+                Durability::Buffered => "buffered",
+            },
+        })
+    }
+
+    /// Apply an update (the inner `props` object). All-or-nothing: on error `self` is unchanged.
+    pub fn apply(&mut self, bucket: &str, update: &Map<String, Value>) -> Result<(), PropsError> {
+        let mut next = self.clone();
+        for (name, value) in update {
+            let quorum = |value: &Value| {
+                Quorum::from_json(value).ok_or_else(|| {
+                    bad(
+                        name,
+                        "expected a non-negative integer or one of \"one\", \"quorum\", \"all\", \"default\"",
+                    )
+                })
+            };
+            let boolean = |value: &Value| value.as_bool().ok_or_else(|| bad(name, "expected true or false"));
+            match name.as_str() {
+                "name" => {
+                    if value.as_str() != Some(bucket) {
+                        return Err(bad(name, "must equal the bucket's name"));
+                    }
+                }
+                "n_val" => {
+                    let n = value
+                        .as_u64()
+                        .filter(|n| (1..=u64::from(limits::MAX_N_VAL)).contains(n))
+                        .ok_or_else(|| {
+                            bad(name, &format!("expected an integer from 1 to {}", limits::MAX_N_VAL))
+                        })?;
+                    next.n_val = u32::try_from(n).unwrap_or(limits::MAX_N_VAL);
+                }
+                "r" => next.r = quorum(value)?,
+                "w" => next.w = quorum(value)?,
+                "dw" => next.dw = quorum(value)?,
+                "rw" => next.rw = quorum(value)?,
+                "pr" => next.pr = quorum(value)?,
+                "pw" => next.pw = quorum(value)?,
+                "allow_mult" => next.allow_mult = boolean(value)?,
+                "last_write_wins" => next.last_write_wins = boolean(value)?,
+                "basic_quorum" => next.basic_quorum = boolean(value)?,
+                "notfound_ok" => next.notfound_ok = boolean(value)?,
+                "durability" => {
+                    next.durability = match value.as_str() {
+                        Some("fsync") => Durability::Fsync,
+                        Some("buffered") => Durability::Buffered,
+                        _ => return Err(bad(name, "expected \"fsync\" or \"buffered\"")),
+                    }
+                }
+                other => return Err(PropsError::Unknown(other.to_owned())),
+            }
+        }
+        for (name, q) in [
+            ("r", next.r),
+            ("w", next.w),
+            ("dw", next.dw),
+            ("rw", next.rw),
+            ("pr", next.pr),
+            ("pw", next.pw),
+        ] {
+            if let Quorum::Count(count) = q
+                && count > next.n_val
+            {
+                return Err(bad(name, &format!("{count} is more than n_val {}", next.n_val)));
+            }
+        }
+        if next.last_write_wins && next.allow_mult {
+            // Riak refuses this combination too: siblings cannot be kept and dropped at once.
+            return Err(bad(
+                "last_write_wins",
+                "cannot be true while allow_mult is true; set allow_mult to false as well",
+            ));
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Parse the stored form (the output of `to_json`).
+    pub fn from_stored(bucket: &str, value: &Value) -> Result<BucketProps, PropsError> {
+        let map = value.as_object().ok_or(PropsError::Shape)?;
+        let mut props = BucketProps::default();
+        // Stored props were valid when written; `apply` checks combinations only at the end.
+        props.apply(bucket, map)?;
+        Ok(props)
+    }
+}
+
+/// Extract the `props` object from a request body.
+pub fn props_from_body(body: &[u8]) -> Result<Map<String, Value>, PropsError> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| PropsError::Shape)?;
+    match value {
+        Value::Object(mut outer) => match outer.remove("props") {
+            Some(Value::Object(inner)) if outer.is_empty() => Ok(inner),
+            _ => Err(PropsError::Shape),
+        },
+        _ => Err(PropsError::Shape),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_validates_all_or_nothing() {
+        let mut props = BucketProps::default();
+        let update = props_from_body(br#"{"props":{"n_val":2,"bogus":1}}"#).unwrap();
+        assert_eq!(
+            props.apply("b", &update),
+            Err(PropsError::Unknown("bogus".into()))
+        );
+        assert_eq!(props, BucketProps::default());
+        let update = props_from_body(br#"{"props":{"n_val":2,"r":"one","w":2}}"#).unwrap();
+        props.apply("b", &update).unwrap();
+        assert_eq!(props.n_val, 2);
+        assert_eq!(props.r, Quorum::One);
+        let update = props_from_body(br#"{"props":{"w":5}}"#).unwrap();
+        assert!(props.apply("b", &update).is_err());
+        let update = props_from_body(br#"{"props":{"last_write_wins":true}}"#).unwrap();
+        assert!(props.apply("b", &update).is_err());
+        let update =
+            props_from_body(br#"{"props":{"last_write_wins":true,"allow_mult":false}}"#).unwrap();
+        props.apply("b", &update).unwrap();
+        let stored = props.to_json("b");
+        assert_eq!(BucketProps::from_stored("b", &stored).unwrap(), props);
+        assert!(props_from_body(b"[]").is_err());
+        assert!(props_from_body(b"{\"n_val\":1}").is_err());
+    }
+
+    #[test]
+    fn quorum_resolution() {
+        assert_eq!(Quorum::Quorum.resolve(3, Quorum::Default), 2);
+        assert_eq!(Quorum::All.resolve(3, Quorum::Default), 3);
+        assert_eq!(Quorum::Default.resolve(3, Quorum::One), 1);
+        assert_eq!(Quorum::parse("2"), Some(Quorum::Count(2)));
+        assert_eq!(Quorum::parse("x"), None);
+    }
+}

@@ -1,0 +1,21 @@
+//! dynakv-core: the sans-IO heart of dynakv.
+//!
+//! No tokio, no wall clock, no ambient randomness: time and randomness enter as arguments, so
+//! every protocol step is a plain function call that a test (or the simulator) can replay.
+//!
+//! Modules: [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
+//! vectors), [`context`] (the authenticated client context), [`ring`] (consistent hashing,
+//! claim, preference lists), [`bucket`] (bucket properties), [`keys`] (storage key layout),
+//! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding).
+
+pub mod bucket;
+pub mod codec;
+pub mod context;
+pub mod keys;
+pub mod limits;
+pub mod object;
+pub mod ring;
+pub mod storage;
+pub mod version;
+
+pub use storage::{Durability, Storage, Table};

@@ -1,0 +1,52 @@
+//! Every bound of the system as a named constant (TIGER_STYLE: a limit on everything).
+//!
+//! Configurable limits (such as the value size) have a default here and a hard ceiling that
+//! configuration may not exceed. Compile-time assertions keep the constants consistent.
+
+/// Longest bucket name, in bytes.
+pub const MAX_BUCKET_BYTES: usize = 255;
+/// Longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Default largest value accepted by a put, in bytes (the paper's objects are < 1 MiB).
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Hard ceiling for the configurable value limit.
+pub const HARD_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
+/// Most user metadata entries (`X-Riak-Meta-*`) on one value.
+pub const MAX_META_ENTRIES: usize = 64;
+/// Most bytes of user metadata (names plus values) on one value.
+pub const MAX_META_BYTES: usize = 8 * 1024;
+/// Longest content type, in bytes.
+pub const MAX_CONTENT_TYPE_BYTES: usize = 255;
+/// Most siblings one object may hold. A put that would exceed it is refused with a clear
+/// error rather than silently dropping a sibling.
+pub const MAX_SIBLINGS: usize = 100;
+/// Clock entries above which the oldest entries that no sibling's dot depends on are pruned
+/// (the paper prunes past 10).
+pub const CLOCK_PRUNE_THRESHOLD: usize = 10;
+/// Entries younger than this are never pruned, however many there are (Riak's `young_vclock`).
+pub const CLOCK_PRUNE_MIN_AGE_MS: u64 = 20_000;
+/// Most clock entries a decoded context or object may carry: anything larger is malformed.
+pub const MAX_CLOCK_ENTRIES: usize = MAX_SIBLINGS + CLOCK_PRUNE_THRESHOLD + 64;
+/// Longest encoded causal context accepted from a client, in bytes (base64 text).
+pub const MAX_CONTEXT_BYTES: usize = 16 * 1024;
+/// Longest actor (replica identity) name inside a clock, in bytes.
+pub const MAX_ACTOR_BYTES: usize = 64;
+/// Longest encoded object accepted from storage or a peer.
+pub const MAX_OBJECT_BYTES: usize =
+    MAX_SIBLINGS * (HARD_MAX_VALUE_BYTES / MAX_SIBLINGS + MAX_META_BYTES + 512) + 1024 * 1024;
+/// Most keys returned by one page of a key listing.
+pub const MAX_LIST_PAGE: usize = 10_000;
+/// Largest accepted bucket-properties body, in bytes.
+pub const MAX_PROPS_BODY_BYTES: usize = 16 * 1024;
+/// Largest `n_val` a bucket may ask for.
+pub const MAX_N_VAL: u32 = 9;
+/// Default number of ring partitions (Q). Must be a power of two.
+pub const DEFAULT_RING_PARTITIONS: u32 = 64;
+/// Most ring partitions allowed.
+pub const MAX_RING_PARTITIONS: u32 = 4096;
+
+const _: () = assert!(DEFAULT_RING_PARTITIONS.is_power_of_two());
+const _: () = assert!(MAX_RING_PARTITIONS.is_power_of_two());
+const _: () = assert!(DEFAULT_MAX_VALUE_BYTES <= HARD_MAX_VALUE_BYTES);
+const _: () = assert!(CLOCK_PRUNE_THRESHOLD < MAX_CLOCK_ENTRIES);
+const _: () = assert!(MAX_SIBLINGS + CLOCK_PRUNE_THRESHOLD <= MAX_CLOCK_ENTRIES);

@@ -1,0 +1,435 @@
+//! Objects: a key's sibling set and its causal context, using dotted version vectors.
+//!
+//! An [`Object`] is a version vector (`clock`, everything this replica has seen of the key) and
+//! a set of [`Sibling`]s, each a value tagged with the [`Dot`] of the write that made it. This is
+//! the "DVV set" representation of Riak 2 and of Preguiça/Almeida's dotted version vectors: the
+//! dot of each sibling is what lets two writes with the same stale context through the same
+//! coordinator be kept apart (no sibling explosion, no lost update).
+//!
+//! Invariants (checked by the property tests below and `Object::check_invariants`):
+//! - every sibling's dot is covered by `clock`;
+//! - siblings are sorted by dot and dots are unique (one dot, one value);
+//! - `sync` is commutative, associative and idempotent, so replicas converge whatever order
+//!   versions arrive in;
+//! - a write made with the context of a read replaces exactly the siblings that read saw;
+//! - pruning only removes clock entries that no sibling's dot depends on, so it never drops a
+//!   sibling (it may, in the worst case, make an old overwritten value reappear as a sibling).
+//!
+//! Laws of `sync(a, b)`: a sibling of `a` survives when `b` holds the same dot or `b`'s clock has
+//! not seen it, and symmetrically; the clock is the pointwise maximum.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::limits;
+use crate::version::{ActorId, Dot, VersionVector};
+use thiserror::Error;
+
+/// The user-visible part of one version.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Content {
+    /// The opaque value (empty for a tombstone).
+    pub value: Vec<u8>,
+    /// MIME type given at store time (with any charset parameter).
+    pub content_type: String,
+    /// Coordinator wall-clock time of the write, ms since the Unix epoch.
+    pub last_modified_ms: u64,
+    /// User metadata (`X-Riak-Meta-*` headers), names lower-cased without the prefix.
+    pub meta: Vec<(String, String)>,
+    /// A tombstone: the key was deleted with this write's context.
+    pub deleted: bool,
+}
+
+impl Content {
+    /// A tombstone written at `now_ms`.
+    pub fn tombstone(now_ms: u64) -> Self {
+        Content {
+            value: Vec::new(),
+            content_type: String::new(),
+            last_modified_ms: now_ms,
+            meta: Vec::new(),
+            deleted: true,
+        }
+    }
+}
+
+/// One version of a key: its content and the dot of the write that created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    pub dot: Dot,
+    pub content: Content,
+}
+
+impl Sibling {
+    /// A stable, replica-independent tag for this version (Riak's vtag / ETag): base62 of a hash
+    /// of the dot.
+    pub fn vtag(&self) -> String {
+        vtag_of(self.dot)
+    }
+}
+
+/// The vtag of a dot.
+pub fn vtag_of(dot: Dot) -> String {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&dot.actor.0.to_le_bytes());
+    hasher.update(&dot.counter.to_le_bytes());
+    let hash = hasher.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&hash.as_bytes()[..16]);
+    let mut n = u128::from_le_bytes(first);
+    let mut out = Vec::with_capacity(22);
+    for _ in 0..22 {
+        out.push(ALPHABET[(n % 62) as usize]);
+        n /= 62;
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Why a write could not be applied.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WriteError {
+    /// The write would leave more siblings than allowed: the client must resolve first.
+    #[error(
+        "the object already has {existing} siblings (limit {limit}): fetch it, resolve the siblings and write back with the context"
+    )]
+    TooManySiblings { existing: usize, limit: usize },
+}
+
+/// A key's versions and causal context.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Object {
+    clock: VersionVector,
+    siblings: Vec<Sibling>,
+}
+
+/// When clock pruning may remove entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrunePolicy {
+    /// Prune only when the clock has more entries than this.
+    pub threshold: usize,
+    /// Never prune entries younger than this (unless the hard limit forces it).
+    pub min_age_ms: u64,
+    /// Entries beyond this are pruned whatever their age.
+    pub hard_limit: usize,
+}
+
+impl Default for PrunePolicy {
+    fn default() -> Self {
+        PrunePolicy {
+            threshold: limits::CLOCK_PRUNE_THRESHOLD,
+            min_age_ms: limits::CLOCK_PRUNE_MIN_AGE_MS,
+            hard_limit: limits::MAX_CLOCK_ENTRIES - limits::MAX_SIBLINGS,
+        }
+    }
+}
+
+const ENCODING_VERSION: u8 = 1;
+const FLAG_ALL_TOMBSTONES: u8 = 1;
+const SIBLING_FLAG_DELETED: u8 = 1;
+/// Most siblings an encoded object may carry: `sync` never drops a sibling, so two replicas at
+/// the write limit can merge to twice it.
+pub const MAX_STORED_SIBLINGS: usize = 2 * limits::MAX_SIBLINGS;
+
+impl Object {
+    /// An object that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The causal context: everything this object has seen.
+    pub fn clock(&self) -> &VersionVector {
+        &self.clock
+    }
+
+    /// Every sibling, tombstones included, ordered by dot.
+    pub fn siblings(&self) -> &[Sibling] {
+        &self.siblings
+    }
+
+    /// Siblings that are not tombstones.
+    pub fn live_siblings(&self) -> impl Iterator<Item = &Sibling> {
+        self.siblings.iter().filter(|s| !s.content.deleted)
+    }
+
+    /// True when there is no live value (absent, or only tombstones).
+    pub fn is_deleted(&self) -> bool {
+        self.live_siblings().next().is_none()
+    }
+
+    /// True when nothing was ever written (no clock, no siblings).
+    pub fn is_empty(&self) -> bool {
+        self.clock.is_empty() && self.siblings.is_empty()
+    }
+
+    /// The sibling with this vtag.
+    pub fn sibling_by_vtag(&self, vtag: &str) -> Option<&Sibling> {
+        self.siblings.iter().find(|s| s.vtag() == vtag)
+    }
+
+    /// A write at coordinator `actor`: the new `content`, made by a client whose last read
+    /// returned `context`. Siblings the context covers are replaced; others stay as siblings.
+    pub fn update(
+        &self,
+        context: &VersionVector,
+        content: Content,
+        actor: ActorId,
+        now_ms: u64,
+        prune: PrunePolicy,
+    ) -> Result<Object, WriteError> {
+        let counter = self.clock.counter(actor).max(context.counter(actor)) + 1;
+        let mut siblings: Vec<Sibling> = self
+            .siblings
+            .iter()
+            .filter(|s| !context.covers(s.dot))
+            .cloned()
+            .collect();
+        let existing = siblings.iter().filter(|s| !s.content.deleted).count();
+        if !content.deleted && existing >= limits::MAX_SIBLINGS {
+            return Err(WriteError::TooManySiblings {
+                existing,
+                limit: limits::MAX_SIBLINGS,
+            });
+        }
+        // A tombstone beside live siblings adds nothing a reader could use: it only has to
+        // record (in the clock) what it overwrote.
+        let dot = Dot { actor, counter };
+        if !(content.deleted && existing > 0) {
+            siblings.push(Sibling { dot, content });
+        }
+        siblings.sort_by_key(|s| s.dot);
+        let mut clock = self.clock.clone();
+        clock.merge(context);
+        clock.observe(actor, counter, now_ms);
+        let mut object = Object { clock, siblings };
+        object.prune(now_ms, prune);
+        Ok(object)
+    }
+
+    /// Merge two replicas' versions of the same key (commutative, associative, idempotent).
+    #[must_use]
+    pub fn sync(&self, other: &Object) -> Object {
+        let mut siblings: Vec<Sibling> = Vec::with_capacity(self.siblings.len());
+        let mut a = self.siblings.iter().peekable();
+        let mut b = other.siblings.iter().peekable();
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.dot == y.dot => {
+                    siblings.push((*x).clone());
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x.dot < y.dot => {
+                    if !other.clock.covers(x.dot) {
+                        siblings.push((*x).clone());
+                    }
+                    a.next();
+                }
+                (Some(_), Some(y)) => {
+                    if !self.clock.covers(y.dot) {
+                        siblings.push((*y).clone());
+                    }
+                    b.next();
+                }
+                (Some(x), None) => {
+                    if !other.clock.covers(x.dot) {
+                        siblings.push((*x).clone());
+                    }
+                    a.next();
+                }
+                (None, Some(y)) => {
+                    if !self.clock.covers(y.dot) {
+                        siblings.push((*y).clone());
+                    }
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        let mut clock = self.clock.clone();
+        clock.merge(&other.clock);
+        Object { clock, siblings }
+    }
+
+    /// Keep only the last written sibling (by last-modified time, then dot): the
+    /// `last_write_wins` resolution. This loses concurrent writes by design.
+    pub fn resolve_last_write_wins(&mut self) {
+        if let Some(winner) = self
+            .siblings
+            .iter()
+            .max_by_key(|s| (s.content.last_modified_ms, s.dot))
+            .cloned()
+        {
+            self.siblings = vec![winner];
+        }
+    }
+
+    /// The sibling a reader of an `allow_mult = false` bucket sees: the newest live one.
+    pub fn newest_live_sibling(&self) -> Option<&Sibling> {
+        self.live_siblings()
+            .max_by_key(|s| (s.content.last_modified_ms, s.dot))
+    }
+
+    /// Remove the oldest clock entries past the policy's threshold, never an entry that a
+    /// sibling's dot needs.
+    pub fn prune(&mut self, now_ms: u64, policy: PrunePolicy) {
+        if self.clock.len() <= policy.threshold {
+            return;
+        }
+        let mut candidates: Vec<(u64, ActorId)> = self
+            .clock
+            .entries()
+            .filter(|(actor, _)| !self.siblings.iter().any(|s| s.dot.actor == *actor))
+            .map(|(actor, entry)| (entry.timestamp_ms, actor))
+            .collect();
+        candidates.sort_unstable();
+        for (timestamp_ms, actor) in candidates {
+            let len = self.clock.len();
+            let old_enough = now_ms.saturating_sub(timestamp_ms) >= policy.min_age_ms;
+            if len > policy.hard_limit || (len > policy.threshold && old_enough) {
+                self.clock.remove(actor);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Check the structural invariants; used by tests and after decoding.
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        for pair in self.siblings.windows(2) {
+            if pair[0].dot >= pair[1].dot {
+                return Err("siblings not sorted by unique dot");
+            }
+        }
+        if self.siblings.iter().any(|s| !self.clock.covers(s.dot)) {
+            return Err("a sibling's dot is not covered by the clock");
+        }
+        Ok(())
+    }
+
+    /// Encode for storage or the wire (format in docs/architecture.md).
+    pub fn encode(&self) -> Vec<u8> {
+        let value_bytes: usize = self.siblings.iter().map(|s| s.content.value.len()).sum();
+        let mut body = Writer::with_capacity(value_bytes + 64 + 64 * self.siblings.len());
+        encode_clock(&mut body, &self.clock);
+        body.varint(self.siblings.len() as u64);
+        for sibling in &self.siblings {
+            let c = &sibling.content;
+            body.u64_fixed(sibling.dot.actor.0);
+            body.varint(sibling.dot.counter);
+            body.varint(c.last_modified_ms);
+            body.u8(if c.deleted { SIBLING_FLAG_DELETED } else { 0 });
+            body.bytes(c.content_type.as_bytes());
+            body.varint(c.meta.len() as u64);
+            for (name, value) in &c.meta {
+                body.bytes(name.as_bytes());
+                body.bytes(value.as_bytes());
+            }
+            body.bytes(&c.value);
+        }
+        let mut out = Vec::with_capacity(body.buf.len() + 6);
+        out.push(ENCODING_VERSION);
+        out.push(if self.is_deleted() {
+            FLAG_ALL_TOMBSTONES
+        } else {
+            0
+        });
+        out.extend_from_slice(&crc32fast::hash(&body.buf).to_le_bytes());
+        out.extend_from_slice(&body.buf);
+        out
+    }
+
+    /// Whether an encoded object holds no live value, read from its header alone.
+    pub fn encoded_is_deleted(bytes: &[u8]) -> Result<bool, DecodeError> {
+        match bytes {
+            [ENCODING_VERSION, flags, ..] => Ok(flags & FLAG_ALL_TOMBSTONES != 0),
+            [version, ..] => Err(DecodeError::UnknownVersion(*version)),
+            [] => Err(DecodeError::Truncated),
+        }
+    }
+
+    /// Decode, checking version, checksum, limits and invariants. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Object, DecodeError> {
+        if bytes.len() > limits::MAX_OBJECT_BYTES {
+            return Err(DecodeError::LimitExceeded("object size"));
+        }
+        let mut header = Reader::new(bytes);
+        let version = header.u8()?;
+        if version != ENCODING_VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let _flags = header.u8()?;
+        let crc_bytes = header.take(4)?;
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(crc_bytes);
+        let body = &bytes[6..];
+        if crc32fast::hash(body) != u32::from_le_bytes(crc) {
+            return Err(DecodeError::Checksum);
+        }
+        let mut r = Reader::new(body);
+        let clock = decode_clock(&mut r)?;
+        let count = r.count(MAX_STORED_SIBLINGS, "sibling count")?;
+        let mut siblings = Vec::with_capacity(count);
+        for _ in 0..count {
+            let actor = ActorId(r.u64_fixed()?);
+            let counter = r.varint()?;
+            let last_modified_ms = r.varint()?;
+            let flags = r.u8()?;
+            let content_type = r.string(limits::MAX_CONTENT_TYPE_BYTES, "content type")?;
+            let meta_count = r.count(limits::MAX_META_ENTRIES, "metadata entries")?;
+            let mut meta = Vec::with_capacity(meta_count);
+            for _ in 0..meta_count {
+                let name = r.string(limits::MAX_META_BYTES, "metadata name")?;
+                let value = r.string(limits::MAX_META_BYTES, "metadata value")?;
+                meta.push((name, value));
+            }
+            let value = r
+                .bytes(limits::HARD_MAX_VALUE_BYTES, "value size")?
+                .to_vec();
+            siblings.push(Sibling {
+                dot: Dot { actor, counter },
+                content: Content {
+                    value,
+                    content_type,
+                    last_modified_ms,
+                    meta,
+                    deleted: flags & SIBLING_FLAG_DELETED != 0,
+                },
+            });
+        }
+        r.finish()?;
+        let object = Object { clock, siblings };
+        object.check_invariants().map_err(DecodeError::Invalid)?;
+        Ok(object)
+    }
+}
+
+/// Encode a version vector (entry count, then actor, counter, timestamp per entry).
+pub fn encode_clock(w: &mut Writer, clock: &VersionVector) {
+    w.varint(clock.len() as u64);
+    for (actor, entry) in clock.entries() {
+        w.u64_fixed(actor.0);
+        w.varint(entry.counter);
+        w.varint(entry.timestamp_ms);
+    }
+}
+
+/// Decode a version vector written by [`encode_clock`]; actors must be strictly increasing
+/// and counters non-zero.
+pub fn decode_clock(r: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
+    let count = r.count(limits::MAX_CLOCK_ENTRIES, "clock entries")?;
+    let mut clock = VersionVector::new();
+    let mut previous: Option<ActorId> = None;
+    for _ in 0..count {
+        let actor = ActorId(r.u64_fixed()?);
+        let counter = r.varint()?;
+        let timestamp_ms = r.varint()?;
+        if counter == 0 {
+            return Err(DecodeError::Invalid("zero counter in clock"));
+        }
+        if previous.is_some_and(|p| p >= actor) {
+            return Err(DecodeError::Invalid("clock actors not strictly increasing"));
+        }
+        previous = Some(actor);
+        clock.observe(actor, counter, timestamp_ms);
+    }
+    Ok(clock)
+}
