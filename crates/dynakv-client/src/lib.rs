@@ -1,1 +1,416 @@
-//! dynakv-client
+//! dynakv-client: an async client for dynakv's Riak-compatible HTTP API.
+//!
+//! It speaks plain HTTP/1.1 over pooled keep-alive connections with TCP_NODELAY set, asks for
+//! siblings as `multipart/mixed`, and hands back every sibling with the opaque causal context
+//! to send with the next write (read, merge, write back: the Dynamo way).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Characters left as they are in a URL path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+/// Largest response body the client accepts.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+/// Default time limit of one request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The context header.
+pub const VCLOCK_HEADER: &str = "x-riak-vclock";
+
+/// A failed request.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("invalid URL {0:?}")]
+    InvalidUrl(String),
+    #[error("cannot reach {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("server answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("unexpected response: {0}")]
+    Protocol(String),
+}
+
+/// One version of a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    pub value: Bytes,
+    pub content_type: String,
+    /// The version's tag (Riak's vtag, sent as `ETag`).
+    pub vtag: String,
+    pub last_modified: Option<String>,
+    /// `X-Riak-Meta-*` entries, names lower-cased without the prefix.
+    pub meta: Vec<(String, String)>,
+}
+
+/// What a fetch returned: every causally unrelated version and the context that covers them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub siblings: Vec<Sibling>,
+    /// Send this back with the next write or delete of the key.
+    pub context: Option<String>,
+}
+
+/// A client of one dynakv node.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+/// Options of a store.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions<'a> {
+    pub content_type: Option<&'a str>,
+    pub context: Option<&'a str>,
+    pub meta: &'a [(&'a str, &'a str)],
+    pub w: Option<u32>,
+    pub dw: Option<u32>,
+}
+
+impl Client {
+    /// A client of the node at `url` (e.g. `http://127.0.0.1:8098`).
+    pub fn new(url: &str) -> Result<Client, ClientError> {
+        let base = url.trim_end_matches('/').to_owned();
+        let uri: Uri = base
+            .parse()
+            .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(ClientError::InvalidUrl(url.to_owned()));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Client {
+            base,
+            http,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Change the per-request time limit.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The node's base URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn object_path(bucket: &str, key: &str) -> String {
+        format!(
+            "/buckets/{}/keys/{}",
+            utf8_percent_encode(bucket, SEGMENT),
+            utf8_percent_encode(key, SEGMENT)
+        )
+    }
+
+    /// Send a request; returns status, headers and body.
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+        let url = format!("{}{}", self.base, path_and_query);
+        let mut builder = Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    url: self.base.clone(),
+                    message: e.to_string(),
+                })?;
+            let (parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(format!("reading the response: {e}")))?
+                .to_bytes();
+            Ok((parts.status, parts.headers, body))
+        };
+        tokio_timeout(self.timeout, exchange).await
+    }
+
+    /// Fetch a key: `None` when it does not exist.
+    pub async fn get(&self, bucket: &str, key: &str) -> Result<Option<Fetched>, ClientError> {
+        let path = Self::object_path(bucket, key);
+        let (status, headers, body) = self
+            .request(
+                Method::GET,
+                &path,
+                &[("accept", "multipart/mixed, */*;q=0.5")],
+                Bytes::new(),
+            )
+            .await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK | StatusCode::MULTIPLE_CHOICES => {
+                parse_object(status, &headers, body).map(Some)
+            }
+            other => Err(status_error(other, &body)),
+        }
+    }
+
+    /// Store a value; returns what the key holds afterwards (`returnbody=true`).
+    pub async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: Bytes,
+        options: &PutOptions<'_>,
+    ) -> Result<Fetched, ClientError> {
+        let mut query = String::from("?returnbody=true");
+        if let Some(w) = options.w {
+            query.push_str(&format!("&w={w}"));
+        }
+        if let Some(dw) = options.dw {
+            query.push_str(&format!("&dw={dw}"));
+        }
+        let path = format!("{}{query}", Self::object_path(bucket, key));
+        let meta_names: Vec<String> = options
+            .meta
+            .iter()
+            .map(|(name, _)| format!("x-riak-meta-{name}"))
+            .collect();
+        let mut headers: Vec<(&str, &str)> = vec![
+            (
+                "content-type",
+                options.content_type.unwrap_or("application/octet-stream"),
+            ),
+            ("accept", "multipart/mixed, */*;q=0.5"),
+        ];
+        if let Some(context) = options.context {
+            headers.push((VCLOCK_HEADER, context));
+        }
+        for (name, (_, value)) in meta_names.iter().zip(options.meta) {
+            headers.push((name.as_str(), value));
+        }
+        let (status, response_headers, body) =
+            self.request(Method::PUT, &path, &headers, value).await?;
+        match status {
+            StatusCode::OK | StatusCode::MULTIPLE_CHOICES => {
+                parse_object(status, &response_headers, body)
+            }
+            other => Err(status_error(other, &body)),
+        }
+    }
+
+    /// Delete a key with the context of a read (or without: deletes what the node holds).
+    /// Returns false when the key did not exist.
+    pub async fn delete(
+        &self,
+        bucket: &str,
+        key: &str,
+        context: Option<&str>,
+    ) -> Result<bool, ClientError> {
+        let path = Self::object_path(bucket, key);
+        let mut headers = Vec::new();
+        if let Some(context) = context {
+            headers.push((VCLOCK_HEADER, context));
+        }
+        let (status, _, body) = self
+            .request(Method::DELETE, &path, &headers, Bytes::new())
+            .await?;
+        match status {
+            StatusCode::NO_CONTENT => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            other => Err(status_error(other, &body)),
+        }
+    }
+
+    /// GET a JSON resource (`/stats`, `/admin/...`).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        let (status, _, body) = self
+            .request(
+                Method::GET,
+                path,
+                &[("accept", "application/json")],
+                Bytes::new(),
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(status_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// `GET /ping`.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        let (status, _, body) = self
+            .request(Method::GET, "/ping", &[], Bytes::new())
+            .await?;
+        if status == StatusCode::OK && body.as_ref() == b"OK" {
+            Ok(())
+        } else {
+            Err(status_error(status, &body))
+        }
+    }
+}
+
+async fn tokio_timeout<T>(
+    limit: Duration,
+    future: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Timeout(limit)),
+    }
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
+    ClientError::Status {
+        status: status.as_u16(),
+        message: String::from_utf8_lossy(body).trim().to_owned(),
+    }
+}
+
+fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn sibling_from(headers: &HeaderMap, value: Bytes) -> Sibling {
+    let meta = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.as_str().strip_prefix("x-riak-meta-")?;
+            Some((name.to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    Sibling {
+        value,
+        content_type: header_string(headers, "content-type").unwrap_or_default(),
+        vtag: header_string(headers, "etag").unwrap_or_default(),
+        last_modified: header_string(headers, "last-modified"),
+        meta,
+    }
+}
+
+fn parse_object(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Fetched, ClientError> {
+    let context = header_string(headers, VCLOCK_HEADER);
+    if status == StatusCode::OK {
+        return Ok(Fetched {
+            siblings: vec![sibling_from(headers, body)],
+            context,
+        });
+    }
+    let content_type = header_string(headers, "content-type").unwrap_or_default();
+    let boundary = content_type
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"').to_owned())
+        .ok_or_else(|| ClientError::Protocol("300 without a multipart boundary".into()))?;
+    let siblings = parse_multipart(&body, &boundary)?;
+    Ok(Fetched { siblings, context })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Split a `multipart/mixed` body into siblings.
+pub fn parse_multipart(body: &Bytes, boundary: &str) -> Result<Vec<Sibling>, ClientError> {
+    let delimiter = format!("\r\n--{boundary}");
+    let mut siblings = Vec::new();
+    // Accept a body that starts with the delimiter without its leading CRLF.
+    let mut rest: Bytes = if body.starts_with(&delimiter.as_bytes()[2..]) {
+        body.slice(delimiter.len() - 2..)
+    } else {
+        let start = find(body, delimiter.as_bytes())
+            .ok_or_else(|| ClientError::Protocol("multipart body without a boundary".into()))?;
+        body.slice(start + delimiter.len()..)
+    };
+    loop {
+        if rest.starts_with(b"--") {
+            return Ok(siblings);
+        }
+        let part_start = if rest.starts_with(b"\r\n") { 2 } else { 0 };
+        let part = rest.slice(part_start..);
+        let end = find(&part, delimiter.as_bytes())
+            .ok_or_else(|| ClientError::Protocol("unterminated multipart part".into()))?;
+        let whole = part.slice(..end);
+        let split = find(&whole, b"\r\n\r\n")
+            .ok_or_else(|| ClientError::Protocol("multipart part without headers".into()))?;
+        let mut headers = HeaderMap::new();
+        for line in whole[..split].split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|b| *b == b':') else {
+                continue;
+            };
+            let (Ok(name), Ok(value)) = (
+                header::HeaderName::from_bytes(line[..colon].trim_ascii()),
+                HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+            ) else {
+                continue;
+            };
+            headers.append(name, value);
+        }
+        siblings.push(sibling_from(&headers, whole.slice(split + 4..)));
+        rest = part.slice(end + delimiter.len()..);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_riak_style_multipart() {
+        let body = Bytes::from_static(
+            b"\r\n--XYZ\r\nContent-Type: text/plain\r\nEtag: a1\r\n\r\nred\r\n--XYZ\r\nContent-Type: text/plain\r\nEtag: b2\r\nX-Riak-Meta-Color: blue\r\n\r\nblue\r\n--XYZ--\r\n",
+        );
+        let siblings = parse_multipart(&body, "XYZ").unwrap();
+        assert_eq!(siblings.len(), 2);
+        assert_eq!(siblings[0].value, Bytes::from_static(b"red"));
+        assert_eq!(siblings[0].vtag, "a1");
+        assert_eq!(siblings[1].value, Bytes::from_static(b"blue"));
+        assert_eq!(
+            siblings[1].meta,
+            vec![("color".to_owned(), "blue".to_owned())]
+        );
+        assert!(parse_multipart(&Bytes::from_static(b"junk"), "XYZ").is_err());
+        assert!(
+            parse_multipart(
+                &Bytes::from_static(b"\r\n--XYZ\r\nA: b\r\n\r\nno end"),
+                "XYZ"
+            )
+            .is_err()
+        );
+    }
+}

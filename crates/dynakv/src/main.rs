@@ -1,1 +1,357 @@
-fn main() {}
+//! The `dynakv` command: run a node (`server`), a local cluster (`dev`), and talk to one
+//! (`get`, `put`, `delete`, `admin`).
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use dynakv_client::{Client, PutOptions};
+use dynakv_server::config::{ServerConfig, StorageKind};
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+const DEFAULT_URL: &str = "http://127.0.0.1:8098";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dynakv",
+    version,
+    about = "A Dynamo-style, always-writable, replicated key-value store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one node.
+    Server {
+        /// Node name, unique in the cluster.
+        #[arg(long)]
+        name: String,
+        /// Address of the client HTTP API.
+        #[arg(long, default_value = "127.0.0.1:8098")]
+        http: SocketAddr,
+        /// Address of the peer transport.
+        #[arg(long, default_value = "127.0.0.1:9098")]
+        peer: SocketAddr,
+        /// Directory for the node's data.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Peer address of a node of an existing cluster to join.
+        #[arg(long)]
+        join: Option<SocketAddr>,
+        /// Availability zone of this node.
+        #[arg(long)]
+        zone: Option<String>,
+        /// TOML file with further settings (see docs/architecture.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Storage engine.
+        #[arg(long)]
+        storage: Option<StorageKind>,
+    },
+    /// Run a local cluster in this process; node i serves HTTP on P+i-1.
+    Dev {
+        #[arg(long, default_value_t = 1)]
+        nodes: u16,
+        #[arg(long, default_value_t = 8098)]
+        http_port: u16,
+        #[arg(long, default_value = "dynakv-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "disk")]
+        storage: StorageKind,
+    },
+    /// Fetch a key: prints the value (or every sibling) and its context.
+    Get {
+        bucket: String,
+        key: String,
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+    },
+    /// Store a value (from the argument, or stdin when omitted).
+    Put {
+        bucket: String,
+        key: String,
+        value: Option<String>,
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+        /// Context from the read this write is based on.
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+    },
+    /// Delete a key.
+    Delete {
+        bucket: String,
+        key: String,
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Inspect a node.
+    Admin {
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Node status.
+    Status,
+    /// Cluster members.
+    Members,
+    /// Ring ownership.
+    Ring,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Server {
+            name,
+            http,
+            peer,
+            data_dir,
+            join,
+            zone,
+            config,
+            storage,
+        } => {
+            init_logging("info,fjall=warn,lsm_tree=warn");
+            let mut server_config = ServerConfig::new(&name, http, peer, data_dir);
+            if let Some(path) = config {
+                server_config.apply_file(&path)?;
+            }
+            if let Some(zone) = zone {
+                server_config.zone = zone;
+            }
+            if let Some(storage) = storage {
+                server_config.storage = storage;
+            }
+            server_config.join = join;
+            let server = dynakv_server::start(server_config).await?;
+            let handle = ShutdownOnSignal::install()?;
+            tokio::select! {
+                () = handle.wait() => {
+                    tracing::info!("shutting down");
+                    server.shutdown();
+                }
+            }
+            server.wait().await?;
+            Ok(())
+        }
+        Command::Dev {
+            nodes,
+            http_port,
+            data_dir,
+            storage,
+        } => {
+            init_logging("info,fjall=warn,lsm_tree=warn");
+            dev(nodes, http_port, data_dir, storage).await
+        }
+        Command::Get { bucket, key, url } => {
+            init_logging("warn");
+            let client = Client::new(&url)?;
+            match client.get(&bucket, &key).await? {
+                None => bail!("not found: {bucket}/{key}"),
+                Some(fetched) => {
+                    let mut out = std::io::stdout().lock();
+                    if let [only] = fetched.siblings.as_slice() {
+                        out.write_all(&only.value)?;
+                        if !only.value.ends_with(b"\n") {
+                            writeln!(out)?;
+                        }
+                    } else {
+                        for (i, sibling) in fetched.siblings.iter().enumerate() {
+                            writeln!(
+                                out,
+                                "--- sibling {} of {} (vtag {}, {})",
+                                i + 1,
+                                fetched.siblings.len(),
+                                sibling.vtag,
+                                sibling.content_type
+                            )?;
+                            out.write_all(&sibling.value)?;
+                            if !sibling.value.ends_with(b"\n") {
+                                writeln!(out)?;
+                            }
+                        }
+                    }
+                    if let Some(context) = fetched.context {
+                        eprintln!("context: {context}");
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Put {
+            bucket,
+            key,
+            value,
+            url,
+            context,
+            content_type,
+        } => {
+            init_logging("warn");
+            let value = match value {
+                Some(v) => Bytes::from(v.into_bytes()),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .context("reading the value from stdin")?;
+                    Bytes::from(buf)
+                }
+            };
+            let client = Client::new(&url)?;
+            let stored = client
+                .put(
+                    &bucket,
+                    &key,
+                    value,
+                    &PutOptions {
+                        content_type: Some(&content_type),
+                        context: context.as_deref(),
+                        ..PutOptions::default()
+                    },
+                )
+                .await?;
+            println!(
+                "stored {bucket}/{key}: {} sibling(s)",
+                stored.siblings.len()
+            );
+            if let Some(context) = stored.context {
+                eprintln!("context: {context}");
+            }
+            Ok(())
+        }
+        Command::Delete {
+            bucket,
+            key,
+            url,
+            context,
+        } => {
+            init_logging("warn");
+            let client = Client::new(&url)?;
+            if client.delete(&bucket, &key, context.as_deref()).await? {
+                println!("deleted {bucket}/{key}");
+                Ok(())
+            } else {
+                bail!("not found: {bucket}/{key}")
+            }
+        }
+        Command::Admin { url, command } => {
+            init_logging("warn");
+            let client = Client::new(&url)?;
+            let path = match command {
+                AdminCommand::Status => "/admin/status",
+                AdminCommand::Members => "/admin/members",
+                AdminCommand::Ring => "/admin/ring",
+            };
+            let value = client.get_json(path).await?;
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+struct ShutdownOnSignal {
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownOnSignal {
+    fn install() -> Result<Self> {
+        let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        Ok(ShutdownOnSignal { terminate })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind) -> Result<()> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if nodes > 1 {
+        bail!(
+            "this build runs one-node clusters only (--nodes 1); multi-node clusters need the peer transport, which is not built yet"
+        );
+    }
+    let mut servers = Vec::new();
+    for i in 1..=nodes {
+        let name = format!("dev{i}");
+        let port = http_port
+            .checked_add(i - 1)
+            .context("--http-port too high for that many nodes")?;
+        let peer_port = port.checked_add(1000).context("--http-port too high")?;
+        let mut config = ServerConfig::new(
+            &name,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from(([127, 0, 0, 1], peer_port)),
+            data_dir.join(&name),
+        );
+        config.storage = storage;
+        let server = dynakv_server::start(config)
+            .await
+            .with_context(|| format!("starting node {name}"))?;
+        servers.push(server);
+    }
+    let signals = ShutdownOnSignal::install()?;
+    println!("dynakv dev cluster: {} node(s)", servers.len());
+    for server in &servers {
+        println!("  {}  http://{}", server.name, server.http_addr);
+    }
+    println!("data in {}; press Ctrl-C to stop", data_dir.display());
+    signals.wait().await;
+    println!("stopping");
+    for server in &servers {
+        server.shutdown();
+    }
+    for server in servers {
+        server.wait().await?;
+    }
+    Ok(())
+}

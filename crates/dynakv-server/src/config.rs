@@ -1,0 +1,173 @@
+//! Node configuration: command-line flags, optionally overlaid on a TOML file.
+//!
+//! Every setting has a default and a checked range; a bad value is an error at startup, never
+//! a surprise later.
+
+use dynakv_core::limits;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Which local storage engine a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// Ordered maps in memory: fast, lost on exit.
+    Memory,
+    /// The durable embedded engine (fjall).
+    #[default]
+    Disk,
+}
+
+impl std::str::FromStr for StorageKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "memory" => Ok(StorageKind::Memory),
+            "disk" => Ok(StorageKind::Disk),
+            other => Err(format!(
+                "unknown storage kind {other:?} (expected memory or disk)"
+            )),
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Node name, unique in the cluster (shown in preference lists and stats).
+    pub name: String,
+    /// Client HTTP API address.
+    pub http_addr: SocketAddr,
+    /// Peer transport address (used by the cluster protocol).
+    pub peer_addr: SocketAddr,
+    /// Where the node keeps its data and identity.
+    pub data_dir: PathBuf,
+    /// A peer of an existing cluster to join.
+    pub join: Option<SocketAddr>,
+    /// Availability zone (data center) of this node; empty when unset.
+    pub zone: String,
+    pub storage: StorageKind,
+    /// Largest value accepted by a put, in bytes.
+    pub max_value_bytes: usize,
+    /// How often buffered writes are flushed to disk, in ms.
+    pub flush_interval_ms: u64,
+    /// Block cache of the durable engine, in bytes.
+    pub cache_size_bytes: u64,
+    /// Ring partitions (Q) used when this node founds a cluster.
+    pub ring_partitions: u32,
+}
+
+/// Settings a `--config` TOML file may hold (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub max_value_bytes: Option<usize>,
+    pub flush_interval_ms: Option<u64>,
+    pub cache_size_bytes: Option<u64>,
+    pub ring_partitions: Option<u32>,
+    pub zone: Option<String>,
+    pub storage: Option<StorageKind>,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    /// Defaults for the given addresses and directory.
+    pub fn new(
+        name: &str,
+        http_addr: SocketAddr,
+        peer_addr: SocketAddr,
+        data_dir: PathBuf,
+    ) -> Self {
+        ServerConfig {
+            name: name.to_owned(),
+            http_addr,
+            peer_addr,
+            data_dir,
+            join: None,
+            zone: String::new(),
+            storage: StorageKind::Disk,
+            max_value_bytes: limits::DEFAULT_MAX_VALUE_BYTES,
+            flush_interval_ms: 100,
+            cache_size_bytes: 64 * 1024 * 1024,
+            ring_partitions: limits::DEFAULT_RING_PARTITIONS,
+        }
+    }
+
+    /// Overlay the settings of a TOML file.
+    pub fn apply_file(&mut self, path: &std::path::Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        if let Some(v) = file.max_value_bytes {
+            self.max_value_bytes = v;
+        }
+        if let Some(v) = file.flush_interval_ms {
+            self.flush_interval_ms = v;
+        }
+        if let Some(v) = file.cache_size_bytes {
+            self.cache_size_bytes = v;
+        }
+        if let Some(v) = file.ring_partitions {
+            self.ring_partitions = v;
+        }
+        if let Some(v) = file.zone {
+            self.zone = v;
+        }
+        if let Some(v) = file.storage {
+            self.storage = v;
+        }
+        Ok(())
+    }
+
+    /// Check every setting against its limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.name.is_empty() || self.name.len() > limits::MAX_ACTOR_BYTES {
+            return invalid(format!(
+                "node name must be 1 to {} bytes",
+                limits::MAX_ACTOR_BYTES
+            ));
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > limits::HARD_MAX_VALUE_BYTES {
+            return invalid(format!(
+                "max_value_bytes must be 1 to {}",
+                limits::HARD_MAX_VALUE_BYTES
+            ));
+        }
+        if !(1..=60_000).contains(&self.flush_interval_ms) {
+            return invalid("flush_interval_ms must be 1 to 60000".into());
+        }
+        if !self.ring_partitions.is_power_of_two()
+            || self.ring_partitions > limits::MAX_RING_PARTITIONS
+        {
+            return invalid(format!(
+                "ring_partitions must be a power of two up to {}",
+                limits::MAX_RING_PARTITIONS
+            ));
+        }
+        if self.cache_size_bytes < 1024 * 1024 {
+            return invalid("cache_size_bytes must be at least 1 MiB".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1075 @@
+//! The client HTTP API, compatible with Riak KV's HTTP interface (key/value subset).
+//!
+//! Every handler validates its whole input before touching storage: a bad name, quorum,
+//! context, header or body is a 4xx with a one-line explanation and changes nothing. Bodies
+//! are refused from `Content-Length` before they are read when too large, and read through a
+//! hard limit otherwise. Storage calls run on the blocking pool.
+
+use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
+use crate::stats::{Op, Stats};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, RawPathParams, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dynakv_core::bucket::{BucketProps, Quorum, props_from_body};
+use dynakv_core::context::{self, ContextKey};
+use dynakv_core::keys;
+use dynakv_core::limits;
+use dynakv_core::object::{Content, Object, Sibling};
+use dynakv_core::ring::Ring;
+use dynakv_core::storage::Durability;
+use http_body_util::BodyExt;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Keys per page when listing a bucket.
+const LIST_PAGE_KEYS: usize = 1000;
+/// Pages buffered between the storage scan and the HTTP stream.
+const LIST_STREAM_BUFFER_PAGES: usize = 4;
+/// Characters left as they are when a name is put in a URL.
+const URL_SAFE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+const VCLOCK_HEADER: &str = "x-riak-vclock";
+const META_PREFIX: &str = "x-riak-meta-";
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct ApiState {
+    pub replica: Arc<Replica>,
+    pub secret: ContextKey,
+    pub ring: Ring,
+    pub node_name: String,
+    pub stats: Arc<Stats>,
+    pub max_value_bytes: usize,
+    /// Set when a buffered write is made; cleared by the flusher.
+    pub unflushed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+type AppState = Arc<ApiState>;
+
+/// An error answered to the client: a status and a one-line reason.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = self.message;
+        body.push('\n');
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<ReplicaError> for ApiError {
+    fn from(e: ReplicaError) -> Self {
+        let status = match &e {
+            ReplicaError::Storage(_) | ReplicaError::Corrupt(_) => {
+                tracing::error!(error = %e, "local storage operation failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ReplicaError::Write(_) => StatusCode::CONFLICT,
+            ReplicaError::Precondition(_) => StatusCode::PRECONDITION_FAILED,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The router of the client API.
+pub fn router(state: AppState) -> Router {
+    let buckets = Router::new()
+        .route("/buckets", get(list_buckets))
+        .route("/buckets/{bucket}/keys", get(list_keys).post(create_object))
+        .route(
+            "/buckets/{bucket}/keys/{key}",
+            get(fetch_object)
+                .put(store_object)
+                .post(store_object)
+                .delete(delete_object),
+        )
+        .route("/buckets/{bucket}/keys/{key}/preflist", get(preflist))
+        .route(
+            "/buckets/{bucket}/props",
+            get(get_props).put(set_props).delete(reset_props),
+        );
+    Router::new()
+        .route("/", get(list_resources))
+        .route("/ping", get(ping))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/admin/status", get(admin_status))
+        .route("/admin/ring", get(admin_ring))
+        .route("/admin/members", get(admin_members))
+        .nest("/types/default", buckets.clone())
+        .merge(buckets)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such resource")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Decode one path segment as Riak does: `+` is a space, then percent-decoding; must be UTF-8.
+fn decode_segment(raw: &str, what: &str) -> Result<String, ApiError> {
+    let plus = raw.replace('+', " ");
+    percent_decode_str(&plus)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| ApiError::bad_request(format!("{what} is not valid UTF-8 after URL decoding")))
+}
+
+fn path_param(params: &RawPathParams, name: &str) -> Result<String, ApiError> {
+    let raw = params
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .ok_or_else(|| ApiError::bad_request(format!("missing {name}")))?;
+    decode_segment(raw, name)
+}
+
+fn bucket_param(params: &RawPathParams) -> Result<String, ApiError> {
+    let bucket = path_param(params, "bucket")?;
+    keys::check_bucket(bucket.as_bytes()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(bucket)
+}
+
+fn bucket_and_key(params: &RawPathParams) -> Result<(String, String), ApiError> {
+    let bucket = bucket_param(params)?;
+    let key = path_param(params, "key")?;
+    keys::check_key(key.as_bytes()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((bucket, key))
+}
+
+/// Run a storage call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReplicaError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "storage task failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error in a storage task",
+            ))
+        }
+    }
+}
+
+/// Request options shared by fetch, store and delete.
+#[derive(Debug, Default)]
+struct RequestOptions {
+    return_body: bool,
+    vtag: Option<String>,
+    dw_given: bool,
+}
+
+/// Check the quorum and flag parameters against the bucket; unknown parameters are ignored
+/// as Riak does (clients send `timeout`, `props`, ...), known ones must be well formed.
+fn parse_options(
+    query: &HashMap<String, String>,
+    props: &BucketProps,
+) -> Result<RequestOptions, ApiError> {
+    let mut options = RequestOptions::default();
+    for (name, value) in query {
+        match name.as_str() {
+            "r" | "w" | "dw" | "pr" | "pw" | "rw" => {
+                let quorum = Quorum::parse(value).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "invalid {name} {value:?}: expected a number or one, quorum, all, default"
+                    ))
+                })?;
+                if let Quorum::Count(count) = quorum
+                    && count > props.n_val
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "{name}={count} is more than the bucket's n_val {}",
+                        props.n_val
+                    )));
+                }
+                if name == "dw" {
+                    options.dw_given = !matches!(quorum, Quorum::Count(0) | Quorum::Default);
+                }
+            }
+            "returnbody" => match value.as_str() {
+                "true" => options.return_body = true,
+                "false" => options.return_body = false,
+                _ => {
+                    return Err(ApiError::bad_request("returnbody must be true or false"));
+                }
+            },
+            "basic_quorum" | "notfound_ok" | "asis" => {
+                if value != "true" && value != "false" {
+                    return Err(ApiError::bad_request(format!(
+                        "{name} must be true or false"
+                    )));
+                }
+            }
+            "timeout" => {
+                value.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request("timeout must be a number of milliseconds")
+                })?;
+            }
+            "vtag" => options.vtag = Some(value.clone()),
+            _ => {}
+        }
+    }
+    Ok(options)
+}
+
+async fn load_props(state: &AppState, bucket: &str) -> Result<BucketProps, ApiError> {
+    let replica = Arc::clone(&state.replica);
+    let bucket = bucket.to_owned();
+    blocking(move || replica.bucket_props(&bucket)).await
+}
+
+fn header_text(value: &HeaderValue, what: &str) -> Result<String, ApiError> {
+    value
+        .to_str()
+        .map(str::to_owned)
+        .map_err(|_| ApiError::bad_request(format!("{what} header is not visible ASCII")))
+}
+
+fn http_date(ms: u64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+fn bucket_link(bucket: &str) -> String {
+    format!(
+        "</buckets/{}>; rel=\"up\"",
+        utf8_percent_encode(bucket, URL_SAFE)
+    )
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// Headers describing one sibling.
+fn sibling_headers(headers: &mut HeaderMap, bucket: &str, sibling: &Sibling) {
+    let content = &sibling.content;
+    let content_type = if content.content_type.is_empty() {
+        "application/octet-stream"
+    } else {
+        &content.content_type
+    };
+    insert(headers, "content-type", content_type);
+    insert(headers, "etag", &sibling.vtag());
+    insert(
+        headers,
+        "last-modified",
+        &http_date(content.last_modified_ms),
+    );
+    insert(headers, "link", &bucket_link(bucket));
+    for (name, value) in &content.meta {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(format!("{META_PREFIX}{name}").as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+}
+
+fn accepts_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("multipart/mixed"))
+}
+
+/// The response for an object, as a fetch (or a store with `returnbody=true`) gives it.
+fn object_response(
+    state: &ApiState,
+    bucket: &str,
+    key: &str,
+    object: &Object,
+    props: &BucketProps,
+    request_headers: &HeaderMap,
+    vtag: Option<&str>,
+    success: StatusCode,
+) -> ApiResult {
+    let context = context::encode(
+        &state.secret,
+        bucket.as_bytes(),
+        key.as_bytes(),
+        object.clock(),
+    );
+    let mut headers = HeaderMap::new();
+    insert(&mut headers, VCLOCK_HEADER, &context);
+    insert(&mut headers, "vary", "Accept-Encoding");
+    if let Some(vtag) = vtag {
+        let sibling = object
+            .sibling_by_vtag(vtag)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no sibling with that vtag"))?;
+        sibling_headers(&mut headers, bucket, sibling);
+        if sibling.content.deleted {
+            insert(&mut headers, "x-riak-deleted", "true");
+        }
+        return Ok((success, headers, sibling.content.value.clone()).into_response());
+    }
+    let live: Vec<&Sibling> = if props.allow_mult {
+        object.live_siblings().collect()
+    } else {
+        object.newest_live_sibling().into_iter().collect()
+    };
+    state.stats.record_siblings(live.len());
+    match live.as_slice() {
+        [] => {
+            state
+                .stats
+                .not_found
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !object.clock().is_empty() {
+                insert(&mut headers, "x-riak-deleted", "true");
+            }
+            insert(&mut headers, "content-type", "text/plain");
+            Ok((StatusCode::NOT_FOUND, headers, "not found\n").into_response())
+        }
+        [only] => {
+            if not_modified(request_headers, only) {
+                return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
+            }
+            sibling_headers(&mut headers, bucket, only);
+            Ok((success, headers, only.content.value.clone()).into_response())
+        }
+        many if accepts_multipart(request_headers) => {
+            let boundary = multipart_boundary(many);
+            insert(
+                &mut headers,
+                "content-type",
+                &format!("multipart/mixed; boundary={boundary}"),
+            );
+            let body = multipart_body(bucket, many, &boundary);
+            Ok((StatusCode::MULTIPLE_CHOICES, headers, body).into_response())
+        }
+        many => {
+            insert(&mut headers, "content-type", "text/plain");
+            let mut body = String::from("Siblings:\n");
+            for sibling in many {
+                body.push_str(&sibling.vtag());
+                body.push('\n');
+            }
+            Ok((StatusCode::MULTIPLE_CHOICES, headers, body).into_response())
+        }
+    }
+}
+
+fn not_modified(request: &HeaderMap, sibling: &Sibling) -> bool {
+    if let Some(tags) = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        let vtag = sibling.vtag();
+        return tags
+            .split(',')
+            .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+            .any(|t| t == vtag || t == "*");
+    }
+    if let Some(since) = request
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        let modified = UNIX_EPOCH + Duration::from_millis(sibling.content.last_modified_ms);
+        // HTTP dates have second resolution.
+        return modified
+            .duration_since(since)
+            .is_ok_and(|d| d < Duration::from_secs(1))
+            || modified < since;
+    }
+    false
+}
+
+fn multipart_boundary(siblings: &[&Sibling]) -> String {
+    loop {
+        let boundary = random_token(27);
+        let clash = siblings.iter().any(|s| {
+            s.content
+                .value
+                .windows(boundary.len())
+                .any(|w| w == boundary.as_bytes())
+        });
+        if !clash {
+            return boundary;
+        }
+    }
+}
+
+fn multipart_body(bucket: &str, siblings: &[&Sibling], boundary: &str) -> Vec<u8> {
+    let size: usize = siblings.iter().map(|s| s.content.value.len() + 256).sum();
+    let mut body = Vec::with_capacity(size);
+    for sibling in siblings {
+        body.extend_from_slice(format!("\r\n--{boundary}\r\n").as_bytes());
+        let mut headers = HeaderMap::new();
+        sibling_headers(&mut headers, bucket, sibling);
+        for (name, value) in &headers {
+            body.extend_from_slice(display_header_name(name.as_str()).as_bytes());
+            body.extend_from_slice(b": ");
+            body.extend_from_slice(value.as_bytes());
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"\r\n");
+        body.extend_from_slice(&sibling.content.value);
+    }
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// `x-riak-meta-color` -> `X-Riak-Meta-Color`, as Riak writes part headers.
+fn display_header_name(name: &str) -> String {
+    match name {
+        "etag" => "Etag".to_owned(),
+        other => other
+            .split('-')
+            .map(|part| {
+                let mut chars = part.chars();
+                chars.next().map_or_else(String::new, |first| {
+                    first.to_ascii_uppercase().to_string() + chars.as_str()
+                })
+            })
+            .collect::<Vec<_>>()
+            .join("-"),
+    }
+}
+
+fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    (0..len)
+        .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+fn timed(state: &ApiState, op: Op, started: Instant, result: ApiResult) -> Response {
+    let ok = match &result {
+        Ok(r) => !r.status().is_server_error(),
+        Err(e) => !e.status.is_server_error(),
+    };
+    if let Err(e) = &result
+        && e.status.is_client_error()
+    {
+        state
+            .stats
+            .bad_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    state.stats.record(op, started.elapsed(), ok);
+    result.into_response()
+}
+
+async fn fetch_object(
+    State(state): State<AppState>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let result = fetch_inner(&state, &params, &query, &headers).await;
+    timed(&state, Op::Get, started, result)
+}
+
+async fn fetch_inner(
+    state: &AppState,
+    params: &RawPathParams,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> ApiResult {
+    let (bucket, key) = bucket_and_key(params)?;
+    let props = load_props(state, &bucket).await?;
+    let options = parse_options(query, &props)?;
+    let replica = Arc::clone(&state.replica);
+    let (b, k) = (bucket.clone(), key.clone());
+    let object = blocking(move || replica.get(&b, &k))
+        .await?
+        .unwrap_or_default();
+    object_response(
+        state,
+        &bucket,
+        &key,
+        &object,
+        &props,
+        headers,
+        options.vtag.as_deref(),
+        StatusCode::OK,
+    )
+}
+
+/// Read a request body through the configured value limit.
+async fn read_body(state: &ApiState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("value is larger than {} bytes", state.max_value_bytes),
+        )
+    };
+    if let Some(length) = headers.get(header::CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?;
+        if length > state.max_value_bytes as u64 {
+            return Err(too_large());
+        }
+    }
+    let limited = http_body_util::Limited::new(body, state.max_value_bytes);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(_) => Err(ApiError::bad_request("could not read the request body")),
+    }
+}
+
+/// The client's context, if it sent one. A malformed or forged one is an error, never
+/// treated as "no context".
+fn client_context(
+    state: &ApiState,
+    headers: &HeaderMap,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<dynakv_core::version::VersionVector>, ApiError> {
+    let Some(value) = headers.get(VCLOCK_HEADER) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("X-Riak-Vclock is not ASCII"))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    context::decode(&state.secret, bucket.as_bytes(), key.as_bytes(), text)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("invalid X-Riak-Vclock: {e}")))
+}
+
+fn user_meta(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut meta = Vec::new();
+    let mut bytes = 0;
+    for (name, value) in headers {
+        if let Some(meta_name) = name.as_str().strip_prefix(META_PREFIX) {
+            if meta_name.is_empty() {
+                return Err(ApiError::bad_request("empty X-Riak-Meta- header name"));
+            }
+            let value = header_text(value, name.as_str())?;
+            bytes += meta_name.len() + value.len();
+            meta.push((meta_name.to_owned(), value));
+        }
+    }
+    if meta.len() > limits::MAX_META_ENTRIES || bytes > limits::MAX_META_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "too much user metadata (at most {} entries and {} bytes)",
+            limits::MAX_META_ENTRIES,
+            limits::MAX_META_BYTES
+        )));
+    }
+    Ok(meta)
+}
+
+fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    if let Some(value) = headers.get(header::IF_NONE_MATCH) {
+        if header_text(value, "If-None-Match")?.trim() == "*" {
+            return Ok(Precondition::Absent);
+        }
+        return Err(ApiError::bad_request(
+            "only If-None-Match: * is supported on writes",
+        ));
+    }
+    if let Some(value) = headers.get(header::IF_MATCH) {
+        let tag = header_text(value, "If-Match")?;
+        return Ok(Precondition::Matches(
+            tag.trim().trim_matches('"').to_owned(),
+        ));
+    }
+    Ok(Precondition::None)
+}
+
+async fn store_object(
+    State(state): State<AppState>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = match bucket_and_key(&params) {
+        Ok((bucket, key)) => store_inner(&state, bucket, key, &query, &headers, body, false).await,
+        Err(e) => Err(e),
+    };
+    timed(&state, Op::Put, started, result)
+}
+
+async fn create_object(
+    State(state): State<AppState>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = match bucket_param(&params) {
+        Ok(bucket) => {
+            let key = random_token(22);
+            store_inner(&state, bucket, key, &query, &headers, body, true).await
+        }
+        Err(e) => Err(e),
+    };
+    timed(&state, Op::Put, started, result)
+}
+
+async fn store_inner(
+    state: &AppState,
+    bucket: String,
+    key: String,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+    created: bool,
+) -> ApiResult {
+    let props = load_props(state, &bucket).await?;
+    let options = parse_options(query, &props)?;
+    let context = client_context(state, headers, &bucket, &key)?;
+    let meta = user_meta(headers)?;
+    let precondition = precondition(headers)?;
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        Some(value) => header_text(value, "Content-Type")?,
+        None => "application/octet-stream".to_owned(),
+    };
+    if content_type.len() > limits::MAX_CONTENT_TYPE_BYTES {
+        return Err(ApiError::bad_request("Content-Type is too long"));
+    }
+    let value = read_body(state, headers, body).await?;
+    let durability = if options.dw_given {
+        Durability::Fsync
+    } else {
+        props.durability
+    };
+    let now = now_ms();
+    let content = Content {
+        value: value.to_vec(),
+        content_type,
+        last_modified_ms: now,
+        meta,
+        deleted: false,
+    };
+    state
+        .stats
+        .bytes_written
+        .fetch_add(value.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let replica = Arc::clone(&state.replica);
+    let (b, k, p) = (bucket.clone(), key.clone(), props.clone());
+    let stored = blocking(move || {
+        replica.write(WriteRequest {
+            bucket: &b,
+            key: &k,
+            context,
+            content,
+            props: &p,
+            durability,
+            precondition,
+            now_ms: now,
+        })
+    })
+    .await?;
+    if durability == Durability::Buffered {
+        state
+            .unflushed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+    let location = format!(
+        "/buckets/{}/keys/{}",
+        utf8_percent_encode(&bucket, URL_SAFE),
+        utf8_percent_encode(&key, URL_SAFE)
+    );
+    if options.return_body {
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let mut response =
+            object_response(state, &bucket, &key, &stored, &props, headers, None, status)?;
+        if created && let Ok(value) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        return Ok(response);
+    }
+    if created {
+        return Ok((StatusCode::CREATED, [(header::LOCATION, location)]).into_response());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_object(
+    State(state): State<AppState>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let result = delete_inner(&state, &params, &query, &headers).await;
+    timed(&state, Op::Delete, started, result)
+}
+
+async fn delete_inner(
+    state: &AppState,
+    params: &RawPathParams,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> ApiResult {
+    let (bucket, key) = bucket_and_key(params)?;
+    let props = load_props(state, &bucket).await?;
+    let options = parse_options(query, &props)?;
+    let context = client_context(state, headers, &bucket, &key)?;
+    let replica = Arc::clone(&state.replica);
+    let (b, k) = (bucket.clone(), key.clone());
+    let existing = blocking(move || replica.get(&b, &k)).await?;
+    if existing.as_ref().is_none_or(Object::is_deleted) {
+        return Ok(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
+    }
+    let durability = if options.dw_given {
+        Durability::Fsync
+    } else {
+        props.durability
+    };
+    let now = now_ms();
+    let replica = Arc::clone(&state.replica);
+    let (b, k, p) = (bucket.clone(), key.clone(), props.clone());
+    blocking(move || {
+        replica.write(WriteRequest {
+            bucket: &b,
+            key: &k,
+            context,
+            content: Content::tombstone(now),
+            props: &p,
+            durability,
+            precondition: Precondition::None,
+            now_ms: now,
+        })
+    })
+    .await?;
+    if durability == Durability::Buffered {
+        state
+            .unflushed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+async fn get_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
+    let bucket = bucket_param(&params)?;
+    let props = load_props(&state, &bucket).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "props": props.to_json(&bucket) }),
+    ))
+}
+
+async fn set_props(
+    State(state): State<AppState>,
+    params: RawPathParams,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bucket = bucket_param(&params)?;
+    if let Some(ct) = headers.get(header::CONTENT_TYPE)
+        && !header_text(ct, "Content-Type")?.starts_with("application/json")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bucket properties must be sent as application/json",
+        ));
+    }
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| len > limits::MAX_PROPS_BODY_BYTES)
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bucket properties body too large",
+        ));
+    }
+    let body = http_body_util::Limited::new(body, limits::MAX_PROPS_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bucket properties body too large",
+            )
+        })?
+        .to_bytes();
+    let update = props_from_body(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut props = load_props(&state, &bucket).await?;
+    props
+        .apply(&bucket, &update)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let replica = Arc::clone(&state.replica);
+    blocking(move || replica.set_bucket_props(&bucket, &props)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn reset_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
+    let bucket = bucket_param(&params)?;
+    let replica = Arc::clone(&state.replica);
+    blocking(move || replica.reset_bucket_props(&bucket)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let bucket = bucket_param(&params)?;
+    let stream = match query.get("keys").map(String::as_str) {
+        Some("true") => false,
+        Some("stream") => true,
+        _ => {
+            return Err(ApiError::bad_request(
+                "list keys with ?keys=true or ?keys=stream",
+            ));
+        }
+    };
+    let (sender, receiver) =
+        tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(LIST_STREAM_BUFFER_PAGES);
+    let replica = Arc::clone(&state.replica);
+    tokio::task::spawn_blocking(move || {
+        let mut start_after: Option<Vec<u8>> = None;
+        let mut first = true;
+        if !stream
+            && sender
+                .blocking_send(Ok(Bytes::from_static(b"{\"keys\":[")))
+                .is_err()
+        {
+            return;
+        }
+        loop {
+            let page = replica.list_keys_page(&bucket, start_after.as_deref(), LIST_PAGE_KEYS);
+            let (keys, next) = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "key listing failed");
+                    let _ = sender.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            };
+            let chunk = if stream {
+                if keys.is_empty() && next.is_some() {
+                    String::new()
+                } else {
+                    json!({ "keys": keys }).to_string()
+                }
+            } else {
+                let mut chunk = String::new();
+                for key in &keys {
+                    if !first {
+                        chunk.push(',');
+                    }
+                    first = false;
+                    chunk.push_str(&json!(key).to_string());
+                }
+                chunk
+            };
+            if !chunk.is_empty() && sender.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+                return;
+            }
+            match next {
+                Some(next) => start_after = Some(next),
+                None => break,
+            }
+        }
+        if !stream {
+            let _ = sender.blocking_send(Ok(Bytes::from_static(b"]}")));
+        }
+    });
+    let body = Body::from_stream(tokio_stream(receiver));
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+fn tokio_stream<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+async fn list_buckets(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult {
+    match query.get("buckets").map(String::as_str) {
+        Some("true" | "stream") => {}
+        _ => {
+            return Err(ApiError::bad_request(
+                "list buckets with ?buckets=true or ?buckets=stream",
+            ));
+        }
+    }
+    let replica = Arc::clone(&state.replica);
+    let buckets = blocking(move || replica.list_buckets()).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "buckets": buckets }),
+    ))
+}
+
+async fn preflist(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
+    let (bucket, key) = bucket_and_key(&params)?;
+    let props = load_props(&state, &bucket).await?;
+    let partition = state.ring.partition_of(bucket.as_bytes(), key.as_bytes());
+    let list: Vec<_> = state
+        .ring
+        .preference_list(partition, props.n_val as usize)
+        .into_iter()
+        .map(|(partition, node)| json!({"partition": partition, "node": node.0, "primary": true}))
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({ "preflist": list })))
+}
+
+async fn ping() -> Response {
+    ([(header::CONTENT_TYPE, "text/html")], "OK").into_response()
+}
+
+async fn list_resources() -> Response {
+    let resources = [
+        ("riak_kv_wm_buckets", "/buckets"),
+        ("riak_kv_wm_ping", "/ping"),
+        ("riak_kv_wm_stats", "/stats"),
+        ("riak_kv_wm_preflist", "/buckets"),
+    ];
+    let body: serde_json::Map<String, serde_json::Value> = resources
+        .iter()
+        .map(|(name, path)| ((*name).to_owned(), json!(path)))
+        .collect();
+    let link = resources
+        .iter()
+        .map(|(name, path)| format!("<{path}>; rel=\"{name}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::LINK, link),
+        ],
+        serde_json::Value::Object(body).to_string(),
+    )
+        .into_response()
+}
+
+fn ring_members(ring: &Ring) -> Vec<String> {
+    ring.nodes().iter().map(|n| n.id.0.clone()).collect()
+}
+
+async fn stats(State(state): State<AppState>) -> Response {
+    let members = ring_members(&state.ring);
+    json_response(
+        StatusCode::OK,
+        &state
+            .stats
+            .to_json(&state.node_name, &members, state.ring.partition_count()),
+    )
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.stats.to_prometheus(),
+    )
+        .into_response()
+}
+
+async fn admin_status(State(state): State<AppState>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "node": state.node_name,
+            "storage_engine": state.replica.storage().engine_name(),
+            "ring_partitions": state.ring.partition_count(),
+            "members": ring_members(&state.ring),
+            "max_value_bytes": state.max_value_bytes,
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+    )
+}
+
+async fn admin_members(State(state): State<AppState>) -> Response {
+    let members: Vec<_> = state
+        .ring
+        .nodes()
+        .iter()
+        .map(|n| json!({"name": n.id.0, "zone": n.zone, "status": "valid"}))
+        .collect();
+    json_response(StatusCode::OK, &json!({ "members": members }))
+}
+
+async fn admin_ring(State(state): State<AppState>) -> Response {
+    let ownership: Vec<_> = state
+        .ring
+        .ownership_counts()
+        .into_iter()
+        .map(|(node, count)| json!({"node": node.0, "partitions": count}))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "partitions": state.ring.partition_count(),
+            "ownership": ownership,
+            "owners": state.ring.owners().iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+        }),
+    )
+}

@@ -1,0 +1,301 @@
+//! The node's local replica: reads and read-merge-writes objects in its storage engine.
+//!
+//! Invariants:
+//! - a write is a read-modify-write under the key's stripe lock, so two concurrent writes to
+//!   one key on this node never both read the same old version (no lost update);
+//! - what is written is always `stored.update(context, ...)` or `stored.sync(incoming)`, so no
+//!   sibling the writer did not see is dropped;
+//! - an object that fails its checksum or decoding is reported as corrupt, never treated as
+//!   absent (which would let a write silently replace it).
+//!
+//! Calls block on storage I/O; the HTTP layer runs them on tokio's blocking pool.
+
+use dynakv_core::bucket::BucketProps;
+use dynakv_core::codec::DecodeError;
+use dynakv_core::keys;
+use dynakv_core::limits;
+use dynakv_core::object::{Content, Object, PrunePolicy, WriteError};
+use dynakv_core::storage::{Durability, Storage, Table};
+use dynakv_core::version::{ActorId, VersionVector};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Number of stripe locks serialising writes per key.
+const WRITE_LOCK_STRIPES: usize = 1024;
+/// Most bucket property sets cached in memory.
+const MAX_CACHED_BUCKET_PROPS: usize = 10_000;
+
+/// A failed local operation.
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("stored object is corrupt: {0}")]
+    Corrupt(DecodeError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("precondition failed: {0}")]
+    Precondition(&'static str),
+}
+
+fn storage_error(e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Storage(e.to_string())
+}
+
+/// A conditional-write requirement (`If-None-Match: *`, `If-Match: etag`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// Only write when the key has no live value.
+    Absent,
+    /// Only write when the key holds exactly one live sibling with this vtag.
+    Matches(String),
+}
+
+/// A write to apply.
+#[derive(Debug)]
+pub struct WriteRequest<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+    /// The client's context; `None` for a client that has read nothing (a put then adds a
+    /// sibling, a delete removes what this node currently holds, as Riak does).
+    pub context: Option<VersionVector>,
+    pub content: Content,
+    pub props: &'a BucketProps,
+    pub durability: Durability,
+    pub precondition: Precondition,
+    pub now_ms: u64,
+}
+
+/// The node's local store of objects and bucket properties.
+#[derive(Debug)]
+pub struct Replica {
+    storage: Arc<dyn Storage>,
+    actor: ActorId,
+    stripes: Vec<Mutex<()>>,
+    props_cache: RwLock<HashMap<String, BucketProps>>,
+}
+
+impl Replica {
+    pub fn new(storage: Arc<dyn Storage>, actor: ActorId) -> Self {
+        Replica {
+            storage,
+            actor,
+            stripes: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            props_cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn stripe(&self, storage_key: &[u8]) -> &Mutex<()> {
+        let hash = crc32fast::hash(storage_key) as usize;
+        &self.stripes[hash % self.stripes.len()]
+    }
+
+    fn load(&self, storage_key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        match self
+            .storage
+            .get(Table::Objects, storage_key)
+            .map_err(storage_error)?
+        {
+            None => Ok(None),
+            Some(bytes) => Object::decode(&bytes)
+                .map(Some)
+                .map_err(ReplicaError::Corrupt),
+        }
+    }
+
+    /// The stored object, if any (tombstones included).
+    pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Object>, ReplicaError> {
+        self.load(&keys::object_key(bucket.as_bytes(), key.as_bytes()))
+    }
+
+    /// Apply a client write (put or delete) as coordinator and return the stored result.
+    pub fn write(&self, request: WriteRequest<'_>) -> Result<Object, ReplicaError> {
+        let storage_key = keys::object_key(request.bucket.as_bytes(), request.key.as_bytes());
+        let _guard = self.stripe(&storage_key).lock();
+        let stored = self.load(&storage_key)?.unwrap_or_default();
+        match &request.precondition {
+            Precondition::None => {}
+            Precondition::Absent => {
+                if !stored.is_deleted() {
+                    return Err(ReplicaError::Precondition("the key already has a value"));
+                }
+            }
+            Precondition::Matches(vtag) => {
+                let mut live = stored.live_siblings();
+                let matches = match (live.next(), live.next()) {
+                    (Some(only), None) => only.vtag() == *vtag,
+                    _ => false,
+                };
+                if !matches {
+                    return Err(ReplicaError::Precondition(
+                        "the stored value does not match If-Match",
+                    ));
+                }
+            }
+        }
+        let context = match request.context {
+            Some(context) => context,
+            // A delete without context removes what is here now; a put without context is a
+            // write by a client that has seen nothing.
+            None if request.content.deleted => stored.clock().clone(),
+            None => VersionVector::new(),
+        };
+        let mut updated = stored.update(
+            &context,
+            request.content,
+            self.actor,
+            request.now_ms,
+            PrunePolicy::default(),
+        )?;
+        if request.props.last_write_wins {
+            updated.resolve_last_write_wins();
+        }
+        self.storage
+            .put(
+                Table::Objects,
+                &storage_key,
+                &updated.encode(),
+                request.durability,
+            )
+            .map_err(storage_error)?;
+        Ok(updated)
+    }
+
+    /// Merge a version received from elsewhere (a replica, a handoff) into the local one.
+    pub fn merge(
+        &self,
+        bucket: &str,
+        key: &str,
+        incoming: &Object,
+        props: &BucketProps,
+        durability: Durability,
+    ) -> Result<Object, ReplicaError> {
+        let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
+        let _guard = self.stripe(&storage_key).lock();
+        let stored = self.load(&storage_key)?.unwrap_or_default();
+        let mut merged = stored.sync(incoming);
+        if props.last_write_wins {
+            merged.resolve_last_write_wins();
+        }
+        if merged != stored {
+            self.storage
+                .put(Table::Objects, &storage_key, &merged.encode(), durability)
+                .map_err(storage_error)?;
+        }
+        Ok(merged)
+    }
+
+    /// A bucket's properties (defaults when never set).
+    pub fn bucket_props(&self, bucket: &str) -> Result<BucketProps, ReplicaError> {
+        if let Some(props) = self.props_cache.read().get(bucket) {
+            return Ok(props.clone());
+        }
+        let props = match self
+            .storage
+            .get(Table::BucketProps, bucket.as_bytes())
+            .map_err(storage_error)?
+        {
+            None => BucketProps::default(),
+            Some(bytes) => {
+                let value: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|_| ReplicaError::Corrupt(DecodeError::Invalid("bucket props")))?;
+                BucketProps::from_stored(bucket, &value)
+                    .map_err(|_| ReplicaError::Corrupt(DecodeError::Invalid("bucket props")))?
+            }
+        };
+        let mut cache = self.props_cache.write();
+        if cache.len() >= MAX_CACHED_BUCKET_PROPS {
+            cache.clear();
+        }
+        cache.insert(bucket.to_owned(), props.clone());
+        Ok(props)
+    }
+
+    /// Store a bucket's properties durably.
+    pub fn set_bucket_props(&self, bucket: &str, props: &BucketProps) -> Result<(), ReplicaError> {
+        let bytes = serde_json::to_vec(&props.to_json(bucket)).map_err(storage_error)?;
+        let mut cache = self.props_cache.write();
+        self.storage
+            .put(
+                Table::BucketProps,
+                bucket.as_bytes(),
+                &bytes,
+                Durability::Fsync,
+            )
+            .map_err(storage_error)?;
+        cache.insert(bucket.to_owned(), props.clone());
+        Ok(())
+    }
+
+    /// Return a bucket to the default properties.
+    pub fn reset_bucket_props(&self, bucket: &str) -> Result<(), ReplicaError> {
+        let mut cache = self.props_cache.write();
+        self.storage
+            .delete(Table::BucketProps, bucket.as_bytes(), Durability::Fsync)
+            .map_err(storage_error)?;
+        cache.remove(bucket);
+        Ok(())
+    }
+
+    /// One page of a bucket's live keys, strictly after `start_after`. Returns the keys and
+    /// the storage key to continue from (`None` when the bucket is exhausted).
+    pub fn list_keys_page(
+        &self,
+        bucket: &str,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<Vec<u8>>), ReplicaError> {
+        let prefix = keys::bucket_prefix(bucket.as_bytes());
+        let limit = limit.clamp(1, limits::MAX_LIST_PAGE);
+        let entries = self
+            .storage
+            .scan(Table::Objects, &prefix, start_after, limit)
+            .map_err(storage_error)?;
+        let next = if entries.len() == limit {
+            entries.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (storage_key, value) in &entries {
+            if Object::encoded_is_deleted(value).map_err(ReplicaError::Corrupt)? {
+                continue;
+            }
+            if let Some((_, key)) = keys::split_object_key(storage_key) {
+                out.push(String::from_utf8_lossy(key).into_owned());
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Every bucket holding at least one stored object, skipping from bucket to bucket.
+    pub fn list_buckets(&self) -> Result<Vec<String>, ReplicaError> {
+        let mut buckets = Vec::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let entries = self
+                .storage
+                .scan(Table::Objects, &[], start_after.as_deref(), 1)
+                .map_err(storage_error)?;
+            let Some((storage_key, _)) = entries.into_iter().next() else {
+                break;
+            };
+            let Some((bucket, _)) = keys::split_object_key(&storage_key) else {
+                break;
+            };
+            buckets.push(String::from_utf8_lossy(bucket).into_owned());
+            // Past every key of this bucket: keys are at most MAX_KEY_BYTES long.
+            let mut skip = keys::bucket_prefix(bucket);
+            skip.extend(std::iter::repeat_n(0xff, limits::MAX_KEY_BYTES + 1));
+            start_after = Some(skip);
+        }
+        Ok(buckets)
+    }
+}

@@ -1,0 +1,239 @@
+//! Node statistics: operation counters and latency histograms (HDR, microseconds), rendered
+//! as Riak-style `/stats` JSON and Prometheus `/metrics` text.
+//!
+//! Memory is fixed: one histogram per operation kind with a 60 s ceiling (slower operations
+//! are clamped into the top bucket).
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Highest latency tracked exactly, in microseconds.
+const MAX_TRACKED_LATENCY_US: u64 = 60_000_000;
+
+/// The operations whose latency is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Get,
+    Put,
+    Delete,
+}
+
+impl Op {
+    const ALL: [Op; 3] = [Op::Get, Op::Put, Op::Delete];
+    fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Delete => "delete",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug)]
+struct OpStats {
+    count: AtomicU64,
+    errors: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+/// All counters of one node.
+#[derive(Debug)]
+pub struct Stats {
+    ops: [OpStats; 3],
+    pub not_found: AtomicU64,
+    pub siblings_returned: AtomicU64,
+    pub max_siblings_seen: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+impl Stats {
+    /// Fresh counters.
+    pub fn new() -> Result<Self, hdrhistogram::CreationError> {
+        let op = || -> Result<OpStats, hdrhistogram::CreationError> {
+            Ok(OpStats {
+                count: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                latency_us: Mutex::new(Histogram::new_with_bounds(1, MAX_TRACKED_LATENCY_US, 3)?),
+            })
+        };
+        Ok(Stats {
+            ops: [op()?, op()?, op()?],
+            not_found: AtomicU64::new(0),
+            siblings_returned: AtomicU64::new(0),
+            max_siblings_seen: AtomicU64::new(0),
+            bad_requests: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        })
+    }
+
+    /// Record one finished operation.
+    pub fn record(&self, op: Op, elapsed: Duration, ok: bool) {
+        let stats = &self.ops[op.index()];
+        stats.count.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let us = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_TRACKED_LATENCY_US);
+        stats.latency_us.lock().saturating_record(us);
+    }
+
+    /// Record how many siblings a read returned.
+    pub fn record_siblings(&self, count: usize) {
+        self.siblings_returned
+            .fetch_add(count as u64, Ordering::Relaxed);
+        self.max_siblings_seen
+            .fetch_max(count as u64, Ordering::Relaxed);
+    }
+
+    fn percentiles(&self, op: Op) -> (u64, u64, u64, u64, u64, f64) {
+        let h = self.ops[op.index()].latency_us.lock();
+        (
+            h.len(),
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max(),
+            h.mean(),
+        )
+    }
+
+    /// Riak-compatible `/stats` JSON (with dynakv's own fields beside Riak's).
+    pub fn to_json(&self, node: &str, ring_members: &[String], partitions: u32) -> Value {
+        let mut map = serde_json::Map::new();
+        map.insert("riak_kv_version".into(), json!(crate::RIAK_COMPAT_VERSION));
+        map.insert(
+            "riak_core_version".into(),
+            json!(crate::RIAK_COMPAT_VERSION),
+        );
+        map.insert("dynakv_version".into(), json!(env!("CARGO_PKG_VERSION")));
+        map.insert("nodename".into(), json!(node));
+        map.insert("ring_members".into(), json!(ring_members));
+        map.insert("connected_nodes".into(), json!(Vec::<String>::new()));
+        map.insert("ring_num_partitions".into(), json!(partitions));
+        map.insert("storage_backend".into(), json!("dynakv"));
+        for op in Op::ALL {
+            let (count, p50, p99, p999, max, mean) = self.percentiles(op);
+            let name = op.name();
+            let stats = &self.ops[op.index()];
+            map.insert(
+                format!("node_{name}s_total"),
+                json!(stats.count.load(Ordering::Relaxed)),
+            );
+            map.insert(
+                format!("node_{name}_errors_total"),
+                json!(stats.errors.load(Ordering::Relaxed)),
+            );
+            map.insert(
+                format!("node_{name}_fsm_time_mean"),
+                json!(mean.round() as u64),
+            );
+            map.insert(format!("node_{name}_fsm_time_median"), json!(p50));
+            map.insert(format!("node_{name}_fsm_time_99"), json!(p99));
+            map.insert(format!("node_{name}_fsm_time_999"), json!(p999));
+            map.insert(format!("node_{name}_fsm_time_100"), json!(max));
+            map.insert(format!("{name}_latency_samples"), json!(count));
+        }
+        map.insert(
+            "node_gets".into(),
+            json!(self.ops[0].count.load(Ordering::Relaxed)),
+        );
+        map.insert(
+            "node_puts".into(),
+            json!(self.ops[1].count.load(Ordering::Relaxed)),
+        );
+        map.insert(
+            "not_found_total".into(),
+            json!(self.not_found.load(Ordering::Relaxed)),
+        );
+        map.insert(
+            "siblings_returned_total".into(),
+            json!(self.siblings_returned.load(Ordering::Relaxed)),
+        );
+        map.insert(
+            "max_siblings_seen".into(),
+            json!(self.max_siblings_seen.load(Ordering::Relaxed)),
+        );
+        map.insert(
+            "bad_requests_total".into(),
+            json!(self.bad_requests.load(Ordering::Relaxed)),
+        );
+        map.insert(
+            "bytes_written_total".into(),
+            json!(self.bytes_written.load(Ordering::Relaxed)),
+        );
+        Value::Object(map)
+    }
+
+    /// Prometheus text exposition.
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let _ = writeln!(out, "# TYPE dynakv_requests_total counter");
+        for op in Op::ALL {
+            let s = &self.ops[op.index()];
+            let _ = writeln!(
+                out,
+                "dynakv_requests_total{{op=\"{}\"}} {}",
+                op.name(),
+                s.count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# TYPE dynakv_request_errors_total counter");
+        for op in Op::ALL {
+            let s = &self.ops[op.index()];
+            let _ = writeln!(
+                out,
+                "dynakv_request_errors_total{{op=\"{}\"}} {}",
+                op.name(),
+                s.errors.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# TYPE dynakv_request_latency_seconds summary");
+        for op in Op::ALL {
+            let (count, p50, p99, p999, _, mean) = self.percentiles(op);
+            for (q, v) in [("0.5", p50), ("0.99", p99), ("0.999", p999)] {
+                let _ = writeln!(
+                    out,
+                    "dynakv_request_latency_seconds{{op=\"{}\",quantile=\"{q}\"}} {}",
+                    op.name(),
+                    v as f64 / 1e6
+                );
+            }
+            let _ = writeln!(
+                out,
+                "dynakv_request_latency_seconds_sum{{op=\"{}\"}} {}",
+                op.name(),
+                mean * count as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "dynakv_request_latency_seconds_count{{op=\"{}\"}} {count}",
+                op.name()
+            );
+        }
+        for (name, kind, value) in [
+            ("dynakv_not_found_total", "counter", &self.not_found),
+            (
+                "dynakv_siblings_returned_total",
+                "counter",
+                &self.siblings_returned,
+            ),
+            ("dynakv_max_siblings_seen", "gauge", &self.max_siblings_seen),
+            ("dynakv_bad_requests_total", "counter", &self.bad_requests),
+            ("dynakv_bytes_written_total", "counter", &self.bytes_written),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        out
+    }
+}
