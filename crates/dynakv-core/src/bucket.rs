@@ -159,7 +159,11 @@ impl BucketProps {
                     )
                 })
             };
-            let boolean = |value: &Value| value.as_bool().ok_or_else(|| bad(name, "expected true or false"));
+            let boolean = |value: &Value| {
+                value
+                    .as_bool()
+                    .ok_or_else(|| bad(name, "expected true or false"))
+            };
             match name.as_str() {
                 "name" => {
                     if value.as_str() != Some(bucket) {
@@ -171,7 +175,10 @@ impl BucketProps {
                         .as_u64()
                         .filter(|n| (1..=u64::from(limits::MAX_N_VAL)).contains(n))
                         .ok_or_else(|| {
-                            bad(name, &format!("expected an integer from 1 to {}", limits::MAX_N_VAL))
+                            bad(
+                                name,
+                                &format!("expected an integer from 1 to {}", limits::MAX_N_VAL),
+                            )
                         })?;
                     next.n_val = u32::try_from(n).unwrap_or(limits::MAX_N_VAL);
                 }
@@ -206,7 +213,10 @@ impl BucketProps {
             if let Quorum::Count(count) = q
                 && count > next.n_val
             {
-                return Err(bad(name, &format!("{count} is more than n_val {}", next.n_val)));
+                return Err(bad(
+                    name,
+                    &format!("{count} is more than n_val {}", next.n_val),
+                ));
             }
         }
         if next.last_write_wins && next.allow_mult {

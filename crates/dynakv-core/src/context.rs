@@ -89,15 +89,15 @@ pub fn decode(
     if text.len() > limits::MAX_CONTEXT_BYTES {
         return Err(ContextError::TooLong);
     }
-    let bytes = STANDARD
-        .decode(text)
-        .map_err(|_| ContextError::NotBase64)?;
+    let bytes = STANDARD.decode(text).map_err(|_| ContextError::NotBase64)?;
     if bytes.len() < 1 + MAC_BYTES {
         return Err(ContextError::Malformed(DecodeError::Truncated));
     }
     let (body, mac) = bytes.split_at(bytes.len() - MAC_BYTES);
     if body[0] != CONTEXT_VERSION {
-        return Err(ContextError::Malformed(DecodeError::UnknownVersion(body[0])));
+        return Err(ContextError::Malformed(DecodeError::UnknownVersion(
+            body[0],
+        )));
     }
     let expected = secret.mac(bucket, key, &body[1..]);
     // Not constant-time: the MAC guards against mistakes and forged clocks, not timing attacks

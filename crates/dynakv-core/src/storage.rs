@@ -40,7 +40,9 @@ impl Table {
 }
 
 /// How durable a write must be before the call returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// The write is on stable storage (fsync'd) when `put`/`delete` returns.

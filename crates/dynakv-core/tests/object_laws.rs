@@ -52,9 +52,16 @@ fn run(ops: &[Op]) -> Vec<Object> {
         let now = i as u64;
         match op {
             Op::Write { at, read_from } => {
-                let ctx = read_from.map_or_else(VersionVector::new, |r| replicas[r].clock().clone());
+                let ctx =
+                    read_from.map_or_else(VersionVector::new, |r| replicas[r].clock().clone());
                 replicas[*at] = replicas[*at]
-                    .update(&ctx, content(now, now), ActorId(*at as u64 + 1), now, no_prune())
+                    .update(
+                        &ctx,
+                        content(now, now),
+                        ActorId(*at as u64 + 1),
+                        now,
+                        no_prune(),
+                    )
                     .unwrap();
             }
             Op::Sync { from, to } => {
@@ -66,7 +73,10 @@ fn run(ops: &[Op]) -> Vec<Object> {
 }
 
 fn values(o: &Object) -> BTreeSet<Vec<u8>> {
-    o.siblings().iter().map(|s| s.content.value.clone()).collect()
+    o.siblings()
+        .iter()
+        .map(|s| s.content.value.clone())
+        .collect()
 }
 
 proptest! {
@@ -224,12 +234,24 @@ fn interleaved_rmw_max_siblings(rounds: usize) -> usize {
     let mut max = 0;
     for round in 0..rounds as u64 {
         stored = stored
-            .update(&ctx_a, content(round * 2, round), coordinator, round, no_prune())
+            .update(
+                &ctx_a,
+                content(round * 2, round),
+                coordinator,
+                round,
+                no_prune(),
+            )
             .unwrap();
         ctx_a = stored.clock().clone();
         max = max.max(stored.siblings().len());
         stored = stored
-            .update(&ctx_b, content(round * 2 + 1, round), coordinator, round, no_prune())
+            .update(
+                &ctx_b,
+                content(round * 2 + 1, round),
+                coordinator,
+                round,
+                no_prune(),
+            )
             .unwrap();
         ctx_b = stored.clock().clone();
         max = max.max(stored.siblings().len());

@@ -115,6 +115,13 @@ pub fn router(state: AppState) -> Router {
                 .post(store_object)
                 .delete(delete_object),
         )
+        .route(
+            "/buckets/{bucket}/keys/",
+            get(missing_key)
+                .put(missing_key)
+                .post(missing_key)
+                .delete(missing_key),
+        )
         .route("/buckets/{bucket}/keys/{key}/preflist", get(preflist))
         .route(
             "/buckets/{bucket}/props",
@@ -132,6 +139,10 @@ pub fn router(state: AppState) -> Router {
         .merge(buckets)
         .fallback(not_found)
         .with_state(state)
+}
+
+async fn missing_key() -> ApiError {
+    ApiError::bad_request("key is empty")
 }
 
 async fn not_found() -> ApiError {

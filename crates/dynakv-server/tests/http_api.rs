@@ -1,0 +1,489 @@
+//! The Riak-compatible HTTP API of one node, end to end over real sockets: the happy paths,
+//! siblings and their resolution, and every kind of bad input (which must get a clear 4xx and
+//! change nothing).
+
+use axum::http::{HeaderMap, Method, StatusCode};
+use bytes::Bytes;
+use dynakv_client::Client;
+use dynakv_server::RunningServer;
+use dynakv_server::config::{ServerConfig, StorageKind};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+struct Node {
+    server: Option<RunningServer>,
+    client: Client,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(storage: StorageKind) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = ServerConfig::new("t1", any, any, dir.path().to_owned());
+    config.storage = storage;
+    config.max_value_bytes = 64 * 1024;
+    let server = dynakv_server::start(config).await.unwrap();
+    let addr = server.http_addr;
+    let client = Client::new(&format!("http://{addr}")).unwrap();
+    Node {
+        server: Some(server),
+        client,
+        addr,
+        _dir: dir,
+    }
+}
+
+impl Node {
+    async fn req(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, HeaderMap, String) {
+        let (status, headers, body) = self
+            .client
+            .request(method, path, headers, Bytes::from(body.to_owned()))
+            .await
+            .unwrap();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn put(&self, path: &str, value: &str, context: Option<&str>) -> (StatusCode, String) {
+        let mut headers = vec![("content-type", "text/plain")];
+        if let Some(c) = context {
+            headers.push(("x-riak-vclock", c));
+        }
+        let (status, _, body) = self.req(Method::PUT, path, &headers, value).await;
+        (status, body)
+    }
+
+    async fn vclock(&self, path: &str) -> String {
+        let (_, headers, _) = self.req(Method::GET, path, &[], "").await;
+        headers
+            .get("x-riak-vclock")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+            server.wait().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn discovery_ping_stats() {
+    let node = start(StorageKind::Memory).await;
+    let (status, _, body) = node.req(Method::GET, "/ping", &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "OK"));
+    let (status, headers, body) = node
+        .req(Method::GET, "/", &[("accept", "application/json")], "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let resources: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(resources["riak_kv_wm_buckets"], "/buckets");
+    assert!(
+        resources
+            .as_object()
+            .unwrap()
+            .values()
+            .all(serde_json::Value::is_string)
+    );
+    assert!(headers.get("link").is_some());
+    let stats = node.client.get_json("/stats").await.unwrap();
+    assert_eq!(stats["riak_kv_version"], "2.1.4");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn store_fetch_metadata_and_conditional_get() {
+    let node = start(StorageKind::Disk).await;
+    let (status, _, _) = node
+        .req(
+            Method::PUT,
+            "/buckets/users/keys/alice",
+            &[
+                ("content-type", "application/json"),
+                ("x-riak-meta-color", "blue"),
+            ],
+            "{\"age\":30}",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, headers, body) = node
+        .req(Method::GET, "/buckets/users/keys/alice", &[], "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "{\"age\":30}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["x-riak-meta-color"], "blue");
+    let etag = headers["etag"].to_str().unwrap().to_owned();
+    let last_modified = headers["last-modified"].to_str().unwrap().to_owned();
+    assert!(
+        httpdate::parse_http_date(&last_modified).is_ok(),
+        "RFC 1123 date"
+    );
+    let (status, _, _) = node
+        .req(
+            Method::GET,
+            "/buckets/users/keys/alice",
+            &[("if-none-match", &etag)],
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    // Same key through the bucket-type path, and an encoded key with a space and a slash.
+    let (status, _, body) = node
+        .req(
+            Method::GET,
+            "/types/default/buckets/users/keys/alice",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "{\"age\":30}"));
+    node.put("/buckets/users/keys/a%2Fb+c", "odd", None).await;
+    let fetched = node.client.get("users", "a/b c").await.unwrap().unwrap();
+    assert_eq!(fetched.siblings[0].value, Bytes::from_static(b"odd"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn siblings_are_kept_and_resolved_with_the_context() {
+    let node = start(StorageKind::Memory).await;
+    let path = "/buckets/b/keys/k";
+    node.put(path, "red", None).await;
+    let base = node.vclock(path).await;
+    // Two writes with the same stale context: both kept.
+    node.put(path, "green", Some(&base)).await;
+    node.put(path, "blue", Some(&base)).await;
+    let (status, headers, body) = node.req(Method::GET, path, &[], "").await;
+    assert_eq!(status, StatusCode::MULTIPLE_CHOICES);
+    assert_eq!(headers["content-type"], "text/plain");
+    let vtags: Vec<&str> = body.lines().skip(1).collect();
+    assert!(body.starts_with("Siblings:\n"));
+    assert_eq!(vtags.len(), 2);
+    let mut seen = Vec::new();
+    for vtag in &vtags {
+        let (status, headers, value) = node
+            .req(Method::GET, &format!("{path}?vtag={vtag}"), &[], "")
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers.contains_key("x-riak-vclock"));
+        seen.push(value);
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["blue".to_owned(), "green".to_owned()]);
+    // Multipart form, parsed by the client.
+    let fetched = node.client.get("b", "k").await.unwrap().unwrap();
+    let mut values: Vec<_> = fetched.siblings.iter().map(|s| s.value.clone()).collect();
+    values.sort();
+    assert_eq!(
+        values,
+        vec![Bytes::from_static(b"blue"), Bytes::from_static(b"green")]
+    );
+    // Resolve: write back with the context of the read.
+    let context = fetched.context.unwrap();
+    let (status, _, body) = node
+        .req(
+            Method::PUT,
+            &format!("{path}?returnbody=true"),
+            &[("content-type", "text/plain"), ("x-riak-vclock", &context)],
+            "teal",
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "teal"));
+    let (status, _, body) = node.req(Method::GET, path, &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "teal"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn delete_with_context_leaves_a_tombstone_context() {
+    let node = start(StorageKind::Memory).await;
+    let path = "/buckets/b/keys/gone";
+    node.put(path, "v", None).await;
+    node.put("/buckets/b/keys/kept", "v", None).await;
+    let context = node.vclock(path).await;
+    let (status, _, _) = node
+        .req(Method::DELETE, path, &[("x-riak-vclock", &context)], "")
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, headers, _) = node.req(Method::GET, path, &[], "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(headers.contains_key("x-riak-vclock"));
+    assert_eq!(headers["x-riak-deleted"], "true");
+    let (status, _, _) = node.req(Method::DELETE, path, &[], "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let keys = node
+        .client
+        .get_json("/buckets/b/keys?keys=true")
+        .await
+        .unwrap();
+    assert_eq!(keys["keys"], serde_json::json!(["kept"]));
+    // A write with the tombstone's context replaces it.
+    let tomb = node.vclock(path).await;
+    node.put(path, "again", Some(&tomb)).await;
+    let (status, _, body) = node.req(Method::GET, path, &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "again"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn create_with_server_key_and_listings() {
+    let node = start(StorageKind::Disk).await;
+    let (status, headers, _) = node
+        .req(
+            Method::POST,
+            "/buckets/made/keys",
+            &[("content-type", "text/plain")],
+            "x",
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let location = headers["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with("/buckets/made/keys/"));
+    let key = location.rsplit('/').next().unwrap().to_owned();
+    let (status, _, body) = node.req(Method::GET, &location, &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "x"));
+    for i in 0..2500 {
+        node.put(&format!("/buckets/many/keys/k{i:05}"), "v", None)
+            .await;
+    }
+    let listed = node
+        .client
+        .get_json("/buckets/many/keys?keys=true")
+        .await
+        .unwrap();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 2500);
+    let (status, _, body) = node
+        .req(Method::GET, "/buckets/many/keys?keys=stream", &[], "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let streamed: usize = serde_json::Deserializer::from_str(&body)
+        .into_iter::<serde_json::Value>()
+        .map(|chunk| chunk.unwrap()["keys"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(streamed, 2500);
+    let buckets = node.client.get_json("/buckets?buckets=true").await.unwrap();
+    assert_eq!(buckets["buckets"], serde_json::json!(["made", "many"]));
+    let made = node
+        .client
+        .get_json("/buckets/made/keys?keys=true")
+        .await
+        .unwrap();
+    assert_eq!(made["keys"], serde_json::json!([key]));
+    let preflist = node
+        .client
+        .get_json("/buckets/made/keys/x/preflist")
+        .await
+        .unwrap();
+    assert_eq!(preflist["preflist"][0]["node"], "t1");
+    assert_eq!(preflist["preflist"][0]["primary"], true);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bucket_props_roundtrip_and_refusals() {
+    let node = start(StorageKind::Memory).await;
+    let json = [("content-type", "application/json")];
+    let (status, _, _) = node
+        .req(
+            Method::PUT,
+            "/buckets/p/props",
+            &json,
+            r#"{"props":{"n_val":2,"r":1}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let props = node.client.get_json("/buckets/p/props").await.unwrap();
+    assert_eq!(props["props"]["n_val"], 2);
+    assert_eq!(props["props"]["r"], 1);
+    for bad in [
+        r#"{"props":{"no_such_prop":1}}"#,
+        r#"{"props":{"n_val":0}}"#,
+        r#"{"props":{"w":7}}"#,
+        r#"{"props":{"allow_mult":"yes"}}"#,
+        r#"{"n_val":2}"#,
+        "not json",
+    ] {
+        let (status, _, body) = node.req(Method::PUT, "/buckets/p/props", &json, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(!body.is_empty());
+    }
+    let after = node.client.get_json("/buckets/p/props").await.unwrap();
+    assert_eq!(after, props, "refused updates change nothing");
+    let (status, _, _) = node.req(Method::DELETE, "/buckets/p/props", &[], "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let reset = node.client.get_json("/buckets/p/props").await.unwrap();
+    assert_eq!(reset["props"]["n_val"], 3);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn last_write_wins_and_allow_mult_false() {
+    let node = start(StorageKind::Memory).await;
+    let json = [("content-type", "application/json")];
+    node.req(
+        Method::PUT,
+        "/buckets/lww/props",
+        &json,
+        r#"{"props":{"allow_mult":false,"last_write_wins":true}}"#,
+    )
+    .await;
+    node.put("/buckets/lww/keys/k", "one", None).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    node.put("/buckets/lww/keys/k", "two", None).await;
+    let (status, _, body) = node.req(Method::GET, "/buckets/lww/keys/k", &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "two"));
+    node.req(
+        Method::PUT,
+        "/buckets/single/props",
+        &json,
+        r#"{"props":{"allow_mult":false}}"#,
+    )
+    .await;
+    node.put("/buckets/single/keys/k", "one", None).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    node.put("/buckets/single/keys/k", "two", None).await;
+    let (status, _, body) = node
+        .req(Method::GET, "/buckets/single/keys/k", &[], "")
+        .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "two"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_names_methods_and_parameters_are_refused() {
+    let node = start(StorageKind::Memory).await;
+    let long_key = "k".repeat(2000);
+    for (method, path) in [
+        (Method::PUT, "/buckets/b/keys/".to_owned()),
+        (Method::GET, "/buckets/b/keys/".to_owned()),
+        (Method::PUT, format!("/buckets/b/keys/{long_key}")),
+        (Method::GET, format!("/buckets/b/keys/{long_key}")),
+        (Method::PUT, "/buckets/b/keys/k?w=abc".to_owned()),
+        (Method::PUT, "/buckets/b/keys/k?w=9".to_owned()),
+        (Method::GET, "/buckets/b/keys/k?r=many".to_owned()),
+        (Method::PUT, "/buckets/b/keys/k?returnbody=maybe".to_owned()),
+        (Method::GET, "/buckets/b/keys".to_owned()),
+        (Method::GET, "/buckets/b/keys/%FF".to_owned()),
+    ] {
+        let (status, _, body) = node.req(method.clone(), &path, &[], "v").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {body}");
+        assert!(!body.trim().is_empty(), "{method} {path}: {body:?}");
+    }
+    let (status, _, _) = node.req(Method::PATCH, "/buckets/b/keys/k", &[], "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _, _) = node.req(Method::DELETE, "/ping", &[], "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let keys = node.client.get_json("/buckets?buckets=true").await.unwrap();
+    assert_eq!(
+        keys["buckets"],
+        serde_json::json!([]),
+        "nothing was written"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_forged_or_foreign_contexts_are_refused_and_change_nothing() {
+    let node = start(StorageKind::Memory).await;
+    let path = "/buckets/b/keys/k";
+    node.put(path, "original", None).await;
+    node.put("/buckets/b/keys/other", "x", None).await;
+    let good = node.vclock(path).await;
+    let foreign = node.vclock("/buckets/b/keys/other").await;
+    // Flip one character of a valid context: still base64, no longer authentic.
+    let mut forged: Vec<char> = good.chars().collect();
+    forged[4] = if forged[4] == 'A' { 'B' } else { 'A' };
+    let forged: String = forged.into_iter().collect();
+    for context in [
+        "not base64!",
+        "AAAA",
+        "a",
+        &forged,
+        &foreign,
+        &"A".repeat(20_000),
+    ] {
+        let (status, body) = node.put(path, "overwrite", Some(context)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{context}: {body}");
+        assert!(body.contains("X-Riak-Vclock"), "{body}");
+        let (status, _, _) = node
+            .req(Method::DELETE, path, &[("x-riak-vclock", context)], "")
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+    let (status, _, body) = node.req(Method::GET, path, &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "original"));
+    // Conditional create refuses an existing key.
+    let (status, _, _) = node
+        .req(Method::PUT, path, &[("if-none-match", "*")], "new")
+        .await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    node.stop().await;
+}
+
+/// Write raw bytes to the API and read the whole answer (the server closes or answers).
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = vec![0u8; 4096];
+    let n = stream.read(&mut response).unwrap();
+    String::from_utf8_lossy(&response[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_values_are_refused_before_the_body_is_read() {
+    let node = start(StorageKind::Memory).await;
+    let addr = node.addr;
+    // Only the headers are sent: the 413 must come from Content-Length alone.
+    let answer = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            addr,
+            b"PUT /buckets/b/keys/big HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 1000000000\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Chunked without a length: cut off at the limit.
+    let big = "x".repeat(70 * 1024);
+    let (status, _, _) = node
+        .req(Method::PUT, "/buckets/b/keys/big", &[], &big)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let addr = node.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut request =
+            b"PUT /buckets/b/keys/big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..20 {
+            request.extend_from_slice(b"1000\r\n");
+            request.extend_from_slice(&[b'y'; 0x1000]);
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"0\r\n\r\n");
+        raw_exchange(addr, &request)
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let (status, _, _) = node.req(Method::GET, "/buckets/b/keys/big", &[], "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Exactly at the limit is fine.
+    let fits = "z".repeat(64 * 1024);
+    let (status, _) = node.put("/buckets/b/keys/big", &fits, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    node.stop().await;
+}
