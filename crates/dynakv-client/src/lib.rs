@@ -190,10 +190,10 @@ impl Client {
     ) -> Result<Fetched, ClientError> {
         let mut query = String::from("?returnbody=true");
         if let Some(w) = options.w {
-            query.push_str(&format!("&w={w}"));
+            query = format!("{query}&w={w}");
         }
         if let Some(dw) = options.dw {
-            query.push_str(&format!("&dw={dw}"));
+            query = format!("{query}&dw={dw}");
         }
         let path = format!("{}{query}", Self::object_path(bucket, key));
         let meta_names: Vec<String> = options

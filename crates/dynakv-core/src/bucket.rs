@@ -70,8 +70,9 @@ impl Quorum {
     }
 }
 
-/// Settings of one bucket.
+/// Settings of one bucket (Riak's property names, so several independent flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)]
 pub struct BucketProps {
     pub n_val: u32,
     pub r: Quorum,

@@ -223,19 +223,13 @@ impl Object {
                     }
                     a.next();
                 }
-                (Some(_), Some(y)) => {
-                    if !self.clock.covers(y.dot) {
-                        siblings.push((*y).clone());
-                    }
-                    b.next();
-                }
                 (Some(x), None) => {
                     if !other.clock.covers(x.dot) {
                         siblings.push((*x).clone());
                     }
                     a.next();
                 }
-                (None, Some(y)) => {
+                (Some(_) | None, Some(y)) => {
                     if !self.clock.covers(y.dot) {
                         siblings.push((*y).clone());
                     }

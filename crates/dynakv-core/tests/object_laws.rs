@@ -4,6 +4,8 @@
 //! from reads, syncs between replicas), so every object in a test is one a real cluster could
 //! hold: a dot always names the same content everywhere.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use dynakv_core::object::{Content, Object, PrunePolicy};
 use dynakv_core::version::{ActorId, VersionVector};
 use proptest::prelude::*;
@@ -170,8 +172,8 @@ proptest! {
         let first = base.update(&ctx, content(1_000_001, 1), actor, 1, no_prune()).unwrap();
         let second = first.update(&ctx, content(1_000_002, 2), actor, 2, no_prune()).unwrap();
         let vals = values(&second);
-        prop_assert!(vals.contains(&1_000_001u64.to_le_bytes().to_vec()));
-        prop_assert!(vals.contains(&1_000_002u64.to_le_bytes().to_vec()));
+        prop_assert!(vals.contains(1_000_001u64.to_le_bytes().as_slice()));
+        prop_assert!(vals.contains(1_000_002u64.to_le_bytes().as_slice()));
         prop_assert_eq!(second.siblings().len(), 2);
         prop_assert!(second.check_invariants().is_ok());
         prop_assert!(second.siblings()[0].dot != second.siblings()[1].dot);

@@ -244,12 +244,10 @@ fn parse_options(
                     return Err(ApiError::bad_request("returnbody must be true or false"));
                 }
             },
-            "basic_quorum" | "notfound_ok" | "asis" => {
-                if value != "true" && value != "false" {
-                    return Err(ApiError::bad_request(format!(
-                        "{name} must be true or false"
-                    )));
-                }
+            "basic_quorum" | "notfound_ok" | "asis" if value != "true" && value != "false" => {
+                return Err(ApiError::bad_request(format!(
+                    "{name} must be true or false"
+                )));
             }
             "timeout" => {
                 value.parse::<u64>().map_err(|_| {
@@ -330,8 +328,7 @@ fn accepts_multipart(headers: &HeaderMap) -> bool {
 /// The response for an object, as a fetch (or a store with `returnbody=true`) gives it.
 fn object_response(
     state: &ApiState,
-    bucket: &str,
-    key: &str,
+    (bucket, key): (&str, &str),
     object: &Object,
     props: &BucketProps,
     request_headers: &HeaderMap,
@@ -533,8 +530,7 @@ async fn fetch_inner(
         .unwrap_or_default();
     object_response(
         state,
-        &bucket,
-        &key,
+        (&bucket, &key),
         &object,
         &props,
         headers,
@@ -735,8 +731,15 @@ async fn store_inner(
         } else {
             StatusCode::OK
         };
-        let mut response =
-            object_response(state, &bucket, &key, &stored, &props, headers, None, status)?;
+        let mut response = object_response(
+            state,
+            (&bucket, &key),
+            &stored,
+            &props,
+            headers,
+            None,
+            status,
+        )?;
         if created && let Ok(value) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(header::LOCATION, value);
         }

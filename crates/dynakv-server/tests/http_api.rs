@@ -2,6 +2,8 @@
 //! siblings and their resolution, and every kind of bad input (which must get a clear 4xx and
 //! change nothing).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use axum::http::{HeaderMap, Method, StatusCode};
 use bytes::Bytes;
 use dynakv_client::Client;

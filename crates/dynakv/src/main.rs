@@ -229,15 +229,14 @@ async fn run(cli: Cli) -> Result<()> {
             content_type,
         } => {
             init_logging("warn");
-            let value = match value {
-                Some(v) => Bytes::from(v.into_bytes()),
-                None => {
-                    let mut buf = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut buf)
-                        .context("reading the value from stdin")?;
-                    Bytes::from(buf)
-                }
+            let value = if let Some(v) = value {
+                Bytes::from(v.into_bytes())
+            } else {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut buf)
+                    .context("reading the value from stdin")?;
+                Bytes::from(buf)
             };
             let client = Client::new(&url)?;
             let stored = client
