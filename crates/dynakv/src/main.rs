@@ -94,7 +94,7 @@ enum Command {
     },
     /// Inspect a node.
     Admin {
-        #[arg(long, default_value = DEFAULT_URL)]
+        #[arg(long, default_value = DEFAULT_URL, global = true)]
         url: String,
         #[command(subcommand)]
         command: AdminCommand,
