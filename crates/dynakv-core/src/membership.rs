@@ -1,0 +1,589 @@
+//! Cluster membership and ring ownership, reconciled by gossip.
+//!
+//! A [`ClusterState`] is what every node believes about the cluster: the members (with their
+//! addresses, zone, status and heartbeat), the ring (current owners, and during a transition
+//! the next owners), the markers of finished handoffs, and the cluster-wide bucket properties.
+//! Nodes exchange their states by gossip and [`ClusterState::merge`] them.
+//!
+//! Convergence (checked by the simulation tests below): `merge` is commutative, associative and
+//! idempotent, so nodes that keep gossiping end with identical states whatever order the
+//! messages arrive in:
+//! - a member entry is last-writer-wins by `(version, status rank, addresses)`, its heartbeat is
+//!   the maximum seen;
+//! - the ring state is last-writer-wins by `(version, content)`; only the claimant (the
+//!   smallest valid ring member, a deterministic choice) changes the ring, so conflicting
+//!   versions only arise while nodes disagree on who the claimant is, and the deterministic
+//!   tie-break then settles them;
+//! - handoff markers are a grow-only set, pruned to the ring's current transition;
+//! - bucket properties are last-writer-wins by `(timestamp, node)`.
+//!
+//! Ring transitions (`plan`, run by the claimant): pending joins and leaves become a `next`
+//! ring computed with the ring's balanced, minimal-movement claim. Every node of the current
+//! ring then sends each key to the nodes that enter its preference list and marks its handoff
+//! done; when every node of the current ring has marked it, the claimant makes `next` current.
+//! Only then do nodes drop keys they no longer replicate. Writes during a transition must reach
+//! a quorum of both the current and the next preference list.
+
+use crate::limits;
+use crate::ring::{NodeId, PartitionId, Ring, RingError, RingNode};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Most members a cluster may have.
+pub const MAX_MEMBERS: usize = 256;
+/// Most buckets with custom properties.
+pub const MAX_CUSTOM_BUCKETS: usize = 10_000;
+
+/// Where a member is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberStatus {
+    /// Asked to join; not yet in the ring.
+    Joining,
+    /// In the ring, serving.
+    Valid,
+    /// Asked to leave; its data is moving away.
+    Leaving,
+    /// Left: owns nothing; kept so the decision propagates.
+    Exiting,
+}
+
+impl MemberStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberStatus::Joining => "joining",
+            MemberStatus::Valid => "valid",
+            MemberStatus::Leaving => "leaving",
+            MemberStatus::Exiting => "exiting",
+        }
+    }
+}
+
+/// One node as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    /// Peer transport address.
+    pub peer_addr: String,
+    /// Client HTTP address.
+    pub http_addr: String,
+    pub zone: String,
+    pub status: MemberStatus,
+    /// Bumped by whoever changes the entry (last-writer-wins).
+    pub version: u64,
+    /// Bumped by the member itself every gossip round (failure detection).
+    pub heartbeat: u64,
+}
+
+impl Member {
+    fn rank(&self) -> (u64, MemberStatus, &str, &str, &str) {
+        (
+            self.version,
+            self.status,
+            &self.peer_addr,
+            &self.http_addr,
+            &self.zone,
+        )
+    }
+}
+
+/// The ring and, during a transition, the ring it is moving to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingState {
+    /// Bumped on every change (transition start, transition end).
+    pub version: u64,
+    /// Owners that reads use.
+    pub current: Ring,
+    /// Owners being moved to; `None` when settled.
+    pub next: Option<Ring>,
+    /// The version at which `next` was set (identifies the transition).
+    pub transition: u64,
+}
+
+/// A bucket's properties as last written anywhere in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketPropsEntry {
+    pub timestamp_ms: u64,
+    pub node: NodeId,
+    /// The `props` JSON object; `None` when reset to defaults.
+    pub props_json: Option<String>,
+}
+
+/// What one node believes about the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub cluster_name: String,
+    pub members: BTreeMap<NodeId, Member>,
+    pub ring: RingState,
+    /// `(transition, node)`: `node` has handed off everything the transition needs from it.
+    pub handoffs_done: BTreeSet<(u64, NodeId)>,
+    pub bucket_props: BTreeMap<String, BucketPropsEntry>,
+}
+
+/// Why a membership change was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MembershipError {
+    #[error("node {0} is already a member")]
+    AlreadyMember(NodeId),
+    #[error("node {0} is not a member")]
+    NotMember(NodeId),
+    #[error("the cluster is full ({MAX_MEMBERS} members)")]
+    Full,
+    #[error("the last node of the ring cannot leave")]
+    LastNode,
+    #[error("cluster name mismatch: this cluster is {ours:?}, the request is for {theirs:?}")]
+    WrongCluster { ours: String, theirs: String },
+    #[error("ring: {0}")]
+    Ring(#[from] RingError),
+}
+
+impl ClusterState {
+    /// A new cluster founded by `founder`, owning every partition.
+    pub fn found(
+        cluster_name: &str,
+        founder: Member,
+        partitions: u32,
+    ) -> Result<ClusterState, MembershipError> {
+        let ring = Ring::new(
+            partitions,
+            RingNode {
+                id: founder.id.clone(),
+                zone: founder.zone.clone(),
+            },
+        )?;
+        let mut members = BTreeMap::new();
+        let mut founder = founder;
+        founder.status = MemberStatus::Valid;
+        members.insert(founder.id.clone(), founder);
+        Ok(ClusterState {
+            cluster_name: cluster_name.to_owned(),
+            members,
+            ring: RingState {
+                version: 1,
+                current: ring,
+                next: None,
+                transition: 0,
+            },
+            handoffs_done: BTreeSet::new(),
+            bucket_props: BTreeMap::new(),
+        })
+    }
+
+    /// Reconcile with another node's state (commutative, associative, idempotent).
+    pub fn merge(&mut self, other: &ClusterState) {
+        for (id, theirs) in &other.members {
+            match self.members.get_mut(id) {
+                None => {
+                    if self.members.len() < MAX_MEMBERS {
+                        self.members.insert(id.clone(), theirs.clone());
+                    }
+                }
+                Some(ours) => {
+                    let heartbeat = ours.heartbeat.max(theirs.heartbeat);
+                    if theirs.rank() > ours.rank() {
+                        *ours = theirs.clone();
+                    }
+                    ours.heartbeat = heartbeat;
+                }
+            }
+        }
+        let take_theirs = match other.ring.version.cmp(&self.ring.version) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => ring_tiebreak(&other.ring) > ring_tiebreak(&self.ring),
+        };
+        if take_theirs {
+            self.ring = other.ring.clone();
+        }
+        self.handoffs_done
+            .extend(other.handoffs_done.iter().cloned());
+        let transition = self.ring.transition;
+        self.handoffs_done.retain(|(t, _)| *t >= transition);
+        for (bucket, theirs) in &other.bucket_props {
+            match self.bucket_props.get_mut(bucket) {
+                None => {
+                    if self.bucket_props.len() < MAX_CUSTOM_BUCKETS {
+                        self.bucket_props.insert(bucket.clone(), theirs.clone());
+                    }
+                }
+                Some(ours) => {
+                    if (theirs.timestamp_ms, &theirs.node, &theirs.props_json)
+                        > (ours.timestamp_ms, &ours.node, &ours.props_json)
+                    {
+                        *ours = theirs.clone();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The member that plans ring transitions: the smallest valid member of the current ring
+    /// (any ring member when none is valid).
+    pub fn claimant(&self) -> Option<&NodeId> {
+        let in_ring = |id: &NodeId| self.ring.current.nodes().iter().any(|n| &n.id == id);
+        self.members
+            .values()
+            .filter(|m| m.status == MemberStatus::Valid && in_ring(&m.id))
+            .map(|m| &m.id)
+            .next()
+            .or_else(|| self.ring.current.nodes().first().map(|n| &n.id))
+    }
+
+    /// Record a new member asking to join (status joining).
+    pub fn add_joining(&mut self, member: Member) -> Result<(), MembershipError> {
+        if let Some(existing) = self.members.get(&member.id)
+            && existing.status != MemberStatus::Exiting
+        {
+            // A restarted node re-announcing itself: keep its state, refresh addresses.
+            if existing.peer_addr == member.peer_addr && existing.http_addr == member.http_addr {
+                return Ok(());
+            }
+            let mut updated = existing.clone();
+            updated.peer_addr = member.peer_addr;
+            updated.http_addr = member.http_addr;
+            updated.version += 1;
+            self.members.insert(updated.id.clone(), updated);
+            return Ok(());
+        }
+        if self.members.len() >= MAX_MEMBERS {
+            return Err(MembershipError::Full);
+        }
+        let version = self.members.get(&member.id).map_or(0, |m| m.version) + 1;
+        self.members.insert(
+            member.id.clone(),
+            Member {
+                status: MemberStatus::Joining,
+                version,
+                ..member
+            },
+        );
+        Ok(())
+    }
+
+    /// Mark `node` as leaving.
+    pub fn request_leave(&mut self, node: &NodeId) -> Result<(), MembershipError> {
+        let in_ring = self.ring.current.nodes().len();
+        let member = self
+            .members
+            .get_mut(node)
+            .ok_or_else(|| MembershipError::NotMember(node.clone()))?;
+        if member.status == MemberStatus::Leaving || member.status == MemberStatus::Exiting {
+            return Ok(());
+        }
+        if in_ring <= 1 {
+            return Err(MembershipError::LastNode);
+        }
+        member.status = MemberStatus::Leaving;
+        member.version += 1;
+        Ok(())
+    }
+
+    /// Bump `node`'s own heartbeat.
+    pub fn beat(&mut self, node: &NodeId) {
+        if let Some(member) = self.members.get_mut(node) {
+            member.heartbeat += 1;
+        }
+    }
+
+    /// The nodes that must mark their handoff done before the transition completes.
+    pub fn transition_participants(&self) -> Vec<NodeId> {
+        self.ring
+            .current
+            .nodes()
+            .iter()
+            .map(|n| n.id.clone())
+            .collect()
+    }
+
+    /// Whether `node` has marked the current transition's handoff done.
+    pub fn handoff_done(&self, node: &NodeId) -> bool {
+        self.handoffs_done
+            .contains(&(self.ring.transition, node.clone()))
+    }
+
+    /// Mark `node`'s handoff for the current transition done.
+    pub fn mark_handoff_done(&mut self, node: &NodeId) {
+        if self.ring.next.is_some() {
+            self.handoffs_done
+                .insert((self.ring.transition, node.clone()));
+        }
+    }
+
+    /// True when no transition is pending and every member is valid or has exited.
+    pub fn settled(&self) -> bool {
+        self.ring.next.is_none()
+            && self
+                .members
+                .values()
+                .all(|m| matches!(m.status, MemberStatus::Valid | MemberStatus::Exiting))
+    }
+
+    /// The claimant's step: start, advance or finish a ring transition, and update member
+    /// statuses. Returns whether anything changed. Deterministic.
+    pub fn plan(&mut self) -> bool {
+        let mut changed = false;
+        if let Some(next) = self.ring.next.clone() {
+            let all_done = self
+                .transition_participants()
+                .iter()
+                .all(|n| self.handoff_done(n));
+            if all_done {
+                self.ring.current = next;
+                self.ring.next = None;
+                self.ring.version += 1;
+                changed = true;
+            }
+        } else {
+            let in_ring: BTreeSet<NodeId> = self
+                .ring
+                .current
+                .nodes()
+                .iter()
+                .map(|n| n.id.clone())
+                .collect();
+            let mut target = self.ring.current.clone();
+            for member in self.members.values() {
+                if member.status == MemberStatus::Joining && !in_ring.contains(&member.id) {
+                    let node = RingNode {
+                        id: member.id.clone(),
+                        zone: member.zone.clone(),
+                    };
+                    if let Ok(ring) = target.with_node_added(node) {
+                        target = ring;
+                    }
+                }
+            }
+            for member in self.members.values() {
+                if member.status == MemberStatus::Leaving
+                    && in_ring.contains(&member.id)
+                    && let Ok(ring) = target.with_node_removed(&member.id)
+                {
+                    target = ring;
+                }
+            }
+            if target != self.ring.current {
+                self.ring.version += 1;
+                self.ring.transition = self.ring.version;
+                self.ring.next = Some(target);
+                changed = true;
+            }
+        }
+        if self.ring.next.is_none() {
+            let in_ring: BTreeSet<NodeId> = self
+                .ring
+                .current
+                .nodes()
+                .iter()
+                .map(|n| n.id.clone())
+                .collect();
+            for member in self.members.values_mut() {
+                let next_status = match member.status {
+                    MemberStatus::Joining if in_ring.contains(&member.id) => MemberStatus::Valid,
+                    MemberStatus::Leaving if !in_ring.contains(&member.id) => MemberStatus::Exiting,
+                    other => other,
+                };
+                if next_status != member.status {
+                    member.status = next_status;
+                    member.version += 1;
+                    changed = true;
+                }
+            }
+        }
+        let transition = self.ring.transition;
+        self.handoffs_done.retain(|(t, _)| *t >= transition);
+        changed
+    }
+
+    /// The preference list of a key's partition in the current ring.
+    pub fn preference_list(&self, partition: PartitionId, n_val: u32) -> Vec<NodeId> {
+        preflist(&self.ring.current, partition, n_val)
+    }
+
+    /// The preference list in the next ring, during a transition.
+    pub fn next_preference_list(&self, partition: PartitionId, n_val: u32) -> Option<Vec<NodeId>> {
+        self.ring
+            .next
+            .as_ref()
+            .map(|next| preflist(next, partition, n_val))
+    }
+
+    /// A member by id.
+    pub fn member(&self, id: &NodeId) -> Option<&Member> {
+        self.members.get(id)
+    }
+}
+
+fn preflist(ring: &Ring, partition: PartitionId, n_val: u32) -> Vec<NodeId> {
+    let n = (n_val.clamp(1, limits::MAX_N_VAL)) as usize;
+    ring.preference_list(partition, n)
+        .into_iter()
+        .map(|(_, node)| node)
+        .collect()
+}
+
+fn ring_tiebreak(ring: &RingState) -> (u64, Vec<&NodeId>, Option<Vec<&NodeId>>) {
+    (
+        ring.transition,
+        ring.current.owners().iter().collect(),
+        ring.next.as_ref().map(|n| n.owners().iter().collect()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, zone: &str) -> Member {
+        Member {
+            id: NodeId(name.to_owned()),
+            peer_addr: format!("{name}:1"),
+            http_addr: format!("{name}:2"),
+            zone: zone.to_owned(),
+            status: MemberStatus::Joining,
+            version: 0,
+            heartbeat: 0,
+        }
+    }
+
+    /// A tiny deterministic PRNG for the simulation (no ambient randomness in core).
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Simulates `nodes` exchanging gossip in random pairs; every node that is its own
+    /// claimant plans, and every ring node marks its handoff done when it sees a transition.
+    fn gossip_until_settled(
+        nodes: &mut [ClusterState],
+        ids: &[NodeId],
+        rng: &mut XorShift,
+    ) -> usize {
+        for round in 0..10_000 {
+            let a = rng.below(nodes.len());
+            let b = rng.below(nodes.len());
+            if a != b {
+                let (sa, sb) = (nodes[a].clone(), nodes[b].clone());
+                nodes[a].merge(&sb);
+                nodes[b].merge(&sa);
+            }
+            for (i, state) in nodes.iter_mut().enumerate() {
+                let me = &ids[i];
+                if state.ring.next.is_some()
+                    && state.ring.current.nodes().iter().any(|n| &n.id == me)
+                {
+                    state.mark_handoff_done(me);
+                }
+                if state.claimant() == Some(me) {
+                    state.plan();
+                }
+            }
+            let first = &nodes[0];
+            if nodes.iter().all(|s| s == first) && first.settled() {
+                return round;
+            }
+        }
+        panic!("did not converge");
+    }
+
+    #[test]
+    fn merge_is_commutative_associative_idempotent() {
+        let mut a = ClusterState::found("c", member("a", ""), 16).unwrap();
+        let mut b = a.clone();
+        let mut c = a.clone();
+        a.add_joining(member("x", "")).unwrap();
+        b.add_joining(member("y", "")).unwrap();
+        b.beat(&NodeId("a".into()));
+        c.request_leave(&NodeId("a".into())).unwrap_err();
+        c.bucket_props.insert(
+            "bk".into(),
+            BucketPropsEntry {
+                timestamp_ms: 5,
+                node: NodeId("a".into()),
+                props_json: Some("{}".into()),
+            },
+        );
+        a.plan();
+        let merge = |x: &ClusterState, y: &ClusterState| {
+            let mut m = x.clone();
+            m.merge(y);
+            m
+        };
+        assert_eq!(merge(&a, &b), merge(&b, &a));
+        assert_eq!(merge(&merge(&a, &b), &c), merge(&a, &merge(&b, &c)));
+        assert_eq!(merge(&a, &a), a);
+    }
+
+    #[test]
+    fn concurrent_joins_and_leaves_at_different_nodes_converge_to_one_ring() {
+        for seed in 1..40u64 {
+            let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let founder = ClusterState::found("c", member("n0", "z0"), 64).unwrap();
+            let ids: Vec<NodeId> = (0..5).map(|i| NodeId(format!("n{i}"))).collect();
+            // n1..n4 each ask a different (random) existing node to admit them, concurrently.
+            let mut nodes: Vec<ClusterState> = vec![founder.clone(); 5];
+            for i in 1..5 {
+                let mut m = member(&format!("n{i}"), &format!("z{}", i % 3));
+                m.version = 0;
+                let via = rng.below(i);
+                nodes[via].add_joining(m).unwrap();
+                nodes[i] = nodes[via].clone();
+            }
+            gossip_until_settled(&mut nodes, &ids, &mut rng);
+            let ring = &nodes[0].ring.current;
+            assert_eq!(ring.nodes().len(), 5, "seed {seed}");
+            let counts: Vec<u32> = ring.ownership_counts().iter().map(|(_, c)| *c).collect();
+            assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1);
+            assert!(
+                nodes[0]
+                    .members
+                    .values()
+                    .all(|m| m.status == MemberStatus::Valid)
+            );
+            // Two nodes leave concurrently, asked at different nodes.
+            let l1 = rng.below(5);
+            let l2 = (l1 + 1 + rng.below(4)) % 5;
+            nodes[l1].request_leave(&ids[l1]).unwrap();
+            nodes[l2].request_leave(&ids[l2]).unwrap();
+            gossip_until_settled(&mut nodes, &ids, &mut rng);
+            let ring = &nodes[0].ring.current;
+            assert_eq!(ring.nodes().len(), 3, "seed {seed}");
+            assert!(
+                !ring
+                    .nodes()
+                    .iter()
+                    .any(|n| n.id == ids[l1] || n.id == ids[l2])
+            );
+            assert_eq!(nodes[0].members[&ids[l1]].status, MemberStatus::Exiting);
+            assert!(
+                nodes.iter().all(|s| s == &nodes[0]),
+                "seed {seed}: all states equal"
+            );
+        }
+    }
+
+    #[test]
+    fn transition_waits_for_every_handoff() {
+        let mut state = ClusterState::found("c", member("a", ""), 16).unwrap();
+        state.add_joining(member("b", "")).unwrap();
+        assert!(state.plan());
+        assert!(state.ring.next.is_some());
+        assert!(!state.plan(), "no switch before the handoff is marked done");
+        state.mark_handoff_done(&NodeId("a".into()));
+        assert!(state.plan());
+        assert!(state.ring.next.is_none());
+        assert_eq!(state.ring.current.nodes().len(), 2);
+        assert_eq!(
+            state.members[&NodeId("b".into())].status,
+            MemberStatus::Valid
+        );
+        assert!(state.settled());
+    }
+}

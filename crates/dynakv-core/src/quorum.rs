@@ -1,0 +1,298 @@
+//! Quorum accounting for one client request, apart from the async fan-out (Garage's split):
+//! the shell sends to the replicas and feeds each reply in; these trackers say when the
+//! request can be answered and with what.
+//!
+//! Invariants:
+//! - a get answers only after `r` replicas replied (a reply that the key is absent counts),
+//!   and fails as soon as `r` replies can no longer arrive;
+//! - a put succeeds only after `w` acknowledgements from the current preference list and, during
+//!   a ring transition, also `w` from the next one; it fails as soon as that is impossible;
+//! - the result of a get is the `sync` of every reply, so every causally unrelated version is
+//!   returned, and the replicas whose reply differs from it are the read-repair targets.
+
+use crate::object::Object;
+use crate::ring::NodeId;
+use std::collections::BTreeSet;
+
+/// Progress of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress<T> {
+    Waiting,
+    Done(T),
+}
+
+/// Too few replicas answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{replied} of {needed} required replicas answered ({asked} asked)")]
+pub struct QuorumFailure {
+    pub replied: usize,
+    pub needed: usize,
+    pub asked: usize,
+}
+
+/// Tracks the replies of a get.
+#[derive(Debug, Clone)]
+pub struct GetQuorum {
+    replicas: Vec<NodeId>,
+    needed: usize,
+    replies: Vec<(NodeId, Option<Object>)>,
+    failed: BTreeSet<NodeId>,
+    answered: bool,
+}
+
+impl GetQuorum {
+    /// A get over `replicas` needing `r` replies (clamped to 1..=replicas).
+    pub fn new(replicas: Vec<NodeId>, r: usize) -> Self {
+        let needed = r.clamp(1, replicas.len().max(1));
+        GetQuorum {
+            replicas,
+            needed,
+            replies: Vec::new(),
+            failed: BTreeSet::new(),
+            answered: false,
+        }
+    }
+
+    pub fn replicas(&self) -> &[NodeId] {
+        &self.replicas
+    }
+
+    pub fn needed(&self) -> usize {
+        self.needed
+    }
+
+    /// Feed one replica's outcome: `Ok(object or none)` or `Err(())` for a failure/timeout.
+    /// Returns `Done` exactly once: the merged object, or the quorum failure.
+    pub fn on_reply(
+        &mut self,
+        from: &NodeId,
+        reply: Result<Option<Object>, ()>,
+    ) -> Progress<Result<Object, QuorumFailure>> {
+        if !self.replicas.contains(from)
+            || self.failed.contains(from)
+            || self.replies.iter().any(|(n, _)| n == from)
+        {
+            return Progress::Waiting;
+        }
+        match reply {
+            Ok(object) => self.replies.push((from.clone(), object)),
+            Err(()) => {
+                self.failed.insert(from.clone());
+            }
+        }
+        if self.answered {
+            return Progress::Waiting;
+        }
+        if self.replies.len() >= self.needed {
+            self.answered = true;
+            return Progress::Done(Ok(self.merged()));
+        }
+        if self.replicas.len() - self.failed.len() < self.needed {
+            self.answered = true;
+            return Progress::Done(Err(QuorumFailure {
+                replied: self.replies.len(),
+                needed: self.needed,
+                asked: self.replicas.len(),
+            }));
+        }
+        Progress::Waiting
+    }
+
+    /// Whether every replica has replied or failed.
+    pub fn complete(&self) -> bool {
+        self.replies.len() + self.failed.len() >= self.replicas.len()
+    }
+
+    /// The sync of every reply so far.
+    pub fn merged(&self) -> Object {
+        self.replies
+            .iter()
+            .filter_map(|(_, o)| o.as_ref())
+            .fold(Object::new(), |acc, o| acc.sync(o))
+    }
+
+    /// Replicas that replied with something other than `merged` (stale or missing): the
+    /// read-repair targets. Replicas that failed are not included.
+    pub fn repair_targets(&self, merged: &Object) -> Vec<NodeId> {
+        if merged.is_empty() {
+            return Vec::new();
+        }
+        self.replies
+            .iter()
+            .filter(|(_, o)| o.as_ref() != Some(merged))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// Tracks the acknowledgements of a put.
+#[derive(Debug, Clone)]
+pub struct PutQuorum {
+    current: Vec<NodeId>,
+    next: Option<Vec<NodeId>>,
+    needed: usize,
+    needed_next: usize,
+    acked: BTreeSet<NodeId>,
+    failed: BTreeSet<NodeId>,
+    answered: bool,
+}
+
+impl PutQuorum {
+    /// A put to the `current` preference list (and the `next` one during a transition),
+    /// needing `w` acknowledgements from each (clamped to the list's length).
+    pub fn new(current: Vec<NodeId>, next: Option<Vec<NodeId>>, w: usize) -> Self {
+        let needed = w.clamp(1, current.len().max(1));
+        let needed_next = next.as_ref().map_or(0, |n| w.clamp(1, n.len().max(1)));
+        PutQuorum {
+            current,
+            next,
+            needed,
+            needed_next,
+            acked: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            answered: false,
+        }
+    }
+
+    /// Every node the write must be sent to (current and next lists, without repeats).
+    pub fn targets(&self) -> Vec<NodeId> {
+        let mut all = self.current.clone();
+        for node in self.next.iter().flatten() {
+            if !all.contains(node) {
+                all.push(node.clone());
+            }
+        }
+        all
+    }
+
+    fn count(&self, list: &[NodeId], set: &BTreeSet<NodeId>) -> usize {
+        list.iter().filter(|n| set.contains(n)).count()
+    }
+
+    /// Feed one replica's outcome. Returns `Done` exactly once.
+    pub fn on_reply(&mut self, from: &NodeId, ok: bool) -> Progress<Result<(), QuorumFailure>> {
+        if self.acked.contains(from) || self.failed.contains(from) {
+            return Progress::Waiting;
+        }
+        if ok {
+            self.acked.insert(from.clone());
+        } else {
+            self.failed.insert(from.clone());
+        }
+        if self.answered {
+            return Progress::Waiting;
+        }
+        let acked_current = self.count(&self.current, &self.acked);
+        let possible_current = self.current.len() - self.count(&self.current, &self.failed);
+        let (acked_next, possible_next) = match &self.next {
+            Some(next) => (
+                self.count(next, &self.acked),
+                next.len() - self.count(next, &self.failed),
+            ),
+            None => (0, 0),
+        };
+        if acked_current >= self.needed && acked_next >= self.needed_next {
+            self.answered = true;
+            return Progress::Done(Ok(()));
+        }
+        if possible_current < self.needed || possible_next < self.needed_next {
+            self.answered = true;
+            return Progress::Done(Err(QuorumFailure {
+                replied: acked_current.min(if self.next.is_some() {
+                    acked_next
+                } else {
+                    acked_current
+                }),
+                needed: self.needed,
+                asked: self.targets().len(),
+            }));
+        }
+        Progress::Waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::{Content, PrunePolicy};
+    use crate::version::{ActorId, VersionVector};
+
+    fn ids(names: &[&str]) -> Vec<NodeId> {
+        names.iter().map(|n| NodeId((*n).to_owned())).collect()
+    }
+
+    fn object(value: &str, actor: u64) -> Object {
+        Object::new()
+            .update(
+                &VersionVector::new(),
+                Content {
+                    value: value.as_bytes().to_vec(),
+                    ..Content::default()
+                },
+                ActorId(actor),
+                1,
+                PrunePolicy::default(),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn get_answers_after_r_with_every_version_and_names_repairs() {
+        let nodes = ids(&["a", "b", "c"]);
+        let mut q = GetQuorum::new(nodes.clone(), 2);
+        assert_eq!(
+            q.on_reply(&nodes[0], Ok(Some(object("x", 1)))),
+            Progress::Waiting
+        );
+        let Progress::Done(Ok(merged)) = q.on_reply(&nodes[1], Ok(Some(object("y", 2)))) else {
+            panic!("expected an answer after 2 replies");
+        };
+        assert_eq!(merged.siblings().len(), 2, "both concurrent versions");
+        assert_eq!(
+            q.on_reply(&nodes[2], Ok(None)),
+            Progress::Waiting,
+            "answers once"
+        );
+        let all = q.merged();
+        let mut targets = q.repair_targets(&all);
+        targets.sort();
+        assert_eq!(targets, nodes, "each of a, b, c lacks something");
+    }
+
+    #[test]
+    fn get_fails_as_soon_as_r_is_impossible() {
+        let nodes = ids(&["a", "b", "c"]);
+        let mut q = GetQuorum::new(nodes.clone(), 2);
+        assert_eq!(q.on_reply(&nodes[0], Err(())), Progress::Waiting);
+        assert_eq!(
+            q.on_reply(&nodes[1], Err(())),
+            Progress::Done(Err(QuorumFailure {
+                replied: 0,
+                needed: 2,
+                asked: 3
+            }))
+        );
+    }
+
+    #[test]
+    fn put_needs_w_from_current_and_next_lists() {
+        let current = ids(&["a", "b", "c"]);
+        let next = ids(&["a", "b", "d"]);
+        let mut q = PutQuorum::new(current.clone(), Some(next), 2);
+        assert_eq!(q.targets(), ids(&["a", "b", "c", "d"]));
+        assert_eq!(q.on_reply(&NodeId("c".into()), true), Progress::Waiting);
+        assert_eq!(q.on_reply(&NodeId("d".into()), true), Progress::Waiting);
+        assert_eq!(
+            q.on_reply(&NodeId("a".into()), true),
+            Progress::Done(Ok(()))
+        );
+        let mut q = PutQuorum::new(current, Some(ids(&["x", "y", "z"])), 2);
+        q.on_reply(&NodeId("a".into()), true);
+        q.on_reply(&NodeId("b".into()), true);
+        q.on_reply(&NodeId("x".into()), false);
+        assert!(matches!(
+            q.on_reply(&NodeId("y".into()), false),
+            Progress::Done(Err(_))
+        ));
+    }
+}
