@@ -263,6 +263,26 @@ impl Client {
         serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// POST a JSON body to a resource (`/admin/join`, ...) and return the JSON answer.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        let (status, _, body) = self
+            .request(
+                Method::POST,
+                path,
+                &[("content-type", "application/json")],
+                Bytes::from(body.to_owned()),
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(status_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     /// `GET /ping`.
     pub async fn ping(&self) -> Result<(), ClientError> {
         let (status, _, body) = self

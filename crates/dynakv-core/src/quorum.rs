@@ -125,6 +125,10 @@ impl GetQuorum {
     }
 }
 
+fn count(list: &[NodeId], set: &BTreeSet<NodeId>) -> usize {
+    list.iter().filter(|n| set.contains(n)).count()
+}
+
 /// Tracks the acknowledgements of a put.
 #[derive(Debug, Clone)]
 pub struct PutQuorum {
@@ -165,10 +169,6 @@ impl PutQuorum {
         all
     }
 
-    fn count(&self, list: &[NodeId], set: &BTreeSet<NodeId>) -> usize {
-        list.iter().filter(|n| set.contains(n)).count()
-    }
-
     /// Feed one replica's outcome. Returns `Done` exactly once.
     pub fn on_reply(&mut self, from: &NodeId, ok: bool) -> Progress<Result<(), QuorumFailure>> {
         if self.acked.contains(from) || self.failed.contains(from) {
@@ -182,12 +182,12 @@ impl PutQuorum {
         if self.answered {
             return Progress::Waiting;
         }
-        let acked_current = self.count(&self.current, &self.acked);
-        let possible_current = self.current.len() - self.count(&self.current, &self.failed);
+        let acked_current = count(&self.current, &self.acked);
+        let possible_current = self.current.len() - count(&self.current, &self.failed);
         let (acked_next, possible_next) = match &self.next {
             Some(next) => (
-                self.count(next, &self.acked),
-                next.len() - self.count(next, &self.failed),
+                count(next, &self.acked),
+                next.len() - count(next, &self.failed),
             ),
             None => (0, 0),
         };

@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub cache_size_bytes: u64,
     /// Ring partitions (Q) used when this node founds a cluster.
     pub ring_partitions: u32,
+    /// Name every node of the cluster shares (checked in the peer handshake).
+    pub cluster_name: String,
+    /// Time limit of one request to a peer replica, in ms.
+    pub request_timeout_ms: u64,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -69,6 +73,8 @@ pub struct FileConfig {
     pub ring_partitions: Option<u32>,
     pub zone: Option<String>,
     pub storage: Option<StorageKind>,
+    pub cluster_name: Option<String>,
+    pub request_timeout_ms: Option<u64>,
 }
 
 /// A configuration that cannot be used.
@@ -105,6 +111,8 @@ impl ServerConfig {
             flush_interval_ms: 100,
             cache_size_bytes: 64 * 1024 * 1024,
             ring_partitions: limits::DEFAULT_RING_PARTITIONS,
+            cluster_name: "dynakv".to_owned(),
+            request_timeout_ms: 2000,
         }
     }
 
@@ -136,6 +144,12 @@ impl ServerConfig {
         if let Some(v) = file.storage {
             self.storage = v;
         }
+        if let Some(v) = file.cluster_name {
+            self.cluster_name = v;
+        }
+        if let Some(v) = file.request_timeout_ms {
+            self.request_timeout_ms = v;
+        }
         Ok(())
     }
 
@@ -164,6 +178,15 @@ impl ServerConfig {
                 "ring_partitions must be a power of two up to {}",
                 limits::MAX_RING_PARTITIONS
             ));
+        }
+        if self.cluster_name.is_empty() || self.cluster_name.len() > limits::MAX_ACTOR_BYTES {
+            return invalid(format!(
+                "cluster_name must be 1 to {} bytes",
+                limits::MAX_ACTOR_BYTES
+            ));
+        }
+        if !(10..=600_000).contains(&self.request_timeout_ms) {
+            return invalid("request_timeout_ms must be 10 to 600000".into());
         }
         if self.cache_size_bytes < 1024 * 1024 {
             return invalid("cache_size_bytes must be at least 1 MiB".into());

@@ -5,7 +5,8 @@
 //! are refused from `Content-Length` before they are read when too large, and read through a
 //! hard limit otherwise. Storage calls run on the blocking pool.
 
-use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
+use crate::cluster::{Cluster, ClusterError, PutOptions, error_status};
+use crate::replica::{Precondition, ReplicaError};
 use crate::stats::{Op, Stats};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -14,12 +15,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use dynakv_core::bucket::{BucketProps, Quorum, props_from_body};
-use dynakv_core::context::{self, ContextKey};
+use dynakv_core::context;
 use dynakv_core::keys;
 use dynakv_core::limits;
+use dynakv_core::membership::ClusterState;
 use dynakv_core::object::{Content, Object, Sibling};
-use dynakv_core::ring::Ring;
-use dynakv_core::storage::Durability;
 use http_body_util::BodyExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde_json::json;
@@ -43,9 +43,7 @@ const META_PREFIX: &str = "x-riak-meta-";
 /// What every handler shares.
 #[derive(Debug)]
 pub struct ApiState {
-    pub replica: Arc<Replica>,
-    pub secret: ContextKey,
-    pub ring: Ring,
+    pub cluster: Arc<Cluster>,
     pub node_name: String,
     pub stats: Arc<Stats>,
     pub max_value_bytes: usize,
@@ -84,6 +82,19 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response()
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        let (status, message) = error_status(&e);
+        if status >= 500 {
+            tracing::warn!(error = %e, "request failed");
+        }
+        ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message,
+        )
     }
 }
 
@@ -135,6 +146,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/status", get(admin_status))
         .route("/admin/ring", get(admin_ring))
         .route("/admin/members", get(admin_members))
+        .route("/admin/handoffs", get(admin_handoffs))
+        .route("/admin/join", axum::routing::post(admin_join))
+        .route("/admin/leave", axum::routing::post(admin_leave))
+        .route("/admin/replica/{bucket}/{key}", get(admin_replica))
         .nest("/types/default", buckets.clone())
         .merge(buckets)
         .fallback(not_found)
@@ -208,6 +223,8 @@ struct RequestOptions {
     return_body: bool,
     vtag: Option<String>,
     dw_given: bool,
+    r: Option<Quorum>,
+    w: Option<Quorum>,
 }
 
 /// Check the quorum and flag parameters against the bucket; unknown parameters are ignored
@@ -233,8 +250,13 @@ fn parse_options(
                         props.n_val
                     )));
                 }
-                if name == "dw" {
-                    options.dw_given = !matches!(quorum, Quorum::Count(0) | Quorum::Default);
+                match name.as_str() {
+                    "dw" => {
+                        options.dw_given = !matches!(quorum, Quorum::Count(0) | Quorum::Default);
+                    }
+                    "r" => options.r = Some(quorum),
+                    "w" => options.w = Some(quorum),
+                    _ => {}
                 }
             }
             "returnbody" => match value.as_str() {
@@ -259,12 +281,6 @@ fn parse_options(
         }
     }
     Ok(options)
-}
-
-async fn load_props(state: &AppState, bucket: &str) -> Result<BucketProps, ApiError> {
-    let replica = Arc::clone(&state.replica);
-    let bucket = bucket.to_owned();
-    blocking(move || replica.bucket_props(&bucket)).await
 }
 
 fn header_text(value: &HeaderValue, what: &str) -> Result<String, ApiError> {
@@ -336,7 +352,7 @@ fn object_response(
     success: StatusCode,
 ) -> ApiResult {
     let context = context::encode(
-        &state.secret,
+        &state.cluster.secret(),
         bucket.as_bytes(),
         key.as_bytes(),
         object.clock(),
@@ -521,13 +537,9 @@ async fn fetch_inner(
     headers: &HeaderMap,
 ) -> ApiResult {
     let (bucket, key) = bucket_and_key(params)?;
-    let props = load_props(state, &bucket).await?;
+    let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
-    let replica = Arc::clone(&state.replica);
-    let (b, k) = (bucket.clone(), key.clone());
-    let object = blocking(move || replica.get(&b, &k))
-        .await?
-        .unwrap_or_default();
+    let object = state.cluster.get(&bucket, &key, options.r).await?;
     object_response(
         state,
         (&bucket, &key),
@@ -582,9 +594,14 @@ fn client_context(
     if text.trim().is_empty() {
         return Ok(None);
     }
-    context::decode(&state.secret, bucket.as_bytes(), key.as_bytes(), text)
-        .map(Some)
-        .map_err(|e| ApiError::bad_request(format!("invalid X-Riak-Vclock: {e}")))
+    context::decode(
+        &state.cluster.secret(),
+        bucket.as_bytes(),
+        key.as_bytes(),
+        text,
+    )
+    .map(Some)
+    .map_err(|e| ApiError::bad_request(format!("invalid X-Riak-Vclock: {e}")))
 }
 
 fn user_meta(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
@@ -670,7 +687,7 @@ async fn store_inner(
     body: Body,
     created: bool,
 ) -> ApiResult {
-    let props = load_props(state, &bucket).await?;
+    let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
     let meta = user_meta(headers)?;
@@ -683,11 +700,6 @@ async fn store_inner(
         return Err(ApiError::bad_request("Content-Type is too long"));
     }
     let value = read_body(state, headers, body).await?;
-    let durability = if options.dw_given {
-        Durability::Fsync
-    } else {
-        props.durability
-    };
     let now = now_ms();
     let content = Content {
         value: value.to_vec(),
@@ -700,22 +712,22 @@ async fn store_inner(
         .stats
         .bytes_written
         .fetch_add(value.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let replica = Arc::clone(&state.replica);
-    let (b, k, p) = (bucket.clone(), key.clone(), props.clone());
-    let stored = blocking(move || {
-        replica.write(WriteRequest {
-            bucket: &b,
-            key: &k,
+    let stored = state
+        .cluster
+        .put(
+            &bucket,
+            &key,
             context,
             content,
-            props: &p,
-            durability,
-            precondition,
-            now_ms: now,
-        })
-    })
-    .await?;
-    if durability == Durability::Buffered {
+            PutOptions {
+                w: options.w,
+                dw_given: options.dw_given,
+                precondition,
+                now_ms: now,
+            },
+        )
+        .await?;
+    if !options.dw_given && props.durability == dynakv_core::storage::Durability::Buffered {
         state
             .unflushed
             .store(true, std::sync::atomic::Ordering::Release);
@@ -769,37 +781,32 @@ async fn delete_inner(
     headers: &HeaderMap,
 ) -> ApiResult {
     let (bucket, key) = bucket_and_key(params)?;
-    let props = load_props(state, &bucket).await?;
+    let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
-    let replica = Arc::clone(&state.replica);
-    let (b, k) = (bucket.clone(), key.clone());
-    let existing = blocking(move || replica.get(&b, &k)).await?;
-    if existing.as_ref().is_none_or(Object::is_deleted) {
+    let existing = state.cluster.get(&bucket, &key, options.r).await?;
+    if existing.is_deleted() {
         return Ok(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
     }
-    let durability = if options.dw_given {
-        Durability::Fsync
-    } else {
-        props.durability
-    };
+    // Without a context, delete what the replicas hold now (as Riak does).
+    let context = context.unwrap_or_else(|| existing.clock().clone());
     let now = now_ms();
-    let replica = Arc::clone(&state.replica);
-    let (b, k, p) = (bucket.clone(), key.clone(), props.clone());
-    blocking(move || {
-        replica.write(WriteRequest {
-            bucket: &b,
-            key: &k,
-            context,
-            content: Content::tombstone(now),
-            props: &p,
-            durability,
-            precondition: Precondition::None,
-            now_ms: now,
-        })
-    })
-    .await?;
-    if durability == Durability::Buffered {
+    state
+        .cluster
+        .put(
+            &bucket,
+            &key,
+            Some(context),
+            Content::tombstone(now),
+            PutOptions {
+                w: options.w,
+                dw_given: options.dw_given,
+                precondition: Precondition::None,
+                now_ms: now,
+            },
+        )
+        .await?;
+    if !options.dw_given && props.durability == dynakv_core::storage::Durability::Buffered {
         state
             .unflushed
             .store(true, std::sync::atomic::Ordering::Release);
@@ -818,7 +825,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
 
 async fn get_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let bucket = bucket_param(&params)?;
-    let props = load_props(&state, &bucket).await?;
+    let props = state.cluster.bucket_props(&bucket);
     Ok(json_response(
         StatusCode::OK,
         &json!({ "props": props.to_json(&bucket) }),
@@ -862,19 +869,17 @@ async fn set_props(
         })?
         .to_bytes();
     let update = props_from_body(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut props = load_props(&state, &bucket).await?;
+    let mut props = state.cluster.bucket_props(&bucket);
     props
         .apply(&bucket, &update)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let replica = Arc::clone(&state.replica);
-    blocking(move || replica.set_bucket_props(&bucket, &props)).await?;
+    state.cluster.set_bucket_props(&bucket, Some(&props))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn reset_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let bucket = bucket_param(&params)?;
-    let replica = Arc::clone(&state.replica);
-    blocking(move || replica.reset_bucket_props(&bucket)).await?;
+    state.cluster.set_bucket_props(&bucket, None)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -895,7 +900,7 @@ async fn list_keys(
     };
     let (sender, receiver) =
         tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(LIST_STREAM_BUFFER_PAGES);
-    let replica = Arc::clone(&state.replica);
+    let replica = Arc::clone(state.cluster.replica());
     tokio::task::spawn_blocking(move || {
         let mut start_after: Option<Vec<u8>> = None;
         let mut first = true;
@@ -972,7 +977,7 @@ async fn list_buckets(
             ));
         }
     }
-    let replica = Arc::clone(&state.replica);
+    let replica = Arc::clone(state.cluster.replica());
     let buckets = blocking(move || replica.list_buckets()).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -982,11 +987,16 @@ async fn list_buckets(
 
 async fn preflist(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let (bucket, key) = bucket_and_key(&params)?;
-    let props = load_props(&state, &bucket).await?;
-    let partition = state.ring.partition_of(bucket.as_bytes(), key.as_bytes());
-    let list: Vec<_> = state
+    let props = state.cluster.bucket_props(&bucket);
+    let cluster = state.cluster.state();
+    let partition = cluster
         .ring
-        .preference_list(partition, props.n_val as usize)
+        .current
+        .partition_of(bucket.as_bytes(), key.as_bytes());
+    let list: Vec<_> = cluster
+        .ring
+        .current
+        .preference_list(partition, props.n_val.clamp(1, limits::MAX_N_VAL) as usize)
         .into_iter()
         .map(|(partition, node)| json!({"partition": partition, "node": node.0, "primary": true}))
         .collect();
@@ -1024,17 +1034,26 @@ async fn list_resources() -> Response {
         .into_response()
 }
 
-fn ring_members(ring: &Ring) -> Vec<String> {
-    ring.nodes().iter().map(|n| n.id.0.clone()).collect()
+fn ring_members(state: &ClusterState) -> Vec<String> {
+    state
+        .ring
+        .current
+        .nodes()
+        .iter()
+        .map(|n| n.id.0.clone())
+        .collect()
 }
 
 async fn stats(State(state): State<AppState>) -> Response {
-    let members = ring_members(&state.ring);
+    let cluster = state.cluster.state();
+    let members = ring_members(&cluster);
     json_response(
         StatusCode::OK,
-        &state
-            .stats
-            .to_json(&state.node_name, &members, state.ring.partition_count()),
+        &state.stats.to_json(
+            &state.node_name,
+            &members,
+            cluster.ring.current.partition_count(),
+        ),
     )
 }
 
@@ -1048,13 +1067,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn admin_status(State(state): State<AppState>) -> Response {
+    let cluster = state.cluster.state();
     json_response(
         StatusCode::OK,
         &json!({
             "node": state.node_name,
-            "storage_engine": state.replica.storage().engine_name(),
-            "ring_partitions": state.ring.partition_count(),
-            "members": ring_members(&state.ring),
+            "cluster": cluster.cluster_name,
+            "storage_engine": state.cluster.replica().storage().engine_name(),
+            "ring_partitions": cluster.ring.current.partition_count(),
+            "ring_version": cluster.ring.version,
+            "settled": cluster.settled(),
+            "members": ring_members(&cluster),
             "max_value_bytes": state.max_value_bytes,
             "version": env!("CARGO_PKG_VERSION"),
         }),
@@ -1062,18 +1085,38 @@ async fn admin_status(State(state): State<AppState>) -> Response {
 }
 
 async fn admin_members(State(state): State<AppState>) -> Response {
-    let members: Vec<_> = state
-        .ring
-        .nodes()
-        .iter()
-        .map(|n| json!({"name": n.id.0, "zone": n.zone, "status": "valid"}))
+    let cluster = state.cluster.state();
+    let members: Vec<_> = cluster
+        .members
+        .values()
+        .map(|m| {
+            json!({
+                "name": m.id.0,
+                "zone": m.zone,
+                "status": m.status.as_str(),
+                "peer_addr": m.peer_addr,
+                "http_addr": m.http_addr,
+                "up": state.cluster.is_up(&m.id),
+            })
+        })
         .collect();
     json_response(StatusCode::OK, &json!({ "members": members }))
 }
 
+fn owners_json(ring: &dynakv_core::ring::Ring) -> serde_json::Value {
+    json!(
+        ring.owners()
+            .iter()
+            .map(|n| n.0.clone())
+            .collect::<Vec<_>>()
+    )
+}
+
 async fn admin_ring(State(state): State<AppState>) -> Response {
-    let ownership: Vec<_> = state
+    let cluster = state.cluster.state();
+    let ownership: Vec<_> = cluster
         .ring
+        .current
         .ownership_counts()
         .into_iter()
         .map(|(node, count)| json!({"node": node.0, "partitions": count}))
@@ -1081,9 +1124,89 @@ async fn admin_ring(State(state): State<AppState>) -> Response {
     json_response(
         StatusCode::OK,
         &json!({
-            "partitions": state.ring.partition_count(),
+            "partitions": cluster.ring.current.partition_count(),
+            "version": cluster.ring.version,
+            "settled": cluster.settled(),
+            "claimant": cluster.claimant().map(|c| c.0.clone()),
             "ownership": ownership,
-            "owners": state.ring.owners().iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+            "owners": owners_json(&cluster.ring.current),
+            "next_owners": cluster.ring.next.as_ref().map(owners_json),
         }),
     )
+}
+
+async fn admin_handoffs(State(state): State<AppState>) -> Response {
+    let cluster = state.cluster.state();
+    let moving: Vec<_> = match &cluster.ring.next {
+        None => Vec::new(),
+        Some(next) => cluster
+            .ring
+            .current
+            .owners()
+            .iter()
+            .zip(next.owners())
+            .enumerate()
+            .filter(|(_, (from, to))| from != to)
+            .map(|(partition, (from, to))| json!({"partition": partition, "from": from.0, "to": to.0}))
+            .collect(),
+    };
+    let participants: Vec<_> = if cluster.ring.next.is_some() {
+        cluster
+            .transition_participants()
+            .iter()
+            .map(|n| json!({"node": n.0, "done": cluster.handoff_done(n)}))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "in_progress": cluster.ring.next.is_some(),
+            "transition": cluster.ring.transition,
+            "partitions_moving": moving,
+            "nodes": participants,
+        }),
+    )
+}
+
+async fn admin_join(State(state): State<AppState>, body: Bytes) -> ApiResult {
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("body must be {\"peer\": \"HOST:PORT\"}"))?;
+    let peer: std::net::SocketAddr = value
+        .get("peer")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| ApiError::bad_request("body must be {\"peer\": \"HOST:PORT\"}"))?;
+    state.cluster.join(peer).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"joined": peer.to_string()}),
+    ))
+}
+
+async fn admin_leave(State(state): State<AppState>) -> ApiResult {
+    state.cluster.leave()?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"leaving": state.node_name}),
+    ))
+}
+
+async fn admin_replica(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
+    let (bucket, key) = bucket_and_key(&params)?;
+    let replica = Arc::clone(state.cluster.replica());
+    let object = blocking(move || replica.get(&bucket, &key)).await?;
+    let body = match object {
+        None => json!({"exists": false, "deleted": false, "values": []}),
+        Some(object) => json!({
+            "exists": true,
+            "deleted": object.is_deleted(),
+            "values": object
+                .live_siblings()
+                .map(|s| String::from_utf8_lossy(&s.content.value).into_owned())
+                .collect::<Vec<_>>(),
+        }),
+    };
+    Ok(json_response(StatusCode::OK, &body))
 }

@@ -5,13 +5,20 @@
 //! shutdown signal it stops accepting requests, lets in-flight ones finish, flushes storage and
 //! returns.
 
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod identity;
 pub mod replica;
 pub mod stats;
+pub mod transport;
 
+use cluster::{Cluster, ClusterTimeouts};
 use config::{ServerConfig, StorageKind};
+use dynakv_core::context::ContextKey;
+use dynakv_core::membership::{ClusterState, Member, MemberStatus};
+use dynakv_core::message::PeerMessage;
+use dynakv_core::ring::NodeId;
 use dynakv_core::storage::Storage;
 use dynakv_storage::{FjallOptions, FjallStorage, MemoryStorage};
 use identity::NodeIdentity;
@@ -22,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::watch;
+use transport::{PeerClient, TransportConfig};
 
 /// The Riak KV version advertised to clients for feature detection: new-style
 /// `/buckets/...` URLs, no bucket types, no datatypes.
@@ -45,10 +53,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("internal: {0}")]
     Internal(String),
-    #[error(
-        "joining a cluster (--join) is not available in this build yet: start without --join to found a one-node cluster"
-    )]
-    JoinUnsupported,
+    #[error("cannot join the cluster: {0}")]
+    Join(String),
 }
 
 /// A started node.
@@ -56,7 +62,10 @@ pub enum ServerError {
 pub struct RunningServer {
     /// The address the HTTP API listens on (useful with port 0).
     pub http_addr: SocketAddr,
+    /// The address the peer transport listens on.
+    pub peer_addr: SocketAddr,
     pub name: String,
+    pub cluster: Arc<Cluster>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
@@ -98,12 +107,10 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
     }
 }
 
-/// Open storage, bind the API and start serving. Returns once the node is accepting requests.
+/// Open storage, load or found the cluster state, bind the peer and HTTP listeners, join a
+/// cluster when asked, and start serving. Returns once the node is accepting requests.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     config.validate()?;
-    if config.join.is_some() {
-        return Err(ServerError::JoinUnsupported);
-    }
     let storage = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || open_storage(&config))
@@ -112,17 +119,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let identity = {
         let storage = Arc::clone(&storage);
-        let (name, zone, partitions) = (
-            config.name.clone(),
-            config.zone.clone(),
-            config.ring_partitions,
-        );
-        tokio::task::spawn_blocking(move || {
-            NodeIdentity::load_or_create(storage.as_ref(), &name, &zone, partitions)
-        })
-        .await
-        .map_err(|e| ServerError::Internal(e.to_string()))??
+        let name = config.name.clone();
+        tokio::task::spawn_blocking(move || NodeIdentity::load_or_create(storage.as_ref(), &name))
+            .await
+            .map_err(|e| ServerError::Internal(e.to_string()))??
     };
+    let peer_listener = tokio::net::TcpListener::bind(config.peer_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.peer_addr,
+            source,
+        })?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| ServerError::Bind {
@@ -130,20 +137,85 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             source,
         })?;
     let http_addr = listener.local_addr()?;
+    let peer_addr = peer_listener.local_addr()?;
+    let me = NodeId(identity.name.clone());
+    let member = Member {
+        id: me.clone(),
+        peer_addr: peer_addr.to_string(),
+        http_addr: http_addr.to_string(),
+        zone: config.zone.clone(),
+        status: MemberStatus::Valid,
+        version: 1,
+        heartbeat: 0,
+    };
+    let persisted = cluster::load_persisted(storage.as_ref()).map_err(cluster_error)?;
+    let (state, secret, fresh) = if let Some((mut state, secret)) = persisted {
+        // Addresses may change between runs (port 0, new flags): announce the new ones.
+        if let Some(known) = state.members.get_mut(&me)
+            && (known.peer_addr != member.peer_addr || known.http_addr != member.http_addr)
+        {
+            known.peer_addr.clone_from(&member.peer_addr);
+            known.http_addr.clone_from(&member.http_addr);
+            known.version += 1;
+        }
+        (state, secret, false)
+    } else {
+        let state = ClusterState::found(&config.cluster_name, member, config.ring_partitions)
+            .map_err(|e| ServerError::Internal(e.to_string()))?;
+        let secret = ContextKey::from_bytes(rand::random::<[u8; 32]>());
+        (state, secret, true)
+    };
+    let transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
+    let client = PeerClient::new(transport_config.clone());
+    let replica = Arc::new(Replica::new(Arc::clone(&storage), identity.actor));
+    let timeouts = ClusterTimeouts {
+        request: Duration::from_millis(config.request_timeout_ms),
+        ..ClusterTimeouts::default()
+    };
+    let cluster = Arc::new(Cluster::new(
+        me,
+        state,
+        secret,
+        Arc::clone(&replica),
+        Arc::clone(&storage),
+        client,
+        timeouts,
+    ));
+    cluster.persist_now().map_err(cluster_error)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let peer_task = {
+        let cluster = Arc::clone(&cluster);
+        let shutdown = wait_for_shutdown(shutdown_rx.clone());
+        tokio::spawn(async move {
+            let handler = move |from: transport::PeerInfo, message: PeerMessage| {
+                let cluster = Arc::clone(&cluster);
+                async move { cluster.handle_peer(from, message).await }
+            };
+            if let Err(e) =
+                transport::serve(peer_listener, transport_config, handler, shutdown).await
+            {
+                tracing::error!(error = %e, "peer listener failed");
+            }
+        })
+    };
+    if let Some(seed) = config.join {
+        if fresh {
+            join_with_retries(&cluster, seed).await?;
+        } else {
+            tracing::info!("already a member of a cluster: --join ignored");
+        }
+    }
     let stats = Arc::new(stats::Stats::new().map_err(|e| ServerError::Internal(e.to_string()))?);
     let unflushed = Arc::new(AtomicBool::new(false));
-    let replica = Arc::new(Replica::new(Arc::clone(&storage), identity.actor));
     let state = Arc::new(http::ApiState {
-        replica,
-        secret: identity.secret.clone(),
-        ring: identity.ring.clone(),
+        cluster: Arc::clone(&cluster),
         node_name: identity.name.clone(),
         stats,
         max_value_bytes: config.max_value_bytes,
         unflushed: Arc::clone(&unflushed),
     });
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tracing::info!(node = %config.name, http = %http_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
+    tracing::info!(node = %config.name, http = %http_addr, peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
+    let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
     let task = tokio::spawn(serve(
         listener,
         state,
@@ -151,13 +223,63 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         unflushed,
         config.flush_interval_ms,
         shutdown_rx,
+        vec![peer_task, background],
     ));
     Ok(RunningServer {
         http_addr,
+        peer_addr,
         name: config.name,
+        cluster,
         shutdown: shutdown_tx,
         task,
     })
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as map_err(cluster_error)
+fn cluster_error(e: cluster::ClusterError) -> ServerError {
+    ServerError::Internal(e.to_string())
+}
+
+/// Number of attempts to reach the seed of `--join`.
+const JOIN_ATTEMPTS: u32 = 30;
+
+async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(), ServerError> {
+    let mut last = String::new();
+    for attempt in 1..=JOIN_ATTEMPTS {
+        match cluster.join(seed).await {
+            Ok(()) => return Ok(()),
+            Err(cluster::ClusterError::Membership(message))
+                if !message.starts_with("cannot reach") =>
+            {
+                return Err(ServerError::Join(message));
+            }
+            Err(e) => {
+                last = e.to_string();
+                tracing::warn!(attempt, error = %last, "join attempt failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    Err(ServerError::Join(last))
+}
+
+/// Gossip, handoff and cleanup, every gossip interval, until shutdown.
+async fn background_loops(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        cluster.gossip_round(rand::random::<u32>() as usize).await;
+        if let Err(e) = cluster.handoff_round().await {
+            tracing::warn!(error = %e, "handoff round failed; will retry");
+        }
+        if let Err(e) = cluster.cleanup_round().await {
+            tracing::warn!(error = %e, "cleanup round failed; will retry");
+        }
+    }
 }
 
 async fn wait_for_shutdown(mut shutdown: watch::Receiver<bool>) {
@@ -175,6 +297,7 @@ async fn serve(
     unflushed: Arc<AtomicBool>,
     flush_interval_ms: u64,
     shutdown: watch::Receiver<bool>,
+    others: Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<(), ServerError> {
     let flusher = tokio::spawn(flush_loop(
         Arc::clone(&storage),
@@ -192,6 +315,9 @@ async fn serve(
         .with_graceful_shutdown(wait_for_shutdown(shutdown))
         .await;
     let _ = flusher.await;
+    for task in others {
+        let _ = task.await;
+    }
     // Whatever was buffered becomes durable before the process exits.
     let synced = tokio::task::spawn_blocking(move || storage.sync())
         .await

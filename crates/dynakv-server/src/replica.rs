@@ -17,15 +17,12 @@ use dynakv_core::limits;
 use dynakv_core::object::{Content, Object, PrunePolicy, WriteError};
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::{ActorId, VersionVector};
-use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use parking_lot::Mutex;
 use std::sync::Arc;
 use thiserror::Error;
 
 /// Number of stripe locks serialising writes per key.
 const WRITE_LOCK_STRIPES: usize = 1024;
-/// Most bucket property sets cached in memory.
-const MAX_CACHED_BUCKET_PROPS: usize = 10_000;
 
 /// A failed local operation.
 #[derive(Debug, Error)]
@@ -75,7 +72,6 @@ pub struct Replica {
     storage: Arc<dyn Storage>,
     actor: ActorId,
     stripes: Vec<Mutex<()>>,
-    props_cache: RwLock<HashMap<String, BucketProps>>,
 }
 
 impl Replica {
@@ -84,7 +80,6 @@ impl Replica {
             storage,
             actor,
             stripes: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            props_cache: RwLock::new(HashMap::new()),
         }
     }
 
@@ -192,56 +187,39 @@ impl Replica {
         Ok(merged)
     }
 
-    /// A bucket's properties (defaults when never set).
-    pub fn bucket_props(&self, bucket: &str) -> Result<BucketProps, ReplicaError> {
-        if let Some(props) = self.props_cache.read().get(bucket) {
-            return Ok(props.clone());
-        }
-        let props = match self
-            .storage
-            .get(Table::BucketProps, bucket.as_bytes())
-            .map_err(storage_error)?
-        {
-            None => BucketProps::default(),
-            Some(bytes) => {
-                let value: serde_json::Value = serde_json::from_slice(&bytes)
-                    .map_err(|_| ReplicaError::Corrupt(DecodeError::Invalid("bucket props")))?;
-                BucketProps::from_stored(bucket, &value)
-                    .map_err(|_| ReplicaError::Corrupt(DecodeError::Invalid("bucket props")))?
-            }
-        };
-        let mut cache = self.props_cache.write();
-        if cache.len() >= MAX_CACHED_BUCKET_PROPS {
-            cache.clear();
-        }
-        cache.insert(bucket.to_owned(), props.clone());
-        Ok(props)
-    }
-
-    /// Store a bucket's properties durably.
-    pub fn set_bucket_props(&self, bucket: &str, props: &BucketProps) -> Result<(), ReplicaError> {
-        let bytes = serde_json::to_vec(&props.to_json(bucket)).map_err(storage_error)?;
-        let mut cache = self.props_cache.write();
+    /// The stored bytes of an object, undecoded (for peers, which decode and check them).
+    pub fn get_raw(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, ReplicaError> {
         self.storage
-            .put(
-                Table::BucketProps,
-                bucket.as_bytes(),
-                &bytes,
-                Durability::Fsync,
+            .get(
+                Table::Objects,
+                &keys::object_key(bucket.as_bytes(), key.as_bytes()),
             )
-            .map_err(storage_error)?;
-        cache.insert(bucket.to_owned(), props.clone());
-        Ok(())
+            .map_err(storage_error)
     }
 
-    /// Return a bucket to the default properties.
-    pub fn reset_bucket_props(&self, bucket: &str) -> Result<(), ReplicaError> {
-        let mut cache = self.props_cache.write();
+    /// Up to `limit` stored objects after `start_after`, in storage-key order (for handoff
+    /// and cleanup scans).
+    pub fn scan_objects(
+        &self,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<dynakv_core::storage::Entry>, ReplicaError> {
         self.storage
-            .delete(Table::BucketProps, bucket.as_bytes(), Durability::Fsync)
-            .map_err(storage_error)?;
-        cache.remove(bucket);
-        Ok(())
+            .scan(Table::Objects, &[], start_after, limit)
+            .map_err(storage_error)
+    }
+
+    /// Remove a key this node no longer replicates.
+    pub fn remove(&self, storage_key: &[u8]) -> Result<(), ReplicaError> {
+        let _guard = self.stripe(storage_key).lock();
+        self.storage
+            .delete(Table::Objects, storage_key, Durability::Buffered)
+            .map_err(storage_error)
+    }
+
+    /// Whether the node stores any object at all.
+    pub fn holds_data(&self) -> Result<bool, ReplicaError> {
+        Ok(!self.scan_objects(None, 1)?.is_empty())
     }
 
     /// One page of a bucket's live keys, strictly after `start_after`. Returns the keys and

@@ -52,9 +52,9 @@ enum Command {
         #[arg(long)]
         storage: Option<StorageKind>,
     },
-    /// Run a local cluster in this process; node i serves HTTP on P+i-1.
+    /// Run a local cluster in this process; node i serves HTTP on P+i-1 and peers on P+1000+i-1.
     Dev {
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 3)]
         nodes: u16,
         #[arg(long, default_value_t = 8098)]
         http_port: u16,
@@ -109,6 +109,12 @@ enum AdminCommand {
     Members,
     /// Ring ownership.
     Ring,
+    /// Pending ownership transfers.
+    Handoffs,
+    /// Make the node at --url join the cluster of PEER_ADDR (a member's peer address).
+    Join { peer_addr: String },
+    /// Make the node at --url leave its cluster (its data moves to the others).
+    Leave,
 }
 
 fn init_logging(default: &str) {
@@ -278,12 +284,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Admin { url, command } => {
             init_logging("warn");
             let client = Client::new(&url)?;
-            let path = match command {
-                AdminCommand::Status => "/admin/status",
-                AdminCommand::Members => "/admin/members",
-                AdminCommand::Ring => "/admin/ring",
+            let value = match command {
+                AdminCommand::Status => client.get_json("/admin/status").await?,
+                AdminCommand::Members => client.get_json("/admin/members").await?,
+                AdminCommand::Ring => client.get_json("/admin/ring").await?,
+                AdminCommand::Handoffs => client.get_json("/admin/handoffs").await?,
+                AdminCommand::Join { peer_addr } => {
+                    let body = serde_json::json!({ "peer": peer_addr }).to_string();
+                    client.post_json("/admin/join", &body).await?
+                }
+                AdminCommand::Leave => client.post_json("/admin/leave", "{}").await?,
             };
-            let value = client.get_json(path).await?;
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(())
         }
@@ -311,15 +322,10 @@ impl ShutdownOnSignal {
 }
 
 async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind) -> Result<()> {
-    if nodes == 0 {
-        bail!("--nodes must be at least 1");
+    if nodes == 0 || nodes > 16 {
+        bail!("--nodes must be from 1 to 16");
     }
-    if nodes > 1 {
-        bail!(
-            "this build runs one-node clusters only (--nodes 1); multi-node clusters need the peer transport, which is not built yet"
-        );
-    }
-    let mut servers = Vec::new();
+    let mut servers: Vec<dynakv_server::RunningServer> = Vec::new();
     for i in 1..=nodes {
         let name = format!("dev{i}");
         let port = http_port
@@ -333,12 +339,26 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
             data_dir.join(&name),
         );
         config.storage = storage;
+        config.join = servers.first().map(|first| first.peer_addr);
         let server = dynakv_server::start(config)
             .await
             .with_context(|| format!("starting node {name}"))?;
         servers.push(server);
     }
     let signals = ShutdownOnSignal::install()?;
+    if servers.len() > 1 {
+        eprintln!("waiting for the ring to settle...");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !servers.iter().all(|s| {
+            let state = s.cluster.state();
+            state.settled() && state.ring.current.nodes().len() == servers.len()
+        }) {
+            if std::time::Instant::now() > deadline {
+                bail!("the ring did not settle within 120 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
     println!("dynakv dev cluster: {} node(s)", servers.len());
     for server in &servers {
         println!("  {}  http://{}", server.name, server.http_addr);

@@ -1,0 +1,1121 @@
+//! The node's view of the cluster and the distributed operations built on it: quorum gets with
+//! read repair, coordinated puts (forwarded to a replica when this node is not one), gossip,
+//! join and leave, handoff of keys when the ring changes, and cleanup afterwards.
+//!
+//! The protocol decisions live in dynakv-core (`ClusterState::merge/plan`, `GetQuorum`,
+//! `PutQuorum`, `Object::update/sync`); this module does the I/O around them.
+//!
+//! Invariants:
+//! - a put is coordinated only by a node of the key's current preference list, which stores
+//!   the new version before sending it on, so its dots are issued in order from its own copy;
+//! - a write is acknowledged only after W replicas of the current preference list (and, during
+//!   a transition, W of the next one) stored it;
+//! - a replica with a newer ring refuses writes coordinated from an older one (`StaleRing`), so
+//!   a write can never be acknowledged by replicas that are about to drop the key;
+//! - a node drops a key only after the transition that removed it from the key's preference
+//!   list has completed, i.e. after every old replica handed its keys to the new ones.
+
+use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
+use crate::transport::{PeerClient, PeerInfo, TransportError};
+use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::context::ContextKey;
+use dynakv_core::keys;
+use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
+use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
+use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
+use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure};
+use dynakv_core::ring::{NodeId, key_hash};
+use dynakv_core::storage::{Durability, Storage, Table};
+use dynakv_core::version::VersionVector;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Keys per handoff message.
+const HANDOFF_BATCH_KEYS: usize = 256;
+/// Bytes per handoff message (soft: a batch closes once past it).
+const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Keys read per storage scan step during handoff and cleanup.
+const SCAN_PAGE: usize = 1000;
+/// A member whose heartbeat has not moved for this long is considered down.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bucket property sets kept parsed.
+const MAX_PARSED_PROPS: usize = 10_000;
+/// Meta-table key of the persisted cluster state.
+const META_CLUSTER: &[u8] = b"cluster_state";
+/// Meta-table key of the cluster secret.
+const META_SECRET: &[u8] = b"cluster_secret";
+
+/// Timeouts of the cluster protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterTimeouts {
+    /// One replica request (get, put, handoff batch).
+    pub request: Duration,
+    /// One gossip exchange.
+    pub gossip: Duration,
+    /// Time between gossip rounds.
+    pub gossip_interval: Duration,
+}
+
+impl Default for ClusterTimeouts {
+    fn default() -> Self {
+        ClusterTimeouts {
+            request: Duration::from_secs(2),
+            gossip: Duration::from_secs(1),
+            gossip_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A failed distributed operation, with the HTTP status it maps to.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("quorum not met: {0}")]
+    Quorum(QuorumFailure),
+    #[error("no replica of this key could be reached to coordinate the write ({0})")]
+    NoCoordinator(String),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// A remote coordinator refused or failed: status and message as it gave them.
+    #[error("{message}")]
+    Remote { status: u16, message: String },
+    #[error("{0}")]
+    Membership(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Options of a client write.
+#[derive(Debug, Clone)]
+pub struct PutOptions {
+    pub w: Option<Quorum>,
+    pub dw_given: bool,
+    pub precondition: Precondition,
+    pub now_ms: u64,
+}
+
+/// One node's cluster machinery.
+#[derive(Debug)]
+pub struct Cluster {
+    me: NodeId,
+    state: RwLock<Arc<ClusterState>>,
+    secret: RwLock<ContextKey>,
+    replica: Arc<Replica>,
+    storage: Arc<dyn Storage>,
+    client: PeerClient<PeerMessage>,
+    timeouts: ClusterTimeouts,
+    /// Last heartbeat seen per member and when it last moved.
+    liveness: Mutex<HashMap<NodeId, (u64, Instant)>>,
+    parsed_props: RwLock<HashMap<String, (u64, BucketProps)>>,
+    /// The ring version whose cleanup this node finished.
+    cleaned_version: Mutex<u64>,
+    started: Instant,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn internal(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Internal(e.to_string())
+}
+
+/// Load the persisted cluster state and secret, if any.
+pub fn load_persisted(
+    storage: &dyn Storage,
+) -> Result<Option<(ClusterState, ContextKey)>, ClusterError> {
+    let state = storage.get(Table::Meta, META_CLUSTER).map_err(internal)?;
+    let secret = storage.get(Table::Meta, META_SECRET).map_err(internal)?;
+    match (state, secret) {
+        (Some(state), Some(secret)) => {
+            let state: ClusterState = serde_json::from_slice(&state)
+                .map_err(|e| ClusterError::Internal(format!("stored cluster state: {e}")))?;
+            let secret = <[u8; 32]>::try_from(secret.as_slice())
+                .map_err(|_| ClusterError::Internal("stored cluster secret is corrupt".into()))?;
+            Ok(Some((state, ContextKey::from_bytes(secret))))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn persist(
+    storage: &dyn Storage,
+    state: &ClusterState,
+    secret: &ContextKey,
+) -> Result<(), ClusterError> {
+    let bytes = serde_json::to_vec(state).map_err(internal)?;
+    storage
+        .put(
+            Table::Meta,
+            META_SECRET,
+            secret.as_bytes(),
+            Durability::Fsync,
+        )
+        .map_err(internal)?;
+    storage
+        .put(Table::Meta, META_CLUSTER, &bytes, Durability::Fsync)
+        .map_err(internal)?;
+    Ok(())
+}
+
+/// The state with heartbeats zeroed: what is worth persisting.
+fn persistent_view(state: &ClusterState) -> ClusterState {
+    let mut view = state.clone();
+    for member in view.members.values_mut() {
+        member.heartbeat = 0;
+    }
+    view
+}
+
+fn peer_addr(member: &Member) -> Option<SocketAddr> {
+    member.peer_addr.parse().ok()
+}
+
+impl Cluster {
+    pub fn new(
+        me: NodeId,
+        state: ClusterState,
+        secret: ContextKey,
+        replica: Arc<Replica>,
+        storage: Arc<dyn Storage>,
+        client: PeerClient<PeerMessage>,
+        timeouts: ClusterTimeouts,
+    ) -> Self {
+        Cluster {
+            me,
+            state: RwLock::new(Arc::new(state)),
+            secret: RwLock::new(secret),
+            replica,
+            storage,
+            client,
+            timeouts,
+            liveness: Mutex::new(HashMap::new()),
+            parsed_props: RwLock::new(HashMap::new()),
+            cleaned_version: Mutex::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// A snapshot of the cluster state.
+    pub fn state(&self) -> Arc<ClusterState> {
+        Arc::clone(&self.state.read())
+    }
+
+    pub fn secret(&self) -> ContextKey {
+        self.secret.read().clone()
+    }
+
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// Apply `change` to the state; persist when something durable changed.
+    fn update_state<T>(
+        &self,
+        change: impl FnOnce(&mut ClusterState) -> T,
+    ) -> Result<T, ClusterError> {
+        let (result, to_persist) = {
+            let mut guard = self.state.write();
+            let mut next = (**guard).clone();
+            let result = change(&mut next);
+            let durable_change = persistent_view(&next) != persistent_view(&guard);
+            *guard = Arc::new(next);
+            (result, durable_change.then(|| Arc::clone(&guard)))
+        };
+        if let Some(state) = to_persist {
+            persist(self.storage.as_ref(), &state, &self.secret())?;
+        }
+        Ok(result)
+    }
+
+    /// Persist the current state (after startup or a join).
+    pub fn persist_now(&self) -> Result<(), ClusterError> {
+        persist(self.storage.as_ref(), &self.state(), &self.secret())
+    }
+
+    /// A bucket's properties as the cluster knows them.
+    pub fn bucket_props(&self, bucket: &str) -> BucketProps {
+        let state = self.state();
+        let Some(entry) = state.bucket_props.get(bucket) else {
+            return BucketProps::default();
+        };
+        if let Some((ts, props)) = self.parsed_props.read().get(bucket)
+            && *ts == entry.timestamp_ms
+        {
+            return props.clone();
+        }
+        let props = entry
+            .props_json
+            .as_deref()
+            .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+            .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
+            .unwrap_or_default();
+        let mut cache = self.parsed_props.write();
+        if cache.len() >= MAX_PARSED_PROPS {
+            cache.clear();
+        }
+        cache.insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
+        props
+    }
+
+    /// Set (or, with `None`, reset) a bucket's properties cluster-wide.
+    pub fn set_bucket_props(
+        &self,
+        bucket: &str,
+        props: Option<&BucketProps>,
+    ) -> Result<(), ClusterError> {
+        let json = props.map(|p| p.to_json(bucket).to_string());
+        let me = self.me.clone();
+        self.update_state(|state| {
+            let timestamp_ms = state
+                .bucket_props
+                .get(bucket)
+                .map_or(0, |e| e.timestamp_ms + 1)
+                .max(now_ms());
+            state.bucket_props.insert(
+                bucket.to_owned(),
+                BucketPropsEntry {
+                    timestamp_ms,
+                    node: me,
+                    props_json: json,
+                },
+            );
+        })
+    }
+
+    /// Whether a member is believed up (heartbeats moving, or too early to tell).
+    pub fn is_up(&self, id: &NodeId) -> bool {
+        if id == &self.me {
+            return true;
+        }
+        let state = self.state();
+        if let Some(addr) = state.member(id).and_then(peer_addr)
+            && self.client.unreachable_peers().contains(&addr)
+        {
+            return false;
+        }
+        match self.liveness.lock().get(id) {
+            Some((_, moved)) => moved.elapsed() < HEARTBEAT_TIMEOUT,
+            None => self.started.elapsed() < HEARTBEAT_TIMEOUT,
+        }
+    }
+
+    fn observe_heartbeats(&self, state: &ClusterState) {
+        let mut liveness = self.liveness.lock();
+        for member in state.members.values() {
+            match liveness.get_mut(&member.id) {
+                Some((beat, moved)) => {
+                    if member.heartbeat > *beat {
+                        *beat = member.heartbeat;
+                        *moved = Instant::now();
+                    }
+                }
+                None => {
+                    liveness.insert(member.id.clone(), (member.heartbeat, Instant::now()));
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        node: &NodeId,
+        message: PeerMessage,
+        timeout: Duration,
+    ) -> Result<PeerMessage, ClusterError> {
+        let addr = self
+            .state()
+            .member(node)
+            .and_then(peer_addr)
+            .ok_or_else(|| ClusterError::Internal(format!("no address for node {node}")))?;
+        self.client
+            .request(addr, message, timeout)
+            .await
+            .map_err(|e: TransportError| ClusterError::Internal(e.to_string()))
+    }
+
+    fn merge_state(&self, other: &ClusterState) -> Result<(), ClusterError> {
+        if other.cluster_name != self.state().cluster_name {
+            return Err(ClusterError::Membership(format!(
+                "gossip from cluster {:?}",
+                other.cluster_name
+            )));
+        }
+        self.observe_heartbeats(other);
+        self.update_state(|state| state.merge(other))
+    }
+
+    // ----- reads -----
+
+    /// A quorum read: the sync of at least R replicas' versions; stale replicas are repaired
+    /// in the background once every replica answered or timed out.
+    pub async fn get(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        r: Option<Quorum>,
+    ) -> Result<Object, ClusterError> {
+        let props = self.bucket_props(bucket);
+        let state = self.state();
+        let partition = state
+            .ring
+            .current
+            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+        let replicas = state.preference_list(partition, props.n_val);
+        let needed = r
+            .unwrap_or(Quorum::Default)
+            .resolve(replicas.len() as u32, props.r) as usize;
+        let mut quorum = GetQuorum::new(replicas.clone(), needed);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(replicas.len().max(1));
+        for node in replicas {
+            let tx = tx.clone();
+            let this = Arc::clone(self);
+            let (bucket, key) = (bucket.to_owned(), key.to_owned());
+            let ring_version = state.ring.version;
+            tokio::spawn(async move {
+                let result = this.fetch_replica(&node, &bucket, &key, ring_version).await;
+                let _ = tx.send((node, result)).await;
+            });
+        }
+        drop(tx);
+        while let Some((node, reply)) = rx.recv().await {
+            if let Progress::Done(result) = quorum.on_reply(&node, reply) {
+                let this = Arc::clone(self);
+                let (bucket, key) = (bucket.to_owned(), key.to_owned());
+                tokio::spawn(async move {
+                    while let Some((node, reply)) = rx.recv().await {
+                        quorum.on_reply(&node, reply);
+                    }
+                    this.read_repair(&bucket, &key, &quorum).await;
+                });
+                return result.map_err(ClusterError::Quorum);
+            }
+        }
+        Err(ClusterError::Internal("replica replies ended early".into()))
+    }
+
+    async fn fetch_replica(
+        &self,
+        node: &NodeId,
+        bucket: &str,
+        key: &str,
+        ring_version: u64,
+    ) -> Result<Option<Object>, ()> {
+        if node == &self.me {
+            let replica = Arc::clone(&self.replica);
+            let (b, k) = (bucket.to_owned(), key.to_owned());
+            return match tokio::task::spawn_blocking(move || replica.get(&b, &k)).await {
+                Ok(Ok(object)) => Ok(object),
+                _ => Err(()),
+            };
+        }
+        let message = PeerMessage::ReplicaGet {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            ring_version,
+        };
+        match self.send(node, message, self.timeouts.request).await {
+            Ok(PeerMessage::ReplicaObject { object: None }) => Ok(None),
+            Ok(PeerMessage::ReplicaObject {
+                object: Some(bytes),
+            }) => Object::decode(&bytes).map(Some).map_err(|e| {
+                tracing::warn!(%node, error = %e, "replica sent an undecodable object");
+            }),
+            _ => Err(()),
+        }
+    }
+
+    async fn read_repair(&self, bucket: &str, key: &str, quorum: &GetQuorum) {
+        let merged = quorum.merged();
+        let targets = quorum.repair_targets(&merged);
+        if targets.is_empty() {
+            return;
+        }
+        tracing::debug!(bucket, key, ?targets, "read repair");
+        let props = self.bucket_props(bucket);
+        let bytes = merged.encode();
+        for node in targets {
+            let _ = self
+                .store_replica(
+                    &node,
+                    bucket,
+                    key,
+                    &merged,
+                    &bytes,
+                    &props,
+                    props.durability,
+                )
+                .await;
+        }
+    }
+
+    /// Merge `object` into one replica (local or remote). Returns whether it was stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_replica(
+        &self,
+        node: &NodeId,
+        bucket: &str,
+        key: &str,
+        object: &Object,
+        encoded: &[u8],
+        props: &BucketProps,
+        durability: Durability,
+    ) -> Result<(), ClusterError> {
+        if node == &self.me {
+            let replica = Arc::clone(&self.replica);
+            let (b, k, o, p) = (
+                bucket.to_owned(),
+                key.to_owned(),
+                object.clone(),
+                props.clone(),
+            );
+            return tokio::task::spawn_blocking(move || {
+                replica.merge(&b, &k, &o, &p, durability).map(|_| ())
+            })
+            .await
+            .map_err(internal)?
+            .map_err(ClusterError::from);
+        }
+        let message = PeerMessage::ReplicaPut {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            object: encoded.to_vec(),
+            durability,
+            ring_version: self.state().ring.version,
+        };
+        match self.send(node, message, self.timeouts.request).await? {
+            PeerMessage::Ack => Ok(()),
+            PeerMessage::StaleRing(state) => {
+                self.merge_state(&state)?;
+                Err(ClusterError::Internal(format!("{node} has a newer ring")))
+            }
+            other => Err(ClusterError::Internal(format!("{node} answered {other:?}"))),
+        }
+    }
+
+    // ----- writes -----
+
+    /// A client write (put or delete): coordinated here when this node replicates the key,
+    /// else forwarded to a replica that does.
+    pub async fn put(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        context: Option<VersionVector>,
+        content: Content,
+        options: PutOptions,
+    ) -> Result<Object, ClusterError> {
+        let props = self.bucket_props(bucket);
+        let state = self.state();
+        let partition = state
+            .ring
+            .current
+            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+        let current = state.preference_list(partition, props.n_val);
+        if current.contains(&self.me) {
+            return self
+                .coordinate_put(bucket, key, context, content, options, &props)
+                .await;
+        }
+        // Forward to a replica, skipping those known to be unreachable first.
+        let mut candidates = current.clone();
+        candidates.sort_by_key(|n| !self.is_up(n));
+        let mut last_error = String::from("no replicas");
+        let message = PeerMessage::CoordinatePut {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            context: context.as_ref().map(|c| {
+                let mut w = dynakv_core::codec::Writer::default();
+                encode_clock(&mut w, c);
+                w.buf
+            }),
+            content: WireContent {
+                value: content.value,
+                content_type: content.content_type,
+                meta: content.meta,
+                deleted: content.deleted,
+            },
+            w: options.w.map(|w| w.resolve(current.len() as u32, props.w)),
+            dw_given: options.dw_given,
+            precondition: match options.precondition {
+                Precondition::None => WirePrecondition::None,
+                Precondition::Absent => WirePrecondition::Absent,
+                Precondition::Matches(v) => WirePrecondition::Matches(v),
+            },
+            now_ms: options.now_ms,
+            ring_version: state.ring.version,
+        };
+        for node in candidates {
+            match self
+                .send(&node, message.clone(), self.timeouts.request * 2)
+                .await
+            {
+                Ok(PeerMessage::Coordinated { object }) => {
+                    return Object::decode(&object).map_err(internal);
+                }
+                Ok(PeerMessage::Failed { status, message }) => {
+                    if status == 503 && message.starts_with("not a replica") {
+                        last_error = message;
+                        continue;
+                    }
+                    return Err(ClusterError::Remote { status, message });
+                }
+                Ok(other) => last_error = format!("{node} answered {other:?}"),
+                Err(e) => last_error = format!("{node}: {e}"),
+            }
+        }
+        Err(ClusterError::NoCoordinator(last_error))
+    }
+
+    async fn coordinate_put(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        context: Option<VersionVector>,
+        content: Content,
+        options: PutOptions,
+        props: &BucketProps,
+    ) -> Result<Object, ClusterError> {
+        let state = self.state();
+        let partition = state
+            .ring
+            .current
+            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+        let current = state.preference_list(partition, props.n_val);
+        let next = state.next_preference_list(partition, props.n_val);
+        let w = options
+            .w
+            .unwrap_or(Quorum::Default)
+            .resolve(current.len() as u32, props.w) as usize;
+        let durability = if options.dw_given {
+            Durability::Fsync
+        } else {
+            props.durability
+        };
+        let replica = Arc::clone(&self.replica);
+        let (b, k, p) = (bucket.to_owned(), key.to_owned(), props.clone());
+        let precondition = options.precondition;
+        let now = options.now_ms;
+        let stored = tokio::task::spawn_blocking(move || {
+            replica.write(WriteRequest {
+                bucket: &b,
+                key: &k,
+                context,
+                content,
+                props: &p,
+                durability,
+                precondition,
+                now_ms: now,
+            })
+        })
+        .await
+        .map_err(internal)??;
+        let mut quorum = PutQuorum::new(current, next, w);
+        let local = quorum.on_reply(&self.me, true);
+        let encoded = Arc::new(stored.encode());
+        let targets = quorum.targets();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(targets.len().max(1));
+        for node in targets {
+            if node == self.me {
+                continue;
+            }
+            let tx = tx.clone();
+            let this = Arc::clone(self);
+            let (bucket, key, object, encoded, props) = (
+                bucket.to_owned(),
+                key.to_owned(),
+                stored.clone(),
+                Arc::clone(&encoded),
+                props.clone(),
+            );
+            // Detached: replicas beyond W still receive the write after the client is answered.
+            tokio::spawn(async move {
+                let ok = this
+                    .store_replica(&node, &bucket, &key, &object, &encoded, &props, durability)
+                    .await
+                    .is_ok();
+                let _ = tx.send((node, ok)).await;
+            });
+        }
+        drop(tx);
+        if let Progress::Done(result) = local {
+            result.map_err(ClusterError::Quorum)?;
+            return Ok(stored);
+        }
+        while let Some((node, ok)) = rx.recv().await {
+            if let Progress::Done(result) = quorum.on_reply(&node, ok) {
+                result.map_err(ClusterError::Quorum)?;
+                return Ok(stored);
+            }
+        }
+        Err(ClusterError::Internal(
+            "replica acknowledgements ended early".into(),
+        ))
+    }
+
+    // ----- peer side -----
+
+    /// Answer one peer request.
+    pub async fn handle_peer(self: Arc<Self>, from: PeerInfo, message: PeerMessage) -> PeerMessage {
+        match self.handle_peer_inner(&from, message).await {
+            Ok(reply) => reply,
+            Err(e) => PeerMessage::Error(e.to_string()),
+        }
+    }
+
+    async fn handle_peer_inner(
+        self: &Arc<Self>,
+        from: &PeerInfo,
+        message: PeerMessage,
+    ) -> Result<PeerMessage, ClusterError> {
+        match message {
+            PeerMessage::Gossip(theirs) => {
+                self.merge_state(&theirs)?;
+                Ok(PeerMessage::Gossip(Box::new((*self.state()).clone())))
+            }
+            PeerMessage::JoinRequest {
+                cluster_name,
+                member,
+            } => {
+                let ours = self.state().cluster_name.clone();
+                if cluster_name != ours {
+                    return Ok(PeerMessage::Error(format!(
+                        "cluster name mismatch: this cluster is {ours:?}, the request is for {cluster_name:?}"
+                    )));
+                }
+                tracing::info!(node = %member.id, via = %from.node_name, "join request");
+                self.update_state(|state| state.add_joining(member))?
+                    .map_err(|e| ClusterError::Membership(e.to_string()))?;
+                Ok(PeerMessage::JoinAccepted {
+                    state: Box::new((*self.state()).clone()),
+                    secret: *self.secret().as_bytes(),
+                })
+            }
+            PeerMessage::ReplicaGet { bucket, key, .. } => {
+                let replica = Arc::clone(&self.replica);
+                let object = tokio::task::spawn_blocking(move || replica.get_raw(&bucket, &key))
+                    .await
+                    .map_err(internal)??;
+                Ok(PeerMessage::ReplicaObject { object })
+            }
+            PeerMessage::ReplicaPut {
+                bucket,
+                key,
+                object,
+                durability,
+                ring_version,
+            } => {
+                let state = self.state();
+                if state.ring.version > ring_version {
+                    return Ok(PeerMessage::StaleRing(Box::new((*state).clone())));
+                }
+                let object = Object::decode(&object).map_err(internal)?;
+                let props = self.bucket_props(&bucket);
+                let replica = Arc::clone(&self.replica);
+                tokio::task::spawn_blocking(move || {
+                    replica.merge(&bucket, &key, &object, &props, durability)
+                })
+                .await
+                .map_err(internal)??;
+                Ok(PeerMessage::Ack)
+            }
+            PeerMessage::CoordinatePut {
+                bucket,
+                key,
+                context,
+                content,
+                w,
+                dw_given,
+                precondition,
+                now_ms,
+                ..
+            } => {
+                let props = self.bucket_props(&bucket);
+                let state = self.state();
+                let partition = state
+                    .ring
+                    .current
+                    .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+                if !state
+                    .preference_list(partition, props.n_val)
+                    .contains(&self.me)
+                {
+                    return Ok(PeerMessage::Failed {
+                        status: 503,
+                        message: "not a replica of this key".into(),
+                    });
+                }
+                let context = match context {
+                    None => None,
+                    Some(bytes) => {
+                        let mut reader = dynakv_core::codec::Reader::new(&bytes);
+                        Some(decode_clock(&mut reader).map_err(internal)?)
+                    }
+                };
+                let content = Content {
+                    value: content.value,
+                    content_type: content.content_type,
+                    last_modified_ms: now_ms,
+                    meta: content.meta,
+                    deleted: content.deleted,
+                };
+                let options = PutOptions {
+                    w: w.map(Quorum::Count),
+                    dw_given,
+                    precondition: match precondition {
+                        WirePrecondition::None => Precondition::None,
+                        WirePrecondition::Absent => Precondition::Absent,
+                        WirePrecondition::Matches(v) => Precondition::Matches(v),
+                    },
+                    now_ms,
+                };
+                match self
+                    .coordinate_put(&bucket, &key, context, content, options, &props)
+                    .await
+                {
+                    Ok(object) => Ok(PeerMessage::Coordinated {
+                        object: object.encode(),
+                    }),
+                    Err(e) => {
+                        let (status, message) = error_status(&e);
+                        Ok(PeerMessage::Failed { status, message })
+                    }
+                }
+            }
+            PeerMessage::Handoff { entries } => {
+                let replica = Arc::clone(&self.replica);
+                let props: Vec<BucketProps> = entries
+                    .iter()
+                    .map(|e| self.bucket_props(&e.bucket))
+                    .collect();
+                tokio::task::spawn_blocking(move || -> Result<(), ClusterError> {
+                    for (entry, props) in entries.iter().zip(props) {
+                        let object = Object::decode(&entry.object).map_err(internal)?;
+                        replica.merge(
+                            &entry.bucket,
+                            &entry.key,
+                            &object,
+                            &props,
+                            Durability::Buffered,
+                        )?;
+                    }
+                    replica.storage().sync().map_err(internal)?;
+                    Ok(())
+                })
+                .await
+                .map_err(internal)??;
+                Ok(PeerMessage::Ack)
+            }
+            other => Ok(PeerMessage::Error(format!(
+                "unexpected request {}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    // ----- membership -----
+
+    /// Ask the cluster at `seed` to admit this node; adopt its state and secret.
+    pub async fn join(&self, seed: SocketAddr) -> Result<(), ClusterError> {
+        let holds_data = {
+            let replica = Arc::clone(&self.replica);
+            tokio::task::spawn_blocking(move || replica.holds_data())
+                .await
+                .map_err(internal)??
+        };
+        let state = self.state();
+        if state.members.len() > 1 {
+            return Err(ClusterError::Membership(
+                "this node is already part of a cluster with other members".into(),
+            ));
+        }
+        if holds_data {
+            return Err(ClusterError::Membership(
+                "this node holds data; only an empty node can join a cluster".into(),
+            ));
+        }
+        let mut me = state
+            .member(&self.me)
+            .cloned()
+            .ok_or_else(|| ClusterError::Internal("no member entry for this node".into()))?;
+        me.status = MemberStatus::Joining;
+        let message = PeerMessage::JoinRequest {
+            cluster_name: state.cluster_name.clone(),
+            member: me,
+        };
+        let reply = self
+            .client
+            .request(seed, message, self.timeouts.request)
+            .await
+            .map_err(|e| ClusterError::Membership(format!("cannot reach {seed}: {e}")))?;
+        match reply {
+            PeerMessage::JoinAccepted { state, secret } => {
+                *self.secret.write() = ContextKey::from_bytes(secret);
+                *self.state.write() = Arc::new(*state);
+                self.persist_now()?;
+                tracing::info!(%seed, "joined the cluster");
+                Ok(())
+            }
+            PeerMessage::Error(message) => Err(ClusterError::Membership(message)),
+            other => Err(ClusterError::Membership(format!(
+                "unexpected reply {}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    /// Ask for this node to leave the cluster.
+    pub fn leave(&self) -> Result<(), ClusterError> {
+        let me = self.me.clone();
+        self.update_state(|state| state.request_leave(&me))?
+            .map_err(|e| ClusterError::Membership(e.to_string()))
+    }
+
+    /// One gossip round: beat, exchange with a random member, plan if claimant.
+    pub async fn gossip_round(&self, pick: usize) {
+        let me = self.me.clone();
+        let _ = self.update_state(|state| state.beat(&me));
+        let state = self.state();
+        let peers: Vec<&Member> = state
+            .members
+            .values()
+            .filter(|m| m.id != self.me && m.status != MemberStatus::Exiting)
+            .collect();
+        if !peers.is_empty() {
+            let peer = peers[pick % peers.len()];
+            if let Some(addr) = peer_addr(peer) {
+                let message = PeerMessage::Gossip(Box::new((*state).clone()));
+                if let Ok(PeerMessage::Gossip(theirs)) = self
+                    .client
+                    .request(addr, message, self.timeouts.gossip)
+                    .await
+                    && let Err(e) = self.merge_state(&theirs)
+                {
+                    tracing::warn!(peer = %peer.id, error = %e, "gossip merge failed");
+                }
+            }
+        }
+        if self.state().claimant() == Some(&self.me) {
+            match self.update_state(ClusterState::plan) {
+                Ok(true) => {
+                    let s = self.state();
+                    tracing::info!(
+                        version = s.ring.version,
+                        transition = s.ring.next.is_some(),
+                        "ring plan changed"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot persist the ring plan"),
+            }
+        }
+    }
+
+    /// Hand keys to the nodes that enter their preference lists in the pending transition;
+    /// mark this node's handoff done when all are delivered. Returns the number of keys sent.
+    pub async fn handoff_round(&self) -> Result<usize, ClusterError> {
+        let state = self.state();
+        if state.ring.next.is_none()
+            || !state.ring.current.nodes().iter().any(|n| n.id == self.me)
+            || state.handoff_done(&self.me)
+        {
+            return Ok(0);
+        }
+        let transition = state.ring.transition;
+        let mut sent = 0;
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let replica = Arc::clone(&self.replica);
+            let after = start_after.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                replica.scan_objects(after.as_deref(), SCAN_PAGE)
+            })
+            .await
+            .map_err(internal)??;
+            let Some((last, _)) = page.last() else { break };
+            let next_start = last.clone();
+            let mut batches: HashMap<NodeId, (Vec<HandoffEntry>, usize)> = HashMap::new();
+            for (storage_key, value) in page {
+                let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+                    continue;
+                };
+                let (bucket, key) = (
+                    String::from_utf8_lossy(bucket).into_owned(),
+                    String::from_utf8_lossy(key).into_owned(),
+                );
+                let props = self.bucket_props(&bucket);
+                let partition = state
+                    .ring
+                    .current
+                    .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+                let current = state.preference_list(partition, props.n_val);
+                let Some(next) = state.next_preference_list(partition, props.n_val) else {
+                    continue;
+                };
+                for node in next
+                    .iter()
+                    .filter(|n| !current.contains(n) && **n != self.me)
+                {
+                    let batch = batches.entry(node.clone()).or_default();
+                    batch.1 += value.len();
+                    batch.0.push(HandoffEntry {
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        object: value.clone(),
+                    });
+                }
+                for (node, batch) in &mut batches {
+                    if batch.0.len() >= HANDOFF_BATCH_KEYS || batch.1 >= HANDOFF_BATCH_BYTES {
+                        let entries = std::mem::take(&mut batch.0);
+                        batch.1 = 0;
+                        sent += entries.len();
+                        self.send_handoff(node, entries).await?;
+                    }
+                }
+            }
+            for (node, (entries, _)) in batches {
+                if !entries.is_empty() {
+                    sent += entries.len();
+                    self.send_handoff(&node, entries).await?;
+                }
+            }
+            start_after = Some(next_start);
+        }
+        let me = self.me.clone();
+        self.update_state(|s| {
+            if s.ring.transition == transition {
+                s.mark_handoff_done(&me);
+            }
+        })?;
+        tracing::info!(transition, keys = sent, "handoff done");
+        Ok(sent)
+    }
+
+    async fn send_handoff(
+        &self,
+        node: &NodeId,
+        entries: Vec<HandoffEntry>,
+    ) -> Result<(), ClusterError> {
+        match self
+            .send(
+                node,
+                PeerMessage::Handoff { entries },
+                self.timeouts.request * 5,
+            )
+            .await?
+        {
+            PeerMessage::Ack => Ok(()),
+            other => Err(ClusterError::Internal(format!(
+                "handoff to {node}: {}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    /// After a transition completes, drop the keys this node no longer replicates.
+    pub async fn cleanup_round(&self) -> Result<usize, ClusterError> {
+        let state = self.state();
+        if state.ring.next.is_some() || *self.cleaned_version.lock() >= state.ring.version {
+            return Ok(0);
+        }
+        let version = state.ring.version;
+        let mut removed = 0;
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let replica = Arc::clone(&self.replica);
+            let after = start_after.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                replica.scan_objects(after.as_deref(), SCAN_PAGE)
+            })
+            .await
+            .map_err(internal)??;
+            let Some((last, _)) = page.last() else { break };
+            start_after = Some(last.clone());
+            let mut doomed = Vec::new();
+            for (storage_key, _) in page {
+                let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+                    continue;
+                };
+                let bucket_name = String::from_utf8_lossy(bucket).into_owned();
+                let props = self.bucket_props(&bucket_name);
+                let partition = state.ring.current.partition_of_hash(&key_hash(bucket, key));
+                if !state
+                    .preference_list(partition, props.n_val)
+                    .contains(&self.me)
+                {
+                    doomed.push(storage_key);
+                }
+            }
+            if self.state().ring.version != version {
+                // The ring moved on while scanning: start over later with the new ring.
+                return Ok(removed);
+            }
+            removed += doomed.len();
+            let replica = Arc::clone(&self.replica);
+            tokio::task::spawn_blocking(move || -> Result<(), ClusterError> {
+                for key in doomed {
+                    replica.remove(&key)?;
+                }
+                replica.storage().sync().map_err(internal)?;
+                Ok(())
+            })
+            .await
+            .map_err(internal)??;
+        }
+        *self.cleaned_version.lock() = version;
+        if removed > 0 {
+            tracing::info!(
+                version,
+                keys = removed,
+                "dropped keys this node no longer replicates"
+            );
+        }
+        Ok(removed)
+    }
+
+    /// Whether this node has left the cluster.
+    pub fn has_exited(&self) -> bool {
+        self.state()
+            .member(&self.me)
+            .is_some_and(|m| m.status == MemberStatus::Exiting)
+    }
+}
+
+/// The HTTP status and message of a cluster error.
+pub fn error_status(e: &ClusterError) -> (u16, String) {
+    match e {
+        ClusterError::Quorum(_) | ClusterError::NoCoordinator(_) => (503, e.to_string()),
+        ClusterError::Replica(ReplicaError::Write(_)) => (409, e.to_string()),
+        ClusterError::Replica(ReplicaError::Precondition(_)) => (412, e.to_string()),
+        ClusterError::Replica(_) | ClusterError::Internal(_) => (500, e.to_string()),
+        ClusterError::Remote { status, message } => (*status, message.clone()),
+        ClusterError::Membership(_) => (400, e.to_string()),
+    }
+}
+
+fn message_name(message: &PeerMessage) -> &'static str {
+    match message {
+        PeerMessage::Gossip(_) => "Gossip",
+        PeerMessage::JoinRequest { .. } => "JoinRequest",
+        PeerMessage::JoinAccepted { .. } => "JoinAccepted",
+        PeerMessage::ReplicaGet { .. } => "ReplicaGet",
+        PeerMessage::ReplicaObject { .. } => "ReplicaObject",
+        PeerMessage::ReplicaPut { .. } => "ReplicaPut",
+        PeerMessage::CoordinatePut { .. } => "CoordinatePut",
+        PeerMessage::Coordinated { .. } => "Coordinated",
+        PeerMessage::Failed { .. } => "Failed",
+        PeerMessage::Handoff { .. } => "Handoff",
+        PeerMessage::Ack => "Ack",
+        PeerMessage::StaleRing(_) => "StaleRing",
+        PeerMessage::Error(_) => "Error",
+    }
+}

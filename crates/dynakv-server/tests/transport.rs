@@ -1,0 +1,761 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The peer transport over real sockets on 127.0.0.1: round trips and multiplexing, the
+//! handshake, backoff and reconnection, timeouts and stalled links, bad frames, backpressure,
+//! shutdown; and a property test of the pure frame decoder.
+
+use bytes::BytesMut;
+use dynakv_server::transport::{
+    Body, Envelope, MAX_CONSECUTIVE_TIMEOUTS, PeerClient, PeerInfo, TransportConfig,
+    TransportError, decode_envelope, encode_frame, serve,
+};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const CLUSTER: &str = "test-cluster";
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Msg {
+    Ping(u64),
+    Pong(u64),
+    /// Answered with `Echoed(id)` after `delay_ms`.
+    Echo {
+        id: u64,
+        delay_ms: u64,
+    },
+    Echoed(u64),
+    /// Answered with `Bytes` of this many bytes.
+    Big(usize),
+    Bytes(Vec<u8>),
+    WhoAmI,
+    YouAre {
+        client: String,
+        addr: SocketAddr,
+        server: String,
+    },
+    Panic,
+}
+
+/// One running `serve`, with what its handler observed.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+    /// Remote addresses of the connections requests arrived on.
+    connections: Arc<Mutex<HashSet<SocketAddr>>>,
+    /// Most handlers seen running at once.
+    max_running: Arc<AtomicUsize>,
+}
+
+impl Server {
+    async fn stop(mut self) -> std::io::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("serve did not return after shutdown")
+            .unwrap()
+    }
+}
+
+fn start_on(listener: TcpListener, config: TransportConfig) -> Server {
+    let addr = listener.local_addr().unwrap();
+    let label = config.node_name.clone();
+    let connections = Arc::new(Mutex::new(HashSet::new()));
+    let running = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let connections = Arc::clone(&connections);
+        let running = Arc::clone(&running);
+        let max_running = Arc::clone(&max_running);
+        move |peer: PeerInfo, message: Msg| {
+            let connections = Arc::clone(&connections);
+            let running = Arc::clone(&running);
+            let max_running = Arc::clone(&max_running);
+            let label = label.clone();
+            async move {
+                connections.lock().unwrap().insert(peer.remote_addr);
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                let reply = match message {
+                    Msg::Ping(n) => Msg::Pong(n),
+                    Msg::Echo { id, delay_ms } => {
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        Msg::Echoed(id)
+                    }
+                    Msg::Big(size) => Msg::Bytes(vec![7; size]),
+                    Msg::WhoAmI => Msg::YouAre {
+                        client: peer.node_name,
+                        addr: peer.remote_addr,
+                        server: label,
+                    },
+                    Msg::Panic => panic!("planted handler panic"),
+                    other => other,
+                };
+                running.fetch_sub(1, Ordering::SeqCst);
+                reply
+            }
+        }
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, config, handler, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        task,
+        connections,
+        max_running,
+    }
+}
+
+async fn start_server(config: TransportConfig) -> Server {
+    start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), config)
+}
+
+fn server_config() -> TransportConfig {
+    TransportConfig::new(CLUSTER, "server")
+}
+
+fn client_config(name: &str) -> TransportConfig {
+    let mut config = TransportConfig::new(CLUSTER, name);
+    config.backoff_initial = Duration::from_millis(100);
+    config.backoff_max = Duration::from_millis(400);
+    config
+}
+
+/// The connection (client-side address as the server sees it) a client's requests use.
+async fn connection_of(client: &PeerClient<Msg>, server: SocketAddr) -> SocketAddr {
+    match client.request(server, Msg::WhoAmI, TIMEOUT).await.unwrap() {
+        Msg::YouAre { addr, .. } => addr,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+async fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+// ----- handcrafted wire bytes (checks the documented format independently of the code) -----
+
+fn varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn string(value: &str, out: &mut Vec<u8>) {
+    varint(value.len() as u64, out);
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn hello_frame(version: u16, cluster: &str, node: &str) -> Vec<u8> {
+    let mut payload = b"dynakv".to_vec();
+    varint(u64::from(version), &mut payload);
+    string(cluster, &mut payload);
+    string(node, &mut payload);
+    framed(&payload)
+}
+
+async fn read_raw_frame(stream: &mut TcpStream) -> Vec<u8> {
+    let mut header = [0_u8; 4];
+    tokio::time::timeout(TIMEOUT, stream.read_exact(&mut header))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut payload = vec![0_u8; u32::from_be_bytes(header) as usize];
+    tokio::time::timeout(TIMEOUT, stream.read_exact(&mut payload))
+        .await
+        .unwrap()
+        .unwrap();
+    payload
+}
+
+/// Whether the peer closed `stream` (EOF or reset) without sending anything more.
+async fn closed_by_peer(stream: &mut TcpStream) -> bool {
+    let mut byte = [0_u8; 1];
+    match tokio::time::timeout(TIMEOUT, stream.read(&mut byte)).await {
+        Ok(Ok(0) | Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+/// A raw connection that passed a (handcrafted) version-1 handshake.
+async fn raw_connection(server: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(server).await.unwrap();
+    stream
+        .write_all(&hello_frame(1, CLUSTER, "raw"))
+        .await
+        .unwrap();
+    let reply = read_raw_frame(&mut stream).await;
+    // HelloReply::Accept is variant 0, then the server's node name.
+    let mut expected = vec![0];
+    string("server", &mut expected);
+    assert_eq!(reply, expected);
+    stream
+}
+
+// ----- 1. round trips -----
+
+#[tokio::test]
+async fn round_trip_and_200_concurrent_requests_share_one_connection() {
+    let server = start_server(server_config()).await;
+    let client = PeerClient::new(client_config("client-a"));
+
+    let reply = client.request(server.addr, Msg::Ping(7), TIMEOUT).await;
+    assert_eq!(reply.unwrap(), Msg::Pong(7));
+    let reply = client
+        .request(server.addr, Msg::Ping(8), Duration::MAX)
+        .await;
+    assert_eq!(reply.unwrap(), Msg::Pong(8));
+    match client.request(server.addr, Msg::WhoAmI, TIMEOUT).await {
+        Ok(Msg::YouAre { client, server, .. }) => {
+            assert_eq!(client, "client-a");
+            assert_eq!(server, "server");
+        }
+        other => panic!("unexpected reply {other:?}"),
+    }
+
+    // Varied delays so that replies come back out of order.
+    let requests: Vec<_> = (0..200_u64)
+        .map(|id| {
+            let client = client.clone();
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let delay_ms = (id * 7919) % 50;
+                let reply = client
+                    .request(addr, Msg::Echo { id, delay_ms }, TIMEOUT)
+                    .await;
+                (id, reply)
+            })
+        })
+        .collect();
+    for request in requests {
+        let (id, reply) = request.await.unwrap();
+        assert_eq!(
+            reply.unwrap(),
+            Msg::Echoed(id),
+            "request {id} got another's reply"
+        );
+    }
+    assert_eq!(
+        server.connections.lock().unwrap().len(),
+        1,
+        "one connection per peer"
+    );
+    assert_eq!(client.pending_requests(), 0);
+    assert!(client.unreachable_peers().is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    let client = PeerClient::<Msg>::new(client_config("client"));
+    let future = client.request(free_addr().await, Msg::Ping(1), TIMEOUT);
+    assert_send(&future);
+    assert_send_sync::<PeerClient<Msg>>();
+}
+
+// ----- 2. handshake -----
+
+#[tokio::test]
+async fn wrong_cluster_name_is_rejected() {
+    let server = start_server(server_config()).await;
+    let client = PeerClient::new(TransportConfig::new("another-cluster", "stranger"));
+    match client.request(server.addr, Msg::Ping(1), TIMEOUT).await {
+        Err(TransportError::Rejected { peer, reason }) => {
+            assert_eq!(peer, server.addr);
+            assert!(reason.contains("cluster"), "{reason}");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert!(server.connections.lock().unwrap().is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_rejected_and_connection_closed() {
+    let server = start_server(server_config()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(&hello_frame(2, CLUSTER, "future-node"))
+        .await
+        .unwrap();
+    let reply = read_raw_frame(&mut stream).await;
+    // HelloReply::Reject is variant 1, then the reason.
+    assert_eq!(reply[0], 1, "expected a reject, got {reply:?}");
+    let reason = String::from_utf8_lossy(&reply[2..]);
+    assert!(reason.contains("protocol version 2"), "{reason}");
+    assert!(closed_by_peer(&mut stream).await);
+
+    // Not a dynakv hello at all: no answer worth having, the connection is closed.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_peer(&mut stream).await);
+
+    // The documented version-1 hello is accepted.
+    let _ = raw_connection(server.addr).await;
+    server.stop().await.unwrap();
+}
+
+// ----- 3. unreachable peers and backoff -----
+
+#[tokio::test]
+async fn unreachable_peer_fails_fast_and_recovers_after_backoff() {
+    let addr = free_addr().await;
+    let mut config = client_config("client");
+    config.backoff_initial = Duration::from_millis(300);
+    config.backoff_max = Duration::from_secs(1);
+    let client = PeerClient::<Msg>::new(config);
+
+    let started = Instant::now();
+    let first = client.request(addr, Msg::Ping(1), TIMEOUT).await;
+    assert!(
+        matches!(first, Err(TransportError::Unreachable { peer, .. }) if peer == addr),
+        "{first:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(client.unreachable_peers(), vec![addr]);
+
+    let started = Instant::now();
+    let second = client.request(addr, Msg::Ping(2), TIMEOUT).await;
+    let elapsed = started.elapsed();
+    match second {
+        Err(TransportError::Unreachable { reason, .. }) => {
+            assert!(reason.contains("backoff"), "{reason}");
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    assert!(elapsed < Duration::from_millis(50), "took {elapsed:?}");
+
+    let server = start_on(TcpListener::bind(addr).await.unwrap(), server_config());
+    // Still in backoff: fails fast although the server is up now.
+    assert!(matches!(
+        client.request(addr, Msg::Ping(3), TIMEOUT).await,
+        Err(TransportError::Unreachable { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        client.request(addr, Msg::Ping(4), TIMEOUT).await.unwrap(),
+        Msg::Pong(4)
+    );
+    assert!(client.unreachable_peers().is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mark_reachable_ends_the_backoff() {
+    let addr = free_addr().await;
+    let mut config = client_config("client");
+    // Absurd settings are cut to MAX_WAIT, never an overflow.
+    config.backoff_initial = Duration::MAX;
+    config.backoff_max = Duration::MAX;
+    let client = PeerClient::<Msg>::new(config);
+    assert!(client.request(addr, Msg::Ping(1), TIMEOUT).await.is_err());
+    assert_eq!(client.unreachable_peers(), vec![addr]);
+
+    let server = start_on(TcpListener::bind(addr).await.unwrap(), server_config());
+    client.mark_reachable(addr);
+    assert!(client.unreachable_peers().is_empty());
+    assert_eq!(
+        client.request(addr, Msg::Ping(2), TIMEOUT).await.unwrap(),
+        Msg::Pong(2)
+    );
+    server.stop().await.unwrap();
+}
+
+// ----- 4. server restart -----
+
+#[tokio::test]
+async fn client_survives_server_restart() {
+    let first = start_server(TransportConfig::new(CLUSTER, "first")).await;
+    let addr = first.addr;
+    let client = PeerClient::new(client_config("client"));
+    assert_eq!(
+        client.request(addr, Msg::Ping(1), TIMEOUT).await.unwrap(),
+        Msg::Pong(1)
+    );
+    first.stop().await.unwrap();
+
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let second = start_on(listener, TransportConfig::new(CLUSTER, "second"));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let reply = loop {
+        match client.request(addr, Msg::WhoAmI, TIMEOUT).await {
+            Ok(reply) => break reply,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never reconnected: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(
+        matches!(&reply, Msg::YouAre { server, .. } if server == "second"),
+        "{reply:?}"
+    );
+    assert!(client.unreachable_peers().is_empty());
+    second.stop().await.unwrap();
+}
+
+// ----- 5. timeouts -----
+
+#[tokio::test]
+async fn timeout_removes_the_pending_entry_and_keeps_the_connection() {
+    let server = start_server(server_config()).await;
+    let client = PeerClient::new(client_config("client"));
+    let connection = connection_of(&client, server.addr).await;
+
+    let timeout = Duration::from_millis(100);
+    let started = Instant::now();
+    let result = client
+        .request(
+            server.addr,
+            Msg::Echo {
+                id: 1,
+                delay_ms: 1000,
+            },
+            timeout,
+        )
+        .await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(result, Err(TransportError::Timeout { after, .. }) if after == timeout),
+        "{result:?}"
+    );
+    assert!(
+        elapsed >= timeout && elapsed < Duration::from_millis(900),
+        "{elapsed:?}"
+    );
+    assert_eq!(client.pending_requests(), 0, "the timed-out request leaked");
+
+    // One timeout does not drop the connection; the late reply is ignored.
+    assert_eq!(connection_of(&client, server.addr).await, connection);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(connection_of(&client, server.addr).await, connection);
+    assert_eq!(client.pending_requests(), 0);
+    assert!(client.unreachable_peers().is_empty());
+
+    // A caller that gives up (drops the future) does not leak either.
+    let abandoned = client.request(
+        server.addr,
+        Msg::Echo {
+            id: 2,
+            delay_ms: 1000,
+        },
+        TIMEOUT,
+    );
+    let _ = tokio::time::timeout(Duration::from_millis(50), abandoned).await;
+    assert_eq!(client.pending_requests(), 0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn consecutive_timeouts_drop_a_stalled_connection() {
+    let server = start_server(server_config()).await;
+    let client = PeerClient::new(client_config("client"));
+    let stalled = connection_of(&client, server.addr).await;
+
+    // The handler never answers in time: to the client, the link is stalled.
+    for attempt in 1..=MAX_CONSECUTIVE_TIMEOUTS {
+        assert!(client.unreachable_peers().is_empty(), "dropped too early");
+        let result = client
+            .request(
+                server.addr,
+                Msg::Echo {
+                    id: u64::from(attempt),
+                    delay_ms: 60_000,
+                },
+                Duration::from_millis(100),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(TransportError::Timeout { .. })),
+            "{result:?}"
+        );
+    }
+    assert_eq!(client.unreachable_peers(), vec![server.addr]);
+    assert_eq!(client.pending_requests(), 0);
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let fresh = connection_of(&client, server.addr).await;
+    assert_ne!(fresh, stalled, "a stalled connection must be replaced");
+}
+
+// ----- 6. bad frames -----
+
+#[tokio::test]
+async fn garbage_after_the_handshake_closes_only_that_connection() {
+    let server = start_server(server_config()).await;
+    let client = PeerClient::new(client_config("client"));
+    let before = connection_of(&client, server.addr).await;
+
+    let mut raw = raw_connection(server.addr).await;
+    raw.write_all(&framed(&[0xff, 0xff, 0xff, 0xff, 0xff]))
+        .await
+        .unwrap();
+    assert!(closed_by_peer(&mut raw).await);
+
+    assert_eq!(connection_of(&client, server.addr).await, before);
+    let other = PeerClient::new(client_config("other"));
+    assert_eq!(
+        other
+            .request(server.addr, Msg::Ping(5), TIMEOUT)
+            .await
+            .unwrap(),
+        Msg::Pong(5)
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_length_prefix_closes_only_that_connection() {
+    let mut config = server_config();
+    config.max_frame_bytes = 1024;
+    let server = start_server(config).await;
+    let client = PeerClient::new(client_config("client"));
+    let before = connection_of(&client, server.addr).await;
+
+    let mut raw = raw_connection(server.addr).await;
+    raw.write_all(&1025_u32.to_be_bytes()).await.unwrap();
+    assert!(closed_by_peer(&mut raw).await);
+
+    // A reply from the wrong side (a response on an inbound connection) is refused too.
+    let mut raw = raw_connection(server.addr).await;
+    let response = encode_frame(
+        &Envelope {
+            request_id: 1,
+            body: Body::Response(Msg::Pong(1)),
+        },
+        1024,
+    )
+    .unwrap();
+    raw.write_all(&response).await.unwrap();
+    assert!(closed_by_peer(&mut raw).await);
+
+    assert_eq!(connection_of(&client, server.addr).await, before);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_messages_fail_cleanly() {
+    let mut config = server_config();
+    config.max_frame_bytes = 1024;
+    let server = start_server(config).await;
+    let mut config = client_config("client");
+    config.max_frame_bytes = 1024;
+    let client = PeerClient::new(config);
+    let before = connection_of(&client, server.addr).await;
+
+    // Too large to send: refused locally, nothing sent.
+    let result = client
+        .request(server.addr, Msg::Bytes(vec![1; 2000]), TIMEOUT)
+        .await;
+    assert!(
+        matches!(
+            result,
+            Err(TransportError::FrameTooLarge { limit: 1024, .. })
+        ),
+        "{result:?}"
+    );
+    // Reply too large for the server to send: an error reply instead.
+    let result = client.request(server.addr, Msg::Big(2000), TIMEOUT).await;
+    assert!(
+        matches!(&result, Err(TransportError::RemoteError(reason)) if reason.contains("exceeds")),
+        "{result:?}"
+    );
+    assert_eq!(connection_of(&client, server.addr).await, before);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn handler_panic_becomes_a_remote_error() {
+    let server = start_server(server_config()).await;
+    let client = PeerClient::new(client_config("client"));
+    let before = connection_of(&client, server.addr).await;
+    let result = client.request(server.addr, Msg::Panic, TIMEOUT).await;
+    assert!(
+        matches!(result, Err(TransportError::RemoteError(_))),
+        "{result:?}"
+    );
+    assert_eq!(connection_of(&client, server.addr).await, before);
+    server.stop().await.unwrap();
+}
+
+// ----- backpressure and shutdown -----
+
+#[tokio::test]
+async fn in_flight_limit_bounds_concurrent_handlers() {
+    let mut config = server_config();
+    config.max_in_flight_per_connection = 2;
+    let server = start_server(config).await;
+    let client = PeerClient::new(client_config("client"));
+    let requests: Vec<_> = (0..8_u64)
+        .map(|id| {
+            let client = client.clone();
+            let addr = server.addr;
+            tokio::spawn(async move {
+                client
+                    .request(addr, Msg::Echo { id, delay_ms: 50 }, TIMEOUT)
+                    .await
+            })
+        })
+        .collect();
+    for (id, request) in (0_u64..).zip(requests) {
+        assert_eq!(request.await.unwrap().unwrap(), Msg::Echoed(id));
+    }
+    assert_eq!(server.max_running.load(Ordering::SeqCst), 2);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_then_closes() {
+    let server = start_server(server_config()).await;
+    let addr = server.addr;
+    let client = PeerClient::new(client_config("client"));
+    assert_eq!(
+        client.request(addr, Msg::Ping(1), TIMEOUT).await.unwrap(),
+        Msg::Pong(1)
+    );
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .request(
+                    addr,
+                    Msg::Echo {
+                        id: 9,
+                        delay_ms: 300,
+                    },
+                    TIMEOUT,
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.stop().await.unwrap();
+    assert_eq!(slow.await.unwrap().unwrap(), Msg::Echoed(9));
+    // The listener is gone: the next request cannot get through.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let result = client.request(addr, Msg::Ping(2), TIMEOUT).await;
+    assert!(
+        matches!(result, Err(TransportError::Unreachable { .. })),
+        "{result:?}"
+    );
+}
+
+// ----- 7. the frame decoder -----
+
+fn arb_msg() -> impl Strategy<Value = Msg> {
+    prop_oneof![
+        any::<u64>().prop_map(Msg::Ping),
+        any::<u64>().prop_map(Msg::Pong),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, delay_ms)| Msg::Echo { id, delay_ms }),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(Msg::Bytes),
+        Just(Msg::WhoAmI),
+        ".{0,16}".prop_map(|client| Msg::YouAre {
+            client,
+            addr: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            server: "s".to_owned(),
+        }),
+    ]
+}
+
+fn arb_envelope() -> impl Strategy<Value = Envelope<Msg>> {
+    let body = prop_oneof![
+        arb_msg().prop_map(Body::Request),
+        arb_msg().prop_map(Body::Response),
+        ".{0,32}".prop_map(Body::Error),
+    ];
+    (any::<u64>(), body).prop_map(|(request_id, body)| Envelope { request_id, body })
+}
+
+/// Decode until the decoder wants more bytes or fails; each success must consume bytes.
+fn drain(buffer: &mut BytesMut, limit: usize) -> Vec<Envelope<Msg>> {
+    let mut decoded = Vec::new();
+    loop {
+        let before = buffer.len();
+        match decode_envelope::<Msg>(buffer, limit) {
+            Ok(Some(envelope)) => {
+                assert!(buffer.len() < before, "a decoded frame consumed nothing");
+                decoded.push(envelope);
+            }
+            Ok(None) | Err(_) => return decoded,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn decoder_survives_arbitrary_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..256),
+        limit in 0_usize..512,
+    ) {
+        drain(&mut BytesMut::from(&bytes[..]), limit);
+    }
+
+    #[test]
+    fn decoder_survives_corrupted_frames(
+        envelopes in proptest::collection::vec(arb_envelope(), 1..6),
+        corruptions in proptest::collection::vec((any::<prop::sample::Index>(), 1_u8..=255), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = Vec::new();
+        for envelope in &envelopes {
+            bytes.extend(encode_frame(envelope, 4096).unwrap());
+        }
+        for (index, flip) in corruptions {
+            let at = index.index(bytes.len());
+            bytes[at] ^= flip;
+        }
+        bytes.truncate(cut.index(bytes.len() + 1));
+        drain(&mut BytesMut::from(&bytes[..]), 4096);
+    }
+
+    #[test]
+    fn frames_round_trip_however_the_bytes_arrive(
+        envelopes in proptest::collection::vec(arb_envelope(), 0..6),
+        chunk in 1_usize..40,
+    ) {
+        let mut bytes = Vec::new();
+        for envelope in &envelopes {
+            bytes.extend(encode_frame(envelope, 4096).unwrap());
+        }
+        let mut buffer = BytesMut::new();
+        let mut decoded = Vec::new();
+        for piece in bytes.chunks(chunk) {
+            buffer.extend_from_slice(piece);
+            decoded.extend(drain(&mut buffer, 4096));
+        }
+        prop_assert!(buffer.is_empty());
+        prop_assert_eq!(decoded, envelopes);
+    }
+}

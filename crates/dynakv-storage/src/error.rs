@@ -1,0 +1,37 @@
+//! Errors of opening an engine, and the conversion of engine errors into [`EngineFailure`].
+//!
+//! The operations of the `Storage` trait have their own error enums in `dynakv-core`; opening an
+//! engine is not part of the trait, so its error lives here.
+
+use std::path::PathBuf;
+
+use dynakv_core::storage::EngineFailure;
+use thiserror::Error;
+
+/// Failure to open (create or recover) a storage engine.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// The options are out of the engine's accepted range.
+    #[error("invalid storage options: {0}")]
+    InvalidOptions(String),
+    /// The data directory could not be created.
+    #[error("cannot create data directory {}: {source}", path.display())]
+    CreateDir {
+        /// The directory that could not be created.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The engine refused to open or recover its files (I/O error, corruption, lock held by
+    /// another process).
+    #[error("open failed: {0}")]
+    Engine(#[from] EngineFailure),
+}
+
+/// An [`EngineFailure`] from any displayable engine error.
+pub(crate) fn failure(engine: &'static str, error: impl std::fmt::Display) -> EngineFailure {
+    EngineFailure {
+        engine,
+        message: error.to_string(),
+    }
+}

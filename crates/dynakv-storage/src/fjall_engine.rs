@@ -1,0 +1,303 @@
+//! [`FjallStorage`]: the default durable engine, on fjall 3 (an LSM-tree with a write-ahead
+//! journal).
+//!
+//! Layout: one fjall `Database` in the data directory, one fjall `Keyspace` per [`Table`], named
+//! by [`Table::name`].
+//!
+//! Durability: every write goes to fjall's journal and is flushed to the operating system before
+//! the call returns (it survives a crash of the process). A [`Durability::Fsync`] write is then
+//! fsync'd (`PersistMode::SyncAll`) before returning, so it also survives a crash of the machine;
+//! a [`Durability::Buffered`] write becomes durable at the next [`Storage::sync`].
+//!
+//! Group commit: fjall's journal is one file, so one fsync makes every write before it durable.
+//! Each write takes a ticket after it is in the journal; a thread that needs durability takes the
+//! sync lock and fsyncs only if no other thread's fsync already covered its ticket. Concurrent
+//! fsync'd writers therefore share fsyncs instead of queueing one fsync each.
+//!
+//! Memory is bounded by configuration, not by data: the block cache ([`FjallOptions`]
+//! `cache_size_bytes`) plus the write buffers (`max_memtable_size_bytes` per table).
+//!
+//! A failed fsync poisons the fjall database: every later write fails with an
+//! [`EngineFailure`] and the node should restart (and recover from the journal).
+
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dynakv_core::storage::{
+    DeleteError, Durability, EngineFailure, Entry, GetError, PutError, ScanError, Storage,
+    SyncError, Table,
+};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::Mutex;
+
+use crate::error::{OpenError, failure};
+use crate::scan::{initial_capacity, scan_range};
+use crate::{TABLE_COUNT, is_storable_key, table_index, unstorable_key};
+
+const ENGINE: &str = "fjall";
+
+const MIB: u64 = 1024 * 1024;
+
+/// Smallest journal budget fjall accepts (it panics below this).
+const MIN_JOURNALING_SIZE_BYTES: u64 = 64 * MIB;
+/// Smallest write buffer accepted per table.
+const MIN_MEMTABLE_SIZE_BYTES: u64 = MIB;
+
+/// Tuning of [`FjallStorage`]. The defaults suit a node with a few GiB of memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FjallOptions {
+    /// Block cache shared by all tables, in bytes (default 64 MiB). Reads of data not in the
+    /// write buffers go through it; it is the main bound on the engine's memory.
+    pub cache_size_bytes: u64,
+    /// Largest write buffer (memtable) of one table before it is flushed to a sorted file, in
+    /// bytes (default 16 MiB, at least 1 MiB).
+    pub max_memtable_size_bytes: u64,
+    /// Journal bytes kept before fjall forces write buffers to disk so old journals can be
+    /// deleted (default 512 MiB, at least 64 MiB). Bounds disk use and recovery time.
+    pub max_journaling_size_bytes: u64,
+    /// Background flush and compaction threads; `None` lets fjall choose (`min(cores, 4)`).
+    pub worker_threads: Option<usize>,
+}
+
+impl Default for FjallOptions {
+    fn default() -> Self {
+        Self {
+            cache_size_bytes: 64 * MIB,
+            max_memtable_size_bytes: 16 * MIB,
+            max_journaling_size_bytes: 512 * MIB,
+            worker_threads: None,
+        }
+    }
+}
+
+impl FjallOptions {
+    fn validate(&self) -> Result<(), OpenError> {
+        if self.max_memtable_size_bytes < MIN_MEMTABLE_SIZE_BYTES {
+            return Err(OpenError::InvalidOptions(format!(
+                "max_memtable_size_bytes must be at least {MIN_MEMTABLE_SIZE_BYTES}, got {}",
+                self.max_memtable_size_bytes
+            )));
+        }
+        if self.max_journaling_size_bytes < MIN_JOURNALING_SIZE_BYTES {
+            return Err(OpenError::InvalidOptions(format!(
+                "max_journaling_size_bytes must be at least {MIN_JOURNALING_SIZE_BYTES}, got {}",
+                self.max_journaling_size_bytes
+            )));
+        }
+        if self.worker_threads == Some(0) {
+            return Err(OpenError::InvalidOptions(
+                "worker_threads must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Counts writes and remembers how many of them an fsync has covered (see the module doc).
+#[derive(Debug, Default)]
+struct GroupCommit {
+    /// Writes that are in the journal (flushed to the OS). A write's ticket is this count just
+    /// after it.
+    written: AtomicU64,
+    /// The largest ticket known to be on stable storage. Held while fsyncing.
+    synced: Mutex<u64>,
+}
+
+/// The durable engine on fjall 3. Cheap to share behind an `Arc`; all methods take `&self` and
+/// are safe to call from many threads.
+pub struct FjallStorage {
+    database: Database,
+    keyspaces: [Keyspace; TABLE_COUNT],
+    group_commit: GroupCommit,
+    path: PathBuf,
+    options: FjallOptions,
+}
+
+impl fmt::Debug for FjallStorage {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("FjallStorage")
+            .field("path", &self.path)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FjallStorage {
+    /// Opens the engine in `dir`, creating the directory and the tables if needed and recovering
+    /// the journal otherwise. Fails if another process holds the directory.
+    pub fn open(dir: &Path, options: FjallOptions) -> Result<Self, OpenError> {
+        options.validate()?;
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+
+        let mut builder = Database::builder(dir)
+            .cache_size(options.cache_size_bytes)
+            .max_journaling_size(options.max_journaling_size_bytes);
+        if let Some(threads) = options.worker_threads {
+            builder = builder.worker_threads(threads);
+        }
+        let database = builder.open().map_err(|error| failure(ENGINE, error))?;
+
+        let memtable_bytes = options.max_memtable_size_bytes;
+        let open_keyspace = |table: Table| {
+            database
+                .keyspace(table.name(), || {
+                    KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
+                })
+                .map_err(|error| failure(ENGINE, error))
+        };
+        let keyspaces = [
+            open_keyspace(Table::ALL[0])?,
+            open_keyspace(Table::ALL[1])?,
+            open_keyspace(Table::ALL[2])?,
+        ];
+        tracing::debug!(path = %dir.display(), ?options, "opened fjall storage");
+
+        Ok(Self {
+            database,
+            keyspaces,
+            group_commit: GroupCommit::default(),
+            path: dir.to_path_buf(),
+            options,
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes used on disk by the journal and every table.
+    pub fn disk_space_bytes(&self) -> Result<u64, EngineFailure> {
+        self.database
+            .disk_space()
+            .map_err(|error| failure(ENGINE, error))
+    }
+
+    fn keyspace(&self, table: Table) -> &Keyspace {
+        &self.keyspaces[table_index(table)]
+    }
+
+    /// Records a write that is now in the journal and returns its ticket.
+    fn written(&self) -> u64 {
+        self.group_commit.written.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Returns once every write up to `ticket` is on stable storage, fsyncing unless a
+    /// concurrent fsync already covered it.
+    fn sync_through(&self, ticket: u64) -> Result<(), EngineFailure> {
+        let mut synced = self.group_commit.synced.lock();
+        if *synced >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to `covered` was taken after its write reached the journal, so this
+        // fsync covers it.
+        let covered = self.group_commit.written.load(Ordering::Acquire);
+        self.database
+            .persist(PersistMode::SyncAll)
+            .map_err(|error| {
+                tracing::error!(
+                    path = %self.path.display(),
+                    %error,
+                    "fjall fsync failed; writes are refused until the node restarts"
+                );
+                failure(ENGINE, error)
+            })?;
+        *synced = covered;
+        Ok(())
+    }
+}
+
+impl Storage for FjallStorage {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, GetError> {
+        if !is_storable_key(key) {
+            return Ok(None);
+        }
+        let value = self
+            .keyspace(table)
+            .get(key)
+            .map_err(|error| failure(ENGINE, error))?;
+        Ok(value.map(|value| value.to_vec()))
+    }
+
+    fn put(
+        &self,
+        table: Table,
+        key: &[u8],
+        value: &[u8],
+        durability: Durability,
+    ) -> Result<(), PutError> {
+        if !is_storable_key(key) {
+            return Err(unstorable_key(ENGINE, key).into());
+        }
+        self.keyspace(table)
+            .insert(key, value)
+            .map_err(|error| failure(ENGINE, error))?;
+        let ticket = self.written();
+        if durability == Durability::Fsync {
+            self.sync_through(ticket).map_err(PutError::Sync)?;
+        }
+        Ok(())
+    }
+
+    fn delete(&self, table: Table, key: &[u8], durability: Durability) -> Result<(), DeleteError> {
+        if !is_storable_key(key) {
+            return Ok(());
+        }
+        self.keyspace(table)
+            .remove(key)
+            .map_err(|error| failure(ENGINE, error))?;
+        let ticket = self.written();
+        if durability == Durability::Fsync {
+            self.sync_through(ticket).map_err(DeleteError::Sync)?;
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, ScanError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let Some((lower, upper)) = scan_range(prefix, start_after) else {
+            return Ok(Vec::new());
+        };
+        let keyspace = self.keyspace(table);
+        let iter = match (&lower, &upper) {
+            // The common case without `start_after`: let fjall use its prefix scan.
+            // (fjall panics on an empty prefix, which the range form handles.)
+            (Bound::Included(_), _) if !prefix.is_empty() => keyspace.prefix(prefix),
+            _ => keyspace.range::<Vec<u8>, _>((lower, upper)),
+        };
+        let mut entries = Vec::with_capacity(initial_capacity(limit));
+        for guard in iter.take(limit) {
+            let (key, value) = guard.into_inner().map_err(|error| failure(ENGINE, error))?;
+            debug_assert!(key.starts_with(prefix), "scan left its prefix");
+            entries.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(entries)
+    }
+
+    fn sync(&self) -> Result<(), SyncError> {
+        let ticket = self.group_commit.written.load(Ordering::Acquire);
+        // Nothing written since open: still fsync, so `sync` is always a durability barrier
+        // (writes recovered from an earlier run may not be fsync'd yet).
+        self.sync_through(ticket.max(1))
+            .map_err(SyncError::Engine)?;
+        Ok(())
+    }
+
+    fn engine_name(&self) -> &'static str {
+        ENGINE
+    }
+}

@@ -1,0 +1,857 @@
+//! Multi-process cluster tests: real `dynakv server` processes on free ports, each with its
+//! own data directory, talking to each other over the peer transport. Written against the
+//! user-visible contract (command line, Riak HTTP API, `/admin/*` JSON), not the
+//! implementation: replication with quorums, siblings from two coordinators, read repair of a
+//! stale replica, SIGKILL of one node of three, join and leave under write load with data
+//! handoff, and `dynakv dev --nodes 3`.
+//!
+//! The tests of this binary run one at a time (see `common::serial`); each owns its
+//! directories, ports and processes and kills them on drop. On failure, the last lines of each
+//! node's log are printed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{
+    Cluster, Resp, Rng, Tally, consecutive_free_ports, get_kv, members, preflist, put_kv, replica,
+    ring, serial, wait_for,
+};
+use std::collections::BTreeSet;
+use std::io::BufRead as _;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const SETTLE: Duration = Duration::from_secs(45);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers specific to these tests.
+
+/// Background writers: each thread writes unique keys `t{thread}-{i}` (value
+/// `value-t{thread}-{i}`) with `w=2` through a random node of `targets`, pausing between
+/// writes, and records every acknowledged (204) key.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    acked: Arc<Mutex<Vec<(String, String)>>>,
+    tally: Arc<Tally>,
+}
+
+impl Writers {
+    fn start(
+        targets: &[(String, String)],
+        bucket: &str,
+        threads: usize,
+        pause: Duration,
+    ) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let tally = Arc::new(Tally::new(&format!("writers {bucket}")));
+        let handles = (0..threads)
+            .map(|t| {
+                let stop = Arc::clone(&stop);
+                let acked = Arc::clone(&acked);
+                let tally = Arc::clone(&tally);
+                let targets = targets.to_vec();
+                let bucket = bucket.to_owned();
+                std::thread::spawn(move || {
+                    let mut rng = Rng::seeded(t as u64 + 1);
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("t{t}-{i}");
+                        let value = format!("value-{key}");
+                        i += 1;
+                        let (name, url) = &targets[rng.below(targets.len())];
+                        tally.attempt();
+                        let outcome = put_kv(url, &bucket, &key, &value, Some(2), None);
+                        if matches!(outcome, Ok(ref r) if r.status == 204) {
+                            tally.ack();
+                            acked.lock().unwrap().push((key, value));
+                        } else {
+                            tally.fail(name, &outcome);
+                        }
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            handles,
+            acked,
+            tally,
+        }
+    }
+
+    fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the threads; returns every acknowledged write.
+    fn finish(mut self) -> Vec<(String, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            h.join().unwrap();
+        }
+        self.tally.print();
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Reads every key with `r` through the nodes of `via` in turn; returns one line per key that
+/// did not come back with its value.
+fn read_back(
+    via: &[(String, String)],
+    bucket: &str,
+    writes: &[(String, String)],
+    r: u32,
+    tally: &Tally,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (n, (key, value)) in writes.iter().enumerate() {
+        let (name, url) = &via[n % via.len()];
+        tally.attempt();
+        let outcome = get_kv(url, bucket, key, Some(r));
+        match &outcome {
+            Ok(resp) if resp.status == 200 && resp.text() == *value => tally.ack(),
+            _ => {
+                tally.fail(name, &outcome);
+                failures.push(format!(
+                    "{key} via {name}: {}",
+                    outcome.map_or_else(|e| e, |r| r.summary())
+                ));
+            }
+        }
+    }
+    tally.print();
+    failures
+}
+
+/// Evenly spread sample of at most `max` entries.
+fn sample<T: Clone>(all: &[T], max: usize) -> Vec<T> {
+    if all.len() <= max {
+        return all.to_vec();
+    }
+    (0..max).map(|i| all[i * all.len() / max].clone()).collect()
+}
+
+/// For one key: the set of nodes (among `nodes`) whose local storage holds it, and the set of
+/// nodes of its preference list (asked of the first node of `nodes`).
+fn placement(
+    nodes: &[(String, String)],
+    bucket: &str,
+    key: &str,
+) -> Result<(BTreeSet<String>, BTreeSet<String>), String> {
+    let pref = preflist(&nodes[0].1, bucket, key)?;
+    let pref_nodes: BTreeSet<String> = pref.iter().map(|e| e.node.clone()).collect();
+    if pref.len() != 3 || pref_nodes.len() != 3 || pref.iter().any(|e| !e.primary) {
+        return Err(format!(
+            "{key}: preflist is not 3 distinct primaries: {pref:?}"
+        ));
+    }
+    let mut holders = BTreeSet::new();
+    for (name, url) in nodes {
+        if replica(url, bucket, key)?.exists {
+            holders.insert(name.clone());
+        }
+    }
+    Ok((holders, pref_nodes))
+}
+
+/// Checks that, for every key of `keys`, exactly the nodes of its preference list hold it.
+/// Keys that do not match at first are looked at again for up to 5 s (writes acknowledged
+/// with w=2 may still be reaching their third replica). Returns the keys that never matched.
+fn check_placement(nodes: &[(String, String)], bucket: &str, keys: &[String]) -> Vec<String> {
+    let mut pending: Vec<String> = keys.to_vec();
+    let mut last = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        last.clear();
+        let mut still = Vec::new();
+        for key in &pending {
+            match placement(nodes, bucket, key) {
+                Ok((holders, pref)) if holders == pref => {}
+                Ok((holders, pref)) => {
+                    last.push(format!("{key}: held by {holders:?}, preflist {pref:?}"));
+                    still.push(key.clone());
+                }
+                Err(e) => {
+                    last.push(format!("{key}: {e}"));
+                    still.push(key.clone());
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "[placement] {} keys checked, {} not exactly on their preflist",
+        keys.len(),
+        last.len()
+    );
+    last
+}
+
+/// Ownership counts (from the node at `url`) must cover exactly `expected` nodes and differ
+/// by at most one.
+fn assert_balanced(url: &str, expected: &BTreeSet<String>) {
+    let r = ring(url).unwrap();
+    let nodes: BTreeSet<String> = r.ownership.keys().cloned().collect();
+    assert_eq!(&nodes, expected, "ring owners: {r:?}");
+    let max = r.ownership.values().max().copied().unwrap_or(0);
+    let min = r.ownership.values().min().copied().unwrap_or(0);
+    assert!(max - min <= 1, "ownership not balanced: {:?}", r.ownership);
+    assert_eq!(r.ownership.values().sum::<u64>(), r.partitions, "{r:?}");
+}
+
+/// Runs `op` and retries it (at most twice more) only while less than `grace` has passed
+/// since `since`; `ok` says whether an answer counts as success.
+fn with_grace(
+    since: Instant,
+    grace: Duration,
+    node: &str,
+    tally: &Tally,
+    mut op: impl FnMut() -> Result<Resp, String>,
+    ok: impl Fn(&Resp) -> bool,
+) -> Result<Resp, String> {
+    let mut tries = 0;
+    tally.attempt();
+    loop {
+        let outcome = op();
+        tries += 1;
+        if matches!(outcome, Ok(ref r) if ok(r)) {
+            tally.ack();
+            return outcome;
+        }
+        if tries < 3 && since.elapsed() < grace {
+            tally.retry();
+            std::thread::sleep(Duration::from_millis(300));
+            continue;
+        }
+        tally.fail(node, &outcome);
+        return Err(format!(
+            "after {tries} tries ({:.1?} after the event): {}",
+            since.elapsed(),
+            outcome.map_or_else(|e| e, |r| r.summary())
+        ));
+    }
+}
+
+fn named_urls(cluster: &Cluster, nodes: &[usize]) -> Vec<(String, String)> {
+    nodes
+        .iter()
+        .map(|&i| (cluster.name(i), cluster.url(i)))
+        .collect()
+}
+
+/// Waits until the node at every url of `on` lists every name of `all` as a member that is up.
+fn wait_all_up(on: &[(String, String)], all: &BTreeSet<String>, timeout: Duration) {
+    wait_for(&format!("every node to show {all:?} up"), timeout, || {
+        for (name, url) in on {
+            let m = members(url)?;
+            for n in all {
+                match m.iter().find(|m| &m.name == n) {
+                    Some(m) if m.up && m.status == "valid" => {}
+                    other => return Err(format!("{name} sees {n} as {other:?}")),
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn three_nodes_write_through_one_read_through_another() {
+    let _serial = serial();
+    let cluster = Cluster::start(3);
+    let names: BTreeSet<String> = (0..3).map(|i| cluster.name(i)).collect();
+
+    // The members view, through the CLI and over HTTP.
+    let out = cluster.admin(0, &["members"]);
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = common::parse_members(&json).unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|m| m.name.clone())
+            .collect::<BTreeSet<_>>(),
+        names,
+        "{listed:?}"
+    );
+    for m in &listed {
+        let node = &cluster.nodes[cluster.index_of(&m.name)];
+        assert_eq!(m.status, "valid", "{m:?}");
+        assert!(m.up, "{m:?}");
+        assert!(
+            m.peer_addr.ends_with(&format!(":{}", node.peer_port)),
+            "peer_addr of {m:?}"
+        );
+        assert!(
+            m.http_addr.ends_with(&format!(":{}", node.http_port)),
+            "http_addr of {m:?}"
+        );
+    }
+    assert_eq!(members(&cluster.url(1)).unwrap().len(), 3);
+    // Nothing pending once settled; both ways of asking answer JSON.
+    let out = cluster.admin(2, &["handoffs"]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    common::get_json(&format!("{}/admin/handoffs", cluster.url(0))).unwrap();
+
+    let tally = Tally::new("puts w=2 via n1");
+    let mut failures = Vec::new();
+    for i in 0..100 {
+        tally.attempt();
+        let outcome = put_kv(
+            &cluster.url(0),
+            "t1",
+            &format!("k{i}"),
+            &format!("v{i}"),
+            Some(2),
+            None,
+        );
+        if matches!(outcome, Ok(ref r) if r.status == 204) {
+            tally.ack();
+        } else {
+            tally.fail("n1", &outcome);
+            failures.push(format!("k{i}: {outcome:?}"));
+        }
+    }
+    tally.print();
+    assert!(failures.is_empty(), "puts failed: {failures:#?}");
+
+    let writes: Vec<(String, String)> = (0..100)
+        .map(|i| (format!("k{i}"), format!("v{i}")))
+        .collect();
+    for via in [1, 2] {
+        let tally = Tally::new(&format!("gets r=2 via {}", cluster.name(via)));
+        let failures = read_back(&named_urls(&cluster, &[via]), "t1", &writes, 2, &tally);
+        assert!(failures.is_empty(), "reads failed: {failures:#?}");
+    }
+
+    // The preference list names 3 distinct members, the same whichever node is asked.
+    for key in ["k0", "k1", "k42"] {
+        let pref = preflist(&cluster.url(0), "t1", key).unwrap();
+        assert_eq!(pref.len(), 3, "{pref:?}");
+        let nodes: BTreeSet<String> = pref.iter().map(|e| e.node.clone()).collect();
+        assert_eq!(nodes, names, "{key}: {pref:?}");
+        assert!(
+            pref.iter().all(|e| e.primary && e.partition < 64),
+            "{pref:?}"
+        );
+        for via in [1, 2] {
+            assert_eq!(
+                preflist(&cluster.url(via), "t1", key).unwrap(),
+                pref,
+                "via {via}"
+            );
+        }
+    }
+}
+
+#[test]
+fn siblings_from_two_coordinators() {
+    let _serial = serial();
+    let cluster = Cluster::start(3);
+    let (n1, n2, n3) = (cluster.url(0), cluster.url(1), cluster.url(2));
+
+    let r = put_kv(&n1, "sib", "k", "base", Some(3), None).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+    let read = get_kv(&n1, "sib", "k", Some(3)).unwrap();
+    assert_eq!(
+        (read.status, read.text().as_str()),
+        (200, "base"),
+        "{}",
+        read.summary()
+    );
+    let ctx = read.vclock().expect("a context on the read");
+
+    // Two writers saw the same version, each writes through its own coordinator.
+    let r = put_kv(&n1, "sib", "k", "from-n1", Some(2), Some(&ctx)).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+    let r = put_kv(&n2, "sib", "k", "from-n2", Some(2), Some(&ctx)).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+
+    let fetched = get_kv(&n3, "sib", "k", Some(3)).unwrap();
+    assert_eq!(fetched.status, 300, "{}", fetched.summary());
+    let mut values = fetched.multipart_values();
+    values.sort();
+    assert_eq!(values, ["from-n1", "from-n2"], "{}", fetched.summary());
+    let ctx = fetched.vclock().expect("a context on the 300");
+
+    // Writing back with the context of the read that saw both resolves them.
+    let r = put_kv(&n3, "sib", "k", "merged", Some(3), Some(&ctx)).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+    for (name, url) in named_urls(&cluster, &[0, 1, 2]) {
+        let read = get_kv(&url, "sib", "k", Some(3)).unwrap();
+        assert_eq!(
+            (read.status, read.text().as_str()),
+            (200, "merged"),
+            "via {name}: {}",
+            read.summary()
+        );
+    }
+}
+
+#[test]
+fn stale_replica_is_repaired_by_a_read() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3);
+    let pref = preflist(&cluster.url(0), "repair", "k").unwrap();
+    let victim = cluster.index_of(&pref[0].node);
+    let other = (victim + 1) % 3;
+    let (victim_url, other_url) = (cluster.url(victim), cluster.url(other));
+    eprintln!("preflist {pref:?}; killing {}", cluster.name(victim));
+
+    let r = put_kv(&other_url, "repair", "k", "old", Some(3), None).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+    let read = get_kv(&other_url, "repair", "k", Some(3)).unwrap();
+    assert_eq!(
+        (read.status, read.text().as_str()),
+        (200, "old"),
+        "{}",
+        read.summary()
+    );
+    let ctx = read.vclock().unwrap();
+    assert_eq!(replica(&victim_url, "repair", "k").unwrap().values, ["old"]);
+
+    cluster.kill(victim);
+    let killed = Instant::now();
+    let tally = Tally::new("put w=2 with one replica down");
+    with_grace(
+        killed,
+        Duration::from_secs(3),
+        &cluster.name(other),
+        &tally,
+        || put_kv(&other_url, "repair", "k", "new", Some(2), Some(&ctx)),
+        |r| r.status == 204,
+    )
+    .unwrap();
+    tally.print();
+
+    cluster.restart(victim);
+    let all: BTreeSet<String> = (0..3).map(|i| cluster.name(i)).collect();
+    wait_all_up(
+        &named_urls(&cluster, &[0, 1, 2]),
+        &all,
+        Duration::from_secs(30),
+    );
+
+    let stale = replica(&victim_url, "repair", "k").unwrap();
+    assert_eq!(
+        stale.values,
+        ["old"],
+        "the restarted replica should hold only the old value before any read: {stale:?}"
+    );
+
+    // A read with r=3 needs the restarted node; its answer is the new value.
+    let answered = wait_for(
+        "a r=3 read of the new value",
+        Duration::from_secs(10),
+        || {
+            let r = get_kv(&other_url, "repair", "k", Some(3))?;
+            match r.status {
+                200 if r.text() == "new" => Ok(r),
+                200 | 300 => panic!("r=3 read returned the wrong version: {}", r.summary()),
+                _ => Err(r.summary()),
+            }
+        },
+    );
+    eprintln!("read: {}", answered.summary());
+
+    wait_for(
+        "read repair of the stale replica",
+        Duration::from_secs(10),
+        || {
+            let now = replica(&victim_url, "repair", "k")?;
+            if now.values == ["new"] && !now.deleted {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        },
+    );
+}
+
+#[test]
+fn sigkill_one_of_three_keeps_quorum_operations_working() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3);
+    let live = named_urls(&cluster, &[1, 2]);
+
+    cluster.kill(0);
+    let killed = Instant::now();
+    let grace = Duration::from_secs(3);
+
+    let puts = Tally::new("puts w=2 through n2/n3 with n1 killed");
+    let mut failures = Vec::new();
+    for i in 0..100 {
+        let (name, url) = &live[i % 2];
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        if let Err(e) = with_grace(
+            killed,
+            grace,
+            name,
+            &puts,
+            || put_kv(url, "down", &key, &value, Some(2), None),
+            |r| r.status == 204,
+        ) {
+            failures.push(format!("put {key} via {name}: {e}"));
+        }
+    }
+    puts.print();
+    let gets = Tally::new("gets r=2 through n2/n3 with n1 killed");
+    for i in 0..100 {
+        let (name, url) = &live[(i + 1) % 2];
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        if let Err(e) = with_grace(
+            killed,
+            grace,
+            name,
+            &gets,
+            || get_kv(url, "down", &key, Some(2)),
+            |r| r.status == 200 && r.text() == value,
+        ) {
+            failures.push(format!("get {key} via {name}: {e}"));
+        }
+    }
+    gets.print();
+    assert!(
+        failures.is_empty(),
+        "{} operations failed with one node of three down:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    cluster.assert_alive(&[0]);
+
+    // Restart without any admin step: it rejoins by itself.
+    cluster.restart(0);
+    let all: BTreeSet<String> = (0..3).map(|i| cluster.name(i)).collect();
+    wait_all_up(
+        &named_urls(&cluster, &[0, 1, 2]),
+        &all,
+        Duration::from_secs(30),
+    );
+
+    // And it serves the keys written while it was down.
+    let up = Instant::now();
+    let tally = Tally::new("gets r=2 through the restarted n1");
+    let n1 = cluster.url(0);
+    let mut failures = Vec::new();
+    for i in (0..100).step_by(5) {
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        if let Err(e) = with_grace(
+            up,
+            grace,
+            "n1",
+            &tally,
+            || get_kv(&n1, "down", &key, Some(2)),
+            |r| r.status == 200 && r.text() == value,
+        ) {
+            failures.push(format!("get {key} via n1: {e}"));
+        }
+    }
+    tally.print();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn join_under_write_load_loses_nothing() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(3);
+    let writers = Writers::start(
+        &named_urls(&cluster, &[0, 1, 2]),
+        "join",
+        3,
+        Duration::from_millis(30),
+    );
+    wait_for(
+        "100 acknowledged writes before the join",
+        Duration::from_secs(30),
+        || {
+            let n = writers.acked_count();
+            if n >= 100 {
+                Ok(())
+            } else {
+                Err(format!("{n} acknowledged; {}", writers.tally.report()))
+            }
+        },
+    );
+
+    let joined_at = Instant::now();
+    let before = writers.acked_count();
+    let n4 = cluster.add_node(Some(0));
+    cluster.wait_settled(&[0, 1, 2, 3], SETTLE);
+    eprintln!(
+        "[join] settled {:.1?} after starting n4; {} writes acknowledged meanwhile",
+        joined_at.elapsed(),
+        writers.acked_count() - before
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let writes = writers.finish();
+    cluster.assert_alive(&[]);
+    assert!(!writes.is_empty());
+
+    let all = named_urls(&cluster, &[0, 1, 2, n4]);
+    let tally = Tally::new("read back r=2 after the join");
+    let failures = read_back(&all, "join", &writes, 2, &tally);
+    assert!(
+        failures.is_empty(),
+        "{} of {} acknowledged writes did not read back:\n{}",
+        failures.len(),
+        writes.len(),
+        failures
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let names: BTreeSet<String> = all.iter().map(|(n, _)| n.clone()).collect();
+    assert_balanced(&cluster.url(0), &names);
+
+    let keys: Vec<String> = sample(&writes, 300).into_iter().map(|(k, _)| k).collect();
+    let misplaced = check_placement(&all, "join", &keys);
+    assert!(
+        misplaced.is_empty(),
+        "{} of {} sampled keys are not exactly on their preflist:\n{}",
+        misplaced.len(),
+        keys.len(),
+        misplaced
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn leave_under_write_load_loses_nothing() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(4);
+    let remaining = named_urls(&cluster, &[0, 1, 2]);
+    let writers = Writers::start(&remaining, "leave", 3, Duration::from_millis(30));
+    wait_for(
+        "100 acknowledged writes before the leave",
+        Duration::from_secs(30),
+        || {
+            let n = writers.acked_count();
+            if n >= 100 {
+                Ok(())
+            } else {
+                Err(format!("{n} acknowledged; {}", writers.tally.report()))
+            }
+        },
+    );
+
+    let left_at = Instant::now();
+    let before = writers.acked_count();
+    let out = cluster.admin(3, &["leave"]);
+    assert!(out.status.success(), "dynakv admin leave failed: {out:?}");
+    cluster.wait_settled(&[0, 1, 2], SETTLE);
+    eprintln!(
+        "[leave] settled {:.1?} after the leave; {} writes acknowledged meanwhile; n4 {}",
+        left_at.elapsed(),
+        writers.acked_count() - before,
+        cluster.nodes[3]
+            .exited()
+            .map_or_else(|| "still running".to_owned(), |s| format!("exited: {s}"))
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let writes = writers.finish();
+    cluster.assert_alive(&[3]);
+    assert!(!writes.is_empty());
+
+    // n4 is no longer a member (exiting, or gone) in the others' view.
+    for (name, url) in &remaining {
+        let m = members(url).unwrap();
+        if let Some(n4) = m.iter().find(|m| m.name == "n4") {
+            assert_eq!(n4.status, "exiting", "{name} still sees n4 as {n4:?}");
+        }
+    }
+
+    let tally = Tally::new("read back r=2 after the leave");
+    let failures = read_back(&remaining, "leave", &writes, 2, &tally);
+    assert!(
+        failures.is_empty(),
+        "{} of {} acknowledged writes did not read back:\n{}",
+        failures.len(),
+        writes.len(),
+        failures
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let names: BTreeSet<String> = remaining.iter().map(|(n, _)| n.clone()).collect();
+    assert_balanced(&cluster.url(0), &names);
+
+    let keys: Vec<String> = sample(&writes, 300).into_iter().map(|(k, _)| k).collect();
+    let misplaced = check_placement(&remaining, "leave", &keys);
+    assert!(
+        misplaced.is_empty(),
+        "{} of {} sampled keys are not exactly on their preflist:\n{}",
+        misplaced.len(),
+        keys.len(),
+        misplaced
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn admin_join_of_a_running_node() {
+    let _serial = serial();
+    let mut cluster = Cluster::new();
+    cluster.add_node(None);
+    cluster.add_node(None); // founds a cluster of its own
+    let out = cluster.admin(1, &["join", &cluster.nodes[0].peer_addr()]);
+    assert!(out.status.success(), "dynakv admin join failed: {out:?}");
+    cluster.wait_settled(&[0, 1], SETTLE);
+    let r = put_kv(&cluster.url(1), "aj", "k", "v", Some(2), None).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+    let r = get_kv(&cluster.url(0), "aj", "k", Some(2)).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "v"), "{}", r.summary());
+}
+
+/// Kills the `dev` process on drop unless it was already reaped.
+struct DevProc(Option<std::process::Child>);
+
+impl Drop for DevProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn dev_runs_three_nodes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let base = consecutive_free_ports(3);
+    let log = dir.path().join("dev.log");
+    let mut child = Command::new(common::BIN)
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--http-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut dev = DevProc(Some(child));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let wanted: Vec<Vec<String>> = (0..3u16)
+        .map(|i| {
+            vec![
+                format!("dev{}", i + 1),
+                format!("http://127.0.0.1:{}", base + i),
+            ]
+        })
+        .collect();
+    let mut seen = [false; 3];
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.iter().any(|s| !s) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "dev did not print its three nodes ({e}); stdout so far: {printed:#?}; log:\n{}",
+                common::tail(&log, 40)
+            ),
+        };
+        let tokens: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        if let Some(i) = wanted.iter().position(|w| *w == tokens) {
+            seen[i] = true;
+        }
+        printed.push(line);
+    }
+    eprintln!("[dev] printed: {printed:#?}");
+
+    let urls: Vec<String> = (0..3u16)
+        .map(|i| format!("http://127.0.0.1:{}", base + i))
+        .collect();
+    let r = put_kv(&urls[0], "dev", "k", "hello", None, None).unwrap();
+    assert_eq!(r.status, 204, "{}", r.summary());
+    for url in &urls[1..] {
+        let r = get_kv(url, "dev", "k", None).unwrap();
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "hello"),
+            "via {url}: {}",
+            r.summary()
+        );
+    }
+    assert_eq!(members(&urls[0]).unwrap().len(), 3);
+
+    let pid = dev.0.as_ref().unwrap().id();
+    let kill = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = dev.0.as_mut().unwrap().try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dev did not stop within 20 s of SIGINT; log:\n{}",
+            common::tail(&log, 40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    dev.0 = None;
+    reader.join().unwrap();
+    assert!(
+        status.success(),
+        "dev exited with {status} on SIGINT; log:\n{}",
+        common::tail(&log, 40)
+    );
+}
