@@ -95,6 +95,18 @@ pub enum PeerMessage {
     Handoff {
         entries: Vec<HandoffEntry>,
     },
+    /// One page of the receiver's live keys of a bucket, in key order, after `start_after`;
+    /// reply `KeyPage`.
+    ListKeys {
+        bucket: String,
+        start_after: Option<String>,
+        limit: u32,
+    },
+    /// `next_after` is where the next page starts (`None` when the bucket is exhausted).
+    KeyPage {
+        keys: Vec<String>,
+        next_after: Option<String>,
+    },
     Ack,
     /// The receiver's ring is newer than the sender's: here is the receiver's state.
     StaleRing(Box<ClusterState>),

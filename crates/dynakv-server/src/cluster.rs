@@ -38,6 +38,8 @@ use thiserror::Error;
 const HANDOFF_BATCH_KEYS: usize = 256;
 /// Bytes per handoff message (soft: a batch closes once past it).
 const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Keys per page of a key listing.
+const LIST_PAGE_KEYS: usize = 1000;
 /// Keys read per storage scan step during handoff and cleanup.
 const SCAN_PAGE: usize = 1000;
 /// A member whose heartbeat has not moved for this long is considered down.
@@ -822,6 +824,138 @@ impl Cluster {
         }
     }
 
+    // ----- key listing -----
+
+    async fn local_key_page(
+        &self,
+        bucket: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), ClusterError> {
+        let replica = Arc::clone(&self.replica);
+        let bucket = bucket.to_owned();
+        let after = start_after.map(|k| keys::object_key(bucket.as_bytes(), k.as_bytes()));
+        let (keys, next) = tokio::task::spawn_blocking(move || {
+            replica.list_keys_page(&bucket, after.as_deref(), limit.clamp(1, LIST_PAGE_KEYS))
+        })
+        .await
+        .map_err(internal)??;
+        let next_after = next
+            .as_deref()
+            .and_then(keys::split_object_key)
+            .map(|(_, k)| String::from_utf8_lossy(k).into_owned());
+        Ok((keys, next_after))
+    }
+
+    async fn key_page(
+        &self,
+        node: &NodeId,
+        bucket: &str,
+        start_after: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>), ClusterError> {
+        if node == &self.me {
+            return self
+                .local_key_page(bucket, start_after, LIST_PAGE_KEYS)
+                .await;
+        }
+        let message = PeerMessage::ListKeys {
+            bucket: bucket.to_owned(),
+            start_after: start_after.map(str::to_owned),
+            limit: LIST_PAGE_KEYS as u32,
+        };
+        match self.send(node, message, self.timeouts.request * 5).await? {
+            PeerMessage::KeyPage { keys, next_after } => Ok((keys, next_after)),
+            other => Err(ClusterError::Internal(format!(
+                "{node} answered {}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    /// Every live key of a bucket across the ring's nodes, deduplicated and in key order, sent
+    /// in pages to `pages`. Memory is one page per node. A node that cannot be reached is left
+    /// out (its keys have other replicas); the listing fails only when no node answers.
+    pub async fn list_keys(
+        &self,
+        bucket: &str,
+        pages: tokio::sync::mpsc::Sender<Vec<String>>,
+    ) -> Result<(), ClusterError> {
+        struct Cursor {
+            node: NodeId,
+            buffer: std::collections::VecDeque<String>,
+            next_after: Option<String>,
+            more: bool,
+        }
+        let state = self.state();
+        let mut cursors: Vec<Cursor> = state
+            .ring
+            .current
+            .nodes()
+            .iter()
+            .map(|n| Cursor {
+                node: n.id.clone(),
+                buffer: std::collections::VecDeque::new(),
+                next_after: None,
+                more: true,
+            })
+            .collect();
+        let mut answered = 0;
+        let mut out = Vec::with_capacity(LIST_PAGE_KEYS);
+        loop {
+            for cursor in &mut cursors {
+                while cursor.buffer.is_empty() && cursor.more {
+                    match self
+                        .key_page(&cursor.node, bucket, cursor.next_after.as_deref())
+                        .await
+                    {
+                        Ok((keys, next_after)) => {
+                            cursor.buffer.extend(keys);
+                            cursor.more = next_after.is_some();
+                            cursor.next_after = next_after;
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %cursor.node, error = %e, "key listing: node left out");
+                            cursor.more = false;
+                            cursor.buffer.clear();
+                            cursor.node = NodeId(String::new());
+                        }
+                    }
+                }
+            }
+            if answered == 0 {
+                answered = cursors.iter().filter(|c| !c.node.0.is_empty()).count();
+                if answered == 0 {
+                    return Err(ClusterError::Quorum(QuorumFailure {
+                        replied: 0,
+                        needed: 1,
+                        asked: cursors.len(),
+                    }));
+                }
+            }
+            let Some(smallest) = cursors
+                .iter()
+                .filter_map(|c| c.buffer.front())
+                .min()
+                .cloned()
+            else {
+                break;
+            };
+            for cursor in &mut cursors {
+                if cursor.buffer.front() == Some(&smallest) {
+                    cursor.buffer.pop_front();
+                }
+            }
+            out.push(smallest);
+            if out.len() >= LIST_PAGE_KEYS && pages.send(std::mem::take(&mut out)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if !out.is_empty() {
+            let _ = pages.send(out).await;
+        }
+        Ok(())
+    }
+
     // ----- membership -----
 
     /// Ask the cluster at `seed` to admit this node; adopt its state and secret.
@@ -1114,6 +1248,8 @@ fn message_name(message: &PeerMessage) -> &'static str {
         PeerMessage::Coordinated { .. } => "Coordinated",
         PeerMessage::Failed { .. } => "Failed",
         PeerMessage::Handoff { .. } => "Handoff",
+        PeerMessage::ListKeys { .. } => "ListKeys",
+        PeerMessage::KeyPage { .. } => "KeyPage",
         PeerMessage::Ack => "Ack",
         PeerMessage::StaleRing(_) => "StaleRing",
         PeerMessage::Error(_) => "Error",

@@ -27,8 +27,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Keys per page when listing a bucket.
-const LIST_PAGE_KEYS: usize = 1000;
 /// Pages buffered between the storage scan and the HTTP stream.
 const LIST_STREAM_BUFFER_PAGES: usize = 4;
 /// Characters left as they are when a name is put in a URL.
@@ -900,33 +898,22 @@ async fn list_keys(
     };
     let (sender, receiver) =
         tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(LIST_STREAM_BUFFER_PAGES);
-    let replica = Arc::clone(state.cluster.replica());
-    tokio::task::spawn_blocking(move || {
-        let mut start_after: Option<Vec<u8>> = None;
-        let mut first = true;
+    let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Vec<String>>(1);
+    let cluster = Arc::clone(&state.cluster);
+    let listing = tokio::spawn(async move { cluster.list_keys(&bucket, pages_tx).await });
+    tokio::spawn(async move {
         if !stream
             && sender
-                .blocking_send(Ok(Bytes::from_static(b"{\"keys\":[")))
+                .send(Ok(Bytes::from_static(b"{\"keys\":[")))
+                .await
                 .is_err()
         {
             return;
         }
-        loop {
-            let page = replica.list_keys_page(&bucket, start_after.as_deref(), LIST_PAGE_KEYS);
-            let (keys, next) = match page {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::error!(error = %e, "key listing failed");
-                    let _ = sender.blocking_send(Err(std::io::Error::other(e.to_string())));
-                    return;
-                }
-            };
+        let mut first = true;
+        while let Some(keys) = pages_rx.recv().await {
             let chunk = if stream {
-                if keys.is_empty() && next.is_some() {
-                    String::new()
-                } else {
-                    json!({ "keys": keys }).to_string()
-                }
+                json!({ "keys": keys }).to_string()
             } else {
                 let mut chunk = String::new();
                 for key in &keys {
@@ -938,16 +925,22 @@ async fn list_keys(
                 }
                 chunk
             };
-            if !chunk.is_empty() && sender.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+            if sender.send(Ok(Bytes::from(chunk))).await.is_err() {
                 return;
             }
-            match next {
-                Some(next) => start_after = Some(next),
-                None => break,
-            }
         }
-        if !stream {
-            let _ = sender.blocking_send(Ok(Bytes::from_static(b"]}")));
+        match listing.await {
+            Ok(Ok(())) => {
+                let end: &'static [u8] = if stream { b"{\"keys\":[]}" } else { b"]}" };
+                let _ = sender.send(Ok(Bytes::from_static(end))).await;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "key listing failed");
+                let _ = sender.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
+            Err(e) => {
+                let _ = sender.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
         }
     });
     let body = Body::from_stream(tokio_stream(receiver));

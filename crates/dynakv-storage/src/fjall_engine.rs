@@ -10,9 +10,10 @@
 //! a [`Durability::Buffered`] write becomes durable at the next [`Storage::sync`].
 //!
 //! Group commit: fjall's journal is one file, so one fsync makes every write before it durable.
-//! Each write takes a ticket after it is in the journal; a thread that needs durability takes the
-//! sync lock and fsyncs only if no other thread's fsync already covered its ticket. Concurrent
-//! fsync'd writers therefore share fsyncs instead of queueing one fsync each.
+//! Each write takes a ticket after it is in the journal; a thread that needs durability returns
+//! at once if an fsync already covered its ticket, else takes the sync lock (handed over fairly)
+//! and fsyncs only if no fsync it waited behind covered it. Concurrent fsync'd writers therefore
+//! share fsyncs instead of queueing one fsync each.
 //!
 //! Memory is bounded by configuration, not by data: the block cache ([`FjallOptions`]
 //! `cache_size_bytes`) plus the write buffers (`max_memtable_size_bytes` per table).
@@ -30,7 +31,7 @@ use dynakv_core::storage::{
     SyncError, Table,
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::{OpenError, failure};
 use crate::scan::{initial_capacity, scan_range};
@@ -101,8 +102,12 @@ struct GroupCommit {
     /// Writes that are in the journal (flushed to the OS). A write's ticket is this count just
     /// after it.
     written: AtomicU64,
-    /// The largest ticket known to be on stable storage. Held while fsyncing.
-    synced: Mutex<u64>,
+    /// The largest ticket known to be on stable storage, readable without the lock (a writer
+    /// whose ticket an fsync already covered returns without queueing).
+    durable: AtomicU64,
+    /// Taken to fsync; held for the whole fsync so that one runs at a time and the writers
+    /// that queue behind it find their ticket covered when it ends.
+    sync_lock: Mutex<()>,
 }
 
 /// The durable engine on fjall 3. Cheap to share behind an `Arc`; all methods take `&self` and
@@ -191,25 +196,33 @@ impl FjallStorage {
     /// Returns once every write up to `ticket` is on stable storage, fsyncing unless a
     /// concurrent fsync already covered it.
     fn sync_through(&self, ticket: u64) -> Result<(), EngineFailure> {
-        let mut synced = self.group_commit.synced.lock();
-        if *synced >= ticket {
+        let group = &self.group_commit;
+        if group.durable.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let guard = group.sync_lock.lock();
+        if group.durable.load(Ordering::Acquire) >= ticket {
+            // Covered by the fsync we queued behind. Hand the lock straight to the next waiter:
+            // an unfair lock lets one writer barge ahead repeatedly and starves the others.
+            MutexGuard::unlock_fair(guard);
             return Ok(());
         }
         // Every ticket up to `covered` was taken after its write reached the journal, so this
         // fsync covers it.
-        let covered = self.group_commit.written.load(Ordering::Acquire);
-        self.database
-            .persist(PersistMode::SyncAll)
-            .map_err(|error| {
-                tracing::error!(
-                    path = %self.path.display(),
-                    %error,
-                    "fjall fsync failed; writes are refused until the node restarts"
-                );
-                failure(ENGINE, error)
-            })?;
-        *synced = covered;
-        Ok(())
+        let covered = group.written.load(Ordering::Acquire);
+        let persisted = self.database.persist(PersistMode::SyncAll);
+        if persisted.is_ok() {
+            group.durable.fetch_max(covered, Ordering::AcqRel);
+        }
+        MutexGuard::unlock_fair(guard);
+        persisted.map_err(|error| {
+            tracing::error!(
+                path = %self.path.display(),
+                %error,
+                "fjall fsync failed; writes are refused until the node restarts"
+            );
+            failure(ENGINE, error)
+        })
     }
 }
 
