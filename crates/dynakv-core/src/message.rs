@@ -107,6 +107,9 @@ pub enum PeerMessage {
         keys: Vec<String>,
         next_after: Option<String>,
     },
+    /// The buckets holding objects on the receiver; reply `Buckets`.
+    ListBuckets,
+    Buckets(Vec<String>),
     Ack,
     /// The receiver's ring is newer than the sender's: here is the receiver's state.
     StaleRing(Box<ClusterState>),

@@ -817,6 +817,23 @@ impl Cluster {
                 .map_err(internal)??;
                 Ok(PeerMessage::Ack)
             }
+            PeerMessage::ListBuckets => {
+                let replica = Arc::clone(&self.replica);
+                let buckets = tokio::task::spawn_blocking(move || replica.list_buckets())
+                    .await
+                    .map_err(internal)??;
+                Ok(PeerMessage::Buckets(buckets))
+            }
+            PeerMessage::ListKeys {
+                bucket,
+                start_after,
+                limit,
+            } => {
+                let (keys, next_after) = self
+                    .local_key_page(&bucket, start_after.as_deref(), limit as usize)
+                    .await?;
+                Ok(PeerMessage::KeyPage { keys, next_after })
+            }
             other => Ok(PeerMessage::Error(format!(
                 "unexpected request {}",
                 message_name(&other)
@@ -866,8 +883,8 @@ impl Cluster {
         match self.send(node, message, self.timeouts.request * 5).await? {
             PeerMessage::KeyPage { keys, next_after } => Ok((keys, next_after)),
             other => Err(ClusterError::Internal(format!(
-                "{node} answered {}",
-                message_name(&other)
+                "{node} answered {:?}",
+                other
             ))),
         }
     }
@@ -954,6 +971,38 @@ impl Cluster {
             let _ = pages.send(out).await;
         }
         Ok(())
+    }
+
+    /// Every bucket holding an object on any node of the ring (nodes that cannot be reached
+    /// are left out).
+    pub async fn list_buckets(&self) -> Result<Vec<String>, ClusterError> {
+        let state = self.state();
+        let mut all = std::collections::BTreeSet::new();
+        for node in state.ring.current.nodes() {
+            let buckets = if node.id == self.me {
+                let replica = Arc::clone(&self.replica);
+                tokio::task::spawn_blocking(move || replica.list_buckets())
+                    .await
+                    .map_err(internal)??
+            } else {
+                match self
+                    .send(
+                        &node.id,
+                        PeerMessage::ListBuckets,
+                        self.timeouts.request * 5,
+                    )
+                    .await
+                {
+                    Ok(PeerMessage::Buckets(buckets)) => buckets,
+                    other => {
+                        tracing::warn!(node = %node.id, reply = ?other.map(|m| message_name(&m)), "bucket listing: node left out");
+                        continue;
+                    }
+                }
+            };
+            all.extend(buckets);
+        }
+        Ok(all.into_iter().collect())
     }
 
     // ----- membership -----
@@ -1249,6 +1298,8 @@ fn message_name(message: &PeerMessage) -> &'static str {
         PeerMessage::Failed { .. } => "Failed",
         PeerMessage::Handoff { .. } => "Handoff",
         PeerMessage::ListKeys { .. } => "ListKeys",
+        PeerMessage::ListBuckets => "ListBuckets",
+        PeerMessage::Buckets(_) => "Buckets",
         PeerMessage::KeyPage { .. } => "KeyPage",
         PeerMessage::Ack => "Ack",
         PeerMessage::StaleRing(_) => "StaleRing",

@@ -970,8 +970,7 @@ async fn list_buckets(
             ));
         }
     }
-    let replica = Arc::clone(state.cluster.replica());
-    let buckets = blocking(move || replica.list_buckets()).await?;
+    let buckets = state.cluster.list_buckets().await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "buckets": buckets }),

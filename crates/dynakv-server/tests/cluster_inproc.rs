@@ -1,0 +1,216 @@
+//! A cluster of in-process nodes (real sockets on 127.0.0.1): cluster-wide key and bucket
+//! listings, bucket properties spreading by gossip, quorum failures reported as 503.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use axum::http::{Method, StatusCode};
+use bytes::Bytes;
+use dynakv_client::Client;
+use dynakv_server::RunningServer;
+use dynakv_server::config::{ServerConfig, StorageKind};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+struct Node {
+    server: RunningServer,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_node(name: &str, join: Option<SocketAddr>) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = ServerConfig::new(name, any, any, dir.path().to_owned());
+    config.storage = StorageKind::Memory;
+    config.join = join;
+    config.request_timeout_ms = 500;
+    let server = dynakv_server::start(config).await.unwrap();
+    let client = Client::new(&format!("http://{}", server.http_addr)).unwrap();
+    Node {
+        server,
+        client,
+        _dir: dir,
+    }
+}
+
+async fn start_cluster(n: usize) -> Vec<Node> {
+    let first = start_node("n1", None).await;
+    let seed = first.server.peer_addr;
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        nodes.push(start_node(&format!("n{i}"), Some(seed)).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let settled = nodes.iter().all(|node| {
+            let state = node.server.cluster.state();
+            state.settled() && state.ring.current.nodes().len() == n
+        });
+        if settled {
+            return nodes;
+        }
+        assert!(Instant::now() < deadline, "ring did not settle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn put(client: &Client, path: &str, value: &str) -> StatusCode {
+    client
+        .request(
+            Method::PUT,
+            path,
+            &[("content-type", "text/plain")],
+            Bytes::from(value.to_owned()),
+        )
+        .await
+        .unwrap()
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_cover_every_node_and_props_spread_by_gossip() {
+    let nodes = start_cluster(4).await;
+    for i in 0..300 {
+        let node = &nodes[i % nodes.len()];
+        assert_eq!(
+            put(
+                &node.client,
+                &format!("/buckets/listed/keys/key{i:03}"),
+                "v"
+            )
+            .await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    put(&nodes[3].client, "/buckets/other/keys/x", "v").await;
+    let mut expected: Vec<String> = (0..300).map(|i| format!("key{i:03}")).collect();
+    expected.sort();
+    let mut union = std::collections::BTreeSet::new();
+    for n in &nodes {
+        let local = n
+            .server
+            .cluster
+            .replica()
+            .list_keys_page("listed", None, 10_000)
+            .unwrap()
+            .0;
+        eprintln!("{} holds {}", n.server.name, local.len());
+        union.extend(local);
+    }
+    eprintln!("union {}", union.len());
+    for node in &nodes {
+        let listed = node
+            .client
+            .get_json("/buckets/listed/keys?keys=true")
+            .await
+            .unwrap();
+        let keys: Vec<String> = listed["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(keys, expected, "every key once, in order, through any node");
+        let buckets = node.client.get_json("/buckets?buckets=true").await.unwrap();
+        assert_eq!(buckets["buckets"], serde_json::json!(["listed", "other"]));
+    }
+    // With n_val 3 over 4 nodes, no single node holds every key: the listing really merged.
+    let local_counts: Vec<usize> = nodes
+        .iter()
+        .map(|n| {
+            let replica = n.server.cluster.replica();
+            replica
+                .list_keys_page("listed", None, 10_000)
+                .unwrap()
+                .0
+                .len()
+        })
+        .collect();
+    assert!(local_counts.iter().all(|c| *c < 300), "{local_counts:?}");
+
+    // Props set at one node reach the others by gossip.
+    let (status, _, _) = nodes[0]
+        .client
+        .request(
+            Method::PUT,
+            "/buckets/two/props",
+            &[("content-type", "application/json")],
+            Bytes::from_static(br#"{"props":{"n_val":2}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let props = nodes[3]
+            .client
+            .get_json("/buckets/two/props")
+            .await
+            .unwrap();
+        if props["props"]["n_val"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "props did not spread");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let preflist = nodes[3]
+        .client
+        .get_json("/buckets/two/keys/k/preflist")
+        .await
+        .unwrap();
+    assert_eq!(preflist["preflist"].as_array().unwrap().len(), 2);
+    for node in nodes {
+        node.server.shutdown();
+        node.server.wait().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_failures_are_503_and_say_how_many_answered() {
+    let mut nodes = start_cluster(3).await;
+    assert_eq!(
+        put(&nodes[0].client, "/buckets/q/keys/k", "v").await,
+        StatusCode::NO_CONTENT
+    );
+    // Stop two of three nodes: R=3 / W=3 cannot be met, R=1 / W=1 can.
+    for node in nodes.drain(1..) {
+        node.server.shutdown();
+        node.server.wait().await.unwrap();
+    }
+    let only = &nodes[0];
+    let (status, _, body) = only
+        .client
+        .request(Method::GET, "/buckets/q/keys/k?r=3", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("of 3 required replicas answered"), "{body}");
+    let (status, _, body) = only
+        .client
+        .request(
+            Method::PUT,
+            "/buckets/q/keys/k2?w=3",
+            &[("content-type", "text/plain")],
+            Bytes::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+    // The coordinator is n1 only if n1 is in the key's preference list; with 3 nodes and
+    // n_val 3 every node is.
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, _, body) = only
+        .client
+        .request(Method::GET, "/buckets/q/keys/k?r=1", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"v"[..]));
+    let node = nodes.pop().unwrap();
+    node.server.shutdown();
+    node.server.wait().await.unwrap();
+}
