@@ -500,7 +500,10 @@ impl Cluster {
                 self.merge_state(&state)?;
                 Err(ClusterError::Internal(format!("{node} has a newer ring")))
             }
-            other => Err(ClusterError::Internal(format!("{node} answered {other:?}"))),
+            other => Err(ClusterError::Internal(format!(
+                "{node} answered {}",
+                message_name(&other)
+            ))),
         }
     }
 
@@ -571,7 +574,7 @@ impl Cluster {
                     }
                     return Err(ClusterError::Remote { status, message });
                 }
-                Ok(other) => last_error = format!("{node} answered {other:?}"),
+                Ok(other) => last_error = format!("{node} answered {}", message_name(&other)),
                 Err(e) => last_error = format!("{node}: {e}"),
             }
         }
@@ -883,8 +886,8 @@ impl Cluster {
         match self.send(node, message, self.timeouts.request * 5).await? {
             PeerMessage::KeyPage { keys, next_after } => Ok((keys, next_after)),
             other => Err(ClusterError::Internal(format!(
-                "{node} answered {:?}",
-                other
+                "{node} answered {}",
+                message_name(&other)
             ))),
         }
     }
