@@ -67,6 +67,35 @@ pub fn split_object_key(storage_key: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(rest.split_at(len))
 }
 
+/// The storage key of a hint: `u8 len(target) | target | object_key(bucket, key)`, so the
+/// hints for one target are contiguous.
+pub fn hint_key(target: &str, bucket: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut out = hint_prefix(target);
+    out.extend_from_slice(&object_key(bucket, key));
+    out
+}
+
+/// The prefix shared by every hint for `target` (names are at most 64 bytes).
+pub fn hint_prefix(target: &str) -> Vec<u8> {
+    let name = &target.as_bytes()[..target.len().min(usize::from(u8::MAX))];
+    let mut out = Vec::with_capacity(1 + name.len() + 64);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out
+}
+
+/// Split a hint key into (target, bucket, key).
+pub fn split_hint_key(hint_key: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let (len, rest) = hint_key.split_first()?;
+    let len = usize::from(*len);
+    if rest.len() < len {
+        return None;
+    }
+    let (target, object) = rest.split_at(len);
+    let (bucket, key) = split_object_key(object)?;
+    Some((target, bucket, key))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +114,9 @@ mod tests {
             Err(NameError::KeyTooLong)
         );
         assert_eq!(check_bucket(b""), Err(NameError::EmptyBucket));
+        let h = hint_key("n2", b"b", b"k");
+        assert!(h.starts_with(&hint_prefix("n2")));
+        assert!(!h.starts_with(&hint_prefix("n")));
+        assert_eq!(split_hint_key(&h), Some((&b"n2"[..], &b"b"[..], &b"k"[..])));
     }
 }

@@ -56,12 +56,24 @@ pub enum PeerMessage {
         bucket: String,
         key: String,
         ring_version: u64,
+        /// Asked of a fallback: also include what it holds as hints for this primary.
+        hinted_for: Option<String>,
     },
     ReplicaObject {
         object: Option<Vec<u8>>,
     },
     /// Merge a version into a replica; reply `Ack`, `StaleRing` or `Error`.
     ReplicaPut {
+        bucket: String,
+        key: String,
+        object: Vec<u8>,
+        durability: Durability,
+        ring_version: u64,
+    },
+    /// Keep a version as a hint for `target` (sloppy quorum: the receiver stands in for an
+    /// unreachable primary); reply `Ack`, `StaleRing` or `Error`.
+    HintedPut {
+        target: String,
         bucket: String,
         key: String,
         object: Vec<u8>,
@@ -77,6 +89,7 @@ pub enum PeerMessage {
         context: Option<Vec<u8>>,
         content: WireContent,
         w: Option<u32>,
+        pw: Option<u32>,
         dw_given: bool,
         precondition: WirePrecondition,
         now_ms: u64,

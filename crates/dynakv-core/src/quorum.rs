@@ -30,21 +30,67 @@ pub struct QuorumFailure {
     pub asked: usize,
 }
 
+/// One replica slot of a sloppy quorum: the node written to, and the primary it stands in for
+/// when it is a fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub node: NodeId,
+    pub stands_in_for: Option<NodeId>,
+}
+
+/// The sloppy quorum of a key: the first `n` nodes of the extended preference list that are
+/// up. Each primary that is up gets its own slot; each primary that is down is replaced by the
+/// next up node past the first `n` (a fallback, which keeps the write as a hint for it). A down
+/// primary with no fallback left is returned in the second list (the coordinator keeps a hint).
+pub fn sloppy_slots(
+    extended: &[NodeId],
+    n: usize,
+    is_up: impl Fn(&NodeId) -> bool,
+) -> (Vec<Slot>, Vec<NodeId>) {
+    let n = n.min(extended.len());
+    let (primaries, rest) = extended.split_at(n);
+    let mut fallbacks = rest.iter().filter(|node| is_up(node));
+    let mut slots = Vec::with_capacity(n);
+    let mut unplaced = Vec::new();
+    for primary in primaries {
+        if is_up(primary) {
+            slots.push(Slot {
+                node: primary.clone(),
+                stands_in_for: None,
+            });
+        } else if let Some(fallback) = fallbacks.next() {
+            slots.push(Slot {
+                node: fallback.clone(),
+                stands_in_for: Some(primary.clone()),
+            });
+        } else {
+            unplaced.push(primary.clone());
+        }
+    }
+    (slots, unplaced)
+}
+
 /// Tracks the replies of a get.
 #[derive(Debug, Clone)]
 pub struct GetQuorum {
     replicas: Vec<NodeId>,
     needed: usize,
+    primaries: Vec<NodeId>,
+    needed_primaries: usize,
     replies: Vec<(NodeId, Option<Object>)>,
     failed: BTreeSet<NodeId>,
     answered: bool,
 }
 
 impl GetQuorum {
-    /// A get over `replicas` needing `r` replies (clamped to 1..=replicas).
+    /// A get over `replicas` needing `r` replies (at least 1). The caller clamps `r` to the
+    /// key's `n_val`; when fewer replicas than `r` can be asked, the get fails at its first
+    /// reply.
     pub fn new(replicas: Vec<NodeId>, r: usize) -> Self {
-        let needed = r.clamp(1, replicas.len().max(1));
+        let needed = r.max(1);
         GetQuorum {
+            primaries: replicas.clone(),
+            needed_primaries: 0,
             replicas,
             needed,
             replies: Vec::new(),
@@ -55,6 +101,21 @@ impl GetQuorum {
 
     pub fn replicas(&self) -> &[NodeId] {
         &self.replicas
+    }
+
+    /// Also require `pr` replies from `primaries` (clamped to their number).
+    #[must_use]
+    pub fn with_primaries(mut self, primaries: Vec<NodeId>, pr: usize) -> Self {
+        self.needed_primaries = pr.min(primaries.len());
+        self.primaries = primaries;
+        self
+    }
+
+    fn primary_replies(&self) -> usize {
+        self.replies
+            .iter()
+            .filter(|(n, _)| self.primaries.contains(n))
+            .count()
     }
 
     pub fn needed(&self) -> usize {
@@ -83,11 +144,18 @@ impl GetQuorum {
         if self.answered {
             return Progress::Waiting;
         }
-        if self.replies.len() >= self.needed {
+        if self.replies.len() >= self.needed && self.primary_replies() >= self.needed_primaries {
             self.answered = true;
             return Progress::Done(Ok(self.merged()));
         }
-        if self.replicas.len() - self.failed.len() < self.needed {
+        let possible_primaries = self
+            .primaries
+            .iter()
+            .filter(|n| self.replicas.contains(n) && !self.failed.contains(n))
+            .count();
+        if self.replicas.len() - self.failed.len() < self.needed
+            || possible_primaries < self.needed_primaries
+        {
             self.answered = true;
             return Progress::Done(Err(QuorumFailure {
                 replied: self.replies.len(),
@@ -111,15 +179,15 @@ impl GetQuorum {
             .fold(Object::new(), |acc, o| acc.sync(o))
     }
 
-    /// Replicas that replied with something other than `merged` (stale or missing): the
-    /// read-repair targets. Replicas that failed are not included.
+    /// Primaries that replied with something other than `merged` (stale or missing): the
+    /// read-repair targets. Replicas that failed, and fallbacks, are not included.
     pub fn repair_targets(&self, merged: &Object) -> Vec<NodeId> {
         if merged.is_empty() {
             return Vec::new();
         }
         self.replies
             .iter()
-            .filter(|(_, o)| o.as_ref() != Some(merged))
+            .filter(|(n, o)| self.primaries.contains(n) && o.as_ref() != Some(merged))
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -132,7 +200,11 @@ fn count(list: &[NodeId], set: &BTreeSet<NodeId>) -> usize {
 /// Tracks the acknowledgements of a put.
 #[derive(Debug, Clone)]
 pub struct PutQuorum {
+    /// Nodes whose acknowledgements count towards W (primaries and fallbacks standing in).
     current: Vec<NodeId>,
+    /// The key's primary replicas, and how many of them must acknowledge (`pw`).
+    primaries: Vec<NodeId>,
+    needed_primaries: usize,
     next: Option<Vec<NodeId>>,
     needed: usize,
     needed_next: usize,
@@ -142,12 +214,16 @@ pub struct PutQuorum {
 }
 
 impl PutQuorum {
-    /// A put to the `current` preference list (and the `next` one during a transition),
-    /// needing `w` acknowledgements from each (clamped to the list's length).
+    /// A put to the `current` replica slots (and the `next` preference list during a
+    /// transition), needing `w` acknowledgements from each (at least 1; clamped to the next
+    /// list's length). The caller clamps `w` to the key's `n_val`; when fewer slots than `w`
+    /// exist, the put fails at its first reply.
     pub fn new(current: Vec<NodeId>, next: Option<Vec<NodeId>>, w: usize) -> Self {
-        let needed = w.clamp(1, current.len().max(1));
+        let needed = w.max(1);
         let needed_next = next.as_ref().map_or(0, |n| w.clamp(1, n.len().max(1)));
         PutQuorum {
+            primaries: current.clone(),
+            needed_primaries: 0,
             current,
             next,
             needed,
@@ -156,6 +232,15 @@ impl PutQuorum {
             failed: BTreeSet::new(),
             answered: false,
         }
+    }
+
+    /// Also require `pw` acknowledgements from `primaries` (Riak's `pw`; clamped to their
+    /// number).
+    #[must_use]
+    pub fn with_primaries(mut self, primaries: Vec<NodeId>, pw: usize) -> Self {
+        self.needed_primaries = pw.min(primaries.len());
+        self.primaries = primaries;
+        self
     }
 
     /// Every node the write must be sent to (current and next lists, without repeats).
@@ -191,11 +276,24 @@ impl PutQuorum {
             ),
             None => (0, 0),
         };
-        if acked_current >= self.needed && acked_next >= self.needed_next {
+        let acked_primaries = count(&self.primaries, &self.acked);
+        let targets = self.targets();
+        let possible_primaries = self
+            .primaries
+            .iter()
+            .filter(|n| targets.contains(n) && !self.failed.contains(n))
+            .count();
+        if acked_current >= self.needed
+            && acked_next >= self.needed_next
+            && acked_primaries >= self.needed_primaries
+        {
             self.answered = true;
             return Progress::Done(Ok(()));
         }
-        if possible_current < self.needed || possible_next < self.needed_next {
+        if possible_current < self.needed
+            || possible_next < self.needed_next
+            || possible_primaries < self.needed_primaries
+        {
             self.answered = true;
             return Progress::Done(Err(QuorumFailure {
                 replied: acked_current.min(if self.next.is_some() {
@@ -272,6 +370,44 @@ mod tests {
                 asked: 3
             }))
         );
+    }
+
+    #[test]
+    fn sloppy_slots_replace_down_primaries_with_the_next_up_nodes() {
+        let extended = ids(&["a", "b", "c", "d", "e"]);
+        let down = ids(&["b", "d"]);
+        let (slots, unplaced) = sloppy_slots(&extended, 3, |n| !down.contains(n));
+        let nodes: Vec<_> = slots.iter().map(|s| s.node.0.as_str()).collect();
+        assert_eq!(nodes, ["a", "e", "c"]);
+        assert_eq!(slots[1].stands_in_for, Some(NodeId("b".into())));
+        assert!(unplaced.is_empty());
+        let (slots, unplaced) = sloppy_slots(&extended[..3], 3, |n| n.0 != "c");
+        assert_eq!(slots.len(), 2);
+        assert_eq!(unplaced, ids(&["c"]));
+    }
+
+    #[test]
+    fn pw_and_pr_count_primaries_only() {
+        let slots = ids(&["a", "e", "c"]);
+        let primaries = ids(&["a", "b", "c"]);
+        let mut q = PutQuorum::new(slots.clone(), None, 2).with_primaries(primaries.clone(), 2);
+        assert_eq!(q.on_reply(&NodeId("e".into()), true), Progress::Waiting);
+        assert_eq!(
+            q.on_reply(&NodeId("a".into()), true),
+            Progress::Waiting,
+            "w met, pw not"
+        );
+        assert_eq!(
+            q.on_reply(&NodeId("c".into()), true),
+            Progress::Done(Ok(()))
+        );
+        let mut g = GetQuorum::new(slots, 2).with_primaries(primaries, 2);
+        assert_eq!(g.on_reply(&NodeId("e".into()), Ok(None)), Progress::Waiting);
+        assert_eq!(g.on_reply(&NodeId("a".into()), Ok(None)), Progress::Waiting);
+        assert!(matches!(
+            g.on_reply(&NodeId("c".into()), Err(())),
+            Progress::Done(Err(_))
+        ));
     }
 
     #[test]

@@ -23,11 +23,18 @@ pub enum Table {
     BucketProps,
     /// Node metadata: identity, cluster secret, membership.
     Meta,
+    /// Hinted handoff: versions held for another node, keyed by `keys::hint_key`.
+    Hints,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 3] = [Table::Objects, Table::BucketProps, Table::Meta];
+    pub const ALL: [Table; 4] = [
+        Table::Objects,
+        Table::BucketProps,
+        Table::Meta,
+        Table::Hints,
+    ];
 
     /// A stable name for the table, used by engines as a file or partition name.
     pub fn name(self) -> &'static str {
@@ -35,6 +42,7 @@ impl Table {
             Table::Objects => "objects",
             Table::BucketProps => "bucket_props",
             Table::Meta => "meta",
+            Table::Hints => "hints",
         }
     }
 }

@@ -23,7 +23,7 @@ use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
-use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure};
+use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure, Slot, sloppy_slots};
 use dynakv_core::ring::{NodeId, key_hash};
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::VersionVector;
@@ -31,6 +31,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -90,10 +91,58 @@ pub enum ClusterError {
     Internal(String),
 }
 
+/// Most keys a node keeps as hints for one other node; past it, new hints are dropped (and
+/// counted) and the node relies on read repair and anti-entropy.
+pub const MAX_HINTS_PER_TARGET: usize = 100_000;
+
+#[derive(Debug, Default)]
+struct HintCounters {
+    stored: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// Hinted-handoff figures for stats and admin.
+#[derive(Debug, Clone)]
+pub struct HintStats {
+    pub stored_total: u64,
+    pub delivered_total: u64,
+    pub dropped_total: u64,
+    pub per_target: Vec<(String, usize)>,
+}
+
+/// The replicas of one request.
+#[derive(Debug)]
+struct ReplicaPlan {
+    primaries: Vec<NodeId>,
+    slots: Vec<Slot>,
+    unplaced: Vec<NodeId>,
+    next: Option<Vec<NodeId>>,
+}
+
+/// A replica's object, merged with what it holds as a hint for `hinted_for`.
+fn replica_with_hint(
+    replica: &Replica,
+    bucket: &str,
+    key: &str,
+    hinted_for: Option<&str>,
+) -> Result<Option<Object>, ReplicaError> {
+    let own = replica.get(bucket, key)?;
+    let Some(target) = hinted_for else {
+        return Ok(own);
+    };
+    let hint = replica.get_hint(target, bucket, key)?;
+    Ok(match (own, hint) {
+        (Some(a), Some(b)) => Some(a.sync(&b)),
+        (a, b) => a.or(b),
+    })
+}
+
 /// Options of a client write.
 #[derive(Debug, Clone)]
 pub struct PutOptions {
     pub w: Option<Quorum>,
+    pub pw: Option<Quorum>,
     pub dw_given: bool,
     pub precondition: Precondition,
     pub now_ms: u64,
@@ -112,6 +161,7 @@ pub struct Cluster {
     /// Last heartbeat seen per member and when it last moved.
     liveness: Mutex<HashMap<NodeId, (u64, Instant)>>,
     parsed_props: RwLock<HashMap<String, (u64, BucketProps)>>,
+    hints: HintCounters,
     /// The ring version whose cleanup this node finished.
     cleaned_version: Mutex<u64>,
     started: Instant,
@@ -199,6 +249,7 @@ impl Cluster {
             liveness: Mutex::new(HashMap::new()),
             parsed_props: RwLock::new(HashMap::new()),
             cleaned_version: Mutex::new(0),
+            hints: HintCounters::default(),
             started: Instant::now(),
         }
     }
@@ -358,34 +409,80 @@ impl Cluster {
 
     // ----- reads -----
 
-    /// A quorum read: the sync of at least R replicas' versions; stale replicas are repaired
-    /// in the background once every replica answered or timed out.
+    /// The key's replicas for a request: its primaries (the first N nodes of the extended
+    /// preference list), the sloppy slots (primaries that are up, fallbacks for those that are
+    /// down), and the down primaries no fallback could replace.
+    fn replica_plan(
+        &self,
+        state: &ClusterState,
+        bucket: &str,
+        key: &str,
+        n_val: u32,
+    ) -> ReplicaPlan {
+        let partition = state
+            .ring
+            .current
+            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+        let extended: Vec<NodeId> = state
+            .ring
+            .current
+            .extended_preference_list(partition)
+            .into_iter()
+            .map(|(_, node)| node)
+            .collect();
+        let n = (n_val as usize).min(extended.len());
+        let (slots, unplaced) = sloppy_slots(&extended, n, |node| self.is_up(node));
+        ReplicaPlan {
+            primaries: extended[..n].to_vec(),
+            slots,
+            unplaced,
+            next: state.next_preference_list(partition, n_val),
+        }
+    }
+
+    /// A quorum read over the sloppy replica set: the sync of at least R replies (`pr` of them
+    /// from primaries); stale primaries are repaired in the background once every replica
+    /// answered or timed out.
     pub async fn get(
         self: &Arc<Self>,
         bucket: &str,
         key: &str,
         r: Option<Quorum>,
+        pr: Option<Quorum>,
     ) -> Result<Object, ClusterError> {
         let props = self.bucket_props(bucket);
         let state = self.state();
-        let partition = state
-            .ring
-            .current
-            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-        let replicas = state.preference_list(partition, props.n_val);
-        let needed = r
-            .unwrap_or(Quorum::Default)
-            .resolve(replicas.len() as u32, props.r) as usize;
-        let mut quorum = GetQuorum::new(replicas.clone(), needed);
+        let plan = self.replica_plan(&state, bucket, key, props.n_val);
+        let n = plan.primaries.len() as u32;
+        let needed = r.unwrap_or(Quorum::Default).resolve(n, props.r).min(n) as usize;
+        let needed_primaries = pr.unwrap_or(Quorum::Default).resolve(n, props.pr).min(n) as usize;
+        let replicas: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
+        if replicas.len() < needed {
+            return Err(ClusterError::Quorum(QuorumFailure {
+                replied: 0,
+                needed,
+                asked: replicas.len(),
+            }));
+        }
+        let mut quorum = GetQuorum::new(replicas.clone(), needed)
+            .with_primaries(plan.primaries.clone(), needed_primaries);
         let (tx, mut rx) = tokio::sync::mpsc::channel(replicas.len().max(1));
-        for node in replicas {
+        for slot in plan.slots {
             let tx = tx.clone();
             let this = Arc::clone(self);
             let (bucket, key) = (bucket.to_owned(), key.to_owned());
             let ring_version = state.ring.version;
             tokio::spawn(async move {
-                let result = this.fetch_replica(&node, &bucket, &key, ring_version).await;
-                let _ = tx.send((node, result)).await;
+                let result = this
+                    .fetch_replica(
+                        &slot.node,
+                        &bucket,
+                        &key,
+                        ring_version,
+                        slot.stands_in_for.as_ref(),
+                    )
+                    .await;
+                let _ = tx.send((slot.node, result)).await;
             });
         }
         drop(tx);
@@ -411,11 +508,17 @@ impl Cluster {
         bucket: &str,
         key: &str,
         ring_version: u64,
+        hinted_for: Option<&NodeId>,
     ) -> Result<Option<Object>, ()> {
         if node == &self.me {
             let replica = Arc::clone(&self.replica);
             let (b, k) = (bucket.to_owned(), key.to_owned());
-            return match tokio::task::spawn_blocking(move || replica.get(&b, &k)).await {
+            let hinted_for = hinted_for.map(|n| n.0.clone());
+            return match tokio::task::spawn_blocking(move || {
+                replica_with_hint(&replica, &b, &k, hinted_for.as_deref())
+            })
+            .await
+            {
                 Ok(Ok(object)) => Ok(object),
                 _ => Err(()),
             };
@@ -424,6 +527,7 @@ impl Cluster {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
             ring_version,
+            hinted_for: hinted_for.map(|n| n.0.clone()),
         };
         match self.send(node, message, self.timeouts.request).await {
             Ok(PeerMessage::ReplicaObject { object: None }) => Ok(None),
@@ -507,6 +611,201 @@ impl Cluster {
         }
     }
 
+    /// Ask fallback `node` to keep a version as a hint for `primary`.
+    async fn store_hinted(
+        &self,
+        node: &NodeId,
+        primary: &NodeId,
+        bucket: &str,
+        key: &str,
+        encoded: &[u8],
+        durability: Durability,
+    ) -> Result<(), ClusterError> {
+        let message = PeerMessage::HintedPut {
+            target: primary.0.clone(),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            object: encoded.to_vec(),
+            durability,
+            ring_version: self.state().ring.version,
+        };
+        match self.send(node, message, self.timeouts.request).await? {
+            PeerMessage::Ack => Ok(()),
+            PeerMessage::StaleRing(state) => {
+                self.merge_state(&state)?;
+                Err(ClusterError::Internal(format!("{node} has a newer ring")))
+            }
+            other => Err(ClusterError::Internal(format!(
+                "{node} answered {}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    /// Keep a version here as a hint for `target`, within the per-target bound.
+    async fn keep_hint(
+        &self,
+        target: &NodeId,
+        bucket: &str,
+        key: &str,
+        object: &Object,
+        durability: Durability,
+    ) {
+        if target == &self.me {
+            return;
+        }
+        let replica = Arc::clone(&self.replica);
+        let (target_name, bucket_name, key_name, object) = (
+            target.0.clone(),
+            bucket.to_owned(),
+            key.to_owned(),
+            object.clone(),
+        );
+        let stored = tokio::task::spawn_blocking(move || {
+            replica.store_hint(
+                &target_name,
+                &bucket_name,
+                &key_name,
+                &object,
+                MAX_HINTS_PER_TARGET,
+                durability,
+            )
+        })
+        .await;
+        match stored {
+            Ok(Ok(true)) => {
+                self.hints.stored.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Ok(false)) => {
+                self.hints.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%target, limit = MAX_HINTS_PER_TARGET, "hint store for this node is full: relying on read repair and anti-entropy");
+            }
+            Ok(Err(e)) => tracing::error!(%target, error = %e, "cannot store a hint"),
+            Err(e) => tracing::error!(%target, error = %e, "hint task failed"),
+        }
+    }
+
+    /// Deliver the hints held for nodes that are reachable again; a hint is deleted only after
+    /// its destination acknowledged it (and only if it did not change meanwhile). Hints for a
+    /// key whose preference list no longer names their target go to its current replicas.
+    /// Returns the number of hints delivered.
+    pub async fn deliver_hints(&self) -> Result<usize, ClusterError> {
+        let mut delivered = 0;
+        for (target, _) in self.replica.hint_counts() {
+            let target_id = NodeId(target.clone());
+            let state = self.state();
+            let is_member = state
+                .member(&target_id)
+                .is_some_and(|m| m.status != MemberStatus::Exiting);
+            if is_member && !self.is_up(&target_id) {
+                continue;
+            }
+            let mut start_after: Option<Vec<u8>> = None;
+            loop {
+                let replica = Arc::clone(&self.replica);
+                let (t, after) = (target.clone(), start_after.clone());
+                let page = tokio::task::spawn_blocking(move || {
+                    replica.hint_page(&t, after.as_deref(), HANDOFF_BATCH_KEYS)
+                })
+                .await
+                .map_err(internal)??;
+                let Some((last, _)) = page.last() else { break };
+                start_after = Some(last.clone());
+                let mut direct = Vec::new();
+                let mut direct_keys = Vec::new();
+                for (hint_key, bytes) in page {
+                    let Some((_, bucket, key)) = keys::split_hint_key(&hint_key) else {
+                        continue;
+                    };
+                    let (bucket, key) = (
+                        String::from_utf8_lossy(bucket).into_owned(),
+                        String::from_utf8_lossy(key).into_owned(),
+                    );
+                    let props = self.bucket_props(&bucket);
+                    let partition = state
+                        .ring
+                        .current
+                        .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+                    let preflist = state.preference_list(partition, props.n_val);
+                    if is_member && preflist.contains(&target_id) {
+                        direct.push(HandoffEntry {
+                            bucket,
+                            key,
+                            object: bytes.clone(),
+                        });
+                        direct_keys.push((hint_key, bytes));
+                        continue;
+                    }
+                    // The key moved: its current replicas get the hint instead.
+                    let object = Object::decode(&bytes).map_err(internal)?;
+                    let mut all_ok = true;
+                    for node in &preflist {
+                        if self
+                            .store_replica(
+                                node,
+                                &bucket,
+                                &key,
+                                &object,
+                                &bytes,
+                                &props,
+                                Durability::Fsync,
+                            )
+                            .await
+                            .is_err()
+                        {
+                            all_ok = false;
+                        }
+                    }
+                    if all_ok && self.drop_hint(&hint_key, &bytes).await? {
+                        delivered += 1;
+                    }
+                }
+                if !direct.is_empty() {
+                    match self.send_handoff(&target_id, direct).await {
+                        Ok(()) => {
+                            for (hint_key, bytes) in direct_keys {
+                                if self.drop_hint(&hint_key, &bytes).await? {
+                                    delivered += 1;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(%target, error = %e, "hint delivery failed; will retry");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if delivered > 0 {
+            self.hints
+                .delivered
+                .fetch_add(delivered as u64, Ordering::Relaxed);
+            tracing::info!(hints = delivered, "hints delivered");
+        }
+        Ok(delivered)
+    }
+
+    async fn drop_hint(&self, hint_key: &[u8], delivered: &[u8]) -> Result<bool, ClusterError> {
+        let replica = Arc::clone(&self.replica);
+        let (k, d) = (hint_key.to_vec(), delivered.to_vec());
+        Ok(
+            tokio::task::spawn_blocking(move || replica.delete_hint_if_unchanged(&k, &d))
+                .await
+                .map_err(internal)??,
+        )
+    }
+
+    /// Hint counters and the hinted keys held per target.
+    pub fn hint_stats(&self) -> HintStats {
+        HintStats {
+            stored_total: self.hints.stored.load(Ordering::Relaxed),
+            delivered_total: self.hints.delivered.load(Ordering::Relaxed),
+            dropped_total: self.hints.dropped.load(Ordering::Relaxed),
+            per_target: self.replica.hint_counts(),
+        }
+    }
+
     // ----- writes -----
 
     /// A client write (put or delete): coordinated here when this node replicates the key,
@@ -521,11 +820,9 @@ impl Cluster {
     ) -> Result<Object, ClusterError> {
         let props = self.bucket_props(bucket);
         let state = self.state();
-        let partition = state
-            .ring
-            .current
-            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-        let current = state.preference_list(partition, props.n_val);
+        let current = self
+            .replica_plan(&state, bucket, key, props.n_val)
+            .primaries;
         if current.contains(&self.me) {
             return self
                 .coordinate_put(bucket, key, context, content, options, &props)
@@ -550,6 +847,9 @@ impl Cluster {
                 deleted: content.deleted,
             },
             w: options.w.map(|w| w.resolve(current.len() as u32, props.w)),
+            pw: options
+                .pw
+                .map(|pw| pw.resolve(current.len() as u32, props.pw)),
             dw_given: options.dw_given,
             precondition: match options.precondition {
                 Precondition::None => WirePrecondition::None,
@@ -591,16 +891,18 @@ impl Cluster {
         props: &BucketProps,
     ) -> Result<Object, ClusterError> {
         let state = self.state();
-        let partition = state
-            .ring
-            .current
-            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-        let current = state.preference_list(partition, props.n_val);
-        let next = state.next_preference_list(partition, props.n_val);
+        let plan = self.replica_plan(&state, bucket, key, props.n_val);
+        let n_replicas = plan.primaries.len() as u32;
         let w = options
             .w
             .unwrap_or(Quorum::Default)
-            .resolve(current.len() as u32, props.w) as usize;
+            .resolve(n_replicas, props.w)
+            .min(n_replicas) as usize;
+        let pw = options
+            .pw
+            .unwrap_or(Quorum::Default)
+            .resolve(n_replicas, props.pw)
+            .min(n_replicas) as usize;
         let durability = if options.dw_given {
             Durability::Fsync
         } else {
@@ -624,12 +926,28 @@ impl Cluster {
         })
         .await
         .map_err(internal)??;
-        let mut quorum = PutQuorum::new(current, next, w);
+        let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
+        let mut quorum = PutQuorum::new(slot_nodes, plan.next.clone(), w)
+            .with_primaries(plan.primaries.clone(), pw);
         let local = quorum.on_reply(&self.me, true);
         let encoded = Arc::new(stored.encode());
-        let targets = quorum.targets();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(targets.len().max(1));
-        for node in targets {
+        // Primaries that are down with no fallback to stand in: this node keeps the hint.
+        for primary in &plan.unplaced {
+            self.keep_hint(primary, bucket, key, &stored, durability)
+                .await;
+        }
+        let mut sends: Vec<(NodeId, Option<NodeId>)> = plan
+            .slots
+            .iter()
+            .map(|s| (s.node.clone(), s.stands_in_for.clone()))
+            .collect();
+        for node in plan.next.iter().flatten() {
+            if !sends.iter().any(|(n, _)| n == node) {
+                sends.push((node.clone(), None));
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(sends.len().max(1));
+        for (node, stands_in_for) in sends {
             if node == self.me {
                 continue;
             }
@@ -642,13 +960,25 @@ impl Cluster {
                 Arc::clone(&encoded),
                 props.clone(),
             );
-            // Detached: replicas beyond W still receive the write after the client is answered.
+            // Detached: replicas beyond W still receive the write after the client is answered,
+            // and a replica that fails gets a hint kept here.
             tokio::spawn(async move {
-                let ok = this
-                    .store_replica(&node, &bucket, &key, &object, &encoded, &props, durability)
-                    .await
-                    .is_ok();
-                let _ = tx.send((node, ok)).await;
+                let ok = match &stands_in_for {
+                    None => this
+                        .store_replica(&node, &bucket, &key, &object, &encoded, &props, durability)
+                        .await
+                        .is_ok(),
+                    Some(primary) => this
+                        .store_hinted(&node, primary, &bucket, &key, &encoded, durability)
+                        .await
+                        .is_ok(),
+                };
+                let _ = tx.send((node.clone(), ok)).await;
+                if !ok {
+                    let intended = stands_in_for.unwrap_or(node);
+                    this.keep_hint(&intended, &bucket, &key, &object, durability)
+                        .await;
+                }
             });
         }
         drop(tx);
@@ -705,12 +1035,57 @@ impl Cluster {
                     secret: *self.secret().as_bytes(),
                 })
             }
-            PeerMessage::ReplicaGet { bucket, key, .. } => {
+            PeerMessage::ReplicaGet {
+                bucket,
+                key,
+                hinted_for,
+                ..
+            } => {
                 let replica = Arc::clone(&self.replica);
-                let object = tokio::task::spawn_blocking(move || replica.get_raw(&bucket, &key))
-                    .await
-                    .map_err(internal)??;
+                let object = tokio::task::spawn_blocking(move || match hinted_for {
+                    None => replica.get_raw(&bucket, &key),
+                    Some(target) => replica_with_hint(&replica, &bucket, &key, Some(&target))
+                        .map(|o| o.map(|o| o.encode())),
+                })
+                .await
+                .map_err(internal)??;
                 Ok(PeerMessage::ReplicaObject { object })
+            }
+            PeerMessage::HintedPut {
+                target,
+                bucket,
+                key,
+                object,
+                durability,
+                ring_version,
+            } => {
+                let state = self.state();
+                if state.ring.version > ring_version {
+                    return Ok(PeerMessage::StaleRing(Box::new((*state).clone())));
+                }
+                let object = Object::decode(&object).map_err(internal)?;
+                let replica = Arc::clone(&self.replica);
+                let stored = tokio::task::spawn_blocking(move || {
+                    replica.store_hint(
+                        &target,
+                        &bucket,
+                        &key,
+                        &object,
+                        MAX_HINTS_PER_TARGET,
+                        durability,
+                    )
+                })
+                .await
+                .map_err(internal)??;
+                if stored {
+                    self.hints.stored.fetch_add(1, Ordering::Relaxed);
+                    Ok(PeerMessage::Ack)
+                } else {
+                    self.hints.dropped.fetch_add(1, Ordering::Relaxed);
+                    Ok(PeerMessage::Error(
+                        "hint store for that node is full".into(),
+                    ))
+                }
             }
             PeerMessage::ReplicaPut {
                 bucket,
@@ -739,6 +1114,7 @@ impl Cluster {
                 context,
                 content,
                 w,
+                pw,
                 dw_given,
                 precondition,
                 now_ms,
@@ -775,6 +1151,7 @@ impl Cluster {
                 };
                 let options = PutOptions {
                     w: w.map(Quorum::Count),
+                    pw: pw.map(Quorum::Count),
                     dw_given,
                     precondition: match precondition {
                         WirePrecondition::None => Precondition::None,
@@ -1296,6 +1673,7 @@ fn message_name(message: &PeerMessage) -> &'static str {
         PeerMessage::ReplicaGet { .. } => "ReplicaGet",
         PeerMessage::ReplicaObject { .. } => "ReplicaObject",
         PeerMessage::ReplicaPut { .. } => "ReplicaPut",
+        PeerMessage::HintedPut { .. } => "HintedPut",
         PeerMessage::CoordinatePut { .. } => "CoordinatePut",
         PeerMessage::Coordinated { .. } => "Coordinated",
         PeerMessage::Failed { .. } => "Failed",

@@ -223,6 +223,8 @@ struct RequestOptions {
     dw_given: bool,
     r: Option<Quorum>,
     w: Option<Quorum>,
+    pr: Option<Quorum>,
+    pw: Option<Quorum>,
 }
 
 /// Check the quorum and flag parameters against the bucket; unknown parameters are ignored
@@ -254,6 +256,8 @@ fn parse_options(
                     }
                     "r" => options.r = Some(quorum),
                     "w" => options.w = Some(quorum),
+                    "pr" => options.pr = Some(quorum),
+                    "pw" => options.pw = Some(quorum),
                     _ => {}
                 }
             }
@@ -537,7 +541,10 @@ async fn fetch_inner(
     let (bucket, key) = bucket_and_key(params)?;
     let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
-    let object = state.cluster.get(&bucket, &key, options.r).await?;
+    let object = state
+        .cluster
+        .get(&bucket, &key, options.r, options.pr)
+        .await?;
     object_response(
         state,
         (&bucket, &key),
@@ -719,6 +726,7 @@ async fn store_inner(
             content,
             PutOptions {
                 w: options.w,
+                pw: options.pw,
                 dw_given: options.dw_given,
                 precondition,
                 now_ms: now,
@@ -782,7 +790,10 @@ async fn delete_inner(
     let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
-    let existing = state.cluster.get(&bucket, &key, options.r).await?;
+    let existing = state
+        .cluster
+        .get(&bucket, &key, options.r, options.pr)
+        .await?;
     if existing.is_deleted() {
         return Ok(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
     }
@@ -798,6 +809,7 @@ async fn delete_inner(
             Content::tombstone(now),
             PutOptions {
                 w: options.w,
+                pw: options.pw,
                 dw_given: options.dw_given,
                 precondition: Precondition::None,
                 now_ms: now,
@@ -1039,21 +1051,45 @@ fn ring_members(state: &ClusterState) -> Vec<String> {
 async fn stats(State(state): State<AppState>) -> Response {
     let cluster = state.cluster.state();
     let members = ring_members(&cluster);
-    json_response(
-        StatusCode::OK,
-        &state.stats.to_json(
-            &state.node_name,
-            &members,
-            cluster.ring.current.partition_count(),
-        ),
-    )
+    let mut body = state.stats.to_json(
+        &state.node_name,
+        &members,
+        cluster.ring.current.partition_count(),
+    );
+    let hints = state.cluster.hint_stats();
+    if let Some(map) = body.as_object_mut() {
+        map.insert("ring_version".into(), json!(cluster.ring.version));
+        map.insert(
+            "hints_held".into(),
+            json!(hints.per_target.iter().map(|(_, c)| c).sum::<usize>()),
+        );
+        map.insert("hints_stored_total".into(), json!(hints.stored_total));
+        map.insert("hints_delivered_total".into(), json!(hints.delivered_total));
+        map.insert("hints_dropped_total".into(), json!(hints.dropped_total));
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    use std::fmt::Write as _;
+    let mut text = state.stats.to_prometheus();
+    let hints = state.cluster.hint_stats();
+    let _ = writeln!(text, "# TYPE dynakv_hints_held gauge");
+    for (target, count) in &hints.per_target {
+        let _ = writeln!(text, "dynakv_hints_held{{target=\"{target}\"}} {count}");
+    }
+    for (name, value) in [
+        ("dynakv_hints_stored_total", hints.stored_total),
+        ("dynakv_hints_delivered_total", hints.delivered_total),
+        ("dynakv_hints_dropped_total", hints.dropped_total),
+    ] {
+        let _ = writeln!(text, "# TYPE {name} counter");
+        let _ = writeln!(text, "{name} {value}");
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.stats.to_prometheus(),
+        text,
     )
         .into_response()
 }
@@ -1151,6 +1187,7 @@ async fn admin_handoffs(State(state): State<AppState>) -> Response {
     } else {
         Vec::new()
     };
+    let hints = state.cluster.hint_stats();
     json_response(
         StatusCode::OK,
         &json!({
@@ -1158,6 +1195,12 @@ async fn admin_handoffs(State(state): State<AppState>) -> Response {
             "transition": cluster.ring.transition,
             "partitions_moving": moving,
             "nodes": participants,
+            "hints": {
+                "held_per_target": hints.per_target.iter().map(|(t, c)| json!({"target": t, "keys": c})).collect::<Vec<_>>(),
+                "stored_total": hints.stored_total,
+                "delivered_total": hints.delivered_total,
+                "dropped_total": hints.dropped_total,
+            },
         }),
     )
 }

@@ -168,6 +168,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
     let client = PeerClient::new(transport_config.clone());
     let replica = Arc::new(Replica::new(Arc::clone(&storage), identity.actor));
+    {
+        let replica = Arc::clone(&replica);
+        tokio::task::spawn_blocking(move || replica.load_hint_counts())
+            .await
+            .map_err(|e| ServerError::Internal(e.to_string()))?
+            .map_err(|e| ServerError::Internal(e.to_string()))?;
+    }
     let timeouts = ClusterTimeouts {
         request: Duration::from_millis(config.request_timeout_ms),
         ..ClusterTimeouts::default()
@@ -278,6 +285,9 @@ async fn background_loops(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<b
         }
         if let Err(e) = cluster.cleanup_round().await {
             tracing::warn!(error = %e, "cleanup round failed; will retry");
+        }
+        if let Err(e) = cluster.deliver_hints().await {
+            tracing::warn!(error = %e, "hint delivery failed; will retry");
         }
     }
 }

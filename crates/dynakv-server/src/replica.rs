@@ -72,6 +72,8 @@ pub struct Replica {
     storage: Arc<dyn Storage>,
     actor: ActorId,
     stripes: Vec<Mutex<()>>,
+    /// Hinted keys held per target node.
+    hint_counts: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Replica {
@@ -80,6 +82,7 @@ impl Replica {
             storage,
             actor,
             stripes: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            hint_counts: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -215,6 +218,140 @@ impl Replica {
         self.storage
             .delete(Table::Objects, storage_key, Durability::Buffered)
             .map_err(storage_error)
+    }
+
+    /// Keep `incoming` as a hint for `target`, merged with any hint already held for the key.
+    /// Returns false (and stores nothing) when `target` already has `limit` hinted keys.
+    pub fn store_hint(
+        &self,
+        target: &str,
+        bucket: &str,
+        key: &str,
+        incoming: &Object,
+        limit: usize,
+        durability: Durability,
+    ) -> Result<bool, ReplicaError> {
+        let hint_key = keys::hint_key(target, bucket.as_bytes(), key.as_bytes());
+        let _guard = self.stripe(&hint_key).lock();
+        let existing = self
+            .storage
+            .get(Table::Hints, &hint_key)
+            .map_err(storage_error)?;
+        let merged = if let Some(bytes) = &existing {
+            Object::decode(bytes)
+                .map_err(ReplicaError::Corrupt)?
+                .sync(incoming)
+        } else {
+            let mut counts = self.hint_counts.lock();
+            let count = counts.entry(target.to_owned()).or_insert(0);
+            if *count >= limit {
+                return Ok(false);
+            }
+            *count += 1;
+            incoming.clone()
+        };
+        self.storage
+            .put(Table::Hints, &hint_key, &merged.encode(), durability)
+            .map_err(storage_error)?;
+        Ok(true)
+    }
+
+    /// The hint held for `target` on one key, if any.
+    pub fn get_hint(
+        &self,
+        target: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Object>, ReplicaError> {
+        let hint_key = keys::hint_key(target, bucket.as_bytes(), key.as_bytes());
+        match self
+            .storage
+            .get(Table::Hints, &hint_key)
+            .map_err(storage_error)?
+        {
+            None => Ok(None),
+            Some(bytes) => Object::decode(&bytes)
+                .map(Some)
+                .map_err(ReplicaError::Corrupt),
+        }
+    }
+
+    /// Up to `limit` hints for `target` after `start_after`: (hint key, stored bytes).
+    pub fn hint_page(
+        &self,
+        target: &str,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<dynakv_core::storage::Entry>, ReplicaError> {
+        self.storage
+            .scan(Table::Hints, &keys::hint_prefix(target), start_after, limit)
+            .map_err(storage_error)
+    }
+
+    /// Delete a delivered hint, unless it changed since it was read (a newer version merged
+    /// in meanwhile must not be lost).
+    pub fn delete_hint_if_unchanged(
+        &self,
+        hint_key: &[u8],
+        delivered: &[u8],
+    ) -> Result<bool, ReplicaError> {
+        let _guard = self.stripe(hint_key).lock();
+        let current = self
+            .storage
+            .get(Table::Hints, hint_key)
+            .map_err(storage_error)?;
+        if current.as_deref() != Some(delivered) {
+            return Ok(false);
+        }
+        self.storage
+            .delete(Table::Hints, hint_key, Durability::Fsync)
+            .map_err(storage_error)?;
+        if let Some((target, _, _)) = keys::split_hint_key(hint_key) {
+            let target = String::from_utf8_lossy(target).into_owned();
+            let mut counts = self.hint_counts.lock();
+            if let Some(count) = counts.get_mut(&target) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&target);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hinted keys held per target.
+    pub fn hint_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<_> = self
+            .hint_counts
+            .lock()
+            .iter()
+            .map(|(t, c)| (t.clone(), *c))
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    /// Count the hints in storage (at startup).
+    pub fn load_hint_counts(&self) -> Result<(), ReplicaError> {
+        let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .storage
+                .scan(Table::Hints, &[], start_after.as_deref(), 1000)
+                .map_err(storage_error)?;
+            let Some((last, _)) = page.last() else { break };
+            start_after = Some(last.clone());
+            for (hint_key, _) in &page {
+                if let Some((target, _, _)) = keys::split_hint_key(hint_key) {
+                    *counts
+                        .entry(String::from_utf8_lossy(target).into_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+        *self.hint_counts.lock() = counts;
+        Ok(())
     }
 
     /// Whether the node stores any object at all.

@@ -160,6 +160,7 @@ impl FjallStorage {
             open_keyspace(Table::ALL[0])?,
             open_keyspace(Table::ALL[1])?,
             open_keyspace(Table::ALL[2])?,
+            open_keyspace(Table::ALL[3])?,
         ];
         tracing::debug!(path = %dir.display(), ?options, "opened fjall storage");
 

@@ -72,6 +72,7 @@ pub(crate) const fn table_index(table: Table) -> usize {
         Table::Objects => 0,
         Table::BucketProps => 1,
         Table::Meta => 2,
+        Table::Hints => 3,
     }
 }
 

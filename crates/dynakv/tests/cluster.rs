@@ -543,6 +543,29 @@ fn sigkill_one_of_three_keeps_quorum_operations_working() {
     );
     cluster.assert_alive(&[0]);
 
+    // Asking for all three replicas cannot succeed: 503, with a body saying how many answered
+    // (the format is not specified; it is a count below 3, and the count may be taken when
+    // the quorum became impossible, before every live replica answered).
+    let says_fewer = |r: &Resp| r.text().chars().any(|c| ('0'..='2').contains(&c));
+    let r = put_kv(&live[0].1, "down", "w3", "x", Some(3), None).unwrap();
+    eprintln!("put w=3 with n1 down: {}", r.summary());
+    assert_eq!(
+        r.status,
+        503,
+        "put w=3 with a replica down: {}",
+        r.summary()
+    );
+    assert!(says_fewer(&r), "{}", r.summary());
+    let r = get_kv(&live[1].1, "down", "k0", Some(3)).unwrap();
+    eprintln!("get r=3 with n1 down: {}", r.summary());
+    assert_eq!(
+        r.status,
+        503,
+        "get r=3 with a replica down: {}",
+        r.summary()
+    );
+    assert!(says_fewer(&r), "{}", r.summary());
+
     // Restart without any admin step: it rejoins by itself.
     cluster.restart(0);
     let all: BTreeSet<String> = (0..3).map(|i| cluster.name(i)).collect();
