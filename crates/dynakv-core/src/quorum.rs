@@ -243,6 +243,18 @@ impl PutQuorum {
         self
     }
 
+    /// `fallback` stands in for `failed` (sloppy quorum): its acknowledgement counts where
+    /// `failed`'s would have.
+    pub fn substitute(&mut self, failed: &NodeId, fallback: &NodeId) {
+        for node in &mut self.current {
+            if node == failed {
+                *node = fallback.clone();
+            }
+        }
+        self.failed.remove(fallback);
+        self.acked.remove(fallback);
+    }
+
     /// Every node the write must be sent to (current and next lists, without repeats).
     pub fn targets(&self) -> Vec<NodeId> {
         let mut all = self.current.clone();

@@ -116,6 +116,9 @@ pub struct HintStats {
 struct ReplicaPlan {
     primaries: Vec<NodeId>,
     slots: Vec<Slot>,
+    /// Up nodes past the primaries not used as fallbacks: stand-ins for primaries that fail
+    /// during a write.
+    spares: Vec<NodeId>,
     unplaced: Vec<NodeId>,
     next: Option<Vec<NodeId>>,
 }
@@ -432,10 +435,16 @@ impl Cluster {
             .collect();
         let n = (n_val as usize).min(extended.len());
         let (slots, unplaced) = sloppy_slots(&extended, n, |node| self.is_up(node));
+        let spares = extended[n..]
+            .iter()
+            .filter(|node| self.is_up(node) && !slots.iter().any(|s| &s.node == *node))
+            .cloned()
+            .collect();
         ReplicaPlan {
             primaries: extended[..n].to_vec(),
             slots,
             unplaced,
+            spares,
             next: state.next_preference_list(partition, n_val),
         }
     }
@@ -946,11 +955,8 @@ impl Cluster {
                 sends.push((node.clone(), None));
             }
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel(sends.len().max(1));
-        for (node, stands_in_for) in sends {
-            if node == self.me {
-                continue;
-            }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(sends.len() + plan.spares.len() + 1);
+        let send = |node: NodeId, stands_in_for: Option<NodeId>| {
             let tx = tx.clone();
             let this = Arc::clone(self);
             let (bucket, key, object, encoded, props) = (
@@ -960,8 +966,8 @@ impl Cluster {
                 Arc::clone(&encoded),
                 props.clone(),
             );
-            // Detached: replicas beyond W still receive the write after the client is answered,
-            // and a replica that fails gets a hint kept here.
+            // Detached: replicas beyond W still receive the write after the client is
+            // answered, and a replica that fails gets a hint kept here.
             tokio::spawn(async move {
                 let ok = match &stands_in_for {
                     None => this
@@ -973,20 +979,43 @@ impl Cluster {
                         .await
                         .is_ok(),
                 };
-                let _ = tx.send((node.clone(), ok)).await;
+                let _ = tx.send((node.clone(), stands_in_for.is_some(), ok)).await;
                 if !ok {
                     let intended = stands_in_for.unwrap_or(node);
                     this.keep_hint(&intended, &bucket, &key, &object, durability)
                         .await;
                 }
             });
+        };
+        let mut outstanding = 0usize;
+        for (node, stands_in_for) in sends {
+            if node != self.me {
+                send(node, stands_in_for);
+                outstanding += 1;
+            }
         }
-        drop(tx);
         if let Progress::Done(result) = local {
             result.map_err(ClusterError::Quorum)?;
             return Ok(stored);
         }
-        while let Some((node, ok)) = rx.recv().await {
+        let mut spares = plan.spares.into_iter();
+        while outstanding > 0 {
+            let Some((node, was_fallback, ok)) = rx.recv().await else {
+                break;
+            };
+            outstanding -= 1;
+            // A primary that failed during the write: a spare node stands in for it (sloppy
+            // quorum), keeping the version as a hint.
+            if !ok
+                && !was_fallback
+                && plan.primaries.contains(&node)
+                && let Some(spare) = spares.next()
+            {
+                quorum.substitute(&node, &spare);
+                send(spare, Some(node));
+                outstanding += 1;
+                continue;
+            }
             if let Progress::Done(result) = quorum.on_reply(&node, ok) {
                 result.map_err(ClusterError::Quorum)?;
                 return Ok(stored);

@@ -414,17 +414,31 @@ fn siblings_from_two_coordinators() {
 
 #[test]
 fn stale_replica_is_repaired_by_a_read() {
+    // V (a replica of the key) misses a write while it is down. The write's coordinator A
+    // may keep a hint for V (hinted handoff); A is killed before V comes back, so the only
+    // way V can learn the new value is the read (through the third node C), which with A
+    // down needs V's answer.
     let _serial = serial();
     let mut cluster = Cluster::start(3);
     let pref = preflist(&cluster.url(0), "repair", "k").unwrap();
     let victim = cluster.index_of(&pref[0].node);
-    let other = (victim + 1) % 3;
-    let (victim_url, other_url) = (cluster.url(victim), cluster.url(other));
-    eprintln!("preflist {pref:?}; killing {}", cluster.name(victim));
+    let coordinator = (victim + 1) % 3;
+    let third = (victim + 2) % 3;
+    let (victim_url, coordinator_url, third_url) = (
+        cluster.url(victim),
+        cluster.url(coordinator),
+        cluster.url(third),
+    );
+    eprintln!(
+        "preflist {pref:?}; V={} A={} C={}",
+        cluster.name(victim),
+        cluster.name(coordinator),
+        cluster.name(third)
+    );
 
-    let r = put_kv(&other_url, "repair", "k", "old", Some(3), None).unwrap();
+    let r = put_kv(&coordinator_url, "repair", "k", "old", Some(3), None).unwrap();
     assert_eq!(r.status, 204, "{}", r.summary());
-    let read = get_kv(&other_url, "repair", "k", Some(3)).unwrap();
+    let read = get_kv(&coordinator_url, "repair", "k", Some(3)).unwrap();
     assert_eq!(
         (read.status, read.text().as_str()),
         (200, "old"),
@@ -440,20 +454,36 @@ fn stale_replica_is_repaired_by_a_read() {
     with_grace(
         killed,
         Duration::from_secs(3),
-        &cluster.name(other),
+        &cluster.name(coordinator),
         &tally,
-        || put_kv(&other_url, "repair", "k", "new", Some(2), Some(&ctx)),
+        || put_kv(&coordinator_url, "repair", "k", "new", Some(2), Some(&ctx)),
         |r| r.status == 204,
     )
     .unwrap();
     tally.print();
+    assert_eq!(
+        replica(&third_url, "repair", "k").unwrap().values,
+        ["new"],
+        "the write was acknowledged by A and C"
+    );
+    cluster.kill(coordinator);
 
     cluster.restart(victim);
-    let all: BTreeSet<String> = (0..3).map(|i| cluster.name(i)).collect();
-    wait_all_up(
-        &named_urls(&cluster, &[0, 1, 2]),
-        &all,
+    let v_and_c = named_urls(&cluster, &[victim, third]);
+    let v_name = cluster.name(victim);
+    wait_for(
+        &format!("{v_name} up and valid in its own and C's view"),
         Duration::from_secs(30),
+        || {
+            for (name, url) in &v_and_c {
+                let m = members(url)?;
+                match m.iter().find(|m| m.name == v_name) {
+                    Some(m) if m.up && m.status == "valid" => {}
+                    other => return Err(format!("{name} sees {v_name} as {other:?}")),
+                }
+            }
+            Ok(())
+        },
     );
 
     let stale = replica(&victim_url, "repair", "k").unwrap();
@@ -463,15 +493,15 @@ fn stale_replica_is_repaired_by_a_read() {
         "the restarted replica should hold only the old value before any read: {stale:?}"
     );
 
-    // A read with r=3 needs the restarted node; its answer is the new value.
+    // With A down, a read with r=2 needs the restarted node; its answer is the new value.
     let answered = wait_for(
-        "a r=3 read of the new value",
+        "a r=2 read (through C, A down) of the new value",
         Duration::from_secs(10),
         || {
-            let r = get_kv(&other_url, "repair", "k", Some(3))?;
+            let r = get_kv(&third_url, "repair", "k", Some(2))?;
             match r.status {
                 200 if r.text() == "new" => Ok(r),
-                200 | 300 => panic!("r=3 read returned the wrong version: {}", r.summary()),
+                200 | 300 => panic!("r=2 read returned the wrong version: {}", r.summary()),
                 _ => Err(r.summary()),
             }
         },
@@ -565,6 +595,18 @@ fn sigkill_one_of_three_keeps_quorum_operations_working() {
         r.summary()
     );
     assert!(says_fewer(&r), "{}", r.summary());
+
+    // The survivors notice that n1 is down (so that seeing it up again below means something).
+    wait_for("n2 and n3 to show n1 down", Duration::from_secs(15), || {
+        for (name, url) in &live {
+            let m = members(url)?;
+            match m.iter().find(|m| m.name == "n1") {
+                Some(m) if !m.up => {}
+                other => return Err(format!("{name} sees n1 as {other:?}")),
+            }
+        }
+        Ok(())
+    });
 
     // Restart without any admin step: it rejoins by itself.
     cluster.restart(0);

@@ -1,0 +1,222 @@
+//! Sloppy quorum and hinted handoff with in-process nodes (real sockets on 127.0.0.1, disk
+//! storage so a stopped node can be restarted from its data directory).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use axum::http::{Method, StatusCode};
+use bytes::Bytes;
+use dynakv_client::Client;
+use dynakv_server::RunningServer;
+use dynakv_server::config::{ServerConfig, StorageKind};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    server: Option<RunningServer>,
+}
+
+async fn start_server(name: &str, dir: &Path, join: Option<SocketAddr>) -> RunningServer {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = ServerConfig::new(name, any, any, dir.to_owned());
+    config.storage = StorageKind::Disk;
+    config.join = join;
+    config.request_timeout_ms = 500;
+    config.cache_size_bytes = 4 * 1024 * 1024;
+    dynakv_server::start(config).await.unwrap()
+}
+
+impl Node {
+    fn server(&self) -> &RunningServer {
+        self.server.as_ref().unwrap()
+    }
+    fn client(&self) -> Client {
+        Client::new(&format!("http://{}", self.server().http_addr)).unwrap()
+    }
+    async fn stop(&mut self) {
+        let server = self.server.take().unwrap();
+        server.shutdown();
+        server.wait().await.unwrap();
+    }
+    async fn restart(&mut self) {
+        self.server = Some(start_server(&self.name, &self.dir, None).await);
+    }
+}
+
+async fn cluster(n: usize, root: &Path) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 1..=n {
+        let name = format!("n{i}");
+        let dir = root.join(&name);
+        let join = nodes.first().map(|f| f.server().peer_addr);
+        let server = start_server(&name, &dir, join).await;
+        nodes.push(Node {
+            name,
+            dir,
+            server: Some(server),
+        });
+    }
+    wait_until("ring settled", Duration::from_secs(30), || {
+        nodes.iter().all(|node| {
+            let state = node.server().cluster.state();
+            state.settled() && state.ring.current.nodes().len() == n
+        })
+    })
+    .await;
+    nodes
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn put(client: &Client, path: &str, value: &str) -> (StatusCode, String) {
+    let (status, _, body) = client
+        .request(
+            Method::PUT,
+            path,
+            &[("content-type", "text/plain")],
+            Bytes::from(value.to_owned()),
+        )
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn holds(node: &Node, bucket: &str, key: &str, value: &str) -> bool {
+    node.server()
+        .cluster
+        .replica()
+        .get(bucket, key)
+        .unwrap()
+        .is_some_and(|o| {
+            o.live_siblings()
+                .any(|s| s.content.value == value.as_bytes())
+        })
+}
+
+fn hints_held(node: &Node) -> usize {
+    node.server()
+        .cluster
+        .hint_stats()
+        .per_target
+        .iter()
+        .map(|(_, c)| c)
+        .sum()
+}
+
+/// Kill one node of three, write 1,000 keys with W=2, restart it: hinted handoff brings it
+/// every key within a bounded time, and the hint stores drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_receives_every_missed_write_by_hinted_handoff() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, root.path()).await;
+    nodes[2].stop().await;
+    let (c1, c2) = (nodes[0].client(), nodes[1].client());
+    for i in 0..1000 {
+        let client = if i % 2 == 0 { &c1 } else { &c2 };
+        let (status, body) = put(
+            client,
+            &format!("/buckets/h/keys/k{i}?w=2"),
+            &format!("v{i}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "k{i}: {body}");
+    }
+    let held = hints_held(&nodes[0]) + hints_held(&nodes[1]);
+    assert_eq!(held, 1000, "every write to the down replica left a hint");
+    let started = Instant::now();
+    nodes[2].restart().await;
+    wait_until("hints delivered", Duration::from_secs(60), || {
+        hints_held(&nodes[0]) + hints_held(&nodes[1]) == 0
+    })
+    .await;
+    let missing: Vec<usize> = (0..1000)
+        .filter(|i| !holds(&nodes[2], "h", &format!("k{i}"), &format!("v{i}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} keys missing on the restarted node: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    eprintln!(
+        "1000 hinted keys delivered {:.1?} after the restart",
+        started.elapsed()
+    );
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
+
+/// With four nodes and one down, W=3 is met by a fallback standing in for the down primary
+/// (sloppy quorum), PW=3 is refused, and the fallback's hint reaches the primary when it is
+/// back; a read through the fallback sees the hinted write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sloppy_quorum_uses_a_fallback_and_pw_counts_primaries() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(4, root.path()).await;
+    // A key whose primaries include n4 and exclude n1 (so n1 can coordinate or forward).
+    let state = nodes[0].server().cluster.state();
+    let key = (0..1000)
+        .map(|i| format!("s{i}"))
+        .find(|k| {
+            let p = state.ring.current.partition_of(b"s", k.as_bytes());
+            let list: Vec<String> = state
+                .preference_list(p, 3)
+                .into_iter()
+                .map(|n| n.0)
+                .collect();
+            list.contains(&"n4".to_owned())
+        })
+        .unwrap();
+    nodes[3].stop().await;
+    let client = nodes[0].client();
+    // Wait until n1 sees n4 as down (transport backoff or heartbeat timeout).
+    let n4 = dynakv_core::ring::NodeId("n4".into());
+    wait_until("n4 seen down", Duration::from_secs(15), || {
+        !nodes[0].server().cluster.is_up(&n4)
+    })
+    .await;
+    let (status, body) = put(
+        &client,
+        &format!("/buckets/s/keys/{key}?w=3&pw=3"),
+        "strict",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = put(&client, &format!("/buckets/s/keys/{key}?w=3"), "sloppy").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, _, body) = client
+        .request(
+            Method::GET,
+            &format!("/buckets/s/keys/{key}?r=3"),
+            &[("accept", "multipart/mixed")],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        status == StatusCode::OK || status == StatusCode::MULTIPLE_CHOICES,
+        "{status}"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("sloppy"));
+    nodes[3].restart().await;
+    wait_until("n4 holds the sloppy write", Duration::from_secs(60), || {
+        holds(&nodes[3], "s", &key, "sloppy")
+    })
+    .await;
+    wait_until("hints drained", Duration::from_secs(30), || {
+        nodes.iter().all(|n| hints_held(n) == 0)
+    })
+    .await;
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
