@@ -14,6 +14,7 @@ pub mod context;
 pub mod keys;
 pub mod limits;
 pub mod membership;
+pub mod merkle;
 pub mod message;
 pub mod object;
 pub mod quorum;

@@ -123,6 +123,31 @@ pub enum PeerMessage {
     /// The buckets holding objects on the receiver; reply `Buckets`.
     ListBuckets,
     Buckets(Vec<String>),
+    /// Anti-entropy: the receiver's segment hashes of a partition's tree; reply `AaeHashes`.
+    AaeSegments {
+        partition: u32,
+    },
+    AaeHashes {
+        hashes: Vec<[u8; 16]>,
+    },
+    /// The leaves of the given segments; reply `AaeLeafHashes`.
+    AaeLeaves {
+        partition: u32,
+        segments: Vec<u16>,
+    },
+    AaeLeafHashes {
+        leaves: Vec<(u16, [u8; 16])>,
+    },
+    /// The keys (bucket, key, entry hash) in the given leaves; reply `AaeKeyHashes`.
+    AaeKeys {
+        partition: u32,
+        leaves: Vec<u16>,
+    },
+    AaeKeyHashes {
+        entries: Vec<(String, String, [u8; 16])>,
+        /// More keys matched than one reply may carry.
+        truncated: bool,
+    },
     Ack,
     /// The receiver's ring is newer than the sender's: here is the receiver's state.
     StaleRing(Box<ClusterState>),

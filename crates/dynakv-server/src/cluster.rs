@@ -15,12 +15,14 @@
 //! - a node drops a key only after the transition that removed it from the key's preference
 //!   list has completed, i.e. after every old replica handed its keys to the new ones.
 
+use crate::aae::{AaeTrees, ExchangeRecord};
 use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
+use dynakv_core::merkle::{Hash, differing_leaves, differing_segments, entry_hash, leaf_of};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure, Slot, sloppy_slots};
@@ -141,6 +143,63 @@ fn replica_with_hint(
     })
 }
 
+/// Most keys listed per leaf-key exchange of anti-entropy.
+const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
+/// Admission control bounds of the anti-entropy budget (keys repaired per round).
+const AAE_BUDGET_MIN: usize = 100;
+const AAE_BUDGET_MAX: usize = 10_000;
+
+/// Admission control of background work (paper 6.5): the anti-entropy budget halves while the
+/// foreground p99 latency is above the target and doubles back while it is below.
+#[derive(Debug)]
+pub struct Admission {
+    budget: AtomicU64,
+    target_p99_us: AtomicU64,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            budget: AtomicU64::new(AAE_BUDGET_MAX as u64),
+            target_p99_us: AtomicU64::new(50_000),
+        }
+    }
+}
+
+impl Admission {
+    /// Keys anti-entropy may repair in one round.
+    pub fn budget(&self) -> usize {
+        self.budget.load(Ordering::Relaxed) as usize
+    }
+
+    /// Set the foreground p99 target, in microseconds.
+    pub fn set_target_p99_us(&self, target: u64) {
+        self.target_p99_us.store(target.max(1), Ordering::Relaxed);
+    }
+
+    /// Adjust the budget from the foreground p99 of the last interval.
+    pub fn observe_p99_us(&self, p99_us: u64) -> usize {
+        let budget = self.budget() as u64;
+        let next = if p99_us > self.target_p99_us.load(Ordering::Relaxed) {
+            (budget / 2).max(AAE_BUDGET_MIN as u64)
+        } else {
+            (budget * 2).min(AAE_BUDGET_MAX as u64)
+        };
+        self.budget.store(next, Ordering::Relaxed);
+        next as usize
+    }
+}
+
+/// What a `Cluster` is built from besides its identity and state.
+#[derive(Debug)]
+pub struct ClusterParts {
+    pub replica: Arc<Replica>,
+    pub storage: Arc<dyn Storage>,
+    pub client: PeerClient<PeerMessage>,
+    pub timeouts: ClusterTimeouts,
+    pub aae: Arc<AaeTrees>,
+}
+
 /// Options of a client write.
 #[derive(Debug, Clone)]
 pub struct PutOptions {
@@ -165,6 +224,8 @@ pub struct Cluster {
     liveness: Mutex<HashMap<NodeId, (u64, Instant)>>,
     parsed_props: RwLock<HashMap<String, (u64, BucketProps)>>,
     hints: HintCounters,
+    aae: Arc<AaeTrees>,
+    admission: Admission,
     /// The ring version whose cleanup this node finished.
     cleaned_version: Mutex<u64>,
     started: Instant,
@@ -232,15 +293,14 @@ fn peer_addr(member: &Member) -> Option<SocketAddr> {
 }
 
 impl Cluster {
-    pub fn new(
-        me: NodeId,
-        state: ClusterState,
-        secret: ContextKey,
-        replica: Arc<Replica>,
-        storage: Arc<dyn Storage>,
-        client: PeerClient<PeerMessage>,
-        timeouts: ClusterTimeouts,
-    ) -> Self {
+    pub fn new(me: NodeId, state: ClusterState, secret: ContextKey, parts: ClusterParts) -> Self {
+        let ClusterParts {
+            replica,
+            storage,
+            client,
+            timeouts,
+            aae,
+        } = parts;
         Cluster {
             me,
             state: RwLock::new(Arc::new(state)),
@@ -253,6 +313,8 @@ impl Cluster {
             parsed_props: RwLock::new(HashMap::new()),
             cleaned_version: Mutex::new(0),
             hints: HintCounters::default(),
+            aae,
+            admission: Admission::default(),
             started: Instant::now(),
         }
     }
@@ -1226,6 +1288,19 @@ impl Cluster {
                 .map_err(internal)??;
                 Ok(PeerMessage::Ack)
             }
+            PeerMessage::AaeSegments { partition } => Ok(PeerMessage::AaeHashes {
+                hashes: self.aae().segments(partition),
+            }),
+            PeerMessage::AaeLeaves {
+                partition,
+                segments,
+            } => Ok(PeerMessage::AaeLeafHashes {
+                leaves: self.aae().segment_leaves(partition, &segments),
+            }),
+            PeerMessage::AaeKeys { partition, leaves } => {
+                let (entries, truncated) = self.local_leaf_keys(partition, leaves).await?;
+                Ok(PeerMessage::AaeKeyHashes { entries, truncated })
+            }
             PeerMessage::ListBuckets => {
                 let replica = Arc::clone(&self.replica);
                 let buckets = tokio::task::spawn_blocking(move || replica.list_buckets())
@@ -1248,6 +1323,272 @@ impl Cluster {
                 message_name(&other)
             ))),
         }
+    }
+
+    // ----- active anti-entropy -----
+
+    fn aae(&self) -> &Arc<AaeTrees> {
+        &self.aae
+    }
+
+    /// The keys this node stores in the given leaves of a partition, with their entry hashes.
+    async fn local_leaf_keys(
+        &self,
+        partition: u32,
+        leaves: Vec<u16>,
+    ) -> Result<(Vec<(String, String, Hash)>, bool), ClusterError> {
+        let replica = Arc::clone(&self.replica);
+        let aae = Arc::clone(&self.aae);
+        let leaves: std::collections::BTreeSet<u16> = leaves.into_iter().collect();
+        tokio::task::spawn_blocking(move || -> Result<_, ClusterError> {
+            let mut out = Vec::new();
+            let mut start_after: Option<Vec<u8>> = None;
+            loop {
+                let page = replica.scan_objects(start_after.as_deref(), SCAN_PAGE)?;
+                let Some((last, _)) = page.last() else { break };
+                start_after = Some(last.clone());
+                for (storage_key, value) in &page {
+                    let Some((bucket, key)) = keys::split_object_key(storage_key) else {
+                        continue;
+                    };
+                    if aae.partition_of(bucket, key) != partition
+                        || !leaves.contains(&leaf_of(bucket, key))
+                    {
+                        continue;
+                    }
+                    if out.len() >= MAX_AAE_KEYS_PER_EXCHANGE {
+                        return Ok((out, true));
+                    }
+                    out.push((
+                        String::from_utf8_lossy(bucket).into_owned(),
+                        String::from_utf8_lossy(key).into_owned(),
+                        entry_hash(bucket, key, value),
+                    ));
+                }
+            }
+            Ok((out, false))
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    /// Compare one partition with one peer and repair the keys that differ: both sides end
+    /// with the `sync` of their versions. Returns the number of keys repaired.
+    async fn exchange(
+        &self,
+        partition: u32,
+        peer: &NodeId,
+        budget: usize,
+    ) -> Result<usize, ClusterError> {
+        let ours = self.aae.segments(partition);
+        let theirs = match self
+            .send(
+                peer,
+                PeerMessage::AaeSegments { partition },
+                self.timeouts.request,
+            )
+            .await?
+        {
+            PeerMessage::AaeHashes { hashes } => hashes,
+            other => {
+                return Err(ClusterError::Internal(format!(
+                    "{peer} answered {}",
+                    message_name(&other)
+                )));
+            }
+        };
+        let segments = differing_segments(&ours, &theirs);
+        if segments.is_empty() {
+            return Ok(0);
+        }
+        let our_leaves = self.aae.segment_leaves(partition, &segments);
+        let their_leaves = match self
+            .send(
+                peer,
+                PeerMessage::AaeLeaves {
+                    partition,
+                    segments: segments.clone(),
+                },
+                self.timeouts.request,
+            )
+            .await?
+        {
+            PeerMessage::AaeLeafHashes { leaves } => leaves,
+            other => {
+                return Err(ClusterError::Internal(format!(
+                    "{peer} answered {}",
+                    message_name(&other)
+                )));
+            }
+        };
+        let leaves = differing_leaves(&our_leaves, &their_leaves);
+        if leaves.is_empty() {
+            return Ok(0);
+        }
+        let (ours, _) = self.local_leaf_keys(partition, leaves.clone()).await?;
+        let theirs = match self
+            .send(
+                peer,
+                PeerMessage::AaeKeys { partition, leaves },
+                self.timeouts.request * 5,
+            )
+            .await?
+        {
+            PeerMessage::AaeKeyHashes { entries, .. } => entries,
+            other => {
+                return Err(ClusterError::Internal(format!(
+                    "{peer} answered {}",
+                    message_name(&other)
+                )));
+            }
+        };
+        let ours: HashMap<(String, String), Hash> =
+            ours.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
+        let theirs: HashMap<(String, String), Hash> =
+            theirs.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
+        let mut differing: Vec<&(String, String)> = ours
+            .keys()
+            .chain(theirs.keys())
+            .filter(|k| ours.get(*k) != theirs.get(*k))
+            .collect();
+        differing.sort();
+        differing.dedup();
+        let state = self.state();
+        let mut repaired = 0;
+        for (bucket, key) in differing {
+            if repaired >= budget {
+                break;
+            }
+            let props = self.bucket_props(bucket);
+            let p = state
+                .ring
+                .current
+                .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+            let replicas = state.preference_list(p, props.n_val);
+            if !replicas.contains(&self.me) || !replicas.contains(peer) {
+                continue;
+            }
+            let local = self
+                .fetch_replica(&self.me, bucket, key, state.ring.version, None)
+                .await;
+            let remote = self
+                .fetch_replica(peer, bucket, key, state.ring.version, None)
+                .await;
+            let (Ok(local), Ok(remote)) = (local, remote) else {
+                continue;
+            };
+            let merged = match (&local, &remote) {
+                (Some(a), Some(b)) => a.sync(b),
+                (Some(a), None) => a.clone(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => continue,
+            };
+            let encoded = merged.encode();
+            if local.as_ref() != Some(&merged) {
+                self.store_replica(
+                    &self.me,
+                    bucket,
+                    key,
+                    &merged,
+                    &encoded,
+                    &props,
+                    Durability::Buffered,
+                )
+                .await?;
+            }
+            if remote.as_ref() != Some(&merged) {
+                self.store_replica(
+                    peer,
+                    bucket,
+                    key,
+                    &merged,
+                    &encoded,
+                    &props,
+                    Durability::Buffered,
+                )
+                .await?;
+            }
+            repaired += 1;
+        }
+        if repaired > 0 {
+            self.replica.storage().sync().map_err(internal)?;
+        }
+        Ok(repaired)
+    }
+
+    /// One anti-entropy round: every partition this node replicates is compared with one of
+    /// its other replicas (in turn), within the admission-control budget of repaired keys.
+    /// Skipped during ring transitions. Returns the number of keys repaired.
+    pub async fn anti_entropy_round(&self, round: usize) -> usize {
+        let state = self.state();
+        if state.ring.next.is_some() {
+            return 0;
+        }
+        let budget = self.admission.budget();
+        let mut repaired_total = 0;
+        for partition in 0..state.ring.current.partition_count() {
+            if repaired_total >= budget {
+                break;
+            }
+            let replicas = state.preference_list(partition, 3);
+            if !replicas.contains(&self.me) {
+                continue;
+            }
+            let peers: Vec<&NodeId> = replicas
+                .iter()
+                .filter(|n| **n != self.me && self.is_up(n))
+                .collect();
+            if peers.is_empty() {
+                continue;
+            }
+            let peer = peers[round % peers.len()].clone();
+            match self
+                .exchange(partition, &peer, budget - repaired_total)
+                .await
+            {
+                Ok(repaired) => {
+                    repaired_total += repaired;
+                    let mut records = self.aae.records.lock();
+                    let record = records.entry(partition).or_default();
+                    record.last_exchange = Some(Instant::now());
+                    record.last_peer.clone_from(&peer.0);
+                    record.keys_repaired_last = repaired as u64;
+                    record.keys_repaired_total += repaired as u64;
+                    record.exchanges += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(partition, %peer, error = %e, "anti-entropy exchange failed");
+                }
+            }
+        }
+        if repaired_total > 0 {
+            tracing::info!(keys = repaired_total, budget, "anti-entropy repaired keys");
+        }
+        repaired_total
+    }
+
+    /// The admission controller of background work.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Anti-entropy state per partition.
+    pub fn aae_report(&self) -> Vec<(u32, u64, ExchangeRecord)> {
+        let entries = self.aae.entries();
+        let records = self.aae.records.lock();
+        let mut partitions: Vec<u32> = entries.keys().chain(records.keys()).copied().collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
+            .into_iter()
+            .map(|p| {
+                (
+                    p,
+                    entries.get(&p).copied().unwrap_or(0),
+                    records.get(&p).cloned().unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     // ----- key listing -----
@@ -1703,6 +2044,12 @@ fn message_name(message: &PeerMessage) -> &'static str {
         PeerMessage::ReplicaObject { .. } => "ReplicaObject",
         PeerMessage::ReplicaPut { .. } => "ReplicaPut",
         PeerMessage::HintedPut { .. } => "HintedPut",
+        PeerMessage::AaeSegments { .. } => "AaeSegments",
+        PeerMessage::AaeHashes { .. } => "AaeHashes",
+        PeerMessage::AaeLeaves { .. } => "AaeLeaves",
+        PeerMessage::AaeLeafHashes { .. } => "AaeLeafHashes",
+        PeerMessage::AaeKeys { .. } => "AaeKeys",
+        PeerMessage::AaeKeyHashes { .. } => "AaeKeyHashes",
         PeerMessage::CoordinatePut { .. } => "CoordinatePut",
         PeerMessage::Coordinated { .. } => "Coordinated",
         PeerMessage::Failed { .. } => "Failed",

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub cluster_name: String,
     /// Time limit of one request to a peer replica, in ms.
     pub request_timeout_ms: u64,
+    /// Time between anti-entropy rounds, in ms.
+    pub aae_interval_ms: u64,
+    /// Foreground p99 latency above which anti-entropy slows down, in ms.
+    pub aae_latency_target_ms: u64,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -75,6 +79,8 @@ pub struct FileConfig {
     pub storage: Option<StorageKind>,
     pub cluster_name: Option<String>,
     pub request_timeout_ms: Option<u64>,
+    pub aae_interval_ms: Option<u64>,
+    pub aae_latency_target_ms: Option<u64>,
 }
 
 /// A configuration that cannot be used.
@@ -113,6 +119,8 @@ impl ServerConfig {
             ring_partitions: limits::DEFAULT_RING_PARTITIONS,
             cluster_name: "dynakv".to_owned(),
             request_timeout_ms: 2000,
+            aae_interval_ms: 2000,
+            aae_latency_target_ms: 50,
         }
     }
 
@@ -149,6 +157,12 @@ impl ServerConfig {
         }
         if let Some(v) = file.request_timeout_ms {
             self.request_timeout_ms = v;
+        }
+        if let Some(v) = file.aae_interval_ms {
+            self.aae_interval_ms = v;
+        }
+        if let Some(v) = file.aae_latency_target_ms {
+            self.aae_latency_target_ms = v;
         }
         Ok(())
     }
@@ -187,6 +201,12 @@ impl ServerConfig {
         }
         if !(10..=600_000).contains(&self.request_timeout_ms) {
             return invalid("request_timeout_ms must be 10 to 600000".into());
+        }
+        if !(100..=3_600_000).contains(&self.aae_interval_ms) {
+            return invalid("aae_interval_ms must be 100 to 3600000".into());
+        }
+        if !(1..=60_000).contains(&self.aae_latency_target_ms) {
+            return invalid("aae_latency_target_ms must be 1 to 60000".into());
         }
         if self.cache_size_bytes < 1024 * 1024 {
             return invalid("cache_size_bytes must be at least 1 MiB".into());

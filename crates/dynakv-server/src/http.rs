@@ -145,6 +145,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/ring", get(admin_ring))
         .route("/admin/members", get(admin_members))
         .route("/admin/handoffs", get(admin_handoffs))
+        .route("/admin/aae", get(admin_aae))
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
         .route("/admin/replica/{bucket}/{key}", get(admin_replica))
@@ -1201,6 +1202,32 @@ async fn admin_handoffs(State(state): State<AppState>) -> Response {
                 "delivered_total": hints.delivered_total,
                 "dropped_total": hints.dropped_total,
             },
+        }),
+    )
+}
+
+async fn admin_aae(State(state): State<AppState>) -> Response {
+    let partitions: Vec<_> = state
+        .cluster
+        .aae_report()
+        .into_iter()
+        .map(|(partition, keys, record)| {
+            json!({
+                "partition": partition,
+                "keys": keys,
+                "exchanges": record.exchanges,
+                "last_exchange_seconds_ago": record.last_exchange.map(|t| t.elapsed().as_secs_f64()),
+                "last_peer": record.last_peer,
+                "keys_repaired_last": record.keys_repaired_last,
+                "keys_repaired_total": record.keys_repaired_total,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "budget_keys_per_round": state.cluster.admission().budget(),
+            "partitions": partitions,
         }),
     )
 }

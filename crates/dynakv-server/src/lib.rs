@@ -5,6 +5,7 @@
 //! shutdown signal it stops accepting requests, lets in-flight ones finish, flushes storage and
 //! returns.
 
+pub mod aae;
 pub mod cluster;
 pub mod config;
 pub mod http;
@@ -179,15 +180,40 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         request: Duration::from_millis(config.request_timeout_ms),
         ..ClusterTimeouts::default()
     };
+    let aae = Arc::new(aae::AaeTrees::new(state.ring.current.clone()));
+    {
+        let (aae, storage, replica) =
+            (Arc::clone(&aae), Arc::clone(&storage), Arc::clone(&replica));
+        let started = std::time::Instant::now();
+        let hashed = tokio::task::spawn_blocking(move || {
+            let hashed = aae.rebuild(storage.as_ref());
+            replica.attach_aae(aae);
+            hashed
+        })
+        .await
+        .map_err(|e| ServerError::Internal(e.to_string()))?
+        .map_err(ServerError::Internal)?;
+        tracing::info!(
+            objects = hashed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "anti-entropy trees built"
+        );
+    }
     let cluster = Arc::new(Cluster::new(
         me,
         state,
         secret,
-        Arc::clone(&replica),
-        Arc::clone(&storage),
-        client,
-        timeouts,
+        cluster::ClusterParts {
+            replica: Arc::clone(&replica),
+            storage: Arc::clone(&storage),
+            client,
+            timeouts,
+            aae,
+        },
     ));
+    cluster
+        .admission()
+        .set_target_p99_us(config.aae_latency_target_ms.saturating_mul(1000));
     cluster.persist_now().map_err(cluster_error)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let peer_task = {
@@ -223,6 +249,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     });
     tracing::info!(node = %config.name, http = %http_addr, peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
+    let anti_entropy = tokio::spawn(anti_entropy_loop(
+        Arc::clone(&cluster),
+        Arc::clone(&state.stats),
+        config.aae_interval_ms,
+        shutdown_rx.clone(),
+    ));
     let task = tokio::spawn(serve(
         listener,
         state,
@@ -230,7 +262,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         unflushed,
         config.flush_interval_ms,
         shutdown_rx,
-        vec![peer_task, background],
+        vec![peer_task, background, anti_entropy],
     ));
     Ok(RunningServer {
         http_addr,
@@ -268,6 +300,30 @@ async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(
         }
     }
     Err(ServerError::Join(last))
+}
+
+/// Anti-entropy exchanges every `interval_ms`, with the budget set by admission control from
+/// the foreground p99 of the last interval.
+async fn anti_entropy_loop(
+    cluster: Arc<Cluster>,
+    stats: Arc<stats::Stats>,
+    interval_ms: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round = 0usize;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let p99_us = stats.take_recent_p99_us();
+        let budget = cluster.admission().observe_p99_us(p99_us);
+        tracing::trace!(p99_us, budget, "anti-entropy admission");
+        cluster.anti_entropy_round(round).await;
+        round = round.wrapping_add(1);
+    }
 }
 
 /// Gossip, handoff and cleanup, every gossip interval, until shutdown.

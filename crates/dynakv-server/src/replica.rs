@@ -10,6 +10,7 @@
 //!
 //! Calls block on storage I/O; the HTTP layer runs them on tokio's blocking pool.
 
+use crate::aae::AaeTrees;
 use dynakv_core::bucket::BucketProps;
 use dynakv_core::codec::DecodeError;
 use dynakv_core::keys;
@@ -74,6 +75,7 @@ pub struct Replica {
     stripes: Vec<Mutex<()>>,
     /// Hinted keys held per target node.
     hint_counts: Mutex<std::collections::HashMap<String, usize>>,
+    aae: std::sync::OnceLock<Arc<AaeTrees>>,
 }
 
 impl Replica {
@@ -83,7 +85,13 @@ impl Replica {
             actor,
             stripes: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             hint_counts: Mutex::new(std::collections::HashMap::new()),
+            aae: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This replica's causal identity.
+    pub fn actor(&self) -> ActorId {
+        self.actor
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -96,6 +104,11 @@ impl Replica {
     }
 
     fn load(&self, storage_key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        Ok(self.load_both(storage_key)?.map(|(object, _)| object))
+    }
+
+    /// The stored object and its bytes.
+    fn load_both(&self, storage_key: &[u8]) -> Result<Option<(Object, Vec<u8>)>, ReplicaError> {
         match self
             .storage
             .get(Table::Objects, storage_key)
@@ -103,9 +116,31 @@ impl Replica {
         {
             None => Ok(None),
             Some(bytes) => Object::decode(&bytes)
-                .map(Some)
+                .map(|o| Some((o, bytes)))
                 .map_err(ReplicaError::Corrupt),
         }
+    }
+
+    /// Write an object's bytes and tell the anti-entropy trees.
+    fn store(
+        &self,
+        storage_key: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+        durability: Durability,
+    ) -> Result<(), ReplicaError> {
+        self.storage
+            .put(Table::Objects, storage_key, new, durability)
+            .map_err(storage_error)?;
+        if let Some(aae) = self.aae.get() {
+            aae.observe(storage_key, old, Some(new));
+        }
+        Ok(())
+    }
+
+    /// Attach the anti-entropy trees (once, at startup, after they are built).
+    pub fn attach_aae(&self, aae: Arc<AaeTrees>) {
+        let _ = self.aae.set(aae);
     }
 
     /// The stored object, if any (tombstones included).
@@ -117,7 +152,10 @@ impl Replica {
     pub fn write(&self, request: WriteRequest<'_>) -> Result<Object, ReplicaError> {
         let storage_key = keys::object_key(request.bucket.as_bytes(), request.key.as_bytes());
         let _guard = self.stripe(&storage_key).lock();
-        let stored = self.load(&storage_key)?.unwrap_or_default();
+        let (stored, old_bytes) = match self.load_both(&storage_key)? {
+            Some((object, bytes)) => (object, Some(bytes)),
+            None => (Object::default(), None),
+        };
         match &request.precondition {
             Precondition::None => {}
             Precondition::Absent => {
@@ -155,14 +193,12 @@ impl Replica {
         if request.props.last_write_wins {
             updated.resolve_last_write_wins();
         }
-        self.storage
-            .put(
-                Table::Objects,
-                &storage_key,
-                &updated.encode(),
-                request.durability,
-            )
-            .map_err(storage_error)?;
+        self.store(
+            &storage_key,
+            old_bytes.as_deref(),
+            &updated.encode(),
+            request.durability,
+        )?;
         Ok(updated)
     }
 
@@ -177,15 +213,21 @@ impl Replica {
     ) -> Result<Object, ReplicaError> {
         let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
         let _guard = self.stripe(&storage_key).lock();
-        let stored = self.load(&storage_key)?.unwrap_or_default();
+        let (stored, old_bytes) = match self.load_both(&storage_key)? {
+            Some((object, bytes)) => (object, Some(bytes)),
+            None => (Object::default(), None),
+        };
         let mut merged = stored.sync(incoming);
         if props.last_write_wins {
             merged.resolve_last_write_wins();
         }
         if merged != stored {
-            self.storage
-                .put(Table::Objects, &storage_key, &merged.encode(), durability)
-                .map_err(storage_error)?;
+            self.store(
+                &storage_key,
+                old_bytes.as_deref(),
+                &merged.encode(),
+                durability,
+            )?;
         }
         Ok(merged)
     }
@@ -215,9 +257,17 @@ impl Replica {
     /// Remove a key this node no longer replicates.
     pub fn remove(&self, storage_key: &[u8]) -> Result<(), ReplicaError> {
         let _guard = self.stripe(storage_key).lock();
+        let old = self
+            .storage
+            .get(Table::Objects, storage_key)
+            .map_err(storage_error)?;
         self.storage
             .delete(Table::Objects, storage_key, Durability::Buffered)
-            .map_err(storage_error)
+            .map_err(storage_error)?;
+        if let Some(aae) = self.aae.get() {
+            aae.observe(storage_key, old.as_deref(), None);
+        }
+        Ok(())
     }
 
     /// Keep `incoming` as a hint for `target`, merged with any hint already held for the key.

@@ -47,6 +47,8 @@ struct OpStats {
 #[derive(Debug)]
 pub struct Stats {
     ops: [OpStats; 3],
+    /// Every operation since the last `take_recent_p99_us` (admission control's window).
+    recent_us: Mutex<Histogram<u64>>,
     pub not_found: AtomicU64,
     pub siblings_returned: AtomicU64,
     pub max_siblings_seen: AtomicU64,
@@ -66,6 +68,7 @@ impl Stats {
         };
         Ok(Stats {
             ops: [op()?, op()?, op()?],
+            recent_us: Mutex::new(Histogram::new_with_bounds(1, MAX_TRACKED_LATENCY_US, 2)?),
             not_found: AtomicU64::new(0),
             siblings_returned: AtomicU64::new(0),
             max_siblings_seen: AtomicU64::new(0),
@@ -85,6 +88,20 @@ impl Stats {
             .unwrap_or(u64::MAX)
             .clamp(1, MAX_TRACKED_LATENCY_US);
         stats.latency_us.lock().saturating_record(us);
+        self.recent_us.lock().saturating_record(us);
+    }
+
+    /// The p99 latency of foreground operations since the last call (0 when there were
+    /// none), and start a new window.
+    pub fn take_recent_p99_us(&self) -> u64 {
+        let mut recent = self.recent_us.lock();
+        let p99 = if recent.is_empty() {
+            0
+        } else {
+            recent.value_at_quantile(0.99)
+        };
+        recent.reset();
+        p99
     }
 
     /// Record how many siblings a read returned.

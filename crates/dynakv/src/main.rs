@@ -109,8 +109,10 @@ enum AdminCommand {
     Members,
     /// Ring ownership.
     Ring,
-    /// Pending ownership transfers.
+    /// Pending ownership transfers and hints held.
     Handoffs,
+    /// Anti-entropy state per partition.
+    Aae,
     /// Make the node at --url join the cluster of PEER_ADDR (a member's peer address).
     Join { peer_addr: String },
     /// Make the node at --url leave its cluster (its data moves to the others).
@@ -289,6 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
                 AdminCommand::Members => client.get_json("/admin/members").await?,
                 AdminCommand::Ring => client.get_json("/admin/ring").await?,
                 AdminCommand::Handoffs => client.get_json("/admin/handoffs").await?,
+                AdminCommand::Aae => client.get_json("/admin/aae").await?,
                 AdminCommand::Join { peer_addr } => {
                     let body = serde_json::json!({ "peer": peer_addr }).to_string();
                     client.post_json("/admin/join", &body).await?

@@ -597,6 +597,23 @@ impl Tally {
         }
     }
 
+    /// Outcomes that were not acknowledged: "node HTTP status" or "node io-error" -> count.
+    pub fn failures(&self) -> BTreeMap<String, u64> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// The outcomes that were neither acknowledged nor one of `allowed` statuses.
+    pub fn failures_other_than(&self, allowed: &[u16]) -> BTreeMap<String, u64> {
+        self.failures()
+            .into_iter()
+            .filter(|(kind, _)| {
+                !allowed
+                    .iter()
+                    .any(|status| kind.ends_with(&format!("HTTP {status}")))
+            })
+            .collect()
+    }
+
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
     }
@@ -638,6 +655,8 @@ pub struct NodeProc {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// `--config FILE` for every start, when set.
+    pub config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -666,6 +685,9 @@ impl NodeProc {
             .arg(&self.data_dir);
         if let Some(peer) = join {
             cmd.args(["--join", peer]);
+        }
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -752,6 +774,8 @@ pub fn tail(path: &Path, n: usize) -> String {
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     root: tempfile::TempDir,
+    /// The `--config` file every node of this cluster starts with, if any.
+    config: Option<PathBuf>,
 }
 
 impl Default for Cluster {
@@ -765,14 +789,29 @@ impl Cluster {
         Cluster {
             nodes: Vec::new(),
             root: tempfile::tempdir().unwrap(),
+            config: None,
         }
+    }
+
+    /// A cluster whose nodes all start with `--config` holding `toml`.
+    pub fn with_config(toml: &str) -> Cluster {
+        let mut cluster = Cluster::new();
+        let path = cluster.root.path().join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        cluster.config = Some(path);
+        cluster
     }
 
     /// Forms a cluster of `n` nodes: `n1` founds it, each other node starts with
     /// `--join <n1's peer address>` (one at a time: the next starts once `n1` lists the
     /// previous one as a member), then waits until every node reports the ring settled.
     pub fn start(n: usize) -> Cluster {
-        let mut cluster = Cluster::new();
+        Cluster::start_with(n, Cluster::new())
+    }
+
+    /// `start`, on an empty `cluster` (e.g. from `with_config`).
+    pub fn start_with(n: usize, mut cluster: Cluster) -> Cluster {
+        assert!(cluster.nodes.is_empty());
         cluster.add_node(None);
         for _ in 1..n {
             cluster.add_node(Some(0));
@@ -820,6 +859,7 @@ impl Cluster {
             peer_port: ports[1],
             data_dir,
             log,
+            config: self.config.clone(),
             child: None,
         });
         index
@@ -965,4 +1005,47 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Whether a server accepts `toml` as its `--config` file (unknown settings are an error, so
+/// this tells whether this build has a setting): starts one throw-away node with it and sees
+/// whether it answers `/ping` or exits.
+pub fn config_accepted(toml: &str) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("probe.toml");
+    std::fs::write(&path, toml).unwrap();
+    let ports = free_ports(2);
+    let mut child = Command::new(BIN)
+        .args(["server", "--name", "probe"])
+        .args(["--http", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--peer", &format!("127.0.0.1:{}", ports[1])])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{}/ping", ports[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let accepted = loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break false;
+        }
+        let answer = http_with_timeout("GET", &url, &[], b"", Duration::from_secs(2));
+        if matches!(answer, Ok(ref r) if r.status == 200) {
+            break true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "probe server neither started nor exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("[harness] config {toml:?} accepted: {accepted}");
+    accepted
 }
