@@ -253,6 +253,8 @@ impl PutQuorum {
         }
         self.failed.remove(fallback);
         self.acked.remove(fallback);
+        // It still failed: during a transition it may also be in the next list.
+        self.failed.insert(failed.clone());
     }
 
     /// Every node the write must be sent to (current and next lists, without repeats).
@@ -420,6 +422,22 @@ mod tests {
             g.on_reply(&NodeId("c".into()), Err(())),
             Progress::Done(Err(_))
         ));
+    }
+
+    #[test]
+    fn a_substituted_primary_still_counts_as_failed_in_the_next_list() {
+        // Transition: x is in both lists, fails, and spare s stands in for it.
+        let mut q = PutQuorum::new(ids(&["a", "x", "c"]), Some(ids(&["a", "x", "d"])), 2);
+        assert_eq!(q.on_reply(&NodeId("a".into()), true), Progress::Waiting);
+        q.substitute(&NodeId("x".into()), &NodeId("s".into()));
+        assert_eq!(q.on_reply(&NodeId("s".into()), true), Progress::Waiting);
+        assert!(
+            matches!(
+                q.on_reply(&NodeId("d".into()), false),
+                Progress::Done(Err(_))
+            ),
+            "next list can no longer reach 2: a decided failure, not a hang"
+        );
     }
 
     #[test]

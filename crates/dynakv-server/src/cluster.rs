@@ -1083,9 +1083,13 @@ impl Cluster {
                 return Ok(stored);
             }
         }
-        Err(ClusterError::Internal(
-            "replica acknowledgements ended early".into(),
-        ))
+        // Every replica answered and the quorum could neither be met nor ruled out: report
+        // what was acknowledged rather than guess.
+        Err(ClusterError::Quorum(QuorumFailure {
+            replied: 0,
+            needed: w,
+            asked: plan.primaries.len(),
+        }))
     }
 
     // ----- peer side -----

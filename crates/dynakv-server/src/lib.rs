@@ -310,7 +310,9 @@ async fn anti_entropy_loop(
     interval_ms: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+    // The first round comes one interval after startup, not at once.
+    let period = Duration::from_millis(interval_ms);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round = 0usize;
     loop {
