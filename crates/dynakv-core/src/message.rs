@@ -148,6 +148,14 @@ pub enum PeerMessage {
         /// More keys matched than one reply may carry.
         truncated: bool,
     },
+    /// Tombstone reaping: delete the key if its stored bytes still hash to `expected` (the
+    /// tombstone every primary was seen to hold); reply `Reaped`.
+    Reap {
+        bucket: String,
+        key: String,
+        expected: [u8; 16],
+    },
+    Reaped(bool),
     Ack,
     /// The receiver's ring is newer than the sender's: here is the receiver's state.
     StaleRing(Box<ClusterState>),

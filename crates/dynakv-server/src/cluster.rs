@@ -143,6 +143,8 @@ fn replica_with_hint(
     })
 }
 
+/// Most tombstones one reaping round handles.
+const MAX_REAPS_PER_ROUND: usize = 1000;
 /// Most keys listed per leaf-key exchange of anti-entropy.
 const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
 /// Admission control bounds of the anti-entropy budget (keys repaired per round).
@@ -1292,6 +1294,20 @@ impl Cluster {
                 .map_err(internal)??;
                 Ok(PeerMessage::Ack)
             }
+            PeerMessage::Reap {
+                bucket,
+                key,
+                expected,
+            } => {
+                let replica = Arc::clone(&self.replica);
+                let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
+                let removed = tokio::task::spawn_blocking(move || {
+                    replica.remove_if_unchanged(&storage_key, &expected)
+                })
+                .await
+                .map_err(internal)??;
+                Ok(PeerMessage::Reaped(removed))
+            }
             PeerMessage::AaeSegments { partition } => Ok(PeerMessage::AaeHashes {
                 hashes: self.aae().segments(partition),
             }),
@@ -1569,6 +1585,121 @@ impl Cluster {
             tracing::info!(keys = repaired_total, budget, "anti-entropy repaired keys");
         }
         repaired_total
+    }
+
+    /// Reap tombstones older than `grace_ms` that every primary holds identically: this node
+    /// handles the keys it is the first primary of, checks that each of the N primaries stores
+    /// exactly the same tombstone, then has each delete it (only if unchanged). Returns the
+    /// number of keys reaped.
+    pub async fn reap_tombstones(&self, grace_ms: u64) -> Result<usize, ClusterError> {
+        let state = self.state();
+        if state.ring.next.is_some() {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let mut candidates = Vec::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let replica = Arc::clone(&self.replica);
+            let after = start_after.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                replica.scan_objects(after.as_deref(), SCAN_PAGE)
+            })
+            .await
+            .map_err(internal)??;
+            let Some((last, _)) = page.last() else { break };
+            start_after = Some(last.clone());
+            for (storage_key, value) in page {
+                if !Object::encoded_is_deleted(&value).unwrap_or(false) {
+                    continue;
+                }
+                let Ok(object) = Object::decode(&value) else {
+                    continue;
+                };
+                let newest = object
+                    .siblings()
+                    .iter()
+                    .map(|s| s.content.last_modified_ms)
+                    .chain(object.clock().entries().map(|(_, e)| e.timestamp_ms))
+                    .max()
+                    .unwrap_or(0);
+                if now.saturating_sub(newest) < grace_ms {
+                    continue;
+                }
+                candidates.push((storage_key, value));
+                if candidates.len() >= MAX_REAPS_PER_ROUND {
+                    break;
+                }
+            }
+            if candidates.len() >= MAX_REAPS_PER_ROUND {
+                break;
+            }
+        }
+        let mut reaped = 0;
+        for (storage_key, value) in candidates {
+            let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+                continue;
+            };
+            let (bucket, key) = (
+                String::from_utf8_lossy(bucket).into_owned(),
+                String::from_utf8_lossy(key).into_owned(),
+            );
+            let props = self.bucket_props(&bucket);
+            let partition = state
+                .ring
+                .current
+                .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+            let primaries = state.preference_list(partition, props.n_val);
+            if primaries.first() != Some(&self.me) || primaries.len() < props.n_val as usize {
+                continue;
+            }
+            // Every primary must hold exactly this tombstone.
+            let mut all_same = true;
+            for node in primaries.iter().filter(|n| **n != self.me) {
+                let message = PeerMessage::ReplicaGet {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    ring_version: state.ring.version,
+                    hinted_for: None,
+                };
+                match self.send(node, message, self.timeouts.request).await {
+                    Ok(PeerMessage::ReplicaObject {
+                        object: Some(bytes),
+                    }) if bytes == value => {}
+                    _ => {
+                        all_same = false;
+                        break;
+                    }
+                }
+            }
+            if !all_same {
+                continue;
+            }
+            let expected = entry_hash(bucket.as_bytes(), key.as_bytes(), &value);
+            for node in primaries.iter().filter(|n| **n != self.me) {
+                let message = PeerMessage::Reap {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    expected,
+                };
+                if let Err(e) = self.send(node, message, self.timeouts.request).await {
+                    tracing::debug!(%node, error = %e, "reap request failed; the tombstone stays there for now");
+                }
+            }
+            let replica = Arc::clone(&self.replica);
+            let removed = tokio::task::spawn_blocking(move || {
+                replica.remove_if_unchanged(&storage_key, &expected)
+            })
+            .await
+            .map_err(internal)??;
+            if removed {
+                reaped += 1;
+            }
+        }
+        if reaped > 0 {
+            tracing::info!(keys = reaped, "tombstones reaped");
+        }
+        Ok(reaped)
     }
 
     /// The admission controller of background work.
@@ -2048,6 +2179,8 @@ fn message_name(message: &PeerMessage) -> &'static str {
         PeerMessage::ReplicaObject { .. } => "ReplicaObject",
         PeerMessage::ReplicaPut { .. } => "ReplicaPut",
         PeerMessage::HintedPut { .. } => "HintedPut",
+        PeerMessage::Reap { .. } => "Reap",
+        PeerMessage::Reaped(_) => "Reaped",
         PeerMessage::AaeSegments { .. } => "AaeSegments",
         PeerMessage::AaeHashes { .. } => "AaeHashes",
         PeerMessage::AaeLeaves { .. } => "AaeLeaves",

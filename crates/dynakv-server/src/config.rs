@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub aae_interval_ms: u64,
     /// Foreground p99 latency above which anti-entropy slows down, in ms.
     pub aae_latency_target_ms: u64,
+    /// How long a tombstone is kept after the delete before it may be reaped, in ms.
+    pub tombstone_grace_ms: u64,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -81,6 +83,7 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u64>,
     pub aae_interval_ms: Option<u64>,
     pub aae_latency_target_ms: Option<u64>,
+    pub tombstone_grace_ms: Option<u64>,
 }
 
 /// A configuration that cannot be used.
@@ -121,6 +124,7 @@ impl ServerConfig {
             request_timeout_ms: 2000,
             aae_interval_ms: 2000,
             aae_latency_target_ms: 50,
+            tombstone_grace_ms: 3_600_000,
         }
     }
 
@@ -163,6 +167,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.aae_latency_target_ms {
             self.aae_latency_target_ms = v;
+        }
+        if let Some(v) = file.tombstone_grace_ms {
+            self.tombstone_grace_ms = v;
         }
         Ok(())
     }
@@ -207,6 +214,9 @@ impl ServerConfig {
         }
         if !(1..=60_000).contains(&self.aae_latency_target_ms) {
             return invalid("aae_latency_target_ms must be 1 to 60000".into());
+        }
+        if self.tombstone_grace_ms > 365 * 24 * 3_600_000 {
+            return invalid("tombstone_grace_ms must be at most a year".into());
         }
         if self.cache_size_bytes < 1024 * 1024 {
             return invalid("cache_size_bytes must be at least 1 MiB".into());

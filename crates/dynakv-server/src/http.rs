@@ -361,7 +361,9 @@ fn object_response(
         object.clock(),
     );
     let mut headers = HeaderMap::new();
-    insert(&mut headers, VCLOCK_HEADER, &context);
+    if !object.clock().is_empty() {
+        insert(&mut headers, VCLOCK_HEADER, &context);
+    }
     insert(&mut headers, "vary", "Accept-Encoding");
     if let Some(vtag) = vtag {
         let sibling = object

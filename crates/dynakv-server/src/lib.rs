@@ -252,7 +252,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let anti_entropy = tokio::spawn(anti_entropy_loop(
         Arc::clone(&cluster),
         Arc::clone(&state.stats),
-        config.aae_interval_ms,
+        (config.aae_interval_ms, config.tombstone_grace_ms),
         shutdown_rx.clone(),
     ));
     let task = tokio::spawn(serve(
@@ -302,12 +302,12 @@ async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(
     Err(ServerError::Join(last))
 }
 
-/// Anti-entropy exchanges every `interval_ms`, with the budget set by admission control from
-/// the foreground p99 of the last interval.
+/// Anti-entropy exchanges and tombstone reaping every `interval_ms`, with the budget set by
+/// admission control from the foreground p99 of the last interval.
 async fn anti_entropy_loop(
     cluster: Arc<Cluster>,
     stats: Arc<stats::Stats>,
-    interval_ms: u64,
+    (interval_ms, tombstone_grace_ms): (u64, u64),
     mut shutdown: watch::Receiver<bool>,
 ) {
     // The first round comes one interval after startup, not at once.
@@ -324,6 +324,9 @@ async fn anti_entropy_loop(
         let budget = cluster.admission().observe_p99_us(p99_us);
         tracing::trace!(p99_us, budget, "anti-entropy admission");
         cluster.anti_entropy_round(round).await;
+        if let Err(e) = cluster.reap_tombstones(tombstone_grace_ms).await {
+            tracing::warn!(error = %e, "tombstone reaping failed; will retry");
+        }
         round = round.wrapping_add(1);
     }
 }

@@ -404,6 +404,36 @@ impl Replica {
         Ok(())
     }
 
+    /// Remove a key only if its stored bytes still hash to `expected` (tombstone reaping: a
+    /// write that landed meanwhile must not be lost). Returns whether it was removed.
+    pub fn remove_if_unchanged(
+        &self,
+        storage_key: &[u8],
+        expected: &[u8; 16],
+    ) -> Result<bool, ReplicaError> {
+        let _guard = self.stripe(storage_key).lock();
+        let Some(current) = self
+            .storage
+            .get(Table::Objects, storage_key)
+            .map_err(storage_error)?
+        else {
+            return Ok(false);
+        };
+        let Some((bucket, key)) = keys::split_object_key(storage_key) else {
+            return Ok(false);
+        };
+        if &dynakv_core::merkle::entry_hash(bucket, key, &current) != expected {
+            return Ok(false);
+        }
+        self.storage
+            .delete(Table::Objects, storage_key, Durability::Fsync)
+            .map_err(storage_error)?;
+        if let Some(aae) = self.aae.get() {
+            aae.observe(storage_key, Some(&current), None);
+        }
+        Ok(true)
+    }
+
     /// Whether the node stores any object at all.
     pub fn holds_data(&self) -> Result<bool, ReplicaError> {
         Ok(!self.scan_objects(None, 1)?.is_empty())

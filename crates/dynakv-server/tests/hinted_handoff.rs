@@ -15,16 +15,30 @@ use std::time::{Duration, Instant};
 struct Node {
     name: String,
     dir: PathBuf,
+    grace_ms: u64,
     server: Option<RunningServer>,
 }
 
 async fn start_server(name: &str, dir: &Path, join: Option<SocketAddr>) -> RunningServer {
+    start_server_with(name, dir, join, GRACE_DEFAULT_MS).await
+}
+
+const GRACE_DEFAULT_MS: u64 = 3_600_000;
+
+async fn start_server_with(
+    name: &str,
+    dir: &Path,
+    join: Option<SocketAddr>,
+    tombstone_grace_ms: u64,
+) -> RunningServer {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut config = ServerConfig::new(name, any, any, dir.to_owned());
     config.storage = StorageKind::Disk;
     config.join = join;
     config.request_timeout_ms = 500;
     config.cache_size_bytes = 4 * 1024 * 1024;
+    config.tombstone_grace_ms = tombstone_grace_ms;
+    config.aae_interval_ms = 500;
     dynakv_server::start(config).await.unwrap()
 }
 
@@ -41,20 +55,25 @@ impl Node {
         server.wait().await.unwrap();
     }
     async fn restart(&mut self) {
-        self.server = Some(start_server(&self.name, &self.dir, None).await);
+        self.server = Some(start_server_with(&self.name, &self.dir, None, self.grace_ms).await);
     }
 }
 
 async fn cluster(n: usize, root: &Path) -> Vec<Node> {
+    cluster_with(n, root, GRACE_DEFAULT_MS).await
+}
+
+async fn cluster_with(n: usize, root: &Path, grace_ms: u64) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=n {
         let name = format!("n{i}");
         let dir = root.join(&name);
         let join = nodes.first().map(|f| f.server().peer_addr);
-        let server = start_server(&name, &dir, join).await;
+        let server = start_server_with(&name, &dir, join, grace_ms).await;
         nodes.push(Node {
             name,
             dir,
+            grace_ms,
             server: Some(server),
         });
     }
@@ -264,6 +283,74 @@ async fn anti_entropy_restores_a_wiped_node() {
         repaired > 0,
         "the keys came back through anti-entropy exchanges"
     );
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
+
+fn stored(node: &Node, bucket: &str, key: &str) -> bool {
+    node.server()
+        .cluster
+        .replica()
+        .get(bucket, key)
+        .unwrap()
+        .is_some()
+}
+
+/// A tombstone is reaped only once every primary holds it and the grace period has passed: not
+/// while a primary is down (it would miss the delete), and then everywhere once it is back and
+/// hinted handoff gave it the tombstone. A write after the reap starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_reaped_only_when_every_primary_holds_them() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster_with(3, root.path(), 200).await;
+    let client = nodes[0].client();
+    for key in ["a", "b"] {
+        let (status, _) = put(&client, &format!("/buckets/t/keys/{key}?w=3"), "v").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    // Delete "a" with every node up: reaped everywhere.
+    let (status, _, _) = client
+        .request(Method::DELETE, "/buckets/t/keys/a?w=3", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    wait_until(
+        "tombstone of a reaped on every node",
+        Duration::from_secs(30),
+        || nodes.iter().all(|n| !stored(n, "t", "a")),
+    )
+    .await;
+    // Delete "b" while n3 is down: n1 and n2 keep the tombstone.
+    nodes[2].stop().await;
+    let (status, _, _) = client
+        .request(Method::DELETE, "/buckets/t/keys/b?w=2", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        stored(&nodes[0], "t", "b") && stored(&nodes[1], "t", "b"),
+        "kept while a primary lacks it"
+    );
+    nodes[2].restart().await;
+    wait_until(
+        "tombstone of b reaped after n3 got it",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| !stored(n, "t", "b")) && nodes.iter().all(|n| hints_held(n) == 0),
+    )
+    .await;
+    let (status, headers, _) = client
+        .request(Method::GET, "/buckets/t/keys/b", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        headers.get("x-riak-vclock").is_none(),
+        "nothing left once reaped"
+    );
+    let (status, _) = put(&client, "/buckets/t/keys/b", "again").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     for node in &mut nodes {
         node.stop().await;
     }
