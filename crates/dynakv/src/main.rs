@@ -1,6 +1,8 @@
 //! The `dynakv` command: run a node (`server`), a local cluster (`dev`), and talk to one
 //! (`get`, `put`, `delete`, `admin`).
 
+mod bench;
+
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -91,6 +93,35 @@ enum Command {
         url: String,
         #[arg(long)]
         context: Option<String>,
+    },
+    /// YCSB-style benchmark against running nodes (see docs/BENCHMARKS.md).
+    Bench {
+        /// Node URLs (repeat for several); requests are spread over them.
+        #[arg(long = "url", default_value = DEFAULT_URL)]
+        urls: Vec<String>,
+        /// a: 50/50 read/update, b: 95/5, c: read-only, w: update-only.
+        #[arg(long, default_value = "a")]
+        workload: bench::Workload,
+        #[arg(long, default_value = "zipfian")]
+        distribution: bench::Distribution,
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        #[arg(long, default_value_t = 100_000)]
+        ops: u64,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1024)]
+        value_size: usize,
+        #[arg(long, default_value = "bench")]
+        bucket: String,
+        /// Skip the load phase (the records are already there).
+        #[arg(long)]
+        skip_load: bool,
+        /// Print one JSON object at the end.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Inspect a node.
     Admin {
@@ -282,6 +313,35 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 bail!("not found: {bucket}/{key}")
             }
+        }
+        Command::Bench {
+            urls,
+            workload,
+            distribution,
+            records,
+            ops,
+            concurrency,
+            value_size,
+            bucket,
+            skip_load,
+            json,
+            seed,
+        } => {
+            init_logging("warn");
+            bench::run(bench::BenchConfig {
+                urls,
+                workload,
+                distribution,
+                records,
+                ops,
+                concurrency,
+                value_size,
+                bucket,
+                skip_load,
+                json,
+                seed,
+            })
+            .await
         }
         Command::Admin { url, command } => {
             init_logging("warn");
