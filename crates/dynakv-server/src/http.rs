@@ -1103,6 +1103,7 @@ async fn admin_status(State(state): State<AppState>) -> Response {
         StatusCode::OK,
         &json!({
             "node": state.node_name,
+            "actor": state.cluster.replica().actor().to_string(),
             "cluster": cluster.cluster_name,
             "storage_engine": state.cluster.replica().storage().engine_name(),
             "ring_partitions": cluster.ring.current.partition_count(),

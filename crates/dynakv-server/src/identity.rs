@@ -2,8 +2,12 @@
 //!
 //! Invariants: the actor id is chosen at random when a data directory is first used and never
 //! reused for another directory, so a node whose data is lost comes back as a new actor (its
-//! old counters can never be issued twice). A data directory belongs to one node name; opening
-//! it under another name is refused.
+//! old counters can never be issued twice). After an unclean shutdown (a crash, SIGKILL, power
+//! loss) the node also takes a new actor id: writes of buckets with buffered durability that
+//! were acknowledged but not yet flushed may be gone from its copy, and reusing the old id
+//! would reissue their dots for different values. A clean shutdown writes a marker (fsync) that
+//! the next start consumes. A data directory belongs to one node name; opening it under
+//! another name is refused.
 
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::ActorId;
@@ -11,12 +15,15 @@ use thiserror::Error;
 
 const KEY_NAME: &[u8] = b"node_name";
 const KEY_ACTOR: &[u8] = b"actor_id";
+const KEY_CLEAN_SHUTDOWN: &[u8] = b"clean_shutdown";
 
 /// The identity of this node.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
     pub name: String,
     pub actor: ActorId,
+    /// True when this start took a new actor id because the last run did not end cleanly.
+    pub new_generation: bool,
 }
 
 /// Why the identity could not be loaded or created.
@@ -50,15 +57,39 @@ impl NodeIdentity {
                     wanted: name.to_owned(),
                 });
             }
-            let actor = storage
+            let stored_actor = storage
                 .get(Table::Meta, KEY_ACTOR)
                 .map_err(storage_error)?
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-                .map(|b| ActorId(u64::from_le_bytes(b)))
-                .ok_or(IdentityError::Corrupt("actor id"))?;
+                .map(|b| ActorId(u64::from_le_bytes(b)));
+            let clean = storage
+                .get(Table::Meta, KEY_CLEAN_SHUTDOWN)
+                .map_err(storage_error)?
+                .is_some();
+            let (actor, new_generation) = match stored_actor {
+                Some(actor) if clean => (actor, false),
+                // Unclean shutdown, or a lost/corrupt actor id: a new causal identity.
+                _ => {
+                    let actor = ActorId(rand::random::<u64>());
+                    storage
+                        .put(
+                            Table::Meta,
+                            KEY_ACTOR,
+                            &actor.0.to_le_bytes(),
+                            Durability::Fsync,
+                        )
+                        .map_err(storage_error)?;
+                    (actor, true)
+                }
+            };
+            // Running: the marker is gone until the next clean shutdown writes it.
+            storage
+                .delete(Table::Meta, KEY_CLEAN_SHUTDOWN, Durability::Fsync)
+                .map_err(storage_error)?;
             return Ok(NodeIdentity {
                 name: name.to_owned(),
                 actor,
+                new_generation,
             });
         }
         let actor = ActorId(rand::random::<u64>());
@@ -77,6 +108,15 @@ impl NodeIdentity {
         Ok(NodeIdentity {
             name: name.to_owned(),
             actor,
+            new_generation: false,
         })
+    }
+
+    /// Record that the node stopped cleanly (everything flushed): the next start may keep the
+    /// actor id.
+    pub fn mark_clean_shutdown(storage: &dyn Storage) -> Result<(), IdentityError> {
+        storage
+            .put(Table::Meta, KEY_CLEAN_SHUTDOWN, b"1", Durability::Fsync)
+            .map_err(storage_error)
     }
 }

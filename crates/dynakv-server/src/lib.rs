@@ -247,6 +247,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         max_value_bytes: config.max_value_bytes,
         unflushed: Arc::clone(&unflushed),
     });
+    if identity.new_generation {
+        tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
+    }
     tracing::info!(node = %config.name, http = %http_addr, peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
     let anti_entropy = tokio::spawn(anti_entropy_loop(
@@ -390,12 +393,21 @@ async fn serve(
         let _ = task.await;
     }
     // Whatever was buffered becomes durable before the process exits.
+    let marker_storage = Arc::clone(&storage);
     let synced = tokio::task::spawn_blocking(move || storage.sync())
         .await
         .map_err(|e| ServerError::Internal(e.to_string()))?;
     if let Err(e) = synced {
         tracing::error!(error = %e, "final flush failed");
         return Err(ServerError::Internal(e.to_string()));
+    }
+    let marked = tokio::task::spawn_blocking(move || {
+        NodeIdentity::mark_clean_shutdown(marker_storage.as_ref())
+    })
+    .await
+    .map_err(|e| ServerError::Internal(e.to_string()))?;
+    if let Err(e) = marked {
+        tracing::error!(error = %e, "cannot record the clean shutdown");
     }
     tracing::info!("node stopped");
     served.map_err(ServerError::Io)

@@ -62,6 +62,12 @@ fn cli(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
+fn actor(url: &str) -> String {
+    let out = cli(&["admin", "status", "--url", url]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["actor"].as_str().unwrap().to_owned()
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -93,9 +99,15 @@ fn acknowledged_fsynced_writes_survive_sigkill() {
     // Two siblings too: the sibling set must survive as a whole.
     cli(&["put", "durable", "sib", "left", "--url", &server.url]);
     cli(&["put", "durable", "sib", "right", "--url", &server.url]);
+    let actor_before = actor(&server.url);
     server.child.kill().unwrap(); // SIGKILL: no flush, no shutdown hook
     server.child.wait().unwrap();
     let server = start_server(dir.path(), port);
+    assert_ne!(
+        actor(&server.url),
+        actor_before,
+        "after a crash the node writes as a new actor"
+    );
     for i in 0..50 {
         let out = cli(&["get", "durable", &format!("k{i}"), "--url", &server.url]);
         assert!(out.status.success(), "{out:?}");
@@ -190,6 +202,7 @@ fn sigterm_stops_cleanly_and_cli_round_trip() {
     assert!(!gone.status.success());
     let status = cli(&["admin", "status", "--url", &url]);
     assert!(stdout(&status).contains("\"node\": \"n1\""), "{status:?}");
+    let actor_before = actor(&url);
     Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status()
@@ -203,6 +216,12 @@ fn sigterm_stops_cleanly_and_cli_round_trip() {
         assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let server = start_server(dir.path(), port);
+    assert_eq!(
+        actor(&server.url),
+        actor_before,
+        "after a clean stop the actor is kept"
+    );
 }
 
 #[test]
