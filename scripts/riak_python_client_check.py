@@ -1,0 +1,56 @@
+# The Riak Python client (HTTP transport) against a dynakv node; see riak-python-client-check.sh.
+import collections, collections.abc
+for name in [n for n in dir(collections.abc) if not n.startswith("_")]:
+    setattr(collections, name, getattr(collections.abc, name))
+_nt = collections.namedtuple
+def _namedtuple(*a, **k):
+    k.pop("verbose", None)
+    return _nt(*a, **k)
+collections.namedtuple = _namedtuple
+import sys, riak
+port = int(sys.argv[1]) if len(sys.argv) > 1 else 8098
+c = riak.RiakClient(protocol='http', host='127.0.0.1', http_port=port)
+assert c.ping(), "ping"
+print("ping ok")
+b = c.bucket('pyclient')
+o = b.new('k1', data={'a': 1})
+o.store()
+print("stored", o.key, o.vclock is not None)
+f = b.get('k1')
+assert f.exists and f.data == {'a': 1}, f.data
+print("fetched", f.data)
+# siblings
+b.set_property('allow_mult', True)
+o1 = b.get('sib'); o1.data = 'x'; o1.content_type = 'text/plain'; o1.store()
+o2 = b.new('sib', data='y', content_type='text/plain'); o2.store()
+s = b.get('sib')
+assert sorted(x.data for x in s.siblings) == ['x', 'y'], [x.data for x in s.siblings]
+print("siblings", sorted(x.data for x in s.siblings))
+# resolve
+s.siblings = [s.siblings[0]]
+s.data = 'merged'
+s.store()
+r = b.get('sib')
+assert r.data == 'merged' and len(r.siblings) == 1, (r.data, len(r.siblings))
+print("resolved", r.data)
+# metadata
+m = b.new('meta', data='v', content_type='text/plain'); m.usermeta = {'color': 'blue'}; m.store()
+assert b.get('meta').usermeta == {'color': 'blue'}, b.get('meta').usermeta
+print("usermeta", b.get('meta').usermeta)
+# server-made key
+n = b.new(None, data='auto', content_type='text/plain'); n.store()
+assert n.key and b.get(n.key).data == 'auto'
+print("new key", n.key)
+# delete
+b.get('k1').delete()
+assert not b.get('k1').exists
+print("deleted")
+keys = sorted(b.get_keys())
+assert 'meta' in keys and 'sib' in keys and 'k1' not in keys, keys
+print("keys", keys)
+assert 'pyclient' in [x.name for x in c.get_buckets()]
+print("buckets ok")
+assert b.get_property('n_val') == 3
+print("props ok")
+print("preflist", b.get_preflist('meta') if hasattr(b, 'get_preflist') else 'n/a')
+print("OK: every step passed")
