@@ -982,16 +982,17 @@ impl Cluster {
             props.durability
         };
         let replica = Arc::clone(&self.replica);
-        let (b, k, p) = (bucket.to_owned(), key.to_owned(), props.clone());
+        let (bucket_name, key_name, bucket_props) =
+            (bucket.to_owned(), key.to_owned(), props.clone());
         let precondition = options.precondition;
         let now = options.now_ms;
         let stored = tokio::task::spawn_blocking(move || {
             replica.write(WriteRequest {
-                bucket: &b,
-                key: &k,
+                bucket: &bucket_name,
+                key: &key_name,
                 context,
                 content,
-                props: &p,
+                props: &bucket_props,
                 durability,
                 precondition,
                 now_ms: now,
@@ -999,14 +1000,54 @@ impl Cluster {
         })
         .await
         .map_err(internal)??;
+        let ring_version = state.ring.version;
+        let result = self
+            .replicate(bucket, key, &stored, props, durability, (w, pw), plan)
+            .await;
+        self.check_orphan(bucket, key, props.n_val);
+        match result {
+            Err(ClusterError::Quorum(_)) if self.state().ring.version != ring_version => {
+                // The ring changed while the write was replicated (a replica answered
+                // `StaleRing`): send the same stored version again under the new ring's plan.
+                let state = self.state();
+                let plan = self.replica_plan(&state, bucket, key, props.n_val);
+                self.replicate(bucket, key, &stored, props, durability, (w, pw), plan)
+                    .await?;
+                Ok(stored)
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(stored),
+        }
+    }
+
+    /// Send a stored version to a plan's replicas and wait for W (and PW) acknowledgements,
+    /// this node's own copy counting when it is one of them. Replicas that fail get a spare
+    /// standing in (sloppy quorum) and a hint kept here.
+    #[allow(clippy::too_many_arguments)]
+    async fn replicate(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        stored: &Object,
+        props: &BucketProps,
+        durability: Durability,
+        (w, pw): (usize, usize),
+        plan: ReplicaPlan,
+    ) -> Result<(), ClusterError> {
         let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
         let mut quorum = PutQuorum::new(slot_nodes, plan.next.clone(), w)
             .with_primaries(plan.primaries.clone(), pw);
-        let local = quorum.on_reply(&self.me, true);
+        let holds_copy = plan.slots.iter().any(|s| s.node == self.me)
+            || plan.next.as_ref().is_some_and(|n| n.contains(&self.me));
+        let local = if holds_copy {
+            quorum.on_reply(&self.me, true)
+        } else {
+            Progress::Waiting
+        };
         let encoded = Arc::new(stored.encode());
         // Primaries that are down with no fallback to stand in: this node keeps the hint.
         for primary in &plan.unplaced {
-            self.keep_hint(primary, bucket, key, &stored, durability)
+            self.keep_hint(primary, bucket, key, stored, durability)
                 .await;
         }
         let mut sends: Vec<(NodeId, Option<NodeId>)> = plan
@@ -1059,8 +1100,7 @@ impl Cluster {
             }
         }
         if let Progress::Done(result) = local {
-            result.map_err(ClusterError::Quorum)?;
-            return Ok(stored);
+            return result.map_err(ClusterError::Quorum);
         }
         let mut spares = plan.spares.into_iter();
         while outstanding > 0 {
@@ -1081,8 +1121,7 @@ impl Cluster {
                 continue;
             }
             if let Progress::Done(result) = quorum.on_reply(&node, ok) {
-                result.map_err(ClusterError::Quorum)?;
-                return Ok(stored);
+                return result.map_err(ClusterError::Quorum);
             }
         }
         // Every replica answered and the quorum could neither be met nor ruled out: report
@@ -1198,11 +1237,14 @@ impl Cluster {
                 let object = Object::decode(&object).map_err(internal)?;
                 let props = self.bucket_props(&bucket);
                 let replica = Arc::clone(&self.replica);
+                let n_val = props.n_val;
+                let (b, k) = (bucket.clone(), key.clone());
                 tokio::task::spawn_blocking(move || {
                     replica.merge(&bucket, &key, &object, &props, durability)
                 })
                 .await
                 .map_err(internal)??;
+                self.check_orphan(&b, &k, n_val);
                 Ok(PeerMessage::Ack)
             }
             PeerMessage::CoordinatePut {
@@ -2148,6 +2190,22 @@ impl Cluster {
             );
         }
         Ok(removed)
+    }
+
+    /// A write stored here for a key this node no longer replicates (its ring changed while
+    /// the write was under way) would outlive the cleanup of that ring: ask for another one.
+    fn check_orphan(&self, bucket: &str, key: &str, n_val: u32) {
+        let state = self.state();
+        if state.ring.next.is_some() {
+            return;
+        }
+        let partition = state
+            .ring
+            .current
+            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+        if !state.preference_list(partition, n_val).contains(&self.me) {
+            *self.cleaned_version.lock() = 0;
+        }
     }
 
     /// Whether this node has left the cluster.

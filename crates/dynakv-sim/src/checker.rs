@@ -1,0 +1,144 @@
+//! Checkers over a run's history and final state.
+//!
+//! - **set-add**: every acknowledged add is in the union of the final siblings (`lost` must be
+//!   0), and no element appears that was never sent (`phantom` must be 0).
+//! - **register**: every acknowledged write is in the final siblings, or was causally
+//!   overwritten: some write that is known to have landed (acknowledged, or its value was seen
+//!   by a read or is in the final state) carried a context covering the acknowledged write's
+//!   dot. Final values must all have been sent (`phantom`).
+//! - convergence and bounds are checked by the simulation itself (they need every replica).
+
+use crate::history::{History, OpKind, decode_register, decode_set};
+use dynakv_core::object::Object;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the history checkers found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub adds_acknowledged: usize,
+    /// Acknowledged adds missing from the final state: `(key, element)`.
+    pub lost_adds: Vec<(String, u64)>,
+    /// Elements in the final state that were never sent.
+    pub phantom_adds: Vec<(String, u64)>,
+    pub writes_acknowledged: usize,
+    /// Acknowledged register writes neither in the final state nor overwritten by a write
+    /// whose context saw them.
+    pub lost_writes: Vec<(String, u64)>,
+    /// Register values in the final state that were never sent.
+    pub phantom_writes: Vec<(String, u64)>,
+}
+
+impl CheckReport {
+    pub fn lost(&self) -> usize {
+        self.lost_adds.len() + self.lost_writes.len()
+    }
+
+    pub fn phantom(&self) -> usize {
+        self.phantom_adds.len() + self.phantom_writes.len()
+    }
+}
+
+/// Check the history against the final object of every key (the result of a final read with
+/// R = N after healing and convergence).
+pub fn check(history: &History, finals: &BTreeMap<String, Object>) -> CheckReport {
+    let mut report = CheckReport::default();
+    let final_values = |key: &str| -> Vec<Vec<u8>> {
+        finals.get(key).map_or_else(Vec::new, |o| {
+            o.live_siblings().map(|s| s.content.value.clone()).collect()
+        })
+    };
+
+    // ---- set-add ----
+    let sent_adds: BTreeSet<(&str, u64)> = history
+        .writes
+        .iter()
+        .filter(|w| w.kind == OpKind::SetAdd && w.sent)
+        .map(|w| (w.key.as_str(), w.value))
+        .collect();
+    let set_keys: BTreeSet<&str> = history
+        .writes
+        .iter()
+        .filter(|w| w.kind == OpKind::SetAdd)
+        .map(|w| w.key.as_str())
+        .collect();
+    let mut final_sets: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for key in &set_keys {
+        let union: BTreeSet<u64> = final_values(key)
+            .iter()
+            .flat_map(|v| decode_set(v))
+            .collect();
+        for element in &union {
+            if !sent_adds.contains(&(*key, *element)) {
+                report.phantom_adds.push(((*key).to_owned(), *element));
+            }
+        }
+        final_sets.insert(key, union);
+    }
+    for w in history
+        .writes
+        .iter()
+        .filter(|w| w.kind == OpKind::SetAdd && w.acked.is_some())
+    {
+        report.adds_acknowledged += 1;
+        if !final_sets
+            .get(w.key.as_str())
+            .is_some_and(|s| s.contains(&w.value))
+        {
+            report.lost_adds.push((w.key.clone(), w.value));
+        }
+    }
+
+    // ---- register ----
+    let registers: Vec<_> = history
+        .writes
+        .iter()
+        .filter(|w| w.kind == OpKind::Write)
+        .collect();
+    let mut final_registers: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for key in registers.iter().map(|w| w.key.as_str()) {
+        final_registers.entry(key).or_insert_with(|| {
+            final_values(key)
+                .iter()
+                .filter_map(|v| decode_register(v))
+                .collect()
+        });
+    }
+    for (key, values) in &final_registers {
+        for value in values {
+            if !registers
+                .iter()
+                .any(|w| w.sent && w.key == *key && w.value == *value)
+            {
+                report.phantom_writes.push(((*key).to_owned(), *value));
+            }
+        }
+    }
+    let landed = |key: &str, value: u64, acked: bool| {
+        acked
+            || history.observed.contains(&(key.to_owned(), value))
+            || final_registers
+                .get(key)
+                .is_some_and(|values| values.contains(&value))
+    };
+    for w in registers.iter().filter(|w| w.acked.is_some()) {
+        report.writes_acknowledged += 1;
+        let Some(dot) = w.acked else { continue };
+        if final_registers
+            .get(w.key.as_str())
+            .is_some_and(|values| values.contains(&w.value))
+        {
+            continue;
+        }
+        let overwritten = registers.iter().any(|x| {
+            x.key == w.key
+                && x.value != w.value
+                && x.sent
+                && x.context.as_ref().is_some_and(|c| c.covers(dot))
+                && landed(&x.key, x.value, x.acked.is_some())
+        });
+        if !overwritten {
+            report.lost_writes.push((w.key.clone(), w.value));
+        }
+    }
+    report
+}

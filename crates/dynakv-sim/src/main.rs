@@ -1,0 +1,212 @@
+//! `dynakv-sim`: run many seeds (or replay one) and print a summary.
+//!
+//! ```text
+//! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
+//!     [--ops N] [--keep-actor] [--no-faults] [--seed S --verbose]
+//! ```
+//! Exits with status 1 when a seed fails (unless `--lww` or `--bug`, where failures are the
+//! expected outcome and only the summary matters).
+
+use dynakv_sim::node::Bug;
+use dynakv_sim::{RunReport, SimConfig, run_seed};
+use std::process::ExitCode;
+
+/// Failing seeds printed in full; the rest are only counted.
+const MAX_FAILURES_SHOWN: usize = 10;
+
+#[derive(Debug, Default)]
+#[allow(clippy::struct_excessive_bools)] // independent command-line switches
+struct Args {
+    seeds: u64,
+    start: u64,
+    seed: Option<u64>,
+    lww: bool,
+    bug: Option<Bug>,
+    ops: Option<usize>,
+    keep_actor: bool,
+    no_faults: bool,
+    verbose: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args {
+        seeds: 100,
+        ..Args::default()
+    };
+    let mut it = std::env::args().skip(1);
+    let number = |v: Option<String>, name: &str| -> Result<u64, String> {
+        v.ok_or_else(|| format!("{name} needs a value"))?
+            .parse()
+            .map_err(|e| format!("{name}: {e}"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seeds" => args.seeds = number(it.next(), "--seeds")?,
+            "--start" => args.start = number(it.next(), "--start")?,
+            "--seed" => args.seed = Some(number(it.next(), "--seed")?),
+            "--ops" => args.ops = Some(number(it.next(), "--ops")? as usize),
+            "--lww" => args.lww = true,
+            "--keep-actor" => args.keep_actor = true,
+            "--no-faults" => args.no_faults = true,
+            "--verbose" => args.verbose = true,
+            "--bug" => match it.next().as_deref() {
+                Some("drop-sibling") => args.bug = Some(Bug::DropSiblingOnMerge),
+                other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
+            },
+            "-h" | "--help" => {
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--verbose]".into());
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
+    move |c: &mut SimConfig| {
+        c.node.last_write_wins = args.lww;
+        c.node.bug = args.bug;
+        c.keep_actor_after_loss = args.keep_actor;
+        c.faults = !args.no_faults;
+        if let Some(ops) = args.ops {
+            c.ops = ops;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let seeds: Vec<u64> = match args.seed {
+        Some(s) => vec![s],
+        None => (args.start..args.start + args.seeds).collect(),
+    };
+    let started = std::time::Instant::now();
+    let mut totals = Totals::default();
+    for seed in &seeds {
+        let report = match run_seed(*seed, adjust(&args)) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("seed {seed}: cannot build the cluster: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if args.verbose {
+            print!("{}", report.history.render());
+            println!("{}", report.describe());
+        }
+        totals.add(&report);
+    }
+    totals.print(seeds.len(), started.elapsed().as_secs_f64());
+    let expected_to_fail = args.lww || args.bug.is_some() || args.keep_actor;
+    if totals.failing.is_empty() || expected_to_fail {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    attempted: usize,
+    ok: usize,
+    failed: usize,
+    info: usize,
+    adds_acked: usize,
+    lost_adds: usize,
+    writes_acked: usize,
+    lost_writes: usize,
+    phantom: usize,
+    seeds_with_loss: usize,
+    not_converged: usize,
+    max_siblings: usize,
+    max_clock_entries: usize,
+    convergence_ms: Vec<u64>,
+    failing: Vec<String>,
+}
+
+impl Totals {
+    fn add(&mut self, r: &RunReport) {
+        self.attempted += r.ops_attempted;
+        self.ok += r.ops_ok;
+        self.failed += r.ops_failed;
+        self.info += r.ops_indeterminate;
+        self.adds_acked += r.check.adds_acknowledged;
+        self.lost_adds += r.check.lost_adds.len();
+        self.writes_acked += r.check.writes_acknowledged;
+        self.lost_writes += r.check.lost_writes.len();
+        self.phantom += r.check.phantom();
+        self.seeds_with_loss += usize::from(r.check.lost() > 0);
+        self.not_converged += usize::from(!r.converged);
+        self.max_siblings = self.max_siblings.max(r.max_siblings);
+        self.max_clock_entries = self.max_clock_entries.max(r.max_clock_entries);
+        if let Some(ms) = r.convergence_ms {
+            self.convergence_ms.push(ms);
+        }
+        if !r.passed() {
+            if self.failing.len() < MAX_FAILURES_SHOWN {
+                print!("FAIL {}", r.describe());
+            }
+            self.failing.push(r.config.seed.to_string());
+        }
+    }
+
+    fn print(&mut self, seeds: usize, seconds: f64) {
+        self.convergence_ms.sort_unstable();
+        let pct = |q: f64| -> u64 {
+            if self.convergence_ms.is_empty() {
+                return 0;
+            }
+            let i = ((self.convergence_ms.len() - 1) as f64 * q).round() as usize;
+            self.convergence_ms[i]
+        };
+        println!("seeds {seeds} ({seconds:.1} s)");
+        println!(
+            "ops attempted {} ok {} failed {} indeterminate {}",
+            self.attempted, self.ok, self.failed, self.info
+        );
+        println!(
+            "set-add: acknowledged {} lost {} (loss rate {:.4}); register: acknowledged {} lost {}; phantom {}",
+            self.adds_acked,
+            self.lost_adds,
+            if self.adds_acked == 0 {
+                0.0
+            } else {
+                self.lost_adds as f64 / self.adds_acked as f64
+            },
+            self.writes_acked,
+            self.lost_writes,
+            self.phantom
+        );
+        println!(
+            "seeds with a loss {}; not converged {}; max siblings {}; max clock entries {}",
+            self.seeds_with_loss, self.not_converged, self.max_siblings, self.max_clock_entries
+        );
+        println!(
+            "convergence after heal (simulated ms): p50 {} p99 {} max {}",
+            pct(0.5),
+            pct(0.99),
+            self.convergence_ms.last().copied().unwrap_or(0)
+        );
+        if self.failing.is_empty() {
+            println!("all seeds passed");
+        } else {
+            let shown: Vec<&str> = self.failing.iter().take(50).map(String::as_str).collect();
+            println!(
+                "{} failing seeds: {}{}",
+                self.failing.len(),
+                shown.join(" "),
+                if self.failing.len() > shown.len() {
+                    " ..."
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}

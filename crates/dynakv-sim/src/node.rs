@@ -1,0 +1,1747 @@
+//! `SimNode`: one dynakv node as a sans-IO state machine, `handle(now, input) -> outputs`.
+//!
+//! It re-states the sequencing of `dynakv-server::cluster::Cluster` (sloppy quorum get and put,
+//! forwarding, read repair, hinted handoff, anti-entropy, gossip heartbeats and the transport's
+//! backoff) on the very same core primitives: `Object::update`/`sync`, `GetQuorum`,
+//! `PutQuorum`, `sloppy_slots`, `Ring::extended_preference_list`,
+//! `ClusterState::preference_list`/`merge`/`beat`, `MerkleTree`. The ring is static (no joins
+//! or leaves), there is one bucket, and there are no deletes.
+//!
+//! Invariants this module keeps:
+//! - every object this node stores is `stored.update(context, ..)` (as coordinator, with its
+//!   own actor) or `stored.sync(incoming)`: no sibling it did not see is dropped (unless a
+//!   planted [`Bug`] or the `last_write_wins` mode says so);
+//! - a hint is deleted only after its target acknowledged it, and only if it did not change
+//!   meanwhile;
+//! - the Merkle tree of a partition is updated on every object write, so two nodes holding
+//!   the same objects of a partition have equal roots;
+//! - every outgoing request either gets a reply, a transport failure, or times out: nothing
+//!   waits forever.
+
+use crate::rng::SimRng;
+use dynakv_core::codec::Writer;
+use dynakv_core::limits;
+use dynakv_core::membership::ClusterState;
+use dynakv_core::merkle::{self, Hash, MerkleTree};
+use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, encode_clock};
+use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, sloppy_slots};
+use dynakv_core::ring::{NodeId, PartitionId};
+use dynakv_core::version::{ActorId, VersionVector};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// The one bucket the simulation uses.
+pub const BUCKET: &str = "sim";
+/// One replica request (get, put, hinted put, handoff batch, anti-entropy step), like the
+/// server's `request_timeout_ms` (scaled down from 2 s).
+pub const REQUEST_TIMEOUT_MS: u64 = 500;
+/// A forwarded put waits this long for the remote coordinator (the server uses twice the
+/// request timeout).
+pub const FORWARD_TIMEOUT_MS: u64 = 2 * REQUEST_TIMEOUT_MS;
+/// Gossip (heartbeat) interval, as in the server.
+pub const GOSSIP_INTERVAL_MS: u64 = 1000;
+/// A member whose gossiped heartbeat has not moved for this long is believed down.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 5000;
+/// Hint delivery interval (the server delivers hints in its one-second background loop).
+pub const HINT_INTERVAL_MS: u64 = 1000;
+/// Anti-entropy round interval (the server's default `aae_interval_ms`).
+pub const AAE_INTERVAL_MS: u64 = 2000;
+/// Buffered-durability flush interval (the server's default `flush_interval_ms`).
+pub const FLUSH_INTERVAL_MS: u64 = 100;
+/// Consecutive timeouts after which the transport puts a peer into backoff.
+pub const TIMEOUTS_BEFORE_BACKOFF: u32 = 3;
+/// First transport backoff.
+pub const BACKOFF_INITIAL_MS: u64 = 100;
+/// Longest transport backoff.
+pub const BACKOFF_MAX_MS: u64 = 5000;
+/// Most keys a node keeps as hints for one target (the server's `MAX_HINTS_PER_TARGET`).
+pub const MAX_HINTS_PER_TARGET: usize = 100_000;
+/// Most hinted keys sent in one handoff batch (the server's `HANDOFF_BATCH_KEYS`).
+pub const HANDOFF_BATCH_KEYS: usize = 256;
+/// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
+pub const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
+
+/// A deliberately planted bug, to show the checkers catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// After every replica-side merge (`sync`), keep only the first sibling (by dot).
+    DropSiblingOnMerge,
+}
+
+/// How replica writes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every write is durable before it is acknowledged (the server's default).
+    Fsync,
+    /// Writes become durable at the next flush, every `FLUSH_INTERVAL_MS`.
+    Buffered,
+}
+
+/// Bucket and node settings shared by every node of a run.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub n_val: usize,
+    pub r: usize,
+    pub w: usize,
+    /// The bucket's `last_write_wins`: after a put or a merge keep only the newest sibling.
+    pub last_write_wins: bool,
+    pub bug: Option<Bug>,
+    pub durability: Durability,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            n_val: 3,
+            r: 2,
+            w: 2,
+            last_write_wins: false,
+            bug: None,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// Id of one peer request, unique per sending node.
+pub type RequestId = u64;
+/// Id of one client request, unique per simulation.
+pub type ClientRequestId = u64;
+
+/// A peer message.
+#[derive(Debug, Clone)]
+pub enum Message {
+    Request { id: RequestId, body: Request },
+    Response { id: RequestId, body: Response },
+}
+
+/// Peer requests (the subset of `dynakv_core::message::PeerMessage` the simulation needs).
+#[derive(Debug, Clone)]
+pub enum Request {
+    ReplicaGet {
+        key: String,
+        hinted_for: Option<NodeId>,
+    },
+    ReplicaPut {
+        key: String,
+        object: Object,
+    },
+    HintedPut {
+        target: NodeId,
+        key: String,
+        object: Object,
+    },
+    CoordinatePut {
+        key: String,
+        context: Option<VersionVector>,
+        value: Vec<u8>,
+        w: usize,
+        now_ms: u64,
+    },
+    Handoff {
+        entries: Vec<(String, Object)>,
+    },
+    AaeSegments {
+        partition: PartitionId,
+    },
+    AaeLeaves {
+        partition: PartitionId,
+        segments: Vec<u16>,
+    },
+    AaeKeys {
+        partition: PartitionId,
+        leaves: Vec<u16>,
+    },
+    Gossip(Box<ClusterState>),
+}
+
+/// Peer responses.
+#[derive(Debug, Clone)]
+pub enum Response {
+    Object(Option<Object>),
+    Ack,
+    Error(String),
+    Coordinated(Object),
+    Failed {
+        not_a_replica: bool,
+        message: String,
+    },
+    Segments(Vec<Hash>),
+    Leaves(Vec<(u16, Hash)>),
+    Keys(Vec<(String, Hash)>),
+    Gossip(Box<ClusterState>),
+}
+
+/// A client request to this node.
+#[derive(Debug, Clone)]
+pub enum ClientOp {
+    Get {
+        key: String,
+        r: usize,
+    },
+    Put {
+        key: String,
+        context: Option<VersionVector>,
+        value: Vec<u8>,
+        w: usize,
+    },
+}
+
+/// The answer to a client request.
+#[derive(Debug, Clone)]
+pub enum ClientResult {
+    /// A get's merged object (empty when absent).
+    Got(Object),
+    /// A put's stored object, as the coordinator wrote it.
+    Put(Object),
+    Failed(String),
+}
+
+/// Timers a node sets for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    Gossip,
+    Hints,
+    Aae,
+    Flush,
+    RequestTimeout(RequestId),
+}
+
+/// What drives a node.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Client {
+        id: ClientRequestId,
+        op: ClientOp,
+    },
+    Message {
+        from: NodeId,
+        message: Message,
+    },
+    /// A request could not be sent (the peer's process is down: connection refused).
+    SendFailed {
+        to: NodeId,
+        id: RequestId,
+    },
+    Timer(Timer),
+}
+
+/// What a node asks its environment to do.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Send {
+        to: NodeId,
+        message: Message,
+    },
+    Reply {
+        id: ClientRequestId,
+        result: ClientResult,
+    },
+    SetTimer {
+        at_ms: u64,
+        timer: Timer,
+    },
+}
+
+/// How a node comes back after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashKind {
+    /// The process dies; the disk keeps everything written (OS buffers survive).
+    Process,
+    /// The machine loses power: writes not yet flushed are lost (nothing with `Fsync`).
+    PowerLoss,
+    /// The disk is lost: the node comes back empty.
+    Wipe,
+}
+
+/// A durable store key: an object or a hint.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum StoreKey {
+    Object(String),
+    Hint(NodeId, String),
+}
+
+/// Why a reply is awaited.
+#[derive(Debug, Clone)]
+enum Purpose {
+    GetFetch {
+        coord: u64,
+    },
+    PutSend {
+        coord: u64,
+        stands_in_for: Option<NodeId>,
+    },
+    /// Read repair and anti-entropy stores: fire and forget (the transport still counts).
+    Store,
+    Forward {
+        client: ClientRequestId,
+        rest: Vec<NodeId>,
+        body: Request,
+        last_error: String,
+    },
+    HintDelivery {
+        target: NodeId,
+        entries: Vec<(String, Object)>,
+    },
+    Aae,
+    Gossip,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    to: NodeId,
+    purpose: Purpose,
+}
+
+#[derive(Debug, Clone)]
+enum ReplyTo {
+    Client(ClientRequestId),
+    Peer(NodeId, RequestId),
+}
+
+#[derive(Debug)]
+struct GetCoord {
+    key: String,
+    quorum: GetQuorum,
+    reply: Option<ReplyTo>,
+    outstanding: usize,
+}
+
+#[derive(Debug)]
+struct PutCoord {
+    key: String,
+    quorum: PutQuorum,
+    primaries: Vec<NodeId>,
+    spares: VecDeque<NodeId>,
+    stored: Object,
+    reply: Option<ReplyTo>,
+    outstanding: usize,
+}
+
+#[derive(Debug)]
+enum AaeStage {
+    Segments,
+    Leaves,
+    Keys {
+        ours: BTreeMap<String, Hash>,
+    },
+    Fetching {
+        waiting: BTreeMap<RequestId, String>,
+    },
+}
+
+#[derive(Debug)]
+struct Exchange {
+    partition: PartitionId,
+    peer: NodeId,
+    stage: AaeStage,
+    request: RequestId,
+}
+
+/// The transport's view of one peer.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    consecutive_timeouts: u32,
+    backoff_until: u64,
+    next_backoff_ms: u64,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            consecutive_timeouts: 0,
+            backoff_until: 0,
+            next_backoff_ms: BACKOFF_INITIAL_MS,
+        }
+    }
+}
+
+/// A partition's tree with its segment hashes cached until the next update.
+#[derive(Debug, Clone, Default)]
+struct Tree {
+    tree: MerkleTree,
+    segments: Option<Vec<Hash>>,
+}
+
+impl Tree {
+    fn segments(&mut self) -> Vec<Hash> {
+        self.segments
+            .get_or_insert_with(|| self.tree.segments())
+            .clone()
+    }
+}
+
+/// High-water marks a node observed in what it stored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeStats {
+    pub max_siblings: usize,
+    pub max_clock_entries: usize,
+    pub hints_stored: u64,
+    pub hints_delivered: u64,
+    pub hints_dropped: u64,
+    pub read_repairs: u64,
+    pub aae_repairs: u64,
+}
+
+/// One simulated node.
+#[derive(Debug)]
+pub struct SimNode {
+    me: NodeId,
+    actor: ActorId,
+    config: NodeConfig,
+    // ---- durable state ----
+    cluster: ClusterState,
+    objects: BTreeMap<String, (Object, Hash)>,
+    hints: BTreeMap<(NodeId, String), Object>,
+    /// With buffered durability: the durable value of each key changed since the last flush.
+    unflushed: BTreeMap<StoreKey, Option<Object>>,
+    // ---- volatile state ----
+    trees: BTreeMap<PartitionId, Tree>,
+    started_ms: u64,
+    rng: SimRng,
+    next_request: RequestId,
+    next_coord: u64,
+    pending: BTreeMap<RequestId, Pending>,
+    gets: BTreeMap<u64, GetCoord>,
+    puts: BTreeMap<u64, PutCoord>,
+    liveness: BTreeMap<NodeId, (u64, u64)>,
+    links: BTreeMap<NodeId, Link>,
+    delivering: BTreeSet<NodeId>,
+    aae_round: usize,
+    aae_queue: VecDeque<PartitionId>,
+    aae_current: Option<Exchange>,
+    /// Transport failures to process before returning (a send to a peer in backoff fails
+    /// at once).
+    failures: VecDeque<(NodeId, RequestId)>,
+    outputs: Vec<Output>,
+    stats: NodeStats,
+}
+
+impl SimNode {
+    /// A node with empty storage, knowing `cluster`; returns it and its first timers.
+    pub fn new(
+        me: NodeId,
+        actor: ActorId,
+        cluster: ClusterState,
+        config: NodeConfig,
+        rng: SimRng,
+        now: u64,
+    ) -> (SimNode, Vec<Output>) {
+        let mut node = SimNode {
+            me,
+            actor,
+            config,
+            cluster,
+            objects: BTreeMap::new(),
+            hints: BTreeMap::new(),
+            unflushed: BTreeMap::new(),
+            trees: BTreeMap::new(),
+            started_ms: now,
+            rng,
+            next_request: 1,
+            next_coord: 1,
+            pending: BTreeMap::new(),
+            gets: BTreeMap::new(),
+            puts: BTreeMap::new(),
+            liveness: BTreeMap::new(),
+            links: BTreeMap::new(),
+            delivering: BTreeSet::new(),
+            aae_round: 0,
+            aae_queue: VecDeque::new(),
+            aae_current: None,
+            failures: VecDeque::new(),
+            outputs: Vec::new(),
+            stats: NodeStats::default(),
+        };
+        let outputs = node.start_timers(now);
+        (node, outputs)
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.me
+    }
+
+    pub fn actor(&self) -> ActorId {
+        self.actor
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+
+    /// The stored object of a key (tombstones included).
+    pub fn object(&self, key: &str) -> Option<&Object> {
+        self.objects.get(key).map(|(o, _)| o)
+    }
+
+    /// Every stored object.
+    pub fn objects(&self) -> impl Iterator<Item = (&String, &Object)> {
+        self.objects.iter().map(|(k, (o, _))| (k, o))
+    }
+
+    /// Number of hints held.
+    pub fn hint_count(&self) -> usize {
+        self.hints.len()
+    }
+
+    /// The Merkle root of one partition's tree.
+    pub fn partition_root(&self, partition: PartitionId) -> Hash {
+        self.trees
+            .get(&partition)
+            .map_or_else(|| MerkleTree::new().root(), |t| t.tree.root())
+    }
+
+    /// The key's partition.
+    pub fn partition_of(&self, key: &str) -> PartitionId {
+        self.cluster
+            .ring
+            .current
+            .partition_of(BUCKET.as_bytes(), key.as_bytes())
+    }
+
+    /// The key's primaries (its preference list).
+    pub fn primaries(&self, key: &str) -> Vec<NodeId> {
+        self.cluster
+            .preference_list(self.partition_of(key), self.config.n_val as u32)
+    }
+
+    fn start_timers(&mut self, now: u64) -> Vec<Output> {
+        let mut out = vec![
+            Output::SetTimer {
+                at_ms: now + GOSSIP_INTERVAL_MS,
+                timer: Timer::Gossip,
+            },
+            Output::SetTimer {
+                at_ms: now + HINT_INTERVAL_MS,
+                timer: Timer::Hints,
+            },
+            // The first anti-entropy round comes one interval after startup, as in the server.
+            Output::SetTimer {
+                at_ms: now + AAE_INTERVAL_MS,
+                timer: Timer::Aae,
+            },
+        ];
+        if self.config.durability == Durability::Buffered {
+            out.push(Output::SetTimer {
+                at_ms: now + FLUSH_INTERVAL_MS,
+                timer: Timer::Flush,
+            });
+        }
+        out
+    }
+
+    /// Restart after a crash. Volatile state (requests in flight, coordinations, liveness
+    /// views, transport state, anti-entropy progress) is gone; durable state survives per
+    /// `kind`. Returns whether data was lost, and the new timers. `new_actor` is the identity
+    /// to use when data was lost (restart safety: never reissue a dot issued before).
+    pub fn restart(
+        &mut self,
+        now: u64,
+        kind: CrashKind,
+        new_actor: ActorId,
+        keep_actor_after_loss: bool,
+        rng: SimRng,
+    ) -> (bool, Vec<Output>) {
+        let mut lost = false;
+        match kind {
+            CrashKind::Process => {}
+            CrashKind::PowerLoss => {
+                let unflushed = std::mem::take(&mut self.unflushed);
+                for (key, durable) in unflushed {
+                    lost = true;
+                    match (key, durable) {
+                        (StoreKey::Object(k), Some(o)) => {
+                            let h = entry_hash_of(&k, &o);
+                            self.objects.insert(k, (o, h));
+                        }
+                        (StoreKey::Object(k), None) => {
+                            self.objects.remove(&k);
+                        }
+                        (StoreKey::Hint(t, k), Some(o)) => {
+                            self.hints.insert((t, k), o);
+                        }
+                        (StoreKey::Hint(t, k), None) => {
+                            self.hints.remove(&(t, k));
+                        }
+                    }
+                }
+            }
+            CrashKind::Wipe => {
+                lost = !self.objects.is_empty() || !self.hints.is_empty();
+                self.objects.clear();
+                self.hints.clear();
+                self.unflushed.clear();
+                // A new data directory is a new actor, whatever was in it.
+                self.actor = new_actor;
+            }
+        }
+        if lost && !keep_actor_after_loss {
+            self.actor = new_actor;
+        }
+        // Volatile state.
+        self.trees.clear();
+        let keys: Vec<(String, Object)> = self
+            .objects
+            .iter()
+            .map(|(k, (o, _))| (k.clone(), o.clone()))
+            .collect();
+        for (key, object) in keys {
+            let hash = entry_hash_of(&key, &object);
+            let (p, leaf) = (self.partition_of(&key), leaf(&key));
+            let tree = self.trees.entry(p).or_default();
+            tree.tree.update(leaf, None, Some(&hash));
+            tree.segments = None;
+        }
+        self.started_ms = now;
+        self.rng = rng;
+        self.pending.clear();
+        self.gets.clear();
+        self.puts.clear();
+        self.liveness.clear();
+        self.links.clear();
+        self.delivering.clear();
+        self.aae_queue.clear();
+        self.aae_current = None;
+        self.failures.clear();
+        (lost, self.start_timers(now))
+    }
+
+    /// Process one input.
+    pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
+        match input {
+            Input::Client { id, op } => self.on_client(now, id, op),
+            Input::Message { from, message } => match message {
+                Message::Request { id, body } => self.on_request(now, &from, id, body),
+                Message::Response { id, body } => {
+                    if let Some(pending) = self.pending.remove(&id)
+                        && pending.to == from
+                    {
+                        let link = self.links.entry(from.clone()).or_default();
+                        *link = Link::default();
+                        self.on_response(now, id, pending, Some(body));
+                    }
+                }
+            },
+            Input::SendFailed { to, id } => {
+                if self.pending.get(&id).is_some_and(|p| p.to == to) {
+                    self.backoff(now, &to);
+                    self.fail_request(now, id);
+                }
+            }
+            Input::Timer(timer) => self.on_timer(now, timer),
+        }
+        while let Some((to, id)) = self.failures.pop_front() {
+            if self.pending.get(&id).is_some_and(|p| p.to == to) {
+                self.fail_request(now, id);
+            }
+        }
+        std::mem::take(&mut self.outputs)
+    }
+
+    // ----- liveness and transport -----
+
+    /// Whether a member is believed up: not in transport backoff, and its gossiped heartbeat
+    /// moved recently (or it is too early to tell).
+    pub fn is_up(&self, now: u64, id: &NodeId) -> bool {
+        if id == &self.me {
+            return true;
+        }
+        if self.links.get(id).is_some_and(|l| l.backoff_until > now) {
+            return false;
+        }
+        match self.liveness.get(id) {
+            Some((_, moved)) => now.saturating_sub(*moved) < HEARTBEAT_TIMEOUT_MS,
+            None => now.saturating_sub(self.started_ms) < HEARTBEAT_TIMEOUT_MS,
+        }
+    }
+
+    fn backoff(&mut self, now: u64, peer: &NodeId) {
+        let link = self.links.entry(peer.clone()).or_default();
+        link.consecutive_timeouts = 0;
+        link.backoff_until = now + link.next_backoff_ms;
+        link.next_backoff_ms = (link.next_backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    fn on_timeout_of(&mut self, now: u64, peer: &NodeId) {
+        let link = self.links.entry(peer.clone()).or_default();
+        link.consecutive_timeouts += 1;
+        if link.consecutive_timeouts >= TIMEOUTS_BEFORE_BACKOFF {
+            self.backoff(now, peer);
+        }
+    }
+
+    fn send_request(
+        &mut self,
+        now: u64,
+        to: &NodeId,
+        body: Request,
+        purpose: Purpose,
+        timeout_ms: u64,
+    ) -> RequestId {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(
+            id,
+            Pending {
+                to: to.clone(),
+                purpose,
+            },
+        );
+        if self.links.get(to).is_some_and(|l| l.backoff_until > now) {
+            // The transport fails requests to a peer in backoff at once.
+            self.failures.push_back((to.clone(), id));
+            return id;
+        }
+        self.outputs.push(Output::Send {
+            to: to.clone(),
+            message: Message::Request { id, body },
+        });
+        self.outputs.push(Output::SetTimer {
+            at_ms: now + timeout_ms,
+            timer: Timer::RequestTimeout(id),
+        });
+        id
+    }
+
+    fn respond(&mut self, to: &NodeId, id: RequestId, body: Response) {
+        self.outputs.push(Output::Send {
+            to: to.clone(),
+            message: Message::Response { id, body },
+        });
+    }
+
+    fn fail_request(&mut self, now: u64, id: RequestId) {
+        if let Some(pending) = self.pending.remove(&id) {
+            self.on_response(now, id, pending, None);
+        }
+    }
+
+    // ----- local storage -----
+
+    fn mark_unflushed(&mut self, key: StoreKey) {
+        if self.config.durability == Durability::Fsync || self.unflushed.contains_key(&key) {
+            return;
+        }
+        let durable = match &key {
+            StoreKey::Object(k) => self.objects.get(k).map(|(o, _)| o.clone()),
+            StoreKey::Hint(t, k) => self.hints.get(&(t.clone(), k.clone())).cloned(),
+        };
+        self.unflushed.insert(key, durable);
+    }
+
+    fn put_object(&mut self, key: &str, object: Object) {
+        self.mark_unflushed(StoreKey::Object(key.to_owned()));
+        self.stats.max_siblings = self.stats.max_siblings.max(object.siblings().len());
+        self.stats.max_clock_entries = self.stats.max_clock_entries.max(object.clock().len());
+        let hash = entry_hash_of(key, &object);
+        let old = self.objects.insert(key.to_owned(), (object, hash));
+        let (p, leaf) = (self.partition_of(key), leaf(key));
+        let tree = self.trees.entry(p).or_default();
+        tree.tree
+            .update(leaf, old.as_ref().map(|(_, h)| h), Some(&hash));
+        tree.segments = None;
+    }
+
+    /// The coordinator's write (`Replica::write`): `update` with this node's actor.
+    fn write_local(
+        &mut self,
+        now: u64,
+        key: &str,
+        context: Option<&VersionVector>,
+        value: Vec<u8>,
+    ) -> Result<Object, String> {
+        let stored = self.object(key).cloned().unwrap_or_default();
+        let context = context.cloned().unwrap_or_default();
+        let content = Content {
+            value,
+            content_type: "application/octet-stream".into(),
+            last_modified_ms: now,
+            meta: Vec::new(),
+            deleted: false,
+        };
+        let mut updated = stored
+            .update(&context, content, self.actor, now, PrunePolicy::default())
+            .map_err(|e| e.to_string())?;
+        if self.config.last_write_wins {
+            updated.resolve_last_write_wins();
+        }
+        self.put_object(key, updated.clone());
+        Ok(updated)
+    }
+
+    /// A replica-side merge (`Replica::merge`): `sync` with what is stored.
+    fn merge_local(&mut self, key: &str, incoming: &Object) -> Object {
+        let stored = self.object(key).cloned().unwrap_or_default();
+        let mut merged = stored.sync(incoming);
+        if self.config.last_write_wins {
+            merged.resolve_last_write_wins();
+        }
+        if self.config.bug == Some(Bug::DropSiblingOnMerge)
+            && merged.siblings().len() > 1
+            && let Some(first_only) = with_siblings(merged.clock(), &merged.siblings()[..1])
+        {
+            merged = first_only;
+        }
+        if merged != stored {
+            self.put_object(key, merged.clone());
+        }
+        merged
+    }
+
+    /// `Replica::store_hint`: merged with any hint held for the key, bounded per target.
+    fn store_hint(&mut self, target: &NodeId, key: &str, incoming: &Object) -> bool {
+        let hint_key = (target.clone(), key.to_owned());
+        let merged = if let Some(existing) = self.hints.get(&hint_key) {
+            existing.sync(incoming)
+        } else {
+            let count = self.hints.keys().filter(|(t, _)| t == target).count();
+            if count >= MAX_HINTS_PER_TARGET {
+                self.stats.hints_dropped += 1;
+                return false;
+            }
+            incoming.clone()
+        };
+        self.mark_unflushed(StoreKey::Hint(target.clone(), key.to_owned()));
+        self.hints.insert(hint_key, merged);
+        self.stats.hints_stored += 1;
+        true
+    }
+
+    /// `Cluster::keep_hint`: this node keeps a version for `target`.
+    fn keep_hint(&mut self, target: &NodeId, key: &str, object: &Object) {
+        if target != &self.me {
+            self.store_hint(target, key, object);
+        }
+    }
+
+    /// `replica_with_hint`: the stored object merged with the hint held for `hinted_for`.
+    fn local_with_hint(&self, key: &str, hinted_for: Option<&NodeId>) -> Option<Object> {
+        let own = self.object(key).cloned();
+        let Some(target) = hinted_for else {
+            return own;
+        };
+        let hint = self.hints.get(&(target.clone(), key.to_owned())).cloned();
+        match (own, hint) {
+            (Some(a), Some(b)) => Some(a.sync(&b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn flush(&mut self) {
+        self.unflushed.clear();
+    }
+
+    // ----- client requests -----
+
+    fn replica_plan(&self, now: u64, key: &str) -> ReplicaPlan {
+        let partition = self.partition_of(key);
+        let extended: Vec<NodeId> = self
+            .cluster
+            .ring
+            .current
+            .extended_preference_list(partition)
+            .into_iter()
+            .map(|(_, node)| node)
+            .collect();
+        let n = self.config.n_val.min(extended.len());
+        let (slots, unplaced) = sloppy_slots(&extended, n, |node| self.is_up(now, node));
+        let spares = extended[n..]
+            .iter()
+            .filter(|node| self.is_up(now, node) && !slots.iter().any(|s| &s.node == *node))
+            .cloned()
+            .collect();
+        ReplicaPlan {
+            primaries: extended[..n].to_vec(),
+            slots: slots
+                .into_iter()
+                .map(|s| (s.node, s.stands_in_for))
+                .collect(),
+            unplaced,
+            spares,
+        }
+    }
+
+    fn on_client(&mut self, now: u64, id: ClientRequestId, op: ClientOp) {
+        match op {
+            ClientOp::Get { key, r } => self.start_get(now, ReplyTo::Client(id), &key, r),
+            ClientOp::Put {
+                key,
+                context,
+                value,
+                w,
+            } => {
+                let primaries = self.replica_plan(now, &key).primaries;
+                if primaries.contains(&self.me) {
+                    self.coordinate_put(now, ReplyTo::Client(id), &key, context.as_ref(), value, w);
+                    return;
+                }
+                // Forward to a replica, those believed up first.
+                let mut candidates = primaries;
+                candidates.sort_by_key(|n| !self.is_up(now, n));
+                let body = Request::CoordinatePut {
+                    key,
+                    context,
+                    value,
+                    w,
+                    now_ms: now,
+                };
+                self.forward(now, id, candidates, body, "no replicas".into());
+            }
+        }
+    }
+
+    fn forward(
+        &mut self,
+        now: u64,
+        client: ClientRequestId,
+        mut candidates: Vec<NodeId>,
+        body: Request,
+        last_error: String,
+    ) {
+        if candidates.is_empty() {
+            self.outputs.push(Output::Reply {
+                id: client,
+                result: ClientResult::Failed(format!("no coordinator: {last_error}")),
+            });
+            return;
+        }
+        let to = candidates.remove(0);
+        let purpose = Purpose::Forward {
+            client,
+            rest: candidates,
+            body: body.clone(),
+            last_error,
+        };
+        self.send_request(now, &to, body, purpose, FORWARD_TIMEOUT_MS);
+    }
+
+    fn start_get(&mut self, now: u64, reply: ReplyTo, key: &str, r: usize) {
+        let plan = self.replica_plan(now, key);
+        let n = plan.primaries.len();
+        let needed = r.min(n);
+        let replicas: Vec<NodeId> = plan.slots.iter().map(|(n, _)| n.clone()).collect();
+        if replicas.len() < needed {
+            self.answer(
+                reply,
+                Err(format!(
+                    "quorum not met: 0 of {needed} required replicas answered ({} asked)",
+                    replicas.len()
+                )),
+            );
+            return;
+        }
+        let coord = self.next_coord;
+        self.next_coord += 1;
+        let quorum = GetQuorum::new(replicas, needed).with_primaries(plan.primaries.clone(), 0);
+        self.gets.insert(
+            coord,
+            GetCoord {
+                key: key.to_owned(),
+                quorum,
+                reply: Some(reply),
+                outstanding: plan.slots.len(),
+            },
+        );
+        for (node, stands_in_for) in plan.slots {
+            if node == self.me {
+                let local = self.local_with_hint(key, stands_in_for.as_ref());
+                self.on_get_reply(now, coord, &node, Ok(local));
+            } else {
+                let body = Request::ReplicaGet {
+                    key: key.to_owned(),
+                    hinted_for: stands_in_for,
+                };
+                self.send_request(
+                    now,
+                    &node,
+                    body,
+                    Purpose::GetFetch { coord },
+                    REQUEST_TIMEOUT_MS,
+                );
+            }
+        }
+    }
+
+    fn on_get_reply(
+        &mut self,
+        now: u64,
+        coord: u64,
+        from: &NodeId,
+        reply: Result<Option<Object>, ()>,
+    ) {
+        let Some(get) = self.gets.get_mut(&coord) else {
+            return;
+        };
+        get.outstanding = get.outstanding.saturating_sub(1);
+        let answer = match get.quorum.on_reply(from, reply) {
+            Progress::Done(result) => get.reply.take().map(|to| (to, result)),
+            Progress::Waiting => None,
+        };
+        let complete = get.outstanding == 0;
+        if let Some((to, result)) = answer {
+            self.answer(
+                to,
+                result
+                    .map(ClientResult::Got)
+                    .map_err(|e| format!("quorum not met: {e}")),
+            );
+        }
+        if complete && let Some(get) = self.gets.remove(&coord) {
+            self.read_repair(now, &get.key, &get.quorum);
+        }
+    }
+
+    fn read_repair(&mut self, now: u64, key: &str, quorum: &GetQuorum) {
+        let merged = quorum.merged();
+        let targets = quorum.repair_targets(&merged);
+        for node in targets {
+            self.stats.read_repairs += 1;
+            self.store_replica(now, &node, key, &merged);
+        }
+    }
+
+    /// `Cluster::store_replica` without waiting for the outcome.
+    fn store_replica(&mut self, now: u64, node: &NodeId, key: &str, object: &Object) {
+        if node == &self.me {
+            self.merge_local(key, object);
+        } else {
+            let body = Request::ReplicaPut {
+                key: key.to_owned(),
+                object: object.clone(),
+            };
+            self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
+        }
+    }
+
+    fn answer(&mut self, to: ReplyTo, result: Result<ClientResult, String>) {
+        match to {
+            ReplyTo::Client(id) => self.outputs.push(Output::Reply {
+                id,
+                result: result.unwrap_or_else(ClientResult::Failed),
+            }),
+            ReplyTo::Peer(peer, id) => {
+                let body = match result {
+                    Ok(ClientResult::Put(object) | ClientResult::Got(object)) => {
+                        Response::Coordinated(object)
+                    }
+                    Ok(ClientResult::Failed(message)) | Err(message) => Response::Failed {
+                        not_a_replica: false,
+                        message,
+                    },
+                };
+                self.respond(&peer, id, body);
+            }
+        }
+    }
+
+    /// `Cluster::coordinate_put`.
+    fn coordinate_put(
+        &mut self,
+        now: u64,
+        reply: ReplyTo,
+        key: &str,
+        context: Option<&VersionVector>,
+        value: Vec<u8>,
+        w: usize,
+    ) {
+        let plan = self.replica_plan(now, key);
+        let w = w.min(plan.primaries.len());
+        let stored = match self.write_local(now, key, context, value) {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.answer(reply, Err(e));
+                return;
+            }
+        };
+        let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|(n, _)| n.clone()).collect();
+        let mut quorum =
+            PutQuorum::new(slot_nodes, None, w).with_primaries(plan.primaries.clone(), 0);
+        let local = quorum.on_reply(&self.me, true);
+        for primary in &plan.unplaced {
+            self.keep_hint(primary, key, &stored);
+        }
+        let coord = self.next_coord;
+        self.next_coord += 1;
+        let mut put = PutCoord {
+            key: key.to_owned(),
+            quorum,
+            primaries: plan.primaries,
+            spares: plan.spares.into_iter().collect(),
+            stored: stored.clone(),
+            reply: Some(reply),
+            outstanding: 0,
+        };
+        let sends: Vec<(NodeId, Option<NodeId>)> = plan
+            .slots
+            .into_iter()
+            .filter(|(n, _)| n != &self.me)
+            .collect();
+        put.outstanding = sends.len();
+        if let Progress::Done(result) = local {
+            let to = put.reply.take();
+            if let Some(to) = to {
+                self.answer(
+                    to,
+                    result
+                        .map(|()| ClientResult::Put(stored.clone()))
+                        .map_err(|e| format!("quorum not met: {e}")),
+                );
+            }
+        }
+        let nothing_to_send = sends.is_empty();
+        self.puts.insert(coord, put);
+        for (node, stands_in_for) in sends {
+            self.send_put(now, coord, &node, stands_in_for, key, &stored);
+        }
+        if nothing_to_send {
+            self.finish_put_if_done(coord);
+        }
+    }
+
+    fn send_put(
+        &mut self,
+        now: u64,
+        coord: u64,
+        node: &NodeId,
+        stands_in_for: Option<NodeId>,
+        key: &str,
+        object: &Object,
+    ) {
+        let body = match &stands_in_for {
+            None => Request::ReplicaPut {
+                key: key.to_owned(),
+                object: object.clone(),
+            },
+            Some(primary) => Request::HintedPut {
+                target: primary.clone(),
+                key: key.to_owned(),
+                object: object.clone(),
+            },
+        };
+        self.send_request(
+            now,
+            node,
+            body,
+            Purpose::PutSend {
+                coord,
+                stands_in_for,
+            },
+            REQUEST_TIMEOUT_MS,
+        );
+    }
+
+    fn on_put_reply(
+        &mut self,
+        now: u64,
+        coord: u64,
+        node: &NodeId,
+        stands_in_for: Option<&NodeId>,
+        ok: bool,
+    ) {
+        let Some(put) = self.puts.get_mut(&coord) else {
+            return;
+        };
+        put.outstanding = put.outstanding.saturating_sub(1);
+        let (key, stored) = (put.key.clone(), put.stored.clone());
+        if !ok {
+            // The detached send task keeps a hint for the intended node.
+            let intended = stands_in_for.unwrap_or(node).clone();
+            self.keep_hint(&intended, &key, &stored);
+        }
+        let Some(put) = self.puts.get_mut(&coord) else {
+            return;
+        };
+        if put.reply.is_some() {
+            // Still answering: a primary that failed is replaced by a spare (sloppy quorum).
+            if !ok
+                && stands_in_for.is_none()
+                && put.primaries.contains(node)
+                && let Some(spare) = put.spares.pop_front()
+            {
+                put.quorum.substitute(node, &spare);
+                put.outstanding += 1;
+                self.send_put(now, coord, &spare, Some(node.clone()), &key, &stored);
+                return;
+            }
+            if let Progress::Done(result) = put.quorum.on_reply(node, ok) {
+                let to = put.reply.take();
+                if let Some(to) = to {
+                    self.answer(
+                        to,
+                        result
+                            .map(|()| ClientResult::Put(stored))
+                            .map_err(|e| format!("quorum not met: {e}")),
+                    );
+                }
+            }
+        }
+        self.finish_put_if_done(coord);
+    }
+
+    fn finish_put_if_done(&mut self, coord: u64) {
+        let Some(put) = self.puts.get_mut(&coord) else {
+            return;
+        };
+        if put.outstanding > 0 {
+            return;
+        }
+        let reply = put.reply.take();
+        let needed = self.config.w;
+        self.puts.remove(&coord);
+        if let Some(to) = reply {
+            // Every replica answered and the quorum was neither met nor ruled out.
+            self.answer(
+                to,
+                Err(format!("quorum not met: 0 of {needed} replicas answered")),
+            );
+        }
+    }
+
+    // ----- peer requests -----
+
+    fn on_request(&mut self, now: u64, from: &NodeId, id: RequestId, body: Request) {
+        match body {
+            Request::ReplicaGet { key, hinted_for } => {
+                let object = self.local_with_hint(&key, hinted_for.as_ref());
+                self.respond(from, id, Response::Object(object));
+            }
+            Request::ReplicaPut { key, object } => {
+                self.merge_local(&key, &object);
+                self.respond(from, id, Response::Ack);
+            }
+            Request::HintedPut {
+                target,
+                key,
+                object,
+            } => {
+                let body = if self.store_hint(&target, &key, &object) {
+                    Response::Ack
+                } else {
+                    Response::Error("hint store for that node is full".into())
+                };
+                self.respond(from, id, body);
+            }
+            Request::CoordinatePut {
+                key,
+                context,
+                value,
+                w,
+                now_ms: _,
+            } => {
+                if !self.primaries(&key).contains(&self.me) {
+                    self.respond(
+                        from,
+                        id,
+                        Response::Failed {
+                            not_a_replica: true,
+                            message: "not a replica of this key".into(),
+                        },
+                    );
+                    return;
+                }
+                // The server stamps the write with the forwarding node's clock; simulated
+                // clocks agree, so `now` is the same time.
+                self.coordinate_put(
+                    now,
+                    ReplyTo::Peer(from.clone(), id),
+                    &key,
+                    context.as_ref(),
+                    value,
+                    w,
+                );
+            }
+            Request::Handoff { entries } => {
+                for (key, object) in &entries {
+                    self.merge_local(key, object);
+                }
+                self.respond(from, id, Response::Ack);
+            }
+            Request::AaeSegments { partition } => {
+                let segments = self.segments(partition);
+                self.respond(from, id, Response::Segments(segments));
+            }
+            Request::AaeLeaves {
+                partition,
+                segments,
+            } => {
+                let leaves = self.segment_leaves(partition, &segments);
+                self.respond(from, id, Response::Leaves(leaves));
+            }
+            Request::AaeKeys { partition, leaves } => {
+                let keys = self
+                    .local_leaf_keys(partition, &leaves)
+                    .into_iter()
+                    .collect();
+                self.respond(from, id, Response::Keys(keys));
+            }
+            Request::Gossip(theirs) => {
+                self.merge_state(now, &theirs);
+                let ours = Box::new(self.cluster.clone());
+                self.respond(from, id, Response::Gossip(ours));
+            }
+        }
+    }
+
+    fn on_response(&mut self, now: u64, id: RequestId, pending: Pending, body: Option<Response>) {
+        let from = pending.to;
+        match pending.purpose {
+            Purpose::GetFetch { coord } => {
+                let reply = match body {
+                    Some(Response::Object(object)) => Ok(object),
+                    _ => Err(()),
+                };
+                self.on_get_reply(now, coord, &from, reply);
+            }
+            Purpose::PutSend {
+                coord,
+                stands_in_for,
+            } => {
+                let ok = matches!(body, Some(Response::Ack));
+                self.on_put_reply(now, coord, &from, stands_in_for.as_ref(), ok);
+            }
+            Purpose::Store => {}
+            Purpose::Gossip => {
+                if let Some(Response::Gossip(theirs)) = body {
+                    self.merge_state(now, &theirs);
+                }
+            }
+            Purpose::Forward {
+                client,
+                rest,
+                body: request,
+                last_error,
+            } => match body {
+                Some(Response::Coordinated(object)) => self.outputs.push(Output::Reply {
+                    id: client,
+                    result: ClientResult::Put(object),
+                }),
+                Some(Response::Failed {
+                    not_a_replica: true,
+                    message,
+                }) => self.forward(now, client, rest, request, message),
+                Some(Response::Failed { message, .. }) => self.outputs.push(Output::Reply {
+                    id: client,
+                    result: ClientResult::Failed(message),
+                }),
+                Some(_) => self.forward(now, client, rest, request, last_error),
+                None => self.forward(now, client, rest, request, format!("{from}: timed out")),
+            },
+            Purpose::HintDelivery { target, entries } => {
+                self.delivering.remove(&target);
+                if matches!(body, Some(Response::Ack)) {
+                    for (key, delivered) in entries {
+                        let hint_key = (target.clone(), key);
+                        if self.hints.get(&hint_key) == Some(&delivered) {
+                            self.mark_unflushed(StoreKey::Hint(
+                                hint_key.0.clone(),
+                                hint_key.1.clone(),
+                            ));
+                            self.hints.remove(&hint_key);
+                            self.stats.hints_delivered += 1;
+                        }
+                    }
+                }
+            }
+            Purpose::Aae => self.on_aae_response(now, id, &from, body),
+        }
+    }
+
+    // ----- timers -----
+
+    fn on_timer(&mut self, now: u64, timer: Timer) {
+        match timer {
+            Timer::RequestTimeout(id) => {
+                if let Some(pending) = self.pending.get(&id) {
+                    let to = pending.to.clone();
+                    self.on_timeout_of(now, &to);
+                    self.fail_request(now, id);
+                }
+            }
+            Timer::Gossip => {
+                self.gossip_round(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + GOSSIP_INTERVAL_MS,
+                    timer: Timer::Gossip,
+                });
+            }
+            Timer::Hints => {
+                self.deliver_hints(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + HINT_INTERVAL_MS,
+                    timer: Timer::Hints,
+                });
+            }
+            Timer::Aae => {
+                self.anti_entropy_round(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + AAE_INTERVAL_MS,
+                    timer: Timer::Aae,
+                });
+            }
+            Timer::Flush => {
+                self.flush();
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + FLUSH_INTERVAL_MS,
+                    timer: Timer::Flush,
+                });
+            }
+        }
+    }
+
+    fn merge_state(&mut self, now: u64, theirs: &ClusterState) {
+        for member in theirs.members.values() {
+            match self.liveness.get_mut(&member.id) {
+                Some((beat, moved)) => {
+                    if member.heartbeat > *beat {
+                        *beat = member.heartbeat;
+                        *moved = now;
+                    }
+                }
+                None => {
+                    self.liveness
+                        .insert(member.id.clone(), (member.heartbeat, now));
+                }
+            }
+        }
+        self.cluster.merge(theirs);
+    }
+
+    fn gossip_round(&mut self, now: u64) {
+        let me = self.me.clone();
+        self.cluster.beat(&me);
+        let peers: Vec<NodeId> = self
+            .cluster
+            .members
+            .keys()
+            .filter(|id| **id != self.me)
+            .cloned()
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[self.rng.index(peers.len())].clone();
+        let body = Request::Gossip(Box::new(self.cluster.clone()));
+        self.send_request(now, &peer, body, Purpose::Gossip, GOSSIP_INTERVAL_MS);
+    }
+
+    /// `Cluster::deliver_hints`: one batch per reachable target per round.
+    fn deliver_hints(&mut self, now: u64) {
+        let targets: BTreeSet<NodeId> = self.hints.keys().map(|(t, _)| t.clone()).collect();
+        for target in targets {
+            if !self.is_up(now, &target) || self.delivering.contains(&target) {
+                continue;
+            }
+            let entries: Vec<(String, Object)> = self
+                .hints
+                .iter()
+                .filter(|((t, _), _)| *t == target)
+                .take(HANDOFF_BATCH_KEYS)
+                .map(|((_, k), o)| (k.clone(), o.clone()))
+                .collect();
+            // The ring is static: a hint's target is always one of the key's primaries.
+            debug_assert!(
+                entries
+                    .iter()
+                    .all(|(k, _)| self.primaries(k).contains(&target))
+            );
+            self.delivering.insert(target.clone());
+            let body = Request::Handoff {
+                entries: entries.clone(),
+            };
+            self.send_request(
+                now,
+                &target,
+                body,
+                Purpose::HintDelivery {
+                    target: target.clone(),
+                    entries,
+                },
+                REQUEST_TIMEOUT_MS,
+            );
+        }
+    }
+
+    // ----- anti-entropy -----
+
+    fn segments(&mut self, partition: PartitionId) -> Vec<Hash> {
+        self.trees.entry(partition).or_default().segments()
+    }
+
+    fn segment_leaves(&mut self, partition: PartitionId, segments: &[u16]) -> Vec<(u16, Hash)> {
+        self.trees
+            .entry(partition)
+            .or_default()
+            .tree
+            .segment_leaves(segments)
+    }
+
+    fn local_leaf_keys(&self, partition: PartitionId, leaves: &[u16]) -> BTreeMap<String, Hash> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| self.partition_of(k) == partition && leaves.contains(&leaf(k)))
+            .take(MAX_AAE_KEYS_PER_EXCHANGE)
+            .map(|(k, (_, h))| (k.clone(), *h))
+            .collect()
+    }
+
+    /// `Cluster::anti_entropy_round`: each partition this node replicates is compared with
+    /// one of its other replicas, in turn; partitions are exchanged one after another.
+    fn anti_entropy_round(&mut self, now: u64) {
+        if self.aae_current.is_some() || !self.aae_queue.is_empty() {
+            return; // the previous round is still running
+        }
+        self.aae_round += 1;
+        for partition in 0..self.cluster.ring.current.partition_count() {
+            if self
+                .cluster
+                .preference_list(partition, self.config.n_val as u32)
+                .contains(&self.me)
+            {
+                self.aae_queue.push_back(partition);
+            }
+        }
+        self.next_exchange(now);
+    }
+
+    fn next_exchange(&mut self, now: u64) {
+        self.aae_current = None;
+        while let Some(partition) = self.aae_queue.pop_front() {
+            let replicas = self
+                .cluster
+                .preference_list(partition, self.config.n_val as u32);
+            let peers: Vec<&NodeId> = replicas
+                .iter()
+                .filter(|n| **n != self.me && self.is_up(now, n))
+                .collect();
+            if peers.is_empty() {
+                continue;
+            }
+            let peer = peers[self.aae_round % peers.len()].clone();
+            let request = self.send_request(
+                now,
+                &peer,
+                Request::AaeSegments { partition },
+                Purpose::Aae,
+                REQUEST_TIMEOUT_MS,
+            );
+            self.aae_current = Some(Exchange {
+                partition,
+                peer,
+                stage: AaeStage::Segments,
+                request,
+            });
+            return;
+        }
+    }
+
+    fn on_aae_response(&mut self, now: u64, id: RequestId, from: &NodeId, body: Option<Response>) {
+        let Some(mut exchange) = self.aae_current.take() else {
+            return;
+        };
+        let in_stage = match &exchange.stage {
+            AaeStage::Fetching { waiting } => waiting.contains_key(&id),
+            _ => exchange.request == id,
+        };
+        if !in_stage || &exchange.peer != from {
+            self.aae_current = Some(exchange);
+            return;
+        }
+        let partition = exchange.partition;
+        let peer = exchange.peer.clone();
+        match (&mut exchange.stage, body) {
+            (AaeStage::Segments, Some(Response::Segments(theirs))) => {
+                let ours = self.segments(partition);
+                let segments = merkle::differing_segments(&ours, &theirs);
+                if segments.is_empty() {
+                    return self.next_exchange(now);
+                }
+                exchange.request = self.send_request(
+                    now,
+                    &peer,
+                    Request::AaeLeaves {
+                        partition,
+                        segments,
+                    },
+                    Purpose::Aae,
+                    REQUEST_TIMEOUT_MS,
+                );
+                exchange.stage = AaeStage::Leaves;
+            }
+            (AaeStage::Leaves, Some(Response::Leaves(theirs))) => {
+                let segments: Vec<u16> = theirs
+                    .iter()
+                    .map(|(leaf, _)| (*leaf as usize / merkle::LEAVES_PER_SEGMENT) as u16)
+                    .collect::<BTreeSet<u16>>()
+                    .into_iter()
+                    .collect();
+                let ours = self.segment_leaves(partition, &segments);
+                let leaves = merkle::differing_leaves(&ours, &theirs);
+                if leaves.is_empty() {
+                    return self.next_exchange(now);
+                }
+                let ours = self.local_leaf_keys(partition, &leaves);
+                exchange.request = self.send_request(
+                    now,
+                    &peer,
+                    Request::AaeKeys { partition, leaves },
+                    Purpose::Aae,
+                    REQUEST_TIMEOUT_MS * 5,
+                );
+                exchange.stage = AaeStage::Keys { ours };
+            }
+            (AaeStage::Keys { ours }, Some(Response::Keys(theirs))) => {
+                let theirs: BTreeMap<String, Hash> = theirs.into_iter().collect();
+                let differing: BTreeSet<String> = ours
+                    .keys()
+                    .chain(theirs.keys())
+                    .filter(|k| ours.get(*k) != theirs.get(*k))
+                    .cloned()
+                    .collect();
+                let mut waiting = BTreeMap::new();
+                for key in differing {
+                    let replicas = self.primaries(&key);
+                    if !replicas.contains(&self.me) || !replicas.contains(&peer) {
+                        continue;
+                    }
+                    let request = self.send_request(
+                        now,
+                        &peer,
+                        Request::ReplicaGet {
+                            key: key.clone(),
+                            hinted_for: None,
+                        },
+                        Purpose::Aae,
+                        REQUEST_TIMEOUT_MS,
+                    );
+                    waiting.insert(request, key);
+                }
+                if waiting.is_empty() {
+                    return self.next_exchange(now);
+                }
+                exchange.stage = AaeStage::Fetching { waiting };
+            }
+            (AaeStage::Fetching { waiting }, reply) => {
+                let key = waiting.remove(&id).unwrap_or_default();
+                if let Some(Response::Object(remote)) = reply {
+                    let local = self.object(&key).cloned();
+                    let merged = match (&local, &remote) {
+                        (Some(a), Some(b)) => Some(a.sync(b)),
+                        (Some(a), None) => Some(a.clone()),
+                        (None, Some(b)) => Some(b.clone()),
+                        (None, None) => None,
+                    };
+                    if let Some(merged) = merged {
+                        if local.as_ref() != Some(&merged) {
+                            self.merge_local(&key, &merged);
+                        }
+                        if remote.as_ref() != Some(&merged) {
+                            self.store_replica(now, &peer, &key, &merged);
+                        }
+                        if local.as_ref() != Some(&merged) || remote.as_ref() != Some(&merged) {
+                            self.stats.aae_repairs += 1;
+                        }
+                    }
+                }
+                if waiting.is_empty() {
+                    return self.next_exchange(now);
+                }
+            }
+            // A failed step or an unexpected answer ends this partition's exchange.
+            _ => return self.next_exchange(now),
+        }
+        self.aae_current = Some(exchange);
+    }
+}
+
+/// The replicas of one request (`cluster.rs`'s `ReplicaPlan` without the next ring).
+#[derive(Debug)]
+struct ReplicaPlan {
+    primaries: Vec<NodeId>,
+    slots: Vec<(NodeId, Option<NodeId>)>,
+    spares: Vec<NodeId>,
+    unplaced: Vec<NodeId>,
+}
+
+fn leaf(key: &str) -> u16 {
+    merkle::leaf_of(BUCKET.as_bytes(), key.as_bytes())
+}
+
+fn entry_hash_of(key: &str, object: &Object) -> Hash {
+    merkle::entry_hash(BUCKET.as_bytes(), key.as_bytes(), &object.encode())
+}
+
+/// An object with the given clock and siblings, built through the documented encoding (the
+/// core offers no way to drop a sibling; only the planted bug needs one).
+fn with_siblings(clock: &VersionVector, siblings: &[Sibling]) -> Option<Object> {
+    let mut body = Writer::default();
+    encode_clock(&mut body, clock);
+    body.varint(siblings.len() as u64);
+    for sibling in siblings {
+        let c = &sibling.content;
+        body.u64_fixed(sibling.dot.actor.0);
+        body.varint(sibling.dot.counter);
+        body.varint(c.last_modified_ms);
+        body.u8(u8::from(c.deleted));
+        body.bytes(c.content_type.as_bytes());
+        body.varint(c.meta.len() as u64);
+        for (name, value) in &c.meta {
+            body.bytes(name.as_bytes());
+            body.bytes(value.as_bytes());
+        }
+        body.bytes(&c.value);
+    }
+    let all_deleted = siblings.iter().all(|s| s.content.deleted);
+    let mut bytes = vec![1u8, u8::from(all_deleted)];
+    bytes.extend_from_slice(&crc32fast::hash(&body.buf).to_le_bytes());
+    bytes.extend_from_slice(&body.buf);
+    Object::decode(&bytes).ok()
+}
+
+const _: () = assert!(FORWARD_TIMEOUT_MS > REQUEST_TIMEOUT_MS);
+const _: () = assert!(BACKOFF_INITIAL_MS <= BACKOFF_MAX_MS);
+const _: () = assert!(MAX_HINTS_PER_TARGET > 0 && HANDOFF_BATCH_KEYS > 0);
+const _: () = assert!(limits::MAX_SIBLINGS > 1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynakv_core::version::Dot;
+
+    #[test]
+    fn with_siblings_keeps_the_first() {
+        let a = Object::new()
+            .update(
+                &VersionVector::new(),
+                Content {
+                    value: b"x".to_vec(),
+                    ..Content::default()
+                },
+                ActorId(1),
+                1,
+                PrunePolicy::default(),
+            )
+            .unwrap();
+        let b = Object::new()
+            .update(
+                &VersionVector::new(),
+                Content {
+                    value: b"y".to_vec(),
+                    ..Content::default()
+                },
+                ActorId(2),
+                2,
+                PrunePolicy::default(),
+            )
+            .unwrap();
+        let merged = a.sync(&b);
+        assert_eq!(merged.siblings().len(), 2);
+        let one = with_siblings(merged.clock(), &merged.siblings()[..1]).unwrap();
+        assert_eq!(one.siblings().len(), 1);
+        assert_eq!(
+            one.siblings()[0].dot,
+            Dot {
+                actor: ActorId(1),
+                counter: 1
+            }
+        );
+        assert_eq!(one.clock(), merged.clock());
+    }
+}

@@ -1,0 +1,1192 @@
+//! The simulation: a seeded event queue driving `SimNode`s over a faulty network, clients
+//! running workloads, a fault schedule, healing, convergence and the checkers.
+//!
+//! Everything happens in virtual milliseconds, in one thread, in the order of a binary heap
+//! keyed by `(time, sequence)`; every random choice comes from one `SimRng` seeded by the run's
+//! seed (nodes get generators forked from it). So a seed replays exactly.
+
+use crate::checker::{self, CheckReport};
+use crate::history::{
+    Event, EventType, History, OpKind, WriteRecord, decode_register, decode_set, encode_register,
+    encode_set,
+};
+use crate::node::{
+    ClientOp, ClientRequestId, ClientResult, CrashKind, Durability, Input, Message, NodeConfig,
+    Output, SimNode, Timer,
+};
+use crate::rng::SimRng;
+use dynakv_core::limits;
+use dynakv_core::membership::{ClusterState, Member, MemberStatus, RingState};
+use dynakv_core::object::Object;
+use dynakv_core::ring::{NodeId, Ring, RingError, RingNode};
+use dynakv_core::version::ActorId;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt::Write as _;
+
+/// Ring partitions (Q) of the simulated cluster (a power of two; small, to keep anti-entropy
+/// cheap).
+pub const SIM_RING_PARTITIONS: u32 = 16;
+/// Fewest and most nodes.
+pub const MIN_NODES: usize = 3;
+pub const MAX_NODES: usize = 5;
+/// Fewest and most keys.
+pub const MIN_KEYS: usize = 2;
+pub const MAX_KEYS: usize = 6;
+/// Fewest and most clients.
+pub const MIN_CLIENTS: usize = 2;
+pub const MAX_CLIENTS: usize = 5;
+/// Default fewest and most operations per run.
+pub const MIN_OPS: usize = 100;
+pub const MAX_OPS: usize = 300;
+/// Network delay bounds of one message.
+pub const MIN_DELAY_MS: u64 = 1;
+pub const MAX_DELAY_MS: u64 = 20;
+/// Loss probability outside loss bursts.
+pub const BASE_LOSS: f64 = 0.001;
+/// Loss probability bounds during a loss burst (in percent).
+pub const BURST_LOSS_PERCENT_MIN: u64 = 10;
+pub const BURST_LOSS_PERCENT_MAX: u64 = 60;
+/// Probability that a message is delivered twice.
+pub const DUPLICATE_PROBABILITY: f64 = 0.005;
+/// Client think time between operations.
+pub const MIN_THINK_MS: u64 = 5;
+pub const MAX_THINK_MS: u64 = 150;
+/// A client gives up on a request after this long (the outcome is then indeterminate).
+pub const CLIENT_TIMEOUT_MS: u64 = 5000;
+/// Probability that a client moves to another node before an operation.
+pub const CLIENT_SWITCH_PROBABILITY: f64 = 0.05;
+/// Probability that a register write reads first (else it is blind).
+pub const REGISTER_READ_PROBABILITY: f64 = 0.8;
+/// Healthy and faulty period bounds.
+pub const MIN_HEALTHY_MS: u64 = 200;
+pub const MAX_HEALTHY_MS: u64 = 1500;
+pub const MIN_FAULT_MS: u64 = 300;
+pub const MAX_FAULT_MS: u64 = 3000;
+/// The first fault comes no earlier than this.
+pub const FIRST_FAULT_MS: u64 = 100;
+/// Most crashes that lose data (power loss, wiped disk) per run: with W = 2 an acknowledged
+/// write is on two nodes, so one loss never loses it; two losses before repair could.
+pub const MAX_DATA_LOSS_CRASHES: usize = 1;
+/// The workload is stopped (and the cluster healed) after this long regardless.
+pub const WORKLOAD_BOUND_MS: u64 = 600_000;
+/// After healing, replicas must converge within this much simulated time.
+pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
+/// How often convergence is checked after healing.
+pub const CONVERGENCE_CHECK_MS: u64 = 100;
+/// The final reads must answer within this long.
+pub const FINAL_READ_BOUND_MS: u64 = 30_000;
+/// A failed final read is retried after this long.
+pub const FINAL_READ_RETRY_MS: u64 = 500;
+/// Probability that a run uses buffered durability (so power loss loses recent writes).
+pub const BUFFERED_PROBABILITY: f64 = 0.3;
+
+const _: () = assert!(SIM_RING_PARTITIONS.is_power_of_two());
+const _: () = assert!(MIN_NODES >= 3 && MIN_NODES <= MAX_NODES);
+const _: () = assert!(MIN_KEYS >= 2 && MIN_KEYS <= MAX_KEYS);
+const _: () = assert!(MIN_DELAY_MS >= 1 && MIN_DELAY_MS <= MAX_DELAY_MS);
+const _: () = assert!(CLIENT_TIMEOUT_MS > 3 * crate::node::FORWARD_TIMEOUT_MS);
+
+/// One run's parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    pub keys: usize,
+    pub clients: usize,
+    pub ops: usize,
+    pub node: NodeConfig,
+    /// Inject faults (partitions, loss bursts, crashes).
+    pub faults: bool,
+    /// After a crash that lost data, keep the old actor id (what a server with buffered
+    /// writes does today) instead of taking a new one.
+    pub keep_actor_after_loss: bool,
+}
+
+impl SimConfig {
+    /// The parameters a seed picks (the same seed always picks the same).
+    pub fn from_seed(seed: u64) -> SimConfig {
+        let mut rng = SimRng::new(seed ^ 0x5eed_c0f1_9000_0001);
+        let nodes = rng.range(MIN_NODES as u64, MAX_NODES as u64) as usize;
+        let keys = rng.range(MIN_KEYS as u64, MAX_KEYS as u64) as usize;
+        let clients = rng.range(MIN_CLIENTS as u64, MAX_CLIENTS as u64) as usize;
+        let ops = rng.range(MIN_OPS as u64, MAX_OPS as u64) as usize;
+        let durability = if rng.chance(BUFFERED_PROBABILITY) {
+            Durability::Buffered
+        } else {
+            Durability::Fsync
+        };
+        SimConfig {
+            seed,
+            nodes,
+            keys,
+            clients,
+            ops,
+            node: NodeConfig {
+                durability,
+                ..NodeConfig::default()
+            },
+            faults: true,
+            keep_actor_after_loss: false,
+        }
+    }
+
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut cmd = format!(
+            "cargo run --release -p dynakv-sim -- --seed {} --ops {}",
+            self.seed, self.ops
+        );
+        if self.node.last_write_wins {
+            cmd.push_str(" --lww");
+        }
+        if self.node.bug.is_some() {
+            cmd.push_str(" --bug drop-sibling");
+        }
+        if self.keep_actor_after_loss {
+            cmd.push_str(" --keep-actor");
+        }
+        if !self.faults {
+            cmd.push_str(" --no-faults");
+        }
+        cmd.push_str(" --verbose");
+        cmd
+    }
+}
+
+/// What one run found.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub config: SimConfig,
+    pub history: History,
+    pub check: CheckReport,
+    pub ops_attempted: usize,
+    pub ops_ok: usize,
+    pub ops_failed: usize,
+    pub ops_indeterminate: usize,
+    /// Replicas equal and hints delivered after healing, within the bound.
+    pub converged: bool,
+    /// Simulated time from healing to convergence.
+    pub convergence_ms: Option<u64>,
+    pub final_read_ok: bool,
+    pub max_siblings: usize,
+    pub max_clock_entries: usize,
+    pub bounds_ok: bool,
+    /// The fault schedule as it happened.
+    pub fault_log: Vec<String>,
+    pub messages_sent: u64,
+    pub messages_dropped: u64,
+    pub end_ms: u64,
+    /// The final read's object per key.
+    pub finals: BTreeMap<String, Object>,
+}
+
+impl RunReport {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.check.lost() == 0
+            && self.check.phantom() == 0
+            && self.converged
+            && self.final_read_ok
+            && self.bounds_ok
+    }
+
+    /// One line per finding, for a failing seed.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            out,
+            "seed {}: nodes {} keys {} clients {} ops {} durability {:?} lww {} bug {:?}",
+            c.seed,
+            c.nodes,
+            c.keys,
+            c.clients,
+            c.ops,
+            c.node.durability,
+            c.node.last_write_wins,
+            c.node.bug
+        );
+        let _ = writeln!(
+            out,
+            "  ops ok {} fail {} info {}; adds acked {} lost {} phantom {}; writes acked {} lost {} phantom {}",
+            self.ops_ok,
+            self.ops_failed,
+            self.ops_indeterminate,
+            self.check.adds_acknowledged,
+            self.check.lost_adds.len(),
+            self.check.phantom_adds.len(),
+            self.check.writes_acknowledged,
+            self.check.lost_writes.len(),
+            self.check.phantom_writes.len()
+        );
+        let _ = writeln!(
+            out,
+            "  converged {} in {:?} ms; final read ok {}; max siblings {} max clock entries {} bounds ok {}",
+            self.converged,
+            self.convergence_ms,
+            self.final_read_ok,
+            self.max_siblings,
+            self.max_clock_entries,
+            self.bounds_ok
+        );
+        if !self.check.lost_adds.is_empty() {
+            let _ = writeln!(out, "  lost adds: {:?}", first(&self.check.lost_adds));
+        }
+        if !self.check.lost_writes.is_empty() {
+            let _ = writeln!(out, "  lost writes: {:?}", first(&self.check.lost_writes));
+        }
+        if self.check.phantom() > 0 {
+            let _ = writeln!(
+                out,
+                "  phantoms: {:?} {:?}",
+                first(&self.check.phantom_adds),
+                first(&self.check.phantom_writes)
+            );
+        }
+        let _ = writeln!(out, "  faults: {}", self.fault_log.join("; "));
+        if !self.passed() {
+            let _ = writeln!(out, "  replay: {}", c.replay_command());
+        }
+        out
+    }
+}
+
+fn first<T: Clone>(items: &[T]) -> Vec<T> {
+    items.iter().take(10).cloned().collect()
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Halves(Vec<usize>),
+    Isolate(usize),
+    NonTransitive(usize, usize, usize),
+    Loss(f64),
+    Crash(usize, CrashKind),
+}
+
+#[derive(Debug)]
+enum EventKind {
+    Deliver {
+        from: usize,
+        to: usize,
+        message: Message,
+    },
+    SendFailed {
+        from: usize,
+        to: usize,
+        id: u64,
+    },
+    Timer {
+        node: usize,
+        incarnation: u64,
+        timer: Timer,
+    },
+    ClientWake {
+        client: usize,
+    },
+    ClientReply {
+        request: ClientRequestId,
+        result: ClientResult,
+    },
+    ClientTimeout {
+        client: usize,
+        request: ClientRequestId,
+    },
+    FaultStart,
+    FaultEnd {
+        fault: u64,
+    },
+    ConvergenceCheck,
+    FinalRead {
+        key: String,
+    },
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    event: EventKind,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Reversed: the heap pops the earliest event first.
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Reading,
+    Writing,
+}
+
+#[derive(Debug)]
+struct Current {
+    op: u64,
+    kind: OpKind,
+    key: String,
+    value: u64,
+    write: usize,
+    phase: Phase,
+    request: ClientRequestId,
+}
+
+#[derive(Debug)]
+struct Client {
+    node: usize,
+    ops_left: usize,
+    current: Option<Current>,
+}
+
+/// A running simulation.
+#[derive(Debug)]
+pub struct Simulation {
+    config: SimConfig,
+    rng: SimRng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    ids: Vec<NodeId>,
+    nodes: Vec<SimNode>,
+    up: Vec<bool>,
+    incarnation: Vec<u64>,
+    crash_kind: Vec<Option<CrashKind>>,
+    blocked: BTreeSet<(usize, usize)>,
+    loss: f64,
+    fault_id: u64,
+    active_fault: Option<Fault>,
+    data_loss_crashes: usize,
+    keys: Vec<(String, OpKind)>,
+    clients: Vec<Client>,
+    next_client_request: ClientRequestId,
+    requests: BTreeMap<ClientRequestId, usize>,
+    next_op: u64,
+    next_value: u64,
+    history: History,
+    healed_at: Option<u64>,
+    converged_at: Option<u64>,
+    final_reads: BTreeMap<ClientRequestId, String>,
+    finals: BTreeMap<String, Object>,
+    final_read_failed: bool,
+    fault_log: Vec<String>,
+    messages_sent: u64,
+    messages_dropped: u64,
+}
+
+impl Simulation {
+    /// A cluster of `config.nodes` nodes, its clients and its fault schedule; fails only for
+    /// a configuration no ring can hold (no nodes, more nodes than partitions).
+    pub fn new(config: SimConfig) -> Result<Simulation, RingError> {
+        let mut rng = SimRng::new(config.seed);
+        let ids: Vec<NodeId> = (0..config.nodes)
+            .map(|i| NodeId(format!("n{}", i + 1)))
+            .collect();
+        let cluster = initial_cluster(&ids)?;
+        let mut sim = Simulation {
+            rng: rng.fork(),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            ids: ids.clone(),
+            nodes: Vec::new(),
+            up: vec![true; config.nodes],
+            incarnation: vec![0; config.nodes],
+            crash_kind: vec![None; config.nodes],
+            blocked: BTreeSet::new(),
+            loss: BASE_LOSS,
+            fault_id: 0,
+            active_fault: None,
+            data_loss_crashes: 0,
+            keys: Vec::new(),
+            clients: Vec::new(),
+            next_client_request: 1,
+            requests: BTreeMap::new(),
+            next_op: 1,
+            next_value: 1,
+            history: History::default(),
+            healed_at: None,
+            converged_at: None,
+            final_reads: BTreeMap::new(),
+            finals: BTreeMap::new(),
+            final_read_failed: false,
+            fault_log: Vec::new(),
+            messages_sent: 0,
+            messages_dropped: 0,
+            config,
+        };
+        for (i, id) in ids.iter().enumerate() {
+            let actor = ActorId(rng.next_u64());
+            let (node, outputs) = SimNode::new(
+                id.clone(),
+                actor,
+                cluster.clone(),
+                sim.config.node.clone(),
+                rng.fork(),
+                0,
+            );
+            sim.nodes.push(node);
+            sim.apply_outputs(i, outputs);
+        }
+        let set_keys = sim.config.keys.div_ceil(2);
+        for k in 0..sim.config.keys {
+            if k < set_keys {
+                sim.keys.push((format!("set-{k}"), OpKind::SetAdd));
+            } else {
+                sim.keys.push((format!("reg-{k}"), OpKind::Write));
+            }
+        }
+        let clients = sim.config.clients;
+        let per_client = sim.config.ops / clients;
+        for c in 0..clients {
+            let extra = usize::from(c < sim.config.ops % clients);
+            sim.clients.push(Client {
+                node: c % sim.config.nodes,
+                ops_left: per_client + extra,
+                current: None,
+            });
+            let at = sim.rng.range(0, MAX_THINK_MS);
+            sim.schedule(at, EventKind::ClientWake { client: c });
+        }
+        if sim.config.faults {
+            sim.schedule(FIRST_FAULT_MS, EventKind::FaultStart);
+        }
+        Ok(sim)
+    }
+
+    /// Run to the end and check.
+    pub fn run(mut self) -> RunReport {
+        while let Some(next) = self.queue.pop() {
+            debug_assert!(next.at >= self.now);
+            self.now = next.at;
+            self.dispatch(next.event);
+            if self.healed_at.is_none()
+                && (self
+                    .clients
+                    .iter()
+                    .all(|c| c.ops_left == 0 && c.current.is_none())
+                    || self.now >= WORKLOAD_BOUND_MS)
+            {
+                self.heal();
+            }
+            if let Some(healed) = self.healed_at {
+                if self.converged_at.is_none() && self.now > healed + CONVERGENCE_BOUND_MS {
+                    break;
+                }
+                if self.converged_at.is_some()
+                    && (self.finals.len() == self.keys.len()
+                        || self.now > healed + CONVERGENCE_BOUND_MS + FINAL_READ_BOUND_MS)
+                {
+                    break;
+                }
+            }
+        }
+        self.report()
+    }
+
+    fn schedule(&mut self, at: u64, event: EventKind) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    fn dispatch(&mut self, event: EventKind) {
+        match event {
+            EventKind::Deliver { from, to, message } => {
+                if self.blocked.contains(&(from, to)) {
+                    self.messages_dropped += 1;
+                    return;
+                }
+                if !self.up[to] {
+                    // Connection refused: the sender learns at once (if it still runs).
+                    if let Message::Request { id, .. } = message
+                        && self.up[from]
+                    {
+                        let at = self.now + self.delay();
+                        self.schedule(at, EventKind::SendFailed { from, to, id });
+                    }
+                    return;
+                }
+                let input = Input::Message {
+                    from: self.ids[from].clone(),
+                    message,
+                };
+                self.node_input(to, input);
+            }
+            EventKind::SendFailed { from, to, id } => {
+                if self.up[from] {
+                    let input = Input::SendFailed {
+                        to: self.ids[to].clone(),
+                        id,
+                    };
+                    self.node_input(from, input);
+                }
+            }
+            EventKind::Timer {
+                node,
+                incarnation,
+                timer,
+            } => {
+                if self.up[node] && self.incarnation[node] == incarnation {
+                    self.node_input(node, Input::Timer(timer));
+                }
+            }
+            EventKind::ClientWake { client } => self.client_wake(client),
+            EventKind::ClientReply { request, result } => self.client_reply(request, result),
+            EventKind::ClientTimeout { client, request } => self.client_timeout(client, request),
+            EventKind::FaultStart => self.fault_start(),
+            EventKind::FaultEnd { fault } => {
+                if fault == self.fault_id {
+                    self.fault_end();
+                }
+            }
+            EventKind::ConvergenceCheck => self.convergence_check(),
+            EventKind::FinalRead { key } => self.final_read(key),
+        }
+    }
+
+    fn delay(&mut self) -> u64 {
+        self.rng.range(MIN_DELAY_MS, MAX_DELAY_MS)
+    }
+
+    fn node_input(&mut self, node: usize, input: Input) {
+        let outputs = self.nodes[node].handle(self.now, input);
+        self.apply_outputs(node, outputs);
+    }
+
+    fn index_of(&self, id: &NodeId) -> Option<usize> {
+        self.ids.iter().position(|n| n == id)
+    }
+
+    fn apply_outputs(&mut self, node: usize, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, message } => {
+                    self.messages_sent += 1;
+                    let Some(to) = self.index_of(&to) else {
+                        // Not a member: nowhere to deliver.
+                        self.messages_dropped += 1;
+                        continue;
+                    };
+                    if self.blocked.contains(&(node, to)) || self.rng.chance(self.loss) {
+                        self.messages_dropped += 1;
+                        continue;
+                    }
+                    if self.rng.chance(DUPLICATE_PROBABILITY) {
+                        let at = self.now + self.delay();
+                        self.schedule(
+                            at,
+                            EventKind::Deliver {
+                                from: node,
+                                to,
+                                message: message.clone(),
+                            },
+                        );
+                    }
+                    let at = self.now + self.delay();
+                    self.schedule(
+                        at,
+                        EventKind::Deliver {
+                            from: node,
+                            to,
+                            message,
+                        },
+                    );
+                }
+                Output::Reply { id, result } => {
+                    self.schedule(
+                        self.now,
+                        EventKind::ClientReply {
+                            request: id,
+                            result,
+                        },
+                    );
+                }
+                Output::SetTimer { at_ms, timer } => {
+                    let incarnation = self.incarnation[node];
+                    self.schedule(
+                        at_ms.max(self.now),
+                        EventKind::Timer {
+                            node,
+                            incarnation,
+                            timer,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- clients -----
+
+    fn record(&mut self, client: usize, current: &Current, event: EventType, note: String) {
+        self.history.events.push(Event {
+            time_ms: self.now,
+            client,
+            op: current.op,
+            event,
+            kind: current.kind,
+            key: current.key.clone(),
+            value: current.value,
+            note,
+        });
+    }
+
+    fn client_request(&mut self, client: usize, op: ClientOp) -> ClientRequestId {
+        let request = self.next_client_request;
+        self.next_client_request += 1;
+        self.requests.insert(request, client);
+        let at = self.now + CLIENT_TIMEOUT_MS;
+        self.schedule(at, EventKind::ClientTimeout { client, request });
+        let node = self.clients[client].node;
+        self.node_input(node, Input::Client { id: request, op });
+        request
+    }
+
+    fn client_wake(&mut self, client: usize) {
+        if self.healed_at.is_some() || self.clients[client].ops_left == 0 {
+            return;
+        }
+        self.clients[client].ops_left -= 1;
+        if self.rng.chance(CLIENT_SWITCH_PROBABILITY) {
+            self.clients[client].node = self.rng.index(self.config.nodes);
+        }
+        let (key, kind) = self.keys[self.rng.index(self.keys.len())].clone();
+        let value = self.next_value;
+        self.next_value += 1;
+        let op = self.next_op;
+        self.next_op += 1;
+        let read_first = kind == OpKind::SetAdd || self.rng.chance(REGISTER_READ_PROBABILITY);
+        let write = self.history.writes.len();
+        self.history.writes.push(WriteRecord {
+            kind,
+            key: key.clone(),
+            value,
+            context: None,
+            sent: false,
+            acked: None,
+        });
+        let node = self.clients[client].node;
+        let mut current = Current {
+            op,
+            kind,
+            key: key.clone(),
+            value,
+            write,
+            phase: Phase::Reading,
+            request: 0,
+        };
+        self.record(
+            client,
+            &current,
+            EventType::Invoke,
+            format!("via {}", self.ids[node]),
+        );
+        if !self.up[node] {
+            // Connection refused: certainly not applied. Try another node next time.
+            self.record(client, &current, EventType::Fail, "node down".into());
+            self.clients[client].node = (node + 1) % self.config.nodes;
+            self.schedule_wake(client);
+            return;
+        }
+        if read_first {
+            let r = self.config.node.r;
+            current.request = self.client_request(client, ClientOp::Get { key, r });
+            self.clients[client].current = Some(current);
+        } else {
+            current.phase = Phase::Writing;
+            self.clients[client].current = Some(current);
+            self.send_put(client, None, encode_register(value));
+        }
+    }
+
+    fn send_put(
+        &mut self,
+        client: usize,
+        context: Option<dynakv_core::version::VersionVector>,
+        value: Vec<u8>,
+    ) {
+        let Some(current) = &self.clients[client].current else {
+            return;
+        };
+        let (key, write) = (current.key.clone(), current.write);
+        self.history.writes[write].context.clone_from(&context);
+        self.history.writes[write].sent = true;
+        let w = self.config.node.w;
+        let request = self.client_request(
+            client,
+            ClientOp::Put {
+                key,
+                context,
+                value,
+                w,
+            },
+        );
+        if let Some(current) = &mut self.clients[client].current {
+            current.request = request;
+        }
+    }
+
+    fn schedule_wake(&mut self, client: usize) {
+        let at = self.now + self.rng.range(MIN_THINK_MS, MAX_THINK_MS);
+        self.schedule(at, EventKind::ClientWake { client });
+    }
+
+    fn finish(&mut self, client: usize, event: EventType, note: String) {
+        if let Some(current) = self.clients[client].current.take() {
+            self.record(client, &current, event, note);
+        }
+        self.schedule_wake(client);
+    }
+
+    fn client_reply(&mut self, request: ClientRequestId, result: ClientResult) {
+        if let Some(key) = self.final_reads.remove(&request) {
+            if let ClientResult::Got(object) = result {
+                self.finals.insert(key, object);
+                return;
+            }
+            // Views of who is up may lag the heal: retry until the bound.
+            let healed = self.healed_at.unwrap_or(0);
+            if self.now + FINAL_READ_RETRY_MS > healed + CONVERGENCE_BOUND_MS + FINAL_READ_BOUND_MS
+            {
+                self.final_read_failed = true;
+            } else {
+                let at = self.now + FINAL_READ_RETRY_MS;
+                self.schedule(at, EventKind::FinalRead { key });
+            }
+            return;
+        }
+        let Some(client) = self.requests.remove(&request) else {
+            return;
+        };
+        let Some(current) = &self.clients[client].current else {
+            return;
+        };
+        if current.request != request {
+            return; // a late reply to a request the client gave up on
+        }
+        let (phase, kind, key, value, write) = (
+            current.phase,
+            current.kind,
+            current.key.clone(),
+            current.value,
+            current.write,
+        );
+        match (phase, result) {
+            (Phase::Reading, ClientResult::Got(object)) => {
+                let values: Vec<Vec<u8>> = object
+                    .live_siblings()
+                    .map(|s| s.content.value.clone())
+                    .collect();
+                let new_value = match kind {
+                    OpKind::SetAdd => {
+                        let mut set: BTreeSet<u64> =
+                            values.iter().flat_map(|v| decode_set(v)).collect();
+                        set.insert(value);
+                        encode_set(&set)
+                    }
+                    OpKind::Write => {
+                        for v in values.iter().filter_map(|v| decode_register(v)) {
+                            self.history.observed.insert((key.clone(), v));
+                        }
+                        encode_register(value)
+                    }
+                };
+                if let Some(current) = &mut self.clients[client].current {
+                    current.phase = Phase::Writing;
+                }
+                self.send_put(client, Some(object.clock().clone()), new_value);
+            }
+            (Phase::Reading, ClientResult::Failed(e)) => {
+                self.finish(client, EventType::Fail, format!("read: {e}"));
+            }
+            (Phase::Writing, ClientResult::Put(stored)) => {
+                let dot = stored
+                    .siblings()
+                    .iter()
+                    .filter(|s| match kind {
+                        OpKind::SetAdd => decode_set(&s.content.value).contains(&value),
+                        OpKind::Write => decode_register(&s.content.value) == Some(value),
+                    })
+                    .map(|s| s.dot)
+                    .max();
+                self.history.writes[write].acked = dot;
+                let note = if dot.is_some() {
+                    String::new()
+                } else {
+                    // Only possible when last_write_wins resolved the write away at once.
+                    "acknowledged, not in stored object".into()
+                };
+                if dot.is_none() {
+                    self.history.writes[write].acked = Some(dynakv_core::version::Dot {
+                        actor: ActorId(0),
+                        counter: u64::MAX,
+                    });
+                }
+                self.finish(client, EventType::Ok, note);
+            }
+            (Phase::Writing, ClientResult::Failed(e)) => {
+                self.finish(client, EventType::Info, format!("write: {e}"));
+            }
+            (_, other) => {
+                self.finish(client, EventType::Info, format!("unexpected {other:?}"));
+            }
+        }
+    }
+
+    fn client_timeout(&mut self, client: usize, request: ClientRequestId) {
+        let Some(current) = &self.clients[client].current else {
+            return;
+        };
+        if current.request != request {
+            return;
+        }
+        self.requests.remove(&request);
+        let event = match current.phase {
+            Phase::Reading => EventType::Fail,
+            Phase::Writing => EventType::Info,
+        };
+        self.finish(client, event, "timeout".into());
+    }
+
+    // ----- faults -----
+
+    fn fault_start(&mut self) {
+        if self.healed_at.is_some() {
+            return;
+        }
+        let n = self.config.nodes;
+        let fault = match self.rng.index(12) {
+            0 | 1 => {
+                let mut order: Vec<usize> = (0..n).collect();
+                for i in (1..n).rev() {
+                    let j = self.rng.index(i + 1);
+                    order.swap(i, j);
+                }
+                let side = self.rng.range(1, (n / 2) as u64) as usize;
+                Fault::Halves(order[..side].to_vec())
+            }
+            2 | 3 => Fault::Isolate(self.rng.index(n)),
+            4 | 5 => {
+                let a = self.rng.index(n);
+                let b = (a + 1 + self.rng.index(n - 1)) % n;
+                let mut c = self.rng.index(n);
+                while c == a || c == b {
+                    c = (c + 1) % n;
+                }
+                Fault::NonTransitive(a, b, c)
+            }
+            6 | 7 => Fault::Loss(
+                self.rng
+                    .range(BURST_LOSS_PERCENT_MIN, BURST_LOSS_PERCENT_MAX) as f64
+                    / 100.0,
+            ),
+            8 | 9 => Fault::Crash(self.rng.index(n), CrashKind::Process),
+            _ => {
+                let kind = if self.data_loss_crashes >= MAX_DATA_LOSS_CRASHES {
+                    CrashKind::Process
+                } else if self.rng.chance(0.5) {
+                    CrashKind::PowerLoss
+                } else {
+                    CrashKind::Wipe
+                };
+                if kind != CrashKind::Process {
+                    self.data_loss_crashes += 1;
+                }
+                Fault::Crash(self.rng.index(n), kind)
+            }
+        };
+        match &fault {
+            Fault::Halves(side) => {
+                for a in 0..n {
+                    for b in 0..n {
+                        if side.contains(&a) != side.contains(&b) {
+                            self.blocked.insert((a, b));
+                        }
+                    }
+                }
+            }
+            Fault::Isolate(x) => {
+                for o in (0..n).filter(|o| o != x) {
+                    self.blocked.insert((*x, o));
+                    self.blocked.insert((o, *x));
+                }
+            }
+            Fault::NonTransitive(a, _, c) => {
+                self.blocked.insert((*a, *c));
+                self.blocked.insert((*c, *a));
+            }
+            Fault::Loss(p) => self.loss = *p,
+            Fault::Crash(x, kind) => {
+                self.up[*x] = false;
+                self.crash_kind[*x] = Some(*kind);
+            }
+        }
+        self.fault_log
+            .push(format!("{} {}", self.now, self.describe_fault(&fault)));
+        self.active_fault = Some(fault);
+        self.fault_id += 1;
+        let end = self.now + self.rng.range(MIN_FAULT_MS, MAX_FAULT_MS);
+        self.schedule(
+            end,
+            EventKind::FaultEnd {
+                fault: self.fault_id,
+            },
+        );
+    }
+
+    fn describe_fault(&self, fault: &Fault) -> String {
+        let name = |i: &usize| self.ids[*i].0.clone();
+        match fault {
+            Fault::Halves(side) => format!(
+                "partition {:?} | rest",
+                side.iter().map(name).collect::<Vec<_>>()
+            ),
+            Fault::Isolate(x) => format!("isolate {}", name(x)),
+            Fault::NonTransitive(a, b, c) => format!(
+                "non-transitive {}-{} ok, {}-{} ok, {}-{} cut",
+                name(a),
+                name(b),
+                name(b),
+                name(c),
+                name(a),
+                name(c)
+            ),
+            Fault::Loss(p) => format!("loss {p:.2}"),
+            Fault::Crash(x, kind) => format!("crash {} ({kind:?})", name(x)),
+        }
+    }
+
+    fn end_active_fault(&mut self) {
+        let Some(fault) = self.active_fault.take() else {
+            return;
+        };
+        self.blocked.clear();
+        self.loss = BASE_LOSS;
+        if let Fault::Crash(x, _) = fault {
+            self.restart(x);
+        }
+        self.fault_log.push(format!("{} heal", self.now));
+    }
+
+    fn fault_end(&mut self) {
+        self.end_active_fault();
+        if self.healed_at.is_none() {
+            let at = self.now + self.rng.range(MIN_HEALTHY_MS, MAX_HEALTHY_MS);
+            self.schedule(at, EventKind::FaultStart);
+        }
+    }
+
+    fn restart(&mut self, x: usize) {
+        let kind = self.crash_kind[x].take().unwrap_or(CrashKind::Process);
+        self.up[x] = true;
+        self.incarnation[x] += 1;
+        let new_actor = ActorId(self.rng.next_u64());
+        let rng = self.rng.fork();
+        let (lost, outputs) = self.nodes[x].restart(
+            self.now,
+            kind,
+            new_actor,
+            self.config.keep_actor_after_loss,
+            rng,
+        );
+        self.fault_log.push(format!(
+            "{} restart {} lost data {lost} actor {}",
+            self.now,
+            self.ids[x],
+            self.nodes[x].actor()
+        ));
+        self.apply_outputs(x, outputs);
+    }
+
+    // ----- healing, convergence, final reads -----
+
+    fn heal(&mut self) {
+        self.healed_at = Some(self.now);
+        self.end_active_fault();
+        self.loss = 0.0;
+        for x in 0..self.config.nodes {
+            if !self.up[x] {
+                self.restart(x);
+            }
+        }
+        self.schedule(self.now + CONVERGENCE_CHECK_MS, EventKind::ConvergenceCheck);
+    }
+
+    /// Whether every key's primaries hold identical objects and no hint is left: Merkle
+    /// roots of the key's partition first, then the objects themselves.
+    fn converged(&self) -> bool {
+        if self.nodes.iter().any(|n| n.hint_count() > 0) {
+            return false;
+        }
+        let node0 = &self.nodes[0];
+        for (key, _) in &self.keys {
+            let primaries: Vec<usize> = node0
+                .primaries(key)
+                .iter()
+                .filter_map(|id| self.index_of(id))
+                .collect();
+            let partition = node0.partition_of(key);
+            let first = &self.nodes[primaries[0]];
+            let root = first.partition_root(partition);
+            if primaries
+                .iter()
+                .any(|p| self.nodes[*p].partition_root(partition) != root)
+            {
+                return false;
+            }
+            let object = first.object(key);
+            if primaries
+                .iter()
+                .any(|p| self.nodes[*p].object(key) != object)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn convergence_check(&mut self) {
+        if self.converged_at.is_some() {
+            return;
+        }
+        if self.converged() {
+            self.converged_at = Some(self.now);
+            // Final reads, R = N, one per key, through the protocol.
+            for (key, _) in self.keys.clone() {
+                self.final_read(key);
+            }
+        } else {
+            self.schedule(self.now + CONVERGENCE_CHECK_MS, EventKind::ConvergenceCheck);
+        }
+    }
+
+    fn final_read(&mut self, key: String) {
+        let request = self.next_client_request;
+        self.next_client_request += 1;
+        self.final_reads.insert(request, key.clone());
+        let node = self.rng.index(self.config.nodes);
+        let r = self.config.node.n_val;
+        self.node_input(
+            node,
+            Input::Client {
+                id: request,
+                op: ClientOp::Get { key, r },
+            },
+        );
+    }
+
+    fn report(self) -> RunReport {
+        let check = checker::check(&self.history, &self.finals);
+        let final_read_ok = self.converged_at.is_some()
+            && !self.final_read_failed
+            && self.finals.len() == self.keys.len();
+        let finals = self.finals;
+        let max_siblings = self
+            .nodes
+            .iter()
+            .map(|n| n.stats().max_siblings)
+            .max()
+            .unwrap_or(0);
+        let max_clock_entries = self
+            .nodes
+            .iter()
+            .map(|n| n.stats().max_clock_entries)
+            .max()
+            .unwrap_or(0);
+        let history = self.history;
+        let ops_attempted = history.count(EventType::Invoke);
+        let ops_ok = history.count(EventType::Ok);
+        let ops_failed = history.count(EventType::Fail);
+        let ops_indeterminate = history.count(EventType::Info);
+        RunReport {
+            convergence_ms: match (self.healed_at, self.converged_at) {
+                (Some(h), Some(c)) => Some(c - h),
+                _ => None,
+            },
+            converged: self.converged_at.is_some(),
+            final_read_ok,
+            bounds_ok: max_siblings <= limits::MAX_SIBLINGS
+                && max_clock_entries <= limits::MAX_CLOCK_ENTRIES,
+            max_siblings,
+            max_clock_entries,
+            check,
+            ops_attempted,
+            ops_ok,
+            ops_failed,
+            ops_indeterminate,
+            history,
+            fault_log: self.fault_log,
+            messages_sent: self.messages_sent,
+            messages_dropped: self.messages_dropped,
+            end_ms: self.now,
+            finals,
+            config: self.config,
+        }
+    }
+}
+
+/// The cluster every node starts with: all members valid, a settled ring.
+fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, RingError> {
+    let node = |id: &NodeId| RingNode {
+        id: id.clone(),
+        zone: String::new(),
+    };
+    let (first, rest) = ids.split_first().ok_or(RingError::NoNodes)?;
+    let mut ring = Ring::new(SIM_RING_PARTITIONS, node(first))?;
+    for id in rest {
+        ring = ring.with_node_added(node(id))?;
+    }
+    let members = ids
+        .iter()
+        .map(|id| {
+            (
+                id.clone(),
+                Member {
+                    id: id.clone(),
+                    peer_addr: format!("sim://{id}"),
+                    http_addr: format!("sim://{id}/http"),
+                    zone: String::new(),
+                    status: MemberStatus::Valid,
+                    version: 1,
+                    heartbeat: 0,
+                },
+            )
+        })
+        .collect();
+    Ok(ClusterState {
+        cluster_name: "dynakv-sim".into(),
+        members,
+        ring: RingState {
+            version: 1,
+            current: ring,
+            next: None,
+            transition: 0,
+        },
+        handoffs_done: BTreeSet::new(),
+        bucket_props: BTreeMap::new(),
+    })
+}
+
+/// Run one seed with the given modifications of its configuration.
+pub fn run_seed(seed: u64, adjust: impl FnOnce(&mut SimConfig)) -> Result<RunReport, RingError> {
+    let mut config = SimConfig::from_seed(seed);
+    adjust(&mut config);
+    Ok(Simulation::new(config)?.run())
+}

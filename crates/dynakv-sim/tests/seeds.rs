@@ -1,0 +1,114 @@
+//! The simulation over fixed seeds: the sibling mode must lose nothing, the checkers must
+//! catch last-write-wins and a planted bug, and a seed must replay exactly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use dynakv_sim::node::Bug;
+use dynakv_sim::run_seed;
+
+/// Seeds run in the sibling-mode test (debug build: keep it under about a minute).
+const SIBLING_SEEDS: u64 = 500;
+/// Seeds run by the tests that expect the checkers to find losses.
+const DETECTION_SEEDS: u64 = 40;
+
+#[test]
+fn sibling_mode_loses_nothing_and_converges() {
+    let mut failures = Vec::new();
+    let mut acknowledged = 0;
+    for seed in 0..SIBLING_SEEDS {
+        let report = run_seed(seed, |_| {}).unwrap();
+        acknowledged += report.check.adds_acknowledged + report.check.writes_acknowledged;
+        assert!(report.history.events.len() > 100, "seed {seed} did little");
+        if !report.passed() {
+            failures.push(report.describe());
+        }
+    }
+    assert!(
+        acknowledged > 10_000,
+        "too few acknowledged writes: {acknowledged}"
+    );
+    assert!(
+        failures.is_empty(),
+        "failing seeds:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn last_write_wins_loses_acknowledged_adds() {
+    let mut seeds_with_loss = 0;
+    let (mut lost, mut acked) = (0, 0);
+    for seed in 0..DETECTION_SEEDS {
+        let report = run_seed(seed, |c| c.node.last_write_wins = true).unwrap();
+        assert_eq!(report.check.phantom(), 0, "seed {seed}");
+        assert!(report.converged, "seed {seed}");
+        lost += report.check.lost_adds.len();
+        acked += report.check.adds_acknowledged;
+        seeds_with_loss += usize::from(!report.check.lost_adds.is_empty());
+    }
+    println!(
+        "LWW: {lost} of {acked} acknowledged adds lost ({:.3}), {seeds_with_loss} of {DETECTION_SEEDS} seeds",
+        lost as f64 / acked as f64
+    );
+    assert!(
+        seeds_with_loss * 2 > DETECTION_SEEDS as usize,
+        "LWW lost adds on only {seeds_with_loss} seeds"
+    );
+}
+
+#[test]
+fn last_write_wins_loses_adds_in_runs_with_partitions() {
+    // A partition makes both sides accept adds concurrently, and LWW keeps one side's set
+    // (with two clients; concurrent clients alone also lose adds under LWW).
+    let mut found = false;
+    for seed in 0..DETECTION_SEEDS {
+        let report = run_seed(seed, |c| {
+            c.node.last_write_wins = true;
+            c.clients = 2;
+        })
+        .unwrap();
+        if report.fault_log.iter().any(|f| f.contains("partition"))
+            && !report.check.lost_adds.is_empty()
+        {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no seed with a partition lost an add under LWW");
+}
+
+#[test]
+fn planted_drop_sibling_bug_is_caught() {
+    let mut caught = 0;
+    for seed in 0..DETECTION_SEEDS {
+        let report = run_seed(seed, |c| c.node.bug = Some(Bug::DropSiblingOnMerge)).unwrap();
+        caught += usize::from(report.check.lost() > 0);
+    }
+    assert!(
+        caught * 4 > 3 * DETECTION_SEEDS as usize,
+        "the planted bug was caught on only {caught} of {DETECTION_SEEDS} seeds"
+    );
+}
+
+#[test]
+fn same_seed_replays_exactly() {
+    for seed in [3, 1234] {
+        let a = run_seed(seed, |_| {}).unwrap();
+        let b = run_seed(seed, |_| {}).unwrap();
+        assert_eq!(a.history.render().as_bytes(), b.history.render().as_bytes());
+        assert_eq!(a.fault_log, b.fault_log);
+        assert_eq!(a.finals, b.finals);
+        assert_eq!(a.messages_sent, b.messages_sent);
+        assert_eq!(a.end_ms, b.end_ms);
+        let other = run_seed(seed + 1, |_| {}).unwrap();
+        assert_ne!(a.history.render(), other.history.render());
+    }
+}
+
+#[test]
+fn without_faults_every_operation_succeeds() {
+    for seed in 0..10 {
+        let report = run_seed(seed, |c| c.faults = false).unwrap();
+        assert!(report.passed(), "{}", report.describe());
+        assert_eq!(report.ops_indeterminate, 0, "{}", report.describe());
+    }
+}
