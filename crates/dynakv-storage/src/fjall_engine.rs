@@ -114,7 +114,8 @@ struct GroupCommit {
 /// are safe to call from many threads.
 pub struct FjallStorage {
     database: Database,
-    keyspaces: [Keyspace; TABLE_COUNT],
+    /// One per table, indexed by `table_index` (so `TABLE_COUNT` long).
+    keyspaces: Box<[Keyspace]>,
     group_commit: GroupCommit,
     path: PathBuf,
     options: FjallOptions,
@@ -156,12 +157,12 @@ impl FjallStorage {
                 })
                 .map_err(|error| failure(ENGINE, error))
         };
-        let keyspaces = [
-            open_keyspace(Table::ALL[0])?,
-            open_keyspace(Table::ALL[1])?,
-            open_keyspace(Table::ALL[2])?,
-            open_keyspace(Table::ALL[3])?,
-        ];
+        // Indexed by `table_index`, which follows the order of `Table::ALL`.
+        let keyspaces = Table::ALL
+            .into_iter()
+            .map(open_keyspace)
+            .collect::<Result<Box<[Keyspace]>, _>>()?;
+        debug_assert_eq!(keyspaces.len(), TABLE_COUNT);
         tracing::debug!(path = %dir.display(), ?options, "opened fjall storage");
 
         Ok(Self {

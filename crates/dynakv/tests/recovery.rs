@@ -14,8 +14,7 @@ const KEYS: usize = 1000;
 fn count_on(url: &str, bucket: &str) -> usize {
     (0..KEYS)
         .filter(|i| {
-            replica(url, bucket, &format!("k{i}"))
-                .is_ok_and(|r| r.values == [format!("v{i}")])
+            replica(url, bucket, &format!("k{i}")).is_ok_and(|r| r.values == [format!("v{i}")])
         })
         .count()
 }
@@ -24,9 +23,9 @@ fn hints_held(url: &str) -> u64 {
     get_json(&format!("{url}/admin/handoffs"))
         .ok()
         .and_then(|v| {
-            v["hints"]["held_per_target"].as_array().map(|targets| {
-                targets.iter().filter_map(|t| t["keys"].as_u64()).sum()
-            })
+            v["hints"]["held_per_target"]
+                .as_array()
+                .map(|targets| targets.iter().filter_map(|t| t["keys"].as_u64()).sum())
         })
         .unwrap_or(u64::MAX)
 }
@@ -51,20 +50,42 @@ fn killed_node_gets_every_missed_write_by_hinted_handoff() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    assert_eq!(count_on(&cluster.url(2), "hh"), 0, "down: holds nothing yet");
+    assert_eq!(
+        count_on(&cluster.url(2), "hh"),
+        0,
+        "down: holds nothing yet"
+    );
     let held = hints_held(&a) + hints_held(&b);
-    assert_eq!(held, KEYS as u64, "every write to the down replica left one hint");
+    assert_eq!(
+        held, KEYS as u64,
+        "every write to the down replica left one hint"
+    );
     let restarted = Instant::now();
     cluster.restart(2);
     let c = cluster.url(2);
-    wait_for("every hinted key on the restarted node", Duration::from_secs(60), || {
-        let n = count_on(&c, "hh");
-        if n == KEYS { Ok(()) } else { Err(format!("{n} of {KEYS}")) }
-    });
-    eprintln!("{KEYS} keys delivered by hinted handoff {:.1?} after the restart", restarted.elapsed());
+    wait_for(
+        "every hinted key on the restarted node",
+        Duration::from_secs(60),
+        || {
+            let n = count_on(&c, "hh");
+            if n == KEYS {
+                Ok(())
+            } else {
+                Err(format!("{n} of {KEYS}"))
+            }
+        },
+    );
+    eprintln!(
+        "{KEYS} keys delivered by hinted handoff {:.1?} after the restart",
+        restarted.elapsed()
+    );
     wait_for("hint stores drained", Duration::from_secs(30), || {
         let held = hints_held(&a) + hints_held(&b);
-        if held == 0 { Ok(()) } else { Err(format!("{held} hints held")) }
+        if held == 0 {
+            Ok(())
+        } else {
+            Err(format!("{held} hints held"))
+        }
     });
 }
 
@@ -74,7 +95,15 @@ fn wiped_node_gets_every_key_back_by_anti_entropy() {
     let mut cluster = Cluster::start(3);
     let a = cluster.url(0);
     for i in 0..KEYS {
-        let r = put_kv(&a, "wipe", &format!("k{i}"), &format!("v{i}"), Some(3), None).unwrap();
+        let r = put_kv(
+            &a,
+            "wipe",
+            &format!("k{i}"),
+            &format!("v{i}"),
+            Some(3),
+            None,
+        )
+        .unwrap();
         assert_eq!(r.status, 204, "{}", r.summary());
     }
     assert_eq!(count_on(&cluster.url(2), "wipe"), KEYS);
@@ -85,11 +114,22 @@ fn wiped_node_gets_every_key_back_by_anti_entropy() {
     cluster.nodes[2].wait_up(Duration::from_secs(20));
     let restarted = Instant::now();
     let c = cluster.url(2);
-    wait_for("every key back on the wiped node", Duration::from_secs(120), || {
-        let n = count_on(&c, "wipe");
-        if n == KEYS { Ok(()) } else { Err(format!("{n} of {KEYS}")) }
-    });
-    eprintln!("{KEYS} keys restored by anti-entropy {:.1?} after the restart", restarted.elapsed());
+    wait_for(
+        "every key back on the wiped node",
+        Duration::from_secs(120),
+        || {
+            let n = count_on(&c, "wipe");
+            if n == KEYS {
+                Ok(())
+            } else {
+                Err(format!("{n} of {KEYS}"))
+            }
+        },
+    );
+    eprintln!(
+        "{KEYS} keys restored by anti-entropy {:.1?} after the restart",
+        restarted.elapsed()
+    );
     let aae = get_json(&format!("{c}/admin/aae")).unwrap();
     let held: u64 = aae["partitions"]
         .as_array()
