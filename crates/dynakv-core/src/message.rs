@@ -129,6 +129,9 @@ pub enum PeerMessage {
     },
     AaeHashes {
         hashes: Vec<[u8; 16]>,
+        /// The responder's own admission budget: the initiator repairs at most this many keys
+        /// with it, so a peer whose foreground latency suffers slows the exchange too.
+        budget: u32,
     },
     /// The leaves of the given segments; reply `AaeLeafHashes`.
     AaeLeaves {

@@ -1352,6 +1352,7 @@ impl Cluster {
             }
             PeerMessage::AaeSegments { partition } => Ok(PeerMessage::AaeHashes {
                 hashes: self.aae().segments(partition),
+                budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
             }),
             PeerMessage::AaeLeaves {
                 partition,
@@ -1440,7 +1441,7 @@ impl Cluster {
         &self,
         partition: u32,
         peer: &NodeId,
-        budget: usize,
+        mut budget: usize,
     ) -> Result<usize, ClusterError> {
         let ours = self.aae.segments(partition);
         let theirs = match self
@@ -1451,7 +1452,13 @@ impl Cluster {
             )
             .await?
         {
-            PeerMessage::AaeHashes { hashes } => hashes,
+            PeerMessage::AaeHashes {
+                hashes,
+                budget: peer_budget,
+            } => {
+                budget = budget.min(peer_budget as usize);
+                hashes
+            }
             other => {
                 return Err(ClusterError::Internal(format!(
                     "{peer} answered {}",
