@@ -136,8 +136,23 @@ pub fn router(state: AppState) -> Router {
             "/buckets/{bucket}/props",
             get(get_props).put(set_props).delete(reset_props),
         );
+    // Riak's old-style paths (`/riak/B/K`, `/riak/B` for properties), which older clients
+    // (the Java 1.x HTTP client among them) use.
+    let legacy = Router::new()
+        .route(
+            "/riak/{bucket}/{key}",
+            get(fetch_object)
+                .put(store_object)
+                .post(store_object)
+                .delete(delete_object),
+        )
+        .route(
+            "/riak/{bucket}",
+            get(get_props).put(set_props).post(create_object),
+        );
     Router::new()
         .route("/", get(list_resources))
+        .merge(legacy)
         .route("/ping", get(ping))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -1020,6 +1035,7 @@ async fn list_resources() -> Response {
         ("riak_kv_wm_ping", "/ping"),
         ("riak_kv_wm_stats", "/stats"),
         ("riak_kv_wm_preflist", "/buckets"),
+        ("riak_kv_wm_raw", "/riak"),
     ];
     let body: serde_json::Map<String, serde_json::Value> = resources
         .iter()

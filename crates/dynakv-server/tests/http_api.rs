@@ -489,3 +489,22 @@ async fn oversized_values_are_refused_before_the_body_is_read() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn old_style_riak_paths_reach_the_same_objects() {
+    let node = start(StorageKind::Memory).await;
+    node.put("/riak/old/k", "v1", None).await;
+    let (status, _, body) = node.req(Method::GET, "/buckets/old/keys/k", &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "v1"));
+    let context = node.vclock("/riak/old/k").await;
+    node.put("/buckets/old/keys/k", "v2", Some(&context)).await;
+    let (status, _, body) = node.req(Method::GET, "/riak/old/k", &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "v2"));
+    let props = node.client.get_json("/riak/old").await.unwrap();
+    assert_eq!(props["props"]["n_val"], 3);
+    let (status, _, _) = node.req(Method::DELETE, "/riak/old/k", &[], "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = node.req(Method::GET, "/buckets/old/keys/k", &[], "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    node.stop().await;
+}
