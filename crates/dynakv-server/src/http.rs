@@ -45,8 +45,6 @@ pub struct ApiState {
     pub node_name: String,
     pub stats: Arc<Stats>,
     pub max_value_bytes: usize,
-    /// Set when a buffered write is made; cleared by the flusher.
-    pub unflushed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type AppState = Arc<ApiState>;
@@ -751,11 +749,6 @@ async fn store_inner(
             },
         )
         .await?;
-    if !options.dw_given && props.durability == dynakv_core::storage::Durability::Buffered {
-        state
-            .unflushed
-            .store(true, std::sync::atomic::Ordering::Release);
-    }
     let location = format!(
         "/buckets/{}/keys/{}",
         utf8_percent_encode(&bucket, URL_SAFE),
@@ -834,11 +827,6 @@ async fn delete_inner(
             },
         )
         .await?;
-    if !options.dw_given && props.durability == dynakv_core::storage::Durability::Buffered {
-        state
-            .unflushed
-            .store(true, std::sync::atomic::Ordering::Release);
-    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

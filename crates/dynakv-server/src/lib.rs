@@ -168,7 +168,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
     let client = PeerClient::new(transport_config.clone());
-    let replica = Arc::new(Replica::new(Arc::clone(&storage), identity.actor));
+    let unflushed = Arc::new(AtomicBool::new(false));
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&storage),
+        identity.actor,
+        Arc::clone(&unflushed),
+    ));
     {
         let replica = Arc::clone(&replica);
         tokio::task::spawn_blocking(move || replica.load_hint_counts())
@@ -239,13 +244,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     }
     let stats = Arc::new(stats::Stats::new().map_err(|e| ServerError::Internal(e.to_string()))?);
-    let unflushed = Arc::new(AtomicBool::new(false));
     let state = Arc::new(http::ApiState {
         cluster: Arc::clone(&cluster),
         node_name: identity.name.clone(),
         stats,
         max_value_bytes: config.max_value_bytes,
-        unflushed: Arc::clone(&unflushed),
     });
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");

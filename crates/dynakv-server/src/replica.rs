@@ -76,16 +76,23 @@ pub struct Replica {
     /// Hinted keys held per target node.
     hint_counts: Mutex<std::collections::HashMap<String, usize>>,
     aae: std::sync::OnceLock<Arc<AaeTrees>>,
+    /// Set by every write made without fsync; the flusher syncs storage and clears it.
+    unflushed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Replica {
-    pub fn new(storage: Arc<dyn Storage>, actor: ActorId) -> Self {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        actor: ActorId,
+        unflushed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         Replica {
             storage,
             actor,
             stripes: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             hint_counts: Mutex::new(std::collections::HashMap::new()),
             aae: std::sync::OnceLock::new(),
+            unflushed,
         }
     }
 
@@ -132,10 +139,18 @@ impl Replica {
         self.storage
             .put(Table::Objects, storage_key, new, durability)
             .map_err(storage_error)?;
+        self.note_durability(durability);
         if let Some(aae) = self.aae.get() {
             aae.observe(storage_key, old, Some(new));
         }
         Ok(())
+    }
+
+    fn note_durability(&self, durability: Durability) {
+        if durability == Durability::Buffered {
+            self.unflushed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Attach the anti-entropy trees (once, at startup, after they are built).
@@ -264,6 +279,7 @@ impl Replica {
         self.storage
             .delete(Table::Objects, storage_key, Durability::Buffered)
             .map_err(storage_error)?;
+        self.note_durability(Durability::Buffered);
         if let Some(aae) = self.aae.get() {
             aae.observe(storage_key, old.as_deref(), None);
         }
@@ -303,6 +319,7 @@ impl Replica {
         self.storage
             .put(Table::Hints, &hint_key, &merged.encode(), durability)
             .map_err(storage_error)?;
+        self.note_durability(durability);
         Ok(true)
     }
 
