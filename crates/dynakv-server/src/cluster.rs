@@ -671,6 +671,12 @@ impl Cluster {
             durability,
             ring_version: self.state().ring.version,
         };
+        self.send_write(node, message).await
+    }
+
+    /// Send a replica write (`ReplicaPut`, `HintedPut`): `Ack` is success; `StaleRing` merges
+    /// the replica's newer state here and fails (the caller may re-plan).
+    async fn send_write(&self, node: &NodeId, message: PeerMessage) -> Result<(), ClusterError> {
         match self.send(node, message, self.timeouts.request).await? {
             PeerMessage::Ack => Ok(()),
             PeerMessage::StaleRing(state) => {
@@ -702,17 +708,7 @@ impl Cluster {
             durability,
             ring_version: self.state().ring.version,
         };
-        match self.send(node, message, self.timeouts.request).await? {
-            PeerMessage::Ack => Ok(()),
-            PeerMessage::StaleRing(state) => {
-                self.merge_state(&state)?;
-                Err(ClusterError::Internal(format!("{node} has a newer ring")))
-            }
-            other => Err(ClusterError::Internal(format!(
-                "{node} answered {}",
-                message_name(&other)
-            ))),
-        }
+        self.send_write(node, message).await
     }
 
     /// Keep a version here as a hint for `target`, within the per-target bound.
