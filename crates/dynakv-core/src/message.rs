@@ -107,6 +107,9 @@ pub enum PeerMessage {
     /// Keys moving to a node that enters their preference lists; reply `Ack`.
     Handoff {
         entries: Vec<HandoffEntry>,
+        /// The sender's ring version: a receiver with a newer ring refuses (`StaleRing`), so
+        /// keys are never handed to a node that has already dropped them.
+        ring_version: u64,
     },
     /// One page of the receiver's live keys of a bucket, in key order, after `start_after`;
     /// reply `KeyPage`.

@@ -657,12 +657,15 @@ impl Cluster {
                 object.clone(),
                 props.clone(),
             );
-            return tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 replica.merge(&b, &k, &o, &p, durability).map(|_| ())
             })
             .await
             .map_err(internal)?
-            .map_err(ClusterError::from);
+            .map_err(ClusterError::from)?;
+            // A read repair planned under an older ring may land after this node's cleanup.
+            self.check_orphan(bucket, key, props.n_val);
+            return Ok(());
         }
         let message = PeerMessage::ReplicaPut {
             bucket: bucket.to_owned(),
@@ -1308,7 +1311,24 @@ impl Cluster {
                     }
                 }
             }
-            PeerMessage::Handoff { entries } => {
+            PeerMessage::Handoff {
+                entries,
+                ring_version,
+            } => {
+                let state = self.state();
+                if state.ring.version > ring_version {
+                    return Ok(PeerMessage::StaleRing(Box::new((*state).clone())));
+                }
+                let orphans: Vec<(String, String, u32)> = entries
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.bucket.clone(),
+                            e.key.clone(),
+                            self.bucket_props(&e.bucket).n_val,
+                        )
+                    })
+                    .collect();
                 let replica = Arc::clone(&self.replica);
                 let props: Vec<BucketProps> = entries
                     .iter()
@@ -1330,6 +1350,9 @@ impl Cluster {
                 })
                 .await
                 .map_err(internal)??;
+                for (bucket, key, n_val) in &orphans {
+                    self.check_orphan(bucket, key, *n_val);
+                }
                 Ok(PeerMessage::Ack)
             }
             PeerMessage::Reap {
@@ -2118,15 +2141,18 @@ impl Cluster {
         node: &NodeId,
         entries: Vec<HandoffEntry>,
     ) -> Result<(), ClusterError> {
-        match self
-            .send(
-                node,
-                PeerMessage::Handoff { entries },
-                self.timeouts.request * 5,
-            )
-            .await?
-        {
+        let message = PeerMessage::Handoff {
+            entries,
+            ring_version: self.state().ring.version,
+        };
+        match self.send(node, message, self.timeouts.request * 5).await? {
             PeerMessage::Ack => Ok(()),
+            PeerMessage::StaleRing(state) => {
+                self.merge_state(&state)?;
+                Err(ClusterError::Internal(format!(
+                    "handoff to {node}: its ring is newer"
+                )))
+            }
             other => Err(ClusterError::Internal(format!(
                 "handoff to {node}: {}",
                 message_name(&other)

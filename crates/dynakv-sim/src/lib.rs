@@ -3,7 +3,8 @@
 //!
 //! **What it proves, and what it does not.** The real node's sequencing lives in
 //! `dynakv-server`'s async `Cluster` (tokio tasks, channels, timeouts). This simulator drives
-//! a [`node::SimNode`] that re-states that sequencing as a sans-IO state machine
+//! a [`node::SimNode`] that re-states that sequencing (ring transitions for joins and leaves
+//! included) as a sans-IO state machine
 //! (`handle(now, input) -> Vec<Output>`) built on the very same core primitives
 //! (`Object::update`/`sync`, `GetQuorum`, `PutQuorum`, `sloppy_slots`,
 //! `ClusterState::preference_list`, `Ring::extended_preference_list`, `MerkleTree`). So it

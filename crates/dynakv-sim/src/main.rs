@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
-//!     [--ops N] [--keep-actor] [--no-faults] [--seed S --verbose]
+//!     [--ops N] [--keep-actor] [--no-faults] [--membership join|leave|none] [--old-rule unchecked-handoff]
+//!     [--seed S --verbose]
 //! ```
 //! Exits with status 1 when a seed fails (unless `--lww` or `--bug`, where failures are the
 //! expected outcome and only the summary matters).
 
 use dynakv_sim::node::Bug;
+use dynakv_sim::sim::MembershipChange;
 use dynakv_sim::{RunReport, SimConfig, run_seed};
 use std::process::ExitCode;
 
@@ -25,7 +27,12 @@ struct Args {
     ops: Option<usize>,
     keep_actor: bool,
     no_faults: bool,
+    /// Override the seed's membership change (`membership_given`; `None`: no change).
+    membership_given: bool,
+    membership: Option<MembershipChange>,
     verbose: bool,
+    /// Run the server's old rule (`Handoff` without a ring check), to reproduce the finding.
+    unchecked_handoff: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -47,14 +54,35 @@ fn parse() -> Result<Args, String> {
             "--ops" => args.ops = Some(number(it.next(), "--ops")? as usize),
             "--lww" => args.lww = true,
             "--keep-actor" => args.keep_actor = true,
+            "--old-rule" => match it.next().as_deref() {
+                Some("unchecked-handoff") => args.unchecked_handoff = true,
+                other => {
+                    return Err(format!(
+                        "unknown old rule {other:?} (known: unchecked-handoff)"
+                    ));
+                }
+            },
             "--no-faults" => args.no_faults = true,
             "--verbose" => args.verbose = true,
+            "--membership" => {
+                args.membership_given = true;
+                args.membership = match it.next().as_deref() {
+                    Some("join") => Some(MembershipChange::Join),
+                    Some("leave") => Some(MembershipChange::Leave),
+                    Some("none") => None,
+                    other => {
+                        return Err(format!(
+                            "unknown membership change {other:?} (known: join, leave, none)"
+                        ));
+                    }
+                };
+            }
             "--bug" => match it.next().as_deref() {
                 Some("drop-sibling") => args.bug = Some(Bug::DropSiblingOnMerge),
                 other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
             },
             "-h" | "--help" => {
-                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--verbose]".into());
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--membership join|leave|none] [--old-rule unchecked-handoff] [--verbose]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -67,9 +95,13 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
         c.node.last_write_wins = args.lww;
         c.node.bug = args.bug;
         c.keep_actor_after_loss = args.keep_actor;
+        c.node.handoff_checks_ring = !args.unchecked_handoff;
         c.faults = !args.no_faults;
         if let Some(ops) = args.ops {
             c.ops = ops;
+        }
+        if args.membership_given {
+            c.membership = args.membership;
         }
     }
 }
@@ -127,6 +159,14 @@ struct Totals {
     max_siblings: usize,
     max_clock_entries: usize,
     convergence_ms: Vec<u64>,
+    joins: usize,
+    leaves: usize,
+    membership_ok: usize,
+    strays: usize,
+    handoff_keys: u64,
+    cleanup_dropped: u64,
+    stale_ring_refusals: u64,
+    replans: u64,
     failing: Vec<String>,
 }
 
@@ -148,6 +188,19 @@ impl Totals {
         if let Some(ms) = r.convergence_ms {
             self.convergence_ms.push(ms);
         }
+        match r.config.membership {
+            Some(MembershipChange::Join) => self.joins += 1,
+            Some(MembershipChange::Leave) => self.leaves += 1,
+            None => {}
+        }
+        if r.config.membership.is_some() && r.membership_ok {
+            self.membership_ok += 1;
+        }
+        self.strays += r.strays.len();
+        self.handoff_keys += r.handoff_keys;
+        self.cleanup_dropped += r.cleanup_dropped;
+        self.stale_ring_refusals += r.stale_ring_refusals;
+        self.replans += r.replans;
         if !r.passed() {
             if self.failing.len() < MAX_FAILURES_SHOWN {
                 print!("FAIL {}", r.describe());
@@ -192,6 +245,17 @@ impl Totals {
             pct(0.5),
             pct(0.99),
             self.convergence_ms.last().copied().unwrap_or(0)
+        );
+        println!(
+            "membership: join {} leave {} (completed {}); keys stored off their preference list {}; handoff keys {} cleanup dropped {} stale-ring refusals {} re-plans {}",
+            self.joins,
+            self.leaves,
+            self.membership_ok,
+            self.strays,
+            self.handoff_keys,
+            self.cleanup_dropped,
+            self.stale_ring_refusals,
+            self.replans
         );
         if self.failing.is_empty() {
             println!("all seeds passed");

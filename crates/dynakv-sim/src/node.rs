@@ -2,10 +2,12 @@
 //!
 //! It re-states the sequencing of `dynakv-server::cluster::Cluster` (sloppy quorum get and put,
 //! forwarding, read repair, hinted handoff, anti-entropy, gossip heartbeats and the transport's
-//! backoff) on the very same core primitives: `Object::update`/`sync`, `GetQuorum`,
-//! `PutQuorum`, `sloppy_slots`, `Ring::extended_preference_list`,
-//! `ClusterState::preference_list`/`merge`/`beat`, `MerkleTree`. The ring is static (no joins
-//! or leaves), there is one bucket, and there are no deletes.
+//! backoff, and ring transitions: join, leave, claimant planning, handoff to the nodes entering
+//! a key's preference list, `StaleRing` refusals and cleanup) on the very same core
+//! primitives: `Object::update`/`sync`, `GetQuorum`, `PutQuorum` (with the next preference
+//! list during a transition), `sloppy_slots`, `Ring::extended_preference_list`,
+//! `ClusterState::found`/`add_joining`/`request_leave`/`merge`/`plan`/`mark_handoff_done`,
+//! `MerkleTree`. There is one bucket, and there are no deletes.
 //!
 //! Invariants this module keeps:
 //! - every object this node stores is `stored.update(context, ..)` (as coordinator, with its
@@ -16,12 +18,15 @@
 //! - the Merkle tree of a partition is updated on every object write, so two nodes holding
 //!   the same objects of a partition have equal roots;
 //! - every outgoing request either gets a reply, a transport failure, or times out: nothing
-//!   waits forever.
+//!   waits forever;
+//! - a replica whose ring version is newer than the sender's refuses `ReplicaPut` and
+//!   `HintedPut` (`StaleRing`, with its state), and a node drops a key only once the ring is
+//!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
 
 use crate::rng::SimRng;
 use dynakv_core::codec::Writer;
 use dynakv_core::limits;
-use dynakv_core::membership::ClusterState;
+use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{self, Hash, MerkleTree};
 use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, encode_clock};
 use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, sloppy_slots};
@@ -86,6 +91,14 @@ pub struct NodeConfig {
     pub last_write_wins: bool,
     pub bug: Option<Bug>,
     pub durability: Durability,
+    /// A proposed change to `cluster.rs`, off by default (the SimNode mirrors the server):
+    /// `Handoff` carries the sender's ring version, a receiver with a newer ring refuses it
+    /// (`StaleRing`, as `ReplicaPut` does), and a receiver that stored a key it does not
+    /// replicate asks for another cleanup (`check_orphan`), as does a local read repair.
+    /// Without it, a hint delivered by a node with an older ring to a node that already
+    /// dropped the key after a join (or a read repair of a get planned before the ring
+    /// changed) stays there for good, outside the key's preference list.
+    pub handoff_checks_ring: bool,
 }
 
 impl Default for NodeConfig {
@@ -97,6 +110,8 @@ impl Default for NodeConfig {
             last_write_wins: false,
             bug: None,
             durability: Durability::Fsync,
+            // The server's rule since the simulation found the stray-copy case (seed 154).
+            handoff_checks_ring: true,
         }
     }
 }
@@ -123,11 +138,16 @@ pub enum Request {
     ReplicaPut {
         key: String,
         object: Object,
+        /// The sender's ring version (a replica with a newer ring refuses: `StaleRing`).
+        ring_version: u64,
+        /// Written with fsync (the server's hint moves use `Durability::Fsync`).
+        fsync: bool,
     },
     HintedPut {
         target: NodeId,
         key: String,
         object: Object,
+        ring_version: u64,
     },
     CoordinatePut {
         key: String,
@@ -138,6 +158,8 @@ pub enum Request {
     },
     Handoff {
         entries: Vec<(String, Object)>,
+        /// The sender's ring version (checked only with `NodeConfig::handoff_checks_ring`).
+        ring_version: u64,
     },
     AaeSegments {
         partition: PartitionId,
@@ -151,6 +173,10 @@ pub enum Request {
         leaves: Vec<u16>,
     },
     Gossip(Box<ClusterState>),
+    JoinRequest {
+        cluster_name: String,
+        member: Member,
+    },
 }
 
 /// Peer responses.
@@ -168,6 +194,9 @@ pub enum Response {
     Leaves(Vec<(u16, Hash)>),
     Keys(Vec<(String, Hash)>),
     Gossip(Box<ClusterState>),
+    /// The replica's ring is newer than the sender's: the write is refused.
+    StaleRing(Box<ClusterState>),
+    JoinAccepted(Box<ClusterState>),
 }
 
 /// A client request to this node.
@@ -281,8 +310,15 @@ enum Purpose {
         target: NodeId,
         entries: Vec<(String, Object)>,
     },
+    /// A hint whose target no longer replicates its key, sent to the key's current replicas.
+    MovedHint {
+        moved: u64,
+    },
+    /// A batch of the ring transition's handoff.
+    TransitionHandoff,
     Aae,
     Gossip,
+    Join,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +350,28 @@ struct PutCoord {
     stored: Object,
     reply: Option<ReplyTo>,
     outstanding: usize,
+    w: usize,
+    /// First replication round: the ring version the write was planned with (a failed
+    /// quorum is re-planned once when the ring changed meanwhile). `None` for the re-plan.
+    planned_at: Option<u64>,
+}
+
+/// A hint being moved to its key's current replicas (`deliver_hints`, "the key moved").
+#[derive(Debug)]
+struct MovedHint {
+    target: NodeId,
+    key: String,
+    object: Object,
+    outstanding: usize,
+    all_ok: bool,
+}
+
+/// This node's handoff for a ring transition, while batches are in flight.
+#[derive(Debug)]
+struct HandoffRun {
+    transition: u64,
+    outstanding: usize,
+    failed: bool,
 }
 
 #[derive(Debug)]
@@ -379,6 +437,11 @@ pub struct NodeStats {
     pub hints_dropped: u64,
     pub read_repairs: u64,
     pub aae_repairs: u64,
+    /// Keys sent by this node's transition handoffs, and keys dropped by cleanup.
+    pub handoff_keys: u64,
+    pub cleanup_dropped: u64,
+    pub stale_ring_refusals: u64,
+    pub replans: u64,
 }
 
 /// One simulated node.
@@ -404,7 +467,17 @@ pub struct SimNode {
     puts: BTreeMap<u64, PutCoord>,
     liveness: BTreeMap<NodeId, (u64, u64)>,
     links: BTreeMap<NodeId, Link>,
-    delivering: BTreeSet<NodeId>,
+    /// Hint deliveries in flight per target.
+    delivering: BTreeMap<NodeId, usize>,
+    moved_hints: BTreeMap<u64, MovedHint>,
+    next_moved: u64,
+    handoff: Option<HandoffRun>,
+    /// The ring version whose cleanup ran (volatile, as in the server).
+    cleaned_version: u64,
+    /// Until a join is accepted: the members to ask, in turn (the operator retrying).
+    join_via: Vec<NodeId>,
+    join_attempts: usize,
+    join_pending: bool,
     aae_round: usize,
     aae_queue: VecDeque<PartitionId>,
     aae_current: Option<Exchange>,
@@ -443,7 +516,14 @@ impl SimNode {
             puts: BTreeMap::new(),
             liveness: BTreeMap::new(),
             links: BTreeMap::new(),
-            delivering: BTreeSet::new(),
+            delivering: BTreeMap::new(),
+            moved_hints: BTreeMap::new(),
+            next_moved: 1,
+            handoff: None,
+            cleaned_version: 0,
+            join_via: Vec::new(),
+            join_attempts: 0,
+            join_pending: false,
             aae_round: 0,
             aae_queue: VecDeque::new(),
             aae_current: None,
@@ -455,8 +535,58 @@ impl SimNode {
         (node, outputs)
     }
 
+    /// A fresh node that founded its own one-node cluster and asks `via` (in turn, until one
+    /// accepts) to admit it: `Cluster::join`. It holds no data.
+    #[allow(clippy::too_many_arguments)] // mirrors `new` plus what a join needs
+    pub fn joining(
+        me: NodeId,
+        actor: ActorId,
+        cluster_name: &str,
+        partitions: u32,
+        via: Vec<NodeId>,
+        config: NodeConfig,
+        rng: SimRng,
+        now: u64,
+    ) -> Result<(SimNode, Vec<Output>), String> {
+        let cluster = ClusterState::found(cluster_name, member_entry(&me), partitions)
+            .map_err(|e| e.to_string())?;
+        let (mut node, mut outputs) = SimNode::new(me, actor, cluster, config, rng, now);
+        node.join_via = via;
+        node.send_join(now);
+        outputs.append(&mut node.outputs);
+        Ok((node, outputs))
+    }
+
     pub fn id(&self) -> &NodeId {
         &self.me
+    }
+
+    /// What this node believes about the cluster.
+    pub fn cluster(&self) -> &ClusterState {
+        &self.cluster
+    }
+
+    /// Whether this node is part of the cluster (its join, if any, was accepted).
+    pub fn joined(&self) -> bool {
+        self.join_via.is_empty()
+    }
+
+    /// Whether this node's own state says it has left (`Cluster::has_exited`).
+    pub fn has_exited(&self) -> bool {
+        self.cluster
+            .member(&self.me)
+            .is_some_and(|m| m.status == MemberStatus::Exiting)
+    }
+
+    /// Whether this node's cleanup ran for the ring it knows.
+    pub fn cleaned_up(&self) -> bool {
+        self.cleaned_version >= self.cluster.ring.version
+    }
+
+    /// `Cluster::leave`: mark this node leaving; gossip and the claimant do the rest.
+    pub fn leave(&mut self) -> Result<(), String> {
+        let me = self.me.clone();
+        self.cluster.request_leave(&me).map_err(|e| e.to_string())
     }
 
     pub fn actor(&self) -> ActorId {
@@ -598,6 +728,10 @@ impl SimNode {
         self.liveness.clear();
         self.links.clear();
         self.delivering.clear();
+        self.moved_hints.clear();
+        self.handoff = None;
+        self.cleaned_version = 0;
+        self.join_pending = false;
         self.aae_queue.clear();
         self.aae_current = None;
         self.failures.clear();
@@ -740,6 +874,17 @@ impl SimNode {
         tree.segments = None;
     }
 
+    /// Drop a key this node no longer replicates (`cleanup_round`).
+    fn remove_object(&mut self, key: &str) {
+        self.mark_unflushed(StoreKey::Object(key.to_owned()));
+        if let Some((_, hash)) = self.objects.remove(key) {
+            let (p, leaf) = (self.partition_of(key), leaf(key));
+            let tree = self.trees.entry(p).or_default();
+            tree.tree.update(leaf, Some(&hash), None);
+            tree.segments = None;
+        }
+    }
+
     /// The coordinator's write (`Replica::write`): `update` with this node's actor.
     fn write_local(
         &mut self,
@@ -856,6 +1001,9 @@ impl SimNode {
                 .collect(),
             unplaced,
             spares,
+            next: self
+                .cluster
+                .next_preference_list(partition, self.config.n_val as u32),
         }
     }
 
@@ -1002,10 +1150,17 @@ impl SimNode {
     fn store_replica(&mut self, now: u64, node: &NodeId, key: &str, object: &Object) {
         if node == &self.me {
             self.merge_local(key, object);
+            if self.config.handoff_checks_ring {
+                // A read repair planned under an older ring may land after this node's
+                // cleanup.
+                self.check_orphan(key);
+            }
         } else {
             let body = Request::ReplicaPut {
                 key: key.to_owned(),
                 object: object.clone(),
+                ring_version: self.cluster.ring.version,
+                fsync: false,
             };
             self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
         }
@@ -1032,7 +1187,8 @@ impl SimNode {
         }
     }
 
-    /// `Cluster::coordinate_put`.
+    /// `Cluster::coordinate_put`: store locally, replicate, and re-plan once when the quorum
+    /// failed and the ring version changed meanwhile.
     fn coordinate_put(
         &mut self,
         now: u64,
@@ -1051,48 +1207,103 @@ impl SimNode {
                 return;
             }
         };
+        let ring_version = self.cluster.ring.version;
+        self.replicate(now, reply, key, stored, w, plan, Some(ring_version));
+    }
+
+    /// `Cluster::replicate`: send the stored version to the plan's slots and to the next
+    /// preference list, answer after W of the current slots (and W of the next list).
+    #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+    fn replicate(
+        &mut self,
+        now: u64,
+        reply: ReplyTo,
+        key: &str,
+        stored: Object,
+        w: usize,
+        plan: ReplicaPlan,
+        planned_at: Option<u64>,
+    ) {
         let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|(n, _)| n.clone()).collect();
-        let mut quorum =
-            PutQuorum::new(slot_nodes, None, w).with_primaries(plan.primaries.clone(), 0);
-        let local = quorum.on_reply(&self.me, true);
+        let mut quorum = PutQuorum::new(slot_nodes, plan.next.clone(), w)
+            .with_primaries(plan.primaries.clone(), 0);
+        let holds_copy = plan.slots.iter().any(|(n, _)| n == &self.me)
+            || plan.next.as_ref().is_some_and(|n| n.contains(&self.me));
+        let local = if holds_copy {
+            quorum.on_reply(&self.me, true)
+        } else {
+            Progress::Waiting
+        };
         for primary in &plan.unplaced {
             self.keep_hint(primary, key, &stored);
         }
+        let mut sends: Vec<(NodeId, Option<NodeId>)> = plan.slots.clone();
+        for node in plan.next.iter().flatten() {
+            if !sends.iter().any(|(n, _)| n == node) {
+                sends.push((node.clone(), None));
+            }
+        }
+        sends.retain(|(n, _)| n != &self.me);
         let coord = self.next_coord;
         self.next_coord += 1;
-        let mut put = PutCoord {
+        let put = PutCoord {
             key: key.to_owned(),
             quorum,
             primaries: plan.primaries,
             spares: plan.spares.into_iter().collect(),
             stored: stored.clone(),
             reply: Some(reply),
-            outstanding: 0,
+            outstanding: sends.len(),
+            w,
+            planned_at,
         };
-        let sends: Vec<(NodeId, Option<NodeId>)> = plan
-            .slots
-            .into_iter()
-            .filter(|(n, _)| n != &self.me)
-            .collect();
-        put.outstanding = sends.len();
-        if let Progress::Done(result) = local {
-            let to = put.reply.take();
-            if let Some(to) = to {
-                self.answer(
-                    to,
-                    result
-                        .map(|()| ClientResult::Put(stored.clone()))
-                        .map_err(|e| format!("quorum not met: {e}")),
-                );
-            }
-        }
-        let nothing_to_send = sends.is_empty();
         self.puts.insert(coord, put);
         for (node, stands_in_for) in sends {
             self.send_put(now, coord, &node, stands_in_for, key, &stored);
         }
-        if nothing_to_send {
-            self.finish_put_if_done(coord);
+        if let Progress::Done(result) = local {
+            self.put_done(now, coord, result.map_err(|e| e.to_string()));
+        }
+        self.finish_put_if_done(now, coord);
+    }
+
+    /// The first replication round's outcome (`coordinate_put` after `replicate` returned):
+    /// check for an orphan write, re-plan once when the quorum failed under a ring that has
+    /// changed since, else answer.
+    fn put_done(&mut self, now: u64, coord: u64, result: Result<(), String>) {
+        let Some(put) = self.puts.get_mut(&coord) else {
+            return;
+        };
+        let Some(to) = put.reply.take() else {
+            return;
+        };
+        let (key, stored, w, planned_at) =
+            (put.key.clone(), put.stored.clone(), put.w, put.planned_at);
+        if planned_at.is_some() {
+            self.check_orphan(&key);
+        }
+        match result {
+            Err(_) if planned_at.is_some_and(|v| v != self.cluster.ring.version) => {
+                // The ring changed while the write was replicated (a replica answered
+                // `StaleRing`): send the same stored version again under the new plan.
+                self.stats.replans += 1;
+                let plan = self.replica_plan(now, &key);
+                self.replicate(now, to, &key, stored, w, plan, None);
+            }
+            result => self.answer(
+                to,
+                result
+                    .map(|()| ClientResult::Put(stored))
+                    .map_err(|e| format!("quorum not met: {e}")),
+            ),
+        }
+    }
+
+    /// `Cluster::check_orphan`: a write stored here for a key this node no longer replicates
+    /// (settled ring) asks for another cleanup.
+    fn check_orphan(&mut self, key: &str) {
+        if self.cluster.ring.next.is_none() && !self.primaries(key).contains(&self.me) {
+            self.cleaned_version = 0;
         }
     }
 
@@ -1105,15 +1316,19 @@ impl SimNode {
         key: &str,
         object: &Object,
     ) {
+        let ring_version = self.cluster.ring.version;
         let body = match &stands_in_for {
             None => Request::ReplicaPut {
                 key: key.to_owned(),
                 object: object.clone(),
+                ring_version,
+                fsync: false,
             },
             Some(primary) => Request::HintedPut {
                 target: primary.clone(),
                 key: key.to_owned(),
                 object: object.clone(),
+                ring_version,
             },
         };
         self.send_request(
@@ -1162,37 +1377,25 @@ impl SimNode {
                 return;
             }
             if let Progress::Done(result) = put.quorum.on_reply(node, ok) {
-                let to = put.reply.take();
-                if let Some(to) = to {
-                    self.answer(
-                        to,
-                        result
-                            .map(|()| ClientResult::Put(stored))
-                            .map_err(|e| format!("quorum not met: {e}")),
-                    );
-                }
+                self.put_done(now, coord, result.map_err(|e| e.to_string()));
             }
         }
-        self.finish_put_if_done(coord);
+        self.finish_put_if_done(now, coord);
     }
 
-    fn finish_put_if_done(&mut self, coord: u64) {
-        let Some(put) = self.puts.get_mut(&coord) else {
+    fn finish_put_if_done(&mut self, now: u64, coord: u64) {
+        let Some(put) = self.puts.get(&coord) else {
             return;
         };
         if put.outstanding > 0 {
             return;
         }
-        let reply = put.reply.take();
-        let needed = self.config.w;
-        self.puts.remove(&coord);
-        if let Some(to) = reply {
+        if put.reply.is_some() {
             // Every replica answered and the quorum was neither met nor ruled out.
-            self.answer(
-                to,
-                Err(format!("quorum not met: 0 of {needed} replicas answered")),
-            );
+            let needed = put.w;
+            self.put_done(now, coord, Err(format!("0 of {needed} replicas answered")));
         }
+        self.puts.remove(&coord);
     }
 
     // ----- peer requests -----
@@ -1203,15 +1406,37 @@ impl SimNode {
                 let object = self.local_with_hint(&key, hinted_for.as_ref());
                 self.respond(from, id, Response::Object(object));
             }
-            Request::ReplicaPut { key, object } => {
+            Request::ReplicaPut {
+                key,
+                object,
+                ring_version,
+                fsync,
+            } => {
+                if self.cluster.ring.version > ring_version {
+                    self.stats.stale_ring_refusals += 1;
+                    let state = Box::new(self.cluster.clone());
+                    self.respond(from, id, Response::StaleRing(state));
+                    return;
+                }
                 self.merge_local(&key, &object);
+                if fsync {
+                    self.flush();
+                }
+                self.check_orphan(&key);
                 self.respond(from, id, Response::Ack);
             }
             Request::HintedPut {
                 target,
                 key,
                 object,
+                ring_version,
             } => {
+                if self.cluster.ring.version > ring_version {
+                    self.stats.stale_ring_refusals += 1;
+                    let state = Box::new(self.cluster.clone());
+                    self.respond(from, id, Response::StaleRing(state));
+                    return;
+                }
                 let body = if self.store_hint(&target, &key, &object) {
                     Response::Ack
                 } else {
@@ -1248,9 +1473,25 @@ impl SimNode {
                     w,
                 );
             }
-            Request::Handoff { entries } => {
+            Request::Handoff {
+                entries,
+                ring_version,
+            } => {
+                if self.config.handoff_checks_ring && self.cluster.ring.version > ring_version {
+                    self.stats.stale_ring_refusals += 1;
+                    let state = Box::new(self.cluster.clone());
+                    self.respond(from, id, Response::StaleRing(state));
+                    return;
+                }
+                // Merged buffered, then the storage is synced.
                 for (key, object) in &entries {
                     self.merge_local(key, object);
+                }
+                self.flush();
+                if self.config.handoff_checks_ring {
+                    for (key, _) in &entries {
+                        self.check_orphan(key);
+                    }
                 }
                 self.respond(from, id, Response::Ack);
             }
@@ -1273,15 +1514,41 @@ impl SimNode {
                 self.respond(from, id, Response::Keys(keys));
             }
             Request::Gossip(theirs) => {
+                if theirs.cluster_name != self.cluster.cluster_name {
+                    self.respond(
+                        from,
+                        id,
+                        Response::Error("gossip from another cluster".into()),
+                    );
+                    return;
+                }
                 self.merge_state(now, &theirs);
                 let ours = Box::new(self.cluster.clone());
                 self.respond(from, id, Response::Gossip(ours));
+            }
+            Request::JoinRequest {
+                cluster_name,
+                member,
+            } => {
+                if cluster_name != self.cluster.cluster_name {
+                    self.respond(from, id, Response::Error("cluster name mismatch".into()));
+                    return;
+                }
+                let body = match self.cluster.add_joining(member) {
+                    Ok(()) => Response::JoinAccepted(Box::new(self.cluster.clone())),
+                    Err(e) => Response::Error(e.to_string()),
+                };
+                self.respond(from, id, body);
             }
         }
     }
 
     fn on_response(&mut self, now: u64, id: RequestId, pending: Pending, body: Option<Response>) {
         let from = pending.to;
+        if let Some(Response::StaleRing(state)) = &body {
+            // `store_replica`/`store_hinted`: catch up with the refusing replica's ring.
+            self.merge_state(now, state);
+        }
         match pending.purpose {
             Purpose::GetFetch { coord } => {
                 let reply = match body {
@@ -1324,8 +1591,43 @@ impl SimNode {
                 Some(_) => self.forward(now, client, rest, request, last_error),
                 None => self.forward(now, client, rest, request, format!("{from}: timed out")),
             },
+            Purpose::Join => {
+                self.join_pending = false;
+                if let Some(Response::JoinAccepted(state)) = body
+                    && !self.join_via.is_empty()
+                {
+                    // Adopt the cluster's state wholesale.
+                    self.cluster = *state;
+                    self.join_via.clear();
+                }
+            }
+            Purpose::TransitionHandoff => {
+                let ok = matches!(body, Some(Response::Ack));
+                if let Some(run) = &mut self.handoff {
+                    run.outstanding = run.outstanding.saturating_sub(1);
+                    run.failed |= !ok;
+                    if run.outstanding == 0 {
+                        let (transition, failed) = (run.transition, run.failed);
+                        self.handoff = None;
+                        if !failed && self.cluster.ring.transition == transition {
+                            let me = self.me.clone();
+                            self.cluster.mark_handoff_done(&me);
+                        }
+                    }
+                }
+            }
+            Purpose::MovedHint { moved } => {
+                let ok = matches!(body, Some(Response::Ack));
+                if let Some(m) = self.moved_hints.get_mut(&moved) {
+                    m.outstanding = m.outstanding.saturating_sub(1);
+                    m.all_ok &= ok;
+                    if m.outstanding == 0 {
+                        self.finish_moved_hint(moved);
+                    }
+                }
+            }
             Purpose::HintDelivery { target, entries } => {
-                self.delivering.remove(&target);
+                self.delivery_done(&target);
                 if matches!(body, Some(Response::Ack)) {
                     for (key, delivered) in entries {
                         let hint_key = (target.clone(), key);
@@ -1404,15 +1706,27 @@ impl SimNode {
         self.cluster.merge(theirs);
     }
 
+    /// The server's one-second background loop: `gossip_round` (beat, exchange with a member
+    /// that has not exited, plan when claimant), then `handoff_round` and `cleanup_round`.
+    /// The claimant plans on the state merged so far (the server plans after this round's
+    /// exchange: the plan here sees that exchange one round later).
     fn gossip_round(&mut self, now: u64) {
+        if !self.joined() {
+            self.send_join(now);
+        }
         let me = self.me.clone();
         self.cluster.beat(&me);
+        if self.cluster.claimant() == Some(&me) {
+            self.cluster.plan();
+        }
+        self.handoff_round(now);
+        self.cleanup_round();
         let peers: Vec<NodeId> = self
             .cluster
             .members
-            .keys()
-            .filter(|id| **id != self.me)
-            .cloned()
+            .values()
+            .filter(|m| m.id != self.me && m.status != MemberStatus::Exiting)
+            .map(|m| m.id.clone())
             .collect();
         if peers.is_empty() {
             return;
@@ -1422,29 +1736,218 @@ impl SimNode {
         self.send_request(now, &peer, body, Purpose::Gossip, GOSSIP_INTERVAL_MS);
     }
 
-    /// `Cluster::deliver_hints`: one batch per reachable target per round.
+    /// `Cluster::join`: ask a member (in turn) to admit this node.
+    fn send_join(&mut self, now: u64) {
+        if self.join_pending || self.join_via.is_empty() {
+            return;
+        }
+        let via = self.join_via[self.join_attempts % self.join_via.len()].clone();
+        self.join_attempts += 1;
+        let mut member = self
+            .cluster
+            .member(&self.me)
+            .cloned()
+            .unwrap_or_else(|| member_entry(&self.me));
+        member.status = MemberStatus::Joining;
+        let body = Request::JoinRequest {
+            cluster_name: self.cluster.cluster_name.clone(),
+            member,
+        };
+        self.join_pending = true;
+        self.send_request(now, &via, body, Purpose::Join, REQUEST_TIMEOUT_MS);
+    }
+
+    /// `Cluster::handoff_round`: during a transition, send every stored key to the nodes that
+    /// enter its preference list, and mark this node's handoff done once all acknowledged.
+    /// (The server sends the batches one after another and stops at the first failure; here
+    /// they go out together and any failure leaves the handoff for the next round.)
+    fn handoff_round(&mut self, now: u64) {
+        if self.handoff.is_some()
+            || self.cluster.ring.next.is_none()
+            || !self
+                .cluster
+                .ring
+                .current
+                .nodes()
+                .iter()
+                .any(|n| n.id == self.me)
+            || self.cluster.handoff_done(&self.me)
+        {
+            return;
+        }
+        let transition = self.cluster.ring.transition;
+        let n_val = self.config.n_val as u32;
+        let mut batches: BTreeMap<NodeId, Vec<(String, Object)>> = BTreeMap::new();
+        for (key, (object, _)) in &self.objects {
+            let partition = self.partition_of(key);
+            let current = self.cluster.preference_list(partition, n_val);
+            let Some(next) = self.cluster.next_preference_list(partition, n_val) else {
+                continue;
+            };
+            for node in next
+                .iter()
+                .filter(|n| !current.contains(n) && **n != self.me)
+            {
+                batches
+                    .entry(node.clone())
+                    .or_default()
+                    .push((key.clone(), object.clone()));
+            }
+        }
+        let mut outstanding = 0;
+        for (node, entries) in batches {
+            for chunk in entries.chunks(HANDOFF_BATCH_KEYS) {
+                self.stats.handoff_keys += chunk.len() as u64;
+                let body = Request::Handoff {
+                    entries: chunk.to_vec(),
+                    ring_version: self.cluster.ring.version,
+                };
+                self.send_request(
+                    now,
+                    &node,
+                    body,
+                    Purpose::TransitionHandoff,
+                    REQUEST_TIMEOUT_MS * 5,
+                );
+                outstanding += 1;
+            }
+        }
+        if outstanding == 0 {
+            let me = self.me.clone();
+            self.cluster.mark_handoff_done(&me);
+            return;
+        }
+        self.handoff = Some(HandoffRun {
+            transition,
+            outstanding,
+            failed: false,
+        });
+    }
+
+    /// `Cluster::cleanup_round`: once the ring is settled, drop the keys this node no longer
+    /// replicates (then sync).
+    fn cleanup_round(&mut self) {
+        let version = self.cluster.ring.version;
+        if self.cluster.ring.next.is_some() || self.cleaned_version >= version {
+            return;
+        }
+        let doomed: Vec<String> = self
+            .objects
+            .keys()
+            .filter(|k| !self.primaries(k).contains(&self.me))
+            .cloned()
+            .collect();
+        for key in &doomed {
+            self.remove_object(key);
+            self.stats.cleanup_dropped += 1;
+        }
+        self.flush();
+        self.cleaned_version = version;
+    }
+
+    fn delivery_done(&mut self, target: &NodeId) {
+        if let Some(count) = self.delivering.get_mut(target) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.delivering.remove(target);
+            }
+        }
+    }
+
+    /// A moved hint reached every current replica (or not): drop it if unchanged.
+    fn finish_moved_hint(&mut self, moved: u64) {
+        let Some(m) = self.moved_hints.remove(&moved) else {
+            return;
+        };
+        self.delivery_done(&m.target);
+        let hint_key = (m.target, m.key);
+        if m.all_ok && self.hints.get(&hint_key) == Some(&m.object) {
+            self.mark_unflushed(StoreKey::Hint(hint_key.0.clone(), hint_key.1.clone()));
+            self.hints.remove(&hint_key);
+            self.stats.hints_delivered += 1;
+        }
+    }
+
+    /// `Cluster::deliver_hints`: one batch per target per round, to a target that is up; a
+    /// hint whose target no longer replicates its key (or has exited) goes to the key's
+    /// current replicas instead.
     fn deliver_hints(&mut self, now: u64) {
         let targets: BTreeSet<NodeId> = self.hints.keys().map(|(t, _)| t.clone()).collect();
         for target in targets {
-            if !self.is_up(now, &target) || self.delivering.contains(&target) {
+            let is_member = self
+                .cluster
+                .member(&target)
+                .is_some_and(|m| m.status != MemberStatus::Exiting);
+            if (is_member && !self.is_up(now, &target)) || self.delivering.contains_key(&target) {
                 continue;
             }
-            let entries: Vec<(String, Object)> = self
+            let page: Vec<(String, Object)> = self
                 .hints
                 .iter()
                 .filter(|((t, _), _)| *t == target)
                 .take(HANDOFF_BATCH_KEYS)
                 .map(|((_, k), o)| (k.clone(), o.clone()))
                 .collect();
-            // The ring is static: a hint's target is always one of the key's primaries.
-            debug_assert!(
-                entries
-                    .iter()
-                    .all(|(k, _)| self.primaries(k).contains(&target))
-            );
-            self.delivering.insert(target.clone());
+            let mut direct = Vec::new();
+            for (key, object) in page {
+                let preflist = self.primaries(&key);
+                if is_member && preflist.contains(&target) {
+                    direct.push((key, object));
+                    continue;
+                }
+                // The key moved: its current replicas get the hint instead (fsync'd).
+                let moved = self.next_moved;
+                self.next_moved += 1;
+                self.moved_hints.insert(
+                    moved,
+                    MovedHint {
+                        target: target.clone(),
+                        key: key.clone(),
+                        object: object.clone(),
+                        outstanding: 0,
+                        all_ok: true,
+                    },
+                );
+                *self.delivering.entry(target.clone()).or_default() += 1;
+                let ring_version = self.cluster.ring.version;
+                for node in preflist {
+                    if node == self.me {
+                        self.merge_local(&key, &object);
+                        self.flush();
+                        continue;
+                    }
+                    if let Some(m) = self.moved_hints.get_mut(&moved) {
+                        m.outstanding += 1;
+                    }
+                    let body = Request::ReplicaPut {
+                        key: key.clone(),
+                        object: object.clone(),
+                        ring_version,
+                        fsync: true,
+                    };
+                    self.send_request(
+                        now,
+                        &node,
+                        body,
+                        Purpose::MovedHint { moved },
+                        REQUEST_TIMEOUT_MS,
+                    );
+                }
+                if self
+                    .moved_hints
+                    .get(&moved)
+                    .is_some_and(|m| m.outstanding == 0)
+                {
+                    self.finish_moved_hint(moved);
+                }
+            }
+            if direct.is_empty() {
+                continue;
+            }
+            *self.delivering.entry(target.clone()).or_default() += 1;
             let body = Request::Handoff {
-                entries: entries.clone(),
+                entries: direct.clone(),
+                ring_version: self.cluster.ring.version,
             };
             self.send_request(
                 now,
@@ -1452,7 +1955,7 @@ impl SimNode {
                 body,
                 Purpose::HintDelivery {
                     target: target.clone(),
-                    entries,
+                    entries: direct,
                 },
                 REQUEST_TIMEOUT_MS,
             );
@@ -1651,13 +2154,28 @@ impl SimNode {
     }
 }
 
-/// The replicas of one request (`cluster.rs`'s `ReplicaPlan` without the next ring).
+/// The replicas of one request (`cluster.rs`'s `ReplicaPlan`).
 #[derive(Debug)]
 struct ReplicaPlan {
     primaries: Vec<NodeId>,
     slots: Vec<(NodeId, Option<NodeId>)>,
     spares: Vec<NodeId>,
     unplaced: Vec<NodeId>,
+    /// The key's preference list in the next ring, during a transition.
+    next: Option<Vec<NodeId>>,
+}
+
+/// The member entry of a simulated node (addresses are names: the simulation routes by id).
+pub fn member_entry(id: &NodeId) -> Member {
+    Member {
+        id: id.clone(),
+        peer_addr: format!("sim://{id}"),
+        http_addr: format!("sim://{id}/http"),
+        zone: String::new(),
+        status: MemberStatus::Joining,
+        version: 0,
+        heartbeat: 0,
+    }
 }
 
 fn leaf(key: &str) -> u16 {

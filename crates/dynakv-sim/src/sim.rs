@@ -12,13 +12,13 @@ use crate::history::{
 };
 use crate::node::{
     ClientOp, ClientRequestId, ClientResult, CrashKind, Durability, Input, Message, NodeConfig,
-    Output, SimNode, Timer,
+    Output, SimNode, Timer, member_entry,
 };
 use crate::rng::SimRng;
 use dynakv_core::limits;
-use dynakv_core::membership::{ClusterState, Member, MemberStatus, RingState};
+use dynakv_core::membership::{ClusterState, MemberStatus, MembershipError};
 use dynakv_core::object::Object;
-use dynakv_core::ring::{NodeId, Ring, RingError, RingNode};
+use dynakv_core::ring::{NodeId, RingError};
 use dynakv_core::version::ActorId;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -80,12 +80,32 @@ pub const FINAL_READ_BOUND_MS: u64 = 30_000;
 pub const FINAL_READ_RETRY_MS: u64 = 500;
 /// Probability that a run uses buffered durability (so power loss loses recent writes).
 pub const BUFFERED_PROBABILITY: f64 = 0.3;
+/// Probability that a run has a node join, and that it has one leave (when it has more than
+/// `MIN_NODES` nodes, so N = 3 replicas remain); at most one membership change per run.
+pub const JOIN_PROBABILITY: f64 = 0.3;
+pub const LEAVE_PROBABILITY: f64 = 0.3;
+/// When the membership change is asked for (during the workload).
+pub const MIN_MEMBERSHIP_MS: u64 = 100;
+pub const MAX_MEMBERSHIP_MS: u64 = 2500;
+/// A leave asked of a node that is down is asked again this much later (an operator retrying).
+pub const LEAVE_RETRY_MS: u64 = 500;
+/// The cluster's name.
+pub const CLUSTER_NAME: &str = "dynakv-sim";
 
 const _: () = assert!(SIM_RING_PARTITIONS.is_power_of_two());
 const _: () = assert!(MIN_NODES >= 3 && MIN_NODES <= MAX_NODES);
 const _: () = assert!(MIN_KEYS >= 2 && MIN_KEYS <= MAX_KEYS);
 const _: () = assert!(MIN_DELAY_MS >= 1 && MIN_DELAY_MS <= MAX_DELAY_MS);
 const _: () = assert!(CLIENT_TIMEOUT_MS > 3 * crate::node::FORWARD_TIMEOUT_MS);
+
+/// A membership change during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// A new, empty node asks a member to admit it.
+    Join,
+    /// A node of the initial ring asks to leave.
+    Leave,
+}
 
 /// One run's parameters.
 #[derive(Debug, Clone)]
@@ -101,6 +121,9 @@ pub struct SimConfig {
     /// After a crash that lost data, keep the old actor id (what a server with buffered
     /// writes does today) instead of taking a new one.
     pub keep_actor_after_loss: bool,
+    /// The run's membership change, if any, and when it is asked for.
+    pub membership: Option<MembershipChange>,
+    pub membership_at_ms: u64,
 }
 
 impl SimConfig {
@@ -116,6 +139,15 @@ impl SimConfig {
         } else {
             Durability::Fsync
         };
+        let draw = rng.next_u64() as f64 / u64::MAX as f64;
+        let membership = if draw < JOIN_PROBABILITY {
+            Some(MembershipChange::Join)
+        } else if draw < JOIN_PROBABILITY + LEAVE_PROBABILITY && nodes > MIN_NODES {
+            Some(MembershipChange::Leave)
+        } else {
+            None
+        };
+        let membership_at_ms = rng.range(MIN_MEMBERSHIP_MS, MAX_MEMBERSHIP_MS);
         SimConfig {
             seed,
             nodes,
@@ -128,6 +160,8 @@ impl SimConfig {
             },
             faults: true,
             keep_actor_after_loss: false,
+            membership,
+            membership_at_ms,
         }
     }
 
@@ -146,8 +180,16 @@ impl SimConfig {
         if self.keep_actor_after_loss {
             cmd.push_str(" --keep-actor");
         }
+        if !self.node.handoff_checks_ring {
+            cmd.push_str(" --old-rule unchecked-handoff");
+        }
         if !self.faults {
             cmd.push_str(" --no-faults");
+        }
+        match self.membership {
+            None => cmd.push_str(" --membership none"),
+            Some(MembershipChange::Join) => cmd.push_str(" --membership join"),
+            Some(MembershipChange::Leave) => cmd.push_str(" --membership leave"),
         }
         cmd.push_str(" --verbose");
         cmd
@@ -156,6 +198,7 @@ impl SimConfig {
 
 /// What one run found.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent outcomes of one run
 pub struct RunReport {
     pub config: SimConfig,
     pub history: History,
@@ -179,6 +222,21 @@ pub struct RunReport {
     pub end_ms: u64,
     /// The final read's object per key.
     pub finals: BTreeMap<String, Object>,
+    /// The membership change as it happened (empty when none).
+    pub membership_log: Vec<String>,
+    /// The membership change was asked for and the final ring reflects it (the joiner valid
+    /// in the ring; the leaver out of it and exiting, in its own view too).
+    pub membership_ok: bool,
+    /// Keys stored on a node outside their preference list at the end: `(key, node)`.
+    pub strays: Vec<(String, NodeId)>,
+    /// Why the run did not converge (the first unmet condition).
+    pub convergence_problem: Option<String>,
+    /// Summed over nodes: keys sent by transition handoffs, keys dropped by cleanup,
+    /// `StaleRing` refusals, puts re-planned after a ring change.
+    pub handoff_keys: u64,
+    pub cleanup_dropped: u64,
+    pub stale_ring_refusals: u64,
+    pub replans: u64,
 }
 
 impl RunReport {
@@ -189,6 +247,8 @@ impl RunReport {
             && self.converged
             && self.final_read_ok
             && self.bounds_ok
+            && self.membership_ok
+            && self.strays.is_empty()
     }
 
     /// One line per finding, for a failing seed.
@@ -197,7 +257,7 @@ impl RunReport {
         let c = &self.config;
         let _ = writeln!(
             out,
-            "seed {}: nodes {} keys {} clients {} ops {} durability {:?} lww {} bug {:?}",
+            "seed {}: nodes {} keys {} clients {} ops {} durability {:?} lww {} bug {:?} membership {:?}",
             c.seed,
             c.nodes,
             c.keys,
@@ -205,7 +265,8 @@ impl RunReport {
             c.ops,
             c.node.durability,
             c.node.last_write_wins,
-            c.node.bug
+            c.node.bug,
+            c.membership
         );
         let _ = writeln!(
             out,
@@ -242,6 +303,28 @@ impl RunReport {
                 "  phantoms: {:?} {:?}",
                 first(&self.check.phantom_adds),
                 first(&self.check.phantom_writes)
+            );
+        }
+        if let Some(problem) = &self.convergence_problem {
+            let _ = writeln!(out, "  not converged: {problem}");
+        }
+        if !self.membership_log.is_empty() || !self.membership_ok {
+            let _ = writeln!(
+                out,
+                "  membership ok {}: {}; handoff keys {} cleanup dropped {} stale-ring refusals {} re-plans {}",
+                self.membership_ok,
+                self.membership_log.join("; "),
+                self.handoff_keys,
+                self.cleanup_dropped,
+                self.stale_ring_refusals,
+                self.replans
+            );
+        }
+        if !self.strays.is_empty() {
+            let _ = writeln!(
+                out,
+                "  stored off their preference list: {:?}",
+                first(&self.strays)
             );
         }
         let _ = writeln!(out, "  faults: {}", self.fault_log.join("; "));
@@ -301,6 +384,7 @@ enum EventKind {
     FinalRead {
         key: String,
     },
+    Membership,
 }
 
 #[derive(Debug)]
@@ -385,12 +469,16 @@ pub struct Simulation {
     fault_log: Vec<String>,
     messages_sent: u64,
     messages_dropped: u64,
+    /// The membership change was asked for; the node joining or leaving.
+    membership_asked: bool,
+    membership_node: Option<usize>,
+    membership_log: Vec<String>,
 }
 
 impl Simulation {
     /// A cluster of `config.nodes` nodes, its clients and its fault schedule; fails only for
     /// a configuration no ring can hold (no nodes, more nodes than partitions).
-    pub fn new(config: SimConfig) -> Result<Simulation, RingError> {
+    pub fn new(config: SimConfig) -> Result<Simulation, MembershipError> {
         let mut rng = SimRng::new(config.seed);
         let ids: Vec<NodeId> = (0..config.nodes)
             .map(|i| NodeId(format!("n{}", i + 1)))
@@ -426,6 +514,9 @@ impl Simulation {
             fault_log: Vec::new(),
             messages_sent: 0,
             messages_dropped: 0,
+            membership_asked: false,
+            membership_node: None,
+            membership_log: Vec::new(),
             config,
         };
         for (i, id) in ids.iter().enumerate() {
@@ -463,6 +554,9 @@ impl Simulation {
         }
         if sim.config.faults {
             sim.schedule(FIRST_FAULT_MS, EventKind::FaultStart);
+        }
+        if sim.config.membership.is_some() {
+            sim.schedule(sim.config.membership_at_ms, EventKind::Membership);
         }
         Ok(sim)
     }
@@ -558,6 +652,117 @@ impl Simulation {
             }
             EventKind::ConvergenceCheck => self.convergence_check(),
             EventKind::FinalRead { key } => self.final_read(key),
+            EventKind::Membership => self.membership_event(),
+        }
+    }
+
+    // ----- membership -----
+
+    /// Whether clients may talk to node `i`: it has joined and has not left.
+    fn serves(&self, i: usize) -> bool {
+        self.nodes[i].joined() && !self.nodes[i].has_exited()
+    }
+
+    /// A random node clients may talk to.
+    fn pick_node(&mut self) -> usize {
+        let candidates: Vec<usize> = (0..self.nodes.len()).filter(|i| self.serves(*i)).collect();
+        if candidates.is_empty() {
+            return 0;
+        }
+        candidates[self.rng.index(candidates.len())]
+    }
+
+    fn membership_event(&mut self) {
+        match self.config.membership {
+            None => {}
+            Some(MembershipChange::Join) => {
+                if self.membership_asked {
+                    return;
+                }
+                let i = self.nodes.len();
+                let id = NodeId(format!("n{}", i + 1));
+                let members = self.config.nodes;
+                let start = self.rng.index(members);
+                let via: Vec<NodeId> = (0..members)
+                    .map(|k| self.ids[(start + k) % members].clone())
+                    .collect();
+                let actor = ActorId(self.rng.next_u64());
+                let rng = self.rng.fork();
+                let joined = SimNode::joining(
+                    id.clone(),
+                    actor,
+                    CLUSTER_NAME,
+                    SIM_RING_PARTITIONS,
+                    via.clone(),
+                    self.config.node.clone(),
+                    rng,
+                    self.now,
+                );
+                self.membership_asked = true;
+                match joined {
+                    Ok((node, outputs)) => {
+                        self.ids.push(id.clone());
+                        self.up.push(true);
+                        self.incarnation.push(0);
+                        self.crash_kind.push(None);
+                        self.nodes.push(node);
+                        self.membership_node = Some(i);
+                        let line = format!("{} join {id} via {}", self.now, via[0]);
+                        self.fault_log.push(line.clone());
+                        self.membership_log.push(line);
+                        self.apply_outputs(i, outputs);
+                    }
+                    Err(e) => self.membership_log.push(format!("join failed: {e}")),
+                }
+            }
+            Some(MembershipChange::Leave) => {
+                if self.membership_asked {
+                    return;
+                }
+                let x = if let Some(x) = self.membership_node {
+                    x
+                } else {
+                    let x = self.rng.index(self.config.nodes);
+                    self.membership_node = Some(x);
+                    x
+                };
+                if !self.up[x] {
+                    // An operator cannot ask a stopped node; they try again.
+                    let at = self.now + LEAVE_RETRY_MS;
+                    self.schedule(at, EventKind::Membership);
+                    return;
+                }
+                self.membership_asked = true;
+                let line = match self.nodes[x].leave() {
+                    Ok(()) => format!("{} leave {}", self.now, self.ids[x]),
+                    Err(e) => format!("{} leave {} refused: {e}", self.now, self.ids[x]),
+                };
+                self.fault_log.push(line.clone());
+                self.membership_log.push(line);
+            }
+        }
+    }
+
+    /// Whether the final state reflects the run's membership change.
+    fn membership_ok(&self) -> bool {
+        let Some(change) = self.config.membership else {
+            return true;
+        };
+        let Some(x) = self.membership_node.filter(|_| self.membership_asked) else {
+            return false;
+        };
+        let id = &self.ids[x];
+        let Some(reference) = (0..self.nodes.len()).find(|i| self.serves(*i)) else {
+            return false;
+        };
+        let state = self.nodes[reference].cluster();
+        let in_ring = state.ring.current.nodes().iter().any(|n| &n.id == id);
+        let status = state.member(id).map(|m| m.status);
+        match change {
+            MembershipChange::Join => in_ring && status == Some(MemberStatus::Valid),
+            MembershipChange::Leave => {
+                !in_ring && status == Some(MemberStatus::Exiting) && self.nodes[x].has_exited()
+            }
         }
     }
 
@@ -664,8 +869,10 @@ impl Simulation {
             return;
         }
         self.clients[client].ops_left -= 1;
-        if self.rng.chance(CLIENT_SWITCH_PROBABILITY) {
-            self.clients[client].node = self.rng.index(self.config.nodes);
+        // A client moves with a small probability, and always off a node that has left (or
+        // has not joined yet).
+        if !self.serves(self.clients[client].node) || self.rng.chance(CLIENT_SWITCH_PROBABILITY) {
+            self.clients[client].node = self.pick_node();
         }
         let (key, kind) = self.keys[self.rng.index(self.keys.len())].clone();
         let value = self.next_value;
@@ -701,7 +908,7 @@ impl Simulation {
         if !self.up[node] {
             // Connection refused: certainly not applied. Try another node next time.
             self.record(client, &current, EventType::Fail, "node down".into());
-            self.clients[client].node = (node + 1) % self.config.nodes;
+            self.clients[client].node = (node + 1) % self.nodes.len();
             self.schedule_wake(client);
             return;
         }
@@ -871,7 +1078,7 @@ impl Simulation {
         if self.healed_at.is_some() {
             return;
         }
-        let n = self.config.nodes;
+        let n = self.nodes.len();
         let fault = match self.rng.index(12) {
             0 | 1 => {
                 let mut order: Vec<usize> = (0..n).collect();
@@ -1021,7 +1228,7 @@ impl Simulation {
         self.healed_at = Some(self.now);
         self.end_active_fault();
         self.loss = 0.0;
-        for x in 0..self.config.nodes {
+        for x in 0..self.nodes.len() {
             if !self.up[x] {
                 self.restart(x);
             }
@@ -1029,13 +1236,43 @@ impl Simulation {
         self.schedule(self.now + CONVERGENCE_CHECK_MS, EventKind::ConvergenceCheck);
     }
 
-    /// Whether every key's primaries hold identical objects and no hint is left: Merkle
-    /// roots of the key's partition first, then the objects themselves.
-    fn converged(&self) -> bool {
-        if self.nodes.iter().any(|n| n.hint_count() > 0) {
-            return false;
+    /// Why the cluster has not converged yet, or `None` when it has: the membership change
+    /// (if any) was asked for, every node's view of the ring is the same and settled, no hint
+    /// is left, every node ran its cleanup for that ring, and every key's primaries hold
+    /// identical objects (Merkle roots of the key's partition first, then the objects).
+    fn convergence_problem(&self) -> Option<String> {
+        if self.config.membership.is_some() && !self.membership_asked {
+            return Some("membership change not asked yet".into());
         }
-        let node0 = &self.nodes[0];
+        let Some(reference) = (0..self.nodes.len()).find(|i| self.serves(*i)) else {
+            return Some("no node serves clients".into());
+        };
+        let state = self.nodes[reference].cluster();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !node.cluster().settled() {
+                return Some(format!("{} sees an unsettled cluster", self.ids[i]));
+            }
+            if !node.cleaned_up() {
+                return Some(format!("{} has not cleaned up yet", self.ids[i]));
+            }
+            if node.cluster().ring != state.ring {
+                return Some(format!(
+                    "{} has ring version {}, {} has {}",
+                    self.ids[i],
+                    node.cluster().ring.version,
+                    self.ids[reference],
+                    state.ring.version
+                ));
+            }
+        }
+        if let Some(i) = (0..self.nodes.len()).find(|i| self.nodes[*i].hint_count() > 0) {
+            return Some(format!(
+                "{} holds {} hints",
+                self.ids[i],
+                self.nodes[i].hint_count()
+            ));
+        }
+        let node0 = &self.nodes[reference];
         for (key, _) in &self.keys {
             let primaries: Vec<usize> = node0
                 .primaries(key)
@@ -1049,24 +1286,45 @@ impl Simulation {
                 .iter()
                 .any(|p| self.nodes[*p].partition_root(partition) != root)
             {
-                return false;
+                return Some(format!("{key}: replicas' Merkle roots differ"));
             }
             let object = first.object(key);
             if primaries
                 .iter()
                 .any(|p| self.nodes[*p].object(key) != object)
             {
-                return false;
+                return Some(format!("{key}: replicas differ"));
             }
         }
-        true
+        // Keys left outside their preference list after every node's cleanup are reported by
+        // `strays` (they do not hold convergence up: cleanup will not remove them).
+        None
+    }
+
+    /// Keys stored on a node outside their preference list (in the view of the first node
+    /// that serves clients).
+    fn strays(&self) -> Vec<(String, NodeId)> {
+        let Some(reference) = (0..self.nodes.len()).find(|i| self.serves(*i)) else {
+            return Vec::new();
+        };
+        let node0 = &self.nodes[reference];
+        let mut strays = Vec::new();
+        for (key, _) in &self.keys {
+            let primaries = node0.primaries(key);
+            for (i, node) in self.nodes.iter().enumerate() {
+                if !primaries.contains(&self.ids[i]) && node.object(key).is_some() {
+                    strays.push((key.clone(), self.ids[i].clone()));
+                }
+            }
+        }
+        strays
     }
 
     fn convergence_check(&mut self) {
         if self.converged_at.is_some() {
             return;
         }
-        if self.converged() {
+        if self.convergence_problem().is_none() {
             self.converged_at = Some(self.now);
             // Final reads, R = N, one per key, through the protocol.
             for (key, _) in self.keys.clone() {
@@ -1081,7 +1339,7 @@ impl Simulation {
         let request = self.next_client_request;
         self.next_client_request += 1;
         self.final_reads.insert(request, key.clone());
-        let node = self.rng.index(self.config.nodes);
+        let node = self.pick_node();
         let r = self.config.node.n_val;
         self.node_input(
             node,
@@ -1094,6 +1352,22 @@ impl Simulation {
 
     fn report(self) -> RunReport {
         let check = checker::check(&self.history, &self.finals);
+        let membership_ok = self.membership_ok();
+        let strays = self.strays();
+        let convergence_problem = if self.converged_at.is_some() {
+            None
+        } else {
+            self.convergence_problem()
+        };
+        let sum = |f: fn(crate::node::NodeStats) -> u64| -> u64 {
+            self.nodes.iter().map(|n| f(n.stats())).sum()
+        };
+        let (handoff_keys, cleanup_dropped, stale_ring_refusals, replans) = (
+            sum(|s| s.handoff_keys),
+            sum(|s| s.cleanup_dropped),
+            sum(|s| s.stale_ring_refusals),
+            sum(|s| s.replans),
+        );
         let final_read_ok = self.converged_at.is_some()
             && !self.final_read_failed
             && self.finals.len() == self.keys.len();
@@ -1137,55 +1411,46 @@ impl Simulation {
             messages_dropped: self.messages_dropped,
             end_ms: self.now,
             finals,
+            membership_log: self.membership_log,
+            membership_ok,
+            strays,
+            convergence_problem,
+            handoff_keys,
+            cleanup_dropped,
+            stale_ring_refusals,
+            replans,
             config: self.config,
         }
     }
 }
 
-/// The cluster every node starts with: all members valid, a settled ring.
-fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, RingError> {
-    let node = |id: &NodeId| RingNode {
-        id: id.clone(),
-        zone: String::new(),
-    };
+/// The cluster every node starts with, built as the server builds it: the first node founds
+/// it, the others are admitted (`add_joining`), and the claimant's `plan` settles the ring
+/// (no data yet, so every handoff is done at once).
+fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, MembershipError> {
     let (first, rest) = ids.split_first().ok_or(RingError::NoNodes)?;
-    let mut ring = Ring::new(SIM_RING_PARTITIONS, node(first))?;
+    let mut state = ClusterState::found(CLUSTER_NAME, member_entry(first), SIM_RING_PARTITIONS)?;
     for id in rest {
-        ring = ring.with_node_added(node(id))?;
+        state.add_joining(member_entry(id))?;
     }
-    let members = ids
-        .iter()
-        .map(|id| {
-            (
-                id.clone(),
-                Member {
-                    id: id.clone(),
-                    peer_addr: format!("sim://{id}"),
-                    http_addr: format!("sim://{id}/http"),
-                    zone: String::new(),
-                    status: MemberStatus::Valid,
-                    version: 1,
-                    heartbeat: 0,
-                },
-            )
-        })
-        .collect();
-    Ok(ClusterState {
-        cluster_name: "dynakv-sim".into(),
-        members,
-        ring: RingState {
-            version: 1,
-            current: ring,
-            next: None,
-            transition: 0,
-        },
-        handoffs_done: BTreeSet::new(),
-        bucket_props: BTreeMap::new(),
-    })
+    for _ in 0..4 {
+        if state.settled() {
+            break;
+        }
+        state.plan();
+        for node in state.transition_participants() {
+            state.mark_handoff_done(&node);
+        }
+    }
+    debug_assert!(state.settled());
+    Ok(state)
 }
 
 /// Run one seed with the given modifications of its configuration.
-pub fn run_seed(seed: u64, adjust: impl FnOnce(&mut SimConfig)) -> Result<RunReport, RingError> {
+pub fn run_seed(
+    seed: u64,
+    adjust: impl FnOnce(&mut SimConfig),
+) -> Result<RunReport, MembershipError> {
     let mut config = SimConfig::from_seed(seed);
     adjust(&mut config);
     Ok(Simulation::new(config)?.run())

@@ -1,9 +1,11 @@
-//! The simulation over fixed seeds: the sibling mode must lose nothing, the checkers must
-//! catch last-write-wins and a planted bug, and a seed must replay exactly.
+//! The simulation over fixed seeds: the sibling mode must lose nothing (joins and leaves
+//! included), the checkers must catch last-write-wins and a planted bug, and a seed must
+//! replay exactly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dynakv_sim::node::Bug;
 use dynakv_sim::run_seed;
+use dynakv_sim::sim::MembershipChange;
 
 /// Seeds run in the sibling-mode test (debug build: keep it under about a minute).
 const SIBLING_SEEDS: u64 = 500;
@@ -14,14 +16,24 @@ const DETECTION_SEEDS: u64 = 40;
 fn sibling_mode_loses_nothing_and_converges() {
     let mut failures = Vec::new();
     let mut acknowledged = 0;
+    let (mut joins, mut leaves, mut orphan_seeds) = (0, 0, 0);
     for seed in 0..SIBLING_SEEDS {
         let report = run_seed(seed, |_| {}).unwrap();
         acknowledged += report.check.adds_acknowledged + report.check.writes_acknowledged;
         assert!(report.history.events.len() > 100, "seed {seed} did little");
+        match report.config.membership {
+            Some(MembershipChange::Join) => joins += 1,
+            Some(MembershipChange::Leave) => leaves += 1,
+            None => {}
+        }
+        orphan_seeds += usize::from(!report.strays.is_empty());
         if !report.passed() {
             failures.push(report.describe());
         }
     }
+    println!("{joins} joins, {leaves} leaves, {orphan_seeds} seeds with an orphan copy");
+    assert!(joins > 50 && leaves > 50, "joins {joins} leaves {leaves}");
+    assert_eq!(orphan_seeds, 0, "keys stored outside their preference list");
     assert!(
         acknowledged > 10_000,
         "too few acknowledged writes: {acknowledged}"
@@ -110,5 +122,37 @@ fn without_faults_every_operation_succeeds() {
         let report = run_seed(seed, |c| c.faults = false).unwrap();
         assert!(report.passed(), "{}", report.describe());
         assert_eq!(report.ops_indeterminate, 0, "{}", report.describe());
+    }
+}
+
+#[test]
+fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
+    // Seed 154 (found by this simulator): n4 joins; n2, still on the transition's ring
+    // (version 4), delivers a hint for set-0 to n1 as a plain `Handoff`, after n1 switched to
+    // version 5 (where it no longer replicates set-0) and ran its cleanup. Under the old rule
+    // the `Handoff` handler neither refused an older ring nor called `check_orphan`, so the
+    // copy stayed on n1 for good. The server now has the checked rule (the default here).
+    let old = run_seed(154, |c| c.node.handoff_checks_ring = false).unwrap();
+    assert_eq!(old.check.lost(), 0);
+    assert!(old.converged, "{}", old.describe());
+    assert!(!old.strays.is_empty(), "{}", old.describe());
+    let fixed = run_seed(154, |_| {}).unwrap();
+    assert!(fixed.passed(), "{}", fixed.describe());
+}
+
+#[test]
+fn joins_and_leaves_complete() {
+    for seed in 0..20 {
+        for change in [MembershipChange::Join, MembershipChange::Leave] {
+            let report = run_seed(seed, |c| {
+                c.membership = Some(change);
+                if change == MembershipChange::Leave {
+                    c.nodes = c.nodes.max(4);
+                }
+            })
+            .unwrap();
+            assert!(report.passed(), "{}", report.describe());
+            assert!(report.membership_ok, "{}", report.describe());
+        }
     }
 }

@@ -8,8 +8,8 @@
 //!
 //! The benchmark bucket is set to `last_write_wins` (`allow_mult: false`) before loading: YCSB
 //! updates are blind writes, which in a sibling-keeping bucket would pile up siblings on hot
-//! keys. Every other setting is the bucket default (N=3, R=2, W=2) unless `--durability`
-//! says otherwise.
+//! keys. Every other setting is the bucket default (N=3, R=2, W=2); `--durability buffered`
+//! makes the bucket's writes buffered (flushed every `flush_interval_ms`) instead of fsync'd.
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
@@ -99,6 +99,8 @@ pub struct BenchConfig {
     pub skip_load: bool,
     pub json: bool,
     pub seed: u64,
+    /// The bench bucket's durability: `fsync` (every write) or `buffered` (periodic flush).
+    pub durability: String,
 }
 
 /// YCSB's zipfian generator over `0..items` (Gray et al.), scrambled so hot keys spread over
@@ -181,14 +183,20 @@ pub async fn run(config: BenchConfig) -> Result<()> {
         .iter()
         .map(|u| Client::new(u))
         .collect::<Result<_, _>>()?;
-    let props = r#"{"props":{"allow_mult":false,"last_write_wins":true}}"#;
+    if config.durability != "fsync" && config.durability != "buffered" {
+        bail!("--durability must be fsync or buffered");
+    }
+    let props = format!(
+        r#"{{"props":{{"allow_mult":false,"last_write_wins":true,"durability":"{}"}}}}"#,
+        config.durability
+    );
     let path = format!("/buckets/{}/props", config.bucket);
     let (status, _, body) = clients[0]
         .request(
             hyper::Method::PUT,
             &path,
             &[("content-type", "application/json")],
-            Bytes::from_static(props.as_bytes()),
+            Bytes::from(props),
         )
         .await?;
     if !status.is_success() {
@@ -223,6 +231,7 @@ pub async fn run(config: BenchConfig) -> Result<()> {
             "errors": report.errors,
             "concurrency": config.concurrency,
             "value_size": config.value_size,
+            "durability": config.durability,
             "elapsed_sec": report.elapsed.as_secs_f64(),
             "throughput_ops_per_sec": report.throughput,
             "read": read,

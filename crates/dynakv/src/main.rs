@@ -122,6 +122,9 @@ enum Command {
         json: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The bench bucket's durability: fsync or buffered.
+        #[arg(long, default_value = "fsync")]
+        durability: String,
     },
     /// Inspect a node.
     Admin {
@@ -326,6 +329,7 @@ async fn run(cli: Cli) -> Result<()> {
             skip_load,
             json,
             seed,
+            durability,
         } => {
             init_logging("warn");
             bench::run(bench::BenchConfig {
@@ -340,6 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
                 skip_load,
                 json,
                 seed,
+                durability,
             })
             .await
         }
