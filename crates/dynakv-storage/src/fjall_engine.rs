@@ -179,7 +179,10 @@ impl FjallStorage {
         &self.path
     }
 
-    /// Bytes used on disk by the journal and every table.
+    /// Bytes of the journal and the live tables, as fjall accounts them. Files of tables that a
+    /// compaction replaced stay on disk (uncounted here) until a later flush or compaction
+    /// collects their version, or the next open; `du` can show up to about 3x this figure
+    /// right after a write burst.
     pub fn disk_space_bytes(&self) -> Result<u64, EngineFailure> {
         self.database
             .disk_space()
