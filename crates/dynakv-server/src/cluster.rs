@@ -763,7 +763,12 @@ impl Cluster {
     /// Returns the number of hints delivered.
     pub async fn deliver_hints(&self) -> Result<usize, ClusterError> {
         let mut delivered = 0;
+        // Admission control: at most the background budget of hints per round.
+        let budget = self.admission.budget();
         for (target, _) in self.replica.hint_counts() {
+            if delivered >= budget {
+                break;
+            }
             let target_id = NodeId(target.clone());
             let state = self.state();
             let is_member = state
@@ -773,7 +778,7 @@ impl Cluster {
                 continue;
             }
             let mut start_after: Option<Vec<u8>> = None;
-            loop {
+            while delivered < budget {
                 let replica = Arc::clone(&self.replica);
                 let (t, after) = (target.clone(), start_after.clone());
                 let page = tokio::task::spawn_blocking(move || {
