@@ -17,7 +17,7 @@ pub const LEAVES: usize = 1024;
 pub const SEGMENTS: usize = 32;
 /// Leaves per segment.
 pub const LEAVES_PER_SEGMENT: usize = LEAVES / SEGMENTS;
-const _: () = assert!(LEAVES % SEGMENTS == 0);
+const _: () = assert!(LEAVES.is_multiple_of(SEGMENTS));
 const _: () = assert!(LEAVES <= u16::MAX as usize);
 
 /// A 128-bit hash.
