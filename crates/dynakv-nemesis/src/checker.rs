@@ -1,0 +1,233 @@
+//! Checkers over a JSON-lines history and the final state (read with R = N after healing).
+//!
+//! - **set-add**: every acknowledged add is in the union of the key's final siblings
+//!   (`lost`), and every final element was invoked by some client (`phantom`).
+//!   `recovered_by_sibling` counts acknowledged adds that some read (of the workload or the
+//!   final one) found in some but not all siblings: at that moment they existed only because
+//!   the store kept concurrent versions as siblings.
+//! - **register**: every acknowledged write is in the key's final siblings, or was
+//!   overwritten by a write that landed (acknowledged, or seen by a read, or in the final
+//!   state) and whose read had returned it (so the write's context covered it). Final values
+//!   must have been invoked (`phantom`).
+
+use crate::history::{Event, EventType};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a bucket/key holds at the end: its sibling values, each decoded into numbers (the set
+/// elements, or the one register value).
+pub type Finals = BTreeMap<(String, String), Vec<BTreeSet<u64>>>;
+
+/// The verdict of the set-add checker on one bucket.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SetReport {
+    pub adds_invoked: usize,
+    pub adds_acknowledged: usize,
+    pub adds_indeterminate: usize,
+    /// Indeterminate adds present in the final state.
+    pub indeterminate_present: usize,
+    pub lost: Vec<(String, u64)>,
+    pub phantom: Vec<(String, u64)>,
+    pub recovered_by_sibling: usize,
+}
+
+/// The verdict of the register checker.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RegisterReport {
+    pub writes_acknowledged: usize,
+    /// Acknowledged writes present in the final state.
+    pub present: usize,
+    /// Acknowledged writes overwritten by a landed write that had seen them.
+    pub overwritten: usize,
+    pub lost: Vec<(String, u64)>,
+    pub phantom: Vec<(String, u64)>,
+}
+
+fn completions<'a>(
+    history: &'a [Event],
+    bucket: &'a str,
+    f: &'a str,
+) -> impl Iterator<Item = &'a Event> + 'a {
+    history
+        .iter()
+        .filter(move |e| e.bucket == bucket && e.f == f && e.kind != EventType::Invoke)
+}
+
+/// Set-add checker for the keys of `bucket`.
+pub fn check_sets(history: &[Event], bucket: &str, finals: &Finals) -> SetReport {
+    let mut report = SetReport::default();
+    let invoked: BTreeSet<(&str, u64)> = history
+        .iter()
+        .filter(|e| e.bucket == bucket && e.f == "add" && e.kind == EventType::Invoke)
+        .map(|e| (e.key.as_str(), e.value))
+        .collect();
+    report.adds_invoked = invoked.len();
+    let mut partial: BTreeSet<(&str, u64)> = completions(history, bucket, "add")
+        .flat_map(|e| e.partial.iter().map(move |p| (e.key.as_str(), *p)))
+        .collect();
+    let mut unions: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for ((b, key), siblings) in finals {
+        if b != bucket {
+            continue;
+        }
+        let union: BTreeSet<u64> = siblings.iter().flatten().copied().collect();
+        for element in &union {
+            if !invoked.contains(&(key.as_str(), *element)) {
+                report.phantom.push((key.clone(), *element));
+            }
+            if siblings.len() > 1 && siblings.iter().any(|s| !s.contains(element)) {
+                partial.insert((key.as_str(), *element));
+            }
+        }
+        unions.insert(key.as_str(), union);
+    }
+    for e in completions(history, bucket, "add") {
+        let present = unions
+            .get(e.key.as_str())
+            .is_some_and(|u| u.contains(&e.value));
+        match e.kind {
+            EventType::Ok => {
+                report.adds_acknowledged += 1;
+                if !present {
+                    report.lost.push((e.key.clone(), e.value));
+                } else if partial.contains(&(e.key.as_str(), e.value)) {
+                    report.recovered_by_sibling += 1;
+                }
+            }
+            EventType::Info => {
+                report.adds_indeterminate += 1;
+                if present {
+                    report.indeterminate_present += 1;
+                }
+            }
+            EventType::Fail | EventType::Invoke => {}
+        }
+    }
+    report
+}
+
+/// Register checker for the keys of `bucket`.
+pub fn check_registers(history: &[Event], bucket: &str, finals: &Finals) -> RegisterReport {
+    let mut report = RegisterReport::default();
+    let invoked: BTreeSet<(&str, u64)> = history
+        .iter()
+        .filter(|e| e.bucket == bucket && e.f == "write" && e.kind == EventType::Invoke)
+        .map(|e| (e.key.as_str(), e.value))
+        .collect();
+    let mut final_values: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for ((b, key), siblings) in finals {
+        if b != bucket {
+            continue;
+        }
+        let values: BTreeSet<u64> = siblings.iter().flatten().copied().collect();
+        for v in &values {
+            if !invoked.contains(&(key.as_str(), *v)) {
+                report.phantom.push((key.clone(), *v));
+            }
+        }
+        final_values.insert(key.as_str(), values);
+    }
+    let writes: Vec<&Event> = completions(history, bucket, "write").collect();
+    // Values some read returned (the read before each write lists them in `seen`).
+    let observed: BTreeSet<(&str, u64)> = writes
+        .iter()
+        .flat_map(|e| e.seen.iter().map(move |v| (e.key.as_str(), *v)))
+        .collect();
+    let in_final = |key: &str, v: u64| {
+        final_values
+            .get(key)
+            .is_some_and(|values| values.contains(&v))
+    };
+    let landed = |e: &Event| {
+        e.kind == EventType::Ok
+            || (e.kind == EventType::Info
+                && (observed.contains(&(e.key.as_str(), e.value)) || in_final(&e.key, e.value)))
+    };
+    for w in writes.iter().filter(|e| e.kind == EventType::Ok) {
+        report.writes_acknowledged += 1;
+        if in_final(&w.key, w.value) {
+            report.present += 1;
+            continue;
+        }
+        let overwritten = writes.iter().any(|x| {
+            x.key == w.key && x.value != w.value && x.seen.contains(&w.value) && landed(x)
+        });
+        if overwritten {
+            report.overwritten += 1;
+        } else {
+            report.lost.push((w.key.clone(), w.value));
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: EventType, f: &str, key: &str, value: u64, seen: &[u64]) -> Event {
+        Event {
+            kind,
+            process: 0,
+            f: f.to_owned(),
+            bucket: "b".to_owned(),
+            key: key.to_owned(),
+            value,
+            node: 1,
+            time: 0,
+            latency_ms: None,
+            seen: seen.to_vec(),
+            partial: Vec::new(),
+            siblings: 0,
+            error: None,
+        }
+    }
+
+    fn finals(key: &str, siblings: &[&[u64]]) -> Finals {
+        let mut f = Finals::new();
+        f.insert(
+            ("b".to_owned(), key.to_owned()),
+            siblings
+                .iter()
+                .map(|s| s.iter().copied().collect())
+                .collect(),
+        );
+        f
+    }
+
+    #[test]
+    fn set_add_finds_lost_and_phantom() {
+        let h = vec![
+            ev(EventType::Invoke, "add", "k", 1, &[]),
+            ev(EventType::Ok, "add", "k", 1, &[]),
+            ev(EventType::Invoke, "add", "k", 2, &[]),
+            ev(EventType::Ok, "add", "k", 2, &[]),
+            ev(EventType::Invoke, "add", "k", 3, &[]),
+            ev(EventType::Info, "add", "k", 3, &[]),
+        ];
+        let r = check_sets(&h, "b", &finals("k", &[&[1, 3, 9]]));
+        assert_eq!(r.adds_acknowledged, 2);
+        assert_eq!(r.lost, vec![("k".to_owned(), 2)]);
+        assert_eq!(r.phantom, vec![("k".to_owned(), 9)]);
+        assert_eq!(r.indeterminate_present, 1);
+        let r = check_sets(&h, "b", &finals("k", &[&[1], &[2]]));
+        assert!(r.lost.is_empty());
+        assert_eq!(r.recovered_by_sibling, 2);
+    }
+
+    #[test]
+    fn register_accepts_overwrite_by_a_write_that_saw_it() {
+        let h = vec![
+            ev(EventType::Invoke, "write", "k", 1, &[]),
+            ev(EventType::Ok, "write", "k", 1, &[]),
+            ev(EventType::Invoke, "write", "k", 2, &[1]),
+            ev(EventType::Ok, "write", "k", 2, &[1]),
+            ev(EventType::Invoke, "write", "k", 3, &[]),
+            ev(EventType::Ok, "write", "k", 3, &[]),
+        ];
+        let r = check_registers(&h, "b", &finals("k", &[&[2]]));
+        assert_eq!(r.present, 1);
+        assert_eq!(r.overwritten, 1);
+        assert_eq!(r.lost, vec![("k".to_owned(), 3)]);
+    }
+}

@@ -1,0 +1,412 @@
+//! The nemesis: a schedule of faulty and healthy periods drawn from a seed, and the faults
+//! themselves (nftables partitions and packet loss inside the node namespaces, SIGKILL,
+//! SIGKILL with the data directory wiped, SIGSTOP/SIGCONT, a leave and re-join under load).
+
+use crate::cluster::{self, Cluster, members, node_name, wait_for};
+use crate::net;
+use anyhow::{Result, anyhow, bail};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng as _, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// The kinds of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// Two random halves (2 | 3 nodes).
+    Halves,
+    /// One node cut off from every other node.
+    Isolate,
+    /// A key's preference list split: one of its primaries (with some other nodes) cut off
+    /// from the other primaries.
+    PreflistSplit,
+    /// Non-transitive: {a,b} and {d,e} cannot talk, c talks to everyone.
+    Bridge,
+    /// Every node drops a share of the packets from the other nodes (nftables numgen).
+    Loss,
+    /// SIGKILL of one or two nodes, restarted at the end of the period.
+    Kill,
+    /// SIGKILL of one node, its data directory wiped, restarted with `--join`.
+    KillWipe,
+    /// SIGSTOP of one or two nodes, SIGCONT at the end of the period.
+    Pause,
+    /// A node leaves the cluster under load, then comes back empty with `--join`.
+    LeaveJoin,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 9] = [
+        FaultKind::Halves,
+        FaultKind::Isolate,
+        FaultKind::PreflistSplit,
+        FaultKind::Bridge,
+        FaultKind::Loss,
+        FaultKind::Kill,
+        FaultKind::KillWipe,
+        FaultKind::Pause,
+        FaultKind::LeaveJoin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Halves => "halves",
+            FaultKind::Isolate => "isolate",
+            FaultKind::PreflistSplit => "preflist-split",
+            FaultKind::Bridge => "bridge",
+            FaultKind::Loss => "loss",
+            FaultKind::Kill => "kill",
+            FaultKind::KillWipe => "kill-wipe",
+            FaultKind::Pause => "pause",
+            FaultKind::LeaveJoin => "leave-join",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// One period of the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Healthy(Duration),
+    Faulty(FaultKind, Duration),
+}
+
+/// The periods of one run: a short healthy warm-up, then faults alternating with healthy
+/// periods until `duration` is filled (or exactly the `forced` faults, in that order); the
+/// last period is a fault, healed by the final heal.
+/// At most one `kill-wipe` and one `leave-join` per run (each loses a replica's data, and
+/// W = 2 of N = 3 is only meant to survive one such loss at a time).
+pub fn schedule(seed: u64, duration: Duration, forced: Option<&[FaultKind]>) -> Vec<Period> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x005E_ED0F_FA17);
+    let mut periods = vec![Period::Healthy(Duration::from_secs(3))];
+    let mut total = Duration::from_secs(3);
+    let mut used: BTreeSet<FaultKind> = BTreeSet::new();
+    let mut index = 0;
+    loop {
+        let kind = if let Some(list) = forced {
+            let Some(k) = list.get(index) else { break };
+            *k
+        } else {
+            if total >= duration {
+                break;
+            }
+            let mut k = FaultKind::ALL[rng.random_range(0..FaultKind::ALL.len())];
+            while matches!(k, FaultKind::KillWipe | FaultKind::LeaveJoin) && used.contains(&k) {
+                k = FaultKind::ALL[rng.random_range(0..FaultKind::ALL.len())];
+            }
+            k
+        };
+        index += 1;
+        used.insert(kind);
+        let fault = Duration::from_millis(rng.random_range(8_000..=12_000));
+        let healthy = Duration::from_millis(rng.random_range(4_000..=7_000));
+        periods.push(Period::Faulty(kind, fault));
+        periods.push(Period::Healthy(healthy));
+        total += fault + healthy;
+    }
+    // The run ends with the last fault: the final heal then measures real repair (hints,
+    // anti-entropy) rather than a quiet cluster.
+    if matches!(periods.last(), Some(Period::Healthy(_))) && periods.len() > 1 {
+        periods.pop();
+    }
+    periods
+}
+
+/// A fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub detail: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// Problems while injecting or healing (a node that did not come back, a leave that did
+    /// not finish): these fail the run.
+    pub errors: Vec<String>,
+}
+
+/// What an active fault needs to be healed.
+#[derive(Debug, Clone)]
+pub enum Active {
+    Rules,
+    Killed(Vec<usize>),
+    Wiped(usize),
+    Paused(Vec<usize>),
+    Leaving(usize),
+}
+
+/// Drives the faults of one run.
+#[derive(Debug)]
+pub struct Nemesis {
+    rng: StdRng,
+    nodes: usize,
+    /// A key whose preference list `preflist-split` splits.
+    pub split_bucket: String,
+    pub split_keys: Vec<String>,
+}
+
+/// Node `i` may not talk to the nodes it shares no group with.
+fn partition(nodes: usize, groups: &[Vec<usize>]) -> Result<()> {
+    for i in 1..=nodes {
+        let blocked: Vec<String> = (1..=nodes)
+            .filter(|&j| j != i && !groups.iter().any(|g| g.contains(&i) && g.contains(&j)))
+            .map(net::node_ip)
+            .collect();
+        net::set_rules(i, &blocked, &[], 0)?;
+    }
+    Ok(())
+}
+
+/// Removes every rule of every node.
+pub fn heal_rules(nodes: usize) -> Result<()> {
+    for i in 1..=nodes {
+        net::set_rules(i, &[], &[], 0)?;
+    }
+    Ok(())
+}
+
+fn show(groups: &[Vec<usize>]) -> String {
+    groups
+        .iter()
+        .map(|g| {
+            g.iter()
+                .map(|i| node_name(*i))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+impl Nemesis {
+    pub fn new(seed: u64, nodes: usize, split_bucket: &str, split_keys: Vec<String>) -> Nemesis {
+        Nemesis {
+            rng: StdRng::seed_from_u64(seed ^ 0x00FA_0175),
+            nodes,
+            split_bucket: split_bucket.to_owned(),
+            split_keys,
+        }
+    }
+
+    fn shuffled(&mut self) -> Vec<usize> {
+        let mut v: Vec<usize> = (1..=self.nodes).collect();
+        v.shuffle(&mut self.rng);
+        v
+    }
+
+    /// Injects a fault; returns what to heal and a description.
+    pub fn start(&mut self, kind: FaultKind, cluster: &mut Cluster) -> Result<(Active, String)> {
+        let n = self.nodes;
+        match kind {
+            FaultKind::Halves => {
+                let v = self.shuffled();
+                let groups = vec![v[..2].to_vec(), v[2..].to_vec()];
+                partition(n, &groups)?;
+                Ok((Active::Rules, show(&groups)))
+            }
+            FaultKind::Isolate => {
+                let v = self.shuffled();
+                let groups = vec![vec![v[0]], v[1..].to_vec()];
+                partition(n, &groups)?;
+                Ok((Active::Rules, show(&groups)))
+            }
+            FaultKind::Bridge => {
+                let v = self.shuffled();
+                let groups = vec![v[..3].to_vec(), v[2..].to_vec()];
+                partition(n, &groups)?;
+                Ok((
+                    Active::Rules,
+                    format!("{} (bridge {})", show(&groups), node_name(v[2])),
+                ))
+            }
+            FaultKind::PreflistSplit => {
+                let key = self.split_keys[self.rng.random_range(0..self.split_keys.len())].clone();
+                let primaries = self.preflist(cluster, &key)?;
+                let mut primaries = primaries;
+                primaries.shuffle(&mut self.rng);
+                let mut others: Vec<usize> = (1..=n).filter(|i| !primaries.contains(i)).collect();
+                others.shuffle(&mut self.rng);
+                let take = self.rng.random_range(0..=others.len());
+                let mut a = vec![primaries[0]];
+                a.extend_from_slice(&others[..take]);
+                let mut b: Vec<usize> = primaries[1..].to_vec();
+                b.extend_from_slice(&others[take..]);
+                let groups = vec![a, b];
+                partition(n, &groups)?;
+                Ok((
+                    Active::Rules,
+                    format!(
+                        "{}/{key} primaries {:?}: {}",
+                        self.split_bucket,
+                        primaries,
+                        show(&groups)
+                    ),
+                ))
+            }
+            FaultKind::Loss => {
+                let percent = self.rng.random_range(20..=40);
+                for i in 1..=n {
+                    let lossy: Vec<String> =
+                        (1..=n).filter(|&j| j != i).map(net::node_ip).collect();
+                    net::set_rules(i, &[], &lossy, percent)?;
+                }
+                Ok((Active::Rules, format!("{percent}% of peer packets dropped")))
+            }
+            FaultKind::Kill => {
+                let count = self.rng.random_range(1..=2);
+                let victims: Vec<usize> = self.shuffled()[..count].to_vec();
+                for &i in &victims {
+                    cluster.kill(i);
+                }
+                Ok((
+                    Active::Killed(victims.clone()),
+                    format!("SIGKILL {}", names(&victims)),
+                ))
+            }
+            FaultKind::KillWipe => {
+                let i = self.shuffled()[0];
+                cluster.kill(i);
+                cluster.wipe(i)?;
+                Ok((
+                    Active::Wiped(i),
+                    format!("SIGKILL n{i}, data directory wiped"),
+                ))
+            }
+            FaultKind::Pause => {
+                let count = self.rng.random_range(1..=2);
+                let victims: Vec<usize> = self.shuffled()[..count].to_vec();
+                for &i in &victims {
+                    cluster.pause(i);
+                }
+                Ok((
+                    Active::Paused(victims.clone()),
+                    format!("SIGSTOP {}", names(&victims)),
+                ))
+            }
+            FaultKind::LeaveJoin => {
+                let i = self.rng.random_range(2..=n);
+                let resp = cluster::call(i, "POST", "/admin/leave", &[], b"")?;
+                if !(200..300).contains(&resp.status) {
+                    bail!("n{i} POST /admin/leave: {}", resp.summary());
+                }
+                Ok((
+                    Active::Leaving(i),
+                    format!("n{i} leaves, then re-joins empty"),
+                ))
+            }
+        }
+    }
+
+    /// The primaries of `bucket/key` as some running node sees them.
+    fn preflist(&self, cluster: &Cluster, key: &str) -> Result<Vec<usize>> {
+        let path = format!("/buckets/{}/keys/{key}/preflist", self.split_bucket);
+        let mut last = anyhow!("no node running");
+        for i in 1..=self.nodes {
+            if !cluster.is_running(i) {
+                continue;
+            }
+            match cluster::get_json(i, &path) {
+                Ok(v) => {
+                    let list = v
+                        .get("preflist")
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| anyhow!("no preflist in {v}"))?;
+                    let nodes: Vec<usize> = list
+                        .iter()
+                        .filter_map(|e| e.get("node").and_then(Value::as_str))
+                        .filter_map(|name| name.strip_prefix('n')?.parse().ok())
+                        .collect();
+                    if nodes.is_empty() {
+                        bail!("empty preflist {v}");
+                    }
+                    return Ok(nodes);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Heals a fault. Errors are problems to report (the harness goes on healing).
+    pub fn heal(&mut self, active: &Active, cluster: &mut Cluster) -> Vec<String> {
+        let mut errors = Vec::new();
+        match active {
+            Active::Rules => {
+                if let Err(e) = heal_rules(self.nodes) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+            Active::Killed(victims) => {
+                for &i in victims {
+                    if let Err(e) = cluster
+                        .start(i, None)
+                        .and_then(|()| cluster.wait_up(i, Duration::from_secs(30)))
+                    {
+                        errors.push(format!("restart n{i}: {e:#}"));
+                    }
+                }
+            }
+            Active::Wiped(i) => {
+                let via = (1..=self.nodes)
+                    .find(|&j| j != *i && cluster.is_running(j))
+                    .unwrap_or(1);
+                if let Err(e) = cluster
+                    .start(*i, Some(via))
+                    .and_then(|()| cluster.wait_up(*i, Duration::from_secs(30)))
+                {
+                    errors.push(format!("restart wiped n{i} --join n{via}: {e:#}"));
+                }
+            }
+            Active::Paused(victims) => {
+                for &i in victims {
+                    cluster.resume(i);
+                }
+            }
+            Active::Leaving(i) => {
+                if let Err(e) = self.finish_leave_join(*i, cluster) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Waits for node `i`'s leave to finish, stops it, wipes it and joins it again.
+    fn finish_leave_join(&mut self, i: usize, cluster: &mut Cluster) -> Result<()> {
+        let others: Vec<usize> = (1..=self.nodes).filter(|&j| j != i).collect();
+        let observer = others[0];
+        let name = node_name(i);
+        wait_for(
+            &format!("{name} to finish leaving"),
+            Duration::from_secs(90),
+            || {
+                let m = members(observer)?;
+                match m.iter().find(|m| m.name == name) {
+                    Some(m) if m.status != "exiting" => bail!("{name} is {}", m.status),
+                    _ => Ok(()),
+                }
+            },
+        )?;
+        cluster.wait_settled(&others, Duration::from_secs(60))?;
+        cluster.stop(i, Duration::from_secs(10));
+        cluster.wipe(i)?;
+        cluster.start(i, Some(observer))?;
+        cluster.wait_up(i, Duration::from_secs(30))?;
+        cluster.wait_settled(
+            &(1..=self.nodes).collect::<Vec<_>>(),
+            Duration::from_secs(120),
+        )
+    }
+}
+
+fn names(v: &[usize]) -> String {
+    v.iter()
+        .map(|i| node_name(*i))
+        .collect::<Vec<_>>()
+        .join(",")
+}
