@@ -446,6 +446,17 @@ impl Cluster {
         }
     }
 
+    /// Record that `node` just answered or sent us something: it is up, whatever its gossiped
+    /// heartbeat says (heartbeats reach a node only when someone gossips with it).
+    pub fn observe_contact(&self, node: &NodeId) {
+        if node == &self.me {
+            return;
+        }
+        let mut liveness = self.liveness.lock();
+        let entry = liveness.entry(node.clone()).or_insert((0, Instant::now()));
+        entry.1 = Instant::now();
+    }
+
     async fn send(
         &self,
         node: &NodeId,
@@ -457,10 +468,13 @@ impl Cluster {
             .member(node)
             .and_then(peer_addr)
             .ok_or_else(|| ClusterError::Internal(format!("no address for node {node}")))?;
-        self.client
+        let reply = self
+            .client
             .request(addr, message, timeout)
             .await
-            .map_err(|e: TransportError| ClusterError::Internal(e.to_string()))
+            .map_err(|e: TransportError| ClusterError::Internal(e.to_string()))?;
+        self.observe_contact(node);
+        Ok(reply)
     }
 
     fn merge_state(&self, other: &ClusterState) -> Result<(), ClusterError> {
@@ -1141,6 +1155,7 @@ impl Cluster {
 
     /// Answer one peer request.
     pub async fn handle_peer(self: Arc<Self>, from: PeerInfo, message: PeerMessage) -> PeerMessage {
+        self.observe_contact(&NodeId(from.node_name.clone()));
         match self.handle_peer_inner(&from, message).await {
             Ok(reply) => reply,
             Err(e) => PeerMessage::Error(e.to_string()),

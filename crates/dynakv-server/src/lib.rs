@@ -339,14 +339,33 @@ async fn anti_entropy_loop(
 
 /// Gossip, handoff and cleanup, every gossip interval, until shutdown.
 async fn background_loops(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    // Gossip runs in its own loop so slow handoff, cleanup or hint delivery never delays the
+    // heartbeats other nodes judge this one by.
+    let gossip = {
+        let cluster = Arc::clone(&cluster);
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                cluster.gossip_round(rand::random::<u32>() as usize).await;
+            }
+        })
+    };
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                let _ = gossip.await;
+                return;
+            }
         }
-        cluster.gossip_round(rand::random::<u32>() as usize).await;
         if let Err(e) = cluster.handoff_round().await {
             tracing::warn!(error = %e, "handoff round failed; will retry");
         }
