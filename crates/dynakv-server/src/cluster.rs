@@ -813,10 +813,7 @@ impl Cluster {
                         String::from_utf8_lossy(key).into_owned(),
                     );
                     let props = self.bucket_props(&bucket);
-                    let partition = state
-                        .ring
-                        .current
-                        .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+                    let partition = partition_of(&state, &bucket, &key);
                     let preflist = state.preference_list(partition, props.n_val);
                     if is_member && preflist.contains(&target_id) {
                         direct.push(HandoffEntry {
@@ -1725,18 +1722,11 @@ impl Cluster {
         }
         let mut reaped = 0;
         for (storage_key, value) in candidates {
-            let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+            let Some((bucket, key)) = key_names(&storage_key) else {
                 continue;
             };
-            let (bucket, key) = (
-                String::from_utf8_lossy(bucket).into_owned(),
-                String::from_utf8_lossy(key).into_owned(),
-            );
             let props = self.bucket_props(&bucket);
-            let partition = state
-                .ring
-                .current
-                .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+            let partition = partition_of(&state, &bucket, &key);
             let primaries = state.preference_list(partition, props.n_val);
             if primaries.first() != Some(&self.me) || primaries.len() < props.n_val as usize {
                 continue;
@@ -2101,18 +2091,11 @@ impl Cluster {
             let next_start = last.clone();
             let mut batches: HashMap<NodeId, (Vec<HandoffEntry>, usize)> = HashMap::new();
             for (storage_key, value) in page {
-                let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+                let Some((bucket, key)) = key_names(&storage_key) else {
                     continue;
                 };
-                let (bucket, key) = (
-                    String::from_utf8_lossy(bucket).into_owned(),
-                    String::from_utf8_lossy(key).into_owned(),
-                );
                 let props = self.bucket_props(&bucket);
-                let partition = state
-                    .ring
-                    .current
-                    .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+                let partition = partition_of(&state, &bucket, &key);
                 let current = state.preference_list(partition, props.n_val);
                 let Some(next) = state.next_preference_list(partition, props.n_val) else {
                     continue;
@@ -2263,6 +2246,23 @@ impl Cluster {
             .member(&self.me)
             .is_some_and(|m| m.status == MemberStatus::Exiting)
     }
+}
+
+/// A storage key's bucket and key as text (`None` when it is not an object key).
+fn key_names(storage_key: &[u8]) -> Option<(String, String)> {
+    let (bucket, key) = keys::split_object_key(storage_key)?;
+    Some((
+        String::from_utf8_lossy(bucket).into_owned(),
+        String::from_utf8_lossy(key).into_owned(),
+    ))
+}
+
+/// The partition of a key in the state's current ring.
+fn partition_of(state: &ClusterState, bucket: &str, key: &str) -> dynakv_core::ring::PartitionId {
+    state
+        .ring
+        .current
+        .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()))
 }
 
 /// The HTTP status and message of a cluster error.
