@@ -1685,13 +1685,7 @@ impl Cluster {
         let mut candidates = Vec::new();
         let mut start_after: Option<Vec<u8>> = None;
         loop {
-            let replica = Arc::clone(&self.replica);
-            let after = start_after.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                replica.scan_objects(after.as_deref(), SCAN_PAGE)
-            })
-            .await
-            .map_err(internal)??;
+            let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
             for (storage_key, value) in page {
@@ -2080,13 +2074,7 @@ impl Cluster {
         let mut sent = 0;
         let mut start_after: Option<Vec<u8>> = None;
         loop {
-            let replica = Arc::clone(&self.replica);
-            let after = start_after.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                replica.scan_objects(after.as_deref(), SCAN_PAGE)
-            })
-            .await
-            .map_err(internal)??;
+            let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             let next_start = last.clone();
             let mut batches: HashMap<NodeId, (Vec<HandoffEntry>, usize)> = HashMap::new();
@@ -2163,6 +2151,19 @@ impl Cluster {
         }
     }
 
+    /// One page of this node's stored objects after `start_after` (handoff, cleanup, reaping).
+    async fn scan_page(
+        &self,
+        start_after: Option<Vec<u8>>,
+    ) -> Result<Vec<dynakv_core::storage::Entry>, ClusterError> {
+        let replica = Arc::clone(&self.replica);
+        Ok(tokio::task::spawn_blocking(move || {
+            replica.scan_objects(start_after.as_deref(), SCAN_PAGE)
+        })
+        .await
+        .map_err(internal)??)
+    }
+
     /// After a transition completes, drop the keys this node no longer replicates.
     pub async fn cleanup_round(&self) -> Result<usize, ClusterError> {
         let state = self.state();
@@ -2173,13 +2174,7 @@ impl Cluster {
         let mut removed = 0;
         let mut start_after: Option<Vec<u8>> = None;
         loop {
-            let replica = Arc::clone(&self.replica);
-            let after = start_after.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                replica.scan_objects(after.as_deref(), SCAN_PAGE)
-            })
-            .await
-            .map_err(internal)??;
+            let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
             let mut doomed = Vec::new();
