@@ -67,6 +67,35 @@ pub fn split_object_key(storage_key: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(rest.split_at(len))
 }
 
+/// The prefix of the anti-entropy index entries of one Merkle leaf of one partition:
+/// `u32 partition | u16 leaf`, both big-endian, so a leaf's keys are contiguous and a
+/// partition's leaves come in order.
+pub fn aae_leaf_prefix(partition: u32, leaf: u16) -> [u8; 6] {
+    let mut out = [0u8; 6];
+    out[..4].copy_from_slice(&partition.to_be_bytes());
+    out[4..].copy_from_slice(&leaf.to_be_bytes());
+    out
+}
+
+/// The anti-entropy index key of an object: `aae_leaf_prefix(partition, leaf) | object_key`.
+pub fn aae_index_key(partition: u32, leaf: u16, object_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + object_key.len());
+    out.extend_from_slice(&aae_leaf_prefix(partition, leaf));
+    out.extend_from_slice(object_key);
+    out
+}
+
+/// Split an anti-entropy index key into (partition, leaf, object key).
+pub fn split_aae_index_key(index_key: &[u8]) -> Option<(u32, u16, &[u8])> {
+    let (partition, rest) = index_key.split_first_chunk::<4>()?;
+    let (leaf, object_key) = rest.split_first_chunk::<2>()?;
+    Some((
+        u32::from_be_bytes(*partition),
+        u16::from_be_bytes(*leaf),
+        object_key,
+    ))
+}
+
 /// The storage key of a hint: `u8 len(target) | target | object_key(bucket, key)`, so the
 /// hints for one target are contiguous.
 pub fn hint_key(target: &str, bucket: &[u8], key: &[u8]) -> Vec<u8> {
@@ -118,5 +147,18 @@ mod tests {
         assert!(h.starts_with(&hint_prefix("n2")));
         assert!(!h.starts_with(&hint_prefix("n")));
         assert_eq!(split_hint_key(&h), Some((&b"n2"[..], &b"b"[..], &b"k"[..])));
+    }
+
+    #[test]
+    fn aae_index_keys_group_by_partition_then_leaf() {
+        let k = object_key(b"b", b"k");
+        let index = aae_index_key(7, 300, &k);
+        assert!(index.starts_with(&aae_leaf_prefix(7, 300)));
+        assert!(!index.starts_with(&aae_leaf_prefix(7, 301)));
+        assert_eq!(split_aae_index_key(&index), Some((7, 300, &k[..])));
+        assert_eq!(split_aae_index_key(&[0, 0, 0]), None);
+        // Big-endian: leaf 1 of partition 1 sorts after every leaf of partition 0.
+        assert!(aae_index_key(1, 1, &k) > aae_index_key(0, u16::MAX, &k));
+        assert!(aae_index_key(1, 2, b"a") > aae_index_key(1, 1, b"z"));
     }
 }

@@ -104,6 +104,54 @@ pub struct Ring {
     owners: Vec<NodeId>,
     /// Every member, sorted by id.
     nodes: Vec<RingNode>,
+    /// Derived from `owners` and `nodes` when the ring is made: the preference-list walk
+    /// compares small integers instead of node names and zones (it runs several times per
+    /// request).
+    #[serde(skip)]
+    walk: WalkIndex,
+}
+
+/// Owners and zones as indices, for [`Ring::preference_list`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct WalkIndex {
+    /// Index into `nodes` of each partition's owner (`nodes.len()` if it is not a member,
+    /// which validation rules out).
+    owner: Vec<u32>,
+    /// A number per node naming its zone (equal zones, equal numbers).
+    zone: Vec<u32>,
+    /// How many distinct zones there are.
+    zones: usize,
+}
+
+impl WalkIndex {
+    fn new(owners: &[NodeId], nodes: &[RingNode]) -> WalkIndex {
+        let owner = owners
+            .iter()
+            .map(|o| {
+                let found = nodes.binary_search_by(|member| member.id.cmp(o));
+                u32::try_from(found.unwrap_or(nodes.len())).unwrap_or(u32::MAX)
+            })
+            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        let zone = nodes
+            .iter()
+            .map(|node| {
+                let at = names
+                    .iter()
+                    .position(|z| *z == node.zone)
+                    .unwrap_or_else(|| {
+                        names.push(&node.zone);
+                        names.len() - 1
+                    });
+                u32::try_from(at).unwrap_or(u32::MAX)
+            })
+            .collect();
+        WalkIndex {
+            owner,
+            zone,
+            zones: names.len(),
+        }
+    }
 }
 
 /// The wire shape of a [`Ring`], validated before it becomes one.
@@ -118,12 +166,14 @@ impl TryFrom<RingEncoding> for Ring {
     type Error = RingError;
 
     fn try_from(encoding: RingEncoding) -> Result<Ring, RingError> {
-        let ring = Ring {
+        let mut ring = Ring {
             partitions: encoding.partitions,
             owners: encoding.owners,
             nodes: encoding.nodes,
+            walk: WalkIndex::default(),
         };
         ring.validate()?;
+        ring.walk = WalkIndex::new(&ring.owners, &ring.nodes);
         Ok(ring)
     }
 }
@@ -133,10 +183,12 @@ impl Ring {
     pub fn new(partitions: u32, founder: RingNode) -> Result<Ring, RingError> {
         check_partition_count(partitions)?;
         let owners = vec![founder.id.clone(); partitions as usize];
+        let nodes = vec![founder];
         Ok(Ring {
             partitions,
+            walk: WalkIndex::new(&owners, &nodes),
             owners,
-            nodes: vec![founder],
+            nodes,
         })
     }
 
@@ -214,9 +266,11 @@ impl Ring {
         nodes.insert(insert_at, node);
         let mut plan = ClaimPlan::new(self, &nodes);
         plan.claim_for(insert_at);
+        let owners = plan.into_owners(&nodes)?;
         let ring = Ring {
             partitions: self.partitions,
-            owners: plan.into_owners(&nodes)?,
+            walk: WalkIndex::new(&owners, &nodes),
+            owners,
             nodes,
         };
         debug_assert_eq!(ring.validate(), Ok(()));
@@ -244,6 +298,7 @@ impl Ring {
         nodes.remove(leaving);
         let ring = Ring {
             partitions: self.partitions,
+            walk: WalkIndex::new(&owners, &nodes),
             owners,
             nodes,
         };
@@ -265,30 +320,45 @@ impl Ring {
             self.partitions
         );
         let wanted = n.min(self.nodes.len());
-        let mut chosen: Vec<(PartitionId, NodeId)> = Vec::with_capacity(wanted);
-        let mut zones_used: Vec<&str> = Vec::new();
+        let mut chosen: Vec<(PartitionId, u32)> = Vec::with_capacity(wanted);
+        let mut zones_used: Vec<u32> = Vec::new();
+        let owner_at = |position: PartitionId| self.walk.owner[position as usize];
         let walk = (0..self.partitions).map(|step| (partition + step) % self.partitions);
         for position in walk.clone() {
-            if chosen.len() == wanted {
-                return chosen;
+            if chosen.len() == wanted || zones_used.len() == self.walk.zones {
+                break;
             }
-            let owner = self.owner(position);
-            let zone = self.zone_of(owner);
-            if !zones_used.contains(&zone) && !chosen.iter().any(|(_, node)| node == owner) {
+            let owner = owner_at(position);
+            let Some(&zone) = self.walk.zone.get(owner as usize) else {
+                continue;
+            };
+            if !zones_used.contains(&zone) && !chosen.iter().any(|(_, node)| *node == owner) {
                 zones_used.push(zone);
-                chosen.push((position, owner.clone()));
+                chosen.push((position, owner));
             }
         }
         for position in walk {
             if chosen.len() == wanted {
                 break;
             }
-            let owner = self.owner(position);
-            if !chosen.iter().any(|(_, node)| node == owner) {
-                chosen.push((position, owner.clone()));
+            let owner = owner_at(position);
+            if (owner as usize) < self.nodes.len() && !chosen.iter().any(|(_, node)| *node == owner)
+            {
+                chosen.push((position, owner));
             }
         }
         chosen
+            .into_iter()
+            .map(|(position, owner)| (position, self.nodes[owner as usize].id.clone()))
+            .collect()
+    }
+
+    /// The zone of a member; `""` for a node that is not one (never, by the invariants).
+    #[cfg(test)]
+    fn zone_of(&self, node: &NodeId) -> &str {
+        let found = self.nodes.binary_search_by(|member| member.id.cmp(node));
+        debug_assert!(found.is_ok(), "owner {node} is not a member");
+        found.map_or("", |index| self.nodes[index].zone.as_str())
     }
 
     /// Every node, in preference order, for sloppy-quorum fallbacks.
@@ -298,13 +368,6 @@ impl Ring {
     /// zones not yet covered, then in ring-walk order.
     pub fn extended_preference_list(&self, partition: PartitionId) -> Vec<(PartitionId, NodeId)> {
         self.preference_list(partition, self.nodes.len())
-    }
-
-    /// The zone of a member; `""` for a node that is not one (never, by the invariants).
-    fn zone_of(&self, node: &NodeId) -> &str {
-        let found = self.nodes.binary_search_by(|member| member.id.cmp(node));
-        debug_assert!(found.is_ok(), "owner {node} is not a member");
-        found.map_or("", |index| self.nodes[index].zone.as_str())
     }
 
     /// Checks every invariant in the module documentation.

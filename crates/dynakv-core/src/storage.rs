@@ -25,15 +25,23 @@ pub enum Table {
     Meta,
     /// Hinted handoff: versions held for another node, keyed by `keys::hint_key`.
     Hints,
+    /// Anti-entropy index: the hash of every stored object, keyed by its partition, Merkle
+    /// leaf and object key (`keys::aae_index_key`), so the keys of one leaf are one short scan.
+    AaeIndex,
+    /// The object keys whose stored object is all tombstones (empty values), so reaping reads
+    /// only deleted keys.
+    Tombstones,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 6] = [
         Table::Objects,
         Table::BucketProps,
         Table::Meta,
         Table::Hints,
+        Table::AaeIndex,
+        Table::Tombstones,
     ];
 
     /// A stable name for the table, used by engines as a file or partition name.
@@ -43,6 +51,8 @@ impl Table {
             Table::BucketProps => "bucket_props",
             Table::Meta => "meta",
             Table::Hints => "hints",
+            Table::AaeIndex => "aae_index",
+            Table::Tombstones => "tombstones",
         }
     }
 }
@@ -112,7 +122,9 @@ pub enum SyncError {
 /// One key and its value, as returned by a scan.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
-/// A local storage engine. Small and synchronous: the server calls it from blocking threads.
+/// A local storage engine. Small and synchronous: the server calls it inline on its async
+/// workers when [`Storage::may_wait_for_disk`] says the call cannot stall, else on its blocking
+/// pool.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// The value stored under `key`, if any.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, GetError>;
@@ -144,4 +156,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// A short engine name for logs and stats.
     fn engine_name(&self) -> &'static str;
+
+    /// Whether a call may wait on the disk: `durability` is `Some` for a write and `None` for
+    /// a read. The server runs calls that may wait on its blocking pool and the others inline,
+    /// which saves two thread hand-overs per request. The default is the safe answer, `true`.
+    fn may_wait_for_disk(&self, durability: Option<Durability>) -> bool {
+        let _ = durability;
+        true
+    }
 }

@@ -7,18 +7,48 @@
 //! with different `n_val`s legitimately differ between replicas, and the exchange skips keys
 //! the peer does not replicate.
 //!
-//! Memory: one `MerkleTree` (16 KiB) per partition this node holds keys of.
+//! The same hook keeps [`Table::Tombstones`], the keys whose object is all tombstones, so
+//! tombstone reaping reads only deleted keys. The keys under one leaf are found through an
+//! index table ([`Table::AaeIndex`]: partition,
+//! leaf, object key → the object's entry hash) written next to every object write, so an
+//! exchange reads only the few keys of the leaves that differ instead of scanning the node's
+//! objects. The index is derived data: it is trusted at startup only after a clean shutdown
+//! (and when the marker saying it was built is present); otherwise it is rebuilt from the
+//! objects, as the trees are.
+//!
+//! Memory: one `MerkleTree` (16 KiB) per partition this node holds keys of; the index lives in
+//! storage.
 
 use dynakv_core::keys;
 use dynakv_core::merkle::{Hash, MerkleTree, entry_hash, leaf_of};
 use dynakv_core::ring::{PartitionId, Ring, key_hash};
-use dynakv_core::storage::{Storage, Table};
+use dynakv_core::storage::{Durability, Storage, Table};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
-/// Objects read per scan step while rebuilding.
+/// Objects (or index entries) read per scan step while rebuilding.
 const REBUILD_SCAN_PAGE: usize = 1000;
+/// Meta key present while the anti-entropy index is complete (written after a rebuild).
+const KEY_INDEX_BUILT: &[u8] = b"aae_index_v1";
+
+/// How the trees were built at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// Objects (or index entries) hashed into the trees.
+    pub entries: u64,
+    /// True when the index was trusted and the objects were not read.
+    pub from_index: bool,
+}
+
+/// Whether encoded object bytes are all tombstones (an undecodable header counts as not).
+fn is_tombstone(bytes: &[u8]) -> bool {
+    dynakv_core::object::Object::encoded_is_deleted(bytes).unwrap_or(false)
+}
+
+/// Keys (bucket, key, entry hash) of some leaves, and whether the list was cut at its limit.
+pub type LeafKeys = (Vec<(String, String, Hash)>, bool);
 
 /// What the last exchange of one partition did.
 #[derive(Debug, Clone, Default)]
@@ -34,15 +64,17 @@ pub struct ExchangeRecord {
 #[derive(Debug)]
 pub struct AaeTrees {
     partitioning: Ring,
+    storage: Arc<dyn Storage>,
     trees: Mutex<HashMap<PartitionId, MerkleTree>>,
     pub records: Mutex<HashMap<PartitionId, ExchangeRecord>>,
 }
 
 impl AaeTrees {
     /// Empty trees for a ring with `partitioning`'s partition count (fixed for the cluster).
-    pub fn new(partitioning: Ring) -> Self {
+    pub fn new(partitioning: Ring, storage: Arc<dyn Storage>) -> Self {
         AaeTrees {
             partitioning,
+            storage,
             trees: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
         }
@@ -61,6 +93,7 @@ impl AaeTrees {
         if old == new {
             return;
         }
+        let (old_bytes, new_bytes) = (old, new);
         let partition = self.partition_of(bucket, key);
         let leaf = leaf_of(bucket, key);
         let old = old.map(|o| entry_hash(bucket, key, o));
@@ -70,10 +103,178 @@ impl AaeTrees {
             .entry(partition)
             .or_default()
             .update(leaf, old.as_ref(), new.as_ref());
+        let index_key = keys::aae_index_key(partition, leaf, storage_key);
+        let indexed = match new {
+            Some(hash) => self
+                .storage
+                .put(Table::AaeIndex, &index_key, &hash, Durability::Buffered)
+                .map_err(|e| e.to_string()),
+            None => self
+                .storage
+                .delete(Table::AaeIndex, &index_key, Durability::Buffered)
+                .map_err(|e| e.to_string()),
+        };
+        let was_tombstone = old_bytes.is_some_and(is_tombstone);
+        let is_now_tombstone = new_bytes.is_some_and(is_tombstone);
+        let listed = if is_now_tombstone && !was_tombstone {
+            self.storage
+                .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
+                .map_err(|e| e.to_string())
+        } else if was_tombstone && !is_now_tombstone {
+            self.storage
+                .delete(Table::Tombstones, storage_key, Durability::Buffered)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        if let Err(error) = indexed.and(listed) {
+            // The tree is right but the index misses this change: have the next start rebuild
+            // it (a failing engine most likely fails the delete too; the log says so).
+            tracing::warn!(%error, "anti-entropy index write failed; it is rebuilt at the next start");
+            if let Err(error) = self
+                .storage
+                .delete(Table::Meta, KEY_INDEX_BUILT, Durability::Fsync)
+            {
+                tracing::error!(%error, "could not clear the anti-entropy index marker");
+            }
+        }
     }
 
-    /// Rebuild every tree from storage (at startup). Returns the number of objects hashed.
-    pub fn rebuild(&self, storage: &dyn Storage) -> Result<u64, String> {
+    /// The keys (bucket, key, entry hash) under the given leaves of a partition, in leaf order,
+    /// at most `limit` of them; the flag says the list was cut at `limit`.
+    ///
+    /// # Errors
+    /// The index could not be read.
+    pub fn leaf_keys(
+        &self,
+        partition: PartitionId,
+        leaves: &std::collections::BTreeSet<u16>,
+        limit: usize,
+    ) -> Result<LeafKeys, String> {
+        let mut out = Vec::new();
+        for &leaf in leaves {
+            let prefix = keys::aae_leaf_prefix(partition, leaf);
+            let mut start_after: Option<Vec<u8>> = None;
+            loop {
+                let page = self
+                    .storage
+                    .scan(
+                        Table::AaeIndex,
+                        &prefix,
+                        start_after.as_deref(),
+                        REBUILD_SCAN_PAGE,
+                    )
+                    .map_err(|e| e.to_string())?;
+                let Some((last, _)) = page.last() else { break };
+                start_after = Some(last.clone());
+                for (index_key, hash) in &page {
+                    let Some((_, _, object_key)) = keys::split_aae_index_key(index_key) else {
+                        continue;
+                    };
+                    let (Some((bucket, key)), Ok(hash)) = (
+                        keys::split_object_key(object_key),
+                        <Hash>::try_from(hash.as_slice()),
+                    ) else {
+                        continue;
+                    };
+                    if out.len() >= limit {
+                        return Ok((out, true));
+                    }
+                    out.push((
+                        String::from_utf8_lossy(bucket).into_owned(),
+                        String::from_utf8_lossy(key).into_owned(),
+                        hash,
+                    ));
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// Build every tree at startup: from the index when `trust_index` (the last run ended
+    /// cleanly) and the index is marked complete, else from the objects, rewriting the index.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub fn rebuild(&self, trust_index: bool) -> Result<RebuildReport, String> {
+        let built = self
+            .storage
+            .get(Table::Meta, KEY_INDEX_BUILT)
+            .map_err(|e| e.to_string())?
+            .is_some();
+        if trust_index
+            && built
+            && let Some(entries) = self.trees_from_index()?
+        {
+            return Ok(RebuildReport {
+                entries,
+                from_index: true,
+            });
+        }
+        let entries = self.rebuild_from_objects()?;
+        Ok(RebuildReport {
+            entries,
+            from_index: false,
+        })
+    }
+
+    /// Trees from the index; `None` when an entry is malformed (then the caller rebuilds).
+    fn trees_from_index(&self) -> Result<Option<u64>, String> {
+        let mut trees: HashMap<PartitionId, MerkleTree> = HashMap::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        let mut count = 0;
+        loop {
+            let page = self
+                .storage
+                .scan(
+                    Table::AaeIndex,
+                    &[],
+                    start_after.as_deref(),
+                    REBUILD_SCAN_PAGE,
+                )
+                .map_err(|e| e.to_string())?;
+            let Some((last, _)) = page.last() else { break };
+            start_after = Some(last.clone());
+            for (index_key, hash) in &page {
+                let (Some((partition, leaf, _)), Ok(hash)) = (
+                    keys::split_aae_index_key(index_key),
+                    <Hash>::try_from(hash.as_slice()),
+                ) else {
+                    tracing::warn!("malformed anti-entropy index entry; rebuilding from objects");
+                    return Ok(None);
+                };
+                trees
+                    .entry(partition)
+                    .or_default()
+                    .update(leaf, None, Some(&hash));
+                count += 1;
+            }
+        }
+        *self.trees.lock() = trees;
+        Ok(Some(count))
+    }
+
+    /// Clear the index, then hash every object into the trees and the index.
+    fn rebuild_from_objects(&self) -> Result<u64, String> {
+        let storage = self.storage.as_ref();
+        storage
+            .delete(Table::Meta, KEY_INDEX_BUILT, Durability::Fsync)
+            .map_err(|e| e.to_string())?;
+        for table in [Table::AaeIndex, Table::Tombstones] {
+            loop {
+                let page = storage
+                    .scan(table, &[], None, REBUILD_SCAN_PAGE)
+                    .map_err(|e| e.to_string())?;
+                if page.is_empty() {
+                    break;
+                }
+                for (index_key, _) in &page {
+                    storage
+                        .delete(table, index_key, Durability::Buffered)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
         let mut trees: HashMap<PartitionId, MerkleTree> = HashMap::new();
         let mut start_after: Option<Vec<u8>> = None;
         let mut count = 0;
@@ -91,14 +292,32 @@ impl AaeTrees {
             for (storage_key, value) in &page {
                 if let Some((bucket, key)) = keys::split_object_key(storage_key) {
                     let hash = entry_hash(bucket, key, value);
+                    let (partition, leaf) = (self.partition_of(bucket, key), leaf_of(bucket, key));
                     trees
-                        .entry(self.partition_of(bucket, key))
+                        .entry(partition)
                         .or_default()
-                        .update(leaf_of(bucket, key), None, Some(&hash));
+                        .update(leaf, None, Some(&hash));
+                    storage
+                        .put(
+                            Table::AaeIndex,
+                            &keys::aae_index_key(partition, leaf, storage_key),
+                            &hash,
+                            Durability::Buffered,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    if is_tombstone(value) {
+                        storage
+                            .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
+                            .map_err(|e| e.to_string())?;
+                    }
                     count += 1;
                 }
             }
         }
+        storage.sync().map_err(|e| e.to_string())?;
+        storage
+            .put(Table::Meta, KEY_INDEX_BUILT, b"1", Durability::Fsync)
+            .map_err(|e| e.to_string())?;
         *self.trees.lock() = trees;
         Ok(count)
     }
@@ -126,5 +345,195 @@ impl AaeTrees {
             .iter()
             .map(|(p, t)| (*p, t.entries()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynakv_core::merkle;
+    use dynakv_core::object::{Content, Object, PrunePolicy};
+    use dynakv_core::ring::{NodeId, RingNode};
+    use dynakv_core::version::ActorId;
+    use dynakv_core::version::VersionVector;
+    use dynakv_storage::MemoryStorage;
+    use std::collections::BTreeSet;
+
+    fn ring() -> Ring {
+        Ring::new(
+            8,
+            RingNode {
+                id: NodeId("n1".into()),
+                zone: String::new(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn object(value: &str, deleted: bool) -> Vec<u8> {
+        let content = if deleted {
+            Content::tombstone(1)
+        } else {
+            Content {
+                value: value.as_bytes().to_vec(),
+                last_modified_ms: 1,
+                ..Content::default()
+            }
+        };
+        Object::new()
+            .update(
+                &VersionVector::default(),
+                content,
+                ActorId(1),
+                1,
+                PrunePolicy::default(),
+            )
+            .unwrap()
+            .encode()
+    }
+
+    /// Store an object the way the replica does: write it, then tell the trees.
+    fn store(trees: &AaeTrees, storage: &dyn Storage, key: &str, new: Option<&[u8]>) {
+        let storage_key = keys::object_key(b"b", key.as_bytes());
+        let old = storage.get(Table::Objects, &storage_key).unwrap();
+        match new {
+            Some(bytes) => storage
+                .put(Table::Objects, &storage_key, bytes, Durability::Buffered)
+                .unwrap(),
+            None => storage
+                .delete(Table::Objects, &storage_key, Durability::Buffered)
+                .unwrap(),
+        }
+        trees.observe(&storage_key, old.as_deref(), new);
+    }
+
+    fn all_segments(trees: &AaeTrees) -> Vec<Vec<Hash>> {
+        (0..8).map(|p| trees.segments(p)).collect()
+    }
+
+    #[test]
+    fn index_lists_leaf_keys_and_rebuilds_the_same_trees() {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let trees = AaeTrees::new(ring(), Arc::clone(&storage));
+        // A new store: nothing to trust, so the objects are read (there are none).
+        assert!(!trees.rebuild(true).unwrap().from_index);
+        for i in 0..200 {
+            store(
+                &trees,
+                storage.as_ref(),
+                &format!("k{i}"),
+                Some(&object("v", false)),
+            );
+        }
+        store(&trees, storage.as_ref(), "k7", Some(&object("v2", false)));
+        store(&trees, storage.as_ref(), "k8", None);
+        store(&trees, storage.as_ref(), "k9", Some(&object("", true)));
+
+        // Every key is listed under its own partition and leaf, with its current hash.
+        let mut listed = 0;
+        for partition in 0..8 {
+            let leaves: BTreeSet<u16> = (0..merkle::LEAVES as u16).collect();
+            let (keys, cut) = trees.leaf_keys(partition, &leaves, usize::MAX).unwrap();
+            assert!(!cut);
+            for (bucket, key, hash) in &keys {
+                assert_eq!(
+                    trees.partition_of(bucket.as_bytes(), key.as_bytes()),
+                    partition
+                );
+                let bytes = storage
+                    .get(Table::Objects, &keys::object_key(b"b", key.as_bytes()))
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(*hash, entry_hash(b"b", key.as_bytes(), &bytes));
+            }
+            listed += keys.len();
+        }
+        assert_eq!(listed, 199, "200 keys, one removed");
+        // One leaf alone lists only its keys; a limit cuts the list and says so.
+        let one_leaf = leaf_of(b"b", b"k1");
+        let partition = trees.partition_of(b"b", b"k1");
+        let (keys, _) = trees
+            .leaf_keys(partition, &BTreeSet::from([one_leaf]), usize::MAX)
+            .unwrap();
+        assert!(keys.iter().any(|(_, k, _)| k == "k1"));
+        assert!(
+            keys.iter()
+                .all(|(b, k, _)| leaf_of(b.as_bytes(), k.as_bytes()) == one_leaf)
+        );
+        let everything: BTreeSet<u16> = (0..merkle::LEAVES as u16).collect();
+        let (keys, cut) = trees.leaf_keys(partition, &everything, 3).unwrap();
+        assert_eq!((keys.len(), cut), (3, true));
+
+        // Only the tombstone is on the tombstone list.
+        let tombstones = storage.scan(Table::Tombstones, &[], None, 100).unwrap();
+        assert_eq!(tombstones.len(), 1);
+        assert_eq!(tombstones[0].0, keys::object_key(b"b", b"k9"));
+        store(&trees, storage.as_ref(), "k9", Some(&object("back", false)));
+        assert!(
+            storage
+                .scan(Table::Tombstones, &[], None, 100)
+                .unwrap()
+                .is_empty()
+        );
+        store(&trees, storage.as_ref(), "k9", Some(&object("", true)));
+        let live = all_segments(&trees);
+
+        // After a clean stop the index is trusted and gives the same trees.
+        let trusted = AaeTrees::new(ring(), Arc::clone(&storage));
+        let report = trusted.rebuild(true).unwrap();
+        assert!(report.from_index);
+        assert_eq!(report.entries, 199);
+        assert_eq!(all_segments(&trusted), live);
+    }
+
+    #[test]
+    fn an_unclean_stop_rebuilds_the_index_from_the_objects() {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let trees = AaeTrees::new(ring(), Arc::clone(&storage));
+        trees.rebuild(false).unwrap();
+        for i in 0..50 {
+            store(
+                &trees,
+                storage.as_ref(),
+                &format!("k{i}"),
+                Some(&object("v", false)),
+            );
+        }
+        // A crash lost the index entry of one write but kept the object (and an index entry
+        // for an object that is gone): only a rebuild from the objects is right.
+        let kept = keys::object_key(b"b", b"crash");
+        storage
+            .put(
+                Table::Objects,
+                &kept,
+                &object("x", true),
+                Durability::Buffered,
+            )
+            .unwrap();
+        let gone = keys::object_key(b"b", b"k3");
+        storage
+            .delete(Table::Objects, &gone, Durability::Buffered)
+            .unwrap();
+
+        let restarted = AaeTrees::new(ring(), Arc::clone(&storage));
+        let report = restarted.rebuild(false).unwrap();
+        assert!(!report.from_index);
+        assert_eq!(report.entries, 50);
+        let partition = restarted.partition_of(b"b", b"crash");
+        let leaves = BTreeSet::from([leaf_of(b"b", b"crash")]);
+        let (keys, _) = restarted.leaf_keys(partition, &leaves, usize::MAX).unwrap();
+        assert!(keys.iter().any(|(_, k, _)| k == "crash"));
+        let partition = restarted.partition_of(b"b", b"k3");
+        let leaves = BTreeSet::from([leaf_of(b"b", b"k3")]);
+        let (keys, _) = restarted.leaf_keys(partition, &leaves, usize::MAX).unwrap();
+        assert!(keys.iter().all(|(_, k, _)| k != "k3"));
+        let tombstones = storage.scan(Table::Tombstones, &[], None, 100).unwrap();
+        assert_eq!(tombstones.len(), 1);
+        assert_eq!(tombstones[0].0, kept);
+
+        // The rebuilt index is trusted by the next clean start, with the same trees.
+        let again = AaeTrees::new(ring(), Arc::clone(&storage));
+        assert!(again.rebuild(true).unwrap().from_index);
+        assert_eq!(all_segments(&again), all_segments(&restarted));
     }
 }

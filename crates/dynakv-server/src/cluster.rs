@@ -22,7 +22,7 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
-use dynakv_core::merkle::{Hash, differing_leaves, differing_segments, entry_hash, leaf_of};
+use dynakv_core::merkle::{Hash, differing_leaves, differing_segments, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure, Slot, sloppy_slots};
@@ -601,10 +601,12 @@ impl Cluster {
             let replica = Arc::clone(&self.replica);
             let (b, k) = (bucket.to_owned(), key.to_owned());
             let hinted_for = hinted_for.map(|n| n.0.clone());
-            return match tokio::task::spawn_blocking(move || {
-                replica_with_hint(&replica, &b, &k, hinted_for.as_deref())
-            })
-            .await
+            return match self
+                .replica
+                .run(None, move || {
+                    replica_with_hint(&replica, &b, &k, hinted_for.as_deref())
+                })
+                .await
             {
                 Ok(Ok(object)) => Ok(object),
                 _ => Err(()),
@@ -671,12 +673,13 @@ impl Cluster {
                 object.clone(),
                 props.clone(),
             );
-            tokio::task::spawn_blocking(move || {
-                replica.merge(&b, &k, &o, &p, durability).map(|_| ())
-            })
-            .await
-            .map_err(internal)?
-            .map_err(ClusterError::from)?;
+            self.replica
+                .run(Some(durability), move || {
+                    replica.merge(&b, &k, &o, &p, durability).map(|_| ())
+                })
+                .await
+                .map_err(internal)?
+                .map_err(ClusterError::from)?;
             // A read repair planned under an older ring may land after this node's cleanup.
             self.check_orphan(bucket, key, props.n_val);
             return Ok(());
@@ -1001,20 +1004,22 @@ impl Cluster {
             (bucket.to_owned(), key.to_owned(), props.clone());
         let precondition = options.precondition;
         let now = options.now_ms;
-        let stored = tokio::task::spawn_blocking(move || {
-            replica.write(WriteRequest {
-                bucket: &bucket_name,
-                key: &key_name,
-                context,
-                content,
-                props: &bucket_props,
-                durability,
-                precondition,
-                now_ms: now,
+        let stored = self
+            .replica
+            .run(Some(durability), move || {
+                replica.write(WriteRequest {
+                    bucket: &bucket_name,
+                    key: &key_name,
+                    context,
+                    content,
+                    props: &bucket_props,
+                    durability,
+                    precondition,
+                    now_ms: now,
+                })
             })
-        })
-        .await
-        .map_err(internal)??;
+            .await
+            .map_err(internal)??;
         let ring_version = state.ring.version;
         let result = self
             .replicate(bucket, key, &stored, props, durability, (w, pw), plan)
@@ -1194,13 +1199,15 @@ impl Cluster {
                 ..
             } => {
                 let replica = Arc::clone(&self.replica);
-                let object = tokio::task::spawn_blocking(move || match hinted_for {
-                    None => replica.get_raw(&bucket, &key),
-                    Some(target) => replica_with_hint(&replica, &bucket, &key, Some(&target))
-                        .map(|o| o.map(|o| o.encode())),
-                })
-                .await
-                .map_err(internal)??;
+                let object = self
+                    .replica
+                    .run(None, move || match hinted_for {
+                        None => replica.get_raw(&bucket, &key),
+                        Some(target) => replica_with_hint(&replica, &bucket, &key, Some(&target))
+                            .map(|o| o.map(|o| o.encode())),
+                    })
+                    .await
+                    .map_err(internal)??;
                 Ok(PeerMessage::ReplicaObject { object })
             }
             PeerMessage::HintedPut {
@@ -1217,18 +1224,20 @@ impl Cluster {
                 }
                 let object = Object::decode(&object).map_err(internal)?;
                 let replica = Arc::clone(&self.replica);
-                let stored = tokio::task::spawn_blocking(move || {
-                    replica.store_hint(
-                        &target,
-                        &bucket,
-                        &key,
-                        &object,
-                        MAX_HINTS_PER_TARGET,
-                        durability,
-                    )
-                })
-                .await
-                .map_err(internal)??;
+                let stored = self
+                    .replica
+                    .run(Some(durability), move || {
+                        replica.store_hint(
+                            &target,
+                            &bucket,
+                            &key,
+                            &object,
+                            MAX_HINTS_PER_TARGET,
+                            durability,
+                        )
+                    })
+                    .await
+                    .map_err(internal)??;
                 if stored {
                     self.hints.stored.fetch_add(1, Ordering::Relaxed);
                     Ok(PeerMessage::Ack)
@@ -1255,11 +1264,12 @@ impl Cluster {
                 let replica = Arc::clone(&self.replica);
                 let n_val = props.n_val;
                 let (b, k) = (bucket.clone(), key.clone());
-                tokio::task::spawn_blocking(move || {
-                    replica.merge(&bucket, &key, &object, &props, durability)
-                })
-                .await
-                .map_err(internal)??;
+                self.replica
+                    .run(Some(durability), move || {
+                        replica.merge(&bucket, &key, &object, &props, durability)
+                    })
+                    .await
+                    .map_err(internal)??;
                 self.check_orphan(&b, &k, n_val);
                 Ok(PeerMessage::Ack)
             }
@@ -1436,39 +1446,15 @@ impl Cluster {
         partition: u32,
         leaves: Vec<u16>,
     ) -> Result<(Vec<(String, String, Hash)>, bool), ClusterError> {
-        let replica = Arc::clone(&self.replica);
         let aae = Arc::clone(&self.aae);
         let leaves: std::collections::BTreeSet<u16> = leaves.into_iter().collect();
-        tokio::task::spawn_blocking(move || -> Result<_, ClusterError> {
-            let mut out = Vec::new();
-            let mut start_after: Option<Vec<u8>> = None;
-            loop {
-                let page = replica.scan_objects(start_after.as_deref(), SCAN_PAGE)?;
-                let Some((last, _)) = page.last() else { break };
-                start_after = Some(last.clone());
-                for (storage_key, value) in &page {
-                    let Some((bucket, key)) = keys::split_object_key(storage_key) else {
-                        continue;
-                    };
-                    if aae.partition_of(bucket, key) != partition
-                        || !leaves.contains(&leaf_of(bucket, key))
-                    {
-                        continue;
-                    }
-                    if out.len() >= MAX_AAE_KEYS_PER_EXCHANGE {
-                        return Ok((out, true));
-                    }
-                    out.push((
-                        String::from_utf8_lossy(bucket).into_owned(),
-                        String::from_utf8_lossy(key).into_owned(),
-                        entry_hash(bucket, key, value),
-                    ));
-                }
-            }
-            Ok((out, false))
-        })
-        .await
-        .map_err(internal)?
+        self.replica
+            .run(None, move || {
+                aae.leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE)
+            })
+            .await
+            .map_err(internal)?
+            .map_err(ClusterError::Internal)
     }
 
     /// Compare one partition with one peer and repair the keys that differ: both sides end
@@ -1685,9 +1671,17 @@ impl Cluster {
         let mut candidates = Vec::new();
         let mut start_after: Option<Vec<u8>> = None;
         loop {
-            let page = self.scan_page(start_after.clone()).await?;
-            let Some((last, _)) = page.last() else { break };
-            start_after = Some(last.clone());
+            let (page, last_listed) = {
+                let (replica, start_after) = (Arc::clone(&self.replica), start_after.clone());
+                tokio::task::spawn_blocking(move || {
+                    replica.scan_tombstones(start_after.as_deref(), SCAN_PAGE)
+                })
+                .await
+                .map_err(internal)??
+            };
+            // Continue after the last listed key even when its object is gone.
+            let Some(last) = last_listed else { break };
+            start_after = Some(last);
             for (storage_key, value) in page {
                 if !Object::encoded_is_deleted(&value).unwrap_or(false) {
                     continue;

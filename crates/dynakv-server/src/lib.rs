@@ -185,21 +185,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         request: Duration::from_millis(config.request_timeout_ms),
         ..ClusterTimeouts::default()
     };
-    let aae = Arc::new(aae::AaeTrees::new(state.ring.current.clone()));
+    let aae = Arc::new(aae::AaeTrees::new(
+        state.ring.current.clone(),
+        Arc::clone(&storage),
+    ));
     {
-        let (aae, storage, replica) =
-            (Arc::clone(&aae), Arc::clone(&storage), Arc::clone(&replica));
+        let (aae, replica) = (Arc::clone(&aae), Arc::clone(&replica));
+        let trust_index = !identity.new_generation;
         let started = std::time::Instant::now();
-        let hashed = tokio::task::spawn_blocking(move || {
-            let hashed = aae.rebuild(storage.as_ref());
+        let report = tokio::task::spawn_blocking(move || {
+            let report = aae.rebuild(trust_index);
             replica.attach_aae(aae);
-            hashed
+            report
         })
         .await
         .map_err(|e| ServerError::Internal(e.to_string()))?
         .map_err(ServerError::Internal)?;
         tracing::info!(
-            objects = hashed,
+            entries = report.entries,
+            from_index = report.from_index,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "anti-entropy trees built"
         );

@@ -265,6 +265,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn engine_name(&self) -> &'static str {
         ENGINE
     }
+
+    fn may_wait_for_disk(&self, durability: Option<Durability>) -> bool {
+        self.inner.may_wait_for_disk(durability)
+    }
 }
 
 #[cfg(test)]

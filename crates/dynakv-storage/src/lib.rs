@@ -73,6 +73,8 @@ pub(crate) const fn table_index(table: Table) -> usize {
         Table::BucketProps => 1,
         Table::Meta => 2,
         Table::Hints => 3,
+        Table::AaeIndex => 4,
+        Table::Tombstones => 5,
     }
 }
 

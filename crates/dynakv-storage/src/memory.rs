@@ -102,4 +102,8 @@ impl Storage for MemoryStorage {
     fn engine_name(&self) -> &'static str {
         ENGINE
     }
+
+    fn may_wait_for_disk(&self, _durability: Option<Durability>) -> bool {
+        false
+    }
 }
