@@ -42,6 +42,11 @@ pub const MAX_PROPS_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_N_VAL: u32 = 9;
 /// Default number of ring partitions (Q). Must be a power of two.
 pub const DEFAULT_RING_PARTITIONS: u32 = 64;
+/// Default most client data requests a node serves at once; one more is answered 503 at once
+/// (load shedding) rather than queued.
+pub const DEFAULT_MAX_IN_FLIGHT_REQUESTS: usize = 256;
+/// Highest configurable `max_in_flight_requests`.
+pub const HARD_MAX_IN_FLIGHT_REQUESTS: usize = 65_536;
 /// Most ring partitions allowed.
 pub const MAX_RING_PARTITIONS: u32 = 4096;
 

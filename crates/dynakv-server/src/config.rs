@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub aae_latency_target_ms: u64,
     /// How long a tombstone is kept after the delete before it may be reaped, in ms.
     pub tombstone_grace_ms: u64,
+    /// Most client data requests served at once; more are answered 503 at once.
+    pub max_in_flight_requests: usize,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -84,6 +86,7 @@ pub struct FileConfig {
     pub aae_interval_ms: Option<u64>,
     pub aae_latency_target_ms: Option<u64>,
     pub tombstone_grace_ms: Option<u64>,
+    pub max_in_flight_requests: Option<usize>,
 }
 
 /// A configuration that cannot be used.
@@ -125,6 +128,7 @@ impl ServerConfig {
             aae_interval_ms: 2000,
             aae_latency_target_ms: 50,
             tombstone_grace_ms: 3_600_000,
+            max_in_flight_requests: limits::DEFAULT_MAX_IN_FLIGHT_REQUESTS,
         }
     }
 
@@ -158,6 +162,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.cluster_name {
             self.cluster_name = v;
+        }
+        if let Some(v) = file.max_in_flight_requests {
+            self.max_in_flight_requests = v;
         }
         if let Some(v) = file.request_timeout_ms {
             self.request_timeout_ms = v;
@@ -204,6 +211,12 @@ impl ServerConfig {
             return invalid(format!(
                 "cluster_name must be 1 to {} bytes",
                 limits::MAX_ACTOR_BYTES
+            ));
+        }
+        if !(1..=limits::HARD_MAX_IN_FLIGHT_REQUESTS).contains(&self.max_in_flight_requests) {
+            return invalid(format!(
+                "max_in_flight_requests must be 1 to {}",
+                limits::HARD_MAX_IN_FLIGHT_REQUESTS
             ));
         }
         if !(10..=600_000).contains(&self.request_timeout_ms) {

@@ -45,6 +45,9 @@ pub struct ApiState {
     pub node_name: String,
     pub stats: Arc<Stats>,
     pub max_value_bytes: usize,
+    /// Permits for client data requests (`max_in_flight_requests` of them).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    pub max_in_flight: usize,
 }
 
 type AppState = Arc<ApiState>;
@@ -133,7 +136,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/buckets/{bucket}/props",
             get(get_props).put(set_props).delete(reset_props),
-        );
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            shed_load,
+        ));
     // Riak's old-style paths (`/riak/B/K`, `/riak/B` for properties), which older clients
     // (the Java 1.x HTTP client among them) use.
     let legacy = Router::new()
@@ -147,7 +154,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/riak/{bucket}",
             get(get_props).put(set_props).post(create_object),
-        );
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            shed_load,
+        ));
     Router::new()
         .route("/", get(list_resources))
         .merge(legacy)
@@ -166,6 +177,37 @@ pub fn router(state: AppState) -> Router {
         .merge(buckets)
         .fallback(not_found)
         .with_state(state)
+}
+
+/// Load shedding: a data request that finds `max_in_flight_requests` already being served is
+/// answered 503 at once (with `Retry-After`) instead of queueing, so the latency of accepted
+/// requests stays bounded when clients offer more than the node can serve. The permit is held
+/// until the handler returns (a slow request body holds it too). Ping, stats and admin
+/// requests are not counted, so an overloaded node can still be observed.
+async fn shed_load(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+        state
+            .stats
+            .requests_shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            format!(
+                "overloaded: {} requests already in flight on this node; retry later\n",
+                state.max_in_flight
+            ),
+        )
+            .into_response();
+    };
+    next.run(request).await
 }
 
 async fn missing_key() -> ApiError {

@@ -253,6 +253,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         node_name: identity.name.clone(),
         stats,
         max_value_bytes: config.max_value_bytes,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_requests)),
+        max_in_flight: config.max_in_flight_requests,
     });
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");

@@ -53,6 +53,8 @@ pub struct Stats {
     pub siblings_returned: AtomicU64,
     pub max_siblings_seen: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Data requests answered 503 because `max_in_flight_requests` were already running.
+    pub requests_shed: AtomicU64,
     pub bytes_written: AtomicU64,
 }
 
@@ -73,6 +75,7 @@ impl Stats {
             siblings_returned: AtomicU64::new(0),
             max_siblings_seen: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
+            requests_shed: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         })
     }
@@ -185,6 +188,10 @@ impl Stats {
             json!(self.bad_requests.load(Ordering::Relaxed)),
         );
         map.insert(
+            "requests_shed_total".into(),
+            json!(self.requests_shed.load(Ordering::Relaxed)),
+        );
+        map.insert(
             "bytes_written_total".into(),
             json!(self.bytes_written.load(Ordering::Relaxed)),
         );
@@ -246,6 +253,7 @@ impl Stats {
             ),
             ("dynakv_max_siblings_seen", "gauge", &self.max_siblings_seen),
             ("dynakv_bad_requests_total", "counter", &self.bad_requests),
+            ("dynakv_requests_shed_total", "counter", &self.requests_shed),
             ("dynakv_bytes_written_total", "counter", &self.bytes_written),
         ] {
             let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -21,11 +21,16 @@ struct Node {
 }
 
 async fn start(storage: StorageKind) -> Node {
+    start_with(storage, |_| {}).await
+}
+
+async fn start_with(storage: StorageKind, adjust: impl FnOnce(&mut ServerConfig)) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut config = ServerConfig::new("t1", any, any, dir.path().to_owned());
     config.storage = storage;
     config.max_value_bytes = 64 * 1024;
+    adjust(&mut config);
     let server = dynakv_server::start(config).await.unwrap();
     let addr = server.http_addr;
     let client = Client::new(&format!("http://{addr}")).unwrap();
@@ -506,5 +511,61 @@ async fn old_style_riak_paths_reach_the_same_objects() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _, _) = node.req(Method::GET, "/buckets/old/keys/k", &[], "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn excess_requests_are_shed_at_once_and_the_node_recovers() {
+    let node = start_with(StorageKind::Memory, |config| {
+        config.max_in_flight_requests = 2
+    })
+    .await;
+    // Two puts whose bodies stall halfway hold the two permits.
+    let mut stalled = Vec::new();
+    for i in 0..2 {
+        let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+        let head = format!(
+            "PUT /buckets/b/keys/slow{i} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nhello"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A third data request is refused at once, with a reason and Retry-After.
+    let started = std::time::Instant::now();
+    let (status, headers, body) = node.req(Method::GET, "/buckets/b/keys/k", &[], "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(body.contains("overloaded"), "{body}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    let (status, _, _) = node.req(Method::PUT, "/riak/b/k", &[], "v").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // The node can still be observed.
+    let (status, _, _) = node.req(Method::GET, "/ping", &[], "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, _, stats) = node.req(Method::GET, "/stats", &[], "").await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["requests_shed_total"], 2);
+
+    // The stalled writes finish and are stored; then requests are served again.
+    for mut stream in stalled {
+        let answer = tokio::task::spawn_blocking(move || {
+            stream.write_all(b"world").unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = [0u8; 512];
+            let n = stream.read(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    }
+    let (status, _, body) = node
+        .req(Method::GET, "/buckets/b/keys/slow0", &[], "")
+        .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "helloworld"));
     node.stop().await;
 }
