@@ -517,7 +517,7 @@ async fn old_style_riak_paths_reach_the_same_objects() {
 #[tokio::test]
 async fn excess_requests_are_shed_at_once_and_the_node_recovers() {
     let node = start_with(StorageKind::Memory, |config| {
-        config.max_in_flight_requests = 2
+        config.max_in_flight_requests = 2;
     })
     .await;
     // Two puts whose bodies stall halfway hold the two permits.
