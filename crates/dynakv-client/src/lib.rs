@@ -4,6 +4,8 @@
 //! siblings as `multipart/mixed`, and hands back every sibling with the opaque causal context
 //! to send with the next write (read, merge, write back: the Dynamo way).
 
+pub mod routing;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap, HeaderValue};

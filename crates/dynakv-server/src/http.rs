@@ -167,6 +167,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/status", get(admin_status))
         .route("/admin/ring", get(admin_ring))
+        .route("/admin/routing", get(admin_routing))
         .route("/admin/members", get(admin_members))
         .route("/admin/handoffs", get(admin_handoffs))
         .route("/admin/aae", get(admin_aae))
@@ -207,8 +208,16 @@ async fn shed_load(
         )
             .into_response();
     };
-    next.run(request).await
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(
+        RING_VERSION_HEADER,
+        header::HeaderValue::from(state.cluster.state().ring.version),
+    );
+    response
 }
+
+/// The ring version a data response was served under (for client-side routing).
+const RING_VERSION_HEADER: &str = "x-dynakv-ring-version";
 
 async fn missing_key() -> ApiError {
     ApiError::bad_request("key is empty")
@@ -1179,6 +1188,33 @@ async fn admin_members(State(state): State<AppState>) -> Response {
         })
         .collect();
     json_response(StatusCode::OK, &json!({ "members": members }))
+}
+
+/// What a client needs to route requests itself (paper 6.4): the current ring (the same
+/// structure the nodes use, so the client computes the same preference lists), its version,
+/// and each member's HTTP address. Data responses carry `X-Dynakv-Ring-Version`, so a client
+/// sees when this is stale.
+async fn admin_routing(State(state): State<AppState>) -> Response {
+    let cluster = state.cluster.state();
+    let members: serde_json::Map<String, serde_json::Value> = cluster
+        .members
+        .values()
+        .map(|m| {
+            (
+                m.id.0.clone(),
+                json!({"http_addr": m.http_addr, "up": state.cluster.is_up(&m.id)}),
+            )
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "version": cluster.ring.version,
+            "transition": cluster.ring.next.is_some(),
+            "ring": cluster.ring.current,
+            "members": members,
+        }),
+    )
 }
 
 fn owners_json(ring: &dynakv_core::ring::Ring) -> serde_json::Value {

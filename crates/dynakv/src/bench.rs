@@ -14,6 +14,7 @@
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use dynakv_client::Client;
+use dynakv_client::routing::{self, RoutingClient};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -101,6 +102,99 @@ pub struct BenchConfig {
     pub seed: u64,
     /// The bench bucket's durability: `fsync` (every write) or `buffered` (periodic flush).
     pub durability: String,
+    /// Route each request to a replica of its key (client-driven coordination).
+    pub client_routing: bool,
+    /// Offered operations per second in all (open loop); 0 = closed loop, as fast as possible.
+    pub rate: f64,
+    pub target: Target,
+    /// Time limit of the run phase in seconds (0 = none).
+    pub duration_secs: u64,
+}
+
+/// The system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// dynakv's Riak-compatible HTTP API.
+    Dynakv,
+    /// etcd's v3 JSON gateway (`/v3/kv/put`, `/v3/kv/range`), base64 keys and values.
+    Etcd,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dynakv" => Ok(Target::Dynakv),
+            "etcd" => Ok(Target::Etcd),
+            other => Err(format!("unknown target {other:?} (dynakv or etcd)")),
+        }
+    }
+}
+
+/// How one operation reaches the system under test.
+#[derive(Debug, Clone)]
+enum Sender {
+    /// The node `clients[task % len]`, which coordinates (or forwards) the request.
+    Dynakv(Client),
+    /// A replica of the key, from the client's copy of the ring.
+    Routed(RoutingClient),
+    Etcd(Client),
+}
+
+/// What became of one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    /// 503: the node shed the request (overload) or could not reach a quorum.
+    Unavailable,
+    Failed,
+}
+
+impl Sender {
+    async fn execute(&self, bucket: &str, key: &str, value: &Bytes, is_read: bool) -> Outcome {
+        let octets: &[(&str, &str)] = &[("content-type", "application/octet-stream")];
+        let path = format!("/buckets/{bucket}/keys/{key}");
+        let (method, headers, body) = if is_read {
+            (hyper::Method::GET, &[][..], Bytes::new())
+        } else {
+            (hyper::Method::PUT, octets, value.clone())
+        };
+        let answer = match self {
+            Sender::Dynakv(client) => client.request(method, &path, headers, body).await,
+            Sender::Routed(routing) => {
+                routing
+                    .request(bucket, key, method, &path, headers, body)
+                    .await
+            }
+            Sender::Etcd(client) => {
+                use base64::Engine as _;
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let etcd_key = b64.encode(format!("{bucket}/{key}"));
+                let (path, body) = if is_read {
+                    ("/v3/kv/range", serde_json::json!({"key": etcd_key}))
+                } else {
+                    (
+                        "/v3/kv/put",
+                        serde_json::json!({"key": etcd_key, "value": b64.encode(value)}),
+                    )
+                };
+                client
+                    .request(
+                        hyper::Method::POST,
+                        path,
+                        &[("content-type", "application/json")],
+                        Bytes::from(body.to_string()),
+                    )
+                    .await
+            }
+        };
+        match answer {
+            // A read of a key that is not there yet is an answer, not a failure.
+            Ok((status, _, _)) if status.is_success() || status == 404 => Outcome::Ok,
+            Ok((status, _, _)) if status == 503 => Outcome::Unavailable,
+            _ => Outcome::Failed,
+        }
+    }
 }
 
 /// YCSB's zipfian generator over `0..items` (Gray et al.), scrambled so hot keys spread over
@@ -160,6 +254,7 @@ fn histogram() -> Result<Histogram<u64>> {
 struct Shared {
     done: AtomicU64,
     errors: AtomicU64,
+    unavailable: AtomicU64,
     next_op: AtomicU64,
 }
 
@@ -178,72 +273,79 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     if config.concurrency == 0 || config.concurrency > MAX_CONCURRENCY {
         bail!("--concurrency must be from 1 to {MAX_CONCURRENCY}");
     }
+    if !config.rate.is_finite() || config.rate < 0.0 {
+        bail!("--rate must be a number of operations per second, 0 for as fast as possible");
+    }
+    if config.durability != "fsync" && config.durability != "buffered" {
+        bail!("--durability must be fsync or buffered");
+    }
+    if config.client_routing && config.target != Target::Dynakv {
+        bail!("--client-routing works with --target dynakv only");
+    }
     let clients: Vec<Client> = config
         .urls
         .iter()
         .map(|u| Client::new(u))
         .collect::<Result<_, _>>()?;
-    if config.durability != "fsync" && config.durability != "buffered" {
-        bail!("--durability must be fsync or buffered");
+    if config.target == Target::Dynakv {
+        set_bench_props(&config, &clients[0]).await?;
     }
-    let props = format!(
-        r#"{{"props":{{"allow_mult":false,"last_write_wins":true,"durability":"{}"}}}}"#,
-        config.durability
-    );
-    let path = format!("/buckets/{}/props", config.bucket);
-    let (status, _, body) = clients[0]
-        .request(
-            hyper::Method::PUT,
-            &path,
-            &[("content-type", "application/json")],
-            Bytes::from(props),
-        )
-        .await?;
-    if !status.is_success() {
-        bail!(
-            "setting the bench bucket's properties: {status} {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
-    // Let the properties spread by gossip before loading.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let senders: Vec<Sender> = match config.target {
+        Target::Etcd => clients.into_iter().map(Sender::Etcd).collect(),
+        Target::Dynakv if config.client_routing => {
+            let routing = RoutingClient::connect(&config.urls, routing::DEFAULT_N_VAL)
+                .await
+                .context("fetching the routing table")?;
+            vec![Sender::Routed(routing)]
+        }
+        Target::Dynakv => clients.into_iter().map(Sender::Dynakv).collect(),
+    };
     let value = Bytes::from(vec![b'x'; config.value_size]);
     if !config.skip_load {
         let started = Instant::now();
-        let report = phase(&config, &clients, &value, Phase::Load).await?;
+        let report = phase(&config, &senders, &value, Phase::Load).await?;
         eprintln!(
             "load: {} records in {:.1?} ({:.0} ops/s, {} errors)",
             config.records,
             started.elapsed(),
             report.throughput,
-            report.errors
+            report.errors + report.unavailable
         );
     }
-    let report = phase(&config, &clients, &value, Phase::Run).await?;
+    let report = phase(&config, &senders, &value, Phase::Run).await?;
     let read = summary(&report.read);
     let update = summary(&report.update);
     if config.json {
         let out = serde_json::json!({
+            "target": format!("{:?}", config.target).to_lowercase(),
             "workload": format!("{:?}", config.workload).to_lowercase(),
             "distribution": format!("{:?}", config.distribution).to_lowercase(),
             "records": config.records,
             "ops": report.done,
             "errors": report.errors,
+            "unavailable": report.unavailable,
             "concurrency": config.concurrency,
             "value_size": config.value_size,
             "durability": config.durability,
+            "client_routing": config.client_routing,
+            "offered_rate": config.rate,
             "elapsed_sec": report.elapsed.as_secs_f64(),
             "throughput_ops_per_sec": report.throughput,
             "read": read,
             "update": update,
+            "unavailable_latency": summary(&report.rejected),
         });
         println!("{out}");
     } else {
         println!(
-            "{} ops in {:.1?}: {:.0} ops/s, {} errors",
-            report.done, report.elapsed, report.throughput, report.errors
+            "{} ops in {:.1?}: {:.0} ops/s, {} errors, {} unavailable (503)",
+            report.done, report.elapsed, report.throughput, report.errors, report.unavailable
         );
-        for (name, h) in [("read", &report.read), ("update", &report.update)] {
+        for (name, h) in [
+            ("read", &report.read),
+            ("update", &report.update),
+            ("503", &report.rejected),
+        ] {
             if h.is_empty() {
                 continue;
             }
@@ -257,6 +359,32 @@ pub async fn run(config: BenchConfig) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Make the bench bucket `last_write_wins` with the chosen durability, and give gossip a
+/// moment to spread it.
+async fn set_bench_props(config: &BenchConfig, client: &Client) -> Result<()> {
+    let props = format!(
+        r#"{{"props":{{"allow_mult":false,"last_write_wins":true,"durability":"{}"}}}}"#,
+        config.durability
+    );
+    let path = format!("/buckets/{}/props", config.bucket);
+    let (status, _, body) = client
+        .request(
+            hyper::Method::PUT,
+            &path,
+            &[("content-type", "application/json")],
+            Bytes::from(props),
+        )
+        .await?;
+    if !status.is_success() {
+        bail!(
+            "setting the bench bucket's properties: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     Ok(())
 }
 
@@ -286,15 +414,21 @@ enum Phase {
 struct PhaseReport {
     read: Histogram<u64>,
     update: Histogram<u64>,
+    /// Latency of the operations answered 503.
+    rejected: Histogram<u64>,
     done: u64,
     errors: u64,
+    unavailable: u64,
     elapsed: Duration,
     throughput: f64,
 }
 
+/// Histograms of one task: reads, updates, 503s.
+type TaskHistograms = (Histogram<u64>, Histogram<u64>, Histogram<u64>);
+
 async fn phase(
     config: &BenchConfig,
-    clients: &[Client],
+    senders: &[Sender],
     value: &Bytes,
     phase: Phase,
 ) -> Result<PhaseReport> {
@@ -302,9 +436,14 @@ async fn phase(
         Phase::Load => config.records,
         Phase::Run => config.ops,
     };
+    // The open-loop schedule applies to the run phase; loading goes as fast as it can.
+    let rate = if phase == Phase::Run { config.rate } else { 0.0 };
+    let deadline = (phase == Phase::Run && config.duration_secs > 0)
+        .then(|| Instant::now() + Duration::from_secs(config.duration_secs));
     let shared = Arc::new(Shared {
         done: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        unavailable: AtomicU64::new(0),
         next_op: AtomicU64::new(0),
     });
     let zipfian = Arc::new(Zipfian::new(config.records));
@@ -317,9 +456,10 @@ async fn phase(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let done = shared.done.load(Ordering::Relaxed);
                 eprintln!(
-                    "  {phase:?}: {done}/{total} ops, {}/s, {} errors",
+                    "  {phase:?}: {done}/{total} ops, {}/s, {} errors, {} unavailable",
                     done - last,
-                    shared.errors.load(Ordering::Relaxed)
+                    shared.errors.load(Ordering::Relaxed),
+                    shared.unavailable.load(Ordering::Relaxed)
                 );
                 last = done;
             }
@@ -327,7 +467,7 @@ async fn phase(
     };
     let mut tasks = Vec::with_capacity(config.concurrency);
     for task in 0..config.concurrency {
-        let client = clients[task % clients.len()].clone();
+        let sender = senders[task % senders.len()].clone();
         let shared = Arc::clone(&shared);
         let zipfian = Arc::clone(&zipfian);
         let (config, value) = (config.clone(), value.clone());
@@ -336,11 +476,21 @@ async fn phase(
                 StdRng::seed_from_u64(config.seed ^ (task as u64).wrapping_mul(0x9e37_79b9));
             let mut read = histogram()?;
             let mut update = histogram()?;
+            let mut rejected = histogram()?;
             loop {
                 let op = shared.next_op.fetch_add(1, Ordering::Relaxed);
-                if op >= total {
+                if op >= total || deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
+                // Open loop: operation `op` is due at `op / rate` seconds; its latency counts
+                // from then, so time spent waiting for a free task is measured, not hidden.
+                let due = if rate > 0.0 {
+                    let due = started + Duration::from_secs_f64(op as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    due
+                } else {
+                    Instant::now()
+                };
                 let (is_read, key) = match phase {
                     Phase::Load => (false, op),
                     Phase::Run => {
@@ -351,41 +501,38 @@ async fn phase(
                         (rng.random::<f64>() < config.workload.read_fraction(), key)
                     }
                 };
-                let name = key_name(key);
-                let started = Instant::now();
-                let ok = if is_read {
-                    client.get(&config.bucket, &name).await.is_ok()
-                } else {
-                    let path = format!("/buckets/{}/keys/{name}", config.bucket);
-                    matches!(
-                        client
-                            .request(
-                                hyper::Method::PUT,
-                                &path,
-                                &[("content-type", "application/octet-stream")],
-                                value.clone(),
-                            )
-                            .await,
-                        Ok((status, _, _)) if status.is_success()
-                    )
+                let outcome = sender
+                    .execute(&config.bucket, &key_name(key), &value, is_read)
+                    .await;
+                let us = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let h = match outcome {
+                    Outcome::Unavailable => &mut rejected,
+                    _ if is_read => &mut read,
+                    _ => &mut update,
                 };
-                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                let h = if is_read { &mut read } else { &mut update };
                 h.saturating_record(us.clamp(1, MAX_LATENCY_US));
                 shared.done.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                match outcome {
+                    Outcome::Ok => {}
+                    Outcome::Unavailable => {
+                        shared.unavailable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Outcome::Failed => {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
-            anyhow::Ok((read, update))
+            anyhow::Ok::<TaskHistograms>((read, update, rejected))
         }));
     }
     let mut read = histogram()?;
     let mut update = histogram()?;
+    let mut rejected = histogram()?;
     for task in tasks {
-        let (r, u) = task.await.context("bench task")??;
+        let (r, u, x) = task.await.context("bench task")??;
         read.add(&r).context("merging histograms")?;
         update.add(&u).context("merging histograms")?;
+        rejected.add(&x).context("merging histograms")?;
     }
     progress.abort();
     let elapsed = started.elapsed();
@@ -393,8 +540,10 @@ async fn phase(
     Ok(PhaseReport {
         read,
         update,
+        rejected,
         done,
         errors: shared.errors.load(Ordering::Relaxed),
+        unavailable: shared.unavailable.load(Ordering::Relaxed),
         elapsed,
         throughput: done as f64 / elapsed.as_secs_f64().max(1e-9),
     })

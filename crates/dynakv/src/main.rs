@@ -125,6 +125,21 @@ enum Command {
         /// The bench bucket's durability: fsync or buffered.
         #[arg(long, default_value = "fsync")]
         durability: String,
+        /// Send each request to a replica of its key (the client keeps the ring), instead of
+        /// to the next --url in turn.
+        #[arg(long)]
+        client_routing: bool,
+        /// Offer this many operations per second in all (open loop: latency is measured from
+        /// when each operation was due, so queueing is counted); 0 = as fast as possible.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// What the --url's are: dynakv nodes, or etcd members (its v3 JSON gateway), for a
+        /// reference measured with the same client.
+        #[arg(long, default_value = "dynakv")]
+        target: bench::Target,
+        /// Stop the run phase after this many seconds even if --ops are not done (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        duration_secs: u64,
     },
     /// Inspect a node.
     Admin {
@@ -330,9 +345,17 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             seed,
             durability,
+            client_routing,
+            rate,
+            target,
+            duration_secs,
         } => {
             init_logging("warn");
             bench::run(bench::BenchConfig {
+                client_routing,
+                rate,
+                target,
+                duration_secs,
                 urls,
                 workload,
                 distribution,
