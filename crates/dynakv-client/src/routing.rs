@@ -191,9 +191,7 @@ async fn fetch_table(seeds: &[Client]) -> Result<Table, ClientError> {
 
 fn parse_table(value: &serde_json::Value, seed: &Client) -> Result<Table, ClientError> {
     let bad = |what: &str| ClientError::Protocol(format!("routing table: {what}"));
-    let version = value["version"]
-        .as_u64()
-        .ok_or_else(|| bad("no version"))?;
+    let version = value["version"].as_u64().ok_or_else(|| bad("no version"))?;
     let ring: Ring =
         serde_json::from_value(value["ring"].clone()).map_err(|e| bad(&e.to_string()))?;
     let members = value["members"]

@@ -214,3 +214,118 @@ async fn quorum_failures_are_503_and_say_how_many_answered() {
     node.server.shutdown();
     node.server.wait().await.unwrap();
 }
+
+/// Puts received over HTTP by a node (forwarded or not).
+async fn http_puts(node: &Node) -> u64 {
+    node.client.get_json("/stats").await.unwrap()["node_puts_total"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_routing_sends_each_request_to_a_replica_and_follows_ring_changes() {
+    use dynakv_client::routing::RoutingClient;
+    let mut nodes = start_cluster(3).await;
+    // One replica per key, so "a replica" means exactly one node.
+    let props = r#"{"props":{"n_val":1}}"#;
+    let (status, _, _) = nodes[0]
+        .client
+        .request(
+            Method::PUT,
+            "/buckets/routed/props",
+            &[("content-type", "application/json")],
+            Bytes::from(props),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes
+        .iter()
+        .all(|n| n.server.cluster.bucket_props("routed").n_val == 1)
+    {
+        assert!(Instant::now() < deadline, "props did not spread");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let seed = vec![format!("http://{}", nodes[0].server.http_addr)];
+    let routing = RoutingClient::connect(&seed, 1).await.unwrap();
+    let version = nodes[0].server.cluster.state().ring.version;
+    assert_eq!(routing.version(), version);
+    let before: Vec<u64> = http_puts_of(&nodes).await;
+    let mut expected = std::collections::HashMap::<String, u64>::new();
+    let state = nodes[0].server.cluster.state();
+    for i in 0..60 {
+        let key = format!("k{i}");
+        let path = format!("/buckets/routed/keys/{key}");
+        let (status, headers, _) = routing
+            .request(
+                "routed",
+                &key,
+                Method::PUT,
+                &path,
+                &[("content-type", "text/plain")],
+                Bytes::from("v"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            headers["x-dynakv-ring-version"],
+            version.to_string().as_str()
+        );
+        let partition = state.ring.current.partition_of(b"routed", key.as_bytes());
+        let owner = state.ring.current.preference_list(partition, 1)[0]
+            .1
+            .clone();
+        *expected.entry(owner.0).or_default() += 1;
+    }
+    let after: Vec<u64> = http_puts_of(&nodes).await;
+    for (node, (b, a)) in nodes.iter().zip(before.iter().zip(&after)) {
+        let wanted = expected.get(&node.server.name).copied().unwrap_or(0);
+        assert_eq!(
+            a - b,
+            wanted,
+            "{} received puts for keys it does not own",
+            node.server.name
+        );
+    }
+    assert!(expected.len() >= 2, "keys spread over the nodes");
+
+    // A fourth node joins: the ring version moves on, the next answer says so, and the client
+    // fetches the new table by itself.
+    let seed_peer = nodes[0].server.peer_addr;
+    nodes.push(start_node("n4", Some(seed_peer)).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, _) = routing
+            .request(
+                "routed",
+                "k1",
+                Method::GET,
+                "/buckets/routed/keys/k1",
+                &[],
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        if routing.version() > version {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client never refreshed its ring"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(routing.refreshes() >= 1);
+}
+
+async fn http_puts_of(nodes: &[Node]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for node in nodes {
+        out.push(http_puts(node).await);
+    }
+    out
+}

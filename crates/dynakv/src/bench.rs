@@ -437,7 +437,11 @@ async fn phase(
         Phase::Run => config.ops,
     };
     // The open-loop schedule applies to the run phase; loading goes as fast as it can.
-    let rate = if phase == Phase::Run { config.rate } else { 0.0 };
+    let rate = if phase == Phase::Run {
+        config.rate
+    } else {
+        0.0
+    };
     let deadline = (phase == Phase::Run && config.duration_secs > 0)
         .then(|| Instant::now() + Duration::from_secs(config.duration_secs));
     let shared = Arc::new(Shared {

@@ -352,10 +352,6 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             init_logging("warn");
             bench::run(bench::BenchConfig {
-                client_routing,
-                rate,
-                target,
-                duration_secs,
                 urls,
                 workload,
                 distribution,
@@ -368,6 +364,10 @@ async fn run(cli: Cli) -> Result<()> {
                 json,
                 seed,
                 durability,
+                client_routing,
+                rate,
+                target,
+                duration_secs,
             })
             .await
         }
