@@ -10,9 +10,87 @@ use crate::membership::{ClusterState, Member};
 use crate::storage::Durability;
 use serde::{Deserialize, Serialize};
 
+/// Byte strings as serde bytes (one length and a copy) rather than a sequence of `u8`s (one
+/// call per byte). In postcard both are a varint length then the raw bytes, so the wire format
+/// is the same; only the cost differs (values and objects are most of every message).
+mod raw_bytes {
+    use serde::{Deserializer, Serializer};
+
+    #[allow(clippy::ptr_arg)] // serde's `with` passes the field as declared
+    pub fn serialize<S: Serializer>(bytes: &Vec<u8>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(ByteBuf)
+    }
+
+    pub(super) struct ByteBuf;
+
+    impl<'de> serde::de::Visitor<'de> for ByteBuf {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Self-describing formats (JSON) give bytes as a sequence of numbers.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64 * 1024));
+            while let Some(byte) = seq.next_element()? {
+                out.push(byte);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// [`raw_bytes`] for an optional byte string.
+mod optional_raw_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Borrowed bytes, serialized as serde bytes (no copy).
+    struct Borrowed<'a>(&'a [u8]);
+
+    impl Serialize for Borrowed<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(self.0)
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Owned(#[serde(with = "super::raw_bytes")] Vec<u8>);
+
+    #[allow(clippy::ref_option)] // serde's `with` passes the field as declared
+    pub fn serialize<S: Serializer>(
+        bytes: &Option<Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            None => serializer.serialize_none(),
+            Some(b) => serializer.serialize_some(&Borrowed(b)),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<Owned>::deserialize(deserializer)?.map(|w| w.0))
+    }
+}
+
 /// A write's content as sent to a coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireContent {
+    #[serde(with = "raw_bytes")]
     pub value: Vec<u8>,
     pub content_type: String,
     pub meta: Vec<(String, String)>,
@@ -25,6 +103,7 @@ pub struct HandoffEntry {
     pub bucket: String,
     pub key: String,
     /// `Object::encode` bytes.
+    #[serde(with = "raw_bytes")]
     pub object: Vec<u8>,
 }
 
@@ -60,12 +139,14 @@ pub enum PeerMessage {
         hinted_for: Option<String>,
     },
     ReplicaObject {
+        #[serde(with = "optional_raw_bytes")]
         object: Option<Vec<u8>>,
     },
     /// Merge a version into a replica; reply `Ack`, `StaleRing` or `Error`.
     ReplicaPut {
         bucket: String,
         key: String,
+        #[serde(with = "raw_bytes")]
         object: Vec<u8>,
         durability: Durability,
         ring_version: u64,
@@ -76,6 +157,7 @@ pub enum PeerMessage {
         target: String,
         bucket: String,
         key: String,
+        #[serde(with = "raw_bytes")]
         object: Vec<u8>,
         durability: Durability,
         ring_version: u64,
@@ -86,6 +168,7 @@ pub enum PeerMessage {
         bucket: String,
         key: String,
         /// `encode_clock` bytes of the client's authenticated context, if it sent one.
+        #[serde(with = "optional_raw_bytes")]
         context: Option<Vec<u8>>,
         content: WireContent,
         w: Option<u32>,
@@ -97,6 +180,7 @@ pub enum PeerMessage {
     },
     /// The stored object after a coordinated write.
     Coordinated {
+        #[serde(with = "raw_bytes")]
         object: Vec<u8>,
     },
     /// A coordinated write failed: the HTTP status and message to give the client.
@@ -166,4 +250,60 @@ pub enum PeerMessage {
     /// The receiver's ring is newer than the sender's: here is the receiver's state.
     StaleRing(Box<ClusterState>),
     Error(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Plain {
+        object: Vec<u8>,
+        context: Option<Vec<u8>>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Raw {
+        #[serde(with = "raw_bytes")]
+        object: Vec<u8>,
+        #[serde(with = "optional_raw_bytes")]
+        context: Option<Vec<u8>>,
+    }
+
+    #[test]
+    fn byte_fields_keep_the_postcard_wire_format_and_round_trip() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        for context in [None, Some(Vec::new()), Some(data.clone())] {
+            let plain = postcard::to_allocvec(&Plain {
+                object: data.clone(),
+                context: context.clone(),
+            })
+            .unwrap();
+            let raw = Raw {
+                object: data.clone(),
+                context,
+            };
+            let encoded = postcard::to_allocvec(&raw).unwrap();
+            assert_eq!(encoded, plain, "same bytes on the wire as a sequence of u8");
+            assert_eq!(postcard::from_bytes::<Raw>(&encoded).unwrap(), raw);
+        }
+        let message = PeerMessage::ReplicaObject {
+            object: Some(data.clone()),
+        };
+        let encoded = postcard::to_allocvec(&message).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<PeerMessage>(&encoded).unwrap(),
+            message
+        );
+        // A self-describing format gives the bytes back too.
+        let json = serde_json::to_string(&raw_json()).unwrap();
+        assert_eq!(serde_json::from_str::<Raw>(&json).unwrap(), raw_json());
+    }
+
+    fn raw_json() -> Raw {
+        Raw {
+            object: vec![1, 2, 3],
+            context: Some(vec![4]),
+        }
+    }
 }
