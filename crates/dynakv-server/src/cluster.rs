@@ -1448,13 +1448,13 @@ impl Cluster {
     ) -> Result<(Vec<(String, String, Hash)>, bool), ClusterError> {
         let aae = Arc::clone(&self.aae);
         let leaves: std::collections::BTreeSet<u16> = leaves.into_iter().collect();
-        self.replica
-            .run(None, move || {
-                aae.leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE)
-            })
-            .await
-            .map_err(internal)?
-            .map_err(ClusterError::Internal)
+        // A scan (it may wait for the write buffer to drain): on the blocking pool.
+        tokio::task::spawn_blocking(move || {
+            aae.leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(ClusterError::Internal)
     }
 
     /// Compare one partition with one peer and repair the keys that differ: both sides end

@@ -21,7 +21,7 @@ use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
 use dynakv_core::ring::NodeId;
 use dynakv_core::storage::Storage;
-use dynakv_storage::{FjallOptions, FjallStorage, MemoryStorage};
+use dynakv_storage::{BufferedStorage, FjallOptions, FjallStorage, MemoryStorage};
 use identity::NodeIdentity;
 use replica::Replica;
 use std::net::SocketAddr;
@@ -103,7 +103,9 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
                 path: dir.display().to_string(),
                 message: e.to_string(),
             })?;
-            Ok(Arc::new(storage))
+            // Writes land in an in-memory buffer the flusher drains (paper 6.1), so no
+            // foreground write waits on fjall's journal lock during an fsync.
+            Ok(Arc::new(BufferedStorage::new(storage)))
         }
     }
 }
@@ -441,6 +443,9 @@ async fn serve(
     served.map_err(ServerError::Io)
 }
 
+/// A flush (fsync) this slow is logged.
+const SLOW_FLUSH: Duration = Duration::from_millis(20);
+
 /// Make buffered writes durable every `interval_ms` (paper 6.1's writer thread).
 async fn flush_loop(
     storage: Arc<dyn Storage>,
@@ -457,8 +462,18 @@ async fn flush_loop(
         }
         if unflushed.swap(false, Ordering::AcqRel) {
             let storage = Arc::clone(&storage);
+            let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || storage.sync()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    let took = started.elapsed();
+                    if took >= SLOW_FLUSH {
+                        // Buffered writes queue behind this fsync: it is foreground latency.
+                        tracing::warn!(
+                            took_ms = took.as_millis() as u64,
+                            "slow flush of buffered writes"
+                        );
+                    }
+                }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "flush of buffered writes failed");
                     unflushed.store(true, Ordering::Release);

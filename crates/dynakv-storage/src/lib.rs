@@ -6,6 +6,8 @@
 //!   [`Table`]. Fsync'd writes from concurrent threads share fsyncs (group commit).
 //! - `RedbStorage` (cargo feature `redb`): a copy-on-write B-tree (redb 4), kept for the
 //!   conformance suite and the engine benchmark that chose fjall (docs/BENCHMARKS.md).
+//! - [`BufferedStorage`]: an in-memory write buffer in front of an engine (paper 6.1): writes
+//!   return once buffered, a writer drains and syncs them; the server puts it in front of fjall.
 //! - [`FaultyStorage`]: wraps any engine and fails chosen operations on demand, so the error
 //!   paths of the server can be tested.
 //!
@@ -14,6 +16,7 @@
 //! `limit`, tables isolated, `Fsync` writes surviving a reopen, and agreement with a `BTreeMap`
 //! reference model over random operation sequences.
 
+mod buffered;
 mod error;
 mod faulty;
 mod fjall_engine;
@@ -22,6 +25,7 @@ mod memory;
 mod redb_engine;
 mod scan;
 
+pub use buffered::{BufferedStorage, MAX_BUFFERED_BYTES};
 pub use dynakv_core::storage::{
     DeleteError, Durability, EngineFailure, Entry, GetError, PutError, ScanError, Storage,
     SyncError, Table,

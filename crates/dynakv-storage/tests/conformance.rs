@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dynakv_storage::{
-    Durability, FaultyStorage, FjallOptions, FjallStorage, MAX_STORAGE_KEY_BYTES, MemoryStorage,
-    PutError, Storage, Table,
+    BufferedStorage, Durability, FaultyStorage, FjallOptions, FjallStorage, MAX_STORAGE_KEY_BYTES,
+    MemoryStorage, PutError, Storage, Table,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
@@ -43,6 +43,24 @@ impl Harness for FaultyMemory {
     const PERSISTENT: bool = false;
     fn open(_dir: &Path) -> Self::Engine {
         FaultyStorage::new(MemoryStorage::new())
+    }
+}
+
+struct BufferedFjall;
+impl Harness for BufferedFjall {
+    type Engine = BufferedStorage<FjallStorage>;
+    const PERSISTENT: bool = true;
+    fn open(dir: &Path) -> Self::Engine {
+        BufferedStorage::new(Fjall::open(dir))
+    }
+}
+
+struct BufferedMemory;
+impl Harness for BufferedMemory {
+    type Engine = BufferedStorage<MemoryStorage>;
+    const PERSISTENT: bool = false;
+    fn open(_dir: &Path) -> Self::Engine {
+        BufferedStorage::new(MemoryStorage::new())
     }
 }
 
@@ -728,6 +746,96 @@ macro_rules! conformance {
 conformance!(memory, Memory);
 conformance!(faulty_memory, FaultyMemory);
 conformance!(fjall, Fjall);
+conformance!(buffered_fjall, BufferedFjall);
+conformance!(buffered_memory, BufferedMemory);
+
+/// The write buffer: buffered writes stay out of the engine until a sync or a scan drains them,
+/// reads see them meanwhile, and an fsync'd write drains everything before it.
+#[test]
+fn buffered_writes_wait_in_memory_until_drained() {
+    let buffered = BufferedStorage::new(MemoryStorage::new());
+    put_with(&buffered, b"a", b"1", Durability::Buffered);
+    put_with(&buffered, b"b", b"2", Durability::Buffered);
+    buffered
+        .delete(Table::Objects, b"b", Durability::Buffered)
+        .unwrap();
+    assert_eq!(
+        get(buffered.inner(), Table::Objects, b"a"),
+        None,
+        "still buffered"
+    );
+    assert_eq!(get(&buffered, Table::Objects, b"a"), Some(b"1".to_vec()));
+    assert_eq!(get(&buffered, Table::Objects, b"b"), None);
+    assert!(buffered.buffered_bytes() > 0);
+    // An fsync'd write carries every earlier buffered write with it.
+    put_with(&buffered, b"c", b"3", Durability::Fsync);
+    assert_eq!(buffered.buffered_bytes(), 0);
+    assert_eq!(
+        get(buffered.inner(), Table::Objects, b"a"),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(
+        get(buffered.inner(), Table::Objects, b"c"),
+        Some(b"3".to_vec())
+    );
+    // A scan sees buffered writes (it drains first).
+    put_with(&buffered, b"d", b"4", Durability::Buffered);
+    let listed = buffered.scan(Table::Objects, b"", None, 10).unwrap();
+    assert_eq!(keys(&listed), vec![&b"a"[..], b"c", b"d"]);
+    // The buffer is bounded: past its limit a buffered write drains it.
+    let big = vec![7u8; 1024 * 1024];
+    for i in 0..(dynakv_storage::MAX_BUFFERED_BYTES / big.len() + 2) {
+        put_with(
+            &buffered,
+            format!("big{i}").as_bytes(),
+            &big,
+            Durability::Buffered,
+        );
+        assert!(buffered.buffered_bytes() <= dynakv_storage::MAX_BUFFERED_BYTES + big.len() + 16);
+    }
+    assert!(get(buffered.inner(), Table::Objects, b"big0").is_some());
+    buffered.sync().unwrap();
+    assert_eq!(buffered.buffered_bytes(), 0);
+}
+
+/// Concurrent fsync'd writers share drains and every acknowledged write is in the engine.
+#[test]
+fn buffered_fsync_writers_all_reach_the_engine() {
+    let buffered = Arc::new(BufferedStorage::new(MemoryStorage::new()));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let buffered = Arc::clone(&buffered);
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    let key = format!("t{t}/{i}");
+                    put_with(
+                        buffered.as_ref(),
+                        key.as_bytes(),
+                        key.as_bytes(),
+                        Durability::Fsync,
+                    );
+                    assert_eq!(
+                        get(buffered.inner(), Table::Objects, key.as_bytes()),
+                        Some(key.clone().into_bytes()),
+                        "acknowledged fsync write {key} is not in the engine"
+                    );
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let all = buffered
+        .inner()
+        .scan(Table::Objects, b"t", None, usize::MAX)
+        .unwrap();
+    assert_eq!(all.len(), 8 * 200);
+}
+
+fn put_with(engine: &impl Storage, key: &[u8], value: &[u8], durability: Durability) {
+    engine.put(Table::Objects, key, value, durability).unwrap();
+}
 #[cfg(feature = "redb")]
 conformance!(redb, Redb);
 
