@@ -186,13 +186,13 @@ def plot(out, redis, results, sweep, sizes):
 
     if sweep:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        x = [r["throughput_ops_per_sec"] for r in sweep]
+        x = [r["offered_rate"] for r in sweep]
         for op, style in (("read", "-"), ("update", "--")):
             for q, color in (("p50_ms", "green"), ("p99_ms", "orange"), ("p999_ms", "red")):
                 y = [r[op].get(q, float("nan")) for r in sweep]
                 ax.plot(x, y, style, marker="o", color=color, label=f"{op} {q[:-3]}")
         ax.set_yscale("log")
-        ax.set_xlabel("served ops/s (offered at a fixed rate, open loop)")
+        ax.set_xlabel("offered ops/s (fixed rate, open loop; served ops/s in the table)")
         ax.set_ylabel("latency ms (from due time)")
         ax.set_title("dynakv 3-node dev cluster, workload a, buffered: latency against load")
         ax.legend(fontsize=7, ncol=2)
