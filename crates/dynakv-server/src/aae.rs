@@ -25,6 +25,7 @@ use dynakv_core::ring::{PartitionId, Ring, key_hash};
 use dynakv_core::storage::{Durability, Storage, Table};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +41,31 @@ pub struct RebuildReport {
     pub entries: u64,
     /// True when the index was trusted and the objects were not read.
     pub from_index: bool,
+}
+
+/// Call `visit` on every entry of `table` under `prefix`, in key order, a page at a time,
+/// until it returns `Break` or the entries end.
+fn for_each_entry(
+    storage: &dyn Storage,
+    table: Table,
+    prefix: &[u8],
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>, String>,
+) -> Result<(), String> {
+    let mut start_after: Option<Vec<u8>> = None;
+    loop {
+        let page = storage
+            .scan(table, prefix, start_after.as_deref(), REBUILD_SCAN_PAGE)
+            .map_err(|e| e.to_string())?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        start_after = Some(last.clone());
+        for (key, value) in &page {
+            if visit(key, value)?.is_break() {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Whether encoded object bytes are all tombstones (an undecodable header counts as not).
@@ -152,40 +178,36 @@ impl AaeTrees {
         limit: usize,
     ) -> Result<LeafKeys, String> {
         let mut out = Vec::new();
+        let mut cut = false;
         for &leaf in leaves {
             let prefix = keys::aae_leaf_prefix(partition, leaf);
-            let mut start_after: Option<Vec<u8>> = None;
-            loop {
-                let page = self
-                    .storage
-                    .scan(
-                        Table::AaeIndex,
-                        &prefix,
-                        start_after.as_deref(),
-                        REBUILD_SCAN_PAGE,
-                    )
-                    .map_err(|e| e.to_string())?;
-                let Some((last, _)) = page.last() else { break };
-                start_after = Some(last.clone());
-                for (index_key, hash) in &page {
+            for_each_entry(
+                self.storage.as_ref(),
+                Table::AaeIndex,
+                &prefix,
+                |index_key, hash| {
                     let Some((_, _, object_key)) = keys::split_aae_index_key(index_key) else {
-                        continue;
+                        return Ok(ControlFlow::Continue(()));
                     };
-                    let (Some((bucket, key)), Ok(hash)) = (
-                        keys::split_object_key(object_key),
-                        <Hash>::try_from(hash.as_slice()),
-                    ) else {
-                        continue;
+                    let (Some((bucket, key)), Ok(hash)) =
+                        (keys::split_object_key(object_key), <Hash>::try_from(hash))
+                    else {
+                        return Ok(ControlFlow::Continue(()));
                     };
                     if out.len() >= limit {
-                        return Ok((out, true));
+                        cut = true;
+                        return Ok(ControlFlow::Break(()));
                     }
                     out.push((
                         String::from_utf8_lossy(bucket).into_owned(),
                         String::from_utf8_lossy(key).into_owned(),
                         hash,
                     ));
-                }
+                    Ok(ControlFlow::Continue(()))
+                },
+            )?;
+            if cut {
+                return Ok((out, true));
             }
         }
         Ok((out, false))
@@ -221,34 +243,30 @@ impl AaeTrees {
     /// Trees from the index; `None` when an entry is malformed (then the caller rebuilds).
     fn trees_from_index(&self) -> Result<Option<u64>, String> {
         let mut trees: HashMap<PartitionId, MerkleTree> = HashMap::new();
-        let mut start_after: Option<Vec<u8>> = None;
         let mut count = 0;
-        loop {
-            let page = self
-                .storage
-                .scan(
-                    Table::AaeIndex,
-                    &[],
-                    start_after.as_deref(),
-                    REBUILD_SCAN_PAGE,
-                )
-                .map_err(|e| e.to_string())?;
-            let Some((last, _)) = page.last() else { break };
-            start_after = Some(last.clone());
-            for (index_key, hash) in &page {
-                let (Some((partition, leaf, _)), Ok(hash)) = (
-                    keys::split_aae_index_key(index_key),
-                    <Hash>::try_from(hash.as_slice()),
-                ) else {
-                    tracing::warn!("malformed anti-entropy index entry; rebuilding from objects");
-                    return Ok(None);
+        let mut malformed = false;
+        for_each_entry(
+            self.storage.as_ref(),
+            Table::AaeIndex,
+            &[],
+            |index_key, hash| {
+                let (Some((partition, leaf, _)), Ok(hash)) =
+                    (keys::split_aae_index_key(index_key), <Hash>::try_from(hash))
+                else {
+                    malformed = true;
+                    return Ok(ControlFlow::Break(()));
                 };
                 trees
                     .entry(partition)
                     .or_default()
                     .update(leaf, None, Some(&hash));
                 count += 1;
-            }
+                Ok(ControlFlow::Continue(()))
+            },
+        )?;
+        if malformed {
+            tracing::warn!("malformed anti-entropy index entry; rebuilding from objects");
+            return Ok(None);
         }
         *self.trees.lock() = trees;
         Ok(Some(count))
@@ -276,44 +294,33 @@ impl AaeTrees {
             }
         }
         let mut trees: HashMap<PartitionId, MerkleTree> = HashMap::new();
-        let mut start_after: Option<Vec<u8>> = None;
         let mut count = 0;
-        loop {
-            let page = storage
-                .scan(
-                    Table::Objects,
-                    &[],
-                    start_after.as_deref(),
-                    REBUILD_SCAN_PAGE,
+        for_each_entry(storage, Table::Objects, &[], |storage_key, value| {
+            let Some((bucket, key)) = keys::split_object_key(storage_key) else {
+                return Ok(ControlFlow::Continue(()));
+            };
+            let hash = entry_hash(bucket, key, value);
+            let (partition, leaf) = (self.partition_of(bucket, key), leaf_of(bucket, key));
+            trees
+                .entry(partition)
+                .or_default()
+                .update(leaf, None, Some(&hash));
+            storage
+                .put(
+                    Table::AaeIndex,
+                    &keys::aae_index_key(partition, leaf, storage_key),
+                    &hash,
+                    Durability::Buffered,
                 )
                 .map_err(|e| e.to_string())?;
-            let Some((last, _)) = page.last() else { break };
-            start_after = Some(last.clone());
-            for (storage_key, value) in &page {
-                if let Some((bucket, key)) = keys::split_object_key(storage_key) {
-                    let hash = entry_hash(bucket, key, value);
-                    let (partition, leaf) = (self.partition_of(bucket, key), leaf_of(bucket, key));
-                    trees
-                        .entry(partition)
-                        .or_default()
-                        .update(leaf, None, Some(&hash));
-                    storage
-                        .put(
-                            Table::AaeIndex,
-                            &keys::aae_index_key(partition, leaf, storage_key),
-                            &hash,
-                            Durability::Buffered,
-                        )
-                        .map_err(|e| e.to_string())?;
-                    if is_tombstone(value) {
-                        storage
-                            .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
-                            .map_err(|e| e.to_string())?;
-                    }
-                    count += 1;
-                }
+            if is_tombstone(value) {
+                storage
+                    .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
+                    .map_err(|e| e.to_string())?;
             }
-        }
+            count += 1;
+            Ok(ControlFlow::Continue(()))
+        })?;
         storage.sync().map_err(|e| e.to_string())?;
         storage
             .put(Table::Meta, KEY_INDEX_BUILT, b"1", Durability::Fsync)
