@@ -1080,8 +1080,24 @@ impl Cluster {
                 sends.push((node.clone(), None));
             }
         }
+        // Paper 6.1: with buffered writes, one of the other replicas is asked for a durable
+        // (fsync'd) write; the answer still needs only W acknowledgements, so the slower
+        // durable write is usually not waited for.
+        let durable_node = (durability == Durability::Buffered)
+            .then(|| {
+                sends
+                    .iter()
+                    .find(|(node, stands_in_for)| *node != self.me && stands_in_for.is_none())
+                    .map(|(node, _)| node.clone())
+            })
+            .flatten();
         let (tx, mut rx) = tokio::sync::mpsc::channel(sends.len() + plan.spares.len() + 1);
         let send = |node: NodeId, stands_in_for: Option<NodeId>| {
+            let durability = if durable_node.as_ref() == Some(&node) {
+                Durability::Fsync
+            } else {
+                durability
+            };
             let tx = tx.clone();
             let this = Arc::clone(self);
             let (bucket, key, object, encoded, props) = (

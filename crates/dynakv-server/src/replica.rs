@@ -82,6 +82,8 @@ pub struct Replica {
     aae: std::sync::OnceLock<Arc<AaeTrees>>,
     /// Set by every write made without fsync; the flusher syncs storage and clears it.
     unflushed: Arc<std::sync::atomic::AtomicBool>,
+    /// Writes made with `Fsync` durability (for `/stats` and tests).
+    fsync_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Replica {
@@ -97,6 +99,7 @@ impl Replica {
             hint_counts: Mutex::new(std::collections::HashMap::new()),
             aae: std::sync::OnceLock::new(),
             unflushed,
+            fsync_writes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -173,7 +176,15 @@ impl Replica {
         if durability == Durability::Buffered {
             self.unflushed
                 .store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            self.fsync_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Object, hint and removal writes made with `Fsync` durability since start.
+    pub fn fsync_writes(&self) -> u64 {
+        self.fsync_writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Attach the anti-entropy trees (once, at startup, after they are built).

@@ -329,3 +329,68 @@ async fn http_puts_of(nodes: &[Node]) -> Vec<u64> {
     }
     out
 }
+
+fn fsync_writes(nodes: &[Node]) -> u64 {
+    nodes
+        .iter()
+        .map(|n| n.server.cluster.replica().fsync_writes())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_writes_get_one_durable_replica_each() {
+    let nodes = start_cluster(3).await;
+    let props = r#"{"props":{"durability":"buffered"}}"#;
+    let (status, _, _) = nodes[0]
+        .client
+        .request(
+            Method::PUT,
+            "/buckets/buf/props",
+            &[("content-type", "application/json")],
+            Bytes::from(props),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes.iter().all(|n| {
+        n.server.cluster.bucket_props("buf").durability
+            == dynakv_core::storage::Durability::Buffered
+    }) {
+        assert!(Instant::now() < deadline, "props did not spread");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settle = || async {
+        // Replicas beyond W are written after the answer: let them land.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    settle().await;
+    let before = fsync_writes(&nodes);
+    for i in 0..10 {
+        let status = put(
+            &nodes[i % 3].client,
+            &format!("/buckets/buf/keys/k{i}"),
+            "v",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    settle().await;
+    assert_eq!(
+        fsync_writes(&nodes) - before,
+        10,
+        "each buffered write is made durable on exactly one replica"
+    );
+    // A default (fsync) bucket makes every replica write durable.
+    let before = fsync_writes(&nodes);
+    for i in 0..10 {
+        put(
+            &nodes[0].client,
+            &format!("/buckets/durable/keys/k{i}"),
+            "v",
+        )
+        .await;
+    }
+    settle().await;
+    assert_eq!(fsync_writes(&nodes) - before, 30);
+}
