@@ -5,12 +5,13 @@
 //!
 //! Modules: [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
 //! vectors), [`context`] (the authenticated client context), [`ring`] (consistent hashing,
-//! claim, preference lists), [`bucket`] (bucket properties), [`keys`] (storage key layout),
+//! claim, preference lists), [`coordinator`] (the get and put coordinator state machines), [`bucket`] (bucket properties), [`keys`] (storage key layout),
 //! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding).
 
 pub mod bucket;
 pub mod codec;
 pub mod context;
+pub mod coordinator;
 pub mod keys;
 pub mod limits;
 pub mod membership;

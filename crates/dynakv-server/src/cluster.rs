@@ -2,8 +2,9 @@
 //! read repair, coordinated puts (forwarded to a replica when this node is not one), gossip,
 //! join and leave, handoff of keys when the ring changes, and cleanup afterwards.
 //!
-//! The protocol decisions live in dynakv-core (`ClusterState::merge/plan`, `GetQuorum`,
-//! `PutQuorum`, `Object::update/sync`); this module does the I/O around them.
+//! The protocol decisions live in dynakv-core (`ClusterState::merge/plan`, the
+//! `GetCoordinator` and `PutCoordinator` state machines, `Object::update/sync`); this module
+//! does the I/O around them.
 //!
 //! Invariants:
 //! - a put is coordinated only by a node of the key's current preference list, which stores
@@ -20,12 +21,15 @@ use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
+use dynakv_core::coordinator::{
+    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReplicaPlan,
+};
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, differing_leaves, differing_segments, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
-use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure, Slot, sloppy_slots};
+use dynakv_core::quorum::QuorumFailure;
 use dynakv_core::ring::{NodeId, key_hash};
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::VersionVector;
@@ -111,18 +115,6 @@ pub struct HintStats {
     pub delivered_total: u64,
     pub dropped_total: u64,
     pub per_target: Vec<(String, usize)>,
-}
-
-/// The replicas of one request.
-#[derive(Debug)]
-struct ReplicaPlan {
-    primaries: Vec<NodeId>,
-    slots: Vec<Slot>,
-    /// Up nodes past the primaries not used as fallbacks: stand-ins for primaries that fail
-    /// during a write.
-    spares: Vec<NodeId>,
-    unplaced: Vec<NodeId>,
-    next: Option<Vec<NodeId>>,
 }
 
 /// A replica's object, merged with what it holds as a hint for `hinted_for`.
@@ -504,27 +496,7 @@ impl Cluster {
             .ring
             .current
             .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-        let extended: Vec<NodeId> = state
-            .ring
-            .current
-            .extended_preference_list(partition)
-            .into_iter()
-            .map(|(_, node)| node)
-            .collect();
-        let n = (n_val as usize).min(extended.len());
-        let (slots, unplaced) = sloppy_slots(&extended, n, |node| self.is_up(node));
-        let spares = extended[n..]
-            .iter()
-            .filter(|node| self.is_up(node) && !slots.iter().any(|s| &s.node == *node))
-            .cloned()
-            .collect();
-        ReplicaPlan {
-            primaries: extended[..n].to_vec(),
-            slots,
-            unplaced,
-            spares,
-            next: state.next_preference_list(partition, n_val),
-        }
+        ReplicaPlan::new(state, partition, n_val, |node| self.is_up(node))
     }
 
     /// A quorum read over the sloppy replica set: the sync of at least R replies (`pr` of them
@@ -543,18 +515,10 @@ impl Cluster {
         let n = plan.primaries.len() as u32;
         let needed = r.unwrap_or(Quorum::Default).resolve(n, props.r).min(n) as usize;
         let needed_primaries = pr.unwrap_or(Quorum::Default).resolve(n, props.pr).min(n) as usize;
-        let replicas: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
-        if replicas.len() < needed {
-            return Err(ClusterError::Quorum(QuorumFailure {
-                replied: 0,
-                needed,
-                asked: replicas.len(),
-            }));
-        }
-        let mut quorum = GetQuorum::new(replicas.clone(), needed)
-            .with_primaries(plan.primaries.clone(), needed_primaries);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(replicas.len().max(1));
-        for slot in plan.slots {
+        let (mut coordinator, fetches) =
+            GetCoordinator::start(&plan, needed, needed_primaries).map_err(ClusterError::Quorum)?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(fetches.len().max(1));
+        for slot in fetches {
             let tx = tx.clone();
             let this = Arc::clone(self);
             let (bucket, key) = (bucket.to_owned(), key.to_owned());
@@ -574,15 +538,35 @@ impl Cluster {
         }
         drop(tx);
         while let Some((node, reply)) = rx.recv().await {
-            if let Progress::Done(result) = quorum.on_reply(&node, reply) {
-                let this = Arc::clone(self);
-                let (bucket, key) = (bucket.to_owned(), key.to_owned());
-                tokio::spawn(async move {
-                    while let Some((node, reply)) = rx.recv().await {
-                        quorum.on_reply(&node, reply);
+            let mut answer = None;
+            for step in coordinator.on_reply(&node, reply) {
+                match step {
+                    GetStep::Answer(result) => answer = Some(result),
+                    GetStep::Repair { merged, targets } => {
+                        // In the background: the client is not kept waiting for it.
+                        let this = Arc::clone(self);
+                        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+                        tokio::spawn(async move {
+                            this.read_repair(&bucket, &key, merged, targets).await;
+                        });
                     }
-                    this.read_repair(&bucket, &key, &quorum).await;
-                });
+                }
+            }
+            if let Some(result) = answer {
+                if !coordinator.finished() {
+                    // Answered at R: the other fetches still come back, then read repair.
+                    let this = Arc::clone(self);
+                    let (bucket, key) = (bucket.to_owned(), key.to_owned());
+                    tokio::spawn(async move {
+                        while let Some((node, reply)) = rx.recv().await {
+                            for step in coordinator.on_reply(&node, reply) {
+                                if let GetStep::Repair { merged, targets } = step {
+                                    this.read_repair(&bucket, &key, merged, targets).await;
+                                }
+                            }
+                        }
+                    });
+                }
                 return result.map_err(ClusterError::Quorum);
             }
         }
@@ -629,12 +613,7 @@ impl Cluster {
         }
     }
 
-    async fn read_repair(&self, bucket: &str, key: &str, quorum: &GetQuorum) {
-        let merged = quorum.merged();
-        let targets = quorum.repair_targets(&merged);
-        if targets.is_empty() {
-            return;
-        }
+    async fn read_repair(&self, bucket: &str, key: &str, merged: Object, targets: Vec<NodeId>) {
         tracing::debug!(bucket, key, ?targets, "read repair");
         let props = self.bucket_props(bucket);
         let bytes = merged.encode();
@@ -1041,8 +1020,9 @@ impl Cluster {
     }
 
     /// Send a stored version to a plan's replicas and wait for W (and PW) acknowledgements,
-    /// this node's own copy counting when it is one of them. Replicas that fail get a spare
-    /// standing in (sloppy quorum) and a hint kept here.
+    /// this node's own copy counting when it is one of them: the core `PutCoordinator`
+    /// decides; this drives its sends, hints and answer. Replicas beyond W still receive the
+    /// write after the answer, and every replica that fails gets a hint kept here.
     #[allow(clippy::too_many_arguments)]
     async fn replicate(
         self: &Arc<Self>,
@@ -1054,119 +1034,31 @@ impl Cluster {
         (w, pw): (usize, usize),
         plan: ReplicaPlan,
     ) -> Result<(), ClusterError> {
-        let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
-        let mut quorum = PutQuorum::new(slot_nodes, plan.next.clone(), w)
-            .with_primaries(plan.primaries.clone(), pw);
-        let holds_copy = plan.slots.iter().any(|s| s.node == self.me)
-            || plan.next.as_ref().is_some_and(|n| n.contains(&self.me));
-        let local = if holds_copy {
-            quorum.on_reply(&self.me, true)
-        } else {
-            Progress::Waiting
+        let policy = PutPolicy {
+            w,
+            pw,
+            buffered: durability == Durability::Buffered,
         };
-        let encoded = Arc::new(stored.encode());
-        // Primaries that are down with no fallback to stand in: this node keeps the hint.
-        for primary in &plan.unplaced {
-            self.keep_hint(primary, bucket, key, stored, durability)
-                .await;
-        }
-        let mut sends: Vec<(NodeId, Option<NodeId>)> = plan
-            .slots
-            .iter()
-            .map(|s| (s.node.clone(), s.stands_in_for.clone()))
-            .collect();
-        for node in plan.next.iter().flatten() {
-            if !sends.iter().any(|(n, _)| n == node) {
-                sends.push((node.clone(), None));
-            }
-        }
-        // Paper 6.1: with buffered writes, one of the other replicas is asked for a durable
-        // (fsync'd) write; the answer still needs only W acknowledgements, so the slower
-        // durable write is usually not waited for.
-        let durable_node = (durability == Durability::Buffered)
-            .then(|| {
-                sends
-                    .iter()
-                    .find(|(node, stands_in_for)| *node != self.me && stands_in_for.is_none())
-                    .map(|(node, _)| node.clone())
-            })
-            .flatten();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(sends.len() + plan.spares.len() + 1);
-        let send = |node: NodeId, stands_in_for: Option<NodeId>| {
-            let durability = if durable_node.as_ref() == Some(&node) {
-                Durability::Fsync
-            } else {
-                durability
-            };
-            let tx = tx.clone();
-            let this = Arc::clone(self);
-            let (bucket, key, object, encoded, props) = (
-                bucket.to_owned(),
-                key.to_owned(),
-                stored.clone(),
-                Arc::clone(&encoded),
-                props.clone(),
-            );
-            // Detached: replicas beyond W still receive the write after the client is
-            // answered, and a replica that fails gets a hint kept here.
-            tokio::spawn(async move {
-                let ok = match &stands_in_for {
-                    None => this
-                        .store_replica(&node, &bucket, &key, &object, &encoded, &props, durability)
-                        .await
-                        .is_ok(),
-                    Some(primary) => this
-                        .store_hinted(&node, primary, &bucket, &key, &encoded, durability)
-                        .await
-                        .is_ok(),
-                };
-                let _ = tx.send((node.clone(), stands_in_for.is_some(), ok)).await;
-                if !ok {
-                    let intended = stands_in_for.unwrap_or(node);
-                    this.keep_hint(&intended, &bucket, &key, &object, durability)
-                        .await;
-                }
-            });
+        let sends = plan.slots.len() + plan.next.as_ref().map_or(0, Vec::len) + plan.spares.len();
+        let (coordinator, steps) = PutCoordinator::start(&self.me, plan, policy);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = PutRun {
+            cluster: Arc::clone(self),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            stored: stored.clone(),
+            encoded: Arc::new(stored.encode()),
+            props: props.clone(),
+            durability,
+            replies: tx,
         };
-        let mut outstanding = 0usize;
-        for (node, stands_in_for) in sends {
-            if node != self.me {
-                send(node, stands_in_for);
-                outstanding += 1;
-            }
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        // Detached: the sends beyond the answer (and their hints) finish on their own.
+        tokio::spawn(run.drive(coordinator, steps, rx, answer_tx, sends));
+        match answer_rx.await {
+            Ok(result) => result.map_err(ClusterError::Quorum),
+            Err(_) => Err(ClusterError::Internal("replication ended early".into())),
         }
-        if let Progress::Done(result) = local {
-            return result.map_err(ClusterError::Quorum);
-        }
-        let mut spares = plan.spares.into_iter();
-        while outstanding > 0 {
-            let Some((node, was_fallback, ok)) = rx.recv().await else {
-                break;
-            };
-            outstanding -= 1;
-            // A primary that failed during the write: a spare node stands in for it (sloppy
-            // quorum), keeping the version as a hint.
-            if !ok
-                && !was_fallback
-                && plan.primaries.contains(&node)
-                && let Some(spare) = spares.next()
-            {
-                quorum.substitute(&node, &spare);
-                send(spare, Some(node));
-                outstanding += 1;
-                continue;
-            }
-            if let Progress::Done(result) = quorum.on_reply(&node, ok) {
-                return result.map_err(ClusterError::Quorum);
-            }
-        }
-        // Every replica answered and the quorum could neither be met nor ruled out: report
-        // what was acknowledged rather than guess.
-        Err(ClusterError::Quorum(QuorumFailure {
-            replied: 0,
-            needed: w,
-            asked: plan.primaries.len(),
-        }))
     }
 
     // ----- peer side -----
@@ -2254,6 +2146,109 @@ impl Cluster {
 }
 
 /// A storage key's bucket and key as text (`None` when it is not an object key).
+/// One put's replication, driving its `PutCoordinator` until every send came back.
+struct PutRun {
+    cluster: Arc<Cluster>,
+    bucket: String,
+    key: String,
+    stored: Object,
+    encoded: Arc<Vec<u8>>,
+    props: BucketProps,
+    durability: Durability,
+    replies: tokio::sync::mpsc::UnboundedSender<(PutSend, bool)>,
+}
+
+impl PutRun {
+    async fn drive(
+        self,
+        mut coordinator: PutCoordinator,
+        mut steps: Vec<PutStep>,
+        mut replies: tokio::sync::mpsc::UnboundedReceiver<(PutSend, bool)>,
+        answer: tokio::sync::oneshot::Sender<Result<(), QuorumFailure>>,
+        most_sends: usize,
+    ) {
+        let mut answer = Some(answer);
+        // Bounded by the plan: every send is a slot, a next-list node or a spare.
+        let mut budget = most_sends;
+        loop {
+            // Answers and sends first: a hint write must not delay them.
+            let mut batch = std::mem::take(&mut steps);
+            batch.sort_by_key(|step| matches!(step, PutStep::KeepHint { .. }));
+            for step in batch {
+                match step {
+                    PutStep::Answer(result) => {
+                        if let Some(answer) = answer.take() {
+                            let _ = answer.send(result);
+                        }
+                    }
+                    PutStep::KeepHint { target } => {
+                        self.cluster
+                            .keep_hint(
+                                &target,
+                                &self.bucket,
+                                &self.key,
+                                &self.stored,
+                                self.durability,
+                            )
+                            .await;
+                    }
+                    PutStep::Send(send) => {
+                        if budget == 0 {
+                            tracing::error!(node = %send.node, "put coordinator asked for more sends than its plan holds");
+                            steps.extend(coordinator.on_reply(&send, false));
+                            continue;
+                        }
+                        budget -= 1;
+                        self.spawn_send(send);
+                    }
+                }
+            }
+            if !steps.is_empty() {
+                continue;
+            }
+            if coordinator.finished() {
+                return;
+            }
+            let Some((send, ok)) = replies.recv().await else {
+                return;
+            };
+            steps = coordinator.on_reply(&send, ok);
+        }
+    }
+
+    fn spawn_send(&self, send: PutSend) {
+        let cluster = Arc::clone(&self.cluster);
+        let (bucket, key, object, encoded, props) = (
+            self.bucket.clone(),
+            self.key.clone(),
+            self.stored.clone(),
+            Arc::clone(&self.encoded),
+            self.props.clone(),
+        );
+        let durability = if send.fsync {
+            Durability::Fsync
+        } else {
+            self.durability
+        };
+        let replies = self.replies.clone();
+        tokio::spawn(async move {
+            let ok = match &send.stands_in_for {
+                None => cluster
+                    .store_replica(
+                        &send.node, &bucket, &key, &object, &encoded, &props, durability,
+                    )
+                    .await
+                    .is_ok(),
+                Some(primary) => cluster
+                    .store_hinted(&send.node, primary, &bucket, &key, &encoded, durability)
+                    .await
+                    .is_ok(),
+            };
+            let _ = replies.send((send, ok));
+        });
+    }
+}
+
 fn key_names(storage_key: &[u8]) -> Option<(String, String)> {
     let (bucket, key) = keys::split_object_key(storage_key)?;
     Some((

@@ -1,11 +1,13 @@
 //! `SimNode`: one dynakv node as a sans-IO state machine, `handle(now, input) -> outputs`.
 //!
-//! It re-states the sequencing of `dynakv-server::cluster::Cluster` (sloppy quorum get and put,
-//! forwarding, read repair, hinted handoff, anti-entropy, gossip heartbeats and the transport's
-//! backoff, and ring transitions: join, leave, claimant planning, handoff to the nodes entering
-//! a key's preference list, `StaleRing` refusals and cleanup) on the very same core
-//! primitives: `Object::update`/`sync`, `GetQuorum`, `PutQuorum` (with the next preference
-//! list during a transition), `sloppy_slots`, `Ring::extended_preference_list`,
+//! Gets and puts are the core's `GetCoordinator` and `PutCoordinator` (with `ReplicaPlan`),
+//! the same state machines `dynakv-server::cluster::Cluster` drives: which replicas, when to
+//! answer, spare substitution, the hints to keep, read-repair targets and the durable replica
+//! of buffered writes are decided by the code the server runs. The rest of the server's
+//! sequencing (forwarding, hinted handoff, anti-entropy, gossip heartbeats and the
+//! transport's backoff, and ring transitions: join, leave, claimant planning, handoff to the
+//! nodes entering a key's preference list, `StaleRing` refusals and cleanup) is re-stated here
+//! on the very same core primitives: `Object::update`/`sync`, `Ring::extended_preference_list`,
 //! `ClusterState::found`/`add_joining`/`request_leave`/`merge`/`plan`/`mark_handoff_done`,
 //! `MerkleTree`. There is one bucket, and there are no deletes.
 //!
@@ -25,11 +27,13 @@
 
 use crate::rng::SimRng;
 use dynakv_core::codec::Writer;
+use dynakv_core::coordinator::{
+    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReplicaPlan,
+};
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{self, Hash, MerkleTree};
 use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, encode_clock};
-use dynakv_core::quorum::{GetQuorum, Progress, PutQuorum, sloppy_slots};
 use dynakv_core::ring::{NodeId, PartitionId};
 use dynakv_core::version::{ActorId, VersionVector};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -296,7 +300,7 @@ enum Purpose {
     },
     PutSend {
         coord: u64,
-        stands_in_for: Option<NodeId>,
+        send: PutSend,
     },
     /// Read repair and anti-entropy stores: fire and forget (the transport still counts).
     Store,
@@ -336,20 +340,16 @@ enum ReplyTo {
 #[derive(Debug)]
 struct GetCoord {
     key: String,
-    quorum: GetQuorum,
+    coordinator: GetCoordinator,
     reply: Option<ReplyTo>,
-    outstanding: usize,
 }
 
 #[derive(Debug)]
 struct PutCoord {
     key: String,
-    quorum: PutQuorum,
-    primaries: Vec<NodeId>,
-    spares: VecDeque<NodeId>,
+    coordinator: PutCoordinator,
     stored: Object,
     reply: Option<ReplyTo>,
-    outstanding: usize,
     w: usize,
     /// First replication round: the ring version the write was planned with (a failed
     /// quorum is re-planned once when the ring changed meanwhile). `None` for the re-plan.
@@ -978,33 +978,9 @@ impl SimNode {
 
     fn replica_plan(&self, now: u64, key: &str) -> ReplicaPlan {
         let partition = self.partition_of(key);
-        let extended: Vec<NodeId> = self
-            .cluster
-            .ring
-            .current
-            .extended_preference_list(partition)
-            .into_iter()
-            .map(|(_, node)| node)
-            .collect();
-        let n = self.config.n_val.min(extended.len());
-        let (slots, unplaced) = sloppy_slots(&extended, n, |node| self.is_up(now, node));
-        let spares = extended[n..]
-            .iter()
-            .filter(|node| self.is_up(now, node) && !slots.iter().any(|s| &s.node == *node))
-            .cloned()
-            .collect();
-        ReplicaPlan {
-            primaries: extended[..n].to_vec(),
-            slots: slots
-                .into_iter()
-                .map(|s| (s.node, s.stands_in_for))
-                .collect(),
-            unplaced,
-            spares,
-            next: self
-                .cluster
-                .next_preference_list(partition, self.config.n_val as u32),
-        }
+        ReplicaPlan::new(&self.cluster, partition, self.config.n_val as u32, |node| {
+            self.is_up(now, node)
+        })
     }
 
     fn on_client(&mut self, now: u64, id: ClientRequestId, op: ClientOp) {
@@ -1063,43 +1039,36 @@ impl SimNode {
 
     fn start_get(&mut self, now: u64, reply: ReplyTo, key: &str, r: usize) {
         let plan = self.replica_plan(now, key);
-        let n = plan.primaries.len();
-        let needed = r.min(n);
-        let replicas: Vec<NodeId> = plan.slots.iter().map(|(n, _)| n.clone()).collect();
-        if replicas.len() < needed {
-            self.answer(
-                reply,
-                Err(format!(
-                    "quorum not met: 0 of {needed} required replicas answered ({} asked)",
-                    replicas.len()
-                )),
-            );
-            return;
-        }
+        let needed = r.min(plan.primaries.len());
+        let (coordinator, fetches) = match GetCoordinator::start(&plan, needed, 0) {
+            Ok(started) => started,
+            Err(e) => {
+                self.answer(reply, Err(format!("quorum not met: {e}")));
+                return;
+            }
+        };
         let coord = self.next_coord;
         self.next_coord += 1;
-        let quorum = GetQuorum::new(replicas, needed).with_primaries(plan.primaries.clone(), 0);
         self.gets.insert(
             coord,
             GetCoord {
                 key: key.to_owned(),
-                quorum,
+                coordinator,
                 reply: Some(reply),
-                outstanding: plan.slots.len(),
             },
         );
-        for (node, stands_in_for) in plan.slots {
-            if node == self.me {
-                let local = self.local_with_hint(key, stands_in_for.as_ref());
-                self.on_get_reply(now, coord, &node, Ok(local));
+        for slot in fetches {
+            if slot.node == self.me {
+                let local = self.local_with_hint(key, slot.stands_in_for.as_ref());
+                self.on_get_reply(now, coord, &slot.node, Ok(local));
             } else {
                 let body = Request::ReplicaGet {
                     key: key.to_owned(),
-                    hinted_for: stands_in_for,
+                    hinted_for: slot.stands_in_for,
                 };
                 self.send_request(
                     now,
-                    &node,
+                    &slot.node,
                     body,
                     Purpose::GetFetch { coord },
                     REQUEST_TIMEOUT_MS,
@@ -1115,34 +1084,37 @@ impl SimNode {
         from: &NodeId,
         reply: Result<Option<Object>, ()>,
     ) {
-        let Some(get) = self.gets.get_mut(&coord) else {
+        let Some(mut get) = self.gets.remove(&coord) else {
             return;
         };
-        get.outstanding = get.outstanding.saturating_sub(1);
-        let answer = match get.quorum.on_reply(from, reply) {
-            Progress::Done(result) => get.reply.take().map(|to| (to, result)),
-            Progress::Waiting => None,
-        };
-        let complete = get.outstanding == 0;
-        if let Some((to, result)) = answer {
-            self.answer(
-                to,
-                result
-                    .map(ClientResult::Got)
-                    .map_err(|e| format!("quorum not met: {e}")),
-            );
+        let steps = get.coordinator.on_reply(from, reply);
+        let key = get.key.clone();
+        let mut to = None;
+        if steps.iter().any(|s| matches!(s, GetStep::Answer(_))) {
+            to = get.reply.take();
         }
-        if complete && let Some(get) = self.gets.remove(&coord) {
-            self.read_repair(now, &get.key, &get.quorum);
+        if !get.coordinator.finished() {
+            self.gets.insert(coord, get);
         }
-    }
-
-    fn read_repair(&mut self, now: u64, key: &str, quorum: &GetQuorum) {
-        let merged = quorum.merged();
-        let targets = quorum.repair_targets(&merged);
-        for node in targets {
-            self.stats.read_repairs += 1;
-            self.store_replica(now, &node, key, &merged);
+        for step in steps {
+            match step {
+                GetStep::Answer(result) => {
+                    if let Some(to) = to.take() {
+                        self.answer(
+                            to,
+                            result
+                                .map(ClientResult::Got)
+                                .map_err(|e| format!("quorum not met: {e}")),
+                        );
+                    }
+                }
+                GetStep::Repair { merged, targets } => {
+                    for node in targets {
+                        self.stats.read_repairs += 1;
+                        self.store_replica(now, &node, &key, &merged);
+                    }
+                }
+            }
         }
     }
 
@@ -1211,8 +1183,9 @@ impl SimNode {
         self.replicate(now, reply, key, stored, w, plan, Some(ring_version));
     }
 
-    /// `Cluster::replicate`: send the stored version to the plan's slots and to the next
-    /// preference list, answer after W of the current slots (and W of the next list).
+    /// `Cluster::replicate`: the core `PutCoordinator` plans the sends (the plan's slots and
+    /// the next preference list), the hints and the answer (W of the current slots and W of
+    /// the next list); this node performs its steps.
     #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
     fn replicate(
         &mut self,
@@ -1224,47 +1197,49 @@ impl SimNode {
         plan: ReplicaPlan,
         planned_at: Option<u64>,
     ) {
-        let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|(n, _)| n.clone()).collect();
-        let mut quorum = PutQuorum::new(slot_nodes, plan.next.clone(), w)
-            .with_primaries(plan.primaries.clone(), 0);
-        let holds_copy = plan.slots.iter().any(|(n, _)| n == &self.me)
-            || plan.next.as_ref().is_some_and(|n| n.contains(&self.me));
-        let local = if holds_copy {
-            quorum.on_reply(&self.me, true)
-        } else {
-            Progress::Waiting
+        let policy = PutPolicy {
+            w,
+            pw: 0,
+            buffered: self.config.durability == Durability::Buffered,
         };
-        for primary in &plan.unplaced {
-            self.keep_hint(primary, key, &stored);
-        }
-        let mut sends: Vec<(NodeId, Option<NodeId>)> = plan.slots.clone();
-        for node in plan.next.iter().flatten() {
-            if !sends.iter().any(|(n, _)| n == node) {
-                sends.push((node.clone(), None));
-            }
-        }
-        sends.retain(|(n, _)| n != &self.me);
+        let (coordinator, steps) = PutCoordinator::start(&self.me, plan, policy);
         let coord = self.next_coord;
         self.next_coord += 1;
-        let put = PutCoord {
-            key: key.to_owned(),
-            quorum,
-            primaries: plan.primaries,
-            spares: plan.spares.into_iter().collect(),
-            stored: stored.clone(),
-            reply: Some(reply),
-            outstanding: sends.len(),
-            w,
-            planned_at,
+        self.puts.insert(
+            coord,
+            PutCoord {
+                key: key.to_owned(),
+                coordinator,
+                stored,
+                reply: Some(reply),
+                w,
+                planned_at,
+            },
+        );
+        self.put_steps(now, coord, steps);
+    }
+
+    /// Perform a put coordinator's steps (answers and sends first, hints after, as the
+    /// server's `PutRun` does); forget the put once every send came back.
+    fn put_steps(&mut self, now: u64, coord: u64, mut steps: Vec<PutStep>) {
+        let Some(put) = self.puts.get(&coord) else {
+            return;
         };
-        self.puts.insert(coord, put);
-        for (node, stands_in_for) in sends {
-            self.send_put(now, coord, &node, stands_in_for, key, &stored);
+        let (key, stored) = (put.key.clone(), put.stored.clone());
+        let finished = put.coordinator.finished();
+        steps.sort_by_key(|step| matches!(step, PutStep::KeepHint { .. }));
+        for step in steps {
+            match step {
+                PutStep::Send(send) => self.send_put(now, coord, send, &key, &stored),
+                PutStep::KeepHint { target } => self.keep_hint(&target, &key, &stored),
+                PutStep::Answer(result) => {
+                    self.put_done(now, coord, result.map_err(|e| e.to_string()));
+                }
+            }
         }
-        if let Progress::Done(result) = local {
-            self.put_done(now, coord, result.map_err(|e| e.to_string()));
+        if finished {
+            self.puts.remove(&coord);
         }
-        self.finish_put_if_done(now, coord);
     }
 
     /// The first replication round's outcome (`coordinate_put` after `replicate` returned):
@@ -1307,22 +1282,14 @@ impl SimNode {
         }
     }
 
-    fn send_put(
-        &mut self,
-        now: u64,
-        coord: u64,
-        node: &NodeId,
-        stands_in_for: Option<NodeId>,
-        key: &str,
-        object: &Object,
-    ) {
+    fn send_put(&mut self, now: u64, coord: u64, send: PutSend, key: &str, object: &Object) {
         let ring_version = self.cluster.ring.version;
-        let body = match &stands_in_for {
+        let body = match &send.stands_in_for {
             None => Request::ReplicaPut {
                 key: key.to_owned(),
                 object: object.clone(),
                 ring_version,
-                fsync: false,
+                fsync: send.fsync,
             },
             Some(primary) => Request::HintedPut {
                 target: primary.clone(),
@@ -1331,71 +1298,22 @@ impl SimNode {
                 ring_version,
             },
         };
+        let node = send.node.clone();
         self.send_request(
             now,
-            node,
+            &node,
             body,
-            Purpose::PutSend {
-                coord,
-                stands_in_for,
-            },
+            Purpose::PutSend { coord, send },
             REQUEST_TIMEOUT_MS,
         );
     }
 
-    fn on_put_reply(
-        &mut self,
-        now: u64,
-        coord: u64,
-        node: &NodeId,
-        stands_in_for: Option<&NodeId>,
-        ok: bool,
-    ) {
+    fn on_put_reply(&mut self, now: u64, coord: u64, send: &PutSend, ok: bool) {
         let Some(put) = self.puts.get_mut(&coord) else {
             return;
         };
-        put.outstanding = put.outstanding.saturating_sub(1);
-        let (key, stored) = (put.key.clone(), put.stored.clone());
-        if !ok {
-            // The detached send task keeps a hint for the intended node.
-            let intended = stands_in_for.unwrap_or(node).clone();
-            self.keep_hint(&intended, &key, &stored);
-        }
-        let Some(put) = self.puts.get_mut(&coord) else {
-            return;
-        };
-        if put.reply.is_some() {
-            // Still answering: a primary that failed is replaced by a spare (sloppy quorum).
-            if !ok
-                && stands_in_for.is_none()
-                && put.primaries.contains(node)
-                && let Some(spare) = put.spares.pop_front()
-            {
-                put.quorum.substitute(node, &spare);
-                put.outstanding += 1;
-                self.send_put(now, coord, &spare, Some(node.clone()), &key, &stored);
-                return;
-            }
-            if let Progress::Done(result) = put.quorum.on_reply(node, ok) {
-                self.put_done(now, coord, result.map_err(|e| e.to_string()));
-            }
-        }
-        self.finish_put_if_done(now, coord);
-    }
-
-    fn finish_put_if_done(&mut self, now: u64, coord: u64) {
-        let Some(put) = self.puts.get(&coord) else {
-            return;
-        };
-        if put.outstanding > 0 {
-            return;
-        }
-        if put.reply.is_some() {
-            // Every replica answered and the quorum was neither met nor ruled out.
-            let needed = put.w;
-            self.put_done(now, coord, Err(format!("0 of {needed} replicas answered")));
-        }
-        self.puts.remove(&coord);
+        let steps = put.coordinator.on_reply(send, ok);
+        self.put_steps(now, coord, steps);
     }
 
     // ----- peer requests -----
@@ -1557,12 +1475,9 @@ impl SimNode {
                 };
                 self.on_get_reply(now, coord, &from, reply);
             }
-            Purpose::PutSend {
-                coord,
-                stands_in_for,
-            } => {
+            Purpose::PutSend { coord, send } => {
                 let ok = matches!(body, Some(Response::Ack));
-                self.on_put_reply(now, coord, &from, stands_in_for.as_ref(), ok);
+                self.on_put_reply(now, coord, &send, ok);
             }
             Purpose::Store => {}
             Purpose::Gossip => {
@@ -2152,17 +2067,6 @@ impl SimNode {
         }
         self.aae_current = Some(exchange);
     }
-}
-
-/// The replicas of one request (`cluster.rs`'s `ReplicaPlan`).
-#[derive(Debug)]
-struct ReplicaPlan {
-    primaries: Vec<NodeId>,
-    slots: Vec<(NodeId, Option<NodeId>)>,
-    spares: Vec<NodeId>,
-    unplaced: Vec<NodeId>,
-    /// The key's preference list in the next ring, during a transition.
-    next: Option<Vec<NodeId>>,
 }
 
 /// The member entry of a simulated node (addresses are names: the simulation routes by id).

@@ -1,0 +1,590 @@
+//! The coordinator state machines of one client request (paper 4.5 and 5): which replicas a
+//! get or put goes to, what to do with each reply, when to answer, which replicas to repair,
+//! which fallback stands in for a replica that fails, and which versions to keep as hints.
+//!
+//! Sans-IO: the server drives them with its async fan-out and the simulator with simulated
+//! messages, so the sequencing the simulation checks is the sequencing the server runs. A
+//! driver calls `start`, performs the returned steps, and feeds every outcome back in with
+//! `on_reply`, performing what that returns, until `finished`.
+//!
+//! Invariants:
+//! - a request is answered exactly once (`GetStep::Answer`, `PutStep::Answer`), at quorum or
+//!   as soon as the quorum is impossible (or, for a put, when every send came back without a
+//!   verdict);
+//! - every replica that failed a put (and every down primary without a fallback) gets a
+//!   `KeepHint` step: the coordinator keeps the version for it, so the write is not lost when
+//!   the sloppy quorum was met without it;
+//! - a primary that fails before the put is answered is replaced by the next spare (an up node
+//!   past the preference list not already used), which keeps the version as a hint;
+//! - read repair targets are computed only once every fetch came back (reply, failure or
+//!   timeout), from the `sync` of every reply.
+
+use crate::membership::ClusterState;
+use crate::object::Object;
+use crate::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure, Slot, sloppy_slots};
+use crate::ring::{NodeId, PartitionId};
+use std::collections::VecDeque;
+
+/// The replicas of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaPlan {
+    /// The key's primaries: the first N nodes of the extended preference list.
+    pub primaries: Vec<NodeId>,
+    /// The sloppy quorum: primaries that are up, and fallbacks for those that are down.
+    pub slots: Vec<Slot>,
+    /// Up nodes past the primaries not used as fallbacks: stand-ins for primaries that fail
+    /// during a write.
+    pub spares: Vec<NodeId>,
+    /// Down primaries no fallback could replace (the coordinator keeps their hints).
+    pub unplaced: Vec<NodeId>,
+    /// The key's preference list in the next ring, during a transition.
+    pub next: Option<Vec<NodeId>>,
+}
+
+impl ReplicaPlan {
+    /// The plan for `partition` with `n_val` replicas under `state`, `is_up` being this node's
+    /// failure detector.
+    pub fn new(
+        state: &ClusterState,
+        partition: PartitionId,
+        n_val: u32,
+        is_up: impl Fn(&NodeId) -> bool,
+    ) -> ReplicaPlan {
+        let extended: Vec<NodeId> = state
+            .ring
+            .current
+            .extended_preference_list(partition)
+            .into_iter()
+            .map(|(_, node)| node)
+            .collect();
+        let n = (n_val as usize).min(extended.len());
+        let (slots, unplaced) = sloppy_slots(&extended, n, &is_up);
+        let spares = extended[n..]
+            .iter()
+            .filter(|node| is_up(node) && !slots.iter().any(|s| &s.node == *node))
+            .cloned()
+            .collect();
+        ReplicaPlan {
+            primaries: extended[..n].to_vec(),
+            slots,
+            unplaced,
+            spares,
+            next: state.next_preference_list(partition, n_val),
+        }
+    }
+}
+
+/// What a get coordinator asks its driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GetStep {
+    /// Answer the client: the sync of the replies, or the quorum failure. Exactly once.
+    Answer(Result<Object, QuorumFailure>),
+    /// Every fetch came back: write `merged` to these replicas (read repair). At most once,
+    /// and only when some replica's reply differed from it.
+    Repair {
+        merged: Object,
+        targets: Vec<NodeId>,
+    },
+}
+
+/// The coordinator of one get: fetch from every slot, answer at R (and PR), repair after all.
+#[derive(Debug, Clone)]
+pub struct GetCoordinator {
+    quorum: GetQuorum,
+    outstanding: usize,
+    answered: bool,
+}
+
+impl GetCoordinator {
+    /// Plan a get needing `r` replies (`pr` of them from primaries), both already clamped to
+    /// the key's N. Returns the coordinator and the slots to fetch from (each with the primary
+    /// it stands in for, whose hint it should merge in), or the failure when fewer than `r`
+    /// replicas can be asked at all.
+    pub fn start(
+        plan: &ReplicaPlan,
+        r: usize,
+        pr: usize,
+    ) -> Result<(GetCoordinator, Vec<Slot>), QuorumFailure> {
+        let replicas: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
+        if replicas.len() < r.max(1) {
+            return Err(QuorumFailure {
+                replied: 0,
+                needed: r.max(1),
+                asked: replicas.len(),
+            });
+        }
+        let quorum = GetQuorum::new(replicas, r).with_primaries(plan.primaries.clone(), pr);
+        let coordinator = GetCoordinator {
+            quorum,
+            outstanding: plan.slots.len(),
+            answered: false,
+        };
+        Ok((coordinator, plan.slots.clone()))
+    }
+
+    /// Feed one fetch's outcome: `Ok(object or none)`, or `Err(())` for a failure or timeout.
+    pub fn on_reply(&mut self, from: &NodeId, reply: Result<Option<Object>, ()>) -> Vec<GetStep> {
+        let mut steps = Vec::new();
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if let Progress::Done(result) = self.quorum.on_reply(from, reply)
+            && !self.answered
+        {
+            self.answered = true;
+            steps.push(GetStep::Answer(result));
+        }
+        if self.outstanding == 0 {
+            if !self.answered {
+                // Unreachable with a well-formed plan (the quorum decides by the last reply),
+                // but a request must never go unanswered.
+                self.answered = true;
+                steps.push(GetStep::Answer(Err(QuorumFailure {
+                    replied: 0,
+                    needed: self.quorum.needed(),
+                    asked: self.quorum.replicas().len(),
+                })));
+            }
+            let merged = self.quorum.merged();
+            let targets = self.quorum.repair_targets(&merged);
+            if !targets.is_empty() {
+                steps.push(GetStep::Repair { merged, targets });
+            }
+        }
+        steps
+    }
+
+    /// Every fetch came back.
+    pub fn finished(&self) -> bool {
+        self.outstanding == 0
+    }
+}
+
+/// One replica write of a put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutSend {
+    /// The node written to (never the coordinator itself: its own copy is already stored).
+    pub node: NodeId,
+    /// The primary this node stands in for: the write is a hint for it.
+    pub stands_in_for: Option<NodeId>,
+    /// The write must be fsync'd before it is acknowledged (paper 6.1: with buffered writes,
+    /// one other replica is asked for a durable write).
+    pub fsync: bool,
+}
+
+/// What a put coordinator asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutStep {
+    /// Send the stored version to a replica and feed its outcome back.
+    Send(PutSend),
+    /// Keep the stored version here as a hint for `target` (it failed or is down).
+    KeepHint { target: NodeId },
+    /// Answer the replication round: W (and PW) acknowledged, or the quorum failure. Exactly
+    /// once.
+    Answer(Result<(), QuorumFailure>),
+}
+
+/// How a put is replicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutPolicy {
+    /// Acknowledgements needed, clamped to the key's N.
+    pub w: usize,
+    /// Acknowledgements needed from primaries, clamped to the key's N.
+    pub pw: usize,
+    /// The bucket writes to buffers (not fsync'd per write): ask one other replica that is a
+    /// primary of the current plan for an fsync'd write.
+    pub buffered: bool,
+}
+
+/// The coordinator of one put's replication, after the coordinator stored its own copy.
+#[derive(Debug, Clone)]
+pub struct PutCoordinator {
+    me: NodeId,
+    quorum: PutQuorum,
+    primaries: Vec<NodeId>,
+    spares: VecDeque<NodeId>,
+    durable_node: Option<NodeId>,
+    outstanding: usize,
+    answered: bool,
+    w: usize,
+}
+
+impl PutCoordinator {
+    /// Plan the replication of a version `me` stored: its own copy counts when it is one of
+    /// the replicas. Returns the coordinator and the first steps (sends, hints for the
+    /// unplaced primaries, and the answer when `me`'s copy alone meets the quorum).
+    pub fn start(
+        me: &NodeId,
+        plan: ReplicaPlan,
+        policy: PutPolicy,
+    ) -> (PutCoordinator, Vec<PutStep>) {
+        let slot_nodes: Vec<NodeId> = plan.slots.iter().map(|s| s.node.clone()).collect();
+        let quorum = PutQuorum::new(slot_nodes, plan.next.clone(), policy.w)
+            .with_primaries(plan.primaries.clone(), policy.pw);
+        let mut sends: Vec<(NodeId, Option<NodeId>)> = plan
+            .slots
+            .iter()
+            .map(|s| (s.node.clone(), s.stands_in_for.clone()))
+            .collect();
+        for node in plan.next.iter().flatten() {
+            if !sends.iter().any(|(n, _)| n == node) {
+                sends.push((node.clone(), None));
+            }
+        }
+        let holds_copy = sends.iter().any(|(n, _)| n == me);
+        sends.retain(|(n, _)| n != me);
+        let durable_node = policy
+            .buffered
+            .then(|| {
+                sends
+                    .iter()
+                    .find(|(_, stands_in_for)| stands_in_for.is_none())
+                    .map(|(node, _)| node.clone())
+            })
+            .flatten();
+        let mut coordinator = PutCoordinator {
+            me: me.clone(),
+            quorum,
+            primaries: plan.primaries,
+            spares: plan.spares.into_iter().collect(),
+            durable_node,
+            outstanding: sends.len(),
+            answered: false,
+            w: policy.w,
+        };
+        let mut steps: Vec<PutStep> = plan
+            .unplaced
+            .into_iter()
+            .filter(|p| p != me)
+            .map(|target| PutStep::KeepHint { target })
+            .collect();
+        for (node, stands_in_for) in sends {
+            steps.push(coordinator.send(node, stands_in_for));
+        }
+        if holds_copy {
+            let own = coordinator.me.clone();
+            if let Progress::Done(result) = coordinator.quorum.on_reply(&own, true) {
+                coordinator.answered = true;
+                steps.push(PutStep::Answer(result));
+            }
+        }
+        coordinator.answer_if_exhausted(&mut steps);
+        (coordinator, steps)
+    }
+
+    fn send(&self, node: NodeId, stands_in_for: Option<NodeId>) -> PutStep {
+        let fsync = self.durable_node.as_ref() == Some(&node);
+        PutStep::Send(PutSend {
+            node,
+            stands_in_for,
+            fsync,
+        })
+    }
+
+    /// Feed one send's outcome (`ok`: acknowledged).
+    pub fn on_reply(&mut self, send: &PutSend, ok: bool) -> Vec<PutStep> {
+        let mut steps = Vec::new();
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if !ok {
+            let target = send.stands_in_for.clone().unwrap_or(send.node.clone());
+            if target != self.me {
+                steps.push(PutStep::KeepHint { target });
+            }
+        }
+        if !self.answered {
+            // A primary that failed during the write: a spare stands in for it.
+            if !ok
+                && send.stands_in_for.is_none()
+                && self.primaries.contains(&send.node)
+                && let Some(spare) = self.spares.pop_front()
+            {
+                self.quorum.substitute(&send.node, &spare);
+                self.outstanding += 1;
+                steps.push(self.send(spare, Some(send.node.clone())));
+                return steps;
+            }
+            if let Progress::Done(result) = self.quorum.on_reply(&send.node, ok) {
+                self.answered = true;
+                steps.push(PutStep::Answer(result));
+            }
+        }
+        self.answer_if_exhausted(&mut steps);
+        steps
+    }
+
+    /// Every send came back and the quorum could neither be met nor ruled out: report the
+    /// failure rather than wait forever.
+    fn answer_if_exhausted(&mut self, steps: &mut Vec<PutStep>) {
+        if self.outstanding == 0 && !self.answered {
+            self.answered = true;
+            steps.push(PutStep::Answer(Err(QuorumFailure {
+                replied: 0,
+                needed: self.w,
+                asked: self.primaries.len(),
+            })));
+        }
+    }
+
+    /// The request was answered.
+    pub fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// Every send came back.
+    pub fn finished(&self) -> bool {
+        self.outstanding == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::{Content, Object, PrunePolicy};
+    use crate::version::{ActorId, VersionVector};
+
+    fn id(name: &str) -> NodeId {
+        NodeId(name.to_owned())
+    }
+
+    fn ids(names: &[&str]) -> Vec<NodeId> {
+        names.iter().map(|n| id(n)).collect()
+    }
+
+    fn slot(node: &str, for_: Option<&str>) -> Slot {
+        Slot {
+            node: id(node),
+            stands_in_for: for_.map(id),
+        }
+    }
+
+    fn plan(slots: Vec<Slot>, primaries: &[&str], spares: &[&str]) -> ReplicaPlan {
+        ReplicaPlan {
+            primaries: ids(primaries),
+            slots,
+            spares: ids(spares),
+            unplaced: Vec::new(),
+            next: None,
+        }
+    }
+
+    fn policy(w: usize) -> PutPolicy {
+        PutPolicy {
+            w,
+            pw: 0,
+            buffered: false,
+        }
+    }
+
+    fn sends(steps: &[PutStep]) -> Vec<PutSend> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                PutStep::Send(send) => Some(send.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answers(steps: &[PutStep]) -> Vec<Result<(), QuorumFailure>> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                PutStep::Answer(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn object(value: &[u8], actor: u8) -> Object {
+        Object::new()
+            .update(
+                &VersionVector::default(),
+                Content {
+                    value: value.to_vec(),
+                    ..Content::default()
+                },
+                ActorId(u64::from(actor)),
+                0,
+                PrunePolicy::default(),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn put_counts_own_copy_and_answers_at_w() {
+        let p = plan(
+            vec![slot("a", None), slot("b", None), slot("c", None)],
+            &["a", "b", "c"],
+            &[],
+        );
+        let (mut coord, steps) = PutCoordinator::start(&id("a"), p, policy(2));
+        let first = sends(&steps);
+        assert_eq!(
+            first.iter().map(|s| s.node.clone()).collect::<Vec<_>>(),
+            ids(&["b", "c"])
+        );
+        assert!(answers(&steps).is_empty());
+        let steps = coord.on_reply(&first[0], true);
+        assert_eq!(answers(&steps), vec![Ok(())]);
+        assert!(coord.answered() && !coord.finished());
+        // A late failure after the answer: no second answer, but a hint is kept for it.
+        let steps = coord.on_reply(&first[1], false);
+        assert_eq!(steps, vec![PutStep::KeepHint { target: id("c") }]);
+        assert!(coord.finished());
+    }
+
+    #[test]
+    fn failed_primary_is_replaced_by_a_spare_that_keeps_a_hint() {
+        let p = plan(
+            vec![slot("a", None), slot("b", None), slot("c", None)],
+            &["a", "b", "c"],
+            &["d"],
+        );
+        let (mut coord, steps) = PutCoordinator::start(&id("a"), p, policy(3));
+        let first = sends(&steps);
+        let steps = coord.on_reply(&first[0], false);
+        assert_eq!(
+            steps,
+            vec![
+                PutStep::KeepHint { target: id("b") },
+                PutStep::Send(PutSend {
+                    node: id("d"),
+                    stands_in_for: Some(id("b")),
+                    fsync: false
+                })
+            ]
+        );
+        assert!(answers(&coord.on_reply(&first[1], true)).is_empty());
+        let spare = sends(&steps)[0].clone();
+        assert_eq!(answers(&coord.on_reply(&spare, true)), vec![Ok(())]);
+        assert!(coord.finished());
+    }
+
+    #[test]
+    fn put_fails_once_quorum_is_impossible_and_keeps_hints() {
+        let p = plan(
+            vec![slot("a", None), slot("b", None), slot("c", None)],
+            &["a", "b", "c"],
+            &[],
+        );
+        let (mut coord, steps) = PutCoordinator::start(&id("a"), p, policy(3));
+        let first = sends(&steps);
+        let steps = coord.on_reply(&first[0], false);
+        assert!(steps.contains(&PutStep::KeepHint { target: id("b") }));
+        let failure = answers(&steps);
+        assert_eq!(failure.len(), 1);
+        assert!(failure[0].is_err());
+        let steps = coord.on_reply(&first[1], true);
+        assert!(answers(&steps).is_empty(), "answered twice");
+    }
+
+    #[test]
+    fn unplaced_primaries_get_hints_and_a_lone_coordinator_answers_at_once() {
+        let mut p = plan(vec![slot("a", None)], &["a", "b"], &[]);
+        p.unplaced = ids(&["b"]);
+        let (coord, steps) = PutCoordinator::start(&id("a"), p, policy(1));
+        assert_eq!(
+            steps,
+            vec![
+                PutStep::KeepHint { target: id("b") },
+                PutStep::Answer(Ok(()))
+            ]
+        );
+        assert!(coord.finished());
+    }
+
+    #[test]
+    fn a_coordinator_outside_the_plan_with_nothing_to_send_fails_rather_than_hangs() {
+        let mut p = plan(Vec::new(), &["b"], &[]);
+        p.unplaced = ids(&["b"]);
+        let (coord, steps) = PutCoordinator::start(&id("a"), p, policy(1));
+        assert!(steps.contains(&PutStep::KeepHint { target: id("b") }));
+        assert_eq!(answers(&steps).len(), 1);
+        assert!(answers(&steps)[0].is_err());
+        assert!(coord.answered());
+    }
+
+    #[test]
+    fn buffered_put_asks_exactly_one_other_primary_for_fsync() {
+        let p = plan(
+            vec![slot("a", None), slot("d", Some("b")), slot("c", None)],
+            &["a", "b", "c"],
+            &[],
+        );
+        let (_, steps) = PutCoordinator::start(
+            &id("a"),
+            p,
+            PutPolicy {
+                w: 2,
+                pw: 0,
+                buffered: true,
+            },
+        );
+        let durable: Vec<NodeId> = sends(&steps)
+            .into_iter()
+            .filter(|s| s.fsync)
+            .map(|s| s.node)
+            .collect();
+        // Not the fallback standing in for b: a replica that keeps the key as its own.
+        assert_eq!(durable, ids(&["c"]));
+    }
+
+    #[test]
+    fn transition_sends_to_the_next_list_too() {
+        let mut p = plan(vec![slot("a", None), slot("b", None)], &["a", "b"], &[]);
+        p.next = Some(ids(&["a", "c"]));
+        let (mut coord, steps) = PutCoordinator::start(&id("a"), p, policy(2));
+        let first = sends(&steps);
+        assert_eq!(
+            first.iter().map(|s| s.node.clone()).collect::<Vec<_>>(),
+            ids(&["b", "c"])
+        );
+        // W of the current list is met by b, but the next list still needs c.
+        assert!(answers(&coord.on_reply(&first[0], true)).is_empty());
+        assert_eq!(answers(&coord.on_reply(&first[1], true)), vec![Ok(())]);
+    }
+
+    #[test]
+    fn get_answers_at_r_and_repairs_after_all_replies() {
+        let p = plan(
+            vec![slot("a", None), slot("b", None), slot("c", None)],
+            &["a", "b", "c"],
+            &[],
+        );
+        let (mut coord, fetches) = GetCoordinator::start(&p, 2, 0).unwrap();
+        assert_eq!(fetches.len(), 3);
+        let newer = object(b"v1", 1);
+        assert!(coord.on_reply(&id("a"), Ok(Some(newer.clone()))).is_empty());
+        let steps = coord.on_reply(&id("b"), Ok(None));
+        assert_eq!(steps, vec![GetStep::Answer(Ok(newer.clone()))]);
+        // c failed: it is not a repair target (it did not answer), b is.
+        let steps = coord.on_reply(&id("c"), Err(()));
+        assert_eq!(
+            steps,
+            vec![GetStep::Repair {
+                merged: newer,
+                targets: ids(&["b"])
+            }]
+        );
+        assert!(coord.finished());
+    }
+
+    #[test]
+    fn get_with_too_few_slots_fails_before_sending() {
+        let p = plan(vec![slot("a", None)], &["a", "b", "c"], &[]);
+        let failure = GetCoordinator::start(&p, 2, 0).unwrap_err();
+        assert_eq!((failure.needed, failure.asked), (2, 1));
+    }
+
+    #[test]
+    fn get_fails_when_r_replies_cannot_arrive() {
+        let p = plan(
+            vec![slot("a", None), slot("b", None), slot("c", None)],
+            &["a", "b", "c"],
+            &[],
+        );
+        let (mut coord, _) = GetCoordinator::start(&p, 3, 0).unwrap();
+        let steps = coord.on_reply(&id("a"), Err(()));
+        assert!(matches!(steps.as_slice(), [GetStep::Answer(Err(_))]));
+        assert!(coord.on_reply(&id("b"), Ok(None)).is_empty());
+        assert!(coord.on_reply(&id("c"), Ok(None)).is_empty());
+    }
+}
