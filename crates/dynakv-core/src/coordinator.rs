@@ -334,6 +334,77 @@ impl PutCoordinator {
     }
 }
 
+/// Where the hints held for one target go in a delivery round (paper 4.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintDelivery {
+    /// The target is a member believed down: keep its hints for a later round.
+    Hold,
+    /// Deliver: to the target for the keys it still replicates, to each key's current
+    /// replicas otherwise. `target_replicates` is false when the target left (or is leaving)
+    /// the cluster, so every hint follows its key's current replicas.
+    Deliver { target_is_member: bool },
+}
+
+impl HintDelivery {
+    /// The round's decision for `target` under `state`, `target_up` being this node's failure
+    /// detector's verdict.
+    pub fn for_target(state: &ClusterState, target: &NodeId, target_up: bool) -> HintDelivery {
+        let target_is_member = state
+            .member(target)
+            .is_some_and(|m| m.status != crate::membership::MemberStatus::Exiting);
+        if target_is_member && !target_up {
+            HintDelivery::Hold
+        } else {
+            HintDelivery::Deliver { target_is_member }
+        }
+    }
+
+    /// Whether one hinted key goes to the target itself (`true`) or to `preflist`, the key's
+    /// current replicas (`false`): a hint follows its key when the target no longer
+    /// replicates it.
+    pub fn to_target(self, target: &NodeId, preflist: &[NodeId]) -> bool {
+        matches!(
+            self,
+            HintDelivery::Deliver {
+                target_is_member: true
+            }
+        ) && preflist.contains(target)
+    }
+}
+
+/// What an anti-entropy exchange does with one key whose hashes differed: both replicas end
+/// with the `sync` of their versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRepair {
+    pub merged: Object,
+    /// This node's copy differs from `merged`: merge it in here.
+    pub store_local: bool,
+    /// The peer's copy differs from `merged`: send it there.
+    pub store_remote: bool,
+}
+
+impl KeyRepair {
+    /// The repair of one key from both sides' copies; `None` when neither holds it.
+    pub fn of(local: Option<&Object>, remote: Option<&Object>) -> Option<KeyRepair> {
+        let merged = match (local, remote) {
+            (Some(a), Some(b)) => a.sync(b),
+            (Some(a), None) => a.clone(),
+            (None, Some(b)) => b.clone(),
+            (None, None) => return None,
+        };
+        Some(KeyRepair {
+            store_local: local != Some(&merged),
+            store_remote: remote != Some(&merged),
+            merged,
+        })
+    }
+
+    /// Either side changes.
+    pub fn repairs(&self) -> bool {
+        self.store_local || self.store_remote
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,6 +636,59 @@ mod tests {
             }]
         );
         assert!(coord.finished());
+    }
+
+    #[test]
+    fn key_repair_stores_only_on_the_sides_that_differ() {
+        let a = object(b"a", 1);
+        let b = object(b"b", 2);
+        let both = a.sync(&b);
+        let r = KeyRepair::of(Some(&a), Some(&b)).unwrap();
+        assert_eq!(r.merged, both);
+        assert!(r.store_local && r.store_remote);
+        let r = KeyRepair::of(Some(&both), Some(&a)).unwrap();
+        assert!(!r.store_local && r.store_remote);
+        let r = KeyRepair::of(None, Some(&a)).unwrap();
+        assert!(r.store_local && !r.store_remote);
+        assert!(!KeyRepair::of(Some(&a), Some(&a)).unwrap().repairs());
+        assert_eq!(KeyRepair::of(None, None), None);
+    }
+
+    #[test]
+    fn hints_wait_for_a_down_member_and_follow_their_key_otherwise() {
+        use crate::membership::{Member, MemberStatus};
+        let member = |name: &str, status| Member {
+            id: id(name),
+            peer_addr: String::new(),
+            http_addr: String::new(),
+            zone: String::new(),
+            status,
+            version: 1,
+            heartbeat: 0,
+        };
+        let mut state = ClusterState::found("c", member("a", MemberStatus::Valid), 8).unwrap();
+        for (name, status) in [("b", MemberStatus::Valid), ("x", MemberStatus::Exiting)] {
+            state.members.insert(id(name), member(name, status));
+        }
+        assert_eq!(
+            HintDelivery::for_target(&state, &id("b"), false),
+            HintDelivery::Hold
+        );
+        let up = HintDelivery::for_target(&state, &id("b"), true);
+        assert!(up.to_target(&id("b"), &ids(&["a", "b"])));
+        // The key moved off b: the hint goes to its current replicas.
+        assert!(!up.to_target(&id("b"), &ids(&["a", "c"])));
+        // A node that left is not waited for: its hints follow their keys.
+        let gone = HintDelivery::for_target(&state, &id("x"), false);
+        assert_eq!(
+            gone,
+            HintDelivery::Deliver {
+                target_is_member: false
+            }
+        );
+        assert!(!gone.to_target(&id("x"), &ids(&["x", "a"])));
+        let unknown = HintDelivery::for_target(&state, &id("y"), false);
+        assert!(!unknown.to_target(&id("y"), &ids(&["y"])));
     }
 
     #[test]

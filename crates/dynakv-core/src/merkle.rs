@@ -161,11 +161,36 @@ pub fn differing_leaves(ours: &[(u16, Hash)], theirs: &[(u16, Hash)]) -> Vec<u16
         .collect()
 }
 
+/// The keys listed with different entry hashes by the two sides of an exchange (present on
+/// one side only, or hashed differently), in key order: the keys to repair.
+pub fn differing_keys<K: Ord + Clone>(
+    ours: &std::collections::BTreeMap<K, Hash>,
+    theirs: &std::collections::BTreeMap<K, Hash>,
+) -> Vec<K> {
+    let mut keys: Vec<K> = ours
+        .keys()
+        .chain(theirs.keys())
+        .filter(|k| ours.get(*k) != theirs.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
+
+    #[test]
+    fn differing_keys_are_the_one_sided_and_the_changed() {
+        let ours: BTreeMap<&str, Hash> = [("a", [1; 16]), ("b", [2; 16]), ("c", [3; 16])].into();
+        let theirs: BTreeMap<&str, Hash> = [("b", [2; 16]), ("c", [9; 16]), ("d", [4; 16])].into();
+        assert_eq!(differing_keys(&ours, &theirs), vec!["a", "c", "d"]);
+        assert!(differing_keys(&ours, &ours).is_empty());
+    }
 
     fn tree_of(entries: &BTreeMap<String, Vec<u8>>) -> MerkleTree {
         let mut tree = MerkleTree::new();

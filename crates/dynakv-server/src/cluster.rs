@@ -22,11 +22,12 @@ use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReplicaPlan,
+    GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
+    ReplicaPlan,
 };
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
-use dynakv_core::merkle::{Hash, differing_leaves, differing_segments, entry_hash};
+use dynakv_core::merkle::{self, Hash, differing_leaves, differing_segments, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::QuorumFailure;
@@ -34,7 +35,7 @@ use dynakv_core::ring::{NodeId, key_hash};
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::VersionVector;
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -767,10 +768,8 @@ impl Cluster {
             }
             let target_id = NodeId(target.clone());
             let state = self.state();
-            let is_member = state
-                .member(&target_id)
-                .is_some_and(|m| m.status != MemberStatus::Exiting);
-            if is_member && !self.is_up(&target_id) {
+            let delivery = HintDelivery::for_target(&state, &target_id, self.is_up(&target_id));
+            if delivery == HintDelivery::Hold {
                 continue;
             }
             let mut start_after: Option<Vec<u8>> = None;
@@ -797,7 +796,7 @@ impl Cluster {
                     let props = self.bucket_props(&bucket);
                     let partition = partition_of(&state, &bucket, &key);
                     let preflist = state.preference_list(partition, props.n_val);
-                    if is_member && preflist.contains(&target_id) {
+                    if delivery.to_target(&target_id, &preflist) {
                         direct.push(HandoffEntry {
                             bucket,
                             key,
@@ -1441,20 +1440,14 @@ impl Cluster {
                 )));
             }
         };
-        let ours: HashMap<(String, String), Hash> =
+        let ours: BTreeMap<(String, String), Hash> =
             ours.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
-        let theirs: HashMap<(String, String), Hash> =
+        let theirs: BTreeMap<(String, String), Hash> =
             theirs.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
-        let mut differing: Vec<&(String, String)> = ours
-            .keys()
-            .chain(theirs.keys())
-            .filter(|k| ours.get(*k) != theirs.get(*k))
-            .collect();
-        differing.sort();
-        differing.dedup();
+        let differing = merkle::differing_keys(&ours, &theirs);
         let state = self.state();
         let mut repaired = 0;
-        for (bucket, key) in differing {
+        for (bucket, key) in &differing {
             if repaired >= budget {
                 break;
             }
@@ -1476,38 +1469,37 @@ impl Cluster {
             let (Ok(local), Ok(remote)) = (local, remote) else {
                 continue;
             };
-            let merged = match (&local, &remote) {
-                (Some(a), Some(b)) => a.sync(b),
-                (Some(a), None) => a.clone(),
-                (None, Some(b)) => b.clone(),
-                (None, None) => continue,
+            let Some(repair) = KeyRepair::of(local.as_ref(), remote.as_ref()) else {
+                continue;
             };
-            let encoded = merged.encode();
-            if local.as_ref() != Some(&merged) {
+            let encoded = repair.merged.encode();
+            if repair.store_local {
                 self.store_replica(
                     &self.me,
                     bucket,
                     key,
-                    &merged,
+                    &repair.merged,
                     &encoded,
                     &props,
                     Durability::Buffered,
                 )
                 .await?;
             }
-            if remote.as_ref() != Some(&merged) {
+            if repair.store_remote {
                 self.store_replica(
                     peer,
                     bucket,
                     key,
-                    &merged,
+                    &repair.merged,
                     &encoded,
                     &props,
                     Durability::Buffered,
                 )
                 .await?;
             }
-            repaired += 1;
+            if repair.repairs() {
+                repaired += 1;
+            }
         }
         if repaired > 0 {
             self.replica.storage().sync().map_err(internal)?;

@@ -28,7 +28,8 @@
 use crate::rng::SimRng;
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReplicaPlan,
+    GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
+    ReplicaPlan,
 };
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
@@ -1789,11 +1790,9 @@ impl SimNode {
     fn deliver_hints(&mut self, now: u64) {
         let targets: BTreeSet<NodeId> = self.hints.keys().map(|(t, _)| t.clone()).collect();
         for target in targets {
-            let is_member = self
-                .cluster
-                .member(&target)
-                .is_some_and(|m| m.status != MemberStatus::Exiting);
-            if (is_member && !self.is_up(now, &target)) || self.delivering.contains_key(&target) {
+            let delivery =
+                HintDelivery::for_target(&self.cluster, &target, self.is_up(now, &target));
+            if delivery == HintDelivery::Hold || self.delivering.contains_key(&target) {
                 continue;
             }
             let page: Vec<(String, Object)> = self
@@ -1806,7 +1805,7 @@ impl SimNode {
             let mut direct = Vec::new();
             for (key, object) in page {
                 let preflist = self.primaries(&key);
-                if is_member && preflist.contains(&target) {
+                if delivery.to_target(&target, &preflist) {
                     direct.push((key, object));
                     continue;
                 }
@@ -2007,12 +2006,7 @@ impl SimNode {
             }
             (AaeStage::Keys { ours }, Some(Response::Keys(theirs))) => {
                 let theirs: BTreeMap<String, Hash> = theirs.into_iter().collect();
-                let differing: BTreeSet<String> = ours
-                    .keys()
-                    .chain(theirs.keys())
-                    .filter(|k| ours.get(*k) != theirs.get(*k))
-                    .cloned()
-                    .collect();
+                let differing = merkle::differing_keys(ours, &theirs);
                 let mut waiting = BTreeMap::new();
                 for key in differing {
                     let replicas = self.primaries(&key);
@@ -2040,20 +2034,14 @@ impl SimNode {
                 let key = waiting.remove(&id).unwrap_or_default();
                 if let Some(Response::Object(remote)) = reply {
                     let local = self.object(&key).cloned();
-                    let merged = match (&local, &remote) {
-                        (Some(a), Some(b)) => Some(a.sync(b)),
-                        (Some(a), None) => Some(a.clone()),
-                        (None, Some(b)) => Some(b.clone()),
-                        (None, None) => None,
-                    };
-                    if let Some(merged) = merged {
-                        if local.as_ref() != Some(&merged) {
-                            self.merge_local(&key, &merged);
+                    if let Some(repair) = KeyRepair::of(local.as_ref(), remote.as_ref()) {
+                        if repair.store_local {
+                            self.merge_local(&key, &repair.merged);
                         }
-                        if remote.as_ref() != Some(&merged) {
-                            self.store_replica(now, &peer, &key, &merged);
+                        if repair.store_remote {
+                            self.store_replica(now, &peer, &key, &repair.merged);
                         }
-                        if local.as_ref() != Some(&merged) || remote.as_ref() != Some(&merged) {
+                        if repair.repairs() {
                             self.stats.aae_repairs += 1;
                         }
                     }
