@@ -372,6 +372,23 @@ impl HintDelivery {
     }
 }
 
+/// A stored object a reaper may consider: all tombstones, and its newest write (sibling or
+/// clock entry) at least `grace_ms` before `now_ms`. It is reaped only if, besides, every
+/// primary holds exactly the same object.
+pub fn reap_candidate(object: &Object, now_ms: u64, grace_ms: u64) -> bool {
+    if object.is_empty() || !object.is_deleted() {
+        return false;
+    }
+    let newest = object
+        .siblings()
+        .iter()
+        .map(|s| s.content.last_modified_ms)
+        .chain(object.clock().entries().map(|(_, e)| e.timestamp_ms))
+        .max()
+        .unwrap_or(0);
+    now_ms.saturating_sub(newest) >= grace_ms
+}
+
 /// What an anti-entropy exchange does with one key whose hashes differed: both replicas end
 /// with the `sync` of their versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -689,6 +706,32 @@ mod tests {
         assert!(!gone.to_target(&id("x"), &ids(&["x", "a"])));
         let unknown = HintDelivery::for_target(&state, &id("y"), false);
         assert!(!unknown.to_target(&id("y"), &ids(&["y"])));
+    }
+
+    #[test]
+    fn only_old_tombstones_are_reap_candidates() {
+        let live = object(b"v", 1);
+        assert!(!reap_candidate(&live, 1_000_000, 0));
+        assert!(!reap_candidate(&Object::new(), 1_000_000, 0));
+        let tombstone = live
+            .update(
+                live.clock(),
+                Content {
+                    deleted: true,
+                    last_modified_ms: 100,
+                    ..Content::default()
+                },
+                ActorId(2),
+                100,
+                PrunePolicy::default(),
+            )
+            .unwrap();
+        assert!(tombstone.is_deleted());
+        assert!(
+            !reap_candidate(&tombstone, 150, 100),
+            "within the grace period"
+        );
+        assert!(reap_candidate(&tombstone, 200, 100));
     }
 
     #[test]

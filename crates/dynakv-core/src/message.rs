@@ -250,6 +250,18 @@ pub enum PeerMessage {
     /// The receiver's ring is newer than the sender's: here is the receiver's state.
     StaleRing(Box<ClusterState>),
     Error(String),
+    /// Before a reap: what does the receiver hold for this key? Reply `ReapState`.
+    ReapCheck {
+        bucket: String,
+        key: String,
+    },
+    /// The receiver's stored object for the key (encoded), and whether it keeps a hint of it
+    /// for any node.
+    ReapState {
+        #[serde(with = "optional_raw_bytes")]
+        object: Option<Vec<u8>>,
+        hinted: bool,
+    },
 }
 
 #[cfg(test)]

@@ -175,7 +175,30 @@ impl Object {
         now_ms: u64,
         prune: PrunePolicy,
     ) -> Result<Object, WriteError> {
-        let counter = self.clock.counter(actor).max(context.counter(actor)) + 1;
+        self.update_after(context, content, actor, 0, now_ms, prune)
+    }
+
+    /// [`Object::update`] whose new dot's counter also exceeds `floor`: the last counter
+    /// `actor` issued for any key. A coordinator that passes its node-wide counter never
+    /// issues a dot twice, even for a key whose history it no longer holds (a reaped
+    /// tombstone, a key dropped after a ring change and written again before its handoff
+    /// arrived): a reissued dot would make a new value look already seen to every client
+    /// context and replica that saw the old one (Riak's KV679).
+    pub fn update_after(
+        &self,
+        context: &VersionVector,
+        content: Content,
+        actor: ActorId,
+        floor: u64,
+        now_ms: u64,
+        prune: PrunePolicy,
+    ) -> Result<Object, WriteError> {
+        let counter = self
+            .clock
+            .counter(actor)
+            .max(context.counter(actor))
+            .max(floor)
+            + 1;
         let mut siblings: Vec<Sibling> = self
             .siblings
             .iter()

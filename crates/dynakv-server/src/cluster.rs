@@ -23,7 +23,7 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReplicaPlan,
+    ReplicaPlan, reap_candidate,
 };
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
@@ -1289,6 +1289,18 @@ impl Cluster {
                 }
                 Ok(PeerMessage::Ack)
             }
+            PeerMessage::ReapCheck { bucket, key } => {
+                let replica = Arc::clone(&self.replica);
+                let (object, hinted) = tokio::task::spawn_blocking(move || {
+                    Ok::<_, ReplicaError>((
+                        replica.get_raw(&bucket, &key)?,
+                        replica.holds_hint(&bucket, &key)?,
+                    ))
+                })
+                .await
+                .map_err(internal)??;
+                Ok(PeerMessage::ReapState { object, hinted })
+            }
             PeerMessage::Reap {
                 bucket,
                 key,
@@ -1589,14 +1601,7 @@ impl Cluster {
                 let Ok(object) = Object::decode(&value) else {
                     continue;
                 };
-                let newest = object
-                    .siblings()
-                    .iter()
-                    .map(|s| s.content.last_modified_ms)
-                    .chain(object.clock().entries().map(|(_, e)| e.timestamp_ms))
-                    .max()
-                    .unwrap_or(0);
-                if now.saturating_sub(newest) < grace_ms {
+                if !reap_candidate(&object, now, grace_ms) {
                     continue;
                 }
                 candidates.push((storage_key, value));
@@ -1619,26 +1624,14 @@ impl Cluster {
             if primaries.first() != Some(&self.me) || primaries.len() < props.n_val as usize {
                 continue;
             }
-            // Every primary must hold exactly this tombstone.
-            let mut all_same = true;
-            for node in primaries.iter().filter(|n| **n != self.me) {
-                let message = PeerMessage::ReplicaGet {
-                    bucket: bucket.clone(),
-                    key: key.clone(),
-                    ring_version: state.ring.version,
-                    hinted_for: None,
-                };
-                match self.send(node, message, self.timeouts.request).await {
-                    Ok(PeerMessage::ReplicaObject {
-                        object: Some(bytes),
-                    }) if bytes == value => {}
-                    _ => {
-                        all_same = false;
-                        break;
-                    }
-                }
-            }
-            if !all_same {
+            // Every primary must hold exactly this tombstone, and no member may keep a hint of
+            // the key or (outside the primaries) a copy of it: a hint or stray copy of an
+            // older version delivered after the reap would bring the deleted value back (the
+            // simulation found both). A member that does not answer blocks the reap.
+            if !self
+                .reap_is_safe(&state, &primaries, &bucket, &key, &value)
+                .await
+            {
                 continue;
             }
             let expected = entry_hash(bucket.as_bytes(), key.as_bytes(), &value);
@@ -1666,6 +1659,46 @@ impl Cluster {
             tracing::info!(keys = reaped, "tombstones reaped");
         }
         Ok(reaped)
+    }
+
+    /// The reap check of one tombstone (`value`, stored here, the first primary): every other
+    /// member answers `ReapCheck`; primaries must hold exactly `value`, others nothing, and
+    /// no member (this one included) may keep a hint of the key.
+    async fn reap_is_safe(
+        &self,
+        state: &ClusterState,
+        primaries: &[NodeId],
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+    ) -> bool {
+        let replica = Arc::clone(&self.replica);
+        let (b, k) = (bucket.to_owned(), key.to_owned());
+        match tokio::task::spawn_blocking(move || replica.holds_hint(&b, &k)).await {
+            Ok(Ok(false)) => {}
+            _ => return false,
+        }
+        for node in state.members.keys().filter(|n| **n != self.me) {
+            let message = PeerMessage::ReapCheck {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+            };
+            let clear = match self.send(node, message, self.timeouts.request).await {
+                Ok(PeerMessage::ReapState { object, hinted }) => {
+                    !hinted
+                        && if primaries.contains(node) {
+                            object.as_deref() == Some(value)
+                        } else {
+                            object.is_none()
+                        }
+                }
+                _ => false,
+            };
+            if !clear {
+                return false;
+            }
+        }
+        true
     }
 
     /// The admission controller of background work.
@@ -2280,6 +2313,8 @@ fn message_name(message: &PeerMessage) -> &'static str {
         PeerMessage::HintedPut { .. } => "HintedPut",
         PeerMessage::Reap { .. } => "Reap",
         PeerMessage::Reaped(_) => "Reaped",
+        PeerMessage::ReapCheck { .. } => "ReapCheck",
+        PeerMessage::ReapState { .. } => "ReapState",
         PeerMessage::AaeSegments { .. } => "AaeSegments",
         PeerMessage::AaeHashes { .. } => "AaeHashes",
         PeerMessage::AaeLeaves { .. } => "AaeLeaves",

@@ -6,7 +6,12 @@
 //! - what is written is always `stored.update(context, ...)` or `stored.sync(incoming)`, so no
 //!   sibling the writer did not see is dropped;
 //! - an object that fails its checksum or decoding is reported as corrupt, never treated as
-//!   absent (which would let a write silently replace it).
+//!   absent (which would let a write silently replace it);
+//! - this node's actor never issues a dot twice: a write's counter exceeds every counter the
+//!   actor issued before, for any key (`update_after` with the node-wide counter), and the
+//!   counter's high-water mark is reserved durably (a lease in `Meta`, fsync'd) before an
+//!   object carrying a counter above it is stored. Per-key counters alone would restart at 1
+//!   for a key whose tombstone was reaped here, reissuing an old dot for a new value.
 //!
 //! Calls are synchronous; [`Replica::run`] runs one inline on the async worker when the engine
 //! says it cannot wait on the disk (reads, buffered writes), else on tokio's blocking pool.
@@ -25,6 +30,10 @@ use thiserror::Error;
 
 /// Number of stripe locks serialising writes per key.
 const WRITE_LOCK_STRIPES: usize = 1024;
+/// `Meta` key of the durable lease on this node's dot counters.
+const KEY_COUNTER_LEASE: &[u8] = b"dot_counter_lease";
+/// Counters reserved per lease write (one fsync'd `Meta` write per this many writes).
+const COUNTER_LEASE_BLOCK: u64 = 100_000;
 
 /// A failed local operation.
 #[derive(Debug, Error)]
@@ -84,6 +93,11 @@ pub struct Replica {
     unflushed: Arc<std::sync::atomic::AtomicBool>,
     /// Writes made with `Fsync` durability (for `/stats` and tests).
     fsync_writes: std::sync::atomic::AtomicU64,
+    /// The highest dot counter this actor issued (or may have issued: after a restart, the
+    /// stored lease).
+    last_counter: std::sync::atomic::AtomicU64,
+    /// The durably reserved counter high-water mark; `None` until loaded from `Meta`.
+    counter_lease: Mutex<Option<u64>>,
 }
 
 impl Replica {
@@ -100,7 +114,53 @@ impl Replica {
             aae: std::sync::OnceLock::new(),
             unflushed,
             fsync_writes: std::sync::atomic::AtomicU64::new(0),
+            last_counter: std::sync::atomic::AtomicU64::new(0),
+            counter_lease: Mutex::new(None),
         }
+    }
+
+    /// The floor for the next dot counter: every counter issued so far (by this process, or
+    /// by an earlier one of the same actor, through the stored lease) is at most this.
+    fn counter_floor(&self) -> Result<u64, ReplicaError> {
+        use std::sync::atomic::Ordering;
+        let mut lease = self.counter_lease.lock();
+        if lease.is_none() {
+            let stored = match self
+                .storage
+                .get(Table::Meta, KEY_COUNTER_LEASE)
+                .map_err(storage_error)?
+            {
+                None => 0,
+                Some(bytes) => {
+                    u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                        ReplicaError::Storage("dot counter lease is corrupt".into())
+                    })?)
+                }
+            };
+            self.last_counter.fetch_max(stored, Ordering::SeqCst);
+            *lease = Some(stored);
+        }
+        Ok(self.last_counter.load(Ordering::SeqCst))
+    }
+
+    /// Record that `counter` was issued: reserve it durably first when it is above the lease.
+    fn reserve_counter(&self, counter: u64) -> Result<(), ReplicaError> {
+        use std::sync::atomic::Ordering;
+        let mut lease = self.counter_lease.lock();
+        if lease.is_none_or(|l| counter > l) {
+            let reserved = counter.saturating_add(COUNTER_LEASE_BLOCK);
+            self.storage
+                .put(
+                    Table::Meta,
+                    KEY_COUNTER_LEASE,
+                    &reserved.to_be_bytes(),
+                    Durability::Fsync,
+                )
+                .map_err(storage_error)?;
+            *lease = Some(reserved);
+        }
+        self.last_counter.fetch_max(counter, Ordering::SeqCst);
+        Ok(())
     }
 
     /// This replica's causal identity.
@@ -232,13 +292,16 @@ impl Replica {
             None if request.content.deleted => stored.clock().clone(),
             None => VersionVector::new(),
         };
-        let mut updated = stored.update(
+        let floor = self.counter_floor()?;
+        let mut updated = stored.update_after(
             &context,
             request.content,
             self.actor,
+            floor,
             request.now_ms,
             PrunePolicy::default(),
         )?;
+        self.reserve_counter(updated.clock().counter(self.actor))?;
         if request.props.last_write_wins {
             updated.resolve_last_write_wins();
         }
@@ -448,6 +511,17 @@ impl Replica {
     }
 
     /// Hinted keys held per target.
+    /// Whether this node keeps a hint of `bucket`/`key` for any node.
+    pub fn holds_hint(&self, bucket: &str, key: &str) -> Result<bool, ReplicaError> {
+        let targets: Vec<String> = self.hint_counts.lock().keys().cloned().collect();
+        for target in targets {
+            if self.get_hint(&target, bucket, key)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn hint_counts(&self) -> Vec<(String, usize)> {
         let mut counts: Vec<_> = self
             .hint_counts
@@ -570,5 +644,71 @@ impl Replica {
             start_after = Some(skip);
         }
         Ok(buckets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use dynakv_storage::MemoryStorage;
+
+    fn replica(storage: &Arc<MemoryStorage>, actor: u64) -> Replica {
+        let storage: Arc<dyn Storage> = Arc::clone(storage) as Arc<dyn Storage>;
+        Replica::new(
+            storage,
+            ActorId(actor),
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )
+    }
+
+    fn blind_put(replica: &Replica, key: &str, value: &[u8]) -> Object {
+        replica
+            .write(WriteRequest {
+                bucket: "b",
+                key,
+                context: None,
+                content: Content {
+                    value: value.to_vec(),
+                    ..Content::default()
+                },
+                props: &BucketProps::default(),
+                durability: Durability::Fsync,
+                precondition: Precondition::None,
+                now_ms: 1,
+            })
+            .unwrap()
+    }
+
+    fn dot_of(object: &Object) -> dynakv_core::version::Dot {
+        object.siblings().iter().map(|s| s.dot).max().unwrap()
+    }
+
+    /// A key whose object is gone here (a reaped tombstone) and is written again must not get
+    /// a dot its actor issued before, within a run and after a restart (the lease).
+    #[test]
+    fn dots_are_never_reissued_for_a_key_whose_history_is_gone() {
+        let storage = Arc::new(MemoryStorage::new());
+        let first = replica(&storage, 7);
+        let old = dot_of(&blind_put(&first, "k", b"old"));
+        let storage_key = keys::object_key(b"b", b"k");
+        storage
+            .delete(Table::Objects, &storage_key, Durability::Fsync)
+            .unwrap();
+        let new = dot_of(&blind_put(&first, "k", b"new"));
+        assert_eq!(new.actor, old.actor);
+        assert!(new.counter > old.counter, "{new:?} reissues {old:?}");
+        // Writes to other keys move the same counter.
+        let other = dot_of(&blind_put(&first, "other", b"x"));
+        assert!(other.counter > new.counter);
+
+        // A restart of the same actor (clean shutdown): the counter continues past the lease.
+        drop(first);
+        storage
+            .delete(Table::Objects, &storage_key, Durability::Fsync)
+            .unwrap();
+        let second = replica(&storage, 7);
+        let after = dot_of(&blind_put(&second, "k", b"after restart"));
+        assert!(after.counter > other.counter, "{after:?} after {other:?}");
     }
 }

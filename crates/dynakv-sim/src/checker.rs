@@ -6,10 +6,17 @@
 //!   overwritten: some write that is known to have landed (acknowledged, or its value was seen
 //!   by a read or is in the final state) carried a context covering the acknowledged write's
 //!   dot. Final values must all have been sent (`phantom`).
+//!   A delete (a tombstone written with a read's context) overwrites what its context covers;
+//!   a delete counts as landed when it was sent (a delete that failed may still have been
+//!   applied, and it shows no value a read could observe).
+//! - **no resurrection**: no sibling of the final state has a dot covered by the context of an
+//!   acknowledged write or delete: what a client overwrote or deleted, and was told so, never
+//!   comes back (through hints, anti-entropy or tombstone reaping).
 //! - convergence and bounds are checked by the simulation itself (they need every replica).
 
 use crate::history::{History, OpKind, decode_register, decode_set};
 use dynakv_core::object::Object;
+use dynakv_core::version::Dot;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What the history checkers found.
@@ -26,11 +33,14 @@ pub struct CheckReport {
     pub lost_writes: Vec<(String, u64)>,
     /// Register values in the final state that were never sent.
     pub phantom_writes: Vec<(String, u64)>,
+    pub deletes_acknowledged: usize,
+    /// Final siblings an acknowledged write or delete had overwritten: `(key, dot)`.
+    pub resurrected: Vec<(String, Dot)>,
 }
 
 impl CheckReport {
     pub fn lost(&self) -> usize {
-        self.lost_adds.len() + self.lost_writes.len()
+        self.lost_adds.len() + self.lost_writes.len() + self.resurrected.len()
     }
 
     pub fn phantom(&self) -> usize {
@@ -113,6 +123,11 @@ pub fn check(history: &History, finals: &BTreeMap<String, Object>) -> CheckRepor
             }
         }
     }
+    let overwriters: Vec<_> = history
+        .writes
+        .iter()
+        .filter(|w| matches!(w.kind, OpKind::Write | OpKind::Delete))
+        .collect();
     let landed = |key: &str, value: u64, acked: bool| {
         acked
             || history.observed.contains(&(key.to_owned(), value))
@@ -129,15 +144,34 @@ pub fn check(history: &History, finals: &BTreeMap<String, Object>) -> CheckRepor
         {
             continue;
         }
-        let overwritten = registers.iter().any(|x| {
+        let overwritten = overwriters.iter().any(|x| {
             x.key == w.key
                 && x.value != w.value
                 && x.sent
                 && x.context.as_ref().is_some_and(|c| c.covers(dot))
-                && landed(&x.key, x.value, x.acked.is_some())
+                && (x.kind == OpKind::Delete || landed(&x.key, x.value, x.acked.is_some()))
         });
         if !overwritten {
             report.lost_writes.push((w.key.clone(), w.value));
+        }
+    }
+
+    // ---- no resurrection ----
+    report.deletes_acknowledged = history
+        .writes
+        .iter()
+        .filter(|w| w.kind == OpKind::Delete && w.acked.is_some())
+        .count();
+    for (key, object) in finals {
+        for sibling in object.live_siblings() {
+            let superseded = history.writes.iter().any(|x| {
+                &x.key == key
+                    && x.acked.is_some()
+                    && x.context.as_ref().is_some_and(|c| c.covers(sibling.dot))
+            });
+            if superseded {
+                report.resurrected.push((key.clone(), sibling.dot));
+            }
         }
     }
     report

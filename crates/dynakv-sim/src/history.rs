@@ -17,6 +17,8 @@ pub enum OpKind {
     SetAdd,
     /// Write a unique value (with the context of a read, or blind).
     Write,
+    /// Read a register, then delete it with the read's context (a tombstone).
+    Delete,
 }
 
 /// How an event ends an operation, or that it starts one.
@@ -81,6 +83,7 @@ impl History {
             let kind = match e.kind {
                 OpKind::SetAdd => "add",
                 OpKind::Write => "write",
+                OpKind::Delete => "delete",
             };
             let _ = writeln!(
                 out,

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
-//!     [--ops N] [--keep-actor] [--no-faults] [--membership join|leave|none] [--old-rule unchecked-handoff]
-//!     [--seed S --verbose]
+//!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--grace-ms MS]
+//!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap] [--seed S --verbose]
 //! ```
 //! Exits with status 1 when a seed fails (unless `--lww` or `--bug`, where failures are the
 //! expected outcome and only the summary matters).
@@ -33,6 +33,13 @@ struct Args {
     verbose: bool,
     /// Run the server's old rule (`Handoff` without a ring check), to reproduce the finding.
     unchecked_handoff: bool,
+    /// Issue dot counters per key only (the rule before the reaping finding).
+    per_key_counters: bool,
+    no_deletes: bool,
+    /// Reap after checking the primaries only (the rule before the reaping finding).
+    primaries_only_reap: bool,
+    /// Override the seed's tombstone grace period.
+    grace_ms: Option<u64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,16 +60,20 @@ fn parse() -> Result<Args, String> {
             "--seed" => args.seed = Some(number(it.next(), "--seed")?),
             "--ops" => args.ops = Some(number(it.next(), "--ops")? as usize),
             "--lww" => args.lww = true,
+            "--grace-ms" => args.grace_ms = Some(number(it.next(), "--grace-ms")?),
             "--keep-actor" => args.keep_actor = true,
             "--old-rule" => match it.next().as_deref() {
                 Some("unchecked-handoff") => args.unchecked_handoff = true,
+                Some("per-key-counters") => args.per_key_counters = true,
+                Some("primaries-only-reap") => args.primaries_only_reap = true,
                 other => {
                     return Err(format!(
-                        "unknown old rule {other:?} (known: unchecked-handoff)"
+                        "unknown old rule {other:?} (known: unchecked-handoff, per-key-counters, primaries-only-reap)"
                     ));
                 }
             },
             "--no-faults" => args.no_faults = true,
+            "--no-deletes" => args.no_deletes = true,
             "--verbose" => args.verbose = true,
             "--membership" => {
                 args.membership_given = true;
@@ -82,7 +93,7 @@ fn parse() -> Result<Args, String> {
                 other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
             },
             "-h" | "--help" => {
-                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--membership join|leave|none] [--old-rule unchecked-handoff] [--verbose]".into());
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap] [--grace-ms MS] [--verbose]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -96,7 +107,13 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
         c.node.bug = args.bug;
         c.keep_actor_after_loss = args.keep_actor;
         c.node.handoff_checks_ring = !args.unchecked_handoff;
+        c.node.per_key_counters = args.per_key_counters;
+        c.node.primaries_only_reap = args.primaries_only_reap;
         c.faults = !args.no_faults;
+        c.deletes = !args.no_deletes;
+        if let Some(grace) = args.grace_ms {
+            c.node.tombstone_grace_ms = grace;
+        }
         if let Some(ops) = args.ops {
             c.ops = ops;
         }
@@ -164,6 +181,9 @@ struct Totals {
     membership_ok: usize,
     strays: usize,
     handoff_keys: u64,
+    deletes_acked: usize,
+    tombstones_reaped: u64,
+    resurrected: usize,
     cleanup_dropped: u64,
     stale_ring_refusals: u64,
     replans: u64,
@@ -198,6 +218,9 @@ impl Totals {
         }
         self.strays += r.strays.len();
         self.handoff_keys += r.handoff_keys;
+        self.deletes_acked += r.check.deletes_acknowledged;
+        self.tombstones_reaped += r.tombstones_reaped;
+        self.resurrected += r.check.resurrected.len();
         self.cleanup_dropped += r.cleanup_dropped;
         self.stale_ring_refusals += r.stale_ring_refusals;
         self.replans += r.replans;
@@ -256,6 +279,10 @@ impl Totals {
             self.cleanup_dropped,
             self.stale_ring_refusals,
             self.replans
+        );
+        println!(
+            "deletes: acknowledged {}; tombstone copies reaped {}; resurrected {}",
+            self.deletes_acked, self.tombstones_reaped, self.resurrected
         );
         if self.failing.is_empty() {
             println!("all seeds passed");

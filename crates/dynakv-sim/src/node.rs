@@ -29,7 +29,7 @@ use crate::rng::SimRng;
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
     GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReplicaPlan,
+    ReplicaPlan, reap_candidate,
 };
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
@@ -67,6 +67,10 @@ pub const BACKOFF_MAX_MS: u64 = 5000;
 pub const MAX_HINTS_PER_TARGET: usize = 100_000;
 /// Most hinted keys sent in one handoff batch (the server's `HANDOFF_BATCH_KEYS`).
 pub const HANDOFF_BATCH_KEYS: usize = 256;
+/// Tombstone grace period (the server's default is an hour; scaled down like the timeouts).
+pub const DEFAULT_TOMBSTONE_GRACE_MS: u64 = 10_000;
+/// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
+pub const MAX_REAPS_PER_ROUND: usize = 1000;
 /// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
 pub const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
 
@@ -88,6 +92,7 @@ pub enum Durability {
 
 /// Bucket and node settings shared by every node of a run.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches: mode, planted bugs, old rules
 pub struct NodeConfig {
     pub n_val: usize,
     pub r: usize,
@@ -104,6 +109,16 @@ pub struct NodeConfig {
     /// dropped the key after a join (or a read repair of a get planned before the ring
     /// changed) stays there for good, outside the key's preference list.
     pub handoff_checks_ring: bool,
+    /// A tombstone is reaped once its newest write is this old (and every primary holds it).
+    pub tombstone_grace_ms: u64,
+    /// The old rule, to reproduce the finding: a coordinator's dot counter is per key only
+    /// (`Object::update`), so a key whose tombstone was reaped restarts at 1 and reissues an
+    /// old dot for a new value (Riak's KV679).
+    pub per_key_counters: bool,
+    /// The old reaping rule, to reproduce the finding: only the primaries are checked (each
+    /// must hold the same tombstone); a hint of an older version still held elsewhere comes
+    /// back after the reap.
+    pub primaries_only_reap: bool,
 }
 
 impl Default for NodeConfig {
@@ -117,6 +132,9 @@ impl Default for NodeConfig {
             durability: Durability::Fsync,
             // The server's rule since the simulation found the stray-copy case (seed 154).
             handoff_checks_ring: true,
+            tombstone_grace_ms: DEFAULT_TOMBSTONE_GRACE_MS,
+            per_key_counters: false,
+            primaries_only_reap: false,
         }
     }
 }
@@ -157,7 +175,8 @@ pub enum Request {
     CoordinatePut {
         key: String,
         context: Option<VersionVector>,
-        value: Vec<u8>,
+        /// `None`: a delete.
+        value: Option<Vec<u8>>,
         w: usize,
         now_ms: u64,
     },
@@ -176,6 +195,16 @@ pub enum Request {
     AaeKeys {
         partition: PartitionId,
         leaves: Vec<u16>,
+    },
+    /// Delete the stored object if it is still exactly `expected` (a tombstone every primary
+    /// was seen to hold).
+    Reap {
+        key: String,
+        expected: Object,
+    },
+    /// What the receiver holds for `key`: its object, and whether it keeps a hint of it.
+    ReapCheck {
+        key: String,
     },
     Gossip(Box<ClusterState>),
     JoinRequest {
@@ -198,6 +227,10 @@ pub enum Response {
     Segments(Vec<Hash>),
     Leaves(Vec<(u16, Hash)>),
     Keys(Vec<(String, Hash)>),
+    ReapState {
+        object: Option<Object>,
+        hinted: bool,
+    },
     Gossip(Box<ClusterState>),
     /// The replica's ring is newer than the sender's: the write is refused.
     StaleRing(Box<ClusterState>),
@@ -214,7 +247,8 @@ pub enum ClientOp {
     Put {
         key: String,
         context: Option<VersionVector>,
-        value: Vec<u8>,
+        /// The new value; `None` deletes (a tombstone with the context).
+        value: Option<Vec<u8>>,
         w: usize,
     },
 }
@@ -322,6 +356,10 @@ enum Purpose {
     /// A batch of the ring transition's handoff.
     TransitionHandoff,
     Aae,
+    /// A primary's copy of a tombstone the reaper checks.
+    ReapCheck {
+        reap: u64,
+    },
     Gossip,
     Join,
 }
@@ -365,6 +403,17 @@ struct MovedHint {
     object: Object,
     outstanding: usize,
     all_ok: bool,
+}
+
+/// A tombstone being checked on the other primaries before it is reaped.
+#[derive(Debug)]
+struct ReapRun {
+    key: String,
+    object: Object,
+    /// The other primaries (asked to reap); the other members are asked to hold nothing.
+    others: Vec<NodeId>,
+    outstanding: usize,
+    all_same: bool,
 }
 
 /// This node's handoff for a ring transition, while batches are in flight.
@@ -443,6 +492,7 @@ pub struct NodeStats {
     pub cleanup_dropped: u64,
     pub stale_ring_refusals: u64,
     pub replans: u64,
+    pub tombstones_reaped: u64,
 }
 
 /// One simulated node.
@@ -453,6 +503,9 @@ pub struct SimNode {
     config: NodeConfig,
     // ---- durable state ----
     cluster: ClusterState,
+    /// The highest dot counter this node's actor issued, for any key (the server keeps a
+    /// durable lease on it): a new dot always exceeds it, so no dot is issued twice.
+    last_counter: u64,
     objects: BTreeMap<String, (Object, Hash)>,
     hints: BTreeMap<(NodeId, String), Object>,
     /// With buffered durability: the durable value of each key changed since the last flush.
@@ -482,6 +535,8 @@ pub struct SimNode {
     aae_round: usize,
     aae_queue: VecDeque<PartitionId>,
     aae_current: Option<Exchange>,
+    reaps: BTreeMap<u64, ReapRun>,
+    next_reap: u64,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -504,6 +559,7 @@ impl SimNode {
             actor,
             config,
             cluster,
+            last_counter: 0,
             objects: BTreeMap::new(),
             hints: BTreeMap::new(),
             unflushed: BTreeMap::new(),
@@ -528,6 +584,8 @@ impl SimNode {
             aae_round: 0,
             aae_queue: VecDeque::new(),
             aae_current: None,
+            reaps: BTreeMap::new(),
+            next_reap: 0,
             failures: VecDeque::new(),
             outputs: Vec::new(),
             stats: NodeStats::default(),
@@ -735,6 +793,7 @@ impl SimNode {
         self.join_pending = false;
         self.aae_queue.clear();
         self.aae_current = None;
+        self.reaps.clear();
         self.failures.clear();
         (lost, self.start_timers(now))
     }
@@ -892,20 +951,34 @@ impl SimNode {
         now: u64,
         key: &str,
         context: Option<&VersionVector>,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
     ) -> Result<Object, String> {
         let stored = self.object(key).cloned().unwrap_or_default();
         let context = context.cloned().unwrap_or_default();
+        let deleted = value.is_none();
         let content = Content {
-            value,
+            value: value.unwrap_or_default(),
             content_type: "application/octet-stream".into(),
             last_modified_ms: now,
             meta: Vec::new(),
-            deleted: false,
+            deleted,
+        };
+        let floor = if self.config.per_key_counters {
+            0
+        } else {
+            self.last_counter
         };
         let mut updated = stored
-            .update(&context, content, self.actor, now, PrunePolicy::default())
+            .update_after(
+                &context,
+                content,
+                self.actor,
+                floor,
+                now,
+                PrunePolicy::default(),
+            )
             .map_err(|e| e.to_string())?;
+        self.last_counter = self.last_counter.max(updated.clock().counter(self.actor));
         if self.config.last_write_wins {
             updated.resolve_last_write_wins();
         }
@@ -1168,7 +1241,7 @@ impl SimNode {
         reply: ReplyTo,
         key: &str,
         context: Option<&VersionVector>,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
         w: usize,
     ) {
         let plan = self.replica_plan(now, key);
@@ -1392,6 +1465,19 @@ impl SimNode {
                     w,
                 );
             }
+            Request::ReapCheck { key } => {
+                let object = self.object(&key).cloned();
+                let hinted = self.hints.keys().any(|(_, k)| *k == key);
+                self.respond(from, id, Response::ReapState { object, hinted });
+            }
+            Request::Reap { key, expected } => {
+                if self.object(&key) == Some(&expected) {
+                    self.remove_object(&key);
+                    self.flush();
+                    self.stats.tombstones_reaped += 1;
+                }
+                self.respond(from, id, Response::Ack);
+            }
             Request::Handoff {
                 entries,
                 ring_version,
@@ -1559,6 +1645,20 @@ impl SimNode {
                 }
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
+            Purpose::ReapCheck { reap } => {
+                let clear = match (&body, self.reaps.get(&reap)) {
+                    (Some(Response::ReapState { object, hinted }), Some(run)) => {
+                        (!hinted || self.config.primaries_only_reap)
+                            && if run.others.contains(&from) {
+                                object.as_ref() == Some(&run.object)
+                            } else {
+                                object.is_none()
+                            }
+                    }
+                    _ => false,
+                };
+                self.on_reap_check(now, reap, clear);
+            }
         }
     }
 
@@ -1589,6 +1689,8 @@ impl SimNode {
             }
             Timer::Aae => {
                 self.anti_entropy_round(now);
+                // The server reaps tombstones in its anti-entropy loop too.
+                self.reap_round(now);
                 self.outputs.push(Output::SetTimer {
                     at_ms: now + AAE_INTERVAL_MS,
                     timer: Timer::Aae,
@@ -1901,6 +2003,100 @@ impl SimNode {
 
     /// `Cluster::anti_entropy_round`: each partition this node replicates is compared with
     /// one of its other replicas, in turn; partitions are exchanged one after another.
+    /// `Cluster::reap_tombstones`: the tombstones this node is the first primary of, older
+    /// than the grace period, are checked with every other member: each primary must hold
+    /// exactly the same tombstone, and no member may hold a hint of the key or (outside the
+    /// primaries) a copy of it. Only then is each primary asked to delete it (if unchanged),
+    /// and this node does. Any member that does not answer blocks the reap.
+    fn reap_round(&mut self, now: u64) {
+        if self.cluster.ring.next.is_some() || !self.reaps.is_empty() {
+            return;
+        }
+        let grace = self.config.tombstone_grace_ms;
+        let candidates: Vec<(String, Object)> = self
+            .objects
+            .iter()
+            .filter(|(_, (o, _))| reap_candidate(o, now, grace))
+            .map(|(k, (o, _))| (k.clone(), o.clone()))
+            .take(MAX_REAPS_PER_ROUND)
+            .collect();
+        for (key, object) in candidates {
+            let primaries = self.primaries(&key);
+            if primaries.first() != Some(&self.me)
+                || primaries.len() < self.config.n_val
+                || (!self.config.primaries_only_reap && self.hints.keys().any(|(_, k)| *k == key))
+            {
+                continue;
+            }
+            let others: Vec<NodeId> = primaries.into_iter().filter(|n| n != &self.me).collect();
+            let asked: Vec<NodeId> = if self.config.primaries_only_reap {
+                others.clone()
+            } else {
+                self.cluster
+                    .members
+                    .keys()
+                    .filter(|n| **n != self.me)
+                    .cloned()
+                    .collect()
+            };
+            let reap = self.next_reap;
+            self.next_reap += 1;
+            self.reaps.insert(
+                reap,
+                ReapRun {
+                    key: key.clone(),
+                    object,
+                    others,
+                    outstanding: asked.len(),
+                    all_same: true,
+                },
+            );
+            if asked.is_empty() {
+                self.on_reap_check(now, reap, true);
+                continue;
+            }
+            for node in asked {
+                let body = Request::ReapCheck { key: key.clone() };
+                self.send_request(
+                    now,
+                    &node,
+                    body,
+                    Purpose::ReapCheck { reap },
+                    REQUEST_TIMEOUT_MS,
+                );
+            }
+        }
+    }
+
+    fn on_reap_check(&mut self, now: u64, reap: u64, same: bool) {
+        let Some(run) = self.reaps.get_mut(&reap) else {
+            return;
+        };
+        run.outstanding = run.outstanding.saturating_sub(1);
+        run.all_same &= same;
+        if run.outstanding > 0 {
+            return;
+        }
+        let Some(run) = self.reaps.remove(&reap) else {
+            return;
+        };
+        if !run.all_same {
+            return;
+        }
+        for node in &run.others {
+            let body = Request::Reap {
+                key: run.key.clone(),
+                expected: run.object.clone(),
+            };
+            self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
+        }
+        if self.object(&run.key) == Some(&run.object) {
+            self.remove_object(&run.key);
+            self.flush();
+            self.stats.tombstones_reaped += 1;
+        }
+    }
+
     fn anti_entropy_round(&mut self, now: u64) {
         if self.aae_current.is_some() || !self.aae_queue.is_empty() {
             return; // the previous round is still running

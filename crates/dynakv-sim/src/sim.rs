@@ -58,6 +58,11 @@ pub const CLIENT_TIMEOUT_MS: u64 = 5000;
 pub const CLIENT_SWITCH_PROBABILITY: f64 = 0.05;
 /// Probability that a register write reads first (else it is blind).
 pub const REGISTER_READ_PROBABILITY: f64 = 0.8;
+/// Tombstone grace periods a seed picks from: shorter than a fault, about one, and longer than
+/// any (the server's default is an hour; the simulation's time scale is seconds).
+pub const GRACE_CHOICES_MS: [u64; 3] = [500, 3_000, 10_000];
+/// Probability that a register operation is a delete (read, then delete with the context).
+pub const DELETE_PROBABILITY: f64 = 0.15;
 /// Healthy and faulty period bounds.
 pub const MIN_HEALTHY_MS: u64 = 200;
 pub const MAX_HEALTHY_MS: u64 = 1500;
@@ -118,6 +123,8 @@ pub struct SimConfig {
     pub node: NodeConfig,
     /// Inject faults (partitions, loss bursts, crashes).
     pub faults: bool,
+    /// Some register operations are deletes (read, then delete with the context).
+    pub deletes: bool,
     /// After a crash that lost data, keep the old actor id (what a server with buffered
     /// writes does today) instead of taking a new one.
     pub keep_actor_after_loss: bool,
@@ -148,6 +155,7 @@ impl SimConfig {
             None
         };
         let membership_at_ms = rng.range(MIN_MEMBERSHIP_MS, MAX_MEMBERSHIP_MS);
+        let tombstone_grace_ms = GRACE_CHOICES_MS[rng.index(GRACE_CHOICES_MS.len())];
         SimConfig {
             seed,
             nodes,
@@ -156,9 +164,11 @@ impl SimConfig {
             ops,
             node: NodeConfig {
                 durability,
+                tombstone_grace_ms,
                 ..NodeConfig::default()
             },
             faults: true,
+            deletes: true,
             keep_actor_after_loss: false,
             membership,
             membership_at_ms,
@@ -183,9 +193,19 @@ impl SimConfig {
         if !self.node.handoff_checks_ring {
             cmd.push_str(" --old-rule unchecked-handoff");
         }
+        if self.node.per_key_counters {
+            cmd.push_str(" --old-rule per-key-counters");
+        }
+        if self.node.primaries_only_reap {
+            cmd.push_str(" --old-rule primaries-only-reap");
+        }
         if !self.faults {
             cmd.push_str(" --no-faults");
         }
+        if !self.deletes {
+            cmd.push_str(" --no-deletes");
+        }
+        let _ = write!(cmd, " --grace-ms {}", self.node.tombstone_grace_ms);
         match self.membership {
             None => cmd.push_str(" --membership none"),
             Some(MembershipChange::Join) => cmd.push_str(" --membership join"),
@@ -237,6 +257,8 @@ pub struct RunReport {
     pub cleanup_dropped: u64,
     pub stale_ring_refusals: u64,
     pub replans: u64,
+    /// Tombstones removed (summed over nodes: one reap removes up to N copies).
+    pub tombstones_reaped: u64,
 }
 
 impl RunReport {
@@ -296,6 +318,13 @@ impl RunReport {
         }
         if !self.check.lost_writes.is_empty() {
             let _ = writeln!(out, "  lost writes: {:?}", first(&self.check.lost_writes));
+        }
+        if !self.check.resurrected.is_empty() {
+            let _ = writeln!(
+                out,
+                "  resurrected (overwritten or deleted, back in the final state): {:?}",
+                first(&self.check.resurrected)
+            );
         }
         if self.check.phantom() > 0 {
             let _ = writeln!(
@@ -874,12 +903,15 @@ impl Simulation {
         if !self.serves(self.clients[client].node) || self.rng.chance(CLIENT_SWITCH_PROBABILITY) {
             self.clients[client].node = self.pick_node();
         }
-        let (key, kind) = self.keys[self.rng.index(self.keys.len())].clone();
+        let (key, mut kind) = self.keys[self.rng.index(self.keys.len())].clone();
+        if kind == OpKind::Write && self.config.deletes && self.rng.chance(DELETE_PROBABILITY) {
+            kind = OpKind::Delete;
+        }
         let value = self.next_value;
         self.next_value += 1;
         let op = self.next_op;
         self.next_op += 1;
-        let read_first = kind == OpKind::SetAdd || self.rng.chance(REGISTER_READ_PROBABILITY);
+        let read_first = kind != OpKind::Write || self.rng.chance(REGISTER_READ_PROBABILITY);
         let write = self.history.writes.len();
         self.history.writes.push(WriteRecord {
             kind,
@@ -919,7 +951,7 @@ impl Simulation {
         } else {
             current.phase = Phase::Writing;
             self.clients[client].current = Some(current);
-            self.send_put(client, None, encode_register(value));
+            self.send_put(client, None, Some(encode_register(value)));
         }
     }
 
@@ -927,7 +959,7 @@ impl Simulation {
         &mut self,
         client: usize,
         context: Option<dynakv_core::version::VersionVector>,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
     ) {
         let Some(current) = &self.clients[client].current else {
             return;
@@ -1008,13 +1040,14 @@ impl Simulation {
                         set.insert(value);
                         encode_set(&set)
                     }
-                    OpKind::Write => {
+                    OpKind::Write | OpKind::Delete => {
                         for v in values.iter().filter_map(|v| decode_register(v)) {
                             self.history.observed.insert((key.clone(), v));
                         }
                         encode_register(value)
                     }
                 };
+                let new_value = (kind != OpKind::Delete).then_some(new_value);
                 if let Some(current) = &mut self.clients[client].current {
                     current.phase = Phase::Writing;
                 }
@@ -1030,6 +1063,7 @@ impl Simulation {
                     .filter(|s| match kind {
                         OpKind::SetAdd => decode_set(&s.content.value).contains(&value),
                         OpKind::Write => decode_register(&s.content.value) == Some(value),
+                        OpKind::Delete => s.content.deleted,
                     })
                     .map(|s| s.dot)
                     .max();
@@ -1368,6 +1402,7 @@ impl Simulation {
             sum(|s| s.stale_ring_refusals),
             sum(|s| s.replans),
         );
+        let tombstones_reaped = sum(|s| s.tombstones_reaped);
         let final_read_ok = self.converged_at.is_some()
             && !self.final_read_failed
             && self.finals.len() == self.keys.len();
@@ -1419,6 +1454,7 @@ impl Simulation {
             cleanup_dropped,
             stale_ring_refusals,
             replans,
+            tombstones_reaped,
             config: self.config,
         }
     }
