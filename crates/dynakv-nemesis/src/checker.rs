@@ -8,7 +8,11 @@
 //! - **register**: every acknowledged write is in the key's final siblings, or was
 //!   overwritten by a write that landed (acknowledged, or seen by a read, or in the final
 //!   state) and whose read had returned it (so the write's context covered it). Final values
-//!   must have been invoked (`phantom`).
+//!   must have been invoked (`phantom`). A delete (`f` = `delete`, with the read's context)
+//!   that had seen a write overwrites it too, once it was acknowledged or may have applied.
+//! - **no resurrection** (registers): no value an acknowledged write or delete had seen (its
+//!   context covered it, so it was overwritten or deleted and the client was told so) is in
+//!   the final state, whatever tombstone reaping, hints or anti-entropy did meanwhile.
 
 use crate::history::{Event, EventType};
 use serde::Serialize;
@@ -41,6 +45,9 @@ pub struct RegisterReport {
     pub overwritten: usize,
     pub lost: Vec<(String, u64)>,
     pub phantom: Vec<(String, u64)>,
+    pub deletes_acknowledged: usize,
+    /// Final values an acknowledged write or delete had overwritten: `(key, value)`.
+    pub resurrected: Vec<(String, u64)>,
 }
 
 fn completions<'a>(
@@ -128,6 +135,7 @@ pub fn check_registers(history: &[Event], bucket: &str, finals: &Finals) -> Regi
         final_values.insert(key.as_str(), values);
     }
     let writes: Vec<&Event> = completions(history, bucket, "write").collect();
+    let deletes: Vec<&Event> = completions(history, bucket, "delete").collect();
     // Values some read returned (the read before each write lists them in `seen`).
     let observed: BTreeSet<(&str, u64)> = writes
         .iter()
@@ -151,6 +159,10 @@ pub fn check_registers(history: &[Event], bucket: &str, finals: &Finals) -> Regi
         }
         let overwritten = writes.iter().any(|x| {
             x.key == w.key && x.value != w.value && x.seen.contains(&w.value) && landed(x)
+        }) || deletes.iter().any(|x| {
+            x.key == w.key
+                && x.seen.contains(&w.value)
+                && matches!(x.kind, EventType::Ok | EventType::Info)
         });
         if overwritten {
             report.overwritten += 1;
@@ -158,6 +170,20 @@ pub fn check_registers(history: &[Event], bucket: &str, finals: &Finals) -> Regi
             report.lost.push((w.key.clone(), w.value));
         }
     }
+    report.deletes_acknowledged = deletes.iter().filter(|e| e.kind == EventType::Ok).count();
+    let mut resurrected: BTreeSet<(String, u64)> = BTreeSet::new();
+    for x in writes
+        .iter()
+        .chain(&deletes)
+        .filter(|e| e.kind == EventType::Ok)
+    {
+        for v in &x.seen {
+            if *v != x.value && in_final(&x.key, *v) {
+                resurrected.insert((x.key.clone(), *v));
+            }
+        }
+    }
+    report.resurrected = resurrected.into_iter().collect();
     report
 }
 
@@ -229,5 +255,22 @@ mod tests {
         assert_eq!(r.present, 1);
         assert_eq!(r.overwritten, 1);
         assert_eq!(r.lost, vec![("k".to_owned(), 3)]);
+    }
+
+    #[test]
+    fn deletes_overwrite_and_what_they_deleted_must_not_come_back() {
+        let h = vec![
+            ev(EventType::Ok, "write", "k", 1, &[]),
+            ev(EventType::Ok, "delete", "k", 2, &[1]),
+            ev(EventType::Ok, "write", "j", 3, &[]),
+            ev(EventType::Ok, "delete", "j", 4, &[3]),
+        ];
+        let mut f = finals("k", &[]);
+        f.insert(("b".to_owned(), "j".to_owned()), vec![BTreeSet::from([3])]);
+        let r = check_registers(&h, "b", &f);
+        assert_eq!(r.deletes_acknowledged, 2);
+        assert_eq!(r.overwritten, 1, "1 was deleted");
+        assert!(r.lost.is_empty());
+        assert_eq!(r.resurrected, vec![("j".to_owned(), 3)]);
     }
 }

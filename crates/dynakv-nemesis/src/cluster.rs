@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The configuration every node starts with: short timeouts so that faults are detected and
-/// repaired within a run.
+/// repaired within a run, and a short tombstone grace period (5 s) so that a register key
+/// left alone for that long has its tombstone reaped within the run.
 pub const CONFIG_TOML: &str =
-    "request_timeout_ms = 1000\naae_interval_ms = 1000\ntombstone_grace_ms = 60000\n";
+    "request_timeout_ms = 1000\naae_interval_ms = 1000\ntombstone_grace_ms = 5000\n";
 
 /// HTTP address of node `i`.
 pub fn http_addr(i: usize) -> String {

@@ -76,6 +76,8 @@ pub struct RunReport {
     pub recovered_by_sibling: usize,
     pub lww_lost: usize,
     pub max_siblings: usize,
+    /// Tombstones reaped during the run, summed over the nodes' `/stats`.
+    pub tombstones_reaped: u64,
     pub converged: bool,
     pub time_to_converge_ms: Option<u64>,
     pub unconverged: Vec<String>,
@@ -308,10 +310,11 @@ pub fn run_one(plan: &RunPlan, bin: &Path, dir: &Path, nodes: usize) -> RunRepor
 fn judge(report: &mut RunReport) {
     if report.lost > 0 {
         report.failures.push(format!(
-            "{} acknowledged writes lost (set-add {:?}, register {:?})",
+            "{} acknowledged writes lost (set-add {:?}, register {:?}, overwritten or deleted values back {:?})",
             report.lost,
             report.sets.lost.iter().take(10).collect::<Vec<_>>(),
-            report.registers.lost.iter().take(10).collect::<Vec<_>>()
+            report.registers.lost.iter().take(10).collect::<Vec<_>>(),
+            report.registers.resurrected.iter().take(10).collect::<Vec<_>>()
         ));
     }
     if report.phantom > 0 {
@@ -448,6 +451,11 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
         Err(e) => report.unconverged.push(format!("{e:#}")),
     }
     let finals = final_reads(nodes)?;
+    report.tombstones_reaped = (1..=nodes)
+        .filter_map(|n| cluster::call(n, "GET", "/stats", &[], b"").ok())
+        .filter_map(|r| serde_json::from_str::<Value>(&r.text()).ok())
+        .filter_map(|v| v["tombstones_reaped_total"].as_u64())
+        .sum();
     std::fs::write(
         dir.join("finals.json"),
         serde_json::to_vec_pretty(
@@ -478,7 +486,8 @@ pub fn analyse(history: &[Event], finals: &Finals, report: &mut RunReport) {
     report.sets = checker::check_sets(history, SET_BUCKET, finals);
     report.lww_contrast = checker::check_sets(history, LWW_BUCKET, finals);
     report.registers = checker::check_registers(history, REG_BUCKET, finals);
-    report.lost = report.sets.lost.len() + report.registers.lost.len();
+    report.lost =
+        report.sets.lost.len() + report.registers.lost.len() + report.registers.resurrected.len();
     report.phantom = report.sets.phantom.len()
         + report.registers.phantom.len()
         + report.lww_contrast.phantom.len();
@@ -575,10 +584,13 @@ pub fn table(r: &RunReport) -> String {
     );
     let _ = writeln!(
         s,
-        "  registers: acked {} present {} overwritten {}  converged {} in {} ms  p99 faulty {} ms healthy {} ms  run {} s",
+        "  registers: acked {} present {} overwritten {} deletes acked {} (reaped {}) resurrected {}  converged {} in {} ms  p99 faulty {} ms healthy {} ms  run {} s",
         r.registers.writes_acknowledged,
         r.registers.present,
         r.registers.overwritten,
+        r.registers.deletes_acknowledged,
+        r.tombstones_reaped,
+        r.registers.resurrected.len(),
         r.converged,
         opt(r.time_to_converge_ms),
         opt(r.p99_latency_faulty_ms),

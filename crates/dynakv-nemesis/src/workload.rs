@@ -5,7 +5,9 @@
 //! - **set-add**: read the key (multipart siblings), union the sibling sets, add a unique
 //!   element, write with the read's `X-Riak-Vclock`.
 //! - **register**: read the key, write a unique value with the read's context (the write
-//!   replaces exactly what the read returned).
+//!   replaces exactly what the read returned); one operation in `DELETE_ONE_IN` deletes the
+//!   key with the read's context instead (a tombstone; `f` = `delete`), only when the read
+//!   returned a context (a 404 of a tombstone carries one).
 
 use crate::cluster::http_addr;
 use crate::history::{Event, EventType, Recorder, decode_set, encode_set};
@@ -19,6 +21,9 @@ use std::time::{Duration, Instant};
 
 /// Timeout of one client request (the servers answer within a few request timeouts).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// One register operation in this many is a delete.
+pub const DELETE_ONE_IN: u32 = 7;
 
 /// What a client thread does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +65,12 @@ fn read(node: usize, bucket: &str, key: &str) -> Result<Read, String> {
     })
 }
 
-/// Sends the write and classifies its outcome.
+/// Sends the write (or, with `value` `None`, the delete) and classifies its outcome.
 fn write(
     node: usize,
     bucket: &str,
     key: &str,
-    value: &str,
+    value: Option<&str>,
     vclock: Option<&str>,
 ) -> (EventType, Option<String>) {
     let path = format!("/buckets/{bucket}/keys/{key}");
@@ -73,15 +78,18 @@ fn write(
     if let Some(c) = vclock {
         headers.push(("X-Riak-Vclock", c));
     }
+    let method = if value.is_some() { "PUT" } else { "DELETE" };
     match http::request(
-        "PUT",
+        method,
         &http_addr(node),
         &path,
         &headers,
-        value.as_bytes(),
+        value.unwrap_or_default().as_bytes(),
         CLIENT_TIMEOUT,
     ) {
         Ok(r) if (200..300).contains(&r.status) => (EventType::Ok, None),
+        // A delete of a key with nothing live: nothing to delete, nothing changed.
+        Ok(r) if value.is_none() && r.status == 404 => (EventType::Fail, Some(r.summary())),
         // Refused before anything changed (bad input, too many siblings, precondition).
         Ok(r) if (400..500).contains(&r.status) => (EventType::Fail, Some(r.summary())),
         // 503 quorum not met (some replicas may have stored it), 500: indeterminate.
@@ -107,8 +115,10 @@ pub fn run_client(
         let value = (spec.process as u64 + 1) * 1_000_000 + counter;
         let key = spec.keys[rng.random_range(0..spec.keys.len())].clone();
         let node = rng.random_range(1..=nodes);
+        let delete = spec.family == Family::Register && rng.random_range(0..DELETE_ONE_IN) == 0;
         let f = match spec.family {
             Family::SetAdd => "add",
+            Family::Register if delete => "delete",
             Family::Register => "write",
         };
         let base = Event {
@@ -163,7 +173,7 @@ pub fn run_client(
                                     node,
                                     &spec.bucket,
                                     &key,
-                                    &encode_set(&union),
+                                    Some(&encode_set(&union)),
                                     r.vclock.as_deref(),
                                 )
                             }
@@ -175,13 +185,20 @@ pub fn run_client(
                             .iter()
                             .filter_map(|v| v.trim().parse().ok())
                             .collect();
-                        write(
-                            node,
-                            &spec.bucket,
-                            &key,
-                            &value.to_string(),
-                            r.vclock.as_deref(),
-                        )
+                        let value = value.to_string();
+                        if delete && r.vclock.is_none() {
+                            // Nothing was read: a delete without a context would remove
+                            // whatever the replicas hold by then, which no history can check.
+                            (EventType::Fail, Some("nothing read to delete".to_owned()))
+                        } else {
+                            write(
+                                node,
+                                &spec.bucket,
+                                &key,
+                                (!delete).then_some(value.as_str()),
+                                r.vclock.as_deref(),
+                            )
+                        }
                     }
                 };
                 done.kind = kind;

@@ -219,6 +219,8 @@ pub struct Cluster {
     liveness: Mutex<HashMap<NodeId, (u64, Instant)>>,
     parsed_props: RwLock<HashMap<String, (u64, BucketProps)>>,
     hints: HintCounters,
+    /// Tombstones this node reaped (its own copies, as the reaping first primary).
+    tombstones_reaped: AtomicU64,
     aae: Arc<AaeTrees>,
     admission: Admission,
     /// The ring version whose cleanup this node finished.
@@ -308,6 +310,7 @@ impl Cluster {
             parsed_props: RwLock::new(HashMap::new()),
             cleaned_version: Mutex::new(0),
             hints: HintCounters::default(),
+            tombstones_reaped: AtomicU64::new(0),
             aae,
             admission: Admission::default(),
             started: Instant::now(),
@@ -1656,6 +1659,8 @@ impl Cluster {
             }
         }
         if reaped > 0 {
+            self.tombstones_reaped
+                .fetch_add(reaped as u64, Ordering::Relaxed);
             tracing::info!(keys = reaped, "tombstones reaped");
         }
         Ok(reaped)
@@ -1699,6 +1704,11 @@ impl Cluster {
             }
         }
         true
+    }
+
+    /// Tombstones reaped by this node as the first primary of their keys.
+    pub fn tombstones_reaped(&self) -> u64 {
+        self.tombstones_reaped.load(Ordering::Relaxed)
     }
 
     /// The admission controller of background work.

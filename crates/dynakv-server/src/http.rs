@@ -1124,6 +1124,10 @@ async fn stats(State(state): State<AppState>) -> Response {
         map.insert("hints_stored_total".into(), json!(hints.stored_total));
         map.insert("hints_delivered_total".into(), json!(hints.delivered_total));
         map.insert("hints_dropped_total".into(), json!(hints.dropped_total));
+        map.insert(
+            "tombstones_reaped_total".into(),
+            json!(state.cluster.tombstones_reaped()),
+        );
     }
     json_response(StatusCode::OK, &body)
 }
@@ -1140,6 +1144,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ("dynakv_hints_stored_total", hints.stored_total),
         ("dynakv_hints_delivered_total", hints.delivered_total),
         ("dynakv_hints_dropped_total", hints.dropped_total),
+        (
+            "dynakv_tombstones_reaped_total",
+            state.cluster.tombstones_reaped(),
+        ),
     ] {
         let _ = writeln!(text, "# TYPE {name} counter");
         let _ = writeln!(text, "{name} {value}");
