@@ -122,6 +122,9 @@ pub enum SyncError {
 /// One key and its value, as returned by a scan.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// One write of [`Storage::write_batch`]: a value to store, or `None` to remove the key.
+pub type BatchWrite<'a> = (Table, &'a [u8], Option<&'a [u8]>);
+
 /// A local storage engine. Small and synchronous: the server calls it inline on its async
 /// workers when [`Storage::may_wait_for_disk`] says the call cannot stall, else on its blocking
 /// pool.
@@ -150,6 +153,24 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, ScanError>;
+
+    /// Apply several puts and deletes as [`Durability::Buffered`] writes (durable at the next
+    /// [`Storage::sync`]), in order. Engines with a cheaper multi-key write (one journal
+    /// record) override the default, which applies them one by one. Not promised atomic: a
+    /// crash may keep a prefix of them, and only a synced batch is durable.
+    fn write_batch(&self, writes: &[BatchWrite<'_>]) -> Result<(), PutError> {
+        for (table, key, value) in writes {
+            match value {
+                Some(value) => self.put(*table, key, value, Durability::Buffered)?,
+                None => self
+                    .delete(*table, key, Durability::Buffered)
+                    .map_err(|e| match e {
+                        DeleteError::Engine(f) | DeleteError::Sync(f) => PutError::Engine(f),
+                    })?,
+            }
+        }
+        Ok(())
+    }
 
     /// Make every write accepted so far durable.
     fn sync(&self) -> Result<(), SyncError>;

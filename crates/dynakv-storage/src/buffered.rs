@@ -26,8 +26,8 @@
 
 use crate::{is_storable_key, unstorable_key};
 use dynakv_core::storage::{
-    DeleteError, Durability, EngineFailure, Entry, GetError, PutError, ScanError, Storage,
-    SyncError, Table,
+    BatchWrite, DeleteError, Durability, EngineFailure, Entry, GetError, PutError, ScanError,
+    Storage, SyncError, Table,
 };
 use parking_lot::{Condvar, Mutex};
 use std::collections::BTreeMap;
@@ -35,6 +35,8 @@ use std::sync::Arc;
 
 /// Most bytes (keys and values) the buffer holds before a write must drain it.
 pub const MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
+/// Most writes a drain hands the engine as one `write_batch`.
+const MAX_WRITES_PER_ENGINE_BATCH: usize = 4096;
 
 /// A buffered change: the new value, or `None` for a delete.
 type Change = Option<Vec<u8>>;
@@ -168,17 +170,14 @@ impl<S: Storage> BufferedStorage<S> {
     }
 
     fn apply(&self, batch: &Batch, sync: bool) -> Result<(), EngineFailure> {
-        for ((table, key), change) in batch {
-            match change {
-                Some(value) => self
-                    .inner
-                    .put(*table, key, value, Durability::Buffered)
-                    .map_err(put_failure)?,
-                None => self
-                    .inner
-                    .delete(*table, key, Durability::Buffered)
-                    .map_err(delete_failure)?,
-            }
+        // One engine batch per slice of the drain (bounded so that one journal record stays
+        // a few MiB at most).
+        let writes: Vec<BatchWrite<'_>> = batch
+            .iter()
+            .map(|((table, key), change)| (*table, key.as_slice(), change.as_deref()))
+            .collect();
+        for chunk in writes.chunks(MAX_WRITES_PER_ENGINE_BATCH) {
+            self.inner.write_batch(chunk).map_err(put_failure)?;
         }
         if sync {
             self.inner.sync().map_err(|SyncError::Engine(e)| e)?;
@@ -210,12 +209,6 @@ impl<S: Storage> BufferedStorage<S> {
 fn put_failure(e: PutError) -> EngineFailure {
     match e {
         PutError::Engine(f) | PutError::Sync(f) => f,
-    }
-}
-
-fn delete_failure(e: DeleteError) -> EngineFailure {
-    match e {
-        DeleteError::Engine(f) | DeleteError::Sync(f) => f,
     }
 }
 

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dynakv_core::storage::{
-    DeleteError, Durability, EngineFailure, Entry, GetError, PutError, ScanError, Storage,
-    SyncError, Table,
+    BatchWrite, DeleteError, Durability, EngineFailure, Entry, GetError, PutError, ScanError,
+    Storage, SyncError, Table,
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::{Mutex, MutexGuard};
@@ -304,6 +304,28 @@ impl Storage for FjallStorage {
             entries.push((key.to_vec(), value.to_vec()));
         }
         Ok(entries)
+    }
+
+    /// One fjall batch: a single journal record and one journal-lock acquisition for the whole
+    /// batch (the write buffer's drains), instead of one per key.
+    fn write_batch(&self, writes: &[BatchWrite<'_>]) -> Result<(), PutError> {
+        let mut batch = self.database.batch();
+        for (table, key, value) in writes {
+            match value {
+                Some(value) => {
+                    if !is_storable_key(key) {
+                        return Err(unstorable_key(ENGINE, key).into());
+                    }
+                    batch.insert(self.keyspace(*table), *key, *value);
+                }
+                // Removing an unstorable key removes nothing, as `delete` does.
+                None if !is_storable_key(key) => {}
+                None => batch.remove(self.keyspace(*table), *key),
+            }
+        }
+        batch.commit().map_err(|error| failure(ENGINE, error))?;
+        self.written();
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), SyncError> {

@@ -334,6 +334,50 @@ mod cases {
         }
     }
 
+    /// `write_batch` applies puts and deletes in order, across tables, visible at once and
+    /// durable after a sync (also across a reopen); an unstorable key is refused for a put and
+    /// ignored for a delete, as by `put`/`delete`.
+    pub fn write_batch_applies_in_order<H: Harness>() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let engine = H::open(dir.path());
+            put(&engine, Table::Objects, b"old", b"x");
+            let too_long = vec![1u8; MAX_STORAGE_KEY_BYTES + 1];
+            engine
+                .write_batch(&[
+                    (Table::Objects, b"a", Some(b"1")),
+                    (Table::AaeIndex, b"a", Some(b"idx")),
+                    (Table::Objects, b"old", None),
+                    (Table::Objects, b"b", Some(b"first")),
+                    (Table::Objects, b"b", Some(b"second")),
+                    (Table::Objects, b"c", Some(b"gone")),
+                    (Table::Objects, b"c", None),
+                    (Table::Objects, &too_long, None),
+                ])
+                .unwrap();
+            assert!(
+                engine
+                    .write_batch(&[(Table::Objects, &too_long, Some(b"v"))])
+                    .is_err()
+            );
+            engine.write_batch(&[]).unwrap();
+            assert_eq!(get(&engine, Table::Objects, b"a"), Some(b"1".to_vec()));
+            assert_eq!(get(&engine, Table::AaeIndex, b"a"), Some(b"idx".to_vec()));
+            assert_eq!(get(&engine, Table::Objects, b"b"), Some(b"second".to_vec()));
+            assert_eq!(get(&engine, Table::Objects, b"old"), None);
+            assert_eq!(get(&engine, Table::Objects, b"c"), None);
+            engine.sync().unwrap();
+        }
+        if !H::PERSISTENT {
+            return;
+        }
+        let engine = H::open(dir.path());
+        assert_eq!(get(&engine, Table::Objects, b"a"), Some(b"1".to_vec()));
+        assert_eq!(get(&engine, Table::Objects, b"b"), Some(b"second".to_vec()));
+        assert_eq!(get(&engine, Table::Objects, b"old"), None);
+        assert_eq!(get(&engine, Table::Objects, b"c"), None);
+    }
+
     pub fn reopen_keeps_data<H: Harness>() {
         if !H::PERSISTENT {
             return;
@@ -715,6 +759,10 @@ macro_rules! conformance {
             #[test]
             fn large_values() {
                 cases::large_values::<$harness>();
+            }
+            #[test]
+            fn write_batch_applies_in_order() {
+                cases::write_batch_applies_in_order::<$harness>();
             }
             #[test]
             fn reopen_keeps_data() {
