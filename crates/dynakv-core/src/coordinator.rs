@@ -389,6 +389,93 @@ pub fn reap_candidate(object: &Object, now_ms: u64, grace_ms: u64) -> bool {
     now_ms.saturating_sub(newest) >= grace_ms
 }
 
+/// One member's answer to a reap check: its stored copy of the key (`T`: the encoded bytes in
+/// the server, the object in the simulator) and whether it keeps a hint of the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReapAnswer<T> {
+    pub stored: Option<T>,
+    pub hinted: bool,
+}
+
+/// The check before a tombstone is reaped, run by the key's first primary: every other member
+/// is asked; each primary must hold exactly the tombstone, no member may keep a hint of the key,
+/// and no non-primary a copy (a hint or stray copy of an older version arriving after the reap
+/// would bring the deleted value back). A member that fails to answer blocks the reap.
+#[derive(Debug, Clone)]
+pub struct ReapCheck<T> {
+    tombstone: T,
+    primaries: Vec<NodeId>,
+    waiting: Vec<NodeId>,
+    verdict: Option<bool>,
+}
+
+impl<T: PartialEq> ReapCheck<T> {
+    /// Start the check of `tombstone`, stored at `me`, the first of `primaries`; `members` is
+    /// the cluster's member list and `me_hinted` whether `me` keeps a hint of the key. Returns
+    /// the check and the members to ask (none when the verdict is already known).
+    pub fn start(
+        me: &NodeId,
+        members: impl IntoIterator<Item = NodeId>,
+        primaries: Vec<NodeId>,
+        tombstone: T,
+        me_hinted: bool,
+    ) -> (ReapCheck<T>, Vec<NodeId>) {
+        let waiting: Vec<NodeId> = members.into_iter().filter(|n| n != me).collect();
+        let verdict = if me_hinted {
+            Some(false)
+        } else if waiting.is_empty() {
+            Some(true)
+        } else {
+            None
+        };
+        let ask = if verdict.is_some() {
+            Vec::new()
+        } else {
+            waiting.clone()
+        };
+        let check = ReapCheck {
+            tombstone,
+            primaries,
+            waiting,
+            verdict,
+        };
+        (check, ask)
+    }
+
+    /// Feed one member's answer (`None`: it failed or timed out). Returns the verdict once it
+    /// is known (exactly once): `true` when the tombstone may be reaped.
+    pub fn on_reply(&mut self, from: &NodeId, answer: Option<ReapAnswer<T>>) -> Option<bool> {
+        if self.verdict.is_some() || !self.waiting.contains(from) {
+            return None;
+        }
+        self.waiting.retain(|n| n != from);
+        let clear = answer.is_some_and(|a| {
+            !a.hinted
+                && if self.primaries.contains(from) {
+                    a.stored.as_ref() == Some(&self.tombstone)
+                } else {
+                    a.stored.is_none()
+                }
+        });
+        if !clear {
+            self.verdict = Some(false);
+        } else if self.waiting.is_empty() {
+            self.verdict = Some(true);
+        }
+        self.verdict
+    }
+
+    /// The verdict, once known.
+    pub fn verdict(&self) -> Option<bool> {
+        self.verdict
+    }
+
+    /// The tombstone being checked.
+    pub fn tombstone(&self) -> &T {
+        &self.tombstone
+    }
+}
+
 /// What an anti-entropy exchange does with one key whose hashes differed: both replicas end
 /// with the `sync` of their versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -732,6 +819,51 @@ mod tests {
             "within the grace period"
         );
         assert!(reap_candidate(&tombstone, 200, 100));
+    }
+
+    #[test]
+    fn reap_check_needs_every_member_clear() {
+        let answer = |stored: Option<&str>, hinted| {
+            Some(ReapAnswer {
+                stored: stored.map(str::to_owned),
+                hinted,
+            })
+        };
+        let start = |me_hinted| {
+            ReapCheck::start(
+                &id("a"),
+                ids(&["a", "b", "c", "d"]),
+                ids(&["a", "b", "c"]),
+                "T".to_owned(),
+                me_hinted,
+            )
+        };
+        let (mut check, ask) = start(false);
+        assert_eq!(ask, ids(&["b", "c", "d"]));
+        assert_eq!(check.on_reply(&id("b"), answer(Some("T"), false)), None);
+        assert_eq!(check.on_reply(&id("d"), answer(None, false)), None);
+        assert_eq!(
+            check.on_reply(&id("c"), answer(Some("T"), false)),
+            Some(true)
+        );
+        // Each way to block: a primary with another copy, a hint anywhere, a stray copy, no answer.
+        for (node, reply) in [
+            ("b", answer(Some("older"), false)),
+            ("b", answer(Some("T"), true)),
+            ("d", answer(None, true)),
+            ("d", answer(Some("T"), false)),
+            ("c", None),
+        ] {
+            let (mut check, _) = start(false);
+            assert_eq!(check.on_reply(&id(node), reply), Some(false), "{node}");
+            assert_eq!(check.on_reply(&id("b"), answer(Some("T"), false)), None);
+        }
+        let (check, ask) = start(true);
+        assert!(ask.is_empty());
+        assert_eq!(check.verdict(), Some(false));
+        let (check, ask) = ReapCheck::start(&id("a"), ids(&["a"]), ids(&["a"]), 1, false);
+        assert!(ask.is_empty());
+        assert_eq!(check.verdict(), Some(true));
     }
 
     #[test]

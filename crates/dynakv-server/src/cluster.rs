@@ -23,7 +23,7 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReplicaPlan, reap_candidate,
+    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate,
 };
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
@@ -1679,31 +1679,35 @@ impl Cluster {
     ) -> bool {
         let replica = Arc::clone(&self.replica);
         let (b, k) = (bucket.to_owned(), key.to_owned());
-        match tokio::task::spawn_blocking(move || replica.holds_hint(&b, &k)).await {
-            Ok(Ok(false)) => {}
-            _ => return false,
-        }
-        for node in state.members.keys().filter(|n| **n != self.me) {
+        let Ok(Ok(me_hinted)) =
+            tokio::task::spawn_blocking(move || replica.holds_hint(&b, &k)).await
+        else {
+            return false;
+        };
+        let (mut check, ask) = ReapCheck::start(
+            &self.me,
+            state.members.keys().cloned(),
+            primaries.to_vec(),
+            value.to_vec(),
+            me_hinted,
+        );
+        for node in ask {
             let message = PeerMessage::ReapCheck {
                 bucket: bucket.to_owned(),
                 key: key.to_owned(),
             };
-            let clear = match self.send(node, message, self.timeouts.request).await {
-                Ok(PeerMessage::ReapState { object, hinted }) => {
-                    !hinted
-                        && if primaries.contains(node) {
-                            object.as_deref() == Some(value)
-                        } else {
-                            object.is_none()
-                        }
-                }
-                _ => false,
+            let answer = match self.send(&node, message, self.timeouts.request).await {
+                Ok(PeerMessage::ReapState { object, hinted }) => Some(ReapAnswer {
+                    stored: object,
+                    hinted,
+                }),
+                _ => None,
             };
-            if !clear {
-                return false;
+            if let Some(verdict) = check.on_reply(&node, answer) {
+                return verdict;
             }
         }
-        true
+        check.verdict().unwrap_or(false)
     }
 
     /// Tombstones reaped by this node as the first primary of their keys.

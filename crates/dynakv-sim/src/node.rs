@@ -29,7 +29,7 @@ use crate::rng::SimRng;
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
     GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReplicaPlan, reap_candidate,
+    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate,
 };
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
@@ -409,11 +409,9 @@ struct MovedHint {
 #[derive(Debug)]
 struct ReapRun {
     key: String,
-    object: Object,
-    /// The other primaries (asked to reap); the other members are asked to hold nothing.
+    /// The other primaries (asked to reap once the check passes).
     others: Vec<NodeId>,
-    outstanding: usize,
-    all_same: bool,
+    check: ReapCheck<Object>,
 }
 
 /// This node's handoff for a ring transition, while batches are in flight.
@@ -1646,18 +1644,21 @@ impl SimNode {
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
             Purpose::ReapCheck { reap } => {
-                let clear = match (&body, self.reaps.get(&reap)) {
-                    (Some(Response::ReapState { object, hinted }), Some(run)) => {
-                        (!hinted || self.config.primaries_only_reap)
-                            && if run.others.contains(&from) {
-                                object.as_ref() == Some(&run.object)
-                            } else {
-                                object.is_none()
-                            }
-                    }
-                    _ => false,
+                let answer = match body {
+                    Some(Response::ReapState { object, hinted }) => Some(ReapAnswer {
+                        stored: object,
+                        // The old rule looked at the primaries' copies only.
+                        hinted: hinted && !self.config.primaries_only_reap,
+                    }),
+                    _ => None,
                 };
-                self.on_reap_check(now, reap, clear);
+                let verdict = self
+                    .reaps
+                    .get_mut(&reap)
+                    .and_then(|run| run.check.on_reply(&from, answer));
+                if let Some(verdict) = verdict {
+                    self.finish_reap(now, reap, verdict);
+                }
             }
         }
     }
@@ -2022,40 +2023,38 @@ impl SimNode {
             .collect();
         for (key, object) in candidates {
             let primaries = self.primaries(&key);
-            if primaries.first() != Some(&self.me)
-                || primaries.len() < self.config.n_val
-                || (!self.config.primaries_only_reap && self.hints.keys().any(|(_, k)| *k == key))
-            {
+            if primaries.first() != Some(&self.me) || primaries.len() < self.config.n_val {
                 continue;
             }
-            let others: Vec<NodeId> = primaries.into_iter().filter(|n| n != &self.me).collect();
-            let asked: Vec<NodeId> = if self.config.primaries_only_reap {
-                others.clone()
+            let others: Vec<NodeId> = primaries
+                .iter()
+                .filter(|n| **n != self.me)
+                .cloned()
+                .collect();
+            let (members, me_hinted): (Vec<NodeId>, bool) = if self.config.primaries_only_reap {
+                (primaries.clone(), false)
             } else {
-                self.cluster
-                    .members
-                    .keys()
-                    .filter(|n| **n != self.me)
-                    .cloned()
-                    .collect()
+                (
+                    self.cluster.members.keys().cloned().collect(),
+                    self.hints.keys().any(|(_, k)| *k == key),
+                )
             };
+            let (check, ask) = ReapCheck::start(&self.me, members, primaries, object, me_hinted);
             let reap = self.next_reap;
             self.next_reap += 1;
             self.reaps.insert(
                 reap,
                 ReapRun {
                     key: key.clone(),
-                    object,
                     others,
-                    outstanding: asked.len(),
-                    all_same: true,
+                    check,
                 },
             );
-            if asked.is_empty() {
-                self.on_reap_check(now, reap, true);
+            if let Some(verdict) = self.reaps.get(&reap).and_then(|r| r.check.verdict()) {
+                self.finish_reap(now, reap, verdict);
                 continue;
             }
-            for node in asked {
+            for node in ask {
                 let body = Request::ReapCheck { key: key.clone() };
                 self.send_request(
                     now,
@@ -2068,29 +2067,24 @@ impl SimNode {
         }
     }
 
-    fn on_reap_check(&mut self, now: u64, reap: u64, same: bool) {
-        let Some(run) = self.reaps.get_mut(&reap) else {
-            return;
-        };
-        run.outstanding = run.outstanding.saturating_sub(1);
-        run.all_same &= same;
-        if run.outstanding > 0 {
-            return;
-        }
+    /// The reap check's verdict: when clear, every other primary is asked to delete the
+    /// tombstone if unchanged, and this node deletes its own.
+    fn finish_reap(&mut self, now: u64, reap: u64, verdict: bool) {
         let Some(run) = self.reaps.remove(&reap) else {
             return;
         };
-        if !run.all_same {
+        if !verdict {
             return;
         }
+        let object = run.check.tombstone().clone();
         for node in &run.others {
             let body = Request::Reap {
                 key: run.key.clone(),
-                expected: run.object.clone(),
+                expected: object.clone(),
             };
             self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
         }
-        if self.object(&run.key) == Some(&run.object) {
+        if self.object(&run.key) == Some(&object) {
             self.remove_object(&run.key);
             self.flush();
             self.stats.tombstones_reaped += 1;
