@@ -406,21 +406,49 @@ pub struct ReapCheck<T> {
     tombstone: T,
     primaries: Vec<NodeId>,
     waiting: Vec<NodeId>,
+    departed: Vec<NodeId>,
     verdict: Option<bool>,
+}
+
+/// The members a reap check asks, each with whether it has left the cluster (`Exiting`). A
+/// member that left and does not answer counts as clear: it owns nothing, and once shut down it
+/// can deliver nothing (waiting for it would block reaping for good after any leave); one that
+/// left but still runs answers like any other, so the hints it still holds block the reap.
+pub fn reap_check_members(state: &ClusterState) -> Vec<(NodeId, bool)> {
+    state
+        .members
+        .values()
+        .map(|m| {
+            (
+                m.id.clone(),
+                m.status == crate::membership::MemberStatus::Exiting,
+            )
+        })
+        .collect()
 }
 
 impl<T: PartialEq> ReapCheck<T> {
     /// Start the check of `tombstone`, stored at `me`, the first of `primaries`; `members` is
-    /// the cluster's member list and `me_hinted` whether `me` keeps a hint of the key. Returns
-    /// the check and the members to ask (none when the verdict is already known).
+    /// the cluster's member list with whether each left ([`reap_check_members`]) and
+    /// `me_hinted` whether `me` keeps a hint of the key. Returns the check and the members to
+    /// ask (none when the verdict is already known).
     pub fn start(
         me: &NodeId,
-        members: impl IntoIterator<Item = NodeId>,
+        members: impl IntoIterator<Item = (NodeId, bool)>,
         primaries: Vec<NodeId>,
         tombstone: T,
         me_hinted: bool,
     ) -> (ReapCheck<T>, Vec<NodeId>) {
-        let waiting: Vec<NodeId> = members.into_iter().filter(|n| n != me).collect();
+        let (mut waiting, mut departed) = (Vec::new(), Vec::new());
+        for (node, left) in members {
+            if &node == me {
+                continue;
+            }
+            if left {
+                departed.push(node.clone());
+            }
+            waiting.push(node);
+        }
         let verdict = if me_hinted {
             Some(false)
         } else if waiting.is_empty() {
@@ -437,6 +465,7 @@ impl<T: PartialEq> ReapCheck<T> {
             tombstone,
             primaries,
             waiting,
+            departed,
             verdict,
         };
         (check, ask)
@@ -449,7 +478,8 @@ impl<T: PartialEq> ReapCheck<T> {
             return None;
         }
         self.waiting.retain(|n| n != from);
-        let clear = answer.is_some_and(|a| {
+        let departed = self.departed.contains(from);
+        let clear = answer.map_or(departed, |a| {
             !a.hinted
                 && if self.primaries.contains(from) {
                     a.stored.as_ref() == Some(&self.tombstone)
@@ -832,7 +862,7 @@ mod tests {
         let start = |me_hinted| {
             ReapCheck::start(
                 &id("a"),
-                ids(&["a", "b", "c", "d"]),
+                ids(&["a", "b", "c", "d"]).into_iter().map(|n| (n, false)),
                 ids(&["a", "b", "c"]),
                 "T".to_owned(),
                 me_hinted,
@@ -861,9 +891,48 @@ mod tests {
         let (check, ask) = start(true);
         assert!(ask.is_empty());
         assert_eq!(check.verdict(), Some(false));
-        let (check, ask) = ReapCheck::start(&id("a"), ids(&["a"]), ids(&["a"]), 1, false);
+        let (check, ask) = ReapCheck::start(&id("a"), [(id("a"), false)], ids(&["a"]), 1, false);
         assert!(ask.is_empty());
         assert_eq!(check.verdict(), Some(true));
+        // A member that left: its silence is clear, its hint is not.
+        let members = [(id("a"), false), (id("x"), true)];
+        let (mut check, ask) = ReapCheck::start(&id("a"), members.clone(), ids(&["a"]), 1, false);
+        assert_eq!(ask, ids(&["x"]));
+        assert_eq!(check.on_reply(&id("x"), None), Some(true));
+        let (mut check, _) = ReapCheck::start(&id("a"), members, ids(&["a"]), 1, false);
+        let hinted = Some(ReapAnswer {
+            stored: None,
+            hinted: true,
+        });
+        assert_eq!(check.on_reply(&id("x"), hinted), Some(false));
+        let (check, ask) = ReapCheck::start(&id("a"), [(id("a"), false)], ids(&["a"]), 1, false);
+        assert!(ask.is_empty());
+        assert_eq!(check.verdict(), Some(true));
+    }
+
+    #[test]
+    fn reap_check_marks_members_that_left() {
+        use crate::membership::{Member, MemberStatus};
+        let member = |name: &str, status| Member {
+            id: id(name),
+            peer_addr: String::new(),
+            http_addr: String::new(),
+            zone: String::new(),
+            status,
+            version: 1,
+            heartbeat: 0,
+        };
+        let mut state = ClusterState::found("c", member("a", MemberStatus::Valid), 8).unwrap();
+        state
+            .members
+            .insert(id("b"), member("b", MemberStatus::Joining));
+        state
+            .members
+            .insert(id("x"), member("x", MemberStatus::Exiting));
+        assert_eq!(
+            reap_check_members(&state),
+            vec![(id("a"), false), (id("b"), false), (id("x"), true)]
+        );
     }
 
     #[test]

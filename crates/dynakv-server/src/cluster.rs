@@ -23,7 +23,7 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate,
+    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
 };
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
@@ -1686,7 +1686,7 @@ impl Cluster {
         };
         let (mut check, ask) = ReapCheck::start(
             &self.me,
-            state.members.keys().cloned(),
+            reap_check_members(state),
             primaries.to_vec(),
             value.to_vec(),
             me_hinted,

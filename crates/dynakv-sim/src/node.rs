@@ -29,7 +29,7 @@ use crate::rng::SimRng;
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
     GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate,
+    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
 };
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
@@ -2031,14 +2031,18 @@ impl SimNode {
                 .filter(|n| **n != self.me)
                 .cloned()
                 .collect();
-            let (members, me_hinted): (Vec<NodeId>, bool) = if self.config.primaries_only_reap {
-                (primaries.clone(), false)
-            } else {
-                (
-                    self.cluster.members.keys().cloned().collect(),
-                    self.hints.keys().any(|(_, k)| *k == key),
-                )
-            };
+            let (members, me_hinted): (Vec<(NodeId, bool)>, bool) =
+                if self.config.primaries_only_reap {
+                    (
+                        primaries.iter().map(|n| (n.clone(), false)).collect(),
+                        false,
+                    )
+                } else {
+                    (
+                        reap_check_members(&self.cluster),
+                        self.hints.keys().any(|(_, k)| *k == key),
+                    )
+                };
             let (check, ask) = ReapCheck::start(&self.me, members, primaries, object, me_hinted);
             let reap = self.next_reap;
             self.next_reap += 1;
