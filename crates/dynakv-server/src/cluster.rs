@@ -2113,41 +2113,82 @@ impl Cluster {
         }
         let version = state.ring.version;
         let mut removed = 0;
+        let mut complete = true;
         let mut start_after: Option<Vec<u8>> = None;
         loop {
             let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
-            let mut doomed = Vec::new();
-            for (storage_key, _) in page {
+            // Each doomed key, with the primaries that must hold it before it is dropped.
+            let mut doomed: Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> = Vec::new();
+            for (storage_key, value) in page {
                 let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
                     continue;
                 };
                 let bucket_name = String::from_utf8_lossy(bucket).into_owned();
                 let props = self.bucket_props(&bucket_name);
                 let partition = state.ring.current.partition_of_hash(&key_hash(bucket, key));
-                if !state
-                    .preference_list(partition, props.n_val)
-                    .contains(&self.me)
-                {
-                    doomed.push(storage_key);
+                let primaries = state.preference_list(partition, props.n_val);
+                if !primaries.contains(&self.me) {
+                    doomed.push((storage_key, value, primaries));
                 }
             }
             if self.state().ring.version != version {
                 // The ring moved on while scanning: start over later with the new ring.
                 return Ok(removed);
             }
-            removed += doomed.len();
+            // The keys' current primaries get this copy first (a write that landed here after
+            // the transition's handoff may exist nowhere else); a key is dropped only once all
+            // of them acknowledged, and only if it did not change meanwhile.
+            let mut batches: HashMap<NodeId, Vec<HandoffEntry>> = HashMap::new();
+            for (storage_key, value, primaries) in &doomed {
+                let Some((bucket, key)) = key_names(storage_key) else {
+                    continue;
+                };
+                for node in primaries {
+                    batches.entry(node.clone()).or_default().push(HandoffEntry {
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        object: value.clone(),
+                    });
+                }
+            }
+            let mut refused: Vec<NodeId> = Vec::new();
+            for (node, entries) in batches {
+                for chunk in entries.chunks(HANDOFF_BATCH_KEYS) {
+                    if let Err(e) = self.send_handoff(&node, chunk.to_vec()).await {
+                        tracing::debug!(%node, error = %e, "cleanup handoff failed; keys kept for a later round");
+                        refused.push(node.clone());
+                        break;
+                    }
+                }
+            }
+            let removable: Vec<(Vec<u8>, [u8; 16])> = doomed
+                .into_iter()
+                .filter(|(_, _, primaries)| !primaries.iter().any(|n| refused.contains(n)))
+                .filter_map(|(storage_key, value, _)| {
+                    let (bucket, key) = keys::split_object_key(&storage_key)?;
+                    let expected = entry_hash(bucket, key, &value);
+                    Some((storage_key, expected))
+                })
+                .collect();
+            complete &= refused.is_empty();
             let replica = Arc::clone(&self.replica);
-            tokio::task::spawn_blocking(move || -> Result<(), ClusterError> {
-                for key in doomed {
-                    replica.remove(&key)?;
+            removed += tokio::task::spawn_blocking(move || -> Result<usize, ClusterError> {
+                let mut removed = 0;
+                for (key, expected) in removable {
+                    if replica.remove_if_unchanged_with(&key, &expected, Durability::Buffered)? {
+                        removed += 1;
+                    }
                 }
                 replica.storage().sync().map_err(internal)?;
-                Ok(())
+                Ok(removed)
             })
             .await
             .map_err(internal)??;
+        }
+        if !complete {
+            return Ok(removed);
         }
         *self.cleaned_version.lock() = version;
         if removed > 0 {

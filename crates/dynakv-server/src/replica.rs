@@ -563,6 +563,17 @@ impl Replica {
         storage_key: &[u8],
         expected: &[u8; 16],
     ) -> Result<bool, ReplicaError> {
+        self.remove_if_unchanged_with(storage_key, expected, Durability::Fsync)
+    }
+
+    /// [`Replica::remove_if_unchanged`] with the delete's durability (cleanup removes many
+    /// keys buffered, then syncs once).
+    pub fn remove_if_unchanged_with(
+        &self,
+        storage_key: &[u8],
+        expected: &[u8; 16],
+        durability: Durability,
+    ) -> Result<bool, ReplicaError> {
         let _guard = self.stripe(storage_key).lock();
         let Some(current) = self
             .storage
@@ -578,8 +589,9 @@ impl Replica {
             return Ok(false);
         }
         self.storage
-            .delete(Table::Objects, storage_key, Durability::Fsync)
+            .delete(Table::Objects, storage_key, durability)
             .map_err(storage_error)?;
+        self.note_durability(durability);
         if let Some(aae) = self.aae.get() {
             aae.observe(storage_key, Some(&current), None);
         }

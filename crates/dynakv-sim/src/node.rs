@@ -355,6 +355,11 @@ enum Purpose {
     },
     /// A batch of the ring transition's handoff.
     TransitionHandoff,
+    /// A batch of keys this node no longer replicates, sent to their primaries before cleanup
+    /// drops them.
+    CleanupHandoff {
+        keys: Vec<String>,
+    },
     Aae,
     /// A primary's copy of a tombstone the reaper checks.
     ReapCheck {
@@ -535,6 +540,9 @@ pub struct SimNode {
     aae_current: Option<Exchange>,
     reaps: BTreeMap<u64, ReapRun>,
     next_reap: u64,
+    /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
+    /// and whether all so far succeeded.
+    cleanup_pending: BTreeMap<String, (Object, usize, bool)>,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -584,6 +592,7 @@ impl SimNode {
             aae_current: None,
             reaps: BTreeMap::new(),
             next_reap: 0,
+            cleanup_pending: BTreeMap::new(),
             failures: VecDeque::new(),
             outputs: Vec::new(),
             stats: NodeStats::default(),
@@ -792,6 +801,7 @@ impl SimNode {
         self.aae_queue.clear();
         self.aae_current = None;
         self.reaps.clear();
+        self.cleanup_pending.clear();
         self.failures.clear();
         (lost, self.start_timers(now))
     }
@@ -1601,6 +1611,10 @@ impl SimNode {
                     self.join_via.clear();
                 }
             }
+            Purpose::CleanupHandoff { keys } => {
+                let ok = matches!(body, Some(Response::Ack));
+                self.on_cleanup_handoff(keys, ok);
+            }
             Purpose::TransitionHandoff => {
                 let ok = matches!(body, Some(Response::Ack));
                 if let Some(run) = &mut self.handoff {
@@ -1739,7 +1753,7 @@ impl SimNode {
             self.cluster.plan();
         }
         self.handoff_round(now);
-        self.cleanup_round();
+        self.cleanup_round(now);
         let peers: Vec<NodeId> = self
             .cluster
             .members
@@ -1845,23 +1859,79 @@ impl SimNode {
 
     /// `Cluster::cleanup_round`: once the ring is settled, drop the keys this node no longer
     /// replicates (then sync).
-    fn cleanup_round(&mut self) {
+    /// `Cluster::cleanup_round`: once the ring is settled, every key this node no longer
+    /// replicates is sent to its primaries (a write that landed here after the transition's
+    /// handoff may exist nowhere else) and dropped once all of them acknowledged, if
+    /// unchanged; keys whose handoff failed are retried in a later round.
+    fn cleanup_round(&mut self, now: u64) {
         let version = self.cluster.ring.version;
-        if self.cluster.ring.next.is_some() || self.cleaned_version >= version {
+        if self.cluster.ring.next.is_some()
+            || self.cleaned_version >= version
+            || !self.cleanup_pending.is_empty()
+        {
             return;
         }
-        let doomed: Vec<String> = self
+        let doomed: Vec<(String, Object, Vec<NodeId>)> = self
             .objects
-            .keys()
-            .filter(|k| !self.primaries(k).contains(&self.me))
-            .cloned()
+            .iter()
+            .map(|(k, (o, _))| (k.clone(), o.clone(), self.primaries(k)))
+            .filter(|(_, _, primaries)| !primaries.contains(&self.me))
             .collect();
-        for key in &doomed {
-            self.remove_object(key);
-            self.stats.cleanup_dropped += 1;
+        if doomed.is_empty() {
+            self.cleaned_version = version;
+            return;
         }
-        self.flush();
-        self.cleaned_version = version;
+        let mut batches: BTreeMap<NodeId, Vec<(String, Object)>> = BTreeMap::new();
+        for (key, object, primaries) in doomed {
+            for node in &primaries {
+                batches
+                    .entry(node.clone())
+                    .or_default()
+                    .push((key.clone(), object.clone()));
+            }
+            self.cleanup_pending
+                .insert(key, (object, primaries.len(), true));
+        }
+        let ring_version = self.cluster.ring.version;
+        for (node, entries) in batches {
+            for chunk in entries.chunks(HANDOFF_BATCH_KEYS) {
+                let keys = chunk.iter().map(|(k, _)| k.clone()).collect();
+                let body = Request::Handoff {
+                    entries: chunk.to_vec(),
+                    ring_version,
+                };
+                self.send_request(
+                    now,
+                    &node,
+                    body,
+                    Purpose::CleanupHandoff { keys },
+                    REQUEST_TIMEOUT_MS,
+                );
+            }
+        }
+    }
+
+    fn on_cleanup_handoff(&mut self, keys: Vec<String>, ok: bool) {
+        for key in keys {
+            let Some(entry) = self.cleanup_pending.get_mut(&key) else {
+                continue;
+            };
+            entry.1 = entry.1.saturating_sub(1);
+            entry.2 &= ok;
+            if entry.1 > 0 {
+                continue;
+            }
+            let Some((object, _, all_ok)) = self.cleanup_pending.remove(&key) else {
+                continue;
+            };
+            if all_ok && self.object(&key) == Some(&object) {
+                self.remove_object(&key);
+                self.stats.cleanup_dropped += 1;
+            }
+        }
+        if self.cleanup_pending.is_empty() {
+            self.flush();
+        }
     }
 
     fn delivery_done(&mut self, target: &NodeId) {
