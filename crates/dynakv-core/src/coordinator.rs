@@ -542,6 +542,7 @@ impl KeyRepair {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::{Member, MemberStatus};
     use crate::object::{Content, Object, PrunePolicy};
     use crate::version::{ActorId, VersionVector};
 
@@ -558,6 +559,23 @@ mod tests {
             node: id(node),
             stands_in_for: for_.map(id),
         }
+    }
+
+    fn member(name: &str, status: MemberStatus) -> Member {
+        Member {
+            id: id(name),
+            peer_addr: String::new(),
+            http_addr: String::new(),
+            zone: String::new(),
+            status,
+            version: 1,
+            heartbeat: 0,
+        }
+    }
+
+    /// A cluster founded by `a`.
+    fn cluster_of_a() -> ClusterState {
+        ClusterState::found("c", member("a", MemberStatus::Valid), 8).unwrap()
     }
 
     fn plan(slots: Vec<Slot>, primaries: &[&str], spares: &[&str]) -> ReplicaPlan {
@@ -790,17 +808,7 @@ mod tests {
 
     #[test]
     fn hints_wait_for_a_down_member_and_follow_their_key_otherwise() {
-        use crate::membership::{Member, MemberStatus};
-        let member = |name: &str, status| Member {
-            id: id(name),
-            peer_addr: String::new(),
-            http_addr: String::new(),
-            zone: String::new(),
-            status,
-            version: 1,
-            heartbeat: 0,
-        };
-        let mut state = ClusterState::found("c", member("a", MemberStatus::Valid), 8).unwrap();
+        let mut state = cluster_of_a();
         for (name, status) in [("b", MemberStatus::Valid), ("x", MemberStatus::Exiting)] {
             state.members.insert(id(name), member(name, status));
         }
@@ -912,17 +920,7 @@ mod tests {
 
     #[test]
     fn reap_check_marks_members_that_left() {
-        use crate::membership::{Member, MemberStatus};
-        let member = |name: &str, status| Member {
-            id: id(name),
-            peer_addr: String::new(),
-            http_addr: String::new(),
-            zone: String::new(),
-            status,
-            version: 1,
-            heartbeat: 0,
-        };
-        let mut state = ClusterState::found("c", member("a", MemberStatus::Valid), 8).unwrap();
+        let mut state = cluster_of_a();
         state
             .members
             .insert(id("b"), member("b", MemberStatus::Joining));

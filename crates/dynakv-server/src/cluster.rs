@@ -542,37 +542,35 @@ impl Cluster {
         }
         drop(tx);
         while let Some((node, reply)) = rx.recv().await {
-            let mut answer = None;
+            let (mut answer, mut repair) = (None, None);
             for step in coordinator.on_reply(&node, reply) {
                 match step {
                     GetStep::Answer(result) => answer = Some(result),
-                    GetStep::Repair { merged, targets } => {
-                        // In the background: the client is not kept waiting for it.
-                        let this = Arc::clone(self);
-                        let (bucket, key) = (bucket.to_owned(), key.to_owned());
-                        tokio::spawn(async move {
-                            this.read_repair(&bucket, &key, merged, targets).await;
-                        });
-                    }
+                    GetStep::Repair { merged, targets } => repair = Some((merged, targets)),
                 }
             }
-            if let Some(result) = answer {
-                if !coordinator.finished() {
-                    // Answered at R: the other fetches still come back, then read repair.
-                    let this = Arc::clone(self);
-                    let (bucket, key) = (bucket.to_owned(), key.to_owned());
-                    tokio::spawn(async move {
-                        while let Some((node, reply)) = rx.recv().await {
-                            for step in coordinator.on_reply(&node, reply) {
-                                if let GetStep::Repair { merged, targets } = step {
-                                    this.read_repair(&bucket, &key, merged, targets).await;
-                                }
+            let Some(result) = answer else { continue };
+            // Repair comes only once every fetch is back, never before the answer: the other
+            // fetches and the read repair go on in the background.
+            if repair.is_some() || !coordinator.finished() {
+                let this = Arc::clone(self);
+                let (bucket, key) = (bucket.to_owned(), key.to_owned());
+                tokio::spawn(async move {
+                    while repair.is_none()
+                        && let Some((node, reply)) = rx.recv().await
+                    {
+                        for step in coordinator.on_reply(&node, reply) {
+                            if let GetStep::Repair { merged, targets } = step {
+                                repair = Some((merged, targets));
                             }
                         }
-                    });
-                }
-                return result.map_err(ClusterError::Quorum);
+                    }
+                    if let Some((merged, targets)) = repair {
+                        this.read_repair(&bucket, &key, merged, targets).await;
+                    }
+                });
             }
+            return result.map_err(ClusterError::Quorum);
         }
         Err(ClusterError::Internal("replica replies ended early".into()))
     }
@@ -2119,8 +2117,7 @@ impl Cluster {
             let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
-            // Each doomed key, with the primaries that must hold it before it is dropped.
-            let mut doomed: Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> = Vec::new();
+            let mut doomed: Vec<Doomed> = Vec::new();
             for (storage_key, value) in page {
                 let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
                     continue;
@@ -2130,7 +2127,18 @@ impl Cluster {
                 let partition = state.ring.current.partition_of_hash(&key_hash(bucket, key));
                 let primaries = state.preference_list(partition, props.n_val);
                 if !primaries.contains(&self.me) {
-                    doomed.push((storage_key, value, primaries));
+                    let expected = entry_hash(bucket, key, &value);
+                    let entry = HandoffEntry {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        bucket: bucket_name,
+                        object: value,
+                    };
+                    doomed.push(Doomed {
+                        storage_key,
+                        entry,
+                        primaries,
+                        expected,
+                    });
                 }
             }
             if self.state().ring.version != version {
@@ -2141,16 +2149,12 @@ impl Cluster {
             // the transition's handoff may exist nowhere else); a key is dropped only once all
             // of them acknowledged, and only if it did not change meanwhile.
             let mut batches: HashMap<NodeId, Vec<HandoffEntry>> = HashMap::new();
-            for (storage_key, value, primaries) in &doomed {
-                let Some((bucket, key)) = key_names(storage_key) else {
-                    continue;
-                };
-                for node in primaries {
-                    batches.entry(node.clone()).or_default().push(HandoffEntry {
-                        bucket: bucket.clone(),
-                        key: key.clone(),
-                        object: value.clone(),
-                    });
+            for d in &doomed {
+                for node in &d.primaries {
+                    batches
+                        .entry(node.clone())
+                        .or_default()
+                        .push(d.entry.clone());
                 }
             }
             let mut refused: Vec<NodeId> = Vec::new();
@@ -2165,12 +2169,8 @@ impl Cluster {
             }
             let removable: Vec<(Vec<u8>, [u8; 16])> = doomed
                 .into_iter()
-                .filter(|(_, _, primaries)| !primaries.iter().any(|n| refused.contains(n)))
-                .filter_map(|(storage_key, value, _)| {
-                    let (bucket, key) = keys::split_object_key(&storage_key)?;
-                    let expected = entry_hash(bucket, key, &value);
-                    Some((storage_key, expected))
-                })
+                .filter(|d| !d.primaries.iter().any(|n| refused.contains(n)))
+                .map(|d| (d.storage_key, d.expected))
                 .collect();
             complete &= refused.is_empty();
             let replica = Arc::clone(&self.replica);
@@ -2225,7 +2225,14 @@ impl Cluster {
     }
 }
 
-/// A storage key's bucket and key as text (`None` when it is not an object key).
+/// A key cleanup will drop once its primaries hold it (and it still hashes to `expected`).
+struct Doomed {
+    storage_key: Vec<u8>,
+    entry: HandoffEntry,
+    primaries: Vec<NodeId>,
+    expected: [u8; 16],
+}
+
 /// One put's replication, driving its `PutCoordinator` until every send came back.
 struct PutRun {
     cluster: Arc<Cluster>,
@@ -2329,6 +2336,7 @@ impl PutRun {
     }
 }
 
+/// A storage key's bucket and key as text (`None` when it is not an object key).
 fn key_names(storage_key: &[u8]) -> Option<(String, String)> {
     let (bucket, key) = keys::split_object_key(storage_key)?;
     Some((

@@ -96,8 +96,12 @@ pub struct Replica {
     /// The highest dot counter this actor issued (or may have issued: after a restart, the
     /// stored lease).
     last_counter: std::sync::atomic::AtomicU64,
-    /// The durably reserved counter high-water mark; `None` until loaded from `Meta`.
-    counter_lease: Mutex<Option<u64>>,
+    /// The durably reserved counter high-water mark (valid once `lease_loaded`).
+    counter_lease: std::sync::atomic::AtomicU64,
+    lease_loaded: std::sync::atomic::AtomicBool,
+    /// Held only to load the lease from `Meta` or to reserve a new one: writes below the
+    /// lease touch nothing but the atomics.
+    lease_lock: Mutex<()>,
 }
 
 impl Replica {
@@ -115,7 +119,9 @@ impl Replica {
             unflushed,
             fsync_writes: std::sync::atomic::AtomicU64::new(0),
             last_counter: std::sync::atomic::AtomicU64::new(0),
-            counter_lease: Mutex::new(None),
+            counter_lease: std::sync::atomic::AtomicU64::new(0),
+            lease_loaded: std::sync::atomic::AtomicBool::new(false),
+            lease_lock: Mutex::new(()),
         }
     }
 
@@ -123,41 +129,47 @@ impl Replica {
     /// by an earlier one of the same actor, through the stored lease) is at most this.
     fn counter_floor(&self) -> Result<u64, ReplicaError> {
         use std::sync::atomic::Ordering;
-        let mut lease = self.counter_lease.lock();
-        if lease.is_none() {
-            let stored = match self
-                .storage
-                .get(Table::Meta, KEY_COUNTER_LEASE)
-                .map_err(storage_error)?
-            {
-                None => 0,
-                Some(bytes) => {
-                    u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                        ReplicaError::Storage("dot counter lease is corrupt".into())
-                    })?)
-                }
-            };
-            self.last_counter.fetch_max(stored, Ordering::SeqCst);
-            *lease = Some(stored);
+        if !self.lease_loaded.load(Ordering::Acquire) {
+            let _guard = self.lease_lock.lock();
+            if !self.lease_loaded.load(Ordering::Acquire) {
+                let stored = match self
+                    .storage
+                    .get(Table::Meta, KEY_COUNTER_LEASE)
+                    .map_err(storage_error)?
+                {
+                    None => 0,
+                    Some(bytes) => {
+                        u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                            ReplicaError::Storage("dot counter lease is corrupt".into())
+                        })?)
+                    }
+                };
+                self.last_counter.fetch_max(stored, Ordering::SeqCst);
+                self.counter_lease.store(stored, Ordering::SeqCst);
+                self.lease_loaded.store(true, Ordering::Release);
+            }
         }
         Ok(self.last_counter.load(Ordering::SeqCst))
     }
 
-    /// Record that `counter` was issued: reserve it durably first when it is above the lease.
+    /// Record that `counter` was issued: reserve it durably first when it is above the lease
+    /// (always true for a run's first write: the loaded lease may have been fully issued).
     fn reserve_counter(&self, counter: u64) -> Result<(), ReplicaError> {
         use std::sync::atomic::Ordering;
-        let mut lease = self.counter_lease.lock();
-        if lease.is_none_or(|l| counter > l) {
-            let reserved = counter.saturating_add(COUNTER_LEASE_BLOCK);
-            self.storage
-                .put(
-                    Table::Meta,
-                    KEY_COUNTER_LEASE,
-                    &reserved.to_be_bytes(),
-                    Durability::Fsync,
-                )
-                .map_err(storage_error)?;
-            *lease = Some(reserved);
+        if counter > self.counter_lease.load(Ordering::SeqCst) {
+            let _guard = self.lease_lock.lock();
+            if counter > self.counter_lease.load(Ordering::SeqCst) {
+                let reserved = counter.saturating_add(COUNTER_LEASE_BLOCK);
+                self.storage
+                    .put(
+                        Table::Meta,
+                        KEY_COUNTER_LEASE,
+                        &reserved.to_be_bytes(),
+                        Durability::Fsync,
+                    )
+                    .map_err(storage_error)?;
+                self.counter_lease.store(reserved, Ordering::SeqCst);
+            }
         }
         self.last_counter.fetch_max(counter, Ordering::SeqCst);
         Ok(())
