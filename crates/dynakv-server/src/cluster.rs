@@ -1039,7 +1039,6 @@ impl Cluster {
             pw,
             buffered: durability == Durability::Buffered,
         };
-        let sends = plan.slots.len() + plan.next.as_ref().map_or(0, Vec::len) + plan.spares.len();
         let (coordinator, steps) = PutCoordinator::start(&self.me, plan, policy);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let run = PutRun {
@@ -1054,7 +1053,7 @@ impl Cluster {
         };
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
         // Detached: the sends beyond the answer (and their hints) finish on their own.
-        tokio::spawn(run.drive(coordinator, steps, rx, answer_tx, sends));
+        tokio::spawn(run.drive(coordinator, steps, rx, answer_tx));
         match answer_rx.await {
             Ok(result) => result.map_err(ClusterError::Quorum),
             Err(_) => Err(ClusterError::Internal("replication ended early".into())),
@@ -2252,11 +2251,10 @@ impl PutRun {
         mut steps: Vec<PutStep>,
         mut replies: tokio::sync::mpsc::UnboundedReceiver<(PutSend, bool)>,
         answer: tokio::sync::oneshot::Sender<Result<(), QuorumFailure>>,
-        most_sends: usize,
     ) {
         let mut answer = Some(answer);
-        // Bounded by the plan: every send is a slot, a next-list node or a spare.
-        let mut budget = most_sends;
+        // Bounded by the plan (the coordinator sends to each slot, next-list node and spare
+        // at most once), so this loop ends once every send came back.
         loop {
             // Answers and sends first: a hint write must not delay them.
             let mut batch = std::mem::take(&mut steps);
@@ -2279,19 +2277,8 @@ impl PutRun {
                             )
                             .await;
                     }
-                    PutStep::Send(send) => {
-                        if budget == 0 {
-                            tracing::error!(node = %send.node, "put coordinator asked for more sends than its plan holds");
-                            steps.extend(coordinator.on_reply(&send, false));
-                            continue;
-                        }
-                        budget -= 1;
-                        self.spawn_send(send);
-                    }
+                    PutStep::Send(send) => self.spawn_send(send),
                 }
-            }
-            if !steps.is_empty() {
-                continue;
             }
             if coordinator.finished() {
                 return;
