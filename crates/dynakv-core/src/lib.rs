@@ -8,10 +8,12 @@
 //! claim, preference lists), [`coordinator`] (the get and put coordinator state machines), [`bucket`] (bucket properties), [`keys`] (storage key layout),
 //! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding).
 
+pub mod anti_entropy;
 pub mod bucket;
 pub mod codec;
 pub mod context;
 pub mod coordinator;
+pub mod handoff;
 pub mod keys;
 pub mod limits;
 pub mod membership;

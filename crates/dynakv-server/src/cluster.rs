@@ -19,15 +19,17 @@
 use crate::aae::{AaeTrees, ExchangeRecord};
 use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
 use crate::transport::{PeerClient, PeerInfo, TransportError};
+use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
+    GetCoordinator, GetStep, HintDelivery, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer,
+    ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
 };
+use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
-use dynakv_core::merkle::{self, Hash, differing_leaves, differing_segments, entry_hash};
+use dynakv_core::merkle::{Hash, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::QuorumFailure;
@@ -224,7 +226,7 @@ pub struct Cluster {
     aae: Arc<AaeTrees>,
     admission: Admission,
     /// The ring version whose cleanup this node finished.
-    cleaned_version: Mutex<u64>,
+    cleanup_marker: Mutex<CleanupMarker>,
     started: Instant,
 }
 
@@ -308,7 +310,7 @@ impl Cluster {
             timeouts,
             liveness: Mutex::new(HashMap::new()),
             parsed_props: RwLock::new(HashMap::new()),
-            cleaned_version: Mutex::new(0),
+            cleanup_marker: Mutex::new(CleanupMarker::default()),
             hints: HintCounters::default(),
             tombstones_reaped: AtomicU64::new(0),
             aae,
@@ -1376,181 +1378,165 @@ impl Cluster {
         .map_err(ClusterError::Internal)
     }
 
-    /// Compare one partition with one peer and repair the keys that differ: both sides end
-    /// with the `sync` of their versions. Returns the number of keys repaired.
-    async fn exchange(
+    /// Ask `peer` one anti-entropy question of an exchange of `partition`.
+    async fn aae_ask(
         &self,
-        partition: u32,
         peer: &NodeId,
-        mut budget: usize,
-    ) -> Result<usize, ClusterError> {
-        let ours = self.aae.segments(partition);
-        let theirs = match self
-            .send(
-                peer,
+        partition: u32,
+        ask: AaeAsk,
+    ) -> Result<PeerMessage, ClusterError> {
+        let (message, timeout) = match ask {
+            AaeAsk::Segments => (
                 PeerMessage::AaeSegments { partition },
                 self.timeouts.request,
-            )
-            .await?
-        {
-            PeerMessage::AaeHashes {
-                hashes,
-                budget: peer_budget,
-            } => {
-                budget = budget.min(peer_budget as usize);
-                hashes
-            }
-            other => {
-                return Err(ClusterError::Internal(format!(
-                    "{peer} answered {}",
-                    message_name(&other)
-                )));
-            }
-        };
-        let segments = differing_segments(&ours, &theirs);
-        if segments.is_empty() {
-            return Ok(0);
-        }
-        let our_leaves = self.aae.segment_leaves(partition, &segments);
-        let their_leaves = match self
-            .send(
-                peer,
+            ),
+            AaeAsk::Leaves(segments) => (
                 PeerMessage::AaeLeaves {
                     partition,
-                    segments: segments.clone(),
+                    segments,
                 },
                 self.timeouts.request,
-            )
-            .await?
-        {
-            PeerMessage::AaeLeafHashes { leaves } => leaves,
-            other => {
-                return Err(ClusterError::Internal(format!(
-                    "{peer} answered {}",
-                    message_name(&other)
-                )));
-            }
-        };
-        let leaves = differing_leaves(&our_leaves, &their_leaves);
-        if leaves.is_empty() {
-            return Ok(0);
-        }
-        let (ours, _) = self.local_leaf_keys(partition, leaves.clone()).await?;
-        let theirs = match self
-            .send(
-                peer,
+            ),
+            // Listing a leaf's keys may read many index entries: more time.
+            AaeAsk::Keys(leaves) => (
                 PeerMessage::AaeKeys { partition, leaves },
                 self.timeouts.request * 5,
-            )
-            .await?
-        {
-            PeerMessage::AaeKeyHashes { entries, .. } => entries,
-            other => {
-                return Err(ClusterError::Internal(format!(
-                    "{peer} answered {}",
-                    message_name(&other)
-                )));
-            }
+            ),
         };
-        let ours: BTreeMap<(String, String), Hash> =
-            ours.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
-        let theirs: BTreeMap<(String, String), Hash> =
-            theirs.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
-        let differing = merkle::differing_keys(&ours, &theirs);
-        let state = self.state();
-        let mut repaired = 0;
-        for (bucket, key) in &differing {
-            if repaired >= budget {
+        self.send(peer, message, timeout).await
+    }
+
+    /// Compare one partition with one peer and repair the keys that differ: both sides end
+    /// with the `sync` of their versions. The steps and the budget are the core's
+    /// `AaeExchange`; this performs them. Returns the number of keys repaired.
+    async fn exchange(
+        &self,
+        peer: &NodeId,
+        mut exchange: AaeExchange<(String, String)>,
+        ask: AaeAsk,
+    ) -> Result<usize, ClusterError> {
+        let partition = exchange.partition();
+        let unexpected = |other: &PeerMessage| {
+            ClusterError::Internal(format!("{peer} answered {}", message_name(other)))
+        };
+        let mut step = match self.aae_ask(peer, partition, ask).await? {
+            PeerMessage::AaeHashes { hashes, budget } => {
+                let ours = self.aae.segments(partition);
+                exchange.on_segments(&ours, &hashes, Some(budget as usize))
+            }
+            other => return Err(unexpected(&other)),
+        };
+        loop {
+            step = match step {
+                AaeStep::Done { repaired } => return Ok(repaired),
+                AaeStep::Ask(ask @ AaeAsk::Segments) => {
+                    return Err(ClusterError::Internal(format!(
+                        "anti-entropy asked {ask:?} twice"
+                    )));
+                }
+                AaeStep::Ask(ask @ AaeAsk::Leaves(_)) => {
+                    match self.aae_ask(peer, partition, ask).await? {
+                        PeerMessage::AaeLeafHashes { leaves } => {
+                            let ours = self
+                                .aae
+                                .segment_leaves(partition, exchange.segments_asked());
+                            exchange.on_leaves(&ours, &leaves)
+                        }
+                        other => return Err(unexpected(&other)),
+                    }
+                }
+                AaeStep::Ask(ask @ AaeAsk::Keys(_)) => {
+                    let (ours, _) = self
+                        .local_leaf_keys(partition, exchange.leaves_asked().to_vec())
+                        .await?;
+                    let theirs = match self.aae_ask(peer, partition, ask).await? {
+                        PeerMessage::AaeKeyHashes { entries, .. } => entries,
+                        other => return Err(unexpected(&other)),
+                    };
+                    let ours: BTreeMap<(String, String), Hash> =
+                        ours.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
+                    let theirs: BTreeMap<(String, String), Hash> =
+                        theirs.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
+                    let state = self.state();
+                    exchange.on_keys(&ours, &theirs, |(bucket, key)| {
+                        let n_val = self.bucket_props(bucket).n_val;
+                        let replicas =
+                            state.preference_list(partition_of(&state, bucket, key), n_val);
+                        replicas.contains(&self.me) && replicas.contains(peer)
+                    })
+                }
+                AaeStep::Compare(keys) => {
+                    self.repair_keys(peer, &mut exchange, keys).await?;
+                    exchange.finish()
+                }
+            };
+        }
+    }
+
+    /// Read both versions of each key an exchange listed and perform its repairs.
+    async fn repair_keys(
+        &self,
+        peer: &NodeId,
+        exchange: &mut AaeExchange<(String, String)>,
+        keys: Vec<(String, String)>,
+    ) -> Result<(), ClusterError> {
+        let ring_version = self.state().ring.version;
+        let mut stored = false;
+        for bucket_key in keys {
+            if exchange.compared_all() {
                 break;
             }
-            let props = self.bucket_props(bucket);
-            let p = state
-                .ring
-                .current
-                .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-            let replicas = state.preference_list(p, props.n_val);
-            if !replicas.contains(&self.me) || !replicas.contains(peer) {
-                continue;
-            }
+            let (bucket, key) = &bucket_key;
             let local = self
-                .fetch_replica(&self.me, bucket, key, state.ring.version, None)
+                .fetch_replica(&self.me, bucket, key, ring_version, None)
                 .await;
             let remote = self
-                .fetch_replica(peer, bucket, key, state.ring.version, None)
+                .fetch_replica(peer, bucket, key, ring_version, None)
                 .await;
             let (Ok(local), Ok(remote)) = (local, remote) else {
+                exchange.skip(&bucket_key);
                 continue;
             };
-            let Some(repair) = KeyRepair::of(local.as_ref(), remote.as_ref()) else {
+            let Some(repair) = exchange.on_versions(&bucket_key, local.as_ref(), remote.as_ref())
+            else {
                 continue;
             };
+            let props = self.bucket_props(bucket);
             let encoded = repair.merged.encode();
-            if repair.store_local {
-                self.store_replica(
-                    &self.me,
-                    bucket,
-                    key,
-                    &repair.merged,
-                    &encoded,
-                    &props,
-                    Durability::Buffered,
-                )
-                .await?;
-            }
-            if repair.store_remote {
-                self.store_replica(
-                    peer,
-                    bucket,
-                    key,
-                    &repair.merged,
-                    &encoded,
-                    &props,
-                    Durability::Buffered,
-                )
-                .await?;
-            }
-            if repair.repairs() {
-                repaired += 1;
+            for (node, wanted) in [(&self.me, repair.store_local), (peer, repair.store_remote)] {
+                if wanted {
+                    self.store_replica(
+                        node,
+                        bucket,
+                        key,
+                        &repair.merged,
+                        &encoded,
+                        &props,
+                        Durability::Buffered,
+                    )
+                    .await?;
+                    stored |= *node == self.me;
+                }
             }
         }
-        if repaired > 0 {
+        if stored {
             self.replica.storage().sync().map_err(internal)?;
         }
-        Ok(repaired)
+        Ok(())
     }
 
     /// One anti-entropy round: every partition this node replicates is compared with one of
-    /// its other replicas (in turn), within the admission-control budget of repaired keys.
-    /// Skipped during ring transitions. Returns the number of keys repaired.
+    /// its other replicas (in turn), within the admission-control budget of repaired keys
+    /// (the core's `AaeRound`). Skipped during ring transitions. Returns the number of keys
+    /// repaired.
     pub async fn anti_entropy_round(&self, round: usize) -> usize {
-        let state = self.state();
-        if state.ring.next.is_some() {
-            return 0;
-        }
         let budget = self.admission.budget();
-        let mut repaired_total = 0;
-        for partition in 0..state.ring.current.partition_count() {
-            if repaired_total >= budget {
-                break;
-            }
-            let replicas = state.preference_list(partition, 3);
-            if !replicas.contains(&self.me) {
-                continue;
-            }
-            let peers: Vec<&NodeId> = replicas
-                .iter()
-                .filter(|n| **n != self.me && self.is_up(n))
-                .collect();
-            if peers.is_empty() {
-                continue;
-            }
-            let peer = peers[round % peers.len()].clone();
-            match self
-                .exchange(partition, &peer, budget - repaired_total)
-                .await
-            {
+        let mut plan = AaeRound::plan(&self.state(), &self.me, 3, round, budget, |n| self.is_up(n));
+        while let Some((peer, exchange, ask)) = plan.next_exchange() {
+            let partition = exchange.partition();
+            match self.exchange(&peer, exchange, ask).await {
                 Ok(repaired) => {
-                    repaired_total += repaired;
+                    plan.finished(repaired);
                     let mut records = self.aae.records.lock();
                     let record = records.entry(partition).or_default();
                     record.last_exchange = Some(Instant::now());
@@ -1564,6 +1550,7 @@ impl Cluster {
                 }
             }
         }
+        let repaired_total = plan.repaired();
         if repaired_total > 0 {
             tracing::info!(keys = repaired_total, budget, "anti-entropy repaired keys");
         }
@@ -2002,67 +1989,62 @@ impl Cluster {
     /// mark this node's handoff done when all are delivered. Returns the number of keys sent.
     pub async fn handoff_round(&self) -> Result<usize, ClusterError> {
         let state = self.state();
-        if state.ring.next.is_none()
-            || !state.ring.current.nodes().iter().any(|n| n.id == self.me)
-            || state.handoff_done(&self.me)
-        {
+        let Some(mut handoff) = TransitionHandoff::start(&state, &self.me) else {
             return Ok(0);
-        }
-        let transition = state.ring.transition;
-        let mut sent = 0;
+        };
+        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, HANDOFF_BATCH_BYTES);
         let mut start_after: Option<Vec<u8>> = None;
         loop {
             let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
-            let next_start = last.clone();
-            let mut batches: HashMap<NodeId, (Vec<HandoffEntry>, usize)> = HashMap::new();
+            start_after = Some(last.clone());
+            let mut full = Vec::new();
             for (storage_key, value) in page {
                 let Some((bucket, key)) = key_names(&storage_key) else {
                     continue;
                 };
-                let props = self.bucket_props(&bucket);
+                let n_val = self.bucket_props(&bucket).n_val;
                 let partition = partition_of(&state, &bucket, &key);
-                let current = state.preference_list(partition, props.n_val);
-                let Some(next) = state.next_preference_list(partition, props.n_val) else {
-                    continue;
+                let destinations =
+                    TransitionHandoff::destinations(&state, &self.me, partition, n_val);
+                let bytes = value.len();
+                let entry = HandoffEntry {
+                    bucket,
+                    key,
+                    object: value,
                 };
-                for node in next
-                    .iter()
-                    .filter(|n| !current.contains(n) && **n != self.me)
-                {
-                    let batch = batches.entry(node.clone()).or_default();
-                    batch.1 += value.len();
-                    batch.0.push(HandoffEntry {
-                        bucket: bucket.clone(),
-                        key: key.clone(),
-                        object: value.clone(),
-                    });
-                }
-                for (node, batch) in &mut batches {
-                    if batch.0.len() >= HANDOFF_BATCH_KEYS || batch.1 >= HANDOFF_BATCH_BYTES {
-                        let entries = std::mem::take(&mut batch.0);
-                        batch.1 = 0;
-                        sent += entries.len();
-                        self.send_handoff(node, entries).await?;
-                    }
-                }
+                full.extend(batches.push_all(&destinations, &entry, bytes));
             }
-            for (node, (entries, _)) in batches {
-                if !entries.is_empty() {
-                    sent += entries.len();
-                    self.send_handoff(&node, entries).await?;
-                }
+            for (node, entries) in full {
+                self.handoff_batch(&mut handoff, &node, entries).await?;
             }
-            start_after = Some(next_start);
         }
+        for (node, entries) in batches.drain() {
+            self.handoff_batch(&mut handoff, &node, entries).await?;
+        }
+        handoff.on_scanned();
         let me = self.me.clone();
-        self.update_state(|s| {
-            if s.ring.transition == transition {
-                s.mark_handoff_done(&me);
-            }
-        })?;
-        tracing::info!(transition, keys = sent, "handoff done");
-        Ok(sent)
+        if self.update_state(|s| handoff.finish(s, &me))? {
+            tracing::info!(
+                transition = handoff.transition(),
+                keys = handoff.keys_sent(),
+                "handoff done"
+            );
+        }
+        Ok(handoff.keys_sent())
+    }
+
+    /// Send one batch of a transition's handoff and count its outcome.
+    async fn handoff_batch(
+        &self,
+        handoff: &mut TransitionHandoff,
+        node: &NodeId,
+        entries: Vec<HandoffEntry>,
+    ) -> Result<(), ClusterError> {
+        handoff.on_sent(entries.len());
+        let result = self.send_handoff(node, entries).await;
+        handoff.on_reply(result.is_ok());
+        result
     }
 
     async fn send_handoff(
@@ -2102,80 +2084,76 @@ impl Cluster {
         .map_err(internal)??)
     }
 
-    /// After a transition completes, drop the keys this node no longer replicates.
+    /// After a transition completes, drop the keys this node no longer replicates: each goes
+    /// to its current primaries first (a write that landed here after the transition's
+    /// handoff may exist nowhere else) and is dropped once all of them acknowledged, if it
+    /// did not change meanwhile (the core's `Cleanup`). Returns the number of keys dropped.
     pub async fn cleanup_round(&self) -> Result<usize, ClusterError> {
         let state = self.state();
-        if state.ring.next.is_some() || *self.cleaned_version.lock() >= state.ring.version {
+        let marker = *self.cleanup_marker.lock();
+        let Some(mut cleanup) = Cleanup::<Vec<u8>, Hash>::start(&state, &marker) else {
             return Ok(0);
-        }
-        let version = state.ring.version;
+        };
         let mut removed = 0;
-        let mut complete = true;
         let mut start_after: Option<Vec<u8>> = None;
         loop {
             let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
-            let mut doomed: Vec<Doomed> = Vec::new();
+            let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
+            let mut sends = Vec::new();
             for (storage_key, value) in page {
                 let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
                     continue;
                 };
                 let bucket_name = String::from_utf8_lossy(bucket).into_owned();
-                let props = self.bucket_props(&bucket_name);
+                let n_val = self.bucket_props(&bucket_name).n_val;
                 let partition = state.ring.current.partition_of_hash(&key_hash(bucket, key));
-                let primaries = state.preference_list(partition, props.n_val);
-                if !primaries.contains(&self.me) {
-                    let expected = entry_hash(bucket, key, &value);
-                    let entry = HandoffEntry {
+                let Some(primaries) =
+                    Cleanup::<Vec<u8>, Hash>::doomed(&state, &self.me, partition, n_val)
+                else {
+                    continue;
+                };
+                cleanup.add(
+                    storage_key.clone(),
+                    entry_hash(bucket, key, &value),
+                    primaries.len(),
+                );
+                let entry = (
+                    storage_key.clone(),
+                    HandoffEntry {
                         key: String::from_utf8_lossy(key).into_owned(),
                         bucket: bucket_name,
                         object: value,
-                    };
-                    doomed.push(Doomed {
-                        storage_key,
-                        entry,
-                        primaries,
-                        expected,
-                    });
-                }
+                    },
+                );
+                sends.extend(batches.push_all(&primaries, &entry, 0));
             }
-            if self.state().ring.version != version {
+            if self.state().ring.version != cleanup.ring_version() {
                 // The ring moved on while scanning: start over later with the new ring.
                 return Ok(removed);
             }
-            // The keys' current primaries get this copy first (a write that landed here after
-            // the transition's handoff may exist nowhere else); a key is dropped only once all
-            // of them acknowledged, and only if it did not change meanwhile.
-            let mut batches: HashMap<NodeId, Vec<HandoffEntry>> = HashMap::new();
-            for d in &doomed {
-                for node in &d.primaries {
-                    batches
-                        .entry(node.clone())
-                        .or_default()
-                        .push(d.entry.clone());
-                }
-            }
+            sends.extend(batches.drain());
             let mut refused: Vec<NodeId> = Vec::new();
-            for (node, entries) in batches {
-                for chunk in entries.chunks(HANDOFF_BATCH_KEYS) {
-                    if let Err(e) = self.send_handoff(&node, chunk.to_vec()).await {
-                        tracing::debug!(%node, error = %e, "cleanup handoff failed; keys kept for a later round");
-                        refused.push(node.clone());
-                        break;
-                    }
-                }
+            let mut droppable = Vec::new();
+            for (node, batch) in sends {
+                let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
+                let ok = !refused.contains(&node)
+                    && match self.send_handoff(&node, entries).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::debug!(%node, error = %e, "cleanup handoff failed; keys kept for a later round");
+                            refused.push(node.clone());
+                            false
+                        }
+                    };
+                droppable.extend(cleanup.on_batch(&keys, ok));
             }
-            let removable: Vec<(Vec<u8>, [u8; 16])> = doomed
-                .into_iter()
-                .filter(|d| !d.primaries.iter().any(|n| refused.contains(n)))
-                .map(|d| (d.storage_key, d.expected))
-                .collect();
-            complete &= refused.is_empty();
             let replica = Arc::clone(&self.replica);
-            removed += tokio::task::spawn_blocking(move || -> Result<usize, ClusterError> {
+            let wanted = droppable.len();
+            let dropped = tokio::task::spawn_blocking(move || -> Result<usize, ClusterError> {
                 let mut removed = 0;
-                for (key, expected) in removable {
+                for (key, expected) in droppable {
                     if replica.remove_if_unchanged_with(&key, &expected, Durability::Buffered)? {
                         removed += 1;
                     }
@@ -2185,11 +2163,16 @@ impl Cluster {
             })
             .await
             .map_err(internal)??;
+            if dropped < wanted {
+                cleanup.kept_changed();
+            }
+            removed += dropped;
         }
-        if !complete {
+        let state = self.state();
+        if !cleanup.record(&state, &mut self.cleanup_marker.lock()) {
             return Ok(removed);
         }
-        *self.cleaned_version.lock() = version;
+        let version = cleanup.ring_version();
         if removed > 0 {
             tracing::info!(
                 version,
@@ -2204,16 +2187,10 @@ impl Cluster {
     /// the write was under way) would outlive the cleanup of that ring: ask for another one.
     fn check_orphan(&self, bucket: &str, key: &str, n_val: u32) {
         let state = self.state();
-        if state.ring.next.is_some() {
-            return;
-        }
-        let partition = state
-            .ring
-            .current
-            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-        if !state.preference_list(partition, n_val).contains(&self.me) {
-            *self.cleaned_version.lock() = 0;
-        }
+        let partition = partition_of(&state, bucket, key);
+        self.cleanup_marker
+            .lock()
+            .on_stored(&state, &self.me, partition, n_val);
     }
 
     /// Whether this node has left the cluster.
@@ -2222,14 +2199,6 @@ impl Cluster {
             .member(&self.me)
             .is_some_and(|m| m.status == MemberStatus::Exiting)
     }
-}
-
-/// A key cleanup will drop once its primaries hold it (and it still hashes to `expected`).
-struct Doomed {
-    storage_key: Vec<u8>,
-    entry: HandoffEntry,
-    primaries: Vec<NodeId>,
-    expected: [u8; 16],
 }
 
 /// One put's replication, driving its `PutCoordinator` until every send came back.

@@ -26,11 +26,13 @@
 //!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
 
 use crate::rng::SimRng;
+use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, HintDelivery, KeyRepair, PutCoordinator, PutPolicy, PutSend, PutStep,
-    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
+    GetCoordinator, GetStep, HintDelivery, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer,
+    ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
 };
+use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{self, Hash, MerkleTree};
@@ -419,32 +421,14 @@ struct ReapRun {
     check: ReapCheck<Object>,
 }
 
-/// This node's handoff for a ring transition, while batches are in flight.
-#[derive(Debug)]
-struct HandoffRun {
-    transition: u64,
-    outstanding: usize,
-    failed: bool,
-}
-
-#[derive(Debug)]
-enum AaeStage {
-    Segments,
-    Leaves,
-    Keys {
-        ours: BTreeMap<String, Hash>,
-    },
-    Fetching {
-        waiting: BTreeMap<RequestId, String>,
-    },
-}
-
+/// The anti-entropy exchange in progress: the core's `AaeExchange`, the question it waits
+/// for, and the version fetches of the keys it compares.
 #[derive(Debug)]
 struct Exchange {
-    partition: PartitionId,
     peer: NodeId,
-    stage: AaeStage,
-    request: RequestId,
+    exchange: AaeExchange<String>,
+    asking: Option<RequestId>,
+    fetching: BTreeMap<RequestId, String>,
 }
 
 /// The transport's view of one peer.
@@ -528,21 +512,21 @@ pub struct SimNode {
     delivering: BTreeMap<NodeId, usize>,
     moved_hints: BTreeMap<u64, MovedHint>,
     next_moved: u64,
-    handoff: Option<HandoffRun>,
+    handoff: Option<TransitionHandoff>,
     /// The ring version whose cleanup ran (volatile, as in the server).
-    cleaned_version: u64,
+    cleanup_marker: CleanupMarker,
     /// Until a join is accepted: the members to ask, in turn (the operator retrying).
     join_via: Vec<NodeId>,
     join_attempts: usize,
     join_pending: bool,
     aae_round: usize,
-    aae_queue: VecDeque<PartitionId>,
+    aae_plan: Option<AaeRound>,
     aae_current: Option<Exchange>,
     reaps: BTreeMap<u64, ReapRun>,
     next_reap: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
-    cleanup_pending: BTreeMap<String, (Object, usize, bool)>,
+    cleanup: Option<Cleanup<String, Object>>,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -583,16 +567,16 @@ impl SimNode {
             moved_hints: BTreeMap::new(),
             next_moved: 1,
             handoff: None,
-            cleaned_version: 0,
+            cleanup_marker: CleanupMarker::default(),
             join_via: Vec::new(),
             join_attempts: 0,
             join_pending: false,
             aae_round: 0,
-            aae_queue: VecDeque::new(),
+            aae_plan: None,
             aae_current: None,
             reaps: BTreeMap::new(),
             next_reap: 0,
-            cleanup_pending: BTreeMap::new(),
+            cleanup: None,
             failures: VecDeque::new(),
             outputs: Vec::new(),
             stats: NodeStats::default(),
@@ -646,7 +630,7 @@ impl SimNode {
 
     /// Whether this node's cleanup ran for the ring it knows.
     pub fn cleaned_up(&self) -> bool {
-        self.cleaned_version >= self.cluster.ring.version
+        self.cleanup_marker.cleaned_version() >= self.cluster.ring.version
     }
 
     /// `Cluster::leave`: mark this node leaving; gossip and the claimant do the rest.
@@ -796,12 +780,12 @@ impl SimNode {
         self.delivering.clear();
         self.moved_hints.clear();
         self.handoff = None;
-        self.cleaned_version = 0;
+        self.cleanup_marker = CleanupMarker::default();
         self.join_pending = false;
-        self.aae_queue.clear();
+        self.aae_plan = None;
         self.aae_current = None;
         self.reaps.clear();
-        self.cleanup_pending.clear();
+        self.cleanup = None;
         self.failures.clear();
         (lost, self.start_timers(now))
     }
@@ -1359,9 +1343,9 @@ impl SimNode {
     /// `Cluster::check_orphan`: a write stored here for a key this node no longer replicates
     /// (settled ring) asks for another cleanup.
     fn check_orphan(&mut self, key: &str) {
-        if self.cluster.ring.next.is_none() && !self.primaries(key).contains(&self.me) {
-            self.cleaned_version = 0;
-        }
+        let partition = self.partition_of(key);
+        self.cleanup_marker
+            .on_stored(&self.cluster, &self.me, partition, self.config.n_val as u32);
     }
 
     fn send_put(&mut self, now: u64, coord: u64, send: PutSend, key: &str, object: &Object) {
@@ -1613,21 +1597,13 @@ impl SimNode {
             }
             Purpose::CleanupHandoff { keys } => {
                 let ok = matches!(body, Some(Response::Ack));
-                self.on_cleanup_handoff(keys, ok);
+                self.on_cleanup_handoff(&keys, ok);
             }
             Purpose::TransitionHandoff => {
                 let ok = matches!(body, Some(Response::Ack));
-                if let Some(run) = &mut self.handoff {
-                    run.outstanding = run.outstanding.saturating_sub(1);
-                    run.failed |= !ok;
-                    if run.outstanding == 0 {
-                        let (transition, failed) = (run.transition, run.failed);
-                        self.handoff = None;
-                        if !failed && self.cluster.ring.transition == transition {
-                            let me = self.me.clone();
-                            self.cluster.mark_handoff_done(&me);
-                        }
-                    }
+                if let Some(mut handoff) = self.handoff.take() {
+                    handoff.on_reply(ok);
+                    self.finish_handoff(handoff);
                 }
             }
             Purpose::MovedHint { moved } => {
@@ -1790,148 +1766,121 @@ impl SimNode {
         self.send_request(now, &via, body, Purpose::Join, REQUEST_TIMEOUT_MS);
     }
 
-    /// `Cluster::handoff_round`: during a transition, send every stored key to the nodes that
-    /// enter its preference list, and mark this node's handoff done once all acknowledged.
-    /// (The server sends the batches one after another and stops at the first failure; here
-    /// they go out together and any failure leaves the handoff for the next round.)
+    /// `Cluster::handoff_round`: during a transition every stored key goes to the nodes
+    /// entering its preference list (the core's `TransitionHandoff` and `Batches`); the
+    /// handoff is marked done once every batch is acknowledged. (The server sends the batches
+    /// one after another and stops at the first failure; here they go out together and any
+    /// failure leaves the handoff for the next round.)
     fn handoff_round(&mut self, now: u64) {
-        if self.handoff.is_some()
-            || self.cluster.ring.next.is_none()
-            || !self
-                .cluster
-                .ring
-                .current
-                .nodes()
-                .iter()
-                .any(|n| n.id == self.me)
-            || self.cluster.handoff_done(&self.me)
-        {
+        if self.handoff.is_some() {
             return;
         }
-        let transition = self.cluster.ring.transition;
+        let Some(mut handoff) = TransitionHandoff::start(&self.cluster, &self.me) else {
+            return;
+        };
         let n_val = self.config.n_val as u32;
-        let mut batches: BTreeMap<NodeId, Vec<(String, Object)>> = BTreeMap::new();
+        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
+        let mut sends = Vec::new();
         for (key, (object, _)) in &self.objects {
             let partition = self.partition_of(key);
-            let current = self.cluster.preference_list(partition, n_val);
-            let Some(next) = self.cluster.next_preference_list(partition, n_val) else {
-                continue;
-            };
-            for node in next
-                .iter()
-                .filter(|n| !current.contains(n) && **n != self.me)
-            {
-                batches
-                    .entry(node.clone())
-                    .or_default()
-                    .push((key.clone(), object.clone()));
-            }
+            let destinations =
+                TransitionHandoff::destinations(&self.cluster, &self.me, partition, n_val);
+            sends.extend(batches.push_all(&destinations, &(key.clone(), object.clone()), 0));
         }
-        let mut outstanding = 0;
-        for (node, entries) in batches {
-            for chunk in entries.chunks(HANDOFF_BATCH_KEYS) {
-                self.stats.handoff_keys += chunk.len() as u64;
-                let body = Request::Handoff {
-                    entries: chunk.to_vec(),
-                    ring_version: self.cluster.ring.version,
-                };
-                self.send_request(
-                    now,
-                    &node,
-                    body,
-                    Purpose::TransitionHandoff,
-                    REQUEST_TIMEOUT_MS * 5,
-                );
-                outstanding += 1;
-            }
+        sends.extend(batches.drain());
+        for (node, entries) in sends {
+            self.stats.handoff_keys += entries.len() as u64;
+            handoff.on_sent(entries.len());
+            let purpose = Purpose::TransitionHandoff;
+            self.send_handoff(now, &node, entries, purpose, REQUEST_TIMEOUT_MS * 5);
         }
-        if outstanding == 0 {
-            let me = self.me.clone();
-            self.cluster.mark_handoff_done(&me);
-            return;
-        }
-        self.handoff = Some(HandoffRun {
-            transition,
-            outstanding,
-            failed: false,
-        });
+        handoff.on_scanned();
+        self.finish_handoff(handoff);
     }
 
-    /// `Cluster::cleanup_round`: once the ring is settled, drop the keys this node no longer
-    /// replicates (then sync).
+    /// Keep the handoff while batches are outstanding; once all came back, mark it done if it
+    /// completed (else the next round starts over).
+    fn finish_handoff(&mut self, handoff: TransitionHandoff) {
+        if handoff.verdict().is_none() {
+            self.handoff = Some(handoff);
+            return;
+        }
+        let me = self.me.clone();
+        handoff.finish(&mut self.cluster, &me);
+    }
+
     /// `Cluster::cleanup_round`: once the ring is settled, every key this node no longer
     /// replicates is sent to its primaries (a write that landed here after the transition's
     /// handoff may exist nowhere else) and dropped once all of them acknowledged, if
-    /// unchanged; keys whose handoff failed are retried in a later round.
+    /// unchanged (the core's `Cleanup`); otherwise a later round runs another pass.
     fn cleanup_round(&mut self, now: u64) {
-        let version = self.cluster.ring.version;
-        if self.cluster.ring.next.is_some()
-            || self.cleaned_version >= version
-            || !self.cleanup_pending.is_empty()
-        {
+        if self.cleanup.is_some() {
             return;
         }
-        let doomed: Vec<(String, Object, Vec<NodeId>)> = self
-            .objects
-            .iter()
-            .map(|(k, (o, _))| (k.clone(), o.clone(), self.primaries(k)))
-            .filter(|(_, _, primaries)| !primaries.contains(&self.me))
-            .collect();
-        if doomed.is_empty() {
-            self.cleaned_version = version;
+        let Some(mut cleanup) = Cleanup::start(&self.cluster, &self.cleanup_marker) else {
             return;
+        };
+        let n_val = self.config.n_val as u32;
+        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
+        let mut sends = Vec::new();
+        for (key, (object, _)) in &self.objects {
+            let partition = self.partition_of(key);
+            let Some(primaries) =
+                Cleanup::<String, Object>::doomed(&self.cluster, &self.me, partition, n_val)
+            else {
+                continue;
+            };
+            cleanup.add(key.clone(), object.clone(), primaries.len());
+            sends.extend(batches.push_all(&primaries, &(key.clone(), object.clone()), 0));
         }
-        let mut batches: BTreeMap<NodeId, Vec<(String, Object)>> = BTreeMap::new();
-        for (key, object, primaries) in doomed {
-            for node in &primaries {
-                batches
-                    .entry(node.clone())
-                    .or_default()
-                    .push((key.clone(), object.clone()));
-            }
-            self.cleanup_pending
-                .insert(key, (object, primaries.len(), true));
+        sends.extend(batches.drain());
+        for (node, entries) in sends {
+            let keys = entries.iter().map(|(k, _)| k.clone()).collect();
+            let purpose = Purpose::CleanupHandoff { keys };
+            self.send_handoff(now, &node, entries, purpose, REQUEST_TIMEOUT_MS);
         }
-        let ring_version = self.cluster.ring.version;
-        for (node, entries) in batches {
-            for chunk in entries.chunks(HANDOFF_BATCH_KEYS) {
-                let keys = chunk.iter().map(|(k, _)| k.clone()).collect();
-                let body = Request::Handoff {
-                    entries: chunk.to_vec(),
-                    ring_version,
-                };
-                self.send_request(
-                    now,
-                    &node,
-                    body,
-                    Purpose::CleanupHandoff { keys },
-                    REQUEST_TIMEOUT_MS,
-                );
-            }
-        }
+        self.finish_cleanup(cleanup);
     }
 
-    fn on_cleanup_handoff(&mut self, keys: Vec<String>, ok: bool) {
-        for key in keys {
-            let Some(entry) = self.cleanup_pending.get_mut(&key) else {
-                continue;
-            };
-            entry.1 = entry.1.saturating_sub(1);
-            entry.2 &= ok;
-            if entry.1 > 0 {
-                continue;
-            }
-            let Some((object, _, all_ok)) = self.cleanup_pending.remove(&key) else {
-                continue;
-            };
-            if all_ok && self.object(&key) == Some(&object) {
+    /// One `Handoff` batch under this node's ring version.
+    fn send_handoff(
+        &mut self,
+        now: u64,
+        node: &NodeId,
+        entries: Vec<(String, Object)>,
+        purpose: Purpose,
+        timeout_ms: u64,
+    ) {
+        let body = Request::Handoff {
+            entries,
+            ring_version: self.cluster.ring.version,
+        };
+        self.send_request(now, node, body, purpose, timeout_ms);
+    }
+
+    fn on_cleanup_handoff(&mut self, keys: &[String], ok: bool) {
+        let Some(mut cleanup) = self.cleanup.take() else {
+            return;
+        };
+        for (key, object) in cleanup.on_batch(keys, ok) {
+            if self.object(&key) == Some(&object) {
                 self.remove_object(&key);
                 self.stats.cleanup_dropped += 1;
+            } else {
+                cleanup.kept_changed();
             }
         }
-        if self.cleanup_pending.is_empty() {
-            self.flush();
+        self.finish_cleanup(cleanup);
+    }
+
+    /// Keep the pass while keys wait for acknowledgements; once settled, sync and record it.
+    fn finish_cleanup(&mut self, cleanup: Cleanup<String, Object>) {
+        if !cleanup.settled() {
+            self.cleanup = Some(cleanup);
+            return;
         }
+        self.flush();
+        cleanup.record(&self.cluster, &mut self.cleanup_marker);
     }
 
     fn delivery_done(&mut self, target: &NodeId) {
@@ -2166,139 +2115,87 @@ impl SimNode {
     }
 
     fn anti_entropy_round(&mut self, now: u64) {
-        if self.aae_current.is_some() || !self.aae_queue.is_empty() {
+        if self.aae_current.is_some() || self.aae_plan.is_some() {
             return; // the previous round is still running
         }
         self.aae_round += 1;
-        for partition in 0..self.cluster.ring.current.partition_count() {
-            if self
-                .cluster
-                .preference_list(partition, self.config.n_val as u32)
-                .contains(&self.me)
-            {
-                self.aae_queue.push_back(partition);
-            }
-        }
+        let plan = AaeRound::plan(
+            &self.cluster,
+            &self.me,
+            self.config.n_val as u32,
+            self.aae_round,
+            MAX_AAE_KEYS_PER_EXCHANGE,
+            |n| self.is_up(now, n),
+        );
+        self.aae_plan = Some(plan);
         self.next_exchange(now);
     }
 
     fn next_exchange(&mut self, now: u64) {
         self.aae_current = None;
-        while let Some(partition) = self.aae_queue.pop_front() {
-            let replicas = self
-                .cluster
-                .preference_list(partition, self.config.n_val as u32);
-            let peers: Vec<&NodeId> = replicas
-                .iter()
-                .filter(|n| **n != self.me && self.is_up(now, n))
-                .collect();
-            if peers.is_empty() {
-                continue;
-            }
-            let peer = peers[self.aae_round % peers.len()].clone();
-            let request = self.send_request(
-                now,
-                &peer,
-                Request::AaeSegments { partition },
-                Purpose::Aae,
-                REQUEST_TIMEOUT_MS,
-            );
-            self.aae_current = Some(Exchange {
-                partition,
-                peer,
-                stage: AaeStage::Segments,
-                request,
-            });
+        let Some(plan) = self.aae_plan.as_mut() else {
             return;
-        }
+        };
+        let Some((peer, exchange, ask)) = plan.next_exchange() else {
+            self.aae_plan = None;
+            return;
+        };
+        let request = self.send_aae_ask(now, &peer, exchange.partition(), ask);
+        self.aae_current = Some(Exchange {
+            peer,
+            exchange,
+            asking: Some(request),
+            fetching: BTreeMap::new(),
+        });
     }
 
+    fn send_aae_ask(
+        &mut self,
+        now: u64,
+        peer: &NodeId,
+        partition: PartitionId,
+        ask: AaeAsk,
+    ) -> RequestId {
+        let (body, timeout_ms) = match ask {
+            AaeAsk::Segments => (Request::AaeSegments { partition }, REQUEST_TIMEOUT_MS),
+            AaeAsk::Leaves(segments) => (
+                Request::AaeLeaves {
+                    partition,
+                    segments,
+                },
+                REQUEST_TIMEOUT_MS,
+            ),
+            AaeAsk::Keys(leaves) => (
+                Request::AaeKeys { partition, leaves },
+                REQUEST_TIMEOUT_MS * 5,
+            ),
+        };
+        self.send_request(now, peer, body, Purpose::Aae, timeout_ms)
+    }
+
+    /// An answer (or failure) of a step of the current exchange, fed to the core's
+    /// `AaeExchange` as `Cluster::exchange` feeds it.
     fn on_aae_response(&mut self, now: u64, id: RequestId, from: &NodeId, body: Option<Response>) {
-        let Some(mut exchange) = self.aae_current.take() else {
+        let Some(mut current) = self.aae_current.take() else {
             return;
         };
-        let in_stage = match &exchange.stage {
-            AaeStage::Fetching { waiting } => waiting.contains_key(&id),
-            _ => exchange.request == id,
-        };
-        if !in_stage || &exchange.peer != from {
-            self.aae_current = Some(exchange);
+        if &current.peer != from
+            || (current.asking != Some(id) && !current.fetching.contains_key(&id))
+        {
+            self.aae_current = Some(current);
             return;
         }
-        let partition = exchange.partition;
-        let peer = exchange.peer.clone();
-        match (&mut exchange.stage, body) {
-            (AaeStage::Segments, Some(Response::Segments(theirs))) => {
-                let ours = self.segments(partition);
-                let segments = merkle::differing_segments(&ours, &theirs);
-                if segments.is_empty() {
-                    return self.next_exchange(now);
-                }
-                exchange.request = self.send_request(
-                    now,
-                    &peer,
-                    Request::AaeLeaves {
-                        partition,
-                        segments,
-                    },
-                    Purpose::Aae,
-                    REQUEST_TIMEOUT_MS,
-                );
-                exchange.stage = AaeStage::Leaves;
-            }
-            (AaeStage::Leaves, Some(Response::Leaves(theirs))) => {
-                let segments: Vec<u16> = theirs
-                    .iter()
-                    .map(|(leaf, _)| (*leaf as usize / merkle::LEAVES_PER_SEGMENT) as u16)
-                    .collect::<BTreeSet<u16>>()
-                    .into_iter()
-                    .collect();
-                let ours = self.segment_leaves(partition, &segments);
-                let leaves = merkle::differing_leaves(&ours, &theirs);
-                if leaves.is_empty() {
-                    return self.next_exchange(now);
-                }
-                let ours = self.local_leaf_keys(partition, &leaves);
-                exchange.request = self.send_request(
-                    now,
-                    &peer,
-                    Request::AaeKeys { partition, leaves },
-                    Purpose::Aae,
-                    REQUEST_TIMEOUT_MS * 5,
-                );
-                exchange.stage = AaeStage::Keys { ours };
-            }
-            (AaeStage::Keys { ours }, Some(Response::Keys(theirs))) => {
-                let theirs: BTreeMap<String, Hash> = theirs.into_iter().collect();
-                let differing = merkle::differing_keys(ours, &theirs);
-                let mut waiting = BTreeMap::new();
-                for key in differing {
-                    let replicas = self.primaries(&key);
-                    if !replicas.contains(&self.me) || !replicas.contains(&peer) {
-                        continue;
-                    }
-                    let request = self.send_request(
-                        now,
-                        &peer,
-                        Request::ReplicaGet {
-                            key: key.clone(),
-                            hinted_for: None,
-                        },
-                        Purpose::Aae,
-                        REQUEST_TIMEOUT_MS,
-                    );
-                    waiting.insert(request, key);
-                }
-                if waiting.is_empty() {
-                    return self.next_exchange(now);
-                }
-                exchange.stage = AaeStage::Fetching { waiting };
-            }
-            (AaeStage::Fetching { waiting }, reply) => {
-                let key = waiting.remove(&id).unwrap_or_default();
-                if let Some(Response::Object(remote)) = reply {
+        let partition = current.exchange.partition();
+        let peer = current.peer.clone();
+        let step = if let Some(key) = current.fetching.remove(&id) {
+            match body {
+                Some(Response::Object(remote)) => {
                     let local = self.object(&key).cloned();
-                    if let Some(repair) = KeyRepair::of(local.as_ref(), remote.as_ref()) {
+                    if let Some(repair) =
+                        current
+                            .exchange
+                            .on_versions(&key, local.as_ref(), remote.as_ref())
+                    {
                         if repair.store_local {
                             self.merge_local(&key, &repair.merged);
                         }
@@ -2310,14 +2207,65 @@ impl SimNode {
                         }
                     }
                 }
-                if waiting.is_empty() {
-                    return self.next_exchange(now);
-                }
+                _ => current.exchange.skip(&key),
             }
-            // A failed step or an unexpected answer ends this partition's exchange.
-            _ => return self.next_exchange(now),
+            if !current.exchange.compared_all() && !current.fetching.is_empty() {
+                self.aae_current = Some(current);
+                return;
+            }
+            current.exchange.finish()
+        } else {
+            current.asking = None;
+            match body {
+                Some(Response::Segments(theirs)) => {
+                    let ours = self.segments(partition);
+                    current.exchange.on_segments(&ours, &theirs, None)
+                }
+                Some(Response::Leaves(theirs)) => {
+                    let asked = current.exchange.segments_asked().to_vec();
+                    let ours = self.segment_leaves(partition, &asked);
+                    current.exchange.on_leaves(&ours, &theirs)
+                }
+                Some(Response::Keys(theirs)) => {
+                    let ours = self.local_leaf_keys(partition, current.exchange.leaves_asked());
+                    let theirs: BTreeMap<String, Hash> = theirs.into_iter().collect();
+                    current.exchange.on_keys(&ours, &theirs, |key| {
+                        let replicas = self.primaries(key);
+                        replicas.contains(&self.me) && replicas.contains(&peer)
+                    })
+                }
+                // A failed step or an unexpected answer ends this partition's exchange.
+                _ => current.exchange.finish(),
+            }
+        };
+        match step {
+            AaeStep::Ask(ask) => {
+                current.asking = Some(self.send_aae_ask(now, &peer, partition, ask));
+                self.aae_current = Some(current);
+            }
+            AaeStep::Compare(keys) => {
+                for key in keys {
+                    let request = self.send_request(
+                        now,
+                        &peer,
+                        Request::ReplicaGet {
+                            key: key.clone(),
+                            hinted_for: None,
+                        },
+                        Purpose::Aae,
+                        REQUEST_TIMEOUT_MS,
+                    );
+                    current.fetching.insert(request, key);
+                }
+                self.aae_current = Some(current);
+            }
+            AaeStep::Done { repaired } => {
+                if let Some(plan) = self.aae_plan.as_mut() {
+                    plan.finished(repaired);
+                }
+                self.next_exchange(now);
+            }
         }
-        self.aae_current = Some(exchange);
     }
 }
 

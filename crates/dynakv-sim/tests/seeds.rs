@@ -134,17 +134,33 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     // copy stayed on n1 for good. The server now has the checked rule (the default here).
     // Without deletes, the seed runs the workload it was found with.
     // Since cleanup hands doomed keys over before dropping them, the simulation takes other
-    // paths; seed 336 (no deletes) shows the same stray copy under the old rule.
-    let old = run_seed(336, |c| {
-        c.node.handoff_checks_ring = false;
+    // paths; seed 336 (no deletes) showed the same stray copy under the old rule until the
+    // anti-entropy rounds moved onto the core's `AaeRound`, which changed the runs'
+    // trajectories. Seed 548 with a forced join (one of 18 in 6000 such runs,
+    // `dynakv-sim --seeds 6000 --membership join --old-rule unchecked-handoff --no-deletes`)
+    // shows it now; 641 and 1531 are two more of those 18, so a small change of trajectory
+    // does not silence the test (at least one must show the stray copy).
+    let setup = |c: &mut dynakv_sim::sim::SimConfig| {
         c.deletes = false;
-    })
-    .unwrap();
-    assert_eq!(old.check.lost(), 0);
-    assert!(old.converged, "{}", old.describe());
-    assert!(!old.strays.is_empty(), "{}", old.describe());
-    let fixed = run_seed(336, |c| c.deletes = false).unwrap();
-    assert!(fixed.passed(), "{}", fixed.describe());
+        c.membership = Some(MembershipChange::Join);
+    };
+    let mut strays = 0;
+    for seed in [548, 641, 1531] {
+        let old = run_seed(seed, |c| {
+            setup(c);
+            c.node.handoff_checks_ring = false;
+        })
+        .unwrap();
+        assert_eq!(old.check.lost(), 0);
+        assert!(old.converged, "{}", old.describe());
+        strays += old.strays.len();
+        let fixed = run_seed(seed, setup).unwrap();
+        assert!(fixed.passed(), "{}", fixed.describe());
+    }
+    assert!(
+        strays > 0,
+        "the old rule left no stray copy on seeds 548, 641, 1531"
+    );
 }
 
 /// Deletes under faults with short grace periods: tombstones are reaped, and nothing a client

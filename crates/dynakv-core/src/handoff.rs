@@ -1,0 +1,550 @@
+//! Ownership transfer as state machines (paper 4.9): a node's handoff of its keys during a
+//! ring transition ([`TransitionHandoff`]), the cleanup of the keys it no longer replicates
+//! once the transition completed ([`Cleanup`]), and the batching of the entries both send
+//! ([`Batches`]).
+//!
+//! Sans-IO: the server drives these over its storage scans and peer transport, the simulator
+//! over its memory and simulated messages, so which keys go where, when a handoff counts as
+//! done and when a key may be dropped are the same code in both.
+//!
+//! Invariants:
+//! - during a transition every stored key goes to each node that is in its next preference
+//!   list and not in its current one; the node's handoff is marked done only when every batch
+//!   was acknowledged, the whole store was scanned, and the transition is still the one it
+//!   started in (a failed batch means a later round starts over: `Handoff` merges with `sync`,
+//!   so a replay changes nothing);
+//! - after the transition, a key this node no longer replicates is first sent to each of its
+//!   current primaries (a write that landed here after the handoff may exist nowhere else)
+//!   and dropped only once all of them acknowledged (and only if unchanged since, which the
+//!   driver checks against the `expected` it recorded); the ring version is recorded as
+//!   cleaned only when no batch failed and the ring did not move meanwhile.
+
+use crate::membership::ClusterState;
+use crate::ring::{NodeId, PartitionId};
+use std::collections::BTreeMap;
+
+/// Entries waiting to be sent, one open batch per destination; a batch closes at `max_keys`
+/// entries or once past `max_bytes`.
+#[derive(Debug, Clone)]
+pub struct Batches<E> {
+    open: BTreeMap<NodeId, (Vec<E>, usize)>,
+    max_keys: usize,
+    max_bytes: usize,
+}
+
+impl<E: Clone> Batches<E> {
+    pub fn new(max_keys: usize, max_bytes: usize) -> Self {
+        Batches {
+            open: BTreeMap::new(),
+            max_keys: max_keys.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Add `entry` (of `bytes` bytes) for `node`: the batch to send now when it filled up.
+    pub fn push(&mut self, node: &NodeId, entry: E, bytes: usize) -> Option<Vec<E>> {
+        let batch = self.open.entry(node.clone()).or_default();
+        batch.0.push(entry);
+        batch.1 += bytes;
+        if batch.0.len() >= self.max_keys || batch.1 >= self.max_bytes {
+            batch.1 = 0;
+            return Some(std::mem::take(&mut batch.0));
+        }
+        None
+    }
+
+    /// Add `entry` for each of `nodes`; the batches that filled up, to send now.
+    pub fn push_all(&mut self, nodes: &[NodeId], entry: &E, bytes: usize) -> Vec<(NodeId, Vec<E>)> {
+        nodes
+            .iter()
+            .filter_map(|node| {
+                self.push(node, entry.clone(), bytes)
+                    .map(|batch| (node.clone(), batch))
+            })
+            .collect()
+    }
+
+    /// Every batch still open (non-empty), closing them all.
+    pub fn drain(&mut self) -> Vec<(NodeId, Vec<E>)> {
+        std::mem::take(&mut self.open)
+            .into_iter()
+            .filter(|(_, (entries, _))| !entries.is_empty())
+            .map(|(node, (entries, _))| (node, entries))
+            .collect()
+    }
+}
+
+/// One node's handoff of the current ring transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionHandoff {
+    transition: u64,
+    outstanding: usize,
+    failed: bool,
+    scanned: bool,
+    keys_sent: usize,
+}
+
+impl TransitionHandoff {
+    /// The handoff `me` has to do now: `None` when there is no transition, `me` is not in
+    /// the current ring (a joiner holds nothing to hand over), or its handoff of this
+    /// transition is already marked done.
+    pub fn start(state: &ClusterState, me: &NodeId) -> Option<TransitionHandoff> {
+        if state.ring.next.is_none()
+            || !state.ring.current.nodes().iter().any(|n| n.id == *me)
+            || state.handoff_done(me)
+        {
+            return None;
+        }
+        Some(TransitionHandoff {
+            transition: state.ring.transition,
+            outstanding: 0,
+            failed: false,
+            scanned: false,
+            keys_sent: 0,
+        })
+    }
+
+    /// Where a stored key of `partition` (in a bucket of `n_val` replicas) goes: the nodes of
+    /// its next preference list that are not in its current one, other than `me`.
+    pub fn destinations(
+        state: &ClusterState,
+        me: &NodeId,
+        partition: PartitionId,
+        n_val: u32,
+    ) -> Vec<NodeId> {
+        let Some(next) = state.next_preference_list(partition, n_val) else {
+            return Vec::new();
+        };
+        let current = state.preference_list(partition, n_val);
+        next.into_iter()
+            .filter(|n| !current.contains(n) && n != me)
+            .collect()
+    }
+
+    /// A batch of `keys` entries was sent.
+    pub fn on_sent(&mut self, keys: usize) {
+        self.outstanding += 1;
+        self.keys_sent += keys;
+    }
+
+    /// A batch came back: acknowledged (`ok`) or not (failed, refused, timed out).
+    pub fn on_reply(&mut self, ok: bool) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.failed |= !ok;
+    }
+
+    /// The whole store was scanned (every batch is sent).
+    pub fn on_scanned(&mut self) {
+        self.scanned = true;
+    }
+
+    /// `None` while batches are outstanding (a driver that sends them all at once waits for
+    /// every reply, so a late one is never counted against a later round); then
+    /// `Some(false)` when a batch failed (this round gave up; a later one starts over), or
+    /// `Some(true)` when the store was scanned and every batch acknowledged.
+    pub fn verdict(&self) -> Option<bool> {
+        if self.outstanding > 0 {
+            None
+        } else if self.failed {
+            Some(false)
+        } else if self.scanned {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
+    /// Mark the handoff done in `state` when it completed and the transition is still the
+    /// one it was for. Returns whether it marked it.
+    pub fn finish(&self, state: &mut ClusterState, me: &NodeId) -> bool {
+        if self.verdict() == Some(true) && state.ring.transition == self.transition {
+            state.mark_handoff_done(me);
+            return true;
+        }
+        false
+    }
+
+    pub fn transition(&self) -> u64 {
+        self.transition
+    }
+
+    /// Keys sent so far (one per destination).
+    pub fn keys_sent(&self) -> usize {
+        self.keys_sent
+    }
+}
+
+/// What a node remembers between cleanup passes: the ring version it last cleaned, and how
+/// many stray copies were stored since it started (so a pass that ran while one landed is not
+/// recorded as complete: the copy may have been stored after the pass scanned past it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CleanupMarker {
+    cleaned_version: u64,
+    strays_stored: u64,
+}
+
+impl CleanupMarker {
+    /// A key of `partition` (in a bucket of `n_val` replicas) was just stored here: when the
+    /// ring is settled and `me` does not replicate it (a write, read repair, hint or handoff
+    /// planned under an older ring), the next cleanup pass must run again.
+    pub fn on_stored(
+        &mut self,
+        state: &ClusterState,
+        me: &NodeId,
+        partition: PartitionId,
+        n_val: u32,
+    ) {
+        if state.ring.next.is_none() && !state.preference_list(partition, n_val).contains(me) {
+            self.cleaned_version = 0;
+            self.strays_stored += 1;
+        }
+    }
+
+    /// The ring version last cleaned completely.
+    pub fn cleaned_version(&self) -> u64 {
+        self.cleaned_version
+    }
+}
+
+/// One cleanup pass: the keys this node no longer replicates, handed to their primaries and
+/// then dropped. `K` names a key, `V` is what the driver checks before dropping it (the
+/// object, or its hash): a key that changed since is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cleanup<K, V> {
+    ring_version: u64,
+    /// Per doomed key: what it held, acknowledgements still awaited, all acknowledged so far.
+    pending: BTreeMap<K, (V, usize, bool)>,
+    failed: bool,
+    strays_at_start: u64,
+}
+
+impl<K: Ord + Clone, V: Clone> Cleanup<K, V> {
+    /// The cleanup to run now: `None` during a transition or when the current ring version
+    /// was already cleaned (and no stray copy was stored since, see
+    /// [`CleanupMarker::on_stored`]).
+    pub fn start(state: &ClusterState, marker: &CleanupMarker) -> Option<Cleanup<K, V>> {
+        if state.ring.next.is_some() || marker.cleaned_version >= state.ring.version {
+            return None;
+        }
+        Some(Cleanup {
+            ring_version: state.ring.version,
+            pending: BTreeMap::new(),
+            failed: false,
+            strays_at_start: marker.strays_stored,
+        })
+    }
+
+    /// The key's current primaries when `me` is not one of them (the key is doomed here),
+    /// else `None`.
+    pub fn doomed(
+        state: &ClusterState,
+        me: &NodeId,
+        partition: PartitionId,
+        n_val: u32,
+    ) -> Option<Vec<NodeId>> {
+        let primaries = state.preference_list(partition, n_val);
+        (!primaries.contains(me)).then_some(primaries)
+    }
+
+    /// Record a doomed key, holding `expected`, to be sent to `primaries` primaries. A key
+    /// with no primary at all is dropped at once (returned by [`Self::on_batch`] never).
+    pub fn add(&mut self, key: K, expected: V, primaries: usize) {
+        self.pending.insert(key, (expected, primaries, true));
+    }
+
+    /// A batch of these keys sent to one primary came back (`ok`: acknowledged). Returns the
+    /// keys now droppable (every primary acknowledged), with what they held when recorded.
+    pub fn on_batch<'a>(&mut self, keys: impl IntoIterator<Item = &'a K>, ok: bool) -> Vec<(K, V)>
+    where
+        K: 'a,
+    {
+        self.failed |= !ok;
+        let mut droppable = Vec::new();
+        for key in keys {
+            let Some(entry) = self.pending.get_mut(key) else {
+                continue;
+            };
+            entry.1 = entry.1.saturating_sub(1);
+            entry.2 &= ok;
+            if entry.1 > 0 {
+                continue;
+            }
+            if let Some((expected, _, all_ok)) = self.pending.remove(key)
+                && all_ok
+            {
+                droppable.push((key.clone(), expected));
+            }
+        }
+        droppable
+    }
+
+    /// A droppable key had changed when the driver came to drop it (a write landed after the
+    /// scan): it stays, and the pass runs again.
+    pub fn kept_changed(&mut self) {
+        self.failed = true;
+    }
+
+    /// Give up on the keys still waiting (their batches were never sent or never came back):
+    /// they stay, and the pass does not count as complete.
+    pub fn abandon_pending(&mut self) {
+        if !self.pending.is_empty() {
+            self.failed = true;
+            self.pending.clear();
+        }
+    }
+
+    /// No key waits for an acknowledgement.
+    pub fn settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Once the pass is over: record its ring version in `marker` as cleaned when every batch
+    /// was acknowledged, every droppable key was dropped, no stray copy was stored during the
+    /// pass and the ring is still at that version. Returns whether it recorded it (if not,
+    /// the next round runs another pass).
+    pub fn record(&self, state: &ClusterState, marker: &mut CleanupMarker) -> bool {
+        let complete = self.pending.is_empty()
+            && !self.failed
+            && state.ring.version == self.ring_version
+            && marker.strays_stored == self.strays_at_start;
+        if complete {
+            marker.cleaned_version = self.ring_version;
+        }
+        complete
+    }
+
+    pub fn ring_version(&self) -> u64 {
+        self.ring_version
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{Member, MemberStatus};
+
+    fn id(name: &str) -> NodeId {
+        NodeId(name.into())
+    }
+
+    fn member(name: &str) -> Member {
+        Member {
+            id: id(name),
+            peer_addr: String::new(),
+            http_addr: String::new(),
+            zone: String::new(),
+            status: MemberStatus::Joining,
+            version: 0,
+            heartbeat: 0,
+        }
+    }
+
+    /// A settled ring of a, b, c with d joining: the claimant planned the transition.
+    fn joining_d() -> ClusterState {
+        let mut state =
+            ClusterState::found("c", member("a"), 16).unwrap_or_else(|e| panic!("{e:?}"));
+        for n in ["b", "c"] {
+            state
+                .add_joining(member(n))
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        settle(&mut state);
+        state
+            .add_joining(member("d"))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        state.plan();
+        assert!(state.ring.next.is_some());
+        state
+    }
+
+    fn settle(state: &mut ClusterState) {
+        state.plan();
+        while state.ring.next.is_some() {
+            for n in state.ring.current.nodes().to_vec() {
+                state.mark_handoff_done(&n.id);
+            }
+            state.plan();
+        }
+    }
+
+    #[test]
+    fn batches_close_at_the_key_count_or_the_byte_size() {
+        let mut batches = Batches::new(3, 100);
+        let (x, y) = (id("x"), id("y"));
+        assert_eq!(batches.push(&x, 1, 10), None);
+        assert_eq!(batches.push(&x, 2, 10), None);
+        assert_eq!(batches.push(&y, 9, 150), Some(vec![9]));
+        assert_eq!(batches.push(&x, 3, 10), Some(vec![1, 2, 3]));
+        assert_eq!(batches.push_all(&[x.clone(), y.clone()], &4, 1), vec![]);
+        assert_eq!(batches.drain(), vec![(x, vec![4]), (y, vec![4])]);
+        assert!(batches.drain().is_empty());
+    }
+
+    #[test]
+    fn handoff_goes_to_the_new_replicas_and_is_done_only_when_all_acknowledged() {
+        let mut state = joining_d();
+        let a = id("a");
+        let d = id("d");
+        let mut moved = 0;
+        for partition in 0..16 {
+            let dest = TransitionHandoff::destinations(&state, &a, partition, 3);
+            let next = state.next_preference_list(partition, 3).unwrap_or_default();
+            let current = state.preference_list(partition, 3);
+            for node in &dest {
+                assert!(next.contains(node) && !current.contains(node) && *node != a);
+            }
+            moved += usize::from(dest.contains(&d));
+        }
+        assert!(moved > 0, "d takes some of a's partitions' replicas");
+        // The joiner has nothing to hand over.
+        assert_eq!(TransitionHandoff::start(&state, &d), None);
+
+        let mut handoff =
+            TransitionHandoff::start(&state, &a).unwrap_or_else(|| panic!("a hands off"));
+        handoff.on_sent(10);
+        handoff.on_sent(5);
+        handoff.on_reply(true);
+        assert_eq!(handoff.verdict(), None, "scan not finished");
+        handoff.on_scanned();
+        assert_eq!(handoff.verdict(), None, "one batch outstanding");
+        handoff.on_reply(true);
+        assert_eq!(handoff.verdict(), Some(true));
+        assert_eq!(handoff.keys_sent(), 15);
+        assert!(handoff.finish(&mut state, &a));
+        assert!(state.handoff_done(&a));
+        assert_eq!(TransitionHandoff::start(&state, &a), None, "done once");
+    }
+
+    #[test]
+    fn a_failed_batch_or_a_new_transition_leaves_the_handoff_unmarked() {
+        let mut state = joining_d();
+        let a = id("a");
+        let mut handoff =
+            TransitionHandoff::start(&state, &a).unwrap_or_else(|| panic!("a hands off"));
+        handoff.on_sent(1);
+        handoff.on_sent(1);
+        handoff.on_reply(false);
+        assert_eq!(handoff.verdict(), None, "one batch still outstanding");
+        handoff.on_reply(true);
+        assert_eq!(handoff.verdict(), Some(false));
+        handoff.on_scanned();
+        assert_eq!(handoff.verdict(), Some(false), "a failure is not forgotten");
+        assert!(!handoff.finish(&mut state, &a));
+        assert!(!state.handoff_done(&a));
+
+        // Complete, but the transition it was for was replaced meanwhile.
+        let mut handoff =
+            TransitionHandoff::start(&state, &a).unwrap_or_else(|| panic!("a hands off"));
+        handoff.on_scanned();
+        state.ring.transition += 1;
+        assert!(!handoff.finish(&mut state, &a));
+        assert!(!state.handoff_done(&a));
+    }
+
+    #[test]
+    fn cleanup_drops_a_key_only_after_every_primary_acknowledged() {
+        let mut state = joining_d();
+        settle(&mut state);
+        let a = id("a");
+        let mut marker = CleanupMarker::default();
+        let mut cleanup: Cleanup<&str, u8> =
+            Cleanup::start(&state, &marker).unwrap_or_else(|| panic!("a cleanup is due"));
+        let doomed: Vec<PartitionId> = (0..16)
+            .filter(|p| Cleanup::<&str, u8>::doomed(&state, &a, *p, 3).is_some())
+            .collect();
+        assert!(!doomed.is_empty(), "a lost some partitions to d");
+        for p in 0..16 {
+            if let Some(primaries) = Cleanup::<&str, u8>::doomed(&state, &a, p, 3) {
+                assert!(!primaries.contains(&a));
+                assert_eq!(primaries, state.preference_list(p, 3));
+            }
+        }
+        cleanup.add("k1", 1, 3);
+        cleanup.add("k2", 2, 2);
+        assert!(cleanup.on_batch(&["k1", "k2"], true).is_empty());
+        assert_eq!(cleanup.on_batch(&["k2"], true), vec![("k2", 2)]);
+        assert!(cleanup.on_batch(&["k1"], true).is_empty());
+        assert!(!cleanup.record(&state, &mut marker), "k1 still waits");
+        assert_eq!(cleanup.on_batch(&["k1"], true), vec![("k1", 1)]);
+        assert!(cleanup.record(&state, &mut marker));
+        assert_eq!(marker.cleaned_version(), state.ring.version);
+        assert!(Cleanup::<&str, u8>::start(&state, &marker).is_none());
+        // A stray copy stored afterwards (here: a partition a no longer replicates) asks for
+        // another pass.
+        let stray = doomed[0];
+        marker.on_stored(&state, &a, stray, 3);
+        assert!(Cleanup::<&str, u8>::start(&state, &marker).is_some());
+        // A key a still replicates does not.
+        let mut other = CleanupMarker::default();
+        let kept = (0..16)
+            .find(|p| !doomed.contains(p))
+            .unwrap_or_else(|| panic!("a keeps some"));
+        let before = other;
+        other.on_stored(&state, &a, kept, 3);
+        assert_eq!(other, before);
+    }
+
+    #[test]
+    fn a_stray_copy_stored_during_the_pass_makes_it_run_again() {
+        let mut state = joining_d();
+        settle(&mut state);
+        let a = id("a");
+        let stray = (0..16)
+            .find(|p| Cleanup::<&str, u8>::doomed(&state, &a, *p, 3).is_some())
+            .unwrap_or_else(|| panic!("a lost a partition"));
+        let mut marker = CleanupMarker::default();
+        let mut cleanup: Cleanup<&str, u8> =
+            Cleanup::start(&state, &marker).unwrap_or_else(|| panic!("a cleanup is due"));
+        cleanup.add("k", 0, 1);
+        // The write lands after the scan passed its key.
+        marker.on_stored(&state, &a, stray, 3);
+        assert_eq!(cleanup.on_batch(&["k"], true), vec![("k", 0)]);
+        assert!(!cleanup.record(&state, &mut marker));
+        assert!(Cleanup::<&str, u8>::start(&state, &marker).is_some());
+        // A key that changed before it could be dropped: same.
+        let mut cleanup: Cleanup<&str, u8> =
+            Cleanup::start(&state, &marker).unwrap_or_else(|| panic!("a cleanup is due"));
+        cleanup.add("k", 0, 1);
+        assert_eq!(cleanup.on_batch(&["k"], true), vec![("k", 0)]);
+        cleanup.kept_changed();
+        assert!(!cleanup.record(&state, &mut marker));
+        assert!(Cleanup::<&str, u8>::start(&state, &marker).is_some());
+    }
+
+    #[test]
+    fn a_refused_primary_keeps_the_key_and_the_pass_runs_again() {
+        let mut state = joining_d();
+        settle(&mut state);
+        let mut marker = CleanupMarker::default();
+        let mut cleanup: Cleanup<&str, u8> =
+            Cleanup::start(&state, &marker).unwrap_or_else(|| panic!("a cleanup is due"));
+        cleanup.add("k1", 1, 2);
+        cleanup.add("k2", 2, 2);
+        cleanup.add("k3", 3, 2);
+        assert!(cleanup.on_batch(&["k1", "k2"], false).is_empty());
+        assert!(
+            cleanup.on_batch(&["k1", "k2"], true).is_empty(),
+            "k1, k2 had a refusal"
+        );
+        assert!(!cleanup.settled(), "k3 waits");
+        cleanup.abandon_pending();
+        assert!(cleanup.settled());
+        assert_eq!(
+            cleanup.on_batch(&["k3"], true),
+            vec![],
+            "abandoned keys stay"
+        );
+        assert!(!cleanup.record(&state, &mut marker));
+        assert_eq!(marker.cleaned_version(), 0);
+        // A pass that succeeded but saw the ring move is not recorded either.
+        let mut cleanup: Cleanup<&str, u8> =
+            Cleanup::start(&state, &marker).unwrap_or_else(|| panic!("a cleanup is due"));
+        cleanup.add("k", 0, 1);
+        assert_eq!(cleanup.on_batch(&["k"], true), vec![("k", 0)]);
+        state.ring.version += 1;
+        assert!(!cleanup.record(&state, &mut marker));
+        // No cleanup during a transition.
+        state.ring.next = Some(state.ring.current.clone());
+        assert!(Cleanup::<&str, u8>::start(&state, &marker).is_none());
+    }
+}
