@@ -74,6 +74,65 @@ impl<E: Clone> Batches<E> {
     }
 }
 
+/// Copies waiting for acknowledgements from several destinations: a key is released (may be
+/// dropped by its holder, if unchanged since) once every destination acknowledged it, and
+/// never when one of them failed. Used by cleanup and by hint delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckSet<K, V> {
+    /// Per key: what it held when sent, acknowledgements still awaited, all acknowledged so far.
+    pending: BTreeMap<K, (V, usize, bool)>,
+}
+
+impl<K: Ord + Clone, V: Clone> Default for AckSet<K, V> {
+    fn default() -> Self {
+        AckSet {
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> AckSet<K, V> {
+    /// Expect `destinations` acknowledgements for `key`, which held `held` when sent.
+    pub fn expect(&mut self, key: K, held: V, destinations: usize) {
+        self.pending.insert(key, (held, destinations, true));
+    }
+
+    /// One destination answered for these keys (`ok`: acknowledged). Returns the keys now
+    /// released (every destination acknowledged), with what they held when sent.
+    pub fn on_reply<'a>(&mut self, keys: impl IntoIterator<Item = &'a K>, ok: bool) -> Vec<(K, V)>
+    where
+        K: 'a,
+    {
+        let mut released = Vec::new();
+        for key in keys {
+            let Some(entry) = self.pending.get_mut(key) else {
+                continue;
+            };
+            entry.1 = entry.1.saturating_sub(1);
+            entry.2 &= ok;
+            if entry.1 > 0 {
+                continue;
+            }
+            if let Some((held, _, all_ok)) = self.pending.remove(key)
+                && all_ok
+            {
+                released.push((key.clone(), held));
+            }
+        }
+        released
+    }
+
+    /// No key waits for an acknowledgement.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Forget every key still waiting (none is released). Returns how many there were.
+    pub fn abandon(&mut self) -> usize {
+        std::mem::take(&mut self.pending).len()
+    }
+}
+
 /// One node's handoff of the current ring transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransitionHandoff {
@@ -212,8 +271,7 @@ impl CleanupMarker {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cleanup<K, V> {
     ring_version: u64,
-    /// Per doomed key: what it held, acknowledgements still awaited, all acknowledged so far.
-    pending: BTreeMap<K, (V, usize, bool)>,
+    pending: AckSet<K, V>,
     failed: bool,
     strays_at_start: u64,
 }
@@ -228,7 +286,7 @@ impl<K: Ord + Clone, V: Clone> Cleanup<K, V> {
         }
         Some(Cleanup {
             ring_version: state.ring.version,
-            pending: BTreeMap::new(),
+            pending: AckSet::default(),
             failed: false,
             strays_at_start: marker.strays_stored,
         })
@@ -249,7 +307,7 @@ impl<K: Ord + Clone, V: Clone> Cleanup<K, V> {
     /// Record a doomed key, holding `expected`, to be sent to `primaries` primaries. A key
     /// with no primary at all is dropped at once (returned by [`Self::on_batch`] never).
     pub fn add(&mut self, key: K, expected: V, primaries: usize) {
-        self.pending.insert(key, (expected, primaries, true));
+        self.pending.expect(key, expected, primaries);
     }
 
     /// A batch of these keys sent to one primary came back (`ok`: acknowledged). Returns the
@@ -259,23 +317,7 @@ impl<K: Ord + Clone, V: Clone> Cleanup<K, V> {
         K: 'a,
     {
         self.failed |= !ok;
-        let mut droppable = Vec::new();
-        for key in keys {
-            let Some(entry) = self.pending.get_mut(key) else {
-                continue;
-            };
-            entry.1 = entry.1.saturating_sub(1);
-            entry.2 &= ok;
-            if entry.1 > 0 {
-                continue;
-            }
-            if let Some((expected, _, all_ok)) = self.pending.remove(key)
-                && all_ok
-            {
-                droppable.push((key.clone(), expected));
-            }
-        }
-        droppable
+        self.pending.on_reply(keys, ok)
     }
 
     /// A droppable key had changed when the driver came to drop it (a write landed after the
@@ -287,9 +329,8 @@ impl<K: Ord + Clone, V: Clone> Cleanup<K, V> {
     /// Give up on the keys still waiting (their batches were never sent or never came back):
     /// they stay, and the pass does not count as complete.
     pub fn abandon_pending(&mut self) {
-        if !self.pending.is_empty() {
+        if self.pending.abandon() > 0 {
             self.failed = true;
-            self.pending.clear();
         }
     }
 

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod context;
 pub mod coordinator;
 pub mod handoff;
+pub mod hints;
 pub mod keys;
 pub mod limits;
 pub mod membership;

@@ -23,10 +23,11 @@ use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, HintDelivery, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer,
-    ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
+    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer, ReapCheck,
+    ReplicaPlan, reap_candidate, reap_check_members,
 };
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
+use dynakv_core::hints::{HintRound, HintRoute};
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
@@ -766,17 +767,16 @@ impl Cluster {
         // Admission control: at most the background budget of hints per round.
         let budget = self.admission.budget();
         for (target, _) in self.replica.hint_counts() {
-            if delivered >= budget {
-                break;
-            }
             let target_id = NodeId(target.clone());
             let state = self.state();
-            let delivery = HintDelivery::for_target(&state, &target_id, self.is_up(&target_id));
-            if delivery == HintDelivery::Hold {
+            let up = self.is_up(&target_id);
+            let Some(mut round) =
+                HintRound::start(&state, &target_id, up, budget.saturating_sub(delivered))
+            else {
                 continue;
-            }
+            };
             let mut start_after: Option<Vec<u8>> = None;
-            while delivered < budget {
+            while round.wants_more() {
                 let replica = Arc::clone(&self.replica);
                 let (t, after) = (target.clone(), start_after.clone());
                 let page = tokio::task::spawn_blocking(move || {
@@ -788,6 +788,7 @@ impl Cluster {
                 start_after = Some(last.clone());
                 let mut direct = Vec::new();
                 let mut direct_keys = Vec::new();
+                let mut released = Vec::new();
                 for (hint_key, bytes) in page {
                     let Some((_, bucket, key)) = keys::split_hint_key(&hint_key) else {
                         continue;
@@ -799,52 +800,46 @@ impl Cluster {
                     let props = self.bucket_props(&bucket);
                     let partition = partition_of(&state, &bucket, &key);
                     let preflist = state.preference_list(partition, props.n_val);
-                    if delivery.to_target(&target_id, &preflist) {
-                        direct.push(HandoffEntry {
-                            bucket,
-                            key,
-                            object: bytes.clone(),
-                        });
-                        direct_keys.push((hint_key, bytes));
-                        continue;
-                    }
-                    // The key moved: its current replicas get the hint instead.
-                    let object = Object::decode(&bytes).map_err(internal)?;
-                    let mut all_ok = true;
-                    for node in &preflist {
-                        if self
-                            .store_replica(
-                                node,
-                                &bucket,
-                                &key,
-                                &object,
-                                &bytes,
-                                &props,
-                                Durability::Fsync,
-                            )
-                            .await
-                            .is_err()
-                        {
-                            all_ok = false;
+                    match round.route(hint_key.clone(), bytes.clone(), &preflist) {
+                        None => break,
+                        Some(HintRoute::Target) => {
+                            direct.push(HandoffEntry {
+                                bucket,
+                                key,
+                                object: bytes,
+                            });
+                            direct_keys.push(hint_key);
                         }
-                    }
-                    if all_ok && self.drop_hint(&hint_key, &bytes).await? {
-                        delivered += 1;
+                        // The key moved: its current replicas get the hint instead.
+                        Some(HintRoute::Replicas(nodes)) => {
+                            let object = Object::decode(&bytes).map_err(internal)?;
+                            for node in &nodes {
+                                let stored = self
+                                    .store_replica(
+                                        node,
+                                        &bucket,
+                                        &key,
+                                        &object,
+                                        &bytes,
+                                        &props,
+                                        Durability::Fsync,
+                                    )
+                                    .await;
+                                released.extend(round.on_reply([&hint_key], stored.is_ok()));
+                            }
+                        }
                     }
                 }
                 if !direct.is_empty() {
-                    match self.send_handoff(&target_id, direct).await {
-                        Ok(()) => {
-                            for (hint_key, bytes) in direct_keys {
-                                if self.drop_hint(&hint_key, &bytes).await? {
-                                    delivered += 1;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(%target, error = %e, "hint delivery failed; will retry");
-                            break;
-                        }
+                    let sent = self.send_handoff(&target_id, direct).await;
+                    if let Err(e) = &sent {
+                        tracing::debug!(%target, error = %e, "hint delivery failed; will retry");
+                    }
+                    released.extend(round.on_reply(&direct_keys, sent.is_ok()));
+                }
+                for (hint_key, bytes) in released {
+                    if self.drop_hint(&hint_key, &bytes).await? {
+                        delivered += 1;
                     }
                 }
             }

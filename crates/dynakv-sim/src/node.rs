@@ -29,10 +29,11 @@ use crate::rng::SimRng;
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, HintDelivery, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer,
-    ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
+    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer, ReapCheck,
+    ReplicaPlan, reap_candidate, reap_check_members,
 };
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
+use dynakv_core::hints::{HintRound, HintRoute};
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{self, Hash, MerkleTree};
@@ -347,13 +348,11 @@ enum Purpose {
         body: Request,
         last_error: String,
     },
+    /// Hints for `target`: a `Handoff` batch to it, or one hint whose target no longer
+    /// replicates its key, sent to one of the key's current replicas.
     HintDelivery {
         target: NodeId,
-        entries: Vec<(String, Object)>,
-    },
-    /// A hint whose target no longer replicates its key, sent to the key's current replicas.
-    MovedHint {
-        moved: u64,
+        keys: Vec<String>,
     },
     /// A batch of the ring transition's handoff.
     TransitionHandoff,
@@ -400,16 +399,6 @@ struct PutCoord {
     /// First replication round: the ring version the write was planned with (a failed
     /// quorum is re-planned once when the ring changed meanwhile). `None` for the re-plan.
     planned_at: Option<u64>,
-}
-
-/// A hint being moved to its key's current replicas (`deliver_hints`, "the key moved").
-#[derive(Debug)]
-struct MovedHint {
-    target: NodeId,
-    key: String,
-    object: Object,
-    outstanding: usize,
-    all_ok: bool,
 }
 
 /// A tombstone being checked on the other primaries before it is reaped.
@@ -509,9 +498,8 @@ pub struct SimNode {
     liveness: BTreeMap<NodeId, (u64, u64)>,
     links: BTreeMap<NodeId, Link>,
     /// Hint deliveries in flight per target.
-    delivering: BTreeMap<NodeId, usize>,
-    moved_hints: BTreeMap<u64, MovedHint>,
-    next_moved: u64,
+    /// The delivery round in progress per target.
+    hint_rounds: BTreeMap<NodeId, HintRound<String, Object>>,
     handoff: Option<TransitionHandoff>,
     /// The ring version whose cleanup ran (volatile, as in the server).
     cleanup_marker: CleanupMarker,
@@ -563,9 +551,7 @@ impl SimNode {
             puts: BTreeMap::new(),
             liveness: BTreeMap::new(),
             links: BTreeMap::new(),
-            delivering: BTreeMap::new(),
-            moved_hints: BTreeMap::new(),
-            next_moved: 1,
+            hint_rounds: BTreeMap::new(),
             handoff: None,
             cleanup_marker: CleanupMarker::default(),
             join_via: Vec::new(),
@@ -777,8 +763,7 @@ impl SimNode {
         self.puts.clear();
         self.liveness.clear();
         self.links.clear();
-        self.delivering.clear();
-        self.moved_hints.clear();
+        self.hint_rounds.clear();
         self.handoff = None;
         self.cleanup_marker = CleanupMarker::default();
         self.join_pending = false;
@@ -1606,31 +1591,9 @@ impl SimNode {
                     self.finish_handoff(handoff);
                 }
             }
-            Purpose::MovedHint { moved } => {
+            Purpose::HintDelivery { target, keys } => {
                 let ok = matches!(body, Some(Response::Ack));
-                if let Some(m) = self.moved_hints.get_mut(&moved) {
-                    m.outstanding = m.outstanding.saturating_sub(1);
-                    m.all_ok &= ok;
-                    if m.outstanding == 0 {
-                        self.finish_moved_hint(moved);
-                    }
-                }
-            }
-            Purpose::HintDelivery { target, entries } => {
-                self.delivery_done(&target);
-                if matches!(body, Some(Response::Ack)) {
-                    for (key, delivered) in entries {
-                        let hint_key = (target.clone(), key);
-                        if self.hints.get(&hint_key) == Some(&delivered) {
-                            self.mark_unflushed(StoreKey::Hint(
-                                hint_key.0.clone(),
-                                hint_key.1.clone(),
-                            ));
-                            self.hints.remove(&hint_key);
-                            self.stats.hints_delivered += 1;
-                        }
-                    }
-                }
+                self.on_hint_reply(&target, &keys, ok);
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
             Purpose::ReapCheck { reap } => {
@@ -1883,40 +1846,39 @@ impl SimNode {
         cleanup.record(&self.cluster, &mut self.cleanup_marker);
     }
 
-    fn delivery_done(&mut self, target: &NodeId) {
-        if let Some(count) = self.delivering.get_mut(target) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.delivering.remove(target);
+    /// A destination answered for hints of `target`: delete the released ones if unchanged.
+    fn on_hint_reply(&mut self, target: &NodeId, keys: &[String], ok: bool) {
+        let Some(round) = self.hint_rounds.get_mut(target) else {
+            return;
+        };
+        let released = round.on_reply(keys, ok);
+        if round.settled() {
+            self.hint_rounds.remove(target);
+        }
+        for (key, held) in released {
+            let hint_key = (target.clone(), key);
+            if self.hints.get(&hint_key) == Some(&held) {
+                self.mark_unflushed(StoreKey::Hint(hint_key.0.clone(), hint_key.1.clone()));
+                self.hints.remove(&hint_key);
+                self.stats.hints_delivered += 1;
             }
         }
     }
 
-    /// A moved hint reached every current replica (or not): drop it if unchanged.
-    fn finish_moved_hint(&mut self, moved: u64) {
-        let Some(m) = self.moved_hints.remove(&moved) else {
-            return;
-        };
-        self.delivery_done(&m.target);
-        let hint_key = (m.target, m.key);
-        if m.all_ok && self.hints.get(&hint_key) == Some(&m.object) {
-            self.mark_unflushed(StoreKey::Hint(hint_key.0.clone(), hint_key.1.clone()));
-            self.hints.remove(&hint_key);
-            self.stats.hints_delivered += 1;
-        }
-    }
-
-    /// `Cluster::deliver_hints`: one batch per target per round, to a target that is up; a
-    /// hint whose target no longer replicates its key (or has exited) goes to the key's
-    /// current replicas instead.
+    /// `Cluster::deliver_hints`: one batch per target per round (the core's `HintRound`), to
+    /// a target that is up; a hint whose target no longer replicates its key (or has exited)
+    /// goes to the key's current replicas instead.
     fn deliver_hints(&mut self, now: u64) {
         let targets: BTreeSet<NodeId> = self.hints.keys().map(|(t, _)| t.clone()).collect();
         for target in targets {
-            let delivery =
-                HintDelivery::for_target(&self.cluster, &target, self.is_up(now, &target));
-            if delivery == HintDelivery::Hold || self.delivering.contains_key(&target) {
-                continue;
+            if self.hint_rounds.contains_key(&target) {
+                continue; // the previous round's deliveries are still out
             }
+            let up = self.is_up(now, &target);
+            let Some(mut round) = HintRound::start(&self.cluster, &target, up, HANDOFF_BATCH_KEYS)
+            else {
+                continue;
+            };
             let page: Vec<(String, Object)> = self
                 .hints
                 .iter()
@@ -1925,76 +1887,60 @@ impl SimNode {
                 .map(|((_, k), o)| (k.clone(), o.clone()))
                 .collect();
             let mut direct = Vec::new();
+            let mut local = Vec::new();
+            let mut moved = Vec::new();
             for (key, object) in page {
                 let preflist = self.primaries(&key);
-                if delivery.to_target(&target, &preflist) {
-                    direct.push((key, object));
-                    continue;
-                }
-                // The key moved: its current replicas get the hint instead (fsync'd).
-                let moved = self.next_moved;
-                self.next_moved += 1;
-                self.moved_hints.insert(
-                    moved,
-                    MovedHint {
-                        target: target.clone(),
-                        key: key.clone(),
-                        object: object.clone(),
-                        outstanding: 0,
-                        all_ok: true,
-                    },
-                );
-                *self.delivering.entry(target.clone()).or_default() += 1;
-                let ring_version = self.cluster.ring.version;
-                for node in preflist {
-                    if node == self.me {
-                        self.merge_local(&key, &object);
-                        self.flush();
-                        continue;
+                match round.route(key.clone(), object.clone(), &preflist) {
+                    None => break,
+                    Some(HintRoute::Target) => direct.push((key, object)),
+                    Some(HintRoute::Replicas(nodes)) => {
+                        for node in nodes {
+                            if node == self.me {
+                                local.push((key.clone(), object.clone()));
+                            } else {
+                                moved.push((node, key.clone(), object.clone()));
+                            }
+                        }
                     }
-                    if let Some(m) = self.moved_hints.get_mut(&moved) {
-                        m.outstanding += 1;
-                    }
-                    let body = Request::ReplicaPut {
-                        key: key.clone(),
-                        object: object.clone(),
-                        ring_version,
-                        fsync: true,
-                    };
-                    self.send_request(
-                        now,
-                        &node,
-                        body,
-                        Purpose::MovedHint { moved },
-                        REQUEST_TIMEOUT_MS,
-                    );
-                }
-                if self
-                    .moved_hints
-                    .get(&moved)
-                    .is_some_and(|m| m.outstanding == 0)
-                {
-                    self.finish_moved_hint(moved);
                 }
             }
-            if direct.is_empty() {
-                continue;
-            }
-            *self.delivering.entry(target.clone()).or_default() += 1;
-            let body = Request::Handoff {
-                entries: direct.clone(),
-                ring_version: self.cluster.ring.version,
-            };
-            self.send_request(
-                now,
-                &target,
-                body,
-                Purpose::HintDelivery {
+            self.hint_rounds.insert(target.clone(), round);
+            // The key moved: its current replicas get the hint instead (fsync'd).
+            let ring_version = self.cluster.ring.version;
+            for (node, key, object) in moved {
+                let body = Request::ReplicaPut {
+                    key: key.clone(),
+                    object,
+                    ring_version,
+                    fsync: true,
+                };
+                let purpose = Purpose::HintDelivery {
                     target: target.clone(),
-                    entries: direct,
-                },
-                REQUEST_TIMEOUT_MS,
-            );
+                    keys: vec![key],
+                };
+                self.send_request(now, &node, body, purpose, REQUEST_TIMEOUT_MS);
+            }
+            if !direct.is_empty() {
+                let keys = direct.iter().map(|(k, _)| k.clone()).collect();
+                let purpose = Purpose::HintDelivery {
+                    target: target.clone(),
+                    keys,
+                };
+                self.send_handoff(now, &target, direct, purpose, REQUEST_TIMEOUT_MS);
+            }
+            for (key, object) in local {
+                self.merge_local(&key, &object);
+                self.flush();
+                self.on_hint_reply(&target, &[key], true);
+            }
+            if self
+                .hint_rounds
+                .get(&target)
+                .is_some_and(HintRound::settled)
+            {
+                self.hint_rounds.remove(&target);
+            }
         }
     }
 
