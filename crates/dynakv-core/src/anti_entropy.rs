@@ -600,14 +600,6 @@ mod tests {
     }
 
     fn member(name: &str) -> Member {
-        Member {
-            id: NodeId(name.into()),
-            peer_addr: format!("sim://{name}"),
-            http_addr: format!("sim://{name}/http"),
-            zone: String::new(),
-            status: crate::membership::MemberStatus::Joining,
-            version: 0,
-            heartbeat: 0,
-        }
+        crate::test_support::member(name, crate::membership::MemberStatus::Joining)
     }
 }

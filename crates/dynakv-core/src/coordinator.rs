@@ -542,13 +542,11 @@ impl KeyRepair {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{Member, MemberStatus};
+    use crate::membership::MemberStatus;
     use crate::object::{Content, Object, PrunePolicy};
     use crate::version::{ActorId, VersionVector};
 
-    fn id(name: &str) -> NodeId {
-        NodeId(name.to_owned())
-    }
+    use crate::test_support::{id, member};
 
     fn ids(names: &[&str]) -> Vec<NodeId> {
         names.iter().map(|n| id(n)).collect()
@@ -558,18 +556,6 @@ mod tests {
         Slot {
             node: id(node),
             stands_in_for: for_.map(id),
-        }
-    }
-
-    fn member(name: &str, status: MemberStatus) -> Member {
-        Member {
-            id: id(name),
-            peer_addr: String::new(),
-            http_addr: String::new(),
-            zone: String::new(),
-            status,
-            version: 1,
-            heartbeat: 0,
         }
     }
 

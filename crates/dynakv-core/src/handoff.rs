@@ -364,20 +364,10 @@ mod tests {
     use super::*;
     use crate::membership::{Member, MemberStatus};
 
-    fn id(name: &str) -> NodeId {
-        NodeId(name.into())
-    }
+    use crate::test_support::id;
 
     fn member(name: &str) -> Member {
-        Member {
-            id: id(name),
-            peer_addr: String::new(),
-            http_addr: String::new(),
-            zone: String::new(),
-            status: MemberStatus::Joining,
-            version: 0,
-            heartbeat: 0,
-        }
+        crate::test_support::member(name, MemberStatus::Joining)
     }
 
     /// A settled ring of a, b, c with d joining: the claimant planned the transition.

@@ -117,23 +117,9 @@ impl<K: Ord + Clone, V: Clone> HintRound<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{Member, MemberStatus};
+    use crate::membership::MemberStatus;
 
-    fn id(name: &str) -> NodeId {
-        NodeId(name.into())
-    }
-
-    fn member(name: &str, status: MemberStatus) -> Member {
-        Member {
-            id: id(name),
-            peer_addr: String::new(),
-            http_addr: String::new(),
-            zone: String::new(),
-            status,
-            version: 1,
-            heartbeat: 0,
-        }
-    }
+    use crate::test_support::{id, member};
 
     fn state() -> ClusterState {
         let mut state = ClusterState::found("c", member("a", MemberStatus::Valid), 8)

@@ -24,6 +24,8 @@ pub mod object;
 pub mod quorum;
 pub mod ring;
 pub mod storage;
+#[cfg(test)]
+mod test_support;
 pub mod version;
 
 pub use storage::{Durability, Storage, Table};
