@@ -13,6 +13,7 @@ pub mod bucket;
 pub mod codec;
 pub mod context;
 pub mod coordinator;
+pub mod failure;
 pub mod handoff;
 pub mod hints;
 pub mod keys;

@@ -26,6 +26,7 @@ use dynakv_core::coordinator::{
     GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer, ReapCheck,
     ReplicaPlan, reap_candidate, reap_check_members,
 };
+use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use dynakv_core::hints::{HintRound, HintRoute};
 use dynakv_core::keys;
@@ -219,7 +220,7 @@ pub struct Cluster {
     client: PeerClient<PeerMessage>,
     timeouts: ClusterTimeouts,
     /// Last heartbeat seen per member and when it last moved.
-    liveness: Mutex<HashMap<NodeId, (u64, Instant)>>,
+    failure_detector: Mutex<FailureDetector>,
     parsed_props: RwLock<HashMap<String, (u64, BucketProps)>>,
     hints: HintCounters,
     /// Tombstones this node reaped (its own copies, as the reaping first primary).
@@ -301,7 +302,9 @@ impl Cluster {
             timeouts,
             aae,
         } = parts;
+        let heartbeat_timeout_ms = u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         Cluster {
+            failure_detector: Mutex::new(FailureDetector::new(me.clone(), 0, heartbeat_timeout_ms)),
             me,
             state: RwLock::new(Arc::new(state)),
             secret: RwLock::new(secret),
@@ -309,7 +312,6 @@ impl Cluster {
             storage,
             client,
             timeouts,
-            liveness: Mutex::new(HashMap::new()),
             parsed_props: RwLock::new(HashMap::new()),
             cleanup_marker: Mutex::new(CleanupMarker::default()),
             hints: HintCounters::default(),
@@ -422,38 +424,24 @@ impl Cluster {
         {
             return false;
         }
-        match self.liveness.lock().get(id) {
-            Some((_, moved)) => moved.elapsed() < HEARTBEAT_TIMEOUT,
-            None => self.started.elapsed() < HEARTBEAT_TIMEOUT,
-        }
+        self.failure_detector.lock().is_up(id, self.monotonic_ms())
+    }
+
+    /// Milliseconds since this node started, the failure detector's clock.
+    fn monotonic_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn observe_heartbeats(&self, state: &ClusterState) {
-        let mut liveness = self.liveness.lock();
-        for member in state.members.values() {
-            match liveness.get_mut(&member.id) {
-                Some((beat, moved)) => {
-                    if member.heartbeat > *beat {
-                        *beat = member.heartbeat;
-                        *moved = Instant::now();
-                    }
-                }
-                None => {
-                    liveness.insert(member.id.clone(), (member.heartbeat, Instant::now()));
-                }
-            }
-        }
+        let now = self.monotonic_ms();
+        self.failure_detector.lock().observe_state(state, now);
     }
 
     /// Record that `node` just answered or sent us something: it is up, whatever its gossiped
     /// heartbeat says (heartbeats reach a node only when someone gossips with it).
     pub fn observe_contact(&self, node: &NodeId) {
-        if node == &self.me {
-            return;
-        }
-        let mut liveness = self.liveness.lock();
-        let entry = liveness.entry(node.clone()).or_insert((0, Instant::now()));
-        entry.1 = Instant::now();
+        let now = self.monotonic_ms();
+        self.failure_detector.lock().observe_contact(node, now);
     }
 
     async fn send(

@@ -32,6 +32,7 @@ use dynakv_core::coordinator::{
     GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer, ReapCheck,
     ReplicaPlan, reap_candidate, reap_check_members,
 };
+use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use dynakv_core::hints::{HintRound, HintRoute};
 use dynakv_core::limits;
@@ -488,14 +489,13 @@ pub struct SimNode {
     unflushed: BTreeMap<StoreKey, Option<Object>>,
     // ---- volatile state ----
     trees: BTreeMap<PartitionId, Tree>,
-    started_ms: u64,
     rng: SimRng,
     next_request: RequestId,
     next_coord: u64,
     pending: BTreeMap<RequestId, Pending>,
     gets: BTreeMap<u64, GetCoord>,
     puts: BTreeMap<u64, PutCoord>,
-    liveness: BTreeMap<NodeId, (u64, u64)>,
+    failure_detector: FailureDetector,
     links: BTreeMap<NodeId, Link>,
     /// Hint deliveries in flight per target.
     /// The delivery round in progress per target.
@@ -533,6 +533,7 @@ impl SimNode {
         now: u64,
     ) -> (SimNode, Vec<Output>) {
         let mut node = SimNode {
+            failure_detector: FailureDetector::new(me.clone(), now, HEARTBEAT_TIMEOUT_MS),
             me,
             actor,
             config,
@@ -542,14 +543,12 @@ impl SimNode {
             hints: BTreeMap::new(),
             unflushed: BTreeMap::new(),
             trees: BTreeMap::new(),
-            started_ms: now,
             rng,
             next_request: 1,
             next_coord: 1,
             pending: BTreeMap::new(),
             gets: BTreeMap::new(),
             puts: BTreeMap::new(),
-            liveness: BTreeMap::new(),
             links: BTreeMap::new(),
             hint_rounds: BTreeMap::new(),
             handoff: None,
@@ -756,12 +755,11 @@ impl SimNode {
             tree.tree.update(leaf, None, Some(&hash));
             tree.segments = None;
         }
-        self.started_ms = now;
         self.rng = rng;
         self.pending.clear();
         self.gets.clear();
         self.puts.clear();
-        self.liveness.clear();
+        self.failure_detector = FailureDetector::new(self.me.clone(), now, HEARTBEAT_TIMEOUT_MS);
         self.links.clear();
         self.hint_rounds.clear();
         self.handoff = None;
@@ -780,11 +778,16 @@ impl SimNode {
         match input {
             Input::Client { id, op } => self.on_client(now, id, op),
             Input::Message { from, message } => match message {
-                Message::Request { id, body } => self.on_request(now, &from, id, body),
+                // As the server: any message from a peer is a sign of life.
+                Message::Request { id, body } => {
+                    self.failure_detector.observe_contact(&from, now);
+                    self.on_request(now, &from, id, body);
+                }
                 Message::Response { id, body } => {
                     if let Some(pending) = self.pending.remove(&id)
                         && pending.to == from
                     {
+                        self.failure_detector.observe_contact(&from, now);
                         let link = self.links.entry(from.clone()).or_default();
                         *link = Link::default();
                         self.on_response(now, id, pending, Some(body));
@@ -818,10 +821,7 @@ impl SimNode {
         if self.links.get(id).is_some_and(|l| l.backoff_until > now) {
             return false;
         }
-        match self.liveness.get(id) {
-            Some((_, moved)) => now.saturating_sub(*moved) < HEARTBEAT_TIMEOUT_MS,
-            None => now.saturating_sub(self.started_ms) < HEARTBEAT_TIMEOUT_MS,
-        }
+        self.failure_detector.is_up(id, now)
     }
 
     fn backoff(&mut self, now: u64, peer: &NodeId) {
@@ -1661,20 +1661,7 @@ impl SimNode {
     }
 
     fn merge_state(&mut self, now: u64, theirs: &ClusterState) {
-        for member in theirs.members.values() {
-            match self.liveness.get_mut(&member.id) {
-                Some((beat, moved)) => {
-                    if member.heartbeat > *beat {
-                        *beat = member.heartbeat;
-                        *moved = now;
-                    }
-                }
-                None => {
-                    self.liveness
-                        .insert(member.id.clone(), (member.heartbeat, now));
-                }
-            }
-        }
+        self.failure_detector.observe_state(theirs, now);
         self.cluster.merge(theirs);
     }
 
