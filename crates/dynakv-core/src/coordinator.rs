@@ -372,6 +372,71 @@ impl HintDelivery {
     }
 }
 
+/// Where a put goes first (paper 4.5: a put is coordinated by a node of the key's
+/// preference list; any other node forwards it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutRoute {
+    /// This node is a primary of the key: it coordinates.
+    Coordinate,
+    /// Forward to the primaries in this order.
+    Forward(PutForward),
+}
+
+/// A put forwarded to the key's primaries: those believed up first, then the others; the
+/// next is tried when one cannot be reached or answers that it is not a replica (its ring
+/// moved); any other answer is the put's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutForward {
+    candidates: VecDeque<NodeId>,
+    last_error: String,
+}
+
+impl PutForward {
+    /// The route of a put whose current primaries are `primaries`.
+    pub fn route(primaries: &[NodeId], me: &NodeId, is_up: impl Fn(&NodeId) -> bool) -> PutRoute {
+        if primaries.contains(me) {
+            return PutRoute::Coordinate;
+        }
+        let mut candidates = primaries.to_vec();
+        // Stable: the preference list's order among the up ones, then among the others.
+        candidates.sort_by_key(|n| !is_up(n));
+        PutRoute::Forward(PutForward {
+            candidates: candidates.into(),
+            last_error: String::from("no replicas"),
+        })
+    }
+
+    /// The next primary to forward to; `None` when every one was tried (answer
+    /// [`Self::last_error`]).
+    pub fn next_candidate(&mut self) -> Option<NodeId> {
+        self.candidates.pop_front()
+    }
+
+    /// The last candidate could not take the put (unreachable, timed out, not a replica):
+    /// the next one is tried.
+    pub fn failed(&mut self, error: String) {
+        self.last_error = error;
+    }
+
+    /// Why the last candidate failed.
+    pub fn last_error(&self) -> &str {
+        &self.last_error
+    }
+}
+
+/// The primaries of a tombstone's key when this node is the one that reaps it: its first
+/// primary, with a full preference list of `n_val` nodes (with fewer nodes than `n_val`, a
+/// tombstone is never reaped: "all N replicas hold it" cannot be shown).
+pub fn reaper_primaries(
+    state: &ClusterState,
+    me: &NodeId,
+    partition: PartitionId,
+    n_val: u32,
+) -> Option<Vec<NodeId>> {
+    let primaries = state.preference_list(partition, n_val);
+    (primaries.first() == Some(me) && primaries.len() >= n_val as usize).then_some(primaries)
+}
+
 /// A stored object a reaper may consider: all tombstones, and its newest write (sibling or
 /// clock entry) at least `grace_ms` before `now_ms`. It is reaped only if, besides, every
 /// primary holds exactly the same object.
@@ -817,6 +882,53 @@ mod tests {
         assert!(!gone.to_target(&id("x"), &ids(&["x", "a"])));
         let unknown = HintDelivery::for_target(&state, &id("y"), false);
         assert!(!unknown.to_target(&id("y"), &ids(&["y"])));
+    }
+
+    #[test]
+    fn a_put_is_coordinated_by_a_primary_and_forwarded_up_first_otherwise() {
+        let primaries = ids(&["a", "b", "c"]);
+        assert_eq!(
+            PutForward::route(&primaries, &id("b"), |_| true),
+            PutRoute::Coordinate
+        );
+        let PutRoute::Forward(mut forward) =
+            PutForward::route(&primaries, &id("d"), |n| *n != id("a"))
+        else {
+            panic!("d is no primary");
+        };
+        assert_eq!(forward.next_candidate(), Some(id("b")));
+        forward.failed("b: timed out".into());
+        assert_eq!(forward.next_candidate(), Some(id("c")));
+        assert_eq!(forward.next_candidate(), Some(id("a")), "the down one last");
+        forward.failed("not a replica".into());
+        assert_eq!(forward.next_candidate(), None);
+        assert_eq!(forward.last_error(), "not a replica");
+    }
+
+    #[test]
+    fn only_the_first_primary_of_a_full_preference_list_reaps() {
+        let mut state = cluster_of_a();
+        for n in ["b", "c"] {
+            state
+                .add_joining(member(n, MemberStatus::Joining))
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        state.plan();
+        while state.ring.next.is_some() {
+            for n in ["a", "b", "c"] {
+                state.mark_handoff_done(&id(n));
+            }
+            state.plan();
+        }
+        for partition in 0..8 {
+            let primaries = state.preference_list(partition, 3);
+            for n in ["a", "b", "c"] {
+                let reaper = reaper_primaries(&state, &id(n), partition, 3);
+                assert_eq!(reaper.is_some(), primaries[0] == id(n));
+            }
+            // Four replicas asked of three nodes: nobody can show all of them hold it.
+            assert!(reaper_primaries(&state, &primaries[0], partition, 4).is_none());
+        }
     }
 
     #[test]

@@ -407,6 +407,22 @@ impl ClusterState {
             .map(|next| preflist(next, partition, n_val))
     }
 
+    /// The member `me` gossips with this round, among the members other than `me` that have
+    /// not exited: `pick(count)` chooses one by index (the driver's seeded randomness or a
+    /// counter; taken modulo `count`). `None` when there is none (`pick` is not called).
+    pub fn gossip_peer(&self, me: &NodeId, pick: impl FnOnce(usize) -> usize) -> Option<NodeId> {
+        let peers: Vec<&NodeId> = self
+            .members
+            .values()
+            .filter(|m| m.id != *me && m.status != MemberStatus::Exiting)
+            .map(|m| &m.id)
+            .collect();
+        if peers.is_empty() {
+            return None;
+        }
+        Some(peers[pick(peers.len()) % peers.len()].clone())
+    }
+
     /// A member by id.
     pub fn member(&self, id: &NodeId) -> Option<&Member> {
         self.members.get(id)
@@ -443,6 +459,28 @@ mod tests {
             version: 0,
             heartbeat: 0,
         }
+    }
+
+    #[test]
+    fn gossip_goes_to_another_member_that_has_not_exited() {
+        let a = NodeId("a".into());
+        let mut state =
+            ClusterState::found("c", member("a", ""), 8).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(state.gossip_peer(&a, |_| 0), None, "alone");
+        for n in ["b", "c"] {
+            state
+                .add_joining(member(n, ""))
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        let picks: std::collections::BTreeSet<NodeId> = (0..10)
+            .filter_map(|i| state.gossip_peer(&a, |_| i))
+            .collect();
+        assert_eq!(picks.len(), 2);
+        assert!(!picks.contains(&a));
+        if let Some(c) = state.members.get_mut(&NodeId("c".into())) {
+            c.status = MemberStatus::Exiting;
+        }
+        assert!((0..10).all(|i| state.gossip_peer(&a, |_| i) == Some(NodeId("b".into()))));
     }
 
     /// A tiny deterministic PRNG for the simulation (no ambient randomness in core).

@@ -23,8 +23,8 @@ use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer, ReapCheck,
-    ReplicaPlan, reap_candidate, reap_check_members,
+    GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute, PutSend, PutStep,
+    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members, reaper_primaries,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -878,15 +878,14 @@ impl Cluster {
         let current = self
             .replica_plan(&state, bucket, key, props.n_val)
             .primaries;
-        if current.contains(&self.me) {
-            return self
-                .coordinate_put(bucket, key, context, content, options, &props)
-                .await;
-        }
-        // Forward to a replica, skipping those known to be unreachable first.
-        let mut candidates = current.clone();
-        candidates.sort_by_key(|n| !self.is_up(n));
-        let mut last_error = String::from("no replicas");
+        let mut forward = match PutForward::route(&current, &self.me, |n| self.is_up(n)) {
+            PutRoute::Coordinate => {
+                return self
+                    .coordinate_put(bucket, key, context, content, options, &props)
+                    .await;
+            }
+            PutRoute::Forward(forward) => forward,
+        };
         let message = PeerMessage::CoordinatePut {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
@@ -914,7 +913,7 @@ impl Cluster {
             now_ms: options.now_ms,
             ring_version: state.ring.version,
         };
-        for node in candidates {
+        while let Some(node) = forward.next_candidate() {
             match self
                 .send(&node, message.clone(), self.timeouts.request * 2)
                 .await
@@ -924,16 +923,16 @@ impl Cluster {
                 }
                 Ok(PeerMessage::Failed { status, message }) => {
                     if status == 503 && message.starts_with("not a replica") {
-                        last_error = message;
+                        forward.failed(message);
                         continue;
                     }
                     return Err(ClusterError::Remote { status, message });
                 }
-                Ok(other) => last_error = format!("{node} answered {}", message_name(&other)),
-                Err(e) => last_error = format!("{node}: {e}"),
+                Ok(other) => forward.failed(format!("{node} answered {}", message_name(&other))),
+                Err(e) => forward.failed(format!("{node}: {e}")),
             }
         }
-        Err(ClusterError::NoCoordinator(last_error))
+        Err(ClusterError::NoCoordinator(forward.last_error().to_owned()))
     }
 
     async fn coordinate_put(
@@ -1588,12 +1587,11 @@ impl Cluster {
             let Some((bucket, key)) = key_names(&storage_key) else {
                 continue;
             };
-            let props = self.bucket_props(&bucket);
+            let n_val = self.bucket_props(&bucket).n_val;
             let partition = partition_of(&state, &bucket, &key);
-            let primaries = state.preference_list(partition, props.n_val);
-            if primaries.first() != Some(&self.me) || primaries.len() < props.n_val as usize {
+            let Some(primaries) = reaper_primaries(&state, &self.me, partition, n_val) else {
                 continue;
-            }
+            };
             // Every primary must hold exactly this tombstone, and no member may keep a hint of
             // the key or (outside the primaries) a copy of it: a hint or stray copy of an
             // older version delivered after the reap would bring the deleted value back (the
@@ -1933,23 +1931,19 @@ impl Cluster {
         let me = self.me.clone();
         let _ = self.update_state(|state| state.beat(&me));
         let state = self.state();
-        let peers: Vec<&Member> = state
-            .members
-            .values()
-            .filter(|m| m.id != self.me && m.status != MemberStatus::Exiting)
-            .collect();
-        if !peers.is_empty() {
-            let peer = peers[pick % peers.len()];
-            if let Some(addr) = peer_addr(peer) {
-                let message = PeerMessage::Gossip(Box::new((*state).clone()));
-                if let Ok(PeerMessage::Gossip(theirs)) = self
-                    .client
-                    .request(addr, message, self.timeouts.gossip)
-                    .await
-                    && let Err(e) = self.merge_state(&theirs)
-                {
-                    tracing::warn!(peer = %peer.id, error = %e, "gossip merge failed");
-                }
+        if let Some(peer) = state
+            .gossip_peer(&self.me, |_| pick)
+            .and_then(|id| state.member(&id))
+            && let Some(addr) = peer_addr(peer)
+        {
+            let message = PeerMessage::Gossip(Box::new((*state).clone()));
+            if let Ok(PeerMessage::Gossip(theirs)) = self
+                .client
+                .request(addr, message, self.timeouts.gossip)
+                .await
+                && let Err(e) = self.merge_state(&theirs)
+            {
+                tracing::warn!(peer = %peer.id, error = %e, "gossip merge failed");
             }
         }
         if self.state().claimant() == Some(&self.me) {

@@ -29,8 +29,8 @@ use crate::rng::SimRng;
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, PutCoordinator, PutPolicy, PutSend, PutStep, ReapAnswer, ReapCheck,
-    ReplicaPlan, reap_candidate, reap_check_members,
+    GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute, PutSend, PutStep,
+    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members, reaper_primaries,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -345,9 +345,8 @@ enum Purpose {
     Store,
     Forward {
         client: ClientRequestId,
-        rest: Vec<NodeId>,
+        forward: PutForward,
         body: Request,
-        last_error: String,
     },
     /// Hints for `target`: a `Handoff` batch to it, or one hint whose target no longer
     /// replicates its key, sent to one of the key's current replicas.
@@ -1044,13 +1043,15 @@ impl SimNode {
                 w,
             } => {
                 let primaries = self.replica_plan(now, &key).primaries;
-                if primaries.contains(&self.me) {
-                    self.coordinate_put(now, ReplyTo::Client(id), &key, context.as_ref(), value, w);
-                    return;
-                }
-                // Forward to a replica, those believed up first.
-                let mut candidates = primaries;
-                candidates.sort_by_key(|n| !self.is_up(now, n));
+                let forward = match PutForward::route(&primaries, &self.me, |n| self.is_up(now, n))
+                {
+                    PutRoute::Coordinate => {
+                        let ctx = context.as_ref();
+                        self.coordinate_put(now, ReplyTo::Client(id), &key, ctx, value, w);
+                        return;
+                    }
+                    PutRoute::Forward(forward) => forward,
+                };
                 let body = Request::CoordinatePut {
                     key,
                     context,
@@ -1058,32 +1059,31 @@ impl SimNode {
                     w,
                     now_ms: now,
                 };
-                self.forward(now, id, candidates, body, "no replicas".into());
+                self.forward(now, id, forward, body);
             }
         }
     }
 
+    /// Forward a put to the next candidate primary (the core's `PutForward`), or answer the
+    /// client when every one was tried.
     fn forward(
         &mut self,
         now: u64,
         client: ClientRequestId,
-        mut candidates: Vec<NodeId>,
+        mut forward: PutForward,
         body: Request,
-        last_error: String,
     ) {
-        if candidates.is_empty() {
+        let Some(to) = forward.next_candidate() else {
             self.outputs.push(Output::Reply {
                 id: client,
-                result: ClientResult::Failed(format!("no coordinator: {last_error}")),
+                result: ClientResult::Failed(format!("no coordinator: {}", forward.last_error())),
             });
             return;
-        }
-        let to = candidates.remove(0);
+        };
         let purpose = Purpose::Forward {
             client,
-            rest: candidates,
+            forward,
             body: body.clone(),
-            last_error,
         };
         self.send_request(now, &to, body, purpose, FORWARD_TIMEOUT_MS);
     }
@@ -1551,9 +1551,8 @@ impl SimNode {
             }
             Purpose::Forward {
                 client,
-                rest,
+                mut forward,
                 body: request,
-                last_error,
             } => match body {
                 Some(Response::Coordinated(object)) => self.outputs.push(Output::Reply {
                     id: client,
@@ -1562,13 +1561,22 @@ impl SimNode {
                 Some(Response::Failed {
                     not_a_replica: true,
                     message,
-                }) => self.forward(now, client, rest, request, message),
+                }) => {
+                    forward.failed(message);
+                    self.forward(now, client, forward, request);
+                }
                 Some(Response::Failed { message, .. }) => self.outputs.push(Output::Reply {
                     id: client,
                     result: ClientResult::Failed(message),
                 }),
-                Some(_) => self.forward(now, client, rest, request, last_error),
-                None => self.forward(now, client, rest, request, format!("{from}: timed out")),
+                Some(other) => {
+                    forward.failed(format!("{from} answered {other:?}"));
+                    self.forward(now, client, forward, request);
+                }
+                None => {
+                    forward.failed(format!("{from}: timed out"));
+                    self.forward(now, client, forward, request);
+                }
             },
             Purpose::Join => {
                 self.join_pending = false;
@@ -1680,17 +1688,10 @@ impl SimNode {
         }
         self.handoff_round(now);
         self.cleanup_round(now);
-        let peers: Vec<NodeId> = self
-            .cluster
-            .members
-            .values()
-            .filter(|m| m.id != self.me && m.status != MemberStatus::Exiting)
-            .map(|m| m.id.clone())
-            .collect();
-        if peers.is_empty() {
+        let rng = &mut self.rng;
+        let Some(peer) = self.cluster.gossip_peer(&self.me, |n| rng.index(n)) else {
             return;
-        }
-        let peer = peers[self.rng.index(peers.len())].clone();
+        };
         let body = Request::Gossip(Box::new(self.cluster.clone()));
         self.send_request(now, &peer, body, Purpose::Gossip, GOSSIP_INTERVAL_MS);
     }
@@ -1974,10 +1975,12 @@ impl SimNode {
             .take(MAX_REAPS_PER_ROUND)
             .collect();
         for (key, object) in candidates {
-            let primaries = self.primaries(&key);
-            if primaries.first() != Some(&self.me) || primaries.len() < self.config.n_val {
+            let partition = self.partition_of(&key);
+            let n_val = self.config.n_val as u32;
+            let Some(primaries) = reaper_primaries(&self.cluster, &self.me, partition, n_val)
+            else {
                 continue;
-            }
+            };
             let others: Vec<NodeId> = primaries
                 .iter()
                 .filter(|n| **n != self.me)
