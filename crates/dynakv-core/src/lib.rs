@@ -5,7 +5,10 @@
 //!
 //! Modules: [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
 //! vectors), [`context`] (the authenticated client context), [`ring`] (consistent hashing,
-//! claim, preference lists), [`coordinator`] (the get and put coordinator state machines), [`bucket`] (bucket properties), [`keys`] (storage key layout),
+//! claim, preference lists), [`coordinator`] (the get and put coordinator state machines,
+//! forwarding, reaping), [`anti_entropy`] (anti-entropy rounds and exchanges), [`handoff`]
+//! (transition handoff, cleanup), [`hints`] (hint delivery rounds), [`failure`] (the failure
+//! detector), [`membership`] (cluster state, gossip merge, ring plans), [`bucket`] (bucket properties), [`keys`] (storage key layout),
 //! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding).
 
 pub mod anti_entropy;
