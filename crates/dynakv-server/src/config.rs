@@ -55,6 +55,11 @@ pub struct ServerConfig {
     pub flush_interval_ms: u64,
     /// Block cache of the durable engine, in bytes.
     pub cache_size_bytes: u64,
+    /// Background threads of the durable engine (memtable flushes and compactions). Default 1:
+    /// with two or more, fjall 3.1's first worker hands compaction requests back to the
+    /// queue in a loop while another worker compacts, which burned about half of the workers'
+    /// CPU in the 3-node benchmark (see BENCHMARKS.md).
+    pub storage_worker_threads: usize,
     /// Ring partitions (Q) used when this node founds a cluster.
     pub ring_partitions: u32,
     /// Name every node of the cluster shares (checked in the peer handshake).
@@ -78,6 +83,7 @@ pub struct FileConfig {
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub cache_size_bytes: Option<u64>,
+    pub storage_worker_threads: Option<usize>,
     pub ring_partitions: Option<u32>,
     pub zone: Option<String>,
     pub storage: Option<StorageKind>,
@@ -122,6 +128,7 @@ impl ServerConfig {
             max_value_bytes: limits::DEFAULT_MAX_VALUE_BYTES,
             flush_interval_ms: 100,
             cache_size_bytes: 64 * 1024 * 1024,
+            storage_worker_threads: 1,
             ring_partitions: limits::DEFAULT_RING_PARTITIONS,
             cluster_name: "dynakv".to_owned(),
             request_timeout_ms: 2000,
@@ -150,6 +157,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.cache_size_bytes {
             self.cache_size_bytes = v;
+        }
+        if let Some(v) = file.storage_worker_threads {
+            self.storage_worker_threads = v;
         }
         if let Some(v) = file.ring_partitions {
             self.ring_partitions = v;
@@ -234,6 +244,47 @@ impl ServerConfig {
         if self.cache_size_bytes < 1024 * 1024 {
             return invalid("cache_size_bytes must be at least 1 MiB".into());
         }
+        if !(1..=16).contains(&self.storage_worker_threads) {
+            return invalid("storage_worker_threads must be 1 to 16".into());
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ServerConfig {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        ServerConfig::new("n1", addr, addr, PathBuf::from("/nonexistent"))
+    }
+
+    fn with_file(text: &str) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynakv.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut config = config();
+        config.apply_file(&path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn storage_worker_threads_defaults_to_one_and_is_bounded() {
+        assert_eq!(config().storage_worker_threads, 1);
+        assert_eq!(
+            with_file("storage_worker_threads = 3\n")
+                .unwrap()
+                .storage_worker_threads,
+            3
+        );
+        let zero = with_file("storage_worker_threads = 0\n").unwrap_err();
+        assert!(
+            zero.to_string().contains("storage_worker_threads"),
+            "{zero}"
+        );
+        assert!(with_file("storage_worker_threads = 17\n").is_err());
+        assert!(with_file("no_such_setting = 1\n").is_err());
     }
 }

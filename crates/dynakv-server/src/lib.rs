@@ -97,6 +97,7 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
             })?;
             let options = FjallOptions {
                 cache_size_bytes: config.cache_size_bytes,
+                worker_threads: Some(config.storage_worker_threads),
                 ..FjallOptions::default()
             };
             let storage = FjallStorage::open(&dir, options).map_err(|e| ServerError::Storage {
