@@ -12,6 +12,11 @@ use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// mimalloc instead of glibc's allocator: glibc's `malloc`/`free`/`malloc_consolidate` took
+/// about a tenth of a 3-node cluster's CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_URL: &str = "http://127.0.0.1:8098";
 
 #[derive(Debug, Parser)]
