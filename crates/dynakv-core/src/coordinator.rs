@@ -382,13 +382,30 @@ pub enum PutRoute {
     Forward(PutForward),
 }
 
-/// A put forwarded to the key's primaries: those believed up first, then the others; the
-/// next is tried when one cannot be reached or answers that it is not a replica (its ring
-/// moved); any other answer is the put's answer.
+/// A put forwarded to the key's primaries: those believed up first, then the others. The next
+/// is tried only when the last one certainly did not coordinate the put (the request was never
+/// delivered, or it answered that it is not a replica); when it may have (no answer in time,
+/// the connection lost after sending), forwarding stops and the put's outcome is
+/// indeterminate. Retrying then would coordinate the same write twice: a primary that was
+/// paused coordinates the first request when it resumes, with the client's old context, and
+/// that second version is concurrent with every write made since, so a value that later writes
+/// overwrote comes back as a sibling (the nemesis found this with a SIGSTOPped primary).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutForward {
     candidates: VecDeque<NodeId>,
     last_error: String,
+}
+
+/// Why a forwarded put did not come back coordinated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardFailure {
+    /// Not delivered (unreachable, in backoff, refused before sending): try the next.
+    NotSent,
+    /// The candidate answered that it is not a replica (its ring moved): try the next.
+    NotAReplica,
+    /// Sent, and no answer in time (timeout, connection lost): the candidate may coordinate
+    /// it, now or later. Stop: the outcome is indeterminate.
+    Unanswered,
 }
 
 impl PutForward {
@@ -406,16 +423,21 @@ impl PutForward {
         })
     }
 
-    /// The next primary to forward to; `None` when every one was tried (answer
+    /// The next primary to forward to; `None` when there is none left to try (answer
     /// [`Self::last_error`]).
     pub fn next_candidate(&mut self) -> Option<NodeId> {
         self.candidates.pop_front()
     }
 
-    /// The last candidate could not take the put (unreachable, timed out, not a replica):
-    /// the next one is tried.
-    pub fn failed(&mut self, error: String) {
+    /// The last candidate did not coordinate the put, for `why`. Returns whether to try the
+    /// next one; `false` for [`ForwardFailure::Unanswered`] (no other candidate is tried).
+    pub fn failed(&mut self, why: ForwardFailure, error: String) -> bool {
         self.last_error = error;
+        if why == ForwardFailure::Unanswered {
+            self.candidates.clear();
+            return false;
+        }
+        true
     }
 
     /// Why the last candidate failed.
@@ -897,12 +919,27 @@ mod tests {
             panic!("d is no primary");
         };
         assert_eq!(forward.next_candidate(), Some(id("b")));
-        forward.failed("b: timed out".into());
+        assert!(forward.failed(ForwardFailure::NotSent, "b: unreachable".into()));
         assert_eq!(forward.next_candidate(), Some(id("c")));
+        assert!(forward.failed(ForwardFailure::NotAReplica, "not a replica".into()));
         assert_eq!(forward.next_candidate(), Some(id("a")), "the down one last");
-        forward.failed("not a replica".into());
+        assert!(forward.failed(ForwardFailure::NotSent, "a: unreachable".into()));
         assert_eq!(forward.next_candidate(), None);
-        assert_eq!(forward.last_error(), "not a replica");
+        assert_eq!(forward.last_error(), "a: unreachable");
+    }
+
+    #[test]
+    fn a_forward_that_may_have_been_coordinated_is_never_sent_again() {
+        let primaries = ids(&["a", "b", "c"]);
+        let PutRoute::Forward(mut forward) = PutForward::route(&primaries, &id("d"), |_| true)
+        else {
+            panic!("d is no primary");
+        };
+        assert_eq!(forward.next_candidate(), Some(id("a")));
+        // a was paused: the request sits in its socket and a coordinates it when it resumes.
+        assert!(!forward.failed(ForwardFailure::Unanswered, "a: timed out".into()));
+        assert_eq!(forward.next_candidate(), None, "b and c are not asked");
+        assert_eq!(forward.last_error(), "a: timed out");
     }
 
     #[test]

@@ -98,6 +98,23 @@ pub struct OpCounts {
     pub indeterminate: usize,
 }
 
+/// Tombstones reaped by the nodes' current processes (`tombstones_reaped_total` in `/stats`).
+fn reaped_so_far(nodes: usize, seed: u64) -> u64 {
+    (1..=nodes)
+        .filter_map(|n| match cluster::get_json(n, "/stats") {
+            Ok(v) => v["tombstones_reaped_total"].as_u64(),
+            Err(e) => {
+                eprintln!("[nemesis] seed {seed}: no reap count from n{n}: {e:#}");
+                None
+            }
+        })
+        .sum()
+}
+
+/// Keys the retire client writes once, deletes, and leaves idle so their tombstones are
+/// reaped during the run (about 50 ms per key, so the last is retired well before a run ends).
+const RETIRED_KEYS: usize = 150;
+
 fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
@@ -109,6 +126,7 @@ fn all_keys() -> Vec<(String, String)> {
         (SET_BUCKET, keys("s", 4)),
         (LWW_BUCKET, keys("l", 2)),
         (REG_BUCKET, keys("r", 4)),
+        (REG_BUCKET, keys("z", RETIRED_KEYS)),
     ] {
         out.extend(ks.into_iter().map(|k| (bucket.to_owned(), k)));
     }
@@ -130,6 +148,7 @@ fn clients() -> Vec<ClientSpec> {
     add(Family::SetAdd, SET_BUCKET, keys("s", 4), 4);
     add(Family::SetAdd, LWW_BUCKET, keys("l", 2), 2);
     add(Family::Register, REG_BUCKET, keys("r", 4), 3);
+    add(Family::Retire, REG_BUCKET, keys("z", RETIRED_KEYS), 1);
     specs
 }
 
@@ -433,6 +452,10 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
     let heal_start = Instant::now();
     nemesis::heal_rules(nodes)?;
     cluster.resume_all();
+    // The counters live in each process: take them before the restarts (a node killed
+    // during the run took its count with it, so this is a lower bound), and once more at
+    // the end for what was reaped after the restarts.
+    report.tombstones_reaped = reaped_so_far(nodes, plan.seed);
     for i in 1..=nodes {
         cluster.stop(i, Duration::from_secs(15));
         cluster.start(i, None)?;
@@ -451,11 +474,7 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
         Err(e) => report.unconverged.push(format!("{e:#}")),
     }
     let finals = final_reads(nodes)?;
-    report.tombstones_reaped = (1..=nodes)
-        .filter_map(|n| cluster::call(n, "GET", "/stats", &[], b"").ok())
-        .filter_map(|r| serde_json::from_str::<Value>(&r.text()).ok())
-        .filter_map(|v| v["tombstones_reaped_total"].as_u64())
-        .sum();
+    report.tombstones_reaped += reaped_so_far(nodes, plan.seed);
     std::fs::write(
         dir.join("finals.json"),
         serde_json::to_vec_pretty(

@@ -8,6 +8,11 @@
 //!   replaces exactly what the read returned); one operation in `DELETE_ONE_IN` deletes the
 //!   key with the read's context instead (a tombstone; `f` = `delete`), only when the read
 //!   returned a context (a 404 of a tombstone carries one).
+//! - **retire**: registers too, but each key of the family is used once and then left alone:
+//!   write a value (read first), then delete it with the read's context, then the next key.
+//!   Those tombstones go idle past the servers' grace period during the run, so the real
+//!   binary reaps them under the run's faults, and the register checks (no acknowledged write
+//!   lost, nothing deleted or overwritten comes back) cover the reaped keys.
 
 use crate::cluster::http_addr;
 use crate::history::{Event, EventType, Recorder, decode_set, encode_set};
@@ -30,6 +35,8 @@ pub const DELETE_ONE_IN: u32 = 7;
 pub enum Family {
     SetAdd,
     Register,
+    /// Registers written once, deleted, then idle (see the module documentation).
+    Retire,
 }
 
 /// One client thread's assignment.
@@ -113,13 +120,32 @@ pub fn run_client(
     while !stop.load(Ordering::Relaxed) {
         counter += 1;
         let value = (spec.process as u64 + 1) * 1_000_000 + counter;
-        let key = spec.keys[rng.random_range(0..spec.keys.len())].clone();
         let node = rng.random_range(1..=nodes);
-        let delete = spec.family == Family::Register && rng.random_range(0..DELETE_ONE_IN) == 0;
+        let (key, delete) = match spec.family {
+            // Operation 2i writes key i, operation 2i + 1 deletes it; then it stays idle.
+            Family::Retire => {
+                let index = usize::try_from((counter - 1) / 2).unwrap_or(usize::MAX);
+                let Some(key) = spec.keys.get(index) else {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    break;
+                };
+                (key.clone(), counter % 2 == 0)
+            }
+            Family::Register => (
+                spec.keys[rng.random_range(0..spec.keys.len())].clone(),
+                rng.random_range(0..DELETE_ONE_IN) == 0,
+            ),
+            Family::SetAdd => (
+                spec.keys[rng.random_range(0..spec.keys.len())].clone(),
+                false,
+            ),
+        };
         let f = match spec.family {
             Family::SetAdd => "add",
-            Family::Register if delete => "delete",
-            Family::Register => "write",
+            Family::Register | Family::Retire if delete => "delete",
+            Family::Register | Family::Retire => "write",
         };
         let base = Event {
             kind: EventType::Invoke,
@@ -179,7 +205,7 @@ pub fn run_client(
                             }
                         }
                     }
-                    Family::Register => {
+                    Family::Register | Family::Retire => {
                         done.seen = r
                             .values
                             .iter()

@@ -23,8 +23,9 @@ use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute, PutSend, PutStep,
-    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members, reaper_primaries,
+    ForwardFailure, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute,
+    PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
+    reaper_primaries,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -46,6 +47,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// How a coordinator's refusal of a forwarded put that came too late starts.
+const FORWARD_EXPIRED: &str = "forwarded put expired";
 /// Keys per handoff message.
 const HANDOFF_BATCH_KEYS: usize = 256;
 /// Bytes per handoff message (soft: a batch closes once past it).
@@ -72,6 +75,23 @@ pub struct ClusterTimeouts {
     pub gossip: Duration,
     /// Time between gossip rounds.
     pub gossip_interval: Duration,
+}
+
+impl ClusterTimeouts {
+    /// A forwarded put (`CoordinatePut`): a coordinator that starts within one request
+    /// timeout of the forward (else it refuses, see `forward_start`) answers within four more
+    /// (a replica round and a spare for a failed primary, twice when a ring change makes it
+    /// re-plan), so it always answers before its forwarder gives up.
+    pub fn forward(&self) -> Duration {
+        self.request * 5
+    }
+
+    /// How late a coordinator may start a forwarded put (by the forwarder's clock): later,
+    /// it refuses, since it might not finish before the forwarder gives up and reports the
+    /// outcome as unknown.
+    pub fn forward_start(&self) -> Duration {
+        self.request
+    }
 }
 
 impl Default for ClusterTimeouts {
@@ -914,22 +934,51 @@ impl Cluster {
             ring_version: state.ring.version,
         };
         while let Some(node) = forward.next_candidate() {
-            match self
-                .send(&node, message.clone(), self.timeouts.request * 2)
-                .await
-            {
+            let Some(addr) = state.member(&node).and_then(peer_addr) else {
+                forward.failed(
+                    ForwardFailure::NotSent,
+                    format!("no address for node {node}"),
+                );
+                continue;
+            };
+            let reply = self
+                .client
+                .request(addr, message.clone(), self.timeouts.forward())
+                .await;
+            match reply {
                 Ok(PeerMessage::Coordinated { object }) => {
+                    self.observe_contact(&node);
                     return Object::decode(&object).map_err(internal);
                 }
                 Ok(PeerMessage::Failed { status, message }) => {
-                    if status == 503 && message.starts_with("not a replica") {
-                        forward.failed(message);
+                    self.observe_contact(&node);
+                    // Refusals that prove it did not coordinate: try the next.
+                    if status == 503
+                        && (message.starts_with("not a replica")
+                            || message.starts_with(FORWARD_EXPIRED))
+                    {
+                        forward.failed(ForwardFailure::NotAReplica, message);
                         continue;
                     }
                     return Err(ClusterError::Remote { status, message });
                 }
-                Ok(other) => forward.failed(format!("{node} answered {}", message_name(&other))),
-                Err(e) => forward.failed(format!("{node}: {e}")),
+                Ok(other) => {
+                    // It answered without coordinating (an older or confused peer): it did
+                    // not store the write.
+                    let error = format!("{node} answered {}", message_name(&other));
+                    forward.failed(ForwardFailure::NotAReplica, error);
+                }
+                Err(
+                    e @ (TransportError::Timeout { .. } | TransportError::ConnectionLost { .. }),
+                ) => {
+                    let error = format!(
+                        "{node} did not answer ({e}); the write may or may not have been applied"
+                    );
+                    forward.failed(ForwardFailure::Unanswered, error);
+                }
+                Err(e) => {
+                    forward.failed(ForwardFailure::NotSent, format!("{node}: {e}"));
+                }
             }
         }
         Err(ClusterError::NoCoordinator(forward.last_error().to_owned()))
@@ -1176,6 +1225,22 @@ impl Cluster {
                 now_ms,
                 ..
             } => {
+                // The forwarder gives up after its forward timeout and answers the client that
+                // the outcome is unknown; a request that reaches us later (we were paused, or
+                // it waited in a queue) is refused rather than applied with a context that is
+                // stale by now. `now_ms` is the forwarder's wall clock when the put arrived.
+                // (Nodes' wall clocks must agree within the request timeout.)
+                let waited_ms = self::now_ms().saturating_sub(now_ms);
+                let limit_ms =
+                    u64::try_from(self.timeouts.forward_start().as_millis()).unwrap_or(u64::MAX);
+                if waited_ms > limit_ms {
+                    return Ok(PeerMessage::Failed {
+                        status: 503,
+                        message: format!(
+                            "{FORWARD_EXPIRED}: it arrived {waited_ms} ms after the put, more than {limit_ms} ms"
+                        ),
+                    });
+                }
                 let props = self.bucket_props(&bucket);
                 let state = self.state();
                 let partition = state

@@ -29,8 +29,9 @@ use crate::rng::SimRng;
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
-    GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute, PutSend, PutStep,
-    ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members, reaper_primaries,
+    ForwardFailure, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute,
+    PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
+    reaper_primaries,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -48,9 +49,9 @@ pub const BUCKET: &str = "sim";
 /// One replica request (get, put, hinted put, handoff batch, anti-entropy step), like the
 /// server's `request_timeout_ms` (scaled down from 2 s).
 pub const REQUEST_TIMEOUT_MS: u64 = 500;
-/// A forwarded put waits this long for the remote coordinator (the server uses twice the
-/// request timeout).
-pub const FORWARD_TIMEOUT_MS: u64 = 2 * REQUEST_TIMEOUT_MS;
+/// A forwarded put waits this long for the remote coordinator (as the server: a coordinator
+/// that starts within one request timeout answers within four more).
+pub const FORWARD_TIMEOUT_MS: u64 = 5 * REQUEST_TIMEOUT_MS;
 /// Gossip (heartbeat) interval, as in the server.
 pub const GOSSIP_INTERVAL_MS: u64 = 1000;
 /// A member whose gossiped heartbeat has not moved for this long is believed down.
@@ -499,6 +500,8 @@ pub struct SimNode {
     /// Hint deliveries in flight per target.
     /// The delivery round in progress per target.
     hint_rounds: BTreeMap<NodeId, HintRound<String, Object>>,
+    /// The request being failed because it was never delivered (see `fail_unsent`).
+    unsent: Option<RequestId>,
     handoff: Option<TransitionHandoff>,
     /// The ring version whose cleanup ran (volatile, as in the server).
     cleanup_marker: CleanupMarker,
@@ -550,6 +553,7 @@ impl SimNode {
             puts: BTreeMap::new(),
             links: BTreeMap::new(),
             hint_rounds: BTreeMap::new(),
+            unsent: None,
             handoff: None,
             cleanup_marker: CleanupMarker::default(),
             join_via: Vec::new(),
@@ -796,14 +800,14 @@ impl SimNode {
             Input::SendFailed { to, id } => {
                 if self.pending.get(&id).is_some_and(|p| p.to == to) {
                     self.backoff(now, &to);
-                    self.fail_request(now, id);
+                    self.fail_unsent(now, id);
                 }
             }
             Input::Timer(timer) => self.on_timer(now, timer),
         }
         while let Some((to, id)) = self.failures.pop_front() {
             if self.pending.get(&id).is_some_and(|p| p.to == to) {
-                self.fail_request(now, id);
+                self.fail_unsent(now, id);
             }
         }
         std::mem::take(&mut self.outputs)
@@ -876,6 +880,14 @@ impl SimNode {
             to: to.clone(),
             message: Message::Response { id, body },
         });
+    }
+
+    /// A request the transport never delivered (connect refused, peer in backoff): failed, and
+    /// known not to have reached the peer.
+    fn fail_unsent(&mut self, now: u64, id: RequestId) {
+        self.unsent = Some(id);
+        self.fail_request(now, id);
+        self.unsent = None;
     }
 
     fn fail_request(&mut self, now: u64, id: RequestId) {
@@ -1418,8 +1430,21 @@ impl SimNode {
                 context,
                 value,
                 w,
-                now_ms: _,
+                now_ms,
             } => {
+                // As the server: a forwarded put that arrives after its forwarder gave up is
+                // refused, not applied with a context that is stale by now.
+                if now.saturating_sub(now_ms) > REQUEST_TIMEOUT_MS {
+                    self.respond(
+                        from,
+                        id,
+                        Response::Failed {
+                            not_a_replica: false,
+                            message: "forwarded put expired".into(),
+                        },
+                    );
+                    return;
+                }
                 if !self.primaries(&key).contains(&self.me) {
                     self.respond(
                         from,
@@ -1562,7 +1587,7 @@ impl SimNode {
                     not_a_replica: true,
                     message,
                 }) => {
-                    forward.failed(message);
+                    forward.failed(ForwardFailure::NotAReplica, message);
                     self.forward(now, client, forward, request);
                 }
                 Some(Response::Failed { message, .. }) => self.outputs.push(Output::Reply {
@@ -1570,11 +1595,19 @@ impl SimNode {
                     result: ClientResult::Failed(message),
                 }),
                 Some(other) => {
-                    forward.failed(format!("{from} answered {other:?}"));
+                    let error = format!("{from} answered {other:?}");
+                    forward.failed(ForwardFailure::NotAReplica, error);
+                    self.forward(now, client, forward, request);
+                }
+                // Timed out: the candidate may have coordinated it, so stop; the client's
+                // outcome is indeterminate.
+                None if self.unsent == Some(id) => {
+                    forward.failed(ForwardFailure::NotSent, format!("{from}: unreachable"));
                     self.forward(now, client, forward, request);
                 }
                 None => {
-                    forward.failed(format!("{from}: timed out"));
+                    let error = format!("{from}: no answer; the write may have been applied");
+                    forward.failed(ForwardFailure::Unanswered, error);
                     self.forward(now, client, forward, request);
                 }
             },
