@@ -553,20 +553,7 @@ mod tests {
     #[test]
     fn a_round_pairs_each_replicated_partition_with_an_up_peer_in_turn() {
         let me = NodeId("a".into());
-        let mut state =
-            ClusterState::found("c", member("a"), 8).unwrap_or_else(|e| panic!("found: {e:?}"));
-        for n in ["b", "c"] {
-            state
-                .add_joining(member(n))
-                .unwrap_or_else(|e| panic!("join: {e:?}"));
-        }
-        state.plan();
-        while state.ring.next.is_some() {
-            for n in ["a", "b", "c"] {
-                state.mark_handoff_done(&NodeId(n.into()));
-            }
-            state.plan();
-        }
+        let state = crate::test_support::settled_cluster(&["a", "b", "c"], 8);
         let round0 = AaeRound::plan(&state, &me, 3, 0, 10, |_| true);
         let round1 = AaeRound::plan(&state, &me, 3, 1, 10, |_| true);
         assert_eq!(round0.remaining(), 8);
@@ -597,9 +584,5 @@ mod tests {
         round.finished(2);
         assert!(round.next_exchange::<String>().is_none());
         assert_eq!(round.remaining(), 0);
-    }
-
-    fn member(name: &str) -> Member {
-        crate::test_support::member(name, crate::membership::MemberStatus::Joining)
     }
 }

@@ -944,19 +944,7 @@ mod tests {
 
     #[test]
     fn only_the_first_primary_of_a_full_preference_list_reaps() {
-        let mut state = cluster_of_a();
-        for n in ["b", "c"] {
-            state
-                .add_joining(member(n, MemberStatus::Joining))
-                .unwrap_or_else(|e| panic!("{e:?}"));
-        }
-        state.plan();
-        while state.ring.next.is_some() {
-            for n in ["a", "b", "c"] {
-                state.mark_handoff_done(&id(n));
-            }
-            state.plan();
-        }
+        let state = crate::test_support::settled_cluster(&["a", "b", "c"], 8);
         for partition in 0..8 {
             let primaries = state.preference_list(partition, 3);
             for n in ["a", "b", "c"] {

@@ -364,7 +364,7 @@ mod tests {
     use super::*;
     use crate::membership::{Member, MemberStatus};
 
-    use crate::test_support::id;
+    use crate::test_support::{id, settle};
 
     fn member(name: &str) -> Member {
         crate::test_support::member(name, MemberStatus::Joining)
@@ -372,30 +372,13 @@ mod tests {
 
     /// A settled ring of a, b, c with d joining: the claimant planned the transition.
     fn joining_d() -> ClusterState {
-        let mut state =
-            ClusterState::found("c", member("a"), 16).unwrap_or_else(|e| panic!("{e:?}"));
-        for n in ["b", "c"] {
-            state
-                .add_joining(member(n))
-                .unwrap_or_else(|e| panic!("{e:?}"));
-        }
-        settle(&mut state);
+        let mut state = crate::test_support::settled_cluster(&["a", "b", "c"], 16);
         state
             .add_joining(member("d"))
             .unwrap_or_else(|e| panic!("{e:?}"));
         state.plan();
         assert!(state.ring.next.is_some());
         state
-    }
-
-    fn settle(state: &mut ClusterState) {
-        state.plan();
-        while state.ring.next.is_some() {
-            for n in state.ring.current.nodes().to_vec() {
-                state.mark_handoff_done(&n.id);
-            }
-            state.plan();
-        }
     }
 
     #[test]
