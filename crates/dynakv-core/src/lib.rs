@@ -3,7 +3,8 @@
 //! No tokio, no wall clock, no ambient randomness: time and randomness enter as arguments, so
 //! every protocol step is a plain function call that a test (or the simulator) can replay.
 //!
-//! Modules: [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
+//! Modules: [`replica`] (a node's local objects and hints: read-merge-write over a `Storage`),
+//! [`aae_trees`] (its Merkle trees and their storage index), [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
 //! vectors), [`context`] (the authenticated client context), [`ring`] (consistent hashing,
 //! claim, preference lists), [`coordinator`] (the get and put coordinator state machines,
 //! forwarding, reaping), [`anti_entropy`] (anti-entropy rounds and exchanges), [`handoff`]
@@ -11,6 +12,7 @@
 //! detector), [`membership`] (cluster state, gossip merge, ring plans), [`bucket`] (bucket properties), [`keys`] (storage key layout),
 //! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding).
 
+pub mod aae_trees;
 pub mod anti_entropy;
 pub mod bucket;
 pub mod codec;
@@ -26,6 +28,7 @@ pub mod merkle;
 pub mod message;
 pub mod object;
 pub mod quorum;
+pub mod replica;
 pub mod ring;
 pub mod storage;
 #[cfg(test)]

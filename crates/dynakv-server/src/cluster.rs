@@ -17,7 +17,7 @@
 //!   list has completed, i.e. after every old replica handed its keys to the new ones.
 
 use crate::aae::{AaeTrees, ExchangeRecord};
-use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
+use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteRequest};
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::{BucketProps, Quorum};
@@ -36,7 +36,7 @@ use dynakv_core::merkle::{Hash, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::QuorumFailure;
-use dynakv_core::ring::{NodeId, key_hash};
+use dynakv_core::ring::{NodeId, PartitionId, key_hash};
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::VersionVector;
 use parking_lot::{Mutex, RwLock};
@@ -246,6 +246,8 @@ pub struct Cluster {
     /// Tombstones this node reaped (its own copies, as the reaping first primary).
     tombstones_reaped: AtomicU64,
     aae: Arc<AaeTrees>,
+    /// What the last anti-entropy exchange of each partition did.
+    aae_records: Mutex<HashMap<PartitionId, ExchangeRecord>>,
     admission: Admission,
     /// The ring version whose cleanup this node finished.
     cleanup_marker: Mutex<CleanupMarker>,
@@ -337,6 +339,7 @@ impl Cluster {
             hints: HintCounters::default(),
             tombstones_reaped: AtomicU64::new(0),
             aae,
+            aae_records: Mutex::new(HashMap::new()),
             admission: Admission::default(),
             started: Instant::now(),
         }
@@ -1584,7 +1587,7 @@ impl Cluster {
             match self.exchange(&peer, exchange, ask).await {
                 Ok(repaired) => {
                     plan.finished(repaired);
-                    let mut records = self.aae.records.lock();
+                    let mut records = self.aae_records.lock();
                     let record = records.entry(partition).or_default();
                     record.last_exchange = Some(Instant::now());
                     record.last_peer.clone_from(&peer.0);
@@ -1753,7 +1756,7 @@ impl Cluster {
     /// Anti-entropy state per partition.
     pub fn aae_report(&self) -> Vec<(u32, u64, ExchangeRecord)> {
         let entries = self.aae.entries();
-        let records = self.aae.records.lock();
+        let records = self.aae_records.lock();
         let mut partitions: Vec<u32> = entries.keys().chain(records.keys()).copied().collect();
         partitions.sort_unstable();
         partitions.dedup();
@@ -2344,7 +2347,7 @@ fn key_names(storage_key: &[u8]) -> Option<(String, String)> {
 }
 
 /// The partition of a key in the state's current ring.
-fn partition_of(state: &ClusterState, bucket: &str, key: &str) -> dynakv_core::ring::PartitionId {
+fn partition_of(state: &ClusterState, bucket: &str, key: &str) -> PartitionId {
     state
         .ring
         .current

@@ -1,0 +1,343 @@
+//! Active anti-entropy state: a Merkle tree per ring partition over the objects this node
+//! stores, updated on every object write and rebuilt from storage at startup.
+//!
+//! The exchange itself (compare segment hashes, descend into differing segments and leaves,
+//! exchange the differing keys' full sibling sets, merge on both sides) is driven by the
+//! core's `AaeRound`/`AaeExchange` (the server's `Cluster::anti_entropy_round`, the simulator's node). Trees are keyed by the key's primary partition only; buckets
+//! with different `n_val`s legitimately differ between replicas, and the exchange skips keys
+//! the peer does not replicate.
+//!
+//! The same hook keeps [`Table::Tombstones`], the keys whose object is all tombstones, so
+//! tombstone reaping reads only deleted keys. The keys under one leaf are found through an
+//! index table ([`Table::AaeIndex`]: partition,
+//! leaf, object key → the object's entry hash) written next to every object write, so an
+//! exchange reads only the few keys of the leaves that differ instead of scanning the node's
+//! objects. The index is derived data: it is trusted at startup only after a clean shutdown
+//! (and when the marker saying it was built is present); otherwise it is rebuilt from the
+//! objects, as the trees are.
+//!
+//! Memory: one `MerkleTree` (16 KiB) per partition this node holds keys of; the index lives in
+//! storage.
+
+use crate::keys;
+use crate::merkle::{Hash, MerkleTree, entry_hash, leaf_of};
+use crate::ring::{PartitionId, Ring, key_hash};
+use crate::storage::{Durability, Storage, Table};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+/// Objects (or index entries) read per scan step while rebuilding.
+const REBUILD_SCAN_PAGE: usize = 1000;
+/// Meta key present while the anti-entropy index is complete (written after a rebuild).
+const KEY_INDEX_BUILT: &[u8] = b"aae_index_v1";
+
+/// How the trees were built at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// Objects (or index entries) hashed into the trees.
+    pub entries: u64,
+    /// True when the index was trusted and the objects were not read.
+    pub from_index: bool,
+}
+
+/// Call `visit` on every entry of `table` under `prefix`, in key order, a page at a time,
+/// until it returns `Break` or the entries end.
+fn for_each_entry(
+    storage: &dyn Storage,
+    table: Table,
+    prefix: &[u8],
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>, String>,
+) -> Result<(), String> {
+    let mut start_after: Option<Vec<u8>> = None;
+    loop {
+        let page = storage
+            .scan(table, prefix, start_after.as_deref(), REBUILD_SCAN_PAGE)
+            .map_err(|e| e.to_string())?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        start_after = Some(last.clone());
+        for (key, value) in &page {
+            if visit(key, value)?.is_break() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Whether encoded object bytes are all tombstones (an undecodable header counts as not).
+fn is_tombstone(bytes: &[u8]) -> bool {
+    crate::object::Object::encoded_is_deleted(bytes).unwrap_or(false)
+}
+
+/// Keys (bucket, key, entry hash) of some leaves, and whether the list was cut at its limit.
+pub type LeafKeys = (Vec<(String, String, Hash)>, bool);
+
+/// The node's anti-entropy trees.
+#[derive(Debug)]
+pub struct AaeTrees {
+    partitioning: Ring,
+    storage: Arc<dyn Storage>,
+    trees: Mutex<HashMap<PartitionId, MerkleTree>>,
+}
+
+impl AaeTrees {
+    /// Empty trees for a ring with `partitioning`'s partition count (fixed for the cluster).
+    pub fn new(partitioning: Ring, storage: Arc<dyn Storage>) -> Self {
+        AaeTrees {
+            partitioning,
+            storage,
+            trees: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The partition of a key.
+    pub fn partition_of(&self, bucket: &[u8], key: &[u8]) -> PartitionId {
+        self.partitioning.partition_of_hash(&key_hash(bucket, key))
+    }
+
+    /// Record a change of a stored object (`None` for absent).
+    pub fn observe(&self, storage_key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
+        let Some((bucket, key)) = keys::split_object_key(storage_key) else {
+            return;
+        };
+        if old == new {
+            return;
+        }
+        let (old_bytes, new_bytes) = (old, new);
+        let partition = self.partition_of(bucket, key);
+        let leaf = leaf_of(bucket, key);
+        let old = old.map(|o| entry_hash(bucket, key, o));
+        let new = new.map(|n| entry_hash(bucket, key, n));
+        self.trees
+            .lock()
+            .entry(partition)
+            .or_default()
+            .update(leaf, old.as_ref(), new.as_ref());
+        let index_key = keys::aae_index_key(partition, leaf, storage_key);
+        let indexed = match new {
+            Some(hash) => self
+                .storage
+                .put(Table::AaeIndex, &index_key, &hash, Durability::Buffered)
+                .map_err(|e| e.to_string()),
+            None => self
+                .storage
+                .delete(Table::AaeIndex, &index_key, Durability::Buffered)
+                .map_err(|e| e.to_string()),
+        };
+        let was_tombstone = old_bytes.is_some_and(is_tombstone);
+        let is_now_tombstone = new_bytes.is_some_and(is_tombstone);
+        let listed = if is_now_tombstone && !was_tombstone {
+            self.storage
+                .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
+                .map_err(|e| e.to_string())
+        } else if was_tombstone && !is_now_tombstone {
+            self.storage
+                .delete(Table::Tombstones, storage_key, Durability::Buffered)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        if let Err(error) = indexed.and(listed) {
+            // The tree is right but the index misses this change: have the next start rebuild
+            // it (a failing engine most likely fails the delete too; the log says so).
+            tracing::warn!(%error, "anti-entropy index write failed; it is rebuilt at the next start");
+            if let Err(error) = self
+                .storage
+                .delete(Table::Meta, KEY_INDEX_BUILT, Durability::Fsync)
+            {
+                tracing::error!(%error, "could not clear the anti-entropy index marker");
+            }
+        }
+    }
+
+    /// The keys (bucket, key, entry hash) under the given leaves of a partition, in leaf order,
+    /// at most `limit` of them; the flag says the list was cut at `limit`.
+    ///
+    /// # Errors
+    /// The index could not be read.
+    pub fn leaf_keys(
+        &self,
+        partition: PartitionId,
+        leaves: &std::collections::BTreeSet<u16>,
+        limit: usize,
+    ) -> Result<LeafKeys, String> {
+        let mut out = Vec::new();
+        let mut cut = false;
+        for &leaf in leaves {
+            let prefix = keys::aae_leaf_prefix(partition, leaf);
+            for_each_entry(
+                self.storage.as_ref(),
+                Table::AaeIndex,
+                &prefix,
+                |index_key, hash| {
+                    let Some((_, _, object_key)) = keys::split_aae_index_key(index_key) else {
+                        return Ok(ControlFlow::Continue(()));
+                    };
+                    let (Some((bucket, key)), Ok(hash)) =
+                        (keys::split_object_key(object_key), <Hash>::try_from(hash))
+                    else {
+                        return Ok(ControlFlow::Continue(()));
+                    };
+                    if out.len() >= limit {
+                        cut = true;
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    out.push((
+                        String::from_utf8_lossy(bucket).into_owned(),
+                        String::from_utf8_lossy(key).into_owned(),
+                        hash,
+                    ));
+                    Ok(ControlFlow::Continue(()))
+                },
+            )?;
+            if cut {
+                return Ok((out, true));
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// Build every tree at startup: from the index when `trust_index` (the last run ended
+    /// cleanly) and the index is marked complete, else from the objects, rewriting the index.
+    ///
+    /// # Errors
+    /// Storage failed.
+    pub fn rebuild(&self, trust_index: bool) -> Result<RebuildReport, String> {
+        let built = self
+            .storage
+            .get(Table::Meta, KEY_INDEX_BUILT)
+            .map_err(|e| e.to_string())?
+            .is_some();
+        if trust_index
+            && built
+            && let Some(entries) = self.trees_from_index()?
+        {
+            return Ok(RebuildReport {
+                entries,
+                from_index: true,
+            });
+        }
+        let entries = self.rebuild_from_objects()?;
+        Ok(RebuildReport {
+            entries,
+            from_index: false,
+        })
+    }
+
+    /// Trees from the index; `None` when an entry is malformed (then the caller rebuilds).
+    fn trees_from_index(&self) -> Result<Option<u64>, String> {
+        let mut trees: HashMap<PartitionId, MerkleTree> = HashMap::new();
+        let mut count = 0;
+        let mut malformed = false;
+        for_each_entry(
+            self.storage.as_ref(),
+            Table::AaeIndex,
+            &[],
+            |index_key, hash| {
+                let (Some((partition, leaf, _)), Ok(hash)) =
+                    (keys::split_aae_index_key(index_key), <Hash>::try_from(hash))
+                else {
+                    malformed = true;
+                    return Ok(ControlFlow::Break(()));
+                };
+                trees
+                    .entry(partition)
+                    .or_default()
+                    .update(leaf, None, Some(&hash));
+                count += 1;
+                Ok(ControlFlow::Continue(()))
+            },
+        )?;
+        if malformed {
+            tracing::warn!("malformed anti-entropy index entry; rebuilding from objects");
+            return Ok(None);
+        }
+        *self.trees.lock() = trees;
+        Ok(Some(count))
+    }
+
+    /// Clear the index, then hash every object into the trees and the index.
+    fn rebuild_from_objects(&self) -> Result<u64, String> {
+        let storage = self.storage.as_ref();
+        storage
+            .delete(Table::Meta, KEY_INDEX_BUILT, Durability::Fsync)
+            .map_err(|e| e.to_string())?;
+        for table in [Table::AaeIndex, Table::Tombstones] {
+            loop {
+                let page = storage
+                    .scan(table, &[], None, REBUILD_SCAN_PAGE)
+                    .map_err(|e| e.to_string())?;
+                if page.is_empty() {
+                    break;
+                }
+                for (index_key, _) in &page {
+                    storage
+                        .delete(table, index_key, Durability::Buffered)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let mut trees: HashMap<PartitionId, MerkleTree> = HashMap::new();
+        let mut count = 0;
+        for_each_entry(storage, Table::Objects, &[], |storage_key, value| {
+            let Some((bucket, key)) = keys::split_object_key(storage_key) else {
+                return Ok(ControlFlow::Continue(()));
+            };
+            let hash = entry_hash(bucket, key, value);
+            let (partition, leaf) = (self.partition_of(bucket, key), leaf_of(bucket, key));
+            trees
+                .entry(partition)
+                .or_default()
+                .update(leaf, None, Some(&hash));
+            storage
+                .put(
+                    Table::AaeIndex,
+                    &keys::aae_index_key(partition, leaf, storage_key),
+                    &hash,
+                    Durability::Buffered,
+                )
+                .map_err(|e| e.to_string())?;
+            if is_tombstone(value) {
+                storage
+                    .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
+                    .map_err(|e| e.to_string())?;
+            }
+            count += 1;
+            Ok(ControlFlow::Continue(()))
+        })?;
+        storage.sync().map_err(|e| e.to_string())?;
+        storage
+            .put(Table::Meta, KEY_INDEX_BUILT, b"1", Durability::Fsync)
+            .map_err(|e| e.to_string())?;
+        *self.trees.lock() = trees;
+        Ok(count)
+    }
+
+    /// Segment hashes of a partition's tree (an empty tree's when absent).
+    pub fn segments(&self, partition: PartitionId) -> Vec<Hash> {
+        self.trees
+            .lock()
+            .get(&partition)
+            .map_or_else(|| MerkleTree::new().segments(), MerkleTree::segments)
+    }
+
+    /// Leaves of the given segments of a partition's tree.
+    pub fn segment_leaves(&self, partition: PartitionId, segments: &[u16]) -> Vec<(u16, Hash)> {
+        self.trees.lock().get(&partition).map_or_else(
+            || MerkleTree::new().segment_leaves(segments),
+            |t| t.segment_leaves(segments),
+        )
+    }
+
+    /// Keys held per partition.
+    pub fn entries(&self) -> HashMap<PartitionId, u64> {
+        self.trees
+            .lock()
+            .iter()
+            .map(|(p, t)| (*p, t.entries()))
+            .collect()
+    }
+}

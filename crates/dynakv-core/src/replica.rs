@@ -1,0 +1,655 @@
+//! The node's local replica: reads and read-merge-writes objects in its storage engine.
+//!
+//! Invariants:
+//! - a write is a read-modify-write under the key's stripe lock, so two concurrent writes to
+//!   one key on this node never both read the same old version (no lost update);
+//! - what is written is always `stored.update(context, ...)` or `stored.sync(incoming)`, so no
+//!   sibling the writer did not see is dropped;
+//! - an object that fails its checksum or decoding is reported as corrupt, never treated as
+//!   absent (which would let a write silently replace it);
+//! - this node's actor never issues a dot twice: a write's counter exceeds every counter the
+//!   actor issued before, for any key (`update_after` with the node-wide counter), and the
+//!   counter's high-water mark is reserved durably (a lease in `Meta`, fsync'd) before an
+//!   object carrying a counter above it is stored. Per-key counters alone would restart at 1
+//!   for a key whose tombstone was reaped here, reissuing an old dot for a new value.
+//!
+//! Calls are synchronous (sans-IO apart from the `Storage` calls): the server runs one inline
+//! on its async worker when the engine says it cannot wait on the disk, else on tokio's
+//! blocking pool (`dynakv_server::replica::run`); the simulator calls them directly over its
+//! simulated disk.
+
+use crate::aae_trees::AaeTrees;
+use crate::bucket::BucketProps;
+use crate::codec::DecodeError;
+use crate::keys;
+use crate::limits;
+use crate::object::{Content, Object, PrunePolicy, WriteError};
+use crate::storage::{Durability, Storage, Table};
+use crate::version::{ActorId, VersionVector};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Number of stripe locks serialising writes per key.
+const WRITE_LOCK_STRIPES: usize = 1024;
+/// `Meta` key of the durable lease on this node's dot counters.
+const KEY_COUNTER_LEASE: &[u8] = b"dot_counter_lease";
+/// Counters reserved per lease write (one fsync'd `Meta` write per this many writes).
+const COUNTER_LEASE_BLOCK: u64 = 100_000;
+
+/// A failed local operation.
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("stored object is corrupt: {0}")]
+    Corrupt(DecodeError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("precondition failed: {0}")]
+    Precondition(&'static str),
+}
+
+fn storage_error(e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Storage(e.to_string())
+}
+
+/// Tombstoned objects of one page, and the last key listed (`None` when the list ended).
+pub type TombstonePage = (Vec<crate::storage::Entry>, Option<Vec<u8>>);
+
+/// A conditional-write requirement (`If-None-Match: *`, `If-Match: etag`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// Only write when the key has no live value.
+    Absent,
+    /// Only write when the key holds exactly one live sibling with this vtag.
+    Matches(String),
+}
+
+/// A write to apply.
+#[derive(Debug)]
+pub struct WriteRequest<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+    /// The client's context; `None` for a client that has read nothing (a put then adds a
+    /// sibling, a delete removes what this node currently holds, as Riak does).
+    pub context: Option<VersionVector>,
+    pub content: Content,
+    pub props: &'a BucketProps,
+    pub durability: Durability,
+    pub precondition: Precondition,
+    pub now_ms: u64,
+}
+
+/// The node's local store of objects and bucket properties.
+#[derive(Debug)]
+pub struct Replica {
+    storage: Arc<dyn Storage>,
+    actor: ActorId,
+    stripes: Vec<Mutex<()>>,
+    /// Hinted keys held per target node.
+    hint_counts: Mutex<std::collections::HashMap<String, usize>>,
+    aae: std::sync::OnceLock<Arc<AaeTrees>>,
+    /// Set by every write made without fsync; the flusher syncs storage and clears it.
+    unflushed: Arc<std::sync::atomic::AtomicBool>,
+    /// Writes made with `Fsync` durability (for `/stats` and tests).
+    fsync_writes: std::sync::atomic::AtomicU64,
+    /// The highest dot counter this actor issued (or may have issued: after a restart, the
+    /// stored lease).
+    last_counter: std::sync::atomic::AtomicU64,
+    /// The durably reserved counter high-water mark (valid once `lease_loaded`).
+    counter_lease: std::sync::atomic::AtomicU64,
+    lease_loaded: std::sync::atomic::AtomicBool,
+    /// Held only to load the lease from `Meta` or to reserve a new one: writes below the
+    /// lease touch nothing but the atomics.
+    lease_lock: Mutex<()>,
+}
+
+impl Replica {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        actor: ActorId,
+        unflushed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Replica {
+            storage,
+            actor,
+            stripes: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            hint_counts: Mutex::new(std::collections::HashMap::new()),
+            aae: std::sync::OnceLock::new(),
+            unflushed,
+            fsync_writes: std::sync::atomic::AtomicU64::new(0),
+            last_counter: std::sync::atomic::AtomicU64::new(0),
+            counter_lease: std::sync::atomic::AtomicU64::new(0),
+            lease_loaded: std::sync::atomic::AtomicBool::new(false),
+            lease_lock: Mutex::new(()),
+        }
+    }
+
+    /// The floor for the next dot counter: every counter issued so far (by this process, or
+    /// by an earlier one of the same actor, through the stored lease) is at most this.
+    fn counter_floor(&self) -> Result<u64, ReplicaError> {
+        use std::sync::atomic::Ordering;
+        if !self.lease_loaded.load(Ordering::Acquire) {
+            let _guard = self.lease_lock.lock();
+            if !self.lease_loaded.load(Ordering::Acquire) {
+                let stored = match self
+                    .storage
+                    .get(Table::Meta, KEY_COUNTER_LEASE)
+                    .map_err(storage_error)?
+                {
+                    None => 0,
+                    Some(bytes) => {
+                        u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                            ReplicaError::Storage("dot counter lease is corrupt".into())
+                        })?)
+                    }
+                };
+                self.last_counter.fetch_max(stored, Ordering::SeqCst);
+                self.counter_lease.store(stored, Ordering::SeqCst);
+                self.lease_loaded.store(true, Ordering::Release);
+            }
+        }
+        Ok(self.last_counter.load(Ordering::SeqCst))
+    }
+
+    /// Record that `counter` was issued: reserve it durably first when it is above the lease
+    /// (always true for a run's first write: the loaded lease may have been fully issued).
+    fn reserve_counter(&self, counter: u64) -> Result<(), ReplicaError> {
+        use std::sync::atomic::Ordering;
+        if counter > self.counter_lease.load(Ordering::SeqCst) {
+            let _guard = self.lease_lock.lock();
+            if counter > self.counter_lease.load(Ordering::SeqCst) {
+                let reserved = counter.saturating_add(COUNTER_LEASE_BLOCK);
+                self.storage
+                    .put(
+                        Table::Meta,
+                        KEY_COUNTER_LEASE,
+                        &reserved.to_be_bytes(),
+                        Durability::Fsync,
+                    )
+                    .map_err(storage_error)?;
+                self.counter_lease.store(reserved, Ordering::SeqCst);
+            }
+        }
+        self.last_counter.fetch_max(counter, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// This replica's causal identity.
+    pub fn actor(&self) -> ActorId {
+        self.actor
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn stripe(&self, storage_key: &[u8]) -> &Mutex<()> {
+        let hash = crc32fast::hash(storage_key) as usize;
+        &self.stripes[hash % self.stripes.len()]
+    }
+
+    fn load(&self, storage_key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        Ok(self.load_both(storage_key)?.map(|(object, _)| object))
+    }
+
+    /// The stored object and its bytes.
+    fn load_both(&self, storage_key: &[u8]) -> Result<Option<(Object, Vec<u8>)>, ReplicaError> {
+        match self
+            .storage
+            .get(Table::Objects, storage_key)
+            .map_err(storage_error)?
+        {
+            None => Ok(None),
+            Some(bytes) => Object::decode(&bytes)
+                .map(|o| Some((o, bytes)))
+                .map_err(ReplicaError::Corrupt),
+        }
+    }
+
+    /// Write an object's bytes and tell the anti-entropy trees.
+    fn store(
+        &self,
+        storage_key: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+        durability: Durability,
+    ) -> Result<(), ReplicaError> {
+        self.storage
+            .put(Table::Objects, storage_key, new, durability)
+            .map_err(storage_error)?;
+        self.note_durability(durability);
+        if let Some(aae) = self.aae.get() {
+            aae.observe(storage_key, old, Some(new));
+        }
+        Ok(())
+    }
+
+    fn note_durability(&self, durability: Durability) {
+        if durability == Durability::Buffered {
+            self.unflushed
+                .store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            self.fsync_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Object, hint and removal writes made with `Fsync` durability since start.
+    pub fn fsync_writes(&self) -> u64 {
+        self.fsync_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Attach the anti-entropy trees (once, at startup, after they are built).
+    pub fn attach_aae(&self, aae: Arc<AaeTrees>) {
+        let _ = self.aae.set(aae);
+    }
+
+    /// The stored object, if any (tombstones included).
+    pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Object>, ReplicaError> {
+        self.load(&keys::object_key(bucket.as_bytes(), key.as_bytes()))
+    }
+
+    /// Apply a client write (put or delete) as coordinator and return the stored result.
+    pub fn write(&self, request: WriteRequest<'_>) -> Result<Object, ReplicaError> {
+        let storage_key = keys::object_key(request.bucket.as_bytes(), request.key.as_bytes());
+        let _guard = self.stripe(&storage_key).lock();
+        let (stored, old_bytes) = match self.load_both(&storage_key)? {
+            Some((object, bytes)) => (object, Some(bytes)),
+            None => (Object::default(), None),
+        };
+        match &request.precondition {
+            Precondition::None => {}
+            Precondition::Absent => {
+                if !stored.is_deleted() {
+                    return Err(ReplicaError::Precondition("the key already has a value"));
+                }
+            }
+            Precondition::Matches(vtag) => {
+                let mut live = stored.live_siblings();
+                let matches = match (live.next(), live.next()) {
+                    (Some(only), None) => only.vtag() == *vtag,
+                    _ => false,
+                };
+                if !matches {
+                    return Err(ReplicaError::Precondition(
+                        "the stored value does not match If-Match",
+                    ));
+                }
+            }
+        }
+        let context = match request.context {
+            Some(context) => context,
+            // A delete without context removes what is here now; a put without context is a
+            // write by a client that has seen nothing.
+            None if request.content.deleted => stored.clock().clone(),
+            None => VersionVector::new(),
+        };
+        let floor = self.counter_floor()?;
+        let mut updated = stored.update_after(
+            &context,
+            request.content,
+            self.actor,
+            floor,
+            request.now_ms,
+            PrunePolicy::default(),
+        )?;
+        self.reserve_counter(updated.clock().counter(self.actor))?;
+        if request.props.last_write_wins {
+            updated.resolve_last_write_wins();
+        }
+        self.store(
+            &storage_key,
+            old_bytes.as_deref(),
+            &updated.encode(),
+            request.durability,
+        )?;
+        Ok(updated)
+    }
+
+    /// Merge a version received from elsewhere (a replica, a handoff) into the local one.
+    pub fn merge(
+        &self,
+        bucket: &str,
+        key: &str,
+        incoming: &Object,
+        props: &BucketProps,
+        durability: Durability,
+    ) -> Result<Object, ReplicaError> {
+        let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
+        let _guard = self.stripe(&storage_key).lock();
+        let (stored, old_bytes) = match self.load_both(&storage_key)? {
+            Some((object, bytes)) => (object, Some(bytes)),
+            None => (Object::default(), None),
+        };
+        let mut merged = stored.sync(incoming);
+        if props.last_write_wins {
+            merged.resolve_last_write_wins();
+        }
+        if merged != stored {
+            self.store(
+                &storage_key,
+                old_bytes.as_deref(),
+                &merged.encode(),
+                durability,
+            )?;
+        }
+        Ok(merged)
+    }
+
+    /// The stored bytes of an object, undecoded (for peers, which decode and check them).
+    pub fn get_raw(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, ReplicaError> {
+        self.storage
+            .get(
+                Table::Objects,
+                &keys::object_key(bucket.as_bytes(), key.as_bytes()),
+            )
+            .map_err(storage_error)
+    }
+
+    /// Up to `limit` stored objects after `start_after`, in storage-key order (for handoff
+    /// and cleanup scans).
+    pub fn scan_objects(
+        &self,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::Entry>, ReplicaError> {
+        self.storage
+            .scan(Table::Objects, &[], start_after, limit)
+            .map_err(storage_error)
+    }
+
+    /// Up to `limit` stored objects that are all tombstones, after `start_after` (storage-key
+    /// order), read through the tombstone list (for reaping).
+    pub fn scan_tombstones(
+        &self,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<TombstonePage, ReplicaError> {
+        let listed = self
+            .storage
+            .scan(Table::Tombstones, &[], start_after, limit)
+            .map_err(storage_error)?;
+        let last_listed = listed.last().map(|(key, _)| key.clone());
+        let mut out = Vec::with_capacity(listed.len());
+        for (storage_key, _) in listed {
+            // A key listed but no longer present (or no longer deleted) is skipped; the list
+            // is corrected by the next write of the key or the next rebuild.
+            if let Some(value) = self
+                .storage
+                .get(Table::Objects, &storage_key)
+                .map_err(storage_error)?
+            {
+                out.push((storage_key, value));
+            }
+        }
+        Ok((out, last_listed))
+    }
+
+    /// Remove a key this node no longer replicates.
+    pub fn remove(&self, storage_key: &[u8]) -> Result<(), ReplicaError> {
+        let _guard = self.stripe(storage_key).lock();
+        let old = self
+            .storage
+            .get(Table::Objects, storage_key)
+            .map_err(storage_error)?;
+        self.storage
+            .delete(Table::Objects, storage_key, Durability::Buffered)
+            .map_err(storage_error)?;
+        self.note_durability(Durability::Buffered);
+        if let Some(aae) = self.aae.get() {
+            aae.observe(storage_key, old.as_deref(), None);
+        }
+        Ok(())
+    }
+
+    /// Keep `incoming` as a hint for `target`, merged with any hint already held for the key.
+    /// Returns false (and stores nothing) when `target` already has `limit` hinted keys.
+    pub fn store_hint(
+        &self,
+        target: &str,
+        bucket: &str,
+        key: &str,
+        incoming: &Object,
+        limit: usize,
+        durability: Durability,
+    ) -> Result<bool, ReplicaError> {
+        let hint_key = keys::hint_key(target, bucket.as_bytes(), key.as_bytes());
+        let _guard = self.stripe(&hint_key).lock();
+        let existing = self
+            .storage
+            .get(Table::Hints, &hint_key)
+            .map_err(storage_error)?;
+        let merged = if let Some(bytes) = &existing {
+            Object::decode(bytes)
+                .map_err(ReplicaError::Corrupt)?
+                .sync(incoming)
+        } else {
+            let mut counts = self.hint_counts.lock();
+            let count = counts.entry(target.to_owned()).or_insert(0);
+            if *count >= limit {
+                return Ok(false);
+            }
+            *count += 1;
+            incoming.clone()
+        };
+        self.storage
+            .put(Table::Hints, &hint_key, &merged.encode(), durability)
+            .map_err(storage_error)?;
+        self.note_durability(durability);
+        Ok(true)
+    }
+
+    /// The hint held for `target` on one key, if any.
+    pub fn get_hint(
+        &self,
+        target: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Object>, ReplicaError> {
+        let hint_key = keys::hint_key(target, bucket.as_bytes(), key.as_bytes());
+        match self
+            .storage
+            .get(Table::Hints, &hint_key)
+            .map_err(storage_error)?
+        {
+            None => Ok(None),
+            Some(bytes) => Object::decode(&bytes)
+                .map(Some)
+                .map_err(ReplicaError::Corrupt),
+        }
+    }
+
+    /// Up to `limit` hints for `target` after `start_after`: (hint key, stored bytes).
+    pub fn hint_page(
+        &self,
+        target: &str,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::Entry>, ReplicaError> {
+        self.storage
+            .scan(Table::Hints, &keys::hint_prefix(target), start_after, limit)
+            .map_err(storage_error)
+    }
+
+    /// Delete a delivered hint, unless it changed since it was read (a newer version merged
+    /// in meanwhile must not be lost).
+    pub fn delete_hint_if_unchanged(
+        &self,
+        hint_key: &[u8],
+        delivered: &[u8],
+    ) -> Result<bool, ReplicaError> {
+        let _guard = self.stripe(hint_key).lock();
+        let current = self
+            .storage
+            .get(Table::Hints, hint_key)
+            .map_err(storage_error)?;
+        if current.as_deref() != Some(delivered) {
+            return Ok(false);
+        }
+        self.storage
+            .delete(Table::Hints, hint_key, Durability::Fsync)
+            .map_err(storage_error)?;
+        if let Some((target, _, _)) = keys::split_hint_key(hint_key) {
+            let target = String::from_utf8_lossy(target).into_owned();
+            let mut counts = self.hint_counts.lock();
+            if let Some(count) = counts.get_mut(&target) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&target);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hinted keys held per target.
+    /// Whether this node keeps a hint of `bucket`/`key` for any node.
+    pub fn holds_hint(&self, bucket: &str, key: &str) -> Result<bool, ReplicaError> {
+        let targets: Vec<String> = self.hint_counts.lock().keys().cloned().collect();
+        for target in targets {
+            if self.get_hint(&target, bucket, key)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    pub fn hint_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<_> = self
+            .hint_counts
+            .lock()
+            .iter()
+            .map(|(t, c)| (t.clone(), *c))
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    /// Count the hints in storage (at startup).
+    pub fn load_hint_counts(&self) -> Result<(), ReplicaError> {
+        let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .storage
+                .scan(Table::Hints, &[], start_after.as_deref(), 1000)
+                .map_err(storage_error)?;
+            let Some((last, _)) = page.last() else { break };
+            start_after = Some(last.clone());
+            for (hint_key, _) in &page {
+                if let Some((target, _, _)) = keys::split_hint_key(hint_key) {
+                    *counts
+                        .entry(String::from_utf8_lossy(target).into_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+        *self.hint_counts.lock() = counts;
+        Ok(())
+    }
+
+    /// Remove a key only if its stored bytes still hash to `expected` (tombstone reaping: a
+    /// write that landed meanwhile must not be lost). Returns whether it was removed.
+    pub fn remove_if_unchanged(
+        &self,
+        storage_key: &[u8],
+        expected: &[u8; 16],
+    ) -> Result<bool, ReplicaError> {
+        self.remove_if_unchanged_with(storage_key, expected, Durability::Fsync)
+    }
+
+    /// [`Replica::remove_if_unchanged`] with the delete's durability (cleanup removes many
+    /// keys buffered, then syncs once).
+    pub fn remove_if_unchanged_with(
+        &self,
+        storage_key: &[u8],
+        expected: &[u8; 16],
+        durability: Durability,
+    ) -> Result<bool, ReplicaError> {
+        let _guard = self.stripe(storage_key).lock();
+        let Some(current) = self
+            .storage
+            .get(Table::Objects, storage_key)
+            .map_err(storage_error)?
+        else {
+            return Ok(false);
+        };
+        let Some((bucket, key)) = keys::split_object_key(storage_key) else {
+            return Ok(false);
+        };
+        if &crate::merkle::entry_hash(bucket, key, &current) != expected {
+            return Ok(false);
+        }
+        self.storage
+            .delete(Table::Objects, storage_key, durability)
+            .map_err(storage_error)?;
+        self.note_durability(durability);
+        if let Some(aae) = self.aae.get() {
+            aae.observe(storage_key, Some(&current), None);
+        }
+        Ok(true)
+    }
+
+    /// Whether the node stores any object at all.
+    pub fn holds_data(&self) -> Result<bool, ReplicaError> {
+        Ok(!self.scan_objects(None, 1)?.is_empty())
+    }
+
+    /// One page of a bucket's live keys, strictly after `start_after`. Returns the keys and
+    /// the storage key to continue from (`None` when the bucket is exhausted).
+    pub fn list_keys_page(
+        &self,
+        bucket: &str,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<Vec<u8>>), ReplicaError> {
+        let prefix = keys::bucket_prefix(bucket.as_bytes());
+        let limit = limit.clamp(1, limits::MAX_LIST_PAGE);
+        let entries = self
+            .storage
+            .scan(Table::Objects, &prefix, start_after, limit)
+            .map_err(storage_error)?;
+        let next = if entries.len() == limit {
+            entries.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (storage_key, value) in &entries {
+            if Object::encoded_is_deleted(value).map_err(ReplicaError::Corrupt)? {
+                continue;
+            }
+            if let Some((_, key)) = keys::split_object_key(storage_key) {
+                out.push(String::from_utf8_lossy(key).into_owned());
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Every bucket holding at least one stored object, skipping from bucket to bucket.
+    pub fn list_buckets(&self) -> Result<Vec<String>, ReplicaError> {
+        let mut buckets = Vec::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let entries = self
+                .storage
+                .scan(Table::Objects, &[], start_after.as_deref(), 1)
+                .map_err(storage_error)?;
+            let Some((storage_key, _)) = entries.into_iter().next() else {
+                break;
+            };
+            let Some((bucket, _)) = keys::split_object_key(&storage_key) else {
+                break;
+            };
+            buckets.push(String::from_utf8_lossy(bucket).into_owned());
+            // Past every key of this bucket: keys are at most MAX_KEY_BYTES long.
+            let mut skip = keys::bucket_prefix(bucket);
+            skip.extend(std::iter::repeat_n(0xff, limits::MAX_KEY_BYTES + 1));
+            start_after = Some(skip);
+        }
+        Ok(buckets)
+    }
+}
