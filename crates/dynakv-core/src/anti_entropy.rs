@@ -321,7 +321,6 @@ impl<K: Ord + Clone> AaeExchange<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::Member;
     use crate::merkle::{MerkleTree, entry_hash, leaf_of};
     use crate::object::{Content, PrunePolicy};
     use crate::version::{ActorId, VersionVector};
