@@ -324,6 +324,14 @@ impl AaeTrees {
             .map_or_else(|| MerkleTree::new().segments(), MerkleTree::segments)
     }
 
+    /// The root hash of a partition's tree (an empty tree's when absent).
+    pub fn root(&self, partition: PartitionId) -> Hash {
+        self.trees
+            .lock()
+            .get(&partition)
+            .map_or_else(|| MerkleTree::new().root(), MerkleTree::root)
+    }
+
     /// Leaves of the given segments of a partition's tree.
     pub fn segment_leaves(&self, partition: PartitionId, segments: &[u16]) -> Vec<(u16, Hash)> {
         self.trees.lock().get(&partition).map_or_else(

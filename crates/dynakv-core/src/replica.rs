@@ -252,6 +252,25 @@ impl Replica {
         self.load(&keys::object_key(bucket.as_bytes(), key.as_bytes()))
     }
 
+    /// The stored object merged with what this node holds as a hint for `hinted_for` (a
+    /// fallback answering a read for the primary it stands in for).
+    pub fn get_with_hint(
+        &self,
+        bucket: &str,
+        key: &str,
+        hinted_for: Option<&str>,
+    ) -> Result<Option<Object>, ReplicaError> {
+        let own = self.get(bucket, key)?;
+        let Some(target) = hinted_for else {
+            return Ok(own);
+        };
+        let hint = self.get_hint(target, bucket, key)?;
+        Ok(match (own, hint) {
+            (Some(a), Some(b)) => Some(a.sync(&b)),
+            (a, b) => a.or(b),
+        })
+    }
+
     /// Apply a client write (put or delete) as coordinator and return the stored result.
     pub fn write(&self, request: WriteRequest<'_>) -> Result<Object, ReplicaError> {
         let storage_key = keys::object_key(request.bucket.as_bytes(), request.key.as_bytes());

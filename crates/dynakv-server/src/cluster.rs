@@ -142,24 +142,6 @@ pub struct HintStats {
     pub per_target: Vec<(String, usize)>,
 }
 
-/// A replica's object, merged with what it holds as a hint for `hinted_for`.
-fn replica_with_hint(
-    replica: &Replica,
-    bucket: &str,
-    key: &str,
-    hinted_for: Option<&str>,
-) -> Result<Option<Object>, ReplicaError> {
-    let own = replica.get(bucket, key)?;
-    let Some(target) = hinted_for else {
-        return Ok(own);
-    };
-    let hint = replica.get_hint(target, bucket, key)?;
-    Ok(match (own, hint) {
-        (Some(a), Some(b)) => Some(a.sync(&b)),
-        (a, b) => a.or(b),
-    })
-}
-
 /// Most tombstones one reaping round handles.
 const MAX_REAPS_PER_ROUND: usize = 1000;
 /// Most keys listed per leaf-key exchange of anti-entropy.
@@ -604,7 +586,7 @@ impl Cluster {
             return match self
                 .replica
                 .run(None, move || {
-                    replica_with_hint(&replica, &b, &k, hinted_for.as_deref())
+                    replica.get_with_hint(&b, &k, hinted_for.as_deref())
                 })
                 .await
             {
@@ -1146,7 +1128,8 @@ impl Cluster {
                     .replica
                     .run(None, move || match hinted_for {
                         None => replica.get_raw(&bucket, &key),
-                        Some(target) => replica_with_hint(&replica, &bucket, &key, Some(&target))
+                        Some(target) => replica
+                            .get_with_hint(&bucket, &key, Some(&target))
                             .map(|o| o.map(|o| o.encode())),
                     })
                     .await

@@ -31,6 +31,7 @@
 //! [--bug drop-sibling]`; replay one: `cargo run --release -p dynakv-sim -- --seed S --verbose`.
 
 pub mod checker;
+pub mod disk;
 pub mod history;
 pub mod node;
 pub mod rng;

@@ -25,8 +25,11 @@
 //!   `HintedPut` (`StaleRing`, with its state), and a node drops a key only once the ring is
 //!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
 
+use crate::disk::{DiskLoss, SimDisk};
 use crate::rng::SimRng;
+use dynakv_core::aae_trees::AaeTrees;
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
+use dynakv_core::bucket::BucketProps;
 use dynakv_core::codec::Writer;
 use dynakv_core::coordinator::{
     ForwardFailure, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute,
@@ -36,13 +39,18 @@ use dynakv_core::coordinator::{
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use dynakv_core::hints::{HintRound, HintRoute};
+use dynakv_core::keys;
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
-use dynakv_core::merkle::{self, Hash, MerkleTree};
+use dynakv_core::merkle::{self, Hash};
 use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, encode_clock};
-use dynakv_core::ring::{NodeId, PartitionId};
+use dynakv_core::replica::{Precondition, Replica, WriteRequest};
+use dynakv_core::ring::{NodeId, PartitionId, Ring};
+use dynakv_core::storage::{Durability as StoreDurability, Storage, Table};
 use dynakv_core::version::{ActorId, VersionVector};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 /// The one bucket the simulation uses.
 pub const BUCKET: &str = "sim";
@@ -325,13 +333,6 @@ pub enum CrashKind {
     Wipe,
 }
 
-/// A durable store key: an object or a hint.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum StoreKey {
-    Object(String),
-    Hint(NodeId, String),
-}
-
 /// Why a reply is awaited.
 #[derive(Debug, Clone)]
 enum Purpose {
@@ -414,7 +415,7 @@ struct ReapRun {
 /// The anti-entropy exchange in progress: the core's `AaeExchange`, the question it waits
 /// for, and the version fetches of the keys it compares.
 #[derive(Debug)]
-struct Exchange {
+struct AaeRun {
     peer: NodeId,
     exchange: AaeExchange<String>,
     asking: Option<RequestId>,
@@ -436,21 +437,6 @@ impl Default for Link {
             backoff_until: 0,
             next_backoff_ms: BACKOFF_INITIAL_MS,
         }
-    }
-}
-
-/// A partition's tree with its segment hashes cached until the next update.
-#[derive(Debug, Clone, Default)]
-struct Tree {
-    tree: MerkleTree,
-    segments: Option<Vec<Hash>>,
-}
-
-impl Tree {
-    fn segments(&mut self) -> Vec<Hash> {
-        self.segments
-            .get_or_insert_with(|| self.tree.segments())
-            .clone()
     }
 }
 
@@ -480,15 +466,18 @@ pub struct SimNode {
     config: NodeConfig,
     // ---- durable state ----
     cluster: ClusterState,
-    /// The highest dot counter this node's actor issued, for any key (the server keeps a
-    /// durable lease on it): a new dot always exceeds it, so no dot is issued twice.
-    last_counter: u64,
-    objects: BTreeMap<String, (Object, Hash)>,
-    hints: BTreeMap<(NodeId, String), Object>,
-    /// With buffered durability: the durable value of each key changed since the last flush.
-    unflushed: BTreeMap<StoreKey, Option<Object>>,
+    /// The node's disk: objects, hints, the dot-counter lease, the anti-entropy index. What
+    /// survives a crash is what `SimDisk` says.
+    disk: Arc<SimDisk>,
     // ---- volatile state ----
-    trees: BTreeMap<PartitionId, Tree>,
+    /// The server's own replica code over the disk: read-merge-write of objects (with the
+    /// node-wide dot counter and its durable lease), the bounded hint store, tombstones.
+    /// Rebuilt at every start.
+    replica: Replica,
+    /// The server's anti-entropy trees and index, rebuilt from the disk at every start.
+    aae: Arc<AaeTrees>,
+    /// The simulation's one bucket's properties (`last_write_wins` from the config).
+    props: BucketProps,
     rng: SimRng,
     next_request: RequestId,
     next_coord: u64,
@@ -499,7 +488,7 @@ pub struct SimNode {
     links: BTreeMap<NodeId, Link>,
     /// Hint deliveries in flight per target.
     /// The delivery round in progress per target.
-    hint_rounds: BTreeMap<NodeId, HintRound<String, Object>>,
+    hint_rounds: BTreeMap<NodeId, HintRound<String, Vec<u8>>>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
     handoff: Option<TransitionHandoff>,
@@ -511,12 +500,12 @@ pub struct SimNode {
     join_pending: bool,
     aae_round: usize,
     aae_plan: Option<AaeRound>,
-    aae_current: Option<Exchange>,
+    aae_current: Option<AaeRun>,
     reaps: BTreeMap<u64, ReapRun>,
     next_reap: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
-    cleanup: Option<Cleanup<String, Object>>,
+    cleanup: Option<Cleanup<String, Hash>>,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -534,17 +523,22 @@ impl SimNode {
         rng: SimRng,
         now: u64,
     ) -> (SimNode, Vec<Output>) {
+        let disk = Arc::new(SimDisk::new());
+        let (replica, aae) = open_storage(&disk, actor, &cluster.ring.current);
+        let props = BucketProps {
+            last_write_wins: config.last_write_wins,
+            ..BucketProps::default()
+        };
         let mut node = SimNode {
             failure_detector: FailureDetector::new(me.clone(), now, HEARTBEAT_TIMEOUT_MS),
             me,
             actor,
             config,
             cluster,
-            last_counter: 0,
-            objects: BTreeMap::new(),
-            hints: BTreeMap::new(),
-            unflushed: BTreeMap::new(),
-            trees: BTreeMap::new(),
+            disk,
+            replica,
+            aae,
+            props,
             rng,
             next_request: 1,
             next_coord: 1,
@@ -636,25 +630,47 @@ impl SimNode {
     }
 
     /// The stored object of a key (tombstones included).
-    pub fn object(&self, key: &str) -> Option<&Object> {
-        self.objects.get(key).map(|(o, _)| o)
+    pub fn object(&self, key: &str) -> Option<Object> {
+        must(self.replica.get(BUCKET, key), "read an object")
     }
 
-    /// Every stored object.
-    pub fn objects(&self) -> impl Iterator<Item = (&String, &Object)> {
-        self.objects.iter().map(|(k, (o, _))| (k, o))
+    /// Every stored object, in key order.
+    pub fn objects(&self) -> Vec<(String, Object)> {
+        self.stored()
+            .into_iter()
+            .map(|(key, bytes)| (key, decode(&bytes)))
+            .collect()
+    }
+
+    /// Every stored object's key and bytes, in key order.
+    fn stored(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let page = must(
+                self.replica.scan_objects(start_after.as_deref(), 1000),
+                "scan objects",
+            );
+            let Some((last, _)) = page.last() else {
+                return out;
+            };
+            start_after = Some(last.clone());
+            for (storage_key, bytes) in page {
+                if let Some((_, key)) = keys::split_object_key(&storage_key) {
+                    out.push((String::from_utf8_lossy(key).into_owned(), bytes));
+                }
+            }
+        }
     }
 
     /// Number of hints held.
     pub fn hint_count(&self) -> usize {
-        self.hints.len()
+        self.replica.hint_counts().iter().map(|(_, n)| n).sum()
     }
 
     /// The Merkle root of one partition's tree.
     pub fn partition_root(&self, partition: PartitionId) -> Hash {
-        self.trees
-            .get(&partition)
-            .map_or_else(|| MerkleTree::new().root(), |t| t.tree.root())
+        self.aae.root(partition)
     }
 
     /// The key's partition.
@@ -708,56 +724,19 @@ impl SimNode {
         keep_actor_after_loss: bool,
         rng: SimRng,
     ) -> (bool, Vec<Output>) {
-        let mut lost = false;
-        match kind {
-            CrashKind::Process => {}
-            CrashKind::PowerLoss => {
-                let unflushed = std::mem::take(&mut self.unflushed);
-                for (key, durable) in unflushed {
-                    lost = true;
-                    match (key, durable) {
-                        (StoreKey::Object(k), Some(o)) => {
-                            let h = entry_hash_of(&k, &o);
-                            self.objects.insert(k, (o, h));
-                        }
-                        (StoreKey::Object(k), None) => {
-                            self.objects.remove(&k);
-                        }
-                        (StoreKey::Hint(t, k), Some(o)) => {
-                            self.hints.insert((t, k), o);
-                        }
-                        (StoreKey::Hint(t, k), None) => {
-                            self.hints.remove(&(t, k));
-                        }
-                    }
-                }
-            }
-            CrashKind::Wipe => {
-                lost = !self.objects.is_empty() || !self.hints.is_empty();
-                self.objects.clear();
-                self.hints.clear();
-                self.unflushed.clear();
-                // A new data directory is a new actor, whatever was in it.
-                self.actor = new_actor;
-            }
-        }
-        if lost && !keep_actor_after_loss {
+        let lost = self.disk.crash(match kind {
+            CrashKind::Process => DiskLoss::Nothing,
+            CrashKind::PowerLoss => DiskLoss::Unsynced,
+            CrashKind::Wipe => DiskLoss::Everything,
+        });
+        if kind == CrashKind::Wipe || (lost && !keep_actor_after_loss) {
+            // A new data directory is a new actor, whatever was in it.
             self.actor = new_actor;
         }
-        // Volatile state.
-        self.trees.clear();
-        let keys: Vec<(String, Object)> = self
-            .objects
-            .iter()
-            .map(|(k, (o, _))| (k.clone(), o.clone()))
-            .collect();
-        for (key, object) in keys {
-            let hash = entry_hash_of(&key, &object);
-            let (p, leaf) = (self.partition_of(&key), leaf(&key));
-            let tree = self.trees.entry(p).or_default();
-            tree.tree.update(leaf, None, Some(&hash));
-            tree.segments = None;
-        }
+        // Volatile state: the replica, its hint counts and the trees come back from the disk.
+        let (replica, aae) = open_storage(&self.disk, self.actor, &self.cluster.ring.current);
+        self.replica = replica;
+        self.aae = aae;
         self.rng = rng;
         self.pending.clear();
         self.gets.clear();
@@ -898,42 +877,56 @@ impl SimNode {
 
     // ----- local storage -----
 
-    fn mark_unflushed(&mut self, key: StoreKey) {
-        if self.config.durability == Durability::Fsync || self.unflushed.contains_key(&key) {
-            return;
+    /// The durability of a write: fsync'd when the config or the request asks for it.
+    fn durability(&self, fsync: bool) -> StoreDurability {
+        if fsync || self.config.durability == Durability::Fsync {
+            StoreDurability::Fsync
+        } else {
+            StoreDurability::Buffered
         }
-        let durable = match &key {
-            StoreKey::Object(k) => self.objects.get(k).map(|(o, _)| o.clone()),
-            StoreKey::Hint(t, k) => self.hints.get(&(t.clone(), k.clone())).cloned(),
-        };
-        self.unflushed.insert(key, durable);
     }
 
-    fn put_object(&mut self, key: &str, object: Object) {
-        self.mark_unflushed(StoreKey::Object(key.to_owned()));
+    fn note_stored(&mut self, object: &Object) {
         self.stats.max_siblings = self.stats.max_siblings.max(object.siblings().len());
         self.stats.max_clock_entries = self.stats.max_clock_entries.max(object.clock().len());
-        let hash = entry_hash_of(key, &object);
-        let old = self.objects.insert(key.to_owned(), (object, hash));
-        let (p, leaf) = (self.partition_of(key), leaf(key));
-        let tree = self.trees.entry(p).or_default();
-        tree.tree
-            .update(leaf, old.as_ref().map(|(_, h)| h), Some(&hash));
-        tree.segments = None;
     }
 
-    /// Drop a key this node no longer replicates (`cleanup_round`).
-    fn remove_object(&mut self, key: &str) {
-        self.mark_unflushed(StoreKey::Object(key.to_owned()));
-        if let Some((_, hash)) = self.objects.remove(key) {
-            let (p, leaf) = (self.partition_of(key), leaf(key));
-            let tree = self.trees.entry(p).or_default();
-            tree.tree.update(leaf, Some(&hash), None);
-            tree.segments = None;
-        }
+    /// Store an object bypassing the replica's rules: only the planted bug and the old
+    /// per-key-counter rule, which reproduce findings, write this way.
+    fn overwrite(&mut self, key: &str, object: &Object) {
+        let storage_key = keys::object_key(BUCKET.as_bytes(), key.as_bytes());
+        let old = must(
+            self.disk.get(Table::Objects, &storage_key),
+            "read an object",
+        );
+        let new = object.encode();
+        let durability = self.durability(false);
+        must(
+            self.disk
+                .put(Table::Objects, &storage_key, &new, durability),
+            "write an object",
+        );
+        self.aae.observe(&storage_key, old.as_deref(), Some(&new));
+        self.note_stored(object);
     }
 
-    /// The coordinator's write (`Replica::write`): `update` with this node's actor.
+    /// Remove a key's object if its stored bytes still hash to `expected` (cleanup and
+    /// reaping: `Replica::remove_if_unchanged_with`). Returns whether it was removed.
+    fn remove_if_unchanged(&mut self, key: &str, expected: &Hash, fsync: bool) -> bool {
+        let storage_key = keys::object_key(BUCKET.as_bytes(), key.as_bytes());
+        let durability = if fsync {
+            StoreDurability::Fsync
+        } else {
+            StoreDurability::Buffered
+        };
+        must(
+            self.replica
+                .remove_if_unchanged_with(&storage_key, expected, durability),
+            "remove an object",
+        )
+    }
+
+    /// The coordinator's write: `Replica::write` with this node's actor.
     fn write_local(
         &mut self,
         now: u64,
@@ -941,8 +934,6 @@ impl SimNode {
         context: Option<&VersionVector>,
         value: Option<Vec<u8>>,
     ) -> Result<Object, String> {
-        let stored = self.object(key).cloned().unwrap_or_default();
-        let context = context.cloned().unwrap_or_default();
         let deleted = value.is_none();
         let content = Content {
             value: value.unwrap_or_default(),
@@ -951,65 +942,76 @@ impl SimNode {
             meta: Vec::new(),
             deleted,
         };
-        let floor = if self.config.per_key_counters {
-            0
-        } else {
-            self.last_counter
-        };
-        let mut updated = stored
-            .update_after(
-                &context,
-                content,
-                self.actor,
-                floor,
-                now,
-                PrunePolicy::default(),
-            )
-            .map_err(|e| e.to_string())?;
-        self.last_counter = self.last_counter.max(updated.clock().counter(self.actor));
-        if self.config.last_write_wins {
-            updated.resolve_last_write_wins();
+        if self.config.per_key_counters {
+            // The old rule: the dot counter continues from the key's own clock only.
+            let stored = self.object(key).unwrap_or_default();
+            let context = context.cloned().unwrap_or_default();
+            let mut updated = stored
+                .update(&context, content, self.actor, now, PrunePolicy::default())
+                .map_err(|e| e.to_string())?;
+            if self.config.last_write_wins {
+                updated.resolve_last_write_wins();
+            }
+            self.overwrite(key, &updated);
+            return Ok(updated);
         }
-        self.put_object(key, updated.clone());
+        let durability = self.durability(false);
+        let updated = self
+            .replica
+            .write(WriteRequest {
+                bucket: BUCKET,
+                key,
+                context: context.cloned(),
+                content,
+                props: &self.props,
+                durability,
+                precondition: Precondition::None,
+                now_ms: now,
+            })
+            .map_err(|e| e.to_string())?;
+        self.note_stored(&updated);
         Ok(updated)
     }
 
-    /// A replica-side merge (`Replica::merge`): `sync` with what is stored.
+    /// A replica-side merge: `Replica::merge` (`sync` with what is stored).
     fn merge_local(&mut self, key: &str, incoming: &Object) -> Object {
-        let stored = self.object(key).cloned().unwrap_or_default();
-        let mut merged = stored.sync(incoming);
-        if self.config.last_write_wins {
-            merged.resolve_last_write_wins();
-        }
+        let durability = self.durability(false);
+        let merged = must(
+            self.replica
+                .merge(BUCKET, key, incoming, &self.props, durability),
+            "merge an object",
+        );
         if self.config.bug == Some(Bug::DropSiblingOnMerge)
             && merged.siblings().len() > 1
             && let Some(first_only) = with_siblings(merged.clock(), &merged.siblings()[..1])
         {
-            merged = first_only;
+            self.overwrite(key, &first_only);
+            return first_only;
         }
-        if merged != stored {
-            self.put_object(key, merged.clone());
-        }
+        self.note_stored(&merged);
         merged
     }
 
     /// `Replica::store_hint`: merged with any hint held for the key, bounded per target.
     fn store_hint(&mut self, target: &NodeId, key: &str, incoming: &Object) -> bool {
-        let hint_key = (target.clone(), key.to_owned());
-        let merged = if let Some(existing) = self.hints.get(&hint_key) {
-            existing.sync(incoming)
+        let durability = self.durability(false);
+        let stored = must(
+            self.replica.store_hint(
+                &target.0,
+                BUCKET,
+                key,
+                incoming,
+                MAX_HINTS_PER_TARGET,
+                durability,
+            ),
+            "store a hint",
+        );
+        if stored {
+            self.stats.hints_stored += 1;
         } else {
-            let count = self.hints.keys().filter(|(t, _)| t == target).count();
-            if count >= MAX_HINTS_PER_TARGET {
-                self.stats.hints_dropped += 1;
-                return false;
-            }
-            incoming.clone()
-        };
-        self.mark_unflushed(StoreKey::Hint(target.clone(), key.to_owned()));
-        self.hints.insert(hint_key, merged);
-        self.stats.hints_stored += 1;
-        true
+            self.stats.hints_dropped += 1;
+        }
+        stored
     }
 
     /// `Cluster::keep_hint`: this node keeps a version for `target`.
@@ -1019,21 +1021,17 @@ impl SimNode {
         }
     }
 
-    /// `replica_with_hint`: the stored object merged with the hint held for `hinted_for`.
+    /// `Replica::get_with_hint`: the stored object merged with the hint held for `hinted_for`.
     fn local_with_hint(&self, key: &str, hinted_for: Option<&NodeId>) -> Option<Object> {
-        let own = self.object(key).cloned();
-        let Some(target) = hinted_for else {
-            return own;
-        };
-        let hint = self.hints.get(&(target.clone(), key.to_owned())).cloned();
-        match (own, hint) {
-            (Some(a), Some(b)) => Some(a.sync(&b)),
-            (a, b) => a.or(b),
-        }
+        must(
+            self.replica
+                .get_with_hint(BUCKET, key, hinted_for.map(|n| n.0.as_str())),
+            "read an object",
+        )
     }
 
     fn flush(&mut self) {
-        self.unflushed.clear();
+        must(self.disk.sync(), "sync the disk");
     }
 
     // ----- client requests -----
@@ -1468,14 +1466,12 @@ impl SimNode {
                 );
             }
             Request::ReapCheck { key } => {
-                let object = self.object(&key).cloned();
-                let hinted = self.hints.keys().any(|(_, k)| *k == key);
+                let object = self.object(&key);
+                let hinted = must(self.replica.holds_hint(BUCKET, &key), "read hints");
                 self.respond(from, id, Response::ReapState { object, hinted });
             }
             Request::Reap { key, expected } => {
-                if self.object(&key) == Some(&expected) {
-                    self.remove_object(&key);
-                    self.flush();
+                if self.remove_if_unchanged(&key, &entry_hash_of(&key, &expected), true) {
                     self.stats.tombstones_reaped += 1;
                 }
                 self.respond(from, id, Response::Ack);
@@ -1765,11 +1761,11 @@ impl SimNode {
         let n_val = self.config.n_val as u32;
         let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
         let mut sends = Vec::new();
-        for (key, (object, _)) in &self.objects {
-            let partition = self.partition_of(key);
+        for (key, object) in self.objects() {
+            let partition = self.partition_of(&key);
             let destinations =
                 TransitionHandoff::destinations(&self.cluster, &self.me, partition, n_val);
-            sends.extend(batches.push_all(&destinations, &(key.clone(), object.clone()), 0));
+            sends.extend(batches.push_all(&destinations, &(key, object), 0));
         }
         sends.extend(batches.drain());
         for (node, entries) in sends {
@@ -1807,15 +1803,16 @@ impl SimNode {
         let n_val = self.config.n_val as u32;
         let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
         let mut sends = Vec::new();
-        for (key, (object, _)) in &self.objects {
-            let partition = self.partition_of(key);
+        for (key, bytes) in self.stored() {
+            let partition = self.partition_of(&key);
             let Some(primaries) =
-                Cleanup::<String, Object>::doomed(&self.cluster, &self.me, partition, n_val)
+                Cleanup::<String, Hash>::doomed(&self.cluster, &self.me, partition, n_val)
             else {
                 continue;
             };
-            cleanup.add(key.clone(), object.clone(), primaries.len());
-            sends.extend(batches.push_all(&primaries, &(key.clone(), object.clone()), 0));
+            let hash = merkle::entry_hash(BUCKET.as_bytes(), key.as_bytes(), &bytes);
+            cleanup.add(key.clone(), hash, primaries.len());
+            sends.extend(batches.push_all(&primaries, &(key, decode(&bytes)), 0));
         }
         sends.extend(batches.drain());
         for (node, entries) in sends {
@@ -1846,9 +1843,8 @@ impl SimNode {
         let Some(mut cleanup) = self.cleanup.take() else {
             return;
         };
-        for (key, object) in cleanup.on_batch(keys, ok) {
-            if self.object(&key) == Some(&object) {
-                self.remove_object(&key);
+        for (key, hash) in cleanup.on_batch(keys, ok) {
+            if self.remove_if_unchanged(&key, &hash, false) {
                 self.stats.cleanup_dropped += 1;
             } else {
                 cleanup.kept_changed();
@@ -1858,7 +1854,7 @@ impl SimNode {
     }
 
     /// Keep the pass while keys wait for acknowledgements; once settled, sync and record it.
-    fn finish_cleanup(&mut self, cleanup: Cleanup<String, Object>) {
+    fn finish_cleanup(&mut self, cleanup: Cleanup<String, Hash>) {
         if !cleanup.settled() {
             self.cleanup = Some(cleanup);
             return;
@@ -1877,10 +1873,11 @@ impl SimNode {
             self.hint_rounds.remove(target);
         }
         for (key, held) in released {
-            let hint_key = (target.clone(), key);
-            if self.hints.get(&hint_key) == Some(&held) {
-                self.mark_unflushed(StoreKey::Hint(hint_key.0.clone(), hint_key.1.clone()));
-                self.hints.remove(&hint_key);
+            let hint_key = keys::hint_key(&target.0, BUCKET.as_bytes(), key.as_bytes());
+            if must(
+                self.replica.delete_hint_if_unchanged(&hint_key, &held),
+                "delete a hint",
+            ) {
                 self.stats.hints_delivered += 1;
             }
         }
@@ -1890,7 +1887,12 @@ impl SimNode {
     /// a target that is up; a hint whose target no longer replicates its key (or has exited)
     /// goes to the key's current replicas instead.
     fn deliver_hints(&mut self, now: u64) {
-        let targets: BTreeSet<NodeId> = self.hints.keys().map(|(t, _)| t.clone()).collect();
+        let targets: BTreeSet<NodeId> = self
+            .replica
+            .hint_counts()
+            .into_iter()
+            .map(|(t, _)| NodeId(t))
+            .collect();
         for target in targets {
             if self.hint_rounds.contains_key(&target) {
                 continue; // the previous round's deliveries are still out
@@ -1900,19 +1902,21 @@ impl SimNode {
             else {
                 continue;
             };
-            let page: Vec<(String, Object)> = self
-                .hints
-                .iter()
-                .filter(|((t, _), _)| *t == target)
-                .take(HANDOFF_BATCH_KEYS)
-                .map(|((_, k), o)| (k.clone(), o.clone()))
-                .collect();
+            let page = must(
+                self.replica.hint_page(&target.0, None, HANDOFF_BATCH_KEYS),
+                "read hints",
+            );
             let mut direct = Vec::new();
             let mut local = Vec::new();
             let mut moved = Vec::new();
-            for (key, object) in page {
+            for (hint_key, bytes) in page {
+                let Some((_, _, key)) = keys::split_hint_key(&hint_key) else {
+                    continue;
+                };
+                let key = String::from_utf8_lossy(key).into_owned();
+                let object = decode(&bytes);
                 let preflist = self.primaries(&key);
-                match round.route(key.clone(), object.clone(), &preflist) {
+                match round.route(key.clone(), bytes, &preflist) {
                     None => break,
                     Some(HintRoute::Target) => direct.push((key, object)),
                     Some(HintRoute::Replicas(nodes)) => {
@@ -1967,24 +1971,25 @@ impl SimNode {
 
     // ----- anti-entropy -----
 
-    fn segments(&mut self, partition: PartitionId) -> Vec<Hash> {
-        self.trees.entry(partition).or_default().segments()
+    fn segments(&self, partition: PartitionId) -> Vec<Hash> {
+        self.aae.segments(partition)
     }
 
-    fn segment_leaves(&mut self, partition: PartitionId, segments: &[u16]) -> Vec<(u16, Hash)> {
-        self.trees
-            .entry(partition)
-            .or_default()
-            .tree
-            .segment_leaves(segments)
+    fn segment_leaves(&self, partition: PartitionId, segments: &[u16]) -> Vec<(u16, Hash)> {
+        self.aae.segment_leaves(partition, segments)
     }
 
+    /// `AaeTrees::leaf_keys`: the keys of some leaves, read through the index.
     fn local_leaf_keys(&self, partition: PartitionId, leaves: &[u16]) -> BTreeMap<String, Hash> {
-        self.objects
-            .iter()
-            .filter(|(k, _)| self.partition_of(k) == partition && leaves.contains(&leaf(k)))
-            .take(MAX_AAE_KEYS_PER_EXCHANGE)
-            .map(|(k, (_, h))| (k.clone(), *h))
+        let leaves: BTreeSet<u16> = leaves.iter().copied().collect();
+        let (keys, _cut) = must(
+            self.aae
+                .leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE),
+            "read the anti-entropy index",
+        );
+        keys.into_iter()
+            .filter(|(bucket, _, _)| bucket == BUCKET)
+            .map(|(_, key, hash)| (key, hash))
             .collect()
     }
 
@@ -2000,13 +2005,28 @@ impl SimNode {
             return;
         }
         let grace = self.config.tombstone_grace_ms;
-        let candidates: Vec<(String, Object)> = self
-            .objects
-            .iter()
-            .filter(|(_, (o, _))| reap_candidate(o, now, grace))
-            .map(|(k, (o, _))| (k.clone(), o.clone()))
-            .take(MAX_REAPS_PER_ROUND)
-            .collect();
+        // Through the tombstone list, as the server reads it.
+        let mut candidates: Vec<(String, Object)> = Vec::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        while candidates.len() < MAX_REAPS_PER_ROUND {
+            let (page, last) = must(
+                self.replica.scan_tombstones(start_after.as_deref(), 1000),
+                "scan tombstones",
+            );
+            for (storage_key, bytes) in page {
+                let object = decode(&bytes);
+                if let Some((_, key)) = keys::split_object_key(&storage_key)
+                    && reap_candidate(&object, now, grace)
+                    && candidates.len() < MAX_REAPS_PER_ROUND
+                {
+                    candidates.push((String::from_utf8_lossy(key).into_owned(), object));
+                }
+            }
+            match last {
+                Some(last) => start_after = Some(last),
+                None => break,
+            }
+        }
         for (key, object) in candidates {
             let partition = self.partition_of(&key);
             let n_val = self.config.n_val as u32;
@@ -2028,7 +2048,7 @@ impl SimNode {
                 } else {
                     (
                         reap_check_members(&self.cluster),
-                        self.hints.keys().any(|(_, k)| *k == key),
+                        must(self.replica.holds_hint(BUCKET, &key), "read hints"),
                     )
                 };
             let (check, ask) = ReapCheck::start(&self.me, members, primaries, object, me_hinted);
@@ -2076,9 +2096,7 @@ impl SimNode {
             };
             self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
         }
-        if self.object(&run.key) == Some(&object) {
-            self.remove_object(&run.key);
-            self.flush();
+        if self.remove_if_unchanged(&run.key, &entry_hash_of(&run.key, &object), true) {
             self.stats.tombstones_reaped += 1;
         }
     }
@@ -2110,7 +2128,7 @@ impl SimNode {
             return;
         };
         let request = self.send_aae_ask(now, &peer, exchange.partition(), ask);
-        self.aae_current = Some(Exchange {
+        self.aae_current = Some(AaeRun {
             peer,
             exchange,
             asking: Some(request),
@@ -2159,7 +2177,7 @@ impl SimNode {
         let step = if let Some(key) = current.fetching.remove(&id) {
             match body {
                 Some(Response::Object(remote)) => {
-                    let local = self.object(&key).cloned();
+                    let local = self.object(&key);
                     if let Some(repair) =
                         current
                             .exchange
@@ -2251,8 +2269,34 @@ pub fn member_entry(id: &NodeId) -> Member {
     }
 }
 
-fn leaf(key: &str) -> u16 {
-    merkle::leaf_of(BUCKET.as_bytes(), key.as_bytes())
+/// The replica and trees of a node over its disk, as the server opens them at startup (the
+/// index is not trusted: a simulated node only ever restarts after a crash).
+fn open_storage(disk: &Arc<SimDisk>, actor: ActorId, ring: &Ring) -> (Replica, Arc<AaeTrees>) {
+    let storage: Arc<dyn Storage> = Arc::clone(disk) as Arc<dyn Storage>;
+    let replica = Replica::new(
+        Arc::clone(&storage),
+        actor,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let aae = Arc::new(AaeTrees::new(ring.clone(), storage));
+    must(aae.rebuild(false), "rebuild the anti-entropy trees");
+    replica.attach_aae(Arc::clone(&aae));
+    must(replica.load_hint_counts(), "count hints");
+    (replica, aae)
+}
+
+/// The simulated disk never fails and nothing corrupts it: a failure here is a bug of the
+/// simulation itself, and the seed stops loudly.
+fn must<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("simulated storage failed to {what}: {e}"),
+    }
+}
+
+/// Decode bytes this node stored (see [`must`]).
+fn decode(bytes: &[u8]) -> Object {
+    must(Object::decode(bytes), "decode a stored object")
 }
 
 fn entry_hash_of(key: &str, object: &Object) -> Hash {
