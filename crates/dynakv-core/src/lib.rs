@@ -4,7 +4,8 @@
 //! every protocol step is a plain function call that a test (or the simulator) can replay.
 //!
 //! Modules: [`replica`] (a node's local objects and hints: read-merge-write over a `Storage`),
-//! [`aae_trees`] (its Merkle trees and their storage index), [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
+//! [`aae_trees`] (its Merkle trees and their storage index), [`serve`] (the replica side of
+//! the peer protocol, answered from that storage), [`version`] (version vectors, dots), [`object`] (sibling sets with dotted version
 //! vectors), [`context`] (the authenticated client context), [`ring`] (consistent hashing,
 //! claim, preference lists), [`coordinator`] (the get and put coordinator state machines,
 //! forwarding, reaping), [`anti_entropy`] (anti-entropy rounds and exchanges), [`handoff`]
@@ -30,6 +31,7 @@ pub mod object;
 pub mod quorum;
 pub mod replica;
 pub mod ring;
+pub mod serve;
 pub mod storage;
 #[cfg(test)]
 mod test_support;

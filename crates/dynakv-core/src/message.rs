@@ -264,6 +264,42 @@ pub enum PeerMessage {
     },
 }
 
+impl PeerMessage {
+    /// The variant's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerMessage::Gossip(_) => "Gossip",
+            PeerMessage::JoinRequest { .. } => "JoinRequest",
+            PeerMessage::JoinAccepted { .. } => "JoinAccepted",
+            PeerMessage::ReplicaGet { .. } => "ReplicaGet",
+            PeerMessage::ReplicaObject { .. } => "ReplicaObject",
+            PeerMessage::ReplicaPut { .. } => "ReplicaPut",
+            PeerMessage::HintedPut { .. } => "HintedPut",
+            PeerMessage::Reap { .. } => "Reap",
+            PeerMessage::Reaped(_) => "Reaped",
+            PeerMessage::ReapCheck { .. } => "ReapCheck",
+            PeerMessage::ReapState { .. } => "ReapState",
+            PeerMessage::AaeSegments { .. } => "AaeSegments",
+            PeerMessage::AaeHashes { .. } => "AaeHashes",
+            PeerMessage::AaeLeaves { .. } => "AaeLeaves",
+            PeerMessage::AaeLeafHashes { .. } => "AaeLeafHashes",
+            PeerMessage::AaeKeys { .. } => "AaeKeys",
+            PeerMessage::AaeKeyHashes { .. } => "AaeKeyHashes",
+            PeerMessage::CoordinatePut { .. } => "CoordinatePut",
+            PeerMessage::Coordinated { .. } => "Coordinated",
+            PeerMessage::Failed { .. } => "Failed",
+            PeerMessage::Handoff { .. } => "Handoff",
+            PeerMessage::ListKeys { .. } => "ListKeys",
+            PeerMessage::ListBuckets => "ListBuckets",
+            PeerMessage::Buckets(_) => "Buckets",
+            PeerMessage::KeyPage { .. } => "KeyPage",
+            PeerMessage::Ack => "Ack",
+            PeerMessage::StaleRing(_) => "StaleRing",
+            PeerMessage::Error(_) => "Error",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

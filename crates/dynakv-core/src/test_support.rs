@@ -50,3 +50,68 @@ pub fn settle(state: &mut crate::membership::ClusterState) {
         state.plan();
     }
 }
+
+/// An in-memory `Storage` for unit tests of code above the engines (the real engines and
+/// their conformance suite live in `dynakv-storage`, which depends on this crate).
+#[derive(Debug, Default)]
+pub struct MapStorage {
+    map: parking_lot::Mutex<std::collections::BTreeMap<(crate::storage::Table, Vec<u8>), Vec<u8>>>,
+}
+
+impl crate::storage::Storage for MapStorage {
+    fn get(
+        &self,
+        table: crate::storage::Table,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, crate::storage::GetError> {
+        Ok(self.map.lock().get(&(table, key.to_vec())).cloned())
+    }
+
+    fn put(
+        &self,
+        table: crate::storage::Table,
+        key: &[u8],
+        value: &[u8],
+        _durability: crate::storage::Durability,
+    ) -> Result<(), crate::storage::PutError> {
+        self.map
+            .lock()
+            .insert((table, key.to_vec()), value.to_vec());
+        Ok(())
+    }
+
+    fn delete(
+        &self,
+        table: crate::storage::Table,
+        key: &[u8],
+        _durability: crate::storage::Durability,
+    ) -> Result<(), crate::storage::DeleteError> {
+        self.map.lock().remove(&(table, key.to_vec()));
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        table: crate::storage::Table,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::Entry>, crate::storage::ScanError> {
+        let map = self.map.lock();
+        Ok(map
+            .range((table, prefix.to_vec())..)
+            .take_while(|((t, k), _)| *t == table && k.starts_with(prefix))
+            .filter(|((_, k), _)| start_after.is_none_or(|after| k.as_slice() > after))
+            .take(limit)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn sync(&self) -> Result<(), crate::storage::SyncError> {
+        Ok(())
+    }
+
+    fn engine_name(&self) -> &'static str {
+        "test-map"
+    }
+}

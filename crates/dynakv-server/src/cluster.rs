@@ -37,6 +37,7 @@ use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondit
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::QuorumFailure;
 use dynakv_core::ring::{NodeId, PartitionId, key_hash};
+use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext, ServeError, StorageCall};
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::VersionVector;
 use parking_lot::{Mutex, RwLock};
@@ -682,7 +683,7 @@ impl Cluster {
             }
             other => Err(ClusterError::Internal(format!(
                 "{node} answered {}",
-                message_name(&other)
+                other.name()
             ))),
         }
     }
@@ -950,7 +951,7 @@ impl Cluster {
                 Ok(other) => {
                     // It answered without coordinating (an older or confused peer): it did
                     // not store the write.
-                    let error = format!("{node} answered {}", message_name(&other));
+                    let error = format!("{node} answered {}", other.name());
                     forward.failed(ForwardFailure::NotAReplica, error);
                 }
                 Err(
@@ -1094,6 +1095,9 @@ impl Cluster {
         from: &PeerInfo,
         message: PeerMessage,
     ) -> Result<PeerMessage, ClusterError> {
+        if let Some(call) = serve::storage_call(&message) {
+            return self.serve_locally(call, message).await;
+        }
         match message {
             PeerMessage::Gossip(theirs) => {
                 self.merge_state(&theirs)?;
@@ -1116,88 +1120,6 @@ impl Cluster {
                     state: Box::new((*self.state()).clone()),
                     secret: *self.secret().as_bytes(),
                 })
-            }
-            PeerMessage::ReplicaGet {
-                bucket,
-                key,
-                hinted_for,
-                ..
-            } => {
-                let replica = Arc::clone(&self.replica);
-                let object = self
-                    .replica
-                    .run(None, move || match hinted_for {
-                        None => replica.get_raw(&bucket, &key),
-                        Some(target) => replica
-                            .get_with_hint(&bucket, &key, Some(&target))
-                            .map(|o| o.map(|o| o.encode())),
-                    })
-                    .await
-                    .map_err(internal)??;
-                Ok(PeerMessage::ReplicaObject { object })
-            }
-            PeerMessage::HintedPut {
-                target,
-                bucket,
-                key,
-                object,
-                durability,
-                ring_version,
-            } => {
-                let state = self.state();
-                if state.ring.version > ring_version {
-                    return Ok(PeerMessage::StaleRing(Box::new((*state).clone())));
-                }
-                let object = Object::decode(&object).map_err(internal)?;
-                let replica = Arc::clone(&self.replica);
-                let stored = self
-                    .replica
-                    .run(Some(durability), move || {
-                        replica.store_hint(
-                            &target,
-                            &bucket,
-                            &key,
-                            &object,
-                            MAX_HINTS_PER_TARGET,
-                            durability,
-                        )
-                    })
-                    .await
-                    .map_err(internal)??;
-                if stored {
-                    self.hints.stored.fetch_add(1, Ordering::Relaxed);
-                    Ok(PeerMessage::Ack)
-                } else {
-                    self.hints.dropped.fetch_add(1, Ordering::Relaxed);
-                    Ok(PeerMessage::Error(
-                        "hint store for that node is full".into(),
-                    ))
-                }
-            }
-            PeerMessage::ReplicaPut {
-                bucket,
-                key,
-                object,
-                durability,
-                ring_version,
-            } => {
-                let state = self.state();
-                if state.ring.version > ring_version {
-                    return Ok(PeerMessage::StaleRing(Box::new((*state).clone())));
-                }
-                let object = Object::decode(&object).map_err(internal)?;
-                let props = self.bucket_props(&bucket);
-                let replica = Arc::clone(&self.replica);
-                let n_val = props.n_val;
-                let (b, k) = (bucket.clone(), key.clone());
-                self.replica
-                    .run(Some(durability), move || {
-                        replica.merge(&bucket, &key, &object, &props, durability)
-                    })
-                    .await
-                    .map_err(internal)??;
-                self.check_orphan(&b, &k, n_val);
-                Ok(PeerMessage::Ack)
             }
             PeerMessage::CoordinatePut {
                 bucket,
@@ -1280,90 +1202,6 @@ impl Cluster {
                     }
                 }
             }
-            PeerMessage::Handoff {
-                entries,
-                ring_version,
-            } => {
-                let state = self.state();
-                if state.ring.version > ring_version {
-                    return Ok(PeerMessage::StaleRing(Box::new((*state).clone())));
-                }
-                let orphans: Vec<(String, String, u32)> = entries
-                    .iter()
-                    .map(|e| {
-                        (
-                            e.bucket.clone(),
-                            e.key.clone(),
-                            self.bucket_props(&e.bucket).n_val,
-                        )
-                    })
-                    .collect();
-                let replica = Arc::clone(&self.replica);
-                let props: Vec<BucketProps> = entries
-                    .iter()
-                    .map(|e| self.bucket_props(&e.bucket))
-                    .collect();
-                tokio::task::spawn_blocking(move || -> Result<(), ClusterError> {
-                    for (entry, props) in entries.iter().zip(props) {
-                        let object = Object::decode(&entry.object).map_err(internal)?;
-                        replica.merge(
-                            &entry.bucket,
-                            &entry.key,
-                            &object,
-                            &props,
-                            Durability::Buffered,
-                        )?;
-                    }
-                    replica.storage().sync().map_err(internal)?;
-                    Ok(())
-                })
-                .await
-                .map_err(internal)??;
-                for (bucket, key, n_val) in &orphans {
-                    self.check_orphan(bucket, key, *n_val);
-                }
-                Ok(PeerMessage::Ack)
-            }
-            PeerMessage::ReapCheck { bucket, key } => {
-                let replica = Arc::clone(&self.replica);
-                let (object, hinted) = tokio::task::spawn_blocking(move || {
-                    Ok::<_, ReplicaError>((
-                        replica.get_raw(&bucket, &key)?,
-                        replica.holds_hint(&bucket, &key)?,
-                    ))
-                })
-                .await
-                .map_err(internal)??;
-                Ok(PeerMessage::ReapState { object, hinted })
-            }
-            PeerMessage::Reap {
-                bucket,
-                key,
-                expected,
-            } => {
-                let replica = Arc::clone(&self.replica);
-                let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
-                let removed = tokio::task::spawn_blocking(move || {
-                    replica.remove_if_unchanged(&storage_key, &expected)
-                })
-                .await
-                .map_err(internal)??;
-                Ok(PeerMessage::Reaped(removed))
-            }
-            PeerMessage::AaeSegments { partition } => Ok(PeerMessage::AaeHashes {
-                hashes: self.aae().segments(partition),
-                budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
-            }),
-            PeerMessage::AaeLeaves {
-                partition,
-                segments,
-            } => Ok(PeerMessage::AaeLeafHashes {
-                leaves: self.aae().segment_leaves(partition, &segments),
-            }),
-            PeerMessage::AaeKeys { partition, leaves } => {
-                let (entries, truncated) = self.local_leaf_keys(partition, leaves).await?;
-                Ok(PeerMessage::AaeKeyHashes { entries, truncated })
-            }
             PeerMessage::ListBuckets => {
                 let replica = Arc::clone(&self.replica);
                 let buckets = tokio::task::spawn_blocking(move || replica.list_buckets())
@@ -1383,16 +1221,65 @@ impl Cluster {
             }
             other => Ok(PeerMessage::Error(format!(
                 "unexpected request {}",
-                message_name(&other)
+                other.name()
             ))),
         }
     }
 
-    // ----- active anti-entropy -----
-
-    fn aae(&self) -> &Arc<AaeTrees> {
-        &self.aae
+    /// Answer a replica-side request with the core's `serve` (the code the simulator's nodes
+    /// run too), on the blocking pool when its storage call may wait on the disk.
+    async fn serve_locally(
+        &self,
+        call: StorageCall,
+        message: PeerMessage,
+    ) -> Result<PeerMessage, ClusterError> {
+        let state = self.state();
+        let context = ServeContext {
+            ring_version: state.ring.version,
+            props: serve::buckets_named(&message)
+                .into_iter()
+                .map(|bucket| (bucket.to_owned(), self.bucket_props(bucket)))
+                .collect(),
+            hint_limit: MAX_HINTS_PER_TARGET,
+            max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
+            aae_budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
+        };
+        let (replica, aae) = (Arc::clone(&self.replica), Arc::clone(&self.aae));
+        let work = move || serve::serve(&replica, &aae, &context, message);
+        let served = match call {
+            StorageCall::None => work(),
+            StorageCall::Read => self.replica.run(None, work).await.map_err(internal)?,
+            StorageCall::Write(durability) => self
+                .replica
+                .run(Some(durability), work)
+                .await
+                .map_err(internal)?,
+            StorageCall::Long => tokio::task::spawn_blocking(work).await.map_err(internal)?,
+        }
+        .map_err(|e| match e {
+            ServeError::Replica(e) => ClusterError::from(e),
+            other => internal(other),
+        })?;
+        match served.hint {
+            Some(HintOutcome::Stored) => {
+                self.hints.stored.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(HintOutcome::Dropped) => {
+                self.hints.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        for (bucket, key) in &served.stored {
+            let n_val = self.bucket_props(bucket).n_val;
+            self.check_orphan(bucket, key, n_val);
+        }
+        Ok(match served.reply {
+            Reply::Message(message) => message,
+            Reply::StaleRing => PeerMessage::StaleRing(Box::new((*state).clone())),
+        })
     }
+
+    // ----- active anti-entropy -----
 
     /// The keys this node stores in the given leaves of a partition, with their entry hashes.
     async fn local_leaf_keys(
@@ -1450,7 +1337,7 @@ impl Cluster {
     ) -> Result<usize, ClusterError> {
         let partition = exchange.partition();
         let unexpected = |other: &PeerMessage| {
-            ClusterError::Internal(format!("{peer} answered {}", message_name(other)))
+            ClusterError::Internal(format!("{peer} answered {}", other.name()))
         };
         let mut step = match self.aae_ask(peer, partition, ask).await? {
             PeerMessage::AaeHashes { hashes, budget } => {
@@ -1798,7 +1685,7 @@ impl Cluster {
             PeerMessage::KeyPage { keys, next_after } => Ok((keys, next_after)),
             other => Err(ClusterError::Internal(format!(
                 "{node} answered {}",
-                message_name(&other)
+                other.name()
             ))),
         }
     }
@@ -1909,7 +1796,7 @@ impl Cluster {
                 {
                     Ok(PeerMessage::Buckets(buckets)) => buckets,
                     other => {
-                        tracing::warn!(node = %node.id, reply = ?other.map(|m| message_name(&m)), "bucket listing: node left out");
+                        tracing::warn!(node = %node.id, reply = ?other.map(|m| m.name()), "bucket listing: node left out");
                         continue;
                     }
                 }
@@ -1965,7 +1852,7 @@ impl Cluster {
             PeerMessage::Error(message) => Err(ClusterError::Membership(message)),
             other => Err(ClusterError::Membership(format!(
                 "unexpected reply {}",
-                message_name(&other)
+                other.name()
             ))),
         }
     }
@@ -2094,7 +1981,7 @@ impl Cluster {
             }
             other => Err(ClusterError::Internal(format!(
                 "handoff to {node}: {}",
-                message_name(&other)
+                other.name()
             ))),
         }
     }
@@ -2346,38 +2233,5 @@ pub fn error_status(e: &ClusterError) -> (u16, String) {
         ClusterError::Replica(_) | ClusterError::Internal(_) => (500, e.to_string()),
         ClusterError::Remote { status, message } => (*status, message.clone()),
         ClusterError::Membership(_) => (400, e.to_string()),
-    }
-}
-
-fn message_name(message: &PeerMessage) -> &'static str {
-    match message {
-        PeerMessage::Gossip(_) => "Gossip",
-        PeerMessage::JoinRequest { .. } => "JoinRequest",
-        PeerMessage::JoinAccepted { .. } => "JoinAccepted",
-        PeerMessage::ReplicaGet { .. } => "ReplicaGet",
-        PeerMessage::ReplicaObject { .. } => "ReplicaObject",
-        PeerMessage::ReplicaPut { .. } => "ReplicaPut",
-        PeerMessage::HintedPut { .. } => "HintedPut",
-        PeerMessage::Reap { .. } => "Reap",
-        PeerMessage::Reaped(_) => "Reaped",
-        PeerMessage::ReapCheck { .. } => "ReapCheck",
-        PeerMessage::ReapState { .. } => "ReapState",
-        PeerMessage::AaeSegments { .. } => "AaeSegments",
-        PeerMessage::AaeHashes { .. } => "AaeHashes",
-        PeerMessage::AaeLeaves { .. } => "AaeLeaves",
-        PeerMessage::AaeLeafHashes { .. } => "AaeLeafHashes",
-        PeerMessage::AaeKeys { .. } => "AaeKeys",
-        PeerMessage::AaeKeyHashes { .. } => "AaeKeyHashes",
-        PeerMessage::CoordinatePut { .. } => "CoordinatePut",
-        PeerMessage::Coordinated { .. } => "Coordinated",
-        PeerMessage::Failed { .. } => "Failed",
-        PeerMessage::Handoff { .. } => "Handoff",
-        PeerMessage::ListKeys { .. } => "ListKeys",
-        PeerMessage::ListBuckets => "ListBuckets",
-        PeerMessage::Buckets(_) => "Buckets",
-        PeerMessage::KeyPage { .. } => "KeyPage",
-        PeerMessage::Ack => "Ack",
-        PeerMessage::StaleRing(_) => "StaleRing",
-        PeerMessage::Error(_) => "Error",
     }
 }

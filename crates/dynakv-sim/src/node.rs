@@ -43,9 +43,11 @@ use dynakv_core::keys;
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{self, Hash};
+use dynakv_core::message::{HandoffEntry, PeerMessage};
 use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, encode_clock};
 use dynakv_core::replica::{Precondition, Replica, WriteRequest};
 use dynakv_core::ring::{NodeId, PartitionId, Ring};
+use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext};
 use dynakv_core::storage::{Durability as StoreDurability, Storage, Table};
 use dynakv_core::version::{ActorId, VersionVector};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -164,27 +166,13 @@ pub enum Message {
     Response { id: RequestId, body: Response },
 }
 
-/// Peer requests (the subset of `dynakv_core::message::PeerMessage` the simulation needs).
+/// Peer requests: the replica-side ones are the server's own `PeerMessage`s, answered by the
+/// core's `serve`; coordination, gossip and joins are the simulation's.
 #[derive(Debug, Clone)]
 pub enum Request {
-    ReplicaGet {
-        key: String,
-        hinted_for: Option<NodeId>,
-    },
-    ReplicaPut {
-        key: String,
-        object: Object,
-        /// The sender's ring version (a replica with a newer ring refuses: `StaleRing`).
-        ring_version: u64,
-        /// Written with fsync (the server's hint moves use `Durability::Fsync`).
-        fsync: bool,
-    },
-    HintedPut {
-        target: NodeId,
-        key: String,
-        object: Object,
-        ring_version: u64,
-    },
+    /// A request `dynakv_core::serve::serve` answers (replica reads and writes, hints,
+    /// handoff, anti-entropy, reaping).
+    Peer(PeerMessage),
     CoordinatePut {
         key: String,
         context: Option<VersionVector>,
@@ -192,32 +180,6 @@ pub enum Request {
         value: Option<Vec<u8>>,
         w: usize,
         now_ms: u64,
-    },
-    Handoff {
-        entries: Vec<(String, Object)>,
-        /// The sender's ring version (checked only with `NodeConfig::handoff_checks_ring`).
-        ring_version: u64,
-    },
-    AaeSegments {
-        partition: PartitionId,
-    },
-    AaeLeaves {
-        partition: PartitionId,
-        segments: Vec<u16>,
-    },
-    AaeKeys {
-        partition: PartitionId,
-        leaves: Vec<u16>,
-    },
-    /// Delete the stored object if it is still exactly `expected` (a tombstone every primary
-    /// was seen to hold).
-    Reap {
-        key: String,
-        expected: Object,
-    },
-    /// What the receiver holds for `key`: its object, and whether it keeps a hint of it.
-    ReapCheck {
-        key: String,
     },
     Gossip(Box<ClusterState>),
     JoinRequest {
@@ -229,20 +191,13 @@ pub enum Request {
 /// Peer responses.
 #[derive(Debug, Clone)]
 pub enum Response {
-    Object(Option<Object>),
-    Ack,
+    /// The reply `serve` gave to a `Request::Peer`.
+    Peer(PeerMessage),
     Error(String),
     Coordinated(Object),
     Failed {
         not_a_replica: bool,
         message: String,
-    },
-    Segments(Vec<Hash>),
-    Leaves(Vec<(u16, Hash)>),
-    Keys(Vec<(String, Hash)>),
-    ReapState {
-        object: Option<Object>,
-        hinted: bool,
     },
     Gossip(Box<ClusterState>),
     /// The replica's ring is newer than the sender's: the write is refused.
@@ -348,7 +303,7 @@ enum Purpose {
     Forward {
         client: ClientRequestId,
         forward: PutForward,
-        body: Request,
+        body: Box<Request>,
     },
     /// Hints for `target`: a `Handoff` batch to it, or one hint whose target no longer
     /// replicates its key, sent to one of the key's current replicas.
@@ -981,15 +936,22 @@ impl SimNode {
                 .merge(BUCKET, key, incoming, &self.props, durability),
             "merge an object",
         );
-        if self.config.bug == Some(Bug::DropSiblingOnMerge)
-            && merged.siblings().len() > 1
-            && let Some(first_only) = with_siblings(merged.clock(), &merged.siblings()[..1])
-        {
-            self.overwrite(key, &first_only);
+        if let Some(first_only) = self.planted_bug(key, &merged) {
             return first_only;
         }
         self.note_stored(&merged);
         merged
+    }
+
+    /// The planted bug, after a replica-side merge left `merged` under `key`: keep only its
+    /// first sibling. Returns what it stored instead, if anything.
+    fn planted_bug(&mut self, key: &str, merged: &Object) -> Option<Object> {
+        if self.config.bug != Some(Bug::DropSiblingOnMerge) || merged.siblings().len() < 2 {
+            return None;
+        }
+        let first_only = with_siblings(merged.clock(), &merged.siblings()[..1])?;
+        self.overwrite(key, &first_only);
+        Some(first_only)
     }
 
     /// `Replica::store_hint`: merged with any hint held for the key, bounded per target.
@@ -1093,7 +1055,7 @@ impl SimNode {
         let purpose = Purpose::Forward {
             client,
             forward,
-            body: body.clone(),
+            body: Box::new(body.clone()),
         };
         self.send_request(now, &to, body, purpose, FORWARD_TIMEOUT_MS);
     }
@@ -1123,10 +1085,7 @@ impl SimNode {
                 let local = self.local_with_hint(key, slot.stands_in_for.as_ref());
                 self.on_get_reply(now, coord, &slot.node, Ok(local));
             } else {
-                let body = Request::ReplicaGet {
-                    key: key.to_owned(),
-                    hinted_for: slot.stands_in_for,
-                };
+                let body = self.replica_get(key, slot.stands_in_for.as_ref());
                 self.send_request(
                     now,
                     &slot.node,
@@ -1189,12 +1148,7 @@ impl SimNode {
                 self.check_orphan(key);
             }
         } else {
-            let body = Request::ReplicaPut {
-                key: key.to_owned(),
-                object: object.clone(),
-                ring_version: self.cluster.ring.version,
-                fsync: false,
-            };
+            let body = self.replica_put(key, object, false);
             self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
         }
     }
@@ -1344,20 +1298,16 @@ impl SimNode {
     }
 
     fn send_put(&mut self, now: u64, coord: u64, send: PutSend, key: &str, object: &Object) {
-        let ring_version = self.cluster.ring.version;
         let body = match &send.stands_in_for {
-            None => Request::ReplicaPut {
+            None => self.replica_put(key, object, send.fsync),
+            Some(primary) => Request::Peer(PeerMessage::HintedPut {
+                target: primary.0.clone(),
+                bucket: BUCKET.into(),
                 key: key.to_owned(),
-                object: object.clone(),
-                ring_version,
-                fsync: send.fsync,
-            },
-            Some(primary) => Request::HintedPut {
-                target: primary.clone(),
-                key: key.to_owned(),
-                object: object.clone(),
-                ring_version,
-            },
+                object: object.encode(),
+                durability: self.durability(false),
+                ring_version: self.cluster.ring.version,
+            }),
         };
         let node = send.node.clone();
         self.send_request(
@@ -1381,48 +1331,7 @@ impl SimNode {
 
     fn on_request(&mut self, now: u64, from: &NodeId, id: RequestId, body: Request) {
         match body {
-            Request::ReplicaGet { key, hinted_for } => {
-                let object = self.local_with_hint(&key, hinted_for.as_ref());
-                self.respond(from, id, Response::Object(object));
-            }
-            Request::ReplicaPut {
-                key,
-                object,
-                ring_version,
-                fsync,
-            } => {
-                if self.cluster.ring.version > ring_version {
-                    self.stats.stale_ring_refusals += 1;
-                    let state = Box::new(self.cluster.clone());
-                    self.respond(from, id, Response::StaleRing(state));
-                    return;
-                }
-                self.merge_local(&key, &object);
-                if fsync {
-                    self.flush();
-                }
-                self.check_orphan(&key);
-                self.respond(from, id, Response::Ack);
-            }
-            Request::HintedPut {
-                target,
-                key,
-                object,
-                ring_version,
-            } => {
-                if self.cluster.ring.version > ring_version {
-                    self.stats.stale_ring_refusals += 1;
-                    let state = Box::new(self.cluster.clone());
-                    self.respond(from, id, Response::StaleRing(state));
-                    return;
-                }
-                let body = if self.store_hint(&target, &key, &object) {
-                    Response::Ack
-                } else {
-                    Response::Error("hint store for that node is full".into())
-                };
-                self.respond(from, id, body);
-            }
+            Request::Peer(message) => self.serve_peer(from, id, message),
             Request::CoordinatePut {
                 key,
                 context,
@@ -1465,57 +1374,6 @@ impl SimNode {
                     w,
                 );
             }
-            Request::ReapCheck { key } => {
-                let object = self.object(&key);
-                let hinted = must(self.replica.holds_hint(BUCKET, &key), "read hints");
-                self.respond(from, id, Response::ReapState { object, hinted });
-            }
-            Request::Reap { key, expected } => {
-                if self.remove_if_unchanged(&key, &entry_hash_of(&key, &expected), true) {
-                    self.stats.tombstones_reaped += 1;
-                }
-                self.respond(from, id, Response::Ack);
-            }
-            Request::Handoff {
-                entries,
-                ring_version,
-            } => {
-                if self.config.handoff_checks_ring && self.cluster.ring.version > ring_version {
-                    self.stats.stale_ring_refusals += 1;
-                    let state = Box::new(self.cluster.clone());
-                    self.respond(from, id, Response::StaleRing(state));
-                    return;
-                }
-                // Merged buffered, then the storage is synced.
-                for (key, object) in &entries {
-                    self.merge_local(key, object);
-                }
-                self.flush();
-                if self.config.handoff_checks_ring {
-                    for (key, _) in &entries {
-                        self.check_orphan(key);
-                    }
-                }
-                self.respond(from, id, Response::Ack);
-            }
-            Request::AaeSegments { partition } => {
-                let segments = self.segments(partition);
-                self.respond(from, id, Response::Segments(segments));
-            }
-            Request::AaeLeaves {
-                partition,
-                segments,
-            } => {
-                let leaves = self.segment_leaves(partition, &segments);
-                self.respond(from, id, Response::Leaves(leaves));
-            }
-            Request::AaeKeys { partition, leaves } => {
-                let keys = self
-                    .local_leaf_keys(partition, &leaves)
-                    .into_iter()
-                    .collect();
-                self.respond(from, id, Response::Keys(keys));
-            }
             Request::Gossip(theirs) => {
                 if theirs.cluster_name != self.cluster.cluster_name {
                     self.respond(
@@ -1546,6 +1404,82 @@ impl SimNode {
         }
     }
 
+    fn replica_get(&self, key: &str, hinted_for: Option<&NodeId>) -> Request {
+        Request::Peer(PeerMessage::ReplicaGet {
+            bucket: BUCKET.into(),
+            key: key.to_owned(),
+            ring_version: self.cluster.ring.version,
+            hinted_for: hinted_for.map(|n| n.0.clone()),
+        })
+    }
+
+    fn replica_put(&self, key: &str, object: &Object, fsync: bool) -> Request {
+        Request::Peer(PeerMessage::ReplicaPut {
+            bucket: BUCKET.into(),
+            key: key.to_owned(),
+            object: object.encode(),
+            durability: self.durability(fsync),
+            ring_version: self.cluster.ring.version,
+        })
+    }
+
+    /// A replica-side request, answered by the core's `serve` (the server's peer handler
+    /// calls the same function), then what the answer asks of the node: hint counts, stale
+    /// ring refusals, and the stored keys' orphan check.
+    fn serve_peer(&mut self, from: &NodeId, id: RequestId, message: PeerMessage) {
+        let handoff = matches!(message, PeerMessage::Handoff { .. });
+        let context = ServeContext {
+            // The old rule: a handoff is merged whatever the sender's ring.
+            ring_version: if handoff && !self.config.handoff_checks_ring {
+                0
+            } else {
+                self.cluster.ring.version
+            },
+            props: serve::buckets_named(&message)
+                .into_iter()
+                .map(|bucket| (bucket.to_owned(), self.props.clone()))
+                .collect(),
+            hint_limit: MAX_HINTS_PER_TARGET,
+            max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
+            aae_budget: MAX_AAE_KEYS_PER_EXCHANGE as u32,
+        };
+        let served = match serve::serve(&self.replica, &self.aae, &context, message) {
+            Ok(served) => served,
+            Err(e) => {
+                self.respond(from, id, Response::Peer(PeerMessage::Error(e.to_string())));
+                return;
+            }
+        };
+        match served.hint {
+            Some(HintOutcome::Stored) => self.stats.hints_stored += 1,
+            Some(HintOutcome::Dropped) => self.stats.hints_dropped += 1,
+            None => {}
+        }
+        if served.reaped {
+            self.stats.tombstones_reaped += 1;
+        }
+        for (_, key) in &served.stored {
+            if let Some(merged) = self.object(key)
+                && self.planted_bug(key, &merged).is_none()
+            {
+                self.note_stored(&merged);
+            }
+        }
+        if !handoff || self.config.handoff_checks_ring {
+            for (_, key) in &served.stored {
+                self.check_orphan(key);
+            }
+        }
+        let body = match served.reply {
+            Reply::Message(message) => Response::Peer(message),
+            Reply::StaleRing => {
+                self.stats.stale_ring_refusals += 1;
+                Response::StaleRing(Box::new(self.cluster.clone()))
+            }
+        };
+        self.respond(from, id, body);
+    }
+
     fn on_response(&mut self, now: u64, id: RequestId, pending: Pending, body: Option<Response>) {
         let from = pending.to;
         if let Some(Response::StaleRing(state)) = &body {
@@ -1555,13 +1489,16 @@ impl SimNode {
         match pending.purpose {
             Purpose::GetFetch { coord } => {
                 let reply = match body {
-                    Some(Response::Object(object)) => Ok(object),
+                    Some(Response::Peer(PeerMessage::ReplicaObject { object })) => object
+                        .map(|b| Object::decode(&b))
+                        .transpose()
+                        .map_err(|_| ()),
                     _ => Err(()),
                 };
                 self.on_get_reply(now, coord, &from, reply);
             }
             Purpose::PutSend { coord, send } => {
-                let ok = matches!(body, Some(Response::Ack));
+                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
                 self.on_put_reply(now, coord, &send, ok);
             }
             Purpose::Store => {}
@@ -1584,7 +1521,7 @@ impl SimNode {
                     message,
                 }) => {
                     forward.failed(ForwardFailure::NotAReplica, message);
-                    self.forward(now, client, forward, request);
+                    self.forward(now, client, forward, *request);
                 }
                 Some(Response::Failed { message, .. }) => self.outputs.push(Output::Reply {
                     id: client,
@@ -1593,18 +1530,18 @@ impl SimNode {
                 Some(other) => {
                     let error = format!("{from} answered {other:?}");
                     forward.failed(ForwardFailure::NotAReplica, error);
-                    self.forward(now, client, forward, request);
+                    self.forward(now, client, forward, *request);
                 }
                 // Timed out: the candidate may have coordinated it, so stop; the client's
                 // outcome is indeterminate.
                 None if self.unsent == Some(id) => {
                     forward.failed(ForwardFailure::NotSent, format!("{from}: unreachable"));
-                    self.forward(now, client, forward, request);
+                    self.forward(now, client, forward, *request);
                 }
                 None => {
                     let error = format!("{from}: no answer; the write may have been applied");
                     forward.failed(ForwardFailure::Unanswered, error);
-                    self.forward(now, client, forward, request);
+                    self.forward(now, client, forward, *request);
                 }
             },
             Purpose::Join => {
@@ -1618,28 +1555,33 @@ impl SimNode {
                 }
             }
             Purpose::CleanupHandoff { keys } => {
-                let ok = matches!(body, Some(Response::Ack));
+                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
                 self.on_cleanup_handoff(&keys, ok);
             }
             Purpose::TransitionHandoff => {
-                let ok = matches!(body, Some(Response::Ack));
+                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
                 if let Some(mut handoff) = self.handoff.take() {
                     handoff.on_reply(ok);
                     self.finish_handoff(handoff);
                 }
             }
             Purpose::HintDelivery { target, keys } => {
-                let ok = matches!(body, Some(Response::Ack));
+                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
                 self.on_hint_reply(&target, &keys, ok);
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
             Purpose::ReapCheck { reap } => {
                 let answer = match body {
-                    Some(Response::ReapState { object, hinted }) => Some(ReapAnswer {
-                        stored: object,
-                        // The old rule looked at the primaries' copies only.
-                        hinted: hinted && !self.config.primaries_only_reap,
-                    }),
+                    Some(Response::Peer(PeerMessage::ReapState { object, hinted })) => {
+                        match object.map(|b| Object::decode(&b)).transpose() {
+                            Ok(stored) => Some(ReapAnswer {
+                                stored,
+                                // The old rule looked at the primaries' copies only.
+                                hinted: hinted && !self.config.primaries_only_reap,
+                            }),
+                            Err(_) => None,
+                        }
+                    }
                     _ => None,
                 };
                 let verdict = self
@@ -1772,7 +1714,7 @@ impl SimNode {
             self.stats.handoff_keys += entries.len() as u64;
             handoff.on_sent(entries.len());
             let purpose = Purpose::TransitionHandoff;
-            self.send_handoff(now, &node, entries, purpose, REQUEST_TIMEOUT_MS * 5);
+            self.send_handoff(now, &node, &entries, purpose, REQUEST_TIMEOUT_MS * 5);
         }
         handoff.on_scanned();
         self.finish_handoff(handoff);
@@ -1818,7 +1760,7 @@ impl SimNode {
         for (node, entries) in sends {
             let keys = entries.iter().map(|(k, _)| k.clone()).collect();
             let purpose = Purpose::CleanupHandoff { keys };
-            self.send_handoff(now, &node, entries, purpose, REQUEST_TIMEOUT_MS);
+            self.send_handoff(now, &node, &entries, purpose, REQUEST_TIMEOUT_MS);
         }
         self.finish_cleanup(cleanup);
     }
@@ -1828,14 +1770,21 @@ impl SimNode {
         &mut self,
         now: u64,
         node: &NodeId,
-        entries: Vec<(String, Object)>,
+        entries: &[(String, Object)],
         purpose: Purpose,
         timeout_ms: u64,
     ) {
-        let body = Request::Handoff {
-            entries,
+        let body = Request::Peer(PeerMessage::Handoff {
+            entries: entries
+                .iter()
+                .map(|(key, object)| HandoffEntry {
+                    bucket: BUCKET.into(),
+                    key: key.clone(),
+                    object: object.encode(),
+                })
+                .collect(),
             ring_version: self.cluster.ring.version,
-        };
+        });
         self.send_request(now, node, body, purpose, timeout_ms);
     }
 
@@ -1932,14 +1881,8 @@ impl SimNode {
             }
             self.hint_rounds.insert(target.clone(), round);
             // The key moved: its current replicas get the hint instead (fsync'd).
-            let ring_version = self.cluster.ring.version;
             for (node, key, object) in moved {
-                let body = Request::ReplicaPut {
-                    key: key.clone(),
-                    object,
-                    ring_version,
-                    fsync: true,
-                };
+                let body = self.replica_put(&key, &object, true);
                 let purpose = Purpose::HintDelivery {
                     target: target.clone(),
                     keys: vec![key],
@@ -1952,7 +1895,7 @@ impl SimNode {
                     target: target.clone(),
                     keys,
                 };
-                self.send_handoff(now, &target, direct, purpose, REQUEST_TIMEOUT_MS);
+                self.send_handoff(now, &target, &direct, purpose, REQUEST_TIMEOUT_MS);
             }
             for (key, object) in local {
                 self.merge_local(&key, &object);
@@ -2067,7 +2010,10 @@ impl SimNode {
                 continue;
             }
             for node in ask {
-                let body = Request::ReapCheck { key: key.clone() };
+                let body = Request::Peer(PeerMessage::ReapCheck {
+                    bucket: BUCKET.into(),
+                    key: key.clone(),
+                });
                 self.send_request(
                     now,
                     &node,
@@ -2090,10 +2036,11 @@ impl SimNode {
         }
         let object = run.check.tombstone().clone();
         for node in &run.others {
-            let body = Request::Reap {
+            let body = Request::Peer(PeerMessage::Reap {
+                bucket: BUCKET.into(),
                 key: run.key.clone(),
-                expected: object.clone(),
-            };
+                expected: entry_hash_of(&run.key, &object),
+            });
             self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
         }
         if self.remove_if_unchanged(&run.key, &entry_hash_of(&run.key, &object), true) {
@@ -2144,20 +2091,20 @@ impl SimNode {
         ask: AaeAsk,
     ) -> RequestId {
         let (body, timeout_ms) = match ask {
-            AaeAsk::Segments => (Request::AaeSegments { partition }, REQUEST_TIMEOUT_MS),
+            AaeAsk::Segments => (PeerMessage::AaeSegments { partition }, REQUEST_TIMEOUT_MS),
             AaeAsk::Leaves(segments) => (
-                Request::AaeLeaves {
+                PeerMessage::AaeLeaves {
                     partition,
                     segments,
                 },
                 REQUEST_TIMEOUT_MS,
             ),
             AaeAsk::Keys(leaves) => (
-                Request::AaeKeys { partition, leaves },
+                PeerMessage::AaeKeys { partition, leaves },
                 REQUEST_TIMEOUT_MS * 5,
             ),
         };
-        self.send_request(now, peer, body, Purpose::Aae, timeout_ms)
+        self.send_request(now, peer, Request::Peer(body), Purpose::Aae, timeout_ms)
     }
 
     /// An answer (or failure) of a step of the current exchange, fed to the core's
@@ -2176,7 +2123,8 @@ impl SimNode {
         let peer = current.peer.clone();
         let step = if let Some(key) = current.fetching.remove(&id) {
             match body {
-                Some(Response::Object(remote)) => {
+                Some(Response::Peer(PeerMessage::ReplicaObject { object })) => {
+                    let remote = object.map(|b| decode(&b));
                     let local = self.object(&key);
                     if let Some(repair) =
                         current
@@ -2204,18 +2152,22 @@ impl SimNode {
         } else {
             current.asking = None;
             match body {
-                Some(Response::Segments(theirs)) => {
+                Some(Response::Peer(PeerMessage::AaeHashes { hashes: theirs, .. })) => {
                     let ours = self.segments(partition);
                     current.exchange.on_segments(&ours, &theirs, None)
                 }
-                Some(Response::Leaves(theirs)) => {
+                Some(Response::Peer(PeerMessage::AaeLeafHashes { leaves: theirs })) => {
                     let asked = current.exchange.segments_asked().to_vec();
                     let ours = self.segment_leaves(partition, &asked);
                     current.exchange.on_leaves(&ours, &theirs)
                 }
-                Some(Response::Keys(theirs)) => {
+                Some(Response::Peer(PeerMessage::AaeKeyHashes { entries, .. })) => {
                     let ours = self.local_leaf_keys(partition, current.exchange.leaves_asked());
-                    let theirs: BTreeMap<String, Hash> = theirs.into_iter().collect();
+                    let theirs: BTreeMap<String, Hash> = entries
+                        .into_iter()
+                        .filter(|(bucket, _, _)| bucket == BUCKET)
+                        .map(|(_, key, hash)| (key, hash))
+                        .collect();
                     current.exchange.on_keys(&ours, &theirs, |key| {
                         let replicas = self.primaries(key);
                         replicas.contains(&self.me) && replicas.contains(&peer)
@@ -2232,16 +2184,9 @@ impl SimNode {
             }
             AaeStep::Compare(keys) => {
                 for key in keys {
-                    let request = self.send_request(
-                        now,
-                        &peer,
-                        Request::ReplicaGet {
-                            key: key.clone(),
-                            hinted_for: None,
-                        },
-                        Purpose::Aae,
-                        REQUEST_TIMEOUT_MS,
-                    );
+                    let body = self.replica_get(&key, None);
+                    let request =
+                        self.send_request(now, &peer, body, Purpose::Aae, REQUEST_TIMEOUT_MS);
                     current.fetching.insert(request, key);
                 }
                 self.aae_current = Some(current);
