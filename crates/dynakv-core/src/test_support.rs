@@ -55,8 +55,10 @@ pub fn settle(state: &mut crate::membership::ClusterState) {
 /// their conformance suite live in `dynakv-storage`, which depends on this crate).
 #[derive(Debug, Default)]
 pub struct MapStorage {
-    map: parking_lot::Mutex<std::collections::BTreeMap<(crate::storage::Table, Vec<u8>), Vec<u8>>>,
+    map: parking_lot::Mutex<Tables>,
 }
+
+type Tables = std::collections::BTreeMap<(crate::storage::Table, Vec<u8>), Vec<u8>>;
 
 impl crate::storage::Storage for MapStorage {
     fn get(

@@ -131,7 +131,7 @@ pub fn run_client(
                     }
                     break;
                 };
-                (key.clone(), counter % 2 == 0)
+                (key.clone(), counter.is_multiple_of(2))
             }
             Family::Register => (
                 spec.keys[rng.random_range(0..spec.keys.len())].clone(),
