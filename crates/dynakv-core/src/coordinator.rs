@@ -20,6 +20,7 @@
 //!   timeout), from the `sync` of every reply.
 
 use crate::membership::ClusterState;
+use crate::message::PeerMessage;
 use crate::object::Object;
 use crate::quorum::{GetQuorum, Progress, PutQuorum, QuorumFailure, Slot, sloppy_slots};
 use crate::ring::{NodeId, PartitionId};
@@ -406,6 +407,62 @@ pub enum ForwardFailure {
     /// Sent, and no answer in time (timeout, connection lost): the candidate may coordinate
     /// it, now or later. Stop: the outcome is indeterminate.
     Unanswered,
+}
+
+/// The start of a coordinator's refusal of a forwarded put that arrived too late (a paused
+/// node resuming with queued requests): the forwarder may try the next candidate.
+pub const FORWARD_EXPIRED: &str = "forwarded put expired";
+/// The start of a coordinator's refusal of a forwarded put for a key it does not replicate.
+pub const NOT_A_REPLICA: &str = "not a replica of this key";
+
+/// A coordinator's check of a forwarded `CoordinatePut` before applying it: the refusal to
+/// send when it waited more than `limit_ms` since the put arrived at its forwarder (the
+/// forwarder has given up on it by now, and its context may be stale), or when this node is
+/// not one of the key's primaries. `None`: coordinate it.
+pub fn refuse_forwarded(waited_ms: u64, limit_ms: u64, is_primary: bool) -> Option<PeerMessage> {
+    if waited_ms > limit_ms {
+        return Some(PeerMessage::Failed {
+            status: 503,
+            message: format!(
+                "{FORWARD_EXPIRED}: it arrived {waited_ms} ms after the put, more than {limit_ms} ms"
+            ),
+        });
+    }
+    if !is_primary {
+        return Some(PeerMessage::Failed {
+            status: 503,
+            message: NOT_A_REPLICA.into(),
+        });
+    }
+    None
+}
+
+/// What a forwarder makes of a candidate's answer to `CoordinatePut`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardReply {
+    /// It coordinated the write: the stored object's bytes.
+    Coordinated(Vec<u8>),
+    /// It did not apply the write (not a replica, expired, or an answer that is no
+    /// coordination at all): try the next candidate ([`ForwardFailure::NotAReplica`]).
+    Refused(String),
+    /// It coordinated and the write failed: the status and message for the client.
+    Failed { status: u16, message: String },
+}
+
+/// Classify `from`'s answer to a forwarded put.
+pub fn forward_reply(from: &NodeId, reply: PeerMessage) -> ForwardReply {
+    match reply {
+        PeerMessage::Coordinated { object } => ForwardReply::Coordinated(object),
+        PeerMessage::Failed { status, message }
+            if status == 503
+                && (message.starts_with(NOT_A_REPLICA) || message.starts_with(FORWARD_EXPIRED)) =>
+        {
+            ForwardReply::Refused(message)
+        }
+        PeerMessage::Failed { status, message } => ForwardReply::Failed { status, message },
+        // An older or confused peer answered without coordinating: it stored nothing.
+        other => ForwardReply::Refused(format!("{from} answered {}", other.name())),
+    }
 }
 
 impl PutForward {
@@ -940,6 +997,42 @@ mod tests {
         assert!(!forward.failed(ForwardFailure::Unanswered, "a: timed out".into()));
         assert_eq!(forward.next_candidate(), None, "b and c are not asked");
         assert_eq!(forward.last_error(), "a: timed out");
+    }
+
+    #[test]
+    fn a_forwarded_put_is_refused_late_or_off_its_replicas_and_the_forwarder_tries_the_next() {
+        assert_eq!(refuse_forwarded(100, 100, true), None);
+        let late = refuse_forwarded(101, 100, true).unwrap();
+        let off = refuse_forwarded(0, 100, false).unwrap();
+        for refusal in [late, off] {
+            // The refusals prove nothing was applied: the next candidate is asked.
+            assert!(matches!(
+                forward_reply(&id("a"), refusal),
+                ForwardReply::Refused(_)
+            ));
+        }
+        // A coordination that failed is the client's answer, not a reason to retry.
+        let failed = PeerMessage::Failed {
+            status: 503,
+            message: "quorum not met: 1 of 2 replicas".into(),
+        };
+        assert_eq!(
+            forward_reply(&id("a"), failed),
+            ForwardReply::Failed {
+                status: 503,
+                message: "quorum not met: 1 of 2 replicas".into()
+            }
+        );
+        let done = PeerMessage::Coordinated { object: vec![7] };
+        assert_eq!(
+            forward_reply(&id("a"), done),
+            ForwardReply::Coordinated(vec![7])
+        );
+        // An answer that is no coordination stored nothing.
+        assert_eq!(
+            forward_reply(&id("a"), PeerMessage::Ack),
+            ForwardReply::Refused("a answered Ack".into())
+        );
     }
 
     #[test]

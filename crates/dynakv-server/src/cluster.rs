@@ -23,9 +23,9 @@ use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    ForwardFailure, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute,
-    PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
-    reaper_primaries,
+    ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
+    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidate,
+    reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -49,7 +49,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// How a coordinator's refusal of a forwarded put that came too late starts.
-const FORWARD_EXPIRED: &str = "forwarded put expired";
 /// Keys per handoff message.
 const HANDOFF_BATCH_KEYS: usize = 256;
 /// Bytes per handoff message (soft: a batch closes once past it).
@@ -932,27 +931,20 @@ impl Cluster {
                 .request(addr, message.clone(), self.timeouts.forward())
                 .await;
             match reply {
-                Ok(PeerMessage::Coordinated { object }) => {
+                Ok(reply) => {
                     self.observe_contact(&node);
-                    return Object::decode(&object).map_err(internal);
-                }
-                Ok(PeerMessage::Failed { status, message }) => {
-                    self.observe_contact(&node);
-                    // Refusals that prove it did not coordinate: try the next.
-                    if status == 503
-                        && (message.starts_with("not a replica")
-                            || message.starts_with(FORWARD_EXPIRED))
-                    {
-                        forward.failed(ForwardFailure::NotAReplica, message);
-                        continue;
+                    match forward_reply(&node, reply) {
+                        ForwardReply::Coordinated(object) => {
+                            return Object::decode(&object).map_err(internal);
+                        }
+                        // A refusal that proves it did not coordinate: try the next.
+                        ForwardReply::Refused(error) => {
+                            forward.failed(ForwardFailure::NotAReplica, error);
+                        }
+                        ForwardReply::Failed { status, message } => {
+                            return Err(ClusterError::Remote { status, message });
+                        }
                     }
-                    return Err(ClusterError::Remote { status, message });
-                }
-                Ok(other) => {
-                    // It answered without coordinating (an older or confused peer): it did
-                    // not store the write.
-                    let error = format!("{node} answered {}", other.name());
-                    forward.failed(ForwardFailure::NotAReplica, error);
                 }
                 Err(
                     e @ (TransportError::Timeout { .. } | TransportError::ConnectionLost { .. }),
@@ -1141,28 +1133,17 @@ impl Cluster {
                 let waited_ms = self::now_ms().saturating_sub(now_ms);
                 let limit_ms =
                     u64::try_from(self.timeouts.forward_start().as_millis()).unwrap_or(u64::MAX);
-                if waited_ms > limit_ms {
-                    return Ok(PeerMessage::Failed {
-                        status: 503,
-                        message: format!(
-                            "{FORWARD_EXPIRED}: it arrived {waited_ms} ms after the put, more than {limit_ms} ms"
-                        ),
-                    });
-                }
                 let props = self.bucket_props(&bucket);
                 let state = self.state();
                 let partition = state
                     .ring
                     .current
                     .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-                if !state
+                let is_primary = state
                     .preference_list(partition, props.n_val)
-                    .contains(&self.me)
-                {
-                    return Ok(PeerMessage::Failed {
-                        status: 503,
-                        message: "not a replica of this key".into(),
-                    });
+                    .contains(&self.me);
+                if let Some(refusal) = refuse_forwarded(waited_ms, limit_ms, is_primary) {
+                    return Ok(refusal);
                 }
                 let context = match context {
                     None => None,

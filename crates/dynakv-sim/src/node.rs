@@ -30,11 +30,11 @@ use crate::rng::SimRng;
 use dynakv_core::aae_trees::AaeTrees;
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
 use dynakv_core::bucket::BucketProps;
-use dynakv_core::codec::Writer;
+use dynakv_core::codec::{Reader, Writer};
 use dynakv_core::coordinator::{
-    ForwardFailure, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy, PutRoute,
-    PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, reap_candidate, reap_check_members,
-    reaper_primaries,
+    ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
+    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidate,
+    reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -43,8 +43,8 @@ use dynakv_core::keys;
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{self, Hash};
-use dynakv_core::message::{HandoffEntry, PeerMessage};
-use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, encode_clock};
+use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
+use dynakv_core::object::{Content, Object, PrunePolicy, Sibling, decode_clock, encode_clock};
 use dynakv_core::replica::{Precondition, Replica, WriteRequest};
 use dynakv_core::ring::{NodeId, PartitionId, Ring};
 use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext};
@@ -56,6 +56,8 @@ use std::sync::atomic::AtomicBool;
 
 /// The one bucket the simulation uses.
 pub const BUCKET: &str = "sim";
+/// The content type of every simulated value.
+const CONTENT_TYPE: &str = "application/octet-stream";
 /// One replica request (get, put, hinted put, handoff batch, anti-entropy step), like the
 /// server's `request_timeout_ms` (scaled down from 2 s).
 pub const REQUEST_TIMEOUT_MS: u64 = 500;
@@ -159,50 +161,11 @@ pub type RequestId = u64;
 /// Id of one client request, unique per simulation.
 pub type ClientRequestId = u64;
 
-/// A peer message.
+/// A peer message: the server's own `PeerMessage`s, as requests and their replies.
 #[derive(Debug, Clone)]
 pub enum Message {
-    Request { id: RequestId, body: Request },
-    Response { id: RequestId, body: Response },
-}
-
-/// Peer requests: the replica-side ones are the server's own `PeerMessage`s, answered by the
-/// core's `serve`; coordination, gossip and joins are the simulation's.
-#[derive(Debug, Clone)]
-pub enum Request {
-    /// A request `dynakv_core::serve::serve` answers (replica reads and writes, hints,
-    /// handoff, anti-entropy, reaping).
-    Peer(PeerMessage),
-    CoordinatePut {
-        key: String,
-        context: Option<VersionVector>,
-        /// `None`: a delete.
-        value: Option<Vec<u8>>,
-        w: usize,
-        now_ms: u64,
-    },
-    Gossip(Box<ClusterState>),
-    JoinRequest {
-        cluster_name: String,
-        member: Member,
-    },
-}
-
-/// Peer responses.
-#[derive(Debug, Clone)]
-pub enum Response {
-    /// The reply `serve` gave to a `Request::Peer`.
-    Peer(PeerMessage),
-    Error(String),
-    Coordinated(Object),
-    Failed {
-        not_a_replica: bool,
-        message: String,
-    },
-    Gossip(Box<ClusterState>),
-    /// The replica's ring is newer than the sender's: the write is refused.
-    StaleRing(Box<ClusterState>),
-    JoinAccepted(Box<ClusterState>),
+    Request { id: RequestId, body: PeerMessage },
+    Response { id: RequestId, body: PeerMessage },
 }
 
 /// A client request to this node.
@@ -303,7 +266,7 @@ enum Purpose {
     Forward {
         client: ClientRequestId,
         forward: PutForward,
-        body: Box<Request>,
+        body: Box<PeerMessage>,
     },
     /// Hints for `target`: a `Handoff` batch to it, or one hint whose target no longer
     /// replicates its key, sent to one of the key's current replicas.
@@ -780,7 +743,7 @@ impl SimNode {
         &mut self,
         now: u64,
         to: &NodeId,
-        body: Request,
+        body: PeerMessage,
         purpose: Purpose,
         timeout_ms: u64,
     ) -> RequestId {
@@ -809,7 +772,7 @@ impl SimNode {
         id
     }
 
-    fn respond(&mut self, to: &NodeId, id: RequestId, body: Response) {
+    fn respond(&mut self, to: &NodeId, id: RequestId, body: PeerMessage) {
         self.outputs.push(Output::Send {
             to: to.clone(),
             message: Message::Response { id, body },
@@ -892,7 +855,7 @@ impl SimNode {
         let deleted = value.is_none();
         let content = Content {
             value: value.unwrap_or_default(),
-            content_type: "application/octet-stream".into(),
+            content_type: CONTENT_TYPE.into(),
             last_modified_ms: now,
             meta: Vec::new(),
             deleted,
@@ -1024,12 +987,26 @@ impl SimNode {
                     }
                     PutRoute::Forward(forward) => forward,
                 };
-                let body = Request::CoordinatePut {
+                let body = PeerMessage::CoordinatePut {
+                    bucket: BUCKET.into(),
                     key,
-                    context,
-                    value,
-                    w,
+                    context: context.as_ref().map(|c| {
+                        let mut writer = Writer::default();
+                        encode_clock(&mut writer, c);
+                        writer.buf
+                    }),
+                    content: WireContent {
+                        deleted: value.is_none(),
+                        value: value.unwrap_or_default(),
+                        content_type: CONTENT_TYPE.into(),
+                        meta: Vec::new(),
+                    },
+                    w: Some(w as u32),
+                    pw: None,
+                    dw_given: false,
+                    precondition: WirePrecondition::None,
                     now_ms: now,
+                    ring_version: self.cluster.ring.version,
                 };
                 self.forward(now, id, forward, body);
             }
@@ -1043,7 +1020,7 @@ impl SimNode {
         now: u64,
         client: ClientRequestId,
         mut forward: PutForward,
-        body: Request,
+        body: PeerMessage,
     ) {
         let Some(to) = forward.next_candidate() else {
             self.outputs.push(Output::Reply {
@@ -1162,10 +1139,12 @@ impl SimNode {
             ReplyTo::Peer(peer, id) => {
                 let body = match result {
                     Ok(ClientResult::Put(object) | ClientResult::Got(object)) => {
-                        Response::Coordinated(object)
+                        PeerMessage::Coordinated {
+                            object: object.encode(),
+                        }
                     }
-                    Ok(ClientResult::Failed(message)) | Err(message) => Response::Failed {
-                        not_a_replica: false,
+                    Ok(ClientResult::Failed(message)) | Err(message) => PeerMessage::Failed {
+                        status: 503,
                         message,
                     },
                 };
@@ -1300,14 +1279,14 @@ impl SimNode {
     fn send_put(&mut self, now: u64, coord: u64, send: PutSend, key: &str, object: &Object) {
         let body = match &send.stands_in_for {
             None => self.replica_put(key, object, send.fsync),
-            Some(primary) => Request::Peer(PeerMessage::HintedPut {
+            Some(primary) => PeerMessage::HintedPut {
                 target: primary.0.clone(),
                 bucket: BUCKET.into(),
                 key: key.to_owned(),
                 object: object.encode(),
                 durability: self.durability(false),
                 ring_version: self.cluster.ring.version,
-            }),
+            },
         };
         let node = send.node.clone();
         self.send_request(
@@ -1329,40 +1308,39 @@ impl SimNode {
 
     // ----- peer requests -----
 
-    fn on_request(&mut self, now: u64, from: &NodeId, id: RequestId, body: Request) {
+    fn on_request(&mut self, now: u64, from: &NodeId, id: RequestId, body: PeerMessage) {
+        if serve::storage_call(&body).is_some() {
+            self.serve_peer(from, id, body);
+            return;
+        }
         match body {
-            Request::Peer(message) => self.serve_peer(from, id, message),
-            Request::CoordinatePut {
+            PeerMessage::CoordinatePut {
                 key,
                 context,
-                value,
+                content,
                 w,
                 now_ms,
+                ..
             } => {
-                // As the server: a forwarded put that arrives after its forwarder gave up is
-                // refused, not applied with a context that is stale by now.
-                if now.saturating_sub(now_ms) > REQUEST_TIMEOUT_MS {
-                    self.respond(
-                        from,
-                        id,
-                        Response::Failed {
-                            not_a_replica: false,
-                            message: "forwarded put expired".into(),
-                        },
-                    );
+                // As the server (the core's rule): a forwarded put that arrives after its
+                // forwarder gave up is refused, not applied with a context that is stale by
+                // now; so is one for a key this node does not replicate.
+                let is_primary = self.primaries(&key).contains(&self.me);
+                let waited_ms = now.saturating_sub(now_ms);
+                if let Some(refusal) = refuse_forwarded(waited_ms, REQUEST_TIMEOUT_MS, is_primary) {
+                    self.respond(from, id, refusal);
                     return;
                 }
-                if !self.primaries(&key).contains(&self.me) {
-                    self.respond(
-                        from,
-                        id,
-                        Response::Failed {
-                            not_a_replica: true,
-                            message: "not a replica of this key".into(),
-                        },
-                    );
-                    return;
-                }
+                let context = match context.map(|bytes| decode_clock(&mut Reader::new(&bytes))) {
+                    None => None,
+                    Some(Ok(clock)) => Some(clock),
+                    Some(Err(e)) => {
+                        self.respond(from, id, PeerMessage::Error(e.to_string()));
+                        return;
+                    }
+                };
+                let value = (!content.deleted).then_some(content.value);
+                let w = w.map_or(self.config.w, |w| w as usize);
                 // The server stamps the write with the forwarding node's clock; simulated
                 // clocks agree, so `now` is the same time.
                 self.coordinate_put(
@@ -1374,53 +1352,59 @@ impl SimNode {
                     w,
                 );
             }
-            Request::Gossip(theirs) => {
+            PeerMessage::Gossip(theirs) => {
                 if theirs.cluster_name != self.cluster.cluster_name {
-                    self.respond(
-                        from,
-                        id,
-                        Response::Error("gossip from another cluster".into()),
-                    );
+                    let error = PeerMessage::Error("gossip from another cluster".into());
+                    self.respond(from, id, error);
                     return;
                 }
                 self.merge_state(now, &theirs);
                 let ours = Box::new(self.cluster.clone());
-                self.respond(from, id, Response::Gossip(ours));
+                self.respond(from, id, PeerMessage::Gossip(ours));
             }
-            Request::JoinRequest {
+            PeerMessage::JoinRequest {
                 cluster_name,
                 member,
             } => {
                 if cluster_name != self.cluster.cluster_name {
-                    self.respond(from, id, Response::Error("cluster name mismatch".into()));
+                    let error = PeerMessage::Error("cluster name mismatch".into());
+                    self.respond(from, id, error);
                     return;
                 }
                 let body = match self.cluster.add_joining(member) {
-                    Ok(()) => Response::JoinAccepted(Box::new(self.cluster.clone())),
-                    Err(e) => Response::Error(e.to_string()),
+                    Ok(()) => PeerMessage::JoinAccepted {
+                        state: Box::new(self.cluster.clone()),
+                        // Simulated contexts are not authenticated.
+                        secret: [0; 32],
+                    },
+                    Err(e) => PeerMessage::Error(e.to_string()),
                 };
                 self.respond(from, id, body);
+            }
+            other => {
+                let error = PeerMessage::Error(format!("unexpected request {}", other.name()));
+                self.respond(from, id, error);
             }
         }
     }
 
-    fn replica_get(&self, key: &str, hinted_for: Option<&NodeId>) -> Request {
-        Request::Peer(PeerMessage::ReplicaGet {
+    fn replica_get(&self, key: &str, hinted_for: Option<&NodeId>) -> PeerMessage {
+        PeerMessage::ReplicaGet {
             bucket: BUCKET.into(),
             key: key.to_owned(),
             ring_version: self.cluster.ring.version,
             hinted_for: hinted_for.map(|n| n.0.clone()),
-        })
+        }
     }
 
-    fn replica_put(&self, key: &str, object: &Object, fsync: bool) -> Request {
-        Request::Peer(PeerMessage::ReplicaPut {
+    fn replica_put(&self, key: &str, object: &Object, fsync: bool) -> PeerMessage {
+        PeerMessage::ReplicaPut {
             bucket: BUCKET.into(),
             key: key.to_owned(),
             object: object.encode(),
             durability: self.durability(fsync),
             ring_version: self.cluster.ring.version,
-        })
+        }
     }
 
     /// A replica-side request, answered by the core's `serve` (the server's peer handler
@@ -1446,7 +1430,7 @@ impl SimNode {
         let served = match serve::serve(&self.replica, &self.aae, &context, message) {
             Ok(served) => served,
             Err(e) => {
-                self.respond(from, id, Response::Peer(PeerMessage::Error(e.to_string())));
+                self.respond(from, id, PeerMessage::Error(e.to_string()));
                 return;
             }
         };
@@ -1471,25 +1455,31 @@ impl SimNode {
             }
         }
         let body = match served.reply {
-            Reply::Message(message) => Response::Peer(message),
+            Reply::Message(message) => message,
             Reply::StaleRing => {
                 self.stats.stale_ring_refusals += 1;
-                Response::StaleRing(Box::new(self.cluster.clone()))
+                PeerMessage::StaleRing(Box::new(self.cluster.clone()))
             }
         };
         self.respond(from, id, body);
     }
 
-    fn on_response(&mut self, now: u64, id: RequestId, pending: Pending, body: Option<Response>) {
+    fn on_response(
+        &mut self,
+        now: u64,
+        id: RequestId,
+        pending: Pending,
+        body: Option<PeerMessage>,
+    ) {
         let from = pending.to;
-        if let Some(Response::StaleRing(state)) = &body {
+        if let Some(PeerMessage::StaleRing(state)) = &body {
             // `store_replica`/`store_hinted`: catch up with the refusing replica's ring.
             self.merge_state(now, state);
         }
         match pending.purpose {
             Purpose::GetFetch { coord } => {
                 let reply = match body {
-                    Some(Response::Peer(PeerMessage::ReplicaObject { object })) => object
+                    Some(PeerMessage::ReplicaObject { object }) => object
                         .map(|b| Object::decode(&b))
                         .transpose()
                         .map_err(|_| ()),
@@ -1498,12 +1488,12 @@ impl SimNode {
                 self.on_get_reply(now, coord, &from, reply);
             }
             Purpose::PutSend { coord, send } => {
-                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
+                let ok = matches!(body, Some(PeerMessage::Ack));
                 self.on_put_reply(now, coord, &send, ok);
             }
             Purpose::Store => {}
             Purpose::Gossip => {
-                if let Some(Response::Gossip(theirs)) = body {
+                if let Some(PeerMessage::Gossip(theirs)) = body {
                     self.merge_state(now, &theirs);
                 }
             }
@@ -1512,26 +1502,24 @@ impl SimNode {
                 mut forward,
                 body: request,
             } => match body {
-                Some(Response::Coordinated(object)) => self.outputs.push(Output::Reply {
-                    id: client,
-                    result: ClientResult::Put(object),
-                }),
-                Some(Response::Failed {
-                    not_a_replica: true,
-                    message,
-                }) => {
-                    forward.failed(ForwardFailure::NotAReplica, message);
-                    self.forward(now, client, forward, *request);
-                }
-                Some(Response::Failed { message, .. }) => self.outputs.push(Output::Reply {
-                    id: client,
-                    result: ClientResult::Failed(message),
-                }),
-                Some(other) => {
-                    let error = format!("{from} answered {other:?}");
-                    forward.failed(ForwardFailure::NotAReplica, error);
-                    self.forward(now, client, forward, *request);
-                }
+                Some(reply) => match forward_reply(&from, reply) {
+                    ForwardReply::Coordinated(object) => {
+                        let result = match Object::decode(&object) {
+                            Ok(object) => ClientResult::Put(object),
+                            Err(e) => ClientResult::Failed(format!("{from}: {e}")),
+                        };
+                        self.outputs.push(Output::Reply { id: client, result });
+                    }
+                    // A refusal that proves it did not coordinate: try the next.
+                    ForwardReply::Refused(error) => {
+                        forward.failed(ForwardFailure::NotAReplica, error);
+                        self.forward(now, client, forward, *request);
+                    }
+                    ForwardReply::Failed { message, .. } => self.outputs.push(Output::Reply {
+                        id: client,
+                        result: ClientResult::Failed(message),
+                    }),
+                },
                 // Timed out: the candidate may have coordinated it, so stop; the client's
                 // outcome is indeterminate.
                 None if self.unsent == Some(id) => {
@@ -1546,7 +1534,7 @@ impl SimNode {
             },
             Purpose::Join => {
                 self.join_pending = false;
-                if let Some(Response::JoinAccepted(state)) = body
+                if let Some(PeerMessage::JoinAccepted { state, .. }) = body
                     && !self.join_via.is_empty()
                 {
                     // Adopt the cluster's state wholesale.
@@ -1555,24 +1543,24 @@ impl SimNode {
                 }
             }
             Purpose::CleanupHandoff { keys } => {
-                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
+                let ok = matches!(body, Some(PeerMessage::Ack));
                 self.on_cleanup_handoff(&keys, ok);
             }
             Purpose::TransitionHandoff => {
-                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
+                let ok = matches!(body, Some(PeerMessage::Ack));
                 if let Some(mut handoff) = self.handoff.take() {
                     handoff.on_reply(ok);
                     self.finish_handoff(handoff);
                 }
             }
             Purpose::HintDelivery { target, keys } => {
-                let ok = matches!(body, Some(Response::Peer(PeerMessage::Ack)));
+                let ok = matches!(body, Some(PeerMessage::Ack));
                 self.on_hint_reply(&target, &keys, ok);
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
             Purpose::ReapCheck { reap } => {
                 let answer = match body {
-                    Some(Response::Peer(PeerMessage::ReapState { object, hinted })) => {
+                    Some(PeerMessage::ReapState { object, hinted }) => {
                         match object.map(|b| Object::decode(&b)).transpose() {
                             Ok(stored) => Some(ReapAnswer {
                                 stored,
@@ -1663,7 +1651,7 @@ impl SimNode {
         let Some(peer) = self.cluster.gossip_peer(&self.me, |n| rng.index(n)) else {
             return;
         };
-        let body = Request::Gossip(Box::new(self.cluster.clone()));
+        let body = PeerMessage::Gossip(Box::new(self.cluster.clone()));
         self.send_request(now, &peer, body, Purpose::Gossip, GOSSIP_INTERVAL_MS);
     }
 
@@ -1680,7 +1668,7 @@ impl SimNode {
             .cloned()
             .unwrap_or_else(|| member_entry(&self.me));
         member.status = MemberStatus::Joining;
-        let body = Request::JoinRequest {
+        let body = PeerMessage::JoinRequest {
             cluster_name: self.cluster.cluster_name.clone(),
             member,
         };
@@ -1774,7 +1762,7 @@ impl SimNode {
         purpose: Purpose,
         timeout_ms: u64,
     ) {
-        let body = Request::Peer(PeerMessage::Handoff {
+        let body = PeerMessage::Handoff {
             entries: entries
                 .iter()
                 .map(|(key, object)| HandoffEntry {
@@ -1784,7 +1772,7 @@ impl SimNode {
                 })
                 .collect(),
             ring_version: self.cluster.ring.version,
-        });
+        };
         self.send_request(now, node, body, purpose, timeout_ms);
     }
 
@@ -2010,10 +1998,10 @@ impl SimNode {
                 continue;
             }
             for node in ask {
-                let body = Request::Peer(PeerMessage::ReapCheck {
+                let body = PeerMessage::ReapCheck {
                     bucket: BUCKET.into(),
                     key: key.clone(),
-                });
+                };
                 self.send_request(
                     now,
                     &node,
@@ -2036,11 +2024,11 @@ impl SimNode {
         }
         let object = run.check.tombstone().clone();
         for node in &run.others {
-            let body = Request::Peer(PeerMessage::Reap {
+            let body = PeerMessage::Reap {
                 bucket: BUCKET.into(),
                 key: run.key.clone(),
                 expected: entry_hash_of(&run.key, &object),
-            });
+            };
             self.send_request(now, node, body, Purpose::Store, REQUEST_TIMEOUT_MS);
         }
         if self.remove_if_unchanged(&run.key, &entry_hash_of(&run.key, &object), true) {
@@ -2104,12 +2092,18 @@ impl SimNode {
                 REQUEST_TIMEOUT_MS * 5,
             ),
         };
-        self.send_request(now, peer, Request::Peer(body), Purpose::Aae, timeout_ms)
+        self.send_request(now, peer, body, Purpose::Aae, timeout_ms)
     }
 
     /// An answer (or failure) of a step of the current exchange, fed to the core's
     /// `AaeExchange` as `Cluster::exchange` feeds it.
-    fn on_aae_response(&mut self, now: u64, id: RequestId, from: &NodeId, body: Option<Response>) {
+    fn on_aae_response(
+        &mut self,
+        now: u64,
+        id: RequestId,
+        from: &NodeId,
+        body: Option<PeerMessage>,
+    ) {
         let Some(mut current) = self.aae_current.take() else {
             return;
         };
@@ -2123,7 +2117,7 @@ impl SimNode {
         let peer = current.peer.clone();
         let step = if let Some(key) = current.fetching.remove(&id) {
             match body {
-                Some(Response::Peer(PeerMessage::ReplicaObject { object })) => {
+                Some(PeerMessage::ReplicaObject { object }) => {
                     let remote = object.map(|b| decode(&b));
                     let local = self.object(&key);
                     if let Some(repair) =
@@ -2152,16 +2146,16 @@ impl SimNode {
         } else {
             current.asking = None;
             match body {
-                Some(Response::Peer(PeerMessage::AaeHashes { hashes: theirs, .. })) => {
+                Some(PeerMessage::AaeHashes { hashes: theirs, .. }) => {
                     let ours = self.segments(partition);
                     current.exchange.on_segments(&ours, &theirs, None)
                 }
-                Some(Response::Peer(PeerMessage::AaeLeafHashes { leaves: theirs })) => {
+                Some(PeerMessage::AaeLeafHashes { leaves: theirs }) => {
                     let asked = current.exchange.segments_asked().to_vec();
                     let ours = self.segment_leaves(partition, &asked);
                     current.exchange.on_leaves(&ours, &theirs)
                 }
-                Some(Response::Peer(PeerMessage::AaeKeyHashes { entries, .. })) => {
+                Some(PeerMessage::AaeKeyHashes { entries, .. }) => {
                     let ours = self.local_leaf_keys(partition, current.exchange.leaves_asked());
                     let theirs: BTreeMap<String, Hash> = entries
                         .into_iter()
