@@ -6,7 +6,8 @@
 //!   final one) found in some but not all siblings: at that moment they existed only because
 //!   the store kept concurrent versions as siblings.
 //! - **register**: every acknowledged write is in the key's final siblings, or was
-//!   overwritten by a write that landed (acknowledged, or seen by a read, or in the final
+//!   overwritten by a write that landed (acknowledged, or seen by a read before a write or a
+//!   delete, or in the final
 //!   state) and whose read had returned it (so the write's context covered it). Final values
 //!   must have been invoked (`phantom`). A delete (`f` = `delete`, with the read's context)
 //!   that had seen a write overwrites it too, once it was acknowledged or may have applied.
@@ -136,9 +137,10 @@ pub fn check_registers(history: &[Event], bucket: &str, finals: &Finals) -> Regi
     }
     let writes: Vec<&Event> = completions(history, bucket, "write").collect();
     let deletes: Vec<&Event> = completions(history, bucket, "delete").collect();
-    // Values some read returned (the read before each write lists them in `seen`).
+    // Values some read returned (the read before each write or delete lists them in `seen`).
     let observed: BTreeSet<(&str, u64)> = writes
         .iter()
+        .chain(&deletes)
         .flat_map(|e| e.seen.iter().map(move |v| (e.key.as_str(), *v)))
         .collect();
     let in_final = |key: &str, v: u64| {
@@ -255,6 +257,24 @@ mod tests {
         assert_eq!(r.present, 1);
         assert_eq!(r.overwritten, 1);
         assert_eq!(r.lost, vec![("k".to_owned(), 3)]);
+    }
+
+    /// Nemesis seed 1 (kill of two nodes): 1 is acknowledged; 2, written with a context that
+    /// saw 1, times out but lands; only a delete's read sees 2. 1 was overwritten, not lost.
+    #[test]
+    fn an_indeterminate_write_only_a_delete_saw_has_landed() {
+        let h = vec![
+            ev(EventType::Ok, "write", "k", 1, &[]),
+            ev(EventType::Info, "write", "k", 2, &[1]),
+            ev(EventType::Ok, "delete", "k", 3, &[2]),
+            ev(EventType::Ok, "write", "k", 4, &[]),
+        ];
+        let r = check_registers(&h, "b", &finals("k", &[&[4]]));
+        assert!(r.lost.is_empty(), "{:?}", r.lost);
+        assert_eq!(r.overwritten, 1);
+        // Without the delete's read, nothing shows 2 landed: 1 counts as lost.
+        let r = check_registers(&h[..2], "b", &finals("k", &[&[4]]));
+        assert_eq!(r.lost, vec![("k".to_owned(), 1)]);
     }
 
     #[test]
