@@ -10,8 +10,13 @@
 //!   a delete counts as landed when it was sent (a delete that failed may still have been
 //!   applied, and it shows no value a read could observe).
 //! - **no resurrection**: no sibling of the final state has a dot covered by the context of an
-//!   acknowledged write or delete: what a client overwrote or deleted, and was told so, never
-//!   comes back (through hints, anti-entropy or tombstone reaping).
+//!   acknowledged write or delete, nor holds a register value whose acknowledged dot is so
+//!   covered (the same put applied again under a new dot): what a client overwrote or
+//!   deleted, and was told so, never comes back (through hints, anti-entropy, tombstone
+//!   reaping or a forwarded put coordinated twice).
+//! - **exactly once**: no register value shows up under two dots (in reads, acknowledgements
+//!   or the final state): a put is coordinated once, so a second dot means it was applied
+//!   twice (a forward retried elsewhere while the first candidate still held it).
 //! - convergence and bounds are checked by the simulation itself (they need every replica).
 
 use crate::history::{History, OpKind, decode_register, decode_set};
@@ -36,11 +41,17 @@ pub struct CheckReport {
     pub deletes_acknowledged: usize,
     /// Final siblings an acknowledged write or delete had overwritten: `(key, dot)`.
     pub resurrected: Vec<(String, Dot)>,
+    /// Register values seen (in a read, an acknowledgement or the final state) with two
+    /// different dots: the same put applied twice.
+    pub applied_twice: Vec<(String, u64)>,
 }
 
 impl CheckReport {
     pub fn lost(&self) -> usize {
-        self.lost_adds.len() + self.lost_writes.len() + self.resurrected.len()
+        self.lost_adds.len()
+            + self.lost_writes.len()
+            + self.resurrected.len()
+            + self.applied_twice.len()
     }
 
     pub fn phantom(&self) -> usize {
@@ -162,17 +173,46 @@ pub fn check(history: &History, finals: &BTreeMap<String, Object>) -> CheckRepor
         .iter()
         .filter(|w| w.kind == OpKind::Delete && w.acked.is_some())
         .count();
+    // The dot each register value was acknowledged with: a value stored again under another
+    // dot (a put coordinated twice, the second time with a stale context) is still the value
+    // the client overwrote.
+    let acked_dot: BTreeMap<(&str, u64), Dot> = registers
+        .iter()
+        .filter_map(|w| w.acked.map(|dot| ((w.key.as_str(), w.value), dot)))
+        .collect();
     for (key, object) in finals {
         for sibling in object.live_siblings() {
+            let first = decode_register(&sibling.content.value)
+                .and_then(|v| acked_dot.get(&(key.as_str(), v)).copied());
             let superseded = history.writes.iter().any(|x| {
                 &x.key == key
                     && x.acked.is_some()
-                    && x.context.as_ref().is_some_and(|c| c.covers(sibling.dot))
+                    && x.context.as_ref().is_some_and(|c| {
+                        c.covers(sibling.dot) || first.is_some_and(|d| c.covers(d))
+                    })
             });
             if superseded {
                 report.resurrected.push((key.clone(), sibling.dot));
             }
         }
     }
+    // ---- exactly once ----
+    let mut dots = history.register_dots.clone();
+    for (key, object) in finals {
+        for sibling in object.live_siblings() {
+            if registers.iter().any(|w| &w.key == key)
+                && let Some(v) = decode_register(&sibling.content.value)
+            {
+                dots.entry((key.clone(), v))
+                    .or_default()
+                    .insert(sibling.dot);
+            }
+        }
+    }
+    report.applied_twice = dots
+        .into_iter()
+        .filter(|(_, dots)| dots.len() > 1)
+        .map(|(key_value, _)| key_value)
+        .collect();
     report
 }

@@ -7,7 +7,7 @@
 //! write some replicas stored even when its quorum failed, so it may still appear).
 
 use dynakv_core::version::{Dot, VersionVector};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 /// What an operation does.
@@ -67,6 +67,9 @@ pub struct History {
     pub writes: Vec<WriteRecord>,
     /// `(key, value)` seen by a successful read.
     pub observed: BTreeSet<(String, u64)>,
+    /// The dots each register value was seen with (by a read or in a put's acknowledgement):
+    /// a put is coordinated once, so a value with two dots was applied twice.
+    pub register_dots: BTreeMap<(String, u64), BTreeSet<Dot>>,
 }
 
 impl History {

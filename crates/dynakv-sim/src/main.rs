@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
 //!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--grace-ms MS]
-//!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap] [--seed S --verbose]
+//!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward]
+//!     [--seed S --verbose]
 //! ```
 //! Exits with status 1 when a seed fails (unless `--lww` or `--bug`, where failures are the
 //! expected outcome and only the summary matters).
@@ -38,6 +39,8 @@ struct Args {
     no_deletes: bool,
     /// Reap after checking the primaries only (the rule before the reaping finding).
     primaries_only_reap: bool,
+    /// Retry an unanswered forward elsewhere, with no expiry (the rule before finding 5).
+    retry_unanswered_forward: bool,
     /// Override the seed's tombstone grace period.
     grace_ms: Option<u64>,
 }
@@ -66,9 +69,10 @@ fn parse() -> Result<Args, String> {
                 Some("unchecked-handoff") => args.unchecked_handoff = true,
                 Some("per-key-counters") => args.per_key_counters = true,
                 Some("primaries-only-reap") => args.primaries_only_reap = true,
+                Some("retry-unanswered-forward") => args.retry_unanswered_forward = true,
                 other => {
                     return Err(format!(
-                        "unknown old rule {other:?} (known: unchecked-handoff, per-key-counters, primaries-only-reap)"
+                        "unknown old rule {other:?} (known: unchecked-handoff, per-key-counters, primaries-only-reap, retry-unanswered-forward)"
                     ));
                 }
             },
@@ -93,7 +97,7 @@ fn parse() -> Result<Args, String> {
                 other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
             },
             "-h" | "--help" => {
-                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap] [--grace-ms MS] [--verbose]".into());
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--verbose]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -109,6 +113,7 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
         c.node.handoff_checks_ring = !args.unchecked_handoff;
         c.node.per_key_counters = args.per_key_counters;
         c.node.primaries_only_reap = args.primaries_only_reap;
+        c.node.retry_unanswered_forward = args.retry_unanswered_forward;
         c.faults = !args.no_faults;
         c.deletes = !args.no_deletes;
         if let Some(grace) = args.grace_ms {
@@ -184,9 +189,12 @@ struct Totals {
     deletes_acked: usize,
     tombstones_reaped: u64,
     resurrected: usize,
+    applied_twice: usize,
     cleanup_dropped: u64,
     stale_ring_refusals: u64,
     replans: u64,
+    pauses: usize,
+    late_forwards_refused: u64,
     failing: Vec<String>,
 }
 
@@ -221,9 +229,12 @@ impl Totals {
         self.deletes_acked += r.check.deletes_acknowledged;
         self.tombstones_reaped += r.tombstones_reaped;
         self.resurrected += r.check.resurrected.len();
+        self.applied_twice += r.check.applied_twice.len();
         self.cleanup_dropped += r.cleanup_dropped;
         self.stale_ring_refusals += r.stale_ring_refusals;
         self.replans += r.replans;
+        self.pauses += r.pauses;
+        self.late_forwards_refused += r.late_forwards_refused;
         if !r.passed() {
             if self.failing.len() < MAX_FAILURES_SHOWN {
                 print!("FAIL {}", r.describe());
@@ -283,6 +294,10 @@ impl Totals {
         println!(
             "deletes: acknowledged {}; tombstone copies reaped {}; resurrected {}",
             self.deletes_acked, self.tombstones_reaped, self.resurrected
+        );
+        println!(
+            "pauses {}; forwarded puts refused for arriving late {}; puts applied twice {}",
+            self.pauses, self.late_forwards_refused, self.applied_twice
         );
         if self.failing.is_empty() {
             println!("all seeds passed");

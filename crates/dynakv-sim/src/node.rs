@@ -136,6 +136,10 @@ pub struct NodeConfig {
     /// must hold the same tombstone); a hint of an older version still held elsewhere comes
     /// back after the reap.
     pub primaries_only_reap: bool,
+    /// The forwarding rule before finding 5, to reproduce it: a forward that timed out is
+    /// retried on the next primary, and a coordinator applies a forwarded put however late
+    /// it arrives (a paused primary then coordinates it too when it resumes).
+    pub retry_unanswered_forward: bool,
 }
 
 impl Default for NodeConfig {
@@ -152,6 +156,7 @@ impl Default for NodeConfig {
             tombstone_grace_ms: DEFAULT_TOMBSTONE_GRACE_MS,
             per_key_counters: false,
             primaries_only_reap: false,
+            retry_unanswered_forward: false,
         }
     }
 }
@@ -372,6 +377,8 @@ pub struct NodeStats {
     pub handoff_keys: u64,
     pub cleanup_dropped: u64,
     pub stale_ring_refusals: u64,
+    /// Forwarded puts this node refused as coordinator because they arrived too late.
+    pub late_forwards_refused: u64,
     pub replans: u64,
     pub tombstones_reaped: u64,
 }
@@ -1326,8 +1333,15 @@ impl SimNode {
                 // forwarder gave up is refused, not applied with a context that is stale by
                 // now; so is one for a key this node does not replicate.
                 let is_primary = self.primaries(&key).contains(&self.me);
-                let waited_ms = now.saturating_sub(now_ms);
+                let waited_ms = if self.config.retry_unanswered_forward {
+                    0
+                } else {
+                    now.saturating_sub(now_ms)
+                };
                 if let Some(refusal) = refuse_forwarded(waited_ms, REQUEST_TIMEOUT_MS, is_primary) {
+                    if waited_ms > REQUEST_TIMEOUT_MS {
+                        self.stats.late_forwards_refused += 1;
+                    }
                     self.respond(from, id, refusal);
                     return;
                 }
@@ -1528,7 +1542,12 @@ impl SimNode {
                 }
                 None => {
                     let error = format!("{from}: no answer; the write may have been applied");
-                    forward.failed(ForwardFailure::Unanswered, error);
+                    let failure = if self.config.retry_unanswered_forward {
+                        ForwardFailure::NotSent
+                    } else {
+                        ForwardFailure::Unanswered
+                    };
+                    forward.failed(failure, error);
                     self.forward(now, client, forward, *request);
                 }
             },

@@ -68,6 +68,9 @@ pub const MIN_HEALTHY_MS: u64 = 200;
 pub const MAX_HEALTHY_MS: u64 = 1500;
 pub const MIN_FAULT_MS: u64 = 300;
 pub const MAX_FAULT_MS: u64 = 3000;
+/// Pauses last longer: long enough for a forwarder to give up on the paused node (the
+/// nemesis's SIGSTOP found a put coordinated twice that way, finding 5).
+pub const MAX_PAUSE_MS: u64 = 2 * crate::node::FORWARD_TIMEOUT_MS;
 /// The first fault comes no earlier than this.
 pub const FIRST_FAULT_MS: u64 = 100;
 /// Most crashes that lose data (power loss, wiped disk) per run: with W = 2 an acknowledged
@@ -203,6 +206,9 @@ impl SimConfig {
         if self.node.primaries_only_reap {
             cmd.push_str(" --old-rule primaries-only-reap");
         }
+        if self.node.retry_unanswered_forward {
+            cmd.push_str(" --old-rule retry-unanswered-forward");
+        }
         if !self.faults {
             cmd.push_str(" --no-faults");
         }
@@ -261,6 +267,10 @@ pub struct RunReport {
     pub cleanup_dropped: u64,
     pub stale_ring_refusals: u64,
     pub replans: u64,
+    /// Pauses of a node (SIGSTOP) among the faults, and forwarded puts refused by their
+    /// coordinator for arriving too late (a paused node resuming with queued requests).
+    pub pauses: usize,
+    pub late_forwards_refused: u64,
     /// Tombstones removed (summed over nodes: one reap removes up to N copies).
     pub tombstones_reaped: u64,
 }
@@ -323,6 +333,13 @@ impl RunReport {
         if !self.check.lost_writes.is_empty() {
             let _ = writeln!(out, "  lost writes: {:?}", first(&self.check.lost_writes));
         }
+        if !self.check.applied_twice.is_empty() {
+            let _ = writeln!(
+                out,
+                "  applied twice (one register value under two dots): {:?}",
+                first(&self.check.applied_twice)
+            );
+        }
         if !self.check.resurrected.is_empty() {
             let _ = writeln!(
                 out,
@@ -379,6 +396,9 @@ enum Fault {
     NonTransitive(usize, usize, usize),
     Loss(f64),
     Crash(usize, CrashKind),
+    /// The node's process is stopped (SIGSTOP): everything sent to it waits, its timers
+    /// fire late, and it handles all of it, in order, when it resumes.
+    Pause(usize),
 }
 
 #[derive(Debug)]
@@ -480,6 +500,8 @@ pub struct Simulation {
     ids: Vec<NodeId>,
     nodes: Vec<SimNode>,
     up: Vec<bool>,
+    /// Per node: `Some(held inputs)` while it is paused.
+    paused: Vec<Option<Vec<Input>>>,
     incarnation: Vec<u64>,
     crash_kind: Vec<Option<CrashKind>>,
     blocked: BTreeSet<(usize, usize)>,
@@ -525,6 +547,7 @@ impl Simulation {
             ids: ids.clone(),
             nodes: Vec::new(),
             up: vec![true; config.nodes],
+            paused: vec![None; config.nodes],
             incarnation: vec![0; config.nodes],
             crash_kind: vec![None; config.nodes],
             blocked: BTreeSet::new(),
@@ -738,6 +761,7 @@ impl Simulation {
                     Ok((node, outputs)) => {
                         self.ids.push(id.clone());
                         self.up.push(true);
+                        self.paused.push(None);
                         self.incarnation.push(0);
                         self.crash_kind.push(None);
                         self.nodes.push(node);
@@ -806,6 +830,10 @@ impl Simulation {
     }
 
     fn node_input(&mut self, node: usize, input: Input) {
+        if let Some(held) = self.paused[node].as_mut() {
+            held.push(input);
+            return;
+        }
         let outputs = self.nodes[node].handle(self.now, input);
         self.apply_outputs(node, outputs);
     }
@@ -828,7 +856,19 @@ impl Simulation {
                         self.messages_dropped += 1;
                         continue;
                     }
-                    if self.rng.chance(DUPLICATE_PROBABILITY) {
+                    // TCP delivers a request once: duplicates model a peer's idempotent
+                    // messages arriving twice (replica writes, hints, handoff and
+                    // anti-entropy merge by causal context; replies are matched by id), never
+                    // a second `CoordinatePut` (coordinating is not idempotent: each run
+                    // issues a new dot, which the exactly-once check reports).
+                    let coordinate = matches!(
+                        message,
+                        Message::Request {
+                            body: dynakv_core::message::PeerMessage::CoordinatePut { .. },
+                            ..
+                        }
+                    );
+                    if !coordinate && self.rng.chance(DUPLICATE_PROBABILITY) {
                         let at = self.now + self.delay();
                         self.schedule(
                             at,
@@ -1039,6 +1079,17 @@ impl Simulation {
                     .live_siblings()
                     .map(|s| s.content.value.clone())
                     .collect();
+                if kind != OpKind::SetAdd {
+                    for sibling in object.live_siblings() {
+                        if let Some(v) = decode_register(&sibling.content.value) {
+                            self.history
+                                .register_dots
+                                .entry((key.clone(), v))
+                                .or_default()
+                                .insert(sibling.dot);
+                        }
+                    }
+                }
                 let new_value = match kind {
                     OpKind::SetAdd => {
                         let mut set: BTreeSet<u64> =
@@ -1074,6 +1125,13 @@ impl Simulation {
                     .map(|s| s.dot)
                     .max();
                 self.history.writes[write].acked = dot;
+                if let (OpKind::Write, Some(dot)) = (kind, dot) {
+                    self.history
+                        .register_dots
+                        .entry((key.clone(), value))
+                        .or_default()
+                        .insert(dot);
+                }
                 let note = if dot.is_some() {
                     String::new()
                 } else {
@@ -1144,7 +1202,8 @@ impl Simulation {
                     .range(BURST_LOSS_PERCENT_MIN, BURST_LOSS_PERCENT_MAX) as f64
                     / 100.0,
             ),
-            8 | 9 => Fault::Crash(self.rng.index(n), CrashKind::Process),
+            8 => Fault::Crash(self.rng.index(n), CrashKind::Process),
+            9 => Fault::Pause(self.rng.index(n)),
             _ => {
                 let kind = if self.data_loss_crashes >= MAX_DATA_LOSS_CRASHES {
                     CrashKind::Process
@@ -1184,12 +1243,17 @@ impl Simulation {
                 self.up[*x] = false;
                 self.crash_kind[*x] = Some(*kind);
             }
+            Fault::Pause(x) => self.paused[*x] = Some(Vec::new()),
         }
         self.fault_log
             .push(format!("{} {}", self.now, self.describe_fault(&fault)));
+        let longest = match &fault {
+            Fault::Pause(_) => MAX_PAUSE_MS,
+            _ => MAX_FAULT_MS,
+        };
         self.active_fault = Some(fault);
         self.fault_id += 1;
-        let end = self.now + self.rng.range(MIN_FAULT_MS, MAX_FAULT_MS);
+        let end = self.now + self.rng.range(MIN_FAULT_MS, longest);
         self.schedule(
             end,
             EventKind::FaultEnd {
@@ -1217,6 +1281,7 @@ impl Simulation {
             ),
             Fault::Loss(p) => format!("loss {p:.2}"),
             Fault::Crash(x, kind) => format!("crash {} ({kind:?})", name(x)),
+            Fault::Pause(x) => format!("pause {}", name(x)),
         }
     }
 
@@ -1226,8 +1291,15 @@ impl Simulation {
         };
         self.blocked.clear();
         self.loss = BASE_LOSS;
-        if let Fault::Crash(x, _) = fault {
-            self.restart(x);
+        match fault {
+            Fault::Crash(x, _) => self.restart(x),
+            Fault::Pause(x) => {
+                // Resumed: it handles what arrived meanwhile, in order, at the current time.
+                for input in self.paused[x].take().unwrap_or_default() {
+                    self.node_input(x, input);
+                }
+            }
+            _ => {}
         }
         self.fault_log.push(format!("{} heal", self.now));
     }
@@ -1409,6 +1481,12 @@ impl Simulation {
             sum(|s| s.replans),
         );
         let tombstones_reaped = sum(|s| s.tombstones_reaped);
+        let late_forwards_refused = sum(|s| s.late_forwards_refused);
+        let pauses = self
+            .fault_log
+            .iter()
+            .filter(|line| line.contains(" pause "))
+            .count();
         let final_read_ok = self.converged_at.is_some()
             && !self.final_read_failed
             && self.finals.len() == self.keys.len();
@@ -1460,6 +1538,8 @@ impl Simulation {
             cleanup_dropped,
             stale_ring_refusals,
             replans,
+            pauses,
+            late_forwards_refused,
             tombstones_reaped,
             config: self.config,
         }

@@ -259,3 +259,34 @@ fn cleanup_hands_a_late_write_over_before_dropping_it() {
         failures.join("\n")
     );
 }
+
+/// Finding 5 (found by the nemesis's SIGSTOP, reproduced here with the pause fault): under
+/// the old forwarding rule a forward that timed out was retried on the next primary, and the
+/// paused first candidate coordinated it too when it resumed, so one put was applied twice
+/// (two dots for one value) and could bring back a value the client had overwritten. The
+/// current rule (stop on an unanswered forward, refuse a forward that arrives late) applies
+/// every put once, and pauses do exercise the late refusal.
+#[test]
+fn a_paused_coordinator_never_applies_a_forwarded_put_twice() {
+    let (mut twice_old, mut twice_now, mut pauses, mut refused) = (0, 0, 0, 0);
+    for seed in 0..DETECTION_SEEDS * 5 {
+        let old = run_seed(seed, |c| c.node.retry_unanswered_forward = true).unwrap();
+        twice_old += old.check.applied_twice.len();
+        let now = run_seed(seed, |_| {}).unwrap();
+        twice_now += now.check.applied_twice.len();
+        pauses += now.pauses;
+        refused += now.late_forwards_refused;
+    }
+    println!(
+        "old rule: {twice_old} puts applied twice; now: {twice_now}, {pauses} pauses, {refused} late forwards refused"
+    );
+    assert!(
+        twice_old > 0,
+        "the exactly-once checker found nothing under the old rule"
+    );
+    assert_eq!(twice_now, 0);
+    assert!(
+        pauses > 0 && refused > 0,
+        "pauses {pauses} refused {refused}"
+    );
+}
