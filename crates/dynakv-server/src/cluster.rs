@@ -131,6 +131,7 @@ struct HintCounters {
     stored: AtomicU64,
     delivered: AtomicU64,
     dropped: AtomicU64,
+    corrupt: AtomicU64,
 }
 
 /// Hinted-handoff figures for stats and admin.
@@ -139,6 +140,8 @@ pub struct HintStats {
     pub stored_total: u64,
     pub delivered_total: u64,
     pub dropped_total: u64,
+    /// Hints found corrupt (failed their checksum or decoding) and removed undelivered.
+    pub corrupt_total: u64,
     pub per_target: Vec<(String, usize)>,
 }
 
@@ -790,6 +793,20 @@ impl Cluster {
                         String::from_utf8_lossy(bucket).into_owned(),
                         String::from_utf8_lossy(key).into_owned(),
                     );
+                    // A hint that fails its checksum cannot be delivered, and sent in a batch
+                    // it would make the target refuse the whole batch, every round. Remove it
+                    // (loudly): the write it held is on the other replicas that acknowledged
+                    // it, and anti-entropy brings it to the target.
+                    let object = match Object::decode(&bytes) {
+                        Ok(object) => object,
+                        Err(e) => {
+                            tracing::error!(%target, %bucket, %key, error = %e, "corrupt hint removed undelivered; anti-entropy repairs the key");
+                            if self.drop_hint(&hint_key, &bytes).await? {
+                                self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                    };
                     let props = self.bucket_props(&bucket);
                     let partition = partition_of(&state, &bucket, &key);
                     let preflist = state.preference_list(partition, props.n_val);
@@ -805,7 +822,6 @@ impl Cluster {
                         }
                         // The key moved: its current replicas get the hint instead.
                         Some(HintRoute::Replicas(nodes)) => {
-                            let object = Object::decode(&bytes).map_err(internal)?;
                             for node in &nodes {
                                 let stored = self
                                     .store_replica(
@@ -862,6 +878,7 @@ impl Cluster {
             stored_total: self.hints.stored.load(Ordering::Relaxed),
             delivered_total: self.hints.delivered.load(Ordering::Relaxed),
             dropped_total: self.hints.dropped.load(Ordering::Relaxed),
+            corrupt_total: self.hints.corrupt.load(Ordering::Relaxed),
             per_target: self.replica.hint_counts(),
         }
     }

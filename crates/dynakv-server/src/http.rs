@@ -1124,6 +1124,7 @@ async fn stats(State(state): State<AppState>) -> Response {
         map.insert("hints_stored_total".into(), json!(hints.stored_total));
         map.insert("hints_delivered_total".into(), json!(hints.delivered_total));
         map.insert("hints_dropped_total".into(), json!(hints.dropped_total));
+        map.insert("hints_corrupt_total".into(), json!(hints.corrupt_total));
         map.insert(
             "tombstones_reaped_total".into(),
             json!(state.cluster.tombstones_reaped()),
@@ -1144,6 +1145,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ("dynakv_hints_stored_total", hints.stored_total),
         ("dynakv_hints_delivered_total", hints.delivered_total),
         ("dynakv_hints_dropped_total", hints.dropped_total),
+        ("dynakv_hints_corrupt_total", hints.corrupt_total),
         (
             "dynakv_tombstones_reaped_total",
             state.cluster.tombstones_reaped(),
@@ -1294,6 +1296,7 @@ async fn admin_handoffs(State(state): State<AppState>) -> Response {
                 "stored_total": hints.stored_total,
                 "delivered_total": hints.delivered_total,
                 "dropped_total": hints.dropped_total,
+                "corrupt_total": hints.corrupt_total,
             },
         }),
     )
