@@ -375,7 +375,7 @@ async fn a_corrupt_hint_does_not_block_the_others() {
         assert_eq!(status, StatusCode::NO_CONTENT, "k{i}: {body}");
     }
     // Corrupt one of the hints the first node keeps for n3.
-    let holder = if hints_held(&nodes[0]) > 0 { 0 } else { 1 };
+    let holder = usize::from(hints_held(&nodes[0]) == 0);
     let replica = nodes[holder].server().cluster.replica();
     let page = replica.hint_page("n3", None, 1).unwrap();
     let (hint_key, _) = page.first().expect("a hint for n3");
