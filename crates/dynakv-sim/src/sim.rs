@@ -847,6 +847,8 @@ impl Simulation {
             match output {
                 Output::Send { to, message } => {
                     self.messages_sent += 1;
+                    // Through the server's wire encoding (postcard), as the transport sends it.
+                    let message = wire(message);
                     let Some(to) = self.index_of(&to) else {
                         // Not a member: nowhere to deliver.
                         self.messages_dropped += 1;
@@ -1543,6 +1545,32 @@ impl Simulation {
             tombstones_reaped,
             config: self.config,
         }
+    }
+}
+
+/// A message as the peer receives it: encoded and decoded with postcard, the transport's
+/// payload format. The encoding never fails for a value the node built; if it did, that is a
+/// bug of the wire format and the run stops loudly.
+fn wire(message: Message) -> Message {
+    let round_trip = |body: &dynakv_core::message::PeerMessage| {
+        postcard::to_allocvec(body)
+            .and_then(|bytes| postcard::from_bytes(&bytes))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "peer message {} does not survive the wire: {e}",
+                    body.name()
+                )
+            })
+    };
+    match message {
+        Message::Request { id, body } => Message::Request {
+            id,
+            body: round_trip(&body),
+        },
+        Message::Response { id, body } => Message::Response {
+            id,
+            body: round_trip(&body),
+        },
     }
 }
 
