@@ -48,7 +48,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// How a coordinator's refusal of a forwarded put that came too late starts.
 /// Keys per handoff message.
 const HANDOFF_BATCH_KEYS: usize = 256;
 /// Bytes per handoff message (soft: a batch closes once past it).
