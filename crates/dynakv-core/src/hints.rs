@@ -17,8 +17,12 @@
 
 use crate::coordinator::HintDelivery;
 use crate::handoff::AckSet;
+use crate::keys;
 use crate::membership::ClusterState;
+use crate::message::{HandoffEntry, PeerMessage};
+use crate::object::Object;
 use crate::ring::NodeId;
+use crate::storage::{Durability, Entry};
 
 /// Where one hint goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +118,108 @@ impl<K: Ord + Clone, V: Clone> HintRound<K, V> {
     }
 }
 
+/// A hint as read from the hint table: its storage key and the bytes it held.
+pub type HeldHint = (Vec<u8>, Vec<u8>);
+
+/// One message of a delivery round and the hints (storage keys) it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HintSend {
+    pub to: NodeId,
+    pub message: PeerMessage,
+    pub hints: Vec<Vec<u8>>,
+}
+
+/// A page of hints routed: what to send, and what cannot be sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HintPage {
+    /// One `Handoff` batch to the target (the hints whose key it still replicates), and one
+    /// fsync'd `ReplicaPut` per current replica of each other hint's key.
+    pub sends: Vec<HintSend>,
+    /// Hints that fail their checksum: the driver deletes them (if unchanged) and counts
+    /// them. They cannot be delivered, and in a batch they would make the target refuse all
+    /// of it, every round; the write they held is on the replicas that acknowledged it.
+    pub corrupt: Vec<HeldHint>,
+    /// The round's budget ran out within this page: read no further.
+    pub budget_spent: bool,
+}
+
+impl HintRound<Vec<u8>, Vec<u8>> {
+    /// Route one page of the target's hints (`(hint key, bytes)` from the hint table) under
+    /// `state`; `n_val` gives a bucket's replica count. Pure: the driver reads the page,
+    /// sends, feeds each answer to [`HintRound::on_reply`] and deletes what it releases.
+    pub fn route_page(
+        &mut self,
+        page: Vec<Entry>,
+        state: &ClusterState,
+        n_val: impl Fn(&str) -> u32,
+    ) -> HintPage {
+        let mut out = HintPage::default();
+        let (mut batch, mut batch_hints) = (Vec::new(), Vec::new());
+        for (hint_key, bytes) in page {
+            let Some((_, bucket, key)) = keys::split_hint_key(&hint_key) else {
+                continue;
+            };
+            let (bucket, key) = (
+                String::from_utf8_lossy(bucket).into_owned(),
+                String::from_utf8_lossy(key).into_owned(),
+            );
+            if Object::decode(&bytes).is_err() {
+                out.corrupt.push((hint_key, bytes));
+                continue;
+            }
+            let partition = state
+                .ring
+                .current
+                .partition_of(bucket.as_bytes(), key.as_bytes());
+            let preflist = state.preference_list(partition, n_val(&bucket));
+            match self.route(hint_key.clone(), bytes.clone(), &preflist) {
+                None => {
+                    out.budget_spent = true;
+                    break;
+                }
+                Some(HintRoute::Target) => {
+                    batch.push(HandoffEntry {
+                        bucket,
+                        key,
+                        object: bytes,
+                    });
+                    batch_hints.push(hint_key);
+                }
+                // The key moved: its current replicas get the hint instead (fsync'd).
+                Some(HintRoute::Replicas(nodes)) => {
+                    for node in nodes {
+                        out.sends.push(HintSend {
+                            to: node,
+                            message: PeerMessage::ReplicaPut {
+                                bucket: bucket.clone(),
+                                key: key.clone(),
+                                object: bytes.clone(),
+                                durability: Durability::Fsync,
+                                ring_version: state.ring.version,
+                            },
+                            hints: vec![hint_key.clone()],
+                        });
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            out.sends.insert(
+                0,
+                HintSend {
+                    to: self.target.clone(),
+                    message: PeerMessage::Handoff {
+                        entries: batch,
+                        ring_version: state.ring.version,
+                    },
+                    hints: batch_hints,
+                },
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +236,76 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e:?}"));
         }
         state
+    }
+
+    /// A page of hints for b: those b still replicates go in one `Handoff` to b, the others
+    /// as fsync'd `ReplicaPut`s to each current replica, a corrupt one is set aside, and the
+    /// round stops reading at its budget.
+    #[test]
+    fn a_page_of_hints_becomes_one_batch_and_the_moves() {
+        let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
+        let object = |v: &str| {
+            crate::object::Object::default()
+                .update(
+                    &crate::version::VersionVector::new(),
+                    crate::object::Content {
+                        value: v.as_bytes().to_vec(),
+                        ..crate::object::Content::default()
+                    },
+                    crate::version::ActorId(1),
+                    1,
+                    crate::object::PrunePolicy::default(),
+                )
+                .unwrap_or_else(|e| panic!("{e:?}"))
+                .encode()
+        };
+        let mut page: Vec<Entry> = (0..20)
+            .map(|i| {
+                let key = format!("k{i}");
+                (keys::hint_key("b", b"x", key.as_bytes()), object(&key))
+            })
+            .collect();
+        page.push((keys::hint_key("b", b"x", b"bad"), vec![1, 0, 0xde, 0xad]));
+        page.sort();
+        let preflist = |key: &str| {
+            state.preference_list(state.ring.current.partition_of(b"x", key.as_bytes()), 2)
+        };
+        let mut round =
+            HintRound::start(&state, &id("b"), true, 100).unwrap_or_else(|| panic!("b is up"));
+        let routed = round.route_page(page.clone(), &state, |_| 2);
+        assert!(!routed.budget_spent);
+        assert_eq!(routed.corrupt.len(), 1);
+        let mut to_b = 0;
+        let mut moved = std::collections::BTreeMap::<String, Vec<NodeId>>::new();
+        for send in &routed.sends {
+            match &send.message {
+                PeerMessage::Handoff { entries, .. } => {
+                    assert_eq!(send.to, id("b"));
+                    for e in entries {
+                        assert!(preflist(&e.key).contains(&id("b")), "{}", e.key);
+                    }
+                    to_b += entries.len();
+                }
+                PeerMessage::ReplicaPut {
+                    key, durability, ..
+                } => {
+                    assert_eq!(*durability, Durability::Fsync);
+                    moved.entry(key.clone()).or_default().push(send.to.clone());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for (key, nodes) in &moved {
+            assert_eq!(*nodes, preflist(key), "{key} goes to its current replicas");
+        }
+        assert_eq!(to_b + moved.len(), 20, "every sound hint is routed once");
+        assert!(to_b > 0 && !moved.is_empty(), "both routes taken: {to_b}");
+        // A smaller budget stops the page.
+        let mut small =
+            HintRound::start(&state, &id("b"), true, 5).unwrap_or_else(|| panic!("b is up"));
+        let routed = small.route_page(page, &state, |_| 2);
+        assert!(routed.budget_spent);
+        assert_eq!(small.routed(), 5);
     }
 
     #[test]

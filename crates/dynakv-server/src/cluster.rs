@@ -29,7 +29,7 @@ use dynakv_core::coordinator::{
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
-use dynakv_core::hints::{HintRound, HintRoute};
+use dynakv_core::hints::{HintRound, HintSend};
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
@@ -781,74 +781,29 @@ impl Cluster {
                 .map_err(internal)??;
                 let Some((last, _)) = page.last() else { break };
                 start_after = Some(last.clone());
-                let mut direct = Vec::new();
-                let mut direct_keys = Vec::new();
-                let mut released = Vec::new();
-                for (hint_key, bytes) in page {
-                    let Some((_, bucket, key)) = keys::split_hint_key(&hint_key) else {
-                        continue;
-                    };
-                    let (bucket, key) = (
-                        String::from_utf8_lossy(bucket).into_owned(),
-                        String::from_utf8_lossy(key).into_owned(),
-                    );
-                    // A hint that fails its checksum cannot be delivered, and sent in a batch
-                    // it would make the target refuse the whole batch, every round. Remove it
-                    // (loudly): the write it held is on the other replicas that acknowledged
-                    // it, and anti-entropy brings it to the target.
-                    let object = match Object::decode(&bytes) {
-                        Ok(object) => object,
-                        Err(e) => {
-                            tracing::error!(%target, %bucket, %key, error = %e, "corrupt hint removed undelivered; anti-entropy repairs the key");
-                            if self.drop_hint(&hint_key, &bytes).await? {
-                                self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
-                            }
-                            continue;
-                        }
-                    };
-                    let props = self.bucket_props(&bucket);
-                    let partition = partition_of(&state, &bucket, &key);
-                    let preflist = state.preference_list(partition, props.n_val);
-                    match round.route(hint_key.clone(), bytes.clone(), &preflist) {
-                        None => break,
-                        Some(HintRoute::Target) => {
-                            direct.push(HandoffEntry {
-                                bucket,
-                                key,
-                                object: bytes,
-                            });
-                            direct_keys.push(hint_key);
-                        }
-                        // The key moved: its current replicas get the hint instead.
-                        Some(HintRoute::Replicas(nodes)) => {
-                            for node in &nodes {
-                                let stored = self
-                                    .store_replica(
-                                        node,
-                                        &bucket,
-                                        &key,
-                                        &object,
-                                        &bytes,
-                                        &props,
-                                        Durability::Fsync,
-                                    )
-                                    .await;
-                                released.extend(round.on_reply([&hint_key], stored.is_ok()));
-                            }
-                        }
+                let full = page.len() == HANDOFF_BATCH_KEYS;
+                // Routing (the core's, shared with the simulator): one batch to the target,
+                // a `ReplicaPut` per current replica of a key that moved.
+                let routed = round.route_page(page, &state, |b| self.bucket_props(b).n_val);
+                for (hint_key, bytes) in &routed.corrupt {
+                    tracing::error!(%target, error = "checksum", "corrupt hint removed undelivered; anti-entropy repairs its key");
+                    if self.drop_hint(hint_key, bytes).await? {
+                        self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                if !direct.is_empty() {
-                    let sent = self.send_handoff(&target_id, direct).await;
-                    if let Err(e) = &sent {
-                        tracing::debug!(%target, error = %e, "hint delivery failed; will retry");
-                    }
-                    released.extend(round.on_reply(&direct_keys, sent.is_ok()));
+                let mut released = Vec::new();
+                for send in routed.sends {
+                    let hints = send.hints.clone();
+                    let ok = self.send_hint(send).await;
+                    released.extend(round.on_reply(&hints, ok));
                 }
                 for (hint_key, bytes) in released {
                     if self.drop_hint(&hint_key, &bytes).await? {
                         delivered += 1;
                     }
+                }
+                if !full || routed.budget_spent {
+                    break;
                 }
             }
         }
@@ -859,6 +814,37 @@ impl Cluster {
             tracing::info!(hints = delivered, "hints delivered");
         }
         Ok(delivered)
+    }
+
+    /// Send one message of a hint delivery round; `true` when it was acknowledged. A message
+    /// for this node (a moved key it now replicates) is served here, as a peer's would be.
+    async fn send_hint(&self, send: HintSend) -> bool {
+        let HintSend { to, message, .. } = send;
+        if to == self.me {
+            let Some(call) = serve::storage_call(&message) else {
+                return false;
+            };
+            return matches!(
+                self.serve_locally(call, message).await,
+                Ok(PeerMessage::Ack)
+            );
+        }
+        let timeout = if matches!(message, PeerMessage::Handoff { .. }) {
+            self.timeouts.request * 5
+        } else {
+            self.timeouts.request
+        };
+        let failure = match self.send(&to, message, timeout).await {
+            Ok(PeerMessage::Ack) => return true,
+            Ok(PeerMessage::StaleRing(state)) => match self.merge_state(&state) {
+                Ok(()) => "its ring is newer".to_owned(),
+                Err(e) => e.to_string(),
+            },
+            Ok(other) => other.name().to_owned(),
+            Err(e) => e.to_string(),
+        };
+        tracing::debug!(node = %to, error = %failure, "hint delivery failed; will retry");
+        false
     }
 
     async fn drop_hint(&self, hint_key: &[u8], delivered: &[u8]) -> Result<bool, ClusterError> {

@@ -38,7 +38,7 @@ use dynakv_core::coordinator::{
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
-use dynakv_core::hints::{HintRound, HintRoute};
+use dynakv_core::hints::HintRound;
 use dynakv_core::keys;
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
@@ -277,7 +277,8 @@ enum Purpose {
     /// replicates its key, sent to one of the key's current replicas.
     HintDelivery {
         target: NodeId,
-        keys: Vec<String>,
+        /// The hints' storage keys.
+        hints: Vec<Vec<u8>>,
     },
     /// A batch of the ring transition's handoff.
     TransitionHandoff,
@@ -371,6 +372,8 @@ pub struct NodeStats {
     pub hints_stored: u64,
     pub hints_delivered: u64,
     pub hints_dropped: u64,
+    /// Hints that failed their checksum, removed undelivered.
+    pub hints_corrupt: u64,
     pub read_repairs: u64,
     pub aae_repairs: u64,
     /// Keys sent by this node's transition handoffs, and keys dropped by cleanup.
@@ -413,7 +416,7 @@ pub struct SimNode {
     links: BTreeMap<NodeId, Link>,
     /// Hint deliveries in flight per target.
     /// The delivery round in progress per target.
-    hint_rounds: BTreeMap<NodeId, HintRound<String, Vec<u8>>>,
+    hint_rounds: BTreeMap<NodeId, HintRound<Vec<u8>, Vec<u8>>>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
     handoff: Option<TransitionHandoff>,
@@ -1425,6 +1428,12 @@ impl SimNode {
     /// calls the same function), then what the answer asks of the node: hint counts, stale
     /// ring refusals, and the stored keys' orphan check.
     fn serve_peer(&mut self, from: &NodeId, id: RequestId, message: PeerMessage) {
+        let body = self.serve_here(message);
+        self.respond(from, id, body);
+    }
+
+    /// [`SimNode::serve_peer`]'s work: the reply to send.
+    fn serve_here(&mut self, message: PeerMessage) -> PeerMessage {
         let handoff = matches!(message, PeerMessage::Handoff { .. });
         let context = ServeContext {
             // The old rule: a handoff is merged whatever the sender's ring.
@@ -1443,10 +1452,7 @@ impl SimNode {
         };
         let served = match serve::serve(&self.replica, &self.aae, &context, message) {
             Ok(served) => served,
-            Err(e) => {
-                self.respond(from, id, PeerMessage::Error(e.to_string()));
-                return;
-            }
+            Err(e) => return PeerMessage::Error(e.to_string()),
         };
         match served.hint {
             Some(HintOutcome::Stored) => self.stats.hints_stored += 1,
@@ -1468,14 +1474,13 @@ impl SimNode {
                 self.check_orphan(key);
             }
         }
-        let body = match served.reply {
+        match served.reply {
             Reply::Message(message) => message,
             Reply::StaleRing => {
                 self.stats.stale_ring_refusals += 1;
                 PeerMessage::StaleRing(Box::new(self.cluster.clone()))
             }
-        };
-        self.respond(from, id, body);
+        }
     }
 
     fn on_response(
@@ -1572,9 +1577,9 @@ impl SimNode {
                     self.finish_handoff(handoff);
                 }
             }
-            Purpose::HintDelivery { target, keys } => {
+            Purpose::HintDelivery { target, hints } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
-                self.on_hint_reply(&target, &keys, ok);
+                self.on_hint_reply(&target, &hints, ok);
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
             Purpose::ReapCheck { reap } => {
@@ -1820,16 +1825,15 @@ impl SimNode {
     }
 
     /// A destination answered for hints of `target`: delete the released ones if unchanged.
-    fn on_hint_reply(&mut self, target: &NodeId, keys: &[String], ok: bool) {
+    fn on_hint_reply(&mut self, target: &NodeId, hints: &[Vec<u8>], ok: bool) {
         let Some(round) = self.hint_rounds.get_mut(target) else {
             return;
         };
-        let released = round.on_reply(keys, ok);
+        let released = round.on_reply(hints, ok);
         if round.settled() {
             self.hint_rounds.remove(target);
         }
-        for (key, held) in released {
-            let hint_key = keys::hint_key(&target.0, BUCKET.as_bytes(), key.as_bytes());
+        for (hint_key, held) in released {
             if must(
                 self.replica.delete_hint_if_unchanged(&hint_key, &held),
                 "delete a hint",
@@ -1862,52 +1866,31 @@ impl SimNode {
                 self.replica.hint_page(&target.0, None, HANDOFF_BATCH_KEYS),
                 "read hints",
             );
-            let mut direct = Vec::new();
-            let mut local = Vec::new();
-            let mut moved = Vec::new();
-            for (hint_key, bytes) in page {
-                let Some((_, _, key)) = keys::split_hint_key(&hint_key) else {
-                    continue;
-                };
-                let key = String::from_utf8_lossy(key).into_owned();
-                let object = decode(&bytes);
-                let preflist = self.primaries(&key);
-                match round.route(key.clone(), bytes, &preflist) {
-                    None => break,
-                    Some(HintRoute::Target) => direct.push((key, object)),
-                    Some(HintRoute::Replicas(nodes)) => {
-                        for node in nodes {
-                            if node == self.me {
-                                local.push((key.clone(), object.clone()));
-                            } else {
-                                moved.push((node, key.clone(), object.clone()));
-                            }
-                        }
-                    }
+            // Routing (the core's, as in the server): one batch to the target, a
+            // `ReplicaPut` per current replica of a key that moved.
+            let n_val = self.config.n_val as u32;
+            let routed = round.route_page(page, &self.cluster, |_| n_val);
+            for (hint_key, bytes) in &routed.corrupt {
+                if must(
+                    self.replica.delete_hint_if_unchanged(hint_key, bytes),
+                    "delete a hint",
+                ) {
+                    self.stats.hints_corrupt += 1;
                 }
             }
             self.hint_rounds.insert(target.clone(), round);
-            // The key moved: its current replicas get the hint instead (fsync'd).
-            for (node, key, object) in moved {
-                let body = self.replica_put(&key, &object, true);
-                let purpose = Purpose::HintDelivery {
-                    target: target.clone(),
-                    keys: vec![key],
-                };
-                self.send_request(now, &node, body, purpose, REQUEST_TIMEOUT_MS);
-            }
-            if !direct.is_empty() {
-                let keys = direct.iter().map(|(k, _)| k.clone()).collect();
-                let purpose = Purpose::HintDelivery {
-                    target: target.clone(),
-                    keys,
-                };
-                self.send_handoff(now, &target, &direct, purpose, REQUEST_TIMEOUT_MS);
-            }
-            for (key, object) in local {
-                self.merge_local(&key, &object);
-                self.flush();
-                self.on_hint_reply(&target, &[key], true);
+            for send in routed.sends {
+                if send.to == self.me {
+                    // A moved key this node now replicates: served here, as a peer's put.
+                    let ok = matches!(self.serve_here(send.message), PeerMessage::Ack);
+                    self.on_hint_reply(&target, &send.hints, ok);
+                } else {
+                    let purpose = Purpose::HintDelivery {
+                        target: target.clone(),
+                        hints: send.hints,
+                    };
+                    self.send_request(now, &send.to, send.message, purpose, REQUEST_TIMEOUT_MS);
+                }
             }
             if self
                 .hint_rounds
