@@ -19,9 +19,27 @@
 //!   driver checks against the `expected` it recorded); the ring version is recorded as
 //!   cleaned only when no batch failed and the ring did not move meanwhile.
 
+use crate::keys;
 use crate::membership::ClusterState;
+use crate::merkle::{Hash, entry_hash};
+use crate::message::HandoffEntry;
 use crate::ring::{NodeId, PartitionId};
+use crate::storage::Entry;
 use std::collections::BTreeMap;
+
+/// One page of stored objects (`(storage key, bytes)` from the `Objects` table) as
+/// `(bucket, key, handoff entry)`; entries that are no object key are skipped.
+fn page_entries(page: Vec<Entry>) -> impl Iterator<Item = (Vec<u8>, HandoffEntry)> {
+    page.into_iter().filter_map(|(storage_key, object)| {
+        let (bucket, key) = keys::split_object_key(&storage_key)?;
+        let entry = HandoffEntry {
+            bucket: String::from_utf8_lossy(bucket).into_owned(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            object,
+        };
+        Some((storage_key, entry))
+    })
+}
 
 /// Entries waiting to be sent, one open batch per destination; a batch closes at `max_keys`
 /// entries or once past `max_bytes`.
@@ -178,6 +196,29 @@ impl TransitionHandoff {
         next.into_iter()
             .filter(|n| !current.contains(n) && n != me)
             .collect()
+    }
+
+    /// Batch one page of this node's stored objects for the nodes entering each key's
+    /// preference list (`n_val` gives a bucket's replica count). Returns the batches that
+    /// filled up; the caller sends them, and `batches.drain()` after the last page.
+    pub fn batch_page(
+        state: &ClusterState,
+        me: &NodeId,
+        batches: &mut Batches<HandoffEntry>,
+        page: Vec<Entry>,
+        n_val: impl Fn(&str) -> u32,
+    ) -> Vec<(NodeId, Vec<HandoffEntry>)> {
+        let mut full = Vec::new();
+        for (_, entry) in page_entries(page) {
+            let partition = state
+                .ring
+                .current
+                .partition_of(entry.bucket.as_bytes(), entry.key.as_bytes());
+            let destinations = Self::destinations(state, me, partition, n_val(&entry.bucket));
+            let bytes = entry.object.len();
+            full.extend(batches.push_all(&destinations, &entry, bytes));
+        }
+        full
     }
 
     /// A batch of `keys` entries was sent.
@@ -359,6 +400,40 @@ impl<K: Ord + Clone, V: Clone> Cleanup<K, V> {
     }
 }
 
+/// A doomed key of a cleanup batch: its storage key and what is sent to its primaries.
+pub type CleanupEntry = (Vec<u8>, HandoffEntry);
+
+impl Cleanup<Vec<u8>, Hash> {
+    /// Batch one page of this node's stored objects: each key it no longer replicates is
+    /// recorded (with its entry hash, checked again before it is dropped) and batched for
+    /// every one of its primaries (`n_val` gives a bucket's replica count). Returns the
+    /// page's batches, entries with their storage keys.
+    pub fn add_page(
+        &mut self,
+        state: &ClusterState,
+        me: &NodeId,
+        page: Vec<Entry>,
+        n_val: impl Fn(&str) -> u32,
+    ) -> Vec<(NodeId, Vec<CleanupEntry>)> {
+        let mut batches = Batches::new(crate::limits::HANDOFF_BATCH_KEYS, usize::MAX);
+        let mut sends = Vec::new();
+        for (storage_key, entry) in page_entries(page) {
+            let partition = state
+                .ring
+                .current
+                .partition_of(entry.bucket.as_bytes(), entry.key.as_bytes());
+            let Some(primaries) = Self::doomed(state, me, partition, n_val(&entry.bucket)) else {
+                continue;
+            };
+            let hash = entry_hash(entry.bucket.as_bytes(), entry.key.as_bytes(), &entry.object);
+            self.add(storage_key.clone(), hash, primaries.len());
+            sends.extend(batches.push_all(&primaries, &(storage_key, entry), 0));
+        }
+        sends.extend(batches.drain());
+        sends
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +443,67 @@ mod tests {
 
     fn member(name: &str) -> Member {
         crate::test_support::member(name, MemberStatus::Joining)
+    }
+
+    /// A page of stored objects: the keys this node no longer replicates are recorded with
+    /// their entry hashes and batched once for each of their primaries; a key is droppable
+    /// only after every primary acknowledged its batch.
+    #[test]
+    fn a_cleanup_page_batches_each_doomed_key_for_all_its_primaries() {
+        let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
+        let page: Vec<Entry> = (0..30)
+            .map(|i| {
+                let key = format!("k{i}");
+                (keys::object_key(b"x", key.as_bytes()), key.into_bytes())
+            })
+            .collect();
+        let preflist = |key: &str| {
+            state.preference_list(state.ring.current.partition_of(b"x", key.as_bytes()), 2)
+        };
+        let marker = CleanupMarker::default();
+        let mut cleanup =
+            Cleanup::<Vec<u8>, Hash>::start(&state, &marker).unwrap_or_else(|| panic!("settled"));
+        let sends = cleanup.add_page(&state, &id("d"), page, |_| 2);
+        let mut per_key: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+        for (node, batch) in &sends {
+            for (storage_key, entry) in batch {
+                assert_eq!(*storage_key, keys::object_key(b"x", entry.key.as_bytes()));
+                per_key
+                    .entry(entry.key.clone())
+                    .or_default()
+                    .push(node.clone());
+            }
+        }
+        let doomed: Vec<String> = (0..30)
+            .map(|i| format!("k{i}"))
+            .filter(|k| !preflist(k).contains(&id("d")))
+            .collect();
+        assert!(!doomed.is_empty() && doomed.len() < 30);
+        assert_eq!(per_key.keys().cloned().collect::<Vec<_>>(), {
+            let mut d = doomed.clone();
+            d.sort();
+            d
+        });
+        for (key, nodes) in &per_key {
+            let mut want = preflist(key);
+            want.sort();
+            let mut got = nodes.clone();
+            got.sort();
+            assert_eq!(got, want, "{key}");
+        }
+        // Acknowledged by the first primary of each batch only: nothing droppable yet.
+        let mut droppable = Vec::new();
+        for (i, (_, batch)) in sends.iter().enumerate() {
+            let keys: Vec<Vec<u8>> = batch.iter().map(|(k, _)| k.clone()).collect();
+            droppable.extend(cleanup.on_batch(&keys, true));
+            if i == 0 {
+                assert!(droppable.is_empty(), "released before every primary acked");
+            }
+        }
+        assert_eq!(droppable.len(), doomed.len());
+        let (key, hash) = &droppable[0];
+        let (bucket, name) = keys::split_object_key(key).unwrap_or_else(|| panic!("object key"));
+        assert_eq!(*hash, entry_hash(bucket, name, name));
     }
 
     /// A settled ring of a, b, c with d joining: the claimant planned the transition.

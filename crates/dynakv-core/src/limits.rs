@@ -5,6 +5,8 @@
 
 /// Longest bucket name, in bytes.
 pub const MAX_BUCKET_BYTES: usize = 255;
+/// Keys per handoff message: transition handoff, cleanup and hint delivery batches.
+pub const HANDOFF_BATCH_KEYS: usize = 256;
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Default largest value accepted by a put, in bytes (the paper's objects are < 1 MiB).

@@ -48,8 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// Keys per handoff message.
-const HANDOFF_BATCH_KEYS: usize = 256;
+use dynakv_core::limits::HANDOFF_BATCH_KEYS;
 /// Bytes per handoff message (soft: a batch closes once past it).
 const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Keys per page of a key listing.
@@ -1896,23 +1895,9 @@ impl Cluster {
             let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
-            let mut full = Vec::new();
-            for (storage_key, value) in page {
-                let Some((bucket, key)) = key_names(&storage_key) else {
-                    continue;
-                };
-                let n_val = self.bucket_props(&bucket).n_val;
-                let partition = partition_of(&state, &bucket, &key);
-                let destinations =
-                    TransitionHandoff::destinations(&state, &self.me, partition, n_val);
-                let bytes = value.len();
-                let entry = HandoffEntry {
-                    bucket,
-                    key,
-                    object: value,
-                };
-                full.extend(batches.push_all(&destinations, &entry, bytes));
-            }
+            let full = TransitionHandoff::batch_page(&state, &self.me, &mut batches, page, |b| {
+                self.bucket_props(b).n_val
+            });
             for (node, entries) in full {
                 self.handoff_batch(&mut handoff, &node, entries).await?;
             }
@@ -1998,40 +1983,13 @@ impl Cluster {
             let page = self.scan_page(start_after.clone()).await?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
-            let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
-            let mut sends = Vec::new();
-            for (storage_key, value) in page {
-                let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
-                    continue;
-                };
-                let bucket_name = String::from_utf8_lossy(bucket).into_owned();
-                let n_val = self.bucket_props(&bucket_name).n_val;
-                let partition = state.ring.current.partition_of_hash(&key_hash(bucket, key));
-                let Some(primaries) =
-                    Cleanup::<Vec<u8>, Hash>::doomed(&state, &self.me, partition, n_val)
-                else {
-                    continue;
-                };
-                cleanup.add(
-                    storage_key.clone(),
-                    entry_hash(bucket, key, &value),
-                    primaries.len(),
-                );
-                let entry = (
-                    storage_key.clone(),
-                    HandoffEntry {
-                        key: String::from_utf8_lossy(key).into_owned(),
-                        bucket: bucket_name,
-                        object: value,
-                    },
-                );
-                sends.extend(batches.push_all(&primaries, &entry, 0));
-            }
+            // The page's batches for the primaries of every key this node no longer
+            // replicates (the core's, shared with the simulator).
+            let sends = cleanup.add_page(&state, &self.me, page, |b| self.bucket_props(b).n_val);
             if self.state().ring.version != cleanup.ring_version() {
                 // The ring moved on while scanning: start over later with the new ring.
                 return Ok(removed);
             }
-            sends.extend(batches.drain());
             let mut refused: Vec<NodeId> = Vec::new();
             let mut droppable = Vec::new();
             for (node, batch) in sends {

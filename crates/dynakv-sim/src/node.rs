@@ -82,8 +82,8 @@ pub const BACKOFF_INITIAL_MS: u64 = 100;
 pub const BACKOFF_MAX_MS: u64 = 5000;
 /// Most keys a node keeps as hints for one target (the server's `MAX_HINTS_PER_TARGET`).
 pub const MAX_HINTS_PER_TARGET: usize = 100_000;
-/// Most hinted keys sent in one handoff batch (the server's `HANDOFF_BATCH_KEYS`).
-pub const HANDOFF_BATCH_KEYS: usize = 256;
+/// Keys per handoff batch (the server's, from core's limits).
+pub const HANDOFF_BATCH_KEYS: usize = limits::HANDOFF_BATCH_KEYS;
 /// Tombstone grace period (the server's default is an hour; scaled down like the timeouts).
 pub const DEFAULT_TOMBSTONE_GRACE_MS: u64 = 10_000;
 /// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
@@ -285,7 +285,8 @@ enum Purpose {
     /// A batch of keys this node no longer replicates, sent to their primaries before cleanup
     /// drops them.
     CleanupHandoff {
-        keys: Vec<String>,
+        /// The keys' storage keys.
+        keys: Vec<Vec<u8>>,
     },
     Aae,
     /// A primary's copy of a tombstone the reaper checks.
@@ -433,7 +434,7 @@ pub struct SimNode {
     next_reap: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
-    cleanup: Option<Cleanup<String, Hash>>,
+    cleanup: Option<Cleanup<Vec<u8>, Hash>>,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -570,9 +571,9 @@ impl SimNode {
             .collect()
     }
 
-    /// Every stored object's key and bytes, in key order.
-    fn stored(&self) -> Vec<(String, Vec<u8>)> {
-        let mut out = Vec::new();
+    /// Every stored object as pages of `(storage key, bytes)`, as the server scans them.
+    fn object_pages(&self) -> Vec<Vec<dynakv_core::storage::Entry>> {
+        let mut pages = Vec::new();
         let mut start_after: Option<Vec<u8>> = None;
         loop {
             let page = must(
@@ -580,15 +581,23 @@ impl SimNode {
                 "scan objects",
             );
             let Some((last, _)) = page.last() else {
-                return out;
+                return pages;
             };
             start_after = Some(last.clone());
-            for (storage_key, bytes) in page {
-                if let Some((_, key)) = keys::split_object_key(&storage_key) {
-                    out.push((String::from_utf8_lossy(key).into_owned(), bytes));
-                }
-            }
+            pages.push(page);
         }
+    }
+
+    /// Every stored object's key and bytes, in key order.
+    fn stored(&self) -> Vec<(String, Vec<u8>)> {
+        self.object_pages()
+            .into_iter()
+            .flatten()
+            .filter_map(|(storage_key, bytes)| {
+                let (_, key) = keys::split_object_key(&storage_key)?;
+                Some((String::from_utf8_lossy(key).into_owned(), bytes))
+            })
+            .collect()
     }
 
     /// Number of hints held.
@@ -842,6 +851,16 @@ impl SimNode {
     /// reaping: `Replica::remove_if_unchanged_with`). Returns whether it was removed.
     fn remove_if_unchanged(&mut self, key: &str, expected: &Hash, fsync: bool) -> bool {
         let storage_key = keys::object_key(BUCKET.as_bytes(), key.as_bytes());
+        self.remove_stored_if_unchanged(&storage_key, expected, fsync)
+    }
+
+    /// [`SimNode::remove_if_unchanged`] by storage key.
+    fn remove_stored_if_unchanged(
+        &mut self,
+        storage_key: &[u8],
+        expected: &Hash,
+        fsync: bool,
+    ) -> bool {
         let durability = if fsync {
             StoreDurability::Fsync
         } else {
@@ -849,7 +868,7 @@ impl SimNode {
         };
         must(
             self.replica
-                .remove_if_unchanged_with(&storage_key, expected, durability),
+                .remove_if_unchanged_with(storage_key, expected, durability),
             "remove an object",
         )
     }
@@ -1715,18 +1734,21 @@ impl SimNode {
         let n_val = self.config.n_val as u32;
         let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
         let mut sends = Vec::new();
-        for (key, object) in self.objects() {
-            let partition = self.partition_of(&key);
-            let destinations =
-                TransitionHandoff::destinations(&self.cluster, &self.me, partition, n_val);
-            sends.extend(batches.push_all(&destinations, &(key, object), 0));
+        for page in self.object_pages() {
+            sends.extend(TransitionHandoff::batch_page(
+                &self.cluster,
+                &self.me,
+                &mut batches,
+                page,
+                |_| n_val,
+            ));
         }
         sends.extend(batches.drain());
         for (node, entries) in sends {
             self.stats.handoff_keys += entries.len() as u64;
             handoff.on_sent(entries.len());
             let purpose = Purpose::TransitionHandoff;
-            self.send_handoff(now, &node, &entries, purpose, REQUEST_TIMEOUT_MS * 5);
+            self.send_handoff(now, &node, entries, purpose, REQUEST_TIMEOUT_MS * 5);
         }
         handoff.on_scanned();
         self.finish_handoff(handoff);
@@ -1755,24 +1777,14 @@ impl SimNode {
             return;
         };
         let n_val = self.config.n_val as u32;
-        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
         let mut sends = Vec::new();
-        for (key, bytes) in self.stored() {
-            let partition = self.partition_of(&key);
-            let Some(primaries) =
-                Cleanup::<String, Hash>::doomed(&self.cluster, &self.me, partition, n_val)
-            else {
-                continue;
-            };
-            let hash = merkle::entry_hash(BUCKET.as_bytes(), key.as_bytes(), &bytes);
-            cleanup.add(key.clone(), hash, primaries.len());
-            sends.extend(batches.push_all(&primaries, &(key, decode(&bytes)), 0));
+        for page in self.object_pages() {
+            sends.extend(cleanup.add_page(&self.cluster, &self.me, page, |_| n_val));
         }
-        sends.extend(batches.drain());
-        for (node, entries) in sends {
-            let keys = entries.iter().map(|(k, _)| k.clone()).collect();
+        for (node, batch) in sends {
+            let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
             let purpose = Purpose::CleanupHandoff { keys };
-            self.send_handoff(now, &node, &entries, purpose, REQUEST_TIMEOUT_MS);
+            self.send_handoff(now, &node, entries, purpose, REQUEST_TIMEOUT_MS);
         }
         self.finish_cleanup(cleanup);
     }
@@ -1782,30 +1794,23 @@ impl SimNode {
         &mut self,
         now: u64,
         node: &NodeId,
-        entries: &[(String, Object)],
+        entries: Vec<HandoffEntry>,
         purpose: Purpose,
         timeout_ms: u64,
     ) {
         let body = PeerMessage::Handoff {
-            entries: entries
-                .iter()
-                .map(|(key, object)| HandoffEntry {
-                    bucket: BUCKET.into(),
-                    key: key.clone(),
-                    object: object.encode(),
-                })
-                .collect(),
+            entries,
             ring_version: self.cluster.ring.version,
         };
         self.send_request(now, node, body, purpose, timeout_ms);
     }
 
-    fn on_cleanup_handoff(&mut self, keys: &[String], ok: bool) {
+    fn on_cleanup_handoff(&mut self, keys: &[Vec<u8>], ok: bool) {
         let Some(mut cleanup) = self.cleanup.take() else {
             return;
         };
-        for (key, hash) in cleanup.on_batch(keys, ok) {
-            if self.remove_if_unchanged(&key, &hash, false) {
+        for (storage_key, hash) in cleanup.on_batch(keys, ok) {
+            if self.remove_stored_if_unchanged(&storage_key, &hash, false) {
                 self.stats.cleanup_dropped += 1;
             } else {
                 cleanup.kept_changed();
@@ -1815,7 +1820,7 @@ impl SimNode {
     }
 
     /// Keep the pass while keys wait for acknowledgements; once settled, sync and record it.
-    fn finish_cleanup(&mut self, cleanup: Cleanup<String, Hash>) {
+    fn finish_cleanup(&mut self, cleanup: Cleanup<Vec<u8>, Hash>) {
         if !cleanup.settled() {
             self.cleanup = Some(cleanup);
             return;
