@@ -516,6 +516,44 @@ pub fn reaper_primaries(
     (primaries.first() == Some(me) && primaries.len() >= n_val as usize).then_some(primaries)
 }
 
+/// The tombstones this node may reap now (at most `max`, in storage-key order), read through
+/// the replica's tombstone list: `(storage key, stored bytes)` of every stored object that is
+/// a [`reap_candidate`]. Undecodable entries are skipped (never reaped).
+///
+/// # Errors
+/// Storage failed.
+pub fn reap_candidates(
+    replica: &crate::replica::Replica,
+    now_ms: u64,
+    grace_ms: u64,
+    max: usize,
+) -> Result<Vec<crate::storage::Entry>, crate::replica::ReplicaError> {
+    /// Tombstone-list entries read per scan.
+    const PAGE: usize = 1000;
+    let mut candidates = Vec::new();
+    let mut start_after: Option<Vec<u8>> = None;
+    while candidates.len() < max {
+        let (page, last_listed) = replica.scan_tombstones(start_after.as_deref(), PAGE)?;
+        for (storage_key, value) in page {
+            if candidates.len() >= max {
+                break;
+            }
+            if !Object::encoded_is_deleted(&value).unwrap_or(false) {
+                continue;
+            }
+            if Object::decode(&value).is_ok_and(|o| reap_candidate(&o, now_ms, grace_ms)) {
+                candidates.push((storage_key, value));
+            }
+        }
+        // Continue after the last listed key even when its object is gone.
+        match last_listed {
+            Some(last) => start_after = Some(last),
+            None => break,
+        }
+    }
+    Ok(candidates)
+}
+
 /// A stored object a reaper may consider: all tombstones, and its newest write (sibling or
 /// clock entry) at least `grace_ms` before `now_ms`. It is reaped only if, besides, every
 /// primary holds exactly the same object.
@@ -1047,6 +1085,72 @@ mod tests {
             // Four replicas asked of three nodes: nobody can show all of them hold it.
             assert!(reaper_primaries(&state, &primaries[0], partition, 4).is_none());
         }
+    }
+
+    /// The reaper reads candidates through the tombstone list: old tombstones only, live
+    /// values and recent tombstones stay, and at most `max` come back.
+    #[test]
+    fn reap_candidates_are_the_old_tombstones_in_the_list() {
+        use crate::replica::{Precondition, Replica, WriteRequest};
+        use std::sync::Arc;
+        let storage: Arc<dyn crate::storage::Storage> =
+            Arc::new(crate::test_support::MapStorage::default());
+        let replica = Replica::new(
+            Arc::clone(&storage),
+            ActorId(1),
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        let ring = crate::ring::Ring::new(
+            8,
+            crate::ring::RingNode {
+                id: id("a"),
+                zone: String::new(),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        replica.attach_aae(Arc::new(crate::aae_trees::AaeTrees::new(ring, storage)));
+        let props = crate::bucket::BucketProps::default();
+        let write = |key: &str, deleted: bool, at: u64| {
+            let content = if deleted {
+                Content::tombstone(at)
+            } else {
+                Content {
+                    value: b"v".to_vec(),
+                    last_modified_ms: at,
+                    ..Content::default()
+                }
+            };
+            replica
+                .write(WriteRequest {
+                    bucket: "b",
+                    key,
+                    context: None,
+                    content,
+                    props: &props,
+                    durability: crate::storage::Durability::Fsync,
+                    precondition: Precondition::None,
+                    now_ms: at,
+                })
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        };
+        for i in 0..5 {
+            write(&format!("old{i}"), false, 10);
+            write(&format!("old{i}"), true, 100);
+        }
+        write("live", false, 100);
+        write("recent", false, 100);
+        write("recent", true, 9_500);
+        let names = |entries: Vec<crate::storage::Entry>| -> Vec<String> {
+            entries
+                .iter()
+                .filter_map(|(k, _)| crate::keys::split_object_key(k))
+                .map(|(_, k)| String::from_utf8_lossy(k).into_owned())
+                .collect()
+        };
+        let all = reap_candidates(&replica, 10_000, 1_000, 100).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(names(all), ["old0", "old1", "old2", "old3", "old4"]);
+        let some = reap_candidates(&replica, 10_000, 1_000, 2).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(some.len(), 2);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
-    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidate,
+    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidates,
     reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use dynakv_core::failure::FailureDetector;
@@ -1469,39 +1469,12 @@ impl Cluster {
             return Ok(0);
         }
         let now = now_ms();
-        let mut candidates = Vec::new();
-        let mut start_after: Option<Vec<u8>> = None;
-        loop {
-            let (page, last_listed) = {
-                let (replica, start_after) = (Arc::clone(&self.replica), start_after.clone());
-                tokio::task::spawn_blocking(move || {
-                    replica.scan_tombstones(start_after.as_deref(), SCAN_PAGE)
-                })
-                .await
-                .map_err(internal)??
-            };
-            // Continue after the last listed key even when its object is gone.
-            let Some(last) = last_listed else { break };
-            start_after = Some(last);
-            for (storage_key, value) in page {
-                if !Object::encoded_is_deleted(&value).unwrap_or(false) {
-                    continue;
-                }
-                let Ok(object) = Object::decode(&value) else {
-                    continue;
-                };
-                if !reap_candidate(&object, now, grace_ms) {
-                    continue;
-                }
-                candidates.push((storage_key, value));
-                if candidates.len() >= MAX_REAPS_PER_ROUND {
-                    break;
-                }
-            }
-            if candidates.len() >= MAX_REAPS_PER_ROUND {
-                break;
-            }
-        }
+        let replica = Arc::clone(&self.replica);
+        let candidates = tokio::task::spawn_blocking(move || {
+            reap_candidates(&replica, now, grace_ms, MAX_REAPS_PER_ROUND)
+        })
+        .await
+        .map_err(internal)??;
         let mut reaped = 0;
         for (storage_key, value) in candidates {
             let Some((bucket, key)) = key_names(&storage_key) else {

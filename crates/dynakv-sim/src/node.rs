@@ -33,7 +33,7 @@ use dynakv_core::bucket::BucketProps;
 use dynakv_core::codec::{Reader, Writer};
 use dynakv_core::coordinator::{
     ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
-    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidate,
+    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidates,
     reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use dynakv_core::failure::FailureDetector;
@@ -1943,28 +1943,17 @@ impl SimNode {
             return;
         }
         let grace = self.config.tombstone_grace_ms;
-        // Through the tombstone list, as the server reads it.
-        let mut candidates: Vec<(String, Object)> = Vec::new();
-        let mut start_after: Option<Vec<u8>> = None;
-        while candidates.len() < MAX_REAPS_PER_ROUND {
-            let (page, last) = must(
-                self.replica.scan_tombstones(start_after.as_deref(), 1000),
-                "scan tombstones",
-            );
-            for (storage_key, bytes) in page {
-                let object = decode(&bytes);
-                if let Some((_, key)) = keys::split_object_key(&storage_key)
-                    && reap_candidate(&object, now, grace)
-                    && candidates.len() < MAX_REAPS_PER_ROUND
-                {
-                    candidates.push((String::from_utf8_lossy(key).into_owned(), object));
-                }
-            }
-            match last {
-                Some(last) => start_after = Some(last),
-                None => break,
-            }
-        }
+        // Through the tombstone list, as the server reads it (the core's).
+        let candidates: Vec<(String, Object)> = must(
+            reap_candidates(&self.replica, now, grace, MAX_REAPS_PER_ROUND),
+            "scan tombstones",
+        )
+        .into_iter()
+        .filter_map(|(storage_key, bytes)| {
+            let (_, key) = keys::split_object_key(&storage_key)?;
+            Some((String::from_utf8_lossy(key).into_owned(), decode(&bytes)))
+        })
+        .collect();
         for (key, object) in candidates {
             let partition = self.partition_of(&key);
             let n_val = self.config.n_val as u32;
