@@ -100,8 +100,12 @@ impl crate::storage::Storage for MapStorage {
         limit: usize,
     ) -> Result<Vec<crate::storage::Entry>, crate::storage::ScanError> {
         let map = self.map.lock();
+        let from = match start_after {
+            Some(after) if after > prefix => after,
+            _ => prefix,
+        };
         Ok(map
-            .range((table, prefix.to_vec())..)
+            .range((table, from.to_vec())..)
             .take_while(|((t, k), _)| *t == table && k.starts_with(prefix))
             .filter(|((_, k), _)| start_after.is_none_or(|after| k.as_slice() > after))
             .take(limit)

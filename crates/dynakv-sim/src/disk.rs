@@ -135,7 +135,12 @@ impl Storage for SimDisk {
         limit: usize,
     ) -> Result<Vec<Entry>, ScanError> {
         let state = self.state.lock();
-        let from = (table, start_after.unwrap_or(prefix).to_vec());
+        // From the later of the prefix and `start_after` (which may lie before the prefix).
+        let from = match start_after {
+            Some(after) if after > prefix => after,
+            _ => prefix,
+        };
+        let from = (table, from.to_vec());
         Ok(state
             .live
             .range(from..)
@@ -198,6 +203,11 @@ mod tests {
             vec![b"b1".to_vec()]
         );
         assert_eq!(keys(&disk, Table::Hints, b"", None), vec![b"a0".to_vec()]);
+        // A start before the prefix still lists the prefix's keys.
+        assert_eq!(
+            keys(&disk, Table::Objects, b"b", Some(b"a2")),
+            vec![b"b1".to_vec()]
+        );
     }
 
     #[test]
