@@ -1,20 +1,21 @@
 //! `SimNode`: one dynakv node as a sans-IO state machine, `handle(now, input) -> outputs`.
 //!
-//! Gets and puts are the core's `GetCoordinator` and `PutCoordinator` (with `ReplicaPlan`),
-//! the same state machines `dynakv-server::cluster::Cluster` drives: which replicas, when to
-//! answer, spare substitution, the hints to keep, read-repair targets and the durable replica
-//! of buffered writes are decided by the code the server runs. The rest of the server's
-//! sequencing (forwarding, hinted handoff, anti-entropy, gossip heartbeats and the
-//! transport's backoff, and ring transitions: join, leave, claimant planning, handoff to the
-//! nodes entering a key's preference list, `StaleRing` refusals and cleanup) is re-stated here
-//! on the very same core primitives: `Object::update`/`sync`, `Ring::extended_preference_list`,
-//! `ClusterState::found`/`add_joining`/`request_leave`/`merge`/`plan`/`mark_handoff_done`,
-//! `MerkleTree`. There is one bucket, and there are no deletes.
+//! What it runs of the server's code: the local store is the server's `Replica` and
+//! `AaeTrees` (over a [`SimDisk`]); every replica-side peer request is answered by the core's
+//! `serve` (the server's peer handler calls it too); messages are the server's `PeerMessage`s;
+//! gets and puts are the core's `GetCoordinator` and `PutCoordinator` (with `ReplicaPlan`),
+//! forwarding is `PutForward`/`refuse_forwarded`/`forward_reply`, and each background round
+//! builds its messages with the core's functions (`HintRound::route_page`,
+//! `TransitionHandoff::batch_page`, `Cleanup::add_page`, `reap_candidates`, `ReapCheck`,
+//! `AaeRound`/`AaeExchange`, `FailureDetector`, `ClusterState::gossip_peer`/`merge`/`plan`).
+//! What is its own: the sequencing around them (which step follows which reply, timers, the
+//! request table, the transport's backoff), written event-driven here and async in
+//! `dynakv-server::cluster`. There is one bucket.
 //!
 //! Invariants this module keeps:
-//! - every object this node stores is `stored.update(context, ..)` (as coordinator, with its
-//!   own actor) or `stored.sync(incoming)`: no sibling it did not see is dropped (unless a
-//!   planted [`Bug`] or the `last_write_wins` mode says so);
+//! - every object this node stores goes through `Replica::write` (as coordinator, with its
+//!   own actor) or `Replica::merge` (`sync`): no sibling it did not see is dropped (unless a
+//!   planted [`Bug`], an old rule or the `last_write_wins` mode says so);
 //! - a hint is deleted only after its target acknowledged it, and only if it did not change
 //!   meanwhile;
 //! - the Merkle tree of a partition is updated on every object write, so two nodes holding
