@@ -18,9 +18,11 @@
 //! - an answer out of order (a step the exchange is not at) or a failed step ends the
 //!   exchange with what was repaired so far; it never repairs a key twice.
 
+use crate::aae_trees::AaeTrees;
 use crate::coordinator::KeyRepair;
 use crate::membership::ClusterState;
 use crate::merkle::{self, Hash};
+use crate::message::PeerMessage;
 use crate::object::Object;
 use crate::ring::{NodeId, PartitionId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -315,6 +317,64 @@ impl<K: Ord + Clone> AaeExchange<K> {
     /// True once the exchange is over.
     pub fn is_done(&self) -> bool {
         self.stage == Stage::Done
+    }
+}
+
+impl AaeAsk {
+    /// The request that asks it of a peer, for `partition`.
+    pub fn message(self, partition: PartitionId) -> PeerMessage {
+        match self {
+            AaeAsk::Segments => PeerMessage::AaeSegments { partition },
+            AaeAsk::Leaves(segments) => PeerMessage::AaeLeaves {
+                partition,
+                segments,
+            },
+            AaeAsk::Keys(leaves) => PeerMessage::AaeKeys { partition, leaves },
+        }
+    }
+}
+
+/// A key of an exchange: bucket and key.
+pub type BucketKey = (String, String);
+
+impl AaeExchange<BucketKey> {
+    /// Feed the peer's answer to the last question. This node's side: hashes from `trees`,
+    /// and for a key listing `our_keys(leaves asked)` (the caller reads the index, perhaps
+    /// ahead of the answer, perhaps off its async workers); `shared` says whether both nodes
+    /// replicate a key (buckets with other `n_val`s differ legitimately). The server and the
+    /// simulator both call this.
+    ///
+    /// # Errors
+    /// The answer is not one to an anti-entropy question, or `our_keys` failed.
+    pub fn on_answer(
+        &mut self,
+        trees: &AaeTrees,
+        answer: PeerMessage,
+        our_keys: impl FnOnce(&BTreeSet<u16>) -> Result<Vec<(String, String, Hash)>, String>,
+        shared: impl Fn(&BucketKey) -> bool,
+    ) -> Result<AaeStep<BucketKey>, String> {
+        let partition = self.partition;
+        match answer {
+            PeerMessage::AaeHashes { hashes, budget } => {
+                let ours = trees.segments(partition);
+                Ok(self.on_segments(&ours, &hashes, Some(budget as usize)))
+            }
+            PeerMessage::AaeLeafHashes { leaves } => {
+                let ours = trees.segment_leaves(partition, self.segments_asked());
+                Ok(self.on_leaves(&ours, &leaves))
+            }
+            PeerMessage::AaeKeyHashes { entries, .. } => {
+                let asked: BTreeSet<u16> = self.leaves_asked().iter().copied().collect();
+                let ours: BTreeMap<BucketKey, Hash> = our_keys(&asked)?
+                    .into_iter()
+                    .map(|(b, k, h)| ((b, k), h))
+                    .collect();
+                let theirs: BTreeMap<BucketKey, Hash> =
+                    entries.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
+                Ok(self.on_keys(&ours, &theirs, shared))
+            }
+            other => Err(format!("answered {}", other.name())),
+        }
     }
 }
 

@@ -477,6 +477,70 @@ mod tests {
         assert_eq!(aae.entries().values().sum::<u64>(), 0);
     }
 
+    /// An exchange driven the way both the server and the simulator drive it: each question
+    /// answered by the peer's `serve`, each answer fed to `on_answer` with this node's side
+    /// from its own trees. Two nodes that differ in one key end up comparing exactly that key.
+    #[test]
+    fn an_exchange_over_serve_finds_the_one_differing_key() {
+        use crate::anti_entropy::{AaeExchange, AaeStep, BucketKey};
+        let (ours, our_trees) = node();
+        let (theirs, their_trees) = node();
+        for key in ["a", "b", "c"] {
+            for replica in [&ours, &theirs] {
+                replica
+                    .merge(
+                        "b",
+                        key,
+                        &version(key),
+                        &BucketProps::default(),
+                        Durability::Fsync,
+                    )
+                    .unwrap();
+            }
+        }
+        theirs
+            .merge(
+                "b",
+                "only-theirs",
+                &version("x"),
+                &BucketProps::default(),
+                Durability::Fsync,
+            )
+            .unwrap();
+        let partition = their_trees.partition_of(b"b", b"only-theirs");
+        let (mut exchange, mut ask) = AaeExchange::<BucketKey>::start(partition, 100);
+        let compared = loop {
+            let question = ask.clone().message(partition);
+            let Reply::Message(answer) = serve(&theirs, &their_trees, &context(1), question)
+                .unwrap()
+                .reply
+            else {
+                panic!("no stale ring here");
+            };
+            let step = exchange
+                .on_answer(
+                    &our_trees,
+                    answer,
+                    |leaves| our_trees.leaf_keys(partition, leaves, 100).map(|(k, _)| k),
+                    |_| true,
+                )
+                .unwrap();
+            match step {
+                AaeStep::Ask(next) => ask = next,
+                AaeStep::Compare(keys) => break keys,
+                AaeStep::Done { repaired } => panic!("done early: {repaired}"),
+            }
+        };
+        assert_eq!(compared, vec![("b".to_owned(), "only-theirs".to_owned())]);
+        // An answer to no anti-entropy question is an error, not a silent end.
+        let (mut other, _) = AaeExchange::<BucketKey>::start(partition, 100);
+        assert!(
+            other
+                .on_answer(&our_trees, PeerMessage::Ack, |_| Ok(Vec::new()), |_| true)
+                .is_err()
+        );
+    }
+
     #[test]
     fn only_replica_side_requests_are_served() {
         let (replica, aae) = node();

@@ -19,7 +19,7 @@
 use crate::aae::{AaeTrees, ExchangeRecord};
 use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteRequest};
 use crate::transport::{PeerClient, PeerInfo, TransportError};
-use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
+use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
@@ -41,7 +41,7 @@ use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext, ServeError, Sto
 use dynakv_core::storage::{Durability, Storage, Table};
 use dynakv_core::version::VersionVector;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1281,31 +1281,38 @@ impl Cluster {
     }
 
     /// Ask `peer` one anti-entropy question of an exchange of `partition`.
-    async fn aae_ask(
+    /// Ask `peer` one anti-entropy question of `exchange` and feed its answer to the core's
+    /// `AaeExchange::on_answer` (as the simulator does).
+    async fn aae_step(
         &self,
         peer: &NodeId,
-        partition: u32,
+        exchange: &mut AaeExchange<BucketKey>,
         ask: AaeAsk,
-    ) -> Result<PeerMessage, ClusterError> {
-        let (message, timeout) = match ask {
-            AaeAsk::Segments => (
-                PeerMessage::AaeSegments { partition },
-                self.timeouts.request,
-            ),
-            AaeAsk::Leaves(segments) => (
-                PeerMessage::AaeLeaves {
-                    partition,
-                    segments,
-                },
-                self.timeouts.request,
-            ),
-            // Listing a leaf's keys may read many index entries: more time.
+    ) -> Result<AaeStep<BucketKey>, ClusterError> {
+        let partition = exchange.partition();
+        // Listing a leaf's keys may read many index entries: more time, and our side is read
+        // on the blocking pool before the answer is fed.
+        let (timeout, ours) = match &ask {
             AaeAsk::Keys(leaves) => (
-                PeerMessage::AaeKeys { partition, leaves },
                 self.timeouts.request * 5,
+                Some(self.local_leaf_keys(partition, leaves.clone()).await?.0),
             ),
+            _ => (self.timeouts.request, None),
         };
-        self.send(peer, message, timeout).await
+        let answer = self.send(peer, ask.message(partition), timeout).await?;
+        let state = self.state();
+        exchange
+            .on_answer(
+                &self.aae,
+                answer,
+                |_| ours.ok_or_else(|| "keys answered to another question".to_owned()),
+                |(bucket, key)| {
+                    let n_val = self.bucket_props(bucket).n_val;
+                    let replicas = state.preference_list(partition_of(&state, bucket, key), n_val);
+                    replicas.contains(&self.me) && replicas.contains(peer)
+                },
+            )
+            .map_err(|e| ClusterError::Internal(format!("{peer}: {e}")))
     }
 
     /// Compare one partition with one peer and repair the keys that differ: both sides end
@@ -1314,59 +1321,14 @@ impl Cluster {
     async fn exchange(
         &self,
         peer: &NodeId,
-        mut exchange: AaeExchange<(String, String)>,
+        mut exchange: AaeExchange<BucketKey>,
         ask: AaeAsk,
     ) -> Result<usize, ClusterError> {
-        let partition = exchange.partition();
-        let unexpected = |other: &PeerMessage| {
-            ClusterError::Internal(format!("{peer} answered {}", other.name()))
-        };
-        let mut step = match self.aae_ask(peer, partition, ask).await? {
-            PeerMessage::AaeHashes { hashes, budget } => {
-                let ours = self.aae.segments(partition);
-                exchange.on_segments(&ours, &hashes, Some(budget as usize))
-            }
-            other => return Err(unexpected(&other)),
-        };
+        let mut step = self.aae_step(peer, &mut exchange, ask).await?;
         loop {
             step = match step {
                 AaeStep::Done { repaired } => return Ok(repaired),
-                AaeStep::Ask(ask @ AaeAsk::Segments) => {
-                    return Err(ClusterError::Internal(format!(
-                        "anti-entropy asked {ask:?} twice"
-                    )));
-                }
-                AaeStep::Ask(ask @ AaeAsk::Leaves(_)) => {
-                    match self.aae_ask(peer, partition, ask).await? {
-                        PeerMessage::AaeLeafHashes { leaves } => {
-                            let ours = self
-                                .aae
-                                .segment_leaves(partition, exchange.segments_asked());
-                            exchange.on_leaves(&ours, &leaves)
-                        }
-                        other => return Err(unexpected(&other)),
-                    }
-                }
-                AaeStep::Ask(ask @ AaeAsk::Keys(_)) => {
-                    let (ours, _) = self
-                        .local_leaf_keys(partition, exchange.leaves_asked().to_vec())
-                        .await?;
-                    let theirs = match self.aae_ask(peer, partition, ask).await? {
-                        PeerMessage::AaeKeyHashes { entries, .. } => entries,
-                        other => return Err(unexpected(&other)),
-                    };
-                    let ours: BTreeMap<(String, String), Hash> =
-                        ours.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
-                    let theirs: BTreeMap<(String, String), Hash> =
-                        theirs.into_iter().map(|(b, k, h)| ((b, k), h)).collect();
-                    let state = self.state();
-                    exchange.on_keys(&ours, &theirs, |(bucket, key)| {
-                        let n_val = self.bucket_props(bucket).n_val;
-                        let replicas =
-                            state.preference_list(partition_of(&state, bucket, key), n_val);
-                        replicas.contains(&self.me) && replicas.contains(peer)
-                    })
-                }
+                AaeStep::Ask(ask) => self.aae_step(peer, &mut exchange, ask).await?,
                 AaeStep::Compare(keys) => {
                     self.repair_keys(peer, &mut exchange, keys).await?;
                     exchange.finish()
@@ -1379,8 +1341,8 @@ impl Cluster {
     async fn repair_keys(
         &self,
         peer: &NodeId,
-        exchange: &mut AaeExchange<(String, String)>,
-        keys: Vec<(String, String)>,
+        exchange: &mut AaeExchange<BucketKey>,
+        keys: Vec<BucketKey>,
     ) -> Result<(), ClusterError> {
         let ring_version = self.state().ring.version;
         let mut stored = false;

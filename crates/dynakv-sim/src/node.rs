@@ -29,7 +29,7 @@
 use crate::disk::{DiskLoss, SimDisk};
 use crate::rng::SimRng;
 use dynakv_core::aae_trees::AaeTrees;
-use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep};
+use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use dynakv_core::bucket::BucketProps;
 use dynakv_core::codec::{Reader, Writer};
 use dynakv_core::coordinator::{
@@ -343,9 +343,9 @@ struct ReapRun {
 #[derive(Debug)]
 struct AaeRun {
     peer: NodeId,
-    exchange: AaeExchange<String>,
+    exchange: AaeExchange<BucketKey>,
     asking: Option<RequestId>,
-    fetching: BTreeMap<RequestId, String>,
+    fetching: BTreeMap<RequestId, BucketKey>,
 }
 
 /// The transport's view of one peer.
@@ -1910,28 +1910,6 @@ impl SimNode {
 
     // ----- anti-entropy -----
 
-    fn segments(&self, partition: PartitionId) -> Vec<Hash> {
-        self.aae.segments(partition)
-    }
-
-    fn segment_leaves(&self, partition: PartitionId, segments: &[u16]) -> Vec<(u16, Hash)> {
-        self.aae.segment_leaves(partition, segments)
-    }
-
-    /// `AaeTrees::leaf_keys`: the keys of some leaves, read through the index.
-    fn local_leaf_keys(&self, partition: PartitionId, leaves: &[u16]) -> BTreeMap<String, Hash> {
-        let leaves: BTreeSet<u16> = leaves.iter().copied().collect();
-        let (keys, _cut) = must(
-            self.aae
-                .leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE),
-            "read the anti-entropy index",
-        );
-        keys.into_iter()
-            .filter(|(bucket, _, _)| bucket == BUCKET)
-            .map(|(_, key, hash)| (key, hash))
-            .collect()
-    }
-
     /// `Cluster::anti_entropy_round`: each partition this node replicates is compared with
     /// one of its other replicas, in turn; partitions are exchanged one after another.
     /// `Cluster::reap_tombstones`: the tombstones this node is the first primary of, older
@@ -2112,7 +2090,8 @@ impl SimNode {
         }
         let partition = current.exchange.partition();
         let peer = current.peer.clone();
-        let step = if let Some(key) = current.fetching.remove(&id) {
+        let step = if let Some(bucket_key) = current.fetching.remove(&id) {
+            let key = bucket_key.1.clone();
             match body {
                 Some(PeerMessage::ReplicaObject { object }) => {
                     let remote = object.map(|b| decode(&b));
@@ -2120,7 +2099,7 @@ impl SimNode {
                     if let Some(repair) =
                         current
                             .exchange
-                            .on_versions(&key, local.as_ref(), remote.as_ref())
+                            .on_versions(&bucket_key, local.as_ref(), remote.as_ref())
                     {
                         if repair.store_local {
                             self.merge_local(&key, &repair.merged);
@@ -2133,7 +2112,7 @@ impl SimNode {
                         }
                     }
                 }
-                _ => current.exchange.skip(&key),
+                _ => current.exchange.skip(&bucket_key),
             }
             if !current.exchange.compared_all() && !current.fetching.is_empty() {
                 self.aae_current = Some(current);
@@ -2142,29 +2121,25 @@ impl SimNode {
             current.exchange.finish()
         } else {
             current.asking = None;
-            match body {
-                Some(PeerMessage::AaeHashes { hashes: theirs, .. }) => {
-                    let ours = self.segments(partition);
-                    current.exchange.on_segments(&ours, &theirs, None)
-                }
-                Some(PeerMessage::AaeLeafHashes { leaves: theirs }) => {
-                    let asked = current.exchange.segments_asked().to_vec();
-                    let ours = self.segment_leaves(partition, &asked);
-                    current.exchange.on_leaves(&ours, &theirs)
-                }
-                Some(PeerMessage::AaeKeyHashes { entries, .. }) => {
-                    let ours = self.local_leaf_keys(partition, current.exchange.leaves_asked());
-                    let theirs: BTreeMap<String, Hash> = entries
-                        .into_iter()
-                        .filter(|(bucket, _, _)| bucket == BUCKET)
-                        .map(|(_, key, hash)| (key, hash))
-                        .collect();
-                    current.exchange.on_keys(&ours, &theirs, |key| {
+            // The core's reading of the answer, as in the server; a failed step or an
+            // unexpected answer ends this partition's exchange.
+            let aae = Arc::clone(&self.aae);
+            let answered = body.map(|answer| {
+                current.exchange.on_answer(
+                    &aae,
+                    answer,
+                    |leaves| {
+                        aae.leaf_keys(partition, leaves, MAX_AAE_KEYS_PER_EXCHANGE)
+                            .map(|(keys, _cut)| keys)
+                    },
+                    |(bucket, key)| {
                         let replicas = self.primaries(key);
-                        replicas.contains(&self.me) && replicas.contains(&peer)
-                    })
-                }
-                // A failed step or an unexpected answer ends this partition's exchange.
+                        bucket == BUCKET && replicas.contains(&self.me) && replicas.contains(&peer)
+                    },
+                )
+            });
+            match answered {
+                Some(Ok(step)) => step,
                 _ => current.exchange.finish(),
             }
         };
@@ -2175,7 +2150,7 @@ impl SimNode {
             }
             AaeStep::Compare(keys) => {
                 for key in keys {
-                    let body = self.replica_get(&key, None);
+                    let body = self.replica_get(&key.1, None);
                     let request =
                         self.send_request(now, &peer, body, Purpose::Aae, REQUEST_TIMEOUT_MS);
                     current.fetching.insert(request, key);
