@@ -672,10 +672,22 @@ impl Cluster {
         self.send_write(node, message).await
     }
 
-    /// Send a replica write (`ReplicaPut`, `HintedPut`): `Ack` is success; `StaleRing` merges
-    /// the replica's newer state here and fails (the caller may re-plan).
+    /// Send a replica write (`ReplicaPut`, `HintedPut`, `Handoff`) with the request timeout:
+    /// see [`Cluster::send_write_within`].
     async fn send_write(&self, node: &NodeId, message: PeerMessage) -> Result<(), ClusterError> {
-        match self.send(node, message, self.timeouts.request).await? {
+        self.send_write_within(node, message, self.timeouts.request)
+            .await
+    }
+
+    /// Send a replica write: `Ack` is success; `StaleRing` merges the replica's newer state
+    /// here and fails (the caller may re-plan).
+    async fn send_write_within(
+        &self,
+        node: &NodeId,
+        message: PeerMessage,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        match self.send(node, message, timeout).await? {
             PeerMessage::Ack => Ok(()),
             PeerMessage::StaleRing(state) => {
                 self.merge_state(&state)?;
@@ -833,17 +845,13 @@ impl Cluster {
         } else {
             self.timeouts.request
         };
-        let failure = match self.send(&to, message, timeout).await {
-            Ok(PeerMessage::Ack) => return true,
-            Ok(PeerMessage::StaleRing(state)) => match self.merge_state(&state) {
-                Ok(()) => "its ring is newer".to_owned(),
-                Err(e) => e.to_string(),
-            },
-            Ok(other) => other.name().to_owned(),
-            Err(e) => e.to_string(),
-        };
-        tracing::debug!(node = %to, error = %failure, "hint delivery failed; will retry");
-        false
+        match self.send_write_within(&to, message, timeout).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(node = %to, error = %e, "hint delivery failed; will retry");
+                false
+            }
+        }
     }
 
     async fn drop_hint(&self, hint_key: &[u8], delivered: &[u8]) -> Result<bool, ClusterError> {
@@ -1216,12 +1224,15 @@ impl Cluster {
         message: PeerMessage,
     ) -> Result<PeerMessage, ClusterError> {
         let state = self.state();
+        let props: std::collections::BTreeMap<String, BucketProps> = serve::buckets_named(&message)
+            .into_iter()
+            .map(|bucket| (bucket.to_owned(), self.bucket_props(bucket)))
+            .collect();
+        let n_vals: HashMap<String, u32> =
+            props.iter().map(|(b, p)| (b.clone(), p.n_val)).collect();
         let context = ServeContext {
             ring_version: state.ring.version,
-            props: serve::buckets_named(&message)
-                .into_iter()
-                .map(|bucket| (bucket.to_owned(), self.bucket_props(bucket)))
-                .collect(),
+            props,
             hint_limit: MAX_HINTS_PER_TARGET,
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
@@ -1252,7 +1263,10 @@ impl Cluster {
             None => {}
         }
         for (bucket, key) in &served.stored {
-            let n_val = self.bucket_props(bucket).n_val;
+            let n_val = n_vals
+                .get(bucket)
+                .copied()
+                .unwrap_or_else(|| self.bucket_props(bucket).n_val);
             self.check_orphan(bucket, key, n_val);
         }
         Ok(match served.reply {
@@ -1865,6 +1879,8 @@ impl Cluster {
         result
     }
 
+    /// One `Handoff` batch under this node's ring version (five request timeouts: the
+    /// receiver merges the whole batch and syncs).
     async fn send_handoff(
         &self,
         node: &NodeId,
@@ -1874,19 +1890,8 @@ impl Cluster {
             entries,
             ring_version: self.state().ring.version,
         };
-        match self.send(node, message, self.timeouts.request * 5).await? {
-            PeerMessage::Ack => Ok(()),
-            PeerMessage::StaleRing(state) => {
-                self.merge_state(&state)?;
-                Err(ClusterError::Internal(format!(
-                    "handoff to {node}: its ring is newer"
-                )))
-            }
-            other => Err(ClusterError::Internal(format!(
-                "handoff to {node}: {}",
-                other.name()
-            ))),
-        }
+        self.send_write_within(node, message, self.timeouts.request * 5)
+            .await
     }
 
     /// One page of this node's stored objects after `start_after` (handoff, cleanup, reaping).
