@@ -265,6 +265,16 @@ pub enum PeerMessage {
 }
 
 impl PeerMessage {
+    /// The durability a replica write (`ReplicaPut`, `HintedPut`) asks for; `None` for other
+    /// messages.
+    pub fn durability_mut(&mut self) -> Option<&mut Durability> {
+        match self {
+            PeerMessage::ReplicaPut { durability, .. }
+            | PeerMessage::HintedPut { durability, .. } => Some(durability),
+            _ => None,
+        }
+    }
+
     /// The variant's name, for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {

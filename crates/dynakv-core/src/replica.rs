@@ -2,7 +2,9 @@
 //!
 //! Invariants:
 //! - a write is a read-modify-write under the key's stripe lock, so two concurrent writes to
-//!   one key on this node never both read the same old version (no lost update);
+//!   one key on this node never both read the same old version (no lost update); the storage
+//!   call under the lock is always buffered, and a durable write syncs after releasing it
+//!   (`settle`), so no stripe lock is held across an fsync;
 //! - what is written is always `stored.update(context, ...)` or `stored.sync(incoming)`, so no
 //!   sibling the writer did not see is dropped;
 //! - an object that fails its checksum or decoding is reported as corrupt, never treated as
@@ -161,20 +163,62 @@ impl Replica {
         if counter > self.counter_lease.load(Ordering::SeqCst) {
             let _guard = self.lease_lock.lock();
             if counter > self.counter_lease.load(Ordering::SeqCst) {
-                let reserved = counter.saturating_add(COUNTER_LEASE_BLOCK);
-                self.storage
-                    .put(
-                        Table::Meta,
-                        KEY_COUNTER_LEASE,
-                        &reserved.to_be_bytes(),
-                        Durability::Fsync,
-                    )
-                    .map_err(storage_error)?;
-                self.counter_lease.store(reserved, Ordering::SeqCst);
+                self.lease_through(counter.saturating_add(COUNTER_LEASE_BLOCK))?;
             }
         }
         self.last_counter.fetch_max(counter, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Reserve the next block of dot counters ahead of need: when less than half a block of
+    /// the lease is left (or none was taken in this run yet), reserve a new one now, so that
+    /// client writes do not wait for the lease's fsync under their key's stripe lock. The
+    /// server's flusher calls this on every tick; a write that still finds the lease used up
+    /// reserves it itself. Returns whether a block was reserved.
+    ///
+    /// # Errors
+    /// The lease could not be read or made durable.
+    pub fn renew_counter_lease(&self) -> Result<bool, ReplicaError> {
+        use std::sync::atomic::Ordering;
+        self.counter_floor()?;
+        if !self.counter_lease_low() {
+            return Ok(false);
+        }
+        let _guard = self.lease_lock.lock();
+        if !self.counter_lease_low() {
+            return Ok(false);
+        }
+        let last = self.last_counter.load(Ordering::SeqCst);
+        self.lease_through(last.saturating_add(COUNTER_LEASE_BLOCK))?;
+        Ok(true)
+    }
+
+    /// Store the lease `reserved` durably, then let counters up to it be issued (called with
+    /// `lease_lock` held, `reserved` above the current lease).
+    fn lease_through(&self, reserved: u64) -> Result<(), ReplicaError> {
+        self.storage
+            .put(
+                Table::Meta,
+                KEY_COUNTER_LEASE,
+                &reserved.to_be_bytes(),
+                Durability::Fsync,
+            )
+            .map_err(storage_error)?;
+        self.counter_lease
+            .fetch_max(reserved, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether [`Replica::renew_counter_lease`] has work to do (no storage call: cheap enough
+    /// for an async worker).
+    pub fn counter_lease_low(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        !self.lease_loaded.load(Ordering::Acquire)
+            || self
+                .counter_lease
+                .load(Ordering::SeqCst)
+                .saturating_sub(self.last_counter.load(Ordering::SeqCst))
+                < COUNTER_LEASE_BLOCK / 2
     }
 
     /// This replica's causal identity.
@@ -218,7 +262,7 @@ impl Replica {
         durability: Durability,
     ) -> Result<(), ReplicaError> {
         self.storage
-            .put(Table::Objects, storage_key, new, durability)
+            .put(Table::Objects, storage_key, new, Durability::Buffered)
             .map_err(storage_error)?;
         self.note_durability(durability);
         if let Some(aae) = self.aae.get() {
@@ -227,14 +271,35 @@ impl Replica {
         Ok(())
     }
 
+    /// Make a write made under a stripe lock durable, after the lock is released. Every
+    /// storage call under a stripe lock is buffered, so no lock is held across an fsync: a
+    /// durable write of a hot key used to keep its stripe locked for the whole flush (tens to
+    /// hundreds of ms), and the next write of that key, run inline on an async worker, stopped
+    /// the worker with it. `sync` is a durability barrier for every write made before it
+    /// (group commit), this one included.
+    fn settle(&self, durability: Durability) -> Result<(), ReplicaError> {
+        if durability == Durability::Fsync {
+            self.storage.sync().map_err(storage_error)?;
+        }
+        Ok(())
+    }
+
+    /// Count a write made buffered under a stripe lock; `durability` is what its caller asked
+    /// for ([`Replica::settle`] syncs the `Fsync` ones).
     fn note_durability(&self, durability: Durability) {
-        if durability == Durability::Buffered {
-            self.unflushed
-                .store(true, std::sync::atomic::Ordering::Release);
-        } else {
+        self.unflushed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if durability == Durability::Fsync {
             self.fsync_writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Count a write its caller stored buffered and then made durable itself (the server's
+    /// group commit for async callers).
+    pub fn count_fsync_write(&self) {
+        self.fsync_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Object, hint and removal writes made with `Fsync` durability since start.
@@ -274,7 +339,7 @@ impl Replica {
     /// Apply a client write (put or delete) as coordinator and return the stored result.
     pub fn write(&self, request: WriteRequest<'_>) -> Result<Object, ReplicaError> {
         let storage_key = keys::object_key(request.bucket.as_bytes(), request.key.as_bytes());
-        let _guard = self.stripe(&storage_key).lock();
+        let guard = self.stripe(&storage_key).lock();
         let (stored, old_bytes) = match self.load_both(&storage_key)? {
             Some((object, bytes)) => (object, Some(bytes)),
             None => (Object::default(), None),
@@ -325,6 +390,8 @@ impl Replica {
             &updated.encode(),
             request.durability,
         )?;
+        drop(guard);
+        self.settle(request.durability)?;
         Ok(updated)
     }
 
@@ -338,7 +405,7 @@ impl Replica {
         durability: Durability,
     ) -> Result<Object, ReplicaError> {
         let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
-        let _guard = self.stripe(&storage_key).lock();
+        let guard = self.stripe(&storage_key).lock();
         let (stored, old_bytes) = match self.load_both(&storage_key)? {
             Some((object, bytes)) => (object, Some(bytes)),
             None => (Object::default(), None),
@@ -354,6 +421,8 @@ impl Replica {
                 &merged.encode(),
                 durability,
             )?;
+            drop(guard);
+            self.settle(durability)?;
         }
         Ok(merged)
     }
@@ -436,7 +505,7 @@ impl Replica {
         durability: Durability,
     ) -> Result<bool, ReplicaError> {
         let hint_key = keys::hint_key(target, bucket.as_bytes(), key.as_bytes());
-        let _guard = self.stripe(&hint_key).lock();
+        let guard = self.stripe(&hint_key).lock();
         let existing = self
             .storage
             .get(Table::Hints, &hint_key)
@@ -455,9 +524,16 @@ impl Replica {
             incoming.clone()
         };
         self.storage
-            .put(Table::Hints, &hint_key, &merged.encode(), durability)
+            .put(
+                Table::Hints,
+                &hint_key,
+                &merged.encode(),
+                Durability::Buffered,
+            )
             .map_err(storage_error)?;
         self.note_durability(durability);
+        drop(guard);
+        self.settle(durability)?;
         Ok(true)
     }
 
@@ -500,7 +576,7 @@ impl Replica {
         hint_key: &[u8],
         delivered: &[u8],
     ) -> Result<bool, ReplicaError> {
-        let _guard = self.stripe(hint_key).lock();
+        let guard = self.stripe(hint_key).lock();
         let current = self
             .storage
             .get(Table::Hints, hint_key)
@@ -509,7 +585,7 @@ impl Replica {
             return Ok(false);
         }
         self.storage
-            .delete(Table::Hints, hint_key, Durability::Fsync)
+            .delete(Table::Hints, hint_key, Durability::Buffered)
             .map_err(storage_error)?;
         if let Some((target, _, _)) = keys::split_hint_key(hint_key) {
             let target = String::from_utf8_lossy(target).into_owned();
@@ -521,10 +597,11 @@ impl Replica {
                 }
             }
         }
+        drop(guard);
+        self.settle(Durability::Fsync)?;
         Ok(true)
     }
 
-    /// Hinted keys held per target.
     /// Whether this node keeps a hint of `bucket`/`key` for any node.
     pub fn holds_hint(&self, bucket: &str, key: &str) -> Result<bool, ReplicaError> {
         let targets: Vec<String> = self.hint_counts.lock().keys().cloned().collect();
@@ -536,6 +613,7 @@ impl Replica {
         Ok(false)
     }
 
+    /// Hinted keys held per target.
     pub fn hint_counts(&self) -> Vec<(String, usize)> {
         let mut counts: Vec<_> = self
             .hint_counts
@@ -588,7 +666,7 @@ impl Replica {
         expected: &[u8; 16],
         durability: Durability,
     ) -> Result<bool, ReplicaError> {
-        let _guard = self.stripe(storage_key).lock();
+        let guard = self.stripe(storage_key).lock();
         let Some(current) = self
             .storage
             .get(Table::Objects, storage_key)
@@ -603,12 +681,14 @@ impl Replica {
             return Ok(false);
         }
         self.storage
-            .delete(Table::Objects, storage_key, durability)
+            .delete(Table::Objects, storage_key, Durability::Buffered)
             .map_err(storage_error)?;
         self.note_durability(durability);
         if let Some(aae) = self.aae.get() {
             aae.observe(storage_key, Some(&current), None);
         }
+        drop(guard);
+        self.settle(durability)?;
         Ok(true)
     }
 

@@ -18,6 +18,7 @@
 
 use crate::aae::{AaeTrees, ExchangeRecord};
 use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteRequest};
+use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use dynakv_core::bucket::{BucketProps, Quorum};
@@ -200,6 +201,9 @@ pub struct ClusterParts {
     pub client: PeerClient<PeerMessage>,
     pub timeouts: ClusterTimeouts,
     pub aae: Arc<AaeTrees>,
+    /// The flusher's group commit, when the engine's syncs wait on the disk: durable replica
+    /// writes await it instead of syncing on a blocking thread each.
+    pub syncs: Option<Arc<SyncBarrier>>,
 }
 
 /// Options of a client write.
@@ -235,6 +239,7 @@ pub struct Cluster {
     /// The ring version whose cleanup this node finished.
     cleanup_marker: Mutex<CleanupMarker>,
     started: Instant,
+    syncs: Option<Arc<SyncBarrier>>,
 }
 
 fn now_ms() -> u64 {
@@ -306,6 +311,7 @@ impl Cluster {
             client,
             timeouts,
             aae,
+            syncs,
         } = parts;
         let heartbeat_timeout_ms = u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         Cluster {
@@ -325,7 +331,49 @@ impl Cluster {
             aae_records: Mutex::new(HashMap::new()),
             admission: Admission::default(),
             started: Instant::now(),
+            syncs,
         }
+    }
+
+    /// Run a replica write asked for with `durability`; `call` gets the durability to store
+    /// with. A durable write, when the engine's syncs wait on the disk, is stored buffered
+    /// (inline, like every buffered write) and then awaits the flusher's next sync, which
+    /// covers it ([`SyncBarrier`]); it is counted as an fsync'd write when `stored` says it
+    /// stored something. Any other write runs as [`ReplicaRun::run`] decides. A call that
+    /// fails does not wait.
+    async fn run_write<V: Send + 'static, E: Send + 'static>(
+        &self,
+        durability: Durability,
+        call: impl FnOnce(Durability) -> Result<V, E> + Send + 'static,
+        stored: impl FnOnce(&V) -> bool,
+    ) -> Result<Result<V, E>, ClusterError> {
+        let Some(syncs) = self
+            .syncs
+            .as_ref()
+            .filter(|_| durability == Durability::Fsync)
+        else {
+            return self
+                .replica
+                .run(Some(durability), move || call(durability))
+                .await
+                .map_err(internal);
+        };
+        let done = self
+            .replica
+            .run(Some(Durability::Buffered), move || {
+                call(Durability::Buffered)
+            })
+            .await
+            .map_err(internal)?;
+        if let Ok(value) = &done {
+            syncs.wait().await.map_err(|why| {
+                ClusterError::Internal(format!("the write was not made durable: {why}"))
+            })?;
+            if stored(value) {
+                self.replica.count_fsync_write();
+            }
+        }
+        Ok(done)
     }
 
     pub fn me(&self) -> &NodeId {
@@ -1004,21 +1052,23 @@ impl Cluster {
         let precondition = options.precondition;
         let now = options.now_ms;
         let stored = self
-            .replica
-            .run(Some(durability), move || {
-                replica.write(WriteRequest {
-                    bucket: &bucket_name,
-                    key: &key_name,
-                    context,
-                    content,
-                    props: &bucket_props,
-                    durability,
-                    precondition,
-                    now_ms: now,
-                })
-            })
-            .await
-            .map_err(internal)??;
+            .run_write(
+                durability,
+                move |durability| {
+                    replica.write(WriteRequest {
+                        bucket: &bucket_name,
+                        key: &key_name,
+                        context,
+                        content,
+                        props: &bucket_props,
+                        durability,
+                        precondition,
+                        now_ms: now,
+                    })
+                },
+                |_| true,
+            )
+            .await??;
         let ring_version = state.ring.version;
         let result = self
             .replicate(bucket, key, &stored, props, durability, (w, pw), plan)
@@ -1238,16 +1288,44 @@ impl Cluster {
             aae_budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
         };
         let (replica, aae) = (Arc::clone(&self.replica), Arc::clone(&self.aae));
-        let work = move || serve::serve(&replica, &aae, &context, message);
+        let mut message = message;
         let served = match call {
-            StorageCall::None => work(),
-            StorageCall::Read => self.replica.run(None, work).await.map_err(internal)?,
-            StorageCall::Write(durability) => self
+            StorageCall::None => serve::serve(&replica, &aae, &context, message),
+            StorageCall::Read => self
                 .replica
-                .run(Some(durability), work)
+                .run(None, move || {
+                    serve::serve(&replica, &aae, &context, message)
+                })
                 .await
                 .map_err(internal)?,
-            StorageCall::Long => tokio::task::spawn_blocking(work).await.map_err(internal)?,
+            StorageCall::Write(durability) if message.durability_mut().is_some() => {
+                self.run_write(
+                    durability,
+                    move |durability| {
+                        if let Some(asked) = message.durability_mut() {
+                            *asked = durability;
+                        }
+                        serve::serve(&replica, &aae, &context, message)
+                    },
+                    |served| {
+                        !served.stored.is_empty()
+                            || matches!(served.hint, Some(HintOutcome::Stored))
+                    },
+                )
+                .await?
+            }
+            StorageCall::Write(durability) => self
+                .replica
+                .run(Some(durability), move || {
+                    serve::serve(&replica, &aae, &context, message)
+                })
+                .await
+                .map_err(internal)?,
+            StorageCall::Long => {
+                tokio::task::spawn_blocking(move || serve::serve(&replica, &aae, &context, message))
+                    .await
+                    .map_err(internal)?
+            }
         }
         .map_err(|e| match e {
             ServeError::Replica(e) => ClusterError::from(e),

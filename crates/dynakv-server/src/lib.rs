@@ -12,6 +12,7 @@ pub mod http;
 pub mod identity;
 pub mod replica;
 pub mod stats;
+pub mod sync_barrier;
 pub mod transport;
 
 use cluster::{Cluster, ClusterTimeouts};
@@ -172,6 +173,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
     let client = PeerClient::new(transport_config.clone());
     let unflushed = Arc::new(AtomicBool::new(false));
+    // Durable writes wait for the flusher's group commit when a sync waits on the disk.
+    let syncs = storage
+        .may_wait_for_disk(Some(dynakv_core::storage::Durability::Fsync))
+        .then(|| Arc::new(sync_barrier::SyncBarrier::default()));
     let replica = Arc::new(Replica::new(
         Arc::clone(&storage),
         identity.actor,
@@ -221,6 +226,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             client,
             timeouts,
             aae,
+            syncs: syncs.clone(),
         },
     ));
     cluster
@@ -270,12 +276,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         (config.aae_interval_ms, config.tombstone_grace_ms),
         shutdown_rx.clone(),
     ));
+    let flusher = Flusher {
+        storage: Arc::clone(&storage),
+        replica: Arc::clone(&replica),
+        unflushed,
+        interval_ms: config.flush_interval_ms,
+        syncs,
+    };
     let task = tokio::spawn(serve(
         listener,
         state,
         storage,
-        unflushed,
-        config.flush_interval_ms,
+        flusher,
         shutdown_rx,
         vec![peer_task, background, anti_entropy],
     ));
@@ -399,17 +411,14 @@ async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<http::ApiState>,
     storage: Arc<dyn Storage>,
-    unflushed: Arc<AtomicBool>,
-    flush_interval_ms: u64,
+    flusher: Flusher,
     shutdown: watch::Receiver<bool>,
     others: Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<(), ServerError> {
-    let flusher = tokio::spawn(flush_loop(
-        Arc::clone(&storage),
-        Arc::clone(&unflushed),
-        flush_interval_ms,
-        shutdown.clone(),
-    ));
+    // The flusher outlives the request handlers (durable writes wait for it): it stops after
+    // the HTTP server and the other tasks have.
+    let (stop_flusher, flusher_stop) = watch::channel(false);
+    let flusher = tokio::spawn(flush_loop(flusher, flusher_stop));
     let app = http::router(state);
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -419,10 +428,11 @@ async fn serve(
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(wait_for_shutdown(shutdown))
         .await;
-    let _ = flusher.await;
     for task in others {
         let _ = task.await;
     }
+    let _ = stop_flusher.send(true);
+    let _ = flusher.await;
     // Whatever was buffered becomes durable before the process exits.
     let marker_storage = Arc::clone(&storage);
     let synced = tokio::task::spawn_blocking(move || storage.sync())
@@ -446,33 +456,99 @@ async fn serve(
 
 /// A flush (fsync) this slow is logged.
 const SLOW_FLUSH: Duration = Duration::from_millis(20);
+/// At most one slow-flush warning per this interval.
+const SLOW_FLUSH_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// Make buffered writes durable every `interval_ms` (paper 6.1's writer thread).
-async fn flush_loop(
+/// What the flusher works on.
+struct Flusher {
     storage: Arc<dyn Storage>,
+    replica: Arc<Replica>,
+    /// Set by every buffered write.
     unflushed: Arc<AtomicBool>,
     interval_ms: u64,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    /// Durable writes waiting for a sync (see [`sync_barrier`]).
+    syncs: Option<Arc<sync_barrier::SyncBarrier>>,
+}
+
+/// Make buffered writes durable every `interval_ms` (paper 6.1's writer thread), and at once
+/// when a durable write waits for it (group commit: one sync covers every write made before
+/// it started); renew the replica's dot-counter lease before client writes run out of it.
+async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
+    let Flusher {
+        storage,
+        replica,
+        unflushed,
+        interval_ms,
+        syncs,
+    } = flusher;
     let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Slow syncs since the last warning (count, slowest); the warning is rate-limited, as
+    // syncs run back to back while durable writes keep arriving.
+    let mut slow = (0u64, Duration::ZERO);
+    let mut last_warned: Option<std::time::Instant> = None;
+    let requested = async |syncs: &Option<Arc<sync_barrier::SyncBarrier>>| match syncs {
+        Some(syncs) => syncs.requested().await,
+        None => std::future::pending().await,
+    };
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            () = requested(&syncs) => false,
+            _ = stop.changed() => true,
+        };
+        if stopping {
+            // Answer any durable write still waiting (the final flush follows).
+            if let Some(syncs) = &syncs {
+                let through = syncs.newest_ticket();
+                let storage = Arc::clone(&storage);
+                let outcome = match tokio::task::spawn_blocking(move || storage.sync()).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                syncs.publish(through, outcome);
+            }
+            return;
         }
-        if unflushed.swap(false, Ordering::AcqRel) {
+        if replica.counter_lease_low() {
+            let renewing = Arc::clone(&replica);
+            match tokio::task::spawn_blocking(move || renewing.renew_counter_lease()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the dot counter lease"),
+                Err(e) => tracing::error!(error = %e, "lease renewal task failed"),
+            }
+        }
+        let waiting = syncs.as_ref().is_some_and(|s| s.waiting());
+        if unflushed.swap(false, Ordering::AcqRel) || waiting {
             let storage = Arc::clone(&storage);
             let started = std::time::Instant::now();
-            match tokio::task::spawn_blocking(move || storage.sync()).await {
+            let through = syncs.as_ref().map_or(0, |s| s.newest_ticket());
+            let synced = tokio::task::spawn_blocking(move || storage.sync()).await;
+            if let Some(syncs) = &syncs {
+                syncs.publish(
+                    through,
+                    match &synced {
+                        Ok(result) => result.as_ref().copied().map_err(ToString::to_string),
+                        Err(e) => Err(e.to_string()),
+                    },
+                );
+            }
+            match synced {
                 Ok(Ok(())) => {
                     let took = started.elapsed();
                     if took >= SLOW_FLUSH {
-                        // Buffered writes queue behind this fsync: it is foreground latency.
-                        tracing::warn!(
-                            took_ms = took.as_millis() as u64,
-                            "slow flush of buffered writes"
-                        );
+                        slow.0 += 1;
+                        slow.1 = slow.1.max(took);
+                        if last_warned.is_none_or(|at| at.elapsed() >= SLOW_FLUSH_WARN_EVERY) {
+                            // Durable writes wait for these syncs: it is foreground latency.
+                            tracing::warn!(
+                                slow_flushes = slow.0,
+                                slowest_ms = slow.1.as_millis() as u64,
+                                "slow flushes of buffered writes since the last warning"
+                            );
+                            slow = (0, Duration::ZERO);
+                            last_warned = Some(std::time::Instant::now());
+                        }
                     }
                 }
                 Ok(Err(e)) => {
