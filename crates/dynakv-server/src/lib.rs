@@ -459,6 +459,27 @@ const SLOW_FLUSH: Duration = Duration::from_millis(20);
 /// At most one slow-flush warning per this interval.
 const SLOW_FLUSH_WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// Sync the engine once on the blocking pool and tell the durable writes it covered (every
+/// ticket taken before it started).
+async fn sync_and_publish(
+    storage: &Arc<dyn Storage>,
+    syncs: Option<&sync_barrier::SyncBarrier>,
+) -> Result<Result<(), dynakv_core::storage::SyncError>, tokio::task::JoinError> {
+    let through = syncs.map_or(0, sync_barrier::SyncBarrier::newest_ticket);
+    let storage = Arc::clone(storage);
+    let synced = tokio::task::spawn_blocking(move || storage.sync()).await;
+    if let Some(syncs) = syncs {
+        syncs.publish(
+            through,
+            match &synced {
+                Ok(result) => result.as_ref().copied().map_err(ToString::to_string),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+    }
+    synced
+}
+
 /// What the flusher works on.
 struct Flusher {
     storage: Arc<dyn Storage>,
@@ -499,14 +520,8 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
         };
         if stopping {
             // Answer any durable write still waiting (the final flush follows).
-            if let Some(syncs) = &syncs {
-                let through = syncs.newest_ticket();
-                let storage = Arc::clone(&storage);
-                let outcome = match tokio::task::spawn_blocking(move || storage.sync()).await {
-                    Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                syncs.publish(through, outcome);
+            if syncs.is_some() {
+                let _ = sync_and_publish(&storage, syncs.as_deref()).await;
             }
             return;
         }
@@ -520,20 +535,8 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
         }
         let waiting = syncs.as_ref().is_some_and(|s| s.waiting());
         if unflushed.swap(false, Ordering::AcqRel) || waiting {
-            let storage = Arc::clone(&storage);
             let started = std::time::Instant::now();
-            let through = syncs.as_ref().map_or(0, |s| s.newest_ticket());
-            let synced = tokio::task::spawn_blocking(move || storage.sync()).await;
-            if let Some(syncs) = &syncs {
-                syncs.publish(
-                    through,
-                    match &synced {
-                        Ok(result) => result.as_ref().copied().map_err(ToString::to_string),
-                        Err(e) => Err(e.to_string()),
-                    },
-                );
-            }
-            match synced {
+            match sync_and_publish(&storage, syncs.as_deref()).await {
                 Ok(Ok(())) => {
                     let took = started.elapsed();
                     if took >= SLOW_FLUSH {

@@ -62,19 +62,7 @@ mod tests {
 
     fn blind_put(replica: &Replica, key: &str, value: &[u8]) -> Object {
         replica
-            .write(WriteRequest {
-                bucket: "b",
-                key,
-                context: None,
-                content: Content {
-                    value: value.to_vec(),
-                    ..Content::default()
-                },
-                props: &BucketProps::default(),
-                durability: Durability::Fsync,
-                precondition: Precondition::None,
-                now_ms: 1,
-            })
+            .write(write_of(key, value, Durability::Fsync))
             .unwrap()
     }
 
