@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
-//!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--grace-ms MS]
+//!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--grace-ms MS]
 //!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward]
 //!     [--seed S --verbose]
 //! ```
@@ -84,10 +84,11 @@ fn parse() -> Result<Args, String> {
                 args.membership = match it.next().as_deref() {
                     Some("join") => Some(MembershipChange::Join),
                     Some("leave") => Some(MembershipChange::Leave),
+                    Some("join-leave") => Some(MembershipChange::JoinThenLeave),
                     Some("none") => None,
                     other => {
                         return Err(format!(
-                            "unknown membership change {other:?} (known: join, leave, none)"
+                            "unknown membership change {other:?} (known: join, leave, join-leave, none)"
                         ));
                     }
                 };
@@ -97,7 +98,7 @@ fn parse() -> Result<Args, String> {
                 other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
             },
             "-h" | "--help" => {
-                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--verbose]".into());
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--verbose]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -183,6 +184,7 @@ struct Totals {
     convergence_ms: Vec<u64>,
     joins: usize,
     leaves: usize,
+    join_leaves: usize,
     membership_ok: usize,
     strays: usize,
     handoff_keys: u64,
@@ -219,6 +221,7 @@ impl Totals {
         match r.config.membership {
             Some(MembershipChange::Join) => self.joins += 1,
             Some(MembershipChange::Leave) => self.leaves += 1,
+            Some(MembershipChange::JoinThenLeave) => self.join_leaves += 1,
             None => {}
         }
         if r.config.membership.is_some() && r.membership_ok {
@@ -281,9 +284,10 @@ impl Totals {
             self.convergence_ms.last().copied().unwrap_or(0)
         );
         println!(
-            "membership: join {} leave {} (completed {}); keys stored off their preference list {}; handoff keys {} cleanup dropped {} stale-ring refusals {} re-plans {}",
+            "membership: join {} leave {} join-then-leave {} (completed {}); keys stored off their preference list {}; handoff keys {} cleanup dropped {} stale-ring refusals {} re-plans {}",
             self.joins,
             self.leaves,
+            self.join_leaves,
             self.membership_ok,
             self.strays,
             self.handoff_keys,

@@ -117,6 +117,10 @@ pub enum MembershipChange {
     Join,
     /// A node of the initial ring asks to leave.
     Leave,
+    /// A new node joins and, once its join has settled, leaves again: the nodes that handed
+    /// it their ranges (and dropped them) become those ranges' replicas once more, and
+    /// coordinate writes of keys whose history they dropped.
+    JoinThenLeave,
 }
 
 /// One run's parameters.
@@ -220,6 +224,7 @@ impl SimConfig {
             None => cmd.push_str(" --membership none"),
             Some(MembershipChange::Join) => cmd.push_str(" --membership join"),
             Some(MembershipChange::Leave) => cmd.push_str(" --membership leave"),
+            Some(MembershipChange::JoinThenLeave) => cmd.push_str(" --membership join-leave"),
         }
         cmd.push_str(" --verbose");
         cmd
@@ -733,10 +738,14 @@ impl Simulation {
     fn membership_event(&mut self) {
         match self.config.membership {
             None => {}
-            Some(MembershipChange::Join) => {
-                if self.membership_asked {
+            Some(MembershipChange::JoinThenLeave) if self.membership_node.is_some() => {
+                self.leave_after_join();
+            }
+            Some(MembershipChange::Join | MembershipChange::JoinThenLeave) => {
+                if self.membership_asked || self.membership_node.is_some() {
                     return;
                 }
+                let then_leave = self.config.membership == Some(MembershipChange::JoinThenLeave);
                 let i = self.nodes.len();
                 let id = NodeId(format!("n{}", i + 1));
                 let members = self.config.nodes;
@@ -756,7 +765,8 @@ impl Simulation {
                     rng,
                     self.now,
                 );
-                self.membership_asked = true;
+                // A join-then-leave is "asked" once its leave is.
+                self.membership_asked = !then_leave;
                 match joined {
                     Ok((node, outputs)) => {
                         self.ids.push(id.clone());
@@ -770,6 +780,9 @@ impl Simulation {
                         self.fault_log.push(line.clone());
                         self.membership_log.push(line);
                         self.apply_outputs(i, outputs);
+                        if then_leave {
+                            self.schedule(self.now + LEAVE_RETRY_MS, EventKind::Membership);
+                        }
                     }
                     Err(e) => self.membership_log.push(format!("join failed: {e}")),
                 }
@@ -802,6 +815,36 @@ impl Simulation {
         }
     }
 
+    /// The second half of a join-then-leave: once every serving node sees the joiner as a
+    /// valid member of a settled ring, it asks to leave (checked again later until then).
+    fn leave_after_join(&mut self) {
+        let Some(x) = self.membership_node else {
+            return;
+        };
+        if self.membership_asked {
+            return;
+        }
+        let id = self.ids[x].clone();
+        let settled_member = (0..self.nodes.len()).filter(|i| self.serves(*i)).all(|i| {
+            let state = self.nodes[i].cluster();
+            state.settled()
+                && state.ring.current.nodes().iter().any(|n| n.id == id)
+                && state.member(&id).map(|m| m.status) == Some(MemberStatus::Valid)
+        });
+        if !self.up[x] || !settled_member {
+            let at = self.now + LEAVE_RETRY_MS;
+            self.schedule(at, EventKind::Membership);
+            return;
+        }
+        self.membership_asked = true;
+        let line = match self.nodes[x].leave() {
+            Ok(()) => format!("{} leave {} (after its join)", self.now, id),
+            Err(e) => format!("{} leave {id} (after its join) refused: {e}", self.now),
+        };
+        self.fault_log.push(line.clone());
+        self.membership_log.push(line);
+    }
+
     /// Whether the final state reflects the run's membership change.
     fn membership_ok(&self) -> bool {
         let Some(change) = self.config.membership else {
@@ -819,7 +862,7 @@ impl Simulation {
         let status = state.member(id).map(|m| m.status);
         match change {
             MembershipChange::Join => in_ring && status == Some(MemberStatus::Valid),
-            MembershipChange::Leave => {
+            MembershipChange::Leave | MembershipChange::JoinThenLeave => {
                 !in_ring && status == Some(MemberStatus::Exiting) && self.nodes[x].has_exited()
             }
         }
