@@ -9,6 +9,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use thiserror::Error;
 
+/// Default `overload_latency_target_ms`: the p99 service time a saturated node aims at by
+/// lowering its in-flight limit.
+pub const DEFAULT_OVERLOAD_LATENCY_TARGET_MS: u64 = 100;
+
 /// Which local storage engine a node uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -74,6 +78,9 @@ pub struct ServerConfig {
     pub tombstone_grace_ms: u64,
     /// Most client data requests served at once; more are answered 503 at once.
     pub max_in_flight_requests: usize,
+    /// While the in-flight limit is reached and the p99 service time of admitted requests is
+    /// above this (ms), the limit shrinks below `max_in_flight_requests` (0: never).
+    pub overload_latency_target_ms: u64,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -93,6 +100,7 @@ pub struct FileConfig {
     pub aae_latency_target_ms: Option<u64>,
     pub tombstone_grace_ms: Option<u64>,
     pub max_in_flight_requests: Option<usize>,
+    pub overload_latency_target_ms: Option<u64>,
 }
 
 /// A configuration that cannot be used.
@@ -136,6 +144,7 @@ impl ServerConfig {
             aae_latency_target_ms: 50,
             tombstone_grace_ms: 3_600_000,
             max_in_flight_requests: limits::DEFAULT_MAX_IN_FLIGHT_REQUESTS,
+            overload_latency_target_ms: DEFAULT_OVERLOAD_LATENCY_TARGET_MS,
         }
     }
 
@@ -175,6 +184,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.max_in_flight_requests {
             self.max_in_flight_requests = v;
+        }
+        if let Some(v) = file.overload_latency_target_ms {
+            self.overload_latency_target_ms = v;
         }
         if let Some(v) = file.request_timeout_ms {
             self.request_timeout_ms = v;
@@ -228,6 +240,9 @@ impl ServerConfig {
                 "max_in_flight_requests must be 1 to {}",
                 limits::HARD_MAX_IN_FLIGHT_REQUESTS
             ));
+        }
+        if self.overload_latency_target_ms > 60_000 {
+            return invalid("overload_latency_target_ms must be 0 (off) to 60000".into());
         }
         if !(10..=600_000).contains(&self.request_timeout_ms) {
             return invalid("request_timeout_ms must be 10 to 600000".into());

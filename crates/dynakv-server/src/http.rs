@@ -6,6 +6,7 @@
 //! hard limit otherwise. Storage calls run on the blocking pool.
 
 use crate::cluster::{Cluster, ClusterError, PutOptions, error_status};
+use crate::load_limit::LoadLimiter;
 use crate::replica::{Precondition, ReplicaError};
 use crate::stats::{Op, Stats};
 use axum::Router;
@@ -45,9 +46,9 @@ pub struct ApiState {
     pub node_name: String,
     pub stats: Arc<Stats>,
     pub max_value_bytes: usize,
-    /// Permits for client data requests (`max_in_flight_requests` of them).
-    pub in_flight: Arc<tokio::sync::Semaphore>,
-    pub max_in_flight: usize,
+    /// Admission of client data requests (at most `max_in_flight_requests` at once, fewer
+    /// while the node is overloaded; see `load_limit`).
+    pub limiter: Arc<LoadLimiter>,
 }
 
 type AppState = Arc<ApiState>;
@@ -180,7 +181,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Load shedding: a data request that finds `max_in_flight_requests` already being served is
+/// Load shedding: a data request that finds the in-flight limit reached (`max_in_flight_requests`,
+/// or less while the node is saturated and its p99 is above `overload_latency_target_ms`) is
 /// answered 503 at once (with `Retry-After`) instead of queueing, so the latency of accepted
 /// requests stays bounded when clients offer more than the node can serve. The permit is held
 /// until the handler returns (a slow request body holds it too). Ping, stats and admin
@@ -190,7 +192,7 @@ async fn shed_load(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Ok(_permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+    let Some(_permit) = state.limiter.try_admit() else {
         state
             .stats
             .requests_shed
@@ -202,8 +204,10 @@ async fn shed_load(
                 (header::RETRY_AFTER, "1"),
             ],
             format!(
-                "overloaded: {} requests already in flight on this node; retry later\n",
-                state.max_in_flight
+                "overloaded: {} requests already in flight on this node (limit {} of at most {}); retry later\n",
+                state.limiter.in_flight(),
+                state.limiter.limit(),
+                state.limiter.ceiling()
             ),
         )
             .into_response();

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod load_limit;
 pub mod replica;
 pub mod stats;
 pub mod sync_barrier;
@@ -262,14 +263,28 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         node_name: identity.name.clone(),
         stats,
         max_value_bytes: config.max_value_bytes,
-        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_requests)),
-        max_in_flight: config.max_in_flight_requests,
+        limiter: Arc::new(
+            load_limit::LoadLimiter::new(
+                config.max_in_flight_requests,
+                config.overload_latency_target_ms,
+            )
+            .map_err(|e| ServerError::Internal(e.to_string()))?,
+        ),
     });
+    state
+        .stats
+        .in_flight_limit
+        .store(config.max_in_flight_requests as u64, Ordering::Relaxed);
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
     }
     tracing::info!(node = %config.name, http = %http_addr, peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
+    let limits = tokio::spawn(limit_loop(
+        Arc::clone(&state.limiter),
+        Arc::clone(&state.stats),
+        shutdown_rx.clone(),
+    ));
     let anti_entropy = tokio::spawn(anti_entropy_loop(
         Arc::clone(&cluster),
         Arc::clone(&state.stats),
@@ -289,7 +304,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         storage,
         flusher,
         shutdown_rx,
-        vec![peer_task, background, anti_entropy],
+        vec![peer_task, background, anti_entropy, limits],
     ));
     Ok(RunningServer {
         http_addr,
@@ -327,6 +342,38 @@ async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(
         }
     }
     Err(ServerError::Join(last))
+}
+
+/// The in-flight limit's adjustment, every `LIMIT_WINDOW_MS`, until shutdown.
+async fn limit_loop(
+    limiter: Arc<load_limit::LoadLimiter>,
+    stats: Arc<stats::Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period = Duration::from_millis(load_limit::LIMIT_WINDOW_MS);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = limiter.limit();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let adjustment = limiter.adjust();
+        stats
+            .in_flight_limit
+            .store(adjustment.limit as u64, Ordering::Relaxed);
+        if adjustment.limit != last {
+            tracing::debug!(
+                limit = adjustment.limit,
+                p99_us = adjustment.p99_us,
+                samples = adjustment.samples,
+                saturated = adjustment.saturated,
+                "in-flight limit adjusted"
+            );
+            last = adjustment.limit;
+        }
+    }
 }
 
 /// Anti-entropy exchanges and tombstone reaping every `interval_ms`, with the budget set by

@@ -53,8 +53,10 @@ pub struct Stats {
     pub siblings_returned: AtomicU64,
     pub max_siblings_seen: AtomicU64,
     pub bad_requests: AtomicU64,
-    /// Data requests answered 503 because `max_in_flight_requests` were already running.
+    /// Data requests answered 503 because the in-flight limit was reached.
     pub requests_shed: AtomicU64,
+    /// The in-flight limit now (`max_in_flight_requests`, or lower while overloaded).
+    pub in_flight_limit: AtomicU64,
     pub bytes_written: AtomicU64,
 }
 
@@ -76,6 +78,7 @@ impl Stats {
             max_siblings_seen: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
             requests_shed: AtomicU64::new(0),
+            in_flight_limit: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         })
     }
@@ -192,6 +195,10 @@ impl Stats {
             json!(self.requests_shed.load(Ordering::Relaxed)),
         );
         map.insert(
+            "in_flight_limit".into(),
+            json!(self.in_flight_limit.load(Ordering::Relaxed)),
+        );
+        map.insert(
             "bytes_written_total".into(),
             json!(self.bytes_written.load(Ordering::Relaxed)),
         );
@@ -254,6 +261,7 @@ impl Stats {
             ("dynakv_max_siblings_seen", "gauge", &self.max_siblings_seen),
             ("dynakv_bad_requests_total", "counter", &self.bad_requests),
             ("dynakv_requests_shed_total", "counter", &self.requests_shed),
+            ("dynakv_in_flight_limit", "gauge", &self.in_flight_limit),
             ("dynakv_bytes_written_total", "counter", &self.bytes_written),
         ] {
             let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -571,6 +571,101 @@ async fn excess_requests_are_shed_at_once_and_the_node_recovers() {
     node.stop().await;
 }
 
+/// One keep-alive connection that sends puts whose bodies take `stall` to arrive, until
+/// `stop`; returns how many were answered 204 and how many 503.
+fn slow_put_loop(
+    id: usize,
+    addr: SocketAddr,
+    stall: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (u32, u32) {
+    let (mut ok, mut shed) = (0, 0);
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // A key per put: blind puts to one key would pile up siblings to their limit.
+        let head = format!(
+            "PUT /buckets/b/keys/slow{id}-{} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nhello",
+            ok + shed
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        std::thread::sleep(stall);
+        // A shed request is answered before its body is read, and the connection closed: the
+        // rest of the body may then meet a closed socket.
+        let _ = stream.write_all(b"world");
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        if answer.starts_with("HTTP/1.1 204") {
+            ok += 1;
+        } else if answer.starts_with("HTTP/1.1 503") {
+            shed += 1;
+            stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+        } else {
+            panic!("unexpected answer: {answer}");
+        }
+    }
+    (ok, shed)
+}
+
+async fn in_flight_limit(node: &Node) -> u64 {
+    let (_, _, stats) = node.req(Method::GET, "/stats", &[], "").await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    stats["in_flight_limit"].as_u64().unwrap()
+}
+
+/// The in-flight limit adapts: while every permit is taken and admitted requests take longer
+/// than `overload_latency_target_ms`, the limit shrinks below `max_in_flight_requests` (so the
+/// excess is answered 503 instead of waiting); once the pressure is gone it grows back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_slow_node_lowers_its_in_flight_limit_and_restores_it_after() {
+    let node = start_with(StorageKind::Memory, |config| {
+        config.max_in_flight_requests = 16;
+        config.overload_latency_target_ms = 5;
+    })
+    .await;
+    assert_eq!(in_flight_limit(&node).await, 16);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = (0..16)
+        .map(|id| {
+            let stop = Arc::clone(&stop);
+            let addr = node.addr;
+            std::thread::spawn(move || slow_put_loop(id, addr, Duration::from_millis(20), stop))
+        })
+        .collect();
+    let mut lowest = 16;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lowest = lowest.min(in_flight_limit(&node).await);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut shed) = (0, 0);
+    for handle in loops {
+        let (o, s) = handle.join().unwrap();
+        ok += o;
+        shed += s;
+    }
+    assert!(lowest < 16, "the limit never went below the ceiling");
+    assert!(lowest >= 8, "the limit went below its floor: {lowest}");
+    assert!(ok > 0 && shed > 0, "ok {ok} shed {shed}");
+    // No pressure: back to the ceiling within a few windows.
+    let mut restored = false;
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if in_flight_limit(&node).await == 16 {
+            restored = true;
+            break;
+        }
+    }
+    assert!(restored, "the limit did not grow back");
+    node.stop().await;
+}
+
 /// Durable writes on the disk engine wait for the flusher's group commit, which a waiting
 /// write wakes at once: with the periodic flush a minute away, concurrent fsync'd puts are
 /// all answered promptly, each counted as one durable write, and the node still stops cleanly
