@@ -104,7 +104,8 @@ def main():
         print(f'Overload (offered {over["offered_rate"]:.0f} ops/s, twice the closed-loop maximum, '
               f'latency from each operation\'s due time): served {over["throughput_ops_per_sec"]:.0f} ops/s, '
               f'{over["unavailable"]} answered 503 ({fmt_lat(over.get("unavailable_latency"))} ms), '
-              f'accepted reads {fmt_lat(over.get("read"))} ms, updates {fmt_lat(over.get("update"))} ms, '
+              f'accepted reads {fmt_lat(over.get("read"))} ms, updates {fmt_lat(over.get("update"))} ms '
+              f'(from sending, without the generator\'s backlog: {fmt_lat(over.get("accepted_service"))} ms), '
               f'{over["errors"]} other errors.')
 
     print()
