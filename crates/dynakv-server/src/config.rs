@@ -13,6 +13,9 @@ use thiserror::Error;
 /// lowering its in-flight limit.
 pub const DEFAULT_OVERLOAD_LATENCY_TARGET_MS: u64 = 100;
 
+/// Default `group_commit_window_ms` (measured: BENCHMARKS.md, *Group commit window*).
+pub const DEFAULT_GROUP_COMMIT_WINDOW_MS: u64 = 2;
+
 /// Which local storage engine a node uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -70,6 +73,9 @@ pub struct ServerConfig {
     pub cluster_name: String,
     /// Time limit of one request to a peer replica, in ms.
     pub request_timeout_ms: u64,
+    /// A sync of buffered writes starts at least this long after the previous one ended, so
+    /// durable writes arriving meanwhile share it (ms; 0: back to back).
+    pub group_commit_window_ms: u64,
     /// Time between anti-entropy rounds, in ms.
     pub aae_interval_ms: u64,
     /// Foreground p99 latency above which anti-entropy slows down, in ms.
@@ -89,6 +95,7 @@ pub struct ServerConfig {
 pub struct FileConfig {
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
+    pub group_commit_window_ms: Option<u64>,
     pub cache_size_bytes: Option<u64>,
     pub storage_worker_threads: Option<usize>,
     pub ring_partitions: Option<u32>,
@@ -135,6 +142,7 @@ impl ServerConfig {
             storage: StorageKind::Disk,
             max_value_bytes: limits::DEFAULT_MAX_VALUE_BYTES,
             flush_interval_ms: 100,
+            group_commit_window_ms: DEFAULT_GROUP_COMMIT_WINDOW_MS,
             cache_size_bytes: 64 * 1024 * 1024,
             storage_worker_threads: 1,
             ring_partitions: limits::DEFAULT_RING_PARTITIONS,
@@ -163,6 +171,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.flush_interval_ms {
             self.flush_interval_ms = v;
+        }
+        if let Some(v) = file.group_commit_window_ms {
+            self.group_commit_window_ms = v;
         }
         if let Some(v) = file.cache_size_bytes {
             self.cache_size_bytes = v;
@@ -220,6 +231,9 @@ impl ServerConfig {
         }
         if !(1..=60_000).contains(&self.flush_interval_ms) {
             return invalid("flush_interval_ms must be 1 to 60000".into());
+        }
+        if self.group_commit_window_ms > 1000 {
+            return invalid("group_commit_window_ms must be 0 to 1000".into());
         }
         if !self.ring_partitions.is_power_of_two()
             || self.ring_partitions > limits::MAX_RING_PARTITIONS

@@ -57,6 +57,8 @@ pub struct Stats {
     pub requests_shed: AtomicU64,
     /// The in-flight limit now (`max_in_flight_requests`, or lower while overloaded).
     pub in_flight_limit: AtomicU64,
+    /// Syncs of buffered writes by the flusher (periodic, and for durable writes).
+    pub syncs: AtomicU64,
     pub bytes_written: AtomicU64,
 }
 
@@ -79,6 +81,7 @@ impl Stats {
             bad_requests: AtomicU64::new(0),
             requests_shed: AtomicU64::new(0),
             in_flight_limit: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         })
     }
@@ -199,6 +202,10 @@ impl Stats {
             json!(self.in_flight_limit.load(Ordering::Relaxed)),
         );
         map.insert(
+            "syncs_total".into(),
+            json!(self.syncs.load(Ordering::Relaxed)),
+        );
+        map.insert(
             "bytes_written_total".into(),
             json!(self.bytes_written.load(Ordering::Relaxed)),
         );
@@ -262,6 +269,7 @@ impl Stats {
             ("dynakv_bad_requests_total", "counter", &self.bad_requests),
             ("dynakv_requests_shed_total", "counter", &self.requests_shed),
             ("dynakv_in_flight_limit", "gauge", &self.in_flight_limit),
+            ("dynakv_syncs_total", "counter", &self.syncs),
             ("dynakv_bytes_written_total", "counter", &self.bytes_written),
         ] {
             let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -666,6 +666,54 @@ async fn a_saturated_slow_node_lowers_its_in_flight_limit_and_restores_it_after(
     node.stop().await;
 }
 
+/// The group commit window: durable writes that arrive while a window runs share the sync
+/// that ends it. Four waves of ten durable puts, 100 ms apart, against a 500 ms window: the
+/// first sync starts at once, the next not before the window has passed, by when every wave
+/// has arrived. Back to back (no window) each wave would have had a sync of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_writes_arriving_within_the_window_share_one_sync() {
+    let node = Arc::new(
+        start_with(StorageKind::Disk, |config| {
+            config.flush_interval_ms = 60_000;
+            config.group_commit_window_ms = 500;
+        })
+        .await,
+    );
+    let syncs = async |node: &Node| {
+        let (_, _, stats) = node.req(Method::GET, "/stats", &[], "").await;
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        stats["syncs_total"].as_u64().unwrap()
+    };
+    let before = syncs(&node).await;
+    let started = std::time::Instant::now();
+    let mut puts = tokio::task::JoinSet::new();
+    for wave in 0..4 {
+        for i in 0..10 {
+            let node = Arc::clone(&node);
+            puts.spawn(async move {
+                node.put(&format!("/buckets/durable/keys/w{wave}-{i}"), "v", None)
+                    .await
+                    .0
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = tokio::time::timeout(Duration::from_secs(20), puts.join_all())
+        .await
+        .expect("durable writes were never synced");
+    assert!(all.iter().all(|s| *s == StatusCode::NO_CONTENT), "{all:?}");
+    let took = started.elapsed();
+    let used = syncs(&node).await - before;
+    assert!(
+        (1..=3).contains(&used),
+        "{used} syncs for 4 waves in {took:?}"
+    );
+    // The window delays a durable write by at most about its length.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let node = Arc::into_inner(node).unwrap();
+    node.stop().await;
+}
+
 /// Durable writes on the disk engine wait for the flusher's group commit, which a waiting
 /// write wakes at once: with the periodic flush a minute away, concurrent fsync'd puts are
 /// all answered promptly, each counted as one durable write, and the node still stops cleanly
