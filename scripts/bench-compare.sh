@@ -55,25 +55,8 @@ log "building"
 cargo build --release -p dynakv >&2
 DYNAKV=$ROOT/target/release/dynakv
 
-# A free 127.0.0.1 port (or a base port P with P+k and P+1000+k free, for `dynakv dev`).
-free_port() {
-    /usr/bin/python3 - "$@" <<'EOF'
-import random, socket, sys
-span = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-for _ in range(1000):
-    base = random.randint(20000, 40000)
-    ports = [base + k for k in range(span)] + ([base + 1000 + k for k in range(span)] if span > 1 else [])
-    socks = []
-    try:
-        for p in ports:
-            s = socket.socket(); s.bind(("127.0.0.1", p)); socks.append(s)
-        print(base); break
-    except OSError:
-        pass
-    finally:
-        for s in socks: s.close()
-EOF
-}
+# shellcheck source=lib/ports.sh
+source "$ROOT/scripts/lib/ports.sh"
 
 wait_http() { # url
     for _ in $(seq 1 200); do

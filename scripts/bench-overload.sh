@@ -12,22 +12,9 @@ B=${1:?binary}; T=${2:?target ms}; W=${3:-$(mktemp -d)}
 RATE=${RATE:-15000}; CONC=${CONC:-400}; RECORDS=${RECORDS:-100000}
 mkdir -p "$W"
 printf 'max_in_flight_requests = 64\noverload_latency_target_ms = %s\n' "$T" >"$W/c.toml"
-P=$(/usr/bin/python3 - <<'PY'
-import random, socket
-for _ in range(1000):
-    base = random.randint(20000, 39000)
-    ports = [base + k for k in range(3)] + [base + 1000 + k for k in range(3)]
-    socks = []
-    try:
-        for p in ports:
-            s = socket.socket(); s.bind(("127.0.0.1", p)); socks.append(s)
-        print(base); break
-    except OSError:
-        pass
-    finally:
-        for s in socks: s.close()
-PY
-)
+# shellcheck source=lib/ports.sh
+source "$(dirname "$0")/lib/ports.sh"
+P=$(free_port 3)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 for i in 0 1 2; do

@@ -1121,6 +1121,7 @@ async fn stats(State(state): State<AppState>) -> Response {
     let hints = state.cluster.hint_stats();
     if let Some(map) = body.as_object_mut() {
         map.insert("ring_version".into(), json!(cluster.ring.version));
+        map.insert("in_flight_limit".into(), json!(state.limiter.limit()));
         map.insert(
             "hints_held".into(),
             json!(hints.per_target.iter().map(|(_, c)| c).sum::<usize>()),
@@ -1141,6 +1142,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     use std::fmt::Write as _;
     let mut text = state.stats.to_prometheus();
     let hints = state.cluster.hint_stats();
+    let _ = writeln!(text, "# TYPE dynakv_in_flight_limit gauge");
+    let _ = writeln!(text, "dynakv_in_flight_limit {}", state.limiter.limit());
     let _ = writeln!(text, "# TYPE dynakv_hints_held gauge");
     for (target, count) in &hints.per_target {
         let _ = writeln!(text, "dynakv_hints_held{{target=\"{target}\"}} {count}");

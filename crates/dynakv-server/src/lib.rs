@@ -271,20 +271,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .map_err(|e| ServerError::Internal(e.to_string()))?,
         ),
     });
-    state
-        .stats
-        .in_flight_limit
-        .store(config.max_in_flight_requests as u64, Ordering::Relaxed);
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
     }
     tracing::info!(node = %config.name, http = %http_addr, peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
-    let limits = tokio::spawn(limit_loop(
-        Arc::clone(&state.limiter),
-        Arc::clone(&state.stats),
-        shutdown_rx.clone(),
-    ));
+    let limits = tokio::spawn(limit_loop(Arc::clone(&state.limiter), shutdown_rx.clone()));
     let anti_entropy = tokio::spawn(anti_entropy_loop(
         Arc::clone(&cluster),
         Arc::clone(&state.stats),
@@ -347,11 +339,7 @@ async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(
 }
 
 /// The in-flight limit's adjustment, every `LIMIT_WINDOW_MS`, until shutdown.
-async fn limit_loop(
-    limiter: Arc<load_limit::LoadLimiter>,
-    stats: Arc<stats::Stats>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn limit_loop(limiter: Arc<load_limit::LoadLimiter>, mut shutdown: watch::Receiver<bool>) {
     let period = Duration::from_millis(load_limit::LIMIT_WINDOW_MS);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -362,9 +350,6 @@ async fn limit_loop(
             _ = shutdown.changed() => return,
         }
         let adjustment = limiter.adjust();
-        stats
-            .in_flight_limit
-            .store(adjustment.limit as u64, Ordering::Relaxed);
         if adjustment.limit != last {
             tracing::debug!(
                 limit = adjustment.limit,

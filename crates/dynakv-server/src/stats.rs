@@ -55,8 +55,6 @@ pub struct Stats {
     pub bad_requests: AtomicU64,
     /// Data requests answered 503 because the in-flight limit was reached.
     pub requests_shed: AtomicU64,
-    /// The in-flight limit now (`max_in_flight_requests`, or lower while overloaded).
-    pub in_flight_limit: AtomicU64,
     /// Syncs of buffered writes by the flusher (periodic, and for durable writes).
     pub syncs: AtomicU64,
     pub bytes_written: AtomicU64,
@@ -80,7 +78,6 @@ impl Stats {
             max_siblings_seen: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
             requests_shed: AtomicU64::new(0),
-            in_flight_limit: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         })
@@ -198,10 +195,6 @@ impl Stats {
             json!(self.requests_shed.load(Ordering::Relaxed)),
         );
         map.insert(
-            "in_flight_limit".into(),
-            json!(self.in_flight_limit.load(Ordering::Relaxed)),
-        );
-        map.insert(
             "syncs_total".into(),
             json!(self.syncs.load(Ordering::Relaxed)),
         );
@@ -268,7 +261,6 @@ impl Stats {
             ("dynakv_max_siblings_seen", "gauge", &self.max_siblings_seen),
             ("dynakv_bad_requests_total", "counter", &self.bad_requests),
             ("dynakv_requests_shed_total", "counter", &self.requests_shed),
-            ("dynakv_in_flight_limit", "gauge", &self.in_flight_limit),
             ("dynakv_syncs_total", "counter", &self.syncs),
             ("dynakv_bytes_written_total", "counter", &self.bytes_written),
         ] {

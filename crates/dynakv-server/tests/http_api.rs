@@ -613,10 +613,15 @@ fn slow_put_loop(
     (ok, shed)
 }
 
-async fn in_flight_limit(node: &Node) -> u64 {
+/// One counter or gauge of the node's `/stats`.
+async fn stat(node: &Node, name: &str) -> u64 {
     let (_, _, stats) = node.req(Method::GET, "/stats", &[], "").await;
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    stats["in_flight_limit"].as_u64().unwrap()
+    stats[name].as_u64().unwrap()
+}
+
+async fn in_flight_limit(node: &Node) -> u64 {
+    stat(node, "in_flight_limit").await
 }
 
 /// The in-flight limit adapts: while every permit is taken and admitted requests take longer
@@ -679,12 +684,7 @@ async fn durable_writes_arriving_within_the_window_share_one_sync() {
         })
         .await,
     );
-    let syncs = async |node: &Node| {
-        let (_, _, stats) = node.req(Method::GET, "/stats", &[], "").await;
-        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-        stats["syncs_total"].as_u64().unwrap()
-    };
-    let before = syncs(&node).await;
+    let before = stat(&node, "syncs_total").await;
     let started = std::time::Instant::now();
     let mut puts = tokio::task::JoinSet::new();
     for wave in 0..4 {
@@ -703,7 +703,7 @@ async fn durable_writes_arriving_within_the_window_share_one_sync() {
         .expect("durable writes were never synced");
     assert!(all.iter().all(|s| *s == StatusCode::NO_CONTENT), "{all:?}");
     let took = started.elapsed();
-    let used = syncs(&node).await - before;
+    let used = stat(&node, "syncs_total").await - before;
     assert!(
         (1..=3).contains(&used),
         "{used} syncs for 4 waves in {took:?}"

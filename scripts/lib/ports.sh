@@ -1,0 +1,21 @@
+# Sourced by the benchmark scripts.
+# free_port [SPAN]: a free 127.0.0.1 port, or, with SPAN > 1, a base port P with P+k and
+# P+1000+k free for k < SPAN (the layout of `dynakv dev` and of a local cluster's peers).
+free_port() {
+    /usr/bin/python3 - "$@" <<'PY'
+import random, socket, sys
+span = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+for _ in range(1000):
+    base = random.randint(20000, 39000)
+    ports = [base + k for k in range(span)] + ([base + 1000 + k for k in range(span)] if span > 1 else [])
+    socks = []
+    try:
+        for p in ports:
+            s = socket.socket(); s.bind(("127.0.0.1", p)); socks.append(s)
+        print(base); break
+    except OSError:
+        pass
+    finally:
+        for s in socks: s.close()
+PY
+}
