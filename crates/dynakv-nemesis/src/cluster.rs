@@ -130,7 +130,14 @@ struct Node {
     log: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// The data directory is a tmpfs of its own (unmounted on drop).
+    mounted: bool,
 }
+
+/// Size of each node's data filesystem (a tmpfs, so that `disk-full` can fill it).
+pub const DATA_FS_SIZE: &str = "1g";
+/// The file `disk-full` writes to fill a node's data filesystem.
+const FILLER: &str = "nemesis-disk-full";
 
 /// The server processes of one run.
 #[derive(Debug)]
@@ -145,19 +152,69 @@ impl Cluster {
     pub fn new(bin: &Path, dir: &Path, size: usize) -> Result<Cluster> {
         let config = dir.join("config.toml");
         std::fs::write(&config, CONFIG_TOML).context("writing config")?;
-        let nodes = (1..=size)
-            .map(|i| Node {
-                data_dir: dir.join(format!("data-n{i}")),
+        let mut cluster = Cluster {
+            bin: bin.to_path_buf(),
+            config,
+            nodes: Vec::new(),
+        };
+        for i in 1..=size {
+            let data_dir = dir.join(format!("data-n{i}"));
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            cluster.nodes.push(Node {
+                data_dir: data_dir.clone(),
                 log: dir.join(format!("n{i}.log")),
                 child: None,
                 paused: false,
-            })
-            .collect();
-        Ok(Cluster {
-            bin: bin.to_path_buf(),
-            config,
-            nodes,
-        })
+                mounted: false,
+            });
+            // Each data directory is its own small filesystem, so one node's disk can fill.
+            run_checked(
+                Command::new("mount")
+                    .args([
+                        "-t",
+                        "tmpfs",
+                        "-o",
+                        &format!("size={DATA_FS_SIZE}"),
+                        "tmpfs",
+                    ])
+                    .arg(&data_dir),
+                "mounting a tmpfs data directory",
+            )?;
+            cluster.nodes[i - 1].mounted = true;
+        }
+        Ok(cluster)
+    }
+
+    /// Fills node `i`'s data filesystem (a file of zeros until the disk reports it full).
+    /// Returns the bytes written.
+    pub fn fill_disk(&mut self, i: usize) -> Result<u64> {
+        use std::io::Write as _;
+        let path = self.nodes[i - 1].data_dir.join(FILLER);
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => return Err(e).with_context(|| format!("filling {}", path.display())),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Frees what `fill_disk` took.
+    pub fn free_disk(&mut self, i: usize) -> Result<()> {
+        let path = self.nodes[i - 1].data_dir.join(FILLER);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn size(&self) -> usize {
@@ -312,11 +369,21 @@ impl Cluster {
         }
     }
 
-    /// Removes node `i`'s data directory (the node must be stopped).
+    /// Removes everything in node `i`'s data directory (the node must be stopped); the
+    /// directory itself is a mount point and stays.
     pub fn wipe(&mut self, i: usize) -> Result<()> {
         let dir = self.nodes[i - 1].data_dir.clone();
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
+        if !dir.exists() {
+            return Ok(());
+        }
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("wiping {}", dir.display()))? {
+            let path = entry?.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("wiping {}", path.display()))?;
         }
         Ok(())
     }
@@ -393,7 +460,44 @@ impl Drop for Cluster {
         for i in 1..=self.size() {
             self.kill(i);
         }
+        for node in &mut self.nodes {
+            if node.mounted {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&node.data_dir)
+                    .status();
+                node.mounted = false;
+            }
+        }
     }
+}
+
+/// Runs `cmd`, failing with its stderr unless it exits 0.
+fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| what.to_owned())?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Unmounts tmpfs data directories an interrupted run left (under `dynakv-nemesis-*`
+/// directories in the temp dir, or any `data-n*` tmpfs below such a path); returns them.
+pub fn unmount_leftovers() -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut removed = Vec::new();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(fs), Some(target)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let leaf = target.rsplit('/').next().unwrap_or("");
+        if fs == "tmpfs" && target.contains("dynakv-nemesis") && leaf.starts_with("data-n") {
+            let _ = Command::new("umount").arg("-l").arg(target).status();
+            removed.push(format!("mount {target}"));
+        }
+    }
+    removed
 }
 
 /// The last `n` lines of a file.

@@ -8,8 +8,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use dynakv_nemesis::nemesis::FaultKind;
-use dynakv_nemesis::net;
 use dynakv_nemesis::run::{self, RunPlan, RunReport};
+use dynakv_nemesis::{cluster, net};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -52,9 +52,9 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Bounded CI mode: 3 seeds covering every fault kind once, fails on any lost write,
-    /// unconverged replica or leaked namespace; a 4th run with a last-write-wins primary
-    /// bucket must be reported as losing writes.
+    /// Bounded CI mode: 4 seeds covering every fault kind once (three per run), fails on any
+    /// lost write, unconverged replica or leaked namespace; a 5th run with a last-write-wins
+    /// primary bucket must be reported as losing writes.
     Ci {
         #[arg(long, default_value_t = 1)]
         start_seed: u64,
@@ -184,7 +184,7 @@ fn require_root() -> Result<()> {
 
 fn cleanup_command() -> Result<bool> {
     require_root()?;
-    let removed = net::cleanup();
+    let removed = teardown();
     if removed.is_empty() {
         println!("nothing to clean up");
     }
@@ -198,12 +198,19 @@ fn cleanup_command() -> Result<bool> {
     Ok(true)
 }
 
+/// Removes what a run leaves behind: namespaces, bridge and rules, tmpfs data directories.
+fn teardown() -> Vec<String> {
+    let mut removed = net::cleanup();
+    removed.extend(cluster::unmount_leftovers());
+    removed
+}
+
 /// Tears the network down when dropped (also on a panic or an error).
 struct NetGuard;
 
 impl Drop for NetGuard {
     fn drop(&mut self) {
-        for r in net::cleanup() {
+        for r in teardown() {
             eprintln!("[nemesis] teardown: removed {r}");
         }
     }
@@ -236,7 +243,7 @@ fn install_signal_cleanup() {
         });
         if got {
             eprintln!("[nemesis] signal: tearing everything down");
-            for r in net::cleanup() {
+            for r in teardown() {
                 eprintln!("[nemesis] removed {r}");
             }
             std::process::exit(130);
@@ -266,7 +273,7 @@ fn outer(runs: Vec<RunPlan>, common: &Common) -> Result<bool> {
     require_root()?;
     let started = Instant::now();
     install_signal_cleanup();
-    for r in net::cleanup() {
+    for r in teardown() {
         eprintln!("[nemesis] removed a leftover: {r}");
     }
     let bin = resolve_bin(common.bin.as_ref())?;

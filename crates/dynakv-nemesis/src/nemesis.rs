@@ -13,6 +13,10 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+/// How long a node whose disk was full may take to serve again once it is freed (its
+/// restart delay is at most 30 s).
+const DISK_FULL_RECOVERY: Duration = Duration::from_secs(45);
+
 /// The kinds of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -36,10 +40,12 @@ pub enum FaultKind {
     Pause,
     /// A node leaves the cluster under load, then comes back empty with `--join`.
     LeaveJoin,
+    /// One node's data filesystem filled to the last byte; freed at the end of the period.
+    DiskFull,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Halves,
         FaultKind::Isolate,
         FaultKind::PreflistSplit,
@@ -49,6 +55,7 @@ impl FaultKind {
         FaultKind::KillWipe,
         FaultKind::Pause,
         FaultKind::LeaveJoin,
+        FaultKind::DiskFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +69,7 @@ impl FaultKind {
             FaultKind::KillWipe => "kill-wipe",
             FaultKind::Pause => "pause",
             FaultKind::LeaveJoin => "leave-join",
+            FaultKind::DiskFull => "disk-full",
         }
     }
 
@@ -138,6 +146,7 @@ pub enum Active {
     Wiped(usize),
     Paused(Vec<usize>),
     Leaving(usize),
+    DiskFull(usize),
 }
 
 /// Drives the faults of one run.
@@ -299,6 +308,17 @@ impl Nemesis {
                     format!("n{i} leaves, then re-joins empty"),
                 ))
             }
+            FaultKind::DiskFull => {
+                let i = self.shuffled()[0];
+                let bytes = cluster.fill_disk(i)?;
+                Ok((
+                    Active::DiskFull(i),
+                    format!(
+                        "n{i}'s data filesystem filled ({} MiB written)",
+                        bytes >> 20
+                    ),
+                ))
+            }
         }
     }
 
@@ -370,6 +390,16 @@ impl Nemesis {
             Active::Leaving(i) => {
                 if let Err(e) = self.finish_leave_join(*i, cluster) {
                     errors.push(format!("{e:#}"));
+                }
+            }
+            Active::DiskFull(i) => {
+                // The node stopped itself at its first failed sync and retries its start
+                // every 1-30 s (`supervise`): once the space is back it must serve again.
+                if let Err(e) = cluster
+                    .free_disk(*i)
+                    .and_then(|()| cluster.wait_up(*i, DISK_FULL_RECOVERY))
+                {
+                    errors.push(format!("n{i} after its disk was freed: {e:#}"));
                 }
             }
         }

@@ -87,6 +87,12 @@ pub struct ServerConfig {
     /// While the in-flight limit is reached and the p99 service time of admitted requests is
     /// above this (ms), the limit shrinks below `max_in_flight_requests` (0: never).
     pub overload_latency_target_ms: u64,
+    /// Test hook, not settable from a file: wrap the engine in a [`FaultyStorage`] controlled
+    /// by this switch, so tests can make the node's storage fail while it serves (and after
+    /// [`crate::supervise`] restarts it, since the restarted node shares the switch).
+    ///
+    /// [`FaultyStorage`]: dynakv_storage::FaultyStorage
+    pub storage_faults: Option<dynakv_storage::FaultSwitch>,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -153,6 +159,7 @@ impl ServerConfig {
             tombstone_grace_ms: 3_600_000,
             max_in_flight_requests: limits::DEFAULT_MAX_IN_FLIGHT_REQUESTS,
             overload_latency_target_ms: DEFAULT_OVERLOAD_LATENCY_TARGET_MS,
+            storage_faults: None,
         }
     }
 

@@ -23,7 +23,7 @@ use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
 use dynakv_core::ring::NodeId;
 use dynakv_core::storage::Storage;
-use dynakv_storage::{BufferedStorage, FjallOptions, FjallStorage, MemoryStorage};
+use dynakv_storage::{BufferedStorage, FaultyStorage, FjallOptions, FjallStorage, MemoryStorage};
 use identity::NodeIdentity;
 use replica::Replica;
 use std::net::SocketAddr;
@@ -56,6 +56,11 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("internal: {0}")]
     Internal(String),
+    /// The storage engine failed while the node served (a sync of buffered writes failed:
+    /// a full disk, an I/O error). What the engine holds after that is unknown, so the node
+    /// stopped without marking a clean shutdown; [`supervise`] starts it again.
+    #[error("storage failed while serving: {0}")]
+    StorageFailed(String),
     #[error("cannot join the cluster: {0}")]
     Join(String),
 }
@@ -69,7 +74,7 @@ pub struct RunningServer {
     pub peer_addr: SocketAddr,
     pub name: String,
     pub cluster: Arc<Cluster>,
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -89,8 +94,12 @@ impl RunningServer {
 }
 
 fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> {
-    match config.storage {
-        StorageKind::Memory => Ok(Arc::new(MemoryStorage::new())),
+    let faults = config.storage_faults.clone();
+    Ok(match config.storage {
+        StorageKind::Memory => match faults {
+            Some(switch) => Arc::new(FaultyStorage::with_switch(MemoryStorage::new(), switch)),
+            None => Arc::new(MemoryStorage::new()),
+        },
         StorageKind::Disk => {
             let dir = config.data_dir.join("fjall");
             std::fs::create_dir_all(&dir).map_err(|e| ServerError::Storage {
@@ -108,9 +117,15 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
             })?;
             // Writes land in an in-memory buffer the flusher drains (paper 6.1), so no
             // foreground write waits on fjall's journal lock during an fsync.
-            Ok(Arc::new(BufferedStorage::new(storage)))
+            match faults {
+                Some(switch) => Arc::new(FaultyStorage::with_switch(
+                    BufferedStorage::new(storage),
+                    switch,
+                )),
+                None => Arc::new(BufferedStorage::new(storage)),
+            }
         }
-    }
+    })
 }
 
 /// Open storage, load or found the cluster state, bind the peer and HTTP listeners, join a
@@ -235,6 +250,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .set_target_p99_us(config.aae_latency_target_ms.saturating_mul(1000));
     cluster.persist_now().map_err(cluster_error)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
     let peer_task = {
         let cluster = Arc::clone(&cluster);
         let shutdown = wait_for_shutdown(shutdown_rx.clone());
@@ -291,6 +307,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         syncs,
         window: Duration::from_millis(config.group_commit_window_ms),
         stats: Arc::clone(&state.stats),
+        failure: StorageFailure {
+            reason: Arc::new(std::sync::OnceLock::new()),
+            stop_node: Arc::clone(&shutdown_tx),
+        },
     };
     let task = tokio::spawn(serve(
         listener,
@@ -308,6 +328,76 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// First wait before a node stopped by a storage failure is started again.
+pub const RESTART_DELAY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to start it again (the delay doubles per failed attempt).
+pub const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
+/// A node that served at least this long before its storage failed starts again after
+/// `RESTART_DELAY_MIN`, not after the delay its previous restarts reached.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// Serve with `server` (started from `config`) until `stop` turns true, then shut it down
+/// cleanly. When its storage fails while it serves (a sync of buffered writes failed: a full
+/// disk, an I/O error), the node stops itself without a clean-shutdown mark (see
+/// [`ServerError::StorageFailed`]); this starts it again from `config` after
+/// `RESTART_DELAY_MIN`, doubling the delay up to `RESTART_DELAY_MAX` while starting fails
+/// (the engine's files still locked, the disk still full), so the node recovers from its
+/// journal under a new causal identity once the disk works, without an operator. Returns the
+/// node's error when it stops for any other reason, or a start fails for a reason retrying
+/// cannot fix (configuration, join).
+pub async fn supervise(
+    server: RunningServer,
+    config: ServerConfig,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let mut server = server;
+    // A restarted node listens where this one does (port 0 in the configuration would
+    // otherwise move it).
+    let mut config = config;
+    config.http_addr = server.http_addr;
+    config.peer_addr = server.peer_addr;
+    let mut delay = RESTART_DELAY_MIN;
+    loop {
+        let started = std::time::Instant::now();
+        let ended = tokio::select! {
+            ended = &mut server.task => ended,
+            () = wait_for_shutdown(stop.clone()) => {
+                server.shutdown();
+                return server.wait().await;
+            }
+        };
+        let reason = match ended {
+            Ok(Err(ServerError::StorageFailed(reason))) => reason,
+            Ok(other) => return other,
+            Err(e) => return Err(ServerError::Internal(e.to_string())),
+        };
+        if started.elapsed() >= STABLE_RUN {
+            delay = RESTART_DELAY_MIN;
+        }
+        // The old node's engine must be closed before it is opened again: dropping the last
+        // handle closes it; until then opening fails (fjall's lock) and is retried.
+        drop(server);
+        server = loop {
+            tracing::warn!(
+                node = %config.name,
+                error = %reason,
+                delay_ms = delay.as_millis() as u64,
+                "restarting the node after a storage failure"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = wait_for_shutdown(stop.clone()) => return Ok(()),
+            }
+            delay = (delay * 2).min(RESTART_DELAY_MAX);
+            match start(config.clone()).await {
+                Ok(server) => break server,
+                Err(e @ (ServerError::Config(_) | ServerError::Join(_))) => return Err(e),
+                Err(e) => tracing::error!(node = %config.name, error = %e, "restart failed"),
+            }
+        };
+    }
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as map_err(cluster_error)
@@ -452,6 +542,7 @@ async fn serve(
     // The flusher outlives the request handlers (durable writes wait for it): it stops after
     // the HTTP server and the other tasks have.
     let (stop_flusher, flusher_stop) = watch::channel(false);
+    let failed = Arc::clone(&flusher.failure.reason);
     let flusher = tokio::spawn(flush_loop(flusher, flusher_stop));
     let app = http::router(state);
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -467,6 +558,12 @@ async fn serve(
     }
     let _ = stop_flusher.send(true);
     let _ = flusher.await;
+    if let Some(reason) = failed.get() {
+        // No final flush (the engine refuses writes) and no clean-shutdown mark: the next
+        // start recovers from the engine's journal and takes a new causal identity.
+        tracing::error!(error = %reason, "node stopped after a storage failure");
+        return Err(ServerError::StorageFailed(reason.clone()));
+    }
     // Whatever was buffered becomes durable before the process exits.
     let marker_storage = Arc::clone(&storage);
     let synced = tokio::task::spawn_blocking(move || storage.sync())
@@ -526,6 +623,34 @@ struct Flusher {
     /// A sync starts at least this long after the previous one ended (group commit window).
     window: Duration,
     stats: Arc<stats::Stats>,
+    failure: StorageFailure,
+}
+
+/// How the flusher stops the node when the engine fails.
+#[derive(Clone)]
+struct StorageFailure {
+    /// Why, once a sync failed (read by `serve` after the node stopped).
+    reason: Arc<std::sync::OnceLock<String>>,
+    /// The node's own shutdown signal.
+    stop_node: Arc<watch::Sender<bool>>,
+}
+
+impl StorageFailure {
+    /// A sync failed: after that the engine's state is unknown (fjall poisons itself and
+    /// refuses every later write; and after a failed fsync the kernel may have dropped the
+    /// very pages it could not write, so retrying proves nothing). Stop the node, without
+    /// a clean-shutdown mark, so that it comes back (see `supervise`) from what is on disk
+    /// and under a new causal identity, as after a crash. Until then the other replicas and
+    /// their hints serve its keys.
+    fn engine_failed(&self, error: &str) {
+        if self.reason.set(error.to_owned()).is_ok() {
+            tracing::error!(
+                error,
+                "a sync of buffered writes failed: stopping the node to restart it from disk"
+            );
+        }
+        let _ = self.stop_node.send(true);
+    }
 }
 
 /// Make buffered writes durable every `interval_ms` (paper 6.1's writer thread), and at once
@@ -548,6 +673,7 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
         syncs,
         window,
         stats,
+        failure,
     } = flusher;
     let mut last_sync_end: Option<tokio::time::Instant> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
@@ -610,8 +736,8 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "flush of buffered writes failed");
                     unflushed.store(true, Ordering::Release);
+                    failure.engine_failed(&e.to_string());
                 }
                 Err(e) => tracing::error!(error = %e, "flush task failed"),
             }

@@ -227,15 +227,20 @@ async fn run(cli: Cli) -> Result<()> {
                 server_config.storage = storage;
             }
             server_config.join = join;
-            let server = dynakv_server::start(server_config).await?;
+            let server = dynakv_server::start(server_config.clone()).await?;
             let handle = ShutdownOnSignal::install()?;
+            // The node restarts itself after a storage failure (see `supervise`).
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let supervised = dynakv_server::supervise(server, server_config, stopped);
+            tokio::pin!(supervised);
             tokio::select! {
+                ended = &mut supervised => ended?,
                 () = handle.wait() => {
                     tracing::info!("shutting down");
-                    server.shutdown();
+                    let _ = stop.send(true);
+                    supervised.await?;
                 }
             }
-            server.wait().await?;
             Ok(())
         }
         Command::Dev {
@@ -422,6 +427,7 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
         bail!("--nodes must be from 1 to 16");
     }
     let mut servers: Vec<dynakv_server::RunningServer> = Vec::new();
+    let mut configs: Vec<ServerConfig> = Vec::new();
     for i in 1..=nodes {
         let name = format!("dev{i}");
         let port = http_port
@@ -436,10 +442,11 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
         );
         config.storage = storage;
         config.join = servers.first().map(|first| first.peer_addr);
-        let server = dynakv_server::start(config)
+        let server = dynakv_server::start(config.clone())
             .await
             .with_context(|| format!("starting node {name}"))?;
         servers.push(server);
+        configs.push(config);
     }
     let signals = ShutdownOnSignal::install()?;
     if servers.len() > 1 {
@@ -460,13 +467,20 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
         println!("  {}  http://{}", server.name, server.http_addr);
     }
     println!("data in {}; press Ctrl-C to stop", data_dir.display());
+    // Each node restarts itself after a storage failure (see `supervise`).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let nodes: Vec<_> = servers
+        .into_iter()
+        .zip(configs)
+        .map(|(server, config)| {
+            tokio::spawn(dynakv_server::supervise(server, config, stopped.clone()))
+        })
+        .collect();
     signals.wait().await;
     println!("stopping");
-    for server in &servers {
-        server.shutdown();
-    }
-    for server in servers {
-        server.wait().await?;
+    let _ = stop.send(true);
+    for node in nodes {
+        node.await.context("a node's task failed")??;
     }
     Ok(())
 }
