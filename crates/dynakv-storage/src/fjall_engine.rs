@@ -19,7 +19,8 @@
 //! `cache_size_bytes`) plus the write buffers (`max_memtable_size_bytes` per table).
 //!
 //! A failed fsync poisons the fjall database: every later write fails with an
-//! [`EngineFailure`] and the node should restart (and recover from the journal).
+//! [`EngineFailure`]; the server then stops the node and starts it again, which recovers from
+//! the journal (`dynakv_server::supervise`).
 
 use std::fmt;
 use std::ops::Bound;
