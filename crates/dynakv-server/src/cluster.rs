@@ -17,6 +17,7 @@
 //!   list has completed, i.e. after every old replica handed its keys to the new ones.
 
 use crate::aae::{AaeTrees, ExchangeRecord};
+use crate::clock::WallClock;
 use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteRequest};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
@@ -204,6 +205,8 @@ pub struct ClusterParts {
     /// The flusher's group commit, when the engine's syncs wait on the disk: durable replica
     /// writes await it instead of syncing on a blocking thread each.
     pub syncs: Option<Arc<SyncBarrier>>,
+    /// The node's wall clock (skewed only in tests).
+    pub clock: WallClock,
 }
 
 /// Options of a client write.
@@ -240,12 +243,7 @@ pub struct Cluster {
     cleanup_marker: Mutex<CleanupMarker>,
     started: Instant,
     syncs: Option<Arc<SyncBarrier>>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    clock: WallClock,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -312,6 +310,7 @@ impl Cluster {
             timeouts,
             aae,
             syncs,
+            clock,
         } = parts;
         let heartbeat_timeout_ms = u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         Cluster {
@@ -332,7 +331,13 @@ impl Cluster {
             admission: Admission::default(),
             started: Instant::now(),
             syncs,
+            clock,
         }
+    }
+
+    /// This node's wall clock, ms since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// Run a replica write asked for with `durability`; `call` gets the durability to store
@@ -455,7 +460,7 @@ impl Cluster {
                 .bucket_props
                 .get(bucket)
                 .map_or(0, |e| e.timestamp_ms + 1)
-                .max(now_ms());
+                .max(self.now_ms());
             state.bucket_props.insert(
                 bucket.to_owned(),
                 BucketPropsEntry {
@@ -1187,9 +1192,13 @@ impl Cluster {
                 // The forwarder gives up after its forward timeout and answers the client that
                 // the outcome is unknown; a request that reaches us later (we were paused, or
                 // it waited in a queue) is refused rather than applied with a context that is
-                // stale by now. `now_ms` is the forwarder's wall clock when the put arrived.
-                // (Nodes' wall clocks must agree within the request timeout.)
-                let waited_ms = self::now_ms().saturating_sub(now_ms);
+                // stale by now. `now_ms` is the forwarder's wall clock when the put arrived;
+                // the offset of its clock, measured from its hello, turns it into ours, so
+                // nodes whose clocks disagree still take each other's forwards (before, a
+                // forwarder 10 s behind had every forward refused as expired). The write is
+                // stamped with that time on our clock.
+                let now_ms = now_ms.saturating_add_signed(from.clock_offset_ms.saturating_neg());
+                let waited_ms = self.now_ms().saturating_sub(now_ms);
                 let limit_ms =
                     u64::try_from(self.timeouts.forward_start().as_millis()).unwrap_or(u64::MAX);
                 let props = self.bucket_props(&bucket);
@@ -1522,7 +1531,7 @@ impl Cluster {
         if state.ring.next.is_some() {
             return Ok(0);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let replica = Arc::clone(&self.replica);
         let candidates = tokio::task::spawn_blocking(move || {
             reap_candidates(&replica, now, grace_ms, MAX_REAPS_PER_ROUND)

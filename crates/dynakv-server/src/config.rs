@@ -93,6 +93,9 @@ pub struct ServerConfig {
     ///
     /// [`FaultyStorage`]: dynakv_storage::FaultyStorage
     pub storage_faults: Option<dynakv_storage::FaultSwitch>,
+    /// Test hook, not settable from a file: this node's wall clock runs this many ms ahead
+    /// of the system's (negative: behind), to test nodes whose clocks disagree.
+    pub clock_skew_ms: i64,
 }
 
 /// Settings a `--config` TOML file may hold (all optional).
@@ -160,6 +163,7 @@ impl ServerConfig {
             max_in_flight_requests: limits::DEFAULT_MAX_IN_FLIGHT_REQUESTS,
             overload_latency_target_ms: DEFAULT_OVERLOAD_LATENCY_TARGET_MS,
             storage_faults: None,
+            clock_skew_ms: 0,
         }
     }
 

@@ -26,7 +26,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// Pages buffered between the storage scan and the HTTP stream.
 const LIST_STREAM_BUFFER_PAGES: usize = 4;
@@ -229,12 +229,6 @@ async fn missing_key() -> ApiError {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such resource")
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Decode one path segment as Riak does: `+` is a space, then percent-decoding; must be UTF-8.
@@ -776,7 +770,7 @@ async fn store_inner(
         return Err(ApiError::bad_request("Content-Type is too long"));
     }
     let value = read_body(state, headers, body).await?;
-    let now = now_ms();
+    let now = state.cluster.now_ms();
     let content = Content {
         value: value.to_vec(),
         content_type,
@@ -865,7 +859,7 @@ async fn delete_inner(
     }
     // Without a context, delete what the replicas hold now (as Riak does).
     let context = context.unwrap_or_else(|| existing.clock().clone());
-    let now = now_ms();
+    let now = state.cluster.now_ms();
     state
         .cluster
         .put(

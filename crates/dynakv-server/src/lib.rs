@@ -6,6 +6,7 @@
 //! returns.
 
 pub mod aae;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod http;
@@ -186,7 +187,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let secret = ContextKey::from_bytes(rand::random::<[u8; 32]>());
         (state, secret, true)
     };
-    let transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
+    let clock = clock::WallClock::skewed(config.clock_skew_ms);
+    let mut transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
+    transport_config.clock = clock;
     let client = PeerClient::new(transport_config.clone());
     let unflushed = Arc::new(AtomicBool::new(false));
     // Durable writes wait for the flusher's group commit when a sync waits on the disk.
@@ -243,6 +246,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             timeouts,
             aae,
             syncs: syncs.clone(),
+            clock,
         },
     ));
     cluster

@@ -14,7 +14,9 @@
 //!
 //! 1. The connecting side sends a [`Hello`]: `magic: [u8; 6] = b"dynakv"` (6 raw bytes),
 //!    `protocol_version: u16` (varint), `cluster_name: String`, `node_name: String` (varint
-//!    length, then UTF-8 bytes).
+//!    length, then UTF-8 bytes), `wall_clock_ms: u64` (varint; version 2): the accepting side
+//!    takes `wall_clock_ms` minus its own clock as the peer's clock offset
+//!    ([`PeerInfo::clock_offset_ms`]).
 //! 2. The accepting side answers a [`HelloReply`]: variant 0 `Accept { node_name }`, or
 //!    variant 1 `Reject { reason }`, after which it closes the connection. It rejects a wrong
 //!    magic, a protocol version other than [`PROTOCOL_VERSION`] (checked before the rest of
@@ -69,7 +71,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Version of this wire protocol, sent in the hello. A node accepts only its own version.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// A peer whose wall clock differs from this node's by more than this (ms) is logged when it
+/// connects.
+pub const CLOCK_OFFSET_WARNING_MS: u64 = 1_000;
 /// First bytes of every hello: what a dynakv peer says before anything else.
 pub const MAGIC: [u8; 6] = *b"dynakv";
 /// Hard limit on a frame's payload, in bytes (room for the largest object, `MAX_OBJECT_BYTES`
@@ -145,6 +150,8 @@ pub struct TransportConfig {
     pub backoff_initial: Duration,
     /// Longest backoff.
     pub backoff_max: Duration,
+    /// The wall clock sent in the hello (and read when a hello arrives).
+    pub clock: crate::clock::WallClock,
 }
 
 impl TransportConfig {
@@ -159,6 +166,7 @@ impl TransportConfig {
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            clock: crate::clock::WallClock::default(),
         }
     }
 
@@ -225,6 +233,9 @@ pub struct Hello {
     pub protocol_version: u16,
     pub cluster_name: String,
     pub node_name: String,
+    /// The sender's wall clock when it sent the hello (ms since the Unix epoch): the
+    /// accepting side measures how far the peer's clock is from its own (version 2).
+    pub wall_clock_ms: u64,
 }
 
 /// The fields of [`Hello`] every protocol version keeps first.
@@ -266,6 +277,10 @@ pub struct PeerInfo {
     /// The name the peer announced in its hello.
     pub node_name: String,
     pub remote_addr: SocketAddr,
+    /// How far the peer's wall clock is ahead of this node's (negative: behind), measured
+    /// from its hello (within the hello's one-way delay). A wall-clock time the peer sends is
+    /// this node's time plus this offset.
+    pub clock_offset_ms: i64,
 }
 
 /// Encode `value` as one frame (length prefix included).
@@ -807,6 +822,7 @@ async fn establish(
             protocol_version: PROTOCOL_VERSION,
             cluster_name: config.cluster_name.clone(),
             node_name: config.node_name.clone(),
+            wall_clock_ms: config.clock.now_ms(),
         },
         MAX_HANDSHAKE_FRAME_BYTES,
     )
@@ -1117,20 +1133,30 @@ async fn serve_connection<M, H, Fut>(
     }
     let mut buffer = BytesMut::new();
     let handshake = accept_handshake(&mut stream, &mut buffer, &config);
-    let node_name = match tokio::time::timeout(config.handshake_timeout, handshake).await {
-        Ok(Ok(node_name)) => node_name,
-        Ok(Err(reason)) => {
-            tracing::debug!(%remote_addr, reason, "peer handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%remote_addr, "peer handshake timed out");
-            return;
-        }
-    };
+    let (node_name, clock_offset_ms) =
+        match tokio::time::timeout(config.handshake_timeout, handshake).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(reason)) => {
+                tracing::debug!(%remote_addr, reason, "peer handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote_addr, "peer handshake timed out");
+                return;
+            }
+        };
+    if clock_offset_ms.unsigned_abs() > CLOCK_OFFSET_WARNING_MS {
+        tracing::warn!(
+            peer = %node_name,
+            %remote_addr,
+            clock_offset_ms,
+            "the peer's wall clock differs from this node's (forwarded writes are corrected for it; last-write-wins buckets and Last-Modified are not)"
+        );
+    }
     let peer = PeerInfo {
         node_name,
         remote_addr,
+        clock_offset_ms,
     };
     let (reader, writer) = stream.into_split();
     let (outbound, outbound_queue) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
@@ -1157,23 +1183,28 @@ async fn serve_connection<M, H, Fut>(
     }
 }
 
-/// Read and check the hello, answer it. `Ok(name)`: the peer's node name, the connection is
-/// open for requests. `Err`: why it is not (a reject was sent when the hello was readable).
+/// Read and check the hello, answer it. `Ok((name, offset))`: the peer's node name and how
+/// far its wall clock is ahead of ours; the connection is open for requests. `Err`: why it is
+/// not (a reject was sent when the hello was readable).
 async fn accept_handshake(
     stream: &mut TcpStream,
     buffer: &mut BytesMut,
     config: &TransportConfig,
-) -> Result<String, String> {
+) -> Result<(String, i64), String> {
     let payload = read_frame(stream, buffer, MAX_HANDSHAKE_FRAME_BYTES)
         .await?
         .ok_or_else(|| "closed before the hello".to_owned())?;
+    let arrived_ms = config.clock.now_ms();
     match check_hello(&payload, config) {
-        Ok(node_name) => {
+        Ok(hello) => {
             let accept = HelloReply::Accept {
                 node_name: config.node_name.clone(),
             };
             send_handshake_reply(stream, &accept).await?;
-            Ok(node_name)
+            Ok((
+                hello.node_name,
+                crate::clock::offset_ms(hello.wall_clock_ms, arrived_ms),
+            ))
         }
         Err(reason) => {
             let reject = HelloReply::Reject {
@@ -1194,8 +1225,8 @@ async fn send_handshake_reply(stream: &mut TcpStream, reply: &HelloReply) -> Res
         .map_err(|e| format!("sending the hello reply failed: {e}"))
 }
 
-/// Whether a hello is acceptable; `Ok` carries the peer's node name.
-fn check_hello(payload: &[u8], config: &TransportConfig) -> Result<String, String> {
+/// Whether a hello is acceptable; `Ok` carries it.
+fn check_hello(payload: &[u8], config: &TransportConfig) -> Result<Hello, String> {
     let (prefix, _) = postcard::take_from_bytes::<HelloPrefix>(payload)
         .map_err(|_| "not a dynakv hello".to_owned())?;
     if prefix.magic != MAGIC {
@@ -1214,7 +1245,7 @@ fn check_hello(payload: &[u8], config: &TransportConfig) -> Result<String, Strin
             hello.cluster_name, config.cluster_name
         ));
     }
-    Ok(hello.node_name)
+    Ok(hello)
 }
 
 /// Read requests and start a handler for each, holding an in-flight permit until its reply is

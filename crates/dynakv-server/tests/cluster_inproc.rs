@@ -18,12 +18,18 @@ struct Node {
 }
 
 async fn start_node(name: &str, join: Option<SocketAddr>) -> Node {
+    start_skewed_node(name, join, 0).await
+}
+
+/// A node whose wall clock runs `skew_ms` ahead of the system's (negative: behind).
+async fn start_skewed_node(name: &str, join: Option<SocketAddr>, skew_ms: i64) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut config = ServerConfig::new(name, any, any, dir.path().to_owned());
     config.storage = StorageKind::Memory;
     config.join = join;
     config.request_timeout_ms = 500;
+    config.clock_skew_ms = skew_ms;
     let server = dynakv_server::start(config).await.unwrap();
     let client = Client::new(&format!("http://{}", server.http_addr)).unwrap();
     Node {
@@ -34,11 +40,17 @@ async fn start_node(name: &str, join: Option<SocketAddr>) -> Node {
 }
 
 async fn start_cluster(n: usize) -> Vec<Node> {
-    let first = start_node("n1", None).await;
+    start_skewed_cluster(&vec![0; n]).await
+}
+
+/// One node per entry of `skews_ms`, each with its clock that far off.
+async fn start_skewed_cluster(skews_ms: &[i64]) -> Vec<Node> {
+    let n = skews_ms.len();
+    let first = start_skewed_node("n1", None, skews_ms[0]).await;
     let seed = first.server.peer_addr;
     let mut nodes = vec![first];
-    for i in 2..=n {
-        nodes.push(start_node(&format!("n{i}"), Some(seed)).await);
+    for (i, skew) in skews_ms.iter().enumerate().skip(1) {
+        nodes.push(start_skewed_node(&format!("n{}", i + 1), Some(seed), *skew).await);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -393,4 +405,46 @@ async fn buffered_writes_get_one_durable_replica_each() {
     }
     settle().await;
     assert_eq!(fsync_writes(&nodes) - before, 30);
+}
+
+/// Nodes whose wall clocks disagree by far more than a forwarded put may wait (request
+/// timeout 500 ms here) still coordinate each other's forwards: the forwarder stamps the put
+/// with its own clock, and the coordinator converts that by the offset it measured from the
+/// forwarder's hello. Before, every put a node 10 s behind forwarded was refused as expired
+/// by each primary in turn, and answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_forwarded_by_a_node_whose_clock_is_far_off_are_coordinated() {
+    let nodes = start_skewed_cluster(&[0, 10_000, 0, -10_000]).await;
+    for via in [3, 1] {
+        let node = &nodes[via];
+        let me = node.server.name.clone();
+        let mut forwarded = 0;
+        for i in 0..40 {
+            let path = format!("/buckets/skew/keys/n{via}-{i}");
+            let (_, _, body) = node
+                .client
+                .request(Method::GET, &format!("{path}/preflist"), &[], Bytes::new())
+                .await
+                .unwrap();
+            let preflist: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let primary = preflist["preflist"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["node"] == me.as_str());
+            if !primary {
+                forwarded += 1;
+            }
+            assert_eq!(
+                put(&node.client, &path, "v").await,
+                StatusCode::NO_CONTENT,
+                "put of {path} through {me} (a primary: {primary})"
+            );
+        }
+        assert!(forwarded > 0, "no put through {me} was forwarded");
+    }
+    for node in nodes {
+        node.server.shutdown();
+        node.server.wait().await.unwrap();
+    }
 }

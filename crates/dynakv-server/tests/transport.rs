@@ -43,6 +43,8 @@ enum Msg {
         server: String,
     },
     Panic,
+    ClockOffset,
+    OffsetIs(i64),
 }
 
 /// One running `serve`, with what its handler observed.
@@ -98,6 +100,7 @@ fn start_on(listener: TcpListener, config: TransportConfig) -> Server {
                         server: label,
                     },
                     Msg::Panic => panic!("planted handler panic"),
+                    Msg::ClockOffset => Msg::OffsetIs(peer.clock_offset_ms),
                     other => other,
                 };
                 running.fetch_sub(1, Ordering::SeqCst);
@@ -171,12 +174,23 @@ fn framed(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-fn hello_frame(version: u16, cluster: &str, node: &str) -> Vec<u8> {
+fn hello_frame(version: u16, cluster: &str, node: &str, wall_clock_ms: u64) -> Vec<u8> {
     let mut payload = b"dynakv".to_vec();
     varint(u64::from(version), &mut payload);
     string(cluster, &mut payload);
     string(node, &mut payload);
+    varint(wall_clock_ms, &mut payload);
     framed(&payload)
+}
+
+fn wall_clock_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
 }
 
 async fn read_raw_frame(stream: &mut TcpStream) -> Vec<u8> {
@@ -202,11 +216,11 @@ async fn closed_by_peer(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// A raw connection that passed a (handcrafted) version-1 handshake.
+/// A raw connection that passed a (handcrafted) version-2 handshake.
 async fn raw_connection(server: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(server).await.unwrap();
     stream
-        .write_all(&hello_frame(1, CLUSTER, "raw"))
+        .write_all(&hello_frame(2, CLUSTER, "raw", wall_clock_ms()))
         .await
         .unwrap();
     let reply = read_raw_frame(&mut stream).await;
@@ -218,6 +232,26 @@ async fn raw_connection(server: SocketAddr) -> TcpStream {
 }
 
 // ----- 1. round trips -----
+
+/// The server learns how far each client's wall clock is from its own from the hello, and
+/// hands it to every request of that connection.
+#[tokio::test]
+async fn the_hello_tells_the_server_the_clients_clock_offset() {
+    let server = start_server(server_config()).await;
+    for skew in [5_000_i64, -5_000, 0] {
+        let mut config = client_config(&format!("skewed{skew}"));
+        config.clock = dynakv_server::clock::WallClock::skewed(skew);
+        let client = PeerClient::new(config);
+        match client.request(server.addr, Msg::ClockOffset, TIMEOUT).await {
+            Ok(Msg::OffsetIs(offset)) => assert!(
+                (offset - skew).abs() < 500,
+                "a client {skew} ms off measured at {offset} ms"
+            ),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    server.stop().await.unwrap();
+}
 
 #[tokio::test]
 async fn round_trip_and_200_concurrent_requests_share_one_connection() {
@@ -302,14 +336,26 @@ async fn wrong_protocol_version_is_rejected_and_connection_closed() {
     let server = start_server(server_config()).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
-        .write_all(&hello_frame(2, CLUSTER, "future-node"))
+        .write_all(&hello_frame(3, CLUSTER, "future-node", wall_clock_ms()))
         .await
         .unwrap();
     let reply = read_raw_frame(&mut stream).await;
     // HelloReply::Reject is variant 1, then the reason.
     assert_eq!(reply[0], 1, "expected a reject, got {reply:?}");
     let reason = String::from_utf8_lossy(&reply[2..]);
-    assert!(reason.contains("protocol version 2"), "{reason}");
+    assert!(reason.contains("protocol version 3"), "{reason}");
+    assert!(closed_by_peer(&mut stream).await);
+
+    // A version-1 node (its hello has no clock) is refused the same way.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut old = b"dynakv".to_vec();
+    varint(1, &mut old);
+    string(CLUSTER, &mut old);
+    string("old-node", &mut old);
+    stream.write_all(&framed(&old)).await.unwrap();
+    let reply = read_raw_frame(&mut stream).await;
+    assert_eq!(reply[0], 1, "expected a reject, got {reply:?}");
+    assert!(String::from_utf8_lossy(&reply[2..]).contains("protocol version 1"));
     assert!(closed_by_peer(&mut stream).await);
 
     // Not a dynakv hello at all: no answer worth having, the connection is closed.
