@@ -132,6 +132,8 @@ struct Node {
     paused: bool,
     /// The data directory is a tmpfs of its own (unmounted on drop).
     mounted: bool,
+    /// Started with its wall clock this many seconds off (libfaketime), for `clock-skew`.
+    clock_skew_s: Option<i64>,
 }
 
 /// Size of each node's data filesystem (a tmpfs, so that `disk-full` can fill it).
@@ -167,8 +169,12 @@ impl Cluster {
                 child: None,
                 paused: false,
                 mounted: false,
+                clock_skew_s: None,
             });
             // Each data directory is its own small filesystem, so one node's disk can fill.
+            // The mount lives in this (inner) process's mount namespace (`ip netns exec`
+            // gives it one), which the servers' namespaces copy: it is gone once this
+            // process and its servers are, even after a SIGKILL.
             run_checked(
                 Command::new("mount")
                     .args([
@@ -200,7 +206,11 @@ impl Cluster {
                 Ok(0) => break,
                 Ok(n) => written += n as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-                Err(e) => return Err(e).with_context(|| format!("filling {}", path.display())),
+                Err(e) => {
+                    // Not recorded as an active fault, so no heal would free it.
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e).with_context(|| format!("filling {}", path.display()));
+                }
             }
         }
         Ok(written)
@@ -244,8 +254,17 @@ impl Cluster {
             .context("opening node log")?;
         let log2 = log.try_clone().context("cloning log handle")?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &net::node_ns(i)])
-            .arg(&bin)
+        cmd.args(["netns", "exec", &net::node_ns(i)]);
+        if let Some(skew) = node.clock_skew_s {
+            // libfaketime shifts the wall clock only: the monotonic clock (timeouts, failure
+            // detection) stays true, as with a node whose NTP is wrong.
+            cmd.arg("env")
+                .arg(format!("LD_PRELOAD={}", faketime_library()?.display()))
+                .arg(format!("FAKETIME={skew:+}s"))
+                .arg("FAKETIME_DONT_FAKE_MONOTONIC=1")
+                .arg("FAKETIME_DONT_RESET=1");
+        }
+        cmd.arg(&bin)
             .args(["server", "--name", &node_name(i)])
             .args(["--http", &http_addr(i), "--peer", &peer_addr(i)])
             .arg("--data-dir")
@@ -297,6 +316,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Node `i`'s wall clock at its next start: `skew_s` seconds off (`None`: the true time).
+    pub fn set_clock_skew(&mut self, i: usize, skew_s: Option<i64>) {
+        self.node(i).clock_skew_s = skew_s;
     }
 
     /// `Some(status)` when node `i`'s process has exited on its own.
@@ -472,6 +496,23 @@ impl Drop for Cluster {
     }
 }
 
+/// Where Debian's `faketime` package puts the multi-threaded libfaketime.
+const FAKETIME_LIBRARIES: [&str; 2] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+];
+
+/// The libfaketime the `clock-skew` fault preloads.
+fn faketime_library() -> Result<PathBuf> {
+    FAKETIME_LIBRARIES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!("libfaketime not found (apt-get install faketime): {FAKETIME_LIBRARIES:?}")
+        })
+}
+
 /// Runs `cmd`, failing with its stderr unless it exits 0.
 fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| what.to_owned())?;
@@ -479,25 +520,6 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
         bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-/// Unmounts tmpfs data directories an interrupted run left (under `dynakv-nemesis-*`
-/// directories in the temp dir, or any `data-n*` tmpfs below such a path); returns them.
-pub fn unmount_leftovers() -> Vec<String> {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let mut removed = Vec::new();
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(fs), Some(target)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let leaf = target.rsplit('/').next().unwrap_or("");
-        if fs == "tmpfs" && target.contains("dynakv-nemesis") && leaf.starts_with("data-n") {
-            let _ = Command::new("umount").arg("-l").arg(target).status();
-            removed.push(format!("mount {target}"));
-        }
-    }
-    removed
 }
 
 /// The last `n` lines of a file.

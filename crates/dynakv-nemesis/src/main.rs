@@ -8,8 +8,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use dynakv_nemesis::nemesis::FaultKind;
+use dynakv_nemesis::net;
 use dynakv_nemesis::run::{self, RunPlan, RunReport};
-use dynakv_nemesis::{cluster, net};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -198,11 +198,10 @@ fn cleanup_command() -> Result<bool> {
     Ok(true)
 }
 
-/// Removes what a run leaves behind: namespaces, bridge and rules, tmpfs data directories.
+/// Removes what a run leaves behind: namespaces, bridge and rules (and with the processes
+/// in them, the tmpfs data directories, which live in the inner process's mount namespace).
 fn teardown() -> Vec<String> {
-    let mut removed = net::cleanup();
-    removed.extend(cluster::unmount_leftovers());
-    removed
+    net::cleanup()
 }
 
 /// Tears the network down when dropped (also on a panic or an error).

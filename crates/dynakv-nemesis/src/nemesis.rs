@@ -42,10 +42,13 @@ pub enum FaultKind {
     LeaveJoin,
     /// One node's data filesystem filled to the last byte; freed at the end of the period.
     DiskFull,
+    /// One node restarted with its wall clock 5-30 s ahead or behind (libfaketime); restarted
+    /// with the true time at the end of the period.
+    ClockSkew,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Halves,
         FaultKind::Isolate,
         FaultKind::PreflistSplit,
@@ -56,6 +59,7 @@ impl FaultKind {
         FaultKind::Pause,
         FaultKind::LeaveJoin,
         FaultKind::DiskFull,
+        FaultKind::ClockSkew,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl FaultKind {
             FaultKind::Pause => "pause",
             FaultKind::LeaveJoin => "leave-join",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::ClockSkew => "clock-skew",
         }
     }
 
@@ -147,6 +152,7 @@ pub enum Active {
     Paused(Vec<usize>),
     Leaving(usize),
     DiskFull(usize),
+    ClockSkew(usize),
 }
 
 /// Drives the faults of one run.
@@ -308,6 +314,24 @@ impl Nemesis {
                     format!("n{i} leaves, then re-joins empty"),
                 ))
             }
+            FaultKind::ClockSkew => {
+                let i = self.shuffled()[0];
+                let seconds: i64 = self.rng.random_range(5..=30);
+                let skew = if self.rng.random_bool(0.5) {
+                    seconds
+                } else {
+                    -seconds
+                };
+                restart_with_clock(cluster, i, Some(skew))?;
+                Ok((
+                    Active::ClockSkew(i),
+                    format!(
+                        "n{i} restarted with its clock {} s {}",
+                        skew.abs(),
+                        if skew > 0 { "ahead" } else { "behind" }
+                    ),
+                ))
+            }
             FaultKind::DiskFull => {
                 let i = self.shuffled()[0];
                 let bytes = cluster.fill_disk(i)?;
@@ -392,6 +416,11 @@ impl Nemesis {
                     errors.push(format!("{e:#}"));
                 }
             }
+            Active::ClockSkew(i) => {
+                if let Err(e) = restart_with_clock(cluster, *i, None) {
+                    errors.push(format!("n{i} back to the true time: {e:#}"));
+                }
+            }
             Active::DiskFull(i) => {
                 // The node stopped itself at its first failed sync and retries its start
                 // every 1-30 s (`supervise`): once the space is back it must serve again.
@@ -432,6 +461,14 @@ impl Nemesis {
             Duration::from_secs(120),
         )
     }
+}
+
+/// Stops node `i` cleanly and starts it again with its wall clock `skew_s` seconds off.
+fn restart_with_clock(cluster: &mut Cluster, i: usize, skew_s: Option<i64>) -> Result<()> {
+    cluster.stop(i, Duration::from_secs(10));
+    cluster.set_clock_skew(i, skew_s);
+    cluster.start(i, None)?;
+    cluster.wait_up(i, Duration::from_secs(30))
 }
 
 fn names(v: &[usize]) -> String {

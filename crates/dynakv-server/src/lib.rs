@@ -308,12 +308,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         replica: Arc::clone(&replica),
         unflushed,
         interval_ms: config.flush_interval_ms,
-        syncs,
+        syncs: syncs.clone(),
         window: Duration::from_millis(config.group_commit_window_ms),
         stats: Arc::clone(&state.stats),
         failure: StorageFailure {
             reason: Arc::new(std::sync::OnceLock::new()),
-            stop_node: Arc::clone(&shutdown_tx),
+            stop_node: Arc::downgrade(&shutdown_tx),
+            syncs,
         },
     };
     let task = tokio::spawn(serve(
@@ -395,7 +396,13 @@ pub async fn supervise(
                 () = wait_for_shutdown(stop.clone()) => return Ok(()),
             }
             delay = (delay * 2).min(RESTART_DELAY_MAX);
-            match start(config.clone()).await {
+            let started = tokio::select! {
+                started = start(config.clone()) => started,
+                // Recovery can take long (a journal replay, the anti-entropy index rebuilt
+                // under the new identity): a stop request does not wait for it.
+                () = wait_for_shutdown(stop.clone()) => return Ok(()),
+            };
+            match started {
                 Ok(server) => break server,
                 Err(e @ (ServerError::Config(_) | ServerError::Join(_))) => return Err(e),
                 Err(e) => tracing::error!(node = %config.name, error = %e, "restart failed"),
@@ -635,8 +642,10 @@ struct Flusher {
 struct StorageFailure {
     /// Why, once a sync failed (read by `serve` after the node stopped).
     reason: Arc<std::sync::OnceLock<String>>,
-    /// The node's own shutdown signal.
-    stop_node: Arc<watch::Sender<bool>>,
+    /// The node's own shutdown signal (weak: dropping the `RunningServer` still stops it).
+    stop_node: std::sync::Weak<watch::Sender<bool>>,
+    /// Closed on failure, so no durable write waits for a sync that will not come.
+    syncs: Option<Arc<sync_barrier::SyncBarrier>>,
 }
 
 impl StorageFailure {
@@ -653,7 +662,16 @@ impl StorageFailure {
                 "a sync of buffered writes failed: stopping the node to restart it from disk"
             );
         }
-        let _ = self.stop_node.send(true);
+        if let Some(syncs) = &self.syncs {
+            syncs.close(&format!("the write was not made durable: {error}"));
+        }
+        if let Some(stop) = self.stop_node.upgrade() {
+            let _ = stop.send(true);
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.reason.get().is_some()
     }
 }
 
@@ -697,11 +715,24 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => true,
         };
         if stopping {
-            // Answer any durable write still waiting (the final flush follows).
-            if syncs.is_some() {
-                let _ = sync_and_publish(&storage, syncs.as_deref()).await;
+            // Answer any durable write still waiting (the final flush follows), then every
+            // later one: no sync follows this one.
+            if let Some(barrier) = &syncs {
+                if !failure.failed() {
+                    match sync_and_publish(&storage, syncs.as_deref()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => failure.engine_failed(&e.to_string()),
+                        Err(e) => failure.engine_failed(&e.to_string()),
+                    }
+                }
+                barrier.close("the node stopped before the write was synced");
             }
             return;
+        }
+        if failure.failed() {
+            // The engine is in an unknown state: no more syncs (their success would prove
+            // nothing); the node is stopping.
+            continue;
         }
         if replica.counter_lease_low() {
             let renewing = Arc::clone(&replica);

@@ -30,6 +30,9 @@ struct Synced {
     through: u64,
     /// The newest failed sync: the tickets it covered and why it failed.
     failed: Option<(u64, String)>,
+    /// No sync will come any more (the engine failed, or the flusher stopped): every ticket
+    /// not yet durable is answered with this.
+    closed: Option<String>,
 }
 
 /// See the module documentation.
@@ -61,17 +64,29 @@ impl SyncBarrier {
         self.wake.notify_one();
         let seen = synced
             .wait_for(|s| {
-                s.through >= ticket || s.failed.as_ref().is_some_and(|(t, _)| *t >= ticket)
+                s.through >= ticket
+                    || s.failed.as_ref().is_some_and(|(t, _)| *t >= ticket)
+                    || s.closed.is_some()
             })
             .await
             .map_err(|_| "the flusher stopped before the write was synced".to_owned())?;
         if seen.through >= ticket {
             return Ok(());
         }
-        Err(seen
-            .failed
-            .as_ref()
-            .map_or_else(String::new, |(_, why)| why.clone()))
+        match (&seen.failed, &seen.closed) {
+            (Some((t, why)), _) if *t >= ticket => Err(why.clone()),
+            (_, Some(why)) => Err(why.clone()),
+            _ => Err(String::new()),
+        }
+    }
+
+    /// No sync will follow: answer every waiter not yet durable, now and later, with `why`.
+    pub fn close(&self, why: &str) {
+        self.synced.send_modify(|s| {
+            if s.closed.is_none() {
+                s.closed = Some(why.to_owned());
+            }
+        });
     }
 
     /// The newest ticket taken: a sync started now covers every ticket up to it.
@@ -108,6 +123,25 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_closed_barrier_answers_every_waiter_not_yet_durable() {
+        let barrier = Arc::new(SyncBarrier::default());
+        let waiting = tokio::spawn({
+            let barrier = Arc::clone(&barrier);
+            async move { barrier.wait().await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), barrier.requested())
+            .await
+            .unwrap();
+        barrier.close("the engine failed");
+        assert_eq!(waiting.await.unwrap(), Err("the engine failed".to_owned()));
+        // A waiter arriving after the close does not wait for a sync that will not come.
+        let late = tokio::time::timeout(Duration::from_secs(5), barrier.wait())
+            .await
+            .expect("a waiter after the close waited");
+        assert_eq!(late, Err("the engine failed".to_owned()));
+    }
 
     #[tokio::test]
     async fn a_waiter_is_answered_by_the_first_sync_that_covers_it() {

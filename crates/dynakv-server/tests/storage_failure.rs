@@ -105,6 +105,47 @@ async fn a_node_whose_sync_fails_restarts_from_disk_under_a_new_identity() {
         Some((StatusCode::OK, "new".to_owned()))
     );
 
+    // A disk that stays broken: every sync fails until it is healed. The node keeps stopping
+    // and retrying; no durable write is acknowledged meanwhile.
+    switch.set(FaultPoint::Sync, true);
+    let broken_until = Instant::now() + Duration::from_secs(3);
+    let mut i = 0;
+    while Instant::now() < broken_until {
+        let status = put(&client, &format!("broken{i}"), "no").await;
+        assert_ne!(
+            status,
+            Some(StatusCode::NO_CONTENT),
+            "acknowledged while every sync fails"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(switch.injected(FaultPoint::Sync) > 1);
+    switch.heal();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(now) = actor(&client).await
+            && now != first
+            && now != second
+            && put(&client, "healed", "yes").await == Some(StatusCode::NO_CONTENT)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not come back once its disk healed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        get(&client, "before").await,
+        Some((StatusCode::OK, "kept".to_owned()))
+    );
+    assert_eq!(
+        get(&client, "after").await,
+        Some((StatusCode::OK, "new".to_owned()))
+    );
+
     let _ = stop.send(true);
     tokio::time::timeout(Duration::from_secs(20), node)
         .await
