@@ -322,7 +322,11 @@ impl Nemesis {
                 } else {
                     -seconds
                 };
-                restart_with_clock(cluster, i, Some(skew))?;
+                if let Err(e) = restart_with_clock(cluster, i, Some(skew)) {
+                    // Not an active fault, so no heal: later restarts get the true time.
+                    cluster.set_clock_skew(i, None);
+                    return Err(e);
+                }
                 Ok((
                     Active::ClockSkew(i),
                     format!(
