@@ -124,16 +124,22 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn a_closed_barrier_answers_every_waiter_not_yet_durable() {
-        let barrier = Arc::new(SyncBarrier::default());
+    /// A durable write waiting on `barrier`, once it has taken its ticket.
+    async fn waiter(barrier: &Arc<SyncBarrier>) -> tokio::task::JoinHandle<Result<(), String>> {
         let waiting = tokio::spawn({
-            let barrier = Arc::clone(&barrier);
+            let barrier = Arc::clone(barrier);
             async move { barrier.wait().await }
         });
         tokio::time::timeout(Duration::from_secs(5), barrier.requested())
             .await
             .unwrap();
+        waiting
+    }
+
+    #[tokio::test]
+    async fn a_closed_barrier_answers_every_waiter_not_yet_durable() {
+        let barrier = Arc::new(SyncBarrier::default());
+        let waiting = waiter(&barrier).await;
         barrier.close("the engine failed");
         assert_eq!(waiting.await.unwrap(), Err("the engine failed".to_owned()));
         // A waiter arriving after the close does not wait for a sync that will not come.
@@ -148,13 +154,7 @@ mod tests {
         let barrier = Arc::new(SyncBarrier::default());
         // A sync published before the waiter's ticket does not answer it.
         barrier.publish(barrier.newest_ticket(), Ok(()));
-        let waiter = tokio::spawn({
-            let barrier = Arc::clone(&barrier);
-            async move { barrier.wait().await }
-        });
-        tokio::time::timeout(Duration::from_secs(5), barrier.requested())
-            .await
-            .unwrap();
+        let waiter = waiter(&barrier).await;
         assert!(barrier.waiting());
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "answered without a sync");

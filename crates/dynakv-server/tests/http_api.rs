@@ -577,7 +577,7 @@ fn slow_put_loop(
     id: usize,
     addr: SocketAddr,
     stall: Duration,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> (u32, u32) {
     let (mut ok, mut shed) = (0, 0);
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -640,7 +640,7 @@ async fn a_saturated_slow_node_lowers_its_in_flight_limit_and_restores_it_after(
         .map(|id| {
             let stop = Arc::clone(&stop);
             let addr = node.addr;
-            std::thread::spawn(move || slow_put_loop(id, addr, Duration::from_millis(20), stop))
+            std::thread::spawn(move || slow_put_loop(id, addr, Duration::from_millis(20), &stop))
         })
         .collect();
     let mut lowest = 16;
