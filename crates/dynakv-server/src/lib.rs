@@ -308,13 +308,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         replica: Arc::clone(&replica),
         unflushed,
         interval_ms: config.flush_interval_ms,
-        syncs: syncs.clone(),
+        syncs,
         window: Duration::from_millis(config.group_commit_window_ms),
         stats: Arc::clone(&state.stats),
         failure: StorageFailure {
             reason: Arc::new(std::sync::OnceLock::new()),
             stop_node: Arc::downgrade(&shutdown_tx),
-            syncs,
         },
     };
     let task = tokio::spawn(serve(
@@ -644,8 +643,6 @@ struct StorageFailure {
     reason: Arc<std::sync::OnceLock<String>>,
     /// The node's own shutdown signal (weak: dropping the `RunningServer` still stops it).
     stop_node: std::sync::Weak<watch::Sender<bool>>,
-    /// Closed on failure, so no durable write waits for a sync that will not come.
-    syncs: Option<Arc<sync_barrier::SyncBarrier>>,
 }
 
 impl StorageFailure {
@@ -655,14 +652,17 @@ impl StorageFailure {
     /// a clean-shutdown mark, so that it comes back (see `supervise`) from what is on disk
     /// and under a new causal identity, as after a crash. Until then the other replicas and
     /// their hints serve its keys.
-    fn engine_failed(&self, error: &str) {
+    ///
+    /// `syncs` (the flusher's group commit) is closed, so no durable write waits for a sync
+    /// that will not come.
+    fn engine_failed(&self, error: &str, syncs: Option<&sync_barrier::SyncBarrier>) {
         if self.reason.set(error.to_owned()).is_ok() {
             tracing::error!(
                 error,
                 "a sync of buffered writes failed: stopping the node to restart it from disk"
             );
         }
-        if let Some(syncs) = &self.syncs {
+        if let Some(syncs) = syncs {
             syncs.close(&format!("the write was not made durable: {error}"));
         }
         if let Some(stop) = self.stop_node.upgrade() {
@@ -721,8 +721,8 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
                 if !failure.failed() {
                     match sync_and_publish(&storage, syncs.as_deref()).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => failure.engine_failed(&e.to_string()),
-                        Err(e) => failure.engine_failed(&e.to_string()),
+                        Ok(Err(e)) => failure.engine_failed(&e.to_string(), Some(barrier.as_ref())),
+                        Err(e) => failure.engine_failed(&e.to_string(), Some(barrier.as_ref())),
                     }
                 }
                 barrier.close("the node stopped before the write was synced");
@@ -772,7 +772,7 @@ async fn flush_loop(flusher: Flusher, mut stop: watch::Receiver<bool>) {
                 }
                 Ok(Err(e)) => {
                     unflushed.store(true, Ordering::Release);
-                    failure.engine_failed(&e.to_string());
+                    failure.engine_failed(&e.to_string(), syncs.as_deref());
                 }
                 Err(e) => tracing::error!(error = %e, "flush task failed"),
             }
