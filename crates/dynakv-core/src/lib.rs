@@ -27,10 +27,12 @@ pub mod limits;
 pub mod membership;
 pub mod merkle;
 pub mod message;
+pub mod node;
 pub mod object;
 pub mod quorum;
 pub mod replica;
 pub mod ring;
+pub mod rng;
 pub mod serve;
 pub mod storage;
 #[cfg(test)]

@@ -56,6 +56,20 @@ pub fn settle(state: &mut crate::membership::ClusterState) {
 #[derive(Debug, Default)]
 pub struct MapStorage {
     map: parking_lot::Mutex<Tables>,
+    /// While set, every call fails (a dead disk).
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+impl MapStorage {
+    fn check(&self) -> Result<(), crate::storage::EngineFailure> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::storage::EngineFailure {
+                engine: "test-map",
+                message: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 type Tables = std::collections::BTreeMap<(crate::storage::Table, Vec<u8>), Vec<u8>>;
@@ -66,6 +80,7 @@ impl crate::storage::Storage for MapStorage {
         table: crate::storage::Table,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, crate::storage::GetError> {
+        self.check()?;
         Ok(self.map.lock().get(&(table, key.to_vec())).cloned())
     }
 
@@ -76,6 +91,7 @@ impl crate::storage::Storage for MapStorage {
         value: &[u8],
         _durability: crate::storage::Durability,
     ) -> Result<(), crate::storage::PutError> {
+        self.check()?;
         self.map
             .lock()
             .insert((table, key.to_vec()), value.to_vec());
@@ -88,6 +104,7 @@ impl crate::storage::Storage for MapStorage {
         key: &[u8],
         _durability: crate::storage::Durability,
     ) -> Result<(), crate::storage::DeleteError> {
+        self.check()?;
         self.map.lock().remove(&(table, key.to_vec()));
         Ok(())
     }
@@ -99,6 +116,7 @@ impl crate::storage::Storage for MapStorage {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<crate::storage::Entry>, crate::storage::ScanError> {
+        self.check()?;
         let map = self.map.lock();
         let from = match start_after {
             Some(after) if after > prefix => after,
@@ -114,6 +132,7 @@ impl crate::storage::Storage for MapStorage {
     }
 
     fn sync(&self) -> Result<(), crate::storage::SyncError> {
+        self.check()?;
         Ok(())
     }
 

@@ -108,7 +108,7 @@ fn parse() -> Result<Args, String> {
 
 fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
     move |c: &mut SimConfig| {
-        c.node.last_write_wins = args.lww;
+        c.node.props.last_write_wins = args.lww;
         c.node.bug = args.bug;
         c.keep_actor_after_loss = args.keep_actor;
         c.node.handoff_checks_ring = !args.unchecked_handoff;

@@ -11,8 +11,8 @@ use crate::history::{
     encode_set,
 };
 use crate::node::{
-    ClientOp, ClientRequestId, ClientResult, CrashKind, Durability, Input, Message, NodeConfig,
-    Output, SimNode, Timer, member_entry,
+    BUCKET, ClientOp, ClientRequestId, ClientResult, CrashKind, Durability, Input, Message,
+    NodeConfig, Output, SimNode, Timer, member_entry, sim_config,
 };
 use crate::rng::SimRng;
 use dynakv_core::limits;
@@ -176,7 +176,7 @@ impl SimConfig {
             node: NodeConfig {
                 durability,
                 tombstone_grace_ms,
-                ..NodeConfig::default()
+                ..sim_config()
             },
             faults: true,
             deletes: true,
@@ -192,7 +192,7 @@ impl SimConfig {
             "cargo run --release -p dynakv-sim -- --seed {} --ops {}",
             self.seed, self.ops
         );
-        if self.node.last_write_wins {
+        if self.node.props.last_write_wins {
             cmd.push_str(" --lww");
         }
         if self.node.bug.is_some() {
@@ -305,7 +305,7 @@ impl RunReport {
             c.clients,
             c.ops,
             c.node.durability,
-            c.node.last_write_wins,
+            c.node.props.last_write_wins,
             c.node.bug,
             c.membership
         );
@@ -538,12 +538,13 @@ pub struct Simulation {
 impl Simulation {
     /// A cluster of `config.nodes` nodes, its clients and its fault schedule; fails only for
     /// a configuration no ring can hold (no nodes, more nodes than partitions).
-    pub fn new(config: SimConfig) -> Result<Simulation, MembershipError> {
+    /// The cluster of `config`, or why it cannot be built.
+    pub fn new(config: SimConfig) -> Result<Simulation, String> {
         let mut rng = SimRng::new(config.seed);
         let ids: Vec<NodeId> = (0..config.nodes)
             .map(|i| NodeId(format!("n{}", i + 1)))
             .collect();
-        let cluster = initial_cluster(&ids)?;
+        let cluster = initial_cluster(&ids).map_err(|e| e.to_string())?;
         let mut sim = Simulation {
             rng: rng.fork(),
             now: 0,
@@ -591,7 +592,7 @@ impl Simulation {
                 sim.config.node.clone(),
                 rng.fork(),
                 0,
-            );
+            )?;
             sim.nodes.push(node);
             sim.apply_outputs(i, outputs);
         }
@@ -954,6 +955,13 @@ impl Simulation {
                         },
                     );
                 }
+                // The simulated disk never fails: a stopped node is a bug of the simulation.
+                Output::Stopped { error } => {
+                    panic!(
+                        "node {} stopped at {} ms: {error}",
+                        self.ids[node], self.now
+                    )
+                }
             }
         }
     }
@@ -1036,8 +1044,13 @@ impl Simulation {
             return;
         }
         if read_first {
-            let r = self.config.node.r;
-            current.request = self.client_request(client, ClientOp::Get { key, r });
+            // R and W are the bucket's (quorum).
+            let op = ClientOp::Get {
+                bucket: BUCKET.into(),
+                key,
+                r: None,
+            };
+            current.request = self.client_request(client, op);
             self.clients[client].current = Some(current);
         } else {
             current.phase = Phase::Writing;
@@ -1058,14 +1071,14 @@ impl Simulation {
         let (key, write) = (current.key.clone(), current.write);
         self.history.writes[write].context.clone_from(&context);
         self.history.writes[write].sent = true;
-        let w = self.config.node.w;
         let request = self.client_request(
             client,
             ClientOp::Put {
+                bucket: BUCKET.into(),
                 key,
                 context,
                 value,
-                w,
+                w: None,
             },
         );
         if let Some(current) = &mut self.clients[client].current {
@@ -1497,12 +1510,17 @@ impl Simulation {
         self.next_client_request += 1;
         self.final_reads.insert(request, key.clone());
         let node = self.pick_node();
-        let r = self.config.node.n_val;
+        // The final read asks every primary (R = N).
+        let r = Some(self.config.node.props.n_val as usize);
         self.node_input(
             node,
             Input::Client {
                 id: request,
-                op: ClientOp::Get { key, r },
+                op: ClientOp::Get {
+                    bucket: BUCKET.into(),
+                    key,
+                    r,
+                },
             },
         );
     }
@@ -1640,10 +1658,7 @@ fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, MembershipError> {
 }
 
 /// Run one seed with the given modifications of its configuration.
-pub fn run_seed(
-    seed: u64,
-    adjust: impl FnOnce(&mut SimConfig),
-) -> Result<RunReport, MembershipError> {
+pub fn run_seed(seed: u64, adjust: impl FnOnce(&mut SimConfig)) -> Result<RunReport, String> {
     let mut config = SimConfig::from_seed(seed);
     adjust(&mut config);
     Ok(Simulation::new(config)?.run())

@@ -50,7 +50,7 @@ fn last_write_wins_loses_acknowledged_adds() {
     let mut seeds_with_loss = 0;
     let (mut lost, mut acked) = (0, 0);
     for seed in 0..DETECTION_SEEDS {
-        let report = run_seed(seed, |c| c.node.last_write_wins = true).unwrap();
+        let report = run_seed(seed, |c| c.node.props.last_write_wins = true).unwrap();
         assert_eq!(report.check.phantom(), 0, "seed {seed}");
         assert!(report.converged, "seed {seed}");
         lost += report.check.lost_adds.len();
@@ -74,7 +74,7 @@ fn last_write_wins_loses_adds_in_runs_with_partitions() {
     let mut found = false;
     for seed in 0..DETECTION_SEEDS {
         let report = run_seed(seed, |c| {
-            c.node.last_write_wins = true;
+            c.node.props.last_write_wins = true;
             c.clients = 2;
         })
         .unwrap();
