@@ -11,7 +11,9 @@
 //! forwarding, reaping), [`anti_entropy`] (anti-entropy rounds and exchanges), [`handoff`]
 //! (transition handoff, cleanup), [`hints`] (hint delivery rounds), [`failure`] (the failure
 //! detector), [`membership`] (cluster state, gossip merge, ring plans), [`bucket`] (bucket properties), [`keys`] (storage key layout),
-//! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding).
+//! [`storage`] (the `Storage` trait), [`limits`] (every bound), [`codec`] (binary encoding),
+//! [`node`] (the whole node as one state machine, `Node::handle(now, input) -> outputs`, which
+//! the simulator drives), [`rng`] (the seeded RNG a driver passes in).
 
 pub mod aae_trees;
 pub mod anti_entropy;

@@ -1,4 +1,4 @@
-//! The simulator's only source of randomness: the core's [`SeededRng`] (SplitMix64), seeded
+//! The simulator's only source of randomness: the core's [`dynakv_core::rng::SeededRng`] (SplitMix64), seeded
 //! once per run.
 //!
 //! Invariant: a run draws every random choice (delays, losses, faults, workload, actor ids)
