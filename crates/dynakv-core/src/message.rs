@@ -115,6 +115,28 @@ pub enum WirePrecondition {
     Matches(String),
 }
 
+impl From<crate::replica::Precondition> for WirePrecondition {
+    fn from(precondition: crate::replica::Precondition) -> Self {
+        use crate::replica::Precondition;
+        match precondition {
+            Precondition::None => WirePrecondition::None,
+            Precondition::Absent => WirePrecondition::Absent,
+            Precondition::Matches(vtag) => WirePrecondition::Matches(vtag),
+        }
+    }
+}
+
+impl From<WirePrecondition> for crate::replica::Precondition {
+    fn from(precondition: WirePrecondition) -> Self {
+        use crate::replica::Precondition;
+        match precondition {
+            WirePrecondition::None => Precondition::None,
+            WirePrecondition::Absent => Precondition::Absent,
+            WirePrecondition::Matches(vtag) => Precondition::Matches(vtag),
+        }
+    }
+}
+
 /// Every peer request and reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {

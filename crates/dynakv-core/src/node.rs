@@ -60,7 +60,7 @@ use crate::keys;
 use crate::limits;
 use crate::membership::{ClusterState, Member, MemberStatus};
 use crate::merkle::{self, Hash};
-use crate::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
+use crate::message::{HandoffEntry, PeerMessage, WireContent};
 use crate::object::{Content, Object, PrunePolicy, Sibling, decode_clock, encode_clock};
 use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
 use crate::ring::{NodeId, PartitionId, Ring};
@@ -146,26 +146,18 @@ pub enum Bug {
     DropSiblingOnMerge,
 }
 
-/// How replica writes reach the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// Every write is durable before it is acknowledged (the server's default).
-    Fsync,
-    /// Writes become durable at the next flush, every `Timings::flush_interval_ms`.
-    Buffered,
-}
-
 /// Node settings. The old rules and the planted bug reproduce earlier findings so the
 /// simulator's checkers can show they catch them; all are off by default.
 #[derive(Debug, Clone)]
 #[allow(clippy::struct_excessive_bools)] // independent switches: planted bugs, old rules
 pub struct NodeConfig {
-    /// Properties of every bucket the cluster state sets none for (`n_val`, `r`, `w`,
-    /// `last_write_wins`: after a put or a merge keep only the newest sibling).
+    /// Properties of every bucket the cluster state sets none for (`n_val`, `r`, `w`, `pr`,
+    /// `pw`, `last_write_wins`: after a put or a merge keep only the newest sibling;
+    /// `durability`: `fsync`, or `buffered`: durable at the next flush, every
+    /// `Timings::flush_interval_ms`).
     pub props: BucketProps,
     pub timings: Timings,
     pub bug: Option<Bug>,
-    pub durability: Durability,
     /// The server's rule, on by default: `Handoff` carries the sender's ring version, a
     /// receiver with a newer ring refuses it (`StaleRing`, as `ReplicaPut` does), and a
     /// receiver that stored a key it does not replicate asks for another cleanup
@@ -200,7 +192,6 @@ impl Default for NodeConfig {
             props: BucketProps::default(),
             timings: Timings::default(),
             bug: None,
-            durability: Durability::Fsync,
             // The server's rule since the simulation found the stray-copy case (seed 154).
             handoff_checks_ring: true,
             tombstone_grace_ms: DEFAULT_TOMBSTONE_GRACE_MS,
@@ -223,22 +214,59 @@ pub enum Message {
     Response { id: RequestId, body: PeerMessage },
 }
 
-/// A client request to this node. `r` and `w` of `None` are the bucket's.
+/// A client write (a delete is a write whose content is `deleted`: a tombstone with the
+/// context), with the HTTP API's options.
+#[derive(Debug, Clone)]
+pub struct PutOp {
+    pub bucket: String,
+    pub key: String,
+    pub context: Option<VersionVector>,
+    pub content: WireContent,
+    /// Acknowledgements required, of replicas and of primaries (`None`: the bucket's).
+    pub w: Option<Quorum>,
+    pub pw: Option<Quorum>,
+    /// `dw` was given: the write is durable on the coordinator and on every replica counted
+    /// before the answer, whatever the bucket's durability.
+    pub dw_given: bool,
+    pub precondition: Precondition,
+}
+
+impl PutOp {
+    /// A write of `value` (`None` deletes) with the bucket's quorums and no precondition.
+    pub fn new(
+        bucket: &str,
+        key: &str,
+        context: Option<VersionVector>,
+        value: Option<Vec<u8>>,
+    ) -> PutOp {
+        PutOp {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            context,
+            content: WireContent {
+                deleted: value.is_none(),
+                value: value.unwrap_or_default(),
+                content_type: CONTENT_TYPE.into(),
+                meta: Vec::new(),
+            },
+            w: None,
+            pw: None,
+            dw_given: false,
+            precondition: Precondition::None,
+        }
+    }
+}
+
+/// A client request to this node. Quorums of `None` are the bucket's.
 #[derive(Debug, Clone)]
 pub enum ClientOp {
     Get {
         bucket: String,
         key: String,
-        r: Option<usize>,
+        r: Option<Quorum>,
+        pr: Option<Quorum>,
     },
-    Put {
-        bucket: String,
-        key: String,
-        context: Option<VersionVector>,
-        /// The new value; `None` deletes (a tombstone with the context).
-        value: Option<Vec<u8>>,
-        w: Option<usize>,
-    },
+    Put(PutOp),
 }
 
 /// The answer to a client request.
@@ -248,7 +276,19 @@ pub enum ClientResult {
     Got(Object),
     /// A put's stored object, as the coordinator wrote it.
     Put(Object),
-    Failed(String),
+    /// The request failed, with the HTTP status it maps to: 503 (quorum not met, no
+    /// coordinator), 409 (the write was refused: sibling or clock limits), 412 (its
+    /// precondition failed), 400 (a bad context), or what a remote coordinator answered.
+    Failed { status: u16, message: String },
+}
+
+impl ClientResult {
+    fn unavailable(message: String) -> ClientResult {
+        ClientResult::Failed {
+            status: 503,
+            message,
+        }
+    }
 }
 
 /// Timers a node sets for itself.
@@ -363,14 +403,22 @@ struct GetCoord {
     reply: Option<ReplyTo>,
 }
 
-#[derive(Debug)]
-struct PutCoord {
+/// A coordinator's stored version of a write, and how it is to be replicated.
+#[derive(Debug, Clone)]
+struct LocalWrite {
     bucket: String,
     key: String,
-    coordinator: PutCoordinator,
     stored: Object,
-    reply: Option<ReplyTo>,
     w: usize,
+    pw: usize,
+    durability: StoreDurability,
+}
+
+#[derive(Debug)]
+struct PutCoord {
+    write: LocalWrite,
+    coordinator: PutCoordinator,
+    reply: Option<ReplyTo>,
     /// First replication round: the ring version the write was planned with (a failed
     /// quorum is re-planned once when the ring changed meanwhile). `None` for the re-plan.
     planned_at: Option<u64>,
@@ -718,12 +766,12 @@ impl Node {
                 timer: Timer::Aae,
             },
         ];
-        if self.config.durability == Durability::Buffered {
-            out.push(Output::SetTimer {
-                at_ms: now + timings.flush_interval_ms,
-                timer: Timer::Flush,
-            });
-        }
+        // Any bucket may be buffered (its properties can change at any time): the flush runs
+        // always, as the server's flusher does.
+        out.push(Output::SetTimer {
+            at_ms: now + timings.flush_interval_ms,
+            timer: Timer::Flush,
+        });
         out
     }
 
@@ -924,13 +972,10 @@ impl Node {
 
     // ----- local storage -----
 
-    /// The durability of a write: fsync'd when the config or the request asks for it.
-    fn durability(&self, fsync: bool) -> StoreDurability {
-        if fsync || self.config.durability == Durability::Fsync {
-            StoreDurability::Fsync
-        } else {
-            StoreDurability::Buffered
-        }
+    /// The durability of a write to `bucket` that is not part of a client's write (merges,
+    /// hints, repairs): the bucket's.
+    fn durability(&self, bucket: &str) -> StoreDurability {
+        self.props(bucket).durability
     }
 
     fn note_stored(&mut self, object: &Object) {
@@ -951,7 +996,7 @@ impl Node {
         let old = self.storage.get(Table::Objects, &storage_key);
         let old = self.must(old, "read an object");
         let new = object.encode();
-        let durability = self.durability(false);
+        let durability = self.durability(bucket);
         let put = self
             .storage
             .put(Table::Objects, &storage_key, &new, durability);
@@ -991,65 +1036,73 @@ impl Node {
         self.must(removed, "remove an object")
     }
 
-    /// The coordinator's write: `Replica::write` with this node's actor.
+    /// The coordinator's write: `Replica::write` with this node's actor. A refusal is the
+    /// client's answer.
     fn write_local(
         &mut self,
         now: u64,
-        bucket: &str,
-        key: &str,
-        context: Option<&VersionVector>,
-        value: Option<Vec<u8>>,
-    ) -> Result<Object, String> {
-        let deleted = value.is_none();
+        op: PutOp,
+        props: &BucketProps,
+        durability: StoreDurability,
+    ) -> Result<Object, ClientResult> {
         let content = Content {
-            value: value.unwrap_or_default(),
-            content_type: CONTENT_TYPE.into(),
+            value: op.content.value,
+            content_type: op.content.content_type,
             last_modified_ms: now,
-            meta: Vec::new(),
-            deleted,
+            meta: op.content.meta,
+            deleted: op.content.deleted,
         };
-        let props = self.props(bucket);
+        let (bucket, key) = (op.bucket.as_str(), op.key.as_str());
         if self.config.per_key_counters {
             // The old rule: the dot counter continues from the key's own clock only.
             let stored = self.read(bucket, key).unwrap_or_default();
-            let context = context.cloned().unwrap_or_default();
+            let context = op.context.unwrap_or_default();
             let mut updated = stored
                 .update(&context, content, self.actor, now, PrunePolicy::default())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ClientResult::Failed {
+                    status: 409,
+                    message: e.to_string(),
+                })?;
             if props.last_write_wins {
                 updated.resolve_last_write_wins();
             }
             self.overwrite(bucket, key, &updated);
             return Ok(updated);
         }
-        let durability = self.durability(false);
         let written = self.replica.write(WriteRequest {
             bucket,
             key,
-            context: context.cloned(),
+            context: op.context,
             content,
-            props: &props,
+            props,
             durability,
-            precondition: Precondition::None,
+            precondition: op.precondition,
             now_ms: now,
         });
-        // A refused write (too many siblings, a bad context) is the client's answer; a
-        // storage failure stops the node.
-        let updated = match written {
-            Ok(updated) => updated,
-            Err(e @ (ReplicaError::Storage(_) | ReplicaError::Corrupt(_))) => {
-                self.must(Err::<(), _>(e), "write an object");
-                return Err("storage failed".into());
+        // A refused write (too many siblings, a failed precondition) is the client's answer
+        // (the server's statuses); a storage failure stops the node.
+        let (status, error) = match written {
+            Ok(updated) => {
+                self.note_stored(&updated);
+                return Ok(updated);
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e @ ReplicaError::Write(_)) => (409, e),
+            Err(e @ ReplicaError::Precondition(_)) => (412, e),
+            Err(e @ (ReplicaError::Storage(_) | ReplicaError::Corrupt(_))) => {
+                let message = e.to_string();
+                self.must(Err::<(), _>(e), "write an object");
+                (500, ReplicaError::Storage(message))
+            }
         };
-        self.note_stored(&updated);
-        Ok(updated)
+        Err(ClientResult::Failed {
+            status,
+            message: error.to_string(),
+        })
     }
 
     /// A replica-side merge: `Replica::merge` (`sync` with what is stored).
     fn merge_local(&mut self, bucket: &str, key: &str, incoming: &Object) -> Object {
-        let durability = self.durability(false);
+        let durability = self.durability(bucket);
         let props = self.props(bucket);
         let merged = self
             .replica
@@ -1075,7 +1128,7 @@ impl Node {
 
     /// `Replica::store_hint`: merged with any hint held for the key, bounded per target.
     fn store_hint(&mut self, target: &NodeId, bucket: &str, key: &str, incoming: &Object) -> bool {
-        let durability = self.durability(false);
+        let durability = self.durability(bucket);
         let stored = self.replica.store_hint(
             &target.0,
             bucket,
@@ -1127,55 +1180,37 @@ impl Node {
         })
     }
 
-    /// The bucket's default R or W for a request that names none.
-    fn quorum(&self, bucket: &str, which: Quorum) -> usize {
-        let n = self.n_val(bucket);
-        which.resolve(n, Quorum::Quorum) as usize
-    }
-
     fn on_client(&mut self, now: u64, id: ClientRequestId, op: ClientOp) {
         match op {
-            ClientOp::Get { bucket, key, r } => {
-                let r = r.unwrap_or_else(|| self.quorum(&bucket, self.props(&bucket).r));
-                self.start_get(now, ReplyTo::Client(id), &bucket, &key, r);
+            ClientOp::Get { bucket, key, r, pr } => {
+                self.start_get(now, ReplyTo::Client(id), &bucket, &key, (r, pr));
             }
-            ClientOp::Put {
-                bucket,
-                key,
-                context,
-                value,
-                w,
-            } => {
-                let w = w.unwrap_or_else(|| self.quorum(&bucket, self.props(&bucket).w));
-                let primaries = self.replica_plan(now, &bucket, &key).primaries;
+            ClientOp::Put(op) => {
+                let props = self.props(&op.bucket);
+                let primaries = self.replica_plan(now, &op.bucket, &op.key).primaries;
                 let forward = match PutForward::route(&primaries, &self.me, |n| self.is_up(now, n))
                 {
                     PutRoute::Coordinate => {
-                        let ctx = context.as_ref();
-                        let reply = ReplyTo::Client(id);
-                        self.coordinate_put(now, reply, &bucket, &key, ctx, value, w);
+                        self.coordinate_put(now, ReplyTo::Client(id), op);
                         return;
                     }
                     PutRoute::Forward(forward) => forward,
                 };
+                // As the server: W and PW resolved here against the preference list.
+                let n = primaries.len() as u32;
                 let body = PeerMessage::CoordinatePut {
-                    bucket,
-                    key,
-                    context: context.as_ref().map(|c| {
+                    bucket: op.bucket,
+                    key: op.key,
+                    context: op.context.as_ref().map(|c| {
                         let mut writer = Writer::default();
                         encode_clock(&mut writer, c);
                         writer.buf
                     }),
-                    content: WireContent {
-                        deleted: value.is_none(),
-                        value: value.unwrap_or_default(),
-                        content_type: CONTENT_TYPE.into(),
-                        meta: Vec::new(),
-                    },
-                    w: Some(w as u32),
-                    pw: None,
-                    dw_given: false,
-                    precondition: WirePrecondition::None,
+                    content: op.content,
+                    w: op.w.map(|w| w.resolve(n, props.w)),
+                    pw: op.pw.map(|pw| pw.resolve(n, props.pw)),
+                    dw_given: op.dw_given,
+                    precondition: op.precondition.into(),
                     now_ms: now,
                     ring_version: self.cluster.ring.version,
                 };
@@ -1194,9 +1229,10 @@ impl Node {
         body: PeerMessage,
     ) {
         let Some(to) = forward.next_candidate() else {
+            let message = format!("no coordinator: {}", forward.last_error());
             self.outputs.push(Output::Reply {
                 id: client,
-                result: ClientResult::Failed(format!("no coordinator: {}", forward.last_error())),
+                result: ClientResult::unavailable(message),
             });
             return;
         };
@@ -1209,13 +1245,24 @@ impl Node {
         self.send_request(now, &to, body, purpose, timeout);
     }
 
-    fn start_get(&mut self, now: u64, reply: ReplyTo, bucket: &str, key: &str, r: usize) {
+    fn start_get(
+        &mut self,
+        now: u64,
+        reply: ReplyTo,
+        bucket: &str,
+        key: &str,
+        (r, pr): (Option<Quorum>, Option<Quorum>),
+    ) {
+        let props = self.props(bucket);
         let plan = self.replica_plan(now, bucket, key);
-        let needed = r.min(plan.primaries.len());
-        let (coordinator, fetches) = match GetCoordinator::start(&plan, needed, 0) {
+        let n = plan.primaries.len() as u32;
+        let needed = r.unwrap_or(Quorum::Default).resolve(n, props.r).min(n) as usize;
+        let needed_primaries = pr.unwrap_or(Quorum::Default).resolve(n, props.pr).min(n) as usize;
+        let (coordinator, fetches) = match GetCoordinator::start(&plan, needed, needed_primaries) {
             Ok(started) => started,
             Err(e) => {
-                self.answer(reply, Err(format!("quorum not met: {e}")));
+                let message = format!("quorum not met: {e}");
+                self.answer(reply, ClientResult::unavailable(message));
                 return;
             }
         };
@@ -1265,12 +1312,11 @@ impl Node {
             match step {
                 GetStep::Answer(result) => {
                     if let Some(to) = to.take() {
-                        self.answer(
-                            to,
-                            result
-                                .map(ClientResult::Got)
-                                .map_err(|e| format!("quorum not met: {e}")),
-                        );
+                        let result = match result {
+                            Ok(object) => ClientResult::Got(object),
+                            Err(e) => ClientResult::unavailable(format!("quorum not met: {e}")),
+                        };
+                        self.answer(to, result);
                     }
                 }
                 GetStep::Repair { merged, targets } => {
@@ -1293,29 +1339,26 @@ impl Node {
                 self.check_orphan(bucket, key);
             }
         } else {
-            let body = self.replica_put(bucket, key, object, false);
+            let durability = self.props(bucket).durability;
+            let body = self.replica_put(bucket, key, object, durability);
             let timeout = self.config.timings.request_ms;
             self.send_request(now, node, body, Purpose::Store, timeout);
         }
     }
 
-    fn answer(&mut self, to: ReplyTo, result: Result<ClientResult, String>) {
+    fn answer(&mut self, to: ReplyTo, result: ClientResult) {
         match to {
-            ReplyTo::Client(id) => self.outputs.push(Output::Reply {
-                id,
-                result: result.unwrap_or_else(ClientResult::Failed),
-            }),
+            ReplyTo::Client(id) => self.outputs.push(Output::Reply { id, result }),
             ReplyTo::Peer(peer, id) => {
                 let body = match result {
-                    Ok(ClientResult::Put(object) | ClientResult::Got(object)) => {
+                    ClientResult::Put(object) | ClientResult::Got(object) => {
                         PeerMessage::Coordinated {
                             object: object.encode(),
                         }
                     }
-                    Ok(ClientResult::Failed(message)) | Err(message) => PeerMessage::Failed {
-                        status: 503,
-                        message,
-                    },
+                    ClientResult::Failed { status, message } => {
+                        PeerMessage::Failed { status, message }
+                    }
                 };
                 self.respond(&peer, id, body);
             }
@@ -1324,49 +1367,52 @@ impl Node {
 
     /// `Cluster::coordinate_put`: store locally, replicate, and re-plan once when the quorum
     /// failed and the ring version changed meanwhile.
-    #[allow(clippy::too_many_arguments)] // a put's parts, as the server's `coordinate_put`
-    fn coordinate_put(
-        &mut self,
-        now: u64,
-        reply: ReplyTo,
-        bucket: &str,
-        key: &str,
-        context: Option<&VersionVector>,
-        value: Option<Vec<u8>>,
-        w: usize,
-    ) {
-        let plan = self.replica_plan(now, bucket, key);
-        let w = w.min(plan.primaries.len());
-        let stored = match self.write_local(now, bucket, key, context, value) {
+    fn coordinate_put(&mut self, now: u64, reply: ReplyTo, op: PutOp) {
+        let props = self.props(&op.bucket);
+        let plan = self.replica_plan(now, &op.bucket, &op.key);
+        let n = plan.primaries.len() as u32;
+        let w = op.w.unwrap_or(Quorum::Default).resolve(n, props.w).min(n) as usize;
+        let pw = op.pw.unwrap_or(Quorum::Default).resolve(n, props.pw).min(n) as usize;
+        let durability = if op.dw_given {
+            StoreDurability::Fsync
+        } else {
+            props.durability
+        };
+        let (bucket, key) = (op.bucket.clone(), op.key.clone());
+        let stored = match self.write_local(now, op, &props, durability) {
             Ok(stored) => stored,
-            Err(e) => {
-                self.answer(reply, Err(e));
+            Err(result) => {
+                self.answer(reply, result);
                 return;
             }
         };
         let ring_version = self.cluster.ring.version;
-        let target = (bucket.to_owned(), key.to_owned());
-        self.replicate(now, reply, target, stored, w, plan, Some(ring_version));
+        let write = LocalWrite {
+            bucket,
+            key,
+            stored,
+            w,
+            pw,
+            durability,
+        };
+        self.replicate(now, reply, write, plan, Some(ring_version));
     }
 
     /// `Cluster::replicate`: the core `PutCoordinator` plans the sends (the plan's slots and
     /// the next preference list), the hints and the answer (W of the current slots and W of
     /// the next list); this node performs its steps.
-    #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
     fn replicate(
         &mut self,
         now: u64,
         reply: ReplyTo,
-        (bucket, key): (String, String),
-        stored: Object,
-        w: usize,
+        write: LocalWrite,
         plan: ReplicaPlan,
         planned_at: Option<u64>,
     ) {
         let policy = PutPolicy {
-            w,
-            pw: 0,
-            buffered: self.config.durability == Durability::Buffered,
+            w: write.w,
+            pw: write.pw,
+            buffered: write.durability == StoreDurability::Buffered,
         };
         let (coordinator, steps) = PutCoordinator::start(&self.me, plan, policy);
         let coord = self.next_coord;
@@ -1374,12 +1420,9 @@ impl Node {
         self.puts.insert(
             coord,
             PutCoord {
-                bucket,
-                key,
+                write,
                 coordinator,
-                stored,
                 reply: Some(reply),
-                w,
                 planned_at,
             },
         );
@@ -1392,13 +1435,15 @@ impl Node {
         let Some(put) = self.puts.get(&coord) else {
             return;
         };
-        let (bucket, key, stored) = (put.bucket.clone(), put.key.clone(), put.stored.clone());
+        let write = put.write.clone();
         let finished = put.coordinator.finished();
         steps.sort_by_key(|step| matches!(step, PutStep::KeepHint { .. }));
         for step in steps {
             match step {
-                PutStep::Send(send) => self.send_put(now, coord, send, &bucket, &key, &stored),
-                PutStep::KeepHint { target } => self.keep_hint(&target, &bucket, &key, &stored),
+                PutStep::Send(send) => self.send_put(now, coord, send, &write),
+                PutStep::KeepHint { target } => {
+                    self.keep_hint(&target, &write.bucket, &write.key, &write.stored);
+                }
                 PutStep::Answer(result) => {
                     self.put_done(now, coord, result.map_err(|e| e.to_string()));
                 }
@@ -1419,29 +1464,22 @@ impl Node {
         let Some(to) = put.reply.take() else {
             return;
         };
-        let (bucket, key, stored, w, planned_at) = (
-            put.bucket.clone(),
-            put.key.clone(),
-            put.stored.clone(),
-            put.w,
-            put.planned_at,
-        );
+        let (write, planned_at) = (put.write.clone(), put.planned_at);
         if planned_at.is_some() {
-            self.check_orphan(&bucket, &key);
+            self.check_orphan(&write.bucket, &write.key);
         }
         match result {
             Err(_) if planned_at.is_some_and(|v| v != self.cluster.ring.version) => {
                 // The ring changed while the write was replicated (a replica answered
                 // `StaleRing`): send the same stored version again under the new plan.
                 self.stats.replans += 1;
-                let plan = self.replica_plan(now, &bucket, &key);
-                self.replicate(now, to, (bucket, key), stored, w, plan, None);
+                let plan = self.replica_plan(now, &write.bucket, &write.key);
+                self.replicate(now, to, write, plan, None);
             }
-            result => self.answer(
+            Ok(()) => self.answer(to, ClientResult::Put(write.stored)),
+            Err(e) => self.answer(
                 to,
-                result
-                    .map(|()| ClientResult::Put(stored))
-                    .map_err(|e| format!("quorum not met: {e}")),
+                ClientResult::unavailable(format!("quorum not met: {e}")),
             ),
         }
     }
@@ -1455,23 +1493,23 @@ impl Node {
             .on_stored(&self.cluster, &self.me, partition, n_val);
     }
 
-    fn send_put(
-        &mut self,
-        now: u64,
-        coord: u64,
-        send: PutSend,
-        bucket: &str,
-        key: &str,
-        object: &Object,
-    ) {
+    fn send_put(&mut self, now: u64, coord: u64, send: PutSend, write: &LocalWrite) {
+        let (bucket, key, object) = (&write.bucket, &write.key, &write.stored);
         let body = match &send.stands_in_for {
-            None => self.replica_put(bucket, key, object, send.fsync),
+            None => {
+                let durability = if send.fsync {
+                    StoreDurability::Fsync
+                } else {
+                    write.durability
+                };
+                self.replica_put(bucket, key, object, durability)
+            }
             Some(primary) => PeerMessage::HintedPut {
                 target: primary.0.clone(),
-                bucket: bucket.to_owned(),
-                key: key.to_owned(),
+                bucket: bucket.clone(),
+                key: key.clone(),
                 object: object.encode(),
-                durability: self.durability(false),
+                durability: write.durability,
                 ring_version: self.cluster.ring.version,
             },
         };
@@ -1502,8 +1540,11 @@ impl Node {
                 context,
                 content,
                 w,
+                pw,
+                dw_given,
+                precondition,
                 now_ms,
-                ..
+                ring_version: _,
             } => {
                 // As the server (the core's rule): a forwarded put that arrives after its
                 // forwarder gave up is refused, not applied with a context that is stale by
@@ -1530,22 +1571,19 @@ impl Node {
                         return;
                     }
                 };
-                let value = (!content.deleted).then_some(content.value);
-                let w = match w {
-                    Some(w) => w as usize,
-                    None => self.quorum(&bucket, self.props(&bucket).w),
-                };
                 // The server converts the forwarder's clock to its own (the hello measures
                 // the offset); a driver's clocks agree, so `now` is the same time.
-                self.coordinate_put(
-                    now,
-                    ReplyTo::Peer(from.clone(), id),
-                    &bucket,
-                    &key,
-                    context.as_ref(),
-                    value,
-                    w,
-                );
+                let op = PutOp {
+                    bucket,
+                    key,
+                    context,
+                    content,
+                    w: w.map(Quorum::Count),
+                    pw: pw.map(Quorum::Count),
+                    dw_given,
+                    precondition: precondition.into(),
+                };
+                self.coordinate_put(now, ReplyTo::Peer(from.clone(), id), op);
             }
             PeerMessage::Gossip(theirs) => {
                 if theirs.cluster_name != self.cluster.cluster_name {
@@ -1593,12 +1631,18 @@ impl Node {
         }
     }
 
-    fn replica_put(&self, bucket: &str, key: &str, object: &Object, fsync: bool) -> PeerMessage {
+    fn replica_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        object: &Object,
+        durability: StoreDurability,
+    ) -> PeerMessage {
         PeerMessage::ReplicaPut {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
             object: object.encode(),
-            durability: self.durability(fsync),
+            durability,
             ring_version: self.cluster.ring.version,
         }
     }
@@ -1710,7 +1754,10 @@ impl Node {
                     ForwardReply::Coordinated(object) => {
                         let result = match Object::decode(&object) {
                             Ok(object) => ClientResult::Put(object),
-                            Err(e) => ClientResult::Failed(format!("{from}: {e}")),
+                            Err(e) => ClientResult::Failed {
+                                status: 500,
+                                message: format!("{from}: {e}"),
+                            },
                         };
                         self.outputs.push(Output::Reply { id: client, result });
                     }
@@ -1719,9 +1766,9 @@ impl Node {
                         forward.failed(ForwardFailure::NotAReplica, error);
                         self.forward(now, client, forward, *request);
                     }
-                    ForwardReply::Failed { message, .. } => self.outputs.push(Output::Reply {
+                    ForwardReply::Failed { status, message } => self.outputs.push(Output::Reply {
                         id: client,
-                        result: ClientResult::Failed(message),
+                        result: ClientResult::Failed { status, message },
                     }),
                 },
                 // Timed out: the candidate may have coordinated it, so stop; the client's
@@ -2490,9 +2537,19 @@ mod tests {
                 for output in self.nodes[i].handle(1, input) {
                     match output {
                         Output::Send { to, message } => {
-                            let to = self.index(&to);
-                            let from = from.clone();
-                            queue.push_back((to, Input::Message { from, message }));
+                            let t = self.index(&to);
+                            match message {
+                                // A stopped node's process refuses connections.
+                                Message::Request { id, .. }
+                                    if self.nodes[t].stopped().is_some() =>
+                                {
+                                    queue.push_back((i, Input::SendFailed { to, id }));
+                                }
+                                message => {
+                                    let from = from.clone();
+                                    queue.push_back((t, Input::Message { from, message }));
+                                }
+                            }
                         }
                         Output::Reply { id, result } => {
                             self.replies.insert(id, result);
@@ -2505,13 +2562,7 @@ mod tests {
         }
 
         fn put(&mut self, at: usize, id: ClientRequestId, bucket: &str, key: &str, value: &[u8]) {
-            let op = ClientOp::Put {
-                bucket: bucket.into(),
-                key: key.into(),
-                context: None,
-                value: Some(value.to_vec()),
-                w: None,
-            };
+            let op = ClientOp::Put(PutOp::new(bucket, key, None, Some(value.to_vec())));
             self.run(at, Input::Client { id, op });
         }
 
@@ -2532,8 +2583,8 @@ mod tests {
         settled_cluster(&["a", "b", "c"], 16)
     }
 
-    #[test]
-    fn each_bucket_is_replicated_by_its_own_properties() {
+    /// A cluster of three whose bucket `single` has one replica per key.
+    fn cluster_with_single_replica_bucket() -> ClusterState {
         let mut cluster = cluster_of_three();
         cluster.bucket_props.insert(
             "single".into(),
@@ -2543,7 +2594,104 @@ mod tests {
                 props_json: Some(r#"{"n_val":1}"#.into()),
             },
         );
-        let mut net = Net::new(&cluster);
+        cluster
+    }
+
+    #[test]
+    fn a_forwarded_put_keeps_its_content_type_metadata_and_precondition() {
+        let mut net = Net::new(&cluster_with_single_replica_bucket());
+        let key = "doc";
+        let primary = net.index(&net.nodes[0].primaries("single", key)[0]);
+        let other = (primary + 1) % 3;
+        let mut op = PutOp::new("single", key, None, Some(b"{}".to_vec()));
+        op.content.content_type = "application/json".into();
+        op.content.meta = vec![("x-riak-meta-color".into(), "blue".into())];
+        op.precondition = Precondition::Absent;
+        let first = op.clone();
+        net.run(
+            other,
+            Input::Client {
+                id: 1,
+                op: ClientOp::Put(first),
+            },
+        );
+        assert!(
+            matches!(net.replies[&1], ClientResult::Put(_)),
+            "{:?}",
+            net.replies[&1]
+        );
+        let stored = net.nodes[primary].object("single", key).unwrap().unwrap();
+        let content = &stored.siblings()[0].content;
+        assert_eq!(content.content_type, "application/json");
+        assert_eq!(
+            content.meta,
+            vec![("x-riak-meta-color".to_owned(), "blue".to_owned())]
+        );
+        // If-None-Match: * again, through the same non-replica: the coordinator refuses it
+        // and the forwarder passes its 412 on.
+        net.run(
+            other,
+            Input::Client {
+                id: 2,
+                op: ClientOp::Put(op),
+            },
+        );
+        match &net.replies[&2] {
+            ClientResult::Failed { status, .. } => assert_eq!(*status, 412),
+            other => panic!("second conditional put: {other:?}"),
+        }
+        assert_eq!(
+            net.nodes[primary]
+                .object("single", key)
+                .unwrap()
+                .unwrap()
+                .siblings()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn pr_larger_than_the_primaries_up_fails_the_get_at_once() {
+        let mut net = Net::new(&cluster_of_three());
+        net.put(0, 1, "b", "k", b"v");
+        // Node "a" stops (its process refuses connections): asked with PR = 3, a get
+        // through "b" cannot count three primaries and answers 503; PR = 1 is met.
+        net.disks[0].failing.store(true, Ordering::SeqCst);
+        net.put(0, 2, "b", "k2", b"v");
+        assert!(net.nodes[0].stopped().is_some());
+        let get_k = |pr| ClientOp::Get {
+            bucket: "b".into(),
+            key: "k".into(),
+            r: Some(Quorum::One),
+            pr: Some(pr),
+        };
+        net.run(
+            1,
+            Input::Client {
+                id: 3,
+                op: get_k(Quorum::All),
+            },
+        );
+        match net.replies.get(&3) {
+            Some(ClientResult::Failed { status, message }) => {
+                assert_eq!(*status, 503, "{message}");
+            }
+            other => panic!("get with PR = all: {other:?}"),
+        }
+        net.run(
+            1,
+            Input::Client {
+                id: 4,
+                op: get_k(Quorum::One),
+            },
+        );
+        assert!(matches!(net.replies.get(&4), Some(ClientResult::Got(_))));
+    }
+
+    #[test]
+    fn each_bucket_is_replicated_by_its_own_properties() {
+        let mut net = Net::new(&cluster_with_single_replica_bucket());
         for k in 0..10 {
             let key = format!("k{k}");
             net.put(k % 3, 2 * k as u64, "default", &key, b"x");
@@ -2563,6 +2711,7 @@ mod tests {
             bucket: "single".into(),
             key: "k4".into(),
             r: None,
+            pr: None,
         };
         net.run(2, Input::Client { id: 99, op });
         match &net.replies[&99] {

@@ -35,7 +35,7 @@ use dynakv_core::hints::{HintRound, HintSend};
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
-use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent, WirePrecondition};
+use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent};
 use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
 use dynakv_core::quorum::QuorumFailure;
 use dynakv_core::ring::{NodeId, PartitionId, key_hash};
@@ -972,11 +972,7 @@ impl Cluster {
                 .pw
                 .map(|pw| pw.resolve(current.len() as u32, props.pw)),
             dw_given: options.dw_given,
-            precondition: match options.precondition {
-                Precondition::None => WirePrecondition::None,
-                Precondition::Absent => WirePrecondition::Absent,
-                Precondition::Matches(v) => WirePrecondition::Matches(v),
-            },
+            precondition: options.precondition.into(),
             now_ms: options.now_ms,
             ring_version: state.ring.version,
         };
@@ -1231,11 +1227,7 @@ impl Cluster {
                     w: w.map(Quorum::Count),
                     pw: pw.map(Quorum::Count),
                     dw_given,
-                    precondition: match precondition {
-                        WirePrecondition::None => Precondition::None,
-                        WirePrecondition::Absent => Precondition::Absent,
-                        WirePrecondition::Matches(v) => Precondition::Matches(v),
-                    },
+                    precondition: precondition.into(),
                     now_ms,
                 };
                 match self

@@ -19,8 +19,8 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 pub use dynakv_core::node::{
-    Bug, ClientOp, ClientRequestId, ClientResult, Durability, Input, Message, Node, NodeConfig,
-    NodeStats, Output, RequestId, Timer, Timings, member_entry,
+    Bug, ClientOp, ClientRequestId, ClientResult, Input, Message, Node, NodeConfig, NodeStats,
+    Output, PutOp, RequestId, Timer, Timings, member_entry,
 };
 
 /// The one bucket the simulation uses.

@@ -11,14 +11,16 @@ use crate::history::{
     encode_set,
 };
 use crate::node::{
-    BUCKET, ClientOp, ClientRequestId, ClientResult, CrashKind, Durability, Input, Message,
-    NodeConfig, Output, SimNode, Timer, member_entry, sim_config,
+    BUCKET, ClientOp, ClientRequestId, ClientResult, CrashKind, Input, Message, NodeConfig, Output,
+    PutOp, SimNode, Timer, member_entry, sim_config,
 };
 use crate::rng::SimRng;
+use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, MemberStatus, MembershipError};
 use dynakv_core::object::Object;
 use dynakv_core::ring::{NodeId, RingError};
+use dynakv_core::storage::Durability;
 use dynakv_core::version::ActorId;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -174,7 +176,10 @@ impl SimConfig {
             clients,
             ops,
             node: NodeConfig {
-                durability,
+                props: BucketProps {
+                    durability,
+                    ..BucketProps::default()
+                },
                 tombstone_grace_ms,
                 ..sim_config()
             },
@@ -304,7 +309,7 @@ impl RunReport {
             c.keys,
             c.clients,
             c.ops,
-            c.node.durability,
+            c.node.props.durability,
             c.node.props.last_write_wins,
             c.node.bug,
             c.membership
@@ -1049,6 +1054,7 @@ impl Simulation {
                 bucket: BUCKET.into(),
                 key,
                 r: None,
+                pr: None,
             };
             current.request = self.client_request(client, op);
             self.clients[client].current = Some(current);
@@ -1073,13 +1079,7 @@ impl Simulation {
         self.history.writes[write].sent = true;
         let request = self.client_request(
             client,
-            ClientOp::Put {
-                bucket: BUCKET.into(),
-                key,
-                context,
-                value,
-                w: None,
-            },
+            ClientOp::Put(PutOp::new(BUCKET, &key, context, value)),
         );
         if let Some(current) = &mut self.clients[client].current {
             current.request = request;
@@ -1168,7 +1168,7 @@ impl Simulation {
                 }
                 self.send_put(client, Some(object.clock().clone()), new_value);
             }
-            (Phase::Reading, ClientResult::Failed(e)) => {
+            (Phase::Reading, ClientResult::Failed { message: e, .. }) => {
                 self.finish(client, EventType::Fail, format!("read: {e}"));
             }
             (Phase::Writing, ClientResult::Put(stored)) => {
@@ -1204,7 +1204,7 @@ impl Simulation {
                 }
                 self.finish(client, EventType::Ok, note);
             }
-            (Phase::Writing, ClientResult::Failed(e)) => {
+            (Phase::Writing, ClientResult::Failed { message: e, .. }) => {
                 self.finish(client, EventType::Info, format!("write: {e}"));
             }
             (_, other) => {
@@ -1511,7 +1511,7 @@ impl Simulation {
         self.final_reads.insert(request, key.clone());
         let node = self.pick_node();
         // The final read asks every primary (R = N).
-        let r = Some(self.config.node.props.n_val as usize);
+        let r = Some(Quorum::Count(self.config.node.props.n_val));
         self.node_input(
             node,
             Input::Client {
@@ -1520,6 +1520,7 @@ impl Simulation {
                     bucket: BUCKET.into(),
                     key,
                     r,
+                    pr: None,
                 },
             },
         );
