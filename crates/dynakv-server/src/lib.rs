@@ -24,7 +24,9 @@ use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
 use dynakv_core::ring::NodeId;
 use dynakv_core::storage::Storage;
-use dynakv_storage::{BufferedStorage, FaultyStorage, FjallOptions, FjallStorage, MemoryStorage};
+use dynakv_storage::{
+    BufferedStorage, FaultyStorage, FjallOptions, FjallStorage, MemoryStorage, OpenError,
+};
 use identity::NodeIdentity;
 use replica::Replica;
 use std::net::SocketAddr;
@@ -46,6 +48,15 @@ pub enum ServerError {
     Config(#[from] config::ConfigError),
     #[error("cannot open storage in {path}: {message}")]
     Storage { path: String, message: String },
+    #[error(
+        "cannot open storage in {path}: {message}. The data directory is damaged and will not \
+         open again. To bring this node back, move its data directory aside and start it with an \
+         empty --data-dir and --join PEER_ADDR (a member's peer address): it comes back under a \
+         new identity, and hinted handoff and anti-entropy restore its keys from the other \
+         replicas (what only this node held is lost: hints it kept for others, writes \
+         acknowledged with W=1 before they were replicated)"
+    )]
+    CorruptStorage { path: String, message: String },
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error("cannot listen on {addr}: {source}")]
@@ -112,9 +123,12 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
                 worker_threads: Some(config.storage_worker_threads),
                 ..FjallOptions::default()
             };
-            let storage = FjallStorage::open(&dir, options).map_err(|e| ServerError::Storage {
-                path: dir.display().to_string(),
-                message: e.to_string(),
+            let storage = FjallStorage::open(&dir, options).map_err(|e| {
+                let (path, message) = (dir.display().to_string(), e.to_string());
+                match e {
+                    OpenError::Corrupt(_) => ServerError::CorruptStorage { path, message },
+                    _ => ServerError::Storage { path, message },
+                }
             })?;
             // Writes land in an in-memory buffer the flusher drains (paper 6.1), so no
             // foreground write waits on fjall's journal lock during an fsync.

@@ -22,8 +22,12 @@ pub enum OpenError {
         /// The underlying I/O error.
         source: std::io::Error,
     },
-    /// The engine refused to open or recover its files (I/O error, corruption, lock held by
-    /// another process).
+    /// The engine's files fail their checksums or cannot be decoded: the data directory is
+    /// damaged, and opening it again will fail the same way.
+    #[error("the stored data is corrupt: {0}")]
+    Corrupt(EngineFailure),
+    /// The engine refused to open or recover its files (I/O error, lock held by another
+    /// process).
     #[error("open failed: {0}")]
     Engine(#[from] EngineFailure),
 }

@@ -132,6 +132,35 @@ impl fmt::Debug for FjallStorage {
     }
 }
 
+/// Why fjall could not open the data directory: damage it will find again at every start
+/// (failed checksums, undecodable blocks or journal batches) is [`OpenError::Corrupt`], the
+/// rest (I/O, a lock held by another process) [`OpenError::Engine`].
+fn open_failure(error: fjall::Error) -> OpenError {
+    use fjall::LsmError;
+    let corrupt = matches!(
+        &error,
+        fjall::Error::Storage(
+            LsmError::ChecksumMismatch { .. }
+                | LsmError::InvalidTag(_)
+                | LsmError::InvalidTrailer
+                | LsmError::InvalidHeader(_)
+                | LsmError::Decompress(_)
+                | LsmError::Utf8(_)
+                | LsmError::Unrecoverable
+        ) | fjall::Error::JournalRecovery(_)
+            | fjall::Error::InvalidTrailer
+            | fjall::Error::InvalidTag(_)
+            | fjall::Error::Decompress(_)
+            | fjall::Error::Unrecoverable
+    );
+    let failure = failure(ENGINE, error);
+    if corrupt {
+        OpenError::Corrupt(failure)
+    } else {
+        OpenError::Engine(failure)
+    }
+}
+
 impl FjallStorage {
     /// Opens the engine in `dir`, creating the directory and the tables if needed and recovering
     /// the journal otherwise. Fails if another process holds the directory.
@@ -148,7 +177,7 @@ impl FjallStorage {
         if let Some(threads) = options.worker_threads {
             builder = builder.worker_threads(threads);
         }
-        let database = builder.open().map_err(|error| failure(ENGINE, error))?;
+        let database = builder.open().map_err(open_failure)?;
 
         let memtable_bytes = options.max_memtable_size_bytes;
         let open_keyspace = |table: Table| {
@@ -156,7 +185,7 @@ impl FjallStorage {
                 .keyspace(table.name(), || {
                     KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
                 })
-                .map_err(|error| failure(ENGINE, error))
+                .map_err(open_failure)
         };
         // Indexed by `table_index`, which follows the order of `Table::ALL`.
         let keyspaces = Table::ALL

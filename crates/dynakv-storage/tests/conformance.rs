@@ -908,3 +908,60 @@ fn fjall_rejects_invalid_options() {
         Err(dynakv_storage::OpenError::InvalidOptions(_))
     ));
 }
+
+/// The files of a fjall directory under `dir` that hold sorted tables.
+fn fjall_table_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.parent().is_some_and(|p| p.ends_with("tables")) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// A damaged data directory (its sorted tables overwritten) is refused at open as corrupt,
+/// not as an I/O or lock error, so the server can tell the operator how to recover.
+#[test]
+fn fjall_reports_damaged_tables_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || FjallOptions {
+        max_memtable_size_bytes: 1024 * 1024,
+        ..FjallOptions::default()
+    };
+    {
+        let engine = FjallStorage::open(dir.path(), options()).unwrap();
+        let value = vec![7u8; 1024];
+        for i in 0..4000u32 {
+            let key = format!("key-{i:06}");
+            put_with(&engine, key.as_bytes(), &value, Durability::Buffered);
+        }
+        engine.sync().unwrap();
+        // Memtables past 1 MiB are flushed to tables in the background.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while fjall_table_files(dir.path()).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no table file written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let tables = fjall_table_files(dir.path());
+    for table in &tables {
+        let len = std::fs::metadata(table).unwrap().len() as usize;
+        std::fs::write(table, vec![0xA5u8; len]).unwrap();
+    }
+    match FjallStorage::open(dir.path(), options()) {
+        Err(dynakv_storage::OpenError::Corrupt(failure)) => {
+            assert!(!failure.message.is_empty());
+        }
+        other => panic!("{} damaged tables: {other:?}", tables.len()),
+    }
+}
