@@ -2,9 +2,14 @@
 //!
 //! This is DESIGN.md's `Node::handle(now, input) -> outputs`: inputs are client requests,
 //! peer messages (requests and replies), transport failures and timers; outputs are messages
-//! to send, client replies and timers to set. Storage is a [`Storage`] handle the node reads
-//! and writes synchronously (the simulator's is a memory disk that can lose unsynced
-//! writes); time enters as `now` (milliseconds), randomness as a [`SeededRng`].
+//! to send, client replies, timers to set and syncs to perform. Storage is a [`Storage`]
+//! handle the node reads and writes in place, always buffered: a write that must be durable
+//! asks for a sync ([`Output::Sync`]) and what depends on it (the acknowledgement of a
+//! durable replica write or handoff batch, the replication of a durable coordinator write, a
+//! cleanup pass's record) waits for [`Input::Synced`], so `handle` never waits on a disk (the
+//! server's group commit has the same shape). Two rare writes still fsync in place: the dot
+//! counter's durable lease (`Replica`, once per 100,000 dots and at the first write of a run)
+//! and a peer's `Reap`. Time enters as `now` (milliseconds), randomness as a [`SeededRng`].
 //!
 //! What it is built from: the local store is the core's [`Replica`] and [`AaeTrees`]; every
 //! replica-side peer request is answered by [`serve`] (the server's peer handler calls it
@@ -318,6 +323,15 @@ pub enum Input {
         id: RequestId,
     },
     Timer(Timer),
+    /// The storage sync asked for by `Output::Sync { through }` completed: every write the
+    /// node made before it returned that output is durable.
+    Synced {
+        through: u64,
+    },
+    /// That sync failed: the node stops (see the module doc).
+    SyncFailed {
+        error: String,
+    },
 }
 
 /// What a node asks its environment to do.
@@ -335,11 +349,39 @@ pub enum Output {
         at_ms: u64,
         timer: Timer,
     },
+    /// Make every write the node made so far durable (`Storage::sync`, or a group commit
+    /// that starts after this output), then feed back `Input::Synced { through }`. The node
+    /// holds back what must not happen before that: the acknowledgement of a durable replica
+    /// write, the replication of a durable coordinator write, a cleanup pass's record.
+    Sync {
+        through: u64,
+    },
     /// A storage call failed: the node stopped (see the module doc). The driver restarts it
     /// with [`Node::restart`] once its storage works again.
     Stopped {
         error: String,
     },
+}
+
+/// What waits for a sync (see `Output::Sync`).
+#[derive(Debug)]
+enum AfterSync {
+    /// The acknowledgement of a durable replica write or handoff batch.
+    Respond {
+        to: NodeId,
+        id: RequestId,
+        body: PeerMessage,
+    },
+    /// A durable coordinator write: replicate once it is on disk (the server's coordinator
+    /// also makes its own copy durable before it sends the write on).
+    Replicate {
+        reply: ReplyTo,
+        write: LocalWrite,
+        plan: ReplicaPlan,
+        planned_at: Option<u64>,
+    },
+    /// A cleanup pass is recorded only once its drops are durable.
+    RecordCleanup(Cleanup<Vec<u8>, Hash>),
 }
 
 /// Why a reply is awaited.
@@ -537,6 +579,12 @@ pub struct Node {
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
     outputs: Vec<Output>,
+    /// The latest sync ticket issued (one per write that must become durable), and the
+    /// latest one an `Output::Sync` asked for.
+    sync_issued: u64,
+    sync_asked: u64,
+    /// What waits for a sync, by the ticket it needs, in ticket order.
+    after_sync: VecDeque<(u64, AfterSync)>,
     /// The first storage failure: the node is stopped until `restart`.
     failed: Option<String>,
     /// Whether `Output::Stopped` was returned for `failed`.
@@ -590,6 +638,9 @@ impl Node {
             cleanup: None,
             failures: VecDeque::new(),
             outputs: Vec::new(),
+            sync_issued: 0,
+            sync_asked: 0,
+            after_sync: VecDeque::new(),
             failed: None,
             stop_reported: false,
             stats: NodeStats::default(),
@@ -811,6 +862,9 @@ impl Node {
         self.cleanup = None;
         self.failures.clear();
         self.outputs.clear();
+        // Tickets stay monotonic across restarts; what waited is gone with the process.
+        self.sync_asked = self.sync_issued;
+        self.after_sync.clear();
         self.failed = None;
         self.stop_reported = false;
         Ok(self.start_timers(now))
@@ -847,6 +901,10 @@ impl Node {
                 }
             }
             Input::Timer(timer) => self.on_timer(now, timer),
+            Input::Synced { through } => self.on_synced(now, through),
+            Input::SyncFailed { error } => {
+                self.must(Err::<(), _>(error), "sync its writes");
+            }
         }
         while let Some((to, id)) = self.failures.pop_front() {
             if self.failed.is_some() {
@@ -859,7 +917,56 @@ impl Node {
         if self.failed.is_some() {
             return self.stopped_outputs();
         }
+        if self.sync_issued > self.sync_asked {
+            self.sync_asked = self.sync_issued;
+            self.outputs.push(Output::Sync {
+                through: self.sync_issued,
+            });
+        }
         std::mem::take(&mut self.outputs)
+    }
+
+    /// A new sync ticket: the writes made so far must become durable.
+    fn request_sync(&mut self) -> u64 {
+        self.sync_issued += 1;
+        self.sync_issued
+    }
+
+    /// Hold `action` until the writes made so far are durable.
+    fn after_sync(&mut self, action: AfterSync) {
+        let ticket = self.request_sync();
+        self.after_sync.push_back((ticket, action));
+    }
+
+    /// The durability a storage call inside `handle` uses: never a synchronous fsync. A write
+    /// that must be durable is buffered and asks for a sync (`Output::Sync`); what depends on
+    /// it waits for `Input::Synced` (`after_sync`).
+    fn buffered(&mut self, durability: StoreDurability) -> StoreDurability {
+        if durability == StoreDurability::Fsync {
+            self.request_sync();
+        }
+        StoreDurability::Buffered
+    }
+
+    /// A sync completed: what waited for it happens now, in order.
+    fn on_synced(&mut self, now: u64, through: u64) {
+        while self.after_sync.front().is_some_and(|(t, _)| *t <= through) {
+            let Some((_, action)) = self.after_sync.pop_front() else {
+                break;
+            };
+            match action {
+                AfterSync::Respond { to, id, body } => self.respond(&to, id, body),
+                AfterSync::Replicate {
+                    reply,
+                    write,
+                    plan,
+                    planned_at,
+                } => self.replicate(now, reply, write, plan, planned_at),
+                AfterSync::RecordCleanup(cleanup) => {
+                    cleanup.record(&self.cluster, &mut self.cleanup_marker);
+                }
+            }
+        }
     }
 
     /// A stopped node's outputs: nothing of the failed step, `Stopped` once.
@@ -997,6 +1104,7 @@ impl Node {
         let old = self.must(old, "read an object");
         let new = object.encode();
         let durability = self.durability(bucket);
+        let durability = self.buffered(durability);
         let put = self
             .storage
             .put(Table::Objects, &storage_key, &new, durability);
@@ -1030,6 +1138,7 @@ impl Node {
         } else {
             StoreDurability::Buffered
         };
+        let durability = self.buffered(durability);
         let removed = self
             .replica
             .remove_if_unchanged_with(storage_key, expected, durability);
@@ -1103,6 +1212,7 @@ impl Node {
     /// A replica-side merge: `Replica::merge` (`sync` with what is stored).
     fn merge_local(&mut self, bucket: &str, key: &str, incoming: &Object) -> Object {
         let durability = self.durability(bucket);
+        let durability = self.buffered(durability);
         let props = self.props(bucket);
         let merged = self
             .replica
@@ -1129,6 +1239,7 @@ impl Node {
     /// `Replica::store_hint`: merged with any hint held for the key, bounded per target.
     fn store_hint(&mut self, target: &NodeId, bucket: &str, key: &str, incoming: &Object) -> bool {
         let durability = self.durability(bucket);
+        let durability = self.buffered(durability);
         let stored = self.replica.store_hint(
             &target.0,
             bucket,
@@ -1166,9 +1277,9 @@ impl Node {
         self.must(read, "read an object")
     }
 
+    /// The periodic flush of buffered writes: a sync like any other (`Output::Sync`).
     fn flush(&mut self) {
-        let synced = self.storage.sync();
-        self.must(synced, "sync the storage");
+        self.request_sync();
     }
 
     // ----- client requests -----
@@ -1379,14 +1490,14 @@ impl Node {
             props.durability
         };
         let (bucket, key) = (op.bucket.clone(), op.key.clone());
-        let stored = match self.write_local(now, op, &props, durability) {
+        let stored = match self.write_local(now, op, &props, StoreDurability::Buffered) {
             Ok(stored) => stored,
             Err(result) => {
                 self.answer(reply, result);
                 return;
             }
         };
-        let ring_version = self.cluster.ring.version;
+        let planned_at = Some(self.cluster.ring.version);
         let write = LocalWrite {
             bucket,
             key,
@@ -1395,7 +1506,18 @@ impl Node {
             pw,
             durability,
         };
-        self.replicate(now, reply, write, plan, Some(ring_version));
+        if durability == StoreDurability::Fsync {
+            // As the server: the coordinator's own copy is durable before it is sent on.
+            let action = AfterSync::Replicate {
+                reply,
+                write,
+                plan,
+                planned_at,
+            };
+            self.after_sync(action);
+        } else {
+            self.replicate(now, reply, write, plan, planned_at);
+        }
     }
 
     /// `Cluster::replicate`: the core `PutCoordinator` plans the sends (the plan's slots and
@@ -1651,13 +1773,28 @@ impl Node {
     /// calls the same function), then what the answer asks of the node: hint counts, stale
     /// ring refusals, and the stored keys' orphan check.
     fn serve_peer(&mut self, from: &NodeId, id: RequestId, message: PeerMessage) {
-        let body = self.serve_here(message);
-        self.respond(from, id, body);
+        let (body, durable) = self.serve_here(message);
+        if durable {
+            // A durable replica write or handoff batch is acknowledged once it is on disk.
+            let to = from.clone();
+            self.after_sync(AfterSync::Respond { to, id, body });
+        } else {
+            self.respond(from, id, body);
+        }
     }
 
-    /// [`Node::serve_peer`]'s work: the reply to send.
-    fn serve_here(&mut self, message: PeerMessage) -> PeerMessage {
+    /// [`Node::serve_peer`]'s work: the reply to send, and whether it may only be sent once
+    /// the writes are durable (a write that asked for `Fsync` is made buffered here and waits
+    /// for a sync instead).
+    fn serve_here(&mut self, mut message: PeerMessage) -> (PeerMessage, bool) {
         let handoff = matches!(message, PeerMessage::Handoff { .. });
+        let mut durable = false;
+        if let Some(asked) = message.durability_mut()
+            && *asked == StoreDurability::Fsync
+        {
+            *asked = StoreDurability::Buffered;
+            durable = true;
+        }
         let context = ServeContext {
             // The old rule: a handoff is merged whatever the sender's ring.
             ring_version: if handoff && !self.config.handoff_checks_ring {
@@ -1672,17 +1809,22 @@ impl Node {
             hint_limit: MAX_HINTS_PER_TARGET,
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_budget: MAX_AAE_KEYS_PER_EXCHANGE as u32,
+            defer_sync: true,
         };
         let served = match serve::serve(&self.replica, &self.aae, &context, message) {
             Ok(served) => served,
             // The node's own storage failed: it stops (nothing is answered).
             Err(e @ (ServeError::Storage(_) | ServeError::Replica(ReplicaError::Storage(_)))) => {
                 self.must(Err::<(), _>(e), "serve a peer request");
-                return PeerMessage::Error("storage failed".into());
+                return (PeerMessage::Error("storage failed".into()), false);
             }
             // The sender's message (or a corrupt stored object) is refused.
-            Err(e) => return PeerMessage::Error(e.to_string()),
+            Err(e) => return (PeerMessage::Error(e.to_string()), false),
         };
+        let durable = durable || served.needs_sync;
+        if durable {
+            self.request_sync();
+        }
         match served.hint {
             Some(HintOutcome::Stored) => self.stats.hints_stored += 1,
             Some(HintOutcome::Dropped) => self.stats.hints_dropped += 1,
@@ -1704,10 +1846,13 @@ impl Node {
             }
         }
         match served.reply {
-            Reply::Message(message) => message,
+            Reply::Message(message) => (message, durable),
             Reply::StaleRing => {
                 self.stats.stale_ring_refusals += 1;
-                PeerMessage::StaleRing(Box::new(self.cluster.clone()))
+                (
+                    PeerMessage::StaleRing(Box::new(self.cluster.clone())),
+                    false,
+                )
             }
         }
     }
@@ -2049,10 +2194,9 @@ impl Node {
             self.cleanup = Some(cleanup);
             return;
         }
-        self.flush();
-        if self.failed.is_none() {
-            cleanup.record(&self.cluster, &mut self.cleanup_marker);
-        }
+        // Recorded once the drops are durable (a power loss before would bring the dropped
+        // keys back with the pass recorded as done).
+        self.after_sync(AfterSync::RecordCleanup(cleanup));
     }
 
     /// A destination answered for hints of `target`: delete the released ones if unchanged.
@@ -2109,7 +2253,10 @@ impl Node {
             for send in routed.sends {
                 if send.to == self.me {
                     // A moved key this node now replicates: served here, as a peer's put.
-                    let ok = matches!(self.serve_here(send.message), PeerMessage::Ack);
+                    // Its copy is written before the hint is deleted (one journal: a durable
+                    // prefix that holds the deletion holds the copy), and a sync is asked for.
+                    let (reply, _) = self.serve_here(send.message);
+                    let ok = matches!(reply, PeerMessage::Ack);
                     self.on_hint_reply(&target, &send.hints, ok);
                 } else {
                     let purpose = Purpose::HintDelivery {
@@ -2490,6 +2637,8 @@ mod tests {
         disks: Vec<Arc<MapStorage>>,
         replies: BTreeMap<ClientRequestId, ClientResult>,
         stopped: Vec<String>,
+        /// `Output::Sync`s carried out.
+        syncs: usize,
     }
 
     impl Net {
@@ -2499,6 +2648,7 @@ mod tests {
                 disks: Vec::new(),
                 replies: BTreeMap::new(),
                 stopped: Vec::new(),
+                syncs: 0,
             };
             for (i, (node_id, _)) in cluster.members.iter().enumerate() {
                 let disk = Arc::new(MapStorage::default());
@@ -2555,6 +2705,16 @@ mod tests {
                             self.replies.insert(id, result);
                         }
                         Output::SetTimer { .. } => {}
+                        Output::Sync { through } => {
+                            self.syncs += 1;
+                            let input = match self.disks[i].sync() {
+                                Ok(()) => Input::Synced { through },
+                                Err(e) => Input::SyncFailed {
+                                    error: e.to_string(),
+                                },
+                            };
+                            queue.push_back((i, input));
+                        }
                         Output::Stopped { error } => self.stopped.push(error),
                     }
                 }
@@ -2649,6 +2809,94 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    fn sends(outputs: &[Output]) -> Vec<&PeerMessage> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    message: Message::Request { body, .. } | Message::Response { body, .. },
+                    ..
+                } => Some(body),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sync_asked(outputs: &[Output]) -> Option<u64> {
+        outputs.iter().find_map(|o| match o {
+            Output::Sync { through } => Some(*through),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_durable_write_is_sent_on_and_acknowledged_only_after_its_sync() {
+        let mut net = Net::new(&cluster_of_three());
+        // The coordinator (fsync bucket, the default): its own copy is written and a sync
+        // asked for; nothing is sent to the replicas before `Synced`.
+        let op = ClientOp::Put(PutOp::new("b", "k", None, Some(b"v".to_vec())));
+        let out = net.nodes[0].handle(1, Input::Client { id: 1, op });
+        let through = sync_asked(&out).unwrap();
+        assert!(sends(&out).is_empty(), "{out:?}");
+        assert!(net.nodes[0].object("b", "k").unwrap().is_some());
+        let out = net.nodes[0].handle(2, Input::Synced { through });
+        let puts = sends(&out);
+        assert_eq!(puts.len(), 2, "{out:?}");
+        // A replica: the durable `ReplicaPut` is stored at once, acknowledged after `Synced`.
+        let from = net.nodes[0].id().clone();
+        let message = Message::Request {
+            id: 7,
+            body: puts[0].clone(),
+        };
+        let out = net.nodes[1].handle(3, Input::Message { from, message });
+        let through = sync_asked(&out).unwrap();
+        assert!(sends(&out).is_empty(), "{out:?}");
+        assert!(net.nodes[1].object("b", "k").unwrap().is_some());
+        let out = net.nodes[1].handle(4, Input::Synced { through });
+        assert!(matches!(sends(&out)[..], [PeerMessage::Ack]), "{out:?}");
+        // A buffered bucket's write is sent on at once (its durable replica waits instead).
+        let op = PutOp::new("b", "k2", None, Some(b"v".to_vec()));
+        net.nodes[2].config.props.durability = StoreDurability::Buffered;
+        let out = net.nodes[2].handle(
+            5,
+            Input::Client {
+                id: 2,
+                op: ClientOp::Put(op),
+            },
+        );
+        assert_eq!(sends(&out).len(), 2, "{out:?}");
+    }
+
+    #[test]
+    fn a_failed_sync_stops_the_node_before_anything_waiting_for_it() {
+        let mut net = Net::new(&cluster_of_three());
+        let op = ClientOp::Put(PutOp::new("b", "k", None, Some(b"v".to_vec())));
+        let out = net.nodes[0].handle(1, Input::Client { id: 1, op });
+        assert!(sync_asked(&out).is_some());
+        let error = "fsync: EIO".to_owned();
+        let out = net.nodes[0].handle(2, Input::SyncFailed { error });
+        assert!(
+            matches!(&out[..], [Output::Stopped { error }] if error.contains("EIO")),
+            "{out:?}"
+        );
+        assert!(net.nodes[0].stopped().is_some());
+    }
+
+    #[test]
+    fn a_cluster_of_nodes_completes_durable_writes_through_their_syncs() {
+        let mut net = Net::new(&cluster_of_three());
+        for k in 0..5u64 {
+            net.put(k as usize % 3, k, "b", &format!("k{k}"), b"v");
+            assert!(
+                matches!(net.replies[&k], ClientResult::Put(_)),
+                "{:?}",
+                net.replies[&k]
+            );
+        }
+        assert!(net.syncs >= 5, "{} syncs", net.syncs);
+        assert_eq!(net.copies("b", "k4"), 3);
     }
 
     #[test]

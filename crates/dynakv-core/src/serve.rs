@@ -52,6 +52,10 @@ pub struct ServeContext {
     pub max_leaf_keys: usize,
     /// This node's admission budget, told to an anti-entropy initiator.
     pub aae_budget: u32,
+    /// The caller makes writes durable itself (a sans-IO node asks its driver for a sync):
+    /// a `Handoff` batch is merged without the final sync, and [`Served::needs_sync`] says
+    /// a sync must complete before the reply is sent.
+    pub defer_sync: bool,
 }
 
 impl ServeContext {
@@ -87,6 +91,8 @@ pub struct Served {
     pub hint: Option<HintOutcome>,
     /// A tombstone was reaped here.
     pub reaped: bool,
+    /// The reply may be sent only after a sync (`ServeContext::defer_sync`).
+    pub needs_sync: bool,
 }
 
 impl Served {
@@ -96,6 +102,7 @@ impl Served {
             stored: Vec::new(),
             hint: None,
             reaped: false,
+            needs_sync: false,
         }
     }
 
@@ -247,12 +254,15 @@ pub fn serve(
                     Durability::Buffered,
                 )?;
             }
-            replica
-                .storage()
-                .sync()
-                .map_err(|e| ServeError::Storage(e.to_string()))?;
+            if !context.defer_sync {
+                replica
+                    .storage()
+                    .sync()
+                    .map_err(|e| ServeError::Storage(e.to_string()))?;
+            }
             Ok(Served {
                 stored: entries.into_iter().map(|e| (e.bucket, e.key)).collect(),
+                needs_sync: context.defer_sync,
                 ..Served::reply(PeerMessage::Ack)
             })
         }
@@ -336,6 +346,7 @@ mod tests {
             hint_limit: 2,
             max_leaf_keys: 100,
             aae_budget: 7,
+            defer_sync: false,
         }
     }
 

@@ -1287,6 +1287,7 @@ impl Cluster {
             hint_limit: MAX_HINTS_PER_TARGET,
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
+            defer_sync: false,
         };
         let (replica, aae) = (Arc::clone(&self.replica), Arc::clone(&self.aae));
         let mut message = message;

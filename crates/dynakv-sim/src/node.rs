@@ -143,6 +143,16 @@ impl SimNode {
         (lost, outputs)
     }
 
+    /// `Node::handle`, with the machine's part of a sync: `Input::Synced` is what the driver
+    /// feeds once the disk synced, so the disk syncs as the input is handled (a paused
+    /// process syncs nothing until it resumes).
+    pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
+        if matches!(input, Input::Synced { .. }) {
+            must(self.disk.sync(), "sync the disk");
+        }
+        self.node.handle(now, input)
+    }
+
     /// The stored object of a key of the simulation's bucket (tombstones included).
     pub fn object(&self, key: &str) -> Option<Object> {
         must(self.node.object(BUCKET, key), "read an object")

@@ -43,6 +43,9 @@ pub const MIN_OPS: usize = 100;
 pub const MAX_OPS: usize = 300;
 /// Network delay bounds of one message.
 pub const MIN_DELAY_MS: u64 = 1;
+/// How long a node's fsync takes (`Output::Sync` to `Input::Synced`).
+pub const MIN_SYNC_MS: u64 = 1;
+pub const MAX_SYNC_MS: u64 = 8;
 pub const MAX_DELAY_MS: u64 = 20;
 /// Loss probability outside loss bursts.
 pub const BASE_LOSS: f64 = 0.001;
@@ -428,6 +431,12 @@ enum EventKind {
         incarnation: u64,
         timer: Timer,
     },
+    /// A node's disk finished the sync it asked for (`Output::Sync`).
+    Synced {
+        node: usize,
+        incarnation: u64,
+        through: u64,
+    },
     ClientWake {
         client: usize,
     },
@@ -710,6 +719,15 @@ impl Simulation {
                     self.node_input(node, Input::Timer(timer));
                 }
             }
+            EventKind::Synced {
+                node,
+                incarnation,
+                through,
+            } => {
+                if self.up[node] && self.incarnation[node] == incarnation {
+                    self.node_input(node, Input::Synced { through });
+                }
+            }
             EventKind::ClientWake { client } => self.client_wake(client),
             EventKind::ClientReply { request, result } => self.client_reply(request, result),
             EventKind::ClientTimeout { client, request } => self.client_timeout(client, request),
@@ -959,6 +977,18 @@ impl Simulation {
                             timer,
                         },
                     );
+                }
+                // An fsync takes MIN_SYNC_MS to MAX_SYNC_MS; a crash before it ends loses
+                // what it would have made durable (the incarnation changes).
+                Output::Sync { through } => {
+                    let incarnation = self.incarnation[node];
+                    let at = self.now + self.rng.range(MIN_SYNC_MS, MAX_SYNC_MS);
+                    let event = EventKind::Synced {
+                        node,
+                        incarnation,
+                        through,
+                    };
+                    self.schedule(at, event);
                 }
                 // The simulated disk never fails: a stopped node is a bug of the simulation.
                 Output::Stopped { error } => {
