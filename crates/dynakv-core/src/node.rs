@@ -63,7 +63,7 @@ use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use crate::hints::HintRound;
 use crate::keys;
 use crate::limits;
-use crate::membership::{ClusterState, Member, MemberStatus};
+use crate::membership::{BucketPropsEntry, ClusterState, MAX_CUSTOM_BUCKETS, Member, MemberStatus};
 use crate::merkle::{self, Hash};
 use crate::message::{HandoffEntry, PeerMessage, WireContent};
 use crate::object::{Content, Object, PrunePolicy, Sibling, decode_clock, encode_clock};
@@ -272,6 +272,20 @@ pub enum ClientOp {
         pr: Option<Quorum>,
     },
     Put(PutOp),
+    /// Set a bucket's properties cluster-wide (`None` resets them to the defaults); gossip
+    /// spreads the change.
+    SetBucketProps {
+        bucket: String,
+        props: Option<BucketProps>,
+    },
+    /// Ask the member `via` to admit this node (only a node that is alone in its cluster and
+    /// holds no data may join).
+    Join {
+        via: NodeId,
+    },
+    /// Mark this node leaving; the claimant plans the ring without it and handoff moves its
+    /// keys.
+    Leave,
 }
 
 /// The answer to a client request.
@@ -281,6 +295,8 @@ pub enum ClientResult {
     Got(Object),
     /// A put's stored object, as the coordinator wrote it.
     Put(Object),
+    /// An administrative request (bucket properties, join, leave) was carried out.
+    Done,
     /// The request failed, with the HTTP status it maps to: 503 (quorum not met, no
     /// coordinator), 409 (the write was refused: sibling or clock limits), 412 (its
     /// precondition failed), 400 (a bad context), or what a remote coordinator answered.
@@ -567,6 +583,8 @@ pub struct Node {
     join_via: Vec<NodeId>,
     join_attempts: usize,
     join_pending: bool,
+    /// The client request that asked for the join in progress (answered once, no retry).
+    join_client: Option<ClientRequestId>,
     aae_round: usize,
     aae_plan: Option<AaeRound>,
     aae_current: Option<AaeRun>,
@@ -630,6 +648,7 @@ impl Node {
             join_via: Vec::new(),
             join_attempts: 0,
             join_pending: false,
+            join_client: None,
             aae_round: 0,
             aae_plan: None,
             aae_current: None,
@@ -856,6 +875,7 @@ impl Node {
         self.handoff = None;
         self.cleanup_marker = CleanupMarker::default();
         self.join_pending = false;
+        self.join_client = None;
         self.aae_plan = None;
         self.aae_current = None;
         self.reaps.clear();
@@ -1296,6 +1316,21 @@ impl Node {
             ClientOp::Get { bucket, key, r, pr } => {
                 self.start_get(now, ReplyTo::Client(id), &bucket, &key, (r, pr));
             }
+            ClientOp::SetBucketProps { bucket, props } => {
+                let result = self.set_bucket_props(now, &bucket, props.as_ref());
+                self.outputs.push(Output::Reply { id, result });
+            }
+            ClientOp::Join { via } => self.join(now, id, via),
+            ClientOp::Leave => {
+                let result = match self.leave() {
+                    Ok(()) => ClientResult::Done,
+                    Err(message) => ClientResult::Failed {
+                        status: 400,
+                        message,
+                    },
+                };
+                self.outputs.push(Output::Reply { id, result });
+            }
             ClientOp::Put(op) => {
                 let props = self.props(&op.bucket);
                 let primaries = self.replica_plan(now, &op.bucket, &op.key).primaries;
@@ -1328,6 +1363,66 @@ impl Node {
                 self.forward(now, id, forward, body);
             }
         }
+    }
+
+    /// `Cluster::set_bucket_props`: a new entry for `bucket` in the cluster state, newer than
+    /// the one it replaces (last writer wins by timestamp when gossip merges).
+    fn set_bucket_props(
+        &mut self,
+        now: u64,
+        bucket: &str,
+        props: Option<&BucketProps>,
+    ) -> ClientResult {
+        let exists = self.cluster.bucket_props.contains_key(bucket);
+        if !exists && self.cluster.bucket_props.len() >= MAX_CUSTOM_BUCKETS {
+            return ClientResult::Failed {
+                status: 400,
+                message: format!(
+                    "at most {MAX_CUSTOM_BUCKETS} buckets may have their own properties"
+                ),
+            };
+        }
+        let timestamp_ms = self
+            .cluster
+            .bucket_props
+            .get(bucket)
+            .map_or(0, |e| e.timestamp_ms + 1)
+            .max(now);
+        let entry = BucketPropsEntry {
+            timestamp_ms,
+            node: self.me.clone(),
+            props_json: props.map(|p| p.to_json(bucket).to_string()),
+        };
+        self.cluster.bucket_props.insert(bucket.to_owned(), entry);
+        ClientResult::Done
+    }
+
+    /// `Cluster::join`: a node alone in its cluster and holding no data asks `via` once.
+    fn join(&mut self, now: u64, id: ClientRequestId, via: NodeId) {
+        let refuse = |message: &str| ClientResult::Failed {
+            status: 400,
+            message: message.to_owned(),
+        };
+        let result = if self.cluster.members.len() > 1 {
+            Some(refuse(
+                "this node is already part of a cluster with other members",
+            ))
+        } else if self.join_pending || self.join_client.is_some() {
+            Some(refuse("a join is already in progress"))
+        } else {
+            let first = self.replica.scan_objects(None, 1);
+            let holds_data = !self.must(first, "scan objects").is_empty();
+            holds_data
+                .then(|| refuse("this node holds data; only an empty node can join a cluster"))
+        };
+        if let Some(result) = result {
+            self.outputs.push(Output::Reply { id, result });
+            return;
+        }
+        self.join_via = vec![via];
+        self.join_attempts = 0;
+        self.join_client = Some(id);
+        self.send_join(now);
     }
 
     /// Forward a put to the next candidate primary (the core's `PutForward`), or answer the
@@ -1470,6 +1565,8 @@ impl Node {
                     ClientResult::Failed { status, message } => {
                         PeerMessage::Failed { status, message }
                     }
+                    // Only puts are coordinated for a peer.
+                    ClientResult::Done => PeerMessage::Ack,
                 };
                 self.respond(&peer, id, body);
             }
@@ -1935,12 +2032,26 @@ impl Node {
             },
             Purpose::Join => {
                 self.join_pending = false;
-                if let Some(PeerMessage::JoinAccepted { state, .. }) = body
-                    && !self.join_via.is_empty()
-                {
-                    // Adopt the cluster's state wholesale.
-                    self.cluster = *state;
-                    self.join_via.clear();
+                let client = self.join_client.take();
+                let result = match body {
+                    Some(PeerMessage::JoinAccepted { state, .. }) if !self.join_via.is_empty() => {
+                        // Adopt the cluster's state wholesale.
+                        self.cluster = *state;
+                        self.join_via.clear();
+                        ClientResult::Done
+                    }
+                    Some(PeerMessage::Error(message)) => ClientResult::Failed {
+                        status: 400,
+                        message: format!("{from} refused the join: {message}"),
+                    },
+                    _ => ClientResult::unavailable(format!("{from} did not admit this node")),
+                };
+                if let Some(id) = client {
+                    // Asked by a client: one attempt, answered (the constructor's join retries).
+                    if !matches!(result, ClientResult::Done) {
+                        self.join_via.clear();
+                    }
+                    self.outputs.push(Output::Reply { id, result });
                 }
             }
             Purpose::CleanupHandoff { keys } => {
@@ -2625,7 +2736,6 @@ const _: () = assert!(limits::MAX_SIBLINGS > 1);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::BucketPropsEntry;
     use crate::test_support::{MapStorage, id, settled_cluster};
     use crate::version::Dot;
     use std::sync::atomic::Ordering;
@@ -2726,6 +2836,10 @@ mod tests {
             self.run(at, Input::Client { id, op });
         }
 
+        fn ask(&mut self, at: usize, id: ClientRequestId, op: ClientOp) {
+            self.run(at, Input::Client { id, op });
+        }
+
         /// How many of the nodes `at` store `bucket/key`.
         fn copies_on(&self, at: &[usize], bucket: &str, key: &str) -> usize {
             let stored = |i: &usize| self.nodes[*i].object(bucket, key).unwrap().is_some();
@@ -2736,6 +2850,20 @@ mod tests {
         fn copies(&self, bucket: &str, key: &str) -> usize {
             let stored = |n: &Node| n.object(bucket, key).unwrap().is_some();
             self.nodes.iter().filter(|n| stored(n)).count()
+        }
+    }
+
+    /// `result` is a failure with `status` whose message says `text`.
+    fn refused(result: &ClientResult, status: u16, text: &str) {
+        match result {
+            ClientResult::Failed {
+                status: got,
+                message,
+            } => {
+                assert_eq!(*got, status, "{message}");
+                assert!(message.contains(text), "{message}");
+            }
+            other => panic!("expected a {status}: {other:?}"),
         }
     }
 
@@ -2768,13 +2896,7 @@ mod tests {
         op.content.meta = vec![("x-riak-meta-color".into(), "blue".into())];
         op.precondition = Precondition::Absent;
         let first = op.clone();
-        net.run(
-            other,
-            Input::Client {
-                id: 1,
-                op: ClientOp::Put(first),
-            },
-        );
+        net.ask(other, 1, ClientOp::Put(first));
         assert!(
             matches!(net.replies[&1], ClientResult::Put(_)),
             "{:?}",
@@ -2789,13 +2911,7 @@ mod tests {
         );
         // If-None-Match: * again, through the same non-replica: the coordinator refuses it
         // and the forwarder passes its 412 on.
-        net.run(
-            other,
-            Input::Client {
-                id: 2,
-                op: ClientOp::Put(op),
-            },
-        );
+        net.ask(other, 2, ClientOp::Put(op));
         match &net.replies[&2] {
             ClientResult::Failed { status, .. } => assert_eq!(*status, 412),
             other => panic!("second conditional put: {other:?}"),
@@ -2897,6 +3013,93 @@ mod tests {
         }
         assert!(net.syncs >= 5, "{} syncs", net.syncs);
         assert_eq!(net.copies("b", "k4"), 3);
+    }
+
+    #[test]
+    fn bucket_props_set_at_one_node_reach_the_others_by_gossip() {
+        let mut net = Net::new(&cluster_of_three());
+        let props = BucketProps {
+            n_val: 2,
+            ..BucketProps::default()
+        };
+        let op = ClientOp::SetBucketProps {
+            bucket: "two".into(),
+            props: Some(props),
+        };
+        net.run(0, Input::Client { id: 1, op });
+        assert!(matches!(net.replies[&1], ClientResult::Done));
+        assert_eq!(net.nodes[0].props("two").n_val, 2);
+        assert_eq!(net.nodes[1].props("two").n_val, 3, "not gossiped yet");
+        for _ in 0..20 {
+            for i in 0..3 {
+                net.run(i, Input::Timer(Timer::Gossip));
+            }
+        }
+        for node in &net.nodes {
+            assert_eq!(node.props("two").n_val, 2, "{}", node.id());
+        }
+        net.put(1, 2, "two", "k", b"v");
+        assert!(matches!(net.replies[&2], ClientResult::Put(_)));
+        assert_eq!(net.copies("two", "k"), 2);
+        // A reset (`None`) brings the defaults back.
+        let op = ClientOp::SetBucketProps {
+            bucket: "two".into(),
+            props: None,
+        };
+        net.run(2, Input::Client { id: 3, op });
+        assert_eq!(net.nodes[2].props("two").n_val, 3);
+    }
+
+    #[test]
+    fn a_client_joins_a_lone_empty_node_once_and_a_member_or_a_node_with_data_is_refused() {
+        let mut net = Net::new(&cluster_of_three());
+        let disk = Arc::new(MapStorage::default());
+        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
+        let alone = ClusterState::found("c", member_entry(&id("d")), 16).unwrap();
+        let config = NodeConfig {
+            timings: Timings::SIMULATION,
+            ..NodeConfig::default()
+        };
+        let (d, _) = Node::new(
+            id("d"),
+            ActorId(7),
+            alone,
+            config,
+            storage,
+            SeededRng::new(4),
+            0,
+        )
+        .unwrap();
+        net.nodes.push(d);
+        net.disks.push(disk);
+        // A member of a three-node cluster cannot join elsewhere.
+        net.ask(1, 1, ClientOp::Join { via: id("d") });
+        refused(&net.replies[&1], 400, "already part of a cluster");
+        // The lone empty node is admitted.
+        net.ask(3, 2, ClientOp::Join { via: id("a") });
+        assert!(
+            matches!(net.replies[&2], ClientResult::Done),
+            "{:?}",
+            net.replies[&2]
+        );
+        assert!(net.nodes[3].joined());
+        assert_eq!(net.nodes[3].cluster().members.len(), 4);
+        assert!(net.nodes[0].cluster().member(&id("d")).is_some());
+        // Leave: the node marks itself leaving.
+        net.ask(3, 3, ClientOp::Leave);
+        assert!(matches!(net.replies[&3], ClientResult::Done));
+        let status = net.nodes[3].cluster().member(&id("d")).map(|m| m.status);
+        assert_eq!(status, Some(MemberStatus::Leaving));
+    }
+
+    #[test]
+    fn a_lone_node_that_holds_data_may_not_join() {
+        let alone = ClusterState::found("c", member_entry(&id("e")), 16).unwrap();
+        let mut net = Net::new(&alone);
+        net.put(0, 1, "b", "k", b"v");
+        assert!(matches!(net.replies[&1], ClientResult::Put(_)));
+        net.ask(0, 2, ClientOp::Join { via: id("a") });
+        refused(&net.replies[&2], 400, "holds data");
     }
 
     #[test]
