@@ -89,6 +89,9 @@ pub const BACKOFF_MAX_MS: u64 = 5000;
 pub const MAX_HINTS_PER_TARGET: usize = 100_000;
 /// Keys per handoff batch (the server's, from core's limits).
 pub const HANDOFF_BATCH_KEYS: usize = limits::HANDOFF_BATCH_KEYS;
+/// Keys per page of a key listing, asked of each node and answered to the client (the
+/// server's `LIST_PAGE_KEYS`).
+pub const LIST_PAGE_KEYS: usize = 1000;
 /// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
 pub const MAX_REAPS_PER_ROUND: usize = 1000;
 /// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
@@ -286,6 +289,13 @@ pub enum ClientOp {
     /// Mark this node leaving; the claimant plans the ring without it and handoff moves its
     /// keys.
     Leave,
+    /// Every live key of a bucket across the ring's nodes, deduplicated, in key order,
+    /// answered in pages (`ClientResult::Keys`, the last with `last`).
+    ListKeys {
+        bucket: String,
+    },
+    /// Every bucket holding an object on a node of the ring.
+    ListBuckets,
 }
 
 /// The answer to a client request.
@@ -297,6 +307,10 @@ pub enum ClientResult {
     Put(Object),
     /// An administrative request (bucket properties, join, leave) was carried out.
     Done,
+    /// One page of a key listing (at most `LIST_PAGE_KEYS` keys); more follow unless `last`.
+    Keys { keys: Vec<String>, last: bool },
+    /// A bucket listing.
+    Buckets(Vec<String>),
     /// The request failed, with the HTTP status it maps to: 503 (quorum not met, no
     /// coordinator), 409 (the write was refused: sibling or clock limits), 412 (its
     /// precondition failed), 400 (a bad context), or what a remote coordinator answered.
@@ -439,6 +453,49 @@ enum Purpose {
     },
     Gossip,
     Join,
+    /// A page of keys for cursor `cursor` of listing `listing`.
+    KeyPage {
+        listing: u64,
+        cursor: usize,
+    },
+    /// One node's buckets for bucket listing `listing`.
+    Buckets {
+        listing: u64,
+    },
+}
+
+/// A page of keys and where the next one starts (`None`: the bucket is exhausted).
+type KeyPage = (Vec<String>, Option<String>);
+
+/// One node's side of a key listing: the page being merged and where the next one starts.
+#[derive(Debug)]
+struct ListCursor {
+    node: NodeId,
+    buffer: VecDeque<String>,
+    next_after: Option<String>,
+    more: bool,
+    fetching: bool,
+    /// The node did not answer: left out (its keys have other replicas).
+    failed: bool,
+}
+
+/// A key listing in progress (`Cluster::list_keys`): a k-way merge of every node's pages,
+/// memory one page per node plus the page being filled.
+#[derive(Debug)]
+struct KeyListing {
+    client: ClientRequestId,
+    bucket: String,
+    cursors: Vec<ListCursor>,
+    out: Vec<String>,
+}
+
+/// A bucket listing in progress.
+#[derive(Debug)]
+struct BucketListing {
+    client: ClientRequestId,
+    waiting: usize,
+    answered: usize,
+    buckets: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -590,6 +647,9 @@ pub struct Node {
     aae_current: Option<AaeRun>,
     reaps: BTreeMap<u64, ReapRun>,
     next_reap: u64,
+    key_listings: BTreeMap<u64, KeyListing>,
+    bucket_listings: BTreeMap<u64, BucketListing>,
+    next_listing: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
     cleanup: Option<Cleanup<Vec<u8>, Hash>>,
@@ -654,6 +714,9 @@ impl Node {
             aae_current: None,
             reaps: BTreeMap::new(),
             next_reap: 0,
+            key_listings: BTreeMap::new(),
+            bucket_listings: BTreeMap::new(),
+            next_listing: 0,
             cleanup: None,
             failures: VecDeque::new(),
             outputs: Vec::new(),
@@ -879,6 +942,8 @@ impl Node {
         self.aae_plan = None;
         self.aae_current = None;
         self.reaps.clear();
+        self.key_listings.clear();
+        self.bucket_listings.clear();
         self.cleanup = None;
         self.failures.clear();
         self.outputs.clear();
@@ -1321,6 +1386,8 @@ impl Node {
                 self.outputs.push(Output::Reply { id, result });
             }
             ClientOp::Join { via } => self.join(now, id, via),
+            ClientOp::ListKeys { bucket } => self.start_key_listing(now, id, bucket),
+            ClientOp::ListBuckets => self.start_bucket_listing(now, id),
             ClientOp::Leave => {
                 let result = match self.leave() {
                     Ok(()) => ClientResult::Done,
@@ -1395,6 +1462,207 @@ impl Node {
         };
         self.cluster.bucket_props.insert(bucket.to_owned(), entry);
         ClientResult::Done
+    }
+
+    /// One page of this node's live keys of `bucket` after `start_after`, and where the next
+    /// page starts.
+    fn local_key_page(&mut self, bucket: &str, start_after: Option<&str>, limit: usize) -> KeyPage {
+        let after = start_after.map(|k| keys::object_key(bucket.as_bytes(), k.as_bytes()));
+        let limit = limit.clamp(1, LIST_PAGE_KEYS);
+        let page = self.replica.list_keys_page(bucket, after.as_deref(), limit);
+        let (keys, next) = self.must(page, "list keys");
+        let next_after = next
+            .as_deref()
+            .and_then(keys::split_object_key)
+            .map(|(_, k)| String::from_utf8_lossy(k).into_owned());
+        (keys, next_after)
+    }
+
+    /// The nodes of the current ring (a listing asks each).
+    fn ring_nodes(&self) -> Vec<NodeId> {
+        let nodes = self.cluster.ring.current.nodes();
+        nodes.iter().map(|n| n.id.clone()).collect()
+    }
+
+    fn start_key_listing(&mut self, now: u64, client: ClientRequestId, bucket: String) {
+        let cursors = self
+            .ring_nodes()
+            .into_iter()
+            .map(|node| ListCursor {
+                node,
+                buffer: VecDeque::new(),
+                next_after: None,
+                more: true,
+                fetching: false,
+                failed: false,
+            })
+            .collect();
+        let listing = self.next_listing;
+        self.next_listing += 1;
+        let run = KeyListing {
+            client,
+            bucket,
+            cursors,
+            out: Vec::new(),
+        };
+        self.key_listings.insert(listing, run);
+        self.advance_key_listing(now, listing);
+    }
+
+    /// Ask `cursor`'s node for its next page (this node's own pages are read at once).
+    fn fetch_key_page(&mut self, now: u64, listing: u64, cursor: usize) {
+        let Some(run) = self.key_listings.get_mut(&listing) else {
+            return;
+        };
+        let c = &mut run.cursors[cursor];
+        c.fetching = true;
+        let (node, bucket, after) = (c.node.clone(), run.bucket.clone(), c.next_after.clone());
+        if node == self.me {
+            let page = self.local_key_page(&bucket, after.as_deref(), LIST_PAGE_KEYS);
+            self.on_key_page_only(listing, cursor, Some(page));
+            return;
+        }
+        let body = PeerMessage::ListKeys {
+            bucket,
+            start_after: after,
+            limit: LIST_PAGE_KEYS as u32,
+        };
+        let timeout = self.config.timings.request_ms * 5;
+        let purpose = Purpose::KeyPage { listing, cursor };
+        self.send_request(now, &node, body, purpose, timeout);
+    }
+
+    fn on_key_page(&mut self, now: u64, listing: u64, cursor: usize, page: Option<KeyPage>) {
+        self.on_key_page_only(listing, cursor, page);
+        self.advance_key_listing(now, listing);
+    }
+
+    /// Fill `cursor` from its page, or leave its node out when it did not answer.
+    fn on_key_page_only(&mut self, listing: u64, cursor: usize, page: Option<KeyPage>) {
+        let Some(run) = self.key_listings.get_mut(&listing) else {
+            return;
+        };
+        let c = &mut run.cursors[cursor];
+        c.fetching = false;
+        if let Some((keys, next_after)) = page {
+            c.buffer.extend(keys);
+            c.more = next_after.is_some();
+            c.next_after = next_after;
+        } else {
+            c.failed = true;
+            c.more = false;
+            c.buffer.clear();
+        }
+    }
+
+    /// Merge as far as every node's page allows; fetch the pages that ran out; answer pages
+    /// of `LIST_PAGE_KEYS` keys, and the last one when every node is exhausted.
+    fn advance_key_listing(&mut self, now: u64, listing: u64) {
+        loop {
+            let Some(run) = self.key_listings.get_mut(&listing) else {
+                return;
+            };
+            let empty: Vec<usize> = (0..run.cursors.len())
+                .filter(|&i| {
+                    let c = &run.cursors[i];
+                    c.buffer.is_empty() && c.more && !c.fetching
+                })
+                .collect();
+            if !empty.is_empty() {
+                for cursor in empty {
+                    self.fetch_key_page(now, listing, cursor);
+                }
+                continue; // local pages are in; remote ones come back as inputs
+            }
+            if run.cursors.iter().any(|c| c.fetching) {
+                return;
+            }
+            if run.cursors.iter().all(|c| c.failed) {
+                let client = run.client;
+                self.key_listings.remove(&listing);
+                let message = "key listing: no node answered".to_owned();
+                let result = ClientResult::unavailable(message);
+                self.outputs.push(Output::Reply { id: client, result });
+                return;
+            }
+            let Some(smallest) = run
+                .cursors
+                .iter()
+                .filter_map(|c| c.buffer.front())
+                .min()
+                .cloned()
+            else {
+                let (client, keys) = (run.client, std::mem::take(&mut run.out));
+                self.key_listings.remove(&listing);
+                let result = ClientResult::Keys { keys, last: true };
+                self.outputs.push(Output::Reply { id: client, result });
+                return;
+            };
+            for c in &mut run.cursors {
+                if c.buffer.front() == Some(&smallest) {
+                    c.buffer.pop_front();
+                }
+            }
+            run.out.push(smallest);
+            if run.out.len() >= LIST_PAGE_KEYS {
+                let (client, keys) = (run.client, std::mem::take(&mut run.out));
+                let result = ClientResult::Keys { keys, last: false };
+                self.outputs.push(Output::Reply { id: client, result });
+            }
+        }
+    }
+
+    fn start_bucket_listing(&mut self, now: u64, client: ClientRequestId) {
+        let nodes = self.ring_nodes();
+        let listing = self.next_listing;
+        self.next_listing += 1;
+        self.bucket_listings.insert(
+            listing,
+            BucketListing {
+                client,
+                waiting: nodes.len(),
+                answered: 0,
+                buckets: BTreeSet::new(),
+            },
+        );
+        let timeout = self.config.timings.request_ms * 5;
+        for node in nodes {
+            if node == self.me {
+                let buckets = self.replica.list_buckets();
+                let buckets = self.must(buckets, "list buckets");
+                self.on_buckets(listing, Some(buckets));
+            } else {
+                let purpose = Purpose::Buckets { listing };
+                self.send_request(now, &node, PeerMessage::ListBuckets, purpose, timeout);
+            }
+        }
+    }
+
+    /// One node's buckets (or its silence: left out); answer once every node is in.
+    fn on_buckets(&mut self, listing: u64, buckets: Option<Vec<String>>) {
+        let Some(run) = self.bucket_listings.get_mut(&listing) else {
+            return;
+        };
+        run.waiting -= 1;
+        if let Some(buckets) = buckets {
+            run.answered += 1;
+            run.buckets.extend(buckets);
+        }
+        if run.waiting > 0 {
+            return;
+        }
+        let Some(run) = self.bucket_listings.remove(&listing) else {
+            return;
+        };
+        let result = if run.answered == 0 {
+            ClientResult::unavailable("bucket listing: no node answered".into())
+        } else {
+            ClientResult::Buckets(run.buckets.into_iter().collect())
+        };
+        self.outputs.push(Output::Reply {
+            id: run.client,
+            result,
+        });
     }
 
     /// `Cluster::join`: a node alone in its cluster and holding no data asks `via` once.
@@ -1566,7 +1834,9 @@ impl Node {
                         PeerMessage::Failed { status, message }
                     }
                     // Only puts are coordinated for a peer.
-                    ClientResult::Done => PeerMessage::Ack,
+                    ClientResult::Done | ClientResult::Keys { .. } | ClientResult::Buckets(_) => {
+                        PeerMessage::Ack
+                    }
                 };
                 self.respond(&peer, id, body);
             }
@@ -1803,6 +2073,20 @@ impl Node {
                     precondition: precondition.into(),
                 };
                 self.coordinate_put(now, ReplyTo::Peer(from.clone(), id), op);
+            }
+            PeerMessage::ListKeys {
+                bucket,
+                start_after,
+                limit,
+            } => {
+                let (keys, next_after) =
+                    self.local_key_page(&bucket, start_after.as_deref(), limit as usize);
+                self.respond(from, id, PeerMessage::KeyPage { keys, next_after });
+            }
+            PeerMessage::ListBuckets => {
+                let buckets = self.replica.list_buckets();
+                let buckets = self.must(buckets, "list buckets");
+                self.respond(from, id, PeerMessage::Buckets(buckets));
             }
             PeerMessage::Gossip(theirs) => {
                 if theirs.cluster_name != self.cluster.cluster_name {
@@ -2053,6 +2337,20 @@ impl Node {
                     }
                     self.outputs.push(Output::Reply { id, result });
                 }
+            }
+            Purpose::KeyPage { listing, cursor } => {
+                let page = match body {
+                    Some(PeerMessage::KeyPage { keys, next_after }) => Some((keys, next_after)),
+                    _ => None,
+                };
+                self.on_key_page(now, listing, cursor, page);
+            }
+            Purpose::Buckets { listing } => {
+                let buckets = match body {
+                    Some(PeerMessage::Buckets(buckets)) => Some(buckets),
+                    _ => None,
+                };
+                self.on_buckets(listing, buckets);
             }
             Purpose::CleanupHandoff { keys } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
@@ -3100,6 +3398,108 @@ mod tests {
         assert!(matches!(net.replies[&1], ClientResult::Put(_)));
         net.ask(0, 2, ClientOp::Join { via: id("a") });
         refused(&net.replies[&2], 400, "holds data");
+    }
+
+    /// The pages a key listing through node `at` answered, in order.
+    fn list(net: &mut Net, at: usize, id: ClientRequestId, bucket: &str) -> Vec<Vec<String>> {
+        let mut pages = Vec::new();
+        let mut queue = VecDeque::from([(
+            at,
+            Input::Client {
+                id,
+                op: ClientOp::ListKeys {
+                    bucket: bucket.into(),
+                },
+            },
+        )]);
+        // As `Net::run`, keeping every reply of the request (a listing answers several).
+        while let Some((i, input)) = queue.pop_front() {
+            let from = net.nodes[i].id().clone();
+            for output in net.nodes[i].handle(1, input) {
+                match output {
+                    Output::Send { to, message } => {
+                        let t = net.index(&to);
+                        if let Message::Request { id, .. } = &message
+                            && net.nodes[t].stopped().is_some()
+                        {
+                            queue.push_back((i, Input::SendFailed { to, id: *id }));
+                            continue;
+                        }
+                        queue.push_back((
+                            t,
+                            Input::Message {
+                                from: from.clone(),
+                                message,
+                            },
+                        ));
+                    }
+                    Output::Reply { id: got, result } => {
+                        assert_eq!(got, id);
+                        match result {
+                            ClientResult::Keys { keys, last } => {
+                                pages.push(keys);
+                                if last {
+                                    return pages;
+                                }
+                            }
+                            other => panic!("listing: {other:?}"),
+                        }
+                    }
+                    Output::Sync { through } => queue.push_back((i, Input::Synced { through })),
+                    Output::SetTimer { .. } | Output::Stopped { .. } => {}
+                }
+            }
+        }
+        panic!(
+            "the listing never sent its last page ({} pages)",
+            pages.len()
+        );
+    }
+
+    #[test]
+    fn a_key_listing_merges_every_nodes_pages_without_deleted_keys_or_duplicates() {
+        let mut net = Net::new(&cluster_with_single_replica_bucket());
+        let mut expected = BTreeSet::new();
+        for k in 0..2500u64 {
+            let key = format!("k{k:05}");
+            net.put((k % 3) as usize, k, "single", &key, b"v");
+            net.put((k % 3) as usize, 10_000 + k, "default", &key, b"v");
+            expected.insert(key);
+        }
+        // Deleted keys (a tombstone with the context) are not listed.
+        for k in (0..2500u64).step_by(7) {
+            let key = format!("k{k:05}");
+            for bucket in ["single", "default"] {
+                let at = net.index(&net.nodes[0].primaries(bucket, &key)[0]);
+                let clock = net.nodes[at]
+                    .object(bucket, &key)
+                    .unwrap()
+                    .unwrap()
+                    .clock()
+                    .clone();
+                let op = PutOp::new(bucket, &key, Some(clock), None);
+                net.ask(at, 20_000 + k, ClientOp::Put(op));
+            }
+            expected.remove(&key);
+        }
+        let expected: Vec<String> = expected.into_iter().collect();
+        for bucket in ["single", "default"] {
+            let pages = list(&mut net, 1, 50_000, bucket);
+            assert!(pages.len() >= 3, "{bucket}: {} pages", pages.len());
+            assert!(pages.iter().all(|p| p.len() <= LIST_PAGE_KEYS));
+            let keys: Vec<String> = pages.concat();
+            assert_eq!(keys, expected, "{bucket}");
+        }
+        // With one node stopped, the three-replica bucket is still listed whole.
+        net.disks[2].failing.store(true, Ordering::SeqCst);
+        net.put(2, 60_000, "default", "k00001", b"w");
+        assert!(net.nodes[2].stopped().is_some());
+        assert_eq!(list(&mut net, 0, 60_001, "default").concat(), expected);
+        net.ask(0, 60_002, ClientOp::ListBuckets);
+        match &net.replies[&60_002] {
+            ClientResult::Buckets(buckets) => assert_eq!(buckets, &["default", "single"]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
