@@ -557,6 +557,19 @@ struct AaeRun {
     exchange: AaeExchange<BucketKey>,
     asking: Option<RequestId>,
     fetching: BTreeMap<RequestId, BucketKey>,
+    /// A step failed or was answered unexpectedly: the exchange ended early.
+    failed: bool,
+}
+
+/// What the anti-entropy exchanges of one partition did (the server's `admin aae`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AaeRecord {
+    /// When the last exchange completed, and with whom.
+    pub last_exchange_ms: Option<u64>,
+    pub last_peer: Option<NodeId>,
+    pub keys_repaired_last: u64,
+    pub keys_repaired_total: u64,
+    pub exchanges: u64,
 }
 
 /// The transport's view of one peer.
@@ -645,6 +658,11 @@ pub struct Node {
     aae_round: usize,
     aae_plan: Option<AaeRound>,
     aae_current: Option<AaeRun>,
+    /// Keys one anti-entropy round may repair (admission control: the driver lowers it while
+    /// foreground latency is high).
+    aae_budget: usize,
+    /// Completed exchanges per partition (volatile, as in the server).
+    aae_records: BTreeMap<PartitionId, AaeRecord>,
     reaps: BTreeMap<u64, ReapRun>,
     next_reap: u64,
     key_listings: BTreeMap<u64, KeyListing>,
@@ -712,6 +730,8 @@ impl Node {
             aae_round: 0,
             aae_plan: None,
             aae_current: None,
+            aae_budget: MAX_AAE_KEYS_PER_EXCHANGE,
+            aae_records: BTreeMap::new(),
             reaps: BTreeMap::new(),
             next_reap: 0,
             key_listings: BTreeMap::new(),
@@ -797,6 +817,17 @@ impl Node {
 
     pub fn stats(&self) -> NodeStats {
         self.stats
+    }
+
+    /// Admission control of background work: the keys one anti-entropy round may repair
+    /// (at least 1). The server's `Admission` computes it from the foreground p99.
+    pub fn set_aae_budget(&mut self, budget: usize) {
+        self.aae_budget = budget.max(1);
+    }
+
+    /// What anti-entropy did per partition since the node started.
+    pub fn aae_records(&self) -> &BTreeMap<PartitionId, AaeRecord> {
+        &self.aae_records
     }
 
     /// The properties of `bucket`: the cluster state's, else the config's.
@@ -941,6 +972,7 @@ impl Node {
         self.join_client = None;
         self.aae_plan = None;
         self.aae_current = None;
+        self.aae_records.clear();
         self.reaps.clear();
         self.key_listings.clear();
         self.bucket_listings.clear();
@@ -2189,7 +2221,7 @@ impl Node {
                 .collect(),
             hint_limit: MAX_HINTS_PER_TARGET,
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
-            aae_budget: MAX_AAE_KEYS_PER_EXCHANGE as u32,
+            aae_budget: u32::try_from(self.aae_budget).unwrap_or(u32::MAX),
             defer_sync: true,
         };
         let served = match serve::serve(&self.replica, &self.aae, &context, message) {
@@ -2811,7 +2843,7 @@ impl Node {
             // One replica count for the exchange plan, as the server: the default bucket's.
             self.config.props.n_val,
             self.aae_round,
-            MAX_AAE_KEYS_PER_EXCHANGE,
+            self.aae_budget,
             |n| self.is_up(now, n),
         );
         self.aae_plan = Some(plan);
@@ -2833,6 +2865,7 @@ impl Node {
             exchange,
             asking: Some(request),
             fetching: BTreeMap::new(),
+            failed: false,
         });
     }
 
@@ -2932,9 +2965,11 @@ impl Node {
                     },
                 )
             });
-            match answered {
-                Some(Ok(step)) => step,
-                _ => current.exchange.finish(),
+            if let Some(Ok(step)) = answered {
+                step
+            } else {
+                current.failed = true;
+                current.exchange.finish()
             }
         };
         match step {
@@ -2954,6 +2989,15 @@ impl Node {
             AaeStep::Done { repaired } => {
                 if let Some(plan) = self.aae_plan.as_mut() {
                     plan.finished(repaired);
+                }
+                if !current.failed {
+                    // As the server's records for `admin aae`: completed exchanges only.
+                    let record = self.aae_records.entry(partition).or_default();
+                    record.last_exchange_ms = Some(now);
+                    record.last_peer = Some(peer.clone());
+                    record.keys_repaired_last = repaired as u64;
+                    record.keys_repaired_total += repaired as u64;
+                    record.exchanges += 1;
                 }
                 self.next_exchange(now);
             }
@@ -3047,6 +3091,8 @@ mod tests {
         stopped: Vec<String>,
         /// `Output::Sync`s carried out.
         syncs: usize,
+        /// The time every input is handled at.
+        now: u64,
     }
 
     impl Net {
@@ -3057,6 +3103,7 @@ mod tests {
                 replies: BTreeMap::new(),
                 stopped: Vec::new(),
                 syncs: 0,
+                now: 1,
             };
             for (i, (node_id, _)) in cluster.members.iter().enumerate() {
                 let disk = Arc::new(MapStorage::default());
@@ -3092,7 +3139,7 @@ mod tests {
             let mut queue = VecDeque::from([(at, input)]);
             while let Some((i, input)) = queue.pop_front() {
                 let from = self.nodes[i].id().clone();
-                for output in self.nodes[i].handle(1, input) {
+                for output in self.nodes[i].handle(self.now, input) {
                     match output {
                         Output::Send { to, message } => {
                             let t = self.index(&to);
@@ -3500,6 +3547,45 @@ mod tests {
             ClientResult::Buckets(buckets) => assert_eq!(buckets, &["default", "single"]),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn anti_entropy_repairs_a_key_a_restarted_replica_missed_and_records_it() {
+        let mut net = Net::new(&cluster_of_three());
+        net.disks[2].failing.store(true, Ordering::SeqCst);
+        net.put(2, 1, "b", "first", b"v");
+        assert!(net.nodes[2].stopped().is_some());
+        net.put(0, 2, "b", "missed", b"v");
+        assert!(matches!(net.replies[&2], ClientResult::Put(_)));
+        net.disks[2].failing.store(false, Ordering::SeqCst);
+        assert_eq!(net.copies_on(&[2], "b", "missed"), 0);
+        net.nodes[2]
+            .restart(net.now, ActorId(55), SeededRng::new(5))
+            .unwrap();
+        // Past the transport's backoff; the failure detector was fed by the puts' traffic.
+        net.now += 10_000;
+        for i in 0..3 {
+            net.run(i, Input::Timer(Timer::Gossip));
+        }
+        for round in 0..30 {
+            net.now += 2_000;
+            net.run(round % 3, Input::Timer(Timer::Aae));
+            if net.copies_on(&[2], "b", "missed") == 1 {
+                break;
+            }
+        }
+        assert_eq!(
+            net.copies_on(&[2], "b", "missed"),
+            1,
+            "anti-entropy repaired it"
+        );
+        let repaired: u64 = net
+            .nodes
+            .iter()
+            .flat_map(|n| n.aae_records().values())
+            .map(|r| r.keys_repaired_total)
+            .sum();
+        assert!(repaired >= 1, "the exchange that repaired it is recorded");
     }
 
     #[test]
