@@ -362,6 +362,12 @@ pub enum Input {
     SyncFailed {
         error: String,
     },
+    /// `peer`'s clock minus this node's, as measured by the transport's hello: a forwarded
+    /// put's timestamp (the forwarder's clock) is converted before its age is judged.
+    PeerClock {
+        peer: NodeId,
+        offset_ms: i64,
+    },
 }
 
 /// What a node asks its environment to do.
@@ -642,6 +648,8 @@ pub struct Node {
     puts: BTreeMap<u64, PutCoord>,
     failure_detector: FailureDetector,
     links: BTreeMap<NodeId, Link>,
+    /// Peers' clock offsets (`Input::PeerClock`), bounded by the members.
+    clock_offsets: BTreeMap<NodeId, i64>,
     /// The hint delivery round in progress per target.
     hint_rounds: BTreeMap<NodeId, HintRound<Vec<u8>, Vec<u8>>>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
@@ -719,6 +727,7 @@ impl Node {
             gets: BTreeMap::new(),
             puts: BTreeMap::new(),
             links: BTreeMap::new(),
+            clock_offsets: BTreeMap::new(),
             hint_rounds: BTreeMap::new(),
             unsent: None,
             handoff: None,
@@ -1021,6 +1030,11 @@ impl Node {
             Input::Synced { through } => self.on_synced(now, through),
             Input::SyncFailed { error } => {
                 self.must(Err::<(), _>(error), "sync its writes");
+            }
+            Input::PeerClock { peer, offset_ms } => {
+                if self.cluster.member(&peer).is_some() || self.clock_offsets.contains_key(&peer) {
+                    self.clock_offsets.insert(peer, offset_ms);
+                }
             }
         }
         while let Some((to, id)) = self.failures.pop_front() {
@@ -2071,10 +2085,13 @@ impl Node {
                 // forwarder gave up is refused, not applied with a context that is stale by
                 // now; so is one for a key this node does not replicate.
                 let is_primary = self.primaries(&bucket, &key).contains(&self.me);
+                // The forwarder's clock converted to this node's (as the server does).
+                let offset = self.clock_offsets.get(from).copied().unwrap_or(0);
+                let sent_ms = now_ms.saturating_add_signed(offset.saturating_neg());
                 let waited_ms = if self.config.retry_unanswered_forward {
                     0
                 } else {
-                    now.saturating_sub(now_ms)
+                    now.saturating_sub(sent_ms)
                 };
                 let request_ms = self.config.timings.request_ms;
                 if let Some(refusal) = refuse_forwarded(waited_ms, request_ms, is_primary) {
@@ -2092,8 +2109,7 @@ impl Node {
                         return;
                     }
                 };
-                // The server converts the forwarder's clock to its own (the hello measures
-                // the offset); a driver's clocks agree, so `now` is the same time.
+                // The write is stamped with this node's clock.
                 let op = PutOp {
                     bucket,
                     key,
@@ -3078,6 +3094,7 @@ const _: () = assert!(limits::MAX_SIBLINGS > 1);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::WirePrecondition;
     use crate::test_support::{MapStorage, id, settled_cluster};
     use crate::version::Dot;
     use std::sync::atomic::Ordering;
@@ -3586,6 +3603,59 @@ mod tests {
             .map(|r| r.keys_repaired_total)
             .sum();
         assert!(repaired >= 1, "the exchange that repaired it is recorded");
+    }
+
+    #[test]
+    fn a_forward_from_a_node_whose_clock_is_behind_is_judged_on_this_nodes_clock() {
+        let mut net = Net::new(&cluster_with_single_replica_bucket());
+        let key = "late";
+        let primary = net.index(&net.nodes[0].primaries("single", key)[0]);
+        let forwarder = (primary + 1) % 3;
+        let from = net.nodes[forwarder].id().clone();
+        let forward = |now_ms: u64| PeerMessage::CoordinatePut {
+            bucket: "single".into(),
+            key: key.into(),
+            context: None,
+            content: PutOp::new("single", key, None, Some(b"v".to_vec())).content,
+            w: None,
+            pw: None,
+            dw_given: false,
+            precondition: WirePrecondition::None,
+            now_ms,
+            ring_version: 0,
+        };
+        let now = 100_000;
+        net.now = now;
+        // The forwarder's clock is 10 s behind: unconverted, its fresh forward looks 10 s old.
+        let message = Message::Request {
+            id: 1,
+            body: forward(now - 10_000),
+        };
+        let out = net.nodes[primary].handle(
+            now,
+            Input::Message {
+                from: from.clone(),
+                message,
+            },
+        );
+        assert!(
+            matches!(sends(&out)[..], [PeerMessage::Failed { .. }]),
+            "refused as late: {out:?}"
+        );
+        let clock = Input::PeerClock {
+            peer: from.clone(),
+            offset_ms: -10_000,
+        };
+        net.nodes[primary].handle(now, clock);
+        let message = Message::Request {
+            id: 2,
+            body: forward(now - 10_000),
+        };
+        net.run(primary, Input::Message { from, message });
+        assert!(
+            net.nodes[primary].object("single", key).unwrap().is_some(),
+            "coordinated"
+        );
     }
 
     #[test]
