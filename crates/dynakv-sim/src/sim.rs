@@ -1406,6 +1406,45 @@ impl Simulation {
         self.incarnation[x] += 1;
         let new_actor = ActorId(self.rng.next_u64());
         let rng = self.rng.fork();
+        let me = self.ids[x].clone();
+        let valid = self.nodes[x].joined()
+            && self.nodes[x]
+                .cluster()
+                .member(&me)
+                .is_some_and(|m| m.status == MemberStatus::Valid);
+        if kind == CrashKind::Wipe && valid {
+            // The operator's procedure for a lost disk (as the process tests do): an empty
+            // data directory started with --join. The node founds nothing of its own: it
+            // asks the members, in turn, to admit it, adopts their state (its own membership
+            // included) and gets its keys back by hinted handoff and anti-entropy.
+            let start = self.rng.index(self.ids.len());
+            let via: Vec<NodeId> = (0..self.ids.len())
+                .map(|k| self.ids[(start + k) % self.ids.len()].clone())
+                .filter(|id| *id != me)
+                .collect();
+            let joined = SimNode::joining(
+                me.clone(),
+                new_actor,
+                CLUSTER_NAME,
+                SIM_RING_PARTITIONS,
+                via,
+                self.config.node.clone(),
+                rng,
+                self.now,
+            );
+            match joined {
+                Ok((node, outputs)) => {
+                    self.nodes[x] = node;
+                    self.fault_log.push(format!(
+                        "{} restart {} wiped, rejoining with actor {}",
+                        self.now, me, new_actor
+                    ));
+                    self.apply_outputs(x, outputs);
+                }
+                Err(e) => panic!("seed {}: cannot restart {me} empty: {e}", self.config.seed),
+            }
+            return;
+        }
         let (lost, outputs) = self.nodes[x].restart(
             self.now,
             kind,
