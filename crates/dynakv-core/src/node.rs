@@ -26,8 +26,9 @@
 //! tasks over the same primitives; docs/architecture.md (*One node state machine*) says what
 //! differs and how the server is to be moved onto this type.
 //!
-//! Buckets: any number; a bucket's properties are the cluster state's (`bucket_props`, as the
-//! server reads them) or else [`NodeConfig::props`].
+//! Buckets: any number; a bucket's properties are the cluster state's (`bucket_props`, parsed
+//! as the server parses them: fields an entry lacks take the built-in defaults) or else
+//! [`NodeConfig::props`].
 //!
 //! Storage failures: the node does not panic and does not guess. The first failed storage
 //! call stops it: the outputs of the input being handled are discarded (nothing computed
@@ -73,6 +74,7 @@ use crate::rng::SeededRng;
 use crate::serve::{self, HintOutcome, Reply, ServeContext, ServeError};
 use crate::storage::{Durability as StoreDurability, Storage, Table};
 use crate::version::{ActorId, VersionVector};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -92,6 +94,8 @@ pub const HANDOFF_BATCH_KEYS: usize = limits::HANDOFF_BATCH_KEYS;
 /// Keys per page of a key listing, asked of each node and answered to the client (the
 /// server's `LIST_PAGE_KEYS`).
 pub const LIST_PAGE_KEYS: usize = 1000;
+/// Most bucket property sets a node keeps parsed (the server's `MAX_PARSED_PROPS`).
+pub const MAX_PARSED_PROPS: usize = 10_000;
 /// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
 pub const MAX_REAPS_PER_ROUND: usize = 1000;
 /// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
@@ -313,7 +317,8 @@ pub enum ClientResult {
     Buckets(Vec<String>),
     /// The request failed, with the HTTP status it maps to: 503 (quorum not met, no
     /// coordinator), 409 (the write was refused: sibling or clock limits), 412 (its
-    /// precondition failed), 400 (a bad context), or what a remote coordinator answered.
+    /// precondition failed), 400 (a refused administrative request), 500 (the stored object
+    /// cannot be read), or what a remote coordinator answered.
     Failed { status: u16, message: String },
 }
 
@@ -616,6 +621,8 @@ pub struct NodeStats {
     pub late_forwards_refused: u64,
     pub replans: u64,
     pub tombstones_reaped: u64,
+    /// Stored objects or hints that did not decode, left alone (see `Node::replica_call`).
+    pub corrupt_skipped: u64,
 }
 
 /// Why a node could not be opened over its storage.
@@ -640,6 +647,8 @@ pub struct Node {
     replica: Replica,
     /// The anti-entropy trees and index, rebuilt from the storage at every start.
     aae: Arc<AaeTrees>,
+    /// Parsed bucket properties of the cluster state, by the entry's timestamp.
+    parsed_props: RefCell<BTreeMap<String, (u64, BucketProps)>>,
     rng: SeededRng,
     next_request: RequestId,
     next_coord: u64,
@@ -720,6 +729,7 @@ impl Node {
             storage,
             replica,
             aae,
+            parsed_props: RefCell::new(BTreeMap::new()),
             rng,
             next_request: 1,
             next_coord: 1,
@@ -839,13 +849,26 @@ impl Node {
         &self.aae_records
     }
 
-    /// The properties of `bucket`: the cluster state's, else the config's.
+    /// The properties of `bucket`: the cluster state's entry (a stored `{"props": ...}` as
+    /// the server parses it: fields it lacks take the built-in defaults), else the config's.
+    /// Parsed entries are kept by their timestamp (at most `MAX_PARSED_PROPS`).
     pub fn props(&self, bucket: &str) -> BucketProps {
         let Some(entry) = self.cluster.bucket_props.get(bucket) else {
             return self.config.props.clone();
         };
-        parse_props(bucket, entry.props_json.as_deref())
-            .unwrap_or_else(|| self.config.props.clone())
+        let mut cache = self.parsed_props.borrow_mut();
+        if let Some((ts, props)) = cache.get(bucket)
+            && *ts == entry.timestamp_ms
+        {
+            return props.clone();
+        }
+        let props = parse_props(bucket, entry.props_json.as_deref())
+            .unwrap_or_else(|| self.config.props.clone());
+        if cache.len() >= MAX_PARSED_PROPS {
+            cache.clear();
+        }
+        cache.insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
+        props
     }
 
     /// The key's replica count.
@@ -952,7 +975,8 @@ impl Node {
     /// decides what the storage kept, and whether `actor` is new: it must be whenever
     /// writes of the old actor may be lost). Volatile state (requests in flight,
     /// coordinations, liveness views, transport state, anti-entropy progress) is gone.
-    /// Returns the new timers.
+    /// Returns the new timers: the driver drops every timer and sync it holds from before
+    /// (the simulator's incarnations do), or the periodic rounds would run twice.
     pub fn restart(
         &mut self,
         now: u64,
@@ -1221,10 +1245,30 @@ impl Node {
         self.stats.max_clock_entries = self.stats.max_clock_entries.max(object.clock().len());
     }
 
-    /// The stored object of a key, for the node's own work (a failure stops the node).
-    fn read(&mut self, bucket: &str, key: &str) -> Option<Object> {
+    /// The value of a replica call for the node's own work. A storage failure stops the node;
+    /// a stored object or hint that does not decode is left alone and counted
+    /// (`NodeStats::corrupt_skipped`): the damage stays on disk, so stopping for it would stop
+    /// the node again at every restart. `None` either way: the caller does nothing more with
+    /// that key.
+    fn replica_call<T>(&mut self, result: Result<T, ReplicaError>, what: &str) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(e @ ReplicaError::Storage(_)) => {
+                self.must(Err::<(), _>(e), what);
+                None
+            }
+            Err(_) => {
+                self.stats.corrupt_skipped += 1;
+                None
+            }
+        }
+    }
+
+    /// The stored object of a key, for the node's own work (`Err`: the read failed, see
+    /// [`Node::replica_call`]).
+    fn read(&mut self, bucket: &str, key: &str) -> Result<Option<Object>, ()> {
         let read = self.replica.get(bucket, key);
-        self.must(read, "read an object")
+        self.replica_call(read, "read an object").ok_or(())
     }
 
     /// Store an object bypassing the replica's rules: only the planted bug and the old
@@ -1233,6 +1277,9 @@ impl Node {
         let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
         let old = self.storage.get(Table::Objects, &storage_key);
         let old = self.must(old, "read an object");
+        if self.failed.is_some() {
+            return; // never write after a failed read
+        }
         let new = object.encode();
         let durability = self.durability(bucket);
         let durability = self.buffered(durability);
@@ -1295,7 +1342,13 @@ impl Node {
         let (bucket, key) = (op.bucket.as_str(), op.key.as_str());
         if self.config.per_key_counters {
             // The old rule: the dot counter continues from the key's own clock only.
-            let stored = self.read(bucket, key).unwrap_or_default();
+            let Ok(stored) = self.read(bucket, key) else {
+                return Err(ClientResult::Failed {
+                    status: 500,
+                    message: "the stored object cannot be read".into(),
+                });
+            };
+            let stored = stored.unwrap_or_default();
             let context = op.context.unwrap_or_default();
             let mut updated = stored
                 .update(&context, content, self.actor, now, PrunePolicy::default())
@@ -1328,7 +1381,12 @@ impl Node {
             }
             Err(e @ ReplicaError::Write(_)) => (409, e),
             Err(e @ ReplicaError::Precondition(_)) => (412, e),
-            Err(e @ (ReplicaError::Storage(_) | ReplicaError::Corrupt(_))) => {
+            // A stored object that does not decode: the write is refused, as the server does.
+            Err(e @ ReplicaError::Corrupt(_)) => {
+                self.stats.corrupt_skipped += 1;
+                (500, e)
+            }
+            Err(e @ ReplicaError::Storage(_)) => {
                 let message = e.to_string();
                 self.must(Err::<(), _>(e), "write an object");
                 (500, ReplicaError::Storage(message))
@@ -1340,20 +1398,22 @@ impl Node {
         })
     }
 
-    /// A replica-side merge: `Replica::merge` (`sync` with what is stored).
-    fn merge_local(&mut self, bucket: &str, key: &str, incoming: &Object) -> Object {
+    /// A replica-side merge: `Replica::merge` (`sync` with what is stored). Returns whether
+    /// it was stored (see [`Node::replica_call`]).
+    fn merge_local(&mut self, bucket: &str, key: &str, incoming: &Object) -> bool {
         let durability = self.durability(bucket);
         let durability = self.buffered(durability);
         let props = self.props(bucket);
         let merged = self
             .replica
             .merge(bucket, key, incoming, &props, durability);
-        let merged = self.must(merged, "merge an object");
-        if let Some(first_only) = self.planted_bug(bucket, key, &merged) {
-            return first_only;
+        let Some(merged) = self.replica_call(merged, "merge an object") else {
+            return false;
+        };
+        if self.planted_bug(bucket, key, &merged).is_none() {
+            self.note_stored(&merged);
         }
-        self.note_stored(&merged);
-        merged
+        true
     }
 
     /// The planted bug, after a replica-side merge left `merged` under `key`: keep only its
@@ -1367,9 +1427,15 @@ impl Node {
         Some(first_only)
     }
 
-    /// `Replica::store_hint`: merged with any hint held for the key, bounded per target.
-    fn store_hint(&mut self, target: &NodeId, bucket: &str, key: &str, incoming: &Object) -> bool {
-        let durability = self.durability(bucket);
+    /// `Replica::store_hint`: merged with any hint held for the key, bounded per target,
+    /// with the write's durability (a `dw` put's hint is durable too, as in the server).
+    fn store_hint(
+        &mut self,
+        target: &NodeId,
+        (bucket, key): (&str, &str),
+        incoming: &Object,
+        durability: StoreDurability,
+    ) -> bool {
         let durability = self.buffered(durability);
         let stored = self.replica.store_hint(
             &target.0,
@@ -1379,19 +1445,23 @@ impl Node {
             MAX_HINTS_PER_TARGET,
             durability,
         );
-        let stored = self.must(stored, "store a hint");
-        if stored {
+        let stored = self.replica_call(stored, "store a hint");
+        if self.failed.is_some() {
+            return false;
+        }
+        if stored == Some(true) {
             self.stats.hints_stored += 1;
         } else {
             self.stats.hints_dropped += 1;
         }
-        stored
+        stored == Some(true)
     }
 
-    /// `Cluster::keep_hint`: this node keeps a version for `target`.
-    fn keep_hint(&mut self, target: &NodeId, bucket: &str, key: &str, object: &Object) {
+    /// `Cluster::keep_hint`: this node keeps a version of a coordinated write for `target`.
+    fn keep_hint(&mut self, target: &NodeId, write: &LocalWrite) {
         if target != &self.me {
-            self.store_hint(target, bucket, key, object);
+            let key = (write.bucket.as_str(), write.key.as_str());
+            self.store_hint(target, key, &write.stored, write.durability);
         }
     }
 
@@ -1401,11 +1471,12 @@ impl Node {
         bucket: &str,
         key: &str,
         hinted_for: Option<&NodeId>,
-    ) -> Option<Object> {
+    ) -> Result<Option<Object>, ()> {
         let read = self
             .replica
             .get_with_hint(bucket, key, hinted_for.map(|n| n.0.as_str()));
-        self.must(read, "read an object")
+        // A failed local read counts as a failed replica reply, as in the server.
+        self.replica_call(read, "read an object").ok_or(())
     }
 
     /// The periodic flush of buffered writes: a sync like any other (`Output::Sync`).
@@ -1800,7 +1871,7 @@ impl Node {
         for slot in fetches {
             if slot.node == self.me {
                 let local = self.local_with_hint(bucket, key, slot.stands_in_for.as_ref());
-                self.on_get_reply(now, coord, &slot.node, Ok(local));
+                self.on_get_reply(now, coord, &slot.node, local);
             } else {
                 let body = self.replica_get(bucket, key, slot.stands_in_for.as_ref());
                 let timeout = self.config.timings.request_ms;
@@ -1841,6 +1912,9 @@ impl Node {
                 }
                 GetStep::Repair { merged, targets } => {
                     for node in targets {
+                        if self.failed.is_some() {
+                            return;
+                        }
                         self.stats.read_repairs += 1;
                         self.store_replica(now, &node, &bucket, &key, &merged);
                     }
@@ -1977,7 +2051,7 @@ impl Node {
             match step {
                 PutStep::Send(send) => self.send_put(now, coord, send, &write),
                 PutStep::KeepHint { target } => {
-                    self.keep_hint(&target, &write.bucket, &write.key, &write.stored);
+                    self.keep_hint(&target, &write);
                 }
                 PutStep::Answer(result) => {
                     self.put_done(now, coord, result.map_err(|e| e.to_string()));
@@ -2263,7 +2337,7 @@ impl Node {
             self.stats.tombstones_reaped += 1;
         }
         for (bucket, key) in &served.stored {
-            if let Some(merged) = self.read(bucket, key)
+            if let Ok(Some(merged)) = self.read(bucket, key)
                 && self.planted_bug(bucket, key, &merged).is_none()
             {
                 self.note_stored(&merged);
@@ -2789,10 +2863,12 @@ impl Node {
                     )
                 } else {
                     let hinted = self.replica.holds_hint(&bucket, &key);
-                    let hinted = self.must(hinted, "read hints");
-                    if self.failed.is_some() {
-                        return;
-                    }
+                    let Some(hinted) = self.replica_call(hinted, "read hints") else {
+                        if self.failed.is_some() {
+                            return;
+                        }
+                        continue; // an unreadable hint: never reap past it
+                    };
                     (reap_check_members(&self.cluster), hinted)
                 };
             let (check, ask) = ReapCheck::start(&self.me, members, primaries, object, me_hinted);
@@ -2856,7 +2932,8 @@ impl Node {
         let plan = AaeRound::plan(
             &self.cluster,
             &self.me,
-            // One replica count for the exchange plan, as the server: the default bucket's.
+            // One replica count for the exchange plan: the default bucket's (the server
+            // plans with 3, its default).
             self.config.props.n_val,
             self.aae_round,
             self.aae_budget,
@@ -2936,9 +3013,13 @@ impl Node {
                 }
                 _ => None,
             };
-            match remote {
-                Some(remote) => {
-                    let local = self.read(&bucket, &key);
+            // So is a local copy that cannot be read.
+            let local = match remote {
+                Some(_) => self.read(&bucket, &key).ok(),
+                None => None,
+            };
+            match (remote, local) {
+                (Some(remote), Some(local)) => {
                     if let Some(repair) =
                         current
                             .exchange
@@ -2950,12 +3031,12 @@ impl Node {
                         if repair.store_remote {
                             self.store_replica(now, &peer, &bucket, &key, &repair.merged);
                         }
-                        if repair.repairs() {
+                        if repair.repairs() && self.failed.is_none() {
                             self.stats.aae_repairs += 1;
                         }
                     }
                 }
-                None => current.exchange.skip(&bucket_key),
+                _ => current.exchange.skip(&bucket_key),
             }
             if !current.exchange.compared_all() && !current.fetching.is_empty() {
                 self.aae_current = Some(current);
@@ -3655,6 +3736,56 @@ mod tests {
         assert!(
             net.nodes[primary].object("single", key).unwrap().is_some(),
             "coordinated"
+        );
+    }
+
+    #[test]
+    fn a_stored_object_that_does_not_decode_fails_its_requests_but_does_not_stop_the_node() {
+        let mut net = Net::new(&cluster_of_three());
+        net.put(0, 1, "b", "bad", b"v");
+        let storage_key = keys::object_key(b"b", b"bad");
+        net.disks[0]
+            .put(
+                Table::Objects,
+                &storage_key,
+                b"not an object",
+                StoreDurability::Fsync,
+            )
+            .unwrap();
+        // A write coordinated over it is refused (500), as in the server.
+        let op = PutOp::new("b", "bad", None, Some(b"w".to_vec()));
+        net.ask(0, 2, ClientOp::Put(op));
+        refused(&net.replies[&2], 500, "corrupt");
+        // A get through the node counts its own copy as a failed reply; the others answer.
+        let get = ClientOp::Get {
+            bucket: "b".into(),
+            key: "bad".into(),
+            r: Some(Quorum::Count(2)),
+            pr: None,
+        };
+        net.ask(0, 3, get);
+        assert!(
+            matches!(net.replies[&3], ClientResult::Got(_)),
+            "{:?}",
+            net.replies[&3]
+        );
+        // Anti-entropy rounds skip it. The node never stopped, and serves other keys.
+        net.now += 10_000;
+        for _ in 0..5 {
+            net.now += 2_000;
+            net.run(0, Input::Timer(Timer::Aae));
+        }
+        assert!(net.nodes[0].stopped().is_none());
+        assert!(net.stopped.is_empty(), "{:?}", net.stopped);
+        assert!(net.nodes[0].stats().corrupt_skipped >= 2);
+        for i in 0..3 {
+            net.run(i, Input::Timer(Timer::Gossip)); // heartbeats after the time jump
+        }
+        net.put(0, 4, "b", "good", b"v");
+        assert!(
+            matches!(net.replies[&4], ClientResult::Put(_)),
+            "{:?}",
+            net.replies[&4]
         );
     }
 

@@ -57,6 +57,15 @@ pub enum ServerError {
          acknowledged with W=1 before they were replicated)"
     )]
     CorruptStorage { path: String, message: String },
+    #[error(
+        "cannot open storage in {path}: {message}. The engine's log line just before says \
+         which file it could not recover: a file it does not expect in its directories (move \
+         that file away and start again) or a damaged one. If a file is damaged, move the data \
+         directory aside and start the node with an empty --data-dir and --join PEER_ADDR (a \
+         member's peer address): it comes back under a new identity, and hinted handoff and \
+         anti-entropy restore its keys from the other replicas"
+    )]
+    UnrecoverableStorage { path: String, message: String },
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error("cannot listen on {addr}: {source}")]
@@ -127,6 +136,9 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
                 let (path, message) = (dir.display().to_string(), e.to_string());
                 match e {
                     OpenError::Corrupt(_) => ServerError::CorruptStorage { path, message },
+                    OpenError::Unrecoverable(_) => {
+                        ServerError::UnrecoverableStorage { path, message }
+                    }
                     _ => ServerError::Storage { path, message },
                 }
             })?;

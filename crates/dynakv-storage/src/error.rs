@@ -26,6 +26,10 @@ pub enum OpenError {
     /// damaged, and opening it again will fail the same way.
     #[error("the stored data is corrupt: {0}")]
     Corrupt(EngineFailure),
+    /// The engine gave up recovering its files without saying why beyond its log: a damaged
+    /// file, or a file it does not expect in its directories (fjall's `Unrecoverable`).
+    #[error("the engine cannot recover its files: {0}")]
+    Unrecoverable(EngineFailure),
     /// The engine refused to open or recover its files (I/O error, lock held by another
     /// process).
     #[error("open failed: {0}")]

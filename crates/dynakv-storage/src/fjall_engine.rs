@@ -133,29 +133,45 @@ impl fmt::Debug for FjallStorage {
 }
 
 /// Why fjall could not open the data directory: damage it will find again at every start
-/// (failed checksums, undecodable blocks or journal batches) is [`OpenError::Corrupt`], the
+/// (failed checksums, undecodable blocks or journal batches, files cut short) is
+/// [`OpenError::Corrupt`]; fjall's `Unrecoverable`, which stands for a damaged file as well as
+/// a stray file in its directories (its log says which), [`OpenError::Unrecoverable`]; the
 /// rest (I/O, a lock held by another process) [`OpenError::Engine`].
 fn open_failure(error: fjall::Error) -> OpenError {
-    use fjall::LsmError;
-    let corrupt = matches!(
-        &error,
+    use fjall::{JournalRecoveryError as Journal, LsmError};
+    let cut_short = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+        )
+    };
+    let corrupt = match &error {
         fjall::Error::Storage(
             LsmError::ChecksumMismatch { .. }
-                | LsmError::InvalidTag(_)
-                | LsmError::InvalidTrailer
-                | LsmError::InvalidHeader(_)
-                | LsmError::Decompress(_)
-                | LsmError::Utf8(_)
-                | LsmError::Unrecoverable
-        ) | fjall::Error::JournalRecovery(_)
-            | fjall::Error::InvalidTrailer
-            | fjall::Error::InvalidTag(_)
-            | fjall::Error::Decompress(_)
-            | fjall::Error::Unrecoverable
+            | LsmError::InvalidTag(_)
+            | LsmError::InvalidTrailer
+            | LsmError::InvalidHeader(_)
+            | LsmError::Decompress(_)
+            | LsmError::Utf8(_),
+        )
+        | fjall::Error::JournalRecovery(
+            Journal::ChecksumMismatch | Journal::InsufficientLength | Journal::TooManyItems,
+        )
+        | fjall::Error::InvalidTrailer
+        | fjall::Error::InvalidTag(_)
+        | fjall::Error::Decompress(_) => true,
+        fjall::Error::Io(e) | fjall::Error::Storage(LsmError::Io(e)) => cut_short(e),
+        _ => false,
+    };
+    let unrecoverable = matches!(
+        &error,
+        fjall::Error::Unrecoverable | fjall::Error::Storage(LsmError::Unrecoverable)
     );
     let failure = failure(ENGINE, error);
     if corrupt {
         OpenError::Corrupt(failure)
+    } else if unrecoverable {
+        OpenError::Unrecoverable(failure)
     } else {
         OpenError::Engine(failure)
     }

@@ -926,42 +926,72 @@ fn fjall_table_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// A fjall directory, closed, whose objects were flushed to sorted tables; and the options
+/// it was written with.
+fn fjall_dir_with_tables() -> (tempfile::TempDir, FjallOptions) {
+    let dir = tempfile::tempdir().unwrap();
+    let options = FjallOptions {
+        max_memtable_size_bytes: 1024 * 1024,
+        ..FjallOptions::default()
+    };
+    let engine = FjallStorage::open(dir.path(), options.clone()).unwrap();
+    let value = vec![7u8; 1024];
+    for i in 0..4000u32 {
+        let key = format!("key-{i:06}");
+        put_with(&engine, key.as_bytes(), &value, Durability::Buffered);
+    }
+    engine.sync().unwrap();
+    // Memtables past 1 MiB are flushed to tables in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fjall_table_files(dir.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no table file written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(engine);
+    (dir, options)
+}
+
+/// Where the damage starts, counted from a table's end (its index and meta blocks, which fjall
+/// reads and checks at open).
+const FLIP_FROM_END: usize = 1000;
+
 /// A damaged data directory (its sorted tables overwritten) is refused at open as corrupt,
 /// not as an I/O or lock error, so the server can tell the operator how to recover.
 #[test]
 fn fjall_reports_damaged_tables_as_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = || FjallOptions {
-        max_memtable_size_bytes: 1024 * 1024,
-        ..FjallOptions::default()
-    };
-    {
-        let engine = FjallStorage::open(dir.path(), options()).unwrap();
-        let value = vec![7u8; 1024];
-        for i in 0..4000u32 {
-            let key = format!("key-{i:06}");
-            put_with(&engine, key.as_bytes(), &value, Durability::Buffered);
-        }
-        engine.sync().unwrap();
-        // Memtables past 1 MiB are flushed to tables in the background.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while fjall_table_files(dir.path()).is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no table file written"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
+    let (dir, options) = fjall_dir_with_tables();
     let tables = fjall_table_files(dir.path());
     for table in &tables {
-        let len = std::fs::metadata(table).unwrap().len() as usize;
-        std::fs::write(table, vec![0xA5u8; len]).unwrap();
+        let mut bytes = std::fs::read(table).unwrap();
+        let at = bytes.len().saturating_sub(FLIP_FROM_END);
+        for b in &mut bytes[at..at + 64] {
+            *b ^= 0xFF;
+        }
+        std::fs::write(table, bytes).unwrap();
     }
-    match FjallStorage::open(dir.path(), options()) {
+    match FjallStorage::open(dir.path(), options) {
         Err(dynakv_storage::OpenError::Corrupt(failure)) => {
             assert!(!failure.message.is_empty());
         }
         other => panic!("{} damaged tables: {other:?}", tables.len()),
+    }
+}
+
+/// A stray file in fjall's directories is not called corruption: the advice to wipe the
+/// directory is only given for failed checksums and undecodable files.
+#[test]
+fn fjall_does_not_call_a_stray_file_corruption() {
+    let (dir, options) = fjall_dir_with_tables();
+    let tables = fjall_table_files(dir.path());
+    let folder = tables[0].parent().unwrap();
+    std::fs::write(folder.join("notes.txt"), b"left here by hand").unwrap();
+    // fjall refuses the directory as unrecoverable (its log names the file), which the
+    // server words as "a damaged file or a file fjall does not expect".
+    match FjallStorage::open(dir.path(), options) {
+        Err(dynakv_storage::OpenError::Unrecoverable(_)) | Ok(_) => {}
+        other => panic!("a stray file: {other:?}"),
     }
 }
