@@ -1,0 +1,1562 @@
+//! `Node`: one dynakv node as a sans-IO state machine, `handle(now, input) -> outputs`.
+//!
+//! This is DESIGN.md's `Node::handle(now, input) -> outputs`: inputs are client requests,
+//! peer messages (requests and replies), transport failures and timers; outputs are messages
+//! to send, client replies, timers to set and syncs to perform. Storage is a [`Storage`]
+//! handle the node reads and writes in place, always buffered: a write that must be durable
+//! asks for a sync ([`Output::Sync`]) and what depends on it (the acknowledgement of a
+//! durable replica write or handoff batch, the replication of a durable coordinator write, a
+//! cleanup pass's record) waits for [`Input::Synced`], so `handle` never waits on a disk (the
+//! server's group commit has the same shape). Two rare writes still fsync in place: the dot
+//! counter's durable lease (`Replica`, once per 100,000 dots and at the first write of a run)
+//! and a peer's `Reap`. Time enters as `now` (milliseconds), randomness as a [`SeededRng`].
+//!
+//! What it is built from: the local store is the core's [`Replica`] and [`AaeTrees`]; every
+//! replica-side peer request is answered by [`serve`] (the server's peer handler calls it
+//! too); messages are [`PeerMessage`]s; gets and puts are the [`GetCoordinator`] and
+//! [`PutCoordinator`] (with [`ReplicaPlan`]), forwarding is `PutForward`/`refuse_forwarded`/
+//! `forward_reply`, and each background round builds its messages with the core's functions
+//! (`HintRound::route_page`, `TransitionHandoff::batch_page`, `Cleanup::add_page`,
+//! `reap_candidates`, `ReapCheck`, `AaeRound`/`AaeExchange`, `FailureDetector`,
+//! `ClusterState::gossip_peer`/`merge`/`plan`). What it adds is the sequencing around them:
+//! which step follows which reply, timers, the request table, the transport's backoff.
+//!
+//! Who drives it: `dynakv-sim` runs 3 to 5 `Node`s in one thread over a simulated network.
+//! The server (`dynakv-server::cluster`) still runs the same sequencing written as async
+//! tasks over the same primitives; docs/architecture.md (*One node state machine*) says what
+//! differs and how the server is to be moved onto this type.
+//!
+//! Buckets: any number; a bucket's properties are the cluster state's (`bucket_props`, parsed
+//! as the server parses them: fields an entry lacks take the built-in defaults) or else
+//! [`NodeConfig::props`].
+//!
+//! Storage failures: the node does not panic and does not guess. The first failed storage
+//! call stops it: the outputs of the input being handled are discarded (nothing computed
+//! from a failed read or write leaves the node), and [`Output::Stopped`] tells the driver,
+//! which restarts it from its storage as after a crash (the server's rule for a failed sync).
+//! A stopped node ignores every further input until [`Node::restart`].
+//!
+//! Invariants this module keeps:
+//! - every object this node stores goes through `Replica::write` (as coordinator, with its
+//!   own actor) or `Replica::merge` (`sync`): no sibling it did not see is dropped (unless a
+//!   planted [`Bug`], an old rule of [`NodeConfig`] or the `last_write_wins` mode says so);
+//! - a hint is deleted only after its target acknowledged it, and only if it did not change
+//!   meanwhile;
+//! - the Merkle tree of a partition is updated on every object write, so two nodes holding
+//!   the same objects of a partition have equal roots;
+//! - every outgoing request either gets a reply, a transport failure, or times out: nothing
+//!   waits forever;
+//! - a replica whose ring version is newer than the sender's refuses `ReplicaPut` and
+//!   `HintedPut` (`StaleRing`, with its state), and a node drops a key only once the ring is
+//!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
+
+use crate::aae_trees::AaeTrees;
+use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
+use crate::bucket::{BucketProps, Quorum};
+use crate::codec::{Reader, Writer};
+use crate::coordinator::{
+    ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
+    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidates,
+    reap_check_members, reaper_primaries, refuse_forwarded,
+};
+use crate::failure::FailureDetector;
+use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
+use crate::hints::HintRound;
+use crate::keys;
+use crate::limits;
+use crate::membership::{BucketPropsEntry, ClusterState, MAX_CUSTOM_BUCKETS, Member, MemberStatus};
+use crate::merkle::{self, Hash};
+use crate::message::{HandoffEntry, PeerMessage, WireContent};
+use crate::object::{Content, Object, PrunePolicy, Sibling, decode_clock, encode_clock};
+use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
+use crate::ring::{NodeId, PartitionId, Ring};
+use crate::rng::SeededRng;
+use crate::serve::{self, HintOutcome, Reply, ServeContext, ServeError};
+use crate::storage::{Durability as StoreDurability, Storage, Table};
+use crate::version::{ActorId, VersionVector};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// The content type of a value written without one.
+const CONTENT_TYPE: &str = "application/octet-stream";
+/// Consecutive timeouts after which the transport puts a peer into backoff.
+pub const TIMEOUTS_BEFORE_BACKOFF: u32 = 3;
+/// First transport backoff.
+pub const BACKOFF_INITIAL_MS: u64 = 100;
+/// Longest transport backoff.
+pub const BACKOFF_MAX_MS: u64 = 5000;
+/// Most keys a node keeps as hints for one target (the server's `MAX_HINTS_PER_TARGET`).
+pub const MAX_HINTS_PER_TARGET: usize = 100_000;
+/// Keys per handoff batch (the server's, from core's limits).
+pub const HANDOFF_BATCH_KEYS: usize = limits::HANDOFF_BATCH_KEYS;
+/// Keys per page of a key listing, asked of each node and answered to the client (the
+/// server's `LIST_PAGE_KEYS`).
+pub const LIST_PAGE_KEYS: usize = 1000;
+/// Most bucket property sets a node keeps parsed (the server's `MAX_PARSED_PROPS`).
+pub const MAX_PARSED_PROPS: usize = 10_000;
+/// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
+pub const MAX_REAPS_PER_ROUND: usize = 1000;
+/// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
+pub const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
+
+/// The node's intervals and timeouts, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// One replica request (get, put, hinted put, handoff batch, anti-entropy step).
+    pub request_ms: u64,
+    /// A forwarded put waits this long for the remote coordinator.
+    pub forward_ms: u64,
+    /// Gossip (heartbeat) interval.
+    pub gossip_interval_ms: u64,
+    /// A member whose gossiped heartbeat has not moved for this long is believed down.
+    pub heartbeat_timeout_ms: u64,
+    /// Hint delivery interval.
+    pub hint_interval_ms: u64,
+    /// Anti-entropy (and tombstone reaping) round interval.
+    pub aae_interval_ms: u64,
+    /// Buffered-durability flush interval.
+    pub flush_interval_ms: u64,
+}
+
+impl Timings {
+    /// The server's defaults (`request_timeout_ms` 2 s, forward 5x that, gossip every second,
+    /// heartbeat timeout 5 s, hints every second, `aae_interval_ms`, `flush_interval_ms`).
+    pub const SERVER: Timings = Timings {
+        request_ms: 2000,
+        forward_ms: 5 * 2000,
+        gossip_interval_ms: 1000,
+        heartbeat_timeout_ms: 5000,
+        hint_interval_ms: 1000,
+        aae_interval_ms: 2000,
+        flush_interval_ms: 100,
+    };
+
+    /// The simulator's: the request timeout scaled down from 2 s to 500 ms (and the forward
+    /// timeout with it) so a simulated run covers many faults; the rest as the server's.
+    pub const SIMULATION: Timings = Timings {
+        request_ms: 500,
+        forward_ms: 5 * 500,
+        ..Timings::SERVER
+    };
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings::SERVER
+    }
+}
+
+const _: () = assert!(Timings::SERVER.forward_ms > Timings::SERVER.request_ms);
+const _: () = assert!(Timings::SIMULATION.forward_ms > Timings::SIMULATION.request_ms);
+
+/// A deliberately planted bug, to show the checkers catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// After every replica-side merge (`sync`), keep only the first sibling (by dot).
+    DropSiblingOnMerge,
+}
+
+/// Node settings. The old rules and the planted bug reproduce earlier findings so the
+/// simulator's checkers can show they catch them; all are off by default.
+#[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches: planted bugs, old rules
+pub struct NodeConfig {
+    /// Properties of every bucket the cluster state sets none for (`n_val`, `r`, `w`, `pr`,
+    /// `pw`, `last_write_wins`: after a put or a merge keep only the newest sibling;
+    /// `durability`: `fsync`, or `buffered`: durable at the next flush, every
+    /// `Timings::flush_interval_ms`).
+    pub props: BucketProps,
+    pub timings: Timings,
+    pub bug: Option<Bug>,
+    /// The server's rule, on by default: `Handoff` carries the sender's ring version, a
+    /// receiver with a newer ring refuses it (`StaleRing`, as `ReplicaPut` does), and a
+    /// receiver that stored a key it does not replicate asks for another cleanup
+    /// (`check_orphan`), as does a local read repair. Off reproduces the finding: a hint
+    /// delivered by a node with an older ring to a node that already dropped the key after a
+    /// join (or a read repair of a get planned before the ring changed) stays there for good,
+    /// outside the key's preference list.
+    pub handoff_checks_ring: bool,
+    /// A tombstone is reaped once its newest write is this old (and every primary holds it).
+    pub tombstone_grace_ms: u64,
+    /// The old rule, to reproduce the finding: a coordinator's dot counter is per key only
+    /// (`Object::update`), so a key whose tombstone was reaped restarts at 1 and reissues an
+    /// old dot for a new value (Riak's KV679).
+    pub per_key_counters: bool,
+    /// The old reaping rule, to reproduce the finding: only the primaries are checked (each
+    /// must hold the same tombstone); a hint of an older version still held elsewhere comes
+    /// back after the reap.
+    pub primaries_only_reap: bool,
+    /// The forwarding rule before finding 5, to reproduce it: a forward that timed out is
+    /// retried on the next primary, and a coordinator applies a forwarded put however late
+    /// it arrives (a paused primary then coordinates it too when it resumes).
+    pub retry_unanswered_forward: bool,
+}
+
+/// The tombstone grace period of the simulator's nodes (the server's default is an hour;
+/// scaled down like the timeouts).
+pub const DEFAULT_TOMBSTONE_GRACE_MS: u64 = 10_000;
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            props: BucketProps::default(),
+            timings: Timings::default(),
+            bug: None,
+            // The server's rule since the simulation found the stray-copy case (seed 154).
+            handoff_checks_ring: true,
+            tombstone_grace_ms: DEFAULT_TOMBSTONE_GRACE_MS,
+            per_key_counters: false,
+            primaries_only_reap: false,
+            retry_unanswered_forward: false,
+        }
+    }
+}
+
+/// Id of one peer request, unique per sending node.
+pub type RequestId = u64;
+/// Id of one client request, unique per driver.
+pub type ClientRequestId = u64;
+
+/// A peer message: `PeerMessage`s, as requests and their replies.
+#[derive(Debug, Clone)]
+pub enum Message {
+    Request { id: RequestId, body: PeerMessage },
+    Response { id: RequestId, body: PeerMessage },
+}
+
+/// A client write (a delete is a write whose content is `deleted`: a tombstone with the
+/// context), with the HTTP API's options.
+#[derive(Debug, Clone)]
+pub struct PutOp {
+    pub bucket: String,
+    pub key: String,
+    pub context: Option<VersionVector>,
+    pub content: WireContent,
+    /// Acknowledgements required, of replicas and of primaries (`None`: the bucket's).
+    pub w: Option<Quorum>,
+    pub pw: Option<Quorum>,
+    /// `dw` was given: the write is durable on the coordinator and on every replica counted
+    /// before the answer, whatever the bucket's durability.
+    pub dw_given: bool,
+    pub precondition: Precondition,
+}
+
+impl PutOp {
+    /// A write of `value` (`None` deletes) with the bucket's quorums and no precondition.
+    pub fn new(
+        bucket: &str,
+        key: &str,
+        context: Option<VersionVector>,
+        value: Option<Vec<u8>>,
+    ) -> PutOp {
+        PutOp {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            context,
+            content: WireContent {
+                deleted: value.is_none(),
+                value: value.unwrap_or_default(),
+                content_type: CONTENT_TYPE.into(),
+                meta: Vec::new(),
+            },
+            w: None,
+            pw: None,
+            dw_given: false,
+            precondition: Precondition::None,
+        }
+    }
+}
+
+/// A client request to this node. Quorums of `None` are the bucket's.
+#[derive(Debug, Clone)]
+pub enum ClientOp {
+    Get {
+        bucket: String,
+        key: String,
+        r: Option<Quorum>,
+        pr: Option<Quorum>,
+    },
+    Put(PutOp),
+    /// Set a bucket's properties cluster-wide (`None` resets them to the defaults); gossip
+    /// spreads the change.
+    SetBucketProps {
+        bucket: String,
+        props: Option<BucketProps>,
+    },
+    /// Ask the member `via` to admit this node (only a node that is alone in its cluster and
+    /// holds no data may join).
+    Join {
+        via: NodeId,
+    },
+    /// Mark this node leaving; the claimant plans the ring without it and handoff moves its
+    /// keys.
+    Leave,
+    /// Every live key of a bucket across the ring's nodes, deduplicated, in key order,
+    /// answered in pages (`ClientResult::Keys`, the last with `last`).
+    ListKeys {
+        bucket: String,
+    },
+    /// Every bucket holding an object on a node of the ring.
+    ListBuckets,
+}
+
+/// The answer to a client request.
+#[derive(Debug, Clone)]
+pub enum ClientResult {
+    /// A get's merged object (empty when absent).
+    Got(Object),
+    /// A put's stored object, as the coordinator wrote it.
+    Put(Object),
+    /// An administrative request (bucket properties, join, leave) was carried out.
+    Done,
+    /// One page of a key listing (at most `LIST_PAGE_KEYS` keys); more follow unless `last`.
+    Keys { keys: Vec<String>, last: bool },
+    /// A bucket listing.
+    Buckets(Vec<String>),
+    /// The request failed, with the HTTP status it maps to: 503 (quorum not met, no
+    /// coordinator), 409 (the write was refused: sibling or clock limits), 412 (its
+    /// precondition failed), 400 (a refused administrative request), 500 (the stored object
+    /// cannot be read), or what a remote coordinator answered.
+    Failed { status: u16, message: String },
+}
+
+impl ClientResult {
+    fn unavailable(message: String) -> ClientResult {
+        ClientResult::Failed {
+            status: 503,
+            message,
+        }
+    }
+}
+
+/// Timers a node sets for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    Gossip,
+    Hints,
+    Aae,
+    Flush,
+    RequestTimeout(RequestId),
+}
+
+/// What drives a node.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Client {
+        id: ClientRequestId,
+        op: ClientOp,
+    },
+    Message {
+        from: NodeId,
+        message: Message,
+    },
+    /// A request could not be sent (the peer's process is down: connection refused).
+    SendFailed {
+        to: NodeId,
+        id: RequestId,
+    },
+    Timer(Timer),
+    /// The storage sync asked for by `Output::Sync { through }` completed: every write the
+    /// node made before it returned that output is durable.
+    Synced {
+        through: u64,
+    },
+    /// That sync failed: the node stops (see the module doc).
+    SyncFailed {
+        error: String,
+    },
+    /// `peer`'s clock minus this node's, as measured by the transport's hello: a forwarded
+    /// put's timestamp (the forwarder's clock) is converted before its age is judged.
+    PeerClock {
+        peer: NodeId,
+        offset_ms: i64,
+    },
+}
+
+/// What a node asks its environment to do.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Send {
+        to: NodeId,
+        message: Message,
+    },
+    Reply {
+        id: ClientRequestId,
+        result: ClientResult,
+    },
+    SetTimer {
+        at_ms: u64,
+        timer: Timer,
+    },
+    /// Make every write the node made so far durable (`Storage::sync`, or a group commit
+    /// that starts after this output), then feed back `Input::Synced { through }`. The node
+    /// holds back what must not happen before that: the acknowledgement of a durable replica
+    /// write, the replication of a durable coordinator write, a cleanup pass's record.
+    Sync {
+        through: u64,
+    },
+    /// A storage call failed: the node stopped (see the module doc). The driver restarts it
+    /// with [`Node::restart`] once its storage works again.
+    Stopped {
+        error: String,
+    },
+}
+
+/// What waits for a sync (see `Output::Sync`).
+#[derive(Debug)]
+enum AfterSync {
+    /// The acknowledgement of a durable replica write or handoff batch.
+    Respond {
+        to: NodeId,
+        id: RequestId,
+        body: PeerMessage,
+    },
+    /// A durable coordinator write: replicate once it is on disk (the server's coordinator
+    /// also makes its own copy durable before it sends the write on).
+    Replicate {
+        reply: ReplyTo,
+        write: LocalWrite,
+        plan: ReplicaPlan,
+        planned_at: Option<u64>,
+    },
+    /// A cleanup pass is recorded only once its drops are durable.
+    RecordCleanup(Cleanup<Vec<u8>, Hash>),
+}
+
+/// Why a reply is awaited.
+#[derive(Debug, Clone)]
+enum Purpose {
+    GetFetch {
+        coord: u64,
+    },
+    PutSend {
+        coord: u64,
+        send: PutSend,
+    },
+    /// Read repair and anti-entropy stores: fire and forget (the transport still counts).
+    Store,
+    Forward {
+        client: ClientRequestId,
+        forward: PutForward,
+        body: Box<PeerMessage>,
+    },
+    /// Hints for `target`: a `Handoff` batch to it, or one hint whose target no longer
+    /// replicates its key, sent to one of the key's current replicas.
+    HintDelivery {
+        target: NodeId,
+        /// The hints' storage keys.
+        hints: Vec<Vec<u8>>,
+    },
+    /// A batch of the ring transition's handoff.
+    TransitionHandoff,
+    /// A batch of keys this node no longer replicates, sent to their primaries before cleanup
+    /// drops them.
+    CleanupHandoff {
+        /// The keys' storage keys.
+        keys: Vec<Vec<u8>>,
+    },
+    Aae,
+    /// A primary's copy of a tombstone the reaper checks.
+    ReapCheck {
+        reap: u64,
+    },
+    Gossip,
+    Join,
+    /// A page of keys for cursor `cursor` of listing `listing`.
+    KeyPage {
+        listing: u64,
+        cursor: usize,
+    },
+    /// One node's buckets for bucket listing `listing`.
+    Buckets {
+        listing: u64,
+    },
+}
+
+/// A page of keys and where the next one starts (`None`: the bucket is exhausted).
+type KeyPage = (Vec<String>, Option<String>);
+
+/// One node's side of a key listing: the page being merged and where the next one starts.
+#[derive(Debug)]
+struct ListCursor {
+    node: NodeId,
+    buffer: VecDeque<String>,
+    next_after: Option<String>,
+    more: bool,
+    fetching: bool,
+    /// The node did not answer: left out (its keys have other replicas).
+    failed: bool,
+}
+
+/// A key listing in progress (`Cluster::list_keys`): a k-way merge of every node's pages,
+/// memory one page per node plus the page being filled.
+#[derive(Debug)]
+struct KeyListing {
+    client: ClientRequestId,
+    bucket: String,
+    cursors: Vec<ListCursor>,
+    out: Vec<String>,
+}
+
+/// A bucket listing in progress.
+#[derive(Debug)]
+struct BucketListing {
+    client: ClientRequestId,
+    waiting: usize,
+    answered: usize,
+    buckets: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    to: NodeId,
+    purpose: Purpose,
+}
+
+#[derive(Debug, Clone)]
+enum ReplyTo {
+    Client(ClientRequestId),
+    Peer(NodeId, RequestId),
+}
+
+#[derive(Debug)]
+struct GetCoord {
+    bucket: String,
+    key: String,
+    coordinator: GetCoordinator,
+    reply: Option<ReplyTo>,
+}
+
+/// A coordinator's stored version of a write, and how it is to be replicated.
+#[derive(Debug, Clone)]
+struct LocalWrite {
+    bucket: String,
+    key: String,
+    stored: Object,
+    w: usize,
+    pw: usize,
+    durability: StoreDurability,
+}
+
+#[derive(Debug)]
+struct PutCoord {
+    write: LocalWrite,
+    coordinator: PutCoordinator,
+    reply: Option<ReplyTo>,
+    /// First replication round: the ring version the write was planned with (a failed
+    /// quorum is re-planned once when the ring changed meanwhile). `None` for the re-plan.
+    planned_at: Option<u64>,
+}
+
+/// A tombstone being checked on the other primaries before it is reaped.
+#[derive(Debug)]
+struct ReapRun {
+    bucket: String,
+    key: String,
+    /// The other primaries (asked to reap once the check passes).
+    others: Vec<NodeId>,
+    check: ReapCheck<Object>,
+}
+
+/// The anti-entropy exchange in progress: the core's `AaeExchange`, the question it waits
+/// for, and the version fetches of the keys it compares.
+#[derive(Debug)]
+struct AaeRun {
+    peer: NodeId,
+    exchange: AaeExchange<BucketKey>,
+    asking: Option<RequestId>,
+    fetching: BTreeMap<RequestId, BucketKey>,
+    /// A step failed or was answered unexpectedly: the exchange ended early.
+    failed: bool,
+}
+
+/// What the anti-entropy exchanges of one partition did (the server's `admin aae`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AaeRecord {
+    /// When the last exchange completed, and with whom.
+    pub last_exchange_ms: Option<u64>,
+    pub last_peer: Option<NodeId>,
+    pub keys_repaired_last: u64,
+    pub keys_repaired_total: u64,
+    pub exchanges: u64,
+}
+
+/// The transport's view of one peer.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    consecutive_timeouts: u32,
+    backoff_until: u64,
+    next_backoff_ms: u64,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            consecutive_timeouts: 0,
+            backoff_until: 0,
+            next_backoff_ms: BACKOFF_INITIAL_MS,
+        }
+    }
+}
+
+/// High-water marks and counts of what a node did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeStats {
+    pub max_siblings: usize,
+    pub max_clock_entries: usize,
+    pub hints_stored: u64,
+    pub hints_delivered: u64,
+    pub hints_dropped: u64,
+    /// Hints that failed their checksum, removed undelivered.
+    pub hints_corrupt: u64,
+    pub read_repairs: u64,
+    pub aae_repairs: u64,
+    /// Keys sent by this node's transition handoffs, and keys dropped by cleanup.
+    pub handoff_keys: u64,
+    pub cleanup_dropped: u64,
+    pub stale_ring_refusals: u64,
+    /// Forwarded puts this node refused as coordinator because they arrived too late.
+    pub late_forwards_refused: u64,
+    pub replans: u64,
+    pub tombstones_reaped: u64,
+    /// Stored objects or hints that did not decode, left alone (see `Node::replica_call`).
+    pub corrupt_skipped: u64,
+}
+
+/// Why a node could not be opened over its storage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot open the node's storage: {0}")]
+pub struct OpenError(pub String);
+
+/// One node.
+#[derive(Debug)]
+pub struct Node {
+    me: NodeId,
+    actor: ActorId,
+    config: NodeConfig,
+    // ---- durable state ----
+    cluster: ClusterState,
+    /// The node's storage: objects, hints, the dot-counter lease, the anti-entropy index.
+    storage: Arc<dyn Storage>,
+    // ---- volatile state ----
+    /// The replica over the storage: read-merge-write of objects (with the node-wide dot
+    /// counter and its durable lease), the bounded hint store, tombstones. Rebuilt at every
+    /// start.
+    replica: Replica,
+    /// The anti-entropy trees and index, rebuilt from the storage at every start.
+    aae: Arc<AaeTrees>,
+    /// Parsed bucket properties of the cluster state, by the entry's timestamp.
+    parsed_props: RefCell<BTreeMap<String, (u64, BucketProps)>>,
+    rng: SeededRng,
+    next_request: RequestId,
+    next_coord: u64,
+    pending: BTreeMap<RequestId, Pending>,
+    gets: BTreeMap<u64, GetCoord>,
+    puts: BTreeMap<u64, PutCoord>,
+    failure_detector: FailureDetector,
+    links: BTreeMap<NodeId, Link>,
+    /// Peers' clock offsets (`Input::PeerClock`), bounded by the members.
+    clock_offsets: BTreeMap<NodeId, i64>,
+    /// The hint delivery round in progress per target.
+    hint_rounds: BTreeMap<NodeId, HintRound<Vec<u8>, Vec<u8>>>,
+    /// The request being failed because it was never delivered (see `fail_unsent`).
+    unsent: Option<RequestId>,
+    handoff: Option<TransitionHandoff>,
+    /// The ring version whose cleanup ran (volatile, as in the server).
+    cleanup_marker: CleanupMarker,
+    /// Until a join is accepted: the members to ask, in turn (the operator retrying).
+    join_via: Vec<NodeId>,
+    join_attempts: usize,
+    join_pending: bool,
+    /// The client request that asked for the join in progress (answered once, no retry).
+    join_client: Option<ClientRequestId>,
+    aae_round: usize,
+    aae_plan: Option<AaeRound>,
+    aae_current: Option<AaeRun>,
+    /// Keys one anti-entropy round may repair (admission control: the driver lowers it while
+    /// foreground latency is high).
+    aae_budget: usize,
+    /// Completed exchanges per partition (volatile, as in the server).
+    aae_records: BTreeMap<PartitionId, AaeRecord>,
+    reaps: BTreeMap<u64, ReapRun>,
+    next_reap: u64,
+    key_listings: BTreeMap<u64, KeyListing>,
+    bucket_listings: BTreeMap<u64, BucketListing>,
+    next_listing: u64,
+    /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
+    /// and whether all so far succeeded.
+    cleanup: Option<Cleanup<Vec<u8>, Hash>>,
+    /// Transport failures to process before returning (a send to a peer in backoff fails
+    /// at once).
+    failures: VecDeque<(NodeId, RequestId)>,
+    outputs: Vec<Output>,
+    /// The latest sync ticket issued (one per write that must become durable), and the
+    /// latest one an `Output::Sync` asked for.
+    sync_issued: u64,
+    sync_asked: u64,
+    /// What waits for a sync, by the ticket it needs, in ticket order.
+    after_sync: VecDeque<(u64, AfterSync)>,
+    /// The first storage failure: the node is stopped until `restart`.
+    failed: Option<String>,
+    /// Whether `Output::Stopped` was returned for `failed`.
+    stop_reported: bool,
+    stats: NodeStats,
+}
+
+impl Node {
+    /// A node over `storage` (empty, or what a previous run of this node left), knowing
+    /// `cluster`; returns it and its first timers. `actor` must be new whenever the storage
+    /// may have lost writes this node's actor made (restart safety).
+    pub fn new(
+        me: NodeId,
+        actor: ActorId,
+        cluster: ClusterState,
+        config: NodeConfig,
+        storage: Arc<dyn Storage>,
+        rng: SeededRng,
+        now: u64,
+    ) -> Result<(Node, Vec<Output>), OpenError> {
+        let (replica, aae) = open_storage(&storage, actor, &cluster.ring.current)?;
+        let heartbeat_timeout = config.timings.heartbeat_timeout_ms;
+        let mut node = Node {
+            failure_detector: FailureDetector::new(me.clone(), now, heartbeat_timeout),
+            me,
+            actor,
+            config,
+            cluster,
+            storage,
+            replica,
+            aae,
+            parsed_props: RefCell::new(BTreeMap::new()),
+            rng,
+            next_request: 1,
+            next_coord: 1,
+            pending: BTreeMap::new(),
+            gets: BTreeMap::new(),
+            puts: BTreeMap::new(),
+            links: BTreeMap::new(),
+            clock_offsets: BTreeMap::new(),
+            hint_rounds: BTreeMap::new(),
+            unsent: None,
+            handoff: None,
+            cleanup_marker: CleanupMarker::default(),
+            join_via: Vec::new(),
+            join_attempts: 0,
+            join_pending: false,
+            join_client: None,
+            aae_round: 0,
+            aae_plan: None,
+            aae_current: None,
+            aae_budget: MAX_AAE_KEYS_PER_EXCHANGE,
+            aae_records: BTreeMap::new(),
+            reaps: BTreeMap::new(),
+            next_reap: 0,
+            key_listings: BTreeMap::new(),
+            bucket_listings: BTreeMap::new(),
+            next_listing: 0,
+            cleanup: None,
+            failures: VecDeque::new(),
+            outputs: Vec::new(),
+            sync_issued: 0,
+            sync_asked: 0,
+            after_sync: VecDeque::new(),
+            failed: None,
+            stop_reported: false,
+            stats: NodeStats::default(),
+        };
+        let outputs = node.start_timers(now);
+        Ok((node, outputs))
+    }
+
+    /// A fresh node that founded its own one-node cluster and asks `via` (in turn, until one
+    /// accepts) to admit it: `Cluster::join`. Its storage should hold no data.
+    #[allow(clippy::too_many_arguments)] // mirrors `new` plus what a join needs
+    pub fn joining(
+        me: NodeId,
+        actor: ActorId,
+        cluster_name: &str,
+        partitions: u32,
+        via: Vec<NodeId>,
+        config: NodeConfig,
+        storage: Arc<dyn Storage>,
+        rng: SeededRng,
+        now: u64,
+    ) -> Result<(Node, Vec<Output>), OpenError> {
+        let cluster = ClusterState::found(cluster_name, member_entry(&me), partitions)
+            .map_err(|e| OpenError(e.to_string()))?;
+        let (mut node, mut outputs) = Node::new(me, actor, cluster, config, storage, rng, now)?;
+        node.join_via = via;
+        node.send_join(now);
+        outputs.append(&mut node.outputs);
+        Ok((node, outputs))
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// What this node believes about the cluster.
+    pub fn cluster(&self) -> &ClusterState {
+        &self.cluster
+    }
+
+    /// Whether this node is part of the cluster (its join, if any, was accepted).
+    pub fn joined(&self) -> bool {
+        self.join_via.is_empty()
+    }
+
+    /// Whether this node's own state says it has left (`Cluster::has_exited`).
+    pub fn has_exited(&self) -> bool {
+        self.cluster
+            .member(&self.me)
+            .is_some_and(|m| m.status == MemberStatus::Exiting)
+    }
+
+    /// Whether this node's cleanup ran for the ring it knows.
+    pub fn cleaned_up(&self) -> bool {
+        self.cleanup_marker.cleaned_version() >= self.cluster.ring.version
+    }
+
+    /// Whether a storage failure stopped this node (until [`Node::restart`]).
+    pub fn stopped(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// `Cluster::leave`: mark this node leaving; gossip and the claimant do the rest.
+    pub fn leave(&mut self) -> Result<(), String> {
+        let me = self.me.clone();
+        self.cluster.request_leave(&me).map_err(|e| e.to_string())
+    }
+
+    pub fn actor(&self) -> ActorId {
+        self.actor
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+
+    /// Admission control of background work: the keys one anti-entropy round may repair
+    /// (at least 1). The server's `Admission` computes it from the foreground p99.
+    pub fn set_aae_budget(&mut self, budget: usize) {
+        self.aae_budget = budget.max(1);
+    }
+
+    /// What anti-entropy did per partition since the node started.
+    pub fn aae_records(&self) -> &BTreeMap<PartitionId, AaeRecord> {
+        &self.aae_records
+    }
+
+    /// The properties of `bucket`: the cluster state's entry (a stored `{"props": ...}` as
+    /// the server parses it: fields it lacks take the built-in defaults), else the config's.
+    /// Parsed entries are kept by their timestamp (at most `MAX_PARSED_PROPS`).
+    pub fn props(&self, bucket: &str) -> BucketProps {
+        let Some(entry) = self.cluster.bucket_props.get(bucket) else {
+            return self.config.props.clone();
+        };
+        let mut cache = self.parsed_props.borrow_mut();
+        if let Some((ts, props)) = cache.get(bucket)
+            && *ts == entry.timestamp_ms
+        {
+            return props.clone();
+        }
+        let props = parse_props(bucket, entry.props_json.as_deref())
+            .unwrap_or_else(|| self.config.props.clone());
+        if cache.len() >= MAX_PARSED_PROPS {
+            cache.clear();
+        }
+        cache.insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
+        props
+    }
+
+    /// The key's replica count.
+    fn n_val(&self, bucket: &str) -> u32 {
+        self.props(bucket).n_val
+    }
+
+    /// The stored object of a key (tombstones included).
+    pub fn object(&self, bucket: &str, key: &str) -> Result<Option<Object>, String> {
+        self.replica.get(bucket, key).map_err(|e| e.to_string())
+    }
+
+    /// Every stored object as `(bucket, key, object)`, in storage-key order.
+    pub fn objects(&self) -> Result<Vec<(String, String, Object)>, String> {
+        let mut objects = Vec::new();
+        for (storage_key, bytes) in self.object_pages()?.into_iter().flatten() {
+            let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+                continue;
+            };
+            let object = Object::decode(&bytes).map_err(|e| e.to_string())?;
+            objects.push((
+                String::from_utf8_lossy(bucket).into_owned(),
+                String::from_utf8_lossy(key).into_owned(),
+                object,
+            ));
+        }
+        Ok(objects)
+    }
+
+    /// Every stored object as pages of `(storage key, bytes)`, as the server scans them.
+    fn object_pages(&self) -> Result<Vec<Vec<crate::storage::Entry>>, String> {
+        let mut pages = Vec::new();
+        let mut start_after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .replica
+                .scan_objects(start_after.as_deref(), 1000)
+                .map_err(|e| e.to_string())?;
+            let Some((last, _)) = page.last() else {
+                return Ok(pages);
+            };
+            start_after = Some(last.clone());
+            pages.push(page);
+        }
+    }
+
+    /// [`Node::object_pages`] for the node's own work: a failure stops the node.
+    fn scan_all(&mut self) -> Vec<Vec<crate::storage::Entry>> {
+        let pages = self.object_pages();
+        self.must(pages, "scan objects")
+    }
+
+    /// Number of hints held.
+    pub fn hint_count(&self) -> usize {
+        self.replica.hint_counts().iter().map(|(_, n)| n).sum()
+    }
+
+    /// The Merkle root of one partition's tree.
+    pub fn partition_root(&self, partition: PartitionId) -> Hash {
+        self.aae.root(partition)
+    }
+
+    /// The key's partition.
+    pub fn partition_of(&self, bucket: &str, key: &str) -> PartitionId {
+        self.cluster
+            .ring
+            .current
+            .partition_of(bucket.as_bytes(), key.as_bytes())
+    }
+
+    /// The key's primaries (its preference list).
+    pub fn primaries(&self, bucket: &str, key: &str) -> Vec<NodeId> {
+        self.cluster
+            .preference_list(self.partition_of(bucket, key), self.n_val(bucket))
+    }
+
+    fn start_timers(&mut self, now: u64) -> Vec<Output> {
+        let timings = self.config.timings;
+        let mut out = vec![
+            Output::SetTimer {
+                at_ms: now + timings.gossip_interval_ms,
+                timer: Timer::Gossip,
+            },
+            Output::SetTimer {
+                at_ms: now + timings.hint_interval_ms,
+                timer: Timer::Hints,
+            },
+            // The first anti-entropy round comes one interval after startup, as in the server.
+            Output::SetTimer {
+                at_ms: now + timings.aae_interval_ms,
+                timer: Timer::Aae,
+            },
+        ];
+        // Any bucket may be buffered (its properties can change at any time): the flush runs
+        // always, as the server's flusher does.
+        out.push(Output::SetTimer {
+            at_ms: now + timings.flush_interval_ms,
+            timer: Timer::Flush,
+        });
+        out
+    }
+
+    /// Start again over the same storage after a crash or a storage failure (the driver
+    /// decides what the storage kept, and whether `actor` is new: it must be whenever
+    /// writes of the old actor may be lost). Volatile state (requests in flight,
+    /// coordinations, liveness views, transport state, anti-entropy progress) is gone.
+    /// Returns the new timers: the driver drops every timer and sync it holds from before
+    /// (the simulator's incarnations do), or the periodic rounds would run twice.
+    pub fn restart(
+        &mut self,
+        now: u64,
+        actor: ActorId,
+        rng: SeededRng,
+    ) -> Result<Vec<Output>, OpenError> {
+        self.actor = actor;
+        // Volatile state: the replica, its hint counts and the trees come back from storage.
+        let (replica, aae) = open_storage(&self.storage, self.actor, &self.cluster.ring.current)?;
+        self.replica = replica;
+        self.aae = aae;
+        self.rng = rng;
+        self.pending.clear();
+        self.gets.clear();
+        self.puts.clear();
+        self.failure_detector = FailureDetector::new(
+            self.me.clone(),
+            now,
+            self.config.timings.heartbeat_timeout_ms,
+        );
+        self.links.clear();
+        self.hint_rounds.clear();
+        self.handoff = None;
+        self.cleanup_marker = CleanupMarker::default();
+        self.join_pending = false;
+        self.join_client = None;
+        self.aae_plan = None;
+        self.aae_current = None;
+        self.aae_records.clear();
+        self.reaps.clear();
+        self.key_listings.clear();
+        self.bucket_listings.clear();
+        self.cleanup = None;
+        self.failures.clear();
+        self.outputs.clear();
+        // Tickets stay monotonic across restarts; what waited is gone with the process.
+        self.sync_asked = self.sync_issued;
+        self.after_sync.clear();
+        self.failed = None;
+        self.stop_reported = false;
+        Ok(self.start_timers(now))
+    }
+
+    /// Process one input.
+    pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
+        if self.failed.is_some() {
+            return self.stopped_outputs();
+        }
+        match input {
+            Input::Client { id, op } => self.on_client(now, id, op),
+            Input::Message { from, message } => match message {
+                // As the server: any message from a peer is a sign of life.
+                Message::Request { id, body } => {
+                    self.failure_detector.observe_contact(&from, now);
+                    self.on_request(now, &from, id, body);
+                }
+                Message::Response { id, body } => {
+                    if let Some(pending) = self.pending.remove(&id)
+                        && pending.to == from
+                    {
+                        self.failure_detector.observe_contact(&from, now);
+                        let link = self.links.entry(from.clone()).or_default();
+                        *link = Link::default();
+                        self.on_response(now, id, pending, Some(body));
+                    }
+                }
+            },
+            Input::SendFailed { to, id } => {
+                if self.pending.get(&id).is_some_and(|p| p.to == to) {
+                    self.backoff(now, &to);
+                    self.fail_unsent(now, id);
+                }
+            }
+            Input::Timer(timer) => self.on_timer(now, timer),
+            Input::Synced { through } => self.on_synced(now, through),
+            Input::SyncFailed { error } => {
+                self.must(Err::<(), _>(error), "sync its writes");
+            }
+            Input::PeerClock { peer, offset_ms } => {
+                if self.cluster.member(&peer).is_some() || self.clock_offsets.contains_key(&peer) {
+                    self.clock_offsets.insert(peer, offset_ms);
+                }
+            }
+        }
+        while let Some((to, id)) = self.failures.pop_front() {
+            if self.failed.is_some() {
+                break;
+            }
+            if self.pending.get(&id).is_some_and(|p| p.to == to) {
+                self.fail_unsent(now, id);
+            }
+        }
+        if self.failed.is_some() {
+            return self.stopped_outputs();
+        }
+        if self.sync_issued > self.sync_asked {
+            self.sync_asked = self.sync_issued;
+            self.outputs.push(Output::Sync {
+                through: self.sync_issued,
+            });
+        }
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// A new sync ticket: the writes made so far must become durable.
+    fn request_sync(&mut self) -> u64 {
+        self.sync_issued += 1;
+        self.sync_issued
+    }
+
+    /// Hold `action` until the writes made so far are durable.
+    fn after_sync(&mut self, action: AfterSync) {
+        let ticket = self.request_sync();
+        self.after_sync.push_back((ticket, action));
+    }
+
+    /// The durability a storage call inside `handle` uses: never a synchronous fsync. A write
+    /// that must be durable is buffered and asks for a sync (`Output::Sync`); what depends on
+    /// it waits for `Input::Synced` (`after_sync`).
+    fn buffered(&mut self, durability: StoreDurability) -> StoreDurability {
+        if durability == StoreDurability::Fsync {
+            self.request_sync();
+        }
+        StoreDurability::Buffered
+    }
+
+    /// A sync completed: what waited for it happens now, in order.
+    fn on_synced(&mut self, now: u64, through: u64) {
+        while self.after_sync.front().is_some_and(|(t, _)| *t <= through) {
+            let Some((_, action)) = self.after_sync.pop_front() else {
+                break;
+            };
+            match action {
+                AfterSync::Respond { to, id, body } => self.respond(&to, id, body),
+                AfterSync::Replicate {
+                    reply,
+                    write,
+                    plan,
+                    planned_at,
+                } => self.replicate(now, reply, write, plan, planned_at),
+                AfterSync::RecordCleanup(cleanup) => {
+                    cleanup.record(&self.cluster, &mut self.cleanup_marker);
+                }
+            }
+        }
+    }
+
+    /// A stopped node's outputs: nothing of the failed step, `Stopped` once.
+    fn stopped_outputs(&mut self) -> Vec<Output> {
+        self.outputs.clear();
+        if self.stop_reported {
+            return Vec::new();
+        }
+        self.stop_reported = true;
+        let error = self.failed.clone().unwrap_or_default();
+        vec![Output::Stopped { error }]
+    }
+
+    /// The value of a storage call; a failure stops the node (see the module doc) and
+    /// yields `T::default()`, which nothing outside the node ever sees.
+    fn must<T: Default, E: std::fmt::Display>(&mut self, result: Result<T, E>, what: &str) -> T {
+        match result {
+            Ok(value) => value,
+            Err(e) => {
+                if self.failed.is_none() {
+                    self.failed = Some(format!("storage failed to {what}: {e}"));
+                }
+                T::default()
+            }
+        }
+    }
+
+    // ----- liveness and transport -----
+
+    /// Whether a member is believed up: not in transport backoff, and its gossiped heartbeat
+    /// moved recently (or it is too early to tell).
+    pub fn is_up(&self, now: u64, id: &NodeId) -> bool {
+        if id == &self.me {
+            return true;
+        }
+        if self.links.get(id).is_some_and(|l| l.backoff_until > now) {
+            return false;
+        }
+        self.failure_detector.is_up(id, now)
+    }
+
+    fn backoff(&mut self, now: u64, peer: &NodeId) {
+        let link = self.links.entry(peer.clone()).or_default();
+        link.consecutive_timeouts = 0;
+        link.backoff_until = now + link.next_backoff_ms;
+        link.next_backoff_ms = (link.next_backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    fn on_timeout_of(&mut self, now: u64, peer: &NodeId) {
+        let link = self.links.entry(peer.clone()).or_default();
+        link.consecutive_timeouts += 1;
+        if link.consecutive_timeouts >= TIMEOUTS_BEFORE_BACKOFF {
+            self.backoff(now, peer);
+        }
+    }
+
+    fn send_request(
+        &mut self,
+        now: u64,
+        to: &NodeId,
+        body: PeerMessage,
+        purpose: Purpose,
+        timeout_ms: u64,
+    ) -> RequestId {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(
+            id,
+            Pending {
+                to: to.clone(),
+                purpose,
+            },
+        );
+        if self.links.get(to).is_some_and(|l| l.backoff_until > now) {
+            // The transport fails requests to a peer in backoff at once.
+            self.failures.push_back((to.clone(), id));
+            return id;
+        }
+        self.outputs.push(Output::Send {
+            to: to.clone(),
+            message: Message::Request { id, body },
+        });
+        self.outputs.push(Output::SetTimer {
+            at_ms: now + timeout_ms,
+            timer: Timer::RequestTimeout(id),
+        });
+        id
+    }
+
+    fn respond(&mut self, to: &NodeId, id: RequestId, body: PeerMessage) {
+        self.outputs.push(Output::Send {
+            to: to.clone(),
+            message: Message::Response { id, body },
+        });
+    }
+
+    /// A request the transport never delivered (connect refused, peer in backoff): failed, and
+    /// known not to have reached the peer.
+    fn fail_unsent(&mut self, now: u64, id: RequestId) {
+        self.unsent = Some(id);
+        self.fail_request(now, id);
+        self.unsent = None;
+    }
+
+    fn fail_request(&mut self, now: u64, id: RequestId) {
+        if let Some(pending) = self.pending.remove(&id) {
+            self.on_response(now, id, pending, None);
+        }
+    }
+
+    // ----- local storage -----
+
+    /// The durability of a write to `bucket` that is not part of a client's write (merges,
+    /// hints, repairs): the bucket's.
+    fn durability(&self, bucket: &str) -> StoreDurability {
+        self.props(bucket).durability
+    }
+
+    fn note_stored(&mut self, object: &Object) {
+        self.stats.max_siblings = self.stats.max_siblings.max(object.siblings().len());
+        self.stats.max_clock_entries = self.stats.max_clock_entries.max(object.clock().len());
+    }
+
+    /// The value of a replica call for the node's own work. A storage failure stops the node;
+    /// a stored object or hint that does not decode is left alone and counted
+    /// (`NodeStats::corrupt_skipped`): the damage stays on disk, so stopping for it would stop
+    /// the node again at every restart. `None` either way: the caller does nothing more with
+    /// that key.
+    fn replica_call<T>(&mut self, result: Result<T, ReplicaError>, what: &str) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(e @ ReplicaError::Storage(_)) => {
+                self.must(Err::<(), _>(e), what);
+                None
+            }
+            Err(_) => {
+                self.stats.corrupt_skipped += 1;
+                None
+            }
+        }
+    }
+
+    /// The stored object of a key, for the node's own work (`Err`: the read failed, see
+    /// [`Node::replica_call`]).
+    fn read(&mut self, bucket: &str, key: &str) -> Result<Option<Object>, ()> {
+        let read = self.replica.get(bucket, key);
+        self.replica_call(read, "read an object").ok_or(())
+    }
+
+    /// Store an object bypassing the replica's rules: only the planted bug and the old
+    /// per-key-counter rule, which reproduce findings, write this way.
+    fn overwrite(&mut self, bucket: &str, key: &str, object: &Object) {
+        let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
+        let old = self.storage.get(Table::Objects, &storage_key);
+        let old = self.must(old, "read an object");
+        if self.failed.is_some() {
+            return; // never write after a failed read
+        }
+        let new = object.encode();
+        let durability = self.durability(bucket);
+        let durability = self.buffered(durability);
+        let put = self
+            .storage
+            .put(Table::Objects, &storage_key, &new, durability);
+        self.must(put, "write an object");
+        self.aae.observe(&storage_key, old.as_deref(), Some(&new));
+        self.note_stored(object);
+    }
+
+    /// Remove a key's object if its stored bytes still hash to `expected` (cleanup and
+    /// reaping: `Replica::remove_if_unchanged_with`). Returns whether it was removed.
+    fn remove_if_unchanged(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        expected: &Hash,
+        fsync: bool,
+    ) -> bool {
+        let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
+        self.remove_stored_if_unchanged(&storage_key, expected, fsync)
+    }
+
+    /// [`Node::remove_if_unchanged`] by storage key.
+    fn remove_stored_if_unchanged(
+        &mut self,
+        storage_key: &[u8],
+        expected: &Hash,
+        fsync: bool,
+    ) -> bool {
+        let durability = if fsync {
+            StoreDurability::Fsync
+        } else {
+            StoreDurability::Buffered
+        };
+        let durability = self.buffered(durability);
+        let removed = self
+            .replica
+            .remove_if_unchanged_with(storage_key, expected, durability);
+        self.must(removed, "remove an object")
+    }
+
+    /// The coordinator's write: `Replica::write` with this node's actor. A refusal is the
+    /// client's answer.
+    fn write_local(
+        &mut self,
+        now: u64,
+        op: PutOp,
+        props: &BucketProps,
+        durability: StoreDurability,
+    ) -> Result<Object, ClientResult> {
+        let content = Content {
+            value: op.content.value,
+            content_type: op.content.content_type,
+            last_modified_ms: now,
+            meta: op.content.meta,
+            deleted: op.content.deleted,
+        };
+        let (bucket, key) = (op.bucket.as_str(), op.key.as_str());
+        if self.config.per_key_counters {
+            // The old rule: the dot counter continues from the key's own clock only.
+            let Ok(stored) = self.read(bucket, key) else {
+                return Err(ClientResult::Failed {
+                    status: 500,
+                    message: "the stored object cannot be read".into(),
+                });
+            };
+            let stored = stored.unwrap_or_default();
+            let context = op.context.unwrap_or_default();
+            let mut updated = stored
+                .update(&context, content, self.actor, now, PrunePolicy::default())
+                .map_err(|e| ClientResult::Failed {
+                    status: 409,
+                    message: e.to_string(),
+                })?;
+            if props.last_write_wins {
+                updated.resolve_last_write_wins();
+            }
+            self.overwrite(bucket, key, &updated);
+            return Ok(updated);
+        }
+        let written = self.replica.write(WriteRequest {
+            bucket,
+            key,
+            context: op.context,
+            content,
+            props,
+            durability,
+            precondition: op.precondition,
+            now_ms: now,
+        });
+        // A refused write (too many siblings, a failed precondition) is the client's answer
+        // (the server's statuses); a storage failure stops the node.
+        let (status, error) = match written {
+            Ok(updated) => {
+                self.note_stored(&updated);
+                return Ok(updated);
+            }
+            Err(e @ ReplicaError::Write(_)) => (409, e),
+            Err(e @ ReplicaError::Precondition(_)) => (412, e),
+            // A stored object that does not decode: the write is refused, as the server does.
+            Err(e @ ReplicaError::Corrupt(_)) => {
+                self.stats.corrupt_skipped += 1;
+                (500, e)
+            }
+            Err(e @ ReplicaError::Storage(_)) => {
+                let message = e.to_string();
+                self.must(Err::<(), _>(e), "write an object");
+                (500, ReplicaError::Storage(message))
+            }
+        };
+        Err(ClientResult::Failed {
+            status,
+            message: error.to_string(),
+        })
+    }
+
+    /// A replica-side merge: `Replica::merge` (`sync` with what is stored). Returns whether
+    /// it was stored (see [`Node::replica_call`]).
+    fn merge_local(&mut self, bucket: &str, key: &str, incoming: &Object) -> bool {
+        let durability = self.durability(bucket);
+        let durability = self.buffered(durability);
+        let props = self.props(bucket);
+        let merged = self
+            .replica
+            .merge(bucket, key, incoming, &props, durability);
+        let Some(merged) = self.replica_call(merged, "merge an object") else {
+            return false;
+        };
+        if self.planted_bug(bucket, key, &merged).is_none() {
+            self.note_stored(&merged);
+        }
+        true
+    }
+
+    /// The planted bug, after a replica-side merge left `merged` under `key`: keep only its
+    /// first sibling. Returns what it stored instead, if anything.
+    fn planted_bug(&mut self, bucket: &str, key: &str, merged: &Object) -> Option<Object> {
+        if self.config.bug != Some(Bug::DropSiblingOnMerge) || merged.siblings().len() < 2 {
+            return None;
+        }
+        let first_only = with_siblings(merged.clock(), &merged.siblings()[..1])?;
+        self.overwrite(bucket, key, &first_only);
+        Some(first_only)
+    }
+
+    /// `Replica::store_hint`: merged with any hint held for the key, bounded per target,
+    /// with the write's durability (a `dw` put's hint is durable too, as in the server).
+    fn store_hint(
+        &mut self,
+        target: &NodeId,
+        (bucket, key): (&str, &str),
+        incoming: &Object,
+        durability: StoreDurability,
+    ) -> bool {
+        let durability = self.buffered(durability);
+        let stored = self.replica.store_hint(
+            &target.0,
+            bucket,
+            key,
+            incoming,
+            MAX_HINTS_PER_TARGET,
+            durability,
+        );
+        let stored = self.replica_call(stored, "store a hint");
+        if self.failed.is_some() {
+            return false;
+        }
+        if stored == Some(true) {
+            self.stats.hints_stored += 1;
+        } else {
+            self.stats.hints_dropped += 1;
+        }
+        stored == Some(true)
+    }
+
+    /// `Cluster::keep_hint`: this node keeps a version of a coordinated write for `target`.
+    fn keep_hint(&mut self, target: &NodeId, write: &LocalWrite) {
+        if target != &self.me {
+            let key = (write.bucket.as_str(), write.key.as_str());
+            self.store_hint(target, key, &write.stored, write.durability);
+        }
+    }
+
+    /// `Replica::get_with_hint`: the stored object merged with the hint held for `hinted_for`.
+    fn local_with_hint(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        hinted_for: Option<&NodeId>,
+    ) -> Result<Option<Object>, ()> {
+        let read = self
+            .replica
+            .get_with_hint(bucket, key, hinted_for.map(|n| n.0.as_str()));
+        // A failed local read counts as a failed replica reply, as in the server.
+        self.replica_call(read, "read an object").ok_or(())
+    }
+
+    /// The periodic flush of buffered writes: a sync like any other (`Output::Sync`).
+    fn flush(&mut self) {
+        self.request_sync();
+    }
+}
+
+/// The member entry of a node whose addresses are its name (a driver that routes by id, as
+/// the simulator does).
+pub fn member_entry(id: &NodeId) -> Member {
+    Member {
+        id: id.clone(),
+        peer_addr: format!("sim://{id}"),
+        http_addr: format!("sim://{id}/http"),
+        zone: String::new(),
+        status: MemberStatus::Joining,
+        version: 0,
+        heartbeat: 0,
+    }
+}
+
+/// A bucket's stored properties, parsed (`None` when the entry resets them or is unreadable:
+/// the config's apply).
+fn parse_props(bucket: &str, json: Option<&str>) -> Option<BucketProps> {
+    let value = serde_json::from_str::<serde_json::Value>(json?).ok()?;
+    BucketProps::from_stored(bucket, &value).ok()
+}
+
+/// The replica and trees of a node over its storage, as the server opens them at startup
+/// (the index is not trusted: the node may have stopped uncleanly).
+fn open_storage(
+    storage: &Arc<dyn Storage>,
+    actor: ActorId,
+    ring: &Ring,
+) -> Result<(Replica, Arc<AaeTrees>), OpenError> {
+    let replica = Replica::new(Arc::clone(storage), actor, Arc::new(AtomicBool::new(false)));
+    let aae = Arc::new(AaeTrees::new(ring.clone(), Arc::clone(storage)));
+    aae.rebuild(false)
+        .map_err(|e| OpenError(format!("rebuild the anti-entropy trees: {e}")))?;
+    replica.attach_aae(Arc::clone(&aae));
+    replica
+        .load_hint_counts()
+        .map_err(|e| OpenError(format!("count hints: {e}")))?;
+    Ok((replica, aae))
+}
+
+/// An object with the given clock and siblings, built through the documented encoding (the
+/// core offers no way to drop a sibling; only the planted bug needs one).
+fn with_siblings(clock: &VersionVector, siblings: &[Sibling]) -> Option<Object> {
+    let mut body = Writer::default();
+    encode_clock(&mut body, clock);
+    body.varint(siblings.len() as u64);
+    for sibling in siblings {
+        let c = &sibling.content;
+        body.u64_fixed(sibling.dot.actor.0);
+        body.varint(sibling.dot.counter);
+        body.varint(c.last_modified_ms);
+        body.u8(u8::from(c.deleted));
+        body.bytes(c.content_type.as_bytes());
+        body.varint(c.meta.len() as u64);
+        for (name, value) in &c.meta {
+            body.bytes(name.as_bytes());
+            body.bytes(value.as_bytes());
+        }
+        body.bytes(&c.value);
+    }
+    let all_deleted = siblings.iter().all(|s| s.content.deleted);
+    let mut bytes = vec![1u8, u8::from(all_deleted)];
+    bytes.extend_from_slice(&crc32fast::hash(&body.buf).to_le_bytes());
+    bytes.extend_from_slice(&body.buf);
+    Object::decode(&bytes).ok()
+}
+
+const _: () = assert!(BACKOFF_INITIAL_MS <= BACKOFF_MAX_MS);
+const _: () = assert!(MAX_HINTS_PER_TARGET > 0 && HANDOFF_BATCH_KEYS > 0);
+const _: () = assert!(limits::MAX_SIBLINGS > 1);
+
+mod client;
+mod peer;
+mod rounds;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,399 @@
+//! The peer side of a `Node`: requests from other nodes (answered by the core's `serve`, or
+//! coordinated here for a forwarder), and the replies to this node's own requests.
+//!
+//! Invariants: a durable replica write or handoff batch is acknowledged only after its sync;
+//! a reply is taken only from the node it was asked of.
+
+use super::{
+    AfterSync, ClientResult, ForwardFailure, ForwardReply, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_HINTS_PER_TARGET, Node, NodeId, Object, Output, PeerMessage, Pending, Purpose, PutOp,
+    Quorum, Reader, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, ServeContext, ServeError,
+    StoreDurability, decode_clock, forward_reply, refuse_forwarded, serve,
+};
+
+impl Node {
+    // ----- peer requests -----
+
+    pub(super) fn on_request(&mut self, now: u64, from: &NodeId, id: RequestId, body: PeerMessage) {
+        if serve::storage_call(&body).is_some() {
+            self.serve_peer(from, id, body);
+            return;
+        }
+        match body {
+            PeerMessage::CoordinatePut {
+                bucket,
+                key,
+                context,
+                content,
+                w,
+                pw,
+                dw_given,
+                precondition,
+                now_ms,
+                ring_version: _,
+            } => {
+                // As the server (the core's rule): a forwarded put that arrives after its
+                // forwarder gave up is refused, not applied with a context that is stale by
+                // now; so is one for a key this node does not replicate.
+                let is_primary = self.primaries(&bucket, &key).contains(&self.me);
+                // The forwarder's clock converted to this node's (as the server does).
+                let offset = self.clock_offsets.get(from).copied().unwrap_or(0);
+                let sent_ms = now_ms.saturating_add_signed(offset.saturating_neg());
+                let waited_ms = if self.config.retry_unanswered_forward {
+                    0
+                } else {
+                    now.saturating_sub(sent_ms)
+                };
+                let request_ms = self.config.timings.request_ms;
+                if let Some(refusal) = refuse_forwarded(waited_ms, request_ms, is_primary) {
+                    if waited_ms > request_ms {
+                        self.stats.late_forwards_refused += 1;
+                    }
+                    self.respond(from, id, refusal);
+                    return;
+                }
+                let context = match context.map(|bytes| decode_clock(&mut Reader::new(&bytes))) {
+                    None => None,
+                    Some(Ok(clock)) => Some(clock),
+                    Some(Err(e)) => {
+                        self.respond(from, id, PeerMessage::Error(e.to_string()));
+                        return;
+                    }
+                };
+                // The write is stamped with this node's clock.
+                let op = PutOp {
+                    bucket,
+                    key,
+                    context,
+                    content,
+                    w: w.map(Quorum::Count),
+                    pw: pw.map(Quorum::Count),
+                    dw_given,
+                    precondition: precondition.into(),
+                };
+                self.coordinate_put(now, ReplyTo::Peer(from.clone(), id), op);
+            }
+            PeerMessage::ListKeys {
+                bucket,
+                start_after,
+                limit,
+            } => {
+                let (keys, next_after) =
+                    self.local_key_page(&bucket, start_after.as_deref(), limit as usize);
+                self.respond(from, id, PeerMessage::KeyPage { keys, next_after });
+            }
+            PeerMessage::ListBuckets => {
+                let buckets = self.replica.list_buckets();
+                let buckets = self.must(buckets, "list buckets");
+                self.respond(from, id, PeerMessage::Buckets(buckets));
+            }
+            PeerMessage::Gossip(theirs) => {
+                if theirs.cluster_name != self.cluster.cluster_name {
+                    let error = PeerMessage::Error("gossip from another cluster".into());
+                    self.respond(from, id, error);
+                    return;
+                }
+                self.merge_state(now, &theirs);
+                let ours = Box::new(self.cluster.clone());
+                self.respond(from, id, PeerMessage::Gossip(ours));
+            }
+            PeerMessage::JoinRequest {
+                cluster_name,
+                member,
+            } => {
+                if cluster_name != self.cluster.cluster_name {
+                    let error = PeerMessage::Error("cluster name mismatch".into());
+                    self.respond(from, id, error);
+                    return;
+                }
+                let body = match self.cluster.add_joining(member) {
+                    Ok(()) => PeerMessage::JoinAccepted {
+                        state: Box::new(self.cluster.clone()),
+                        // Contexts between `Node`s are not authenticated (the server's HTTP
+                        // layer signs them with the cluster secret).
+                        secret: [0; 32],
+                    },
+                    Err(e) => PeerMessage::Error(e.to_string()),
+                };
+                self.respond(from, id, body);
+            }
+            other => {
+                let error = PeerMessage::Error(format!("unexpected request {}", other.name()));
+                self.respond(from, id, error);
+            }
+        }
+    }
+
+    pub(super) fn replica_get(
+        &self,
+        bucket: &str,
+        key: &str,
+        hinted_for: Option<&NodeId>,
+    ) -> PeerMessage {
+        PeerMessage::ReplicaGet {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            ring_version: self.cluster.ring.version,
+            hinted_for: hinted_for.map(|n| n.0.clone()),
+        }
+    }
+
+    pub(super) fn replica_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        object: &Object,
+        durability: StoreDurability,
+    ) -> PeerMessage {
+        PeerMessage::ReplicaPut {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            object: object.encode(),
+            durability,
+            ring_version: self.cluster.ring.version,
+        }
+    }
+
+    /// A replica-side request, answered by the core's `serve` (the server's peer handler
+    /// calls the same function), then what the answer asks of the node: hint counts, stale
+    /// ring refusals, and the stored keys' orphan check.
+    pub(super) fn serve_peer(&mut self, from: &NodeId, id: RequestId, message: PeerMessage) {
+        let (body, durable) = self.serve_here(message);
+        if durable {
+            // A durable replica write or handoff batch is acknowledged once it is on disk.
+            let to = from.clone();
+            self.after_sync(AfterSync::Respond { to, id, body });
+        } else {
+            self.respond(from, id, body);
+        }
+    }
+
+    /// [`Node::serve_peer`]'s work: the reply to send, and whether it may only be sent once
+    /// the writes are durable (a write that asked for `Fsync` is made buffered here and waits
+    /// for a sync instead).
+    pub(super) fn serve_here(&mut self, mut message: PeerMessage) -> (PeerMessage, bool) {
+        let handoff = matches!(message, PeerMessage::Handoff { .. });
+        let mut durable = false;
+        if let Some(asked) = message.durability_mut()
+            && *asked == StoreDurability::Fsync
+        {
+            *asked = StoreDurability::Buffered;
+            durable = true;
+        }
+        let context = ServeContext {
+            // The old rule: a handoff is merged whatever the sender's ring.
+            ring_version: if handoff && !self.config.handoff_checks_ring {
+                0
+            } else {
+                self.cluster.ring.version
+            },
+            props: serve::buckets_named(&message)
+                .into_iter()
+                .map(|bucket| (bucket.to_owned(), self.props(bucket)))
+                .collect(),
+            hint_limit: MAX_HINTS_PER_TARGET,
+            max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
+            aae_budget: u32::try_from(self.aae_budget).unwrap_or(u32::MAX),
+            defer_sync: true,
+        };
+        let served = match serve::serve(&self.replica, &self.aae, &context, message) {
+            Ok(served) => served,
+            // The node's own storage failed: it stops (nothing is answered).
+            Err(e @ (ServeError::Storage(_) | ServeError::Replica(ReplicaError::Storage(_)))) => {
+                self.must(Err::<(), _>(e), "serve a peer request");
+                return (PeerMessage::Error("storage failed".into()), false);
+            }
+            // The sender's message (or a corrupt stored object) is refused.
+            Err(e) => return (PeerMessage::Error(e.to_string()), false),
+        };
+        let durable = durable || served.needs_sync;
+        if durable {
+            self.request_sync();
+        }
+        match served.hint {
+            Some(HintOutcome::Stored) => self.stats.hints_stored += 1,
+            Some(HintOutcome::Dropped) => self.stats.hints_dropped += 1,
+            None => {}
+        }
+        if served.reaped {
+            self.stats.tombstones_reaped += 1;
+        }
+        for (bucket, key) in &served.stored {
+            if let Ok(Some(merged)) = self.read(bucket, key)
+                && self.planted_bug(bucket, key, &merged).is_none()
+            {
+                self.note_stored(&merged);
+            }
+        }
+        if !handoff || self.config.handoff_checks_ring {
+            for (bucket, key) in &served.stored {
+                self.check_orphan(bucket, key);
+            }
+        }
+        match served.reply {
+            Reply::Message(message) => (message, durable),
+            Reply::StaleRing => {
+                self.stats.stale_ring_refusals += 1;
+                (
+                    PeerMessage::StaleRing(Box::new(self.cluster.clone())),
+                    false,
+                )
+            }
+        }
+    }
+
+    pub(super) fn on_response(
+        &mut self,
+        now: u64,
+        id: RequestId,
+        pending: Pending,
+        body: Option<PeerMessage>,
+    ) {
+        let from = pending.to;
+        if let Some(PeerMessage::StaleRing(state)) = &body {
+            // `store_replica`/`store_hinted`: catch up with the refusing replica's ring.
+            self.merge_state(now, state);
+        }
+        match pending.purpose {
+            Purpose::GetFetch { coord } => {
+                let reply = match body {
+                    Some(PeerMessage::ReplicaObject { object }) => object
+                        .map(|b| Object::decode(&b))
+                        .transpose()
+                        .map_err(|_| ()),
+                    _ => Err(()),
+                };
+                self.on_get_reply(now, coord, &from, reply);
+            }
+            Purpose::PutSend { coord, send } => {
+                let ok = matches!(body, Some(PeerMessage::Ack));
+                self.on_put_reply(now, coord, &send, ok);
+            }
+            Purpose::Store => {}
+            Purpose::Gossip => {
+                if let Some(PeerMessage::Gossip(theirs)) = body {
+                    self.merge_state(now, &theirs);
+                }
+            }
+            Purpose::Forward {
+                client,
+                mut forward,
+                body: request,
+            } => match body {
+                Some(reply) => match forward_reply(&from, reply) {
+                    ForwardReply::Coordinated(object) => {
+                        let result = match Object::decode(&object) {
+                            Ok(object) => ClientResult::Put(object),
+                            Err(e) => ClientResult::Failed {
+                                status: 500,
+                                message: format!("{from}: {e}"),
+                            },
+                        };
+                        self.outputs.push(Output::Reply { id: client, result });
+                    }
+                    // A refusal that proves it did not coordinate: try the next.
+                    ForwardReply::Refused(error) => {
+                        forward.failed(ForwardFailure::NotAReplica, error);
+                        self.forward(now, client, forward, *request);
+                    }
+                    ForwardReply::Failed { status, message } => self.outputs.push(Output::Reply {
+                        id: client,
+                        result: ClientResult::Failed { status, message },
+                    }),
+                },
+                // Timed out: the candidate may have coordinated it, so stop; the client's
+                // outcome is indeterminate.
+                None if self.unsent == Some(id) => {
+                    forward.failed(ForwardFailure::NotSent, format!("{from}: unreachable"));
+                    self.forward(now, client, forward, *request);
+                }
+                None => {
+                    let error = format!("{from}: no answer; the write may have been applied");
+                    let failure = if self.config.retry_unanswered_forward {
+                        ForwardFailure::NotSent
+                    } else {
+                        ForwardFailure::Unanswered
+                    };
+                    forward.failed(failure, error);
+                    self.forward(now, client, forward, *request);
+                }
+            },
+            Purpose::Join => {
+                self.join_pending = false;
+                let client = self.join_client.take();
+                let result = match body {
+                    Some(PeerMessage::JoinAccepted { state, .. }) if !self.join_via.is_empty() => {
+                        // Adopt the cluster's state wholesale.
+                        self.cluster = *state;
+                        self.join_via.clear();
+                        ClientResult::Done
+                    }
+                    Some(PeerMessage::Error(message)) => ClientResult::Failed {
+                        status: 400,
+                        message: format!("{from} refused the join: {message}"),
+                    },
+                    _ => ClientResult::unavailable(format!("{from} did not admit this node")),
+                };
+                if let Some(id) = client {
+                    // Asked by a client: one attempt, answered (the constructor's join retries).
+                    if !matches!(result, ClientResult::Done) {
+                        self.join_via.clear();
+                    }
+                    self.outputs.push(Output::Reply { id, result });
+                }
+            }
+            Purpose::KeyPage { listing, cursor } => {
+                let page = match body {
+                    Some(PeerMessage::KeyPage { keys, next_after }) => Some((keys, next_after)),
+                    _ => None,
+                };
+                self.on_key_page(now, listing, cursor, page);
+            }
+            Purpose::Buckets { listing } => {
+                let buckets = match body {
+                    Some(PeerMessage::Buckets(buckets)) => Some(buckets),
+                    _ => None,
+                };
+                self.on_buckets(listing, buckets);
+            }
+            Purpose::CleanupHandoff { keys } => {
+                let ok = matches!(body, Some(PeerMessage::Ack));
+                self.on_cleanup_handoff(&keys, ok);
+            }
+            Purpose::TransitionHandoff => {
+                let ok = matches!(body, Some(PeerMessage::Ack));
+                if let Some(mut handoff) = self.handoff.take() {
+                    handoff.on_reply(ok);
+                    self.finish_handoff(handoff);
+                }
+            }
+            Purpose::HintDelivery { target, hints } => {
+                let ok = matches!(body, Some(PeerMessage::Ack));
+                self.on_hint_reply(&target, &hints, ok);
+            }
+            Purpose::Aae => self.on_aae_response(now, id, &from, body),
+            Purpose::ReapCheck { reap } => {
+                let answer = match body {
+                    Some(PeerMessage::ReapState { object, hinted }) => {
+                        match object.map(|b| Object::decode(&b)).transpose() {
+                            Ok(stored) => Some(ReapAnswer {
+                                stored,
+                                // The old rule looked at the primaries' copies only.
+                                hinted: hinted && !self.config.primaries_only_reap,
+                            }),
+                            Err(_) => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let verdict = self
+                    .reaps
+                    .get_mut(&reap)
+                    .and_then(|run| run.check.on_reply(&from, answer));
+                if let Some(verdict) = verdict {
+                    self.finish_reap(now, reap, verdict);
+                }
+            }
+        }
+    }
+}

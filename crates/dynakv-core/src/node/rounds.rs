@@ -1,0 +1,602 @@
+//! The timer-driven work of a `Node`: gossip and joins, transition handoff and cleanup, hint
+//! delivery, tombstone reaping and anti-entropy exchanges.
+//!
+//! Invariants: a handoff or cleanup pass is recorded done only when it completed (and, for a
+//! cleanup, once its drops are durable); a hint is deleted only after its destination
+//! acknowledged it and only if unchanged.
+
+use super::{
+    AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, Batches, Cleanup,
+    ClusterState, HANDOFF_BATCH_KEYS, HandoffEntry, Hash, HintRound, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output, PartitionId, PeerMessage,
+    Purpose, ReapCheck, ReapRun, RequestId, Timer, TransitionHandoff, keys, member_entry, merkle,
+    reap_candidates, reap_check_members, reaper_primaries,
+};
+
+impl Node {
+    // ----- timers -----
+
+    pub(super) fn on_timer(&mut self, now: u64, timer: Timer) {
+        match timer {
+            Timer::RequestTimeout(id) => {
+                if let Some(pending) = self.pending.get(&id) {
+                    let to = pending.to.clone();
+                    self.on_timeout_of(now, &to);
+                    self.fail_request(now, id);
+                }
+            }
+            Timer::Gossip => {
+                self.gossip_round(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + self.config.timings.gossip_interval_ms,
+                    timer: Timer::Gossip,
+                });
+            }
+            Timer::Hints => {
+                self.deliver_hints(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + self.config.timings.hint_interval_ms,
+                    timer: Timer::Hints,
+                });
+            }
+            Timer::Aae => {
+                self.anti_entropy_round(now);
+                // The server reaps tombstones in its anti-entropy loop too.
+                self.reap_round(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + self.config.timings.aae_interval_ms,
+                    timer: Timer::Aae,
+                });
+            }
+            Timer::Flush => {
+                self.flush();
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + self.config.timings.flush_interval_ms,
+                    timer: Timer::Flush,
+                });
+            }
+        }
+    }
+
+    pub(super) fn merge_state(&mut self, now: u64, theirs: &ClusterState) {
+        self.failure_detector.observe_state(theirs, now);
+        self.cluster.merge(theirs);
+    }
+
+    /// The server's one-second background loop: `gossip_round` (beat, exchange with a member
+    /// that has not exited, plan when claimant), then `handoff_round` and `cleanup_round`.
+    /// The claimant plans on the state merged so far (the server plans after this round's
+    /// exchange: the plan here sees that exchange one round later).
+    pub(super) fn gossip_round(&mut self, now: u64) {
+        if !self.joined() {
+            self.send_join(now);
+        }
+        let me = self.me.clone();
+        self.cluster.beat(&me);
+        if self.cluster.claimant() == Some(&me) {
+            self.cluster.plan();
+        }
+        self.handoff_round(now);
+        self.cleanup_round(now);
+        let rng = &mut self.rng;
+        let Some(peer) = self.cluster.gossip_peer(&self.me, |n| rng.index(n)) else {
+            return;
+        };
+        let body = PeerMessage::Gossip(Box::new(self.cluster.clone()));
+        let timeout = self.config.timings.gossip_interval_ms;
+        self.send_request(now, &peer, body, Purpose::Gossip, timeout);
+    }
+
+    /// `Cluster::join`: ask a member (in turn) to admit this node.
+    pub(super) fn send_join(&mut self, now: u64) {
+        if self.join_pending || self.join_via.is_empty() {
+            return;
+        }
+        let via = self.join_via[self.join_attempts % self.join_via.len()].clone();
+        self.join_attempts += 1;
+        let mut member = self
+            .cluster
+            .member(&self.me)
+            .cloned()
+            .unwrap_or_else(|| member_entry(&self.me));
+        member.status = MemberStatus::Joining;
+        let body = PeerMessage::JoinRequest {
+            cluster_name: self.cluster.cluster_name.clone(),
+            member,
+        };
+        self.join_pending = true;
+        let timeout = self.config.timings.request_ms;
+        self.send_request(now, &via, body, Purpose::Join, timeout);
+    }
+
+    /// `Cluster::handoff_round`: during a transition every stored key goes to the nodes
+    /// entering its preference list (the core's `TransitionHandoff` and `Batches`); the
+    /// handoff is marked done once every batch is acknowledged. (The server sends the batches
+    /// one after another and stops at the first failure; here they go out together and any
+    /// failure leaves the handoff for the next round.)
+    pub(super) fn handoff_round(&mut self, now: u64) {
+        if self.handoff.is_some() {
+            return;
+        }
+        let Some(mut handoff) = TransitionHandoff::start(&self.cluster, &self.me) else {
+            return;
+        };
+        let pages = self.scan_all();
+        if self.failed.is_some() {
+            return; // never mark a handoff done from a failed scan
+        }
+        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
+        let mut sends = Vec::new();
+        for page in pages {
+            sends.extend(TransitionHandoff::batch_page(
+                &self.cluster,
+                &self.me,
+                &mut batches,
+                page,
+                |bucket| self.n_val(bucket),
+            ));
+        }
+        sends.extend(batches.drain());
+        for (node, entries) in sends {
+            self.stats.handoff_keys += entries.len() as u64;
+            handoff.on_sent(entries.len());
+            let purpose = Purpose::TransitionHandoff;
+            let timeout = self.config.timings.request_ms * 5;
+            self.send_handoff(now, &node, entries, purpose, timeout);
+        }
+        handoff.on_scanned();
+        self.finish_handoff(handoff);
+    }
+
+    /// Keep the handoff while batches are outstanding; once all came back, mark it done if it
+    /// completed (else the next round starts over).
+    pub(super) fn finish_handoff(&mut self, handoff: TransitionHandoff) {
+        if handoff.verdict().is_none() {
+            self.handoff = Some(handoff);
+            return;
+        }
+        let me = self.me.clone();
+        handoff.finish(&mut self.cluster, &me);
+    }
+
+    /// `Cluster::cleanup_round`: once the ring is settled, every key this node no longer
+    /// replicates is sent to its primaries (a write that landed here after the transition's
+    /// handoff may exist nowhere else) and dropped once all of them acknowledged, if
+    /// unchanged (the core's `Cleanup`); otherwise a later round runs another pass.
+    pub(super) fn cleanup_round(&mut self, now: u64) {
+        if self.cleanup.is_some() {
+            return;
+        }
+        let Some(mut cleanup) = Cleanup::start(&self.cluster, &self.cleanup_marker) else {
+            return;
+        };
+        let pages = self.scan_all();
+        if self.failed.is_some() {
+            return;
+        }
+        let mut sends = Vec::new();
+        for page in pages {
+            let n_val = |bucket: &str| self.n_val(bucket);
+            sends.extend(cleanup.add_page(&self.cluster, &self.me, page, n_val));
+        }
+        let timeout = self.config.timings.request_ms;
+        for (node, batch) in sends {
+            let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
+            let purpose = Purpose::CleanupHandoff { keys };
+            self.send_handoff(now, &node, entries, purpose, timeout);
+        }
+        self.finish_cleanup(cleanup);
+    }
+
+    /// One `Handoff` batch under this node's ring version.
+    pub(super) fn send_handoff(
+        &mut self,
+        now: u64,
+        node: &NodeId,
+        entries: Vec<HandoffEntry>,
+        purpose: Purpose,
+        timeout_ms: u64,
+    ) {
+        let body = PeerMessage::Handoff {
+            entries,
+            ring_version: self.cluster.ring.version,
+        };
+        self.send_request(now, node, body, purpose, timeout_ms);
+    }
+
+    pub(super) fn on_cleanup_handoff(&mut self, keys: &[Vec<u8>], ok: bool) {
+        let Some(mut cleanup) = self.cleanup.take() else {
+            return;
+        };
+        for (storage_key, hash) in cleanup.on_batch(keys, ok) {
+            if self.remove_stored_if_unchanged(&storage_key, &hash, false) {
+                self.stats.cleanup_dropped += 1;
+            } else {
+                cleanup.kept_changed();
+            }
+        }
+        self.finish_cleanup(cleanup);
+    }
+
+    /// Keep the pass while keys wait for acknowledgements; once settled, sync and record it.
+    pub(super) fn finish_cleanup(&mut self, cleanup: Cleanup<Vec<u8>, Hash>) {
+        if !cleanup.settled() {
+            self.cleanup = Some(cleanup);
+            return;
+        }
+        // Recorded once the drops are durable (a power loss before would bring the dropped
+        // keys back with the pass recorded as done).
+        self.after_sync(AfterSync::RecordCleanup(cleanup));
+    }
+
+    /// A destination answered for hints of `target`: delete the released ones if unchanged.
+    pub(super) fn on_hint_reply(&mut self, target: &NodeId, hints: &[Vec<u8>], ok: bool) {
+        let Some(round) = self.hint_rounds.get_mut(target) else {
+            return;
+        };
+        let released = round.on_reply(hints, ok);
+        if round.settled() {
+            self.hint_rounds.remove(target);
+        }
+        for (hint_key, held) in released {
+            let deleted = self.replica.delete_hint_if_unchanged(&hint_key, &held);
+            if self.must(deleted, "delete a hint") {
+                self.stats.hints_delivered += 1;
+            }
+        }
+    }
+
+    /// `Cluster::deliver_hints`: one batch per target per round (the core's `HintRound`), to
+    /// a target that is up; a hint whose target no longer replicates its key (or has exited)
+    /// goes to the key's current replicas instead.
+    pub(super) fn deliver_hints(&mut self, now: u64) {
+        let targets: BTreeSet<NodeId> = self
+            .replica
+            .hint_counts()
+            .into_iter()
+            .map(|(t, _)| NodeId(t))
+            .collect();
+        for target in targets {
+            if self.hint_rounds.contains_key(&target) {
+                continue; // the previous round's deliveries are still out
+            }
+            let up = self.is_up(now, &target);
+            let Some(mut round) = HintRound::start(&self.cluster, &target, up, HANDOFF_BATCH_KEYS)
+            else {
+                continue;
+            };
+            let page = self.replica.hint_page(&target.0, None, HANDOFF_BATCH_KEYS);
+            let page = self.must(page, "read hints");
+            if self.failed.is_some() {
+                return;
+            }
+            // Routing (the core's, as in the server): one batch to the target, a
+            // `ReplicaPut` per current replica of a key that moved.
+            let routed = round.route_page(page, &self.cluster, |bucket| self.n_val(bucket));
+            for (hint_key, bytes) in &routed.corrupt {
+                let deleted = self.replica.delete_hint_if_unchanged(hint_key, bytes);
+                if self.must(deleted, "delete a hint") {
+                    self.stats.hints_corrupt += 1;
+                }
+            }
+            self.hint_rounds.insert(target.clone(), round);
+            for send in routed.sends {
+                if send.to == self.me {
+                    // A moved key this node now replicates: served here, as a peer's put.
+                    // Its copy is written before the hint is deleted (one journal: a durable
+                    // prefix that holds the deletion holds the copy), and a sync is asked for.
+                    let (reply, _) = self.serve_here(send.message);
+                    let ok = matches!(reply, PeerMessage::Ack);
+                    self.on_hint_reply(&target, &send.hints, ok);
+                } else {
+                    let purpose = Purpose::HintDelivery {
+                        target: target.clone(),
+                        hints: send.hints,
+                    };
+                    let timeout = self.config.timings.request_ms;
+                    self.send_request(now, &send.to, send.message, purpose, timeout);
+                }
+            }
+            if self
+                .hint_rounds
+                .get(&target)
+                .is_some_and(HintRound::settled)
+            {
+                self.hint_rounds.remove(&target);
+            }
+        }
+    }
+
+    // ----- anti-entropy -----
+
+    /// `Cluster::anti_entropy_round`: each partition this node replicates is compared with
+    /// one of its other replicas, in turn; partitions are exchanged one after another.
+    /// `Cluster::reap_tombstones`: the tombstones this node is the first primary of, older
+    /// than the grace period, are checked with every other member: each primary must hold
+    /// exactly the same tombstone, and no member may hold a hint of the key or (outside the
+    /// primaries) a copy of it. Only then is each primary asked to delete it (if unchanged),
+    /// and this node does. Any member that does not answer blocks the reap.
+    pub(super) fn reap_round(&mut self, now: u64) {
+        if self.cluster.ring.next.is_some() || !self.reaps.is_empty() {
+            return;
+        }
+        let grace = self.config.tombstone_grace_ms;
+        // Through the tombstone list, as the server reads it (the core's).
+        let listed = reap_candidates(&self.replica, now, grace, MAX_REAPS_PER_ROUND);
+        let listed = self.must(listed, "scan tombstones");
+        let mut candidates = Vec::new();
+        for (storage_key, bytes) in listed {
+            let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
+                continue;
+            };
+            let decoded = Object::decode(&bytes);
+            let object = self.must(decoded.map(Some), "decode a stored object");
+            if let Some(object) = object {
+                candidates.push((
+                    String::from_utf8_lossy(bucket).into_owned(),
+                    String::from_utf8_lossy(key).into_owned(),
+                    object,
+                ));
+            }
+        }
+        if self.failed.is_some() {
+            return;
+        }
+        for (bucket, key, object) in candidates {
+            let partition = self.partition_of(&bucket, &key);
+            let n_val = self.n_val(&bucket);
+            let Some(primaries) = reaper_primaries(&self.cluster, &self.me, partition, n_val)
+            else {
+                continue;
+            };
+            let others: Vec<NodeId> = primaries
+                .iter()
+                .filter(|n| **n != self.me)
+                .cloned()
+                .collect();
+            let (members, me_hinted): (Vec<(NodeId, bool)>, bool) =
+                if self.config.primaries_only_reap {
+                    (
+                        primaries.iter().map(|n| (n.clone(), false)).collect(),
+                        false,
+                    )
+                } else {
+                    let hinted = self.replica.holds_hint(&bucket, &key);
+                    let Some(hinted) = self.replica_call(hinted, "read hints") else {
+                        if self.failed.is_some() {
+                            return;
+                        }
+                        continue; // an unreadable hint: never reap past it
+                    };
+                    (reap_check_members(&self.cluster), hinted)
+                };
+            let (check, ask) = ReapCheck::start(&self.me, members, primaries, object, me_hinted);
+            let reap = self.next_reap;
+            self.next_reap += 1;
+            self.reaps.insert(
+                reap,
+                ReapRun {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    others,
+                    check,
+                },
+            );
+            if let Some(verdict) = self.reaps.get(&reap).and_then(|r| r.check.verdict()) {
+                self.finish_reap(now, reap, verdict);
+                continue;
+            }
+            let timeout = self.config.timings.request_ms;
+            for node in ask {
+                let body = PeerMessage::ReapCheck {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                };
+                self.send_request(now, &node, body, Purpose::ReapCheck { reap }, timeout);
+            }
+        }
+    }
+
+    /// The reap check's verdict: when clear, every other primary is asked to delete the
+    /// tombstone if unchanged, and this node deletes its own.
+    pub(super) fn finish_reap(&mut self, now: u64, reap: u64, verdict: bool) {
+        let Some(run) = self.reaps.remove(&reap) else {
+            return;
+        };
+        if !verdict {
+            return;
+        }
+        let object = run.check.tombstone().clone();
+        let expected =
+            merkle::entry_hash(run.bucket.as_bytes(), run.key.as_bytes(), &object.encode());
+        let timeout = self.config.timings.request_ms;
+        for node in &run.others {
+            let body = PeerMessage::Reap {
+                bucket: run.bucket.clone(),
+                key: run.key.clone(),
+                expected,
+            };
+            self.send_request(now, node, body, Purpose::Store, timeout);
+        }
+        if self.remove_if_unchanged(&run.bucket, &run.key, &expected, true) {
+            self.stats.tombstones_reaped += 1;
+        }
+    }
+
+    pub(super) fn anti_entropy_round(&mut self, now: u64) {
+        if self.aae_current.is_some() || self.aae_plan.is_some() {
+            return; // the previous round is still running
+        }
+        self.aae_round += 1;
+        let plan = AaeRound::plan(
+            &self.cluster,
+            &self.me,
+            // One replica count for the exchange plan: the default bucket's (the server
+            // plans with 3, its default).
+            self.config.props.n_val,
+            self.aae_round,
+            self.aae_budget,
+            |n| self.is_up(now, n),
+        );
+        self.aae_plan = Some(plan);
+        self.next_exchange(now);
+    }
+
+    pub(super) fn next_exchange(&mut self, now: u64) {
+        self.aae_current = None;
+        let Some(plan) = self.aae_plan.as_mut() else {
+            return;
+        };
+        let Some((peer, exchange, ask)) = plan.next_exchange() else {
+            self.aae_plan = None;
+            return;
+        };
+        let request = self.send_aae_ask(now, &peer, exchange.partition(), ask);
+        self.aae_current = Some(AaeRun {
+            peer,
+            exchange,
+            asking: Some(request),
+            fetching: BTreeMap::new(),
+            failed: false,
+        });
+    }
+
+    pub(super) fn send_aae_ask(
+        &mut self,
+        now: u64,
+        peer: &NodeId,
+        partition: PartitionId,
+        ask: AaeAsk,
+    ) -> RequestId {
+        let request_ms = self.config.timings.request_ms;
+        let (body, timeout_ms) = match ask {
+            AaeAsk::Segments => (PeerMessage::AaeSegments { partition }, request_ms),
+            AaeAsk::Leaves(segments) => (
+                PeerMessage::AaeLeaves {
+                    partition,
+                    segments,
+                },
+                request_ms,
+            ),
+            AaeAsk::Keys(leaves) => (PeerMessage::AaeKeys { partition, leaves }, request_ms * 5),
+        };
+        self.send_request(now, peer, body, Purpose::Aae, timeout_ms)
+    }
+
+    /// An answer (or failure) of a step of the current exchange, fed to the core's
+    /// `AaeExchange` as `Cluster::exchange` feeds it.
+    pub(super) fn on_aae_response(
+        &mut self,
+        now: u64,
+        id: RequestId,
+        from: &NodeId,
+        body: Option<PeerMessage>,
+    ) {
+        let Some(mut current) = self.aae_current.take() else {
+            return;
+        };
+        if &current.peer != from
+            || (current.asking != Some(id) && !current.fetching.contains_key(&id))
+        {
+            self.aae_current = Some(current);
+            return;
+        }
+        let partition = current.exchange.partition();
+        let peer = current.peer.clone();
+        let step = if let Some(bucket_key) = current.fetching.remove(&id) {
+            let (bucket, key) = bucket_key.clone();
+            // A corrupt copy from the peer is skipped, like a failed fetch.
+            let remote = match body {
+                Some(PeerMessage::ReplicaObject { object }) => {
+                    object.map(|b| Object::decode(&b)).transpose().ok()
+                }
+                _ => None,
+            };
+            // So is a local copy that cannot be read.
+            let local = match remote {
+                Some(_) => self.read(&bucket, &key).ok(),
+                None => None,
+            };
+            match (remote, local) {
+                (Some(remote), Some(local)) => {
+                    if let Some(repair) =
+                        current
+                            .exchange
+                            .on_versions(&bucket_key, local.as_ref(), remote.as_ref())
+                    {
+                        if repair.store_local {
+                            self.merge_local(&bucket, &key, &repair.merged);
+                        }
+                        if repair.store_remote {
+                            self.store_replica(now, &peer, &bucket, &key, &repair.merged);
+                        }
+                        if repair.repairs() && self.failed.is_none() {
+                            self.stats.aae_repairs += 1;
+                        }
+                    }
+                }
+                _ => current.exchange.skip(&bucket_key),
+            }
+            if !current.exchange.compared_all() && !current.fetching.is_empty() {
+                self.aae_current = Some(current);
+                return;
+            }
+            current.exchange.finish()
+        } else {
+            current.asking = None;
+            // The core's reading of the answer, as in the server; a failed step or an
+            // unexpected answer ends this partition's exchange.
+            let aae = Arc::clone(&self.aae);
+            let answered = body.map(|answer| {
+                current.exchange.on_answer(
+                    &aae,
+                    answer,
+                    |leaves| {
+                        aae.leaf_keys(partition, leaves, MAX_AAE_KEYS_PER_EXCHANGE)
+                            .map(|(keys, _cut)| keys)
+                    },
+                    |(bucket, key)| {
+                        let replicas = self.primaries(bucket, key);
+                        replicas.contains(&self.me) && replicas.contains(&peer)
+                    },
+                )
+            });
+            if let Some(Ok(step)) = answered {
+                step
+            } else {
+                current.failed = true;
+                current.exchange.finish()
+            }
+        };
+        match step {
+            AaeStep::Ask(ask) => {
+                current.asking = Some(self.send_aae_ask(now, &peer, partition, ask));
+                self.aae_current = Some(current);
+            }
+            AaeStep::Compare(keys) => {
+                let timeout = self.config.timings.request_ms;
+                for key in keys {
+                    let body = self.replica_get(&key.0, &key.1, None);
+                    let request = self.send_request(now, &peer, body, Purpose::Aae, timeout);
+                    current.fetching.insert(request, key);
+                }
+                self.aae_current = Some(current);
+            }
+            AaeStep::Done { repaired } => {
+                if let Some(plan) = self.aae_plan.as_mut() {
+                    plan.finished(repaired);
+                }
+                if !current.failed {
+                    // As the server's records for `admin aae`: completed exchanges only.
+                    let record = self.aae_records.entry(partition).or_default();
+                    record.last_exchange_ms = Some(now);
+                    record.last_peer = Some(peer.clone());
+                    record.keys_repaired_last = repaired as u64;
+                    record.keys_repaired_total += repaired as u64;
+                    record.exchanges += 1;
+                }
+                self.next_exchange(now);
+            }
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! Tests of `Node` over in-memory storage and an instant network.
+
+use super::*;
+use crate::message::WirePrecondition;
+use crate::test_support::{MapStorage, id, settled_cluster};
+use crate::version::Dot;
+use std::sync::atomic::Ordering;
+
+/// Nodes over `MapStorage`s on a network that delivers every message at once, in order;
+/// timers are not run (the tests need none).
+struct Net {
+    nodes: Vec<Node>,
+    disks: Vec<Arc<MapStorage>>,
+    replies: BTreeMap<ClientRequestId, ClientResult>,
+    stopped: Vec<String>,
+    /// `Output::Sync`s carried out.
+    syncs: usize,
+    /// The time every input is handled at.
+    now: u64,
+}
+
+impl Net {
+    fn new(cluster: &ClusterState) -> Net {
+        let mut net = Net {
+            nodes: Vec::new(),
+            disks: Vec::new(),
+            replies: BTreeMap::new(),
+            stopped: Vec::new(),
+            syncs: 0,
+            now: 1,
+        };
+        for (i, (node_id, _)) in cluster.members.iter().enumerate() {
+            let disk = Arc::new(MapStorage::default());
+            let storage = Arc::clone(&disk) as Arc<dyn Storage>;
+            let config = NodeConfig {
+                timings: Timings::SIMULATION,
+                ..NodeConfig::default()
+            };
+            let rng = SeededRng::new(i as u64);
+            let actor = ActorId(100 + i as u64);
+            let (node, _timers) = Node::new(
+                node_id.clone(),
+                actor,
+                cluster.clone(),
+                config,
+                storage,
+                rng,
+                0,
+            )
+            .unwrap();
+            net.nodes.push(node);
+            net.disks.push(disk);
+        }
+        net
+    }
+
+    fn index(&self, node: &NodeId) -> usize {
+        self.nodes.iter().position(|n| n.id() == node).unwrap()
+    }
+
+    /// Feed `input` to node `at` and deliver everything that follows.
+    fn run(&mut self, at: usize, input: Input) {
+        let mut queue = VecDeque::from([(at, input)]);
+        while let Some((i, input)) = queue.pop_front() {
+            let from = self.nodes[i].id().clone();
+            for output in self.nodes[i].handle(self.now, input) {
+                match output {
+                    Output::Send { to, message } => {
+                        let t = self.index(&to);
+                        match message {
+                            // A stopped node's process refuses connections.
+                            Message::Request { id, .. } if self.nodes[t].stopped().is_some() => {
+                                queue.push_back((i, Input::SendFailed { to, id }));
+                            }
+                            message => {
+                                let from = from.clone();
+                                queue.push_back((t, Input::Message { from, message }));
+                            }
+                        }
+                    }
+                    Output::Reply { id, result } => {
+                        self.replies.insert(id, result);
+                    }
+                    Output::SetTimer { .. } => {}
+                    Output::Sync { through } => {
+                        self.syncs += 1;
+                        let input = match self.disks[i].sync() {
+                            Ok(()) => Input::Synced { through },
+                            Err(e) => Input::SyncFailed {
+                                error: e.to_string(),
+                            },
+                        };
+                        queue.push_back((i, input));
+                    }
+                    Output::Stopped { error } => self.stopped.push(error),
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, at: usize, id: ClientRequestId, bucket: &str, key: &str, value: &[u8]) {
+        let op = ClientOp::Put(PutOp::new(bucket, key, None, Some(value.to_vec())));
+        self.run(at, Input::Client { id, op });
+    }
+
+    fn ask(&mut self, at: usize, id: ClientRequestId, op: ClientOp) {
+        self.run(at, Input::Client { id, op });
+    }
+
+    /// How many of the nodes `at` store `bucket/key`.
+    fn copies_on(&self, at: &[usize], bucket: &str, key: &str) -> usize {
+        let stored = |i: &usize| self.nodes[*i].object(bucket, key).unwrap().is_some();
+        at.iter().filter(|i| stored(i)).count()
+    }
+
+    /// How many nodes store `bucket/key`.
+    fn copies(&self, bucket: &str, key: &str) -> usize {
+        let stored = |n: &Node| n.object(bucket, key).unwrap().is_some();
+        self.nodes.iter().filter(|n| stored(n)).count()
+    }
+}
+
+/// `result` is a failure with `status` whose message says `text`.
+fn refused(result: &ClientResult, status: u16, text: &str) {
+    match result {
+        ClientResult::Failed {
+            status: got,
+            message,
+        } => {
+            assert_eq!(*got, status, "{message}");
+            assert!(message.contains(text), "{message}");
+        }
+        other => panic!("expected a {status}: {other:?}"),
+    }
+}
+
+fn cluster_of_three() -> ClusterState {
+    settled_cluster(&["a", "b", "c"], 16)
+}
+
+/// A cluster of three whose bucket `single` has one replica per key.
+fn cluster_with_single_replica_bucket() -> ClusterState {
+    let mut cluster = cluster_of_three();
+    cluster.bucket_props.insert(
+        "single".into(),
+        BucketPropsEntry {
+            timestamp_ms: 1,
+            node: id("a"),
+            props_json: Some(r#"{"n_val":1}"#.into()),
+        },
+    );
+    cluster
+}
+
+#[test]
+fn a_forwarded_put_keeps_its_content_type_metadata_and_precondition() {
+    let mut net = Net::new(&cluster_with_single_replica_bucket());
+    let key = "doc";
+    let primary = net.index(&net.nodes[0].primaries("single", key)[0]);
+    let other = (primary + 1) % 3;
+    let mut op = PutOp::new("single", key, None, Some(b"{}".to_vec()));
+    op.content.content_type = "application/json".into();
+    op.content.meta = vec![("x-riak-meta-color".into(), "blue".into())];
+    op.precondition = Precondition::Absent;
+    let first = op.clone();
+    net.ask(other, 1, ClientOp::Put(first));
+    assert!(
+        matches!(net.replies[&1], ClientResult::Put(_)),
+        "{:?}",
+        net.replies[&1]
+    );
+    let stored = net.nodes[primary].object("single", key).unwrap().unwrap();
+    let content = &stored.siblings()[0].content;
+    assert_eq!(content.content_type, "application/json");
+    assert_eq!(
+        content.meta,
+        vec![("x-riak-meta-color".to_owned(), "blue".to_owned())]
+    );
+    // If-None-Match: * again, through the same non-replica: the coordinator refuses it
+    // and the forwarder passes its 412 on.
+    net.ask(other, 2, ClientOp::Put(op));
+    match &net.replies[&2] {
+        ClientResult::Failed { status, .. } => assert_eq!(*status, 412),
+        other => panic!("second conditional put: {other:?}"),
+    }
+    assert_eq!(
+        net.nodes[primary]
+            .object("single", key)
+            .unwrap()
+            .unwrap()
+            .siblings()
+            .len(),
+        1
+    );
+}
+
+fn sends(outputs: &[Output]) -> Vec<&PeerMessage> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                message: Message::Request { body, .. } | Message::Response { body, .. },
+                ..
+            } => Some(body),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sync_asked(outputs: &[Output]) -> Option<u64> {
+    outputs.iter().find_map(|o| match o {
+        Output::Sync { through } => Some(*through),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_durable_write_is_sent_on_and_acknowledged_only_after_its_sync() {
+    let mut net = Net::new(&cluster_of_three());
+    // The coordinator (fsync bucket, the default): its own copy is written and a sync
+    // asked for; nothing is sent to the replicas before `Synced`.
+    let op = ClientOp::Put(PutOp::new("b", "k", None, Some(b"v".to_vec())));
+    let out = net.nodes[0].handle(1, Input::Client { id: 1, op });
+    let through = sync_asked(&out).unwrap();
+    assert!(sends(&out).is_empty(), "{out:?}");
+    assert!(net.nodes[0].object("b", "k").unwrap().is_some());
+    let out = net.nodes[0].handle(2, Input::Synced { through });
+    let puts = sends(&out);
+    assert_eq!(puts.len(), 2, "{out:?}");
+    // A replica: the durable `ReplicaPut` is stored at once, acknowledged after `Synced`.
+    let from = net.nodes[0].id().clone();
+    let message = Message::Request {
+        id: 7,
+        body: puts[0].clone(),
+    };
+    let out = net.nodes[1].handle(3, Input::Message { from, message });
+    let through = sync_asked(&out).unwrap();
+    assert!(sends(&out).is_empty(), "{out:?}");
+    assert!(net.nodes[1].object("b", "k").unwrap().is_some());
+    let out = net.nodes[1].handle(4, Input::Synced { through });
+    assert!(matches!(sends(&out)[..], [PeerMessage::Ack]), "{out:?}");
+    // A buffered bucket's write is sent on at once (its durable replica waits instead).
+    let op = PutOp::new("b", "k2", None, Some(b"v".to_vec()));
+    net.nodes[2].config.props.durability = StoreDurability::Buffered;
+    let out = net.nodes[2].handle(
+        5,
+        Input::Client {
+            id: 2,
+            op: ClientOp::Put(op),
+        },
+    );
+    assert_eq!(sends(&out).len(), 2, "{out:?}");
+}
+
+#[test]
+fn a_failed_sync_stops_the_node_before_anything_waiting_for_it() {
+    let mut net = Net::new(&cluster_of_three());
+    let op = ClientOp::Put(PutOp::new("b", "k", None, Some(b"v".to_vec())));
+    let out = net.nodes[0].handle(1, Input::Client { id: 1, op });
+    assert!(sync_asked(&out).is_some());
+    let error = "fsync: EIO".to_owned();
+    let out = net.nodes[0].handle(2, Input::SyncFailed { error });
+    assert!(
+        matches!(&out[..], [Output::Stopped { error }] if error.contains("EIO")),
+        "{out:?}"
+    );
+    assert!(net.nodes[0].stopped().is_some());
+}
+
+#[test]
+fn a_cluster_of_nodes_completes_durable_writes_through_their_syncs() {
+    let mut net = Net::new(&cluster_of_three());
+    for k in 0..5u64 {
+        net.put(k as usize % 3, k, "b", &format!("k{k}"), b"v");
+        assert!(
+            matches!(net.replies[&k], ClientResult::Put(_)),
+            "{:?}",
+            net.replies[&k]
+        );
+    }
+    assert!(net.syncs >= 5, "{} syncs", net.syncs);
+    assert_eq!(net.copies("b", "k4"), 3);
+}
+
+#[test]
+fn bucket_props_set_at_one_node_reach_the_others_by_gossip() {
+    let mut net = Net::new(&cluster_of_three());
+    let props = BucketProps {
+        n_val: 2,
+        ..BucketProps::default()
+    };
+    let op = ClientOp::SetBucketProps {
+        bucket: "two".into(),
+        props: Some(props),
+    };
+    net.run(0, Input::Client { id: 1, op });
+    assert!(matches!(net.replies[&1], ClientResult::Done));
+    assert_eq!(net.nodes[0].props("two").n_val, 2);
+    assert_eq!(net.nodes[1].props("two").n_val, 3, "not gossiped yet");
+    for _ in 0..20 {
+        for i in 0..3 {
+            net.run(i, Input::Timer(Timer::Gossip));
+        }
+    }
+    for node in &net.nodes {
+        assert_eq!(node.props("two").n_val, 2, "{}", node.id());
+    }
+    net.put(1, 2, "two", "k", b"v");
+    assert!(matches!(net.replies[&2], ClientResult::Put(_)));
+    assert_eq!(net.copies("two", "k"), 2);
+    // A reset (`None`) brings the defaults back.
+    let op = ClientOp::SetBucketProps {
+        bucket: "two".into(),
+        props: None,
+    };
+    net.run(2, Input::Client { id: 3, op });
+    assert_eq!(net.nodes[2].props("two").n_val, 3);
+}
+
+#[test]
+fn a_client_joins_a_lone_empty_node_once_and_a_member_or_a_node_with_data_is_refused() {
+    let mut net = Net::new(&cluster_of_three());
+    let disk = Arc::new(MapStorage::default());
+    let storage = Arc::clone(&disk) as Arc<dyn Storage>;
+    let alone = ClusterState::found("c", member_entry(&id("d")), 16).unwrap();
+    let config = NodeConfig {
+        timings: Timings::SIMULATION,
+        ..NodeConfig::default()
+    };
+    let (d, _) = Node::new(
+        id("d"),
+        ActorId(7),
+        alone,
+        config,
+        storage,
+        SeededRng::new(4),
+        0,
+    )
+    .unwrap();
+    net.nodes.push(d);
+    net.disks.push(disk);
+    // A member of a three-node cluster cannot join elsewhere.
+    net.ask(1, 1, ClientOp::Join { via: id("d") });
+    refused(&net.replies[&1], 400, "already part of a cluster");
+    // The lone empty node is admitted.
+    net.ask(3, 2, ClientOp::Join { via: id("a") });
+    assert!(
+        matches!(net.replies[&2], ClientResult::Done),
+        "{:?}",
+        net.replies[&2]
+    );
+    assert!(net.nodes[3].joined());
+    assert_eq!(net.nodes[3].cluster().members.len(), 4);
+    assert!(net.nodes[0].cluster().member(&id("d")).is_some());
+    // Leave: the node marks itself leaving.
+    net.ask(3, 3, ClientOp::Leave);
+    assert!(matches!(net.replies[&3], ClientResult::Done));
+    let status = net.nodes[3].cluster().member(&id("d")).map(|m| m.status);
+    assert_eq!(status, Some(MemberStatus::Leaving));
+}
+
+#[test]
+fn a_lone_node_that_holds_data_may_not_join() {
+    let alone = ClusterState::found("c", member_entry(&id("e")), 16).unwrap();
+    let mut net = Net::new(&alone);
+    net.put(0, 1, "b", "k", b"v");
+    assert!(matches!(net.replies[&1], ClientResult::Put(_)));
+    net.ask(0, 2, ClientOp::Join { via: id("a") });
+    refused(&net.replies[&2], 400, "holds data");
+}
+
+/// The pages a key listing through node `at` answered, in order.
+fn list(net: &mut Net, at: usize, id: ClientRequestId, bucket: &str) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut queue = VecDeque::from([(
+        at,
+        Input::Client {
+            id,
+            op: ClientOp::ListKeys {
+                bucket: bucket.into(),
+            },
+        },
+    )]);
+    // As `Net::run`, keeping every reply of the request (a listing answers several).
+    while let Some((i, input)) = queue.pop_front() {
+        let from = net.nodes[i].id().clone();
+        for output in net.nodes[i].handle(1, input) {
+            match output {
+                Output::Send { to, message } => {
+                    let t = net.index(&to);
+                    if let Message::Request { id, .. } = &message
+                        && net.nodes[t].stopped().is_some()
+                    {
+                        queue.push_back((i, Input::SendFailed { to, id: *id }));
+                        continue;
+                    }
+                    queue.push_back((
+                        t,
+                        Input::Message {
+                            from: from.clone(),
+                            message,
+                        },
+                    ));
+                }
+                Output::Reply { id: got, result } => {
+                    assert_eq!(got, id);
+                    match result {
+                        ClientResult::Keys { keys, last } => {
+                            pages.push(keys);
+                            if last {
+                                return pages;
+                            }
+                        }
+                        other => panic!("listing: {other:?}"),
+                    }
+                }
+                Output::Sync { through } => queue.push_back((i, Input::Synced { through })),
+                Output::SetTimer { .. } | Output::Stopped { .. } => {}
+            }
+        }
+    }
+    panic!(
+        "the listing never sent its last page ({} pages)",
+        pages.len()
+    );
+}
+
+#[test]
+fn a_key_listing_merges_every_nodes_pages_without_deleted_keys_or_duplicates() {
+    let mut net = Net::new(&cluster_with_single_replica_bucket());
+    let mut expected = BTreeSet::new();
+    for k in 0..2500u64 {
+        let key = format!("k{k:05}");
+        net.put((k % 3) as usize, k, "single", &key, b"v");
+        net.put((k % 3) as usize, 10_000 + k, "default", &key, b"v");
+        expected.insert(key);
+    }
+    // Deleted keys (a tombstone with the context) are not listed.
+    for k in (0..2500u64).step_by(7) {
+        let key = format!("k{k:05}");
+        for bucket in ["single", "default"] {
+            let at = net.index(&net.nodes[0].primaries(bucket, &key)[0]);
+            let clock = net.nodes[at]
+                .object(bucket, &key)
+                .unwrap()
+                .unwrap()
+                .clock()
+                .clone();
+            let op = PutOp::new(bucket, &key, Some(clock), None);
+            net.ask(at, 20_000 + k, ClientOp::Put(op));
+        }
+        expected.remove(&key);
+    }
+    let expected: Vec<String> = expected.into_iter().collect();
+    for bucket in ["single", "default"] {
+        let pages = list(&mut net, 1, 50_000, bucket);
+        assert!(pages.len() >= 3, "{bucket}: {} pages", pages.len());
+        assert!(pages.iter().all(|p| p.len() <= LIST_PAGE_KEYS));
+        let keys: Vec<String> = pages.concat();
+        assert_eq!(keys, expected, "{bucket}");
+    }
+    // With one node stopped, the three-replica bucket is still listed whole.
+    net.disks[2].failing.store(true, Ordering::SeqCst);
+    net.put(2, 60_000, "default", "k00001", b"w");
+    assert!(net.nodes[2].stopped().is_some());
+    assert_eq!(list(&mut net, 0, 60_001, "default").concat(), expected);
+    net.ask(0, 60_002, ClientOp::ListBuckets);
+    match &net.replies[&60_002] {
+        ClientResult::Buckets(buckets) => assert_eq!(buckets, &["default", "single"]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn anti_entropy_repairs_a_key_a_restarted_replica_missed_and_records_it() {
+    let mut net = Net::new(&cluster_of_three());
+    net.disks[2].failing.store(true, Ordering::SeqCst);
+    net.put(2, 1, "b", "first", b"v");
+    assert!(net.nodes[2].stopped().is_some());
+    net.put(0, 2, "b", "missed", b"v");
+    assert!(matches!(net.replies[&2], ClientResult::Put(_)));
+    net.disks[2].failing.store(false, Ordering::SeqCst);
+    assert_eq!(net.copies_on(&[2], "b", "missed"), 0);
+    net.nodes[2]
+        .restart(net.now, ActorId(55), SeededRng::new(5))
+        .unwrap();
+    // Past the transport's backoff; the failure detector was fed by the puts' traffic.
+    net.now += 10_000;
+    for i in 0..3 {
+        net.run(i, Input::Timer(Timer::Gossip));
+    }
+    for round in 0..30 {
+        net.now += 2_000;
+        net.run(round % 3, Input::Timer(Timer::Aae));
+        if net.copies_on(&[2], "b", "missed") == 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        net.copies_on(&[2], "b", "missed"),
+        1,
+        "anti-entropy repaired it"
+    );
+    let repaired: u64 = net
+        .nodes
+        .iter()
+        .flat_map(|n| n.aae_records().values())
+        .map(|r| r.keys_repaired_total)
+        .sum();
+    assert!(repaired >= 1, "the exchange that repaired it is recorded");
+}
+
+#[test]
+fn a_forward_from_a_node_whose_clock_is_behind_is_judged_on_this_nodes_clock() {
+    let mut net = Net::new(&cluster_with_single_replica_bucket());
+    let key = "late";
+    let primary = net.index(&net.nodes[0].primaries("single", key)[0]);
+    let forwarder = (primary + 1) % 3;
+    let from = net.nodes[forwarder].id().clone();
+    let forward = |now_ms: u64| PeerMessage::CoordinatePut {
+        bucket: "single".into(),
+        key: key.into(),
+        context: None,
+        content: PutOp::new("single", key, None, Some(b"v".to_vec())).content,
+        w: None,
+        pw: None,
+        dw_given: false,
+        precondition: WirePrecondition::None,
+        now_ms,
+        ring_version: 0,
+    };
+    let now = 100_000;
+    net.now = now;
+    // The forwarder's clock is 10 s behind: unconverted, its fresh forward looks 10 s old.
+    let message = Message::Request {
+        id: 1,
+        body: forward(now - 10_000),
+    };
+    let out = net.nodes[primary].handle(
+        now,
+        Input::Message {
+            from: from.clone(),
+            message,
+        },
+    );
+    assert!(
+        matches!(sends(&out)[..], [PeerMessage::Failed { .. }]),
+        "refused as late: {out:?}"
+    );
+    let clock = Input::PeerClock {
+        peer: from.clone(),
+        offset_ms: -10_000,
+    };
+    net.nodes[primary].handle(now, clock);
+    let message = Message::Request {
+        id: 2,
+        body: forward(now - 10_000),
+    };
+    net.run(primary, Input::Message { from, message });
+    assert!(
+        net.nodes[primary].object("single", key).unwrap().is_some(),
+        "coordinated"
+    );
+}
+
+#[test]
+fn a_stored_object_that_does_not_decode_fails_its_requests_but_does_not_stop_the_node() {
+    let mut net = Net::new(&cluster_of_three());
+    net.put(0, 1, "b", "bad", b"v");
+    let storage_key = keys::object_key(b"b", b"bad");
+    net.disks[0]
+        .put(
+            Table::Objects,
+            &storage_key,
+            b"not an object",
+            StoreDurability::Fsync,
+        )
+        .unwrap();
+    // A write coordinated over it is refused (500), as in the server.
+    let op = PutOp::new("b", "bad", None, Some(b"w".to_vec()));
+    net.ask(0, 2, ClientOp::Put(op));
+    refused(&net.replies[&2], 500, "corrupt");
+    // A get through the node counts its own copy as a failed reply; the others answer.
+    let get = ClientOp::Get {
+        bucket: "b".into(),
+        key: "bad".into(),
+        r: Some(Quorum::Count(2)),
+        pr: None,
+    };
+    net.ask(0, 3, get);
+    assert!(
+        matches!(net.replies[&3], ClientResult::Got(_)),
+        "{:?}",
+        net.replies[&3]
+    );
+    // Anti-entropy rounds skip it. The node never stopped, and serves other keys.
+    net.now += 10_000;
+    for _ in 0..5 {
+        net.now += 2_000;
+        net.run(0, Input::Timer(Timer::Aae));
+    }
+    assert!(net.nodes[0].stopped().is_none());
+    assert!(net.stopped.is_empty(), "{:?}", net.stopped);
+    assert!(net.nodes[0].stats().corrupt_skipped >= 2);
+    for i in 0..3 {
+        net.run(i, Input::Timer(Timer::Gossip)); // heartbeats after the time jump
+    }
+    net.put(0, 4, "b", "good", b"v");
+    assert!(
+        matches!(net.replies[&4], ClientResult::Put(_)),
+        "{:?}",
+        net.replies[&4]
+    );
+}
+
+#[test]
+fn pr_larger_than_the_primaries_up_fails_the_get_at_once() {
+    let mut net = Net::new(&cluster_of_three());
+    net.put(0, 1, "b", "k", b"v");
+    // Node "a" stops (its process refuses connections): asked with PR = 3, a get
+    // through "b" cannot count three primaries and answers 503; PR = 1 is met.
+    net.disks[0].failing.store(true, Ordering::SeqCst);
+    net.put(0, 2, "b", "k2", b"v");
+    assert!(net.nodes[0].stopped().is_some());
+    let get_k = |pr| ClientOp::Get {
+        bucket: "b".into(),
+        key: "k".into(),
+        r: Some(Quorum::One),
+        pr: Some(pr),
+    };
+    net.run(
+        1,
+        Input::Client {
+            id: 3,
+            op: get_k(Quorum::All),
+        },
+    );
+    match net.replies.get(&3) {
+        Some(ClientResult::Failed { status, message }) => {
+            assert_eq!(*status, 503, "{message}");
+        }
+        other => panic!("get with PR = all: {other:?}"),
+    }
+    net.run(
+        1,
+        Input::Client {
+            id: 4,
+            op: get_k(Quorum::One),
+        },
+    );
+    assert!(matches!(net.replies.get(&4), Some(ClientResult::Got(_))));
+}
+
+#[test]
+fn each_bucket_is_replicated_by_its_own_properties() {
+    let mut net = Net::new(&cluster_with_single_replica_bucket());
+    for k in 0..10 {
+        let key = format!("k{k}");
+        net.put(k % 3, 2 * k as u64, "default", &key, b"x");
+        net.put(k % 3, 2 * k as u64 + 1, "single", &key, b"y");
+        assert!(matches!(net.replies[&(2 * k as u64)], ClientResult::Put(_)));
+        assert!(matches!(
+            net.replies[&(2 * k as u64 + 1)],
+            ClientResult::Put(_)
+        ));
+        assert_eq!(net.copies("default", &key), 3, "n_val 3 for {key}");
+        assert_eq!(net.copies("single", &key), 1, "n_val 1 for {key}");
+        let primary = net.index(&net.nodes[0].primaries("single", &key)[0]);
+        assert!(net.nodes[primary].object("single", &key).unwrap().is_some());
+    }
+    // A get through any node merges what the bucket's replicas hold.
+    let op = ClientOp::Get {
+        bucket: "single".into(),
+        key: "k4".into(),
+        r: None,
+        pr: None,
+    };
+    net.run(2, Input::Client { id: 99, op });
+    match &net.replies[&99] {
+        ClientResult::Got(object) => assert_eq!(object.siblings()[0].content.value, b"y"),
+        other => panic!("get: {other:?}"),
+    }
+    assert!(net.stopped.is_empty());
+}
+
+#[test]
+fn a_failed_storage_call_stops_the_node_and_nothing_of_that_step_leaves_it() {
+    let cluster = cluster_of_three();
+    let mut net = Net::new(&cluster);
+    // A key node "a" coordinates (it is a primary of every key with n_val 3 of 3 nodes).
+    net.put(0, 1, "b", "before", b"v1");
+    assert!(matches!(net.replies[&1], ClientResult::Put(_)));
+    net.disks[0].failing.store(true, Ordering::SeqCst);
+    net.put(0, 2, "b", "during", b"v2");
+    // No reply, no replica write sent, one `Stopped`.
+    assert!(!net.replies.contains_key(&2));
+    assert_eq!(net.copies_on(&[1, 2], "b", "during"), 0);
+    assert_eq!(net.stopped.len(), 1, "{:?}", net.stopped);
+    assert!(
+        net.stopped[0].contains("storage failed"),
+        "{}",
+        net.stopped[0]
+    );
+    assert!(net.nodes[0].stopped().is_some());
+    // A stopped node ignores input and says `Stopped` only once.
+    net.put(0, 3, "b", "later", b"v3");
+    assert!(!net.replies.contains_key(&3));
+    assert_eq!(net.stopped.len(), 1);
+    // The disk heals; the driver restarts the node under a new actor: it serves again
+    // and kept what it stored before.
+    net.disks[0].failing.store(false, Ordering::SeqCst);
+    let timers = net.nodes[0]
+        .restart(5, ActorId(999), SeededRng::new(9))
+        .unwrap();
+    assert!(!timers.is_empty());
+    assert_eq!(net.nodes[0].actor(), ActorId(999));
+    assert!(net.nodes[0].object("b", "before").unwrap().is_some());
+    net.put(0, 4, "b", "after", b"v4");
+    assert!(matches!(net.replies[&4], ClientResult::Put(_)));
+    assert_eq!(net.copies("b", "after"), 3);
+}
+
+#[test]
+fn a_replica_whose_storage_fails_does_not_acknowledge() {
+    let cluster = cluster_of_three();
+    let mut net = Net::new(&cluster);
+    net.disks[1].failing.store(true, Ordering::SeqCst);
+    net.disks[2].failing.store(true, Ordering::SeqCst);
+    net.put(0, 1, "b", "k", b"v");
+    // Both other replicas stopped without answering: W = 2 is not met by "a" alone
+    // (the request timeouts, not run here, would fail it; no success is ever sent).
+    assert!(!matches!(net.replies.get(&1), Some(ClientResult::Put(_))));
+    assert_eq!(net.stopped.len(), 2, "{:?}", net.stopped);
+}
+
+#[test]
+fn with_siblings_keeps_the_first() {
+    let a = Object::new()
+        .update(
+            &VersionVector::new(),
+            Content {
+                value: b"x".to_vec(),
+                ..Content::default()
+            },
+            ActorId(1),
+            1,
+            PrunePolicy::default(),
+        )
+        .unwrap();
+    let b = Object::new()
+        .update(
+            &VersionVector::new(),
+            Content {
+                value: b"y".to_vec(),
+                ..Content::default()
+            },
+            ActorId(2),
+            2,
+            PrunePolicy::default(),
+        )
+        .unwrap();
+    let merged = a.sync(&b);
+    assert_eq!(merged.siblings().len(), 2);
+    let one = with_siblings(merged.clock(), &merged.siblings()[..1]).unwrap();
+    assert_eq!(one.siblings().len(), 1);
+    assert_eq!(
+        one.siblings()[0].dot,
+        Dot {
+            actor: ActorId(1),
+            counter: 1
+        }
+    );
+    assert_eq!(one.clock(), merged.clock());
+}
