@@ -415,6 +415,12 @@ pub const FORWARD_EXPIRED: &str = "forwarded put expired";
 /// The start of a coordinator's refusal of a forwarded put for a key it does not replicate.
 pub const NOT_A_REPLICA: &str = "not a replica of this key";
 
+/// When a forwarded put was sent, on this node's clock: `sent_ms` is the forwarder's clock
+/// (`CoordinatePut::now_ms`), `offset_ms` the forwarder's clock minus ours (from its hello).
+pub fn forwarded_sent_at(sent_ms: u64, offset_ms: i64) -> u64 {
+    sent_ms.saturating_add_signed(offset_ms.saturating_neg())
+}
+
 /// A coordinator's check of a forwarded `CoordinatePut` before applying it: the refusal to
 /// send when it waited more than `limit_ms` since the put arrived at its forwarder (the
 /// forwarder has given up on it by now, and its context may be stale), or when this node is

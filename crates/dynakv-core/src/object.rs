@@ -130,6 +130,16 @@ const SIBLING_FLAG_DELETED: u8 = 1;
 pub const MAX_STORED_SIBLINGS: usize = 2 * limits::MAX_SIBLINGS;
 
 impl Object {
+    /// This object with only its first sibling (by dot), the clock unchanged: a merge that
+    /// drops what it saw. Only the simulator's planted bug (`node::Bug::DropSiblingOnMerge`)
+    /// uses it, to show the checkers catch a lost sibling; nothing else in the crate may.
+    pub(crate) fn keep_first_sibling_only(&self) -> Object {
+        Object {
+            clock: self.clock.clone(),
+            siblings: self.siblings.iter().take(1).cloned().collect(),
+        }
+    }
+
     /// An object that has seen nothing.
     pub fn new() -> Self {
         Self::default()
@@ -427,6 +437,12 @@ pub fn encode_clock(w: &mut Writer, clock: &VersionVector) {
         w.varint(entry.counter);
         w.varint(entry.timestamp_ms);
     }
+}
+
+/// Decode an optional context sent between nodes (a forwarded put's), written by
+/// [`encode_clock`].
+pub fn decode_context(bytes: Option<&[u8]>) -> Result<Option<VersionVector>, DecodeError> {
+    bytes.map(|b| decode_clock(&mut Reader::new(b))).transpose()
 }
 
 /// Decode a version vector written by [`encode_clock`]; actors must be strictly increasing

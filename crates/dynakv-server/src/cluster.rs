@@ -26,8 +26,8 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
-    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidates,
-    reap_check_members, reaper_primaries, refuse_forwarded,
+    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply,
+    forwarded_sent_at, reap_candidates, reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -36,7 +36,7 @@ use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent};
-use dynakv_core::object::{Content, Object, decode_clock, encode_clock};
+use dynakv_core::object::{Content, Object, decode_context, encode_clock};
 use dynakv_core::quorum::QuorumFailure;
 use dynakv_core::ring::{NodeId, PartitionId, key_hash};
 use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext, ServeError, StorageCall};
@@ -1193,7 +1193,7 @@ impl Cluster {
                 // nodes whose clocks disagree still take each other's forwards (before, a
                 // forwarder 10 s behind had every forward refused as expired). The write is
                 // stamped with that time on our clock.
-                let now_ms = now_ms.saturating_add_signed(from.clock_offset_ms.saturating_neg());
+                let now_ms = forwarded_sent_at(now_ms, from.clock_offset_ms);
                 let waited_ms = self.now_ms().saturating_sub(now_ms);
                 let limit_ms =
                     u64::try_from(self.timeouts.forward_start().as_millis()).unwrap_or(u64::MAX);
@@ -1209,13 +1209,7 @@ impl Cluster {
                 if let Some(refusal) = refuse_forwarded(waited_ms, limit_ms, is_primary) {
                     return Ok(refusal);
                 }
-                let context = match context {
-                    None => None,
-                    Some(bytes) => {
-                        let mut reader = dynakv_core::codec::Reader::new(&bytes);
-                        Some(decode_clock(&mut reader).map_err(internal)?)
-                    }
-                };
+                let context = decode_context(context.as_deref()).map_err(internal)?;
                 let content = Content {
                     value: content.value,
                     content_type: content.content_type,

@@ -53,7 +53,7 @@
 use crate::aae_trees::AaeTrees;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::bucket::{BucketProps, Quorum};
-use crate::codec::{Reader, Writer};
+use crate::codec::Writer;
 use crate::coordinator::{
     ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
     PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidates,
@@ -67,7 +67,7 @@ use crate::limits;
 use crate::membership::{BucketPropsEntry, ClusterState, MAX_CUSTOM_BUCKETS, Member, MemberStatus};
 use crate::merkle::{self, Hash};
 use crate::message::{HandoffEntry, PeerMessage, WireContent};
-use crate::object::{Content, Object, PrunePolicy, Sibling, decode_clock, encode_clock};
+use crate::object::{Content, Object, PrunePolicy, encode_clock};
 use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::rng::SeededRng;
@@ -1422,7 +1422,7 @@ impl Node {
         if self.config.bug != Some(Bug::DropSiblingOnMerge) || merged.siblings().len() < 2 {
             return None;
         }
-        let first_only = with_siblings(merged.clock(), &merged.siblings()[..1])?;
+        let first_only = merged.keep_first_sibling_only();
         self.overwrite(bucket, key, &first_only);
         Some(first_only)
     }
@@ -1522,33 +1522,6 @@ fn open_storage(
         .load_hint_counts()
         .map_err(|e| OpenError(format!("count hints: {e}")))?;
     Ok((replica, aae))
-}
-
-/// An object with the given clock and siblings, built through the documented encoding (the
-/// core offers no way to drop a sibling; only the planted bug needs one).
-fn with_siblings(clock: &VersionVector, siblings: &[Sibling]) -> Option<Object> {
-    let mut body = Writer::default();
-    encode_clock(&mut body, clock);
-    body.varint(siblings.len() as u64);
-    for sibling in siblings {
-        let c = &sibling.content;
-        body.u64_fixed(sibling.dot.actor.0);
-        body.varint(sibling.dot.counter);
-        body.varint(c.last_modified_ms);
-        body.u8(u8::from(c.deleted));
-        body.bytes(c.content_type.as_bytes());
-        body.varint(c.meta.len() as u64);
-        for (name, value) in &c.meta {
-            body.bytes(name.as_bytes());
-            body.bytes(value.as_bytes());
-        }
-        body.bytes(&c.value);
-    }
-    let all_deleted = siblings.iter().all(|s| s.content.deleted);
-    let mut bytes = vec![1u8, u8::from(all_deleted)];
-    bytes.extend_from_slice(&crc32fast::hash(&body.buf).to_le_bytes());
-    bytes.extend_from_slice(&body.buf);
-    Object::decode(&bytes).ok()
 }
 
 const _: () = assert!(BACKOFF_INITIAL_MS <= BACKOFF_MAX_MS);

@@ -7,9 +7,11 @@
 use super::{
     AfterSync, ClientResult, ForwardFailure, ForwardReply, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE,
     MAX_HINTS_PER_TARGET, Node, NodeId, Object, Output, PeerMessage, Pending, Purpose, PutOp,
-    Quorum, Reader, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, ServeContext, ServeError,
-    StoreDurability, decode_clock, forward_reply, refuse_forwarded, serve,
+    Quorum, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, ServeContext, ServeError,
+    StoreDurability, forward_reply, refuse_forwarded, serve,
 };
+use crate::coordinator::forwarded_sent_at;
+use crate::object::decode_context;
 
 impl Node {
     // ----- peer requests -----
@@ -38,7 +40,7 @@ impl Node {
                 let is_primary = self.primaries(&bucket, &key).contains(&self.me);
                 // The forwarder's clock converted to this node's (as the server does).
                 let offset = self.clock_offsets.get(from).copied().unwrap_or(0);
-                let sent_ms = now_ms.saturating_add_signed(offset.saturating_neg());
+                let sent_ms = forwarded_sent_at(now_ms, offset);
                 let waited_ms = if self.config.retry_unanswered_forward {
                     0
                 } else {
@@ -52,10 +54,9 @@ impl Node {
                     self.respond(from, id, refusal);
                     return;
                 }
-                let context = match context.map(|bytes| decode_clock(&mut Reader::new(&bytes))) {
-                    None => None,
-                    Some(Ok(clock)) => Some(clock),
-                    Some(Err(e)) => {
+                let context = match decode_context(context.as_deref()) {
+                    Ok(context) => context,
+                    Err(e) => {
                         self.respond(from, id, PeerMessage::Error(e.to_string()));
                         return;
                     }

@@ -734,7 +734,7 @@ fn a_replica_whose_storage_fails_does_not_acknowledge() {
 }
 
 #[test]
-fn with_siblings_keeps_the_first() {
+fn keeping_the_first_sibling_keeps_the_clock() {
     let a = Object::new()
         .update(
             &VersionVector::new(),
@@ -761,7 +761,7 @@ fn with_siblings_keeps_the_first() {
         .unwrap();
     let merged = a.sync(&b);
     assert_eq!(merged.siblings().len(), 2);
-    let one = with_siblings(merged.clock(), &merged.siblings()[..1]).unwrap();
+    let one = merged.keep_first_sibling_only();
     assert_eq!(one.siblings().len(), 1);
     assert_eq!(
         one.siblings()[0].dot,
