@@ -29,6 +29,12 @@ pub const CLOCK_PRUNE_THRESHOLD: usize = 10;
 pub const CLOCK_PRUNE_MIN_AGE_MS: u64 = 20_000;
 /// Most clock entries a decoded context or object may carry: anything larger is malformed.
 pub const MAX_CLOCK_ENTRIES: usize = MAX_SIBLINGS + CLOCK_PRUNE_THRESHOLD + 64;
+/// Largest counter a clock entry or a dot may carry. A decoded clock, object or context with a
+/// larger one is malformed, and a write whose new dot would pass it is refused: an honest node
+/// issues one counter per write and would take millennia to get here, so only a forged or
+/// corrupt clock can, and it must not make a node's dot counter wrap (a wrapped counter
+/// reissues dots, and the writes carrying them are silently lost).
+pub const MAX_CLOCK_COUNTER: u64 = 1 << 62;
 /// Longest encoded causal context accepted from a client, in bytes (base64 text).
 pub const MAX_CONTEXT_BYTES: usize = 16 * 1024;
 /// Longest actor (replica identity) name inside a clock, in bytes.

@@ -73,16 +73,21 @@ pub struct Member {
     pub version: u64,
     /// Bumped by the member itself every gossip round (failure detection).
     pub heartbeat: u64,
+    /// The node's public key, its identity on authenticated peer links (the name is a label);
+    /// `None` where links carry no keys (the simulator) or in a state written before keys.
+    #[serde(default)]
+    pub public_key: Option<[u8; 32]>,
 }
 
 impl Member {
-    fn rank(&self) -> (u64, MemberStatus, &str, &str, &str) {
+    fn rank(&self) -> (u64, MemberStatus, &str, &str, &str, Option<&[u8; 32]>) {
         (
             self.version,
             self.status,
             &self.peer_addr,
             &self.http_addr,
             &self.zone,
+            self.public_key.as_ref(),
         )
     }
 }
@@ -131,6 +136,10 @@ pub enum MembershipError {
     Full,
     #[error("the last node of the ring cannot leave")]
     LastNode,
+    #[error("node {sender} cannot ask for node {member} to join")]
+    NotTheSender { member: NodeId, sender: NodeId },
+    #[error("node {0} asked to join under a key other than the one it proved")]
+    KeyMismatch(NodeId),
     #[error("cluster name mismatch: this cluster is {ours:?}, the request is for {theirs:?}")]
     WrongCluster { ours: String, theirs: String },
     #[error("ring: {0}")]
@@ -229,18 +238,46 @@ impl ClusterState {
             .or_else(|| self.ring.current.nodes().first().map(|n| &n.id))
     }
 
-    /// Record a new member asking to join (status joining).
+    /// Whether `member` may be asked to join by the peer `from`, which proved `from_key` on
+    /// its link (`None` where links carry no keys): a node only asks for itself, under the
+    /// key it proved. Whether a live member's name may move to another key is the link's
+    /// check (the transport's verifier), made before any request is read.
+    pub fn check_join_request(
+        from: &NodeId,
+        from_key: Option<&[u8; 32]>,
+        member: &Member,
+    ) -> Result<(), MembershipError> {
+        if &member.id != from {
+            return Err(MembershipError::NotTheSender {
+                member: member.id.clone(),
+                sender: from.clone(),
+            });
+        }
+        if from_key.is_some() && member.public_key.as_ref() != from_key {
+            return Err(MembershipError::KeyMismatch(member.id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Record a new member asking to join (status joining). A member re-announcing itself
+    /// keeps its state; new addresses or a new key replace the old ones (a node that came back
+    /// with an empty data directory has a new key: see [`Self::check_join_request`]).
     pub fn add_joining(&mut self, member: Member) -> Result<(), MembershipError> {
         if let Some(existing) = self.members.get(&member.id)
             && existing.status != MemberStatus::Exiting
         {
-            // A restarted node re-announcing itself: keep its state, refresh addresses.
-            if existing.peer_addr == member.peer_addr && existing.http_addr == member.http_addr {
+            if existing.peer_addr == member.peer_addr
+                && existing.http_addr == member.http_addr
+                && (member.public_key.is_none() || existing.public_key == member.public_key)
+            {
                 return Ok(());
             }
             let mut updated = existing.clone();
             updated.peer_addr = member.peer_addr;
             updated.http_addr = member.http_addr;
+            if member.public_key.is_some() {
+                updated.public_key = member.public_key;
+            }
             updated.version += 1;
             self.members.insert(updated.id.clone(), updated);
             return Ok(());
@@ -458,6 +495,7 @@ mod tests {
             status: MemberStatus::Joining,
             version: 0,
             heartbeat: 0,
+            public_key: None,
         }
     }
 

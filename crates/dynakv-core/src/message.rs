@@ -147,10 +147,10 @@ pub enum PeerMessage {
         cluster_name: String,
         member: Member,
     },
+    /// The cluster's state, for the new member to adopt. (No secret: every member derives its
+    /// keys from the cluster secret its operator gave it, which never crosses the network.)
     JoinAccepted {
         state: Box<ClusterState>,
-        /// The cluster's context secret.
-        secret: [u8; 32],
     },
     /// Read a replica's local copy; reply `ReplicaObject`.
     ReplicaGet {

@@ -92,6 +92,12 @@ pub enum WriteError {
         "the object already has {existing} siblings (limit {limit}): fetch it, resolve the siblings and write back with the context"
     )]
     TooManySiblings { existing: usize, limit: usize },
+    /// The new dot's counter would pass [`limits::MAX_CLOCK_COUNTER`] (only a forged or
+    /// corrupt clock gets there).
+    #[error(
+        "the clock of this key is exhausted (counter past {limit}): it was forged or corrupted"
+    )]
+    CounterExhausted { limit: u64 },
 }
 
 /// A key's versions and causal context.
@@ -208,7 +214,11 @@ impl Object {
             .counter(actor)
             .max(context.counter(actor))
             .max(floor)
-            + 1;
+            .checked_add(1)
+            .filter(|c| *c <= limits::MAX_CLOCK_COUNTER)
+            .ok_or(WriteError::CounterExhausted {
+                limit: limits::MAX_CLOCK_COUNTER,
+            })?;
         let mut siblings: Vec<Sibling> = self
             .siblings
             .iter()
@@ -398,6 +408,9 @@ impl Object {
         for _ in 0..count {
             let actor = ActorId(r.u64_fixed()?);
             let counter = r.varint()?;
+            if counter == 0 || counter > limits::MAX_CLOCK_COUNTER {
+                return Err(DecodeError::Invalid("sibling dot counter out of range"));
+            }
             let last_modified_ms = r.varint()?;
             let flags = r.u8()?;
             let content_type = r.string(limits::MAX_CONTENT_TYPE_BYTES, "content type")?;
@@ -457,6 +470,9 @@ pub fn decode_clock(r: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
         let timestamp_ms = r.varint()?;
         if counter == 0 {
             return Err(DecodeError::Invalid("zero counter in clock"));
+        }
+        if counter > limits::MAX_CLOCK_COUNTER {
+            return Err(DecodeError::Invalid("clock counter out of range"));
         }
         if previous.is_some_and(|p| p >= actor) {
             return Err(DecodeError::Invalid("clock actors not strictly increasing"));

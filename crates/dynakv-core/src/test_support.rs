@@ -17,6 +17,7 @@ pub fn member(name: &str, status: MemberStatus) -> Member {
         status,
         version: 1,
         heartbeat: 0,
+        public_key: None,
     }
 }
 

@@ -243,6 +243,8 @@ impl Cluster {
     pub fn start(&mut self, i: usize, join: Option<usize>) -> Result<()> {
         let bin = self.bin.clone();
         let config = self.config.clone();
+        // The operator's step for a joining node: a copy of a member's cluster secret.
+        let secret = join.map(|j| self.node(j).data_dir.join("cluster.secret"));
         let node = self.node(i);
         if node.child.is_some() {
             bail!("n{i} is already running");
@@ -271,8 +273,10 @@ impl Cluster {
             .arg(&node.data_dir)
             .arg("--config")
             .arg(&config);
-        if let Some(j) = join {
-            cmd.args(["--join", &peer_addr(j)]);
+        if let (Some(j), Some(secret)) = (join, secret) {
+            cmd.args(["--join", &peer_addr(j)])
+                .arg("--cluster-secret-file")
+                .arg(secret);
         }
         let child = cmd
             .env("NO_COLOR", "1")

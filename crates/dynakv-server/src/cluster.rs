@@ -63,7 +63,8 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PARSED_PROPS: usize = 10_000;
 /// Meta-table key of the persisted cluster state.
 const META_CLUSTER: &[u8] = b"cluster_state";
-/// Meta-table key of the cluster secret.
+/// Meta-table key of the context secret of versions before `cluster.secret` (read once, to
+/// upgrade; no longer written).
 const META_SECRET: &[u8] = b"cluster_secret";
 
 /// Timeouts of the cluster protocol.
@@ -250,38 +251,27 @@ fn internal(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Internal(e.to_string())
 }
 
-/// Load the persisted cluster state and secret, if any.
-pub fn load_persisted(
-    storage: &dyn Storage,
-) -> Result<Option<(ClusterState, ContextKey)>, ClusterError> {
-    let state = storage.get(Table::Meta, META_CLUSTER).map_err(internal)?;
-    let secret = storage.get(Table::Meta, META_SECRET).map_err(internal)?;
-    match (state, secret) {
-        (Some(state), Some(secret)) => {
-            let state: ClusterState = serde_json::from_slice(&state)
-                .map_err(|e| ClusterError::Internal(format!("stored cluster state: {e}")))?;
-            let secret = <[u8; 32]>::try_from(secret.as_slice())
-                .map_err(|_| ClusterError::Internal("stored cluster secret is corrupt".into()))?;
-            Ok(Some((state, ContextKey::from_bytes(secret))))
-        }
-        _ => Ok(None),
-    }
+/// A persisted cluster state, and the context secret that versions before the cluster secret
+/// file kept beside it (every member of such a cluster holds the same one: an upgraded node
+/// takes it as its cluster secret).
+pub type Persisted = (ClusterState, Option<[u8; 32]>);
+
+/// Load the persisted cluster state, if any.
+pub fn load_persisted(storage: &dyn Storage) -> Result<Option<Persisted>, ClusterError> {
+    let Some(state) = storage.get(Table::Meta, META_CLUSTER).map_err(internal)? else {
+        return Ok(None);
+    };
+    let state: ClusterState = serde_json::from_slice(&state)
+        .map_err(|e| ClusterError::Internal(format!("stored cluster state: {e}")))?;
+    let legacy = storage
+        .get(Table::Meta, META_SECRET)
+        .map_err(internal)?
+        .and_then(|secret| <[u8; 32]>::try_from(secret.as_slice()).ok());
+    Ok(Some((state, legacy)))
 }
 
-fn persist(
-    storage: &dyn Storage,
-    state: &ClusterState,
-    secret: &ContextKey,
-) -> Result<(), ClusterError> {
+fn persist(storage: &dyn Storage, state: &ClusterState) -> Result<(), ClusterError> {
     let bytes = serde_json::to_vec(state).map_err(internal)?;
-    storage
-        .put(
-            Table::Meta,
-            META_SECRET,
-            secret.as_bytes(),
-            Durability::Fsync,
-        )
-        .map_err(internal)?;
     storage
         .put(Table::Meta, META_CLUSTER, &bytes, Durability::Fsync)
         .map_err(internal)?;
@@ -412,14 +402,14 @@ impl Cluster {
             (result, durable_change.then(|| Arc::clone(&guard)))
         };
         if let Some(state) = to_persist {
-            persist(self.storage.as_ref(), &state, &self.secret())?;
+            persist(self.storage.as_ref(), &state)?;
         }
         Ok(result)
     }
 
     /// Persist the current state (after startup or a join).
     pub fn persist_now(&self) -> Result<(), ClusterError> {
-        persist(self.storage.as_ref(), &self.state(), &self.secret())
+        persist(self.storage.as_ref(), &self.state())
     }
 
     /// A bucket's properties as the cluster knows them.
@@ -470,6 +460,44 @@ impl Cluster {
                 },
             );
         })
+    }
+
+    /// The peer links' check of a peer's name and key (both sides, after each handshake): a
+    /// name that a member holds under another key is refused while that member is up (a
+    /// second process cannot take a live member's place); a member that is down may come back
+    /// under a new key (a node restarted with an empty data directory), which its join then
+    /// records.
+    pub fn verify_peer(&self, name: &str, key: &[u8; 32]) -> Result<(), String> {
+        let id = NodeId(name.to_owned());
+        if id == self.me {
+            let state = self.state();
+            let mine = state.member(&id).and_then(|m| m.public_key);
+            if mine.is_some_and(|mine| &mine != key) {
+                return Err(format!("node name {name:?} is this node's own"));
+            }
+            return Ok(());
+        }
+        let known = self
+            .state()
+            .member(&id)
+            .filter(|m| m.status != MemberStatus::Exiting)
+            .and_then(|m| m.public_key);
+        match known {
+            Some(known) if &known != key => {
+                if self.is_up(&id) {
+                    Err(format!(
+                        "node name {name:?} belongs to a live member with another key"
+                    ))
+                } else {
+                    tracing::warn!(
+                        node = name,
+                        "a member that is down comes back with a new key"
+                    );
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether a member is believed up (heartbeats moving, or too early to tell).
@@ -1165,12 +1193,17 @@ impl Cluster {
                         "cluster name mismatch: this cluster is {ours:?}, the request is for {cluster_name:?}"
                     )));
                 }
+                let sender = NodeId(from.node_name.clone());
+                if let Err(e) =
+                    ClusterState::check_join_request(&sender, Some(&from.public_key), &member)
+                {
+                    return Ok(PeerMessage::Error(e.to_string()));
+                }
                 tracing::info!(node = %member.id, via = %from.node_name, "join request");
                 self.update_state(|state| state.add_joining(member))?
                     .map_err(|e| ClusterError::Membership(e.to_string()))?;
                 Ok(PeerMessage::JoinAccepted {
                     state: Box::new((*self.state()).clone()),
-                    secret: *self.secret().as_bytes(),
                 })
             }
             PeerMessage::CoordinatePut {
@@ -1847,8 +1880,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Membership(format!("cannot reach {seed}: {e}")))?;
         match reply {
-            PeerMessage::JoinAccepted { state, secret } => {
-                *self.secret.write() = ContextKey::from_bytes(secret);
+            PeerMessage::JoinAccepted { state } => {
                 *self.state.write() = Arc::new(*state);
                 self.persist_now()?;
                 tracing::info!(%seed, "joined the cluster");

@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// A peer of an existing cluster to join.
     pub join: Option<SocketAddr>,
+    /// A copy of the cluster's secret (`cluster.secret` of a member), needed to join; copied
+    /// into the data directory. Without it a node uses the data directory's own, or founds a
+    /// cluster with a new one.
+    pub cluster_secret_file: Option<PathBuf>,
     /// Availability zone (data center) of this node; empty when unset.
     pub zone: String,
     pub storage: StorageKind,
@@ -102,6 +106,7 @@ pub struct ServerConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    pub cluster_secret_file: Option<PathBuf>,
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub group_commit_window_ms: Option<u64>,
@@ -147,6 +152,7 @@ impl ServerConfig {
             peer_addr,
             data_dir,
             join: None,
+            cluster_secret_file: None,
             zone: String::new(),
             storage: StorageKind::Disk,
             max_value_bytes: limits::DEFAULT_MAX_VALUE_BYTES,
@@ -177,6 +183,13 @@ impl ServerConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        if let Some(v) = file.cluster_secret_file {
+            // Relative to the config file's directory, as an operator reads it.
+            self.cluster_secret_file = Some(match path.parent() {
+                Some(dir) if v.is_relative() => dir.join(v),
+                _ => v,
+            });
+        }
         if let Some(v) = file.max_value_bytes {
             self.max_value_bytes = v;
         }

@@ -11,15 +11,16 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod link;
 pub mod load_limit;
 pub mod replica;
+pub mod secrets;
 pub mod stats;
 pub mod sync_barrier;
 pub mod transport;
 
 use cluster::{Cluster, ClusterTimeouts};
 use config::{ServerConfig, StorageKind};
-use dynakv_core::context::ContextKey;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
 use dynakv_core::ring::NodeId;
@@ -84,6 +85,9 @@ pub enum ServerError {
     StorageFailed(String),
     #[error("cannot join the cluster: {0}")]
     Join(String),
+    /// The cluster secret or the node key cannot be read, written, or is missing.
+    #[error("{0}")]
+    Secret(String),
 }
 
 /// A started node.
@@ -187,6 +191,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let http_addr = listener.local_addr()?;
     let peer_addr = peer_listener.local_addr()?;
     let me = NodeId(identity.name.clone());
+    let persisted = cluster::load_persisted(storage.as_ref()).map_err(cluster_error)?;
+    let (cluster_secret, node_key) = {
+        let config = config.clone();
+        let legacy = persisted.as_ref().and_then(|(_, legacy)| *legacy);
+        let joining = persisted.is_none() && config.join.is_some();
+        tokio::task::spawn_blocking(move || load_secrets(&config, joining, legacy))
+            .await
+            .map_err(|e| ServerError::Internal(e.to_string()))??
+    };
     let member = Member {
         id: me.clone(),
         peer_addr: peer_addr.to_string(),
@@ -195,27 +208,49 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         status: MemberStatus::Valid,
         version: 1,
         heartbeat: 0,
+        public_key: Some(*node_key.public()),
     };
-    let persisted = cluster::load_persisted(storage.as_ref()).map_err(cluster_error)?;
-    let (state, secret, fresh) = if let Some((mut state, secret)) = persisted {
-        // Addresses may change between runs (port 0, new flags): announce the new ones.
+    let (state, fresh) = if let Some((mut state, _)) = persisted {
+        // Addresses may change between runs (port 0, new flags), and a state from before node
+        // keys has none: announce what is new.
         if let Some(known) = state.members.get_mut(&me)
-            && (known.peer_addr != member.peer_addr || known.http_addr != member.http_addr)
+            && (known.peer_addr != member.peer_addr
+                || known.http_addr != member.http_addr
+                || known.public_key != member.public_key)
         {
             known.peer_addr.clone_from(&member.peer_addr);
             known.http_addr.clone_from(&member.http_addr);
+            known.public_key = member.public_key;
             known.version += 1;
         }
-        (state, secret, false)
+        (state, false)
     } else {
         let state = ClusterState::found(&config.cluster_name, member, config.ring_partitions)
             .map_err(|e| ServerError::Internal(e.to_string()))?;
-        let secret = ContextKey::from_bytes(rand::random::<[u8; 32]>());
-        (state, secret, true)
+        (state, true)
     };
+    let secret = cluster_secret.context_key();
     let clock = clock::WallClock::skewed(config.clock_skew_ms);
-    let mut transport_config = TransportConfig::new(&state.cluster_name, &identity.name);
+    let mut transport_config = TransportConfig::new(
+        &state.cluster_name,
+        &identity.name,
+        link::LinkKeys::new(&cluster_secret, &node_key),
+    );
     transport_config.clock = clock;
+    // The links check peers against the membership once the cluster exists (before, only
+    // this node's own join runs, and any holder of the secret is accepted).
+    let verifier_target: Arc<std::sync::OnceLock<std::sync::Weak<Cluster>>> = Arc::default();
+    {
+        let target = Arc::clone(&verifier_target);
+        transport_config.verifier =
+            Some(transport::PeerVerifier::new(move |name, key| match target
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+            {
+                Some(cluster) => cluster.verify_peer(name, key),
+                None => Ok(()),
+            }));
+    }
     let client = PeerClient::new(transport_config.clone());
     let unflushed = Arc::new(AtomicBool::new(false));
     // Durable writes wait for the flusher's group commit when a sync waits on the disk.
@@ -275,6 +310,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             clock,
         },
     ));
+    let _ = verifier_target.set(Arc::downgrade(&cluster));
     cluster
         .admission()
         .set_target_p99_us(config.aae_latency_target_ms.saturating_mul(1000));
@@ -358,6 +394,66 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// The cluster secret and this node's key, from the data directory, `--cluster-secret-file`,
+/// or made new (see [`secrets`]). `joining`: a node with no cluster state asked to join, which
+/// needs the secret of the cluster it joins. `legacy`: the context secret a data directory of
+/// an earlier version kept (the same on every member), taken as the cluster secret once.
+fn load_secrets(
+    config: &ServerConfig,
+    joining: bool,
+    legacy: Option<[u8; 32]>,
+) -> Result<(secrets::ClusterSecret, secrets::NodeKey), ServerError> {
+    use secrets::{CLUSTER_SECRET_FILE, ClusterSecret, NodeKey};
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        ServerError::Secret(format!("cannot create {}: {e}", config.data_dir.display()))
+    })?;
+    let secret_error = |e: secrets::SecretError| ServerError::Secret(e.to_string());
+    let node_key = NodeKey::load_or_create(&config.data_dir).map_err(secret_error)?;
+    let own = config.data_dir.join(CLUSTER_SECRET_FILE);
+    let stored = if own.exists() {
+        Some(ClusterSecret::read(&own).map_err(secret_error)?)
+    } else {
+        None
+    };
+    let given = match &config.cluster_secret_file {
+        Some(path) => Some(ClusterSecret::read(path).map_err(secret_error)?),
+        None => None,
+    };
+    let secret = match (stored, given) {
+        (Some(stored), Some(given)) if stored != given => {
+            return Err(ServerError::Secret(format!(
+                "{} holds another cluster's secret than {}: this data directory belongs to another cluster",
+                own.display(),
+                config
+                    .cluster_secret_file
+                    .as_deref()
+                    .unwrap_or(own.as_path())
+                    .display()
+            )));
+        }
+        (Some(stored), _) => return Ok((stored, node_key)),
+        (None, Some(given)) => given,
+        (None, None) if joining => {
+            return Err(ServerError::Secret(format!(
+                "joining a cluster needs its secret: give --cluster-secret-file FILE, a copy of \
+                 the {CLUSTER_SECRET_FILE} file in a member's data directory"
+            )));
+        }
+        (None, None) => {
+            if let Some(legacy) = legacy {
+                tracing::warn!(
+                    "this data directory predates cluster.secret: its context secret becomes the cluster secret (rotate it, see docs/SECURITY.md)"
+                );
+                ClusterSecret::from_bytes(legacy)
+            } else {
+                ClusterSecret::generate()
+            }
+        }
+    };
+    secret.write(&own).map_err(secret_error)?;
+    Ok((secret, node_key))
 }
 
 /// First wait before a node stopped by a storage failure is started again.

@@ -7,29 +7,46 @@
 //!
 //! # Wire format
 //!
-//! Every frame, in both directions, is `u32 big-endian payload length | payload`, where the
-//! payload is the [postcard](https://docs.rs/postcard) encoding of a value. The payload length
-//! never exceeds the configured `max_frame_bytes` (itself at most [`MAX_FRAME_BYTES`]); the
-//! handshake frames never exceed [`MAX_HANDSHAKE_FRAME_BYTES`].
+//! A frame is `u32 big-endian payload length | payload`, where the payload is the
+//! [postcard](https://docs.rs/postcard) encoding of a value. The payload length never exceeds
+//! the configured `max_frame_bytes` (itself at most [`MAX_FRAME_BYTES`]); the handshake frames
+//! never exceed [`MAX_HANDSHAKE_FRAME_BYTES`].
 //!
-//! 1. The connecting side sends a [`Hello`]: `magic: [u8; 6] = b"dynakv"` (6 raw bytes),
-//!    `protocol_version: u16` (varint), `cluster_name: String`, `node_name: String` (varint
-//!    length, then UTF-8 bytes), `wall_clock_ms: u64` (varint; version 2): the accepting side
-//!    takes `wall_clock_ms` minus its own clock as the peer's clock offset
-//!    ([`PeerInfo::clock_offset_ms`]).
-//! 2. The accepting side answers a [`HelloReply`]: variant 0 `Accept { node_name }`, or
-//!    variant 1 `Reject { reason }`, after which it closes the connection. It rejects a wrong
-//!    magic, a protocol version other than [`PROTOCOL_VERSION`] (checked before the rest of
-//!    the hello is decoded, so a future version is refused with a clear reason) and a cluster
-//!    name other than its own.
-//! 3. After an accept, every frame is an [`Envelope`]: `request_id: u64` (varint), then a
-//!    [`Body`]: variant 0 `Request(M)` (only from the connecting side), variant 1 `Response(M)`
-//!    or variant 2 `Error(String)` (only from the accepting side, carrying the request's id).
-//!    Responses may come in any order.
+//! Every link is authenticated and encrypted with the Noise protocol
+//! (`Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s`, see [`crate::link`]): both sides prove they hold
+//! the cluster's secret and their node keys. The handshake, in plain frames:
+//!
+//! 1. The connecting side sends `MAGIC (6 bytes) | protocol_version (u16 big-endian) | Noise
+//!    message 1`.
+//! 2. The accepting side answers `0 | Noise message 2`, or `1 | reason (UTF-8)` and closes the
+//!    connection: for a wrong magic, a protocol version other than [`PROTOCOL_VERSION`] (the
+//!    reason says which versions), or a first message that does not decrypt (the reason is
+//!    only "handshake refused": a stranger learns nothing about the cluster).
+//! 3. The connecting side sends Noise message 3, whose payload is the [`Hello`]:
+//!    `cluster_name: String`, `node_name: String` (varint length, then UTF-8 bytes),
+//!    `wall_clock_ms: u64` (varint): the accepting side takes `wall_clock_ms` minus its own
+//!    clock as the peer's clock offset ([`PeerInfo::clock_offset_ms`]).
+//!
+//! From then on the stream is encrypted records (see [`crate::link`]) whose plaintext is the
+//! frame stream. Its first frame, from the accepting side, is a [`HelloReply`]: variant 0
+//! `Accept { node_name }`, or variant 1 `Reject { reason }` (another cluster name, or a node
+//! name that a live member holds with another key: [`TransportConfig::verifier`]) after which
+//! it closes. The connecting side checks the accepting side's name and key with its own
+//! verifier too. Every later frame is an [`Envelope`]: `request_id: u64` (varint), then a
+//! [`Body`]: variant 0 `Request(M)` (only from the connecting side), variant 1 `Response(M)`
+//! or variant 2 `Error(String)` (only from the accepting side, carrying the request's id).
+//! Responses may come in any order.
 //!
 //! # Invariants
 //!
 //! - Every socket has `TCP_NODELAY` set (both sides).
+//! - No request is read from, and no reply sent to, a peer that has not proven it holds the
+//!   cluster secret; every frame after the handshake is authenticated.
+//! - An accepted connection spends at most `handshake_timeout` in the handshake (at most
+//!   [`MAX_HANDSHAKING_CONNECTIONS`] at once) and at most [`PEER_IDLE_TIMEOUT`] waiting for the
+//!   next frame; one peer node name holds at most [`MAX_CONNECTIONS_PER_PEER_NAME`] of the
+//!   [`MAX_INBOUND_CONNECTIONS`] authenticated slots, so no member (or intruder with the
+//!   secret) can take the slots a joining node needs.
 //! - Memory is bounded: a read buffer holds at most one frame (plus one read chunk); each
 //!   outgoing queue holds at most [`OUTBOUND_QUEUE_FRAMES`] frames; a client connection has at
 //!   most [`MAX_PENDING_PER_PEER`] requests awaiting a reply; a server connection runs at most
@@ -63,15 +80,17 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::link::{self, LinkKeys, MAX_RECORD_PLAINTEXT, Opener, Sealer};
+
 /// Version of this wire protocol, sent in the hello. A node accepts only its own version.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// A peer whose wall clock differs from this node's by more than this (ms) is logged when it
 /// connects.
 pub const CLOCK_OFFSET_WARNING_MS: u64 = 1_000;
@@ -103,6 +122,13 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 pub const MAX_PEERS: usize = 1024;
 /// Most connections one [`serve`] holds at once; connections beyond it are closed on accept.
 pub const MAX_INBOUND_CONNECTIONS: usize = 1024;
+/// Most accepted connections still in their handshake.
+pub const MAX_HANDSHAKING_CONNECTIONS: usize = 128;
+/// Most authenticated inbound connections from one node name (a node keeps one per peer).
+pub const MAX_CONNECTIONS_PER_PEER_NAME: usize = 8;
+/// An inbound connection on which no frame arrives for this long is closed (the peer
+/// reconnects when it needs to); it also bounds how long a frame may take to arrive.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// On shutdown, how long [`serve`] lets in-flight handlers finish and their replies go out
 /// before it closes the remaining connections.
 pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,6 +153,8 @@ const _: () = assert!(MAX_HANDSHAKE_FRAME_BYTES <= MAX_FRAME_BYTES);
 const _: () = assert!(DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION <= MAX_PENDING_PER_PEER);
 const _: () = assert!(MAX_PENDING_PER_PEER <= Semaphore::MAX_PERMITS);
 const _: () = assert!(MAX_INBOUND_CONNECTIONS <= Semaphore::MAX_PERMITS);
+const _: () = assert!(MAX_HANDSHAKING_CONNECTIONS <= Semaphore::MAX_PERMITS);
+const _: () = assert!(MAX_CONNECTIONS_PER_PEER_NAME <= MAX_INBOUND_CONNECTIONS);
 const _: () = assert!(MAX_CONSECUTIVE_TIMEOUTS >= 1);
 
 /// Settings of both sides of the transport.
@@ -143,6 +171,9 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     /// Time allowed for the hello exchange, on both sides.
     pub handshake_timeout: Duration,
+    /// An inbound connection with no frame arriving for this long is closed (default
+    /// [`PEER_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
     /// Requests handled concurrently per inbound connection; beyond it the reader waits
     /// (backpressure). Clamped to `1..=MAX_PENDING_PER_PEER`.
     pub max_in_flight_per_connection: usize,
@@ -152,17 +183,47 @@ pub struct TransportConfig {
     pub backoff_max: Duration,
     /// The wall clock sent in the hello (and read when a hello arrives).
     pub clock: crate::clock::WallClock,
+    /// The cluster's pre-shared key and this node's key pair.
+    pub keys: LinkKeys,
+    /// Checks the name and key of every peer after its handshake (both sides); `None`
+    /// accepts any peer that holds the cluster secret.
+    pub verifier: Option<PeerVerifier>,
+}
+
+/// The check of a peer's node name and public key, run after each handshake: `Err` refuses
+/// the connection with that reason.
+pub type VerifyFn = dyn Fn(&str, &[u8; 32]) -> Result<(), String> + Send + Sync;
+
+/// A shared [`VerifyFn`].
+#[derive(Clone)]
+pub struct PeerVerifier(Arc<VerifyFn>);
+
+impl fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PeerVerifier(..)")
+    }
+}
+
+impl PeerVerifier {
+    pub fn new(
+        check: impl Fn(&str, &[u8; 32]) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        PeerVerifier(Arc::new(check))
+    }
 }
 
 impl TransportConfig {
     /// A configuration with the default limits and timeouts.
-    pub fn new(cluster_name: &str, node_name: &str) -> Self {
+    pub fn new(cluster_name: &str, node_name: &str, keys: LinkKeys) -> Self {
         Self {
+            keys,
+            verifier: None,
             cluster_name: cluster_name.to_owned(),
             node_name: node_name.to_owned(),
             max_frame_bytes: MAX_FRAME_BYTES,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: PEER_IDLE_TIMEOUT,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
@@ -181,6 +242,13 @@ impl TransportConfig {
 
     fn first_backoff(&self) -> Duration {
         self.backoff_initial.min(self.backoff_max)
+    }
+
+    fn verify(&self, name: &str, key: &[u8; 32]) -> Result<(), String> {
+        match &self.verifier {
+            Some(verifier) => (verifier.0)(name, key),
+            None => Ok(()),
+        }
     }
 }
 
@@ -225,12 +293,9 @@ pub enum FrameError {
     Malformed(String),
 }
 
-/// The first frame on every connection, from the connecting side.
+/// What the connecting side says of itself, in the last handshake message (encrypted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// Always [`MAGIC`].
-    pub magic: [u8; 6],
-    pub protocol_version: u16,
     pub cluster_name: String,
     pub node_name: String,
     /// The sender's wall clock when it sent the hello (ms since the Unix epoch): the
@@ -238,12 +303,14 @@ pub struct Hello {
     pub wall_clock_ms: u64,
 }
 
-/// The fields of [`Hello`] every protocol version keeps first.
-#[derive(Deserialize)]
-struct HelloPrefix {
-    magic: [u8; 6],
-    protocol_version: u16,
-}
+/// Bytes before the first Noise message: [`MAGIC`] and the protocol version.
+const HELLO_PREFIX_BYTES: usize = MAGIC.len() + 2;
+/// The accepting side's first answer: the handshake goes on.
+const HANDSHAKE_CONTINUE: u8 = 0;
+/// The accepting side's first answer: refused (a UTF-8 reason follows).
+const HANDSHAKE_REFUSED: u8 = 1;
+/// What a stranger is told (nothing about the cluster).
+const REFUSED_REASON: &str = "handshake refused";
 
 /// The accepting side's answer to a [`Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,8 +341,10 @@ pub enum Body<M> {
 /// What the server side knows of the caller after the handshake.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
-    /// The name the peer announced in its hello.
+    /// The name the peer announced in its hello (checked against its key by the verifier).
     pub node_name: String,
+    /// The peer's static public key, proven in the handshake: who the peer is.
+    pub public_key: [u8; 32],
     pub remote_addr: SocketAddr,
     /// How far the peer's wall clock is ahead of this node's (negative: behind), measured
     /// from its hello (within the hello's one-way delay). A wall-clock time the peer sends is
@@ -378,26 +447,35 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Write queued frames until the queue closes (then flush and shut the write side down).
-/// Frames already queued when one is taken go out in the same write.
+/// Write queued frames, sealed, until the queue closes (then shut the write side down).
+/// Frames already queued when one is taken go out in the same records and the same write.
 async fn write_loop<W: AsyncWrite + Unpin>(
-    writer: W,
+    mut writer: W,
     mut outbound: mpsc::Receiver<Vec<u8>>,
+    mut sealer: Sealer,
 ) -> Result<(), String> {
-    let mut writer = BufWriter::with_capacity(WRITE_BATCH_BYTES, writer);
+    let mut plain = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let mut sealed = Vec::with_capacity(WRITE_BATCH_BYTES + WRITE_BATCH_BYTES / 64);
     while let Some(frame) = outbound.recv().await {
-        writer
-            .write_all(&frame)
-            .await
-            .map_err(|e| format!("write failed: {e}"))?;
-        while writer.buffer().len() < WRITE_BATCH_BYTES {
+        plain.extend_from_slice(&frame);
+        while plain.len() < WRITE_BATCH_BYTES {
             let Ok(frame) = outbound.try_recv() else {
                 break;
             };
+            plain.extend_from_slice(&frame);
+        }
+        // A large frame is sealed and written a batch at a time (bounded extra memory).
+        for batch in plain.chunks(WRITE_BATCH_BYTES.max(MAX_RECORD_PLAINTEXT)) {
+            sealed.clear();
+            sealer.seal(batch, &mut sealed)?;
             writer
-                .write_all(&frame)
+                .write_all(&sealed)
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
+        }
+        plain.clear();
+        if plain.capacity() > WRITE_BATCH_BYTES * 4 {
+            plain.shrink_to(WRITE_BATCH_BYTES);
         }
         writer
             .flush()
@@ -653,8 +731,9 @@ impl<M> Drop for PendingGuard<'_, M> {
 /// A connection that passed the handshake, before its tasks start.
 struct Established {
     stream: TcpStream,
-    /// Bytes read after the hello reply.
-    buffer: BytesMut,
+    /// The receiving direction (holding any bytes read after the hello reply).
+    opener: Opener,
+    sealer: Sealer,
     remote_node: String,
 }
 
@@ -737,7 +816,7 @@ where
             Arc::clone(self),
             Arc::clone(&connection),
             established.stream,
-            established.buffer,
+            (established.opener, established.sealer),
             outbound_queue,
         ));
         if self.client_dropped.load(Ordering::SeqCst) {
@@ -811,21 +890,16 @@ async fn connect_task<M>(
     done.send_replace(Some(outcome));
 }
 
-/// Connect to `peer` and exchange hellos.
+/// Connect to `peer` and run the handshake.
 async fn establish(
     config: &TransportConfig,
     peer: SocketAddr,
 ) -> Result<Established, ConnectFailure> {
-    let hello = encode_frame(
-        &Hello {
-            magic: MAGIC,
-            protocol_version: PROTOCOL_VERSION,
-            cluster_name: config.cluster_name.clone(),
-            node_name: config.node_name.clone(),
-            wall_clock_ms: config.clock.now_ms(),
-        },
-        MAX_HANDSHAKE_FRAME_BYTES,
-    )
+    let hello = postcard::to_stdvec(&Hello {
+        cluster_name: config.cluster_name.clone(),
+        node_name: config.node_name.clone(),
+        wall_clock_ms: config.clock.now_ms(),
+    })
     .map_err(|e| ConnectFailure::Encode(format!("hello: {e}")))?;
     let mut stream =
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(peer)).await {
@@ -841,35 +915,99 @@ async fn establish(
     stream
         .set_nodelay(true)
         .map_err(|e| ConnectFailure::Unreachable(format!("cannot set TCP_NODELAY: {e}")))?;
+    let exchange = initiate(&mut stream, config, &hello);
+    match tokio::time::timeout(config.handshake_timeout, exchange).await {
+        Ok(Ok((opener, sealer, remote_node))) => Ok(Established {
+            stream,
+            opener,
+            sealer,
+            remote_node,
+        }),
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => Err(ConnectFailure::Unreachable(format!(
+            "handshake timed out after {:?}",
+            config.handshake_timeout
+        ))),
+    }
+}
+
+/// The connecting side's handshake: the two sides' secrets and keys proven, the hello
+/// accepted, the accepting side's name and key checked.
+async fn initiate(
+    stream: &mut TcpStream,
+    config: &TransportConfig,
+    hello: &[u8],
+) -> Result<(Opener, Sealer, String), ConnectFailure> {
+    let unreachable = ConnectFailure::Unreachable;
+    let mut handshake = config.keys.initiator().map_err(ConnectFailure::Encode)?;
+    let mut message = vec![0_u8; MAX_HANDSHAKE_FRAME_BYTES];
+    let mut first = Vec::with_capacity(HELLO_PREFIX_BYTES + 64);
+    first.extend_from_slice(&MAGIC);
+    first.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    let written = handshake
+        .write_message(&[], &mut message)
+        .map_err(|e| ConnectFailure::Encode(format!("noise: {e}")))?;
+    first.extend_from_slice(&message[..written]);
+    write_plain_frame(stream, &first)
+        .await
+        .map_err(unreachable)?;
     let mut buffer = BytesMut::new();
-    let exchange = async {
-        stream
-            .write_all(&hello)
-            .await
-            .map_err(|e| format!("sending the hello failed: {e}"))?;
-        let payload = read_frame(&mut stream, &mut buffer, MAX_HANDSHAKE_FRAME_BYTES)
-            .await?
-            .ok_or_else(|| "closed during the handshake".to_owned())?;
-        decode_payload::<HelloReply>(&payload).map_err(|e| format!("bad hello reply: {e}"))
-    };
-    let reply = match tokio::time::timeout(config.handshake_timeout, exchange).await {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(reason)) => return Err(ConnectFailure::Unreachable(reason)),
-        Err(_) => {
-            return Err(ConnectFailure::Unreachable(format!(
-                "handshake timed out after {:?}",
-                config.handshake_timeout
+    let answer = read_frame(stream, &mut buffer, MAX_HANDSHAKE_FRAME_BYTES)
+        .await
+        .map_err(unreachable)?
+        .ok_or_else(|| unreachable("closed during the handshake".to_owned()))?;
+    match answer.first() {
+        Some(&HANDSHAKE_CONTINUE) => {}
+        Some(&HANDSHAKE_REFUSED) => {
+            return Err(ConnectFailure::Rejected(format!(
+                "{} (does this node hold the cluster's secret?)",
+                String::from_utf8_lossy(&answer[1..])
             )));
         }
-    };
-    match reply {
-        HelloReply::Accept { node_name } => Ok(Established {
-            stream,
-            buffer,
-            remote_node: node_name,
-        }),
+        _ => return Err(unreachable("not a dynakv peer".to_owned())),
+    }
+    let mut payload = vec![0_u8; MAX_HANDSHAKE_FRAME_BYTES];
+    handshake
+        .read_message(&answer[1..], &mut payload)
+        .map_err(|_| {
+            ConnectFailure::Rejected("the peer does not hold this cluster's secret".to_owned())
+        })?;
+    let written = handshake
+        .write_message(hello, &mut message)
+        .map_err(|e| ConnectFailure::Encode(format!("noise: {e}")))?;
+    write_plain_frame(stream, &message[..written])
+        .await
+        .map_err(unreachable)?;
+    let (remote_key, state) = link::finish(handshake).map_err(unreachable)?;
+    let mut opener = Opener::new(Arc::clone(&state), buffer);
+    let reply = opener
+        .read_frame(stream, MAX_HANDSHAKE_FRAME_BYTES)
+        .await
+        .map_err(unreachable)?
+        .ok_or_else(|| unreachable("closed during the handshake".to_owned()))?;
+    match decode_payload::<HelloReply>(&reply)
+        .map_err(|e| unreachable(format!("bad hello reply: {e}")))?
+    {
+        HelloReply::Accept { node_name } => {
+            config
+                .verify(&node_name, &remote_key)
+                .map_err(ConnectFailure::Rejected)?;
+            Ok((opener, Sealer::new(state), node_name))
+        }
         HelloReply::Reject { reason } => Err(ConnectFailure::Rejected(reason)),
     }
+}
+
+/// Write one plain (handshake) frame.
+async fn write_plain_frame(stream: &mut TcpStream, payload: &[u8]) -> Result<(), String> {
+    let size = u32::try_from(payload.len()).map_err(|_| "handshake frame too large".to_owned())?;
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
+    frame.extend_from_slice(&size.to_be_bytes());
+    frame.extend_from_slice(payload);
+    stream
+        .write_all(&frame)
+        .await
+        .map_err(|e| format!("handshake write failed: {e}"))
 }
 
 /// The task of one client connection: reads replies, writes requests, until either side
@@ -878,7 +1016,7 @@ async fn run_connection<M>(
     entry: Arc<PeerEntry<M>>,
     connection: Arc<Connection<M>>,
     stream: TcpStream,
-    buffer: BytesMut,
+    (opener, sealer): (Opener, Sealer),
     outbound_queue: mpsc::Receiver<Vec<u8>>,
 ) where
     M: Serialize + DeserializeOwned + Send + 'static,
@@ -886,8 +1024,8 @@ async fn run_connection<M>(
     let (reader, writer) = stream.into_split();
     let limit = entry.config.frame_limit();
     let reason = tokio::select! {
-        reason = client_read_loop(&connection, reader, buffer, limit) => reason,
-        result = write_loop(writer, outbound_queue) => match result {
+        reason = client_read_loop(&connection, reader, opener, limit) => reason,
+        result = write_loop(writer, outbound_queue, sealer) => match result {
             Ok(()) => "the outbound queue closed".to_owned(),
             Err(reason) => reason,
         },
@@ -900,11 +1038,11 @@ async fn run_connection<M>(
 async fn client_read_loop<M: DeserializeOwned>(
     connection: &Connection<M>,
     mut reader: OwnedReadHalf,
-    mut buffer: BytesMut,
+    mut opener: Opener,
     limit: usize,
 ) -> String {
     loop {
-        let payload = match read_frame(&mut reader, &mut buffer, limit).await {
+        let payload = match opener.read_frame(&mut reader, limit).await {
             Ok(Some(payload)) => payload,
             Ok(None) => return "closed by the peer".to_owned(),
             Err(reason) => return reason,
@@ -1071,7 +1209,8 @@ where
 {
     let config = Arc::new(config);
     let (stop, stopped) = watch::channel(false);
-    let connection_slots = Arc::new(Semaphore::new(MAX_INBOUND_CONNECTIONS));
+    let handshake_slots = Arc::new(Semaphore::new(MAX_HANDSHAKING_CONNECTIONS));
+    let slots = Arc::new(InboundSlots::default());
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -1080,8 +1219,8 @@ where
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote_addr)) => {
-                    let Ok(slot) = Arc::clone(&connection_slots).try_acquire_owned() else {
-                        tracing::warn!(%remote_addr, limit = MAX_INBOUND_CONNECTIONS, "too many peer connections, closing the new one");
+                    let Ok(handshake_slot) = Arc::clone(&handshake_slots).try_acquire_owned() else {
+                        tracing::warn!(%remote_addr, limit = MAX_HANDSHAKING_CONNECTIONS, "too many peer connections in their handshake, closing the new one");
                         continue;
                     };
                     connections.spawn(serve_connection(
@@ -1090,7 +1229,7 @@ where
                         Arc::clone(&config),
                         handler.clone(),
                         stopped.clone(),
-                        slot,
+                        (handshake_slot, Arc::clone(&slots)),
                     ));
                 }
                 Err(e) => {
@@ -1116,13 +1255,61 @@ where
     Ok(())
 }
 
+/// The authenticated inbound connections: how many in all, and per peer node name.
+#[derive(Debug, Default)]
+struct InboundSlots {
+    per_name: Mutex<HashMap<String, usize>>,
+}
+
+/// One authenticated connection's slot; given back when dropped.
+struct InboundSlot {
+    slots: Arc<InboundSlots>,
+    name: String,
+}
+
+impl InboundSlots {
+    /// A slot for a connection from `name`, or why there is none.
+    fn take(self: &Arc<Self>, name: &str) -> Result<InboundSlot, String> {
+        let mut per_name = self.per_name.lock();
+        let total: usize = per_name.values().sum();
+        if total >= MAX_INBOUND_CONNECTIONS {
+            return Err(format!(
+                "this node already holds {MAX_INBOUND_CONNECTIONS} peer connections"
+            ));
+        }
+        let count = per_name.entry(name.to_owned()).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_PEER_NAME {
+            return Err(format!(
+                "node {name:?} already holds {MAX_CONNECTIONS_PER_PEER_NAME} connections to this node"
+            ));
+        }
+        *count += 1;
+        Ok(InboundSlot {
+            slots: Arc::clone(self),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        let mut per_name = self.slots.per_name.lock();
+        if let Some(count) = per_name.get_mut(&self.name) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_name.remove(&self.name);
+            }
+        }
+    }
+}
+
 async fn serve_connection<M, H, Fut>(
     mut stream: TcpStream,
     remote_addr: SocketAddr,
     config: Arc<TransportConfig>,
     handler: H,
     stop: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
+    (handshake_slot, slots): (OwnedSemaphorePermit, Arc<InboundSlots>),
 ) where
     M: Serialize + DeserializeOwned + Send + 'static,
     H: Fn(PeerInfo, M) -> Fut + Clone + Send + Sync + 'static,
@@ -1131,20 +1318,63 @@ async fn serve_connection<M, H, Fut>(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::warn!(%remote_addr, error = %e, "cannot set TCP_NODELAY");
     }
-    let mut buffer = BytesMut::new();
-    let handshake = accept_handshake(&mut stream, &mut buffer, &config);
-    let (node_name, clock_offset_ms) =
-        match tokio::time::timeout(config.handshake_timeout, handshake).await {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(reason)) => {
-                tracing::debug!(%remote_addr, reason, "peer handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%remote_addr, "peer handshake timed out");
-                return;
-            }
-        };
+    let handshake = accept_handshake(&mut stream, &config);
+    let accepted = match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(reason)) => {
+            tracing::debug!(%remote_addr, reason, "peer handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote_addr, "peer handshake timed out");
+            return;
+        }
+    };
+    drop(handshake_slot);
+    let Accepted {
+        hello,
+        public_key,
+        arrived_ms,
+        opener,
+        mut sealer,
+    } = accepted;
+    // The hello is authenticated: check what it claims, then answer it (encrypted).
+    let verdict =
+        check_hello(&hello, &public_key, &config).and_then(|()| slots.take(&hello.node_name));
+    let reply = match &verdict {
+        Ok(_) => HelloReply::Accept {
+            node_name: config.node_name.clone(),
+        },
+        Err(reason) => HelloReply::Reject {
+            reason: reason.clone(),
+        },
+    };
+    let sent = async {
+        let frame = encode_frame(&reply, MAX_HANDSHAKE_FRAME_BYTES).map_err(|e| e.to_string())?;
+        let mut sealed = Vec::new();
+        sealer.seal(&frame, &mut sealed)?;
+        stream
+            .write_all(&sealed)
+            .await
+            .map_err(|e| format!("sending the hello reply failed: {e}"))
+    };
+    if let Err(reason) = tokio::time::timeout(config.handshake_timeout, sent)
+        .await
+        .unwrap_or_else(|_| Err("sending the hello reply timed out".to_owned()))
+    {
+        tracing::debug!(%remote_addr, reason, "peer handshake failed");
+        return;
+    }
+    let _slot = match verdict {
+        Ok(slot) => slot,
+        Err(reason) => {
+            tracing::warn!(%remote_addr, peer = %hello.node_name, reason, "peer refused");
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let clock_offset_ms = crate::clock::offset_ms(hello.wall_clock_ms, arrived_ms);
+    let node_name = hello.node_name;
     if clock_offset_ms.unsigned_abs() > CLOCK_OFFSET_WARNING_MS {
         tracing::warn!(
             peer = %node_name,
@@ -1155,17 +1385,18 @@ async fn serve_connection<M, H, Fut>(
     }
     let peer = PeerInfo {
         node_name,
+        public_key,
         remote_addr,
         clock_offset_ms,
     };
     let (reader, writer) = stream.into_split();
     let (outbound, outbound_queue) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
-    let mut writer = std::pin::pin!(write_loop(writer, outbound_queue));
-    let reader = server_read_loop(reader, buffer, peer, &config, handler, outbound, stop);
+    let mut writer = std::pin::pin!(write_loop(writer, outbound_queue, sealer));
+    let reader = server_read_loop(reader, opener, peer, &config, handler, outbound, stop);
     tokio::select! {
         result = reader => match result {
-            // The peer closed its side or we are shutting down: the replies of the handlers
-            // still running go out, then the writer closes the connection.
+            // The peer closed its side, went idle, or we are shutting down: the replies of
+            // the handlers still running go out, then the writer closes the connection.
             Ok(()) => {
                 if let Err(reason) = writer.await {
                     tracing::debug!(%remote_addr, reason, "peer connection closed while replying");
@@ -1183,69 +1414,101 @@ async fn serve_connection<M, H, Fut>(
     }
 }
 
-/// Read and check the hello, answer it. `Ok((name, offset))`: the peer's node name and how
-/// far its wall clock is ahead of ours; the connection is open for requests. `Err`: why it is
-/// not (a reject was sent when the hello was readable).
+/// A handshake the accepting side finished: the peer holds the cluster secret and the key
+/// it presented; its hello is not yet judged.
+struct Accepted {
+    hello: Hello,
+    public_key: [u8; 32],
+    arrived_ms: u64,
+    opener: Opener,
+    sealer: Sealer,
+}
+
+/// The accepting side's handshake up to the decrypted hello. `Err`: why it failed (a
+/// refusal was sent when the peer could be told something useful).
 async fn accept_handshake(
     stream: &mut TcpStream,
-    buffer: &mut BytesMut,
     config: &TransportConfig,
-) -> Result<(String, i64), String> {
-    let payload = read_frame(stream, buffer, MAX_HANDSHAKE_FRAME_BYTES)
+) -> Result<Accepted, String> {
+    let mut buffer = BytesMut::new();
+    let first = read_frame(stream, &mut buffer, MAX_HANDSHAKE_FRAME_BYTES)
         .await?
         .ok_or_else(|| "closed before the hello".to_owned())?;
-    let arrived_ms = config.clock.now_ms();
-    match check_hello(&payload, config) {
-        Ok(hello) => {
-            let accept = HelloReply::Accept {
-                node_name: config.node_name.clone(),
-            };
-            send_handshake_reply(stream, &accept).await?;
-            Ok((
-                hello.node_name,
-                crate::clock::offset_ms(hello.wall_clock_ms, arrived_ms),
-            ))
-        }
-        Err(reason) => {
-            let reject = HelloReply::Reject {
-                reason: reason.clone(),
-            };
-            send_handshake_reply(stream, &reject).await?;
-            let _ = stream.shutdown().await;
-            Err(reason)
-        }
+    if let Err(reason) = check_prefix(&first) {
+        refuse(stream, &reason).await;
+        return Err(reason);
     }
+    let mut handshake = config.keys.responder()?;
+    let mut payload = vec![0_u8; MAX_HANDSHAKE_FRAME_BYTES];
+    if handshake
+        .read_message(&first[HELLO_PREFIX_BYTES..], &mut payload)
+        .is_err()
+    {
+        refuse(stream, REFUSED_REASON).await;
+        return Err("the peer does not hold the cluster secret".to_owned());
+    }
+    let mut message = vec![0_u8; MAX_HANDSHAKE_FRAME_BYTES];
+    message[0] = HANDSHAKE_CONTINUE;
+    let written = handshake
+        .write_message(&[], &mut message[1..])
+        .map_err(|e| format!("noise: {e}"))?;
+    write_plain_frame(stream, &message[..=written]).await?;
+    let third = read_frame(stream, &mut buffer, MAX_HANDSHAKE_FRAME_BYTES)
+        .await?
+        .ok_or_else(|| "closed during the handshake".to_owned())?;
+    let read = handshake
+        .read_message(&third, &mut payload)
+        .map_err(|_| "the last handshake message failed authentication".to_owned())?;
+    let arrived_ms = config.clock.now_ms();
+    let hello: Hello = decode_payload(&payload[..read]).map_err(|e| format!("bad hello: {e}"))?;
+    let (public_key, state) = link::finish(handshake)?;
+    Ok(Accepted {
+        hello,
+        public_key,
+        arrived_ms,
+        opener: Opener::new(Arc::clone(&state), buffer),
+        sealer: Sealer::new(state),
+    })
 }
 
-async fn send_handshake_reply(stream: &mut TcpStream, reply: &HelloReply) -> Result<(), String> {
-    let frame = encode_frame(reply, MAX_HANDSHAKE_FRAME_BYTES).map_err(|e| e.to_string())?;
-    stream
-        .write_all(&frame)
-        .await
-        .map_err(|e| format!("sending the hello reply failed: {e}"))
+/// Tell the connecting side why it is refused (in the clear) and close.
+async fn refuse(stream: &mut TcpStream, reason: &str) {
+    let mut answer = vec![HANDSHAKE_REFUSED];
+    answer.extend_from_slice(reason.as_bytes());
+    let _ = write_plain_frame(stream, &answer).await;
+    let _ = stream.shutdown().await;
 }
 
-/// Whether a hello is acceptable; `Ok` carries it.
-fn check_hello(payload: &[u8], config: &TransportConfig) -> Result<Hello, String> {
-    let (prefix, _) = postcard::take_from_bytes::<HelloPrefix>(payload)
-        .map_err(|_| "not a dynakv hello".to_owned())?;
-    if prefix.magic != MAGIC {
+/// Whether the first handshake frame starts with our magic and protocol version.
+fn check_prefix(first: &[u8]) -> Result<(), String> {
+    let (Some(magic), Some(version)) = (
+        first.get(..MAGIC.len()),
+        first.get(MAGIC.len()..HELLO_PREFIX_BYTES),
+    ) else {
+        return Err("not a dynakv hello".to_owned());
+    };
+    if magic != MAGIC {
         return Err("not a dynakv hello (bad magic)".to_owned());
     }
-    if prefix.protocol_version != PROTOCOL_VERSION {
+    let version = u16::from_be_bytes([version[0], version[1]]);
+    if version != PROTOCOL_VERSION {
         return Err(format!(
-            "protocol version {} is not supported: this node speaks version {PROTOCOL_VERSION}",
-            prefix.protocol_version
+            "protocol version {version} is not supported: this node speaks version {PROTOCOL_VERSION}"
         ));
     }
-    let hello: Hello = decode_payload(payload).map_err(|e| format!("bad hello: {e}"))?;
+    Ok(())
+}
+
+/// Whether an authenticated hello is acceptable: our cluster, and a name the verifier binds
+/// to the key the peer proved.
+fn check_hello(hello: &Hello, key: &[u8; 32], config: &TransportConfig) -> Result<(), String> {
     if hello.cluster_name != config.cluster_name {
         return Err(format!(
             "cluster name {:?} does not match this node's cluster {:?}",
             hello.cluster_name, config.cluster_name
         ));
     }
-    Ok(hello)
+    config.verify(&hello.node_name, key)
 }
 
 /// Read requests and start a handler for each, holding an in-flight permit until its reply is
@@ -1253,7 +1516,7 @@ fn check_hello(payload: &[u8], config: &TransportConfig) -> Result<Hello, String
 /// connection must be dropped (bad frame, protocol violation).
 async fn server_read_loop<M, H, Fut>(
     mut reader: OwnedReadHalf,
-    mut buffer: BytesMut,
+    mut opener: Opener,
     peer: PeerInfo,
     config: &TransportConfig,
     handler: H,
@@ -1271,9 +1534,13 @@ where
         let payload = tokio::select! {
             biased;
             _ = stop.wait_for(|stopping| *stopping) => return Ok(()),
-            read = read_frame(&mut reader, &mut buffer, limit) => match read? {
-                Some(payload) => payload,
-                None => return Ok(()),
+            read = tokio::time::timeout(config.idle_timeout, opener.read_frame(&mut reader, limit)) => match read {
+                Ok(read) => match read? {
+                    Some(payload) => payload,
+                    None => return Ok(()),
+                },
+                Err(_) if opener.buffered() == 0 => return Ok(()),
+                Err(_) => return Err(format!("no complete frame within {:?} ({} bytes buffered)", config.idle_timeout, opener.buffered())),
             },
         };
         let envelope: Envelope<M> = decode_payload(&payload).map_err(|e| e.to_string())?;

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
 use dynakv_client::Client;
@@ -28,6 +30,7 @@ async fn start_skewed_node(name: &str, join: Option<SocketAddr>, skew_ms: i64) -
     let mut config = ServerConfig::new(name, any, any, dir.path().to_owned());
     config.storage = StorageKind::Memory;
     config.join = join;
+    config.cluster_secret_file = Some(support::shared_secret_file());
     config.request_timeout_ms = 500;
     config.clock_skew_ms = skew_ms;
     let server = dynakv_server::start(config).await.unwrap();

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
 use dynakv_client::Client;
@@ -35,6 +37,7 @@ async fn start_server_with(
     let mut config = ServerConfig::new(name, any, any, dir.to_owned());
     config.storage = StorageKind::Disk;
     config.join = join;
+    config.cluster_secret_file = Some(support::shared_secret_file());
     config.request_timeout_ms = 500;
     config.cache_size_bytes = 4 * 1024 * 1024;
     config.tombstone_grace_ms = tombstone_grace_ms;

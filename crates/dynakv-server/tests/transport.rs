@@ -4,9 +4,11 @@
 //! shutdown; and a property test of the pure frame decoder.
 
 use bytes::BytesMut;
+use dynakv_server::link::{self, LinkKeys, Opener, Sealer};
+use dynakv_server::secrets::{ClusterSecret, NodeKey};
 use dynakv_server::transport::{
-    Body, Envelope, MAX_CONSECUTIVE_TIMEOUTS, PeerClient, PeerInfo, TransportConfig,
-    TransportError, decode_envelope, encode_frame, serve,
+    Body, Envelope, MAX_CONNECTIONS_PER_PEER_NAME, MAX_CONSECUTIVE_TIMEOUTS, PeerClient, PeerInfo,
+    PeerVerifier, TransportConfig, TransportError, decode_envelope, encode_frame, serve,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -125,12 +127,26 @@ async fn start_server(config: TransportConfig) -> Server {
     start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), config)
 }
 
+/// The secret every test node holds (a stranger is given another).
+fn secret() -> ClusterSecret {
+    ClusterSecret::from_bytes([42; 32])
+}
+
+/// A new node key under the test cluster's secret.
+fn keys() -> LinkKeys {
+    LinkKeys::new(&secret(), &NodeKey::generate())
+}
+
+fn config(cluster: &str, name: &str) -> TransportConfig {
+    TransportConfig::new(cluster, name, keys())
+}
+
 fn server_config() -> TransportConfig {
-    TransportConfig::new(CLUSTER, "server")
+    config(CLUSTER, "server")
 }
 
 fn client_config(name: &str) -> TransportConfig {
-    let mut config = TransportConfig::new(CLUSTER, name);
+    let mut config = config(CLUSTER, name);
     config.backoff_initial = Duration::from_millis(100);
     config.backoff_max = Duration::from_millis(400);
     config
@@ -174,13 +190,23 @@ fn framed(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-fn hello_frame(version: u16, cluster: &str, node: &str, wall_clock_ms: u64) -> Vec<u8> {
+/// The first handshake frame: magic, version (u16 big-endian), Noise message 1 of `keys`.
+fn first_frame(version: u16, handshake: &mut snow::HandshakeState) -> Vec<u8> {
     let mut payload = b"dynakv".to_vec();
-    varint(u64::from(version), &mut payload);
+    payload.extend_from_slice(&version.to_be_bytes());
+    let mut message = vec![0_u8; 1024];
+    let n = handshake.write_message(&[], &mut message).unwrap();
+    payload.extend_from_slice(&message[..n]);
+    framed(&payload)
+}
+
+/// The hello (Noise message 3's payload), handcrafted.
+fn hello_payload(cluster: &str, node: &str, wall_clock_ms: u64) -> Vec<u8> {
+    let mut payload = Vec::new();
     string(cluster, &mut payload);
     string(node, &mut payload);
     varint(wall_clock_ms, &mut payload);
-    framed(&payload)
+    payload
 }
 
 fn wall_clock_ms() -> u64 {
@@ -216,19 +242,67 @@ async fn closed_by_peer(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// A raw connection that passed a (handcrafted) version-2 handshake.
-async fn raw_connection(server: SocketAddr) -> TcpStream {
+/// A raw connection that passed a (handcrafted) version-3 handshake: what it sends is sealed.
+struct Raw {
+    stream: TcpStream,
+    sealer: Sealer,
+    _opener: Opener,
+}
+
+impl Raw {
+    /// Seal `plain` (frame bytes, or anything) and send it.
+    async fn send(&mut self, plain: &[u8]) {
+        let mut sealed = Vec::new();
+        self.sealer.seal(plain, &mut sealed).unwrap();
+        self.stream.write_all(&sealed).await.unwrap();
+    }
+}
+
+/// Run the handshake by hand as `name` with `keys`; the hello reply's frame payload.
+async fn raw_handshake(server: SocketAddr, name: &str, keys: &LinkKeys) -> (Raw, Vec<u8>) {
     let mut stream = TcpStream::connect(server).await.unwrap();
+    let mut handshake = keys.initiator().unwrap();
     stream
-        .write_all(&hello_frame(2, CLUSTER, "raw", wall_clock_ms()))
+        .write_all(&first_frame(3, &mut handshake))
         .await
         .unwrap();
-    let reply = read_raw_frame(&mut stream).await;
+    let answer = read_raw_frame(&mut stream).await;
+    assert_eq!(
+        answer[0],
+        0,
+        "refused: {}",
+        String::from_utf8_lossy(&answer[1..])
+    );
+    let mut payload = vec![0_u8; 1024];
+    handshake.read_message(&answer[1..], &mut payload).unwrap();
+    let mut message = vec![0_u8; 1024];
+    let n = handshake
+        .write_message(&hello_payload(CLUSTER, name, wall_clock_ms()), &mut message)
+        .unwrap();
+    stream.write_all(&framed(&message[..n])).await.unwrap();
+    let (_, state) = link::finish(handshake).unwrap();
+    let mut opener = Opener::new(state.clone(), BytesMut::new());
+    let reply = tokio::time::timeout(TIMEOUT, opener.read_frame(&mut stream, 4096))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let raw = Raw {
+        stream,
+        sealer: Sealer::new(state),
+        _opener: opener,
+    };
+    (raw, reply)
+}
+
+async fn raw_connection(server: SocketAddr) -> Raw {
+    let (raw, reply) = raw_handshake(server, "raw", &keys()).await;
     // HelloReply::Accept is variant 0, then the server's node name.
     let mut expected = vec![0];
     string("server", &mut expected);
     assert_eq!(reply, expected);
-    stream
+    raw
 }
 
 // ----- 1. round trips -----
@@ -319,7 +393,7 @@ async fn request_future_is_send() {
 #[tokio::test]
 async fn wrong_cluster_name_is_rejected() {
     let server = start_server(server_config()).await;
-    let client = PeerClient::new(TransportConfig::new("another-cluster", "stranger"));
+    let client = PeerClient::new(config("another-cluster", "stranger"));
     match client.request(server.addr, Msg::Ping(1), TIMEOUT).await {
         Err(TransportError::Rejected { peer, reason }) => {
             assert_eq!(peer, server.addr);
@@ -334,28 +408,34 @@ async fn wrong_cluster_name_is_rejected() {
 #[tokio::test]
 async fn wrong_protocol_version_is_rejected_and_connection_closed() {
     let server = start_server(server_config()).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(&hello_frame(3, CLUSTER, "future-node", wall_clock_ms()))
-        .await
-        .unwrap();
-    let reply = read_raw_frame(&mut stream).await;
-    // HelloReply::Reject is variant 1, then the reason.
-    assert_eq!(reply[0], 1, "expected a reject, got {reply:?}");
-    let reason = String::from_utf8_lossy(&reply[2..]);
-    assert!(reason.contains("protocol version 3"), "{reason}");
-    assert!(closed_by_peer(&mut stream).await);
+    for version in [2_u16, 4] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut handshake = keys().initiator().unwrap();
+        stream
+            .write_all(&first_frame(version, &mut handshake))
+            .await
+            .unwrap();
+        let reply = read_raw_frame(&mut stream).await;
+        // Refused: 1, then the reason in the clear.
+        assert_eq!(reply[0], 1, "expected a refusal, got {reply:?}");
+        let reason = String::from_utf8_lossy(&reply[1..]);
+        assert!(
+            reason.contains(&format!("protocol version {version}")),
+            "{reason}"
+        );
+        assert!(closed_by_peer(&mut stream).await);
+    }
 
-    // A version-1 node (its hello has no clock) is refused the same way.
+    // A version-2 hello (the plain hello of before links were encrypted) is refused too.
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let mut old = b"dynakv".to_vec();
-    varint(1, &mut old);
+    varint(2, &mut old);
     string(CLUSTER, &mut old);
     string("old-node", &mut old);
+    varint(wall_clock_ms(), &mut old);
     stream.write_all(&framed(&old)).await.unwrap();
     let reply = read_raw_frame(&mut stream).await;
-    assert_eq!(reply[0], 1, "expected a reject, got {reply:?}");
-    assert!(String::from_utf8_lossy(&reply[2..]).contains("protocol version 1"));
+    assert_eq!(reply[0], 1, "expected a refusal, got {reply:?}");
     assert!(closed_by_peer(&mut stream).await);
 
     // Not a dynakv hello at all: no answer worth having, the connection is closed.
@@ -366,8 +446,134 @@ async fn wrong_protocol_version_is_rejected_and_connection_closed() {
         .unwrap();
     assert!(closed_by_peer(&mut stream).await);
 
-    // The documented version-1 hello is accepted.
+    // The documented version-3 handshake is accepted.
     let _ = raw_connection(server.addr).await;
+    assert!(server.connections.lock().unwrap().is_empty());
+    server.stop().await.unwrap();
+}
+
+/// Issue 17 rows 1-6 and 8: a peer without the cluster secret is refused before anything it
+/// sends is read, and the refusal says nothing about the cluster (neither its name nor a
+/// member). The same client, given the secret, is served.
+#[tokio::test]
+async fn a_stranger_without_the_secret_is_refused_and_learns_nothing() {
+    let server = start_server(server_config()).await;
+    let stranger_keys = LinkKeys::new(&ClusterSecret::from_bytes([7; 32]), &NodeKey::generate());
+    let stranger = PeerClient::new(TransportConfig::new(
+        CLUSTER,
+        "stranger",
+        stranger_keys.clone(),
+    ));
+    match stranger.request(server.addr, Msg::WhoAmI, TIMEOUT).await {
+        Err(TransportError::Rejected { reason, .. }) => {
+            assert!(
+                !reason.contains(CLUSTER) && !reason.contains("server"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    // By hand: the refusal is "handshake refused" and nothing else, in the clear.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut handshake = stranger_keys.initiator().unwrap();
+    stream
+        .write_all(&first_frame(3, &mut handshake))
+        .await
+        .unwrap();
+    let reply = read_raw_frame(&mut stream).await;
+    assert_eq!(reply, b"\x01handshake refused");
+    assert!(closed_by_peer(&mut stream).await);
+    assert!(
+        server.connections.lock().unwrap().is_empty(),
+        "a request was handled"
+    );
+    server.stop().await.unwrap();
+}
+
+/// Issue 17 row 9: a name bound to a key by the verifier cannot be presented with another key;
+/// the verifier also sees the key the peer proved (and the handler gets it in `PeerInfo`).
+#[tokio::test]
+async fn the_verifier_binds_names_to_keys_on_both_sides() {
+    let member_keys = keys();
+    let member_public = member_keys.public;
+    let mut config = server_config();
+    config.verifier = Some(PeerVerifier::new(move |name, key| {
+        if name == "member" && key != &member_public {
+            Err(format!(
+                "node name {name:?} belongs to a live member with another key"
+            ))
+        } else {
+            Ok(())
+        }
+    }));
+    let server = start_server(config).await;
+    let mut real = client_config("member");
+    real.keys = member_keys;
+    let real = PeerClient::new(real);
+    assert_eq!(
+        real.request(server.addr, Msg::Ping(1), TIMEOUT)
+            .await
+            .unwrap(),
+        Msg::Pong(1)
+    );
+    let impostor = PeerClient::new(client_config("member"));
+    match impostor.request(server.addr, Msg::Ping(2), TIMEOUT).await {
+        Err(TransportError::Rejected { reason, .. }) => {
+            assert!(reason.contains("another key"), "{reason}");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    // The connecting side checks the accepting side the same way.
+    let mut careful = client_config("careful");
+    careful.verifier = Some(PeerVerifier::new(|name, _| {
+        if name == "server" {
+            Err("not the server I know".to_owned())
+        } else {
+            Ok(())
+        }
+    }));
+    let careful = PeerClient::new(careful);
+    assert!(matches!(
+        careful.request(server.addr, Msg::Ping(3), TIMEOUT).await,
+        Err(TransportError::Rejected { .. })
+    ));
+    server.stop().await.unwrap();
+}
+
+/// Issue 17 row 10: one node name holds at most `MAX_CONNECTIONS_PER_PEER_NAME` inbound
+/// connections, so a flood from one peer leaves room for others (a joining node); an idle
+/// connection is closed after `idle_timeout`.
+#[tokio::test]
+async fn one_peer_cannot_take_every_inbound_slot_and_idle_links_close() {
+    let mut config = server_config();
+    config.idle_timeout = Duration::from_millis(700);
+    let server = start_server(config).await;
+    let flooder = keys();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER_NAME {
+        let (raw, reply) = raw_handshake(server.addr, "flooder", &flooder).await;
+        assert_eq!(reply[0], 0, "accepted");
+        held.push(raw);
+    }
+    let (mut refused, reply) = raw_handshake(server.addr, "flooder", &flooder).await;
+    assert_eq!(reply[0], 1, "one connection too many is refused");
+    assert!(String::from_utf8_lossy(&reply).contains("already holds"));
+    assert!(closed_by_peer(&mut refused.stream).await);
+    let joiner = PeerClient::new(client_config("joiner"));
+    assert_eq!(
+        joiner
+            .request(server.addr, Msg::Ping(1), TIMEOUT)
+            .await
+            .unwrap(),
+        Msg::Pong(1)
+    );
+    // The held connections send nothing: they are closed once idle.
+    for raw in &mut held {
+        assert!(
+            closed_by_peer(&mut raw.stream).await,
+            "an idle connection stays open"
+        );
+    }
     server.stop().await.unwrap();
 }
 
@@ -441,7 +647,7 @@ async fn mark_reachable_ends_the_backoff() {
 
 #[tokio::test]
 async fn client_survives_server_restart() {
-    let first = start_server(TransportConfig::new(CLUSTER, "first")).await;
+    let first = start_server(config(CLUSTER, "first")).await;
     let addr = first.addr;
     let client = PeerClient::new(client_config("client"));
     assert_eq!(
@@ -451,7 +657,7 @@ async fn client_survives_server_restart() {
     first.stop().await.unwrap();
 
     let listener = TcpListener::bind(addr).await.unwrap();
-    let second = start_on(listener, TransportConfig::new(CLUSTER, "second"));
+    let second = start_on(listener, config(CLUSTER, "second"));
     let deadline = Instant::now() + Duration::from_secs(3);
     let reply = loop {
         match client.request(addr, Msg::WhoAmI, TIMEOUT).await {
@@ -563,10 +769,8 @@ async fn garbage_after_the_handshake_closes_only_that_connection() {
     let before = connection_of(&client, server.addr).await;
 
     let mut raw = raw_connection(server.addr).await;
-    raw.write_all(&framed(&[0xff, 0xff, 0xff, 0xff, 0xff]))
-        .await
-        .unwrap();
-    assert!(closed_by_peer(&mut raw).await);
+    raw.send(&framed(&[0xff, 0xff, 0xff, 0xff, 0xff])).await;
+    assert!(closed_by_peer(&mut raw.stream).await);
 
     assert_eq!(connection_of(&client, server.addr).await, before);
     let other = PeerClient::new(client_config("other"));
@@ -589,8 +793,8 @@ async fn oversized_length_prefix_closes_only_that_connection() {
     let before = connection_of(&client, server.addr).await;
 
     let mut raw = raw_connection(server.addr).await;
-    raw.write_all(&1025_u32.to_be_bytes()).await.unwrap();
-    assert!(closed_by_peer(&mut raw).await);
+    raw.send(&1025_u32.to_be_bytes()).await;
+    assert!(closed_by_peer(&mut raw.stream).await);
 
     // A reply from the wrong side (a response on an inbound connection) is refused too.
     let mut raw = raw_connection(server.addr).await;
@@ -602,8 +806,8 @@ async fn oversized_length_prefix_closes_only_that_connection() {
         1024,
     )
     .unwrap();
-    raw.write_all(&response).await.unwrap();
-    assert!(closed_by_peer(&mut raw).await);
+    raw.send(&response).await;
+    assert!(closed_by_peer(&mut raw.stream).await);
 
     assert_eq!(connection_of(&client, server.addr).await, before);
     server.stop().await.unwrap();

@@ -49,6 +49,10 @@ enum Command {
         /// Peer address of a node of an existing cluster to join.
         #[arg(long)]
         join: Option<SocketAddr>,
+        /// The cluster's secret, needed to join: a copy of DATA_DIR/cluster.secret of a member
+        /// (keep it mode 0600). A founding node makes one in its data directory.
+        #[arg(long)]
+        cluster_secret_file: Option<PathBuf>,
         /// Availability zone of this node.
         #[arg(long)]
         zone: Option<String>,
@@ -211,6 +215,7 @@ async fn run(cli: Cli) -> Result<()> {
             peer,
             data_dir,
             join,
+            cluster_secret_file,
             zone,
             config,
             storage,
@@ -227,6 +232,9 @@ async fn run(cli: Cli) -> Result<()> {
                 server_config.storage = storage;
             }
             server_config.join = join;
+            if let Some(file) = cluster_secret_file {
+                server_config.cluster_secret_file = Some(file);
+            }
             let server = dynakv_server::start(server_config.clone()).await?;
             let handle = ShutdownOnSignal::install()?;
             // The node restarts itself after a storage failure (see `supervise`).
@@ -442,6 +450,14 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
         );
         config.storage = storage;
         config.join = servers.first().map(|first| first.peer_addr);
+        if i > 1 {
+            // dev1 founded the cluster and made its secret; the others are given a copy.
+            config.cluster_secret_file = Some(
+                data_dir
+                    .join("dev1")
+                    .join(dynakv_server::secrets::CLUSTER_SECRET_FILE),
+            );
+        }
         let server = dynakv_server::start(config.clone())
             .await
             .with_context(|| format!("starting node {name}"))?;

@@ -1496,6 +1496,7 @@ pub fn member_entry(id: &NodeId) -> Member {
         status: MemberStatus::Joining,
         version: 0,
         heartbeat: 0,
+        public_key: None,
     }
 }
 

@@ -107,12 +107,12 @@ impl Node {
                     self.respond(from, id, error);
                     return;
                 }
-                let body = match self.cluster.add_joining(member) {
+                let admitted =
+                    crate::membership::ClusterState::check_join_request(from, None, &member)
+                        .and_then(|()| self.cluster.add_joining(member));
+                let body = match admitted {
                     Ok(()) => PeerMessage::JoinAccepted {
                         state: Box::new(self.cluster.clone()),
-                        // Contexts between `Node`s are not authenticated (the server's HTTP
-                        // layer signs them with the cluster secret).
-                        secret: [0; 32],
                     },
                     Err(e) => PeerMessage::Error(e.to_string()),
                 };

@@ -657,6 +657,9 @@ pub struct NodeProc {
     pub log: PathBuf,
     /// `--config FILE` for every start, when set.
     pub config: Option<PathBuf>,
+    /// `--cluster-secret-file FILE` for a start with `--join`: the founder's secret, as an
+    /// operator copies it to a new node.
+    pub secret_file: PathBuf,
     child: Option<Child>,
 }
 
@@ -684,7 +687,9 @@ impl NodeProc {
             .arg("--data-dir")
             .arg(&self.data_dir);
         if let Some(peer) = join {
-            cmd.args(["--join", peer]);
+            cmd.args(["--join", peer])
+                .arg("--cluster-secret-file")
+                .arg(&self.secret_file);
         }
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
@@ -853,7 +858,9 @@ impl Cluster {
         let ports = free_ports(2);
         let data_dir = self.root.path().join(&name);
         let log = self.root.path().join(format!("{name}.log"));
+        let secret_file = self.root.path().join("n1").join("cluster.secret");
         self.nodes.push(NodeProc {
+            secret_file,
             name,
             http_port: ports[0],
             peer_port: ports[1],
