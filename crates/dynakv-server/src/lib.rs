@@ -539,9 +539,14 @@ fn cluster_error(e: cluster::ClusterError) -> ServerError {
 
 /// Number of attempts to reach the seed of `--join`.
 const JOIN_ATTEMPTS: u32 = 30;
+/// Attempts while the seed refuses this node's name as a live member's: a node restarted
+/// with an empty data directory (a new key) is admitted once the cluster sees its old
+/// process down (a few heartbeat timeouts); a second process beside a live member never is.
+const JOIN_NAME_TAKEN_ATTEMPTS: u32 = 12;
 
 async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(), ServerError> {
     let mut last = String::new();
+    let mut name_taken = 0_u32;
     for attempt in 1..=JOIN_ATTEMPTS {
         match cluster.join(seed).await {
             Ok(()) => return Ok(()),
@@ -550,8 +555,20 @@ async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(
             {
                 return Err(ServerError::Join(message));
             }
+            // Another secret never becomes the right one.
+            Err(e) if e.to_string().contains("cluster's secret") => {
+                return Err(ServerError::Join(format!(
+                    "{e}: --cluster-secret-file must be a copy of a member's cluster.secret"
+                )));
+            }
             Err(e) => {
                 last = e.to_string();
+                if last.contains("another key") {
+                    name_taken += 1;
+                    if name_taken >= JOIN_NAME_TAKEN_ATTEMPTS {
+                        break;
+                    }
+                }
                 tracing::warn!(attempt, error = %last, "join attempt failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -1,0 +1,220 @@
+//! Issue 17, the attacker's rows on a real 3-node cluster (in-process, sockets on 127.0.0.1):
+//! a peer without the cluster secret (rows 1-6, 8) cannot make any node read one of its frames,
+//! whatever it sends and whichever name it claims; a second process presenting a live member's
+//! name with the right secret but another key is refused (row 9); a node asked to join with no
+//! secret refuses to start (row 8). Nothing acknowledged is lost and the membership is unchanged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use axum::http::{Method, StatusCode};
+use bytes::Bytes;
+use dynakv_client::Client;
+use dynakv_core::membership::{ClusterState, Member, MemberStatus};
+use dynakv_core::message::PeerMessage;
+use dynakv_core::ring::NodeId;
+use dynakv_server::config::{ServerConfig, StorageKind};
+use dynakv_server::link::LinkKeys;
+use dynakv_server::secrets::{ClusterSecret, NodeKey};
+use dynakv_server::transport::{PeerClient, TransportConfig, TransportError};
+use dynakv_server::{RunningServer, ServerError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Node {
+    server: RunningServer,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+fn config(name: &str, dir: &std::path::Path, join: Option<SocketAddr>) -> ServerConfig {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = ServerConfig::new(name, any, any, dir.to_owned());
+    config.storage = StorageKind::Memory;
+    config.join = join;
+    config.request_timeout_ms = 500;
+    config
+}
+
+async fn start(name: &str, join: Option<SocketAddr>, secret: Option<PathBuf>) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(name, dir.path(), join);
+    config.cluster_secret_file = secret;
+    let server = dynakv_server::start(config).await.unwrap();
+    let client = Client::new(&format!("http://{}", server.http_addr)).unwrap();
+    Node {
+        server,
+        client,
+        _dir: dir,
+    }
+}
+
+async fn cluster() -> Vec<Node> {
+    let secret = support::shared_secret_file();
+    let first = start("n1", None, Some(secret.clone())).await;
+    let seed = first.server.peer_addr;
+    let mut nodes = vec![first];
+    for i in 2..=3 {
+        nodes.push(start(&format!("n{i}"), Some(seed), Some(secret.clone())).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| {
+        let state = n.server.cluster.state();
+        state.settled() && state.ring.current.nodes().len() == 3
+    }) {
+        assert!(Instant::now() < deadline, "ring did not settle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nodes
+}
+
+async fn value_on(node: &Node) -> (StatusCode, Bytes) {
+    let (status, _, body) = node
+        .client
+        .request(Method::GET, "/buckets/b/keys/k?r=3", &[], Bytes::new())
+        .await
+        .unwrap();
+    (status, body)
+}
+
+/// What every node believes about the members: names, addresses, keys, statuses.
+fn membership(nodes: &[Node]) -> Vec<Vec<(String, String, Option<[u8; 32]>, MemberStatus)>> {
+    nodes
+        .iter()
+        .map(|n| {
+            n.server
+                .cluster
+                .state()
+                .members
+                .values()
+                .map(|m| (m.id.0.clone(), m.peer_addr.clone(), m.public_key, m.status))
+                .collect()
+        })
+        .collect()
+}
+
+/// The frames of the issue's table, forged by someone who knows the protocol but not the
+/// secret: a gossip taking every partition for a fake member (row 6) and moving a member's
+/// address (row 5), a join re-announcing a member (row 2), a replica write (row 3).
+fn forged_messages(state: &ClusterState) -> Vec<PeerMessage> {
+    let mut takeover = state.clone();
+    let fake = Member {
+        id: NodeId("fake".into()),
+        peer_addr: "127.0.0.1:1".into(),
+        http_addr: "127.0.0.1:1".into(),
+        zone: String::new(),
+        status: MemberStatus::Valid,
+        version: 100,
+        heartbeat: 100,
+        public_key: None,
+    };
+    takeover.members.insert(fake.id.clone(), fake.clone());
+    if let Some(member) = takeover.members.get_mut(&NodeId("n2".into())) {
+        member.peer_addr = "127.0.0.1:1".into();
+        member.version += 100;
+    }
+    takeover.ring.version += 100;
+    let mut rejoin = state.members[&NodeId("n2".into())].clone();
+    rejoin.peer_addr = "127.0.0.1:1".into();
+    vec![
+        PeerMessage::Gossip(Box::new(takeover)),
+        PeerMessage::JoinRequest {
+            cluster_name: state.cluster_name.clone(),
+            member: rejoin,
+        },
+        PeerMessage::JoinRequest {
+            cluster_name: state.cluster_name.clone(),
+            member: fake,
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_secret_changes_nothing_and_a_live_members_name_cannot_be_taken() {
+    let nodes = cluster().await;
+    let (status, _, _) = nodes[0]
+        .client
+        .request(
+            Method::PUT,
+            "/buckets/b/keys/k?w=3",
+            &[("content-type", "text/plain")],
+            Bytes::from_static(b"real"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let before = membership(&nodes);
+    let state = (*nodes[0].server.cluster.state()).clone();
+
+    // Rows 1-6: the intruder speaks the protocol, knows the cluster name and a member's
+    // name, but not the secret. Every request to every peer port is refused at the handshake.
+    for claimed in ["n2", "intruder"] {
+        let keys = LinkKeys::new(&ClusterSecret::from_bytes([9; 32]), &NodeKey::generate());
+        let intruder: PeerClient<PeerMessage> =
+            PeerClient::new(TransportConfig::new(&state.cluster_name, claimed, keys));
+        for node in &nodes {
+            for message in forged_messages(&state) {
+                match intruder
+                    .request(node.server.peer_addr, message, TIMEOUT)
+                    .await
+                {
+                    Err(TransportError::Rejected { reason, .. }) => assert!(
+                        !reason.contains(&state.cluster_name) && !reason.contains("n1"),
+                        "the refusal tells something about the cluster: {reason}"
+                    ),
+                    // After a refusal the peer is in backoff: refused again without a connect.
+                    Err(TransportError::Unreachable { reason, .. }) => {
+                        assert!(reason.contains("backoff"), "{reason}");
+                    }
+                    other => panic!("the intruder got {other:?}"),
+                }
+            }
+        }
+    }
+
+    // Row 9: a second process with the secret presents the live member n2's name: refused
+    // (its key is not n2's), and n2 stays a member under its own key.
+    let dir = tempfile::tempdir().unwrap();
+    let mut impostor = config("n2", dir.path(), Some(nodes[0].server.peer_addr));
+    impostor.cluster_secret_file = Some(support::shared_secret_file());
+    match tokio::time::timeout(Duration::from_secs(60), dynakv_server::start(impostor)).await {
+        Ok(Err(ServerError::Join(reason))) => {
+            assert!(reason.contains("another key"), "{reason}");
+        }
+        Ok(Ok(_)) => panic!("a second n2 was admitted"),
+        Ok(Err(other)) => panic!("unexpected error {other}"),
+        Err(_) => panic!("the impostor's start did not end"),
+    }
+
+    // Row 8: a node asked to join with no secret does not start, and says what it needs.
+    let dir = tempfile::tempdir().unwrap();
+    let rogue = config("rogue", dir.path(), Some(nodes[0].server.peer_addr));
+    match dynakv_server::start(rogue).await {
+        Err(ServerError::Secret(reason)) => {
+            assert!(reason.contains("--cluster-secret-file"), "{reason}");
+        }
+        Ok(_) => panic!("a node without the secret started and joined"),
+        Err(other) => panic!("unexpected error {other}"),
+    }
+
+    // Nothing changed: the value on every replica, the membership on every node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in &nodes {
+        assert_eq!(
+            value_on(node).await,
+            (StatusCode::OK, Bytes::from_static(b"real"))
+        );
+    }
+    assert_eq!(membership(&nodes), before);
+    for node in &nodes {
+        assert!(node.server.cluster.state().members.len() == 3);
+    }
+    for node in nodes {
+        node.server.shutdown();
+        node.server.wait().await.unwrap();
+    }
+}
