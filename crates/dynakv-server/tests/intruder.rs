@@ -81,8 +81,11 @@ async fn value_on(node: &Node) -> (StatusCode, Bytes) {
     (status, body)
 }
 
-/// What every node believes about the members: names, addresses, keys, statuses.
-fn membership(nodes: &[Node]) -> Vec<Vec<(String, String, Option<[u8; 32]>, MemberStatus)>> {
+/// One member as a node sees it: name, peer address, key, status.
+type MemberView = (String, String, Option<[u8; 32]>, MemberStatus);
+
+/// What every node believes about the members.
+fn membership(nodes: &[Node]) -> Vec<Vec<MemberView>> {
     nodes
         .iter()
         .map(|n| {
@@ -181,13 +184,15 @@ async fn a_peer_without_the_secret_changes_nothing_and_a_live_members_name_canno
     let dir = tempfile::tempdir().unwrap();
     let mut impostor = config("n2", dir.path(), Some(nodes[0].server.peer_addr));
     impostor.cluster_secret_file = Some(support::shared_secret_file());
-    match tokio::time::timeout(Duration::from_secs(60), dynakv_server::start(impostor)).await {
-        Ok(Err(ServerError::Join(reason))) => {
+    let started = tokio::time::timeout(Duration::from_secs(60), dynakv_server::start(impostor))
+        .await
+        .expect("the impostor's start did not end");
+    match started {
+        Err(ServerError::Join(reason)) => {
             assert!(reason.contains("another key"), "{reason}");
         }
-        Ok(Ok(_)) => panic!("a second n2 was admitted"),
-        Ok(Err(other)) => panic!("unexpected error {other}"),
-        Err(_) => panic!("the impostor's start did not end"),
+        Ok(_) => panic!("a second n2 was admitted"),
+        Err(other) => panic!("unexpected error {other}"),
     }
 
     // Row 8: a node asked to join with no secret does not start, and says what it needs.
