@@ -461,6 +461,11 @@ impl ClusterState {
     }
 
     /// A member by id.
+    /// Whether `name` has a member entry (in any status).
+    pub fn is_member(&self, name: &str) -> bool {
+        self.members.contains_key(&NodeId(name.to_owned()))
+    }
+
     pub fn member(&self, id: &NodeId) -> Option<&Member> {
         self.members.get(id)
     }

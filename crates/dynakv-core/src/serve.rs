@@ -48,6 +48,9 @@ pub struct ServeContext {
     pub props: BTreeMap<String, BucketProps>,
     /// Most hinted keys kept per target node.
     pub hint_limit: usize,
+    /// Whether the target of a `HintedPut` is a member ([`hint_target`]); a hint for any other
+    /// name is refused (it would never be delivered, and would fill the disk).
+    pub hint_target_member: bool,
     /// Most keys one anti-entropy key listing returns.
     pub max_leaf_keys: usize,
     /// This node's admission budget, told to an anti-entropy initiator.
@@ -141,6 +144,14 @@ pub fn storage_call(message: &PeerMessage) -> Option<StorageCall> {
     })
 }
 
+/// The node a `HintedPut` keeps its object for.
+pub fn hint_target(message: &PeerMessage) -> Option<&str> {
+    match message {
+        PeerMessage::HintedPut { target, .. } => Some(target.as_str()),
+        _ => None,
+    }
+}
+
 /// The buckets whose properties serving `message` needs.
 pub fn buckets_named(message: &PeerMessage) -> Vec<&str> {
     match message {
@@ -210,6 +221,11 @@ pub fn serve(
         } => {
             if context.ring_version > ring_version {
                 return Ok(Served::stale_ring());
+            }
+            if !context.hint_target_member {
+                return Ok(Served::reply(PeerMessage::Error(format!(
+                    "no hints are kept for {target:?}: not a member"
+                ))));
             }
             let object = decode(&object)?;
             let stored = replica.store_hint(
@@ -344,6 +360,7 @@ mod tests {
             ring_version,
             props: BTreeMap::new(),
             hint_limit: 2,
+            hint_target_member: true,
             max_leaf_keys: 100,
             aae_budget: 7,
             defer_sync: false,
@@ -387,6 +404,25 @@ mod tests {
             durability: Durability::Fsync,
             ring_version,
         }
+    }
+
+    /// Issue 17 row 4: hints for a name that is no member are refused and store nothing
+    /// (before, 200 MiB of hints for `ghost-*` targets filled the disk).
+    #[test]
+    fn hints_for_a_node_that_is_not_a_member_are_refused() {
+        let (replica, aae) = node();
+        let mut context = context(5);
+        context.hint_target_member = false;
+        let refused = serve(&replica, &aae, &context, hinted("k", 5)).unwrap();
+        assert!(
+            matches!(&refused.reply, Reply::Message(PeerMessage::Error(e)) if e.contains("not a member")),
+            "{:?}",
+            refused.reply
+        );
+        assert!(!replica.holds_hint("b", "k").unwrap());
+        context.hint_target_member = true;
+        serve(&replica, &aae, &context, hinted("k", 5)).unwrap();
+        assert!(replica.holds_hint("b", "k").unwrap());
     }
 
     #[test]

@@ -1312,6 +1312,8 @@ impl Cluster {
             ring_version: state.ring.version,
             props,
             hint_limit: MAX_HINTS_PER_TARGET,
+            hint_target_member: serve::hint_target(&message)
+                .is_some_and(|target| state.is_member(target)),
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
             defer_sync: false,

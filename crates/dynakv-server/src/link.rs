@@ -23,6 +23,9 @@ use std::fmt;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// The cipher state of a finished handshake (both directions; nonces are kept by the caller).
+pub type TransportState = StatelessTransportState;
+
 /// The Noise protocol of every peer link.
 pub const NOISE_PARAMS: &str = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s";
 /// Largest record (ciphertext with its tag): the Noise message limit.
@@ -99,6 +102,49 @@ pub fn finish(
         .into_stateless_transport_mode()
         .map_err(|e| format!("noise: {e}"))?;
     Ok((remote, Arc::new(state)))
+}
+
+/// The two ends of a link whose handshake ran in memory (for tests, benchmarks and fuzzing):
+/// the initiator's and the responder's state, each with the remote key it learned, and the
+/// payload the responder read from the last message (`hello`). `Err` when a side refuses.
+pub fn in_memory_link(
+    initiator_keys: &LinkKeys,
+    responder_keys: &LinkKeys,
+    hello: &[u8],
+) -> Result<InMemoryLink, String> {
+    let mut initiator = initiator_keys.initiator()?;
+    let mut responder = responder_keys.responder()?;
+    let (mut message, mut payload) = (vec![0; 65_535], vec![0; 65_535]);
+    let mut step = |from: &mut snow::HandshakeState,
+                    to: &mut snow::HandshakeState,
+                    body: &[u8]|
+     -> Result<Vec<u8>, String> {
+        let written = from
+            .write_message(body, &mut message)
+            .map_err(|e| e.to_string())?;
+        let read = to
+            .read_message(&message[..written], &mut payload)
+            .map_err(|e| e.to_string())?;
+        Ok(payload[..read].to_vec())
+    };
+    step(&mut initiator, &mut responder, &[])?;
+    step(&mut responder, &mut initiator, &[])?;
+    let received = step(&mut initiator, &mut responder, hello)?;
+    let (initiator_sees, initiator_state) = finish(initiator)?;
+    let (responder_sees, responder_state) = finish(responder)?;
+    Ok(InMemoryLink {
+        initiator: (initiator_state, initiator_sees),
+        responder: (responder_state, responder_sees),
+        hello: received,
+    })
+}
+
+/// See [`in_memory_link`].
+#[derive(Debug)]
+pub struct InMemoryLink {
+    pub initiator: (Arc<StatelessTransportState>, [u8; 32]),
+    pub responder: (Arc<StatelessTransportState>, [u8; 32]),
+    pub hello: Vec<u8>,
 }
 
 /// The sending direction of a link.
@@ -256,62 +302,20 @@ mod tests {
     /// One side of a finished link: its sealer, its opener and the key it learned.
     type Side = (Sealer, Opener, [u8; 32]);
 
-    /// Run the three handshake messages in memory; `Err` when a side refuses.
     fn handshake(
         initiator_keys: &LinkKeys,
         responder_keys: &LinkKeys,
     ) -> Result<(Side, Side), String> {
-        let mut initiator = initiator_keys.initiator()?;
-        let mut responder = responder_keys.responder()?;
-        let (mut message, mut payload) = (vec![0; 1024], vec![0; 1024]);
-        let step = |from: &mut snow::HandshakeState,
-                    to: &mut snow::HandshakeState,
-                    body: &[u8],
-                    message: &mut [u8],
-                    payload: &mut [u8]|
-         -> Result<usize, String> {
-            let written = from
-                .write_message(body, message)
-                .map_err(|e| e.to_string())?;
-            to.read_message(&message[..written], payload)
-                .map_err(|e| e.to_string())
+        let link = in_memory_link(initiator_keys, responder_keys, b"hello")?;
+        assert_eq!(link.hello, b"hello");
+        let side = |(state, sees): (Arc<StatelessTransportState>, [u8; 32])| {
+            (
+                Sealer::new(state.clone()),
+                Opener::new(state, BytesMut::new()),
+                sees,
+            )
         };
-        step(
-            &mut initiator,
-            &mut responder,
-            &[],
-            &mut message,
-            &mut payload,
-        )?;
-        step(
-            &mut responder,
-            &mut initiator,
-            &[],
-            &mut message,
-            &mut payload,
-        )?;
-        let got = step(
-            &mut initiator,
-            &mut responder,
-            b"hello",
-            &mut message,
-            &mut payload,
-        )?;
-        assert_eq!(&payload[..got], b"hello");
-        let (initiator_sees, initiator_state) = finish(initiator)?;
-        let (responder_sees, responder_state) = finish(responder)?;
-        Ok((
-            (
-                Sealer::new(initiator_state.clone()),
-                Opener::new(initiator_state, BytesMut::new()),
-                initiator_sees,
-            ),
-            (
-                Sealer::new(responder_state.clone()),
-                Opener::new(responder_state, BytesMut::new()),
-                responder_sees,
-            ),
-        ))
+        Ok((side(link.initiator), side(link.responder)))
     }
 
     fn frame(payload: &[u8]) -> Vec<u8> {

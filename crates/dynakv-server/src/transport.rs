@@ -1434,7 +1434,7 @@ async fn accept_handshake(
     let first = read_frame(stream, &mut buffer, MAX_HANDSHAKE_FRAME_BYTES)
         .await?
         .ok_or_else(|| "closed before the hello".to_owned())?;
-    if let Err(reason) = check_prefix(&first) {
+    if let Err(reason) = check_handshake_prefix(&first) {
         refuse(stream, &reason).await;
         return Err(reason);
     }
@@ -1480,7 +1480,7 @@ async fn refuse(stream: &mut TcpStream, reason: &str) {
 }
 
 /// Whether the first handshake frame starts with our magic and protocol version.
-fn check_prefix(first: &[u8]) -> Result<(), String> {
+pub fn check_handshake_prefix(first: &[u8]) -> Result<(), String> {
     let (Some(magic), Some(version)) = (
         first.get(..MAGIC.len()),
         first.get(MAGIC.len()..HELLO_PREFIX_BYTES),

@@ -825,11 +825,24 @@ fn admin_join_of_a_running_node() {
     let _serial = serial();
     let mut cluster = Cluster::new();
     cluster.add_node(None);
-    cluster.add_node(None); // founds a cluster of its own
-    let out = cluster.admin(1, &["join", &cluster.nodes[0].peer_addr()]);
+    // Founds a cluster of its own, with its own secret: it cannot join n1's.
+    let stranger = cluster.create_node();
+    cluster.nodes[stranger].with_secret = false;
+    cluster.nodes[stranger].spawn(None);
+    cluster.nodes[stranger].wait_up(Duration::from_secs(20));
+    let out = cluster.admin(stranger, &["join", &cluster.nodes[0].peer_addr()]);
+    assert!(
+        !out.status.success(),
+        "a node without the secret joined: {out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cluster's secret"), "{stderr}");
+    // Founds a cluster of its own too, but holds n1's secret (--cluster-secret-file): it can.
+    let holder = cluster.add_node(None);
+    let out = cluster.admin(holder, &["join", &cluster.nodes[0].peer_addr()]);
     assert!(out.status.success(), "dynakv admin join failed: {out:?}");
-    cluster.wait_settled(&[0, 1], SETTLE);
-    let r = put_kv(&cluster.url(1), "aj", "k", "v", Some(2), None).unwrap();
+    cluster.wait_settled(&[0, holder], SETTLE);
+    let r = put_kv(&cluster.url(holder), "aj", "k", "v", Some(2), None).unwrap();
     assert_eq!(r.status, 204, "{}", r.summary());
     let r = get_kv(&cluster.url(0), "aj", "k", Some(2)).unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "v"), "{}", r.summary());

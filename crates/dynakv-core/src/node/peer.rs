@@ -193,6 +193,8 @@ impl Node {
                 .map(|bucket| (bucket.to_owned(), self.props(bucket)))
                 .collect(),
             hint_limit: MAX_HINTS_PER_TARGET,
+            hint_target_member: serve::hint_target(&message)
+                .is_some_and(|target| self.cluster.is_member(target)),
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_budget: u32::try_from(self.aae_budget).unwrap_or(u32::MAX),
             defer_sync: true,

@@ -657,9 +657,11 @@ pub struct NodeProc {
     pub log: PathBuf,
     /// `--config FILE` for every start, when set.
     pub config: Option<PathBuf>,
-    /// `--cluster-secret-file FILE` for a start with `--join`: the founder's secret, as an
-    /// operator copies it to a new node.
+    /// `--cluster-secret-file FILE` for a start with `--join`, and for every start of a node
+    /// other than n1 while `with_secret`: the founder's secret, as an operator copies it to
+    /// a new node.
     pub secret_file: PathBuf,
+    pub with_secret: bool,
     child: Option<Child>,
 }
 
@@ -687,9 +689,10 @@ impl NodeProc {
             .arg("--data-dir")
             .arg(&self.data_dir);
         if let Some(peer) = join {
-            cmd.args(["--join", peer])
-                .arg("--cluster-secret-file")
-                .arg(&self.secret_file);
+            cmd.args(["--join", peer]);
+        }
+        if join.is_some() || self.with_secret {
+            cmd.arg("--cluster-secret-file").arg(&self.secret_file);
         }
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
@@ -861,6 +864,7 @@ impl Cluster {
         let secret_file = self.root.path().join("n1").join("cluster.secret");
         self.nodes.push(NodeProc {
             secret_file,
+            with_secret: index > 0,
             name,
             http_port: ports[0],
             peer_port: ports[1],
