@@ -9,7 +9,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = check_handshake_prefix(data);
-    let keys = LinkKeys::new(&ClusterSecret::from_bytes([1; 32]), &NodeKey::from_private([2; 32]));
+    let keys = LinkKeys::new(
+        &ClusterSecret::from_bytes([1; 32]),
+        &NodeKey::from_private([2; 32]),
+    );
     let mut responder = keys.responder().unwrap();
     let mut payload = vec![0_u8; 65_535];
     let (first, third) = data.split_at(data.len() / 2);

@@ -41,10 +41,17 @@ fn node() -> &'static Node {
 
 async fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Closed with a reset: tens of thousands of runs would otherwise leave as many sockets in
+    // TIME_WAIT and run out of ephemeral ports (a harness failure, not the node's).
+    stream.set_linger(Some(Duration::ZERO)).unwrap();
     let _ = stream.write_all(request).await;
     let _ = stream.shutdown().await;
     let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut response)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        stream.read_to_end(&mut response),
+    )
+    .await;
     response
 }
 
@@ -58,7 +65,19 @@ fuzz_target!(|data: &[u8]| {
         }
         request.extend_from_slice(data);
         let _ = exchange(node.addr, &request).await;
-        let ping = exchange(node.addr, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-        assert!(ping.starts_with(b"HTTP/1.1 200"), "the node stopped answering: {:?}", String::from_utf8_lossy(&ping));
+        // The node must still answer (a few tries: one slow answer is not a failure).
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            let ping = exchange(
+                node.addr,
+                b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if ping.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+            answers.push(String::from_utf8_lossy(&ping).into_owned());
+        }
+        panic!("the node stopped answering: {answers:?}");
     });
 });

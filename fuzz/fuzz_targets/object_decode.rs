@@ -9,7 +9,12 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(object) = Object::decode(data) {
         object.check_invariants().unwrap();
-        assert!(object.clock().entries().all(|(_, e)| e.counter <= MAX_CLOCK_COUNTER));
+        assert!(
+            object
+                .clock()
+                .entries()
+                .all(|(_, e)| e.counter <= MAX_CLOCK_COUNTER)
+        );
         let again = Object::decode(&object.encode()).unwrap();
         assert_eq!(again, object);
     }

@@ -21,7 +21,10 @@ fn state() -> Arc<link::TransportState> {
             let secret = ClusterSecret::from_bytes([1; 32]);
             let initiator = LinkKeys::new(&secret, &NodeKey::from_private([2; 32]));
             let responder = LinkKeys::new(&secret, &NodeKey::from_private([3; 32]));
-            link::in_memory_link(&initiator, &responder, b"").unwrap().responder.0
+            link::in_memory_link(&initiator, &responder, b"")
+                .unwrap()
+                .responder
+                .0
         })
         .clone()
 }
@@ -34,10 +37,11 @@ fuzz_target!(|data: &[u8]| {
         let decoded: Envelope<PeerMessage> = decode_envelope(&mut again, LIMIT).unwrap().unwrap();
         assert_eq!(decoded, envelope);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let mut opener = Opener::new(state(), BytesMut::new());
     let mut reader = data;
-    runtime.block_on(async {
-        while let Ok(Some(_)) = opener.read_frame(&mut reader, LIMIT).await {}
-    });
+    runtime
+        .block_on(async { while let Ok(Some(_)) = opener.read_frame(&mut reader, LIMIT).await {} });
 });
