@@ -156,9 +156,10 @@ async fn idle_connections_past_the_cap_are_refused_and_idle_ones_time_out() {
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
         std::thread::sleep(Duration::from_millis(700));
-        let (mut refused, mut held) = (0, 0);
-        for stream in &mut streams {
-            match read_some(stream, Duration::from_millis(5)) {
+        let (mut refused, mut held) = (0, Vec::new());
+        for stream in streams {
+            let mut stream = stream;
+            match read_some(&mut stream, Duration::from_millis(5)) {
                 Some(answer) => {
                     assert!(
                         answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
@@ -166,12 +167,16 @@ async fn idle_connections_past_the_cap_are_refused_and_idle_ones_time_out() {
                     );
                     refused += 1;
                 }
-                None => held += 1,
+                None => held.push(stream),
             }
         }
-        // Keep them open until the header read timeout has closed the held ones.
+        // The held ones, idle, are closed by the server once the header read timeout passes.
         std::thread::sleep(Duration::from_secs(3));
-        (refused, held)
+        for stream in &mut held {
+            let closed = read_some(stream, Duration::from_secs(2));
+            assert!(closed.is_some(), "an idle connection is still open");
+        }
+        (refused, held.len())
     })
     .await
     .unwrap();
