@@ -152,13 +152,12 @@ async fn idle_connections_past_the_cap_are_refused_and_idle_ones_time_out() {
     .await;
     let addr = node.addr;
     let (refused, held) = tokio::task::spawn_blocking(move || {
-        let mut streams: Vec<TcpStream> = (0..OPENED)
+        let streams: Vec<TcpStream> = (0..OPENED)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
         std::thread::sleep(Duration::from_millis(700));
         let (mut refused, mut held) = (0, Vec::new());
-        for stream in streams {
-            let mut stream = stream;
+        for mut stream in streams {
             match read_some(&mut stream, Duration::from_millis(5)) {
                 Some(answer) => {
                     assert!(
