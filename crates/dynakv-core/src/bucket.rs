@@ -253,6 +253,35 @@ pub fn props_from_body(body: &[u8]) -> Result<Map<String, Value>, PropsError> {
     }
 }
 
+/// Why a bucket could not get properties of its own.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CustomBucketError {
+    #[error(
+        "at most {limit} buckets may have their own properties and the cluster has {count}: \
+         this change was refused and changed nothing; keep this bucket on the default \
+         properties, or use a bucket that already has its own"
+    )]
+    TooMany { count: usize, limit: usize },
+}
+
+/// Whether a properties change (a set or a reset) of `bucket` may be made in `state`: a
+/// bucket that has an entry may always change it; a new one needs room under
+/// `MAX_CUSTOM_BUCKETS`. Gossip does not take entries past that limit from other nodes, so
+/// a change made past it would stay on the node that made it: the node that receives the
+/// change checks with this, before it changes anything (the server's HTTP API and the core
+/// `Node`).
+pub fn check_custom_bucket_room(
+    state: &crate::membership::ClusterState,
+    bucket: &str,
+) -> Result<(), CustomBucketError> {
+    let count = state.bucket_props.len();
+    let limit = crate::membership::MAX_CUSTOM_BUCKETS;
+    if state.bucket_props.contains_key(bucket) || count < limit {
+        return Ok(());
+    }
+    Err(CustomBucketError::TooMany { count, limit })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

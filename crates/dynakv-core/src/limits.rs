@@ -42,6 +42,17 @@ pub const MAX_ACTOR_BYTES: usize = 64;
 /// Longest encoded object accepted from storage or a peer.
 pub const MAX_OBJECT_BYTES: usize =
     MAX_SIBLINGS * (HARD_MAX_VALUE_BYTES / MAX_SIBLINGS + MAX_META_BYTES + 512) + 1024 * 1024;
+/// Largest object (all siblings, encoded) a client write may leave behind when it makes the
+/// object larger: half of `MAX_OBJECT_BYTES`, so that a merge of two replicas' versions,
+/// each written under it, still decodes. A write past it is refused before anything is
+/// stored, asking the client to resolve the siblings; a write that does not grow the object
+/// (one that resolves siblings) is never refused by it.
+pub const MAX_WRITE_OBJECT_BYTES: usize = MAX_OBJECT_BYTES / 2;
+/// Largest object a node reads back from its own storage: objects stored over
+/// `MAX_OBJECT_BYTES` before the write path checked sizes stay readable up to this, so a
+/// client can fetch their siblings and resolve them (a peer's object is held to
+/// `MAX_OBJECT_BYTES`).
+pub const MAX_REPAIRABLE_OBJECT_BYTES: usize = 2 * MAX_OBJECT_BYTES;
 /// Most keys returned by one page of a key listing.
 pub const MAX_LIST_PAGE: usize = 10_000;
 /// Largest accepted bucket-properties body, in bytes.
@@ -64,3 +75,5 @@ const _: () = assert!(MAX_RING_PARTITIONS.is_power_of_two());
 const _: () = assert!(DEFAULT_MAX_VALUE_BYTES <= HARD_MAX_VALUE_BYTES);
 const _: () = assert!(CLOCK_PRUNE_THRESHOLD < MAX_CLOCK_ENTRIES);
 const _: () = assert!(MAX_SIBLINGS + CLOCK_PRUNE_THRESHOLD <= MAX_CLOCK_ENTRIES);
+const _: () = assert!(2 * MAX_WRITE_OBJECT_BYTES <= MAX_OBJECT_BYTES);
+const _: () = assert!(MAX_WRITE_OBJECT_BYTES >= 16 * DEFAULT_MAX_VALUE_BYTES);

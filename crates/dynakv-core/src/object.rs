@@ -98,6 +98,22 @@ pub enum WriteError {
         "the clock of this key is exhausted (counter past {limit}): it was forged or corrupted"
     )]
     CounterExhausted { limit: u64 },
+    /// The write would leave the object (all its siblings) larger than allowed.
+    #[error(
+        "the object would hold {bytes} bytes with its siblings (limit {limit}): fetch it, resolve the siblings and write back with the context"
+    )]
+    ObjectTooLarge { bytes: usize, limit: usize },
+    /// A merge of two versions would hold more than a node can read back; the stored version
+    /// is kept as it is.
+    #[error(
+        "merging the versions would make an object of {bytes} bytes and {siblings} siblings (limits {limit_bytes} and {limit_siblings}): resolve the key's siblings"
+    )]
+    MergeTooLarge {
+        bytes: usize,
+        siblings: usize,
+        limit_bytes: usize,
+        limit_siblings: usize,
+    },
 }
 
 /// A key's versions and causal context.
@@ -244,7 +260,60 @@ impl Object {
         clock.observe(actor, counter, now_ms);
         let mut object = Object { clock, siblings };
         object.prune(now_ms, prune);
+        let bytes = object.encoded_len();
+        if bytes > limits::MAX_WRITE_OBJECT_BYTES && bytes > self.encoded_len() {
+            return Err(WriteError::ObjectTooLarge {
+                bytes,
+                limit: limits::MAX_WRITE_OBJECT_BYTES,
+            });
+        }
         Ok(object)
+    }
+
+    /// Whether a node could read this object back (its encoding within `MAX_OBJECT_BYTES`,
+    /// its siblings within `MAX_STORED_SIBLINGS`): checked before any object is stored, so
+    /// an object a node cannot use is never written.
+    pub fn check_storable(&self) -> Result<(), WriteError> {
+        let bytes = self.encoded_len();
+        if bytes > limits::MAX_OBJECT_BYTES || self.siblings.len() > MAX_STORED_SIBLINGS {
+            return Err(WriteError::MergeTooLarge {
+                bytes,
+                siblings: self.siblings.len(),
+                limit_bytes: limits::MAX_OBJECT_BYTES,
+                limit_siblings: MAX_STORED_SIBLINGS,
+            });
+        }
+        Ok(())
+    }
+
+    /// The length of [`Object::encode`]'s output, computed without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let bytes = |len: usize| varint_len(len as u64).saturating_add(len);
+        let mut body = varint_len(self.clock.len() as u64);
+        for (_, entry) in self.clock.entries() {
+            body = body
+                .saturating_add(8)
+                .saturating_add(varint_len(entry.counter))
+                .saturating_add(varint_len(entry.timestamp_ms));
+        }
+        body = body.saturating_add(varint_len(self.siblings.len() as u64));
+        for sibling in &self.siblings {
+            let c = &sibling.content;
+            body = body
+                .saturating_add(8)
+                .saturating_add(varint_len(sibling.dot.counter))
+                .saturating_add(varint_len(c.last_modified_ms))
+                .saturating_add(1)
+                .saturating_add(bytes(c.content_type.len()))
+                .saturating_add(varint_len(c.meta.len() as u64));
+            for (name, value) in &c.meta {
+                body = body
+                    .saturating_add(bytes(name.len()))
+                    .saturating_add(bytes(value.len()));
+            }
+            body = body.saturating_add(bytes(c.value.len()));
+        }
+        body.saturating_add(6)
     }
 
     /// Merge two replicas' versions of the same key (commutative, associative, idempotent).
@@ -385,7 +454,18 @@ impl Object {
 
     /// Decode, checking version, checksum, limits and invariants. Never panics.
     pub fn decode(bytes: &[u8]) -> Result<Object, DecodeError> {
-        if bytes.len() > limits::MAX_OBJECT_BYTES {
+        Self::decode_within(bytes, limits::MAX_OBJECT_BYTES)
+    }
+
+    /// [`Object::decode`] of an object read from this node's own storage, which may be up to
+    /// `MAX_REPAIRABLE_OBJECT_BYTES` (written before writes checked sizes) so that its
+    /// siblings can still be read and resolved.
+    pub fn decode_stored(bytes: &[u8]) -> Result<Object, DecodeError> {
+        Self::decode_within(bytes, limits::MAX_REPAIRABLE_OBJECT_BYTES)
+    }
+
+    fn decode_within(bytes: &[u8], max_bytes: usize) -> Result<Object, DecodeError> {
+        if bytes.len() > max_bytes {
             return Err(DecodeError::LimitExceeded("object size"));
         }
         let mut header = Reader::new(bytes);
@@ -442,6 +522,12 @@ impl Object {
     }
 }
 
+/// Bytes of a LEB128 varint of `value`.
+fn varint_len(value: u64) -> usize {
+    let bits = 64 - value.leading_zeros() as usize;
+    bits.div_ceil(7).max(1)
+}
+
 /// Encode a version vector (entry count, then actor, counter, timestamp per entry).
 pub fn encode_clock(w: &mut Writer, clock: &VersionVector) {
     w.varint(clock.len() as u64);
@@ -481,4 +567,148 @@ pub fn decode_clock(r: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
         clock.observe(actor, counter, timestamp_ms);
     }
     Ok(clock)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn value(len: usize, at: u64) -> Content {
+        Content {
+            value: vec![7u8; len],
+            content_type: "text/plain".into(),
+            last_modified_ms: at,
+            meta: vec![("color".into(), "blue".into())],
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let mut object = Object::new();
+        assert_eq!(object.encoded_len(), object.encode().len());
+        for (i, len) in [0usize, 1, 127, 128, 300, 20_000].into_iter().enumerate() {
+            let actor = ActorId(i as u64 % 3 + 1);
+            object = object
+                .update(
+                    &VersionVector::new(),
+                    value(len, 1 << (i * 9)),
+                    actor,
+                    5,
+                    PrunePolicy::default(),
+                )
+                .unwrap();
+            assert_eq!(object.encoded_len(), object.encode().len());
+        }
+        let tombstone = object
+            .update(
+                object.clock(),
+                Content::tombstone(9),
+                ActorId(9),
+                9,
+                PrunePolicy::default(),
+            )
+            .unwrap();
+        assert_eq!(tombstone.encoded_len(), tombstone.encode().len());
+    }
+
+    /// Issue 17 row 13: blind writes of large values stop at `MAX_WRITE_OBJECT_BYTES` with a
+    /// clear error (never an object no node can read back), and a write with the context
+    /// resolves the siblings.
+    #[test]
+    fn blind_writes_stop_at_the_object_limit_and_a_resolving_write_passes() {
+        const MIB: usize = 1024 * 1024;
+        let mut object = Object::new();
+        let mut refused = None;
+        for i in 0..100u64 {
+            match object.update(
+                &VersionVector::new(),
+                value(MIB, i),
+                ActorId(1),
+                i,
+                PrunePolicy::default(),
+            ) {
+                Ok(next) => object = next,
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let (at, error) = refused.unwrap();
+        assert!(
+            matches!(error, WriteError::ObjectTooLarge { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("resolve the siblings"),
+            "{error}"
+        );
+        assert!(object.encoded_len() <= limits::MAX_WRITE_OBJECT_BYTES);
+        assert_eq!(at as usize, object.siblings().len());
+        assert!(object.check_storable().is_ok());
+        let resolved = object
+            .update(
+                object.clock(),
+                value(MIB, 200),
+                ActorId(1),
+                200,
+                PrunePolicy::default(),
+            )
+            .unwrap();
+        assert_eq!(resolved.siblings().len(), 1);
+    }
+
+    /// A merge that would make an object no node can read back is refused by
+    /// `check_storable`; an object stored over the limit still decodes as a stored one.
+    #[test]
+    fn objects_over_the_decode_limit_are_not_storable_but_stored_ones_are_readable() {
+        let sibling_bytes = limits::MAX_OBJECT_BYTES / 60 + 1;
+        let mut clock = VersionVector::new();
+        let mut siblings = Vec::new();
+        for counter in 1..=60u64 {
+            clock.observe(ActorId(1), counter, counter);
+            siblings.push(Sibling {
+                dot: Dot {
+                    actor: ActorId(1),
+                    counter,
+                },
+                content: value(sibling_bytes, counter),
+            });
+        }
+        let big = Object { clock, siblings };
+        assert!(matches!(
+            big.check_storable(),
+            Err(WriteError::MergeTooLarge { .. })
+        ));
+        let bytes = big.encode();
+        assert_eq!(
+            Object::decode(&bytes),
+            Err(DecodeError::LimitExceeded("object size"))
+        );
+        assert_eq!(Object::decode_stored(&bytes).unwrap(), big);
+        // A write with the context that saw every sibling replaces them all.
+        let resolved = big
+            .update(
+                big.clock(),
+                value(10, 100),
+                ActorId(1),
+                100,
+                PrunePolicy::default(),
+            )
+            .unwrap();
+        assert!(resolved.check_storable().is_ok());
+        // A blind one would grow it: refused.
+        assert!(matches!(
+            big.update(
+                &VersionVector::new(),
+                value(10, 100),
+                ActorId(1),
+                100,
+                PrunePolicy::default()
+            ),
+            Err(WriteError::ObjectTooLarge { .. })
+        ));
+    }
 }

@@ -7,6 +7,11 @@
 //!   (`settle`), so no stripe lock is held across an fsync;
 //! - what is written is always `stored.update(context, ...)` or `stored.sync(incoming)`, so no
 //!   sibling the writer did not see is dropped;
+//! - nothing is stored that a node could not read back (`Object::check_storable`), and a
+//!   client write that grows an object past `MAX_WRITE_OBJECT_BYTES` is refused before
+//!   anything is stored (`Object::update_after`): one rule for the server and the simulated
+//!   Node, which both write through here. An object stored too large before that rule is
+//!   read back up to `MAX_REPAIRABLE_OBJECT_BYTES`, so a client can resolve it;
 //! - an object that fails its checksum or decoding is reported as corrupt, never treated as
 //!   absent (which would let a write silently replace it);
 //! - this node's actor never issues a dot twice: a write's counter exceeds every counter the
@@ -247,7 +252,7 @@ impl Replica {
             .map_err(storage_error)?
         {
             None => Ok(None),
-            Some(bytes) => Object::decode(&bytes)
+            Some(bytes) => Object::decode_stored(&bytes)
                 .map(|o| Some((o, bytes)))
                 .map_err(ReplicaError::Corrupt),
         }
@@ -384,6 +389,7 @@ impl Replica {
         if request.props.last_write_wins {
             updated.resolve_last_write_wins();
         }
+        updated.check_storable()?;
         self.store(
             &storage_key,
             old_bytes.as_deref(),
@@ -415,6 +421,7 @@ impl Replica {
             merged.resolve_last_write_wins();
         }
         if merged != stored {
+            merged.check_storable()?;
             self.store(
                 &storage_key,
                 old_bytes.as_deref(),
@@ -511,7 +518,7 @@ impl Replica {
             .get(Table::Hints, &hint_key)
             .map_err(storage_error)?;
         let merged = if let Some(bytes) = &existing {
-            Object::decode(bytes)
+            Object::decode_stored(bytes)
                 .map_err(ReplicaError::Corrupt)?
                 .sync(incoming)
         } else {
@@ -523,6 +530,7 @@ impl Replica {
             *count += 1;
             incoming.clone()
         };
+        merged.check_storable()?;
         self.storage
             .put(
                 Table::Hints,
@@ -551,7 +559,7 @@ impl Replica {
             .map_err(storage_error)?
         {
             None => Ok(None),
-            Some(bytes) => Object::decode(&bytes)
+            Some(bytes) => Object::decode_stored(&bytes)
                 .map(Some)
                 .map_err(ReplicaError::Corrupt),
         }

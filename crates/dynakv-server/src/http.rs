@@ -6,6 +6,7 @@
 //! hard limit otherwise. Storage calls run on the blocking pool.
 
 use crate::cluster::{Cluster, ClusterError, PutOptions, error_status};
+use crate::http_serve::HttpLimits;
 use crate::load_limit::LoadLimiter;
 use crate::replica::{Precondition, ReplicaError};
 use crate::stats::{Op, Stats};
@@ -15,7 +16,7 @@ use axum::extract::{Query, RawPathParams, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use dynakv_core::bucket::{BucketProps, Quorum, props_from_body};
+use dynakv_core::bucket::{BucketProps, Quorum, check_custom_bucket_room, props_from_body};
 use dynakv_core::context;
 use dynakv_core::keys;
 use dynakv_core::limits;
@@ -49,6 +50,70 @@ pub struct ApiState {
     /// Admission of client data requests (at most `max_in_flight_requests` at once, fewer
     /// while the node is overloaded; see `load_limit`).
     pub limiter: Arc<LoadLimiter>,
+    /// The client port's limits and the budgets they set.
+    pub http: HttpGuards,
+}
+
+/// The client port's limits ([`HttpLimits`]) and the shared state that enforces them.
+#[derive(Debug)]
+pub struct HttpGuards {
+    pub limits: HttpLimits,
+    /// Bytes of request bodies held by requests (`request_body_budget_bytes`).
+    request_bodies: ByteBudget,
+    /// Bytes of object responses being sent (`response_budget_bytes`).
+    responses: ByteBudget,
+    /// Held while this node checks and makes a bucket-properties change, so two changes
+    /// through it cannot both pass the custom-bucket limit's check.
+    props_changes: parking_lot::Mutex<()>,
+}
+
+impl HttpGuards {
+    pub fn new(limits: HttpLimits) -> Self {
+        HttpGuards {
+            request_bodies: ByteBudget::new(limits.request_body_budget_bytes),
+            responses: ByteBudget::new(limits.response_budget_bytes),
+            props_changes: parking_lot::Mutex::new(()),
+            limits,
+        }
+    }
+}
+
+/// A budget of bytes shared by the requests of a node, counted in KiB (a tokio semaphore of
+/// KiB permits): a reservation that does not fit is refused at once, never queued.
+#[derive(Debug)]
+struct ByteBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total_kib: u32,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BudgetRefusal {
+    /// More than the whole budget: it can never fit.
+    TooLarge,
+    /// Not now: what others hold leaves too little.
+    Exhausted,
+}
+
+impl ByteBudget {
+    fn new(bytes: usize) -> Self {
+        let total_kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        ByteBudget {
+            kib: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// Reserve `bytes` (at least 1 KiB) until the permit is dropped.
+    fn try_take(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, BudgetRefusal> {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        if kib > self.total_kib {
+            return Err(BudgetRefusal::TooLarge);
+        }
+        Arc::clone(&self.kib)
+            .try_acquire_many_owned(kib)
+            .map_err(|_| BudgetRefusal::Exhausted)
+    }
 }
 
 type AppState = Arc<ApiState>;
@@ -58,6 +123,8 @@ type AppState = Arc<ApiState>;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Answer with `Retry-After: 1` (a refusal for load that passes).
+    retry_after: bool,
 }
 
 impl ApiError {
@@ -65,10 +132,18 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: false,
         }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// 503 with `Retry-After: 1`: refused for a load that passes.
+    fn overloaded(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
     }
 }
 
@@ -76,12 +151,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = self.message;
         body.push('\n');
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             body,
         )
-            .into_response()
+            .into_response();
+        if self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -178,15 +259,130 @@ pub fn router(state: AppState) -> Router {
         .nest("/types/default", buckets.clone())
         .merge(buckets)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            guard_request,
+        ))
         .with_state(state)
+}
+
+/// What every request passes before its handler (and before load shedding):
+/// - a state-changing request (not GET, HEAD, OPTIONS or TRACE) carrying an `Origin` header
+///   that `HttpLimits::allowed_origins` does not list is refused with 403 (a web page's
+///   cross-site request: a `text/plain` POST needs no CORS preflight);
+/// - a request with a body has it read in full here, through the largest body any route
+///   takes, within `body_read_timeout` (else 408 and the connection is closed) and within
+///   the node's budget of request-body bytes (else 503). So a request that enters load
+///   shedding holds its whole body already: a client that never finishes its body never
+///   holds an in-flight permit, and the bytes bodies hold are bounded.
+async fn guard_request(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::body::HttpBody as _;
+    if let Err(e) = check_origin(
+        &state.http.limits.allowed_origins,
+        request.method(),
+        request.headers(),
+    ) {
+        return e.into_response();
+    }
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let limit = state.max_value_bytes.max(limits::MAX_PROPS_BODY_BYTES);
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+        )
+        .into_response()
+    };
+    let declared = request.body().size_hint().exact();
+    if declared.is_some_and(|length| length > limit as u64) {
+        return too_large();
+    }
+    // A body of unknown length (chunked) reserves the most it may be.
+    let reserve = declared.map_or(limit, |length| length as usize);
+    let Ok(_reserved) = state.http.request_bodies.try_take(reserve) else {
+        return ApiError::overloaded(format!(
+            "overloaded: request bodies being received and served on this node hold their \
+             budget of {} bytes; retry later",
+            state.http.limits.request_body_budget_bytes
+        ))
+        .into_response();
+    };
+    let (parts, body) = request.into_parts();
+    let collected = tokio::time::timeout(
+        state.http.limits.body_read_timeout,
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await;
+    let bytes = match collected {
+        Err(_elapsed) => {
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                    (header::CONNECTION, "close"),
+                ],
+                format!(
+                    "the request body did not arrive within {} ms\n",
+                    state.http.limits.body_read_timeout.as_millis()
+                ),
+            )
+                .into_response();
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Err(_)) => {
+            return ApiError::bad_request("could not read the request body").into_response();
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// Methods that change nothing on this API.
+fn safe_method(method: &axum::http::Method) -> bool {
+    use axum::http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(method)
+}
+
+/// Refuse a state-changing request from a web page whose origin is not allowed (see
+/// [`guard_request`]).
+fn check_origin(
+    allowed: &[String],
+    method: &axum::http::Method,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    if safe_method(method) {
+        return Ok(());
+    }
+    for origin in headers.get_all(header::ORIGIN) {
+        let text = origin.to_str().unwrap_or("(not ASCII)");
+        if !allowed.iter().any(|a| a == text) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "cross-site request refused: {method} from a web page of origin {text:?}, \
+                     which this node does not allow (clients other than browsers send no \
+                     Origin header; allowed origins are HttpLimits::allowed_origins)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Load shedding: a data request that finds the in-flight limit reached (`max_in_flight_requests`,
 /// or less while the node is saturated and its p99 is above `overload_latency_target_ms`) is
 /// answered 503 at once (with `Retry-After`) instead of queueing, so the latency of accepted
-/// requests stays bounded when clients offer more than the node can serve. The permit is held
-/// until the handler returns (a slow request body holds it too). Ping, stats and admin
-/// requests are not counted, so an overloaded node can still be observed.
+/// requests stays bounded when clients offer more than the node can serve. The permit is
+/// taken once the request's body has arrived ([`guard_request`] reads it first), and held
+/// until the handler returns. Ping, stats and admin requests are not counted, so an
+/// overloaded node can still be observed.
 async fn shed_load(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -197,20 +393,13 @@ async fn shed_load(
             .stats
             .requests_shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-                (header::RETRY_AFTER, "1"),
-            ],
-            format!(
-                "overloaded: {} requests already in flight on this node (limit {} of at most {}); retry later\n",
-                state.limiter.in_flight(),
-                state.limiter.limit(),
-                state.limiter.ceiling()
-            ),
-        )
-            .into_response();
+        return ApiError::overloaded(format!(
+            "overloaded: {} requests already in flight on this node (limit {} of at most {}); retry later",
+            state.limiter.in_flight(),
+            state.limiter.limit(),
+            state.limiter.ceiling()
+        ))
+        .into_response();
     };
     let mut response = next.run(request).await;
     response.headers_mut().insert(
@@ -435,7 +624,8 @@ fn object_response(
         if sibling.content.deleted {
             insert(&mut headers, "x-riak-deleted", "true");
         }
-        return Ok((success, headers, sibling.content.value.clone()).into_response());
+        let body = budgeted_body(state, sibling.content.value.clone())?;
+        return Ok((success, headers, body).into_response());
     }
     let live: Vec<&Sibling> = if props.allow_mult {
         object.live_siblings().collect()
@@ -460,7 +650,8 @@ fn object_response(
                 return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
             }
             sibling_headers(&mut headers, bucket, only);
-            Ok((success, headers, only.content.value.clone()).into_response())
+            let body = budgeted_body(state, only.content.value.clone())?;
+            Ok((success, headers, body).into_response())
         }
         many if accepts_multipart(request_headers) => {
             let boundary = multipart_boundary(many);
@@ -469,8 +660,19 @@ fn object_response(
                 "content-type",
                 &format!("multipart/mixed; boundary={boundary}"),
             );
+            // Reserved before the body is built: a refused request copies nothing.
+            let size = many.iter().fold(0usize, |sum, s| {
+                sum.saturating_add(s.content.value.len())
+                    .saturating_add(MULTIPART_PART_OVERHEAD_BYTES)
+            });
+            let permit = reserve_response(state, size)?;
             let body = multipart_body(bucket, many, &boundary);
-            Ok((StatusCode::MULTIPLE_CHOICES, headers, body).into_response())
+            Ok((
+                StatusCode::MULTIPLE_CHOICES,
+                headers,
+                held_body(body, permit),
+            )
+                .into_response())
         }
         many => {
             insert(&mut headers, "content-type", "text/plain");
@@ -481,6 +683,81 @@ fn object_response(
             }
             Ok((StatusCode::MULTIPLE_CHOICES, headers, body).into_response())
         }
+    }
+}
+
+/// Bytes counted for one part of a multipart response beyond its value (boundary, headers).
+const MULTIPART_PART_OVERHEAD_BYTES: usize = 256;
+
+/// Reserve `bytes` of the node's response budget (`response_budget_bytes`) for a response
+/// being built and sent, or refuse it with 503 (a clear reason, `Retry-After`).
+fn reserve_response(
+    state: &ApiState,
+    bytes: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let budget = state.http.limits.response_budget_bytes;
+    state
+        .http
+        .responses
+        .try_take(bytes)
+        .map_err(|refusal| match refusal {
+            BudgetRefusal::TooLarge => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the response would hold {bytes} bytes, more than this node sends at once \
+                 ({budget}): fetch the siblings one at a time with ?vtag= and resolve them"
+                ),
+            ),
+            BudgetRefusal::Exhausted => ApiError::overloaded(format!(
+                "overloaded: responses being sent by this node hold their budget of {budget} \
+             bytes; retry later"
+            )),
+        })
+}
+
+/// A response body counted in the response budget until it has been sent (or dropped).
+fn budgeted_body(state: &ApiState, value: Vec<u8>) -> Result<Body, ApiError> {
+    let permit = reserve_response(state, value.len())?;
+    Ok(held_body(value, permit))
+}
+
+/// `bytes` as a body that holds `permit` until the body is dropped: after its last byte was
+/// handed to the connection, or when the connection closed.
+fn held_body(bytes: Vec<u8>, permit: tokio::sync::OwnedSemaphorePermit) -> Body {
+    Body::new(HeldBody {
+        data: Some(Bytes::from(bytes)),
+        permit: Some(permit),
+    })
+}
+
+/// One chunk of bytes and a budget permit, released when the end of the body is polled
+/// (hyper polls for it once the chunk was written out) or the body is dropped. Its exact
+/// size keeps `Content-Length` on the response.
+struct HeldBody {
+    data: Option<Bytes>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let frame = self
+            .data
+            .take()
+            .map(|data| Ok(hyper::body::Frame::data(data)));
+        if frame.is_none() {
+            self.permit = None;
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
 }
 
@@ -938,14 +1215,29 @@ async fn set_props(
     props
         .apply(&bucket, &update)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    state.cluster.set_bucket_props(&bucket, Some(&props))?;
+    change_props(&state, &bucket, Some(&props))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn reset_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let bucket = bucket_param(&params)?;
-    state.cluster.set_bucket_props(&bucket, None)?;
+    change_props(&state, &bucket, None)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Set (`Some`) or reset (`None`) a bucket's properties, refused with 400 when the bucket
+/// would be one custom bucket too many (`check_custom_bucket_room`): past the limit gossip
+/// would not carry the change, and it would stay on this node alone.
+fn change_props(
+    state: &ApiState,
+    bucket: &str,
+    props: Option<&BucketProps>,
+) -> Result<(), ApiError> {
+    let _one_at_a_time = state.http.props_changes.lock();
+    check_custom_bucket_room(&state.cluster.state(), bucket)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    state.cluster.set_bucket_props(bucket, props)?;
+    Ok(())
 }
 
 async fn list_keys(

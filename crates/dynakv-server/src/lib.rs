@@ -10,6 +10,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod http_serve;
 pub mod identity;
 pub mod link;
 pub mod load_limit;
@@ -162,6 +163,15 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
 /// Open storage, load or found the cluster state, bind the peer and HTTP listeners, join a
 /// cluster when asked, and start serving. Returns once the node is accepting requests.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    start_with_http(config, http_serve::HttpLimits::default()).await
+}
+
+/// [`start`] with the client HTTP port's limits given (timeouts, connection cap, budgets,
+/// allowed origins; see [`http_serve::HttpLimits`]).
+pub async fn start_with_http(
+    config: ServerConfig,
+    http_limits: http_serve::HttpLimits,
+) -> Result<RunningServer, ServerError> {
     config.validate()?;
     let storage = {
         let config = config.clone();
@@ -352,6 +362,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             )
             .map_err(|e| ServerError::Internal(e.to_string()))?,
         ),
+        http: http::HttpGuards::new(http_limits),
     });
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
@@ -693,15 +704,9 @@ async fn serve(
     let (stop_flusher, flusher_stop) = watch::channel(false);
     let failed = Arc::clone(&flusher.failure.reason);
     let flusher = tokio::spawn(flush_loop(flusher, flusher_stop));
+    let limits = state.http.limits.clone();
     let app = http::router(state);
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(wait_for_shutdown(shutdown))
-        .await;
+    http_serve::serve(listener, app, &limits, wait_for_shutdown(shutdown)).await;
     for task in others {
         let _ = task.await;
     }
@@ -731,7 +736,7 @@ async fn serve(
         tracing::error!(error = %e, "cannot record the clean shutdown");
     }
     tracing::info!("node stopped");
-    served.map_err(ServerError::Io)
+    Ok(())
 }
 
 /// A flush (fsync) this slow is logged.

@@ -515,22 +515,35 @@ async fn old_style_riak_paths_reach_the_same_objects() {
     node.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excess_requests_are_shed_at_once_and_the_node_recovers() {
-    let node = start_with(StorageKind::Memory, |config| {
-        config.max_in_flight_requests = 2;
-    })
-    .await;
-    // Two puts whose bodies stall halfway hold the two permits.
-    let mut stalled = Vec::new();
-    for i in 0..2 {
-        let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
-        let head = format!(
-            "PUT /buckets/b/keys/slow{i} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nhello"
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        stalled.push(stream);
-    }
+    let node = Arc::new(
+        start_with(StorageKind::Disk, |config| {
+            config.max_in_flight_requests = 2;
+            config.flush_interval_ms = 60_000;
+            config.group_commit_window_ms = 1_000;
+        })
+        .await,
+    );
+    // A durable write syncs at once and starts the group commit window: the next two
+    // durable writes wait for its end, each holding an in-flight permit. (A request whose
+    // body stalls holds none: it is admitted once its body has arrived.)
+    let (status, _) = node.put("/buckets/b/keys/first?dw=all", "v", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let node = Arc::clone(&node);
+            tokio::spawn(async move {
+                node.put(
+                    &format!("/buckets/b/keys/slow{i}?dw=all"),
+                    "helloworld",
+                    None,
+                )
+                .await
+                .0
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // A third data request is refused at once, with a reason and Retry-After.
@@ -549,36 +562,21 @@ async fn excess_requests_are_shed_at_once_and_the_node_recovers() {
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(stats["requests_shed_total"], 2);
 
-    // The stalled writes finish and are stored; then requests are served again.
-    for mut stream in stalled {
-        let answer = tokio::task::spawn_blocking(move || {
-            stream.write_all(b"world").unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut buf = [0u8; 512];
-            let n = stream.read(&mut buf).unwrap();
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        })
-        .await
-        .unwrap();
-        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // The waiting writes finish and are stored; then requests are served again.
+    for put in waiting {
+        assert_eq!(put.await.unwrap(), StatusCode::NO_CONTENT);
     }
     let (status, _, body) = node
         .req(Method::GET, "/buckets/b/keys/slow0", &[], "")
         .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "helloworld"));
-    node.stop().await;
+    Arc::into_inner(node).unwrap().stop().await;
 }
 
-/// One keep-alive connection that sends puts whose bodies take `stall` to arrive, until
-/// `stop`; returns how many were answered 204 and how many 503.
-fn slow_put_loop(
-    id: usize,
-    addr: SocketAddr,
-    stall: Duration,
-    stop: &std::sync::atomic::AtomicBool,
-) -> (u32, u32) {
+/// One keep-alive connection that sends durable puts (each waits for a group commit, so it
+/// is slow once admitted), until `stop`; returns how many were answered 204 and how many
+/// 503.
+fn slow_put_loop(id: usize, addr: SocketAddr, stop: &std::sync::atomic::AtomicBool) -> (u32, u32) {
     let (mut ok, mut shed) = (0, 0);
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
@@ -586,15 +584,11 @@ fn slow_put_loop(
         .unwrap();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         // A key per put: blind puts to one key would pile up siblings to their limit.
-        let head = format!(
-            "PUT /buckets/b/keys/slow{id}-{} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nhello",
+        let request = format!(
+            "PUT /buckets/b/keys/slow{id}-{}?dw=all HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nhelloworld",
             ok + shed
         );
-        stream.write_all(head.as_bytes()).unwrap();
-        std::thread::sleep(stall);
-        // A shed request is answered before its body is read, and the connection closed: the
-        // rest of the body may then meet a closed socket.
-        let _ = stream.write_all(b"world");
+        stream.write_all(request.as_bytes()).unwrap();
         let mut buf = [0u8; 1024];
         let n = stream.read(&mut buf).unwrap();
         let answer = String::from_utf8_lossy(&buf[..n]);
@@ -629,9 +623,11 @@ async fn in_flight_limit(node: &Node) -> u64 {
 /// excess is answered 503 instead of waiting); once the pressure is gone it grows back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_slow_node_lowers_its_in_flight_limit_and_restores_it_after() {
-    let node = start_with(StorageKind::Memory, |config| {
+    let node = start_with(StorageKind::Disk, |config| {
         config.max_in_flight_requests = 16;
         config.overload_latency_target_ms = 5;
+        config.flush_interval_ms = 60_000;
+        config.group_commit_window_ms = 20;
     })
     .await;
     assert_eq!(in_flight_limit(&node).await, 16);
@@ -640,7 +636,7 @@ async fn a_saturated_slow_node_lowers_its_in_flight_limit_and_restores_it_after(
         .map(|id| {
             let stop = Arc::clone(&stop);
             let addr = node.addr;
-            std::thread::spawn(move || slow_put_loop(id, addr, Duration::from_millis(20), &stop))
+            std::thread::spawn(move || slow_put_loop(id, addr, &stop))
         })
         .collect();
     let mut lowest = 16;

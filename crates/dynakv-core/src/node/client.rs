@@ -8,9 +8,9 @@
 use super::{
     AfterSync, BTreeSet, BucketListing, BucketProps, BucketPropsEntry, ClientOp, ClientRequestId,
     ClientResult, GetCoord, GetCoordinator, GetStep, KeyListing, KeyPage, LIST_PAGE_KEYS,
-    ListCursor, LocalWrite, MAX_CUSTOM_BUCKETS, Node, NodeId, Object, Output, PeerMessage, Purpose,
-    PutCoord, PutCoordinator, PutForward, PutOp, PutPolicy, PutRoute, PutSend, PutStep, Quorum,
-    ReplicaPlan, ReplyTo, StoreDurability, VecDeque, Writer, encode_clock, keys,
+    ListCursor, LocalWrite, Node, NodeId, Object, Output, PeerMessage, Purpose, PutCoord,
+    PutCoordinator, PutForward, PutOp, PutPolicy, PutRoute, PutSend, PutStep, Quorum, ReplicaPlan,
+    ReplyTo, StoreDurability, VecDeque, Writer, encode_clock, keys,
 };
 
 impl Node {
@@ -87,13 +87,10 @@ impl Node {
         bucket: &str,
         props: Option<&BucketProps>,
     ) -> ClientResult {
-        let exists = self.cluster.bucket_props.contains_key(bucket);
-        if !exists && self.cluster.bucket_props.len() >= MAX_CUSTOM_BUCKETS {
+        if let Err(e) = crate::bucket::check_custom_bucket_room(&self.cluster, bucket) {
             return ClientResult::Failed {
                 status: 400,
-                message: format!(
-                    "at most {MAX_CUSTOM_BUCKETS} buckets may have their own properties"
-                ),
+                message: e.to_string(),
             };
         }
         let timestamp_ms = self

@@ -64,7 +64,7 @@ use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
 use crate::hints::HintRound;
 use crate::keys;
 use crate::limits;
-use crate::membership::{BucketPropsEntry, ClusterState, MAX_CUSTOM_BUCKETS, Member, MemberStatus};
+use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use crate::merkle::{self, Hash};
 use crate::message::{HandoffEntry, PeerMessage, WireContent};
 use crate::object::{Content, Object, PrunePolicy, encode_clock};
