@@ -35,6 +35,7 @@ pub mod quorum;
 pub mod replica;
 pub mod ring;
 pub mod rng;
+pub mod security;
 pub mod serve;
 pub mod storage;
 #[cfg(test)]

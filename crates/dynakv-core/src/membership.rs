@@ -123,6 +123,9 @@ pub struct ClusterState {
     /// `(transition, node)`: `node` has handed off everything the transition needs from it.
     pub handoffs_done: BTreeSet<(u64, NodeId)>,
     pub bucket_props: BTreeMap<String, BucketPropsEntry>,
+    /// Users, sources and grants (absent in states written before security).
+    #[serde(default)]
+    pub security: crate::security::SecurityState,
 }
 
 /// Why a membership change was refused.
@@ -175,6 +178,7 @@ impl ClusterState {
             },
             handoffs_done: BTreeSet::new(),
             bucket_props: BTreeMap::new(),
+            security: crate::security::SecurityState::default(),
         })
     }
 
@@ -208,6 +212,7 @@ impl ClusterState {
             .extend(other.handoffs_done.iter().cloned());
         let transition = self.ring.transition;
         self.handoffs_done.retain(|(t, _)| *t >= transition);
+        self.security.merge(&other.security);
         for (bucket, theirs) in &other.bucket_props {
             match self.bucket_props.get_mut(bucket) {
                 None => {

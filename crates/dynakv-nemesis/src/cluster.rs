@@ -267,7 +267,8 @@ impl Cluster {
                 .arg("FAKETIME_DONT_RESET=1");
         }
         cmd.arg(&bin)
-            .args(["server", "--name", &node_name(i)])
+            // Nodes serve clients on their namespace's address with security disabled.
+            .args(["server", "--insecure", "--name", &node_name(i)])
             .args(["--http", &http_addr(i), "--peer", &peer_addr(i)])
             .arg("--data-dir")
             .arg(&node.data_dir)

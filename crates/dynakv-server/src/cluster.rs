@@ -1896,6 +1896,29 @@ impl Cluster {
         }
     }
 
+    /// Change the security state (users, sources, grants, enabled) here; gossip spreads it.
+    /// `change` gets the state, this node's wall clock and name (for the change's stamp).
+    pub fn change_security<T>(
+        &self,
+        change: impl FnOnce(
+            &mut dynakv_core::security::SecurityState,
+            u64,
+            &str,
+        ) -> Result<T, dynakv_core::security::SecurityError>,
+    ) -> Result<Result<T, dynakv_core::security::SecurityError>, ClusterError> {
+        let now_ms = self.now_ms();
+        let me = self.me.0.clone();
+        self.update_state(|state| {
+            let mut security = state.security.clone();
+            let result = change(&mut security, now_ms, &me);
+            // All or nothing: a refused change leaves the state as it was.
+            if result.is_ok() {
+                state.security = security;
+            }
+            result
+        })
+    }
+
     /// Ask for this node to leave the cluster.
     pub fn leave(&self) -> Result<(), ClusterError> {
         let me = self.me.clone();

@@ -91,6 +91,10 @@ pub struct ServerConfig {
     /// While the in-flight limit is reached and the p99 service time of admitted requests is
     /// above this (ms), the limit shrinks below `max_in_flight_requests` (0: never).
     pub overload_latency_target_ms: u64,
+    /// Serve clients on a non-loopback address while the cluster's security is disabled
+    /// (without it such a node refuses to start: anyone reaching the port could read, write
+    /// and reconfigure everything).
+    pub insecure: bool,
     /// Test hook, not settable from a file: wrap the engine in a [`FaultyStorage`] controlled
     /// by this switch, so tests can make the node's storage fail while it serves (and after
     /// [`crate::supervise`] restarts it, since the restarted node shares the switch).
@@ -106,6 +110,7 @@ pub struct ServerConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    pub insecure: Option<bool>,
     pub cluster_secret_file: Option<PathBuf>,
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
@@ -168,6 +173,7 @@ impl ServerConfig {
             tombstone_grace_ms: 3_600_000,
             max_in_flight_requests: limits::DEFAULT_MAX_IN_FLIGHT_REQUESTS,
             overload_latency_target_ms: DEFAULT_OVERLOAD_LATENCY_TARGET_MS,
+            insecure: false,
             storage_faults: None,
             clock_skew_ms: 0,
         }
@@ -183,6 +189,9 @@ impl ServerConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        if let Some(v) = file.insecure {
+            self.insecure = v;
+        }
         if let Some(v) = file.cluster_secret_file {
             // Relative to the config file's directory, as an operator reads it.
             self.cluster_secret_file = Some(match path.parent() {

@@ -65,6 +65,8 @@ pub struct HttpGuards {
     /// Held while this node checks and makes a bucket-properties change, so two changes
     /// through it cannot both pass the custom-bucket limit's check.
     props_changes: parking_lot::Mutex<()>,
+    /// Verified client credentials (see `auth`).
+    pub auth: crate::auth::AuthCache,
 }
 
 impl HttpGuards {
@@ -73,6 +75,7 @@ impl HttpGuards {
             request_bodies: ByteBudget::new(limits.request_body_budget_bytes),
             responses: ByteBudget::new(limits.response_budget_bytes),
             props_changes: parking_lot::Mutex::new(()),
+            auth: crate::auth::AuthCache::default(),
             limits,
         }
     }
@@ -116,7 +119,7 @@ impl ByteBudget {
     }
 }
 
-type AppState = Arc<ApiState>;
+pub type AppState = Arc<ApiState>;
 
 /// An error answered to the client: a status and a one-line reason.
 #[derive(Debug)]
@@ -128,14 +131,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
             retry_after: false,
         }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
     /// 503 with `Retry-After: 1`: refused for a load that passes.
@@ -193,7 +196,7 @@ impl From<ReplicaError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub type ApiResult = Result<Response, ApiError>;
 
 /// The router of the client API.
 pub fn router(state: AppState) -> Router {
@@ -256,6 +259,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
         .route("/admin/replica/{bucket}/{key}", get(admin_replica))
+        .merge(crate::security_api::routes())
         .nest("/types/default", buckets.clone())
         .merge(buckets)
         .fallback(not_found)
@@ -264,6 +268,33 @@ pub fn router(state: AppState) -> Router {
             guard_request,
         ))
         .with_state(state)
+}
+
+/// The answer to a request the security checks refused (the reason is logged, not told).
+fn refused(refusal: crate::auth::Refusal) -> Response {
+    use crate::auth::Refusal;
+    match refusal {
+        Refusal::NeedsTls => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "security is enabled on this cluster: use HTTPS, with credentials",
+        )
+        .into_response(),
+        Refusal::Unauthenticated(reason) => {
+            tracing::info!(reason, "request refused: not authenticated");
+            let mut response =
+                ApiError::new(StatusCode::UNAUTHORIZED, "authentication required").into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"dynakv\""),
+            );
+            response
+        }
+        Refusal::Forbidden { user, needed } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("user {user:?} needs {needed}"),
+        )
+        .into_response(),
+    }
 }
 
 /// What every request passes before its handler (and before load shedding):
@@ -281,6 +312,20 @@ async fn guard_request(
     next: axum::middleware::Next,
 ) -> Response {
     use axum::body::HttpBody as _;
+    if let Err(refusal) = crate::auth::check(
+        &state.cluster.state().security,
+        &state.http.auth,
+        request
+            .extensions()
+            .get::<crate::http_serve::ClientConnection>(),
+        request.method(),
+        request.uri().path(),
+        request.headers(),
+    )
+    .await
+    {
+        return refused(refusal);
+    }
     if let Err(e) = check_origin(
         &state.http.limits.allowed_origins,
         request.method(),
@@ -1156,7 +1201,7 @@ async fn delete_inner(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],

@@ -131,6 +131,13 @@ pub fn connection_cap(wanted: usize, open_file_limit: Option<u64>) -> usize {
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
 Connection: close\r\nRetry-After: 1\r\nContent-Length: 46\r\n\r\ntoo many open connections to this node; retry\n";
 
+/// What a request's handlers know of its connection (a request extension on every request).
+#[derive(Debug, Clone)]
+pub struct ClientConnection {
+    pub remote_addr: std::net::SocketAddr,
+    pub tls: bool,
+}
+
 /// Serve `app` on `listener` until `shutdown` resolves (see the module documentation).
 pub async fn serve(
     listener: TcpListener,

@@ -6,6 +6,7 @@
 //! returns.
 
 pub mod aae;
+pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod link;
 pub mod load_limit;
 pub mod replica;
 pub mod secrets;
+pub mod security_api;
 pub mod stats;
 pub mod sync_barrier;
 pub mod transport;
@@ -239,6 +241,14 @@ pub async fn start_with_http(
             .map_err(|e| ServerError::Internal(e.to_string()))?;
         (state, true)
     };
+    if !config.insecure && !http_addr.ip().is_loopback() && !state.security.enabled() {
+        return Err(ServerError::Config(config::ConfigError::Invalid(format!(
+            "the client port {http_addr} is reachable from other hosts and this cluster's \
+             security is disabled: anyone who reaches it could read, write and reconfigure \
+             everything. Bind it to a loopback address, enable security (see docs/SECURITY.md), \
+             or start with --insecure"
+        ))));
+    }
     let secret = cluster_secret.context_key();
     let clock = clock::WallClock::skewed(config.clock_skew_ms);
     let mut transport_config = TransportConfig::new(

@@ -53,6 +53,10 @@ enum Command {
         /// (keep it mode 0600). A founding node makes one in its data directory.
         #[arg(long)]
         cluster_secret_file: Option<PathBuf>,
+        /// Serve clients on a non-loopback address although the cluster's security is
+        /// disabled (otherwise such a node refuses to start).
+        #[arg(long)]
+        insecure: bool,
         /// Availability zone of this node.
         #[arg(long)]
         zone: Option<String>,
@@ -175,6 +179,163 @@ enum AdminCommand {
     Join { peer_addr: String },
     /// Make the node at --url leave its cluster (its data moves to the others).
     Leave,
+    /// Client security, as Riak's `riak-admin security` (users, sources, grants).
+    #[command(subcommand)]
+    Security(SecurityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecurityCommand {
+    /// Check credentials and grants from now on (HTTPS only; see docs/SECURITY.md).
+    Enable,
+    /// Stop checking.
+    Disable,
+    /// Whether security is enabled, and the users, sources and grants.
+    Status,
+    /// The users.
+    ListUsers,
+    /// Add a user: `add-user alice password=s3cret` (no password: only trust sources).
+    AddUser { name: String, options: Vec<String> },
+    /// Change a user's password: `alter-user alice password=n3w`.
+    AlterUser { name: String, options: Vec<String> },
+    /// Remove a user.
+    DelUser { name: String },
+    /// Let USERS (comma-separated, or `all`) in from CIDR with METHOD (trust|password|certificate).
+    AddSource {
+        users: String,
+        cidr: String,
+        method: String,
+    },
+    /// Remove the sources of USERS for exactly CIDR.
+    DelSource { users: String, cidr: String },
+    /// `grant riak_kv.get,riak_kv.put on any|BUCKET to USERS`.
+    Grant {
+        permissions: String,
+        on: String,
+        scope: String,
+        to: String,
+        users: String,
+    },
+    /// `revoke riak_kv.put on any|BUCKET from USERS`.
+    Revoke {
+        permissions: String,
+        on: String,
+        scope: String,
+        from: String,
+        users: String,
+    },
+}
+
+/// Comma-separated names.
+fn names(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `password=...` among Riak-style `key=value` options.
+fn password_option(options: &[String]) -> Result<Option<String>> {
+    let mut password = None;
+    for option in options {
+        match option.split_once('=') {
+            Some(("password", value)) => password = Some(value.to_owned()),
+            _ => bail!("unknown option {option:?}: the only option is password=PASSWORD"),
+        }
+    }
+    Ok(password)
+}
+
+async fn security_command(client: &Client, command: SecurityCommand) -> Result<serde_json::Value> {
+    use serde_json::json;
+    let post = |path: &'static str, body: serde_json::Value| async move {
+        client.post_json(path, &body.to_string()).await
+    };
+    Ok(match command {
+        SecurityCommand::Enable => post("/admin/security/enable", json!({})).await?,
+        SecurityCommand::Disable => post("/admin/security/disable", json!({})).await?,
+        SecurityCommand::Status => client.get_json("/admin/security").await?,
+        SecurityCommand::ListUsers => {
+            let status = client.get_json("/admin/security").await?;
+            status.get("users").cloned().unwrap_or_default()
+        }
+        SecurityCommand::AddUser { name, options }
+        | SecurityCommand::AlterUser { name, options } => {
+            let password = password_option(&options)?;
+            post(
+                "/admin/security/users",
+                json!({"name": name, "password": password}),
+            )
+            .await?
+        }
+        SecurityCommand::DelUser { name } => {
+            let path = format!(
+                "/admin/security/users/{}",
+                percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+            );
+            let (status, _, body) = client
+                .request(hyper::Method::DELETE, &path, &[], bytes::Bytes::new())
+                .await?;
+            if !status.is_success() {
+                bail!(
+                    "server answered {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                );
+            }
+            serde_json::from_slice(&body)?
+        }
+        SecurityCommand::AddSource {
+            users,
+            cidr,
+            method,
+        } => {
+            post(
+                "/admin/security/sources",
+                json!({"users": names(&users), "cidr": cidr, "method": method}),
+            )
+            .await?
+        }
+        SecurityCommand::DelSource { users, cidr } => {
+            post(
+                "/admin/security/sources/delete",
+                json!({"users": names(&users), "cidr": cidr}),
+            )
+            .await?
+        }
+        SecurityCommand::Grant {
+            permissions,
+            on,
+            scope,
+            to,
+            users,
+        } => {
+            if on != "on" || to != "to" {
+                bail!("usage: grant PERMISSIONS on any|BUCKET to USERS");
+            }
+            post(
+                "/admin/security/grant",
+                json!({"permissions": names(&permissions), "on": scope, "users": names(&users)}),
+            )
+            .await?
+        }
+        SecurityCommand::Revoke {
+            permissions,
+            on,
+            scope,
+            from,
+            users,
+        } => {
+            if on != "on" || from != "from" {
+                bail!("usage: revoke PERMISSIONS on any|BUCKET from USERS");
+            }
+            post(
+                "/admin/security/revoke",
+                json!({"permissions": names(&permissions), "on": scope, "users": names(&users)}),
+            )
+            .await?
+        }
+    })
 }
 
 fn init_logging(default: &str) {
@@ -216,6 +377,7 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             join,
             cluster_secret_file,
+            insecure,
             zone,
             config,
             storage,
@@ -235,6 +397,7 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(file) = cluster_secret_file {
                 server_config.cluster_secret_file = Some(file);
             }
+            server_config.insecure |= insecure;
             let server = dynakv_server::start(server_config.clone()).await?;
             let handle = ShutdownOnSignal::install()?;
             // The node restarts itself after a storage failure (see `supervise`).
@@ -403,6 +566,7 @@ async fn run(cli: Cli) -> Result<()> {
                     client.post_json("/admin/join", &body).await?
                 }
                 AdminCommand::Leave => client.post_json("/admin/leave", "{}").await?,
+                AdminCommand::Security(command) => security_command(&client, command).await?,
             };
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(())

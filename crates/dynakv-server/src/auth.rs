@@ -1,0 +1,398 @@
+//! Client authentication and authorization over HTTP, with Riak's security model (users,
+//! sources, grants: `dynakv_core::security`).
+//!
+//! While security is disabled nothing is checked. While it is enabled every request but
+//! `GET /ping` must come over TLS (plain HTTP is refused, as Riak does) with HTTP Basic
+//! credentials: the user must exist, the most specific source for the client's address must
+//! let it in (`trust`, or `password` with the right password), and a grant must give the
+//! permission the request needs ([`required`]) on `any` bucket or on the request's bucket.
+//! Missing or wrong credentials answer 401 with `WWW-Authenticate: Basic`; a missing grant
+//! answers 403. The reason is logged, not told to the client.
+//!
+//! Passwords are stored as Argon2id hashes ([`hash_password`]; 19 MiB, 2 passes, the OWASP
+//! minimum) with a random 16-byte salt. Checking one costs tens of milliseconds, so a
+//! verified `(user, password)` is remembered ([`AuthCache`]) for [`AUTH_CACHE_TTL`] under a
+//! keyed hash (the password itself is not kept), as long as the user's stored hash is the one
+//! it was verified against; the cache holds at most [`AUTH_CACHE_ENTRIES`] entries.
+
+use crate::http_serve::ClientConnection;
+use argon2::{Algorithm, Argon2, Params, Version};
+use axum::http::{HeaderMap, Method, header};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use dynakv_core::security::{Permission, SecurityState, SourceCheck};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Argon2id memory cost, KiB.
+const ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+/// Argon2id passes.
+const ARGON2_PASSES: u32 = 2;
+/// Argon2id lanes.
+const ARGON2_LANES: u32 = 1;
+/// Bytes of a password hash.
+const HASH_BYTES: usize = 32;
+/// Bytes of a salt.
+const SALT_BYTES: usize = 16;
+/// Longest password accepted, in bytes.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// How long a verified password is remembered.
+pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(600);
+/// Most remembered verifications (the cache is emptied when full).
+pub const AUTH_CACHE_ENTRIES: usize = 4096;
+/// Longest `Authorization` header read, in bytes.
+const MAX_AUTHORIZATION_BYTES: usize = 4096;
+
+fn argon2() -> Result<Argon2<'static>, String> {
+    let params = Params::new(
+        ARGON2_MEMORY_KIB,
+        ARGON2_PASSES,
+        ARGON2_LANES,
+        Some(HASH_BYTES),
+    )
+    .map_err(|e| format!("argon2 parameters: {e}"))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// The stored form of a password: `argon2id$m=..,t=..,p=..$SALT$HASH` (base64).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(format!("a password is at most {MAX_PASSWORD_BYTES} bytes"));
+    }
+    let salt: [u8; SALT_BYTES] = rand::random();
+    let mut hash = [0_u8; HASH_BYTES];
+    argon2()?
+        .hash_password_into(password.as_bytes(), &salt, &mut hash)
+        .map_err(|e| format!("argon2: {e}"))?;
+    Ok(format!(
+        "argon2id$m={ARGON2_MEMORY_KIB},t={ARGON2_PASSES},p={ARGON2_LANES}${}${}",
+        STANDARD.encode(salt),
+        STANDARD.encode(hash)
+    ))
+}
+
+/// Whether `password` matches a stored hash (any parameters [`hash_password`] may have used;
+/// a malformed hash matches nothing).
+pub fn verify_password(stored: &str, password: &str) -> bool {
+    let parts: Vec<&str> = stored.split('$').collect();
+    let [algorithm, params, salt, hash] = parts[..] else {
+        return false;
+    };
+    if algorithm != "argon2id" || password.len() > MAX_PASSWORD_BYTES {
+        return false;
+    }
+    let (Ok(salt), Ok(expected)) = (STANDARD.decode(salt), STANDARD.decode(hash)) else {
+        return false;
+    };
+    let mut numbers = params
+        .split(',')
+        .map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u32>().ok()));
+    let (Some(Some(m)), Some(Some(t)), Some(Some(p))) =
+        (numbers.next(), numbers.next(), numbers.next())
+    else {
+        return false;
+    };
+    // Bounded work: a hash with absurd parameters (from a peer with a bug) is refused.
+    if m > 1024 * 1024 || t > 16 || p > 16 || expected.len() != HASH_BYTES {
+        return false;
+    }
+    let Ok(params) = Params::new(m, t, p, Some(HASH_BYTES)) else {
+        return false;
+    };
+    let mut actual = [0_u8; HASH_BYTES];
+    if Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password_into(password.as_bytes(), &salt, &mut actual)
+        .is_err()
+    {
+        return false;
+    }
+    // Constant time in the content of the hashes.
+    actual
+        .iter()
+        .zip(&expected)
+        .fold(0_u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Verified `(user, password)` pairs, remembered under a keyed hash.
+#[derive(Debug)]
+pub struct AuthCache {
+    key: [u8; 32],
+    /// keyed hash of (user, password) -> (the stored hash verified against, when).
+    verified: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+impl Default for AuthCache {
+    fn default() -> Self {
+        AuthCache {
+            key: rand::random(),
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl AuthCache {
+    fn entry_key(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(&(user.len() as u64).to_le_bytes());
+        hasher.update(user.as_bytes());
+        hasher.update(password.as_bytes());
+        *hasher.finalize().as_bytes()
+    }
+
+    /// Whether `password` matches `stored` for `user`, from the cache or by hashing (on the
+    /// blocking pool).
+    pub async fn check(&self, user: &str, password: &str, stored: &str) -> bool {
+        let key = self.entry_key(user, password);
+        if let Some((hash, at)) = self.verified.lock().get(&key)
+            && hash == stored
+            && at.elapsed() < AUTH_CACHE_TTL
+        {
+            return true;
+        }
+        let (owned_stored, owned_password) = (stored.to_owned(), password.to_owned());
+        let ok =
+            tokio::task::spawn_blocking(move || verify_password(&owned_stored, &owned_password))
+                .await
+                .unwrap_or(false);
+        if ok {
+            let mut verified = self.verified.lock();
+            if verified.len() >= AUTH_CACHE_ENTRIES {
+                verified.clear();
+            }
+            verified.insert(key, (stored.to_owned(), Instant::now()));
+        }
+        ok
+    }
+}
+
+/// What a request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Required {
+    /// Nothing (`GET /ping`).
+    Nothing,
+    /// Valid credentials, no particular grant (`/`, `/stats`, `/metrics`).
+    Authenticated,
+    /// A permission, on a bucket or on none.
+    Permission(Permission, Option<String>),
+}
+
+/// The permission a request needs, from its method and path (Riak's new-style, bucket-type
+/// and old-style paths). Anything not recognised needs `admin` (fail closed).
+pub fn required(method: &Method, path: &str) -> Required {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let path = path.strip_prefix("/types/default").unwrap_or(path);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let write = |bucket: &str| {
+        let permission = if method == Method::DELETE {
+            Permission::Delete
+        } else if method == Method::GET || method == Method::HEAD {
+            Permission::Get
+        } else {
+            Permission::Put
+        };
+        Required::Permission(permission, Some(decode(bucket)))
+    };
+    let read_or_set_props = |bucket: &str| {
+        let permission = if method == Method::GET || method == Method::HEAD {
+            Permission::GetBucket
+        } else {
+            Permission::SetBucket
+        };
+        Required::Permission(permission, Some(decode(bucket)))
+    };
+    match segments.as_slice() {
+        ["ping"] if method == Method::GET || method == Method::HEAD => Required::Nothing,
+        [] | ["stats" | "metrics"] if method == Method::GET || method == Method::HEAD => {
+            Required::Authenticated
+        }
+        ["buckets"] => Required::Permission(Permission::ListBuckets, None),
+        ["buckets", bucket, "keys"] if method == Method::POST => write(bucket),
+        ["buckets", bucket, "keys"] => {
+            Required::Permission(Permission::ListKeys, Some(decode(bucket)))
+        }
+        ["buckets", bucket, "keys", _key, ..] => write(bucket),
+        ["riak", bucket] if method == Method::POST => write(bucket),
+        ["buckets", bucket, "props"] | ["riak", bucket] => read_or_set_props(bucket),
+        ["riak", bucket, _key] => write(bucket),
+        _ => Required::Permission(Permission::Admin, None),
+    }
+}
+
+/// The user and password of a Basic `Authorization` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    if value.len() > MAX_AUTHORIZATION_BYTES {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?;
+    let (scheme, encoded) = text.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Security is enabled and the request came over plain HTTP.
+    NeedsTls,
+    /// No, malformed or wrong credentials (the reason is for the log).
+    Unauthenticated(String),
+    /// Authenticated, without the grant.
+    Forbidden { user: String, needed: String },
+}
+
+/// Check a request against the security state (see the module documentation).
+pub async fn check(
+    security: &SecurityState,
+    cache: &AuthCache,
+    connection: Option<&ClientConnection>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(), Refusal> {
+    if !security.enabled() {
+        return Ok(());
+    }
+    let needed = required(method, path);
+    if needed == Required::Nothing {
+        return Ok(());
+    }
+    // Fail closed: a request whose connection is unknown counts as plain and from nowhere.
+    let Some(connection) = connection.filter(|c| c.tls) else {
+        return Err(Refusal::NeedsTls);
+    };
+    let Some((user, password)) = basic_credentials(headers) else {
+        return Err(Refusal::Unauthenticated("no Basic credentials".to_owned()));
+    };
+    match security.source_for(&user, connection.remote_addr.ip()) {
+        SourceCheck::Trust => {}
+        SourceCheck::Password(stored) => {
+            if !cache.check(&user, &password, stored).await {
+                return Err(Refusal::Unauthenticated(format!(
+                    "wrong password for {user:?}"
+                )));
+            }
+        }
+        SourceCheck::Refuse(reason) => return Err(Refusal::Unauthenticated(reason)),
+    }
+    match needed {
+        Required::Nothing | Required::Authenticated => Ok(()),
+        Required::Permission(permission, bucket) => {
+            if security.permits(&user, permission, bucket.as_deref()) {
+                Ok(())
+            } else {
+                Err(Refusal::Forbidden {
+                    user,
+                    needed: match bucket {
+                        Some(bucket) => format!("{} on {bucket}", permission.name()),
+                        None => format!("{} on any", permission.name()),
+                    },
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn passwords_verify_and_wrong_ones_do_not() {
+        let stored = hash_password("s3cret").unwrap();
+        assert!(stored.starts_with("argon2id$m=19456,t=2,p=1$"));
+        assert!(verify_password(&stored, "s3cret"));
+        assert!(!verify_password(&stored, "s3cret "));
+        assert!(!verify_password(&stored, ""));
+        assert_ne!(hash_password("s3cret").unwrap(), stored, "salted");
+        for bad in [
+            "",
+            "argon2id$",
+            "md5$x$y$z",
+            "argon2id$m=99999999,t=2,p=1$AA==$AA==",
+        ] {
+            assert!(!verify_password(bad, "s3cret"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_map_to_riak_permissions() {
+        use Permission as P;
+        let b = |p, bucket: &str| Required::Permission(p, Some(bucket.to_owned()));
+        let cases = [
+            (Method::GET, "/ping", Required::Nothing),
+            (Method::GET, "/stats", Required::Authenticated),
+            (Method::GET, "/", Required::Authenticated),
+            (Method::GET, "/buckets/b/keys/k", b(P::Get, "b")),
+            (Method::GET, "/buckets/b/keys/k/preflist", b(P::Get, "b")),
+            (Method::PUT, "/buckets/b/keys/k", b(P::Put, "b")),
+            (Method::POST, "/buckets/b/keys", b(P::Put, "b")),
+            (Method::DELETE, "/buckets/b/keys/k", b(P::Delete, "b")),
+            (Method::GET, "/buckets/b/keys", b(P::ListKeys, "b")),
+            (
+                Method::GET,
+                "/buckets",
+                Required::Permission(P::ListBuckets, None),
+            ),
+            (Method::GET, "/buckets/b/props", b(P::GetBucket, "b")),
+            (Method::PUT, "/buckets/b/props", b(P::SetBucket, "b")),
+            (Method::DELETE, "/buckets/b/props", b(P::SetBucket, "b")),
+            (
+                Method::GET,
+                "/types/default/buckets/b%20x/keys/k",
+                b(P::Get, "b x"),
+            ),
+            (Method::GET, "/riak/b/k", b(P::Get, "b")),
+            (Method::PUT, "/riak/b", b(P::SetBucket, "b")),
+            (Method::POST, "/riak/b", b(P::Put, "b")),
+            (
+                Method::POST,
+                "/admin/leave",
+                Required::Permission(P::Admin, None),
+            ),
+            (
+                Method::GET,
+                "/admin/members",
+                Required::Permission(P::Admin, None),
+            ),
+            (Method::POST, "/ping", Required::Permission(P::Admin, None)),
+            (
+                Method::GET,
+                "/anything/else",
+                Required::Permission(P::Admin, None),
+            ),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(required(&method, path), expected, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn basic_credentials_are_parsed_strictly() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            basic_credentials(&headers)
+        };
+        let encoded = STANDARD.encode("alice:pa:ss");
+        assert_eq!(
+            with(&format!("Basic {encoded}")),
+            Some(("alice".into(), "pa:ss".into()))
+        );
+        assert_eq!(with(&format!("Bearer {encoded}")), None);
+        assert_eq!(with("Basic !!!"), None);
+        assert_eq!(with(&format!("Basic {}", STANDARD.encode("nocolon"))), None);
+    }
+}
