@@ -188,10 +188,95 @@ impl Sealer {
     }
 }
 
+/// Bytes a connection may hold buffered without drawing on a [`FrameBudget`].
+pub const FREE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Memory for inbound frames shared by every connection of a node: past
+/// [`FREE_BUFFER_BYTES`], a connection's buffered bytes (received, not yet taken as a frame)
+/// are drawn from it, in KiB, and given back as frames are taken. A connection that would
+/// pass it is closed (its peer retries later) rather than left to wait holding memory.
+#[derive(Debug, Clone)]
+pub struct FrameBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total_kib: u32,
+}
+
+impl FrameBudget {
+    pub fn new(bytes: usize) -> Self {
+        let total_kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        FrameBudget {
+            kib: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// KiB not drawn now.
+    pub fn available_kib(&self) -> usize {
+        self.kib.available_permits()
+    }
+}
+
+/// One connection's draw on a [`FrameBudget`].
+#[derive(Debug)]
+struct Draw {
+    budget: FrameBudget,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Draw {
+    fn held_kib(&self) -> usize {
+        self.held
+            .as_ref()
+            .map_or(0, tokio::sync::OwnedSemaphorePermit::num_permits)
+    }
+
+    fn kib_for(bytes: usize) -> usize {
+        bytes.saturating_sub(FREE_BUFFER_BYTES).div_ceil(1024)
+    }
+
+    /// Hold enough for `bytes` buffered.
+    fn cover(&mut self, bytes: usize) -> Result<(), String> {
+        let needed = Self::kib_for(bytes);
+        let held = self.held_kib();
+        if needed <= held {
+            return Ok(());
+        }
+        let more = u32::try_from(needed - held).unwrap_or(u32::MAX);
+        let permit = Arc::clone(&self.budget.kib)
+            .try_acquire_many_owned(more)
+            .map_err(|_| {
+                format!(
+                    "the node's memory for inbound frames ({} KiB) is in use: closing this connection",
+                    self.budget.total_kib
+                )
+            })?;
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        Ok(())
+    }
+
+    /// Give back what `bytes` buffered do not need.
+    fn release_to(&mut self, bytes: usize) {
+        let needed = Self::kib_for(bytes);
+        let held = self.held_kib();
+        if held > needed
+            && let Some(permit) = self.held.as_mut()
+        {
+            drop(permit.split(held - needed));
+        }
+    }
+}
+
 /// The receiving direction of a link.
 pub struct Opener {
     state: Arc<StatelessTransportState>,
     nonce: u64,
+    /// Draws on the node's inbound frame memory, when set ([`Opener::with_budget`]).
+    draw: Option<Draw>,
     /// Received bytes not yet opened (at most one partial record after `open_available`).
     raw: BytesMut,
     /// Opened bytes not yet taken as a frame.
@@ -216,9 +301,17 @@ impl Opener {
         Opener {
             state,
             nonce: 0,
+            draw: None,
             raw,
             plain: BytesMut::new(),
         }
+    }
+
+    /// This opener's buffers draw on `budget` past [`FREE_BUFFER_BYTES`].
+    #[must_use]
+    pub fn with_budget(mut self, budget: FrameBudget) -> Self {
+        self.draw = Some(Draw { budget, held: None });
+        self
     }
 
     /// Bytes held (received or opened, not yet taken).
@@ -268,10 +361,19 @@ impl Opener {
             if let Some(payload) =
                 decode_frame(&mut self.plain, limit).map_err(|e| e.to_string())?
             {
+                let buffered = self.buffered();
+                if let Some(draw) = &mut self.draw {
+                    draw.release_to(buffered);
+                }
                 return Ok(Some(payload));
             }
             if self.open_available()? {
                 continue;
+            }
+            // Opening a record moves bytes from raw to plain: at most one chunk more is held.
+            let after_read = self.buffered().saturating_add(READ_CHUNK_BYTES);
+            if let Some(draw) = &mut self.draw {
+                draw.cover(after_read)?;
             }
             self.raw.reserve(READ_CHUNK_BYTES);
             match reader.read_buf(&mut self.raw).await {

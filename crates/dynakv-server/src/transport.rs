@@ -87,7 +87,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch}
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::link::{self, LinkKeys, MAX_RECORD_PLAINTEXT, Opener, Sealer};
+use crate::link::{self, FrameBudget, LinkKeys, MAX_RECORD_PLAINTEXT, Opener, Sealer};
 
 /// Version of this wire protocol, sent in the hello. A node accepts only its own version.
 pub const PROTOCOL_VERSION: u16 = 3;
@@ -122,6 +122,10 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 pub const MAX_PEERS: usize = 1024;
 /// Most connections one [`serve`] holds at once; connections beyond it are closed on accept.
 pub const MAX_INBOUND_CONNECTIONS: usize = 1024;
+/// Default memory for inbound frames being received, all connections of a node together
+/// (past [`crate::link::FREE_BUFFER_BYTES`] each): enough for several frames of the largest
+/// size at once.
+pub const DEFAULT_INBOUND_FRAME_MEMORY_BYTES: usize = 6 * MAX_FRAME_BYTES;
 /// Most accepted connections still in their handshake.
 pub const MAX_HANDSHAKING_CONNECTIONS: usize = 128;
 /// Most authenticated inbound connections from one node name (a node keeps one per peer).
@@ -174,6 +178,9 @@ pub struct TransportConfig {
     /// An inbound connection with no frame arriving for this long is closed (default
     /// [`PEER_IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
+    /// Memory for inbound frames being received, all connections together (default
+    /// [`DEFAULT_INBOUND_FRAME_MEMORY_BYTES`]); a connection that would pass it is closed.
+    pub inbound_frame_memory_bytes: usize,
     /// Requests handled concurrently per inbound connection; beyond it the reader waits
     /// (backpressure). Clamped to `1..=MAX_PENDING_PER_PEER`.
     pub max_in_flight_per_connection: usize,
@@ -224,6 +231,7 @@ impl TransportConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: PEER_IDLE_TIMEOUT,
+            inbound_frame_memory_bytes: DEFAULT_INBOUND_FRAME_MEMORY_BYTES,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
@@ -1210,7 +1218,10 @@ where
     let config = Arc::new(config);
     let (stop, stopped) = watch::channel(false);
     let handshake_slots = Arc::new(Semaphore::new(MAX_HANDSHAKING_CONNECTIONS));
-    let slots = Arc::new(InboundSlots::default());
+    let slots = Arc::new(InboundSlots {
+        frame_memory: FrameBudget::new(config.inbound_frame_memory_bytes),
+        per_name: Mutex::default(),
+    });
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -1255,10 +1266,12 @@ where
     Ok(())
 }
 
-/// The authenticated inbound connections: how many in all, and per peer node name.
-#[derive(Debug, Default)]
+/// The authenticated inbound connections: how many in all, and per peer node name; and the
+/// memory their frames share.
+#[derive(Debug)]
 struct InboundSlots {
     per_name: Mutex<HashMap<String, usize>>,
+    frame_memory: FrameBudget,
 }
 
 /// One authenticated connection's slot; given back when dropped.
@@ -1392,6 +1405,7 @@ async fn serve_connection<M, H, Fut>(
     let (reader, writer) = stream.into_split();
     let (outbound, outbound_queue) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
     let mut writer = std::pin::pin!(write_loop(writer, outbound_queue, sealer));
+    let opener = opener.with_budget(slots.frame_memory.clone());
     let reader = server_read_loop(reader, opener, peer, &config, handler, outbound, stop);
     tokio::select! {
         result = reader => match result {

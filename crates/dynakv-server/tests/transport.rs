@@ -1009,3 +1009,37 @@ proptest! {
         prop_assert_eq!(decoded, envelopes);
     }
 }
+
+/// Issue 17 row 10: the bytes of frames being received are drawn from one budget per node;
+/// a connection that would pass it (a partial frame announced at 4 MiB) is closed, the
+/// budget comes back, and frames that fit keep flowing, one after another.
+#[tokio::test]
+async fn partial_frames_cannot_hold_more_than_the_nodes_frame_memory() {
+    let mut config = server_config();
+    config.max_frame_bytes = 8 * 1024 * 1024;
+    config.inbound_frame_memory_bytes = 1024 * 1024;
+    let server = start_server(config).await;
+    let mut hog = raw_connection(server.addr).await;
+    let mut partial = (4_u32 * 1024 * 1024).to_be_bytes().to_vec();
+    partial.extend(std::iter::repeat_n(0_u8, 2 * 1024 * 1024));
+    hog.send(&partial).await;
+    assert!(
+        closed_by_peer(&mut hog.stream).await,
+        "a partial frame past the budget was kept"
+    );
+    let mut client_config = client_config("client");
+    client_config.max_frame_bytes = 8 * 1024 * 1024;
+    let client = PeerClient::new(client_config);
+    for round in 0..3_u8 {
+        let big = vec![round; 900 * 1024];
+        assert_eq!(
+            client
+                .request(server.addr, Msg::Bytes(big.clone()), TIMEOUT)
+                .await
+                .unwrap(),
+            Msg::Bytes(big),
+            "round {round}"
+        );
+    }
+    server.stop().await.unwrap();
+}
