@@ -13,7 +13,10 @@ use bytes::Bytes;
 use dynakv_client::Client;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
+use dynakv_core::object::{Content, Object, PrunePolicy};
 use dynakv_core::ring::NodeId;
+use dynakv_core::storage::Durability;
+use dynakv_core::version::{ActorId, VersionVector};
 use dynakv_server::config::{ServerConfig, StorageKind};
 use dynakv_server::link::LinkKeys;
 use dynakv_server::secrets::{ClusterSecret, NodeKey};
@@ -101,8 +104,9 @@ fn membership(nodes: &[Node]) -> Vec<Vec<MemberView>> {
 }
 
 /// The frames of the table, forged by someone who knows the protocol but not the
-/// secret: a gossip taking every partition for a fake member (row 6) and moving a member's
-/// address (row 5), a join re-announcing a member (row 2), a replica write (row 3).
+/// secret: a replica write with a dominating clock (row 3), hints for a ghost (row 4), a
+/// gossip taking every partition for a fake member (row 6) and moving a member's address
+/// (row 5), joins re-announcing a member (row 2) or adding a fake one (row 8).
 fn forged_messages(state: &ClusterState) -> Vec<PeerMessage> {
     let mut takeover = state.clone();
     let fake = Member {
@@ -123,7 +127,43 @@ fn forged_messages(state: &ClusterState) -> Vec<PeerMessage> {
     takeover.ring.version += 100;
     let mut rejoin = state.members[&NodeId("n2".into())].clone();
     rejoin.peer_addr = "127.0.0.1:1".into();
+    // A version with a dominating clock (row 3), as hints for a ghost (row 4).
+    let forged_object = Object::new()
+        .update(
+            &VersionVector::new(),
+            Content {
+                value: b"forged".to_vec(),
+                content_type: "text/plain".into(),
+                last_modified_ms: 1,
+                meta: vec![],
+                deleted: false,
+            },
+            ActorId(u64::MAX - 7),
+            1,
+            PrunePolicy {
+                threshold: usize::MAX,
+                min_age_ms: 0,
+                hard_limit: usize::MAX,
+            },
+        )
+        .unwrap()
+        .encode();
     vec![
+        PeerMessage::ReplicaPut {
+            bucket: "b".into(),
+            key: "k".into(),
+            object: forged_object.clone(),
+            durability: Durability::Fsync,
+            ring_version: state.ring.version,
+        },
+        PeerMessage::HintedPut {
+            target: "ghost-1".into(),
+            bucket: "b".into(),
+            key: "k".into(),
+            object: forged_object,
+            durability: Durability::Fsync,
+            ring_version: state.ring.version,
+        },
         PeerMessage::Gossip(Box::new(takeover)),
         PeerMessage::JoinRequest {
             cluster_name: state.cluster_name.clone(),
