@@ -95,6 +95,9 @@ pub struct ServerConfig {
     /// (without it such a node refuses to start: anyone reaching the port could read, write
     /// and reconfigure everything).
     pub insecure: bool,
+    /// `Origin`s whose state-changing requests are served (browsers' cross-site requests from
+    /// any other origin are refused with 403); empty by default.
+    pub allowed_origins: Vec<String>,
     /// Test hook, not settable from a file: wrap the engine in a [`FaultyStorage`] controlled
     /// by this switch, so tests can make the node's storage fail while it serves (and after
     /// [`crate::supervise`] restarts it, since the restarted node shares the switch).
@@ -111,6 +114,7 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub insecure: Option<bool>,
+    pub allowed_origins: Option<Vec<String>>,
     pub cluster_secret_file: Option<PathBuf>,
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
@@ -174,6 +178,7 @@ impl ServerConfig {
             max_in_flight_requests: limits::DEFAULT_MAX_IN_FLIGHT_REQUESTS,
             overload_latency_target_ms: DEFAULT_OVERLOAD_LATENCY_TARGET_MS,
             insecure: false,
+            allowed_origins: Vec::new(),
             storage_faults: None,
             clock_skew_ms: 0,
         }
@@ -191,6 +196,9 @@ impl ServerConfig {
         })?;
         if let Some(v) = file.insecure {
             self.insecure = v;
+        }
+        if let Some(v) = file.allowed_origins {
+            self.allowed_origins = v;
         }
         if let Some(v) = file.cluster_secret_file {
             // Relative to the config file's directory, as an operator reads it.
@@ -330,6 +338,26 @@ mod tests {
         config.apply_file(&path)?;
         config.validate()?;
         Ok(config)
+    }
+
+    #[test]
+    fn security_settings_come_from_the_file_and_the_secret_is_relative_to_it() {
+        let config = with_file(
+            "insecure = true\nallowed_origins = [\"https://app.example\"]\ncluster_secret_file = \"cluster.secret\"\n",
+        )
+        .unwrap();
+        assert!(config.insecure);
+        assert_eq!(
+            config.allowed_origins,
+            vec!["https://app.example".to_owned()]
+        );
+        let secret = config.cluster_secret_file.unwrap();
+        assert!(
+            secret.is_absolute() || secret.components().count() > 1,
+            "{secret:?}"
+        );
+        assert!(secret.ends_with("cluster.secret"));
+        assert!(with_file("insecure = \"yes\"\n").is_err());
     }
 
     #[test]

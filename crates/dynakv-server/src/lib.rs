@@ -165,7 +165,11 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
 /// Open storage, load or found the cluster state, bind the peer and HTTP listeners, join a
 /// cluster when asked, and start serving. Returns once the node is accepting requests.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
-    start_with_http(config, http_serve::HttpLimits::default()).await
+    let http = http_serve::HttpLimits {
+        allowed_origins: config.allowed_origins.clone(),
+        ..http_serve::HttpLimits::default()
+    };
+    start_with_http(config, http).await
 }
 
 /// [`start`] with the client HTTP port's limits given (timeouts, connection cap, budgets,
