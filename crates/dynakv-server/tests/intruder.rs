@@ -10,59 +10,35 @@ mod support;
 
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
-use dynakv_client::Client;
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
 use dynakv_core::object::{Content, Object, PrunePolicy};
 use dynakv_core::ring::NodeId;
 use dynakv_core::storage::Durability;
 use dynakv_core::version::{ActorId, VersionVector};
-use dynakv_server::config::{ServerConfig, StorageKind};
+use dynakv_server::ServerError;
+use dynakv_server::config::ServerConfig;
 use dynakv_server::link::LinkKeys;
 use dynakv_server::secrets::{ClusterSecret, NodeKey};
 use dynakv_server::transport::{PeerClient, TransportConfig, TransportError};
-use dynakv_server::{RunningServer, ServerError};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-struct Node {
-    server: RunningServer,
-    client: Client,
-    _dir: tempfile::TempDir,
-}
+use support::Node;
 
 fn config(name: &str, dir: &std::path::Path, join: Option<SocketAddr>) -> ServerConfig {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut config = ServerConfig::new(name, any, any, dir.to_owned());
-    config.storage = StorageKind::Memory;
-    config.join = join;
-    config.request_timeout_ms = 500;
-    config
-}
-
-async fn start(name: &str, join: Option<SocketAddr>, secret: Option<PathBuf>) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config(name, dir.path(), join);
-    config.cluster_secret_file = secret;
-    let server = dynakv_server::start(config).await.unwrap();
-    let client = Client::new(&format!("http://{}", server.http_addr)).unwrap();
-    Node {
-        server,
-        client,
-        _dir: dir,
-    }
+    support::memory_config(name, dir, join)
 }
 
 async fn cluster() -> Vec<Node> {
-    let secret = support::shared_secret_file();
-    let first = start("n1", None, Some(secret.clone())).await;
+    let first = support::start_node(|dir| config("n1", dir, None)).await;
     let seed = first.server.peer_addr;
     let mut nodes = vec![first];
     for i in 2..=3 {
-        nodes.push(start(&format!("n{i}"), Some(seed), Some(secret.clone())).await);
+        let name = format!("n{i}");
+        nodes.push(support::start_node(|dir| config(&name, dir, Some(seed))).await);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !nodes.iter().all(|n| {
@@ -222,8 +198,7 @@ async fn a_peer_without_the_secret_changes_nothing_and_a_live_members_name_canno
     // Row 9: a second process with the secret presents the live member n2's name: refused
     // (its key is not n2's), and n2 stays a member under its own key.
     let dir = tempfile::tempdir().unwrap();
-    let mut impostor = config("n2", dir.path(), Some(nodes[0].server.peer_addr));
-    impostor.cluster_secret_file = Some(support::shared_secret_file());
+    let impostor = config("n2", dir.path(), Some(nodes[0].server.peer_addr));
     let started = tokio::time::timeout(Duration::from_secs(60), dynakv_server::start(impostor))
         .await
         .expect("the impostor's start did not end");
@@ -237,7 +212,8 @@ async fn a_peer_without_the_secret_changes_nothing_and_a_live_members_name_canno
 
     // Row 8: a node asked to join with no secret does not start, and says what it needs.
     let dir = tempfile::tempdir().unwrap();
-    let rogue = config("rogue", dir.path(), Some(nodes[0].server.peer_addr));
+    let mut rogue = config("rogue", dir.path(), Some(nodes[0].server.peer_addr));
+    rogue.cluster_secret_file = None;
     match dynakv_server::start(rogue).await {
         Err(ServerError::Secret(reason)) => {
             assert!(reason.contains("--cluster-secret-file"), "{reason}");

@@ -10,37 +10,21 @@ mod support;
 
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
-use dynakv_client::Client;
-use dynakv_server::config::{ServerConfig, StorageKind};
-use dynakv_server::{RunningServer, ServerError};
+use dynakv_server::ServerError;
+use dynakv_server::config::ServerConfig;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-struct Node {
-    server: RunningServer,
-    client: Client,
-    _dir: tempfile::TempDir,
-}
+use support::Node;
 
 fn config(name: &str, dir: &std::path::Path, http: SocketAddr) -> ServerConfig {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut config = ServerConfig::new(name, http, any, dir.to_owned());
-    config.storage = StorageKind::Memory;
-    config.cluster_secret_file = Some(support::shared_secret_file());
+    let mut config = support::memory_config(name, dir, None);
+    config.http_addr = http;
     config
 }
 
 async fn start(name: &str, join: Option<SocketAddr>) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config(name, dir.path(), "127.0.0.1:0".parse().unwrap());
-    config.join = join;
-    let server = dynakv_server::start(config).await.unwrap();
-    let client = Client::new(&format!("http://{}", server.http_addr)).unwrap();
-    Node {
-        server,
-        client,
-        _dir: dir,
-    }
+    support::start_node(|dir| support::memory_config(name, dir, join)).await
 }
 
 async fn call(node: &Node, method: Method, path: &str, body: &str) -> (StatusCode, String) {

@@ -16,3 +16,40 @@ pub fn shared_secret_file() -> std::path::PathBuf {
     .1
     .clone()
 }
+
+/// A node running in this process, with a client for its HTTP port.
+pub struct Node {
+    pub server: dynakv_server::RunningServer,
+    pub client: dynakv_client::Client,
+    pub _dir: tempfile::TempDir,
+}
+
+/// The configuration of an in-memory node on 127.0.0.1 ports of its choosing, holding the
+/// shared cluster secret, in `dir`.
+pub fn memory_config(
+    name: &str,
+    dir: &std::path::Path,
+    join: Option<std::net::SocketAddr>,
+) -> dynakv_server::config::ServerConfig {
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = dynakv_server::config::ServerConfig::new(name, any, any, dir.to_owned());
+    config.storage = dynakv_server::config::StorageKind::Memory;
+    config.join = join;
+    config.request_timeout_ms = 500;
+    config.cluster_secret_file = Some(shared_secret_file());
+    config
+}
+
+/// Start a node from `config(dir)` in a new temporary directory.
+pub async fn start_node(
+    config: impl FnOnce(&std::path::Path) -> dynakv_server::config::ServerConfig,
+) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dynakv_server::start(config(dir.path())).await.unwrap();
+    let client = dynakv_client::Client::new(&format!("http://{}", server.http_addr)).unwrap();
+    Node {
+        server,
+        client,
+        _dir: dir,
+    }
+}
