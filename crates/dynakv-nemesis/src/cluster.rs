@@ -64,6 +64,8 @@ pub struct Member {
     pub name: String,
     pub status: String,
     pub up: bool,
+    pub peer_addr: String,
+    pub http_addr: String,
 }
 
 pub fn members(i: usize) -> Result<Vec<Member>> {
@@ -72,20 +74,20 @@ pub fn members(i: usize) -> Result<Vec<Member>> {
         .get("members")
         .and_then(Value::as_array)
         .ok_or_else(|| anyhow!("no members in {v}"))?;
+    let text = |m: &Value, field: &str| {
+        m.get(field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     Ok(list
         .iter()
         .map(|m| Member {
-            name: m
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
-            status: m
-                .get("status")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
+            name: text(m, "name"),
+            status: text(m, "status"),
             up: m.get("up").and_then(Value::as_bool).unwrap_or(false),
+            peer_addr: text(m, "peer_addr"),
+            http_addr: text(m, "http_addr"),
         })
         .collect())
 }

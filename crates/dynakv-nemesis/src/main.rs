@@ -7,6 +7,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use dynakv_nemesis::intruder;
 use dynakv_nemesis::nemesis::FaultKind;
 use dynakv_nemesis::net;
 use dynakv_nemesis::run::{self, RunPlan, RunReport};
@@ -14,9 +15,10 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Number of server processes.
 const NODES: usize = 5;
@@ -63,6 +65,28 @@ enum Cmd {
     },
     /// Remove processes, namespaces and the bridge left by a previous run.
     Cleanup,
+    /// The `intruder` fault's attacker (the nemesis runs it in the clients' namespace):
+    /// without the cluster secret, attack every peer port until the duration passes; exit 1
+    /// when any attempt got an answer that is not a refusal, or was held open.
+    Intruder {
+        /// Every node's peer address (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<SocketAddr>,
+        /// Live member names to claim (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "n1")]
+        names: Vec<String>,
+        /// The cluster name to claim.
+        #[arg(long, default_value = "dynakv")]
+        cluster_name: String,
+        /// The address the forged gossip and joins move members to.
+        #[arg(long, default_value_t = format!("{}:{}", net::CLIENT_IP, net::PEER_PORT))]
+        own_addr: String,
+        #[arg(long)]
+        duration_ms: u64,
+        /// Where the JSON report goes.
+        #[arg(long)]
+        report: PathBuf,
+    },
     /// (internal) the clients, nemesis and checkers, run inside the client namespace.
     #[command(hide = true)]
     Inner {
@@ -94,6 +118,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Cleanup => cleanup_command(),
+        Cmd::Intruder {
+            peers,
+            names,
+            cluster_name,
+            own_addr,
+            duration_ms,
+            report,
+        } => (|| {
+            let target = intruder::Target {
+                peers,
+                names,
+                cluster_name,
+                own_addr,
+            };
+            let r = intruder::run_to_file(&target, Duration::from_millis(duration_ms), &report)?;
+            println!("{}", r.summary());
+            for (reason, count) in &r.refusal_reasons {
+                println!("  refused {count}x: {reason:?}");
+            }
+            for f in &r.failures {
+                println!("  FAILURE: {f}");
+            }
+            Ok(r.passed() && r.failures.is_empty())
+        })(),
         Cmd::Inner { spec } => inner(&spec),
         Cmd::Run {
             seeds,

@@ -1,17 +1,21 @@
 //! The nemesis: a schedule of faulty and healthy periods drawn from a seed, and the faults
 //! themselves (nftables partitions and packet loss inside the node namespaces, SIGKILL,
-//! SIGKILL with the data directory wiped, SIGSTOP/SIGCONT, a leave and re-join under load).
+//! SIGKILL with the data directory wiped, SIGSTOP/SIGCONT, a leave and re-join under load,
+//! an intruder without the cluster secret at every peer port).
 
 use crate::cluster::{self, Cluster, members, node_name, wait_for};
+use crate::intruder;
 use crate::net;
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng as _, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeSet;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// How long a node whose disk was full may take to serve again once it is freed (its
 /// restart delay is at most 30 s).
@@ -45,10 +49,14 @@ pub enum FaultKind {
     /// One node restarted with its wall clock 5-30 s ahead or behind (libfaketime); restarted
     /// with the true time at the end of the period.
     ClockSkew,
+    /// A process in the clients' namespace, without the cluster secret, attacks every peer
+    /// port for the period ([`crate::intruder`]): every attempt must be refused, and no
+    /// member may be added or moved.
+    Intruder,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::Halves,
         FaultKind::Isolate,
         FaultKind::PreflistSplit,
@@ -60,6 +68,7 @@ impl FaultKind {
         FaultKind::LeaveJoin,
         FaultKind::DiskFull,
         FaultKind::ClockSkew,
+        FaultKind::Intruder,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +84,7 @@ impl FaultKind {
             FaultKind::LeaveJoin => "leave-join",
             FaultKind::DiskFull => "disk-full",
             FaultKind::ClockSkew => "clock-skew",
+            FaultKind::Intruder => "intruder",
         }
     }
 
@@ -153,6 +163,63 @@ pub enum Active {
     Leaving(usize),
     DiskFull(usize),
     ClockSkew(usize),
+    /// The intruder process runs (held in [`Nemesis`]); its report goes to `report`, and
+    /// every node's membership must still be `baseline` when it is done.
+    Intruder {
+        report: PathBuf,
+        baseline: Box<MembershipView>,
+    },
+}
+
+/// What each running node says of the membership and the ring: `node -> (members as
+/// (name, peer address, HTTP address, status), ring version)`.
+pub type MembershipView = BTreeMap<usize, (BTreeSet<(String, String, String, String)>, u64)>;
+
+/// How long after its window the intruder may take to finish (its last attempt may wait
+/// [`intruder::HOLD_LIMIT`] for a node to close).
+const INTRUDER_GRACE: Duration = Duration::from_secs(15);
+/// Poll interval while waiting for the intruder to exit.
+const INTRUDER_POLL: Duration = Duration::from_millis(100);
+
+/// The membership and ring version every running node shows now.
+fn membership_view(cluster: &Cluster, nodes: usize) -> Result<MembershipView> {
+    let mut view = MembershipView::new();
+    for i in (1..=nodes).filter(|&i| cluster.is_running(i)) {
+        let m = members(i)?
+            .into_iter()
+            .map(|m| (m.name, m.peer_addr, m.http_addr, m.status))
+            .collect();
+        let version = cluster::get_json(i, "/admin/ring")?
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow!("n{i}: no ring version in /admin/ring"))?;
+        view.insert(i, (m, version));
+    }
+    Ok(view)
+}
+
+/// The differences between two views (members added, removed, moved or changed status; a
+/// ring version changed), one line per node.
+fn membership_diff(before: &MembershipView, after: &MembershipView) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, (members, version)) in before {
+        let Some((now, now_version)) = after.get(i) else {
+            continue;
+        };
+        let gone: Vec<_> = members.difference(now).collect();
+        let new: Vec<_> = now.difference(members).collect();
+        if !gone.is_empty() || !new.is_empty() {
+            out.push(format!(
+                "n{i}: membership changed during the intruder: was {gone:?}, now {new:?}"
+            ));
+        }
+        if version != now_version {
+            out.push(format!(
+                "n{i}: ring version changed during the intruder: {version} -> {now_version}"
+            ));
+        }
+    }
+    out
 }
 
 /// Drives the faults of one run.
@@ -163,6 +230,26 @@ pub struct Nemesis {
     /// A key whose preference list `preflist-split` splits.
     pub split_bucket: String,
     pub split_keys: Vec<String>,
+    /// Where the intruder's reports and logs go.
+    dir: PathBuf,
+    /// The running intruder process, if any (killed on drop).
+    intruder: Option<Child>,
+    /// Intruder faults started so far (numbers their files).
+    intruder_runs: usize,
+    /// The membership every node showed before the first intruder (names and addresses must
+    /// be the same at the end of the run).
+    intruder_baseline: Option<MembershipView>,
+    /// What the last heal found out (shown with the fault's detail).
+    note: Option<String>,
+}
+
+impl Drop for Nemesis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.intruder.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Node `i` may not talk to the nodes it shares no group with.
@@ -199,12 +286,171 @@ fn show(groups: &[Vec<usize>]) -> String {
 }
 
 impl Nemesis {
-    pub fn new(seed: u64, nodes: usize, split_bucket: &str, split_keys: Vec<String>) -> Nemesis {
+    /// A nemesis whose intruder (if any) writes its files under `dir`.
+    pub fn new(
+        seed: u64,
+        nodes: usize,
+        split_bucket: &str,
+        split_keys: Vec<String>,
+        dir: &Path,
+    ) -> Nemesis {
         Nemesis {
             rng: StdRng::seed_from_u64(seed ^ 0x00FA_0175),
             nodes,
             split_bucket: split_bucket.to_owned(),
             split_keys,
+            dir: dir.to_path_buf(),
+            intruder: None,
+            intruder_runs: 0,
+            intruder_baseline: None,
+            note: None,
+        }
+    }
+
+    /// What the last heal found out, once.
+    pub fn take_note(&mut self) -> Option<String> {
+        self.note.take()
+    }
+
+    /// Starts the intruder process in the clients' namespace for `window`.
+    fn start_intruder(&mut self, cluster: &Cluster, window: Duration) -> Result<(Active, String)> {
+        let n = self.nodes;
+        let baseline = membership_view(cluster, n)?;
+        self.intruder_baseline
+            .get_or_insert_with(|| baseline.clone());
+        self.intruder_runs += 1;
+        let report = self
+            .dir
+            .join(format!("intruder-{}.json", self.intruder_runs));
+        let log_path = self
+            .dir
+            .join(format!("intruder-{}.log", self.intruder_runs));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log2 = log.try_clone().context("cloning the intruder log")?;
+        let peers: Vec<String> = (1..=n).map(cluster::peer_addr).collect();
+        let names: Vec<String> = (1..=n).map(node_name).collect();
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", net::CLIENT_NS])
+            .arg(exe)
+            .arg("intruder")
+            .arg("--peers")
+            .arg(peers.join(","))
+            .arg("--names")
+            .arg(names.join(","))
+            .arg("--duration-ms")
+            .arg(window.as_millis().to_string())
+            .arg("--report")
+            .arg(&report)
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log)
+            .spawn()
+            .context("spawning the intruder")?;
+        self.intruder = Some(child);
+        Ok((
+            Active::Intruder {
+                report,
+                baseline: Box::new(baseline),
+            },
+            format!(
+                "intruder in {} without the secret at every peer port for {} ms",
+                net::CLIENT_NS,
+                window.as_millis()
+            ),
+        ))
+    }
+
+    /// Waits for the intruder, reads its report, and checks the membership against
+    /// `baseline`: errors fail the run.
+    fn finish_intruder(
+        &mut self,
+        report: &Path,
+        baseline: &MembershipView,
+        cluster: &Cluster,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(mut child) = self.intruder.take() {
+            let deadline = Instant::now() + INTRUDER_GRACE;
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(INTRUDER_POLL),
+                    Ok(None) | Err(_) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                }
+            };
+            match status {
+                None => errors.push(format!(
+                    "the intruder did not finish within {INTRUDER_GRACE:?} of its window"
+                )),
+                Some(s) if !s.success() => {
+                    errors.push(format!("the intruder exited with {s} (see its report)"));
+                }
+                Some(_) => {}
+            }
+        }
+        match std::fs::read(report)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(serde_json::from_slice::<intruder::Report>(&b)?))
+        {
+            Ok(r) => {
+                eprintln!("[nemesis] intruder: {}", r.summary());
+                self.note = Some(r.summary());
+                if r.total.attempts == 0 {
+                    errors.push("the intruder made no attempt".to_owned());
+                }
+                errors.extend(r.failures.iter().map(|f| format!("intruder: {f}")));
+                if !r.passed() && r.failures.is_empty() {
+                    errors.push(format!("intruder: {}", r.summary()));
+                }
+            }
+            Err(e) => errors.push(format!("intruder report {}: {e:#}", report.display())),
+        }
+        match membership_view(cluster, self.nodes) {
+            Ok(after) => errors.extend(membership_diff(baseline, &after)),
+            Err(e) => errors.push(format!("membership after the intruder: {e:#}")),
+        }
+        errors
+    }
+
+    /// At the end of a run with an intruder fault: every member's name and addresses, on
+    /// every node, as before the first intruder (other faults may change statuses and ring
+    /// versions, never names or addresses).
+    pub fn final_membership_check(&self, cluster: &Cluster) -> Vec<String> {
+        let Some(baseline) = &self.intruder_baseline else {
+            return Vec::new();
+        };
+        let strip = |view: &MembershipView| -> BTreeMap<usize, BTreeSet<(String, String, String)>> {
+            view.iter()
+                .map(|(i, (m, _))| {
+                    (
+                        *i,
+                        m.iter()
+                            .map(|(n, p, h, _)| (n.clone(), p.clone(), h.clone()))
+                            .collect(),
+                    )
+                })
+                .collect()
+        };
+        match membership_view(cluster, self.nodes) {
+            Ok(after) => {
+                let (before, after) = (strip(baseline), strip(&after));
+                before
+                    .iter()
+                    .filter_map(|(i, m)| {
+                        let now = after.get(i)?;
+                        (now != m).then(|| {
+                            format!("n{i}: members at the end {now:?}, before the intruder {m:?}")
+                        })
+                    })
+                    .collect()
+            }
+            Err(e) => vec![format!("final membership check: {e:#}")],
         }
     }
 
@@ -215,9 +461,16 @@ impl Nemesis {
     }
 
     /// Injects a fault; returns what to heal and a description.
-    pub fn start(&mut self, kind: FaultKind, cluster: &mut Cluster) -> Result<(Active, String)> {
+    /// `window` is how long the fault lasts (the intruder attacks for that long).
+    pub fn start(
+        &mut self,
+        kind: FaultKind,
+        cluster: &mut Cluster,
+        window: Duration,
+    ) -> Result<(Active, String)> {
         let n = self.nodes;
         match kind {
+            FaultKind::Intruder => self.start_intruder(cluster, window),
             FaultKind::Halves => {
                 let v = self.shuffled();
                 let groups = vec![v[..2].to_vec(), v[2..].to_vec()];
@@ -425,6 +678,9 @@ impl Nemesis {
                     errors.push(format!("n{i} back to the true time: {e:#}"));
                 }
             }
+            Active::Intruder { report, baseline } => {
+                errors.extend(self.finish_intruder(report, baseline, cluster));
+            }
             Active::DiskFull(i) => {
                 // The node stopped itself at its first failed sync and retries its start
                 // every 1-30 s (`supervise`): once the space is back it must serve again.
@@ -480,4 +736,36 @@ fn names(v: &[usize]) -> String {
         .map(|i| node_name(*i))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(members: &[(&str, &str)], version: u64) -> MembershipView {
+        let set = members
+            .iter()
+            .map(|(n, peer)| {
+                (
+                    (*n).to_owned(),
+                    (*peer).to_owned(),
+                    String::new(),
+                    "valid".to_owned(),
+                )
+            })
+            .collect();
+        BTreeMap::from([(1, (set, version))])
+    }
+
+    #[test]
+    fn membership_diff_sees_added_moved_members_and_ring_changes() {
+        let before = view(&[("n1", "a:1"), ("n2", "b:1")], 7);
+        assert!(membership_diff(&before, &before.clone()).is_empty());
+        let moved = view(&[("n1", "a:1"), ("n2", "evil:1")], 7);
+        assert_eq!(membership_diff(&before, &moved).len(), 1);
+        let added = view(&[("n1", "a:1"), ("n2", "b:1"), ("intruder", "evil:1")], 7);
+        assert_eq!(membership_diff(&before, &added).len(), 1);
+        let ring = view(&[("n1", "a:1"), ("n2", "b:1")], 1 << 40);
+        assert_eq!(membership_diff(&before, &ring).len(), 1);
+    }
 }

@@ -385,14 +385,14 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
             std::thread::spawn(move || run_client(&spec, nodes, seed, &recorder, &stop))
         })
         .collect();
-    let mut nemesis = Nemesis::new(plan.seed, nodes, SET_BUCKET, keys("s", 4));
+    let mut nemesis = Nemesis::new(plan.seed, nodes, SET_BUCKET, keys("s", 4), dir);
     let mut result = Ok(());
     for period in &periods {
         match *period {
             Period::Healthy(d) => std::thread::sleep(d),
             Period::Faulty(kind, d) => {
                 let start_ms = recorder.now_ms();
-                let (active, detail, mut errors) = match nemesis.start(kind, cluster) {
+                let (active, mut detail, mut errors) = match nemesis.start(kind, cluster, d) {
                     Ok((a, d)) => (Some(a), d, Vec::new()),
                     Err(e) => (None, String::new(), vec![format!("inject: {e:#}")]),
                 };
@@ -405,6 +405,9 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
                 std::thread::sleep(d);
                 if let Some(a) = &active {
                     errors.extend(nemesis.heal(a, cluster));
+                }
+                if let Some(note) = nemesis.take_note() {
+                    detail = format!("{detail}: {note}");
                 }
                 let end_ms = recorder.now_ms();
                 eprintln!(
@@ -473,6 +476,9 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
         }
         Err(e) => report.unconverged.push(format!("{e:#}")),
     }
+    report
+        .failures
+        .extend(nemesis.final_membership_check(cluster));
     let finals = final_reads(nodes)?;
     report.tombstones_reaped += reaped_so_far(nodes, plan.seed);
     std::fs::write(
