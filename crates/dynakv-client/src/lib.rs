@@ -1,19 +1,25 @@
 //! dynakv-client: an async client for dynakv's Riak-compatible HTTP API.
 //!
-//! It speaks plain HTTP/1.1 over pooled keep-alive connections with TCP_NODELAY set, asks for
-//! siblings as `multipart/mixed`, and hands back every sibling with the opaque causal context
-//! to send with the next write (read, merge, write back: the Dynamo way).
+//! It speaks HTTP/1.1 over pooled keep-alive connections with TCP_NODELAY set, plain
+//! (`http://`) or over TLS (`https://`, trusting the CA certificate given with
+//! [`Client::with_ca_cert`]), optionally with HTTP Basic credentials
+//! ([`Client::with_basic_auth`]). It asks for siblings as `multipart/mixed`, and hands back
+//! every sibling with the opaque causal context to send with the next write (read, merge,
+//! write back: the Dynamo way).
 
+pub mod connector;
 pub mod routing;
+
+use connector::Connector;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -43,6 +49,8 @@ pub enum ClientError {
     Status { status: u16, message: String },
     #[error("unexpected response: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// One version of a value.
@@ -69,8 +77,21 @@ pub struct Fetched {
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<Connector, Full<Bytes>>,
     timeout: Duration,
+    /// What `https://` connections trust (`None`: no https).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The `Authorization` header sent with every request (HTTP Basic), marked sensitive.
+    authorization: Option<HeaderValue>,
+}
+
+/// How long an idle pooled connection is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn hyper_client(tls: Option<Arc<rustls::ClientConfig>>) -> HyperClient<Connector, Full<Bytes>> {
+    HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(Connector::new(tls))
 }
 
 /// Options of a store.
@@ -84,26 +105,66 @@ pub struct PutOptions<'a> {
 }
 
 impl Client {
-    /// A client of the node at `url` (e.g. `http://127.0.0.1:8098`).
+    /// A client of the node at `url` (e.g. `http://127.0.0.1:8098`, or `https://...` with
+    /// [`Client::with_ca_cert`]).
     pub fn new(url: &str) -> Result<Client, ClientError> {
         let base = url.trim_end_matches('/').to_owned();
         let uri: Uri = base
             .parse()
             .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(ClientError::InvalidUrl(url.to_owned()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let http = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         Ok(Client {
             base,
-            http,
+            http: hyper_client(None),
             timeout: DEFAULT_TIMEOUT,
+            tls: None,
+            authorization: None,
         })
+    }
+
+    /// Trust the CA certificate(s) in `ca_pem` (PEM) for `https://` URLs, and only them (no
+    /// system roots). The node's certificate must name the URL's host (a DNS name or an IP
+    /// address in its subject alternative names).
+    pub fn with_ca_cert(mut self, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        let config = connector::client_config(ca_pem).map_err(ClientError::Tls)?;
+        self.http = hyper_client(Some(Arc::clone(&config)));
+        self.tls = Some(config);
+        Ok(self)
+    }
+
+    /// Send HTTP Basic credentials with every request (use them over `https://` only: over
+    /// plain HTTP anyone on the path reads them).
+    #[must_use]
+    pub fn with_basic_auth(mut self, user: &str, password: &str) -> Self {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        // Base64 is always a valid header value.
+        self.authorization =
+            HeaderValue::from_str(&format!("Basic {token}"))
+                .ok()
+                .map(|mut value| {
+                    value.set_sensitive(true);
+                    value
+                });
+        self
+    }
+
+    /// A client of another node (`host:port`) of the same cluster, with this client's scheme,
+    /// CA, credentials and time limit, and its own connection pool.
+    pub fn for_node(&self, addr: &str) -> Result<Client, ClientError> {
+        let scheme = if self.base.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        let mut client = Client::new(&format!("{scheme}://{addr}"))?;
+        client.http = hyper_client(self.tls.clone());
+        client.tls.clone_from(&self.tls);
+        client.authorization.clone_from(&self.authorization);
+        client.timeout = self.timeout;
+        Ok(client)
     }
 
     /// Change the per-request time limit.
@@ -139,18 +200,24 @@ impl Client {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
+        if let Some(authorization) = &self.authorization {
+            builder = builder.header(header::AUTHORIZATION, authorization.clone());
+        }
         let request = builder
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let exchange = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| ClientError::Connect {
+            let response = self.http.request(request).await.map_err(|e| {
+                let mut message = error_chain(&e);
+                // What a TLS alert read as an HTTP answer looks like.
+                if self.base.starts_with("http://") && message.contains("invalid HTTP version") {
+                    message.push_str(" (does the node speak HTTPS? try an https:// URL)");
+                }
+                ClientError::Connect {
                     url: self.base.clone(),
-                    message: e.to_string(),
-                })?;
+                    message,
+                }
+            })?;
             let (parts, body) = response.into_parts();
             let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()
@@ -306,6 +373,19 @@ async fn tokio_timeout<T>(
         Ok(result) => result,
         Err(_) => Err(ClientError::Timeout(limit)),
     }
+}
+
+/// An error and its sources, `: `-separated (hyper-util's connect errors say only
+/// "client error (Connect)" at the top; the reason is in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn status_error(status: StatusCode, body: &[u8]) -> ClientError {

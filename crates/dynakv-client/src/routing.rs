@@ -63,6 +63,18 @@ impl RoutingClient {
             .iter()
             .map(|u| Client::new(u))
             .collect::<Result<_, _>>()?;
+        Self::connect_with(seeds, n_val).await
+    }
+
+    /// [`RoutingClient::connect`] with seed clients already made: the clients of the other
+    /// members get their scheme, CA, credentials and time limit ([`Client::for_node`]).
+    ///
+    /// # Errors
+    /// No seed answered with a routing table.
+    pub async fn connect_with(
+        seeds: Vec<Client>,
+        n_val: usize,
+    ) -> Result<RoutingClient, ClientError> {
         let table = fetch_table(&seeds).await?;
         Ok(RoutingClient {
             inner: Arc::new(Inner {
@@ -202,7 +214,7 @@ fn parse_table(value: &serde_json::Value, seed: &Client) -> Result<Table, Client
         let Some(addr) = member["http_addr"].as_str() else {
             continue;
         };
-        let client = Client::new(&format!("http://{addr}"))?.with_timeout(seed.timeout);
+        let client = seed.for_node(addr)?;
         nodes.insert(NodeId(name.clone()), client);
     }
     Ok(Table {

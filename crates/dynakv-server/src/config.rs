@@ -57,6 +57,11 @@ pub struct ServerConfig {
     /// into the data directory. Without it a node uses the data directory's own, or founds a
     /// cluster with a new one.
     pub cluster_secret_file: Option<PathBuf>,
+    /// The client HTTP port's certificate chain (PEM, the node's certificate first): with
+    /// `tls_key_file`, the port speaks only TLS (see [`crate::tls`]).
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `tls_cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
     /// Availability zone (data center) of this node; empty when unset.
     pub zone: String,
     pub storage: StorageKind,
@@ -116,6 +121,8 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     pub allowed_origins: Option<Vec<String>>,
     pub cluster_secret_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub group_commit_window_ms: Option<u64>,
@@ -162,6 +169,8 @@ impl ServerConfig {
             data_dir,
             join: None,
             cluster_secret_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             zone: String::new(),
             storage: StorageKind::Disk,
             max_value_bytes: limits::DEFAULT_MAX_VALUE_BYTES,
@@ -194,6 +203,11 @@ impl ServerConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        // File names are relative to the config file's directory, as an operator reads them.
+        let relative = |v: PathBuf| match path.parent() {
+            Some(dir) if v.is_relative() => dir.join(v),
+            _ => v,
+        };
         if let Some(v) = file.insecure {
             self.insecure = v;
         }
@@ -201,11 +215,13 @@ impl ServerConfig {
             self.allowed_origins = v;
         }
         if let Some(v) = file.cluster_secret_file {
-            // Relative to the config file's directory, as an operator reads it.
-            self.cluster_secret_file = Some(match path.parent() {
-                Some(dir) if v.is_relative() => dir.join(v),
-                _ => v,
-            });
+            self.cluster_secret_file = Some(relative(v));
+        }
+        if let Some(v) = file.tls_cert_file {
+            self.tls_cert_file = Some(relative(v));
+        }
+        if let Some(v) = file.tls_key_file {
+            self.tls_key_file = Some(relative(v));
         }
         if let Some(v) = file.max_value_bytes {
             self.max_value_bytes = v;
@@ -317,6 +333,9 @@ impl ServerConfig {
         if !(1..=16).contains(&self.storage_worker_threads) {
             return invalid("storage_worker_threads must be 1 to 16".into());
         }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return invalid(crate::tls::TlsError::Incomplete.to_string());
+        }
         Ok(())
     }
 }
@@ -376,5 +395,16 @@ mod tests {
         );
         assert!(with_file("storage_worker_threads = 17\n").is_err());
         assert!(with_file("no_such_setting = 1\n").is_err());
+    }
+
+    #[test]
+    fn tls_files_are_relative_to_the_config_file_and_come_in_pairs() {
+        let config =
+            with_file("tls_cert_file = \"cert.pem\"\ntls_key_file = \"/etc/key.pem\"\n").unwrap();
+        let cert = config.tls_cert_file.unwrap();
+        assert!(cert.ends_with("cert.pem") && cert.is_absolute(), "{cert:?}");
+        assert_eq!(config.tls_key_file, Some(PathBuf::from("/etc/key.pem")));
+        let half = with_file("tls_cert_file = \"cert.pem\"\n").unwrap_err();
+        assert!(half.to_string().contains("tls-key"), "{half}");
     }
 }

@@ -11,7 +11,13 @@
 //!   slowloris, or a kept-alive connection left idle) is closed. It is also the idle
 //!   keep-alive timeout;
 //! - the **body read timeout** and the in-flight permit taken only once the body has
-//!   arrived live in `http.rs` (`guard_request`), with the router.
+//!   arrived live in `http.rs` (`guard_request`), with the router;
+//! - **TLS** when the node has a certificate ([`crate::tls`]): the handshake runs in the
+//!   connection's own task, holding its slot under the cap, within the header read timeout;
+//!   a handshake that fails or does not finish in time closes that connection only.
+//!
+//! Every request served carries a [`ClientConnection`] extension (the client's address and
+//! whether the connection is TLS), for the handlers that need to know (authentication).
 //!
 //! Shutdown: when `shutdown` resolves the listener closes, every connection is told to
 //! finish its request in flight and then close (hyper's graceful shutdown), and the loop
@@ -22,11 +28,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
 
 /// How long a connection may take to send a request's complete head (request line and
 /// headers), counted from when the server starts waiting for it. On a kept-alive connection
@@ -131,18 +138,53 @@ pub fn connection_cap(wanted: usize, open_file_limit: Option<u64>) -> usize {
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
 Connection: close\r\nRetry-After: 1\r\nContent-Length: 46\r\n\r\ntoo many open connections to this node; retry\n";
 
-/// What a request's handlers know of its connection (a request extension on every request).
+/// What the accept loop knows about the connection a request came on; every request served
+/// carries it as an extension (`req.extensions().get::<ClientConnection>()`).
 #[derive(Debug, Clone)]
 pub struct ClientConnection {
-    pub remote_addr: std::net::SocketAddr,
+    /// The client's address, as the TCP connection shows it.
+    pub remote_addr: SocketAddr,
+    /// Whether the connection is TLS (the request arrived encrypted and the client checked
+    /// the node's certificate, if it checks certificates).
     pub tls: bool,
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves (see the module documentation).
+/// A service that hands every request to `inner` with the connection's [`ClientConnection`]
+/// inserted as an extension (one per connection).
+#[derive(Debug, Clone)]
+pub struct WithClientConnection<S> {
+    inner: S,
+    connection: ClientConnection,
+}
+
+impl<S> WithClientConnection<S> {
+    /// `inner`, with `connection` given to each request.
+    pub fn new(inner: S, connection: ClientConnection) -> Self {
+        WithClientConnection { inner, connection }
+    }
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for WithClientConnection<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: hyper::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.connection.clone());
+        self.inner.call(request)
+    }
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves (see the module documentation), over
+/// TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &HttpLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let open_files = raise_open_file_limit();
@@ -158,14 +200,17 @@ pub async fn serve(
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     let service = TowerToHyperService::new(app);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    // Turns true at shutdown: connections still in their TLS handshake give up at once.
+    let (closing_tx, closing) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let tcp = match accepted {
-            Ok((tcp, _remote)) => tcp,
+        let (tcp, remote_addr) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) if connection_error(&e) => continue,
             Err(e) => {
                 // Out of descriptors or memory: wait instead of spinning on the error.
@@ -175,7 +220,10 @@ pub async fn serve(
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            let _ = tcp.try_write(REFUSAL);
+            // A TLS client could not read a plain answer: it sees the connection close.
+            if acceptor.is_none() {
+                let _ = tcp.try_write(REFUSAL);
+            }
             drop(tcp);
             let count = refused.fetch_add(1, Ordering::Relaxed).saturating_add(1);
             if last_warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_EVERY) {
@@ -191,20 +239,65 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
-        let connection = builder.serve_connection(TokioIo::new(tcp), service.clone());
-        let connection = graceful.watch(connection);
+        let info = ClientConnection {
+            remote_addr,
+            tls: acceptor.is_some(),
+        };
+        let service = WithClientConnection::new(service.clone(), info);
+        let watcher = graceful.watcher();
+        let Some(acceptor) = acceptor.clone() else {
+            let connection = watcher.watch(builder.serve_connection(TokioIo::new(tcp), service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                drop(slot);
+            });
+            continue;
+        };
+        let (builder, mut closing) = (builder.clone(), closing.clone());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            let handshake = tokio::select! {
+                done = tls_handshake(&acceptor, tcp, handshake_timeout) => done,
+                _ = closing.wait_for(|closing| *closing) => None,
+            };
+            if let Some(stream) = handshake {
+                let connection =
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTPS connection ended with an error");
+                }
             }
             drop(slot);
         });
     }
     drop(listener);
+    let _ = closing_tx.send(true);
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(HTTP_SHUTDOWN_GRACE) => {
             tracing::warn!("HTTP connections still open after the shutdown grace period");
+        }
+    }
+}
+
+/// The server side of a TLS handshake on `tcp`, within `limit`; `None` (the connection is
+/// dropped, that is closed) when it fails or takes longer.
+async fn tls_handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(?limit, "TLS handshake timed out");
+            None
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod secrets;
 pub mod security_api;
 pub mod stats;
 pub mod sync_barrier;
+pub mod tls;
 pub mod transport;
 
 use cluster::{Cluster, ClusterTimeouts};
@@ -91,6 +92,9 @@ pub enum ServerError {
     /// The cluster secret or the node key cannot be read, written, or is missing.
     #[error("{0}")]
     Secret(String),
+    /// The client port's certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A started node.
@@ -179,6 +183,11 @@ pub async fn start_with_http(
     http_limits: http_serve::HttpLimits,
 ) -> Result<RunningServer, ServerError> {
     config.validate()?;
+    // Before anything else starts: a certificate that cannot be used stops the node here.
+    let tls = tls::optional_server_config(
+        config.tls_cert_file.as_deref(),
+        config.tls_key_file.as_deref(),
+    )?;
     let storage = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || open_storage(&config))
@@ -381,7 +390,7 @@ pub async fn start_with_http(
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
     }
-    tracing::info!(node = %config.name, http = %http_addr, peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
+    tracing::info!(node = %config.name, http = %http_addr, tls = tls.is_some(), peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
     let limits = tokio::spawn(limit_loop(Arc::clone(&state.limiter), shutdown_rx.clone()));
     let anti_entropy = tokio::spawn(anti_entropy_loop(
@@ -405,6 +414,7 @@ pub async fn start_with_http(
     };
     let task = tokio::spawn(serve(
         listener,
+        tls,
         state,
         storage,
         flusher,
@@ -707,6 +717,7 @@ async fn wait_for_shutdown(mut shutdown: watch::Receiver<bool>) {
 
 async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<http::ApiState>,
     storage: Arc<dyn Storage>,
     flusher: Flusher,
@@ -720,7 +731,7 @@ async fn serve(
     let flusher = tokio::spawn(flush_loop(flusher, flusher_stop));
     let limits = state.http.limits.clone();
     let app = http::router(state);
-    http_serve::serve(listener, app, &limits, wait_for_shutdown(shutdown)).await;
+    http_serve::serve(listener, app, &limits, tls, wait_for_shutdown(shutdown)).await;
     for task in others {
         let _ = task.await;
     }

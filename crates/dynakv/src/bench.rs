@@ -109,6 +109,8 @@ pub struct BenchConfig {
     pub target: Target,
     /// Time limit of the run phase in seconds (0 = none).
     pub duration_secs: u64,
+    /// CA and credentials of every client (https:// URLs, HTTP Basic).
+    pub client: crate::ClientSettings,
 }
 
 /// The system under test.
@@ -285,7 +287,7 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     let clients: Vec<Client> = config
         .urls
         .iter()
-        .map(|u| Client::new(u))
+        .map(|u| config.client.client(u))
         .collect::<Result<_, _>>()?;
     if config.target == Target::Dynakv {
         set_bench_props(&config, &clients[0]).await?;
@@ -293,7 +295,7 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     let senders: Vec<Sender> = match config.target {
         Target::Etcd => clients.into_iter().map(Sender::Etcd).collect(),
         Target::Dynakv if config.client_routing => {
-            let routing = RoutingClient::connect(&config.urls, routing::DEFAULT_N_VAL)
+            let routing = RoutingClient::connect_with(clients, routing::DEFAULT_N_VAL)
                 .await
                 .context("fetching the routing table")?;
             vec![Sender::Routed(routing)]

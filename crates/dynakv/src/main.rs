@@ -5,7 +5,7 @@ mod bench;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use dynakv_client::{Client, PutOptions};
 use dynakv_server::config::{ServerConfig, StorageKind};
 use std::io::{Read as _, Write as _};
@@ -18,6 +18,68 @@ use std::path::PathBuf;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8098";
+
+/// How the client commands (get, put, delete, admin, bench) reach a node: the CA to trust for
+/// `https://` URLs and HTTP Basic credentials.
+#[derive(Debug, Clone, Args)]
+struct ClientOptions {
+    /// PEM file of the CA certificate(s) that signed the node's certificate (for https://
+    /// URLs; no system roots are trusted).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// User name for HTTP Basic authentication (with --password or DYNAKV_PASSWORD).
+    #[arg(long, global = true, value_name = "NAME")]
+    user: Option<String>,
+    /// Password of --user (prefer the DYNAKV_PASSWORD environment variable: a command line
+    /// is visible to other users of the host).
+    #[arg(long, global = true, env = "DYNAKV_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+/// What every client a command makes shares (read once from [`ClientOptions`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClientSettings {
+    ca_pem: Option<Vec<u8>>,
+    basic_auth: Option<(String, String)>,
+}
+
+impl ClientSettings {
+    fn from_options(options: &ClientOptions) -> Result<Self> {
+        let ca_pem = match &options.ca_cert {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("reading the CA certificate {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let basic_auth = match (&options.user, &options.password) {
+            (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+            (Some(_), None) => bail!("--user needs a password: --password or DYNAKV_PASSWORD"),
+            // A password in the environment without --user is not an error (the variable
+            // may be set for other commands); one given as --password alone is unused.
+            (None, _) => None,
+        };
+        Ok(ClientSettings { ca_pem, basic_auth })
+    }
+
+    /// A client of the node at `url` with these settings.
+    pub fn client(&self, url: &str) -> Result<Client> {
+        let mut client = Client::new(url)?;
+        if let Some(pem) = &self.ca_pem {
+            client = client
+                .with_ca_cert(pem)
+                .context("the --ca-cert file cannot be used")?;
+        } else if url.starts_with("https://") {
+            bail!(
+                "an https:// URL needs --ca-cert FILE (the CA that signed the node's certificate)"
+            );
+        }
+        if let Some((user, password)) = &self.basic_auth {
+            client = client.with_basic_auth(user, password);
+        }
+        Ok(client)
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,6 +128,13 @@ enum Command {
         /// Storage engine.
         #[arg(long)]
         storage: Option<StorageKind>,
+        /// PEM certificate chain of the client HTTP port (the node's certificate first): with
+        /// --tls-key, the port speaks only HTTPS.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run a local cluster in this process; node i serves HTTP on P+i-1 and peers on P+1000+i-1.
     Dev {
@@ -84,6 +153,8 @@ enum Command {
         key: String,
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
+        #[command(flatten)]
+        client: ClientOptions,
     },
     /// Store a value (from the argument, or stdin when omitted).
     Put {
@@ -97,6 +168,8 @@ enum Command {
         context: Option<String>,
         #[arg(long, default_value = "application/octet-stream")]
         content_type: String,
+        #[command(flatten)]
+        client: ClientOptions,
     },
     /// Delete a key.
     Delete {
@@ -106,6 +179,8 @@ enum Command {
         url: String,
         #[arg(long)]
         context: Option<String>,
+        #[command(flatten)]
+        client: ClientOptions,
     },
     /// YCSB-style benchmark against running nodes (see docs/BENCHMARKS.md).
     Bench {
@@ -153,11 +228,15 @@ enum Command {
         /// Stop the run phase after this many seconds even if --ops are not done (0 = no limit).
         #[arg(long, default_value_t = 0)]
         duration_secs: u64,
+        #[command(flatten)]
+        client: ClientOptions,
     },
     /// Inspect a node.
     Admin {
         #[arg(long, default_value = DEFAULT_URL, global = true)]
         url: String,
+        #[command(flatten)]
+        client: ClientOptions,
         #[command(subcommand)]
         command: AdminCommand,
     },
@@ -381,6 +460,8 @@ async fn run(cli: Cli) -> Result<()> {
             zone,
             config,
             storage,
+            tls_cert,
+            tls_key,
         } => {
             init_logging("info,fjall=warn,lsm_tree=warn");
             let mut server_config = ServerConfig::new(&name, http, peer, data_dir);
@@ -398,6 +479,10 @@ async fn run(cli: Cli) -> Result<()> {
                 server_config.cluster_secret_file = Some(file);
             }
             server_config.insecure |= insecure;
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                server_config.tls_cert_file = Some(cert);
+                server_config.tls_key_file = Some(key);
+            }
             let server = dynakv_server::start(server_config.clone()).await?;
             let handle = ShutdownOnSignal::install()?;
             // The node restarts itself after a storage failure (see `supervise`).
@@ -423,9 +508,14 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("info,fjall=warn,lsm_tree=warn");
             dev(nodes, http_port, data_dir, storage).await
         }
-        Command::Get { bucket, key, url } => {
+        Command::Get {
+            bucket,
+            key,
+            url,
+            client,
+        } => {
             init_logging("warn");
-            let client = Client::new(&url)?;
+            let client = ClientSettings::from_options(&client)?.client(&url)?;
             match client.get(&bucket, &key).await? {
                 None => bail!("not found: {bucket}/{key}"),
                 Some(fetched) => {
@@ -465,6 +555,7 @@ async fn run(cli: Cli) -> Result<()> {
             url,
             context,
             content_type,
+            client,
         } => {
             init_logging("warn");
             let value = if let Some(v) = value {
@@ -476,7 +567,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .context("reading the value from stdin")?;
                 Bytes::from(buf)
             };
-            let client = Client::new(&url)?;
+            let client = ClientSettings::from_options(&client)?.client(&url)?;
             let stored = client
                 .put(
                     &bucket,
@@ -503,9 +594,10 @@ async fn run(cli: Cli) -> Result<()> {
             key,
             url,
             context,
+            client,
         } => {
             init_logging("warn");
-            let client = Client::new(&url)?;
+            let client = ClientSettings::from_options(&client)?.client(&url)?;
             if client.delete(&bucket, &key, context.as_deref()).await? {
                 println!("deleted {bucket}/{key}");
                 Ok(())
@@ -530,8 +622,10 @@ async fn run(cli: Cli) -> Result<()> {
             rate,
             target,
             duration_secs,
+            client,
         } => {
             init_logging("warn");
+            let client = ClientSettings::from_options(&client)?;
             bench::run(bench::BenchConfig {
                 urls,
                 workload,
@@ -549,12 +643,17 @@ async fn run(cli: Cli) -> Result<()> {
                 rate,
                 target,
                 duration_secs,
+                client,
             })
             .await
         }
-        Command::Admin { url, command } => {
+        Command::Admin {
+            url,
+            client,
+            command,
+        } => {
             init_logging("warn");
-            let client = Client::new(&url)?;
+            let client = ClientSettings::from_options(&client)?.client(&url)?;
             let value = match command {
                 AdminCommand::Status => client.get_json("/admin/status").await?,
                 AdminCommand::Members => client.get_json("/admin/members").await?,
