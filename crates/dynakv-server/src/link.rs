@@ -1,12 +1,12 @@
 //! The encrypted record layer under the peer transport's frames, and the Noise handshake
 //! state that keys it.
 //!
-//! A peer link runs the Noise protocol `Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s` ([`NOISE_PARAMS`],
+//! A peer link runs the Noise protocol `Noise_XXpsk0_25519_AESGCM_BLAKE2s` ([`NOISE_PARAMS`],
 //! implemented by the `snow` crate): both sides prove they hold the cluster's pre-shared key
 //! (from the first message on: a stranger's first message fails to decrypt) and their static
 //! X25519 node keys, which each side learns from the other (the node's identity). After the
 //! handshake the byte stream is a sequence of records, `u16 big-endian length | ciphertext`,
-//! each ChaCha20-Poly1305 with a 16-byte tag and a per-direction nonce counting from 0 (a
+//! each AES-256-GCM with a 16-byte tag and a per-direction nonce counting from 0 (a
 //! record replayed, dropped, reordered or altered fails to open and closes the connection). The
 //! plaintext of the records, concatenated, is the transport's frame stream
 //! (`u32 length | payload`, see `transport`): records and frames are independent, so many small
@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub type TransportState = StatelessTransportState;
 
 /// The Noise protocol of every peer link.
-pub const NOISE_PARAMS: &str = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s";
+pub const NOISE_PARAMS: &str = "Noise_XXpsk0_25519_AESGCM_BLAKE2s";
 /// Largest record (ciphertext with its tag): the Noise message limit.
 pub const MAX_RECORD_BYTES: usize = 65_535;
 /// Authentication tag of every record.

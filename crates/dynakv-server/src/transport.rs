@@ -13,7 +13,7 @@
 //! never exceed [`MAX_HANDSHAKE_FRAME_BYTES`].
 //!
 //! Every link is authenticated and encrypted with the Noise protocol
-//! (`Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s`, see [`crate::link`]): both sides prove they hold
+//! (`Noise_XXpsk0_25519_AESGCM_BLAKE2s`, see [`crate::link`]): both sides prove they hold
 //! the cluster's secret and their node keys. The handshake, in plain frames:
 //!
 //! 1. The connecting side sends `MAGIC (6 bytes) | protocol_version (u16 big-endian) | Noise
