@@ -2,7 +2,7 @@
 //! state that keys it.
 //!
 //! A peer link runs the Noise protocol `Noise_XXpsk0_25519_AESGCM_BLAKE2s` ([`NOISE_PARAMS`],
-//! implemented by the `snow` crate): both sides prove they hold the cluster's pre-shared key
+//! implemented by the `snow` crate, AES-GCM by ring): both sides prove they hold the cluster's pre-shared key
 //! (from the first message on: a stranger's first message fails to decrypt) and their static
 //! X25519 node keys, which each side learns from the other (the node's identity). After the
 //! handshake the byte stream is a sequence of records, `u16 big-endian length | ciphertext`,
