@@ -224,6 +224,10 @@ pub struct PutOptions {
 #[derive(Debug)]
 pub struct Cluster {
     me: NodeId,
+    /// A new node waiting for its `--join` to be accepted: it answers no peer request (a
+    /// member's gossip merged now would make it a member of a cluster it has not joined, and
+    /// its join would then be refused).
+    awaiting_join: std::sync::atomic::AtomicBool,
     state: RwLock<Arc<ClusterState>>,
     secret: RwLock<ContextKey>,
     replica: Arc<Replica>,
@@ -304,6 +308,7 @@ impl Cluster {
         } = parts;
         let heartbeat_timeout_ms = u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         Cluster {
+            awaiting_join: std::sync::atomic::AtomicBool::new(false),
             failure_detector: Mutex::new(FailureDetector::new(me.clone(), 0, heartbeat_timeout_ms)),
             me,
             state: RwLock::new(Arc::new(state)),
@@ -1164,6 +1169,11 @@ impl Cluster {
     /// Answer one peer request.
     pub async fn handle_peer(self: Arc<Self>, from: PeerInfo, message: PeerMessage) -> PeerMessage {
         self.observe_contact(&NodeId(from.node_name.clone()));
+        if self.awaiting_join.load(Ordering::Acquire) {
+            return PeerMessage::Error(
+                "this node is joining a cluster: it serves no peer request yet".to_owned(),
+            );
+        }
         match self.handle_peer_inner(&from, message).await {
             Ok(reply) => reply,
             Err(e) => PeerMessage::Error(e.to_string()),
@@ -1884,6 +1894,7 @@ impl Cluster {
         match reply {
             PeerMessage::JoinAccepted { state } => {
                 *self.state.write() = Arc::new(*state);
+                self.awaiting_join.store(false, Ordering::Release);
                 self.persist_now()?;
                 tracing::info!(%seed, "joined the cluster");
                 Ok(())
@@ -1917,6 +1928,12 @@ impl Cluster {
             }
             result
         })
+    }
+
+    /// Mark a new node as waiting for its join (see `awaiting_join`); a successful
+    /// [`Cluster::join`] ends it.
+    pub fn set_awaiting_join(&self, waiting: bool) {
+        self.awaiting_join.store(waiting, Ordering::Release);
     }
 
     /// Ask for this node to leave the cluster.

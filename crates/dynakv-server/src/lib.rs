@@ -348,6 +348,10 @@ pub async fn start_with_http(
         .admission()
         .set_target_p99_us(config.aae_latency_target_ms.saturating_mul(1000));
     cluster.persist_now().map_err(cluster_error)?;
+    // A new node asked to join answers no peer before its join is accepted (members that
+    // reach its address, say after it was wiped and restarted, would otherwise gossip their
+    // state into it and its join would be refused).
+    cluster.set_awaiting_join(fresh && config.join.is_some());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
     let peer_task = {
