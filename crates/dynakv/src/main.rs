@@ -310,7 +310,8 @@ enum SecurityCommand {
     Status,
     /// The users.
     ListUsers,
-    /// Add a user: `add-user alice password=s3cret` (no password: only trust sources).
+    /// Add a user: `add-user alice password=s3cret` (no password: trust or certificate
+    /// sources only).
     AddUser { name: String, options: Vec<String> },
     /// Change a user's password: `alter-user alice password=n3w`.
     AlterUser { name: String, options: Vec<String> },
