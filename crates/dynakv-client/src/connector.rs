@@ -2,14 +2,15 @@
 //! on top of it (tokio-rustls, the ring provider, ALPN `http/1.1`) for `https://` URLs.
 //!
 //! The certificates trusted are the ones given ([`crate::Client::with_ca_cert`]); there are
-//! no system roots. A plain connection goes through one `match` more than hyper-util's
+//! no system roots. A client certificate, when given ([`crate::Client::with_client_cert`]), is
+//! presented to a node that asks for one (`certificate` security sources). A plain connection goes through one `match` more than hyper-util's
 //! `HttpConnector` alone and nothing else.
 
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,8 +35,53 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A rustls client configuration trusting the PEM certificates in `ca_pem` (one or more).
-pub fn client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+/// A client certificate chain (the client's certificate first) and its private key.
+pub struct ClientIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        ClientIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientIdentity {
+    /// A certificate chain in PEM (the client's certificate first) and its PEM private key
+    /// (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ClientIdentity, String> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM certificate: {e}"))?;
+        if chain.is_empty() {
+            return Err(
+                "no PEM certificate (-----BEGIN CERTIFICATE-----) in the client certificate".into(),
+            );
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"))?;
+        Ok(ClientIdentity { chain, key })
+    }
+}
+
+/// A rustls client configuration trusting the PEM certificates in `ca_pem` (one or more),
+/// presenting `identity` to a node that asks for a client certificate.
+pub fn client_config(
+    ca_pem: &[u8],
+    identity: Option<&ClientIdentity>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let mut added = 0usize;
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
@@ -48,11 +94,16 @@ pub fn client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String>
     if added == 0 {
         return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in the CA file".into());
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(identity) => builder
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .map_err(|e| format!("the client certificate and key cannot be used: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
 }

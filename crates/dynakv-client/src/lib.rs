@@ -81,6 +81,11 @@ pub struct Client {
     timeout: Duration,
     /// What `https://` connections trust (`None`: no https).
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The CA certificates given ([`Client::with_ca_cert`]), kept to rebuild `tls` when a
+    /// client certificate is given after them.
+    ca_pem: Option<Vec<u8>>,
+    /// The client certificate presented to nodes that ask for one.
+    identity: Option<connector::ClientIdentity>,
     /// The `Authorization` header sent with every request (HTTP Basic), marked sensitive.
     authorization: Option<HeaderValue>,
 }
@@ -120,6 +125,8 @@ impl Client {
             http: hyper_client(None),
             timeout: DEFAULT_TIMEOUT,
             tls: None,
+            ca_pem: None,
+            identity: None,
             authorization: None,
         })
     }
@@ -128,10 +135,38 @@ impl Client {
     /// system roots). The node's certificate must name the URL's host (a DNS name or an IP
     /// address in its subject alternative names).
     pub fn with_ca_cert(mut self, ca_pem: &[u8]) -> Result<Self, ClientError> {
-        let config = connector::client_config(ca_pem).map_err(ClientError::Tls)?;
+        self.ca_pem = Some(ca_pem.to_vec());
+        self.rebuild_tls()?;
+        Ok(self)
+    }
+
+    /// Present the client certificate in `cert_pem` (PEM, the client's certificate first,
+    /// then any intermediates) with its private key `key_pem` (PEM: PKCS#8, PKCS#1 or SEC1)
+    /// to `https://` nodes that ask for one: a node with `--tls-client-ca` authenticates a
+    /// user of a `certificate` source by it (the certificate must name the user as a DNS
+    /// subjectAltName; Basic credentials still name the user). Give the CA too
+    /// ([`Client::with_ca_cert`], before or after).
+    pub fn with_client_cert(
+        mut self,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Self, ClientError> {
+        self.identity =
+            Some(connector::ClientIdentity::from_pem(cert_pem, key_pem).map_err(ClientError::Tls)?);
+        self.rebuild_tls()?;
+        Ok(self)
+    }
+
+    /// `tls` (and the connection pool) from the CA and the client certificate given.
+    fn rebuild_tls(&mut self) -> Result<(), ClientError> {
+        let Some(ca_pem) = &self.ca_pem else {
+            return Ok(());
+        };
+        let config =
+            connector::client_config(ca_pem, self.identity.as_ref()).map_err(ClientError::Tls)?;
         self.http = hyper_client(Some(Arc::clone(&config)));
         self.tls = Some(config);
-        Ok(self)
+        Ok(())
     }
 
     /// Send HTTP Basic credentials with every request (use them over `https://` only: over
@@ -162,6 +197,8 @@ impl Client {
         let mut client = Client::new(&format!("{scheme}://{addr}"))?;
         client.http = hyper_client(self.tls.clone());
         client.tls.clone_from(&self.tls);
+        client.ca_pem.clone_from(&self.ca_pem);
+        client.identity.clone_from(&self.identity);
         client.authorization.clone_from(&self.authorization);
         client.timeout = self.timeout;
         Ok(client)

@@ -292,7 +292,10 @@ pub enum SourceCheck<'a> {
     Trust,
     /// Check the password against this hash.
     Password(&'a str),
-    /// No source allows this user from there, or one that is not supported.
+    /// The connection must carry a verified client certificate valid for the user's name
+    /// (the server checks it: the core knows nothing of TLS). The password is ignored.
+    Certificate,
+    /// No source allows this user from there.
     Refuse(String),
 }
 
@@ -365,9 +368,7 @@ impl SecurityState {
                     Some(hash) => SourceCheck::Password(hash),
                     None => SourceCheck::Refuse(format!("user {user:?} has no password")),
                 },
-                SourceMethod::Certificate => {
-                    SourceCheck::Refuse("certificate sources are not supported yet".to_owned())
-                }
+                SourceMethod::Certificate => SourceCheck::Certificate,
             },
         }
     }
@@ -679,7 +680,11 @@ mod tests {
         assert!(matches!(s.source_for("bob", ip), SourceCheck::Refuse(_)));
         assert!(matches!(s.source_for("carol", ip), SourceCheck::Refuse(_)));
         source(&mut s, "alice", "10.0.0.5/32", SourceMethod::Certificate);
-        assert!(matches!(s.source_for("alice", ip), SourceCheck::Refuse(_)));
+        assert_eq!(s.source_for("alice", ip), SourceCheck::Certificate);
+        // A certificate source needs no password, but still a user.
+        source(&mut s, ALL_USERS, "10.0.0.5/32", SourceMethod::Certificate);
+        assert_eq!(s.source_for("bob", ip), SourceCheck::Certificate);
+        assert!(matches!(s.source_for("carol", ip), SourceCheck::Refuse(_)));
     }
 
     #[test]

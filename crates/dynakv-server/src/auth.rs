@@ -4,7 +4,8 @@
 //! While security is disabled nothing is checked. While it is enabled every request but
 //! `GET /ping` must come over TLS (plain HTTP is refused, as Riak does) with HTTP Basic
 //! credentials: the user must exist, the most specific source for the client's address must
-//! let it in (`trust`, or `password` with the right password), and a grant must give the
+//! let it in (`trust`, `password` with the right password, or `certificate` with a verified
+//! client certificate for the user's name: [`certificate_names_user`]), and a grant must give the
 //! permission the request needs ([`required`]) on `any` bucket or on the request's bucket.
 //! Missing or wrong credentials answer 401 with `WWW-Authenticate: Basic`; a missing grant
 //! answers 403. The reason is logged, not told to the client.
@@ -241,6 +242,28 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
+/// Whether a client certificate (already verified against the client CAs by the TLS
+/// handshake) names `user`: the user name must be one of its DNS subjectAltNames. Riak
+/// matches the subject's CN instead; modern verifiers (webpki among them) ignore the CN, so
+/// dynakv does too (docs/SECURITY.md).
+pub fn certificate_names_user(
+    der: &rustls::pki_types::CertificateDer<'_>,
+    user: &str,
+) -> Result<(), String> {
+    let cert = webpki::EndEntityCert::try_from(der)
+        .map_err(|e| format!("unreadable client certificate for {user:?}: {e}"))?;
+    // A DNS name only: a user named like an IP address is not matched with an IP SAN.
+    let Ok(name @ rustls::pki_types::ServerName::DnsName(_)) =
+        rustls::pki_types::ServerName::try_from(user)
+    else {
+        return Err(format!(
+            "user name {user:?} cannot be a certificate's DNS name"
+        ));
+    };
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| format!("the client certificate is not for {user:?}: {e}"))
+}
+
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -283,6 +306,14 @@ pub async fn check(
                     "wrong password for {user:?}"
                 )));
             }
+        }
+        SourceCheck::Certificate => {
+            let Some(der) = &connection.client_certificate else {
+                return Err(Refusal::Unauthenticated(format!(
+                    "no client certificate for {user:?}"
+                )));
+            };
+            certificate_names_user(der, &user).map_err(Refusal::Unauthenticated)?;
         }
         SourceCheck::Refuse(reason) => return Err(Refusal::Unauthenticated(reason)),
     }
@@ -377,6 +408,28 @@ mod tests {
         for (method, path, expected) in cases {
             assert_eq!(required(&method, path), expected, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn a_certificate_names_the_users_of_its_dns_names_only() {
+        let cert = |names: &[&str]| {
+            let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+            rcgen::generate_simple_self_signed(names)
+                .unwrap()
+                .cert
+                .der()
+                .clone()
+        };
+        let alice = cert(&["alice"]);
+        assert!(certificate_names_user(&alice, "alice").is_ok());
+        assert!(certificate_names_user(&alice, "bob").is_err());
+        assert!(certificate_names_user(&alice, "alic").is_err());
+        assert!(certificate_names_user(&cert(&["bob", "alice"]), "alice").is_ok());
+        // An IP address is not a user name, nor a user name with characters DNS refuses.
+        assert!(certificate_names_user(&cert(&["127.0.0.1"]), "127.0.0.1").is_err());
+        assert!(certificate_names_user(&alice, "al!ce").is_err());
+        let garbage = rustls::pki_types::CertificateDer::from(vec![1_u8, 2, 3]);
+        assert!(certificate_names_user(&garbage, "alice").is_err());
     }
 
     #[test]

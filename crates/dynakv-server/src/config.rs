@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// The private key of `tls_cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
     pub tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign client certificates: with it the TLS port asks clients
+    /// for a certificate and verifies any presented (`certificate` security sources); clients
+    /// without one still connect. Only with `tls_cert_file` and `tls_key_file`.
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Availability zone (data center) of this node; empty when unset.
     pub zone: String,
     pub storage: StorageKind,
@@ -123,6 +127,7 @@ pub struct FileConfig {
     pub cluster_secret_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    pub tls_client_ca_file: Option<PathBuf>,
     pub max_value_bytes: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub group_commit_window_ms: Option<u64>,
@@ -171,6 +176,7 @@ impl ServerConfig {
             cluster_secret_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_client_ca_file: None,
             zone: String::new(),
             storage: StorageKind::Disk,
             max_value_bytes: limits::DEFAULT_MAX_VALUE_BYTES,
@@ -222,6 +228,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.tls_key_file {
             self.tls_key_file = Some(relative(v));
+        }
+        if let Some(v) = file.tls_client_ca_file {
+            self.tls_client_ca_file = Some(relative(v));
         }
         if let Some(v) = file.max_value_bytes {
             self.max_value_bytes = v;
@@ -336,6 +345,9 @@ impl ServerConfig {
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return invalid(crate::tls::TlsError::Incomplete.to_string());
         }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return invalid(crate::tls::TlsError::ClientCaWithoutTls.to_string());
+        }
         Ok(())
     }
 }
@@ -406,5 +418,13 @@ mod tests {
         assert_eq!(config.tls_key_file, Some(PathBuf::from("/etc/key.pem")));
         let half = with_file("tls_cert_file = \"cert.pem\"\n").unwrap_err();
         assert!(half.to_string().contains("tls-key"), "{half}");
+        let config = with_file(
+            "tls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\ntls_client_ca_file = \"clients.pem\"\n",
+        )
+        .unwrap();
+        let ca = config.tls_client_ca_file.unwrap();
+        assert!(ca.ends_with("clients.pem") && ca.is_absolute(), "{ca:?}");
+        let alone = with_file("tls_client_ca_file = \"clients.pem\"\n").unwrap_err();
+        assert!(alone.to_string().contains("tls-client-ca"), "{alone}");
     }
 }

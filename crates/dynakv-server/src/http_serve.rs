@@ -16,8 +16,9 @@
 //!   connection's own task, holding its slot under the cap, within the header read timeout;
 //!   a handshake that fails or does not finish in time closes that connection only.
 //!
-//! Every request served carries a [`ClientConnection`] extension (the client's address and
-//! whether the connection is TLS), for the handlers that need to know (authentication).
+//! Every request served carries a [`ClientConnection`] extension (the client's address,
+//! whether the connection is TLS, and the client's verified certificate if it presented one),
+//! for the handlers that need to know (authentication).
 //!
 //! Shutdown: when `shutdown` resolves the listener closes, every connection is told to
 //! finish its request in flight and then close (hyper's graceful shutdown), and the loop
@@ -147,6 +148,10 @@ pub struct ClientConnection {
     /// Whether the connection is TLS (the request arrived encrypted and the client checked
     /// the node's certificate, if it checks certificates).
     pub tls: bool,
+    /// The client's certificate (the end-entity one), when the node verifies client
+    /// certificates (`--tls-client-ca`) and the client presented one: rustls verified it
+    /// against the client CAs during the handshake.
+    pub client_certificate: Option<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// A service that hands every request to `inner` with the connection's [`ClientConnection`]
@@ -242,10 +247,11 @@ pub async fn serve(
         let info = ClientConnection {
             remote_addr,
             tls: acceptor.is_some(),
+            client_certificate: None,
         };
-        let service = WithClientConnection::new(service.clone(), info);
         let watcher = graceful.watcher();
         let Some(acceptor) = acceptor.clone() else {
+            let service = WithClientConnection::new(service.clone(), info);
             let connection = watcher.watch(builder.serve_connection(TokioIo::new(tcp), service));
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -257,12 +263,25 @@ pub async fn serve(
         };
         let (builder, mut closing) = (builder.clone(), closing.clone());
         let handshake_timeout = limits.header_read_timeout;
+        let service = service.clone();
         tokio::spawn(async move {
             let handshake = tokio::select! {
                 done = tls_handshake(&acceptor, tcp, handshake_timeout) => done,
                 _ = closing.wait_for(|closing| *closing) => None,
             };
             if let Some(stream) = handshake {
+                // The end-entity certificate comes first; rustls has verified the chain.
+                let client_certificate = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(<[_]>::first)
+                    .map(|cert| cert.clone().into_owned());
+                let info = ClientConnection {
+                    client_certificate,
+                    ..info
+                };
+                let service = WithClientConnection::new(service, info);
                 let connection =
                     watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
                 if let Err(e) = connection.await {

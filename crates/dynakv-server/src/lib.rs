@@ -187,6 +187,7 @@ pub async fn start_with_http(
     let tls = tls::optional_server_config(
         config.tls_cert_file.as_deref(),
         config.tls_key_file.as_deref(),
+        config.tls_client_ca_file.as_deref(),
     )?;
     let storage = {
         let config = config.clone();

@@ -20,14 +20,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DEFAULT_URL: &str = "http://127.0.0.1:8098";
 
 /// How the client commands (get, put, delete, admin, bench) reach a node: the CA to trust for
-/// `https://` URLs and HTTP Basic credentials.
+/// `https://` URLs, a client certificate, and HTTP Basic credentials.
 #[derive(Debug, Clone, Args)]
 struct ClientOptions {
     /// PEM file of the CA certificate(s) that signed the node's certificate (for https://
     /// URLs; no system roots are trusted).
     #[arg(long, global = true, value_name = "FILE")]
     ca_cert: Option<PathBuf>,
-    /// User name for HTTP Basic authentication (with --password or DYNAKV_PASSWORD).
+    /// PEM client certificate (chain) to present to a node that verifies client certificates
+    /// (for a `certificate` security source; the certificate names --user). With --client-key.
+    #[arg(long, global = true, value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, global = true, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// User name for HTTP Basic authentication (with --password or DYNAKV_PASSWORD; with
+    /// --client-cert no password is needed).
     #[arg(long, global = true, value_name = "NAME")]
     user: Option<String>,
     /// Password of --user (prefer the DYNAKV_PASSWORD environment variable: a command line
@@ -40,6 +48,8 @@ struct ClientOptions {
 #[derive(Debug, Clone, Default)]
 pub struct ClientSettings {
     ca_pem: Option<Vec<u8>>,
+    /// The client certificate and its key (PEM).
+    client_cert: Option<(Vec<u8>, Vec<u8>)>,
     basic_auth: Option<(String, String)>,
 }
 
@@ -52,14 +62,31 @@ impl ClientSettings {
             ),
             None => None,
         };
+        let client_cert = match (&options.client_cert, &options.client_key) {
+            (Some(cert), Some(key)) => Some((
+                std::fs::read(cert).with_context(|| {
+                    format!("reading the client certificate {}", cert.display())
+                })?,
+                std::fs::read(key)
+                    .with_context(|| format!("reading the client key {}", key.display()))?,
+            )),
+            (None, None) => None,
+            _ => bail!("give both --client-cert and --client-key, or neither"),
+        };
         let basic_auth = match (&options.user, &options.password) {
             (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+            // A certificate source ignores the password: the certificate authenticates.
+            (Some(user), None) if client_cert.is_some() => Some((user.clone(), String::new())),
             (Some(_), None) => bail!("--user needs a password: --password or DYNAKV_PASSWORD"),
             // A password in the environment without --user is not an error (the variable
             // may be set for other commands); one given as --password alone is unused.
             (None, _) => None,
         };
-        Ok(ClientSettings { ca_pem, basic_auth })
+        Ok(ClientSettings {
+            ca_pem,
+            client_cert,
+            basic_auth,
+        })
     }
 
     /// A client of the node at `url` with these settings.
@@ -73,6 +100,11 @@ impl ClientSettings {
             bail!(
                 "an https:// URL needs --ca-cert FILE (the CA that signed the node's certificate)"
             );
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            client = client
+                .with_client_cert(cert, key)
+                .context("the --client-cert and --client-key files cannot be used")?;
         }
         if let Some((user, password)) = &self.basic_auth {
             client = client.with_basic_auth(user, password);
@@ -135,6 +167,11 @@ enum Command {
         /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// PEM CA certificate(s) that sign client certificates: the HTTPS port asks clients
+        /// for one and verifies any presented (`certificate` security sources); clients
+        /// without one still connect. Needs --tls-cert and --tls-key (or the config file's).
+        #[arg(long, value_name = "FILE")]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Run a local cluster in this process; node i serves HTTP on P+i-1 and peers on P+1000+i-1.
     Dev {
@@ -273,7 +310,8 @@ enum SecurityCommand {
     Status,
     /// The users.
     ListUsers,
-    /// Add a user: `add-user alice password=s3cret` (no password: only trust sources).
+    /// Add a user: `add-user alice password=s3cret` (no password: trust or certificate
+    /// sources only).
     AddUser { name: String, options: Vec<String> },
     /// Change a user's password: `alter-user alice password=n3w`.
     AlterUser { name: String, options: Vec<String> },
@@ -462,6 +500,7 @@ async fn run(cli: Cli) -> Result<()> {
             storage,
             tls_cert,
             tls_key,
+            tls_client_ca,
         } => {
             init_logging("info,fjall=warn,lsm_tree=warn");
             let mut server_config = ServerConfig::new(&name, http, peer, data_dir);
@@ -482,6 +521,9 @@ async fn run(cli: Cli) -> Result<()> {
             if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
                 server_config.tls_cert_file = Some(cert);
                 server_config.tls_key_file = Some(key);
+            }
+            if let Some(ca) = tls_client_ca {
+                server_config.tls_client_ca_file = Some(ca);
             }
             let server = dynakv_server::start(server_config.clone()).await?;
             let handle = ShutdownOnSignal::install()?;

@@ -1,7 +1,8 @@
 //! The real binary with HTTPS on the client port: `dynakv server --tls-cert --tls-key` serves
 //! the CLI's get/put/admin/bench given `--ca-cert` (and Basic credentials, sent over TLS);
 //! without the CA, or over plain HTTP, the CLI fails with a clear message; a certificate and
-//! key that do not go together stop the server at start with one.
+//! key that do not go together stop the server at start with one. With `--tls-client-ca`, the
+//! CLI's `--client-cert --client-key` authenticate a user of a `certificate` source.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -87,32 +88,39 @@ fn text(output: &Output) -> String {
     )
 }
 
-#[test]
-fn the_cli_talks_https_to_a_server_started_with_a_certificate() {
-    let _serial = common::serial();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
+/// `dynakv server` with `--tls-cert`/`--tls-key` and `extra` arguments, its log in
+/// `dir/server.log`, once its client port accepts connections; and its URL.
+fn start_tls_server(dir: &Path, certs: &Certs, extra: &[&std::ffi::OsStr]) -> (Server, String) {
     let ports = common::free_ports(2);
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let _server = Server(
-        server_command(dir.path(), ports[0], ports[1])
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let server = Server(
+        server_command(dir, ports[0], ports[1])
             .arg("--tls-cert")
             .arg(&certs.cert)
             .arg("--tls-key")
             .arg(&certs.key)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap(),
     );
-    let url = format!("https://127.0.0.1:{}", ports[0]);
-    let ca = certs.ca.to_str().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         assert!(Instant::now() < deadline, "the server did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (server, format!("https://127.0.0.1:{}", ports[0]))
+}
+
+#[test]
+fn the_cli_talks_https_to_a_server_started_with_a_certificate() {
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let (_server, url) = start_tls_server(dir.path(), &certs, &[]);
+    let ca = certs.ca.to_str().unwrap();
 
     let put = cli(
         &["put", "b", "k", "over tls", "--url", &url, "--ca-cert", ca],
@@ -186,7 +194,7 @@ fn the_cli_talks_https_to_a_server_started_with_a_certificate() {
         "{}",
         text(&wrong_ca)
     );
-    let plain_url = format!("http://127.0.0.1:{}", ports[0]);
+    let plain_url = url.replacen("https://", "http://", 1);
     let plain = cli(&["get", "b", "k", "--url", &plain_url], None);
     assert!(!plain.status.success(), "{}", text(&plain));
     assert!(text(&plain).contains("https://"), "{}", text(&plain));
@@ -426,4 +434,142 @@ fn a_secure_three_node_cluster_serves_the_walk_through_with_credentials() {
     );
     assert!(!plain.status.success(), "{}", text(&plain));
     drop(servers);
+}
+
+/// A client certificate for `name` (DNS subjectAltName, client-auth usage) signed by a new
+/// CA; the CA, the certificate and its key are written to `dir` as `{stem}-ca.pem`,
+/// `{stem}.pem` and `{stem}.key`.
+fn make_client_cert(dir: &Path, stem: &str, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let paths = (
+        dir.join(format!("{stem}-ca.pem")),
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// `--tls-client-ca` on the server and `--client-cert --client-key` on the CLI: a user of a
+/// `certificate` source gets in with a certificate for its name (no password needed), and
+/// not with a certificate from another CA or without one.
+#[test]
+fn the_cli_authenticates_with_a_client_certificate() {
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let (client_ca, alice_cert, alice_key) = make_client_cert(dir.path(), "alice", "alice");
+    let (_, forged_cert, forged_key) = make_client_cert(dir.path(), "forged", "alice");
+    let (_server, url) = start_tls_server(
+        dir.path(),
+        &certs,
+        &["--tls-client-ca".as_ref(), client_ca.as_os_str()],
+    );
+    let ca = certs.ca.to_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cli(&["admin", "status", "--url", &url, "--ca-cert", &ca], None);
+        if status.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for step in [
+        &["security", "add-user", "alice"][..],
+        &[
+            "security",
+            "add-source",
+            "all",
+            "127.0.0.1/32",
+            "certificate",
+        ],
+        &[
+            "security",
+            "grant",
+            "riak_kv.get,riak_kv.put",
+            "on",
+            "any",
+            "to",
+            "alice",
+        ],
+        &["security", "enable"],
+    ] {
+        let mut args = vec!["admin", "--url", &url, "--ca-cert", &ca];
+        args.extend_from_slice(step);
+        let out = cli(&args, None);
+        assert!(out.status.success(), "{step:?}: {}", text(&out));
+    }
+    let with = |cert: &Path, key: &Path, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--url", &url, "--ca-cert", &ca, "--user", "alice"]);
+        let mut command = Command::new(common::BIN);
+        command
+            .args(&all)
+            .arg("--client-cert")
+            .arg(cert)
+            .arg("--client-key")
+            .arg(key)
+            .env_remove("DYNAKV_PASSWORD")
+            .stdin(Stdio::null());
+        command.output().unwrap()
+    };
+    let put = with(
+        &alice_cert,
+        &alice_key,
+        &["put", "b", "k", "by certificate"],
+    );
+    assert!(put.status.success(), "{}", text(&put));
+    let got = with(&alice_cert, &alice_key, &["get", "b", "k"]);
+    assert!(got.status.success(), "{}", text(&got));
+    assert!(text(&got).contains("by certificate"), "{}", text(&got));
+    let forged = with(&forged_cert, &forged_key, &["get", "b", "k"]);
+    assert!(!forged.status.success(), "{}", text(&forged));
+    let bare = cli(
+        &[
+            "get",
+            "b",
+            "k",
+            "--url",
+            &url,
+            "--ca-cert",
+            &ca,
+            "--user",
+            "alice",
+        ],
+        Some(""),
+    );
+    assert!(
+        !bare.status.success() && text(&bare).contains("401"),
+        "{}",
+        text(&bare)
+    );
+    let half = cli(
+        &[
+            "get",
+            "b",
+            "k",
+            "--url",
+            &url,
+            "--ca-cert",
+            &ca,
+            "--client-cert",
+            "x.pem",
+        ],
+        None,
+    );
+    assert!(
+        !half.status.success() && text(&half).contains("--client-key"),
+        "{}",
+        text(&half)
+    );
 }
