@@ -29,6 +29,13 @@ use crate::ring::{NodeId, PartitionId, Ring, RingError, RingNode};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// What a node waiting for its join answers every peer request: until the join is accepted
+/// it serves nothing (a member's gossip merged before would make it a member of a cluster it
+/// has not joined, and its join would then be refused). The server and the `Node` both keep
+/// this rule.
+pub const AWAITING_JOIN_REFUSAL: &str =
+    "this node is joining a cluster: it serves no peer request yet";
+
 /// Most members a cluster may have.
 pub const MAX_MEMBERS: usize = 256;
 /// Most buckets with custom properties.

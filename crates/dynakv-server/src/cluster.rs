@@ -1170,9 +1170,7 @@ impl Cluster {
     pub async fn handle_peer(self: Arc<Self>, from: PeerInfo, message: PeerMessage) -> PeerMessage {
         self.observe_contact(&NodeId(from.node_name.clone()));
         if self.awaiting_join.load(Ordering::Acquire) {
-            return PeerMessage::Error(
-                "this node is joining a cluster: it serves no peer request yet".to_owned(),
-            );
+            return PeerMessage::Error(dynakv_core::membership::AWAITING_JOIN_REFUSAL.to_owned());
         }
         match self.handle_peer_inner(&from, message).await {
             Ok(reply) => reply,

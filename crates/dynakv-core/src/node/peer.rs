@@ -17,6 +17,11 @@ impl Node {
     // ----- peer requests -----
 
     pub(super) fn on_request(&mut self, now: u64, from: &NodeId, id: RequestId, body: PeerMessage) {
+        if !self.joined() {
+            let refusal = crate::membership::AWAITING_JOIN_REFUSAL.to_owned();
+            self.respond(from, id, PeerMessage::Error(refusal));
+            return;
+        }
         if serve::storage_call(&body).is_some() {
             self.serve_peer(from, id, body);
             return;
