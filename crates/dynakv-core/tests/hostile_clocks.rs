@@ -35,6 +35,19 @@ fn clock_with(counter: u64) -> VersionVector {
     clock
 }
 
+/// A write by actor 7 whose dot takes the last counter allowed.
+fn written_at_the_last_counter() -> Object {
+    Object::new()
+        .update(
+            &clock_with(MAX_CLOCK_COUNTER - 1),
+            content(b"v"),
+            ActorId(7),
+            1,
+            policy(),
+        )
+        .unwrap()
+}
+
 fn encoded(clock: &VersionVector) -> Vec<u8> {
     let mut w = Writer::with_capacity(16);
     encode_clock(&mut w, clock);
@@ -61,15 +74,7 @@ fn clocks_with_counters_past_the_limit_do_not_decode() {
 fn an_object_from_a_peer_with_a_huge_counter_does_not_decode() {
     // A legitimate object at the highest counter, then its bytes edited as a forger would:
     // the actor's counter (in the clock and in the dot) set to 2^64 - 2.
-    let object = Object::new()
-        .update(
-            &clock_with(MAX_CLOCK_COUNTER - 1),
-            content(b"v"),
-            ActorId(7),
-            1,
-            policy(),
-        )
-        .unwrap();
+    let object = written_at_the_last_counter();
     let bytes = object.encode();
     assert!(Object::decode(&bytes).is_ok());
     let mut limit = Writer::with_capacity(16);
@@ -138,14 +143,6 @@ fn a_write_whose_dot_would_pass_the_limit_is_refused_not_wrapped() {
     );
     assert!(matches!(refused, Err(WriteError::CounterExhausted { .. })));
     // Just below, the write goes through with the last counter.
-    let ok = Object::new()
-        .update(
-            &clock_with(MAX_CLOCK_COUNTER - 1),
-            content(b"v"),
-            ActorId(7),
-            1,
-            policy(),
-        )
-        .unwrap();
+    let ok = written_at_the_last_counter();
     assert_eq!(ok.clock().counter(ActorId(7)), MAX_CLOCK_COUNTER);
 }

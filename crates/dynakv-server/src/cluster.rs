@@ -229,7 +229,8 @@ pub struct Cluster {
     /// its join would then be refused).
     awaiting_join: std::sync::atomic::AtomicBool,
     state: RwLock<Arc<ClusterState>>,
-    secret: RwLock<ContextKey>,
+    /// The context MAC key (derived from the cluster secret at start; never changes).
+    secret: ContextKey,
     replica: Arc<Replica>,
     storage: Arc<dyn Storage>,
     client: PeerClient<PeerMessage>,
@@ -312,7 +313,7 @@ impl Cluster {
             failure_detector: Mutex::new(FailureDetector::new(me.clone(), 0, heartbeat_timeout_ms)),
             me,
             state: RwLock::new(Arc::new(state)),
-            secret: RwLock::new(secret),
+            secret,
             replica,
             storage,
             client,
@@ -385,8 +386,8 @@ impl Cluster {
         Arc::clone(&self.state.read())
     }
 
-    pub fn secret(&self) -> ContextKey {
-        self.secret.read().clone()
+    pub fn secret(&self) -> &ContextKey {
+        &self.secret
     }
 
     pub fn replica(&self) -> &Arc<Replica> {

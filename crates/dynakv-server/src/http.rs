@@ -651,7 +651,7 @@ fn object_response(
     success: StatusCode,
 ) -> ApiResult {
     let context = context::encode(
-        &state.cluster.secret(),
+        state.cluster.secret(),
         bucket.as_bytes(),
         key.as_bytes(),
         object.clock(),
@@ -987,7 +987,7 @@ fn client_context(
         return Ok(None);
     }
     context::decode(
-        &state.cluster.secret(),
+        state.cluster.secret(),
         bucket.as_bytes(),
         key.as_bytes(),
         text,
