@@ -31,19 +31,53 @@ impl Drop for Server {
     }
 }
 
-fn start_server(data_dir: &Path, port: u16) -> Server {
-    let child = Command::new(BIN)
-        .args(["server", "--name", "n1", "--data-dir"])
-        .arg(data_dir)
-        .args(["--http", &format!("127.0.0.1:{port}")])
-        .args(["--peer", &format!("127.0.0.1:{}", free_port())])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_until_up(port);
-    Server { child, url }
+/// Starts `dynakv server` on fresh ports and waits until *this* process answers: a port picked
+/// by `free_port` can be taken by a parallel test (or an outgoing connection) before the server
+/// binds it, so a start whose process exits, or whose port answers under another node's name,
+/// is retried on other ports.
+fn start_server(data_dir: &Path, name: &str) -> Server {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(BIN)
+            .args(["server", "--name", name, "--data-dir"])
+            .arg(data_dir)
+            .args(["--http", &format!("127.0.0.1:{port}")])
+            .args(["--peer", &format!("127.0.0.1:{}", free_port())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ours = false;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            let out = cli(&["admin", "status", "--url", &url]);
+            if out.status.success() {
+                let status: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).unwrap_or_default();
+                ours = status["node"].as_str() == Some(name);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Our process must still be running: another test's node may hold the same name.
+        if ours && child.try_wait().unwrap().is_none() {
+            return Server { child, url };
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("server {name} did not come up on five sets of free ports");
+}
+
+/// A node name no other test in this run uses (the data directory is bound to its name).
+fn unique_name() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("n{n}-{}", std::process::id())
 }
 
 fn wait_until_up(port: u16) {
@@ -83,8 +117,8 @@ fn context_of(output: &Output) -> String {
 #[test]
 fn acknowledged_fsynced_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = start_server(dir.path(), port);
+    let name = unique_name();
+    let mut server = start_server(dir.path(), &name);
     for i in 0..50 {
         let out = cli(&[
             "put",
@@ -102,7 +136,7 @@ fn acknowledged_fsynced_writes_survive_sigkill() {
     let actor_before = actor(&server.url);
     server.child.kill().unwrap(); // SIGKILL: no flush, no shutdown hook
     server.child.wait().unwrap();
-    let server = start_server(dir.path(), port);
+    let server = start_server(dir.path(), &name);
     assert_ne!(
         actor(&server.url),
         actor_before,
@@ -124,8 +158,8 @@ fn acknowledged_fsynced_writes_survive_sigkill() {
 #[test]
 fn buffered_bucket_writes_survive_sigkill_after_the_flush_interval() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = start_server(dir.path(), port);
+    let name = unique_name();
+    let mut server = start_server(dir.path(), &name);
     let set = Command::new("curl")
         .args([
             "-sf",
@@ -141,23 +175,20 @@ fn buffered_bucket_writes_survive_sigkill_after_the_flush_interval() {
         // No curl: set the property through a raw socket instead.
         use std::io::Write;
         let body = r#"{"props":{"durability":"buffered"}}"#;
-        let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        let mut s = std::net::TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
         write!(s, "PUT /buckets/fast/props HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
         let mut sink = String::new();
         let _ = std::io::Read::read_to_string(&mut s, &mut sink);
     }
     for i in 0..20 {
-        assert!(
-            cli(&["put", "fast", &format!("k{i}"), "v", "--url", &server.url])
-                .status
-                .success()
-        );
+        let out = cli(&["put", "fast", &format!("k{i}"), "v", "--url", &server.url]);
+        assert!(out.status.success(), "{out:?}");
     }
     // The flusher runs every 100 ms by default.
     std::thread::sleep(Duration::from_millis(600));
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    let server = start_server(dir.path(), port);
+    let server = start_server(dir.path(), &name);
     for i in 0..20 {
         let out = cli(&["get", "fast", &format!("k{i}"), "--url", &server.url]);
         assert_eq!(stdout(&out), "v\n", "{out:?}");
@@ -167,8 +198,8 @@ fn buffered_bucket_writes_survive_sigkill_after_the_flush_interval() {
 #[test]
 fn sigterm_stops_cleanly_and_cli_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = start_server(dir.path(), port);
+    let name = unique_name();
+    let mut server = start_server(dir.path(), &name);
     let url = server.url.clone();
     let put = cli(&["put", "b", "k", "one", "--url", &url]);
     assert!(put.status.success());
@@ -201,7 +232,10 @@ fn sigterm_stops_cleanly_and_cli_round_trip() {
     let gone = cli(&["get", "b", "k", "--url", &url]);
     assert!(!gone.status.success());
     let status = cli(&["admin", "status", "--url", &url]);
-    assert!(stdout(&status).contains("\"node\": \"n1\""), "{status:?}");
+    assert!(
+        stdout(&status).contains(&format!("\"node\": \"{name}\"")),
+        "{status:?}"
+    );
     let actor_before = actor(&url);
     Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
@@ -216,7 +250,7 @@ fn sigterm_stops_cleanly_and_cli_round_trip() {
         assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let server = start_server(dir.path(), port);
+    let server = start_server(dir.path(), &name);
     assert_eq!(
         actor(&server.url),
         actor_before,
