@@ -33,6 +33,7 @@ pub mod node;
 pub mod object;
 pub mod quorum;
 pub mod replica;
+pub mod request;
 pub mod ring;
 pub mod rng;
 pub mod security;

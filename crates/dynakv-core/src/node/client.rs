@@ -6,27 +6,21 @@
 //! once per request (a key listing in pages, the last marked).
 
 use super::{
-    AfterSync, BTreeSet, BucketListing, BucketProps, BucketPropsEntry, ClientOp, ClientRequestId,
-    ClientResult, GetCoord, GetCoordinator, GetStep, KeyListing, KeyPage, LIST_PAGE_KEYS,
-    ListCursor, LocalWrite, Node, NodeId, Object, Output, PeerMessage, Purpose, PutCoord,
-    PutCoordinator, PutForward, PutOp, PutPolicy, PutRoute, PutSend, PutStep, Quorum, ReplicaPlan,
-    ReplyTo, StoreDurability, VecDeque, Writer, encode_clock, keys,
+    AfterSync, BTreeSet, BucketListing, BucketProps, BucketPropsEntry, ClientOp, ClientRequest,
+    ClientRequestId, ClientResult, Event, GetRequest, KeyListing, KeyPage, LIST_PAGE_KEYS,
+    ListCursor, Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Purpose, PutRequest,
+    ReplyTo, Step, StoreDurability, VecDeque, keys,
 };
 
 impl Node {
     // ----- client requests -----
 
-    pub(super) fn replica_plan(&self, now: u64, bucket: &str, key: &str) -> ReplicaPlan {
-        let partition = self.partition_of(bucket, key);
-        ReplicaPlan::new(&self.cluster, partition, self.n_val(bucket), |node| {
-            self.is_up(now, node)
-        })
-    }
-
     pub(super) fn on_client(&mut self, now: u64, id: ClientRequestId, op: ClientOp) {
         match op {
             ClientOp::Get { bucket, key, r, pr } => {
-                self.start_get(now, ReplyTo::Client(id), &bucket, &key, (r, pr));
+                let view = NodeView { node: self, now };
+                let (get, steps) = GetRequest::start(&view, &bucket, &key, (r, pr));
+                self.start_request(now, Machine::Get(get), ReplyTo::Client(id), steps);
             }
             ClientOp::SetBucketProps { bucket, props } => {
                 let result = self.set_bucket_props(now, &bucket, props.as_ref());
@@ -46,35 +40,9 @@ impl Node {
                 self.outputs.push(Output::Reply { id, result });
             }
             ClientOp::Put(op) => {
-                let props = self.props(&op.bucket);
-                let primaries = self.replica_plan(now, &op.bucket, &op.key).primaries;
-                let forward = match PutForward::route(&primaries, &self.me, |n| self.is_up(now, n))
-                {
-                    PutRoute::Coordinate => {
-                        self.coordinate_put(now, ReplyTo::Client(id), op);
-                        return;
-                    }
-                    PutRoute::Forward(forward) => forward,
-                };
-                // As the server: W and PW resolved here against the preference list.
-                let n = primaries.len() as u32;
-                let body = PeerMessage::CoordinatePut {
-                    bucket: op.bucket,
-                    key: op.key,
-                    context: op.context.as_ref().map(|c| {
-                        let mut writer = Writer::default();
-                        encode_clock(&mut writer, c);
-                        writer.buf
-                    }),
-                    content: op.content,
-                    w: op.w.map(|w| w.resolve(n, props.w)),
-                    pw: op.pw.map(|pw| pw.resolve(n, props.pw)),
-                    dw_given: op.dw_given,
-                    precondition: op.precondition.into(),
-                    now_ms: now,
-                    ring_version: self.cluster.ring.version,
-                };
-                self.forward(now, id, forward, body);
+                let view = NodeView { node: self, now };
+                let (put, steps) = PutRequest::start(&view, op, now);
+                self.start_request(now, Machine::Put(put), ReplyTo::Client(id), steps);
             }
         }
     }
@@ -348,140 +316,142 @@ impl Node {
         self.send_join(now);
     }
 
-    /// Forward a put to the next candidate primary (the core's `PutForward`), or answer the
-    /// client when every one was tried.
-    pub(super) fn forward(
+    /// Start a client request's machine (the data plane, `crate::request`) and perform its
+    /// first steps.
+    pub(super) fn start_request(
         &mut self,
         now: u64,
-        client: ClientRequestId,
-        mut forward: PutForward,
-        body: PeerMessage,
-    ) {
-        let Some(to) = forward.next_candidate() else {
-            let message = format!("no coordinator: {}", forward.last_error());
-            self.outputs.push(Output::Reply {
-                id: client,
-                result: ClientResult::unavailable(message),
-            });
-            return;
-        };
-        let purpose = Purpose::Forward {
-            client,
-            forward,
-            body: Box::new(body.clone()),
-        };
-        let timeout = self.config.timings.forward_ms;
-        self.send_request(now, &to, body, purpose, timeout);
-    }
-
-    pub(super) fn start_get(
-        &mut self,
-        now: u64,
+        machine: Machine,
         reply: ReplyTo,
-        bucket: &str,
-        key: &str,
-        (r, pr): (Option<Quorum>, Option<Quorum>),
+        steps: Vec<Step>,
     ) {
-        let props = self.props(bucket);
-        let plan = self.replica_plan(now, bucket, key);
-        let n = plan.primaries.len() as u32;
-        let needed = r.unwrap_or(Quorum::Default).resolve(n, props.r).min(n) as usize;
-        let needed_primaries = pr.unwrap_or(Quorum::Default).resolve(n, props.pr).min(n) as usize;
-        let (coordinator, fetches) = match GetCoordinator::start(&plan, needed, needed_primaries) {
-            Ok(started) => started,
-            Err(e) => {
-                let message = format!("quorum not met: {e}");
-                self.answer(reply, ClientResult::unavailable(message));
-                return;
-            }
+        let id = self.next_client_request;
+        self.next_client_request += 1;
+        let mut request = ClientRequest {
+            machine,
+            reply: Some(reply),
         };
-        let coord = self.next_coord;
-        self.next_coord += 1;
-        self.gets.insert(
-            coord,
-            GetCoord {
-                bucket: bucket.to_owned(),
-                key: key.to_owned(),
-                coordinator,
-                reply: Some(reply),
-            },
-        );
-        for slot in fetches {
-            if slot.node == self.me {
-                let local = self.local_with_hint(bucket, key, slot.stands_in_for.as_ref());
-                self.on_get_reply(now, coord, &slot.node, local);
-            } else {
-                let body = self.replica_get(bucket, key, slot.stands_in_for.as_ref());
-                let timeout = self.config.timings.request_ms;
-                self.send_request(now, &slot.node, body, Purpose::GetFetch { coord }, timeout);
-            }
+        self.perform(now, id, &mut request, steps);
+        if !request.machine.finished() {
+            self.requests.insert(id, request);
         }
     }
 
-    pub(super) fn on_get_reply(
-        &mut self,
-        now: u64,
-        coord: u64,
-        from: &NodeId,
-        reply: Result<Option<Object>, ()>,
-    ) {
-        let Some(mut get) = self.gets.remove(&coord) else {
+    /// Feed an outcome to client request `id`'s machine and perform what it asks.
+    pub(super) fn request_event(&mut self, now: u64, id: u64, event: Event) {
+        let Some(mut request) = self.requests.remove(&id) else {
             return;
         };
-        let steps = get.coordinator.on_reply(from, reply);
-        let (bucket, key) = (get.bucket.clone(), get.key.clone());
-        let mut to = None;
-        if steps.iter().any(|s| matches!(s, GetStep::Answer(_))) {
-            to = get.reply.take();
+        let view = NodeView { node: self, now };
+        let steps = request.machine.handle(&view, event);
+        self.perform(now, id, &mut request, steps);
+        if !request.machine.finished() {
+            self.requests.insert(id, request);
         }
-        if !get.coordinator.finished() {
-            self.gets.insert(coord, get);
-        }
+    }
+
+    /// Perform a request machine's steps in order; a local step's outcome is fed back at
+    /// once and what it returns is performed before the next step.
+    fn perform(&mut self, now: u64, id: u64, request: &mut ClientRequest, steps: Vec<Step>) {
         for step in steps {
-            match step {
-                GetStep::Answer(result) => {
-                    if let Some(to) = to.take() {
-                        let result = match result {
-                            Ok(object) => ClientResult::Got(object),
-                            Err(e) => ClientResult::unavailable(format!("quorum not met: {e}")),
-                        };
-                        self.answer(to, result);
-                    }
-                }
-                GetStep::Repair { merged, targets } => {
-                    for node in targets {
+            let event = match step {
+                Step::Send {
+                    tag,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    let purpose = if let Some(tag) = tag {
+                        Purpose::Request { request: id, tag }
+                    } else {
+                        // Read repair: fire and forget.
                         if self.failed.is_some() {
                             return;
                         }
                         self.stats.read_repairs += 1;
-                        self.store_replica(now, &node, &bucket, &key, &merged);
+                        Purpose::Store
+                    };
+                    self.send_request(now, &to, message, purpose, timeout_ms);
+                    None
+                }
+                Step::ReadLocal {
+                    tag,
+                    bucket,
+                    key,
+                    hinted_for,
+                } => {
+                    let result = self.local_with_hint(&bucket, &key, hinted_for.as_ref());
+                    Some(Event::Read { tag, result })
+                }
+                Step::MergeLocal {
+                    bucket,
+                    key,
+                    object,
+                } => {
+                    if self.failed.is_some() {
+                        return;
+                    }
+                    self.stats.read_repairs += 1;
+                    let me = self.me.clone();
+                    self.store_replica(now, &me, &bucket, &key, &object);
+                    None
+                }
+                Step::Write {
+                    op,
+                    durability,
+                    now_ms,
+                } => {
+                    let props = self.props(&op.bucket);
+                    match self.write_local(now_ms, op, &props, StoreDurability::Buffered) {
+                        Ok(stored) if durability == StoreDurability::Fsync => {
+                            // The coordinator's own copy is durable before it is sent on.
+                            self.after_sync(AfterSync::Written {
+                                request: id,
+                                stored,
+                            });
+                            None
+                        }
+                        written => Some(Event::Written(written)),
                     }
                 }
+                Step::KeepHint {
+                    target,
+                    bucket,
+                    key,
+                    object,
+                    durability,
+                } => {
+                    self.keep_hint(&target, (&bucket, &key), &object, durability);
+                    None
+                }
+                Step::CheckOrphan { bucket, key } => {
+                    self.check_orphan(&bucket, &key);
+                    None
+                }
+                Step::Replanned => {
+                    self.stats.replans += 1;
+                    None
+                }
+                Step::Answer(result) => {
+                    if let Some(to) = request.reply.take() {
+                        let result = match (result, &request.machine) {
+                            (Ok(object), Machine::Get(_)) => ClientResult::Got(object),
+                            (Ok(object), Machine::Put(_)) => ClientResult::Put(object),
+                            (Err(e), _) => ClientResult::Failed {
+                                status: e.status(),
+                                message: e.to_string(),
+                            },
+                        };
+                        self.answer(to, result);
+                    }
+                    None
+                }
+            };
+            if let Some(event) = event {
+                let view = NodeView { node: self, now };
+                let steps = request.machine.handle(&view, event);
+                self.perform(now, id, request, steps);
             }
-        }
-    }
-
-    /// `Cluster::store_replica` without waiting for the outcome.
-    pub(super) fn store_replica(
-        &mut self,
-        now: u64,
-        node: &NodeId,
-        bucket: &str,
-        key: &str,
-        object: &Object,
-    ) {
-        if node == &self.me {
-            self.merge_local(bucket, key, object);
-            if self.config.handoff_checks_ring {
-                // A read repair planned under an older ring may land after this node's
-                // cleanup.
-                self.check_orphan(bucket, key);
-            }
-        } else {
-            let durability = self.props(bucket).durability;
-            let body = self.replica_put(bucket, key, object, durability);
-            let timeout = self.config.timings.request_ms;
-            self.send_request(now, node, body, Purpose::Store, timeout);
         }
     }
 
@@ -508,133 +478,27 @@ impl Node {
         }
     }
 
-    /// `Cluster::coordinate_put`: store locally, replicate, and re-plan once when the quorum
-    /// failed and the ring version changed meanwhile.
-    pub(super) fn coordinate_put(&mut self, now: u64, reply: ReplyTo, op: PutOp) {
-        let props = self.props(&op.bucket);
-        let plan = self.replica_plan(now, &op.bucket, &op.key);
-        let n = plan.primaries.len() as u32;
-        let w = op.w.unwrap_or(Quorum::Default).resolve(n, props.w).min(n) as usize;
-        let pw = op.pw.unwrap_or(Quorum::Default).resolve(n, props.pw).min(n) as usize;
-        let durability = if op.dw_given {
-            StoreDurability::Fsync
-        } else {
-            props.durability
-        };
-        let (bucket, key) = (op.bucket.clone(), op.key.clone());
-        let stored = match self.write_local(now, op, &props, StoreDurability::Buffered) {
-            Ok(stored) => stored,
-            Err(result) => {
-                self.answer(reply, result);
-                return;
-            }
-        };
-        let planned_at = Some(self.cluster.ring.version);
-        let write = LocalWrite {
-            bucket,
-            key,
-            stored,
-            w,
-            pw,
-            durability,
-        };
-        if durability == StoreDurability::Fsync {
-            // As the server: the coordinator's own copy is durable before it is sent on.
-            let action = AfterSync::Replicate {
-                reply,
-                write,
-                plan,
-                planned_at,
-            };
-            self.after_sync(action);
-        } else {
-            self.replicate(now, reply, write, plan, planned_at);
-        }
-    }
-
-    /// `Cluster::replicate`: the core `PutCoordinator` plans the sends (the plan's slots and
-    /// the next preference list), the hints and the answer (W of the current slots and W of
-    /// the next list); this node performs its steps.
-    pub(super) fn replicate(
+    /// `Cluster::store_replica` without waiting for the outcome (read repair, anti-entropy).
+    pub(super) fn store_replica(
         &mut self,
         now: u64,
-        reply: ReplyTo,
-        write: LocalWrite,
-        plan: ReplicaPlan,
-        planned_at: Option<u64>,
+        node: &NodeId,
+        bucket: &str,
+        key: &str,
+        object: &Object,
     ) {
-        let policy = PutPolicy {
-            w: write.w,
-            pw: write.pw,
-            buffered: write.durability == StoreDurability::Buffered,
-        };
-        let (coordinator, steps) = PutCoordinator::start(&self.me, plan, policy);
-        let coord = self.next_coord;
-        self.next_coord += 1;
-        self.puts.insert(
-            coord,
-            PutCoord {
-                write,
-                coordinator,
-                reply: Some(reply),
-                planned_at,
-            },
-        );
-        self.put_steps(now, coord, steps);
-    }
-
-    /// Perform a put coordinator's steps (answers and sends first, hints after, as the
-    /// server's `PutRun` does); forget the put once every send came back.
-    pub(super) fn put_steps(&mut self, now: u64, coord: u64, mut steps: Vec<PutStep>) {
-        let Some(put) = self.puts.get(&coord) else {
-            return;
-        };
-        let write = put.write.clone();
-        let finished = put.coordinator.finished();
-        steps.sort_by_key(|step| matches!(step, PutStep::KeepHint { .. }));
-        for step in steps {
-            match step {
-                PutStep::Send(send) => self.send_put(now, coord, send, &write),
-                PutStep::KeepHint { target } => {
-                    self.keep_hint(&target, &write);
-                }
-                PutStep::Answer(result) => {
-                    self.put_done(now, coord, result.map_err(|e| e.to_string()));
-                }
+        if node == &self.me {
+            self.merge_local(bucket, key, object);
+            if self.config.handoff_checks_ring {
+                // A read repair planned under an older ring may land after this node's
+                // cleanup.
+                self.check_orphan(bucket, key);
             }
-        }
-        if finished {
-            self.puts.remove(&coord);
-        }
-    }
-
-    /// The first replication round's outcome (`coordinate_put` after `replicate` returned):
-    /// check for an orphan write, re-plan once when the quorum failed under a ring that has
-    /// changed since, else answer.
-    pub(super) fn put_done(&mut self, now: u64, coord: u64, result: Result<(), String>) {
-        let Some(put) = self.puts.get_mut(&coord) else {
-            return;
-        };
-        let Some(to) = put.reply.take() else {
-            return;
-        };
-        let (write, planned_at) = (put.write.clone(), put.planned_at);
-        if planned_at.is_some() {
-            self.check_orphan(&write.bucket, &write.key);
-        }
-        match result {
-            Err(_) if planned_at.is_some_and(|v| v != self.cluster.ring.version) => {
-                // The ring changed while the write was replicated (a replica answered
-                // `StaleRing`): send the same stored version again under the new plan.
-                self.stats.replans += 1;
-                let plan = self.replica_plan(now, &write.bucket, &write.key);
-                self.replicate(now, to, write, plan, None);
-            }
-            Ok(()) => self.answer(to, ClientResult::Put(write.stored)),
-            Err(e) => self.answer(
-                to,
-                ClientResult::unavailable(format!("quorum not met: {e}")),
-            ),
+        } else {
+            let durability = self.props(bucket).durability;
+            let body = crate::request::replica_put(&self.cluster, bucket, key, object, durability);
+            let timeout = self.config.timings.request_ms;
+            self.send_request(now, node, body, Purpose::Store, timeout);
         }
     }
 
@@ -645,38 +509,5 @@ impl Node {
         let n_val = self.n_val(bucket);
         self.cleanup_marker
             .on_stored(&self.cluster, &self.me, partition, n_val);
-    }
-
-    pub(super) fn send_put(&mut self, now: u64, coord: u64, send: PutSend, write: &LocalWrite) {
-        let (bucket, key, object) = (&write.bucket, &write.key, &write.stored);
-        let body = match &send.stands_in_for {
-            None => {
-                let durability = if send.fsync {
-                    StoreDurability::Fsync
-                } else {
-                    write.durability
-                };
-                self.replica_put(bucket, key, object, durability)
-            }
-            Some(primary) => PeerMessage::HintedPut {
-                target: primary.0.clone(),
-                bucket: bucket.clone(),
-                key: key.clone(),
-                object: object.encode(),
-                durability: write.durability,
-                ring_version: self.cluster.ring.version,
-            },
-        };
-        let node = send.node.clone();
-        let timeout = self.config.timings.request_ms;
-        self.send_request(now, &node, body, Purpose::PutSend { coord, send }, timeout);
-    }
-
-    pub(super) fn on_put_reply(&mut self, now: u64, coord: u64, send: &PutSend, ok: bool) {
-        let Some(put) = self.puts.get_mut(&coord) else {
-            return;
-        };
-        let steps = put.coordinator.on_reply(send, ok);
-        self.put_steps(now, coord, steps);
     }
 }

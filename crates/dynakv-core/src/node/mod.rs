@@ -53,11 +53,8 @@
 use crate::aae_trees::AaeTrees;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::bucket::{BucketProps, Quorum};
-use crate::codec::Writer;
 use crate::coordinator::{
-    ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
-    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply, reap_candidates,
-    reap_check_members, reaper_primaries, refuse_forwarded,
+    ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use crate::failure::FailureDetector;
 use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -66,21 +63,22 @@ use crate::keys;
 use crate::limits;
 use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use crate::merkle::{self, Hash};
-use crate::message::{HandoffEntry, PeerMessage, WireContent};
-use crate::object::{Content, Object, PrunePolicy, encode_clock};
-use crate::replica::{Precondition, Replica, ReplicaError, WriteRequest};
+use crate::message::{HandoffEntry, PeerMessage};
+use crate::object::{Content, Object, PrunePolicy};
+use crate::replica::{Replica, ReplicaError, WriteRequest};
+use crate::request::{
+    Event, GetRequest, PutRequest, Reply as RequestReply, RequestError, Step, Tag, View,
+};
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::rng::SeededRng;
 use crate::serve::{self, HintOutcome, Reply, ServeContext, ServeError};
 use crate::storage::{Durability as StoreDurability, Storage, Table};
-use crate::version::{ActorId, VersionVector};
+use crate::version::ActorId;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-/// The content type of a value written without one.
-const CONTENT_TYPE: &str = "application/octet-stream";
 /// Consecutive timeouts after which the transport puts a peer into backoff.
 pub const TIMEOUTS_BEFORE_BACKOFF: u32 = 3;
 /// First transport backoff.
@@ -226,48 +224,7 @@ pub enum Message {
     Response { id: RequestId, body: PeerMessage },
 }
 
-/// A client write (a delete is a write whose content is `deleted`: a tombstone with the
-/// context), with the HTTP API's options.
-#[derive(Debug, Clone)]
-pub struct PutOp {
-    pub bucket: String,
-    pub key: String,
-    pub context: Option<VersionVector>,
-    pub content: WireContent,
-    /// Acknowledgements required, of replicas and of primaries (`None`: the bucket's).
-    pub w: Option<Quorum>,
-    pub pw: Option<Quorum>,
-    /// `dw` was given: the write is durable on the coordinator and on every replica counted
-    /// before the answer, whatever the bucket's durability.
-    pub dw_given: bool,
-    pub precondition: Precondition,
-}
-
-impl PutOp {
-    /// A write of `value` (`None` deletes) with the bucket's quorums and no precondition.
-    pub fn new(
-        bucket: &str,
-        key: &str,
-        context: Option<VersionVector>,
-        value: Option<Vec<u8>>,
-    ) -> PutOp {
-        PutOp {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            context,
-            content: WireContent {
-                deleted: value.is_none(),
-                value: value.unwrap_or_default(),
-                content_type: CONTENT_TYPE.into(),
-                meta: Vec::new(),
-            },
-            w: None,
-            pw: None,
-            dw_given: false,
-            precondition: Precondition::None,
-        }
-    }
-}
+pub use crate::request::PutOp;
 
 /// A client request to this node. Quorums of `None` are the bucket's.
 #[derive(Debug, Clone)]
@@ -413,14 +370,10 @@ enum AfterSync {
         id: RequestId,
         body: PeerMessage,
     },
-    /// A durable coordinator write: replicate once it is on disk (the server's coordinator
-    /// also makes its own copy durable before it sends the write on).
-    Replicate {
-        reply: ReplyTo,
-        write: LocalWrite,
-        plan: ReplicaPlan,
-        planned_at: Option<u64>,
-    },
+    /// A durable coordinator write: request `request` learns it was written (and
+    /// replicates it) once it is on disk (the server's coordinator also makes its own copy
+    /// durable before it sends the write on).
+    Written { request: u64, stored: Object },
     /// A cleanup pass is recorded only once its drops are durable.
     RecordCleanup(Cleanup<Vec<u8>, Hash>),
 }
@@ -428,20 +381,14 @@ enum AfterSync {
 /// Why a reply is awaited.
 #[derive(Debug, Clone)]
 enum Purpose {
-    GetFetch {
-        coord: u64,
-    },
-    PutSend {
-        coord: u64,
-        send: PutSend,
+    /// Send `tag` of client request `request` (a get's fetch, a put's replica write, a
+    /// forwarded put).
+    Request {
+        request: u64,
+        tag: Tag,
     },
     /// Read repair and anti-entropy stores: fire and forget (the transport still counts).
     Store,
-    Forward {
-        client: ClientRequestId,
-        forward: PutForward,
-        body: Box<PeerMessage>,
-    },
     /// Hints for `target`: a `Handoff` batch to it, or one hint whose target no longer
     /// replicates its key, sent to one of the key's current replicas.
     HintDelivery {
@@ -521,33 +468,65 @@ enum ReplyTo {
     Peer(NodeId, RequestId),
 }
 
+/// A client request in progress: its data-plane machine and whom to answer.
 #[derive(Debug)]
-struct GetCoord {
-    bucket: String,
-    key: String,
-    coordinator: GetCoordinator,
+struct ClientRequest {
+    machine: Machine,
     reply: Option<ReplyTo>,
 }
 
-/// A coordinator's stored version of a write, and how it is to be replicated.
-#[derive(Debug, Clone)]
-struct LocalWrite {
-    bucket: String,
-    key: String,
-    stored: Object,
-    w: usize,
-    pw: usize,
-    durability: StoreDurability,
+#[derive(Debug)]
+enum Machine {
+    Get(GetRequest),
+    Put(PutRequest),
 }
 
-#[derive(Debug)]
-struct PutCoord {
-    write: LocalWrite,
-    coordinator: PutCoordinator,
-    reply: Option<ReplyTo>,
-    /// First replication round: the ring version the write was planned with (a failed
-    /// quorum is re-planned once when the ring changed meanwhile). `None` for the re-plan.
-    planned_at: Option<u64>,
+impl Machine {
+    fn handle(&mut self, view: &dyn View, event: Event) -> Vec<Step> {
+        match self {
+            Machine::Get(get) => get.handle(view, event),
+            Machine::Put(put) => put.handle(view, event),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        match self {
+            Machine::Get(get) => get.finished(),
+            Machine::Put(put) => put.finished(),
+        }
+    }
+}
+
+/// The node as its request machines see it: the cluster at `now`.
+struct NodeView<'a> {
+    node: &'a Node,
+    now: u64,
+}
+
+impl View for NodeView<'_> {
+    fn me(&self) -> &NodeId {
+        &self.node.me
+    }
+
+    fn state(&self) -> &ClusterState {
+        &self.node.cluster
+    }
+
+    fn props(&self, bucket: &str) -> BucketProps {
+        self.node.props(bucket)
+    }
+
+    fn is_up(&self, node: &NodeId) -> bool {
+        self.node.is_up(self.now, node)
+    }
+
+    fn request_timeout_ms(&self) -> u64 {
+        self.node.config.timings.request_ms
+    }
+
+    fn forward_timeout_ms(&self) -> u64 {
+        self.node.config.timings.forward_ms
+    }
 }
 
 /// A tombstone being checked on the other primaries before it is reaped.
@@ -651,10 +630,9 @@ pub struct Node {
     parsed_props: RefCell<BTreeMap<String, (u64, BucketProps)>>,
     rng: SeededRng,
     next_request: RequestId,
-    next_coord: u64,
+    next_client_request: u64,
     pending: BTreeMap<RequestId, Pending>,
-    gets: BTreeMap<u64, GetCoord>,
-    puts: BTreeMap<u64, PutCoord>,
+    requests: BTreeMap<u64, ClientRequest>,
     failure_detector: FailureDetector,
     links: BTreeMap<NodeId, Link>,
     /// Peers' clock offsets (`Input::PeerClock`), bounded by the members.
@@ -732,10 +710,9 @@ impl Node {
             parsed_props: RefCell::new(BTreeMap::new()),
             rng,
             next_request: 1,
-            next_coord: 1,
+            next_client_request: 1,
             pending: BTreeMap::new(),
-            gets: BTreeMap::new(),
-            puts: BTreeMap::new(),
+            requests: BTreeMap::new(),
             links: BTreeMap::new(),
             clock_offsets: BTreeMap::new(),
             hint_rounds: BTreeMap::new(),
@@ -990,8 +967,7 @@ impl Node {
         self.aae = aae;
         self.rng = rng;
         self.pending.clear();
-        self.gets.clear();
-        self.puts.clear();
+        self.requests.clear();
         self.failure_detector = FailureDetector::new(
             self.me.clone(),
             now,
@@ -1111,12 +1087,9 @@ impl Node {
             };
             match action {
                 AfterSync::Respond { to, id, body } => self.respond(&to, id, body),
-                AfterSync::Replicate {
-                    reply,
-                    write,
-                    plan,
-                    planned_at,
-                } => self.replicate(now, reply, write, plan, planned_at),
+                AfterSync::Written { request, stored } => {
+                    self.request_event(now, request, Event::Written(Ok(stored)));
+                }
                 AfterSync::RecordCleanup(cleanup) => {
                     cleanup.record(&self.cluster, &mut self.cleanup_marker);
                 }
@@ -1331,7 +1304,7 @@ impl Node {
         op: PutOp,
         props: &BucketProps,
         durability: StoreDurability,
-    ) -> Result<Object, ClientResult> {
+    ) -> Result<Object, RequestError> {
         let content = Content {
             value: op.content.value,
             content_type: op.content.content_type,
@@ -1343,19 +1316,15 @@ impl Node {
         if self.config.per_key_counters {
             // The old rule: the dot counter continues from the key's own clock only.
             let Ok(stored) = self.read(bucket, key) else {
-                return Err(ClientResult::Failed {
-                    status: 500,
-                    message: "the stored object cannot be read".into(),
-                });
+                return Err(RequestError::Internal(
+                    "the stored object cannot be read".into(),
+                ));
             };
             let stored = stored.unwrap_or_default();
             let context = op.context.unwrap_or_default();
             let mut updated = stored
                 .update(&context, content, self.actor, now, PrunePolicy::default())
-                .map_err(|e| ClientResult::Failed {
-                    status: 409,
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| RequestError::Replica(ReplicaError::Write(e)))?;
             if props.last_write_wins {
                 updated.resolve_last_write_wins();
             }
@@ -1373,29 +1342,24 @@ impl Node {
             now_ms: now,
         });
         // A refused write (too many siblings, a failed precondition) is the client's answer
-        // (the server's statuses); a storage failure stops the node.
-        let (status, error) = match written {
+        // (see `RequestError::status`); a storage failure stops the node.
+        match written {
             Ok(updated) => {
                 self.note_stored(&updated);
-                return Ok(updated);
+                Ok(updated)
             }
-            Err(e @ ReplicaError::Write(_)) => (409, e),
-            Err(e @ ReplicaError::Precondition(_)) => (412, e),
             // A stored object that does not decode: the write is refused, as the server does.
             Err(e @ ReplicaError::Corrupt(_)) => {
                 self.stats.corrupt_skipped += 1;
-                (500, e)
+                Err(RequestError::Replica(e))
             }
             Err(e @ ReplicaError::Storage(_)) => {
                 let message = e.to_string();
                 self.must(Err::<(), _>(e), "write an object");
-                (500, ReplicaError::Storage(message))
+                Err(RequestError::Replica(ReplicaError::Storage(message)))
             }
-        };
-        Err(ClientResult::Failed {
-            status,
-            message: error.to_string(),
-        })
+            Err(e) => Err(RequestError::Replica(e)),
+        }
     }
 
     /// A replica-side merge: `Replica::merge` (`sync` with what is stored). Returns whether
@@ -1457,11 +1421,16 @@ impl Node {
         stored == Some(true)
     }
 
-    /// `Cluster::keep_hint`: this node keeps a version of a coordinated write for `target`.
-    fn keep_hint(&mut self, target: &NodeId, write: &LocalWrite) {
+    /// `Step::KeepHint`: this node keeps a version of a coordinated write for `target`.
+    fn keep_hint(
+        &mut self,
+        target: &NodeId,
+        key: (&str, &str),
+        object: &Object,
+        durability: StoreDurability,
+    ) {
         if target != &self.me {
-            let key = (write.bucket.as_str(), write.key.as_str());
-            self.store_hint(target, key, &write.stored, write.durability);
+            self.store_hint(target, key, object, durability);
         }
     }
 

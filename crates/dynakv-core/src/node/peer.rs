@@ -5,10 +5,10 @@
 //! a reply is taken only from the node it was asked of.
 
 use super::{
-    AfterSync, ClientResult, ForwardFailure, ForwardReply, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE,
-    MAX_HINTS_PER_TARGET, Node, NodeId, Object, Output, PeerMessage, Pending, Purpose, PutOp,
-    Quorum, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, ServeContext, ServeError,
-    StoreDurability, forward_reply, refuse_forwarded, serve,
+    AfterSync, ClientResult, Event, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET,
+    Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Pending, Purpose, PutOp,
+    PutRequest, Quorum, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply,
+    ServeContext, ServeError, StoreDurability, refuse_forwarded, serve,
 };
 use crate::coordinator::forwarded_sent_at;
 use crate::object::decode_context;
@@ -77,7 +77,14 @@ impl Node {
                     dw_given,
                     precondition: precondition.into(),
                 };
-                self.coordinate_put(now, ReplyTo::Peer(from.clone(), id), op);
+                let view = NodeView { node: self, now };
+                let (put, steps) = PutRequest::coordinate(&view, op, now);
+                self.start_request(
+                    now,
+                    Machine::Put(put),
+                    ReplyTo::Peer(from.clone(), id),
+                    steps,
+                );
             }
             PeerMessage::ListKeys {
                 bucket,
@@ -127,36 +134,6 @@ impl Node {
                 let error = PeerMessage::Error(format!("unexpected request {}", other.name()));
                 self.respond(from, id, error);
             }
-        }
-    }
-
-    pub(super) fn replica_get(
-        &self,
-        bucket: &str,
-        key: &str,
-        hinted_for: Option<&NodeId>,
-    ) -> PeerMessage {
-        PeerMessage::ReplicaGet {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            ring_version: self.cluster.ring.version,
-            hinted_for: hinted_for.map(|n| n.0.clone()),
-        }
-    }
-
-    pub(super) fn replica_put(
-        &self,
-        bucket: &str,
-        key: &str,
-        object: &Object,
-        durability: StoreDurability,
-    ) -> PeerMessage {
-        PeerMessage::ReplicaPut {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            object: object.encode(),
-            durability,
-            ring_version: self.cluster.ring.version,
         }
     }
 
@@ -263,19 +240,21 @@ impl Node {
             self.merge_state(now, state);
         }
         match pending.purpose {
-            Purpose::GetFetch { coord } => {
+            Purpose::Request { request, tag } => {
                 let reply = match body {
-                    Some(PeerMessage::ReplicaObject { object }) => object
-                        .map(|b| Object::decode(&b))
-                        .transpose()
-                        .map_err(|_| ()),
-                    _ => Err(()),
+                    Some(message) => RequestReply::Message(message),
+                    None if self.unsent == Some(id) => {
+                        RequestReply::NotSent(format!("{from}: unreachable"))
+                    }
+                    // The rule before finding 5 retried a forward that timed out.
+                    None if self.config.retry_unanswered_forward => RequestReply::NotSent(format!(
+                        "{from}: no answer; the write may have been applied"
+                    )),
+                    None => RequestReply::Unanswered(format!(
+                        "{from}: no answer; the write may have been applied"
+                    )),
                 };
-                self.on_get_reply(now, coord, &from, reply);
-            }
-            Purpose::PutSend { coord, send } => {
-                let ok = matches!(body, Some(PeerMessage::Ack));
-                self.on_put_reply(now, coord, &send, ok);
+                self.request_event(now, request, Event::Reply { tag, reply });
             }
             Purpose::Store => {}
             Purpose::Gossip => {
@@ -283,49 +262,6 @@ impl Node {
                     self.merge_state(now, &theirs);
                 }
             }
-            Purpose::Forward {
-                client,
-                mut forward,
-                body: request,
-            } => match body {
-                Some(reply) => match forward_reply(&from, reply) {
-                    ForwardReply::Coordinated(object) => {
-                        let result = match Object::decode(&object) {
-                            Ok(object) => ClientResult::Put(object),
-                            Err(e) => ClientResult::Failed {
-                                status: 500,
-                                message: format!("{from}: {e}"),
-                            },
-                        };
-                        self.outputs.push(Output::Reply { id: client, result });
-                    }
-                    // A refusal that proves it did not coordinate: try the next.
-                    ForwardReply::Refused(error) => {
-                        forward.failed(ForwardFailure::NotAReplica, error);
-                        self.forward(now, client, forward, *request);
-                    }
-                    ForwardReply::Failed { status, message } => self.outputs.push(Output::Reply {
-                        id: client,
-                        result: ClientResult::Failed { status, message },
-                    }),
-                },
-                // Timed out: the candidate may have coordinated it, so stop; the client's
-                // outcome is indeterminate.
-                None if self.unsent == Some(id) => {
-                    forward.failed(ForwardFailure::NotSent, format!("{from}: unreachable"));
-                    self.forward(now, client, forward, *request);
-                }
-                None => {
-                    let error = format!("{from}: no answer; the write may have been applied");
-                    let failure = if self.config.retry_unanswered_forward {
-                        ForwardFailure::NotSent
-                    } else {
-                        ForwardFailure::Unanswered
-                    };
-                    forward.failed(failure, error);
-                    self.forward(now, client, forward, *request);
-                }
-            },
             Purpose::Join => {
                 self.join_pending = false;
                 let client = self.join_client.take();

@@ -576,7 +576,7 @@ impl Node {
             AaeStep::Compare(keys) => {
                 let timeout = self.config.timings.request_ms;
                 for key in keys {
-                    let body = self.replica_get(&key.0, &key.1, None);
+                    let body = crate::request::replica_get(&self.cluster, &key.0, &key.1, None);
                     let request = self.send_request(now, &peer, body, Purpose::Aae, timeout);
                     current.fetching.insert(request, key);
                 }

@@ -2,8 +2,9 @@
 
 use super::*;
 use crate::message::WirePrecondition;
+use crate::replica::Precondition;
 use crate::test_support::{MapStorage, id, settled_cluster};
-use crate::version::Dot;
+use crate::version::{Dot, VersionVector};
 use std::sync::atomic::Ordering;
 
 /// Nodes over `MapStorage`s on a network that delivers every message at once, in order;
