@@ -755,3 +755,305 @@ impl PutRequest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::test_support::{id, settled_cluster};
+    use std::collections::BTreeSet;
+
+    struct TestView {
+        me: NodeId,
+        state: ClusterState,
+        down: BTreeSet<NodeId>,
+    }
+
+    impl View for TestView {
+        fn me(&self) -> &NodeId {
+            &self.me
+        }
+        fn state(&self) -> &ClusterState {
+            &self.state
+        }
+        fn props(&self, _bucket: &str) -> BucketProps {
+            BucketProps::default()
+        }
+        fn is_up(&self, node: &NodeId) -> bool {
+            !self.down.contains(node)
+        }
+        fn request_timeout_ms(&self) -> u64 {
+            100
+        }
+        fn forward_timeout_ms(&self) -> u64 {
+            500
+        }
+    }
+
+    fn view(me: &str, names: &[&str]) -> TestView {
+        TestView {
+            me: id(me),
+            state: settled_cluster(names, 16),
+            down: BTreeSet::new(),
+        }
+    }
+
+    /// A key of which `view`'s node is (`primary`) or is not a primary.
+    fn key_where(view: &TestView, primary: bool) -> String {
+        (0..1000)
+            .map(|i| format!("k{i}"))
+            .find(|k| replica_plan(view, "b", k).primaries.contains(view.me()) == primary)
+            .unwrap()
+    }
+
+    fn sends(steps: &[Step]) -> Vec<(Option<Tag>, NodeId, &PeerMessage)> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Send {
+                    tag, to, message, ..
+                } => Some((*tag, to.clone(), message)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answer(steps: &[Step]) -> Option<&Result<Object, RequestError>> {
+        steps.iter().find_map(|s| match s {
+            Step::Answer(result) => Some(result),
+            _ => None,
+        })
+    }
+
+    fn written(value: &[u8]) -> Object {
+        let mut op = PutOp::new("b", "k", None, Some(value.to_vec()));
+        op.content.content_type = "text/plain".into();
+        Object::default()
+            .update(
+                &VersionVector::default(),
+                crate::object::Content {
+                    value: op.content.value,
+                    content_type: op.content.content_type,
+                    last_modified_ms: 1,
+                    meta: Vec::new(),
+                    deleted: false,
+                },
+                crate::version::ActorId(7),
+                1,
+                crate::object::PrunePolicy::default(),
+            )
+            .unwrap()
+    }
+
+    fn ack(tag: Tag) -> Event {
+        Event::Reply {
+            tag,
+            reply: Reply::Message(PeerMessage::Ack),
+        }
+    }
+
+    fn fail(tag: Tag) -> Event {
+        Event::Reply {
+            tag,
+            reply: Reply::Unanswered("timeout".into()),
+        }
+    }
+
+    #[test]
+    fn a_get_reads_locally_answers_at_r_and_repairs_the_stale_replica_after_every_reply() {
+        let v = view("a", &["a", "b", "c"]);
+        let (mut get, steps) = GetRequest::start(&v, "b", "k", (None, None));
+        let local = steps
+            .iter()
+            .find_map(|s| match s {
+                Step::ReadLocal { tag, .. } => Some(*tag),
+                _ => None,
+            })
+            .expect("this node's copy is read locally, not sent to itself");
+        let remote = sends(&steps);
+        assert_eq!(remote.len(), 2);
+        assert!(remote.iter().all(|(_, to, _)| to != &id("a")));
+        let object = written(b"v");
+        let out = get.handle(
+            &v,
+            Event::Read {
+                tag: local,
+                result: Ok(Some(object.clone())),
+            },
+        );
+        assert!(answer(&out).is_none(), "one reply of r = 2");
+        let reply = Reply::Message(PeerMessage::ReplicaObject {
+            object: Some(object.encode()),
+        });
+        let (first, _, _) = remote[0].clone();
+        let out = get.handle(
+            &v,
+            Event::Reply {
+                tag: first.unwrap(),
+                reply,
+            },
+        );
+        assert!(matches!(answer(&out), Some(Ok(o)) if *o == object));
+        assert!(!get.finished());
+        // The last replica has nothing: repaired once every fetch is back.
+        let (last, stale, _) = remote[1].clone();
+        let reply = Reply::Message(PeerMessage::ReplicaObject { object: None });
+        let out = get.handle(
+            &v,
+            Event::Reply {
+                tag: last.unwrap(),
+                reply,
+            },
+        );
+        assert!(answer(&out).is_none(), "answered once");
+        let repairs = sends(&out);
+        assert_eq!(repairs.len(), 1);
+        assert_eq!(repairs[0].0, None, "read repair is fire and forget");
+        assert_eq!(repairs[0].1, stale);
+        assert!(matches!(repairs[0].2, PeerMessage::ReplicaPut { .. }));
+        assert!(get.finished());
+    }
+
+    #[test]
+    fn a_get_that_cannot_reach_r_replicas_fails_before_sending() {
+        let mut v = view("a", &["a", "b", "c"]);
+        v.down = [id("b"), id("c")].into();
+        let (get, steps) = GetRequest::start(&v, "b", "k", (Some(Quorum::Count(3)), None));
+        assert!(
+            matches!(answer(&steps), Some(Err(e @ RequestError::Quorum(_))) if e.status() == 503)
+        );
+        assert!(sends(&steps).is_empty());
+        assert!(get.finished());
+    }
+
+    #[test]
+    fn a_put_sends_nothing_before_its_own_write_then_answers_at_w_and_hints_a_failure() {
+        let v = view("a", &["a", "b", "c"]);
+        let key = key_where(&v, true);
+        let (mut put, steps) =
+            PutRequest::start(&v, PutOp::new("b", &key, None, Some(b"v".to_vec())), 5);
+        assert!(matches!(steps.as_slice(), [Step::Write { now_ms: 5, .. }]));
+        let stored = written(b"v");
+        let steps = put.handle(&v, Event::Written(Ok(stored.clone())));
+        let out = sends(&steps);
+        assert_eq!(out.len(), 2, "the other two primaries");
+        assert!(answer(&steps).is_none());
+        let (ok, failed) = (out[0].0.unwrap(), out[1].0.unwrap());
+        let steps = put.handle(&v, ack(ok));
+        assert!(
+            matches!(answer(&steps), Some(Ok(o)) if *o == stored),
+            "own copy + one = w 2"
+        );
+        assert!(!put.finished());
+        let steps = put.handle(&v, fail(failed));
+        assert!(
+            steps
+                .iter()
+                .any(|s| matches!(s, Step::KeepHint { target, .. } if target == &out[1].1)),
+            "the failed replica's version is kept as a hint: {steps:?}"
+        );
+        assert!(put.finished());
+    }
+
+    #[test]
+    fn a_refused_own_write_is_the_answer_and_nothing_is_sent() {
+        let v = view("a", &["a", "b", "c"]);
+        let (mut put, _) = PutRequest::coordinate(&v, PutOp::new("b", "k", None, None), 1);
+        let refused = RequestError::Replica(ReplicaError::Precondition("if-none-match"));
+        let steps = put.handle(&v, Event::Written(Err(refused)));
+        assert!(sends(&steps).is_empty());
+        assert!(matches!(answer(&steps), Some(Err(e)) if e.status() == 412));
+        assert!(put.finished());
+    }
+
+    #[test]
+    fn a_quorum_failed_under_a_changed_ring_is_replanned_once() {
+        let mut v = view("a", &["a", "b", "c"]);
+        let (mut put, _) =
+            PutRequest::coordinate(&v, PutOp::new("b", "k", None, Some(b"v".to_vec())), 1);
+        let steps = put.handle(&v, Event::Written(Ok(written(b"v"))));
+        let first: Vec<Tag> = sends(&steps).iter().map(|s| s.0.unwrap()).collect();
+        // A replica answered StaleRing: the ring moved on meanwhile.
+        v.state.ring.version += 1;
+        let steps = put.handle(&v, fail(first[0]));
+        assert!(answer(&steps).is_none());
+        let steps = put.handle(&v, fail(first[1]));
+        assert!(steps.iter().any(|s| matches!(s, Step::Replanned)));
+        assert!(steps.iter().any(|s| matches!(s, Step::CheckOrphan { .. })));
+        assert!(answer(&steps).is_none(), "re-planned, not answered");
+        let second: Vec<Tag> = sends(&steps).iter().map(|s| s.0.unwrap()).collect();
+        assert_eq!(second.len(), 2);
+        v.state.ring.version += 1;
+        put.handle(&v, fail(second[0]));
+        let steps = put.handle(&v, fail(second[1]));
+        assert!(
+            !steps.iter().any(|s| matches!(s, Step::Replanned)),
+            "only once"
+        );
+        assert!(matches!(answer(&steps), Some(Err(RequestError::Quorum(_)))));
+        assert!(put.finished());
+    }
+
+    /// The one tracked send of `steps`.
+    fn one_send(steps: &[Step]) -> (Tag, NodeId, PeerMessage) {
+        let out = sends(steps);
+        assert_eq!(out.len(), 1, "{steps:?}");
+        let (tag, to, message) = out[0].clone();
+        (tag.unwrap(), to, message.clone())
+    }
+
+    #[test]
+    fn a_forward_tries_the_next_primary_only_when_the_last_certainly_did_not_coordinate() {
+        let v = view("d", &["a", "b", "c", "d"]);
+        let key = key_where(&v, false);
+        let op = PutOp::new("b", &key, None, Some(b"v".to_vec()));
+        let (mut put, steps) = PutRequest::start(&v, op, 9);
+        let (tag, first, message) = one_send(&steps);
+        assert!(matches!(
+            message,
+            PeerMessage::CoordinatePut { now_ms: 9, .. }
+        ));
+        let reply = Reply::NotSent("refused".into());
+        let steps = put.handle(&v, Event::Reply { tag, reply });
+        let (tag, second, _) = one_send(&steps);
+        assert_ne!(first, second);
+        let refusal = crate::coordinator::refuse_forwarded(0, 1, false).unwrap();
+        let reply = Reply::Message(refusal);
+        let steps = put.handle(&v, Event::Reply { tag, reply });
+        let (tag, third, _) = one_send(&steps);
+        assert!(third != first && third != second);
+        let reply = Reply::Unanswered("timeout".into());
+        let steps = put.handle(&v, Event::Reply { tag, reply });
+        assert!(
+            sends(&steps).is_empty(),
+            "it may have coordinated it: no retry"
+        );
+        assert!(
+            matches!(answer(&steps), Some(Err(RequestError::NoCoordinator(m))) if m == "timeout")
+        );
+        assert!(put.finished());
+    }
+
+    #[test]
+    fn a_coordinator_failure_reaches_the_client_with_its_status() {
+        let v = view("d", &["a", "b", "c", "d"]);
+        let key = key_where(&v, false);
+        let (mut put, steps) = PutRequest::start(&v, PutOp::new("b", &key, None, None), 1);
+        let tag = sends(&steps)[0].0.unwrap();
+        let failed = PeerMessage::Failed {
+            status: 409,
+            message: "too many siblings".into(),
+        };
+        let steps = put.handle(
+            &v,
+            Event::Reply {
+                tag,
+                reply: Reply::Message(failed),
+            },
+        );
+        assert!(sends(&steps).is_empty());
+        assert!(
+            matches!(answer(&steps), Some(Err(e)) if e.status() == 409 && e.to_string() == "too many siblings")
+        );
+    }
+}

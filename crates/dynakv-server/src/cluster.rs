@@ -18,16 +18,15 @@
 
 use crate::aae::{AaeTrees, ExchangeRecord};
 use crate::clock::WallClock;
-use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteRequest};
+use crate::replica::{Replica, ReplicaError, ReplicaRun};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
-    PutRoute, PutSend, PutStep, ReapAnswer, ReapCheck, ReplicaPlan, forward_reply,
-    forwarded_sent_at, reap_candidates, reap_check_members, reaper_primaries, refuse_forwarded,
+    ReapAnswer, ReapCheck, forwarded_sent_at, reap_candidates, reap_check_members,
+    reaper_primaries, refuse_forwarded,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -35,13 +34,13 @@ use dynakv_core::hints::{HintRound, HintSend};
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
-use dynakv_core::message::{HandoffEntry, PeerMessage, WireContent};
-use dynakv_core::object::{Content, Object, decode_context, encode_clock};
+use dynakv_core::message::{HandoffEntry, PeerMessage};
+use dynakv_core::object::{Object, decode_context};
 use dynakv_core::quorum::QuorumFailure;
+use dynakv_core::request::{PutOp, RequestError};
 use dynakv_core::ring::{NodeId, PartitionId, key_hash};
 use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext, ServeError, StorageCall};
 use dynakv_core::storage::{Durability, Storage, Table};
-use dynakv_core::version::VersionVector;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -108,15 +107,11 @@ impl Default for ClusterTimeouts {
 /// A failed distributed operation, with the HTTP status it maps to.
 #[derive(Debug, Error)]
 pub enum ClusterError {
-    #[error("quorum not met: {0}")]
-    Quorum(QuorumFailure),
-    #[error("no replica of this key could be reached to coordinate the write ({0})")]
-    NoCoordinator(String),
     #[error(transparent)]
     Replica(#[from] ReplicaError),
-    /// A remote coordinator refused or failed: status and message as it gave them.
-    #[error("{message}")]
-    Remote { status: u16, message: String },
+    /// A client request failed (`RequestError::status` is its HTTP status).
+    #[error(transparent)]
+    Request(#[from] RequestError),
     #[error("{0}")]
     Membership(String),
     #[error("internal: {0}")]
@@ -208,16 +203,6 @@ pub struct ClusterParts {
     pub syncs: Option<Arc<SyncBarrier>>,
     /// The node's wall clock (skewed only in tests).
     pub clock: WallClock,
-}
-
-/// Options of a client write.
-#[derive(Debug, Clone)]
-pub struct PutOptions {
-    pub w: Option<Quorum>,
-    pub pw: Option<Quorum>,
-    pub dw_given: bool,
-    pub precondition: Precondition,
-    pub now_ms: u64,
 }
 
 /// One node's cluster machinery.
@@ -342,7 +327,7 @@ impl Cluster {
     /// covers it ([`SyncBarrier`]); it is counted as an fsync'd write when `stored` says it
     /// stored something. Any other write runs as [`ReplicaRun::run`] decides. A call that
     /// fails does not wait.
-    async fn run_write<V: Send + 'static, E: Send + 'static>(
+    pub(crate) async fn run_write<V: Send + 'static, E: Send + 'static>(
         &self,
         durability: Durability,
         call: impl FnOnce(Durability) -> Result<V, E> + Send + 'static,
@@ -557,6 +542,24 @@ impl Cluster {
         Ok(reply)
     }
 
+    /// Merge a peer's state into this node's (a replica's `StaleRing` answer).
+    pub(crate) fn merge_peer_state(&self, other: &ClusterState) -> Result<(), ClusterError> {
+        self.merge_state(other)
+    }
+
+    /// The peer address of a member.
+    pub(crate) fn peer_address(&self, node: &NodeId) -> Option<SocketAddr> {
+        self.state().member(node).and_then(peer_addr)
+    }
+
+    pub(crate) fn client(&self) -> &PeerClient<PeerMessage> {
+        &self.client
+    }
+
+    pub(crate) fn timeouts(&self) -> &ClusterTimeouts {
+        &self.timeouts
+    }
+
     fn merge_state(&self, other: &ClusterState) -> Result<(), ClusterError> {
         if other.cluster_name != self.state().cluster_name {
             return Err(ClusterError::Membership(format!(
@@ -569,95 +572,6 @@ impl Cluster {
     }
 
     // ----- reads -----
-
-    /// The key's replicas for a request: its primaries (the first N nodes of the extended
-    /// preference list), the sloppy slots (primaries that are up, fallbacks for those that are
-    /// down), and the down primaries no fallback could replace.
-    fn replica_plan(
-        &self,
-        state: &ClusterState,
-        bucket: &str,
-        key: &str,
-        n_val: u32,
-    ) -> ReplicaPlan {
-        let partition = state
-            .ring
-            .current
-            .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-        ReplicaPlan::new(state, partition, n_val, |node| self.is_up(node))
-    }
-
-    /// A quorum read over the sloppy replica set: the sync of at least R replies (`pr` of them
-    /// from primaries); stale primaries are repaired in the background once every replica
-    /// answered or timed out.
-    pub async fn get(
-        self: &Arc<Self>,
-        bucket: &str,
-        key: &str,
-        r: Option<Quorum>,
-        pr: Option<Quorum>,
-    ) -> Result<Object, ClusterError> {
-        let props = self.bucket_props(bucket);
-        let state = self.state();
-        let plan = self.replica_plan(&state, bucket, key, props.n_val);
-        let n = plan.primaries.len() as u32;
-        let needed = r.unwrap_or(Quorum::Default).resolve(n, props.r).min(n) as usize;
-        let needed_primaries = pr.unwrap_or(Quorum::Default).resolve(n, props.pr).min(n) as usize;
-        let (mut coordinator, fetches) =
-            GetCoordinator::start(&plan, needed, needed_primaries).map_err(ClusterError::Quorum)?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel(fetches.len().max(1));
-        for slot in fetches {
-            let tx = tx.clone();
-            let this = Arc::clone(self);
-            let (bucket, key) = (bucket.to_owned(), key.to_owned());
-            let ring_version = state.ring.version;
-            tokio::spawn(async move {
-                let result = this
-                    .fetch_replica(
-                        &slot.node,
-                        &bucket,
-                        &key,
-                        ring_version,
-                        slot.stands_in_for.as_ref(),
-                    )
-                    .await;
-                let _ = tx.send((slot.node, result)).await;
-            });
-        }
-        drop(tx);
-        while let Some((node, reply)) = rx.recv().await {
-            let (mut answer, mut repair) = (None, None);
-            for step in coordinator.on_reply(&node, reply) {
-                match step {
-                    GetStep::Answer(result) => answer = Some(result),
-                    GetStep::Repair { merged, targets } => repair = Some((merged, targets)),
-                }
-            }
-            let Some(result) = answer else { continue };
-            // Repair comes only once every fetch is back, never before the answer: the other
-            // fetches and the read repair go on in the background.
-            if repair.is_some() || !coordinator.finished() {
-                let this = Arc::clone(self);
-                let (bucket, key) = (bucket.to_owned(), key.to_owned());
-                tokio::spawn(async move {
-                    while repair.is_none()
-                        && let Some((node, reply)) = rx.recv().await
-                    {
-                        for step in coordinator.on_reply(&node, reply) {
-                            if let GetStep::Repair { merged, targets } = step {
-                                repair = Some((merged, targets));
-                            }
-                        }
-                    }
-                    if let Some((merged, targets)) = repair {
-                        this.read_repair(&bucket, &key, merged, targets).await;
-                    }
-                });
-            }
-            return result.map_err(ClusterError::Quorum);
-        }
-        Err(ClusterError::Internal("replica replies ended early".into()))
-    }
 
     async fn fetch_replica(
         &self,
@@ -699,28 +613,9 @@ impl Cluster {
         }
     }
 
-    async fn read_repair(&self, bucket: &str, key: &str, merged: Object, targets: Vec<NodeId>) {
-        tracing::debug!(bucket, key, ?targets, "read repair");
-        let props = self.bucket_props(bucket);
-        let bytes = merged.encode();
-        for node in targets {
-            let _ = self
-                .store_replica(
-                    &node,
-                    bucket,
-                    key,
-                    &merged,
-                    &bytes,
-                    &props,
-                    props.durability,
-                )
-                .await;
-        }
-    }
-
     /// Merge `object` into one replica (local or remote). Returns whether it was stored.
     #[allow(clippy::too_many_arguments)]
-    async fn store_replica(
+    pub(crate) async fn store_replica(
         &self,
         node: &NodeId,
         bucket: &str,
@@ -787,29 +682,8 @@ impl Cluster {
         }
     }
 
-    /// Ask fallback `node` to keep a version as a hint for `primary`.
-    async fn store_hinted(
-        &self,
-        node: &NodeId,
-        primary: &NodeId,
-        bucket: &str,
-        key: &str,
-        encoded: &[u8],
-        durability: Durability,
-    ) -> Result<(), ClusterError> {
-        let message = PeerMessage::HintedPut {
-            target: primary.0.clone(),
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            object: encoded.to_vec(),
-            durability,
-            ring_version: self.state().ring.version,
-        };
-        self.send_write(node, message).await
-    }
-
     /// Keep a version here as a hint for `target`, within the per-target bound.
-    async fn keep_hint(
+    pub(crate) async fn keep_hint(
         &self,
         target: &NodeId,
         bucket: &str,
@@ -962,209 +836,6 @@ impl Cluster {
         }
     }
 
-    // ----- writes -----
-
-    /// A client write (put or delete): coordinated here when this node replicates the key,
-    /// else forwarded to a replica that does.
-    pub async fn put(
-        self: &Arc<Self>,
-        bucket: &str,
-        key: &str,
-        context: Option<VersionVector>,
-        content: Content,
-        options: PutOptions,
-    ) -> Result<Object, ClusterError> {
-        let props = self.bucket_props(bucket);
-        let state = self.state();
-        let current = self
-            .replica_plan(&state, bucket, key, props.n_val)
-            .primaries;
-        let mut forward = match PutForward::route(&current, &self.me, |n| self.is_up(n)) {
-            PutRoute::Coordinate => {
-                return self
-                    .coordinate_put(bucket, key, context, content, options, &props)
-                    .await;
-            }
-            PutRoute::Forward(forward) => forward,
-        };
-        let message = PeerMessage::CoordinatePut {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            context: context.as_ref().map(|c| {
-                let mut w = dynakv_core::codec::Writer::default();
-                encode_clock(&mut w, c);
-                w.buf
-            }),
-            content: WireContent {
-                value: content.value,
-                content_type: content.content_type,
-                meta: content.meta,
-                deleted: content.deleted,
-            },
-            w: options.w.map(|w| w.resolve(current.len() as u32, props.w)),
-            pw: options
-                .pw
-                .map(|pw| pw.resolve(current.len() as u32, props.pw)),
-            dw_given: options.dw_given,
-            precondition: options.precondition.into(),
-            now_ms: options.now_ms,
-            ring_version: state.ring.version,
-        };
-        while let Some(node) = forward.next_candidate() {
-            let Some(addr) = state.member(&node).and_then(peer_addr) else {
-                forward.failed(
-                    ForwardFailure::NotSent,
-                    format!("no address for node {node}"),
-                );
-                continue;
-            };
-            let reply = self
-                .client
-                .request(addr, message.clone(), self.timeouts.forward())
-                .await;
-            match reply {
-                Ok(reply) => {
-                    self.observe_contact(&node);
-                    match forward_reply(&node, reply) {
-                        ForwardReply::Coordinated(object) => {
-                            return Object::decode(&object).map_err(internal);
-                        }
-                        // A refusal that proves it did not coordinate: try the next.
-                        ForwardReply::Refused(error) => {
-                            forward.failed(ForwardFailure::NotAReplica, error);
-                        }
-                        ForwardReply::Failed { status, message } => {
-                            return Err(ClusterError::Remote { status, message });
-                        }
-                    }
-                }
-                Err(
-                    e @ (TransportError::Timeout { .. } | TransportError::ConnectionLost { .. }),
-                ) => {
-                    let error = format!(
-                        "{node} did not answer ({e}); the write may or may not have been applied"
-                    );
-                    forward.failed(ForwardFailure::Unanswered, error);
-                }
-                Err(e) => {
-                    forward.failed(ForwardFailure::NotSent, format!("{node}: {e}"));
-                }
-            }
-        }
-        Err(ClusterError::NoCoordinator(forward.last_error().to_owned()))
-    }
-
-    async fn coordinate_put(
-        self: &Arc<Self>,
-        bucket: &str,
-        key: &str,
-        context: Option<VersionVector>,
-        content: Content,
-        options: PutOptions,
-        props: &BucketProps,
-    ) -> Result<Object, ClusterError> {
-        let state = self.state();
-        let plan = self.replica_plan(&state, bucket, key, props.n_val);
-        let n_replicas = plan.primaries.len() as u32;
-        let w = options
-            .w
-            .unwrap_or(Quorum::Default)
-            .resolve(n_replicas, props.w)
-            .min(n_replicas) as usize;
-        let pw = options
-            .pw
-            .unwrap_or(Quorum::Default)
-            .resolve(n_replicas, props.pw)
-            .min(n_replicas) as usize;
-        let durability = if options.dw_given {
-            Durability::Fsync
-        } else {
-            props.durability
-        };
-        let replica = Arc::clone(&self.replica);
-        let (bucket_name, key_name, bucket_props) =
-            (bucket.to_owned(), key.to_owned(), props.clone());
-        let precondition = options.precondition;
-        let now = options.now_ms;
-        let stored = self
-            .run_write(
-                durability,
-                move |durability| {
-                    replica.write(WriteRequest {
-                        bucket: &bucket_name,
-                        key: &key_name,
-                        context,
-                        content,
-                        props: &bucket_props,
-                        durability,
-                        precondition,
-                        now_ms: now,
-                    })
-                },
-                |_| true,
-            )
-            .await??;
-        let ring_version = state.ring.version;
-        let result = self
-            .replicate(bucket, key, &stored, props, durability, (w, pw), plan)
-            .await;
-        self.check_orphan(bucket, key, props.n_val);
-        match result {
-            Err(ClusterError::Quorum(_)) if self.state().ring.version != ring_version => {
-                // The ring changed while the write was replicated (a replica answered
-                // `StaleRing`): send the same stored version again under the new ring's plan.
-                let state = self.state();
-                let plan = self.replica_plan(&state, bucket, key, props.n_val);
-                self.replicate(bucket, key, &stored, props, durability, (w, pw), plan)
-                    .await?;
-                Ok(stored)
-            }
-            Err(e) => Err(e),
-            Ok(()) => Ok(stored),
-        }
-    }
-
-    /// Send a stored version to a plan's replicas and wait for W (and PW) acknowledgements,
-    /// this node's own copy counting when it is one of them: the core `PutCoordinator`
-    /// decides; this drives its sends, hints and answer. Replicas beyond W still receive the
-    /// write after the answer, and every replica that fails gets a hint kept here.
-    #[allow(clippy::too_many_arguments)]
-    async fn replicate(
-        self: &Arc<Self>,
-        bucket: &str,
-        key: &str,
-        stored: &Object,
-        props: &BucketProps,
-        durability: Durability,
-        (w, pw): (usize, usize),
-        plan: ReplicaPlan,
-    ) -> Result<(), ClusterError> {
-        let policy = PutPolicy {
-            w,
-            pw,
-            buffered: durability == Durability::Buffered,
-        };
-        let (coordinator, steps) = PutCoordinator::start(&self.me, plan, policy);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let run = PutRun {
-            cluster: Arc::clone(self),
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            stored: stored.clone(),
-            encoded: Arc::new(stored.encode()),
-            props: props.clone(),
-            durability,
-            replies: tx,
-        };
-        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
-        // Detached: the sends beyond the answer (and their hints) finish on their own.
-        tokio::spawn(run.drive(coordinator, steps, rx, answer_tx));
-        match answer_rx.await {
-            Ok(result) => result.map_err(ClusterError::Quorum),
-            Err(_) => Err(ClusterError::Internal("replication ended early".into())),
-        }
-    }
-
     // ----- peer side -----
 
     /// Answer one peer request.
@@ -1252,32 +923,25 @@ impl Cluster {
                     return Ok(refusal);
                 }
                 let context = decode_context(context.as_deref()).map_err(internal)?;
-                let content = Content {
-                    value: content.value,
-                    content_type: content.content_type,
-                    last_modified_ms: now_ms,
-                    meta: content.meta,
-                    deleted: content.deleted,
-                };
-                let options = PutOptions {
+                let op = PutOp {
+                    bucket,
+                    key,
+                    context,
+                    content,
                     w: w.map(Quorum::Count),
                     pw: pw.map(Quorum::Count),
                     dw_given,
                     precondition: precondition.into(),
-                    now_ms,
                 };
-                match self
-                    .coordinate_put(&bucket, &key, context, content, options, &props)
-                    .await
-                {
-                    Ok(object) => Ok(PeerMessage::Coordinated {
+                Ok(match crate::requests::coordinate(self, op, now_ms).await {
+                    Ok(object) => PeerMessage::Coordinated {
                         object: object.encode(),
-                    }),
-                    Err(e) => {
-                        let (status, message) = error_status(&e);
-                        Ok(PeerMessage::Failed { status, message })
-                    }
-                }
+                    },
+                    Err(e) => PeerMessage::Failed {
+                        status: e.status(),
+                        message: e.to_string(),
+                    },
+                })
             }
             PeerMessage::ListBuckets => {
                 let replica = Arc::clone(&self.replica);
@@ -1792,11 +1456,11 @@ impl Cluster {
             if answered == 0 {
                 answered = cursors.iter().filter(|c| !c.node.0.is_empty()).count();
                 if answered == 0 {
-                    return Err(ClusterError::Quorum(QuorumFailure {
+                    return Err(ClusterError::Request(RequestError::Quorum(QuorumFailure {
                         replied: 0,
                         needed: 1,
                         asked: cursors.len(),
-                    }));
+                    })));
                 }
             }
             let Some(smallest) = cursors
@@ -2128,7 +1792,7 @@ impl Cluster {
 
     /// A write stored here for a key this node no longer replicates (its ring changed while
     /// the write was under way) would outlive the cleanup of that ring: ask for another one.
-    fn check_orphan(&self, bucket: &str, key: &str, n_val: u32) {
+    pub(crate) fn check_orphan(&self, bucket: &str, key: &str, n_val: u32) {
         let state = self.state();
         let partition = partition_of(&state, bucket, key);
         self.cleanup_marker
@@ -2141,97 +1805,6 @@ impl Cluster {
         self.state()
             .member(&self.me)
             .is_some_and(|m| m.status == MemberStatus::Exiting)
-    }
-}
-
-/// One put's replication, driving its `PutCoordinator` until every send came back.
-struct PutRun {
-    cluster: Arc<Cluster>,
-    bucket: String,
-    key: String,
-    stored: Object,
-    encoded: Arc<Vec<u8>>,
-    props: BucketProps,
-    durability: Durability,
-    replies: tokio::sync::mpsc::UnboundedSender<(PutSend, bool)>,
-}
-
-impl PutRun {
-    async fn drive(
-        self,
-        mut coordinator: PutCoordinator,
-        mut steps: Vec<PutStep>,
-        mut replies: tokio::sync::mpsc::UnboundedReceiver<(PutSend, bool)>,
-        answer: tokio::sync::oneshot::Sender<Result<(), QuorumFailure>>,
-    ) {
-        let mut answer = Some(answer);
-        // Bounded by the plan (the coordinator sends to each slot, next-list node and spare
-        // at most once), so this loop ends once every send came back.
-        loop {
-            // Answers and sends first: a hint write must not delay them.
-            let mut batch = std::mem::take(&mut steps);
-            batch.sort_by_key(|step| matches!(step, PutStep::KeepHint { .. }));
-            for step in batch {
-                match step {
-                    PutStep::Answer(result) => {
-                        if let Some(answer) = answer.take() {
-                            let _ = answer.send(result);
-                        }
-                    }
-                    PutStep::KeepHint { target } => {
-                        self.cluster
-                            .keep_hint(
-                                &target,
-                                &self.bucket,
-                                &self.key,
-                                &self.stored,
-                                self.durability,
-                            )
-                            .await;
-                    }
-                    PutStep::Send(send) => self.spawn_send(send),
-                }
-            }
-            if coordinator.finished() {
-                return;
-            }
-            let Some((send, ok)) = replies.recv().await else {
-                return;
-            };
-            steps = coordinator.on_reply(&send, ok);
-        }
-    }
-
-    fn spawn_send(&self, send: PutSend) {
-        let cluster = Arc::clone(&self.cluster);
-        let (bucket, key, object, encoded, props) = (
-            self.bucket.clone(),
-            self.key.clone(),
-            self.stored.clone(),
-            Arc::clone(&self.encoded),
-            self.props.clone(),
-        );
-        let durability = if send.fsync {
-            Durability::Fsync
-        } else {
-            self.durability
-        };
-        let replies = self.replies.clone();
-        tokio::spawn(async move {
-            let ok = match &send.stands_in_for {
-                None => cluster
-                    .store_replica(
-                        &send.node, &bucket, &key, &object, &encoded, &props, durability,
-                    )
-                    .await
-                    .is_ok(),
-                Some(primary) => cluster
-                    .store_hinted(&send.node, primary, &bucket, &key, &encoded, durability)
-                    .await
-                    .is_ok(),
-            };
-            let _ = replies.send((send, ok));
-        });
     }
 }
 
@@ -2255,11 +1828,10 @@ fn partition_of(state: &ClusterState, bucket: &str, key: &str) -> PartitionId {
 /// The HTTP status and message of a cluster error.
 pub fn error_status(e: &ClusterError) -> (u16, String) {
     match e {
-        ClusterError::Quorum(_) | ClusterError::NoCoordinator(_) => (503, e.to_string()),
+        ClusterError::Request(request) => (request.status(), request.to_string()),
         ClusterError::Replica(ReplicaError::Write(_)) => (409, e.to_string()),
         ClusterError::Replica(ReplicaError::Precondition(_)) => (412, e.to_string()),
         ClusterError::Replica(_) | ClusterError::Internal(_) => (500, e.to_string()),
-        ClusterError::Remote { status, message } => (*status, message.clone()),
         ClusterError::Membership(_) => (400, e.to_string()),
     }
 }

@@ -5,7 +5,7 @@
 //! are refused from `Content-Length` before they are read when too large, and read through a
 //! hard limit otherwise. Storage calls run on the blocking pool.
 
-use crate::cluster::{Cluster, ClusterError, PutOptions, error_status};
+use crate::cluster::{Cluster, ClusterError, error_status};
 use crate::http_serve::HttpLimits;
 use crate::load_limit::LoadLimiter;
 use crate::replica::{Precondition, ReplicaError};
@@ -21,7 +21,9 @@ use dynakv_core::context;
 use dynakv_core::keys;
 use dynakv_core::limits;
 use dynakv_core::membership::ClusterState;
-use dynakv_core::object::{Content, Object, Sibling};
+use dynakv_core::message::WireContent;
+use dynakv_core::object::{Object, Sibling};
+use dynakv_core::request::{PutOp, RequestError};
 use http_body_util::BodyExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde_json::json;
@@ -166,6 +168,12 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError::from(ClusterError::from(e))
     }
 }
 
@@ -928,10 +936,7 @@ async fn fetch_inner(
     let (bucket, key) = bucket_and_key(params)?;
     let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
-    let object = state
-        .cluster
-        .get(&bucket, &key, options.r, options.pr)
-        .await?;
+    let object = crate::requests::get(&state.cluster, &bucket, &key, options.r, options.pr).await?;
     object_response(
         state,
         (&bucket, &key),
@@ -1093,33 +1098,26 @@ async fn store_inner(
     }
     let value = read_body(state, headers, body).await?;
     let now = state.cluster.now_ms();
-    let content = Content {
-        value: value.to_vec(),
-        content_type,
-        last_modified_ms: now,
-        meta,
-        deleted: false,
-    };
     state
         .stats
         .bytes_written
         .fetch_add(value.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let stored = state
-        .cluster
-        .put(
-            &bucket,
-            &key,
-            context,
-            content,
-            PutOptions {
-                w: options.w,
-                pw: options.pw,
-                dw_given: options.dw_given,
-                precondition,
-                now_ms: now,
-            },
-        )
-        .await?;
+    let op = PutOp {
+        bucket: bucket.clone(),
+        key: key.clone(),
+        context,
+        content: WireContent {
+            value: value.to_vec(),
+            content_type,
+            meta,
+            deleted: false,
+        },
+        w: options.w,
+        pw: options.pw,
+        dw_given: options.dw_given,
+        precondition,
+    };
+    let stored = crate::requests::put(&state.cluster, op, now).await?;
     let location = format!(
         "/buckets/{}/keys/{}",
         utf8_percent_encode(&bucket, URL_SAFE),
@@ -1172,32 +1170,30 @@ async fn delete_inner(
     let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
-    let existing = state
-        .cluster
-        .get(&bucket, &key, options.r, options.pr)
-        .await?;
+    let existing =
+        crate::requests::get(&state.cluster, &bucket, &key, options.r, options.pr).await?;
     if existing.is_deleted() {
         return Ok(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
     }
     // Without a context, delete what the replicas hold now (as Riak does).
     let context = context.unwrap_or_else(|| existing.clock().clone());
     let now = state.cluster.now_ms();
-    state
-        .cluster
-        .put(
-            &bucket,
-            &key,
-            Some(context),
-            Content::tombstone(now),
-            PutOptions {
-                w: options.w,
-                pw: options.pw,
-                dw_given: options.dw_given,
-                precondition: Precondition::None,
-                now_ms: now,
-            },
-        )
-        .await?;
+    let op = PutOp {
+        bucket,
+        key,
+        context: Some(context),
+        content: WireContent {
+            value: Vec::new(),
+            content_type: String::new(),
+            meta: Vec::new(),
+            deleted: true,
+        },
+        w: options.w,
+        pw: options.pw,
+        dw_given: options.dw_given,
+        precondition: Precondition::None,
+    };
+    crate::requests::put(&state.cluster, op, now).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod link;
 pub mod load_limit;
 pub mod replica;
+pub mod requests;
 pub mod secrets;
 pub mod security_api;
 pub mod stats;

@@ -1,0 +1,358 @@
+//! The data plane's driver: a client's get or put (and a put a peer forwarded here) runs the
+//! core's request machine (`dynakv_core::request`, the one the simulator's nodes run) in the
+//! task of its HTTP request; this module only performs its steps.
+//!
+//! - `Step::Send` goes out as a peer request on a spawned task, its reply (or transport
+//!   failure, or timeout) comes back on the request's channel; a `StaleRing` answer is merged
+//!   into this node's state first.
+//! - Local steps (read, merge, the coordinator's write, a hint) run on the replica, on the
+//!   blocking pool when the engine may wait on the disk; a durable write awaits the flusher's
+//!   group commit (`Cluster::run_write`).
+//! - The client is answered at `Step::Answer`; what the machine still has to do after that
+//!   (sends beyond W and their hints, read repair) goes on in a detached task until it is
+//!   `finished`.
+
+use crate::cluster::Cluster;
+use crate::replica::{ReplicaRun, WriteRequest};
+use crate::transport::TransportError;
+use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::membership::ClusterState;
+use dynakv_core::message::PeerMessage;
+use dynakv_core::object::{Content, Object};
+use dynakv_core::request::{
+    Event, GetRequest, PutOp, PutRequest, Reply, RequestError, Step, Tag, View,
+};
+use dynakv_core::ring::NodeId;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The node as a request machine sees it: a snapshot of the cluster state taken for one call.
+struct ServerView<'a> {
+    cluster: &'a Cluster,
+    state: Arc<ClusterState>,
+}
+
+impl<'a> ServerView<'a> {
+    fn of(cluster: &'a Cluster) -> ServerView<'a> {
+        ServerView {
+            cluster,
+            state: cluster.state(),
+        }
+    }
+}
+
+impl View for ServerView<'_> {
+    fn me(&self) -> &NodeId {
+        self.cluster.me()
+    }
+
+    fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    fn props(&self, bucket: &str) -> BucketProps {
+        self.cluster.bucket_props(bucket)
+    }
+
+    fn is_up(&self, node: &NodeId) -> bool {
+        self.cluster.is_up(node)
+    }
+
+    fn request_timeout_ms(&self) -> u64 {
+        millis(self.cluster.timeouts().request)
+    }
+
+    fn forward_timeout_ms(&self) -> u64 {
+        millis(self.cluster.timeouts().forward())
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A quorum read of `bucket/key` (`r`, `pr`: `None` is the bucket's).
+pub async fn get(
+    cluster: &Arc<Cluster>,
+    bucket: &str,
+    key: &str,
+    r: Option<Quorum>,
+    pr: Option<Quorum>,
+) -> Result<Object, RequestError> {
+    let (machine, steps) = GetRequest::start(&ServerView::of(cluster), bucket, key, (r, pr));
+    Driver::new(cluster, Machine::Get(machine)).run(steps).await
+}
+
+/// A client's write (a put or a delete), stamped `now_ms`: coordinated here when this node is
+/// a primary of the key, else forwarded to one.
+pub async fn put(cluster: &Arc<Cluster>, op: PutOp, now_ms: u64) -> Result<Object, RequestError> {
+    let (machine, steps) = PutRequest::start(&ServerView::of(cluster), op, now_ms);
+    Driver::new(cluster, Machine::Put(machine)).run(steps).await
+}
+
+/// A write a peer forwarded here, which this node coordinates (the forward's checks passed).
+pub async fn coordinate(
+    cluster: &Arc<Cluster>,
+    op: PutOp,
+    now_ms: u64,
+) -> Result<Object, RequestError> {
+    let (machine, steps) = PutRequest::coordinate(&ServerView::of(cluster), op, now_ms);
+    Driver::new(cluster, Machine::Put(machine)).run(steps).await
+}
+
+enum Machine {
+    Get(GetRequest),
+    Put(PutRequest),
+}
+
+impl Machine {
+    fn handle(&mut self, view: &dyn View, event: Event) -> Vec<Step> {
+        match self {
+            Machine::Get(get) => get.handle(view, event),
+            Machine::Put(put) => put.handle(view, event),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        match self {
+            Machine::Get(get) => get.finished(),
+            Machine::Put(put) => put.finished(),
+        }
+    }
+}
+
+/// One request's machine and the replies of its sends.
+struct Driver {
+    cluster: Arc<Cluster>,
+    machine: Machine,
+    replies: mpsc::UnboundedReceiver<(Tag, Reply)>,
+    reply_to: mpsc::UnboundedSender<(Tag, Reply)>,
+    /// Sends whose reply has not come back yet.
+    outstanding: usize,
+    answer: Option<Result<Object, RequestError>>,
+}
+
+impl Driver {
+    fn new(cluster: &Arc<Cluster>, machine: Machine) -> Driver {
+        let (reply_to, replies) = mpsc::unbounded_channel();
+        Driver {
+            cluster: Arc::clone(cluster),
+            machine,
+            replies,
+            reply_to,
+            outstanding: 0,
+            answer: None,
+        }
+    }
+
+    /// Perform `steps` and what follows until the answer; the rest goes on detached.
+    async fn run(mut self, steps: Vec<Step>) -> Result<Object, RequestError> {
+        self.perform(steps).await;
+        while self.answer.is_none() && self.next().await {}
+        let answer = self.answer.take();
+        if !self.machine.finished() && self.outstanding > 0 {
+            tokio::spawn(async move { while !self.machine.finished() && self.next().await {} });
+        }
+        answer.unwrap_or_else(|| {
+            Err(RequestError::Internal(
+                "the request ended unanswered".into(),
+            ))
+        })
+    }
+
+    /// Feed the next reply to the machine; `false` when none can come.
+    async fn next(&mut self) -> bool {
+        if self.outstanding == 0 {
+            return false;
+        }
+        let Some((tag, reply)) = self.replies.recv().await else {
+            return false;
+        };
+        self.outstanding -= 1;
+        let steps = self
+            .machine
+            .handle(&ServerView::of(&self.cluster), Event::Reply { tag, reply });
+        self.perform(steps).await;
+        true
+    }
+
+    /// Perform steps in order; a local step's outcome is fed back at once and what it returns
+    /// is performed before the next step.
+    async fn perform(&mut self, steps: Vec<Step>) {
+        let mut queue: std::collections::VecDeque<Step> = steps.into();
+        while let Some(step) = queue.pop_front() {
+            let Some(event) = self.step(step).await else {
+                continue;
+            };
+            let steps = self.machine.handle(&ServerView::of(&self.cluster), event);
+            for step in steps.into_iter().rev() {
+                queue.push_front(step);
+            }
+        }
+    }
+
+    /// Perform one step; the event to feed back at once, if any.
+    async fn step(&mut self, step: Step) -> Option<Event> {
+        let cluster = &self.cluster;
+        match step {
+            Step::Send {
+                tag,
+                to,
+                message,
+                timeout_ms,
+            } => {
+                let cluster = Arc::clone(cluster);
+                let timeout = Duration::from_millis(timeout_ms);
+                let reply_to = tag.map(|tag| (tag, self.reply_to.clone()));
+                if reply_to.is_some() {
+                    self.outstanding += 1;
+                }
+                tokio::spawn(async move {
+                    let reply = send(&cluster, &to, message, timeout).await;
+                    if let Some((tag, reply_to)) = reply_to {
+                        let _ = reply_to.send((tag, reply));
+                    }
+                });
+                None
+            }
+            Step::ReadLocal {
+                tag,
+                bucket,
+                key,
+                hinted_for,
+            } => {
+                let replica = Arc::clone(cluster.replica());
+                let read = cluster
+                    .replica()
+                    .run(None, move || {
+                        replica.get_with_hint(
+                            &bucket,
+                            &key,
+                            hinted_for.as_ref().map(|n| n.0.as_str()),
+                        )
+                    })
+                    .await;
+                let result = match read {
+                    Ok(Ok(object)) => Ok(object),
+                    _ => Err(()),
+                };
+                Some(Event::Read { tag, result })
+            }
+            Step::MergeLocal {
+                bucket,
+                key,
+                object,
+            } => {
+                let props = cluster.bucket_props(&bucket);
+                let me = cluster.me().clone();
+                if let Err(e) = cluster
+                    .store_replica(
+                        &me,
+                        &bucket,
+                        &key,
+                        &object,
+                        &object.encode(),
+                        &props,
+                        props.durability,
+                    )
+                    .await
+                {
+                    tracing::debug!(bucket, key, error = %e, "read repair of this node's copy failed");
+                }
+                None
+            }
+            Step::Write {
+                op,
+                durability,
+                now_ms,
+            } => {
+                let props = cluster.bucket_props(&op.bucket);
+                let replica = Arc::clone(cluster.replica());
+                let written = cluster
+                    .run_write(
+                        durability,
+                        move |durability| {
+                            let content = Content {
+                                value: op.content.value,
+                                content_type: op.content.content_type,
+                                last_modified_ms: now_ms,
+                                meta: op.content.meta,
+                                deleted: op.content.deleted,
+                            };
+                            replica.write(WriteRequest {
+                                bucket: &op.bucket,
+                                key: &op.key,
+                                context: op.context,
+                                content,
+                                props: &props,
+                                durability,
+                                precondition: op.precondition,
+                                now_ms,
+                            })
+                        },
+                        |_| true,
+                    )
+                    .await;
+                let result = match written {
+                    Ok(Ok(stored)) => Ok(stored),
+                    Ok(Err(e)) => Err(RequestError::Replica(e)),
+                    Err(e) => Err(RequestError::Internal(e.to_string())),
+                };
+                Some(Event::Written(result))
+            }
+            Step::KeepHint {
+                target,
+                bucket,
+                key,
+                object,
+                durability,
+            } => {
+                cluster
+                    .keep_hint(&target, &bucket, &key, &object, durability)
+                    .await;
+                None
+            }
+            Step::CheckOrphan { bucket, key } => {
+                let n_val = cluster.bucket_props(&bucket).n_val;
+                cluster.check_orphan(&bucket, &key, n_val);
+                None
+            }
+            Step::Replanned => {
+                tracing::debug!("a write's quorum failed under a changed ring: re-planned");
+                None
+            }
+            Step::Answer(result) => {
+                if self.answer.is_none() {
+                    self.answer = Some(result);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Send one request of a machine and classify the outcome: a `StaleRing` answer is merged
+/// into this node's state (the machine sees the newer ring at its next step).
+async fn send(cluster: &Cluster, to: &NodeId, message: PeerMessage, timeout: Duration) -> Reply {
+    let Some(addr) = cluster.peer_address(to) else {
+        return Reply::NotSent(format!("no address for node {to}"));
+    };
+    match cluster.client().request(addr, message, timeout).await {
+        Ok(reply) => {
+            cluster.observe_contact(to);
+            if let PeerMessage::StaleRing(state) = &reply
+                && let Err(e) = cluster.merge_peer_state(state)
+            {
+                tracing::warn!(node = %to, error = %e, "cannot merge a replica's newer state");
+            }
+            Reply::Message(reply)
+        }
+        Err(e @ (TransportError::Timeout { .. } | TransportError::ConnectionLost { .. })) => {
+            Reply::Unanswered(format!(
+                "{to} did not answer ({e}); the write may or may not have been applied"
+            ))
+        }
+        Err(e) => Reply::NotSent(format!("{to}: {e}")),
+    }
+}
