@@ -27,11 +27,11 @@ use crate::bucket::{BucketProps, Quorum};
 use crate::codec::Writer;
 use crate::coordinator::{
     ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
-    PutRoute, PutSend, PutStep, ReplicaPlan, forward_reply,
+    PutRoute, PutSend, PutStep, ReplicaPlan, forward_reply, forwarded_sent_at, refuse_forwarded,
 };
 use crate::membership::ClusterState;
 use crate::message::{PeerMessage, WireContent};
-use crate::object::{Object, encode_clock};
+use crate::object::{Object, decode_context, encode_clock};
 use crate::quorum::QuorumFailure;
 use crate::replica::{Precondition, ReplicaError};
 use crate::ring::{NodeId, key_hash};
@@ -143,6 +143,87 @@ impl PutOp {
             precondition: Precondition::None,
         }
     }
+}
+
+/// A forwarded put this node does not coordinate: the answer to its forwarder, and whether
+/// it was refused for arriving late.
+#[derive(Debug)]
+pub struct ForwardRefused {
+    pub answer: Box<PeerMessage>,
+    pub late: bool,
+}
+
+/// A coordinator's acceptance of a forwarded put (`PeerMessage::CoordinatePut` from `from`,
+/// whose clock minus this node's is `clock_offset_ms`), at `now_ms` on this node's wall clock:
+/// the write to coordinate and its timestamp (when it reached its forwarder, on this node's
+/// clock), or the answer refusing it and whether it was refused for arriving late.
+///
+/// Refused: a put that waited more than `limit_ms` since it reached its forwarder (the
+/// forwarder has given up on it and told its client the outcome is unknown; applied now, its
+/// context would be stale), one for a key this node does not replicate, one whose context
+/// does not decode. `limit_ms` `None` is the rule before finding 5 (no expiry), kept for the
+/// simulator to reproduce it.
+pub fn accept_forwarded(
+    view: &dyn View,
+    message: PeerMessage,
+    now_ms: u64,
+    clock_offset_ms: i64,
+    limit_ms: Option<u64>,
+) -> Result<(PutOp, u64), ForwardRefused> {
+    let refused = |answer: PeerMessage, late: bool| ForwardRefused {
+        answer: Box::new(answer),
+        late,
+    };
+    let PeerMessage::CoordinatePut {
+        bucket,
+        key,
+        context,
+        content,
+        w,
+        pw,
+        dw_given,
+        precondition,
+        now_ms: sent_ms,
+        ring_version: _,
+    } = message
+    else {
+        let refusal = format!("unexpected request {}", message.name());
+        return Err(refused(PeerMessage::Error(refusal), false));
+    };
+    let state = view.state();
+    let partition = state
+        .ring
+        .current
+        .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
+    let is_primary = state
+        .preference_list(partition, view.props(&bucket).n_val)
+        .contains(view.me());
+    // The forwarder's clock converted to this node's, so that nodes whose clocks disagree
+    // still take each other's forwards.
+    let sent_ms = forwarded_sent_at(sent_ms, clock_offset_ms);
+    let (waited_ms, limit_ms) = match limit_ms {
+        Some(limit_ms) => (now_ms.saturating_sub(sent_ms), limit_ms),
+        None => (0, u64::MAX),
+    };
+    if let Some(refusal) = refuse_forwarded(waited_ms, limit_ms, is_primary) {
+        return Err(refused(refusal, waited_ms > limit_ms));
+    }
+    let context = match decode_context(context.as_deref()) {
+        Ok(context) => context,
+        Err(e) => return Err(refused(PeerMessage::Error(e.to_string()), false)),
+    };
+    let op = PutOp {
+        bucket,
+        key,
+        context,
+        content,
+        w: w.map(Quorum::Count),
+        pw: pw.map(Quorum::Count),
+        dw_given,
+        precondition: precondition.into(),
+    };
+    // Stamped with when the client's put arrived, on this node's clock.
+    Ok((op, sent_ms))
 }
 
 /// Why a client request failed.
@@ -1055,5 +1136,37 @@ mod tests {
         assert!(
             matches!(answer(&steps), Some(Err(e)) if e.status() == 409 && e.to_string() == "too many siblings")
         );
+    }
+
+    #[test]
+    fn a_forwarded_put_is_stamped_when_it_reached_its_forwarder_and_refused_late() {
+        let v = view("a", &["a", "b", "c"]);
+        let forward = |sent_ms: u64| {
+            let op = PutOp::new("b", "k", None, Some(b"v".to_vec()));
+            PeerMessage::CoordinatePut {
+                bucket: op.bucket,
+                key: op.key,
+                context: None,
+                content: op.content,
+                w: None,
+                pw: None,
+                dw_given: false,
+                precondition: op.precondition.into(),
+                now_ms: sent_ms,
+                ring_version: 1,
+            }
+        };
+        // The forwarder's clock is 1,000 ms ahead of ours: it sent at 11,000 its time, 10,000
+        // ours, and we look at it at 10,400.
+        let (op, stamp) = accept_forwarded(&v, forward(11_000), 10_400, 1_000, Some(500)).unwrap();
+        assert_eq!((op.key.as_str(), stamp), ("k", 10_000));
+        let late = accept_forwarded(&v, forward(11_000), 10_600, 1_000, Some(500)).unwrap_err();
+        assert!(late.late);
+        assert!(matches!(
+            *late.answer,
+            PeerMessage::Failed { status: 503, .. }
+        ));
+        // The old rule (no expiry), for the simulator.
+        assert!(accept_forwarded(&v, forward(0), 10_600, 0, None).is_ok());
     }
 }

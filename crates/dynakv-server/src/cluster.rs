@@ -22,11 +22,10 @@ use crate::replica::{Replica, ReplicaError, ReplicaRun};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
-use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::bucket::BucketProps;
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
-    ReapAnswer, ReapCheck, forwarded_sent_at, reap_candidates, reap_check_members,
-    reaper_primaries, refuse_forwarded,
+    ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
 };
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
@@ -35,9 +34,9 @@ use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage};
-use dynakv_core::object::{Object, decode_context};
+use dynakv_core::object::Object;
 use dynakv_core::quorum::QuorumFailure;
-use dynakv_core::request::{PutOp, RequestError};
+use dynakv_core::request::RequestError;
 use dynakv_core::ring::{NodeId, PartitionId, key_hash};
 use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext, ServeError, StorageCall};
 use dynakv_core::storage::{Durability, Storage, Table};
@@ -886,62 +885,32 @@ impl Cluster {
                     state: Box::new((*self.state()).clone()),
                 })
             }
-            PeerMessage::CoordinatePut {
-                bucket,
-                key,
-                context,
-                content,
-                w,
-                pw,
-                dw_given,
-                precondition,
-                now_ms,
-                ..
-            } => {
-                // The forwarder gives up after its forward timeout and answers the client that
-                // the outcome is unknown; a request that reaches us later (we were paused, or
-                // it waited in a queue) is refused rather than applied with a context that is
-                // stale by now. `now_ms` is the forwarder's wall clock when the put arrived;
-                // the offset of its clock, measured from its hello, turns it into ours, so
-                // nodes whose clocks disagree still take each other's forwards (before, a
-                // forwarder 10 s behind had every forward refused as expired). The write is
-                // stamped with that time on our clock.
-                let now_ms = forwarded_sent_at(now_ms, from.clock_offset_ms);
-                let waited_ms = self.now_ms().saturating_sub(now_ms);
+            message @ PeerMessage::CoordinatePut { .. } => {
+                // A forward that arrives after its forwarder gave up (we were paused, or it
+                // waited in a queue) is refused: the core's rule, the simulator's too.
                 let limit_ms =
                     u64::try_from(self.timeouts.forward_start().as_millis()).unwrap_or(u64::MAX);
-                let props = self.bucket_props(&bucket);
-                let state = self.state();
-                let partition = state
-                    .ring
-                    .current
-                    .partition_of_hash(&key_hash(bucket.as_bytes(), key.as_bytes()));
-                let is_primary = state
-                    .preference_list(partition, props.n_val)
-                    .contains(&self.me);
-                if let Some(refusal) = refuse_forwarded(waited_ms, limit_ms, is_primary) {
-                    return Ok(refusal);
-                }
-                let context = decode_context(context.as_deref()).map_err(internal)?;
-                let op = PutOp {
-                    bucket,
-                    key,
-                    context,
-                    content,
-                    w: w.map(Quorum::Count),
-                    pw: pw.map(Quorum::Count),
-                    dw_given,
-                    precondition: precondition.into(),
+                let accepted = crate::requests::accept_forwarded(
+                    self,
+                    message,
+                    from.clock_offset_ms,
+                    limit_ms,
+                );
+                let (op, stamp_ms) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(refused) => return Ok(*refused.answer),
                 };
-                Ok(match crate::requests::coordinate(self, op, now_ms).await {
-                    Ok(object) => PeerMessage::Coordinated {
-                        object: object.encode(),
+                Ok(
+                    match crate::requests::coordinate(self, op, stamp_ms).await {
+                        Ok(object) => PeerMessage::Coordinated {
+                            object: object.encode(),
+                        },
+                        Err(e) => PeerMessage::Failed {
+                            status: e.status(),
+                            message: e.to_string(),
+                        },
                     },
-                    Err(e) => PeerMessage::Failed {
-                        status: e.status(),
-                        message: e.to_string(),
-                    },
-                })
+                )
             }
             PeerMessage::ListBuckets => {
                 let replica = Arc::clone(&self.replica);

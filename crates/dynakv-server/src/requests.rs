@@ -20,7 +20,7 @@ use dynakv_core::membership::ClusterState;
 use dynakv_core::message::PeerMessage;
 use dynakv_core::object::{Content, Object};
 use dynakv_core::request::{
-    Event, GetRequest, PutOp, PutRequest, Reply, RequestError, Step, Tag, View,
+    Event, ForwardRefused, GetRequest, PutOp, PutRequest, Reply, RequestError, Step, Tag, View,
 };
 use dynakv_core::ring::NodeId;
 use std::sync::Arc;
@@ -89,6 +89,24 @@ pub async fn get(
 pub async fn put(cluster: &Arc<Cluster>, op: PutOp, now_ms: u64) -> Result<Object, RequestError> {
     let (machine, steps) = PutRequest::start(&ServerView::of(cluster), op, now_ms);
     Driver::new(cluster, Machine::Put(machine)).run(steps).await
+}
+
+/// Whether to coordinate a put a peer forwarded here: the core's `accept_forwarded` at this
+/// node's wall clock.
+pub fn accept_forwarded(
+    cluster: &Cluster,
+    message: PeerMessage,
+    clock_offset_ms: i64,
+    limit_ms: u64,
+) -> Result<(PutOp, u64), ForwardRefused> {
+    let view = ServerView::of(cluster);
+    dynakv_core::request::accept_forwarded(
+        &view,
+        message,
+        cluster.now_ms(),
+        clock_offset_ms,
+        Some(limit_ms),
+    )
 }
 
 /// A write a peer forwarded here, which this node coordinates (the forward's checks passed).

@@ -54,7 +54,7 @@ use crate::aae_trees::AaeTrees;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::bucket::{BucketProps, Quorum};
 use crate::coordinator::{
-    ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries, refuse_forwarded,
+    ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
 };
 use crate::failure::FailureDetector;
 use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};

@@ -6,12 +6,11 @@
 
 use super::{
     AfterSync, ClientResult, Event, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET,
-    Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Pending, Purpose, PutOp,
-    PutRequest, Quorum, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply,
-    ServeContext, ServeError, StoreDurability, refuse_forwarded, serve,
+    Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Pending, Purpose, PutRequest,
+    ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext, ServeError,
+    StoreDurability, serve,
 };
-use crate::coordinator::forwarded_sent_at;
-use crate::object::decode_context;
+use crate::request::accept_forwarded;
 
 impl Node {
     // ----- peer requests -----
@@ -27,64 +26,25 @@ impl Node {
             return;
         }
         match body {
-            PeerMessage::CoordinatePut {
-                bucket,
-                key,
-                context,
-                content,
-                w,
-                pw,
-                dw_given,
-                precondition,
-                now_ms,
-                ring_version: _,
-            } => {
-                // As the server (the core's rule): a forwarded put that arrives after its
-                // forwarder gave up is refused, not applied with a context that is stale by
-                // now; so is one for a key this node does not replicate.
-                let is_primary = self.primaries(&bucket, &key).contains(&self.me);
-                // The forwarder's clock converted to this node's (as the server does).
+            message @ PeerMessage::CoordinatePut { .. } => {
                 let offset = self.clock_offsets.get(from).copied().unwrap_or(0);
-                let sent_ms = forwarded_sent_at(now_ms, offset);
-                let waited_ms = if self.config.retry_unanswered_forward {
-                    0
-                } else {
-                    now.saturating_sub(sent_ms)
-                };
-                let request_ms = self.config.timings.request_ms;
-                if let Some(refusal) = refuse_forwarded(waited_ms, request_ms, is_primary) {
-                    if waited_ms > request_ms {
-                        self.stats.late_forwards_refused += 1;
-                    }
-                    self.respond(from, id, refusal);
-                    return;
-                }
-                let context = match decode_context(context.as_deref()) {
-                    Ok(context) => context,
-                    Err(e) => {
-                        self.respond(from, id, PeerMessage::Error(e.to_string()));
-                        return;
-                    }
-                };
-                // The write is stamped with this node's clock.
-                let op = PutOp {
-                    bucket,
-                    key,
-                    context,
-                    content,
-                    w: w.map(Quorum::Count),
-                    pw: pw.map(Quorum::Count),
-                    dw_given,
-                    precondition: precondition.into(),
-                };
+                let limit_ms = (!self.config.retry_unanswered_forward)
+                    .then_some(self.config.timings.request_ms);
                 let view = NodeView { node: self, now };
-                let (put, steps) = PutRequest::coordinate(&view, op, now);
-                self.start_request(
-                    now,
-                    Machine::Put(put),
-                    ReplyTo::Peer(from.clone(), id),
-                    steps,
-                );
+                match accept_forwarded(&view, message, now, offset, limit_ms) {
+                    Ok((op, stamp_ms)) => {
+                        let view = NodeView { node: self, now };
+                        let (put, steps) = PutRequest::coordinate(&view, op, stamp_ms);
+                        let reply = ReplyTo::Peer(from.clone(), id);
+                        self.start_request(now, Machine::Put(put), reply, steps);
+                    }
+                    Err(refused) => {
+                        if refused.late {
+                            self.stats.late_forwards_refused += 1;
+                        }
+                        self.respond(from, id, *refused.answer);
+                    }
+                }
             }
             PeerMessage::ListKeys {
                 bucket,
