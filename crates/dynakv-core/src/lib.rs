@@ -26,6 +26,7 @@ pub mod handoff;
 pub mod hints;
 pub mod keys;
 pub mod limits;
+pub mod listing;
 pub mod membership;
 pub mod merkle;
 pub mod message;

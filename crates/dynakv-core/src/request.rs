@@ -242,6 +242,9 @@ pub enum RequestError {
     /// A remote coordinator refused or failed the write: its status and message.
     #[error("{message}")]
     Remote { status: u16, message: String },
+    /// The cluster cannot do it now (a listing no node answered).
+    #[error("{0}")]
+    Unavailable(String),
     /// Something this node cannot make sense of (an undecodable reply).
     #[error("{0}")]
     Internal(String),
@@ -255,7 +258,9 @@ impl RequestError {
     /// coordinator's own status otherwise.
     pub fn status(&self) -> u16 {
         match self {
-            RequestError::Quorum(_) | RequestError::NoCoordinator(_) => 503,
+            RequestError::Quorum(_)
+            | RequestError::NoCoordinator(_)
+            | RequestError::Unavailable(_) => 503,
             RequestError::Replica(ReplicaError::Write(_)) => 409,
             RequestError::Replica(ReplicaError::Precondition(_)) => 412,
             RequestError::Replica(_) | RequestError::Internal(_) => 500,
