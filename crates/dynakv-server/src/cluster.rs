@@ -22,7 +22,7 @@ use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteReque
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
-use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::bucket::{BucketProps, CustomBucketError, Quorum, check_custom_bucket_room};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     ForwardFailure, ForwardReply, GetCoordinator, GetStep, PutCoordinator, PutForward, PutPolicy,
@@ -443,15 +443,19 @@ impl Cluster {
         props
     }
 
-    /// Set (or, with `None`, reset) a bucket's properties cluster-wide.
+    /// Set (or, with `None`, reset) a bucket's properties cluster-wide. A change that would
+    /// make one custom bucket too many is refused (`Ok(Err(..))`) and changes nothing: the
+    /// core's `check_custom_bucket_room`, as `Node::set_bucket_props`, checked on the state
+    /// it changes (under its lock), so two changes at once cannot both pass it.
     pub fn set_bucket_props(
         &self,
         bucket: &str,
         props: Option<&BucketProps>,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<Result<(), CustomBucketError>, ClusterError> {
         let json = props.map(|p| p.to_json(bucket).to_string());
         let me = self.me.clone();
         self.update_state(|state| {
+            check_custom_bucket_room(state, bucket)?;
             let timestamp_ms = state
                 .bucket_props
                 .get(bucket)
@@ -465,6 +469,7 @@ impl Cluster {
                     props_json: json,
                 },
             );
+            Ok(())
         })
     }
 
@@ -2263,3 +2268,7 @@ pub fn error_status(e: &ClusterError) -> (u16, String) {
         ClusterError::Membership(_) => (400, e.to_string()),
     }
 }
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;

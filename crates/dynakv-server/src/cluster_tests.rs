@@ -1,0 +1,109 @@
+//! Unit tests of `Cluster` over an in-memory storage, with peers that are never reached.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use dynakv_core::membership::MAX_CUSTOM_BUCKETS;
+use dynakv_storage::MemoryStorage;
+
+fn member(name: &str, port: u16) -> Member {
+    Member {
+        id: NodeId(name.to_owned()),
+        peer_addr: format!("127.0.0.1:{port}"),
+        http_addr: format!("127.0.0.1:{port}"),
+        zone: String::new(),
+        status: MemberStatus::Joining,
+        version: 1,
+        heartbeat: 0,
+        public_key: None,
+    }
+}
+
+/// A settled cluster of `names` (the first founds it) over 16 partitions.
+fn settled(names: &[&str]) -> ClusterState {
+    let mut state = ClusterState::found("c", member(names[0], 1), 16).unwrap();
+    for (i, name) in names.iter().enumerate().skip(1) {
+        state
+            .add_joining(member(name, u16::try_from(i + 1).unwrap()))
+            .unwrap();
+    }
+    state.plan();
+    while state.ring.next.is_some() {
+        for n in state.ring.current.nodes().to_vec() {
+            state.mark_handoff_done(&n.id);
+        }
+        state.plan();
+    }
+    state
+}
+
+/// The `Cluster` of the state's first member over `storage`.
+fn cluster_over(storage: Arc<dyn Storage>, state: ClusterState) -> Cluster {
+    let me = state.members.keys().next().cloned().unwrap();
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&storage),
+        dynakv_core::version::ActorId(1),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    ));
+    let aae = Arc::new(AaeTrees::new(
+        state.ring.current.clone(),
+        Arc::clone(&storage),
+    ));
+    let keys = crate::link::LinkKeys::new(
+        &crate::secrets::ClusterSecret::generate(),
+        &crate::secrets::NodeKey::generate(),
+    );
+    let transport = crate::transport::TransportConfig::new("c", &me.0, keys);
+    let parts = ClusterParts {
+        replica,
+        storage,
+        client: PeerClient::new(transport),
+        timeouts: ClusterTimeouts::default(),
+        aae,
+        syncs: None,
+        clock: WallClock::default(),
+    };
+    Cluster::new(me, state, ContextKey::from_bytes([7; 32]), parts)
+}
+
+fn memory() -> Arc<dyn Storage> {
+    Arc::new(MemoryStorage::new())
+}
+
+/// Drift 1: the server's own `set_bucket_props` refuses a change past `MAX_CUSTOM_BUCKETS`
+/// (the core's `check_custom_bucket_room`, as `Node` does) and changes nothing; it used to
+/// accept it, and only the HTTP handler checked first. A bucket that has its own properties
+/// may still change them.
+#[tokio::test]
+async fn set_bucket_props_refuses_one_custom_bucket_too_many() {
+    let mut state = settled(&["a", "b"]);
+    for i in 0..MAX_CUSTOM_BUCKETS {
+        state.bucket_props.insert(
+            format!("custom{i}"),
+            BucketPropsEntry {
+                timestamp_ms: 1,
+                node: NodeId("b".into()),
+                props_json: Some(r#"{"n_val":2}"#.into()),
+            },
+        );
+    }
+    let cluster = cluster_over(memory(), state);
+    let props = BucketProps {
+        n_val: 1,
+        ..BucketProps::default()
+    };
+    let refused = cluster.set_bucket_props("one-more", Some(&props)).unwrap();
+    assert!(
+        matches!(refused, Err(CustomBucketError::TooMany { .. })),
+        "{refused:?}"
+    );
+    assert!(cluster.set_bucket_props("one-more", None).unwrap().is_err());
+    let state = cluster.state();
+    assert_eq!(state.bucket_props.len(), MAX_CUSTOM_BUCKETS);
+    assert!(!state.bucket_props.contains_key("one-more"));
+    assert_eq!(cluster.bucket_props("one-more").n_val, 3);
+    cluster
+        .set_bucket_props("custom7", Some(&props))
+        .unwrap()
+        .unwrap();
+    assert_eq!(cluster.bucket_props("custom7").n_val, 1);
+}
