@@ -19,6 +19,7 @@
 //!   exchange with what was repaired so far; it never repairs a key twice.
 
 use crate::aae_trees::AaeTrees;
+use crate::bucket::BucketProps;
 use crate::coordinator::KeyRepair;
 use crate::membership::ClusterState;
 use crate::merkle::{self, Hash};
@@ -36,19 +37,22 @@ pub struct AaeRound {
 }
 
 impl AaeRound {
-    /// The round numbered `round`: every partition whose preference list (for `n_val`
-    /// replicas) names `me` is compared with one of its other replicas believed up, taken in
+    /// The round numbered `round`: every partition whose preference list (for the `n_val`
+    /// of `default_props`, the properties of a bucket that sets none: the node's configured
+    /// defaults) names `me` is compared with one of its other replicas believed up, taken in
     /// turn (`round` modulo their number), so over successive rounds every pair is compared.
     /// Nothing is compared during a ring transition (handoff moves the keys then). `budget`
-    /// bounds the keys repaired over the whole round.
+    /// bounds the keys repaired over the whole round. (The replica count is taken from the
+    /// default properties here, in one place, for the server and `Node` alike.)
     pub fn plan(
         state: &ClusterState,
         me: &NodeId,
-        n_val: u32,
+        default_props: &BucketProps,
         round: usize,
         budget: usize,
         is_up: impl Fn(&NodeId) -> bool,
     ) -> AaeRound {
+        let n_val = default_props.n_val;
         let mut exchanges = VecDeque::new();
         if state.ring.next.is_none() {
             for partition in 0..state.ring.current.partition_count() {
@@ -613,8 +617,8 @@ mod tests {
     fn a_round_pairs_each_replicated_partition_with_an_up_peer_in_turn() {
         let me = NodeId("a".into());
         let state = crate::test_support::settled_cluster(&["a", "b", "c"], 8);
-        let round0 = AaeRound::plan(&state, &me, 3, 0, 10, |_| true);
-        let round1 = AaeRound::plan(&state, &me, 3, 1, 10, |_| true);
+        let round0 = AaeRound::plan(&state, &me, &BucketProps::default(), 0, 10, |_| true);
+        let round1 = AaeRound::plan(&state, &me, &BucketProps::default(), 1, 10, |_| true);
         assert_eq!(round0.remaining(), 8);
         let peers = |mut r: AaeRound| {
             let mut out = Vec::new();
@@ -629,16 +633,23 @@ mod tests {
         // A down peer is never chosen; with every peer down there is nothing to do.
         let b = NodeId("b".into());
         assert!(
-            peers(AaeRound::plan(&state, &me, 3, 0, 10, |n| *n != b))
-                .iter()
-                .all(|p| *p != b)
+            peers(AaeRound::plan(
+                &state,
+                &me,
+                &BucketProps::default(),
+                0,
+                10,
+                |n| *n != b
+            ))
+            .iter()
+            .all(|p| *p != b)
         );
         assert_eq!(
-            AaeRound::plan(&state, &me, 3, 0, 10, |_| false).remaining(),
+            AaeRound::plan(&state, &me, &BucketProps::default(), 0, 10, |_| false).remaining(),
             0
         );
         // The budget ends the round.
-        let mut round = AaeRound::plan(&state, &me, 3, 0, 2, |_| true);
+        let mut round = AaeRound::plan(&state, &me, &BucketProps::default(), 0, 2, |_| true);
         assert!(round.next_exchange::<String>().is_some());
         round.finished(2);
         assert!(round.next_exchange::<String>().is_none());

@@ -208,6 +208,9 @@ pub struct ClusterParts {
     pub syncs: Option<Arc<SyncBarrier>>,
     /// The node's wall clock (skewed only in tests).
     pub clock: WallClock,
+    /// The properties of a bucket the cluster state sets none for (and of one whose entry
+    /// cannot be read); anti-entropy plans its exchanges with their `n_val`.
+    pub default_props: BucketProps,
 }
 
 /// Options of a client write.
@@ -250,6 +253,8 @@ pub struct Cluster {
     started: Instant,
     syncs: Option<Arc<SyncBarrier>>,
     clock: WallClock,
+    /// See [`ClusterParts::default_props`].
+    default_props: BucketProps,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -306,6 +311,7 @@ impl Cluster {
             aae,
             syncs,
             clock,
+            default_props,
         } = parts;
         let heartbeat_timeout_ms = u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         Cluster {
@@ -328,6 +334,7 @@ impl Cluster {
             started: Instant::now(),
             syncs,
             clock,
+            default_props,
         }
     }
 
@@ -422,7 +429,7 @@ impl Cluster {
     pub fn bucket_props(&self, bucket: &str) -> BucketProps {
         let state = self.state();
         let Some(entry) = state.bucket_props.get(bucket) else {
-            return BucketProps::default();
+            return self.default_props.clone();
         };
         if let Some((ts, props)) = self.parsed_props.read().get(bucket)
             && *ts == entry.timestamp_ms
@@ -434,7 +441,7 @@ impl Cluster {
             .as_deref()
             .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
             .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
-            .unwrap_or_default();
+            .unwrap_or_else(|| self.default_props.clone());
         let mut cache = self.parsed_props.write();
         if cache.len() >= MAX_PARSED_PROPS {
             cache.clear();
@@ -1532,7 +1539,7 @@ impl Cluster {
     /// repaired.
     pub async fn anti_entropy_round(&self, round: usize) -> usize {
         let budget = self.admission.budget();
-        let mut plan = AaeRound::plan(&self.state(), &self.me, 3, round, budget, |n| self.is_up(n));
+        let mut plan = self.aae_plan(round, budget);
         while let Some((peer, exchange, ask)) = plan.next_exchange() {
             let partition = exchange.partition();
             match self.exchange(&peer, exchange, ask).await {
@@ -1556,6 +1563,19 @@ impl Cluster {
             tracing::info!(keys = repaired_total, budget, "anti-entropy repaired keys");
         }
         repaired_total
+    }
+
+    /// The exchanges of anti-entropy round `round` (the core's `AaeRound`, planned with the
+    /// default properties' `n_val`, as `Node` plans it).
+    fn aae_plan(&self, round: usize, budget: usize) -> AaeRound {
+        AaeRound::plan(
+            &self.state(),
+            &self.me,
+            &self.default_props,
+            round,
+            budget,
+            |n| self.is_up(n),
+        )
     }
 
     /// Reap tombstones older than `grace_ms` that every primary holds identically: this node

@@ -36,8 +36,18 @@ fn settled(names: &[&str]) -> ClusterState {
     state
 }
 
-/// The `Cluster` of the state's first member over `storage`.
+/// The `Cluster` of the state's first member over `storage`, with the default properties.
 fn cluster_over(storage: Arc<dyn Storage>, state: ClusterState) -> Cluster {
+    cluster_with(storage, state, BucketProps::default())
+}
+
+/// The `Cluster` of the state's first member over `storage`, whose buckets default to
+/// `default_props`.
+fn cluster_with(
+    storage: Arc<dyn Storage>,
+    state: ClusterState,
+    default_props: BucketProps,
+) -> Cluster {
     let me = state.members.keys().next().cloned().unwrap();
     let replica = Arc::new(Replica::new(
         Arc::clone(&storage),
@@ -61,6 +71,7 @@ fn cluster_over(storage: Arc<dyn Storage>, state: ClusterState) -> Cluster {
         aae,
         syncs: None,
         clock: WallClock::default(),
+        default_props,
     };
     Cluster::new(me, state, ContextKey::from_bytes([7; 32]), parts)
 }
@@ -106,4 +117,33 @@ async fn set_bucket_props_refuses_one_custom_bucket_too_many() {
         .unwrap()
         .unwrap();
     assert_eq!(cluster.bucket_props("custom7").n_val, 1);
+}
+
+/// Drift 2: anti-entropy plans with the default properties' `n_val` (the server planned with
+/// a literal 3 whatever its defaults): with one replica per key there is no other replica to
+/// compare with, with two each partition of this node has one peer, with three two.
+#[tokio::test]
+async fn the_anti_entropy_plan_uses_the_default_n_val() {
+    let state = settled(&["a", "b", "c", "d"]);
+    let mine = |n_val: u32| {
+        (0..state.ring.current.partition_count())
+            .filter(|p| {
+                state
+                    .preference_list(*p, n_val)
+                    .contains(&NodeId("a".into()))
+            })
+            .count()
+    };
+    for n_val in [1, 2, 3] {
+        let props = BucketProps {
+            n_val,
+            ..BucketProps::default()
+        };
+        let cluster = cluster_with(memory(), state.clone(), props);
+        let plan = cluster.aae_plan(0, 100);
+        let expected = if n_val == 1 { 0 } else { mine(n_val) };
+        assert_eq!(plan.remaining(), expected, "n_val {n_val}");
+        assert_eq!(cluster.bucket_props("any").n_val, n_val);
+    }
+    assert_ne!(mine(2), mine(3), "the test tells the two apart");
 }

@@ -431,9 +431,8 @@ impl Node {
         let plan = AaeRound::plan(
             &self.cluster,
             &self.me,
-            // One replica count for the exchange plan: the default bucket's (the server
-            // plans with 3, its default).
-            self.config.props.n_val,
+            // The exchange plan's replica count is the default properties' (as the server's).
+            &self.config.props,
             self.aae_round,
             self.aae_budget,
             |n| self.is_up(now, n),
