@@ -28,6 +28,30 @@ use crate::object::Object;
 use crate::ring::{NodeId, PartitionId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+/// What the anti-entropy exchanges of one partition did (the server's `admin aae`): the
+/// server and `Node` keep one per partition, for completed exchanges only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AaeRecord {
+    /// When the last exchange completed (the node's monotonic clock, in ms), and with whom.
+    pub last_exchange_ms: Option<u64>,
+    pub last_peer: Option<NodeId>,
+    pub keys_repaired_last: u64,
+    pub keys_repaired_total: u64,
+    pub exchanges: u64,
+}
+
+impl AaeRecord {
+    /// An exchange with `peer` completed at `now_ms`, having repaired `repaired` keys.
+    pub fn completed(&mut self, now_ms: u64, peer: &NodeId, repaired: usize) {
+        let repaired = u64::try_from(repaired).unwrap_or(u64::MAX);
+        self.last_exchange_ms = Some(now_ms);
+        self.last_peer = Some(peer.clone());
+        self.keys_repaired_last = repaired;
+        self.keys_repaired_total = self.keys_repaired_total.saturating_add(repaired);
+        self.exchanges = self.exchanges.saturating_add(1);
+    }
+}
+
 /// The partitions a node compares in one round, each with the peer it compares it with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AaeRound {
@@ -388,6 +412,19 @@ mod tests {
     use crate::merkle::{MerkleTree, entry_hash, leaf_of};
     use crate::object::{Content, PrunePolicy};
     use crate::version::{ActorId, VersionVector};
+
+    #[test]
+    fn a_record_counts_completed_exchanges() {
+        let mut record = AaeRecord::default();
+        let peer = NodeId("b".into());
+        record.completed(10, &peer, 3);
+        record.completed(20, &peer, 0);
+        assert_eq!(record.last_exchange_ms, Some(20));
+        assert_eq!(record.last_peer, Some(peer));
+        assert_eq!(record.keys_repaired_last, 0);
+        assert_eq!(record.keys_repaired_total, 3);
+        assert_eq!(record.exchanges, 2);
+    }
 
     /// One side of an exchange: a tree and the entries it was built from.
     struct Side {

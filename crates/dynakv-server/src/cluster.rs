@@ -16,7 +16,7 @@
 //! - a node drops a key only after the transition that removed it from the key's preference
 //!   list has completed, i.e. after every old replica handed its keys to the new ones.
 
-use crate::aae::{AaeTrees, ExchangeRecord};
+use crate::aae::{AaeRecord, AaeTrees};
 use crate::clock::WallClock;
 use crate::replica::{Precondition, Replica, ReplicaError, ReplicaRun, WriteRequest};
 use crate::sync_barrier::SyncBarrier;
@@ -50,17 +50,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-use dynakv_core::limits::HANDOFF_BATCH_KEYS;
-/// Bytes per handoff message (soft: a batch closes once past it).
-const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Keys per page of a key listing.
-const LIST_PAGE_KEYS: usize = 1000;
-/// Keys read per storage scan step during handoff and cleanup.
-const SCAN_PAGE: usize = 1000;
+use dynakv_core::limits::{
+    DEFAULT_REQUEST_TIMEOUT_MS, HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND,
+    SCAN_PAGE_KEYS,
+};
 /// A member whose heartbeat has not moved for this long is considered down.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bucket property sets kept parsed.
-const MAX_PARSED_PROPS: usize = 10_000;
 /// Meta-table key of the persisted cluster state.
 const META_CLUSTER: &[u8] = b"cluster_state";
 /// Meta-table key of the context secret of versions before `cluster.secret` (read once, to
@@ -98,7 +94,7 @@ impl ClusterTimeouts {
 impl Default for ClusterTimeouts {
     fn default() -> Self {
         ClusterTimeouts {
-            request: Duration::from_secs(2),
+            request: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
             gossip: Duration::from_secs(1),
             gossip_interval: Duration::from_secs(1),
         }
@@ -123,10 +119,6 @@ pub enum ClusterError {
     Internal(String),
 }
 
-/// Most keys a node keeps as hints for one other node; past it, new hints are dropped (and
-/// counted) and the node relies on read repair and anti-entropy.
-pub const MAX_HINTS_PER_TARGET: usize = 100_000;
-
 #[derive(Debug, Default)]
 struct HintCounters {
     stored: AtomicU64,
@@ -146,10 +138,6 @@ pub struct HintStats {
     pub per_target: Vec<(String, usize)>,
 }
 
-/// Most tombstones one reaping round handles.
-const MAX_REAPS_PER_ROUND: usize = 1000;
-/// Most keys listed per leaf-key exchange of anti-entropy.
-const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
 /// Admission control bounds of the anti-entropy budget (keys repaired per round).
 const AAE_BUDGET_MIN: usize = 100;
 const AAE_BUDGET_MAX: usize = 10_000;
@@ -246,7 +234,7 @@ pub struct Cluster {
     tombstones_reaped: AtomicU64,
     aae: Arc<AaeTrees>,
     /// What the last anti-entropy exchange of each partition did.
-    aae_records: Mutex<HashMap<PartitionId, ExchangeRecord>>,
+    aae_records: Mutex<HashMap<PartitionId, AaeRecord>>,
     admission: Admission,
     /// The ring version whose cleanup this node finished.
     cleanup_marker: Mutex<CleanupMarker>,
@@ -532,8 +520,9 @@ impl Cluster {
         self.failure_detector.lock().is_up(id, self.monotonic_ms())
     }
 
-    /// Milliseconds since this node started, the failure detector's clock.
-    fn monotonic_ms(&self) -> u64 {
+    /// Milliseconds since this node started, the failure detector's clock (and the one of
+    /// the anti-entropy records).
+    pub fn monotonic_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -1545,13 +1534,10 @@ impl Cluster {
             match self.exchange(&peer, exchange, ask).await {
                 Ok(repaired) => {
                     plan.finished(repaired);
+                    let now_ms = self.monotonic_ms();
                     let mut records = self.aae_records.lock();
                     let record = records.entry(partition).or_default();
-                    record.last_exchange = Some(Instant::now());
-                    record.last_peer.clone_from(&peer.0);
-                    record.keys_repaired_last = repaired as u64;
-                    record.keys_repaired_total += repaired as u64;
-                    record.exchanges += 1;
+                    record.completed(now_ms, &peer, repaired);
                 }
                 Err(e) => {
                     tracing::debug!(partition, %peer, error = %e, "anti-entropy exchange failed");
@@ -1698,7 +1684,8 @@ impl Cluster {
     }
 
     /// Anti-entropy state per partition.
-    pub fn aae_report(&self) -> Vec<(u32, u64, ExchangeRecord)> {
+    /// Each record's `last_exchange_ms` is by [`Cluster::monotonic_ms`].
+    pub fn aae_report(&self) -> Vec<(u32, u64, AaeRecord)> {
         let entries = self.aae.entries();
         let records = self.aae_records.lock();
         let mut partitions: Vec<u32> = entries.keys().chain(records.keys()).copied().collect();
@@ -2073,7 +2060,7 @@ impl Cluster {
     ) -> Result<Vec<dynakv_core::storage::Entry>, ClusterError> {
         let replica = Arc::clone(&self.replica);
         Ok(tokio::task::spawn_blocking(move || {
-            replica.scan_objects(start_after.as_deref(), SCAN_PAGE)
+            replica.scan_objects(start_after.as_deref(), SCAN_PAGE_KEYS)
         })
         .await
         .map_err(internal)??)

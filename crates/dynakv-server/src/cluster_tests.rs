@@ -147,3 +147,33 @@ async fn the_anti_entropy_plan_uses_the_default_n_val() {
     }
     assert_ne!(mine(2), mine(3), "the test tells the two apart");
 }
+
+/// Drift 3: the request timeout of the server's cluster, of its configuration and of the
+/// core's `Timings::SERVER` (what the simulator scales from) is one constant; the server's
+/// anti-entropy records are the core's `AaeRecord`, timed by the cluster's monotonic clock.
+#[tokio::test]
+async fn the_server_shares_the_cores_bounds_and_records() {
+    use dynakv_core::node::Timings;
+    let request_ms = u64::try_from(ClusterTimeouts::default().request.as_millis()).unwrap();
+    assert_eq!(request_ms, Timings::SERVER.request_ms);
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = crate::config::ServerConfig::new("a", any, any, std::path::PathBuf::new());
+    assert_eq!(config.request_timeout_ms, Timings::SERVER.request_ms);
+    assert_eq!(
+        u64::try_from(ClusterTimeouts::default().forward().as_millis()).unwrap(),
+        Timings::SERVER.forward_ms
+    );
+
+    let cluster = cluster_over(memory(), settled(&["a", "b"]));
+    let before = cluster.monotonic_ms();
+    cluster.aae_records.lock().entry(3).or_default().completed(
+        cluster.monotonic_ms(),
+        &NodeId("b".into()),
+        2,
+    );
+    let report = cluster.aae_report();
+    let (_, _, record) = report.iter().find(|(p, _, _)| *p == 3).unwrap();
+    assert_eq!(record.last_peer, Some(NodeId("b".into())));
+    assert_eq!((record.exchanges, record.keys_repaired_total), (1, 2));
+    assert!(record.last_exchange_ms.unwrap() >= before);
+}

@@ -1637,17 +1637,19 @@ async fn admin_handoffs(State(state): State<AppState>) -> Response {
 }
 
 async fn admin_aae(State(state): State<AppState>) -> Response {
+    let now_ms = state.cluster.monotonic_ms();
     let partitions: Vec<_> = state
         .cluster
         .aae_report()
         .into_iter()
         .map(|(partition, keys, record)| {
+            let ago_ms = record.last_exchange_ms.map(|t| now_ms.saturating_sub(t));
             json!({
                 "partition": partition,
                 "keys": keys,
                 "exchanges": record.exchanges,
-                "last_exchange_seconds_ago": record.last_exchange.map(|t| t.elapsed().as_secs_f64()),
-                "last_peer": record.last_peer,
+                "last_exchange_seconds_ago": ago_ms.map(|ms| ms as f64 / 1000.0),
+                "last_peer": record.last_peer.as_ref().map_or("", |p| p.0.as_str()),
                 "keys_repaired_last": record.keys_repaired_last,
                 "keys_repaired_total": record.keys_repaired_total,
             })

@@ -51,6 +51,7 @@
 //!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
 
 use crate::aae_trees::AaeTrees;
+pub use crate::anti_entropy::AaeRecord;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::bucket::{BucketProps, Quorum};
 use crate::codec::Writer;
@@ -87,19 +88,11 @@ pub const TIMEOUTS_BEFORE_BACKOFF: u32 = 3;
 pub const BACKOFF_INITIAL_MS: u64 = 100;
 /// Longest transport backoff.
 pub const BACKOFF_MAX_MS: u64 = 5000;
-/// Most keys a node keeps as hints for one target (the server's `MAX_HINTS_PER_TARGET`).
-pub const MAX_HINTS_PER_TARGET: usize = 100_000;
-/// Keys per handoff batch (the server's, from core's limits).
-pub const HANDOFF_BATCH_KEYS: usize = limits::HANDOFF_BATCH_KEYS;
-/// Keys per page of a key listing, asked of each node and answered to the client (the
-/// server's `LIST_PAGE_KEYS`).
-pub const LIST_PAGE_KEYS: usize = 1000;
-/// Most bucket property sets a node keeps parsed (the server's `MAX_PARSED_PROPS`).
-pub const MAX_PARSED_PROPS: usize = 10_000;
-/// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
-pub const MAX_REAPS_PER_ROUND: usize = 1000;
-/// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
-pub const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
+// The bounds the server uses too, defined once in `limits`.
+pub use crate::limits::{
+    HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND, SCAN_PAGE_KEYS,
+};
 
 /// The node's intervals and timeouts, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,8 +117,8 @@ impl Timings {
     /// The server's defaults (`request_timeout_ms` 2 s, forward 5x that, gossip every second,
     /// heartbeat timeout 5 s, hints every second, `aae_interval_ms`, `flush_interval_ms`).
     pub const SERVER: Timings = Timings {
-        request_ms: 2000,
-        forward_ms: 5 * 2000,
+        request_ms: limits::DEFAULT_REQUEST_TIMEOUT_MS,
+        forward_ms: 5 * limits::DEFAULT_REQUEST_TIMEOUT_MS,
         gossip_interval_ms: 1000,
         heartbeat_timeout_ms: 5000,
         hint_interval_ms: 1000,
@@ -572,17 +565,6 @@ struct AaeRun {
     failed: bool,
 }
 
-/// What the anti-entropy exchanges of one partition did (the server's `admin aae`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AaeRecord {
-    /// When the last exchange completed, and with whom.
-    pub last_exchange_ms: Option<u64>,
-    pub last_peer: Option<NodeId>,
-    pub keys_repaired_last: u64,
-    pub keys_repaired_total: u64,
-    pub exchanges: u64,
-}
-
 /// The transport's view of one peer.
 #[derive(Debug, Clone, Copy)]
 struct Link {
@@ -905,7 +887,7 @@ impl Node {
         loop {
             let page = self
                 .replica
-                .scan_objects(start_after.as_deref(), 1000)
+                .scan_objects(start_after.as_deref(), SCAN_PAGE_KEYS)
                 .map_err(|e| e.to_string())?;
             let Some((last, _)) = page.last() else {
                 return Ok(pages);
@@ -1526,7 +1508,6 @@ fn open_storage(
 }
 
 const _: () = assert!(BACKOFF_INITIAL_MS <= BACKOFF_MAX_MS);
-const _: () = assert!(MAX_HINTS_PER_TARGET > 0 && HANDOFF_BATCH_KEYS > 0);
 const _: () = assert!(limits::MAX_SIBLINGS > 1);
 
 mod client;

@@ -588,11 +588,7 @@ impl Node {
                 if !current.failed {
                     // As the server's records for `admin aae`: completed exchanges only.
                     let record = self.aae_records.entry(partition).or_default();
-                    record.last_exchange_ms = Some(now);
-                    record.last_peer = Some(peer.clone());
-                    record.keys_repaired_last = repaired as u64;
-                    record.keys_repaired_total += repaired as u64;
-                    record.exchanges += 1;
+                    record.completed(now, &peer, repaired);
                 }
                 self.next_exchange(now);
             }
