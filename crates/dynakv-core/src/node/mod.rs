@@ -61,7 +61,7 @@ use crate::coordinator::{
     reap_check_members, reaper_primaries, refuse_forwarded,
 };
 use crate::failure::FailureDetector;
-use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
+use crate::handoff::{Batches, Cleanup, CleanupEntry, CleanupMarker, TransitionHandoff};
 use crate::hints::HintRound;
 use crate::keys;
 use crate::limits;
@@ -90,8 +90,9 @@ pub const BACKOFF_INITIAL_MS: u64 = 100;
 pub const BACKOFF_MAX_MS: u64 = 5000;
 // The bounds the server uses too, defined once in `limits`.
 pub use crate::limits::{
-    HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS, MAX_AAE_KEYS_PER_EXCHANGE,
-    MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND, SCAN_PAGE_KEYS,
+    HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, HANDOFF_BATCHES_IN_FLIGHT, LIST_PAGE_KEYS,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND,
+    SCAN_PAGE_KEYS,
 };
 
 /// The node's intervals and timeouts, in milliseconds.
@@ -332,6 +333,10 @@ pub enum Timer {
     Aae,
     Flush,
     RequestTimeout(RequestId),
+    /// Resume paged background work (transition handoff, cleanup) that has nothing in
+    /// flight to resume it: set for the current time, so a long scan goes on one page per
+    /// `handle` without waiting for the next gossip round.
+    Paging,
 }
 
 /// What drives a node.
@@ -565,6 +570,60 @@ struct AaeRun {
     failed: bool,
 }
 
+/// A paged scan of the stored objects that sends what it finds in bounded batches (transition
+/// handoff, cleanup): one page of `SCAN_PAGE_KEYS` objects per step at most, a new page only
+/// once the batches of the previous one are sent, at most `HANDOFF_BATCHES_IN_FLIGHT` batches
+/// awaiting replies.
+#[derive(Debug)]
+struct PagedSends<B> {
+    /// The last storage key scanned (`None`: the scan starts from the first).
+    scanned_to: Option<Vec<u8>>,
+    /// The whole store was scanned (and every batch closed).
+    scan_done: bool,
+    /// Batches waiting for room in flight.
+    ready: VecDeque<(NodeId, Vec<B>)>,
+    in_flight: usize,
+    /// A batch failed or the ring moved on: nothing more is sent; the run ends once the
+    /// batches in flight came back.
+    given_up: bool,
+}
+
+impl<B> Default for PagedSends<B> {
+    fn default() -> Self {
+        PagedSends {
+            scanned_to: None,
+            scan_done: false,
+            ready: VecDeque::new(),
+            in_flight: 0,
+            given_up: false,
+        }
+    }
+}
+
+impl<B> PagedSends<B> {
+    /// Every batch came back and either nothing more will be sent or everything was.
+    fn over(&self) -> bool {
+        self.in_flight == 0 && (self.given_up || (self.scan_done && self.ready.is_empty()))
+    }
+}
+
+/// The transition handoff in progress: the core's `TransitionHandoff`, its open batches
+/// (bounded by `HANDOFF_BATCH_KEYS` and `HANDOFF_BATCH_BYTES`, as the server's), and the paged
+/// scan feeding them.
+#[derive(Debug)]
+struct HandoffRun {
+    handoff: TransitionHandoff,
+    batches: Batches<HandoffEntry>,
+    sends: PagedSends<HandoffEntry>,
+}
+
+/// The cleanup pass in progress: the core's `Cleanup` and the paged scan feeding it.
+#[derive(Debug)]
+struct CleanupRun {
+    cleanup: Cleanup<Vec<u8>, Hash>,
+    sends: PagedSends<CleanupEntry>,
+}
+
 /// The transport's view of one peer.
 #[derive(Debug, Clone, Copy)]
 struct Link {
@@ -645,7 +704,7 @@ pub struct Node {
     hint_rounds: BTreeMap<NodeId, HintRound<Vec<u8>, Vec<u8>>>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
-    handoff: Option<TransitionHandoff>,
+    handoff: Option<HandoffRun>,
     /// The ring version whose cleanup ran (volatile, as in the server).
     cleanup_marker: CleanupMarker,
     /// Until a join is accepted: the members to ask, in turn (the operator retrying).
@@ -669,7 +728,9 @@ pub struct Node {
     next_listing: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
-    cleanup: Option<Cleanup<Vec<u8>, Hash>>,
+    cleanup: Option<CleanupRun>,
+    /// A `Timer::Paging` is set and not yet fired.
+    paging_timer_set: bool,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -739,6 +800,7 @@ impl Node {
             bucket_listings: BTreeMap::new(),
             next_listing: 0,
             cleanup: None,
+            paging_timer_set: false,
             failures: VecDeque::new(),
             outputs: Vec::new(),
             sync_issued: 0,
@@ -897,10 +959,12 @@ impl Node {
         }
     }
 
-    /// [`Node::object_pages`] for the node's own work: a failure stops the node.
-    fn scan_all(&mut self) -> Vec<Vec<crate::storage::Entry>> {
-        let pages = self.object_pages();
-        self.must(pages, "scan objects")
+    /// One page of at most `SCAN_PAGE_KEYS` stored objects after `start_after`, for the
+    /// node's own work (`None`: the scan failed, which stops the node).
+    fn scan_page(&mut self, start_after: Option<&[u8]>) -> Option<Vec<crate::storage::Entry>> {
+        let page = self.replica.scan_objects(start_after, SCAN_PAGE_KEYS);
+        let page = self.must(page, "scan objects");
+        self.failed.is_none().then_some(page)
     }
 
     /// Number of hints held.
@@ -992,6 +1056,7 @@ impl Node {
         self.key_listings.clear();
         self.bucket_listings.clear();
         self.cleanup = None;
+        self.paging_timer_set = false;
         self.failures.clear();
         self.outputs.clear();
         // Tickets stay monotonic across restarts; what waited is gone with the process.
