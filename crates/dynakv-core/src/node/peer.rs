@@ -279,9 +279,11 @@ impl Node {
             }
             Purpose::Store => {}
             Purpose::Gossip => {
-                if let Some(PeerMessage::Gossip(theirs)) = body {
-                    self.merge_state(now, &theirs);
-                }
+                let theirs = match &body {
+                    Some(PeerMessage::Gossip(theirs)) => Some(&**theirs),
+                    _ => None,
+                };
+                self.after_gossip_exchange(now, theirs);
             }
             Purpose::Forward {
                 client,

@@ -70,27 +70,45 @@ impl Node {
     }
 
     /// The server's one-second background loop: `gossip_round` (beat, exchange with a member
-    /// that has not exited, plan when claimant), then `handoff_round` and `cleanup_round`.
-    /// The claimant plans on the state merged so far (the server plans after this round's
-    /// exchange: the plan here sees that exchange one round later).
+    /// that has not exited, then plan when claimant), then `handoff_round` and
+    /// `cleanup_round`. The claimant plans once this round's exchange is over (its reply
+    /// merged, or failed: [`Node::after_gossip_exchange`]), as the server does: the plan then
+    /// reads the freshest merged state (a handoff-done mark, a join or leave, or a newer ring
+    /// planned by a previous claimant that this exchange brought), instead of planning a ring
+    /// from a state one round staler and spreading it before the merge that would have
+    /// changed it.
     pub(super) fn gossip_round(&mut self, now: u64) {
         if !self.joined() {
             self.send_join(now);
         }
         let me = self.me.clone();
         self.cluster.beat(&me);
-        if self.cluster.claimant() == Some(&me) {
-            self.cluster.plan();
-        }
         self.handoff_round(now);
         self.cleanup_round(now);
         let rng = &mut self.rng;
         let Some(peer) = self.cluster.gossip_peer(&self.me, |n| rng.index(n)) else {
+            // No one to exchange with: plan on what this node knows.
+            self.plan_if_claimant();
             return;
         };
         let body = PeerMessage::Gossip(Box::new(self.cluster.clone()));
         let timeout = self.config.timings.gossip_interval_ms;
         self.send_request(now, &peer, body, Purpose::Gossip, timeout);
+    }
+
+    /// This round's gossip exchange is over (`theirs`: the peer's state, when it answered):
+    /// merge it, then plan when claimant.
+    pub(super) fn after_gossip_exchange(&mut self, now: u64, theirs: Option<&ClusterState>) {
+        if let Some(theirs) = theirs {
+            self.merge_state(now, theirs);
+        }
+        self.plan_if_claimant();
+    }
+
+    fn plan_if_claimant(&mut self) {
+        if self.cluster.claimant() == Some(&self.me) {
+            self.cluster.plan();
+        }
     }
 
     /// `Cluster::join`: ask a member (in turn) to admit this node.

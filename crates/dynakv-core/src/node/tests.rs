@@ -957,3 +957,23 @@ fn a_failed_handoff_batch_ends_the_run_and_a_later_round_starts_over() {
     assert!(!again.is_empty());
     assert_eq!(again[0].2[0].key, sends[0].2[0].key, "from the start again");
 }
+
+/// Drift 5: the claimant plans after its round's gossip exchange, as the server does, so a
+/// join it learns in that exchange is planned in the same round (before: it planned first,
+/// on the state of the round before, and the join waited a round).
+#[test]
+fn the_claimant_plans_on_the_state_its_gossip_exchange_just_merged() {
+    let cluster = settled_cluster(&["a", "b"], 16);
+    assert_eq!(cluster.claimant(), Some(&id("a")));
+    let mut net = Net::new(&cluster);
+    let b = net.index(&id("b"));
+    net.nodes[b]
+        .cluster
+        .add_joining(crate::test_support::member("d", MemberStatus::Joining))
+        .unwrap();
+    let a = net.index(&id("a"));
+    net.run(a, Input::Timer(Timer::Gossip));
+    let ring = &net.nodes[a].cluster().ring;
+    let next = ring.next.as_ref().expect("the join is planned this round");
+    assert!(next.nodes().iter().any(|n| n.id == id("d")));
+}
