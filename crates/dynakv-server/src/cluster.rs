@@ -220,6 +220,12 @@ pub struct Cluster {
     /// its join would then be refused).
     awaiting_join: std::sync::atomic::AtomicBool,
     state: RwLock<Arc<ClusterState>>,
+    /// Bumped (under the state's write lock) at every change worth persisting: the state's
+    /// persistence order.
+    state_seq: AtomicU64,
+    /// The `state_seq` of the state last written to disk (held while writing, so writes of
+    /// the cluster state never interleave and an older one never overwrites a newer one).
+    persisted_seq: Arc<Mutex<u64>>,
     /// The context MAC key (derived from the cluster secret at start; never changes).
     secret: ContextKey,
     replica: Arc<Replica>,
@@ -276,6 +282,23 @@ fn persist(storage: &dyn Storage, state: &ClusterState) -> Result<(), ClusterErr
     Ok(())
 }
 
+/// Write `state`, the one of persistence order `seq`, unless a newer one was written already
+/// (`written` holds the order of the last one written; held while writing).
+fn persist_if_newer(
+    storage: &dyn Storage,
+    written: &Mutex<u64>,
+    seq: u64,
+    state: &ClusterState,
+) -> Result<(), ClusterError> {
+    let mut written = written.lock();
+    if *written > seq {
+        return Ok(());
+    }
+    persist(storage, state)?;
+    *written = seq;
+    Ok(())
+}
+
 /// The state with heartbeats zeroed: what is worth persisting.
 fn persistent_view(state: &ClusterState) -> ClusterState {
     let mut view = state.clone();
@@ -307,6 +330,8 @@ impl Cluster {
             failure_detector: Mutex::new(FailureDetector::new(me.clone(), 0, heartbeat_timeout_ms)),
             me,
             state: RwLock::new(Arc::new(state)),
+            state_seq: AtomicU64::new(0),
+            persisted_seq: Arc::new(Mutex::new(0)),
             secret,
             replica,
             storage,
@@ -389,28 +414,50 @@ impl Cluster {
         &self.replica
     }
 
-    /// Apply `change` to the state; persist when something durable changed.
-    fn update_state<T>(
-        &self,
-        change: impl FnOnce(&mut ClusterState) -> T,
-    ) -> Result<T, ClusterError> {
+    /// Apply `change` to the state; persist when something durable changed. The write (an
+    /// fsync'd put) runs on the blocking pool, never on an async worker; writes are ordered
+    /// by `state_seq`, so a newer state on disk is never overwritten by an older one (a
+    /// failed write is logged; the next change writes the whole state again).
+    fn update_state<T>(&self, change: impl FnOnce(&mut ClusterState) -> T) -> T {
         let (result, to_persist) = {
             let mut guard = self.state.write();
             let mut next = (**guard).clone();
             let result = change(&mut next);
             let durable_change = persistent_view(&next) != persistent_view(&guard);
             *guard = Arc::new(next);
-            (result, durable_change.then(|| Arc::clone(&guard)))
+            let seq = durable_change.then(|| self.state_seq.fetch_add(1, Ordering::AcqRel) + 1);
+            (result, seq.map(|seq| (seq, Arc::clone(&guard))))
         };
-        if let Some(state) = to_persist {
-            persist(self.storage.as_ref(), &state)?;
+        if let Some((seq, state)) = to_persist {
+            self.persist_in_background(seq, state);
         }
-        Ok(result)
+        result
     }
 
-    /// Persist the current state (after startup or a join).
+    /// Write the state of order `seq` on the blocking pool (inline outside a runtime).
+    fn persist_in_background(&self, seq: u64, state: Arc<ClusterState>) {
+        let storage = Arc::clone(&self.storage);
+        let written = Arc::clone(&self.persisted_seq);
+        let write = move || {
+            if let Err(e) = persist_if_newer(storage.as_ref(), &written, seq, &state) {
+                tracing::error!(error = %e, "cannot persist the cluster state");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(write);
+            }
+            Err(_) => write(),
+        }
+    }
+
+    /// Persist the current state (after startup or a join), waiting for the write.
     pub fn persist_now(&self) -> Result<(), ClusterError> {
-        persist(self.storage.as_ref(), &self.state())
+        let (seq, state) = {
+            let guard = self.state.read();
+            (self.state_seq.load(Ordering::Acquire), Arc::clone(&guard))
+        };
+        persist_if_newer(self.storage.as_ref(), &self.persisted_seq, seq, &state)
     }
 
     /// A bucket's properties as the cluster knows them.
@@ -449,7 +496,7 @@ impl Cluster {
     ) -> Result<Result<(), CustomBucketError>, ClusterError> {
         let json = props.map(|p| p.to_json(bucket).to_string());
         let me = self.me.clone();
-        self.update_state(|state| {
+        Ok(self.update_state(|state| {
             check_custom_bucket_room(state, bucket)?;
             let timestamp_ms = state
                 .bucket_props
@@ -465,7 +512,7 @@ impl Cluster {
                 },
             );
             Ok(())
-        })
+        }))
     }
 
     /// The peer links' check of a peer's name and key (both sides, after each handshake): a
@@ -566,7 +613,8 @@ impl Cluster {
             )));
         }
         self.observe_heartbeats(other);
-        self.update_state(|state| state.merge(other))
+        self.update_state(|state| state.merge(other));
+        Ok(())
     }
 
     // ----- reads -----
@@ -1210,7 +1258,7 @@ impl Cluster {
                     return Ok(PeerMessage::Error(e.to_string()));
                 }
                 tracing::info!(node = %member.id, via = %from.node_name, "join request");
-                self.update_state(|state| state.add_joining(member))?
+                self.update_state(|state| state.add_joining(member))
                     .map_err(|e| ClusterError::Membership(e.to_string()))?;
                 Ok(PeerMessage::JoinAccepted {
                     state: Box::new((*self.state()).clone()),
@@ -1517,7 +1565,13 @@ impl Cluster {
             }
         }
         if stored {
-            self.replica.storage().sync().map_err(internal)?;
+            // A sync may wait on the disk: run as the engine says (the blocking pool when so).
+            let storage = Arc::clone(self.replica.storage());
+            self.replica
+                .run(Some(Durability::Fsync), move || storage.sync())
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
         }
         Ok(())
     }
@@ -1930,7 +1984,7 @@ impl Cluster {
     ) -> Result<Result<T, dynakv_core::security::SecurityError>, ClusterError> {
         let now_ms = self.now_ms();
         let me = self.me.0.clone();
-        self.update_state(|state| {
+        Ok(self.update_state(|state| {
             let mut security = state.security.clone();
             let result = change(&mut security, now_ms, &me);
             // All or nothing: a refused change leaves the state as it was.
@@ -1938,7 +1992,7 @@ impl Cluster {
                 state.security = security;
             }
             result
-        })
+        }))
     }
 
     /// Mark a new node as waiting for its join (see `awaiting_join`); a successful
@@ -1950,14 +2004,14 @@ impl Cluster {
     /// Ask for this node to leave the cluster.
     pub fn leave(&self) -> Result<(), ClusterError> {
         let me = self.me.clone();
-        self.update_state(|state| state.request_leave(&me))?
+        self.update_state(|state| state.request_leave(&me))
             .map_err(|e| ClusterError::Membership(e.to_string()))
     }
 
     /// One gossip round: beat, exchange with a random member, plan if claimant.
     pub async fn gossip_round(&self, pick: usize) {
         let me = self.me.clone();
-        let _ = self.update_state(|state| state.beat(&me));
+        self.update_state(|state| state.beat(&me));
         let state = self.state();
         if let Some(peer) = state
             .gossip_peer(&self.me, |_| pick)
@@ -1974,19 +2028,13 @@ impl Cluster {
                 tracing::warn!(peer = %peer.id, error = %e, "gossip merge failed");
             }
         }
-        if self.state().claimant() == Some(&self.me) {
-            match self.update_state(ClusterState::plan) {
-                Ok(true) => {
-                    let s = self.state();
-                    tracing::info!(
-                        version = s.ring.version,
-                        transition = s.ring.next.is_some(),
-                        "ring plan changed"
-                    );
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot persist the ring plan"),
-            }
+        if self.state().claimant() == Some(&self.me) && self.update_state(ClusterState::plan) {
+            let s = self.state();
+            tracing::info!(
+                version = s.ring.version,
+                transition = s.ring.next.is_some(),
+                "ring plan changed"
+            );
         }
     }
 
@@ -2015,7 +2063,7 @@ impl Cluster {
         }
         handoff.on_scanned();
         let me = self.me.clone();
-        if self.update_state(|s| handoff.finish(s, &me))? {
+        if self.update_state(|s| handoff.finish(s, &me)) {
             tracing::info!(
                 transition = handoff.transition(),
                 keys = handoff.keys_sent(),

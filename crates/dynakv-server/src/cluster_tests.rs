@@ -177,3 +177,43 @@ async fn the_server_shares_the_cores_bounds_and_records() {
     assert_eq!((record.exchanges, record.keys_repaired_total), (1, 2));
     assert!(record.last_exchange_ms.unwrap() >= before);
 }
+
+/// Drift 6: a gossip-driven change persists the cluster state off the async worker, and what
+/// it wrote survives a restart (a new `Cluster` loads it); an older state written after a
+/// newer one never replaces it on disk.
+#[tokio::test]
+async fn the_cluster_state_is_persisted_in_order_and_survives_a_restart() {
+    let storage = memory();
+    let cluster = cluster_over(Arc::clone(&storage), settled(&["a", "b"]));
+    cluster.persist_now().unwrap();
+    let props = BucketProps {
+        n_val: 2,
+        ..BucketProps::default()
+    };
+    cluster
+        .set_bucket_props("kept", Some(&props))
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let loaded = loop {
+        let (state, _) = load_persisted(storage.as_ref()).unwrap().unwrap();
+        if state.bucket_props.contains_key("kept") {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "the change was never persisted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let restarted = cluster_over(Arc::clone(&storage), loaded);
+    assert_eq!(restarted.bucket_props("kept").n_val, 2);
+
+    // Order: the state of order 5 is on disk; one of order 4 arriving late is not written.
+    let newer = (*cluster.state()).clone();
+    let mut older = newer.clone();
+    older.bucket_props.clear();
+    let written = Mutex::new(0);
+    persist_if_newer(storage.as_ref(), &written, 5, &newer).unwrap();
+    persist_if_newer(storage.as_ref(), &written, 4, &older).unwrap();
+    let (on_disk, _) = load_persisted(storage.as_ref()).unwrap().unwrap();
+    assert!(on_disk.bucket_props.contains_key("kept"));
+    assert_eq!(*written.lock(), 5);
+}
