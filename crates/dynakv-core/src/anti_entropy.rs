@@ -19,6 +19,7 @@
 //!   exchange with what was repaired so far; it never repairs a key twice.
 
 use crate::aae_trees::AaeTrees;
+use crate::bucket::BucketProps;
 use crate::coordinator::KeyRepair;
 use crate::membership::ClusterState;
 use crate::merkle::{self, Hash};
@@ -26,6 +27,30 @@ use crate::message::PeerMessage;
 use crate::object::Object;
 use crate::ring::{NodeId, PartitionId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// What the anti-entropy exchanges of one partition did (the server's `admin aae`): the
+/// server and `Node` keep one per partition, for completed exchanges only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AaeRecord {
+    /// When the last exchange completed (the node's monotonic clock, in ms), and with whom.
+    pub last_exchange_ms: Option<u64>,
+    pub last_peer: Option<NodeId>,
+    pub keys_repaired_last: u64,
+    pub keys_repaired_total: u64,
+    pub exchanges: u64,
+}
+
+impl AaeRecord {
+    /// An exchange with `peer` completed at `now_ms`, having repaired `repaired` keys.
+    pub fn completed(&mut self, now_ms: u64, peer: &NodeId, repaired: usize) {
+        let repaired = u64::try_from(repaired).unwrap_or(u64::MAX);
+        self.last_exchange_ms = Some(now_ms);
+        self.last_peer = Some(peer.clone());
+        self.keys_repaired_last = repaired;
+        self.keys_repaired_total = self.keys_repaired_total.saturating_add(repaired);
+        self.exchanges = self.exchanges.saturating_add(1);
+    }
+}
 
 /// The partitions a node compares in one round, each with the peer it compares it with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,19 +61,22 @@ pub struct AaeRound {
 }
 
 impl AaeRound {
-    /// The round numbered `round`: every partition whose preference list (for `n_val`
-    /// replicas) names `me` is compared with one of its other replicas believed up, taken in
+    /// The round numbered `round`: every partition whose preference list (for the `n_val`
+    /// of `default_props`, the properties of a bucket that sets none: the node's configured
+    /// defaults) names `me` is compared with one of its other replicas believed up, taken in
     /// turn (`round` modulo their number), so over successive rounds every pair is compared.
     /// Nothing is compared during a ring transition (handoff moves the keys then). `budget`
-    /// bounds the keys repaired over the whole round.
+    /// bounds the keys repaired over the whole round. (The replica count is taken from the
+    /// default properties here, in one place, for the server and `Node` alike.)
     pub fn plan(
         state: &ClusterState,
         me: &NodeId,
-        n_val: u32,
+        default_props: &BucketProps,
         round: usize,
         budget: usize,
         is_up: impl Fn(&NodeId) -> bool,
     ) -> AaeRound {
+        let n_val = default_props.n_val;
         let mut exchanges = VecDeque::new();
         if state.ring.next.is_none() {
             for partition in 0..state.ring.current.partition_count() {
@@ -385,6 +413,19 @@ mod tests {
     use crate::object::{Content, PrunePolicy};
     use crate::version::{ActorId, VersionVector};
 
+    #[test]
+    fn a_record_counts_completed_exchanges() {
+        let mut record = AaeRecord::default();
+        let peer = NodeId("b".into());
+        record.completed(10, &peer, 3);
+        record.completed(20, &peer, 0);
+        assert_eq!(record.last_exchange_ms, Some(20));
+        assert_eq!(record.last_peer, Some(peer));
+        assert_eq!(record.keys_repaired_last, 0);
+        assert_eq!(record.keys_repaired_total, 3);
+        assert_eq!(record.exchanges, 2);
+    }
+
     /// One side of an exchange: a tree and the entries it was built from.
     struct Side {
         tree: MerkleTree,
@@ -613,8 +654,8 @@ mod tests {
     fn a_round_pairs_each_replicated_partition_with_an_up_peer_in_turn() {
         let me = NodeId("a".into());
         let state = crate::test_support::settled_cluster(&["a", "b", "c"], 8);
-        let round0 = AaeRound::plan(&state, &me, 3, 0, 10, |_| true);
-        let round1 = AaeRound::plan(&state, &me, 3, 1, 10, |_| true);
+        let round0 = AaeRound::plan(&state, &me, &BucketProps::default(), 0, 10, |_| true);
+        let round1 = AaeRound::plan(&state, &me, &BucketProps::default(), 1, 10, |_| true);
         assert_eq!(round0.remaining(), 8);
         let peers = |mut r: AaeRound| {
             let mut out = Vec::new();
@@ -629,16 +670,23 @@ mod tests {
         // A down peer is never chosen; with every peer down there is nothing to do.
         let b = NodeId("b".into());
         assert!(
-            peers(AaeRound::plan(&state, &me, 3, 0, 10, |n| *n != b))
-                .iter()
-                .all(|p| *p != b)
+            peers(AaeRound::plan(
+                &state,
+                &me,
+                &BucketProps::default(),
+                0,
+                10,
+                |n| *n != b
+            ))
+            .iter()
+            .all(|p| *p != b)
         );
         assert_eq!(
-            AaeRound::plan(&state, &me, 3, 0, 10, |_| false).remaining(),
+            AaeRound::plan(&state, &me, &BucketProps::default(), 0, 10, |_| false).remaining(),
             0
         );
         // The budget ends the round.
-        let mut round = AaeRound::plan(&state, &me, 3, 0, 2, |_| true);
+        let mut round = AaeRound::plan(&state, &me, &BucketProps::default(), 0, 2, |_| true);
         assert!(round.next_exchange::<String>().is_some());
         round.finished(2);
         assert!(round.next_exchange::<String>().is_none());

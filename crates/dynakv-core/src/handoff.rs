@@ -406,8 +406,9 @@ pub type CleanupEntry = (Vec<u8>, HandoffEntry);
 impl Cleanup<Vec<u8>, Hash> {
     /// Batch one page of this node's stored objects: each key it no longer replicates is
     /// recorded (with its entry hash, checked again before it is dropped) and batched for
-    /// every one of its primaries (`n_val` gives a bucket's replica count). Returns the
-    /// page's batches, entries with their storage keys.
+    /// every one of its primaries (`n_val` gives a bucket's replica count), in batches of
+    /// at most `HANDOFF_BATCH_KEYS` keys and (soft) `HANDOFF_BATCH_BYTES` bytes. Returns
+    /// the page's batches, entries with their storage keys.
     pub fn add_page(
         &mut self,
         state: &ClusterState,
@@ -415,7 +416,10 @@ impl Cleanup<Vec<u8>, Hash> {
         page: Vec<Entry>,
         n_val: impl Fn(&str) -> u32,
     ) -> Vec<(NodeId, Vec<CleanupEntry>)> {
-        let mut batches = Batches::new(crate::limits::HANDOFF_BATCH_KEYS, usize::MAX);
+        let mut batches = Batches::new(
+            crate::limits::HANDOFF_BATCH_KEYS,
+            crate::limits::HANDOFF_BATCH_BYTES,
+        );
         let mut sends = Vec::new();
         for (storage_key, entry) in page_entries(page) {
             let partition = state
@@ -427,7 +431,8 @@ impl Cleanup<Vec<u8>, Hash> {
             };
             let hash = entry_hash(entry.bucket.as_bytes(), entry.key.as_bytes(), &entry.object);
             self.add(storage_key.clone(), hash, primaries.len());
-            sends.extend(batches.push_all(&primaries, &(storage_key, entry), 0));
+            let bytes = entry.object.len();
+            sends.extend(batches.push_all(&primaries, &(storage_key, entry), bytes));
         }
         sends.extend(batches.drain());
         sends

@@ -7,6 +7,31 @@
 pub const MAX_BUCKET_BYTES: usize = 255;
 /// Keys per handoff message: transition handoff, cleanup and hint delivery batches.
 pub const HANDOFF_BATCH_KEYS: usize = 256;
+/// Bytes per handoff message of transition handoff and cleanup (soft: a batch closes once
+/// past it, so a batch holds at most one entry beyond it).
+pub const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Stored objects read per storage scan step of transition handoff and cleanup.
+pub const SCAN_PAGE_KEYS: usize = 1000;
+/// Most batches of a transition handoff or a cleanup pass the core `Node` has in flight at
+/// once. (The server still sends its batches one after another. With one at a time the
+/// simulator found a leaver's cleanup outlasting a 500 ms tombstone grace period and handing
+/// an old copy over after the reap: seed 462 of `sibling_mode_loses_nothing_and_converges`.)
+pub const HANDOFF_BATCHES_IN_FLIGHT: usize = 8;
+/// Most keys a node keeps as hints for one other node; past it, new hints are dropped (and
+/// counted) and the node relies on read repair and anti-entropy.
+pub const MAX_HINTS_PER_TARGET: usize = 100_000;
+/// Keys per page of a key listing, asked of each node and answered to the client.
+pub const LIST_PAGE_KEYS: usize = 1000;
+/// Most bucket property sets a node keeps parsed (a cache of the cluster state's entries,
+/// cleared when full).
+pub const MAX_PARSED_PROPS: usize = 10_000;
+/// Most tombstones one reaping round checks.
+pub const MAX_REAPS_PER_ROUND: usize = 1000;
+/// Most keys listed per leaf-key exchange of anti-entropy.
+pub const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
+/// Default time limit of one request to a peer replica, in ms (the server's
+/// `request_timeout_ms`, `ClusterTimeouts::request`, and the core's `Timings::SERVER`).
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 2000;
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Default largest value accepted by a put, in bytes (the paper's objects are < 1 MiB).
@@ -71,6 +96,11 @@ pub const HARD_MAX_IN_FLIGHT_REQUESTS: usize = 65_536;
 pub const MAX_RING_PARTITIONS: u32 = 4096;
 
 const _: () = assert!(DEFAULT_RING_PARTITIONS.is_power_of_two());
+const _: () = assert!(HANDOFF_BATCH_KEYS > 0 && SCAN_PAGE_KEYS > 0 && HANDOFF_BATCH_BYTES > 0);
+const _: () = assert!(HANDOFF_BATCHES_IN_FLIGHT > 0);
+const _: () = assert!(MAX_HINTS_PER_TARGET > 0 && MAX_REAPS_PER_ROUND > 0);
+const _: () = assert!(LIST_PAGE_KEYS > 0 && LIST_PAGE_KEYS <= MAX_LIST_PAGE);
+const _: () = assert!(MAX_PARSED_PROPS > 0 && MAX_AAE_KEYS_PER_EXCHANGE > 0);
 const _: () = assert!(MAX_RING_PARTITIONS.is_power_of_two());
 const _: () = assert!(DEFAULT_MAX_VALUE_BYTES <= HARD_MAX_VALUE_BYTES);
 const _: () = assert!(CLOCK_PRUNE_THRESHOLD < MAX_CLOCK_ENTRIES);

@@ -10,7 +10,7 @@
 //!   only when no node is left;
 //! - the answer ends exactly once: the last page (`last`), the bucket list, or the failure.
 
-use crate::node::LIST_PAGE_KEYS;
+use crate::limits::LIST_PAGE_KEYS;
 use crate::message::PeerMessage;
 use crate::request::{Reply, RequestError, Tag, View};
 use crate::ring::NodeId;
@@ -146,17 +146,14 @@ impl KeyListing {
             return Vec::new();
         };
         cursor.fetching = false;
-        match page {
-            Some((keys, next_after)) => {
-                cursor.buffer.extend(keys);
-                cursor.more = next_after.is_some();
-                cursor.next_after = next_after;
-            }
-            None => {
-                cursor.failed = true;
-                cursor.more = false;
-                cursor.buffer.clear();
-            }
+        if let Some((keys, next_after)) = page {
+            cursor.buffer.extend(keys);
+            cursor.more = next_after.is_some();
+            cursor.next_after = next_after;
+        } else {
+            cursor.failed = true;
+            cursor.more = false;
+            cursor.buffer.clear();
         }
         let mut steps = Vec::new();
         self.advance(view, &mut steps);

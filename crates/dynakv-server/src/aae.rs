@@ -1,19 +1,9 @@
-//! The anti-entropy trees live in `dynakv_core::aae_trees` (shared with the simulator); this
-//! module re-exports them and keeps the server's per-partition exchange records.
+//! The anti-entropy trees live in `dynakv_core::aae_trees` (shared with the simulator), and
+//! the per-partition exchange records in `dynakv_core::anti_entropy`; this module
+//! re-exports them.
 
 pub use dynakv_core::aae_trees::*;
-
-use std::time::Instant;
-
-/// What the last exchange of one partition did.
-#[derive(Debug, Clone, Default)]
-pub struct ExchangeRecord {
-    pub last_exchange: Option<Instant>,
-    pub last_peer: String,
-    pub keys_repaired_last: u64,
-    pub keys_repaired_total: u64,
-    pub exchanges: u64,
-}
+pub use dynakv_core::anti_entropy::AaeRecord;
 
 #[cfg(test)]
 mod tests {

@@ -16,13 +16,13 @@
 //! - a node drops a key only after the transition that removed it from the key's preference
 //!   list has completed, i.e. after every old replica handed its keys to the new ones.
 
-use crate::aae::{AaeTrees, ExchangeRecord};
+use crate::aae::{AaeRecord, AaeTrees};
 use crate::clock::WallClock;
 use crate::replica::{Replica, ReplicaError, ReplicaRun};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
-use dynakv_core::bucket::BucketProps;
+use dynakv_core::bucket::{BucketProps, CustomBucketError, check_custom_bucket_room};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{
     ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
@@ -48,17 +48,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-use dynakv_core::limits::HANDOFF_BATCH_KEYS;
-/// Bytes per handoff message (soft: a batch closes once past it).
-const HANDOFF_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Keys per page of a key listing.
-const LIST_PAGE_KEYS: usize = 1000;
-/// Keys read per storage scan step during handoff and cleanup.
-const SCAN_PAGE: usize = 1000;
+use dynakv_core::limits::{
+    DEFAULT_REQUEST_TIMEOUT_MS, HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND,
+    SCAN_PAGE_KEYS,
+};
 /// A member whose heartbeat has not moved for this long is considered down.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bucket property sets kept parsed.
-const MAX_PARSED_PROPS: usize = 10_000;
 /// Meta-table key of the persisted cluster state.
 const META_CLUSTER: &[u8] = b"cluster_state";
 /// Meta-table key of the context secret of versions before `cluster.secret` (read once, to
@@ -96,7 +92,7 @@ impl ClusterTimeouts {
 impl Default for ClusterTimeouts {
     fn default() -> Self {
         ClusterTimeouts {
-            request: Duration::from_secs(2),
+            request: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
             gossip: Duration::from_secs(1),
             gossip_interval: Duration::from_secs(1),
         }
@@ -117,10 +113,6 @@ pub enum ClusterError {
     Internal(String),
 }
 
-/// Most keys a node keeps as hints for one other node; past it, new hints are dropped (and
-/// counted) and the node relies on read repair and anti-entropy.
-pub const MAX_HINTS_PER_TARGET: usize = 100_000;
-
 #[derive(Debug, Default)]
 struct HintCounters {
     stored: AtomicU64,
@@ -140,10 +132,6 @@ pub struct HintStats {
     pub per_target: Vec<(String, usize)>,
 }
 
-/// Most tombstones one reaping round handles.
-const MAX_REAPS_PER_ROUND: usize = 1000;
-/// Most keys listed per leaf-key exchange of anti-entropy.
-const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
 /// Admission control bounds of the anti-entropy budget (keys repaired per round).
 const AAE_BUDGET_MIN: usize = 100;
 const AAE_BUDGET_MAX: usize = 10_000;
@@ -202,6 +190,9 @@ pub struct ClusterParts {
     pub syncs: Option<Arc<SyncBarrier>>,
     /// The node's wall clock (skewed only in tests).
     pub clock: WallClock,
+    /// The properties of a bucket the cluster state sets none for (and of one whose entry
+    /// cannot be read); anti-entropy plans its exchanges with their `n_val`.
+    pub default_props: BucketProps,
 }
 
 /// One node's cluster machinery.
@@ -213,6 +204,12 @@ pub struct Cluster {
     /// its join would then be refused).
     awaiting_join: std::sync::atomic::AtomicBool,
     state: RwLock<Arc<ClusterState>>,
+    /// Bumped (under the state's write lock) at every change worth persisting: the state's
+    /// persistence order.
+    state_seq: AtomicU64,
+    /// The `state_seq` of the state last written to disk (held while writing, so writes of
+    /// the cluster state never interleave and an older one never overwrites a newer one).
+    persisted_seq: Arc<Mutex<u64>>,
     /// The context MAC key (derived from the cluster secret at start; never changes).
     secret: ContextKey,
     replica: Arc<Replica>,
@@ -227,13 +224,15 @@ pub struct Cluster {
     tombstones_reaped: AtomicU64,
     aae: Arc<AaeTrees>,
     /// What the last anti-entropy exchange of each partition did.
-    aae_records: Mutex<HashMap<PartitionId, ExchangeRecord>>,
+    aae_records: Mutex<HashMap<PartitionId, AaeRecord>>,
     admission: Admission,
     /// The ring version whose cleanup this node finished.
     cleanup_marker: Mutex<CleanupMarker>,
     started: Instant,
     syncs: Option<Arc<SyncBarrier>>,
     clock: WallClock,
+    /// See [`ClusterParts::default_props`].
+    default_props: BucketProps,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -267,6 +266,23 @@ fn persist(storage: &dyn Storage, state: &ClusterState) -> Result<(), ClusterErr
     Ok(())
 }
 
+/// Write `state`, the one of persistence order `seq`, unless a newer one was written already
+/// (`written` holds the order of the last one written; held while writing).
+fn persist_if_newer(
+    storage: &dyn Storage,
+    written: &Mutex<u64>,
+    seq: u64,
+    state: &ClusterState,
+) -> Result<(), ClusterError> {
+    let mut written = written.lock();
+    if *written > seq {
+        return Ok(());
+    }
+    persist(storage, state)?;
+    *written = seq;
+    Ok(())
+}
+
 /// The state with heartbeats zeroed: what is worth persisting.
 fn persistent_view(state: &ClusterState) -> ClusterState {
     let mut view = state.clone();
@@ -290,6 +306,7 @@ impl Cluster {
             aae,
             syncs,
             clock,
+            default_props,
         } = parts;
         let heartbeat_timeout_ms = u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         Cluster {
@@ -297,6 +314,8 @@ impl Cluster {
             failure_detector: Mutex::new(FailureDetector::new(me.clone(), 0, heartbeat_timeout_ms)),
             me,
             state: RwLock::new(Arc::new(state)),
+            state_seq: AtomicU64::new(0),
+            persisted_seq: Arc::new(Mutex::new(0)),
             secret,
             replica,
             storage,
@@ -312,6 +331,7 @@ impl Cluster {
             started: Instant::now(),
             syncs,
             clock,
+            default_props,
         }
     }
 
@@ -378,35 +398,57 @@ impl Cluster {
         &self.replica
     }
 
-    /// Apply `change` to the state; persist when something durable changed.
-    fn update_state<T>(
-        &self,
-        change: impl FnOnce(&mut ClusterState) -> T,
-    ) -> Result<T, ClusterError> {
+    /// Apply `change` to the state; persist when something durable changed. The write (an
+    /// fsync'd put) runs on the blocking pool, never on an async worker; writes are ordered
+    /// by `state_seq`, so a newer state on disk is never overwritten by an older one (a
+    /// failed write is logged; the next change writes the whole state again).
+    fn update_state<T>(&self, change: impl FnOnce(&mut ClusterState) -> T) -> T {
         let (result, to_persist) = {
             let mut guard = self.state.write();
             let mut next = (**guard).clone();
             let result = change(&mut next);
             let durable_change = persistent_view(&next) != persistent_view(&guard);
             *guard = Arc::new(next);
-            (result, durable_change.then(|| Arc::clone(&guard)))
+            let seq = durable_change.then(|| self.state_seq.fetch_add(1, Ordering::AcqRel) + 1);
+            (result, seq.map(|seq| (seq, Arc::clone(&guard))))
         };
-        if let Some(state) = to_persist {
-            persist(self.storage.as_ref(), &state)?;
+        if let Some((seq, state)) = to_persist {
+            self.persist_in_background(seq, state);
         }
-        Ok(result)
+        result
     }
 
-    /// Persist the current state (after startup or a join).
+    /// Write the state of order `seq` on the blocking pool (inline outside a runtime).
+    fn persist_in_background(&self, seq: u64, state: Arc<ClusterState>) {
+        let storage = Arc::clone(&self.storage);
+        let written = Arc::clone(&self.persisted_seq);
+        let write = move || {
+            if let Err(e) = persist_if_newer(storage.as_ref(), &written, seq, &state) {
+                tracing::error!(error = %e, "cannot persist the cluster state");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(write);
+            }
+            Err(_) => write(),
+        }
+    }
+
+    /// Persist the current state (after startup or a join), waiting for the write.
     pub fn persist_now(&self) -> Result<(), ClusterError> {
-        persist(self.storage.as_ref(), &self.state())
+        let (seq, state) = {
+            let guard = self.state.read();
+            (self.state_seq.load(Ordering::Acquire), Arc::clone(&guard))
+        };
+        persist_if_newer(self.storage.as_ref(), &self.persisted_seq, seq, &state)
     }
 
     /// A bucket's properties as the cluster knows them.
     pub fn bucket_props(&self, bucket: &str) -> BucketProps {
         let state = self.state();
         let Some(entry) = state.bucket_props.get(bucket) else {
-            return BucketProps::default();
+            return self.default_props.clone();
         };
         if let Some((ts, props)) = self.parsed_props.read().get(bucket)
             && *ts == entry.timestamp_ms
@@ -418,7 +460,7 @@ impl Cluster {
             .as_deref()
             .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
             .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
-            .unwrap_or_default();
+            .unwrap_or_else(|| self.default_props.clone());
         let mut cache = self.parsed_props.write();
         if cache.len() >= MAX_PARSED_PROPS {
             cache.clear();
@@ -427,15 +469,19 @@ impl Cluster {
         props
     }
 
-    /// Set (or, with `None`, reset) a bucket's properties cluster-wide.
+    /// Set (or, with `None`, reset) a bucket's properties cluster-wide. A change that would
+    /// make one custom bucket too many is refused (`Ok(Err(..))`) and changes nothing: the
+    /// core's `check_custom_bucket_room`, as `Node::set_bucket_props`, checked on the state
+    /// it changes (under its lock), so two changes at once cannot both pass it.
     pub fn set_bucket_props(
         &self,
         bucket: &str,
         props: Option<&BucketProps>,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<Result<(), CustomBucketError>, ClusterError> {
         let json = props.map(|p| p.to_json(bucket).to_string());
         let me = self.me.clone();
-        self.update_state(|state| {
+        Ok(self.update_state(|state| {
+            check_custom_bucket_room(state, bucket)?;
             let timestamp_ms = state
                 .bucket_props
                 .get(bucket)
@@ -449,7 +495,8 @@ impl Cluster {
                     props_json: json,
                 },
             );
-        })
+            Ok(())
+        }))
     }
 
     /// The peer links' check of a peer's name and key (both sides, after each handshake): a
@@ -504,8 +551,9 @@ impl Cluster {
         self.failure_detector.lock().is_up(id, self.monotonic_ms())
     }
 
-    /// Milliseconds since this node started, the failure detector's clock.
-    fn monotonic_ms(&self) -> u64 {
+    /// Milliseconds since this node started, the failure detector's clock (and the one of
+    /// the anti-entropy records).
+    pub fn monotonic_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -567,7 +615,8 @@ impl Cluster {
             )));
         }
         self.observe_heartbeats(other);
-        self.update_state(|state| state.merge(other))
+        self.update_state(|state| state.merge(other));
+        Ok(())
     }
 
     // ----- reads -----
@@ -879,7 +928,7 @@ impl Cluster {
                     return Ok(PeerMessage::Error(e.to_string()));
                 }
                 tracing::info!(node = %member.id, via = %from.node_name, "join request");
-                self.update_state(|state| state.add_joining(member))?
+                self.update_state(|state| state.add_joining(member))
                     .map_err(|e| ClusterError::Membership(e.to_string()))?;
                 Ok(PeerMessage::JoinAccepted {
                     state: Box::new((*self.state()).clone()),
@@ -1149,7 +1198,13 @@ impl Cluster {
             }
         }
         if stored {
-            self.replica.storage().sync().map_err(internal)?;
+            // A sync may wait on the disk: run as the engine says (the blocking pool when so).
+            let storage = Arc::clone(self.replica.storage());
+            self.replica
+                .run(Some(Durability::Fsync), move || storage.sync())
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
         }
         Ok(())
     }
@@ -1160,19 +1215,16 @@ impl Cluster {
     /// repaired.
     pub async fn anti_entropy_round(&self, round: usize) -> usize {
         let budget = self.admission.budget();
-        let mut plan = AaeRound::plan(&self.state(), &self.me, 3, round, budget, |n| self.is_up(n));
+        let mut plan = self.aae_plan(round, budget);
         while let Some((peer, exchange, ask)) = plan.next_exchange() {
             let partition = exchange.partition();
             match self.exchange(&peer, exchange, ask).await {
                 Ok(repaired) => {
                     plan.finished(repaired);
+                    let now_ms = self.monotonic_ms();
                     let mut records = self.aae_records.lock();
                     let record = records.entry(partition).or_default();
-                    record.last_exchange = Some(Instant::now());
-                    record.last_peer.clone_from(&peer.0);
-                    record.keys_repaired_last = repaired as u64;
-                    record.keys_repaired_total += repaired as u64;
-                    record.exchanges += 1;
+                    record.completed(now_ms, &peer, repaired);
                 }
                 Err(e) => {
                     tracing::debug!(partition, %peer, error = %e, "anti-entropy exchange failed");
@@ -1184,6 +1236,19 @@ impl Cluster {
             tracing::info!(keys = repaired_total, budget, "anti-entropy repaired keys");
         }
         repaired_total
+    }
+
+    /// The exchanges of anti-entropy round `round` (the core's `AaeRound`, planned with the
+    /// default properties' `n_val`, as `Node` plans it).
+    fn aae_plan(&self, round: usize, budget: usize) -> AaeRound {
+        AaeRound::plan(
+            &self.state(),
+            &self.me,
+            &self.default_props,
+            round,
+            budget,
+            |n| self.is_up(n),
+        )
     }
 
     /// Reap tombstones older than `grace_ms` that every primary holds identically: this node
@@ -1306,7 +1371,8 @@ impl Cluster {
     }
 
     /// Anti-entropy state per partition.
-    pub fn aae_report(&self) -> Vec<(u32, u64, ExchangeRecord)> {
+    /// Each record's `last_exchange_ms` is by [`Cluster::monotonic_ms`].
+    pub fn aae_report(&self) -> Vec<(u32, u64, AaeRecord)> {
         let entries = self.aae.entries();
         let records = self.aae_records.lock();
         let mut partitions: Vec<u32> = entries.keys().chain(records.keys()).copied().collect();
@@ -1551,7 +1617,7 @@ impl Cluster {
     ) -> Result<Result<T, dynakv_core::security::SecurityError>, ClusterError> {
         let now_ms = self.now_ms();
         let me = self.me.0.clone();
-        self.update_state(|state| {
+        Ok(self.update_state(|state| {
             let mut security = state.security.clone();
             let result = change(&mut security, now_ms, &me);
             // All or nothing: a refused change leaves the state as it was.
@@ -1559,7 +1625,7 @@ impl Cluster {
                 state.security = security;
             }
             result
-        })
+        }))
     }
 
     /// Mark a new node as waiting for its join (see `awaiting_join`); a successful
@@ -1571,14 +1637,14 @@ impl Cluster {
     /// Ask for this node to leave the cluster.
     pub fn leave(&self) -> Result<(), ClusterError> {
         let me = self.me.clone();
-        self.update_state(|state| state.request_leave(&me))?
+        self.update_state(|state| state.request_leave(&me))
             .map_err(|e| ClusterError::Membership(e.to_string()))
     }
 
     /// One gossip round: beat, exchange with a random member, plan if claimant.
     pub async fn gossip_round(&self, pick: usize) {
         let me = self.me.clone();
-        let _ = self.update_state(|state| state.beat(&me));
+        self.update_state(|state| state.beat(&me));
         let state = self.state();
         if let Some(peer) = state
             .gossip_peer(&self.me, |_| pick)
@@ -1595,19 +1661,13 @@ impl Cluster {
                 tracing::warn!(peer = %peer.id, error = %e, "gossip merge failed");
             }
         }
-        if self.state().claimant() == Some(&self.me) {
-            match self.update_state(ClusterState::plan) {
-                Ok(true) => {
-                    let s = self.state();
-                    tracing::info!(
-                        version = s.ring.version,
-                        transition = s.ring.next.is_some(),
-                        "ring plan changed"
-                    );
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot persist the ring plan"),
-            }
+        if self.state().claimant() == Some(&self.me) && self.update_state(ClusterState::plan) {
+            let s = self.state();
+            tracing::info!(
+                version = s.ring.version,
+                transition = s.ring.next.is_some(),
+                "ring plan changed"
+            );
         }
     }
 
@@ -1636,7 +1696,7 @@ impl Cluster {
         }
         handoff.on_scanned();
         let me = self.me.clone();
-        if self.update_state(|s| handoff.finish(s, &me))? {
+        if self.update_state(|s| handoff.finish(s, &me)) {
             tracing::info!(
                 transition = handoff.transition(),
                 keys = handoff.keys_sent(),
@@ -1681,7 +1741,7 @@ impl Cluster {
     ) -> Result<Vec<dynakv_core::storage::Entry>, ClusterError> {
         let replica = Arc::clone(&self.replica);
         Ok(tokio::task::spawn_blocking(move || {
-            replica.scan_objects(start_after.as_deref(), SCAN_PAGE)
+            replica.scan_objects(start_after.as_deref(), SCAN_PAGE_KEYS)
         })
         .await
         .map_err(internal)??)
@@ -1804,3 +1864,7 @@ pub fn error_status(e: &ClusterError) -> (u16, String) {
         ClusterError::Membership(_) => (400, e.to_string()),
     }
 }
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;

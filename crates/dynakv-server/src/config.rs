@@ -186,7 +186,7 @@ impl ServerConfig {
             storage_worker_threads: 1,
             ring_partitions: limits::DEFAULT_RING_PARTITIONS,
             cluster_name: "dynakv".to_owned(),
-            request_timeout_ms: 2000,
+            request_timeout_ms: limits::DEFAULT_REQUEST_TIMEOUT_MS,
             aae_interval_ms: 2000,
             aae_latency_target_ms: 50,
             tombstone_grace_ms: 3_600_000,

@@ -16,7 +16,7 @@ use axum::extract::{Query, RawPathParams, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use dynakv_core::bucket::{BucketProps, Quorum, check_custom_bucket_room, props_from_body};
+use dynakv_core::bucket::{BucketProps, Quorum, props_from_body};
 use dynakv_core::context;
 use dynakv_core::keys;
 use dynakv_core::limits;
@@ -64,9 +64,6 @@ pub struct HttpGuards {
     request_bodies: ByteBudget,
     /// Bytes of object responses being sent (`response_budget_bytes`).
     responses: ByteBudget,
-    /// Held while this node checks and makes a bucket-properties change, so two changes
-    /// through it cannot both pass the custom-bucket limit's check.
-    props_changes: parking_lot::Mutex<()>,
     /// Verified client credentials (see `auth`).
     pub auth: crate::auth::AuthCache,
 }
@@ -76,7 +73,6 @@ impl HttpGuards {
         HttpGuards {
             request_bodies: ByteBudget::new(limits.request_body_budget_bytes),
             responses: ByteBudget::new(limits.response_budget_bytes),
-            props_changes: parking_lot::Mutex::new(()),
             auth: crate::auth::AuthCache::default(),
             limits,
         }
@@ -1267,18 +1263,18 @@ async fn reset_props(State(state): State<AppState>, params: RawPathParams) -> Ap
 }
 
 /// Set (`Some`) or reset (`None`) a bucket's properties, refused with 400 when the bucket
-/// would be one custom bucket too many (`check_custom_bucket_room`): past the limit gossip
-/// would not carry the change, and it would stay on this node alone.
+/// would be one custom bucket too many (`Cluster::set_bucket_props` checks it with the core's
+/// `check_custom_bucket_room`): past the limit gossip would not carry the change, and it
+/// would stay on this node alone.
 fn change_props(
     state: &ApiState,
     bucket: &str,
     props: Option<&BucketProps>,
 ) -> Result<(), ApiError> {
-    let _one_at_a_time = state.http.props_changes.lock();
-    check_custom_bucket_room(&state.cluster.state(), bucket)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    state.cluster.set_bucket_props(bucket, props)?;
-    Ok(())
+    state
+        .cluster
+        .set_bucket_props(bucket, props)?
+        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 async fn list_keys(
@@ -1637,17 +1633,19 @@ async fn admin_handoffs(State(state): State<AppState>) -> Response {
 }
 
 async fn admin_aae(State(state): State<AppState>) -> Response {
+    let now_ms = state.cluster.monotonic_ms();
     let partitions: Vec<_> = state
         .cluster
         .aae_report()
         .into_iter()
         .map(|(partition, keys, record)| {
+            let ago_ms = record.last_exchange_ms.map(|t| now_ms.saturating_sub(t));
             json!({
                 "partition": partition,
                 "keys": keys,
                 "exchanges": record.exchanges,
-                "last_exchange_seconds_ago": record.last_exchange.map(|t| t.elapsed().as_secs_f64()),
-                "last_peer": record.last_peer,
+                "last_exchange_seconds_ago": ago_ms.map(|ms| ms as f64 / 1000.0),
+                "last_peer": record.last_peer.as_ref().map_or("", |p| p.0.as_str()),
                 "keys_repaired_last": record.keys_repaired_last,
                 "keys_repaired_total": record.keys_repaired_total,
             })

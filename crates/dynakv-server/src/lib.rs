@@ -343,6 +343,8 @@ pub async fn start_with_http(
             aae,
             syncs: syncs.clone(),
             clock,
+            // No setting changes the default properties (Riak's `default_bucket_props`).
+            default_props: dynakv_core::bucket::BucketProps::default(),
         },
     ));
     let _ = verifier_target.set(Arc::downgrade(&cluster));

@@ -51,13 +51,14 @@
 //!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
 
 use crate::aae_trees::AaeTrees;
+pub use crate::anti_entropy::AaeRecord;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::bucket::{BucketProps, Quorum};
 use crate::coordinator::{
     ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
 };
 use crate::failure::FailureDetector;
-use crate::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
+use crate::handoff::{Batches, Cleanup, CleanupEntry, CleanupMarker, TransitionHandoff};
 use crate::hints::HintRound;
 use crate::keys;
 use crate::limits;
@@ -85,19 +86,12 @@ pub const TIMEOUTS_BEFORE_BACKOFF: u32 = 3;
 pub const BACKOFF_INITIAL_MS: u64 = 100;
 /// Longest transport backoff.
 pub const BACKOFF_MAX_MS: u64 = 5000;
-/// Most keys a node keeps as hints for one target (the server's `MAX_HINTS_PER_TARGET`).
-pub const MAX_HINTS_PER_TARGET: usize = 100_000;
-/// Keys per handoff batch (the server's, from core's limits).
-pub const HANDOFF_BATCH_KEYS: usize = limits::HANDOFF_BATCH_KEYS;
-/// Keys per page of a key listing, asked of each node and answered to the client (the
-/// server's `LIST_PAGE_KEYS`).
-pub const LIST_PAGE_KEYS: usize = 1000;
-/// Most bucket property sets a node keeps parsed (the server's `MAX_PARSED_PROPS`).
-pub const MAX_PARSED_PROPS: usize = 10_000;
-/// Most tombstones one reaping round checks (the server's `MAX_REAPS_PER_ROUND`).
-pub const MAX_REAPS_PER_ROUND: usize = 1000;
-/// Most keys listed per leaf-key exchange of anti-entropy (the server's constant).
-pub const MAX_AAE_KEYS_PER_EXCHANGE: usize = 10_000;
+// The bounds the server uses too, defined once in `limits`.
+pub use crate::limits::{
+    HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, HANDOFF_BATCHES_IN_FLIGHT, LIST_PAGE_KEYS,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND,
+    SCAN_PAGE_KEYS,
+};
 
 /// The node's intervals and timeouts, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +116,8 @@ impl Timings {
     /// The server's defaults (`request_timeout_ms` 2 s, forward 5x that, gossip every second,
     /// heartbeat timeout 5 s, hints every second, `aae_interval_ms`, `flush_interval_ms`).
     pub const SERVER: Timings = Timings {
-        request_ms: 2000,
-        forward_ms: 5 * 2000,
+        request_ms: limits::DEFAULT_REQUEST_TIMEOUT_MS,
+        forward_ms: 5 * limits::DEFAULT_REQUEST_TIMEOUT_MS,
         gossip_interval_ms: 1000,
         heartbeat_timeout_ms: 5000,
         hint_interval_ms: 1000,
@@ -296,6 +290,10 @@ pub enum Timer {
     Aae,
     Flush,
     RequestTimeout(RequestId),
+    /// Resume paged background work (transition handoff, cleanup) that has nothing in
+    /// flight to resume it: set for the current time, so a long scan goes on one page per
+    /// `handle` without waiting for the next gossip round.
+    Paging,
 }
 
 /// What drives a node.
@@ -551,15 +549,58 @@ struct AaeRun {
     failed: bool,
 }
 
-/// What the anti-entropy exchanges of one partition did (the server's `admin aae`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AaeRecord {
-    /// When the last exchange completed, and with whom.
-    pub last_exchange_ms: Option<u64>,
-    pub last_peer: Option<NodeId>,
-    pub keys_repaired_last: u64,
-    pub keys_repaired_total: u64,
-    pub exchanges: u64,
+/// A paged scan of the stored objects that sends what it finds in bounded batches (transition
+/// handoff, cleanup): one page of `SCAN_PAGE_KEYS` objects per step at most, a new page only
+/// once the batches of the previous one are sent, at most `HANDOFF_BATCHES_IN_FLIGHT` batches
+/// awaiting replies.
+#[derive(Debug)]
+struct PagedSends<B> {
+    /// The last storage key scanned (`None`: the scan starts from the first).
+    scanned_to: Option<Vec<u8>>,
+    /// The whole store was scanned (and every batch closed).
+    scan_done: bool,
+    /// Batches waiting for room in flight.
+    ready: VecDeque<(NodeId, Vec<B>)>,
+    in_flight: usize,
+    /// A batch failed or the ring moved on: nothing more is sent; the run ends once the
+    /// batches in flight came back.
+    given_up: bool,
+}
+
+impl<B> Default for PagedSends<B> {
+    fn default() -> Self {
+        PagedSends {
+            scanned_to: None,
+            scan_done: false,
+            ready: VecDeque::new(),
+            in_flight: 0,
+            given_up: false,
+        }
+    }
+}
+
+impl<B> PagedSends<B> {
+    /// Every batch came back and either nothing more will be sent or everything was.
+    fn over(&self) -> bool {
+        self.in_flight == 0 && (self.given_up || (self.scan_done && self.ready.is_empty()))
+    }
+}
+
+/// The transition handoff in progress: the core's `TransitionHandoff`, its open batches
+/// (bounded by `HANDOFF_BATCH_KEYS` and `HANDOFF_BATCH_BYTES`, as the server's), and the paged
+/// scan feeding them.
+#[derive(Debug)]
+struct HandoffRun {
+    handoff: TransitionHandoff,
+    batches: Batches<HandoffEntry>,
+    sends: PagedSends<HandoffEntry>,
+}
+
+/// The cleanup pass in progress: the core's `Cleanup` and the paged scan feeding it.
+#[derive(Debug)]
+struct CleanupRun {
+    cleanup: Cleanup<Vec<u8>, Hash>,
+    sends: PagedSends<CleanupEntry>,
 }
 
 /// The transport's view of one peer.
@@ -641,7 +682,7 @@ pub struct Node {
     hint_rounds: BTreeMap<NodeId, HintRound<Vec<u8>, Vec<u8>>>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
-    handoff: Option<TransitionHandoff>,
+    handoff: Option<HandoffRun>,
     /// The ring version whose cleanup ran (volatile, as in the server).
     cleanup_marker: CleanupMarker,
     /// Until a join is accepted: the members to ask, in turn (the operator retrying).
@@ -665,7 +706,9 @@ pub struct Node {
     next_listing: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
-    cleanup: Option<Cleanup<Vec<u8>, Hash>>,
+    cleanup: Option<CleanupRun>,
+    /// A `Timer::Paging` is set and not yet fired.
+    paging_timer_set: bool,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -734,6 +777,7 @@ impl Node {
             bucket_listings: BTreeMap::new(),
             next_listing: 0,
             cleanup: None,
+            paging_timer_set: false,
             failures: VecDeque::new(),
             outputs: Vec::new(),
             sync_issued: 0,
@@ -882,7 +926,7 @@ impl Node {
         loop {
             let page = self
                 .replica
-                .scan_objects(start_after.as_deref(), 1000)
+                .scan_objects(start_after.as_deref(), SCAN_PAGE_KEYS)
                 .map_err(|e| e.to_string())?;
             let Some((last, _)) = page.last() else {
                 return Ok(pages);
@@ -892,10 +936,12 @@ impl Node {
         }
     }
 
-    /// [`Node::object_pages`] for the node's own work: a failure stops the node.
-    fn scan_all(&mut self) -> Vec<Vec<crate::storage::Entry>> {
-        let pages = self.object_pages();
-        self.must(pages, "scan objects")
+    /// One page of at most `SCAN_PAGE_KEYS` stored objects after `start_after`, for the
+    /// node's own work (`None`: the scan failed, which stops the node).
+    fn scan_page(&mut self, start_after: Option<&[u8]>) -> Option<Vec<crate::storage::Entry>> {
+        let page = self.replica.scan_objects(start_after, SCAN_PAGE_KEYS);
+        let page = self.must(page, "scan objects");
+        self.failed.is_none().then_some(page)
     }
 
     /// Number of hints held.
@@ -986,6 +1032,7 @@ impl Node {
         self.key_listings.clear();
         self.bucket_listings.clear();
         self.cleanup = None;
+        self.paging_timer_set = false;
         self.failures.clear();
         self.outputs.clear();
         // Tickets stay monotonic across restarts; what waited is gone with the process.
@@ -1495,7 +1542,6 @@ fn open_storage(
 }
 
 const _: () = assert!(BACKOFF_INITIAL_MS <= BACKOFF_MAX_MS);
-const _: () = assert!(MAX_HINTS_PER_TARGET > 0 && HANDOFF_BATCH_KEYS > 0);
 const _: () = assert!(limits::MAX_SIBLINGS > 1);
 
 mod client;

@@ -218,9 +218,11 @@ impl Node {
             }
             Purpose::Store => {}
             Purpose::Gossip => {
-                if let Some(PeerMessage::Gossip(theirs)) = body {
-                    self.merge_state(now, &theirs);
-                }
+                let theirs = match &body {
+                    Some(PeerMessage::Gossip(theirs)) => Some(&**theirs),
+                    _ => None,
+                };
+                self.after_gossip_exchange(now, theirs);
             }
             Purpose::Join => {
                 self.join_pending = false;
@@ -262,14 +264,11 @@ impl Node {
             }
             Purpose::CleanupHandoff { keys } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
-                self.on_cleanup_handoff(&keys, ok);
+                self.on_cleanup_handoff(now, &keys, ok);
             }
             Purpose::TransitionHandoff => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
-                if let Some(mut handoff) = self.handoff.take() {
-                    handoff.on_reply(ok);
-                    self.finish_handoff(handoff);
-                }
+                self.on_transition_handoff_reply(now, ok);
             }
             Purpose::HintDelivery { target, hints } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));

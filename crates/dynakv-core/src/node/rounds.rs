@@ -7,9 +7,10 @@
 
 use super::{
     AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, Batches, Cleanup,
-    ClusterState, HANDOFF_BATCH_KEYS, HandoffEntry, Hash, HintRound, MAX_AAE_KEYS_PER_EXCHANGE,
-    MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output, PartitionId, PeerMessage,
-    Purpose, ReapCheck, ReapRun, RequestId, Timer, TransitionHandoff, keys, member_entry, merkle,
+    CleanupRun, ClusterState, HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, HANDOFF_BATCHES_IN_FLIGHT,
+    HandoffEntry, HandoffRun, HintRound, MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND,
+    MemberStatus, Node, NodeId, Object, Output, PagedSends, PartitionId, PeerMessage, Purpose,
+    ReapCheck, ReapRun, RequestId, Timer, TransitionHandoff, keys, member_entry, merkle,
     reap_candidates, reap_check_members, reaper_primaries,
 };
 
@@ -48,6 +49,11 @@ impl Node {
                     timer: Timer::Aae,
                 });
             }
+            Timer::Paging => {
+                self.paging_timer_set = false;
+                self.handoff_step(now);
+                self.cleanup_step(now);
+            }
             Timer::Flush => {
                 self.flush();
                 self.outputs.push(Output::SetTimer {
@@ -64,27 +70,45 @@ impl Node {
     }
 
     /// The server's one-second background loop: `gossip_round` (beat, exchange with a member
-    /// that has not exited, plan when claimant), then `handoff_round` and `cleanup_round`.
-    /// The claimant plans on the state merged so far (the server plans after this round's
-    /// exchange: the plan here sees that exchange one round later).
+    /// that has not exited, then plan when claimant), then `handoff_round` and
+    /// `cleanup_round`. The claimant plans once this round's exchange is over (its reply
+    /// merged, or failed: [`Node::after_gossip_exchange`]), as the server does: the plan then
+    /// reads the freshest merged state (a handoff-done mark, a join or leave, or a newer ring
+    /// planned by a previous claimant that this exchange brought), instead of planning a ring
+    /// from a state one round staler and spreading it before the merge that would have
+    /// changed it.
     pub(super) fn gossip_round(&mut self, now: u64) {
         if !self.joined() {
             self.send_join(now);
         }
         let me = self.me.clone();
         self.cluster.beat(&me);
-        if self.cluster.claimant() == Some(&me) {
-            self.cluster.plan();
-        }
         self.handoff_round(now);
         self.cleanup_round(now);
         let rng = &mut self.rng;
         let Some(peer) = self.cluster.gossip_peer(&self.me, |n| rng.index(n)) else {
+            // No one to exchange with: plan on what this node knows.
+            self.plan_if_claimant();
             return;
         };
         let body = PeerMessage::Gossip(Box::new(self.cluster.clone()));
         let timeout = self.config.timings.gossip_interval_ms;
         self.send_request(now, &peer, body, Purpose::Gossip, timeout);
+    }
+
+    /// This round's gossip exchange is over (`theirs`: the peer's state, when it answered):
+    /// merge it, then plan when claimant.
+    pub(super) fn after_gossip_exchange(&mut self, now: u64, theirs: Option<&ClusterState>) {
+        if let Some(theirs) = theirs {
+            self.merge_state(now, theirs);
+        }
+        self.plan_if_claimant();
+    }
+
+    fn plan_if_claimant(&mut self) {
+        if self.cluster.claimant() == Some(&self.me) {
+            self.cluster.plan();
+        }
     }
 
     /// `Cluster::join`: ask a member (in turn) to admit this node.
@@ -110,82 +134,176 @@ impl Node {
     }
 
     /// `Cluster::handoff_round`: during a transition every stored key goes to the nodes
-    /// entering its preference list (the core's `TransitionHandoff` and `Batches`); the
-    /// handoff is marked done once every batch is acknowledged. (The server sends the batches
-    /// one after another and stops at the first failure; here they go out together and any
-    /// failure leaves the handoff for the next round.)
+    /// entering its preference list (the core's `TransitionHandoff` and `Batches`, bounded in
+    /// keys and bytes as the server's); the handoff is marked done once the whole store was
+    /// scanned and every batch acknowledged. Paged and resumable: each step scans at most one
+    /// page and at most `HANDOFF_BATCHES_IN_FLIGHT` batches await replies (the server sends
+    /// them one after another); a reply or `Timer::Paging` takes the next step. A failed batch
+    /// or a new transition ends the run unmarked, and a later round starts over.
     pub(super) fn handoff_round(&mut self, now: u64) {
-        if self.handoff.is_some() {
-            return;
+        if self.handoff.is_none() {
+            let Some(handoff) = TransitionHandoff::start(&self.cluster, &self.me) else {
+                return;
+            };
+            self.handoff = Some(HandoffRun {
+                handoff,
+                batches: Batches::new(HANDOFF_BATCH_KEYS, HANDOFF_BATCH_BYTES),
+                sends: PagedSends::default(),
+            });
         }
-        let Some(mut handoff) = TransitionHandoff::start(&self.cluster, &self.me) else {
-            return;
-        };
-        let pages = self.scan_all();
-        if self.failed.is_some() {
-            return; // never mark a handoff done from a failed scan
-        }
-        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, usize::MAX);
-        let mut sends = Vec::new();
-        for page in pages {
-            sends.extend(TransitionHandoff::batch_page(
-                &self.cluster,
-                &self.me,
-                &mut batches,
-                page,
-                |bucket| self.n_val(bucket),
-            ));
-        }
-        sends.extend(batches.drain());
-        for (node, entries) in sends {
-            self.stats.handoff_keys += entries.len() as u64;
-            handoff.on_sent(entries.len());
-            let purpose = Purpose::TransitionHandoff;
-            let timeout = self.config.timings.request_ms * 5;
-            self.send_handoff(now, &node, entries, purpose, timeout);
-        }
-        handoff.on_scanned();
-        self.finish_handoff(handoff);
+        self.handoff_step(now);
     }
 
-    /// Keep the handoff while batches are outstanding; once all came back, mark it done if it
-    /// completed (else the next round starts over).
-    pub(super) fn finish_handoff(&mut self, handoff: TransitionHandoff) {
-        if handoff.verdict().is_none() {
-            self.handoff = Some(handoff);
+    /// One step of the transition handoff (see [`Node::handoff_round`]).
+    pub(super) fn handoff_step(&mut self, now: u64) {
+        let Some(mut run) = self.handoff.take() else {
+            return;
+        };
+        if self.cluster.ring.next.is_none()
+            || self.cluster.ring.transition != run.handoff.transition()
+        {
+            run.sends.given_up = true;
+        }
+        let mut scanned = false;
+        while !run.sends.given_up && run.sends.in_flight < HANDOFF_BATCHES_IN_FLIGHT {
+            if let Some((node, entries)) = run.sends.ready.pop_front() {
+                let keys = entries.len();
+                self.stats.handoff_keys = self.stats.handoff_keys.saturating_add(keys as u64);
+                run.handoff.on_sent(keys);
+                run.sends.in_flight += 1;
+                let timeout = self.config.timings.request_ms.saturating_mul(5);
+                self.send_handoff(now, &node, entries, Purpose::TransitionHandoff, timeout);
+                continue;
+            }
+            if run.sends.scan_done || scanned {
+                break;
+            }
+            scanned = true;
+            let Some(page) = self.scan_page(run.sends.scanned_to.as_deref()) else {
+                return; // the node stopped; never mark a handoff done from a failed scan
+            };
+            let Some((last, _)) = page.last() else {
+                run.sends.scan_done = true;
+                run.sends.ready.extend(run.batches.drain());
+                continue;
+            };
+            run.sends.scanned_to = Some(last.clone());
+            let full = TransitionHandoff::batch_page(
+                &self.cluster,
+                &self.me,
+                &mut run.batches,
+                page,
+                |b| self.n_val(b),
+            );
+            run.sends.ready.extend(full);
+        }
+        if run.sends.over() {
+            if !run.sends.given_up {
+                run.handoff.on_scanned();
+                let me = self.me.clone();
+                run.handoff.finish(&mut self.cluster, &me);
+            }
             return;
         }
-        let me = self.me.clone();
-        handoff.finish(&mut self.cluster, &me);
+        if run.sends.in_flight == 0 {
+            self.continue_paging(now);
+        }
+        self.handoff = Some(run);
+    }
+
+    /// A batch of the transition handoff came back (`ok`: acknowledged).
+    pub(super) fn on_transition_handoff_reply(&mut self, now: u64, ok: bool) {
+        let Some(run) = self.handoff.as_mut() else {
+            return;
+        };
+        run.sends.in_flight = run.sends.in_flight.saturating_sub(1);
+        run.handoff.on_reply(ok);
+        // As the server: the first failed batch ends this round's handoff.
+        run.sends.given_up |= !ok;
+        self.handoff_step(now);
+    }
+
+    /// Take the next step of paged background work soon (`Timer::Paging`, at most one set).
+    fn continue_paging(&mut self, now: u64) {
+        if !self.paging_timer_set {
+            self.paging_timer_set = true;
+            self.outputs.push(Output::SetTimer {
+                at_ms: now,
+                timer: Timer::Paging,
+            });
+        }
     }
 
     /// `Cluster::cleanup_round`: once the ring is settled, every key this node no longer
     /// replicates is sent to its primaries (a write that landed here after the transition's
     /// handoff may exist nowhere else) and dropped once all of them acknowledged, if
-    /// unchanged (the core's `Cleanup`); otherwise a later round runs another pass.
+    /// unchanged (the core's `Cleanup`); otherwise a later round runs another pass. Paged and
+    /// resumable as the handoff (see [`Node::handoff_round`]); a ring that moves during the
+    /// pass ends it (its keys stay).
     pub(super) fn cleanup_round(&mut self, now: u64) {
-        if self.cleanup.is_some() {
-            return;
+        if self.cleanup.is_none() {
+            let Some(cleanup) = Cleanup::start(&self.cluster, &self.cleanup_marker) else {
+                return;
+            };
+            self.cleanup = Some(CleanupRun {
+                cleanup,
+                sends: PagedSends::default(),
+            });
         }
-        let Some(mut cleanup) = Cleanup::start(&self.cluster, &self.cleanup_marker) else {
+        self.cleanup_step(now);
+    }
+
+    /// One step of the cleanup pass (see [`Node::cleanup_round`]).
+    pub(super) fn cleanup_step(&mut self, now: u64) {
+        let Some(mut run) = self.cleanup.take() else {
             return;
         };
-        let pages = self.scan_all();
-        if self.failed.is_some() {
+        if !run.sends.given_up
+            && (self.cluster.ring.next.is_some()
+                || self.cluster.ring.version != run.cleanup.ring_version())
+        {
+            // The ring moved on while scanning: the keys not yet acknowledged stay, and the
+            // pass is not recorded.
+            run.sends.given_up = true;
+            run.sends.ready.clear();
+            run.cleanup.abandon_pending();
+        }
+        let mut scanned = false;
+        while !run.sends.given_up && run.sends.in_flight < HANDOFF_BATCHES_IN_FLIGHT {
+            if let Some((node, batch)) = run.sends.ready.pop_front() {
+                let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
+                run.sends.in_flight += 1;
+                let timeout = self.config.timings.request_ms;
+                let purpose = Purpose::CleanupHandoff { keys };
+                self.send_handoff(now, &node, entries, purpose, timeout);
+                continue;
+            }
+            if run.sends.scan_done || scanned {
+                break;
+            }
+            scanned = true;
+            let Some(page) = self.scan_page(run.sends.scanned_to.as_deref()) else {
+                return; // the node stopped
+            };
+            let Some((last, _)) = page.last() else {
+                run.sends.scan_done = true;
+                continue;
+            };
+            run.sends.scanned_to = Some(last.clone());
+            let n_val = |bucket: &str| self.n_val(bucket);
+            let sends = run.cleanup.add_page(&self.cluster, &self.me, page, n_val);
+            run.sends.ready.extend(sends);
+        }
+        if run.sends.over() {
+            // Recorded once the drops are durable (a power loss before would bring the
+            // dropped keys back with the pass recorded as done).
+            self.after_sync(AfterSync::RecordCleanup(run.cleanup));
             return;
         }
-        let mut sends = Vec::new();
-        for page in pages {
-            let n_val = |bucket: &str| self.n_val(bucket);
-            sends.extend(cleanup.add_page(&self.cluster, &self.me, page, n_val));
+        if run.sends.in_flight == 0 {
+            self.continue_paging(now);
         }
-        let timeout = self.config.timings.request_ms;
-        for (node, batch) in sends {
-            let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
-            let purpose = Purpose::CleanupHandoff { keys };
-            self.send_handoff(now, &node, entries, purpose, timeout);
-        }
-        self.finish_cleanup(cleanup);
+        self.cleanup = Some(run);
     }
 
     /// One `Handoff` batch under this node's ring version.
@@ -204,29 +322,22 @@ impl Node {
         self.send_request(now, node, body, purpose, timeout_ms);
     }
 
-    pub(super) fn on_cleanup_handoff(&mut self, keys: &[Vec<u8>], ok: bool) {
-        let Some(mut cleanup) = self.cleanup.take() else {
+    /// A cleanup batch came back (`ok`: acknowledged): drop the keys every primary now
+    /// acknowledged, if unchanged, and take the next step.
+    pub(super) fn on_cleanup_handoff(&mut self, now: u64, keys: &[Vec<u8>], ok: bool) {
+        let Some(mut run) = self.cleanup.take() else {
             return;
         };
-        for (storage_key, hash) in cleanup.on_batch(keys, ok) {
+        run.sends.in_flight = run.sends.in_flight.saturating_sub(1);
+        for (storage_key, hash) in run.cleanup.on_batch(keys, ok) {
             if self.remove_stored_if_unchanged(&storage_key, &hash, false) {
                 self.stats.cleanup_dropped += 1;
             } else {
-                cleanup.kept_changed();
+                run.cleanup.kept_changed();
             }
         }
-        self.finish_cleanup(cleanup);
-    }
-
-    /// Keep the pass while keys wait for acknowledgements; once settled, sync and record it.
-    pub(super) fn finish_cleanup(&mut self, cleanup: Cleanup<Vec<u8>, Hash>) {
-        if !cleanup.settled() {
-            self.cleanup = Some(cleanup);
-            return;
-        }
-        // Recorded once the drops are durable (a power loss before would bring the dropped
-        // keys back with the pass recorded as done).
-        self.after_sync(AfterSync::RecordCleanup(cleanup));
+        self.cleanup = Some(run);
+        self.cleanup_step(now);
     }
 
     /// A destination answered for hints of `target`: delete the released ones if unchanged.
@@ -431,9 +542,8 @@ impl Node {
         let plan = AaeRound::plan(
             &self.cluster,
             &self.me,
-            // One replica count for the exchange plan: the default bucket's (the server
-            // plans with 3, its default).
-            self.config.props.n_val,
+            // The exchange plan's replica count is the default properties' (as the server's).
+            &self.config.props,
             self.aae_round,
             self.aae_budget,
             |n| self.is_up(now, n),
@@ -589,11 +699,7 @@ impl Node {
                 if !current.failed {
                     // As the server's records for `admin aae`: completed exchanges only.
                     let record = self.aae_records.entry(partition).or_default();
-                    record.last_exchange_ms = Some(now);
-                    record.last_peer = Some(peer.clone());
-                    record.keys_repaired_last = repaired as u64;
-                    record.keys_repaired_total += repaired as u64;
-                    record.exchanges += 1;
+                    record.completed(now, &peer, repaired);
                 }
                 self.next_exchange(now);
             }

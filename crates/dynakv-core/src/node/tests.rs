@@ -773,3 +773,208 @@ fn keeping_the_first_sibling_keeps_the_clock() {
     );
     assert_eq!(one.clock(), merged.clock());
 }
+
+/// Node `a` of a settled a, b, c ring that d is joining (the claimant planned the transition),
+/// over `storage`: `a` hands keys to d.
+fn handing_off_to_d(storage: Arc<dyn Storage>) -> Node {
+    let mut state = settled_cluster(&["a", "b", "c"], 16);
+    state
+        .add_joining(crate::test_support::member("d", MemberStatus::Joining))
+        .unwrap();
+    state.plan();
+    assert!(state.ring.next.is_some());
+    let config = NodeConfig {
+        timings: Timings::SIMULATION,
+        ..NodeConfig::default()
+    };
+    let rng = SeededRng::new(1);
+    Node::new(id("a"), ActorId(1), state, config, storage, rng, 0)
+        .unwrap()
+        .0
+}
+
+/// Store `value` under `bucket`/`key` on `node` (as a coordinator would, without replicating).
+fn store(node: &Node, bucket: &str, key: &str, value: Vec<u8>) {
+    node.replica
+        .write(WriteRequest {
+            bucket,
+            key,
+            context: None,
+            content: Content {
+                value,
+                ..Content::default()
+            },
+            props: &BucketProps::default(),
+            durability: StoreDurability::Buffered,
+            precondition: Precondition::None,
+            now_ms: 1,
+        })
+        .unwrap();
+}
+
+/// The `Handoff` requests among `outputs`: id, destination, entries.
+fn handoff_sends(outputs: &[Output]) -> Vec<(RequestId, NodeId, Vec<HandoffEntry>)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                to,
+                message:
+                    Message::Request {
+                        id,
+                        body: PeerMessage::Handoff { entries, .. },
+                    },
+            } => Some((*id, to.clone(), entries.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Drift 4: a node's transition handoff is paged and resumable, as the server's: no `handle`
+/// scans the whole store or sends everything at once. Each one sends at most
+/// `HANDOFF_BATCHES_IN_FLIGHT` batches, each of at most `HANDOFF_BATCH_KEYS` keys and (soft,
+/// as the server's) `HANDOFF_BATCH_BYTES` bytes: within the bound before its last entry. The
+/// next batch goes once the previous one is acknowledged (or `Timer::Paging` resumes a scan
+/// that found nothing to send), and the handoff is marked done once every key that moves
+/// went to d. (Before: one `handle` scanned the store and sent batches of unbounded bytes all
+/// at once.)
+#[test]
+fn a_transition_handoff_is_paged_and_each_step_is_bounded() {
+    let disk = Arc::new(MapStorage::default());
+    let node = handing_off_to_d(Arc::clone(&disk) as Arc<dyn Storage>);
+    // Large values first ("big" sorts before "small"), then three pages of small ones.
+    for i in 0..120 {
+        store(&node, "big", &format!("k{i}"), vec![7; 100 * 1024]);
+    }
+    for i in 0..3 * SCAN_PAGE_KEYS {
+        store(&node, "small", &format!("k{i}"), vec![1; 16]);
+    }
+    let d = id("d");
+    let mut expected = BTreeSet::new();
+    for (bucket, key, _) in node.objects().unwrap() {
+        let partition = node.partition_of(&bucket, &key);
+        if TransitionHandoff::destinations(node.cluster(), &id("a"), partition, 3).contains(&d) {
+            expected.insert((bucket, key));
+        }
+    }
+    assert!(
+        expected.len() > 2 * HANDOFF_BATCH_KEYS,
+        "{}",
+        expected.len()
+    );
+    let mut node = node;
+
+    let mut outputs = node.handle(1, Input::Timer(Timer::Gossip));
+    let mut sent = BTreeSet::new();
+    let mut in_flight: VecDeque<RequestId> = VecDeque::new();
+    let (mut handles, mut closed_by_bytes) = (0, false);
+    loop {
+        handles += 1;
+        assert!(handles < 10_000, "the handoff does not end");
+        let sends = handoff_sends(&outputs);
+        in_flight.extend(sends.iter().map(|(id, _, _)| *id));
+        assert!(
+            in_flight.len() <= HANDOFF_BATCHES_IN_FLIGHT,
+            "{} batches in flight",
+            in_flight.len()
+        );
+        for (_, to, entries) in &sends {
+            assert_eq!(*to, d);
+            assert!(!entries.is_empty() && entries.len() <= HANDOFF_BATCH_KEYS);
+            let bytes: usize = entries.iter().map(|e| e.object.len()).sum();
+            let last = entries.last().map_or(0, |e| e.object.len());
+            assert!(bytes - last < HANDOFF_BATCH_BYTES, "{bytes} bytes");
+            closed_by_bytes |= entries.len() < HANDOFF_BATCH_KEYS && bytes >= HANDOFF_BATCH_BYTES;
+            for e in entries {
+                assert!(sent.insert((e.bucket.clone(), e.key.clone())), "sent twice");
+            }
+        }
+        let paging = outputs.iter().any(|o| {
+            matches!(
+                o,
+                Output::SetTimer {
+                    timer: Timer::Paging,
+                    ..
+                }
+            )
+        });
+        outputs = if let Some(id) = in_flight.pop_front() {
+            let message = Message::Response {
+                id,
+                body: PeerMessage::Ack,
+            };
+            node.handle(
+                1,
+                Input::Message {
+                    from: d.clone(),
+                    message,
+                },
+            )
+        } else if paging {
+            node.handle(1, Input::Timer(Timer::Paging))
+        } else {
+            break;
+        };
+    }
+    assert!(closed_by_bytes, "a batch closed at the byte bound");
+    assert!(handles > 3, "one handle per batch or page");
+    assert_eq!(sent, expected);
+    assert!(node.cluster().handoff_done(&id("a")));
+}
+
+/// The first failed batch ends the round's handoff unmarked, and the next round starts over.
+#[test]
+fn a_failed_handoff_batch_ends_the_run_and_a_later_round_starts_over() {
+    let disk = Arc::new(MapStorage::default());
+    let mut node = handing_off_to_d(Arc::clone(&disk) as Arc<dyn Storage>);
+    for i in 0..2 * SCAN_PAGE_KEYS {
+        store(&node, "small", &format!("k{i}"), vec![1; 16]);
+    }
+    let outputs = node.handle(1, Input::Timer(Timer::Gossip));
+    let sends = handoff_sends(&outputs);
+    assert!(!sends.is_empty() && sends.len() <= HANDOFF_BATCHES_IN_FLIGHT);
+    for (i, (request, _, _)) in sends.iter().enumerate() {
+        let body = if i == 0 {
+            PeerMessage::Error("refused".into())
+        } else {
+            PeerMessage::Ack
+        };
+        let message = Message::Response { id: *request, body };
+        let outputs = node.handle(
+            1,
+            Input::Message {
+                from: id("d"),
+                message,
+            },
+        );
+        assert!(
+            handoff_sends(&outputs).is_empty(),
+            "nothing more this round"
+        );
+    }
+    assert!(!node.cluster().handoff_done(&id("a")));
+    let outputs = node.handle(2, Input::Timer(Timer::Gossip));
+    let again = handoff_sends(&outputs);
+    assert!(!again.is_empty());
+    assert_eq!(again[0].2[0].key, sends[0].2[0].key, "from the start again");
+}
+
+/// Drift 5: the claimant plans after its round's gossip exchange, as the server does, so a
+/// join it learns in that exchange is planned in the same round (before: it planned first,
+/// on the state of the round before, and the join waited a round).
+#[test]
+fn the_claimant_plans_on_the_state_its_gossip_exchange_just_merged() {
+    let cluster = settled_cluster(&["a", "b"], 16);
+    assert_eq!(cluster.claimant(), Some(&id("a")));
+    let mut net = Net::new(&cluster);
+    let b = net.index(&id("b"));
+    net.nodes[b]
+        .cluster
+        .add_joining(crate::test_support::member("d", MemberStatus::Joining))
+        .unwrap();
+    let a = net.index(&id("a"));
+    net.run(a, Input::Timer(Timer::Gossip));
+    let ring = &net.nodes[a].cluster().ring;
+    let next = ring.next.as_ref().expect("the join is planned this round");
+    assert!(next.nodes().iter().any(|n| n.id == id("d")));
+}
