@@ -291,11 +291,181 @@ impl BucketListing {
             let error = no_node_answered("bucket listing");
             return vec![ListStep::Failed(error)];
         }
-        vec![ListStep::Buckets(std::mem::take(&mut self.buckets).into_iter().collect())]
+        vec![ListStep::Buckets(
+            std::mem::take(&mut self.buckets).into_iter().collect(),
+        )]
     }
 
     /// Every node answered or was left out.
     pub fn finished(&self) -> bool {
         self.waiting.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::bucket::BucketProps;
+    use crate::membership::ClusterState;
+    use crate::test_support::{id, settled_cluster};
+
+    struct TestView {
+        me: NodeId,
+        state: ClusterState,
+    }
+
+    impl View for TestView {
+        fn me(&self) -> &NodeId {
+            &self.me
+        }
+        fn state(&self) -> &ClusterState {
+            &self.state
+        }
+        fn props(&self, _bucket: &str) -> BucketProps {
+            BucketProps::default()
+        }
+        fn is_up(&self, _node: &NodeId) -> bool {
+            true
+        }
+        fn request_timeout_ms(&self) -> u64 {
+            100
+        }
+        fn forward_timeout_ms(&self) -> u64 {
+            500
+        }
+    }
+
+    fn view() -> TestView {
+        TestView {
+            me: id("a"),
+            state: settled_cluster(&["a", "b", "c"], 16),
+        }
+    }
+
+    fn page(keys: &[&str], next: Option<&str>) -> Reply {
+        Reply::Message(PeerMessage::KeyPage {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            next_after: next.map(str::to_owned),
+        })
+    }
+
+    /// The tags of the sends and local reads of `steps`, by node.
+    fn asks(view: &TestView, steps: &[ListStep]) -> Vec<(Tag, NodeId)> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                ListStep::Send { tag, to, .. } => Some((*tag, to.clone())),
+                ListStep::ReadLocalPage { tag, .. } | ListStep::ReadLocalBuckets { tag } => {
+                    Some((*tag, view.me.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn keys_of(steps: &[ListStep]) -> Vec<(Vec<String>, bool)> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                ListStep::Keys { keys, last } => Some((keys.clone(), *last)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_listing_merges_pages_in_order_without_duplicates_and_leaves_out_a_silent_node() {
+        let v = view();
+        let (mut listing, steps) = KeyListing::start(&v, "b");
+        let asked = asks(&v, &steps);
+        assert_eq!(asked.len(), 3, "one page of each node: {steps:?}");
+        let tag_of = |name: &str| asked.iter().find(|(_, n)| n == &id(name)).unwrap().0;
+        let local = ListEvent::Page {
+            tag: tag_of("a"),
+            page: Some((vec!["k1".into(), "k3".into()], None)),
+        };
+        assert!(keys_of(&listing.handle(&v, local)).is_empty());
+        let reply = page(&["k2"], Some("k2"));
+        let out = listing.handle(
+            &v,
+            ListEvent::Reply {
+                tag: tag_of("b"),
+                reply,
+            },
+        );
+        assert!(keys_of(&out).is_empty(), "c has not answered yet");
+        let silent = Reply::Unanswered("timeout".into());
+        let out = listing.handle(
+            &v,
+            ListEvent::Reply {
+                tag: tag_of("c"),
+                reply: silent,
+            },
+        );
+        // b's page ran out: its next page is asked for before anything past k2 is merged.
+        let again = asks(&v, &out);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1, id("b"));
+        assert!(!listing.finished());
+        let reply = page(&["k3", "k4"], None);
+        let out = listing.handle(
+            &v,
+            ListEvent::Reply {
+                tag: again[0].0,
+                reply,
+            },
+        );
+        let pages = keys_of(&out);
+        let all: Vec<String> = pages.iter().flat_map(|(k, _)| k.clone()).collect();
+        assert_eq!(all, ["k1", "k2", "k3", "k4"]);
+        assert!(pages.last().unwrap().1, "the last page is marked");
+        assert!(listing.finished());
+    }
+
+    #[test]
+    fn a_listing_no_node_answers_fails_and_one_answer_is_enough() {
+        let v = view();
+        let (mut listing, steps) = KeyListing::start(&v, "b");
+        let mut out = Vec::new();
+        for (tag, node) in asks(&v, &steps) {
+            out = if node == v.me {
+                listing.handle(&v, ListEvent::Page { tag, page: None })
+            } else {
+                let reply = Reply::NotSent("down".into());
+                listing.handle(&v, ListEvent::Reply { tag, reply })
+            };
+        }
+        assert!(matches!(out.as_slice(), [ListStep::Failed(e)] if e.status() == 503));
+
+        let (mut buckets, steps) = BucketListing::start(&v);
+        let asked = asks(&v, &steps);
+        assert_eq!(asked.len(), 3);
+        let mut out = Vec::new();
+        for (tag, node) in asked {
+            out = if node == v.me {
+                let mine = Some(vec!["x".into(), "y".into()]);
+                buckets_handle(&mut buckets, tag, mine)
+            } else if node == id("b") {
+                let reply = Reply::Message(PeerMessage::Buckets(vec!["y".into(), "z".into()]));
+                buckets.handle(ListEvent::Reply { tag, reply })
+            } else {
+                let reply = Reply::Unanswered("timeout".into());
+                buckets.handle(ListEvent::Reply { tag, reply })
+            };
+        }
+        assert!(
+            matches!(out.as_slice(), [ListStep::Buckets(b)] if b == &["x", "y", "z"]),
+            "{out:?}"
+        );
+        assert!(buckets.finished());
+    }
+
+    fn buckets_handle(
+        listing: &mut BucketListing,
+        tag: Tag,
+        buckets: Option<Vec<String>>,
+    ) -> Vec<ListStep> {
+        listing.handle(ListEvent::Buckets { tag, buckets })
     }
 }

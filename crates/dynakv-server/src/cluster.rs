@@ -35,7 +35,6 @@ use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStat
 use dynakv_core::merkle::{Hash, entry_hash};
 use dynakv_core::message::{HandoffEntry, PeerMessage};
 use dynakv_core::object::Object;
-use dynakv_core::quorum::QuorumFailure;
 use dynakv_core::request::RequestError;
 use dynakv_core::ring::{NodeId, PartitionId, key_hash};
 use dynakv_core::serve::{self, HintOutcome, Reply, ServeContext, ServeError, StorageCall};
@@ -1392,7 +1391,7 @@ impl Cluster {
 
     // ----- key listing -----
 
-    async fn local_key_page(
+    pub(crate) async fn local_key_page(
         &self,
         bucket: &str,
         start_after: Option<&str>,
@@ -1411,147 +1410,6 @@ impl Cluster {
             .and_then(keys::split_object_key)
             .map(|(_, k)| String::from_utf8_lossy(k).into_owned());
         Ok((keys, next_after))
-    }
-
-    async fn key_page(
-        &self,
-        node: &NodeId,
-        bucket: &str,
-        start_after: Option<&str>,
-    ) -> Result<(Vec<String>, Option<String>), ClusterError> {
-        if node == &self.me {
-            return self
-                .local_key_page(bucket, start_after, LIST_PAGE_KEYS)
-                .await;
-        }
-        let message = PeerMessage::ListKeys {
-            bucket: bucket.to_owned(),
-            start_after: start_after.map(str::to_owned),
-            limit: LIST_PAGE_KEYS as u32,
-        };
-        match self.send(node, message, self.timeouts.request * 5).await? {
-            PeerMessage::KeyPage { keys, next_after } => Ok((keys, next_after)),
-            other => Err(ClusterError::Internal(format!(
-                "{node} answered {}",
-                other.name()
-            ))),
-        }
-    }
-
-    /// Every live key of a bucket across the ring's nodes, deduplicated and in key order, sent
-    /// in pages to `pages`. Memory is one page per node. A node that cannot be reached is left
-    /// out (its keys have other replicas); the listing fails only when no node answers.
-    pub async fn list_keys(
-        &self,
-        bucket: &str,
-        pages: tokio::sync::mpsc::Sender<Vec<String>>,
-    ) -> Result<(), ClusterError> {
-        struct Cursor {
-            node: NodeId,
-            buffer: std::collections::VecDeque<String>,
-            next_after: Option<String>,
-            more: bool,
-        }
-        let state = self.state();
-        let mut cursors: Vec<Cursor> = state
-            .ring
-            .current
-            .nodes()
-            .iter()
-            .map(|n| Cursor {
-                node: n.id.clone(),
-                buffer: std::collections::VecDeque::new(),
-                next_after: None,
-                more: true,
-            })
-            .collect();
-        let mut answered = 0;
-        let mut out = Vec::with_capacity(LIST_PAGE_KEYS);
-        loop {
-            for cursor in &mut cursors {
-                while cursor.buffer.is_empty() && cursor.more {
-                    match self
-                        .key_page(&cursor.node, bucket, cursor.next_after.as_deref())
-                        .await
-                    {
-                        Ok((keys, next_after)) => {
-                            cursor.buffer.extend(keys);
-                            cursor.more = next_after.is_some();
-                            cursor.next_after = next_after;
-                        }
-                        Err(e) => {
-                            tracing::warn!(node = %cursor.node, error = %e, "key listing: node left out");
-                            cursor.more = false;
-                            cursor.buffer.clear();
-                            cursor.node = NodeId(String::new());
-                        }
-                    }
-                }
-            }
-            if answered == 0 {
-                answered = cursors.iter().filter(|c| !c.node.0.is_empty()).count();
-                if answered == 0 {
-                    return Err(ClusterError::Request(RequestError::Quorum(QuorumFailure {
-                        replied: 0,
-                        needed: 1,
-                        asked: cursors.len(),
-                    })));
-                }
-            }
-            let Some(smallest) = cursors
-                .iter()
-                .filter_map(|c| c.buffer.front())
-                .min()
-                .cloned()
-            else {
-                break;
-            };
-            for cursor in &mut cursors {
-                if cursor.buffer.front() == Some(&smallest) {
-                    cursor.buffer.pop_front();
-                }
-            }
-            out.push(smallest);
-            if out.len() >= LIST_PAGE_KEYS && pages.send(std::mem::take(&mut out)).await.is_err() {
-                return Ok(());
-            }
-        }
-        if !out.is_empty() {
-            let _ = pages.send(out).await;
-        }
-        Ok(())
-    }
-
-    /// Every bucket holding an object on any node of the ring (nodes that cannot be reached
-    /// are left out).
-    pub async fn list_buckets(&self) -> Result<Vec<String>, ClusterError> {
-        let state = self.state();
-        let mut all = std::collections::BTreeSet::new();
-        for node in state.ring.current.nodes() {
-            let buckets = if node.id == self.me {
-                let replica = Arc::clone(&self.replica);
-                tokio::task::spawn_blocking(move || replica.list_buckets())
-                    .await
-                    .map_err(internal)??
-            } else {
-                match self
-                    .send(
-                        &node.id,
-                        PeerMessage::ListBuckets,
-                        self.timeouts.request * 5,
-                    )
-                    .await
-                {
-                    Ok(PeerMessage::Buckets(buckets)) => buckets,
-                    other => {
-                        tracing::warn!(node = %node.id, reply = ?other.map(|m| m.name()), "bucket listing: node left out");
-                        continue;
-                    }
-                }
-            };
-            all.extend(buckets);
-        }
-        Ok(all.into_iter().collect())
     }
 
     // ----- membership -----

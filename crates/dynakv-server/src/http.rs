@@ -1296,7 +1296,8 @@ async fn list_keys(
         tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(LIST_STREAM_BUFFER_PAGES);
     let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Vec<String>>(1);
     let cluster = Arc::clone(&state.cluster);
-    let listing = tokio::spawn(async move { cluster.list_keys(&bucket, pages_tx).await });
+    let listing =
+        tokio::spawn(async move { crate::requests::list_keys(&cluster, &bucket, pages_tx).await });
     tokio::spawn(async move {
         if !stream
             && sender
@@ -1366,7 +1367,7 @@ async fn list_buckets(
             ));
         }
     }
-    let buckets = state.cluster.list_buckets().await?;
+    let buckets = crate::requests::list_buckets(&state.cluster).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "buckets": buckets }),

@@ -16,6 +16,7 @@ use crate::cluster::Cluster;
 use crate::replica::{ReplicaRun, WriteRequest};
 use crate::transport::TransportError;
 use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::listing::{BucketListing, KeyListing, ListEvent, ListStep};
 use dynakv_core::membership::ClusterState;
 use dynakv_core::message::PeerMessage;
 use dynakv_core::object::{Content, Object};
@@ -372,5 +373,171 @@ async fn send(cluster: &Cluster, to: &NodeId, message: PeerMessage, timeout: Dur
             ))
         }
         Err(e) => Reply::NotSent(format!("{to}: {e}")),
+    }
+}
+
+/// Every live key of `bucket` across the ring's nodes, deduplicated and in key order, sent in
+/// pages to `pages` (the core's `KeyListing`). A node that cannot be reached is left out; the
+/// listing fails only when no node answers. Memory is one page per node; a slow reader of
+/// `pages` holds the listing back.
+pub async fn list_keys(
+    cluster: &Arc<Cluster>,
+    bucket: &str,
+    pages: mpsc::Sender<Vec<String>>,
+) -> Result<(), RequestError> {
+    let (listing, steps) = KeyListing::start(&ServerView::of(cluster), bucket);
+    let mut driver = ListDriver::new(cluster, Listing::Keys(listing), Some(pages));
+    driver.run(steps).await.map(|_| ())
+}
+
+/// Every bucket holding an object on a node of the ring (the core's `BucketListing`).
+pub async fn list_buckets(cluster: &Arc<Cluster>) -> Result<Vec<String>, RequestError> {
+    let (listing, steps) = BucketListing::start(&ServerView::of(cluster));
+    let mut driver = ListDriver::new(cluster, Listing::Buckets(listing), None);
+    driver.run(steps).await
+}
+
+enum Listing {
+    Keys(KeyListing),
+    Buckets(BucketListing),
+}
+
+/// One listing's machine, the replies of its sends, and where its pages go.
+struct ListDriver {
+    cluster: Arc<Cluster>,
+    listing: Listing,
+    replies: mpsc::UnboundedReceiver<(Tag, Reply)>,
+    reply_to: mpsc::UnboundedSender<(Tag, Reply)>,
+    pages: Option<mpsc::Sender<Vec<String>>>,
+    outstanding: usize,
+    /// The listing ended: the buckets (empty for a key listing), or its failure.
+    outcome: Option<Result<Vec<String>, RequestError>>,
+}
+
+impl ListDriver {
+    fn new(
+        cluster: &Arc<Cluster>,
+        listing: Listing,
+        pages: Option<mpsc::Sender<Vec<String>>>,
+    ) -> ListDriver {
+        let (reply_to, replies) = mpsc::unbounded_channel();
+        ListDriver {
+            cluster: Arc::clone(cluster),
+            listing,
+            replies,
+            reply_to,
+            pages,
+            outstanding: 0,
+            outcome: None,
+        }
+    }
+
+    async fn run(&mut self, steps: Vec<ListStep>) -> Result<Vec<String>, RequestError> {
+        self.perform(steps).await;
+        while self.outcome.is_none() && self.outstanding > 0 {
+            let Some((tag, reply)) = self.replies.recv().await else {
+                break;
+            };
+            self.outstanding -= 1;
+            let steps = self.handle(ListEvent::Reply { tag, reply });
+            self.perform(steps).await;
+        }
+        self.outcome
+            .take()
+            .unwrap_or_else(|| Err(RequestError::Internal("the listing ended early".into())))
+    }
+
+    fn handle(&mut self, event: ListEvent) -> Vec<ListStep> {
+        match &mut self.listing {
+            Listing::Keys(listing) => listing.handle(&ServerView::of(&self.cluster), event),
+            Listing::Buckets(listing) => listing.handle(event),
+        }
+    }
+
+    async fn perform(&mut self, steps: Vec<ListStep>) {
+        let mut queue: std::collections::VecDeque<ListStep> = steps.into();
+        while let Some(step) = queue.pop_front() {
+            let event = match step {
+                ListStep::Send {
+                    tag,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    let cluster = Arc::clone(&self.cluster);
+                    let reply_to = self.reply_to.clone();
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let timeout = Duration::from_millis(timeout_ms);
+                        let reply = send(&cluster, &to, message, timeout).await;
+                        if let Reply::NotSent(e) | Reply::Unanswered(e) = &reply {
+                            tracing::warn!(node = %to, error = %e, "listing: node left out");
+                        }
+                        let _ = reply_to.send((tag, reply));
+                    });
+                    None
+                }
+                ListStep::ReadLocalPage {
+                    tag,
+                    bucket,
+                    start_after,
+                    limit,
+                } => {
+                    let page = self
+                        .cluster
+                        .local_key_page(&bucket, start_after.as_deref(), limit)
+                        .await;
+                    let page = page
+                        .map_err(
+                            |e| tracing::warn!(error = %e, "listing: this node's keys left out"),
+                        )
+                        .ok();
+                    Some(ListEvent::Page { tag, page })
+                }
+                ListStep::ReadLocalBuckets { tag } => {
+                    let replica = Arc::clone(self.cluster.replica());
+                    let buckets = tokio::task::spawn_blocking(move || replica.list_buckets()).await;
+                    let buckets = match buckets {
+                        Ok(Ok(buckets)) => Some(buckets),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "listing: this node's buckets left out");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "listing: this node's buckets left out");
+                            None
+                        }
+                    };
+                    Some(ListEvent::Buckets { tag, buckets })
+                }
+                ListStep::Keys { keys, last } => {
+                    if !keys.is_empty()
+                        && let Some(pages) = &self.pages
+                        && pages.send(keys).await.is_err()
+                    {
+                        // The reader went away: nothing more to list for.
+                        self.outcome = Some(Ok(Vec::new()));
+                        return;
+                    }
+                    if last {
+                        self.outcome = Some(Ok(Vec::new()));
+                    }
+                    None
+                }
+                ListStep::Buckets(buckets) => {
+                    self.outcome = Some(Ok(buckets));
+                    None
+                }
+                ListStep::Failed(e) => {
+                    self.outcome = Some(Err(e));
+                    None
+                }
+            };
+            if let Some(event) = event {
+                for step in self.handle(event).into_iter().rev() {
+                    queue.push_front(step);
+                }
+            }
+        }
     }
 }

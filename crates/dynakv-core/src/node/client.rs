@@ -6,10 +6,10 @@
 //! once per request (a key listing in pages, the last marked).
 
 use super::{
-    AfterSync, BTreeSet, BucketListing, BucketProps, BucketPropsEntry, ClientOp, ClientRequest,
-    ClientRequestId, ClientResult, Event, GetRequest, KeyListing, KeyPage, LIST_PAGE_KEYS,
-    ListCursor, Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Purpose, PutRequest,
-    ReplyTo, Step, StoreDurability, VecDeque, keys,
+    AfterSync, BucketListing, BucketProps, BucketPropsEntry, ClientListing, ClientOp,
+    ClientRequest, ClientRequestId, ClientResult, Event, GetRequest, KeyListing, KeyPage,
+    LIST_PAGE_KEYS, ListEvent, ListStep, Listing, Machine, Node, NodeId, NodeView, Object, Output,
+    PeerMessage, Purpose, PutRequest, ReplyTo, Step, StoreDurability, keys,
 };
 
 impl Node {
@@ -27,8 +27,16 @@ impl Node {
                 self.outputs.push(Output::Reply { id, result });
             }
             ClientOp::Join { via } => self.join(now, id, via),
-            ClientOp::ListKeys { bucket } => self.start_key_listing(now, id, bucket),
-            ClientOp::ListBuckets => self.start_bucket_listing(now, id),
+            ClientOp::ListKeys { bucket } => {
+                let view = NodeView { node: self, now };
+                let (listing, steps) = KeyListing::start(&view, &bucket);
+                self.start_listing(now, id, Listing::Keys(listing), steps);
+            }
+            ClientOp::ListBuckets => {
+                let view = NodeView { node: self, now };
+                let (listing, steps) = BucketListing::start(&view);
+                self.start_listing(now, id, Listing::Buckets(listing), steps);
+            }
             ClientOp::Leave => {
                 let result = match self.leave() {
                     Ok(()) => ClientResult::Done,
@@ -95,197 +103,118 @@ impl Node {
         (keys, next_after)
     }
 
-    /// The nodes of the current ring (a listing asks each).
-    pub(super) fn ring_nodes(&self) -> Vec<NodeId> {
-        let nodes = self.cluster.ring.current.nodes();
-        nodes.iter().map(|n| n.id.clone()).collect()
-    }
-
-    pub(super) fn start_key_listing(&mut self, now: u64, client: ClientRequestId, bucket: String) {
-        let cursors = self
-            .ring_nodes()
-            .into_iter()
-            .map(|node| ListCursor {
-                node,
-                buffer: VecDeque::new(),
-                next_after: None,
-                more: true,
-                fetching: false,
-                failed: false,
-            })
-            .collect();
-        let listing = self.next_listing;
-        self.next_listing += 1;
-        let run = KeyListing {
-            client,
-            bucket,
-            cursors,
-            out: Vec::new(),
-        };
-        self.key_listings.insert(listing, run);
-        self.advance_key_listing(now, listing);
-    }
-
-    /// Ask `cursor`'s node for its next page (this node's own pages are read at once).
-    pub(super) fn fetch_key_page(&mut self, now: u64, listing: u64, cursor: usize) {
-        let Some(run) = self.key_listings.get_mut(&listing) else {
-            return;
-        };
-        let c = &mut run.cursors[cursor];
-        c.fetching = true;
-        let (node, bucket, after) = (c.node.clone(), run.bucket.clone(), c.next_after.clone());
-        if node == self.me {
-            let page = self.local_key_page(&bucket, after.as_deref(), LIST_PAGE_KEYS);
-            self.on_key_page_only(listing, cursor, Some(page));
-            return;
-        }
-        let body = PeerMessage::ListKeys {
-            bucket,
-            start_after: after,
-            limit: LIST_PAGE_KEYS as u32,
-        };
-        let timeout = self.config.timings.request_ms * 5;
-        let purpose = Purpose::KeyPage { listing, cursor };
-        self.send_request(now, &node, body, purpose, timeout);
-    }
-
-    pub(super) fn on_key_page(
+    /// Start a listing's machine (`crate::listing`) and perform its first steps.
+    fn start_listing(
         &mut self,
         now: u64,
-        listing: u64,
-        cursor: usize,
-        page: Option<KeyPage>,
+        client: ClientRequestId,
+        listing: Listing,
+        steps: Vec<ListStep>,
     ) {
-        self.on_key_page_only(listing, cursor, page);
-        self.advance_key_listing(now, listing);
-    }
-
-    /// Fill `cursor` from its page, or leave its node out when it did not answer.
-    pub(super) fn on_key_page_only(&mut self, listing: u64, cursor: usize, page: Option<KeyPage>) {
-        let Some(run) = self.key_listings.get_mut(&listing) else {
-            return;
-        };
-        let c = &mut run.cursors[cursor];
-        c.fetching = false;
-        if let Some((keys, next_after)) = page {
-            c.buffer.extend(keys);
-            c.more = next_after.is_some();
-            c.next_after = next_after;
-        } else {
-            c.failed = true;
-            c.more = false;
-            c.buffer.clear();
-        }
-    }
-
-    /// Merge as far as every node's page allows; fetch the pages that ran out; answer pages
-    /// of `LIST_PAGE_KEYS` keys, and the last one when every node is exhausted.
-    pub(super) fn advance_key_listing(&mut self, now: u64, listing: u64) {
-        loop {
-            let Some(run) = self.key_listings.get_mut(&listing) else {
-                return;
-            };
-            let empty: Vec<usize> = (0..run.cursors.len())
-                .filter(|&i| {
-                    let c = &run.cursors[i];
-                    c.buffer.is_empty() && c.more && !c.fetching
-                })
-                .collect();
-            if !empty.is_empty() {
-                for cursor in empty {
-                    self.fetch_key_page(now, listing, cursor);
-                }
-                continue; // local pages are in; remote ones come back as inputs
-            }
-            if run.cursors.iter().any(|c| c.fetching) {
-                return;
-            }
-            if run.cursors.iter().all(|c| c.failed) {
-                let client = run.client;
-                self.key_listings.remove(&listing);
-                let message = "key listing: no node answered".to_owned();
-                let result = ClientResult::unavailable(message);
-                self.outputs.push(Output::Reply { id: client, result });
-                return;
-            }
-            let Some(smallest) = run
-                .cursors
-                .iter()
-                .filter_map(|c| c.buffer.front())
-                .min()
-                .cloned()
-            else {
-                let (client, keys) = (run.client, std::mem::take(&mut run.out));
-                self.key_listings.remove(&listing);
-                let result = ClientResult::Keys { keys, last: true };
-                self.outputs.push(Output::Reply { id: client, result });
-                return;
-            };
-            for c in &mut run.cursors {
-                if c.buffer.front() == Some(&smallest) {
-                    c.buffer.pop_front();
-                }
-            }
-            run.out.push(smallest);
-            if run.out.len() >= LIST_PAGE_KEYS {
-                let (client, keys) = (run.client, std::mem::take(&mut run.out));
-                let result = ClientResult::Keys { keys, last: false };
-                self.outputs.push(Output::Reply { id: client, result });
-            }
-        }
-    }
-
-    pub(super) fn start_bucket_listing(&mut self, now: u64, client: ClientRequestId) {
-        let nodes = self.ring_nodes();
-        let listing = self.next_listing;
+        let id = self.next_listing;
         self.next_listing += 1;
-        self.bucket_listings.insert(
-            listing,
-            BucketListing {
-                client,
-                waiting: nodes.len(),
-                answered: 0,
-                buckets: BTreeSet::new(),
-            },
-        );
-        let timeout = self.config.timings.request_ms * 5;
-        for node in nodes {
-            if node == self.me {
-                let buckets = self.replica.list_buckets();
-                let buckets = self.must(buckets, "list buckets");
-                self.on_buckets(listing, Some(buckets));
-            } else {
-                let purpose = Purpose::Buckets { listing };
-                self.send_request(now, &node, PeerMessage::ListBuckets, purpose, timeout);
-            }
+        let mut run = ClientListing { client, listing };
+        if !self.perform_listing(now, id, &mut run, steps) {
+            self.listings.insert(id, run);
         }
     }
 
-    /// One node's buckets (or its silence: left out); answer once every node is in.
-    pub(super) fn on_buckets(&mut self, listing: u64, buckets: Option<Vec<String>>) {
-        let Some(run) = self.bucket_listings.get_mut(&listing) else {
+    /// Feed an outcome to listing `id` and perform what it asks.
+    pub(super) fn listing_event(&mut self, now: u64, id: u64, event: ListEvent) {
+        let Some(mut run) = self.listings.remove(&id) else {
             return;
         };
-        run.waiting -= 1;
-        if let Some(buckets) = buckets {
-            run.answered += 1;
-            run.buckets.extend(buckets);
+        let steps = self.listing_handle(now, &mut run, event);
+        if !self.perform_listing(now, id, &mut run, steps) {
+            self.listings.insert(id, run);
         }
-        if run.waiting > 0 {
-            return;
+    }
+
+    fn listing_handle(&self, now: u64, run: &mut ClientListing, event: ListEvent) -> Vec<ListStep> {
+        match &mut run.listing {
+            Listing::Keys(listing) => listing.handle(&NodeView { node: self, now }, event),
+            Listing::Buckets(listing) => listing.handle(event),
         }
-        let Some(run) = self.bucket_listings.remove(&listing) else {
-            return;
-        };
-        let result = if run.answered == 0 {
-            ClientResult::unavailable("bucket listing: no node answered".into())
-        } else {
-            ClientResult::Buckets(run.buckets.into_iter().collect())
-        };
-        self.outputs.push(Output::Reply {
-            id: run.client,
-            result,
-        });
+    }
+
+    /// Perform a listing's steps (local reads fed back at once); whether it ended.
+    fn perform_listing(
+        &mut self,
+        now: u64,
+        id: u64,
+        run: &mut ClientListing,
+        steps: Vec<ListStep>,
+    ) -> bool {
+        let mut ended = false;
+        for step in steps {
+            let event = match step {
+                ListStep::Send {
+                    tag,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    let purpose = Purpose::Listing { listing: id, tag };
+                    self.send_request(now, &to, message, purpose, timeout_ms);
+                    None
+                }
+                ListStep::ReadLocalPage {
+                    tag,
+                    bucket,
+                    start_after,
+                    limit,
+                } => {
+                    let page = self.local_key_page(&bucket, start_after.as_deref(), limit);
+                    Some(ListEvent::Page {
+                        tag,
+                        page: Some(page),
+                    })
+                }
+                ListStep::ReadLocalBuckets { tag } => {
+                    let buckets = self.replica.list_buckets();
+                    let buckets = self.must(buckets, "list buckets");
+                    Some(ListEvent::Buckets {
+                        tag,
+                        buckets: Some(buckets),
+                    })
+                }
+                ListStep::Keys { keys, last } => {
+                    ended |= last;
+                    let result = ClientResult::Keys { keys, last };
+                    self.outputs.push(Output::Reply {
+                        id: run.client,
+                        result,
+                    });
+                    None
+                }
+                ListStep::Buckets(buckets) => {
+                    ended = true;
+                    let result = ClientResult::Buckets(buckets);
+                    self.outputs.push(Output::Reply {
+                        id: run.client,
+                        result,
+                    });
+                    None
+                }
+                ListStep::Failed(e) => {
+                    ended = true;
+                    let result = ClientResult::Failed {
+                        status: e.status(),
+                        message: e.to_string(),
+                    };
+                    self.outputs.push(Output::Reply {
+                        id: run.client,
+                        result,
+                    });
+                    None
+                }
+            };
+            if let Some(event) = event {
+                let steps = self.listing_handle(now, run, event);
+                ended |= self.perform_listing(now, id, run, steps);
+            }
+        }
+        ended
     }
 
     /// `Cluster::join`: a node alone in its cluster and holding no data asks `via` once.

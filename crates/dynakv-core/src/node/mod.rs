@@ -62,6 +62,7 @@ use crate::handoff::{Batches, Cleanup, CleanupEntry, CleanupMarker, TransitionHa
 use crate::hints::HintRound;
 use crate::keys;
 use crate::limits;
+use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep};
 use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use crate::merkle::{self, Hash};
 use crate::message::{HandoffEntry, PeerMessage};
@@ -409,49 +410,24 @@ enum Purpose {
     },
     Gossip,
     Join,
-    /// A page of keys for cursor `cursor` of listing `listing`.
-    KeyPage {
+    /// Send `tag` of listing `listing` (a node's page of keys, or its buckets).
+    Listing {
         listing: u64,
-        cursor: usize,
-    },
-    /// One node's buckets for bucket listing `listing`.
-    Buckets {
-        listing: u64,
+        tag: Tag,
     },
 }
 
-/// A page of keys and where the next one starts (`None`: the bucket is exhausted).
-type KeyPage = (Vec<String>, Option<String>);
-
-/// One node's side of a key listing: the page being merged and where the next one starts.
+/// A listing in progress (`crate::listing`) and the client it answers.
 #[derive(Debug)]
-struct ListCursor {
-    node: NodeId,
-    buffer: VecDeque<String>,
-    next_after: Option<String>,
-    more: bool,
-    fetching: bool,
-    /// The node did not answer: left out (its keys have other replicas).
-    failed: bool,
+struct ClientListing {
+    client: ClientRequestId,
+    listing: Listing,
 }
 
-/// A key listing in progress (`Cluster::list_keys`): a k-way merge of every node's pages,
-/// memory one page per node plus the page being filled.
 #[derive(Debug)]
-struct KeyListing {
-    client: ClientRequestId,
-    bucket: String,
-    cursors: Vec<ListCursor>,
-    out: Vec<String>,
-}
-
-/// A bucket listing in progress.
-#[derive(Debug)]
-struct BucketListing {
-    client: ClientRequestId,
-    waiting: usize,
-    answered: usize,
-    buckets: BTreeSet<String>,
+enum Listing {
+    Keys(KeyListing),
+    Buckets(BucketListing),
 }
 
 #[derive(Debug, Clone)]
@@ -701,8 +677,7 @@ pub struct Node {
     aae_records: BTreeMap<PartitionId, AaeRecord>,
     reaps: BTreeMap<u64, ReapRun>,
     next_reap: u64,
-    key_listings: BTreeMap<u64, KeyListing>,
-    bucket_listings: BTreeMap<u64, BucketListing>,
+    listings: BTreeMap<u64, ClientListing>,
     next_listing: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
@@ -773,8 +748,7 @@ impl Node {
             aae_records: BTreeMap::new(),
             reaps: BTreeMap::new(),
             next_reap: 0,
-            key_listings: BTreeMap::new(),
-            bucket_listings: BTreeMap::new(),
+            listings: BTreeMap::new(),
             next_listing: 0,
             cleanup: None,
             paging_timer_set: false,
@@ -1029,8 +1003,7 @@ impl Node {
         self.aae_current = None;
         self.aae_records.clear();
         self.reaps.clear();
-        self.key_listings.clear();
-        self.bucket_listings.clear();
+        self.listings.clear();
         self.cleanup = None;
         self.paging_timer_set = false;
         self.failures.clear();

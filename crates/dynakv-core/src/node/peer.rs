@@ -10,6 +10,7 @@ use super::{
     ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext, ServeError,
     StoreDurability, serve,
 };
+use crate::listing::ListEvent;
 use crate::request::accept_forwarded;
 
 impl Node {
@@ -248,19 +249,12 @@ impl Node {
                     self.outputs.push(Output::Reply { id, result });
                 }
             }
-            Purpose::KeyPage { listing, cursor } => {
-                let page = match body {
-                    Some(PeerMessage::KeyPage { keys, next_after }) => Some((keys, next_after)),
-                    _ => None,
+            Purpose::Listing { listing, tag } => {
+                let reply = match body {
+                    Some(message) => RequestReply::Message(message),
+                    None => RequestReply::Unanswered(format!("{from}: no answer")),
                 };
-                self.on_key_page(now, listing, cursor, page);
-            }
-            Purpose::Buckets { listing } => {
-                let buckets = match body {
-                    Some(PeerMessage::Buckets(buckets)) => Some(buckets),
-                    _ => None,
-                };
-                self.on_buckets(listing, buckets);
+                self.listing_event(now, listing, ListEvent::Reply { tag, reply });
             }
             Purpose::CleanupHandoff { keys } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
