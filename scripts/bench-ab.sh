@@ -3,7 +3,9 @@
 # workload a (zipfian, buffered) then workload w, 50 clients, 1 KiB values; prints ops/s and
 # p99/p99.9 per operation. Run it for each binary in turn, on a quiet machine.
 #   scripts/bench-ab.sh target/release/dynakv LABEL
+# DURABILITY=fsync runs both workloads with fsync'd writes (default: buffered).
 set -euo pipefail
+DURABILITY=${DURABILITY:-buffered}
 BIN=$1
 LABEL=${2:-run}
 WORK=$(mktemp -d)
@@ -20,13 +22,13 @@ done
 sleep 3
 URLS=(--url "http://127.0.0.1:$PORT" --url "http://127.0.0.1:$((PORT + 1))" --url "http://127.0.0.1:$((PORT + 2))")
 "$BIN" bench "${URLS[@]}" --json --workload a --distribution zipfian --concurrency 50 \
-    --value-size 1024 --records 100000 --ops 200000 --durability buffered >"$WORK/a.json"
+    --value-size 1024 --records 100000 --ops 200000 --durability "$DURABILITY" >"$WORK/a.json"
 "$BIN" bench "${URLS[@]}" --json --workload w --concurrency 50 --value-size 1024 \
-    --records 100000 --ops 150000 --skip-load --durability buffered >"$WORK/w.json"
+    --records 100000 --ops 150000 --skip-load --durability "$DURABILITY" >"$WORK/w.json"
 for w in a w; do
     /usr/bin/python3 -c "
 import json, sys
 d = json.load(open('$WORK/$w.json'))
 ops = {k: (round(v['p99_ms'], 1), round(v['p999_ms'], 1)) for k, v in d.items() if isinstance(v, dict) and 'p99_ms' in v}
-print('$LABEL', '$w', int(d['throughput_ops_per_sec']), 'ops/s; p99/p99.9 ms', ops)"
+print('$LABEL', '$DURABILITY', '$w', int(d['throughput_ops_per_sec']), 'ops/s; p99/p99.9 ms', ops)"
 done
