@@ -1,0 +1,199 @@
+//! The peer side: requests from other nodes, answered by the core's `serve` for replica
+//! calls, coordinated here for a forwarded put, or merged (gossip, joins).
+
+use super::{
+    Arc, BucketProps, Cluster, ClusterError, ClusterState, HashMap, HintOutcome,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, NodeId, Ordering, PeerInfo, PeerMessage,
+    ReplicaRun, Reply, ServeContext, ServeError, StorageCall, internal, serve,
+};
+
+impl Cluster {
+    /// Answer one peer request.
+    pub async fn handle_peer(self: Arc<Self>, from: PeerInfo, message: PeerMessage) -> PeerMessage {
+        self.observe_contact(&NodeId(from.node_name.clone()));
+        if self.awaiting_join.load(Ordering::Acquire) {
+            return PeerMessage::Error(dynakv_core::membership::AWAITING_JOIN_REFUSAL.to_owned());
+        }
+        match self.handle_peer_inner(&from, message).await {
+            Ok(reply) => reply,
+            Err(e) => PeerMessage::Error(e.to_string()),
+        }
+    }
+
+    pub(super) async fn handle_peer_inner(
+        self: &Arc<Self>,
+        from: &PeerInfo,
+        message: PeerMessage,
+    ) -> Result<PeerMessage, ClusterError> {
+        if let Some(call) = serve::storage_call(&message) {
+            return self.serve_locally(call, message).await;
+        }
+        match message {
+            PeerMessage::Gossip(theirs) => {
+                self.merge_state(&theirs)?;
+                Ok(PeerMessage::Gossip(Box::new((*self.state()).clone())))
+            }
+            PeerMessage::JoinRequest {
+                cluster_name,
+                member,
+            } => {
+                let ours = self.state().cluster_name.clone();
+                if cluster_name != ours {
+                    return Ok(PeerMessage::Error(format!(
+                        "cluster name mismatch: this cluster is {ours:?}, the request is for {cluster_name:?}"
+                    )));
+                }
+                let sender = NodeId(from.node_name.clone());
+                if let Err(e) =
+                    ClusterState::check_join_request(&sender, Some(&from.public_key), &member)
+                {
+                    return Ok(PeerMessage::Error(e.to_string()));
+                }
+                tracing::info!(node = %member.id, via = %from.node_name, "join request");
+                self.update_state(|state| state.add_joining(member))
+                    .map_err(|e| ClusterError::Membership(e.to_string()))?;
+                Ok(PeerMessage::JoinAccepted {
+                    state: Box::new((*self.state()).clone()),
+                })
+            }
+            message @ PeerMessage::CoordinatePut { .. } => {
+                // A forward that arrives after its forwarder gave up (we were paused, or it
+                // waited in a queue) is refused: the core's rule, the simulator's too.
+                let limit_ms =
+                    u64::try_from(self.timeouts.forward_start().as_millis()).unwrap_or(u64::MAX);
+                let accepted = crate::requests::accept_forwarded(
+                    self,
+                    message,
+                    from.clock_offset_ms,
+                    limit_ms,
+                );
+                let (op, stamp_ms) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(refused) => return Ok(*refused.answer),
+                };
+                Ok(
+                    match crate::requests::coordinate(self, op, stamp_ms).await {
+                        Ok(object) => PeerMessage::Coordinated {
+                            object: object.encode(),
+                        },
+                        Err(e) => PeerMessage::Failed {
+                            status: e.status(),
+                            message: e.to_string(),
+                        },
+                    },
+                )
+            }
+            PeerMessage::ListBuckets => {
+                let replica = Arc::clone(&self.replica);
+                let buckets = tokio::task::spawn_blocking(move || replica.list_buckets())
+                    .await
+                    .map_err(internal)??;
+                Ok(PeerMessage::Buckets(buckets))
+            }
+            PeerMessage::ListKeys {
+                bucket,
+                start_after,
+                limit,
+            } => {
+                let (keys, next_after) = self
+                    .local_key_page(&bucket, start_after.as_deref(), limit as usize)
+                    .await?;
+                Ok(PeerMessage::KeyPage { keys, next_after })
+            }
+            other => Ok(PeerMessage::Error(format!(
+                "unexpected request {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Answer a replica-side request with the core's `serve` (the code the simulator's nodes
+    /// run too), on the blocking pool when its storage call may wait on the disk.
+    pub(super) async fn serve_locally(
+        &self,
+        call: StorageCall,
+        message: PeerMessage,
+    ) -> Result<PeerMessage, ClusterError> {
+        let state = self.state();
+        let props: std::collections::BTreeMap<String, BucketProps> = serve::buckets_named(&message)
+            .into_iter()
+            .map(|bucket| (bucket.to_owned(), self.bucket_props(bucket)))
+            .collect();
+        let n_vals: HashMap<String, u32> =
+            props.iter().map(|(b, p)| (b.clone(), p.n_val)).collect();
+        let context = ServeContext {
+            ring_version: state.ring.version,
+            props,
+            hint_limit: MAX_HINTS_PER_TARGET,
+            hint_target_member: serve::hint_target(&message)
+                .is_some_and(|target| state.is_member(target)),
+            max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
+            aae_budget: u32::try_from(self.admission.budget()).unwrap_or(u32::MAX),
+            defer_sync: false,
+        };
+        let (replica, aae) = (Arc::clone(&self.replica), Arc::clone(&self.aae));
+        let mut message = message;
+        let served = match call {
+            StorageCall::None => serve::serve(&replica, &aae, &context, message),
+            StorageCall::Read => self
+                .replica
+                .run(None, move || {
+                    serve::serve(&replica, &aae, &context, message)
+                })
+                .await
+                .map_err(internal)?,
+            StorageCall::Write(durability) if message.durability_mut().is_some() => {
+                self.run_write(
+                    durability,
+                    move |durability| {
+                        if let Some(asked) = message.durability_mut() {
+                            *asked = durability;
+                        }
+                        serve::serve(&replica, &aae, &context, message)
+                    },
+                    |served| {
+                        !served.stored.is_empty()
+                            || matches!(served.hint, Some(HintOutcome::Stored))
+                    },
+                )
+                .await?
+            }
+            StorageCall::Write(durability) => self
+                .replica
+                .run(Some(durability), move || {
+                    serve::serve(&replica, &aae, &context, message)
+                })
+                .await
+                .map_err(internal)?,
+            StorageCall::Long => {
+                tokio::task::spawn_blocking(move || serve::serve(&replica, &aae, &context, message))
+                    .await
+                    .map_err(internal)?
+            }
+        }
+        .map_err(|e| match e {
+            ServeError::Replica(e) => ClusterError::from(e),
+            other => internal(other),
+        })?;
+        match served.hint {
+            Some(HintOutcome::Stored) => {
+                self.hints.stored.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(HintOutcome::Dropped) => {
+                self.hints.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        for (bucket, key) in &served.stored {
+            let n_val = n_vals
+                .get(bucket)
+                .copied()
+                .unwrap_or_else(|| self.bucket_props(bucket).n_val);
+            self.check_orphan(bucket, key, n_val);
+        }
+        Ok(match served.reply {
+            Reply::Message(message) => message,
+            Reply::StaleRing => PeerMessage::StaleRing(Box::new((*state).clone())),
+        })
+    }
+}
