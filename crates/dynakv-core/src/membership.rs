@@ -135,6 +135,71 @@ pub struct ClusterState {
     pub security: crate::security::SecurityState,
 }
 
+/// The format of the persisted cluster state this version writes (see
+/// [`ClusterState::encode_persisted`]).
+pub const PERSISTED_STATE_FORMAT: u32 = 1;
+
+/// Why a persisted cluster state cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PersistedStateError {
+    #[error(
+        "the stored cluster state has format {found}, newer than this version reads \
+         ({PERSISTED_STATE_FORMAT}): it was written by a newer dynakv; run that version"
+    )]
+    Newer { found: u32 },
+    #[error("the stored cluster state is not readable: {0}")]
+    Malformed(String),
+}
+
+/// The persisted form: the state with the format it was written in.
+#[derive(Serialize)]
+struct PersistedOut<'a> {
+    format: u32,
+    state: &'a ClusterState,
+}
+
+#[derive(Deserialize)]
+struct PersistedIn {
+    format: u32,
+    state: serde_json::Value,
+}
+
+impl ClusterState {
+    /// The bytes a node stores its cluster state as: JSON with a format marker, so a later
+    /// version can tell what it reads and an older one refuses what it cannot. Heartbeats are
+    /// left out (they are volatile).
+    pub fn encode_persisted(&self) -> Vec<u8> {
+        let mut state = self.clone();
+        for member in state.members.values_mut() {
+            member.heartbeat = 0;
+        }
+        let out = PersistedOut {
+            format: PERSISTED_STATE_FORMAT,
+            state: &state,
+        };
+        // Serializing plain structs and maps of strings cannot fail.
+        serde_json::to_vec(&out).unwrap_or_default()
+    }
+
+    /// Read what [`ClusterState::encode_persisted`] wrote, or the unmarked state of versions
+    /// before the marker (format 0). A newer format is refused, not guessed at.
+    pub fn decode_persisted(bytes: &[u8]) -> Result<ClusterState, PersistedStateError> {
+        let malformed = |e: serde_json::Error| PersistedStateError::Malformed(e.to_string());
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(malformed)?;
+        let marked = value.get("format").is_some() && value.get("state").is_some();
+        if !marked {
+            return serde_json::from_value(value).map_err(malformed);
+        }
+        let persisted: PersistedIn = serde_json::from_value(value).map_err(malformed)?;
+        if persisted.format > PERSISTED_STATE_FORMAT {
+            return Err(PersistedStateError::Newer {
+                found: persisted.format,
+            });
+        }
+        serde_json::from_value(persisted.state).map_err(malformed)
+    }
+}
+
 /// Why a membership change was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MembershipError {
@@ -501,6 +566,33 @@ fn ring_tiebreak(ring: &RingState) -> (u64, Vec<&NodeId>, Option<Vec<&NodeId>>) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_persisted_state_carries_its_format_and_old_or_newer_ones_are_told_apart() {
+        let mut state = crate::test_support::settled_cluster(&["a", "b"], 8);
+        if let Some(member) = state.members.values_mut().next() {
+            member.heartbeat = 42;
+        }
+        let bytes = state.encode_persisted();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.starts_with(r#"{"format":1,"#), "{text}");
+        let back = ClusterState::decode_persisted(&bytes).unwrap();
+        assert!(back.members.values().all(|m| m.heartbeat == 0));
+        assert_eq!(back.ring, state.ring);
+        // What versions before the marker wrote: the bare state.
+        let legacy = serde_json::to_vec(&state).unwrap();
+        assert_eq!(ClusterState::decode_persisted(&legacy).unwrap(), state);
+        // A newer version's state is refused with what to do.
+        let newer = text.replacen(r#""format":1"#, r#""format":2"#, 1);
+        let err = ClusterState::decode_persisted(newer.as_bytes()).unwrap_err();
+        assert_eq!(err, PersistedStateError::Newer { found: 2 });
+        assert!(err.to_string().contains("newer dynakv"));
+        assert!(matches!(
+            ClusterState::decode_persisted(b"{\"format\":1,\"state\":7}"),
+            Err(PersistedStateError::Malformed(_))
+        ));
+        assert!(ClusterState::decode_persisted(b"\xff").is_err());
+    }
+
     use super::*;
 
     fn member(name: &str, zone: &str) -> Member {

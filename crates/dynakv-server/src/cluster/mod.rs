@@ -248,8 +248,7 @@ pub fn load_persisted(storage: &dyn Storage) -> Result<Option<Persisted>, Cluste
     let Some(state) = storage.get(Table::Meta, META_CLUSTER).map_err(internal)? else {
         return Ok(None);
     };
-    let state: ClusterState = serde_json::from_slice(&state)
-        .map_err(|e| ClusterError::Internal(format!("stored cluster state: {e}")))?;
+    let state = ClusterState::decode_persisted(&state).map_err(internal)?;
     let legacy = storage
         .get(Table::Meta, META_SECRET)
         .map_err(internal)?
@@ -258,7 +257,7 @@ pub fn load_persisted(storage: &dyn Storage) -> Result<Option<Persisted>, Cluste
 }
 
 fn persist(storage: &dyn Storage, state: &ClusterState) -> Result<(), ClusterError> {
-    let bytes = serde_json::to_vec(state).map_err(internal)?;
+    let bytes = state.encode_persisted();
     storage
         .put(Table::Meta, META_CLUSTER, &bytes, Durability::Fsync)
         .map_err(internal)?;
