@@ -155,6 +155,7 @@ impl Object {
     /// This object with only its first sibling (by dot), the clock unchanged: a merge that
     /// drops what it saw. Only the simulator's planted bug (`node::Bug::DropSiblingOnMerge`)
     /// uses it, to show the checkers catch a lost sibling; nothing else in the crate may.
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) fn keep_first_sibling_only(&self) -> Object {
         Object {
             clock: self.clock.clone(),

@@ -109,12 +109,12 @@ fn parse() -> Result<Args, String> {
 fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
     move |c: &mut SimConfig| {
         c.node.props.last_write_wins = args.lww;
-        c.node.bug = args.bug;
+        c.node.sim.bug = args.bug;
         c.keep_actor_after_loss = args.keep_actor;
-        c.node.handoff_checks_ring = !args.unchecked_handoff;
-        c.node.per_key_counters = args.per_key_counters;
-        c.node.primaries_only_reap = args.primaries_only_reap;
-        c.node.retry_unanswered_forward = args.retry_unanswered_forward;
+        c.node.sim.handoff_checks_ring = !args.unchecked_handoff;
+        c.node.sim.per_key_counters = args.per_key_counters;
+        c.node.sim.primaries_only_reap = args.primaries_only_reap;
+        c.node.sim.retry_unanswered_forward = args.retry_unanswered_forward;
         c.faults = !args.no_faults;
         c.deletes = !args.no_deletes;
         if let Some(grace) = args.grace_ms {

@@ -203,22 +203,22 @@ impl SimConfig {
         if self.node.props.last_write_wins {
             cmd.push_str(" --lww");
         }
-        if self.node.bug.is_some() {
+        if self.node.sim.bug.is_some() {
             cmd.push_str(" --bug drop-sibling");
         }
         if self.keep_actor_after_loss {
             cmd.push_str(" --keep-actor");
         }
-        if !self.node.handoff_checks_ring {
+        if !self.node.sim.handoff_checks_ring {
             cmd.push_str(" --old-rule unchecked-handoff");
         }
-        if self.node.per_key_counters {
+        if self.node.sim.per_key_counters {
             cmd.push_str(" --old-rule per-key-counters");
         }
-        if self.node.primaries_only_reap {
+        if self.node.sim.primaries_only_reap {
             cmd.push_str(" --old-rule primaries-only-reap");
         }
-        if self.node.retry_unanswered_forward {
+        if self.node.sim.retry_unanswered_forward {
             cmd.push_str(" --old-rule retry-unanswered-forward");
         }
         if !self.faults {
@@ -314,7 +314,7 @@ impl RunReport {
             c.ops,
             c.node.props.durability,
             c.node.props.last_write_wins,
-            c.node.bug,
+            c.node.sim.bug,
             c.membership
         );
         let _ = writeln!(

@@ -92,7 +92,7 @@ fn last_write_wins_loses_adds_in_runs_with_partitions() {
 fn planted_drop_sibling_bug_is_caught() {
     let mut caught = 0;
     for seed in 0..DETECTION_SEEDS {
-        let report = run_seed(seed, |c| c.node.bug = Some(Bug::DropSiblingOnMerge)).unwrap();
+        let report = run_seed(seed, |c| c.node.sim.bug = Some(Bug::DropSiblingOnMerge)).unwrap();
         caught += usize::from(report.check.lost() > 0);
     }
     assert!(
@@ -151,7 +151,7 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     for seed in [105, 241, 264] {
         let old = run_seed(seed, |c| {
             setup(c);
-            c.node.handoff_checks_ring = false;
+            c.node.sim.handoff_checks_ring = false;
         })
         .unwrap();
         assert_eq!(old.check.lost(), 0);
@@ -205,10 +205,12 @@ fn the_old_reaping_rules_resurrect_and_are_caught() {
     for (rule, apply) in [
         (
             "per-key counters",
-            (|c: &mut dynakv_sim::sim::SimConfig| c.node.per_key_counters = true)
+            (|c: &mut dynakv_sim::sim::SimConfig| c.node.sim.per_key_counters = true)
                 as fn(&mut dynakv_sim::sim::SimConfig),
         ),
-        ("primaries-only reap", |c| c.node.primaries_only_reap = true),
+        ("primaries-only reap", |c| {
+            c.node.sim.primaries_only_reap = true;
+        }),
     ] {
         let mut resurrected = 0;
         for seed in 0..DETECTION_SEEDS * 5 {
@@ -273,7 +275,7 @@ fn cleanup_hands_a_late_write_over_before_dropping_it() {
 fn a_paused_coordinator_never_applies_a_forwarded_put_twice() {
     let (mut twice_old, mut twice_now, mut pauses, mut refused) = (0, 0, 0, 0);
     for seed in 0..DETECTION_SEEDS * 5 {
-        let old = run_seed(seed, |c| c.node.retry_unanswered_forward = true).unwrap();
+        let old = run_seed(seed, |c| c.node.sim.retry_unanswered_forward = true).unwrap();
         twice_old += old.check.applied_twice.len();
         let now = run_seed(seed, |_| {}).unwrap();
         twice_now += now.check.applied_twice.len();

@@ -418,7 +418,7 @@ impl Node {
     ) {
         if node == &self.me {
             self.merge_local(bucket, key, object);
-            if self.config.handoff_checks_ring {
+            if self.config.handoff_checks_ring() {
                 // A read repair planned under an older ring may land after this node's
                 // cleanup.
                 self.check_orphan(bucket, key);

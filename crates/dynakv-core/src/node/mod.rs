@@ -66,7 +66,7 @@ use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep};
 use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use crate::merkle::{self, Hash};
 use crate::message::{HandoffEntry, PeerMessage};
-use crate::object::{Content, Object, PrunePolicy};
+use crate::object::{Content, Object};
 use crate::replica::{Replica, ReplicaError, WriteRequest};
 use crate::request::{
     Event, GetRequest, PutRequest, Reply as RequestReply, RequestError, Step, Tag, View,
@@ -74,7 +74,7 @@ use crate::request::{
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::rng::SeededRng;
 use crate::serve::{self, HintOutcome, Reply, ServeContext, ServeError};
-use crate::storage::{Durability as StoreDurability, Storage, Table};
+use crate::storage::{Durability as StoreDurability, Storage};
 use crate::version::ActorId;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -144,17 +144,16 @@ impl Default for Timings {
 const _: () = assert!(Timings::SERVER.forward_ms > Timings::SERVER.request_ms);
 const _: () = assert!(Timings::SIMULATION.forward_ms > Timings::SIMULATION.request_ms);
 
-/// A deliberately planted bug, to show the checkers catch it.
+/// A deliberately planted bug, to show the checkers catch it (feature `sim`).
+#[cfg(feature = "sim")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bug {
     /// After every replica-side merge (`sync`), keep only the first sibling (by dot).
     DropSiblingOnMerge,
 }
 
-/// Node settings. The old rules and the planted bug reproduce earlier findings so the
-/// simulator's checkers can show they catch them; all are off by default.
+/// Node settings.
 #[derive(Debug, Clone)]
-#[allow(clippy::struct_excessive_bools)] // independent switches: planted bugs, old rules
 pub struct NodeConfig {
     /// Properties of every bucket the cluster state sets none for (`n_val`, `r`, `w`, `pr`,
     /// `pw`, `last_write_wins`: after a put or a merge keep only the newest sibling;
@@ -162,6 +161,20 @@ pub struct NodeConfig {
     /// `Timings::flush_interval_ms`).
     pub props: BucketProps,
     pub timings: Timings,
+    /// A tombstone is reaped once its newest write is this old (and every primary holds it).
+    pub tombstone_grace_ms: u64,
+    /// The planted bug and the old rules (feature `sim`: built only for the simulator, so no
+    /// binary that ships contains them).
+    #[cfg(feature = "sim")]
+    pub sim: SimRules,
+}
+
+/// Simulation-only rules: the old rules and the planted bug reproduce earlier findings so the
+/// simulator's checkers can show they catch them; all are off by default.
+#[cfg(feature = "sim")]
+#[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches: planted bugs, old rules
+pub struct SimRules {
     pub bug: Option<Bug>,
     /// The server's rule, on by default: `Handoff` carries the sender's ring version, a
     /// receiver with a newer ring refuses it (`StaleRing`, as `ReplicaPut` does), and a
@@ -171,8 +184,6 @@ pub struct NodeConfig {
     /// join (or a read repair of a get planned before the ring changed) stays there for good,
     /// outside the key's preference list.
     pub handoff_checks_ring: bool,
-    /// A tombstone is reaped once its newest write is this old (and every primary holds it).
-    pub tombstone_grace_ms: u64,
     /// The old rule, to reproduce the finding: a coordinator's dot counter is per key only
     /// (`Object::update`), so a key whose tombstone was reaped restarts at 1 and reissues an
     /// old dot for a new value (Riak's KV679).
@@ -187,6 +198,48 @@ pub struct NodeConfig {
     pub retry_unanswered_forward: bool,
 }
 
+#[cfg(feature = "sim")]
+impl Default for SimRules {
+    fn default() -> Self {
+        SimRules {
+            bug: None,
+            // The server's rule since the simulation found the stray-copy case (seed 154).
+            handoff_checks_ring: true,
+            per_key_counters: false,
+            primaries_only_reap: false,
+            retry_unanswered_forward: false,
+        }
+    }
+}
+
+#[allow(clippy::unused_self)] // `self` is read only with the `sim` feature
+impl NodeConfig {
+    /// Whether `Handoff` is checked against the ring (always, outside the simulator's old
+    /// rule).
+    fn handoff_checks_ring(&self) -> bool {
+        #[cfg(feature = "sim")]
+        return self.sim.handoff_checks_ring;
+        #[cfg(not(feature = "sim"))]
+        true
+    }
+
+    /// The reaping rule before the finding (simulator only).
+    fn primaries_only_reap(&self) -> bool {
+        #[cfg(feature = "sim")]
+        return self.sim.primaries_only_reap;
+        #[cfg(not(feature = "sim"))]
+        false
+    }
+
+    /// The forwarding rule before finding 5 (simulator only).
+    fn retry_unanswered_forward(&self) -> bool {
+        #[cfg(feature = "sim")]
+        return self.sim.retry_unanswered_forward;
+        #[cfg(not(feature = "sim"))]
+        false
+    }
+}
+
 /// The tombstone grace period of the simulator's nodes (the server's default is an hour;
 /// scaled down like the timeouts).
 pub const DEFAULT_TOMBSTONE_GRACE_MS: u64 = 10_000;
@@ -196,13 +249,9 @@ impl Default for NodeConfig {
         NodeConfig {
             props: BucketProps::default(),
             timings: Timings::default(),
-            bug: None,
-            // The server's rule since the simulation found the stray-copy case (seed 154).
-            handoff_checks_ring: true,
             tombstone_grace_ms: DEFAULT_TOMBSTONE_GRACE_MS,
-            per_key_counters: false,
-            primaries_only_reap: false,
-            retry_unanswered_forward: false,
+            #[cfg(feature = "sim")]
+            sim: SimRules::default(),
         }
     }
 }
@@ -1266,9 +1315,12 @@ impl Node {
 
     /// Store an object bypassing the replica's rules: only the planted bug and the old
     /// per-key-counter rule, which reproduce findings, write this way.
+    #[cfg(feature = "sim")]
     fn overwrite(&mut self, bucket: &str, key: &str, object: &Object) {
         let storage_key = keys::object_key(bucket.as_bytes(), key.as_bytes());
-        let old = self.storage.get(Table::Objects, &storage_key);
+        let old = self
+            .storage
+            .get(crate::storage::Table::Objects, &storage_key);
         let old = self.must(old, "read an object");
         if self.failed.is_some() {
             return; // never write after a failed read
@@ -1276,9 +1328,12 @@ impl Node {
         let new = object.encode();
         let durability = self.durability(bucket);
         let durability = self.buffered(durability);
-        let put = self
-            .storage
-            .put(Table::Objects, &storage_key, &new, durability);
+        let put = self.storage.put(
+            crate::storage::Table::Objects,
+            &storage_key,
+            &new,
+            durability,
+        );
         self.must(put, "write an object");
         self.aae.observe(&storage_key, old.as_deref(), Some(&new));
         self.note_stored(object);
@@ -1333,7 +1388,8 @@ impl Node {
             deleted: op.content.deleted,
         };
         let (bucket, key) = (op.bucket.as_str(), op.key.as_str());
-        if self.config.per_key_counters {
+        #[cfg(feature = "sim")]
+        if self.config.sim.per_key_counters {
             // The old rule: the dot counter continues from the key's own clock only.
             let Ok(stored) = self.read(bucket, key) else {
                 return Err(RequestError::Internal(
@@ -1343,7 +1399,13 @@ impl Node {
             let stored = stored.unwrap_or_default();
             let context = op.context.unwrap_or_default();
             let mut updated = stored
-                .update(&context, content, self.actor, now, PrunePolicy::default())
+                .update(
+                    &context,
+                    content,
+                    self.actor,
+                    now,
+                    crate::object::PrunePolicy::default(),
+                )
                 .map_err(|e| RequestError::Replica(ReplicaError::Write(e)))?;
             if props.last_write_wins {
                 updated.resolve_last_write_wins();
@@ -1402,13 +1464,21 @@ impl Node {
 
     /// The planted bug, after a replica-side merge left `merged` under `key`: keep only its
     /// first sibling. Returns what it stored instead, if anything.
+    #[cfg(feature = "sim")]
     fn planted_bug(&mut self, bucket: &str, key: &str, merged: &Object) -> Option<Object> {
-        if self.config.bug != Some(Bug::DropSiblingOnMerge) || merged.siblings().len() < 2 {
+        if self.config.sim.bug != Some(Bug::DropSiblingOnMerge) || merged.siblings().len() < 2 {
             return None;
         }
         let first_only = merged.keep_first_sibling_only();
         self.overwrite(bucket, key, &first_only);
         Some(first_only)
+    }
+
+    /// No bug is planted outside the simulator.
+    #[cfg(not(feature = "sim"))]
+    #[allow(clippy::unused_self, clippy::needless_pass_by_ref_mut)]
+    fn planted_bug(&mut self, _bucket: &str, _key: &str, _merged: &Object) -> Option<Object> {
+        None
     }
 
     /// `Replica::store_hint`: merged with any hint held for the key, bounded per target,

@@ -29,7 +29,7 @@ impl Node {
         match body {
             message @ PeerMessage::CoordinatePut { .. } => {
                 let offset = self.clock_offsets.get(from).copied().unwrap_or(0);
-                let limit_ms = (!self.config.retry_unanswered_forward)
+                let limit_ms = (!self.config.retry_unanswered_forward())
                     .then_some(self.config.timings.request_ms);
                 let view = NodeView { node: self, now };
                 match accept_forwarded(&view, message, now, offset, limit_ms) {
@@ -126,7 +126,7 @@ impl Node {
         }
         let context = ServeContext {
             // The old rule: a handoff is merged whatever the sender's ring.
-            ring_version: if handoff && !self.config.handoff_checks_ring {
+            ring_version: if handoff && !self.config.handoff_checks_ring() {
                 0
             } else {
                 self.cluster.ring.version
@@ -171,7 +171,7 @@ impl Node {
                 self.note_stored(&merged);
             }
         }
-        if !handoff || self.config.handoff_checks_ring {
+        if !handoff || self.config.handoff_checks_ring() {
             for (bucket, key) in &served.stored {
                 self.check_orphan(bucket, key);
             }
@@ -208,9 +208,9 @@ impl Node {
                         RequestReply::NotSent(format!("{from}: unreachable"))
                     }
                     // The rule before finding 5 retried a forward that timed out.
-                    None if self.config.retry_unanswered_forward => RequestReply::NotSent(format!(
-                        "{from}: no answer; the write may have been applied"
-                    )),
+                    None if self.config.retry_unanswered_forward() => RequestReply::NotSent(
+                        format!("{from}: no answer; the write may have been applied"),
+                    ),
                     None => RequestReply::Unanswered(format!(
                         "{from}: no answer; the write may have been applied"
                     )),
@@ -276,7 +276,7 @@ impl Node {
                             Ok(stored) => Some(ReapAnswer {
                                 stored,
                                 // The old rule looked at the primaries' copies only.
-                                hinted: hinted && !self.config.primaries_only_reap,
+                                hinted: hinted && !self.config.primaries_only_reap(),
                             }),
                             Err(_) => None,
                         }

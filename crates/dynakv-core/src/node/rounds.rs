@@ -466,7 +466,7 @@ impl Node {
                 .cloned()
                 .collect();
             let (members, me_hinted): (Vec<(NodeId, bool)>, bool) =
-                if self.config.primaries_only_reap {
+                if self.config.primaries_only_reap() {
                     (
                         primaries.iter().map(|n| (n.clone(), false)).collect(),
                         false,

@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::message::WirePrecondition;
+use crate::object::PrunePolicy;
 use crate::replica::Precondition;
+use crate::storage::Table;
 use crate::test_support::{MapStorage, id, settled_cluster};
 use crate::version::{Dot, VersionVector};
 use std::sync::atomic::Ordering;
