@@ -220,6 +220,181 @@ impl HintRound<Vec<u8>, Vec<u8>> {
     }
 }
 
+/// Bytes of hints a batch may carry per request timeout it is given: a batch to the target
+/// waits one request timeout, and one more per this many bytes it carries, up to five.
+const HINT_BATCH_BYTES_PER_TIMEOUT: usize = 1024 * 1024;
+
+/// How long one send of a delivery run may take: a request timeout, longer for a large batch
+/// (the same rule in the server and the simulator, whose batches are small).
+fn send_timeout_ms(message: &PeerMessage, request_timeout_ms: u64) -> u64 {
+    let PeerMessage::Handoff { entries, .. } = message else {
+        return request_timeout_ms;
+    };
+    let bytes: usize = entries.iter().map(|e| e.object.len()).sum();
+    let extra = (bytes / HINT_BATCH_BYTES_PER_TIMEOUT).min(4) as u64;
+    request_timeout_ms.saturating_mul(1 + extra)
+}
+
+/// What a hint delivery run asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HintStep {
+    /// Read the next page of the target's hints (`(hint key, bytes)`, in key order, after
+    /// `after`, at most `limit`) and feed it back as [`HintEvent::Page`].
+    ReadPage {
+        after: Option<Vec<u8>>,
+        limit: usize,
+    },
+    /// Send `message` to `to` (this node itself for a moved key it now replicates: served
+    /// here as a peer's would be) and feed the outcome back as [`HintEvent::Reply`].
+    Send {
+        tag: u64,
+        to: NodeId,
+        message: Box<PeerMessage>,
+        timeout_ms: u64,
+    },
+    /// Delete the hint if it still holds `held`: delivered (`corrupt` false) or failing its
+    /// checksum (`corrupt` true); count it when it was deleted.
+    Delete {
+        hint_key: Vec<u8>,
+        held: Vec<u8>,
+        corrupt: bool,
+    },
+}
+
+/// An outcome fed back to a hint delivery run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HintEvent {
+    /// The page asked for by [`HintStep::ReadPage`].
+    Page(Vec<Entry>),
+    /// The outcome of [`HintStep::Send`] `tag` (`ok`: acknowledged).
+    Reply { tag: u64, ok: bool },
+}
+
+/// One delivery run of the hints held for one target, paged (a page of `page_keys` hints
+/// read, routed by [`HintRound::route_page`], its sends out, the next page only once every
+/// send of this one came back), up to the round's budget, and ending at the first failed
+/// delivery. The server and the simulator both drive it (before, each sequenced the pages
+/// itself: the server read pages until the budget, the simulator one page per round).
+#[derive(Debug)]
+pub struct HintRun {
+    round: HintRound<Vec<u8>, Vec<u8>>,
+    page_keys: usize,
+    request_timeout_ms: u64,
+    after: Option<Vec<u8>>,
+    reading: bool,
+    /// Sends awaiting their reply, and the hints each carries.
+    outstanding: std::collections::BTreeMap<u64, Vec<Vec<u8>>>,
+    next_tag: u64,
+    /// No further page: the last was short, or the budget is spent.
+    last_page: bool,
+}
+
+impl HintRun {
+    /// The run for `target` (`None` when its hints are held or the budget is 0): its first
+    /// step reads a page.
+    pub fn start(
+        state: &ClusterState,
+        target: &NodeId,
+        target_up: bool,
+        budget: usize,
+        (page_keys, request_timeout_ms): (usize, u64),
+    ) -> Option<(HintRun, Vec<HintStep>)> {
+        let round = HintRound::start(state, target, target_up, budget)?;
+        let page_keys = page_keys.max(1);
+        let run = HintRun {
+            round,
+            page_keys,
+            request_timeout_ms,
+            after: None,
+            reading: true,
+            outstanding: std::collections::BTreeMap::new(),
+            next_tag: 0,
+            last_page: false,
+        };
+        let read = HintStep::ReadPage {
+            after: None,
+            limit: page_keys,
+        };
+        Some((run, vec![read]))
+    }
+
+    /// The hints' target.
+    pub fn target(&self) -> &NodeId {
+        self.round.target()
+    }
+
+    /// Feed one outcome; `state` is the node's cluster state now, `n_val` a bucket's replica
+    /// count.
+    pub fn handle(
+        &mut self,
+        state: &ClusterState,
+        n_val: impl Fn(&str) -> u32,
+        event: HintEvent,
+    ) -> Vec<HintStep> {
+        let mut steps = Vec::new();
+        match event {
+            HintEvent::Page(page) => {
+                if !self.reading {
+                    return steps;
+                }
+                self.reading = false;
+                self.after = page.last().map(|(key, _)| key.clone());
+                let full = page.len() >= self.page_keys;
+                let routed = self.round.route_page(page, state, n_val);
+                self.last_page = !full || routed.budget_spent;
+                for (hint_key, held) in routed.corrupt {
+                    steps.push(HintStep::Delete {
+                        hint_key,
+                        held,
+                        corrupt: true,
+                    });
+                }
+                for send in routed.sends {
+                    let tag = self.next_tag;
+                    self.next_tag = self.next_tag.wrapping_add(1);
+                    let timeout_ms = send_timeout_ms(&send.message, self.request_timeout_ms);
+                    self.outstanding.insert(tag, send.hints);
+                    steps.push(HintStep::Send {
+                        tag,
+                        to: send.to,
+                        message: Box::new(send.message),
+                        timeout_ms,
+                    });
+                }
+            }
+            HintEvent::Reply { tag, ok } => {
+                let Some(hints) = self.outstanding.remove(&tag) else {
+                    return steps;
+                };
+                for (hint_key, held) in self.round.on_reply(&hints, ok) {
+                    steps.push(HintStep::Delete {
+                        hint_key,
+                        held,
+                        corrupt: false,
+                    });
+                }
+            }
+        }
+        if !self.reading
+            && self.outstanding.is_empty()
+            && !self.last_page
+            && self.round.wants_more()
+        {
+            self.reading = true;
+            steps.push(HintStep::ReadPage {
+                after: self.after.clone(),
+                limit: self.page_keys,
+            });
+        }
+        steps
+    }
+
+    /// Nothing is read or sent any more.
+    pub fn finished(&self) -> bool {
+        !self.reading && self.outstanding.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,5 +552,110 @@ mod tests {
         assert!(round.route(2, 0, &pl).is_some());
         assert_eq!(round.route(3, 0, &pl), None);
         assert_eq!(round.routed(), 2);
+    }
+
+    #[test]
+    fn a_large_batch_gets_more_time_up_to_five_request_timeouts() {
+        let batch = |bytes: usize| PeerMessage::Handoff {
+            entries: vec![HandoffEntry {
+                bucket: "b".into(),
+                key: "k".into(),
+                object: vec![0; bytes],
+            }],
+            ring_version: 1,
+        };
+        assert_eq!(send_timeout_ms(&batch(10), 100), 100);
+        assert_eq!(send_timeout_ms(&batch(2 * 1024 * 1024), 100), 300);
+        assert_eq!(send_timeout_ms(&batch(64 * 1024 * 1024), 100), 500);
+        assert_eq!(send_timeout_ms(&PeerMessage::ListBuckets, 100), 100);
+    }
+
+    /// A run reads a page, sends it, deletes what was acknowledged, reads the next page only
+    /// once every send came back, and stops at a failed delivery.
+    #[test]
+    fn a_hint_run_pages_one_at_a_time_and_stops_at_a_failure() {
+        let state = crate::test_support::settled_cluster(&["a", "b"], 8);
+        let object = crate::object::Object::default()
+            .update(
+                &crate::version::VersionVector::new(),
+                crate::object::Content::default(),
+                crate::version::ActorId(1),
+                1,
+                crate::object::PrunePolicy::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .encode();
+        let hints: Vec<Entry> = (0..10)
+            .map(|i| {
+                let key = format!("k{i:02}");
+                (keys::hint_key("b", b"x", key.as_bytes()), object.clone())
+            })
+            .collect();
+        let (mut run, steps) = HintRun::start(&state, &id("b"), true, 100, (4, 50))
+            .unwrap_or_else(|| panic!("b is up"));
+        assert_eq!(
+            steps,
+            [HintStep::ReadPage {
+                after: None,
+                limit: 4
+            }]
+        );
+        let n_val = |_: &str| 2;
+        let steps = run.handle(&state, n_val, HintEvent::Page(hints[..4].to_vec()));
+        let [
+            HintStep::Send {
+                tag,
+                to,
+                message,
+                timeout_ms,
+            },
+        ] = steps.as_slice()
+        else {
+            panic!("one batch to b: {steps:?}");
+        };
+        assert_eq!(
+            (to, *timeout_ms),
+            (&id("b"), 50),
+            "a small batch: one request timeout"
+        );
+        assert!(
+            matches!(**message, PeerMessage::Handoff { ref entries, .. } if entries.len() == 4)
+        );
+        // Acknowledged: the four are deleted and the next page (after the last) is read.
+        let steps = run.handle(
+            &state,
+            n_val,
+            HintEvent::Reply {
+                tag: *tag,
+                ok: true,
+            },
+        );
+        let deletes = steps
+            .iter()
+            .filter(|s| matches!(s, HintStep::Delete { corrupt: false, .. }))
+            .count();
+        assert_eq!(deletes, 4);
+        let after = Some(hints[3].0.clone());
+        assert!(
+            steps.contains(&HintStep::ReadPage { after, limit: 4 }),
+            "{steps:?}"
+        );
+        let steps = run.handle(&state, n_val, HintEvent::Page(hints[4..8].to_vec()));
+        let [HintStep::Send { tag, .. }] = steps.as_slice() else {
+            panic!("{steps:?}");
+        };
+        // Not acknowledged: nothing deleted, no further page, the run ends.
+        let steps = run.handle(
+            &state,
+            n_val,
+            HintEvent::Reply {
+                tag: *tag,
+                ok: false,
+            },
+        );
+        assert!(steps.is_empty(), "{steps:?}");
+        assert!(run.finished());
+        // A held target (a member believed down) gets no run at all.
+        assert!(HintRun::start(&state, &id("b"), false, 100, (4, 50)).is_none());
     }
 }

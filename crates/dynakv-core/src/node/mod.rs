@@ -59,7 +59,7 @@ use crate::coordinator::{
 };
 use crate::failure::FailureDetector;
 use crate::handoff::{Batches, Cleanup, CleanupEntry, CleanupMarker, TransitionHandoff};
-use crate::hints::HintRound;
+use crate::hints::{HintEvent, HintRun, HintStep};
 use crate::keys;
 use crate::limits;
 use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep};
@@ -441,8 +441,8 @@ enum Purpose {
     /// replicates its key, sent to one of the key's current replicas.
     HintDelivery {
         target: NodeId,
-        /// The hints' storage keys.
-        hints: Vec<Vec<u8>>,
+        /// The send of `target`'s delivery run (`HintRun`).
+        tag: u64,
     },
     /// A batch of the ring transition's handoff.
     TransitionHandoff,
@@ -704,7 +704,7 @@ pub struct Node {
     /// Peers' clock offsets (`Input::PeerClock`), bounded by the members.
     clock_offsets: BTreeMap<NodeId, i64>,
     /// The hint delivery round in progress per target.
-    hint_rounds: BTreeMap<NodeId, HintRound<Vec<u8>, Vec<u8>>>,
+    hint_runs: BTreeMap<NodeId, HintRun>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
     handoff: Option<HandoffRun>,
@@ -782,7 +782,7 @@ impl Node {
             requests: BTreeMap::new(),
             links: BTreeMap::new(),
             clock_offsets: BTreeMap::new(),
-            hint_rounds: BTreeMap::new(),
+            hint_runs: BTreeMap::new(),
             unsent: None,
             handoff: None,
             cleanup_marker: CleanupMarker::default(),
@@ -1043,7 +1043,7 @@ impl Node {
             self.config.timings.heartbeat_timeout_ms,
         );
         self.links.clear();
-        self.hint_rounds.clear();
+        self.hint_runs.clear();
         self.handoff = None;
         self.cleanup_marker = CleanupMarker::default();
         self.join_pending = false;

@@ -10,6 +10,7 @@ use super::{
     ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext, ServeError,
     StoreDurability, serve,
 };
+use crate::hints::HintEvent;
 use crate::listing::ListEvent;
 use crate::request::accept_forwarded;
 
@@ -264,9 +265,9 @@ impl Node {
                 let ok = matches!(body, Some(PeerMessage::Ack));
                 self.on_transition_handoff_reply(now, ok);
             }
-            Purpose::HintDelivery { target, hints } => {
+            Purpose::HintDelivery { target, tag } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
-                self.on_hint_reply(&target, &hints, ok);
+                self.hint_event(now, &target, HintEvent::Reply { tag, ok });
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
             Purpose::ReapCheck { reap } => {

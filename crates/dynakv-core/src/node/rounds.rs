@@ -8,10 +8,10 @@
 use super::{
     AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, Batches, Cleanup,
     CleanupRun, ClusterState, HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, HANDOFF_BATCHES_IN_FLIGHT,
-    HandoffEntry, HandoffRun, HintRound, MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND,
-    MemberStatus, Node, NodeId, Object, Output, PagedSends, PartitionId, PeerMessage, Purpose,
-    ReapCheck, ReapRun, RequestId, Timer, TransitionHandoff, keys, member_entry, merkle,
-    reap_candidates, reap_check_members, reaper_primaries,
+    HandoffEntry, HandoffRun, HintEvent, HintRun, HintStep, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output, PagedSends, PartitionId,
+    PeerMessage, Purpose, ReapCheck, ReapRun, RequestId, Timer, TransitionHandoff, keys,
+    member_entry, merkle, reap_candidates, reap_check_members, reaper_primaries,
 };
 
 impl Node {
@@ -340,26 +340,9 @@ impl Node {
         self.cleanup_step(now);
     }
 
-    /// A destination answered for hints of `target`: delete the released ones if unchanged.
-    pub(super) fn on_hint_reply(&mut self, target: &NodeId, hints: &[Vec<u8>], ok: bool) {
-        let Some(round) = self.hint_rounds.get_mut(target) else {
-            return;
-        };
-        let released = round.on_reply(hints, ok);
-        if round.settled() {
-            self.hint_rounds.remove(target);
-        }
-        for (hint_key, held) in released {
-            let deleted = self.replica.delete_hint_if_unchanged(&hint_key, &held);
-            if self.must(deleted, "delete a hint") {
-                self.stats.hints_delivered += 1;
-            }
-        }
-    }
-
-    /// `Cluster::deliver_hints`: one batch per target per round (the core's `HintRound`), to
-    /// a target that is up; a hint whose target no longer replicates its key (or has exited)
-    /// goes to the key's current replicas instead.
+    /// `Cluster::deliver_hints`: a delivery run per target that has none out (the core's
+    /// `HintRun`), for a target that is up; a hint whose target no longer replicates its key
+    /// (or has exited) goes to the key's current replicas instead.
     pub(super) fn deliver_hints(&mut self, now: u64) {
         let targets: BTreeSet<NodeId> = self
             .replica
@@ -368,53 +351,90 @@ impl Node {
             .map(|(t, _)| NodeId(t))
             .collect();
         for target in targets {
-            if self.hint_rounds.contains_key(&target) {
+            if self.hint_runs.contains_key(&target) {
                 continue; // the previous round's deliveries are still out
             }
             let up = self.is_up(now, &target);
-            let Some(mut round) = HintRound::start(&self.cluster, &target, up, HANDOFF_BATCH_KEYS)
-            else {
+            let limits = (HANDOFF_BATCH_KEYS, self.config.timings.request_ms);
+            let started = HintRun::start(&self.cluster, &target, up, HANDOFF_BATCH_KEYS, limits);
+            let Some((run, steps)) = started else {
                 continue;
             };
-            let page = self.replica.hint_page(&target.0, None, HANDOFF_BATCH_KEYS);
-            let page = self.must(page, "read hints");
+            self.hint_runs.insert(target.clone(), run);
+            self.hint_steps(now, &target, steps);
             if self.failed.is_some() {
                 return;
             }
-            // Routing (the core's, as in the server): one batch to the target, a
-            // `ReplicaPut` per current replica of a key that moved.
-            let routed = round.route_page(page, &self.cluster, |bucket| self.n_val(bucket));
-            for (hint_key, bytes) in &routed.corrupt {
-                let deleted = self.replica.delete_hint_if_unchanged(hint_key, bytes);
-                if self.must(deleted, "delete a hint") {
-                    self.stats.hints_corrupt += 1;
+        }
+    }
+
+    /// Feed an outcome to `target`'s delivery run and perform what it asks.
+    pub(super) fn hint_event(&mut self, now: u64, target: &NodeId, event: HintEvent) {
+        let Some(mut run) = self.hint_runs.remove(target) else {
+            return;
+        };
+        let steps = run.handle(&self.cluster, |bucket| self.n_val(bucket), event);
+        self.hint_runs.insert(target.clone(), run);
+        self.hint_steps(now, target, steps);
+    }
+
+    /// Perform a delivery run's steps; a local step's outcome is fed back at once.
+    fn hint_steps(&mut self, now: u64, target: &NodeId, steps: Vec<HintStep>) {
+        for step in steps {
+            let event = match step {
+                HintStep::ReadPage { after, limit } => {
+                    let page = self.replica.hint_page(&target.0, after.as_deref(), limit);
+                    let page = self.must(page, "read hints");
+                    if self.failed.is_some() {
+                        return;
+                    }
+                    Some(HintEvent::Page(page))
                 }
-            }
-            self.hint_rounds.insert(target.clone(), round);
-            for send in routed.sends {
-                if send.to == self.me {
-                    // A moved key this node now replicates: served here, as a peer's put.
-                    // Its copy is written before the hint is deleted (one journal: a durable
-                    // prefix that holds the deletion holds the copy), and a sync is asked for.
-                    let (reply, _) = self.serve_here(send.message);
-                    let ok = matches!(reply, PeerMessage::Ack);
-                    self.on_hint_reply(&target, &send.hints, ok);
-                } else {
-                    let purpose = Purpose::HintDelivery {
-                        target: target.clone(),
-                        hints: send.hints,
-                    };
-                    let timeout = self.config.timings.request_ms;
-                    self.send_request(now, &send.to, send.message, purpose, timeout);
+                HintStep::Send {
+                    tag,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    if to == self.me {
+                        // A moved key this node now replicates: served here, as a peer's put.
+                        // Its copy is written before the hint is deleted (one journal: a
+                        // durable prefix that holds the deletion holds the copy), and a sync
+                        // is asked for.
+                        let (reply, _) = self.serve_here(*message);
+                        let ok = matches!(reply, PeerMessage::Ack);
+                        Some(HintEvent::Reply { tag, ok })
+                    } else {
+                        let purpose = Purpose::HintDelivery {
+                            target: target.clone(),
+                            tag,
+                        };
+                        self.send_request(now, &to, *message, purpose, timeout_ms);
+                        None
+                    }
                 }
+                HintStep::Delete {
+                    hint_key,
+                    held,
+                    corrupt,
+                } => {
+                    let deleted = self.replica.delete_hint_if_unchanged(&hint_key, &held);
+                    if self.must(deleted, "delete a hint") {
+                        if corrupt {
+                            self.stats.hints_corrupt += 1;
+                        } else {
+                            self.stats.hints_delivered += 1;
+                        }
+                    }
+                    None
+                }
+            };
+            if let Some(event) = event {
+                self.hint_event(now, target, event);
             }
-            if self
-                .hint_rounds
-                .get(&target)
-                .is_some_and(HintRound::settled)
-            {
-                self.hint_rounds.remove(&target);
-            }
+        }
+        if self.hint_runs.get(target).is_some_and(HintRun::finished) {
+            self.hint_runs.remove(target);
         }
     }
 

@@ -2,9 +2,13 @@
 //! their delivery once the target is reachable (the core's `HintRound` routes them).
 
 use super::{
-    Arc, Cluster, ClusterError, Durability, HANDOFF_BATCH_KEYS, HintRound, HintSend, HintStats,
+    Arc, Cluster, ClusterError, Durability, Duration, HANDOFF_BATCH_KEYS, HintStats,
     MAX_HINTS_PER_TARGET, NodeId, Object, Ordering, PeerMessage, internal, serve,
 };
+use dynakv_core::hints::{HintEvent, HintRun, HintStep};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
 
 impl Cluster {
     /// Keep a version here as a hint for `target`, within the per-target bound.
@@ -58,50 +62,76 @@ impl Cluster {
         let mut delivered = 0;
         // Admission control: at most the background budget of hints per round.
         let budget = self.admission.budget();
+        let request_ms = u64::try_from(self.timeouts.request.as_millis()).unwrap_or(u64::MAX);
         for (target, _) in self.replica.hint_counts() {
             let target_id = NodeId(target.clone());
-            let state = self.state();
             let up = self.is_up(&target_id);
-            let Some(mut round) =
-                HintRound::start(&state, &target_id, up, budget.saturating_sub(delivered))
+            let left = budget.saturating_sub(delivered);
+            let limits = (HANDOFF_BATCH_KEYS, request_ms);
+            // The core's run (the simulator's too): pages, routing, sends, deletions.
+            let Some((mut run, steps)) =
+                HintRun::start(&self.state(), &target_id, up, left, limits)
             else {
                 continue;
             };
-            let mut start_after: Option<Vec<u8>> = None;
-            while round.wants_more() {
-                let replica = Arc::clone(&self.replica);
-                let (t, after) = (target.clone(), start_after.clone());
-                let page = tokio::task::spawn_blocking(move || {
-                    replica.hint_page(&t, after.as_deref(), HANDOFF_BATCH_KEYS)
-                })
-                .await
-                .map_err(internal)??;
-                let Some((last, _)) = page.last() else { break };
-                start_after = Some(last.clone());
-                let full = page.len() == HANDOFF_BATCH_KEYS;
-                // Routing (the core's, shared with the simulator): one batch to the target,
-                // a `ReplicaPut` per current replica of a key that moved.
-                let routed = round.route_page(page, &state, |b| self.bucket_props(b).n_val);
-                for (hint_key, bytes) in &routed.corrupt {
-                    tracing::error!(%target, error = "checksum", "corrupt hint removed undelivered; anti-entropy repairs its key");
-                    if self.drop_hint(hint_key, bytes).await? {
-                        self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
+            let mut queue: VecDeque<HintStep> = steps.into();
+            let mut sends = FuturesUnordered::new();
+            loop {
+                while let Some(step) = queue.pop_front() {
+                    let event = match step {
+                        HintStep::ReadPage { after, limit } => {
+                            let replica = Arc::clone(&self.replica);
+                            let t = target.clone();
+                            let page = tokio::task::spawn_blocking(move || {
+                                replica.hint_page(&t, after.as_deref(), limit)
+                            })
+                            .await
+                            .map_err(internal)??;
+                            Some(HintEvent::Page(page))
+                        }
+                        HintStep::Send {
+                            tag,
+                            to,
+                            message,
+                            timeout_ms,
+                        } => {
+                            let timeout = Duration::from_millis(timeout_ms);
+                            sends.push(async move {
+                                (tag, self.send_hint(to, *message, timeout).await)
+                            });
+                            None
+                        }
+                        HintStep::Delete {
+                            hint_key,
+                            held,
+                            corrupt,
+                        } => {
+                            if corrupt {
+                                tracing::error!(%target, error = "checksum", "corrupt hint removed undelivered; anti-entropy repairs its key");
+                            }
+                            if self.drop_hint(&hint_key, &held).await? {
+                                if corrupt {
+                                    self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    delivered += 1;
+                                }
+                            }
+                            None
+                        }
+                    };
+                    if let Some(event) = event {
+                        let steps =
+                            run.handle(&self.state(), |b| self.bucket_props(b).n_val, event);
+                        for step in steps.into_iter().rev() {
+                            queue.push_front(step);
+                        }
                     }
                 }
-                let mut released = Vec::new();
-                for send in routed.sends {
-                    let hints = send.hints.clone();
-                    let ok = self.send_hint(send).await;
-                    released.extend(round.on_reply(&hints, ok));
-                }
-                for (hint_key, bytes) in released {
-                    if self.drop_hint(&hint_key, &bytes).await? {
-                        delivered += 1;
-                    }
-                }
-                if !full || routed.budget_spent {
+                let Some((tag, ok)) = sends.next().await else {
                     break;
-                }
+                };
+                let event = HintEvent::Reply { tag, ok };
+                queue.extend(run.handle(&self.state(), |b| self.bucket_props(b).n_val, event));
             }
         }
         if delivered > 0 {
@@ -113,10 +143,14 @@ impl Cluster {
         Ok(delivered)
     }
 
-    /// Send one message of a hint delivery round; `true` when it was acknowledged. A message
+    /// Send one message of a hint delivery run; `true` when it was acknowledged. A message
     /// for this node (a moved key it now replicates) is served here, as a peer's would be.
-    pub(super) async fn send_hint(&self, send: HintSend) -> bool {
-        let HintSend { to, message, .. } = send;
+    pub(super) async fn send_hint(
+        &self,
+        to: NodeId,
+        message: PeerMessage,
+        timeout: Duration,
+    ) -> bool {
         if to == self.me {
             let Some(call) = serve::storage_call(&message) else {
                 return false;
@@ -126,11 +160,6 @@ impl Cluster {
                 Ok(PeerMessage::Ack)
             );
         }
-        let timeout = if matches!(message, PeerMessage::Handoff { .. }) {
-            self.timeouts.request * 5
-        } else {
-            self.timeouts.request
-        };
         match self.send_write_within(&to, message, timeout).await {
             Ok(()) => true,
             Err(e) => {
