@@ -439,6 +439,330 @@ impl Cleanup<Vec<u8>, Hash> {
     }
 }
 
+/// What a paged pass over the store (a transition's handoff, a cleanup) asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassStep {
+    /// Read the page of stored objects after `after` (`SCAN_PAGE_KEYS` of them, in key order)
+    /// and feed it to the pass's `on_page`.
+    ScanPage { after: Option<Vec<u8>> },
+    /// Send `entries` to `to` as one `Handoff` under this node's ring version and feed the
+    /// outcome to the pass's `on_reply` with `tag`.
+    Send {
+        tag: u64,
+        to: NodeId,
+        entries: Vec<HandoffEntry>,
+        timeout_ms: u64,
+    },
+    /// Nothing is in flight and the pass is not over: take another `step` soon. A step scans
+    /// at most one page, so a driver that runs a pass inside a bounded slice of work (the
+    /// simulator's `handle`) never scans the whole store at once.
+    Continue,
+    /// Every batch came back and nothing more will be sent: finish the pass.
+    Over,
+}
+
+/// How long a batch of handoff entries may take: a request timeout, and one more per MiB it
+/// carries, up to five (a receiver merges the whole batch and syncs).
+pub fn batch_timeout_ms(entries: &[HandoffEntry], request_timeout_ms: u64) -> u64 {
+    let bytes: usize = entries.iter().map(|e| e.object.len()).sum();
+    let extra = (bytes / (1024 * 1024)).min(4) as u64;
+    request_timeout_ms.saturating_mul(1 + extra)
+}
+
+/// The paged scan and the batches in flight of a pass.
+#[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // independent facts of one scan, not a state enum
+struct Paging<B> {
+    /// The last storage key scanned (`None`: the scan starts from the first).
+    scanned_to: Option<Vec<u8>>,
+    /// The whole store was scanned (and every batch closed).
+    scan_done: bool,
+    /// A page was asked for and has not come back.
+    scanning: bool,
+    /// This step scanned its page already.
+    scanned: bool,
+    /// Batches waiting for room in flight.
+    ready: std::collections::VecDeque<(NodeId, Vec<B>)>,
+    in_flight: usize,
+    /// A batch failed or the ring moved on: nothing more is sent; the pass ends once the
+    /// batches in flight came back.
+    given_up: bool,
+    next_tag: u64,
+}
+
+impl<B> Default for Paging<B> {
+    fn default() -> Self {
+        Paging {
+            scanned_to: None,
+            scan_done: false,
+            scanning: false,
+            scanned: false,
+            ready: std::collections::VecDeque::new(),
+            in_flight: 0,
+            given_up: false,
+            next_tag: 0,
+        }
+    }
+}
+
+impl<B> Paging<B> {
+    /// Every batch came back and either nothing more will be sent or everything was.
+    fn over(&self) -> bool {
+        self.in_flight == 0
+            && !self.scanning
+            && (self.given_up || (self.scan_done && self.ready.is_empty()))
+    }
+
+    fn tag(&mut self) -> u64 {
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1);
+        tag
+    }
+
+    /// Send what is ready while there is room in flight, else ask for the step's page;
+    /// `send` turns a ready batch into its step. Then `Over` or `Continue` when due.
+    fn advance(
+        &mut self,
+        steps: &mut Vec<PassStep>,
+        mut send: impl FnMut(&mut Self, NodeId, Vec<B>) -> PassStep,
+    ) {
+        while !self.given_up && self.in_flight < crate::limits::HANDOFF_BATCHES_IN_FLIGHT {
+            if let Some((node, batch)) = self.ready.pop_front() {
+                self.in_flight += 1;
+                let step = send(self, node, batch);
+                steps.push(step);
+                continue;
+            }
+            if self.scan_done || self.scanned || self.scanning {
+                break;
+            }
+            self.scanned = true;
+            self.scanning = true;
+            steps.push(PassStep::ScanPage {
+                after: self.scanned_to.clone(),
+            });
+            return;
+        }
+        if self.over() {
+            steps.push(PassStep::Over);
+        } else if self.in_flight == 0 && !self.scanning {
+            steps.push(PassStep::Continue);
+        }
+    }
+
+    /// A page came back: where the next one starts; `false` when the scan is done.
+    fn on_page(&mut self, page: &[Entry]) -> bool {
+        self.scanning = false;
+        if let Some((last, _)) = page.last() {
+            self.scanned_to = Some(last.clone());
+            true
+        } else {
+            self.scan_done = true;
+            false
+        }
+    }
+}
+
+/// One node's handoff of the current ring transition as a paged, resumable pass (the core's
+/// [`TransitionHandoff`] fed page by page): each step scans at most one page, at most
+/// `HANDOFF_BATCHES_IN_FLIGHT` batches await replies, the first failed batch or a new
+/// transition ends the pass unmarked (a later round starts over), and a pass that scanned
+/// everything with every batch acknowledged marks this node's handoff done. The server and
+/// the simulator both drive it.
+#[derive(Debug)]
+pub struct HandoffPass {
+    handoff: TransitionHandoff,
+    batches: Batches<HandoffEntry>,
+    paging: Paging<HandoffEntry>,
+    request_timeout_ms: u64,
+}
+
+impl HandoffPass {
+    /// The pass `me` has to run now (see [`TransitionHandoff::start`]).
+    pub fn start(
+        state: &ClusterState,
+        me: &NodeId,
+        request_timeout_ms: u64,
+    ) -> Option<HandoffPass> {
+        Some(HandoffPass {
+            handoff: TransitionHandoff::start(state, me)?,
+            batches: Batches::new(
+                crate::limits::HANDOFF_BATCH_KEYS,
+                crate::limits::HANDOFF_BATCH_BYTES,
+            ),
+            paging: Paging::default(),
+            request_timeout_ms,
+        })
+    }
+
+    /// Take a step (a round's timer, or `Continue`).
+    pub fn step(&mut self, state: &ClusterState) -> Vec<PassStep> {
+        self.paging.scanned = false;
+        self.advance(state)
+    }
+
+    fn advance(&mut self, state: &ClusterState) -> Vec<PassStep> {
+        if state.ring.next.is_none() || state.ring.transition != self.handoff.transition() {
+            self.paging.given_up = true;
+        }
+        let mut steps = Vec::new();
+        let handoff = &mut self.handoff;
+        // A whole handoff batch gets five request timeouts, as it always had.
+        let timeout_ms = self.request_timeout_ms.saturating_mul(5);
+        self.paging.advance(&mut steps, |paging, to, entries| {
+            handoff.on_sent(entries.len());
+            PassStep::Send {
+                tag: paging.tag(),
+                to,
+                entries,
+                timeout_ms,
+            }
+        });
+        steps
+    }
+
+    /// The page asked for by `ScanPage`.
+    pub fn on_page(
+        &mut self,
+        state: &ClusterState,
+        me: &NodeId,
+        page: Vec<Entry>,
+        n_val: impl Fn(&str) -> u32,
+    ) -> Vec<PassStep> {
+        if self.paging.on_page(&page) {
+            let full = TransitionHandoff::batch_page(state, me, &mut self.batches, page, n_val);
+            self.paging.ready.extend(full);
+        } else {
+            self.paging.ready.extend(self.batches.drain());
+        }
+        self.advance(state)
+    }
+
+    /// A batch came back (`ok`: acknowledged); the first failure ends the pass.
+    pub fn on_reply(&mut self, state: &ClusterState, ok: bool) -> Vec<PassStep> {
+        self.paging.in_flight = self.paging.in_flight.saturating_sub(1);
+        self.handoff.on_reply(ok);
+        self.paging.given_up |= !ok;
+        self.step(state)
+    }
+
+    /// After `Over`: mark this node's handoff done in `state` when the pass completed.
+    /// Returns whether it marked it.
+    pub fn finish(&mut self, state: &mut ClusterState, me: &NodeId) -> bool {
+        if self.paging.given_up {
+            return false;
+        }
+        self.handoff.on_scanned();
+        self.handoff.finish(state, me)
+    }
+
+    pub fn transition(&self) -> u64 {
+        self.handoff.transition()
+    }
+
+    /// Keys sent so far (one per destination).
+    pub fn keys_sent(&self) -> usize {
+        self.handoff.keys_sent()
+    }
+}
+
+/// A cleanup as a paged, resumable pass (the core's [`Cleanup`] fed page by page): each
+/// doomed key goes to its primaries in batches, at most `HANDOFF_BATCHES_IN_FLIGHT` in
+/// flight; the keys every primary acknowledged are handed back to be dropped (if unchanged);
+/// a ring that moves during the pass ends it (the keys not yet acknowledged stay) and it is
+/// not recorded. The server and the simulator both drive it.
+#[derive(Debug)]
+pub struct CleanupPass {
+    cleanup: Cleanup<Vec<u8>, Hash>,
+    paging: Paging<CleanupEntry>,
+    /// The storage keys each batch in flight carries.
+    keys: BTreeMap<u64, Vec<Vec<u8>>>,
+    request_timeout_ms: u64,
+}
+
+impl CleanupPass {
+    /// The pass to run now (see [`Cleanup::start`]).
+    pub fn start(
+        state: &ClusterState,
+        marker: &CleanupMarker,
+        request_timeout_ms: u64,
+    ) -> Option<CleanupPass> {
+        Some(CleanupPass {
+            cleanup: Cleanup::start(state, marker)?,
+            paging: Paging::default(),
+            keys: BTreeMap::new(),
+            request_timeout_ms,
+        })
+    }
+
+    /// Take a step (a round's timer, `Continue`, or after the drops of a reply).
+    pub fn step(&mut self, state: &ClusterState) -> Vec<PassStep> {
+        self.paging.scanned = false;
+        self.advance(state)
+    }
+
+    fn advance(&mut self, state: &ClusterState) -> Vec<PassStep> {
+        if !self.paging.given_up
+            && (state.ring.next.is_some() || state.ring.version != self.cleanup.ring_version())
+        {
+            // The ring moved on while scanning: the keys not yet acknowledged stay, and the
+            // pass is not recorded.
+            self.paging.given_up = true;
+            self.paging.ready.clear();
+            self.cleanup.abandon_pending();
+        }
+        let mut steps = Vec::new();
+        let (keys_in_flight, request_ms) = (&mut self.keys, self.request_timeout_ms);
+        self.paging.advance(&mut steps, |paging, to, batch| {
+            let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
+            let tag = paging.tag();
+            keys_in_flight.insert(tag, keys);
+            PassStep::Send {
+                tag,
+                to,
+                timeout_ms: batch_timeout_ms(&entries, request_ms),
+                entries,
+            }
+        });
+        steps
+    }
+
+    /// The page asked for by `ScanPage`.
+    pub fn on_page(
+        &mut self,
+        state: &ClusterState,
+        me: &NodeId,
+        page: Vec<Entry>,
+        n_val: impl Fn(&str) -> u32,
+    ) -> Vec<PassStep> {
+        if self.paging.on_page(&page) {
+            let sends = self.cleanup.add_page(state, me, page, n_val);
+            self.paging.ready.extend(sends);
+        }
+        self.advance(state)
+    }
+
+    /// Batch `tag` came back (`ok`: acknowledged): the keys every primary now acknowledged,
+    /// with the hash each held when scanned. The driver drops each if unchanged, calls
+    /// [`CleanupPass::kept_changed`] for one that changed, then takes a `step`.
+    pub fn on_reply(&mut self, tag: u64, ok: bool) -> Vec<(Vec<u8>, Hash)> {
+        self.paging.in_flight = self.paging.in_flight.saturating_sub(1);
+        let keys = self.keys.remove(&tag).unwrap_or_default();
+        self.cleanup.on_batch(&keys, ok)
+    }
+
+    /// A droppable key had changed: it stays, and the pass will not be recorded.
+    pub fn kept_changed(&mut self) {
+        self.cleanup.kept_changed();
+    }
+
+    /// After `Over`: the pass, to record once its drops are durable
+    /// ([`Cleanup::record`]).
+    pub fn into_cleanup(self) -> Cleanup<Vec<u8>, Hash> {
+        self.cleanup
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,5 +1025,124 @@ mod tests {
         // No cleanup during a transition.
         state.ring.next = Some(state.ring.current.clone());
         assert!(Cleanup::<&str, u8>::start(&state, &marker).is_none());
+    }
+
+    /// Stored objects of `n` keys in bucket `b`, as a page from storage.
+    fn stored(n: usize) -> Vec<Entry> {
+        let object = crate::object::Object::default()
+            .update(
+                &crate::version::VersionVector::new(),
+                crate::object::Content::default(),
+                crate::version::ActorId(1),
+                1,
+                crate::object::PrunePolicy::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .encode();
+        let mut page: Vec<Entry> = (0..n)
+            .map(|i| {
+                (
+                    keys::object_key(b"b", format!("k{i:04}").as_bytes()),
+                    object.clone(),
+                )
+            })
+            .collect();
+        page.sort();
+        page
+    }
+
+    /// A handoff pass asks for one page per step, sends the batches it fills (never more in
+    /// flight than the bound), and marks the handoff done only once everything was scanned
+    /// and acknowledged; a failed batch ends it unmarked.
+    #[test]
+    fn a_handoff_pass_pages_bounds_its_batches_and_marks_done_at_the_end() {
+        let a = id("a");
+        for fail in [false, true] {
+            let mut state = joining_d();
+            let mut pass = HandoffPass::start(&state, &a, 100).unwrap_or_else(|| panic!("a"));
+            let steps = pass.step(&state);
+            assert_eq!(steps, [PassStep::ScanPage { after: None }]);
+            let page = stored(300);
+            let last = page.last().map(|(k, _)| k.clone());
+            let steps = pass.on_page(&state, &a, page, |_| 3);
+            let sends: Vec<u64> = steps
+                .iter()
+                .filter_map(|s| match s {
+                    PassStep::Send {
+                        tag, timeout_ms, ..
+                    } => {
+                        assert_eq!(*timeout_ms, 500, "a handoff batch: five request timeouts");
+                        Some(*tag)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert!(sends.len() <= crate::limits::HANDOFF_BATCHES_IN_FLIGHT);
+            assert!(
+                !steps.iter().any(|s| matches!(s, PassStep::ScanPage { .. })),
+                "one page per step"
+            );
+            // The next step asks for the next page (after the last key), then the scan ends.
+            let mut steps = pass.step(&state);
+            assert!(
+                steps.contains(&PassStep::ScanPage { after: last }),
+                "{steps:?}"
+            );
+            steps = pass.on_page(&state, &a, Vec::new(), |_| 3);
+            let mut in_flight: Vec<u64> = sends;
+            in_flight.extend(steps.iter().filter_map(|s| match s {
+                PassStep::Send { tag, .. } => Some(*tag),
+                _ => None,
+            }));
+            assert!(!in_flight.is_empty(), "d takes some of a's keys");
+            let mut over = false;
+            let n = in_flight.len();
+            for (i, _) in in_flight.iter().enumerate() {
+                let ok = !(fail && i == 0);
+                let steps = pass.on_reply(&state, ok);
+                over |= steps.contains(&PassStep::Over);
+                if i + 1 < n && !fail {
+                    assert!(!over, "over only once every batch came back");
+                }
+            }
+            assert!(over);
+            assert_eq!(pass.finish(&mut state, &a), !fail);
+            assert_eq!(state.handoff_done(&a), !fail);
+        }
+    }
+
+    /// A cleanup pass hands back the keys every primary acknowledged, and ends without
+    /// recording when the ring moves during it.
+    #[test]
+    fn a_cleanup_pass_releases_acknowledged_keys_and_gives_up_on_a_new_ring() {
+        let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
+        let a = id("a");
+        let marker = CleanupMarker::default();
+        let mut pass = CleanupPass::start(&state, &marker, 100).unwrap_or_else(|| panic!("a"));
+        assert_eq!(pass.step(&state), [PassStep::ScanPage { after: None }]);
+        let steps = pass.on_page(&state, &a, stored(40), |_| 2);
+        let sends: Vec<u64> = steps
+            .iter()
+            .filter_map(|s| match s {
+                PassStep::Send { tag, .. } => Some(*tag),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !sends.is_empty(),
+            "a no longer replicates some keys at n_val 2"
+        );
+        let mut released = 0;
+        for tag in &sends {
+            released += pass.on_reply(*tag, true).len();
+        }
+        assert!(released > 0);
+        // The ring moves on before the scan ends: the pass ends and is not recorded.
+        let mut moved = state.clone();
+        moved.ring.version += 1;
+        let steps = pass.step(&moved);
+        assert_eq!(steps, [PassStep::Over]);
+        let cleanup = pass.into_cleanup();
+        assert!(!cleanup.record(&moved, &mut CleanupMarker::default()));
     }
 }

@@ -58,7 +58,7 @@ use crate::coordinator::{
     ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
 };
 use crate::failure::FailureDetector;
-use crate::handoff::{Batches, Cleanup, CleanupEntry, CleanupMarker, TransitionHandoff};
+use crate::handoff::{Cleanup, CleanupMarker, CleanupPass, HandoffPass, PassStep};
 use crate::hints::{HintEvent, HintRun, HintStep};
 use crate::keys;
 use crate::limits;
@@ -449,8 +449,8 @@ enum Purpose {
     /// A batch of keys this node no longer replicates, sent to their primaries before cleanup
     /// drops them.
     CleanupHandoff {
-        /// The keys' storage keys.
-        keys: Vec<Vec<u8>>,
+        /// The batch's send in the cleanup pass.
+        tag: u64,
     },
     Aae,
     /// A primary's copy of a tombstone the reaper checks.
@@ -574,60 +574,6 @@ struct AaeRun {
     failed: bool,
 }
 
-/// A paged scan of the stored objects that sends what it finds in bounded batches (transition
-/// handoff, cleanup): one page of `SCAN_PAGE_KEYS` objects per step at most, a new page only
-/// once the batches of the previous one are sent, at most `HANDOFF_BATCHES_IN_FLIGHT` batches
-/// awaiting replies.
-#[derive(Debug)]
-struct PagedSends<B> {
-    /// The last storage key scanned (`None`: the scan starts from the first).
-    scanned_to: Option<Vec<u8>>,
-    /// The whole store was scanned (and every batch closed).
-    scan_done: bool,
-    /// Batches waiting for room in flight.
-    ready: VecDeque<(NodeId, Vec<B>)>,
-    in_flight: usize,
-    /// A batch failed or the ring moved on: nothing more is sent; the run ends once the
-    /// batches in flight came back.
-    given_up: bool,
-}
-
-impl<B> Default for PagedSends<B> {
-    fn default() -> Self {
-        PagedSends {
-            scanned_to: None,
-            scan_done: false,
-            ready: VecDeque::new(),
-            in_flight: 0,
-            given_up: false,
-        }
-    }
-}
-
-impl<B> PagedSends<B> {
-    /// Every batch came back and either nothing more will be sent or everything was.
-    fn over(&self) -> bool {
-        self.in_flight == 0 && (self.given_up || (self.scan_done && self.ready.is_empty()))
-    }
-}
-
-/// The transition handoff in progress: the core's `TransitionHandoff`, its open batches
-/// (bounded by `HANDOFF_BATCH_KEYS` and `HANDOFF_BATCH_BYTES`, as the server's), and the paged
-/// scan feeding them.
-#[derive(Debug)]
-struct HandoffRun {
-    handoff: TransitionHandoff,
-    batches: Batches<HandoffEntry>,
-    sends: PagedSends<HandoffEntry>,
-}
-
-/// The cleanup pass in progress: the core's `Cleanup` and the paged scan feeding it.
-#[derive(Debug)]
-struct CleanupRun {
-    cleanup: Cleanup<Vec<u8>, Hash>,
-    sends: PagedSends<CleanupEntry>,
-}
-
 /// The transport's view of one peer.
 #[derive(Debug, Clone, Copy)]
 struct Link {
@@ -707,7 +653,7 @@ pub struct Node {
     hint_runs: BTreeMap<NodeId, HintRun>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
-    handoff: Option<HandoffRun>,
+    handoff: Option<HandoffPass>,
     /// The ring version whose cleanup ran (volatile, as in the server).
     cleanup_marker: CleanupMarker,
     /// Until a join is accepted: the members to ask, in turn (the operator retrying).
@@ -730,7 +676,7 @@ pub struct Node {
     next_listing: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
     /// and whether all so far succeeded.
-    cleanup: Option<CleanupRun>,
+    cleanup: Option<CleanupPass>,
     /// A `Timer::Paging` is set and not yet fired.
     paging_timer_set: bool,
     /// Transport failures to process before returning (a send to a peer in backoff fails

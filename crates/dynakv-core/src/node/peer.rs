@@ -257,9 +257,9 @@ impl Node {
                 };
                 self.listing_event(now, listing, ListEvent::Reply { tag, reply });
             }
-            Purpose::CleanupHandoff { keys } => {
+            Purpose::CleanupHandoff { tag } => {
                 let ok = matches!(body, Some(PeerMessage::Ack));
-                self.on_cleanup_handoff(now, &keys, ok);
+                self.on_cleanup_handoff(now, tag, ok);
             }
             Purpose::TransitionHandoff => {
                 let ok = matches!(body, Some(PeerMessage::Ack));

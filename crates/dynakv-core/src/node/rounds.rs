@@ -6,13 +6,13 @@
 //! acknowledged it and only if unchanged.
 
 use super::{
-    AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, Batches, Cleanup,
-    CleanupRun, ClusterState, HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, HANDOFF_BATCHES_IN_FLIGHT,
-    HandoffEntry, HandoffRun, HintEvent, HintRun, HintStep, MAX_AAE_KEYS_PER_EXCHANGE,
-    MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output, PagedSends, PartitionId,
-    PeerMessage, Purpose, ReapCheck, ReapRun, RequestId, Timer, TransitionHandoff, keys,
+    AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, CleanupPass,
+    ClusterState, HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintRun, HintStep,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output,
+    PartitionId, PassStep, PeerMessage, Purpose, ReapCheck, ReapRun, RequestId, Timer, keys,
     member_entry, merkle, reap_candidates, reap_check_members, reaper_primaries,
 };
+use std::collections::VecDeque;
 
 impl Node {
     // ----- timers -----
@@ -133,94 +133,72 @@ impl Node {
         self.send_request(now, &via, body, Purpose::Join, timeout);
     }
 
-    /// `Cluster::handoff_round`: during a transition every stored key goes to the nodes
-    /// entering its preference list (the core's `TransitionHandoff` and `Batches`, bounded in
-    /// keys and bytes as the server's); the handoff is marked done once the whole store was
-    /// scanned and every batch acknowledged. Paged and resumable: each step scans at most one
-    /// page and at most `HANDOFF_BATCHES_IN_FLIGHT` batches await replies (the server sends
-    /// them one after another); a reply or `Timer::Paging` takes the next step. A failed batch
-    /// or a new transition ends the run unmarked, and a later round starts over.
+    /// `Cluster::handoff_round`: the core's `HandoffPass` (paged and resumable: each step
+    /// scans at most one page and at most `HANDOFF_BATCHES_IN_FLIGHT` batches await replies;
+    /// a reply or `Timer::Paging` takes the next step; a failed batch or a new transition
+    /// ends the pass unmarked, and a later round starts over), the server's too.
     pub(super) fn handoff_round(&mut self, now: u64) {
         if self.handoff.is_none() {
-            let Some(handoff) = TransitionHandoff::start(&self.cluster, &self.me) else {
+            let request_ms = self.config.timings.request_ms;
+            let Some(pass) = HandoffPass::start(&self.cluster, &self.me, request_ms) else {
                 return;
             };
-            self.handoff = Some(HandoffRun {
-                handoff,
-                batches: Batches::new(HANDOFF_BATCH_KEYS, HANDOFF_BATCH_BYTES),
-                sends: PagedSends::default(),
-            });
+            self.handoff = Some(pass);
         }
         self.handoff_step(now);
     }
 
     /// One step of the transition handoff (see [`Node::handoff_round`]).
     pub(super) fn handoff_step(&mut self, now: u64) {
-        let Some(mut run) = self.handoff.take() else {
+        let Some(mut pass) = self.handoff.take() else {
             return;
         };
-        if self.cluster.ring.next.is_none()
-            || self.cluster.ring.transition != run.handoff.transition()
-        {
-            run.sends.given_up = true;
-        }
-        let mut scanned = false;
-        while !run.sends.given_up && run.sends.in_flight < HANDOFF_BATCHES_IN_FLIGHT {
-            if let Some((node, entries)) = run.sends.ready.pop_front() {
-                let keys = entries.len();
-                self.stats.handoff_keys = self.stats.handoff_keys.saturating_add(keys as u64);
-                run.handoff.on_sent(keys);
-                run.sends.in_flight += 1;
-                let timeout = self.config.timings.request_ms.saturating_mul(5);
-                self.send_handoff(now, &node, entries, Purpose::TransitionHandoff, timeout);
-                continue;
-            }
-            if run.sends.scan_done || scanned {
-                break;
-            }
-            scanned = true;
-            let Some(page) = self.scan_page(run.sends.scanned_to.as_deref()) else {
-                return; // the node stopped; never mark a handoff done from a failed scan
-            };
-            let Some((last, _)) = page.last() else {
-                run.sends.scan_done = true;
-                run.sends.ready.extend(run.batches.drain());
-                continue;
-            };
-            run.sends.scanned_to = Some(last.clone());
-            let full = TransitionHandoff::batch_page(
-                &self.cluster,
-                &self.me,
-                &mut run.batches,
-                page,
-                |b| self.n_val(b),
-            );
-            run.sends.ready.extend(full);
-        }
-        if run.sends.over() {
-            if !run.sends.given_up {
-                run.handoff.on_scanned();
-                let me = self.me.clone();
-                run.handoff.finish(&mut self.cluster, &me);
-            }
-            return;
-        }
-        if run.sends.in_flight == 0 {
-            self.continue_paging(now);
-        }
-        self.handoff = Some(run);
+        let steps = pass.step(&self.cluster);
+        self.handoff_steps(now, pass, steps);
     }
 
     /// A batch of the transition handoff came back (`ok`: acknowledged).
     pub(super) fn on_transition_handoff_reply(&mut self, now: u64, ok: bool) {
-        let Some(run) = self.handoff.as_mut() else {
+        let Some(mut pass) = self.handoff.take() else {
             return;
         };
-        run.sends.in_flight = run.sends.in_flight.saturating_sub(1);
-        run.handoff.on_reply(ok);
-        // As the server: the first failed batch ends this round's handoff.
-        run.sends.given_up |= !ok;
-        self.handoff_step(now);
+        let steps = pass.on_reply(&self.cluster, ok);
+        self.handoff_steps(now, pass, steps);
+    }
+
+    /// Perform a handoff pass's steps (a page is read at once and fed back).
+    fn handoff_steps(&mut self, now: u64, mut pass: HandoffPass, steps: Vec<PassStep>) {
+        let mut queue: VecDeque<PassStep> = steps.into();
+        while let Some(step) = queue.pop_front() {
+            match step {
+                PassStep::ScanPage { after } => {
+                    let Some(page) = self.scan_page(after.as_deref()) else {
+                        return; // the node stopped; never mark a handoff done from a failed scan
+                    };
+                    let more = pass.on_page(&self.cluster, &self.me, page, |b| self.n_val(b));
+                    for step in more.into_iter().rev() {
+                        queue.push_front(step);
+                    }
+                }
+                PassStep::Send {
+                    to,
+                    entries,
+                    timeout_ms,
+                    ..
+                } => {
+                    let keys = entries.len() as u64;
+                    self.stats.handoff_keys = self.stats.handoff_keys.saturating_add(keys);
+                    self.send_handoff(now, &to, entries, Purpose::TransitionHandoff, timeout_ms);
+                }
+                PassStep::Continue => self.continue_paging(now),
+                PassStep::Over => {
+                    let me = self.me.clone();
+                    pass.finish(&mut self.cluster, &me);
+                    return;
+                }
+            }
+        }
+        self.handoff = Some(pass);
     }
 
     /// Take the next step of paged background work soon (`Timer::Paging`, at most one set).
@@ -237,73 +215,62 @@ impl Node {
     /// `Cluster::cleanup_round`: once the ring is settled, every key this node no longer
     /// replicates is sent to its primaries (a write that landed here after the transition's
     /// handoff may exist nowhere else) and dropped once all of them acknowledged, if
-    /// unchanged (the core's `Cleanup`); otherwise a later round runs another pass. Paged and
-    /// resumable as the handoff (see [`Node::handoff_round`]); a ring that moves during the
-    /// pass ends it (its keys stay).
+    /// unchanged: the core's `CleanupPass` (paged and resumable as the handoff; a ring that
+    /// moves during the pass ends it, its keys stay), the server's too.
     pub(super) fn cleanup_round(&mut self, now: u64) {
         if self.cleanup.is_none() {
-            let Some(cleanup) = Cleanup::start(&self.cluster, &self.cleanup_marker) else {
+            let request_ms = self.config.timings.request_ms;
+            let Some(pass) = CleanupPass::start(&self.cluster, &self.cleanup_marker, request_ms)
+            else {
                 return;
             };
-            self.cleanup = Some(CleanupRun {
-                cleanup,
-                sends: PagedSends::default(),
-            });
+            self.cleanup = Some(pass);
         }
         self.cleanup_step(now);
     }
 
     /// One step of the cleanup pass (see [`Node::cleanup_round`]).
     pub(super) fn cleanup_step(&mut self, now: u64) {
-        let Some(mut run) = self.cleanup.take() else {
+        let Some(mut pass) = self.cleanup.take() else {
             return;
         };
-        if !run.sends.given_up
-            && (self.cluster.ring.next.is_some()
-                || self.cluster.ring.version != run.cleanup.ring_version())
-        {
-            // The ring moved on while scanning: the keys not yet acknowledged stay, and the
-            // pass is not recorded.
-            run.sends.given_up = true;
-            run.sends.ready.clear();
-            run.cleanup.abandon_pending();
-        }
-        let mut scanned = false;
-        while !run.sends.given_up && run.sends.in_flight < HANDOFF_BATCHES_IN_FLIGHT {
-            if let Some((node, batch)) = run.sends.ready.pop_front() {
-                let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
-                run.sends.in_flight += 1;
-                let timeout = self.config.timings.request_ms;
-                let purpose = Purpose::CleanupHandoff { keys };
-                self.send_handoff(now, &node, entries, purpose, timeout);
-                continue;
+        let steps = pass.step(&self.cluster);
+        self.cleanup_steps(now, pass, steps);
+    }
+
+    /// Perform a cleanup pass's steps (a page is read at once and fed back).
+    fn cleanup_steps(&mut self, now: u64, mut pass: CleanupPass, steps: Vec<PassStep>) {
+        let mut queue: VecDeque<PassStep> = steps.into();
+        while let Some(step) = queue.pop_front() {
+            match step {
+                PassStep::ScanPage { after } => {
+                    let Some(page) = self.scan_page(after.as_deref()) else {
+                        return; // the node stopped
+                    };
+                    let more = pass.on_page(&self.cluster, &self.me, page, |b| self.n_val(b));
+                    for step in more.into_iter().rev() {
+                        queue.push_front(step);
+                    }
+                }
+                PassStep::Send {
+                    tag,
+                    to,
+                    entries,
+                    timeout_ms,
+                } => {
+                    let purpose = Purpose::CleanupHandoff { tag };
+                    self.send_handoff(now, &to, entries, purpose, timeout_ms);
+                }
+                PassStep::Continue => self.continue_paging(now),
+                PassStep::Over => {
+                    // Recorded once the drops are durable (a power loss before would bring
+                    // the dropped keys back with the pass recorded as done).
+                    self.after_sync(AfterSync::RecordCleanup(pass.into_cleanup()));
+                    return;
+                }
             }
-            if run.sends.scan_done || scanned {
-                break;
-            }
-            scanned = true;
-            let Some(page) = self.scan_page(run.sends.scanned_to.as_deref()) else {
-                return; // the node stopped
-            };
-            let Some((last, _)) = page.last() else {
-                run.sends.scan_done = true;
-                continue;
-            };
-            run.sends.scanned_to = Some(last.clone());
-            let n_val = |bucket: &str| self.n_val(bucket);
-            let sends = run.cleanup.add_page(&self.cluster, &self.me, page, n_val);
-            run.sends.ready.extend(sends);
         }
-        if run.sends.over() {
-            // Recorded once the drops are durable (a power loss before would bring the
-            // dropped keys back with the pass recorded as done).
-            self.after_sync(AfterSync::RecordCleanup(run.cleanup));
-            return;
-        }
-        if run.sends.in_flight == 0 {
-            self.continue_paging(now);
-        }
-        self.cleanup = Some(run);
+        self.cleanup = Some(pass);
     }
 
     /// One `Handoff` batch under this node's ring version.
@@ -324,20 +291,19 @@ impl Node {
 
     /// A cleanup batch came back (`ok`: acknowledged): drop the keys every primary now
     /// acknowledged, if unchanged, and take the next step.
-    pub(super) fn on_cleanup_handoff(&mut self, now: u64, keys: &[Vec<u8>], ok: bool) {
-        let Some(mut run) = self.cleanup.take() else {
+    pub(super) fn on_cleanup_handoff(&mut self, now: u64, tag: u64, ok: bool) {
+        let Some(mut pass) = self.cleanup.take() else {
             return;
         };
-        run.sends.in_flight = run.sends.in_flight.saturating_sub(1);
-        for (storage_key, hash) in run.cleanup.on_batch(keys, ok) {
+        for (storage_key, hash) in pass.on_reply(tag, ok) {
             if self.remove_stored_if_unchanged(&storage_key, &hash, false) {
                 self.stats.cleanup_dropped += 1;
             } else {
-                run.cleanup.kept_changed();
+                pass.kept_changed();
             }
         }
-        self.cleanup = Some(run);
-        self.cleanup_step(now);
+        let steps = pass.step(&self.cluster);
+        self.cleanup_steps(now, pass, steps);
     }
 
     /// `Cluster::deliver_hints`: a delivery run per target that has none out (the core's

@@ -1,6 +1,7 @@
 //! Tests of `Node` over in-memory storage and an instant network.
 
 use super::*;
+use crate::handoff::TransitionHandoff;
 use crate::message::WirePrecondition;
 use crate::object::PrunePolicy;
 use crate::replica::Precondition;

@@ -3,73 +3,88 @@
 //! `Cleanup`).
 
 use super::{
-    Arc, Batches, Cleanup, Cluster, ClusterError, Durability, HANDOFF_BATCH_BYTES,
-    HANDOFF_BATCH_KEYS, HandoffEntry, Hash, NodeId, PeerMessage, SCAN_PAGE_KEYS, TransitionHandoff,
-    internal, partition_of,
+    Arc, Cluster, ClusterError, Durability, Duration, HandoffEntry, NodeId, PeerMessage,
+    SCAN_PAGE_KEYS, internal, partition_of,
 };
+use dynakv_core::handoff::{CleanupPass, HandoffPass, PassStep};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 impl Cluster {
     /// Hand keys to the nodes that enter their preference lists in the pending transition;
-    /// mark this node's handoff done when all are delivered. Returns the number of keys sent.
+    /// mark this node's handoff done when all are delivered: the core's `HandoffPass` (the
+    /// simulator's too: pages, batches, at most `HANDOFF_BATCHES_IN_FLIGHT` in flight, the
+    /// first failed batch ends the pass). Returns the number of keys sent.
     pub async fn handoff_round(&self) -> Result<usize, ClusterError> {
-        let state = self.state();
-        let Some(mut handoff) = TransitionHandoff::start(&state, &self.me) else {
+        let request_ms = millis(self.timeouts.request);
+        let Some(mut pass) = HandoffPass::start(&self.state(), &self.me, request_ms) else {
             return Ok(0);
         };
-        let mut batches = Batches::new(HANDOFF_BATCH_KEYS, HANDOFF_BATCH_BYTES);
-        let mut start_after: Option<Vec<u8>> = None;
+        let mut queue: VecDeque<PassStep> = pass.step(&self.state()).into();
+        let mut sends = FuturesUnordered::new();
         loop {
-            let page = self.scan_page(start_after.clone()).await?;
-            let Some((last, _)) = page.last() else { break };
-            start_after = Some(last.clone());
-            let full = TransitionHandoff::batch_page(&state, &self.me, &mut batches, page, |b| {
-                self.bucket_props(b).n_val
-            });
-            for (node, entries) in full {
-                self.handoff_batch(&mut handoff, &node, entries).await?;
+            while let Some(step) = queue.pop_front() {
+                match step {
+                    PassStep::ScanPage { after } => {
+                        let page = self.scan_page(after).await?;
+                        let state = self.state();
+                        let more =
+                            pass.on_page(&state, &self.me, page, |b| self.bucket_props(b).n_val);
+                        for step in more.into_iter().rev() {
+                            queue.push_front(step);
+                        }
+                    }
+                    PassStep::Send {
+                        to,
+                        entries,
+                        timeout_ms,
+                        ..
+                    } => {
+                        let timeout = Duration::from_millis(timeout_ms);
+                        sends.push(async move { self.send_handoff(&to, entries, timeout).await });
+                    }
+                    PassStep::Continue => queue.extend(pass.step(&self.state())),
+                    PassStep::Over => {
+                        let me = self.me.clone();
+                        if self.update_state(|s| pass.finish(s, &me)) {
+                            tracing::info!(
+                                transition = pass.transition(),
+                                keys = pass.keys_sent(),
+                                "handoff done"
+                            );
+                        }
+                        return Ok(pass.keys_sent());
+                    }
+                }
             }
+            let Some(result) = sends.next().await else {
+                break;
+            };
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "handoff batch failed; a later round starts over");
+            }
+            queue.extend(pass.on_reply(&self.state(), result.is_ok()));
         }
-        for (node, entries) in batches.drain() {
-            self.handoff_batch(&mut handoff, &node, entries).await?;
-        }
-        handoff.on_scanned();
-        let me = self.me.clone();
-        if self.update_state(|s| handoff.finish(s, &me)) {
-            tracing::info!(
-                transition = handoff.transition(),
-                keys = handoff.keys_sent(),
-                "handoff done"
-            );
-        }
-        Ok(handoff.keys_sent())
+        Ok(pass.keys_sent())
     }
 
-    /// Send one batch of a transition's handoff and count its outcome.
-    pub(super) async fn handoff_batch(
-        &self,
-        handoff: &mut TransitionHandoff,
-        node: &NodeId,
-        entries: Vec<HandoffEntry>,
-    ) -> Result<(), ClusterError> {
-        handoff.on_sent(entries.len());
-        let result = self.send_handoff(node, entries).await;
-        handoff.on_reply(result.is_ok());
-        result
-    }
-
-    /// One `Handoff` batch under this node's ring version (five request timeouts: the
-    /// receiver merges the whole batch and syncs).
+    /// One `Handoff` batch under this node's ring version.
     pub(super) async fn send_handoff(
         &self,
         node: &NodeId,
         entries: Vec<HandoffEntry>,
+        timeout: Duration,
     ) -> Result<(), ClusterError> {
         let message = PeerMessage::Handoff {
             entries,
             ring_version: self.state().ring.version,
         };
-        self.send_write_within(node, message, self.timeouts.request * 5)
-            .await
+        self.send_write_within(node, message, timeout).await
     }
 
     /// One page of this node's stored objects after `start_after` (handoff, cleanup, reaping).
@@ -88,71 +103,96 @@ impl Cluster {
     /// After a transition completes, drop the keys this node no longer replicates: each goes
     /// to its current primaries first (a write that landed here after the transition's
     /// handoff may exist nowhere else) and is dropped once all of them acknowledged, if it
-    /// did not change meanwhile (the core's `Cleanup`). Returns the number of keys dropped.
+    /// did not change meanwhile: the core's `CleanupPass` (the simulator's too). The pass is
+    /// recorded only after a sync made its drops durable. Returns the number of keys dropped.
     pub async fn cleanup_round(&self) -> Result<usize, ClusterError> {
-        let state = self.state();
         let marker = *self.cleanup_marker.lock();
-        let Some(mut cleanup) = Cleanup::<Vec<u8>, Hash>::start(&state, &marker) else {
+        let request_ms = millis(self.timeouts.request);
+        let Some(mut pass) = CleanupPass::start(&self.state(), &marker, request_ms) else {
             return Ok(0);
         };
         let mut removed = 0;
-        let mut start_after: Option<Vec<u8>> = None;
+        let mut queue: VecDeque<PassStep> = pass.step(&self.state()).into();
+        let mut sends = FuturesUnordered::new();
         loop {
-            let page = self.scan_page(start_after.clone()).await?;
-            let Some((last, _)) = page.last() else { break };
-            start_after = Some(last.clone());
-            // The page's batches for the primaries of every key this node no longer
-            // replicates (the core's, shared with the simulator).
-            let sends = cleanup.add_page(&state, &self.me, page, |b| self.bucket_props(b).n_val);
-            if self.state().ring.version != cleanup.ring_version() {
-                // The ring moved on while scanning: start over later with the new ring.
-                return Ok(removed);
-            }
-            let mut refused: Vec<NodeId> = Vec::new();
-            let mut droppable = Vec::new();
-            for (node, batch) in sends {
-                let (keys, entries): (Vec<Vec<u8>>, Vec<HandoffEntry>) = batch.into_iter().unzip();
-                let ok = !refused.contains(&node)
-                    && match self.send_handoff(&node, entries).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::debug!(%node, error = %e, "cleanup handoff failed; keys kept for a later round");
-                            refused.push(node.clone());
-                            false
+            while let Some(step) = queue.pop_front() {
+                match step {
+                    PassStep::ScanPage { after } => {
+                        let page = self.scan_page(after).await?;
+                        let state = self.state();
+                        let more =
+                            pass.on_page(&state, &self.me, page, |b| self.bucket_props(b).n_val);
+                        for step in more.into_iter().rev() {
+                            queue.push_front(step);
                         }
-                    };
-                droppable.extend(cleanup.on_batch(&keys, ok));
-            }
-            let replica = Arc::clone(&self.replica);
-            let wanted = droppable.len();
-            let dropped = tokio::task::spawn_blocking(move || -> Result<usize, ClusterError> {
-                let mut removed = 0;
-                for (key, expected) in droppable {
-                    if replica.remove_if_unchanged_with(&key, &expected, Durability::Buffered)? {
-                        removed += 1;
+                    }
+                    PassStep::Send {
+                        tag,
+                        to,
+                        entries,
+                        timeout_ms,
+                    } => {
+                        let timeout = Duration::from_millis(timeout_ms);
+                        sends.push(async move {
+                            let result = self.send_handoff(&to, entries, timeout).await;
+                            if let Err(e) = &result {
+                                tracing::debug!(node = %to, error = %e, "cleanup handoff failed; keys kept for a later round");
+                            }
+                            (tag, result.is_ok())
+                        });
+                    }
+                    PassStep::Continue => queue.extend(pass.step(&self.state())),
+                    PassStep::Over => {
+                        // Recorded once the drops are durable: a power loss before would
+                        // bring the dropped keys back with the pass recorded as done.
+                        let storage = Arc::clone(&self.storage);
+                        tokio::task::spawn_blocking(move || storage.sync())
+                            .await
+                            .map_err(internal)?
+                            .map_err(internal)?;
+                        let cleanup = pass.into_cleanup();
+                        let recorded =
+                            cleanup.record(&self.state(), &mut self.cleanup_marker.lock());
+                        if recorded && removed > 0 {
+                            tracing::info!(
+                                version = cleanup.ring_version(),
+                                keys = removed,
+                                "dropped keys this node no longer replicates"
+                            );
+                        }
+                        return Ok(removed);
                     }
                 }
-                replica.storage().sync().map_err(internal)?;
-                Ok(removed)
-            })
-            .await
-            .map_err(internal)??;
-            if dropped < wanted {
-                cleanup.kept_changed();
             }
-            removed += dropped;
-        }
-        let state = self.state();
-        if !cleanup.record(&state, &mut self.cleanup_marker.lock()) {
-            return Ok(removed);
-        }
-        let version = cleanup.ring_version();
-        if removed > 0 {
-            tracing::info!(
-                version,
-                keys = removed,
-                "dropped keys this node no longer replicates"
-            );
+            let Some((tag, ok)) = sends.next().await else {
+                break;
+            };
+            let droppable = pass.on_reply(tag, ok);
+            if !droppable.is_empty() {
+                let replica = Arc::clone(&self.replica);
+                let wanted = droppable.len();
+                let dropped =
+                    tokio::task::spawn_blocking(move || -> Result<usize, ClusterError> {
+                        let mut dropped = 0;
+                        for (key, expected) in droppable {
+                            if replica.remove_if_unchanged_with(
+                                &key,
+                                &expected,
+                                Durability::Buffered,
+                            )? {
+                                dropped += 1;
+                            }
+                        }
+                        Ok(dropped)
+                    })
+                    .await
+                    .map_err(internal)??;
+                if dropped < wanted {
+                    pass.kept_changed();
+                }
+                removed += dropped;
+            }
+            queue.extend(pass.step(&self.state()));
         }
         Ok(removed)
     }

@@ -28,7 +28,7 @@ use dynakv_core::coordinator::{
     ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
 };
 use dynakv_core::failure::FailureDetector;
-use dynakv_core::handoff::{Batches, Cleanup, CleanupMarker, TransitionHandoff};
+use dynakv_core::handoff::CleanupMarker;
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use dynakv_core::merkle::{Hash, entry_hash};
@@ -47,9 +47,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use dynakv_core::limits::{
-    DEFAULT_REQUEST_TIMEOUT_MS, HANDOFF_BATCH_BYTES, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS,
-    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND,
-    SCAN_PAGE_KEYS,
+    DEFAULT_REQUEST_TIMEOUT_MS, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND, SCAN_PAGE_KEYS,
 };
 /// A member whose heartbeat has not moved for this long is considered down.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
