@@ -33,6 +33,7 @@ pub mod message;
 pub mod node;
 pub mod object;
 pub mod quorum;
+pub mod reaping;
 pub mod replica;
 pub mod request;
 pub mod ring;

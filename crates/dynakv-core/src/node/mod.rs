@@ -54,9 +54,7 @@ use crate::aae_trees::AaeTrees;
 pub use crate::anti_entropy::AaeRecord;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::bucket::{BucketProps, Quorum};
-use crate::coordinator::{
-    ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
-};
+use crate::coordinator::{ReapAnswer, reap_candidates};
 use crate::failure::FailureDetector;
 use crate::handoff::{Cleanup, CleanupMarker, CleanupPass, HandoffPass, PassStep};
 use crate::hints::{HintEvent, HintRun, HintStep};
@@ -64,9 +62,10 @@ use crate::keys;
 use crate::limits;
 use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep};
 use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
-use crate::merkle::{self, Hash};
+use crate::merkle::Hash;
 use crate::message::{HandoffEntry, PeerMessage};
 use crate::object::{Content, Object};
+use crate::reaping::{ReapEvent, ReapRound, ReapStep};
 use crate::replica::{Replica, ReplicaError, WriteRequest};
 use crate::request::{
     Event, GetRequest, PutRequest, Reply as RequestReply, RequestError, Step, Tag, View,
@@ -455,7 +454,8 @@ enum Purpose {
     Aae,
     /// A primary's copy of a tombstone the reaper checks.
     ReapCheck {
-        reap: u64,
+        /// The check's candidate in the reaping round.
+        id: u64,
     },
     Gossip,
     Join,
@@ -550,16 +550,6 @@ impl View for NodeView<'_> {
     fn forward_timeout_ms(&self) -> u64 {
         self.node.config.timings.forward_ms
     }
-}
-
-/// A tombstone being checked on the other primaries before it is reaped.
-#[derive(Debug)]
-struct ReapRun {
-    bucket: String,
-    key: String,
-    /// The other primaries (asked to reap once the check passes).
-    others: Vec<NodeId>,
-    check: ReapCheck<Object>,
 }
 
 /// The anti-entropy exchange in progress: the core's `AaeExchange`, the question it waits
@@ -670,8 +660,8 @@ pub struct Node {
     aae_budget: usize,
     /// Completed exchanges per partition (volatile, as in the server).
     aae_records: BTreeMap<PartitionId, AaeRecord>,
-    reaps: BTreeMap<u64, ReapRun>,
-    next_reap: u64,
+    /// The reaping round in progress (at most one).
+    reap: Option<ReapRound>,
     listings: BTreeMap<u64, ClientListing>,
     next_listing: u64,
     /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
@@ -741,8 +731,7 @@ impl Node {
             aae_current: None,
             aae_budget: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_records: BTreeMap::new(),
-            reaps: BTreeMap::new(),
-            next_reap: 0,
+            reap: None,
             listings: BTreeMap::new(),
             next_listing: 0,
             cleanup: None,
@@ -997,7 +986,7 @@ impl Node {
         self.aae_plan = None;
         self.aae_current = None;
         self.aae_records.clear();
-        self.reaps.clear();
+        self.reap = None;
         self.listings.clear();
         self.cleanup = None;
         self.paging_timer_set = false;

@@ -6,12 +6,13 @@
 
 use super::{
     AfterSync, ClientResult, Event, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET,
-    Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Pending, Purpose, PutRequest,
-    ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext, ServeError,
+    Machine, Node, NodeId, NodeView, Output, PeerMessage, Pending, Purpose, PutRequest, ReapAnswer,
+    ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext, ServeError,
     StoreDurability, serve,
 };
 use crate::hints::HintEvent;
 use crate::listing::ListEvent;
+use crate::reaping::ReapEvent;
 use crate::request::accept_forwarded;
 
 impl Node {
@@ -270,27 +271,16 @@ impl Node {
                 self.hint_event(now, &target, HintEvent::Reply { tag, ok });
             }
             Purpose::Aae => self.on_aae_response(now, id, &from, body),
-            Purpose::ReapCheck { reap } => {
+            Purpose::ReapCheck { id } => {
                 let answer = match body {
-                    Some(PeerMessage::ReapState { object, hinted }) => {
-                        match object.map(|b| Object::decode(&b)).transpose() {
-                            Ok(stored) => Some(ReapAnswer {
-                                stored,
-                                // The old rule looked at the primaries' copies only.
-                                hinted: hinted && !self.config.primaries_only_reap(),
-                            }),
-                            Err(_) => None,
-                        }
-                    }
+                    Some(PeerMessage::ReapState { object, hinted }) => Some(ReapAnswer {
+                        stored: object,
+                        // The old rule looked at the primaries' copies only.
+                        hinted: hinted && !self.config.primaries_only_reap(),
+                    }),
                     _ => None,
                 };
-                let verdict = self
-                    .reaps
-                    .get_mut(&reap)
-                    .and_then(|run| run.check.on_reply(&from, answer));
-                if let Some(verdict) = verdict {
-                    self.finish_reap(now, reap, verdict);
-                }
+                self.reap_event(now, ReapEvent::Reply { id, from, answer });
             }
         }
     }

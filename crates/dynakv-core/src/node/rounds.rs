@@ -9,8 +9,8 @@ use super::{
     AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, CleanupPass,
     ClusterState, HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintRun, HintStep,
     MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output,
-    PartitionId, PassStep, PeerMessage, Purpose, ReapCheck, ReapRun, RequestId, Timer, keys,
-    member_entry, merkle, reap_candidates, reap_check_members, reaper_primaries,
+    PartitionId, PassStep, PeerMessage, Purpose, ReapEvent, ReapRound, ReapStep, RequestId, Timer,
+    member_entry, reap_candidates,
 };
 use std::collections::VecDeque;
 
@@ -414,109 +414,76 @@ impl Node {
     /// primaries) a copy of it. Only then is each primary asked to delete it (if unchanged),
     /// and this node does. Any member that does not answer blocks the reap.
     pub(super) fn reap_round(&mut self, now: u64) {
-        if self.cluster.ring.next.is_some() || !self.reaps.is_empty() {
+        if self.cluster.ring.next.is_some() || self.reap.is_some() {
             return;
         }
         let grace = self.config.tombstone_grace_ms;
         // Through the tombstone list, as the server reads it (the core's).
         let listed = reap_candidates(&self.replica, now, grace, MAX_REAPS_PER_ROUND);
         let listed = self.must(listed, "scan tombstones");
-        let mut candidates = Vec::new();
-        for (storage_key, bytes) in listed {
-            let Some((bucket, key)) = keys::split_object_key(&storage_key) else {
-                continue;
-            };
-            let decoded = Object::decode(&bytes);
-            let object = self.must(decoded.map(Some), "decode a stored object");
-            if let Some(object) = object {
-                candidates.push((
-                    String::from_utf8_lossy(bucket).into_owned(),
-                    String::from_utf8_lossy(key).into_owned(),
-                    object,
-                ));
-            }
-        }
         if self.failed.is_some() {
             return;
         }
-        for (bucket, key, object) in candidates {
-            let partition = self.partition_of(&bucket, &key);
-            let n_val = self.n_val(&bucket);
-            let Some(primaries) = reaper_primaries(&self.cluster, &self.me, partition, n_val)
-            else {
-                continue;
-            };
-            let others: Vec<NodeId> = primaries
-                .iter()
-                .filter(|n| **n != self.me)
-                .cloned()
-                .collect();
-            let (members, me_hinted): (Vec<(NodeId, bool)>, bool) =
-                if self.config.primaries_only_reap() {
-                    (
-                        primaries.iter().map(|n| (n.clone(), false)).collect(),
-                        false,
-                    )
-                } else {
-                    let hinted = self.replica.holds_hint(&bucket, &key);
-                    let Some(hinted) = self.replica_call(hinted, "read hints") else {
-                        if self.failed.is_some() {
-                            return;
-                        }
-                        continue; // an unreadable hint: never reap past it
-                    };
-                    (reap_check_members(&self.cluster), hinted)
-                };
-            let (check, ask) = ReapCheck::start(&self.me, members, primaries, object, me_hinted);
-            let reap = self.next_reap;
-            self.next_reap += 1;
-            self.reaps.insert(
-                reap,
-                ReapRun {
-                    bucket: bucket.clone(),
-                    key: key.clone(),
-                    others,
-                    check,
-                },
-            );
-            if let Some(verdict) = self.reaps.get(&reap).and_then(|r| r.check.verdict()) {
-                self.finish_reap(now, reap, verdict);
-                continue;
-            }
-            let timeout = self.config.timings.request_ms;
-            for node in ask {
-                let body = PeerMessage::ReapCheck {
-                    bucket: bucket.clone(),
-                    key: key.clone(),
-                };
-                self.send_request(now, &node, body, Purpose::ReapCheck { reap }, timeout);
-            }
-        }
+        let rules = (
+            self.config.primaries_only_reap(),
+            self.config.timings.request_ms,
+        );
+        let (round, steps) =
+            ReapRound::start(&self.cluster, &self.me, listed, |b| self.n_val(b), rules);
+        self.reap = Some(round);
+        self.reap_steps(now, steps);
     }
 
-    /// The reap check's verdict: when clear, every other primary is asked to delete the
-    /// tombstone if unchanged, and this node deletes its own.
-    pub(super) fn finish_reap(&mut self, now: u64, reap: u64, verdict: bool) {
-        let Some(run) = self.reaps.remove(&reap) else {
+    /// Feed an outcome to the reaping round and perform what it asks.
+    pub(super) fn reap_event(&mut self, now: u64, event: ReapEvent) {
+        let Some(mut round) = self.reap.take() else {
             return;
         };
-        if !verdict {
-            return;
+        let steps = round.handle(&self.cluster, &self.me, event);
+        self.reap = Some(round);
+        self.reap_steps(now, steps);
+    }
+
+    /// Perform a reaping round's steps; a local read is fed back at once.
+    fn reap_steps(&mut self, now: u64, steps: Vec<ReapStep>) {
+        for step in steps {
+            match step {
+                ReapStep::ReadHinted { id, bucket, key } => {
+                    let hinted = self.replica.holds_hint(&bucket, &key);
+                    let hinted = self.replica_call(hinted, "read hints");
+                    if self.failed.is_some() {
+                        return;
+                    }
+                    self.reap_event(now, ReapEvent::Hinted { id, hinted });
+                }
+                ReapStep::Check {
+                    id,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    self.send_request(now, &to, message, Purpose::ReapCheck { id }, timeout_ms);
+                }
+                ReapStep::Reap {
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    self.send_request(now, &to, message, Purpose::Store, timeout_ms);
+                }
+                ReapStep::RemoveLocal {
+                    bucket,
+                    key,
+                    expected,
+                } => {
+                    if self.remove_if_unchanged(&bucket, &key, &expected, true) {
+                        self.stats.tombstones_reaped += 1;
+                    }
+                }
+            }
         }
-        let object = run.check.tombstone().clone();
-        let expected =
-            merkle::entry_hash(run.bucket.as_bytes(), run.key.as_bytes(), &object.encode());
-        let timeout = self.config.timings.request_ms;
-        for node in &run.others {
-            let body = PeerMessage::Reap {
-                bucket: run.bucket.clone(),
-                key: run.key.clone(),
-                expected,
-            };
-            self.send_request(now, node, body, Purpose::Store, timeout);
-        }
-        if self.remove_if_unchanged(&run.bucket, &run.key, &expected, true) {
-            self.stats.tombstones_reaped += 1;
+        if self.reap.as_ref().is_some_and(ReapRound::finished) {
+            self.reap = None;
         }
     }
 

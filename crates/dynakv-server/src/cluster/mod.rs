@@ -24,14 +24,12 @@ use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use dynakv_core::bucket::{BucketProps, CustomBucketError, check_custom_bucket_room};
 use dynakv_core::context::ContextKey;
-use dynakv_core::coordinator::{
-    ReapAnswer, ReapCheck, reap_candidates, reap_check_members, reaper_primaries,
-};
+use dynakv_core::coordinator::{ReapAnswer, reap_candidates};
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::CleanupMarker;
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
-use dynakv_core::merkle::{Hash, entry_hash};
+use dynakv_core::merkle::Hash;
 use dynakv_core::message::{HandoffEntry, PeerMessage};
 use dynakv_core::object::Object;
 use dynakv_core::request::RequestError;
@@ -902,15 +900,6 @@ impl Cluster {
             .member(&self.me)
             .is_some_and(|m| m.status == MemberStatus::Exiting)
     }
-}
-
-/// A storage key's bucket and key as text (`None` when it is not an object key).
-fn key_names(storage_key: &[u8]) -> Option<(String, String)> {
-    let (bucket, key) = keys::split_object_key(storage_key)?;
-    Some((
-        String::from_utf8_lossy(bucket).into_owned(),
-        String::from_utf8_lossy(key).into_owned(),
-    ))
 }
 
 /// The partition of a key in the state's current ring.
