@@ -1,7 +1,15 @@
 //! The client side: one persistent connection per peer address, multiplexed by request id,
 //! with backoff and the handshake that opens it.
 
-use super::*;
+use super::{
+    Arc, AsyncWriteExt, AtomicBool, AtomicU32, AtomicU64, Body, BytesMut, DeserializeOwned,
+    Duration, Envelope, FRAME_HEADER_BYTES, HANDSHAKE_CONTINUE, HANDSHAKE_REFUSED,
+    HELLO_PREFIX_BYTES, HashMap, Hello, HelloReply, Instant, MAGIC, MAX_CONSECUTIVE_TIMEOUTS,
+    MAX_HANDSHAKE_FRAME_BYTES, MAX_PEERS, MAX_PENDING_PER_PEER, MAX_WAIT, Mutex, Notify,
+    OUTBOUND_QUEUE_FRAMES, Opener, Ordering, OwnedReadHalf, PROTOCOL_VERSION, Sealer, Serialize,
+    SocketAddr, TcpStream, TransportConfig, TransportError, decode_payload, encode_frame, fmt,
+    link, mpsc, oneshot, read_frame, watch, write_loop,
+};
 
 /// Client side: one persistent connection per peer address, multiplexed by request id.
 /// Cheap to clone (the clones share the connections).
@@ -510,7 +518,10 @@ pub(super) async fn initiate(
 }
 
 /// Write one plain (handshake) frame.
-pub(super) async fn write_plain_frame(stream: &mut TcpStream, payload: &[u8]) -> Result<(), String> {
+pub(super) async fn write_plain_frame(
+    stream: &mut TcpStream,
+    payload: &[u8],
+) -> Result<(), String> {
     let size = u32::try_from(payload.len()).map_err(|_| "handshake frame too large".to_owned())?;
     let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
     frame.extend_from_slice(&size.to_be_bytes());

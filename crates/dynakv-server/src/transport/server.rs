@@ -1,6 +1,15 @@
 //! The server side: accept, handshake, serve requests with bounded concurrency and memory.
 
-use super::*;
+use super::{
+    ACCEPT_ERROR_PAUSE, Arc, AssertUnwindSafe, AsyncWriteExt, Body, BytesMut,
+    CLOCK_OFFSET_WARNING_MS, DeserializeOwned, Envelope, FrameBudget, Future, FutureExt,
+    HANDSHAKE_CONTINUE, HANDSHAKE_REFUSED, HELLO_PREFIX_BYTES, HashMap, Hello, HelloReply, JoinSet,
+    MAGIC, MAX_CONNECTIONS_PER_PEER_NAME, MAX_HANDSHAKE_FRAME_BYTES, MAX_HANDSHAKING_CONNECTIONS,
+    MAX_INBOUND_CONNECTIONS, Mutex, OUTBOUND_QUEUE_FRAMES, Opener, OwnedReadHalf,
+    OwnedSemaphorePermit, PROTOCOL_VERSION, PeerInfo, REFUSED_REASON, SHUTDOWN_DRAIN_TIMEOUT,
+    Sealer, Semaphore, Serialize, SocketAddr, TcpListener, TcpStream, TransportConfig,
+    decode_payload, encode_frame, link, mpsc, read_frame, watch, write_loop, write_plain_frame,
+};
 
 /// Server side: accept connections, handshake, run `handler` for each request (concurrently,
 /// up to `max_in_flight_per_connection` per connection), send replies. Stops accepting when
@@ -319,7 +328,11 @@ pub fn check_handshake_prefix(first: &[u8]) -> Result<(), String> {
 
 /// Whether an authenticated hello is acceptable: our cluster, and a name the verifier binds
 /// to the key the peer proved.
-pub(super) fn check_hello(hello: &Hello, key: &[u8; 32], config: &TransportConfig) -> Result<(), String> {
+pub(super) fn check_hello(
+    hello: &Hello,
+    key: &[u8; 32],
+    config: &TransportConfig,
+) -> Result<(), String> {
     if hello.cluster_name != config.cluster_name {
         return Err(format!(
             "cluster name {:?} does not match this node's cluster {:?}",
