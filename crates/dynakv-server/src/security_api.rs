@@ -101,6 +101,7 @@ async fn enable(State(state): State<AppState>) -> ApiResult {
         s.set_enabled(true, now, me);
         Ok(())
     })??;
+    state.cluster.persisted().await?;
     Ok(done(&json!({"enabled": true})))
 }
 
@@ -109,6 +110,7 @@ async fn disable(State(state): State<AppState>) -> ApiResult {
         s.set_enabled(false, now, me);
         Ok(())
     })??;
+    state.cluster.persisted().await?;
     Ok(done(&json!({"enabled": false})))
 }
 
@@ -134,6 +136,7 @@ async fn put_user(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     state
         .cluster
         .change_security(|s, now, me| s.put_user(&user.name, hash, now, me))??;
+    state.cluster.persisted().await?;
     Ok(done(&json!({"user": user.name})))
 }
 
@@ -141,6 +144,7 @@ async fn remove_user(State(state): State<AppState>, Path(name): Path<String>) ->
     state
         .cluster
         .change_security(|s, now, me| s.remove_user(&name, now, me))??;
+    state.cluster.persisted().await?;
     Ok(done(&json!({"removed": name})))
 }
 
@@ -159,6 +163,7 @@ async fn put_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     state
         .cluster
         .change_security(|s, now, me| s.put_source(&source.users, cidr, method, now, me))??;
+    state.cluster.persisted().await?;
     Ok(done(
         &json!({"users": source.users, "cidr": cidr.to_string(), "method": method.name()}),
     ))
@@ -171,6 +176,7 @@ async fn remove_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult
         s.remove_source(&source.users, cidr, now, me);
         Ok(())
     })??;
+    state.cluster.persisted().await?;
     Ok(done(
         &json!({"removed": {"users": source.users, "cidr": cidr.to_string()}}),
     ))
@@ -212,6 +218,7 @@ async fn grant(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     state.cluster.change_security(|s, now, me| {
         s.change_grants(&users, &scope, &permissions, true, now, me)
     })??;
+    state.cluster.persisted().await?;
     let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
     Ok(done(
         &json!({"granted": names, "on": scope.to_string(), "users": users}),
@@ -223,6 +230,7 @@ async fn revoke(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     state.cluster.change_security(|s, now, me| {
         s.change_grants(&users, &scope, &permissions, false, now, me)
     })??;
+    state.cluster.persisted().await?;
     let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
     Ok(done(
         &json!({"revoked": names, "on": scope.to_string(), "users": users}),

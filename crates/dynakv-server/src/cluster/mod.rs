@@ -438,6 +438,19 @@ impl Cluster {
         persist_if_newer(self.storage.as_ref(), &self.persisted_seq, seq, &state)
     }
 
+    /// Wait until the current state is on disk: an administrative change (bucket properties,
+    /// security, leave) is acknowledged only then, while gossip's changes are written in the
+    /// background.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub async fn persisted(self: &Arc<Self>) -> Result<(), ClusterError> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.persist_now())
+            .await
+            .map_err(internal)?
+    }
+
     /// A bucket's properties as the cluster knows them.
     pub fn bucket_props(&self, bucket: &str) -> BucketProps {
         let state = self.state();

@@ -217,3 +217,31 @@ async fn the_cluster_state_is_persisted_in_order_and_survives_a_restart() {
     assert!(on_disk.bucket_props.contains_key("kept"));
     assert_eq!(*written.lock(), 5);
 }
+
+/// An administrative change is on disk once `persisted` returns (the HTTP handlers of bucket
+/// properties, security and leave await it before they answer).
+#[tokio::test]
+async fn an_administrative_change_is_on_disk_when_persisted_returns() {
+    let storage = memory();
+    let cluster = Arc::new(cluster_over(
+        Arc::clone(&storage),
+        settled(&["a", "b", "c"]),
+    ));
+    let props = BucketProps {
+        n_val: 2,
+        ..BucketProps::default()
+    };
+    for i in 0..20 {
+        let bucket = format!("b{i}");
+        cluster
+            .set_bucket_props(&bucket, Some(&props))
+            .unwrap()
+            .unwrap();
+        cluster.persisted().await.unwrap();
+        let (stored, _) = load_persisted(storage.as_ref()).unwrap().unwrap();
+        assert!(
+            stored.bucket_props.contains_key(&bucket),
+            "{bucket} is on disk"
+        );
+    }
+}

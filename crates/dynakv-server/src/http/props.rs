@@ -57,12 +57,14 @@ pub(super) async fn set_props(
         .apply(&bucket, &update)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     change_props(&state, &bucket, Some(&props))?;
+    state.cluster.persisted().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(super) async fn reset_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let bucket = bucket_param(&params)?;
     change_props(&state, &bucket, None)?;
+    state.cluster.persisted().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
