@@ -11,7 +11,7 @@
 //! reordering, duplication, partitions, crashes with and without data loss); it does not test
 //! the tokio shell, the transport or the storage engines, and the server's `Cluster` still
 //! runs its own async copy of the sequencing (docs/architecture.md, *One node state machine*).
-//! Where `Node` deliberately differs from `cluster.rs`, the crate README says so.
+//! Where `Node` deliberately differs from the server, the crate README says so.
 //!
 //! Parts: [`rng`] (SplitMix64, the only randomness), [`node`] (a simulated machine: the core's
 //! `Node` and its disk), [`disk`] (the disk that loses unsynced writes),

@@ -13,18 +13,19 @@
 //!
 //! What it is built from: the local store is the core's [`Replica`] and [`AaeTrees`]; every
 //! replica-side peer request is answered by [`serve`] (the server's peer handler calls it
-//! too); messages are [`PeerMessage`]s; gets and puts are the [`GetCoordinator`] and
-//! [`PutCoordinator`] (with [`ReplicaPlan`]), forwarding is `PutForward`/`refuse_forwarded`/
-//! `forward_reply`, and each background round builds its messages with the core's functions
-//! (`HintRound::route_page`, `TransitionHandoff::batch_page`, `Cleanup::add_page`,
-//! `reap_candidates`, `ReapCheck`, `AaeRound`/`AaeExchange`, `FailureDetector`,
-//! `ClusterState::gossip_peer`/`merge`/`plan`). What it adds is the sequencing around them:
-//! which step follows which reply, timers, the request table, the transport's backoff.
+//! too); messages are [`PeerMessage`]s; client requests are the data plane's machines
+//! (`crate::request`: gets, puts, forwarding; `crate::listing`), hint delivery, handoff,
+//! cleanup and reaping are the core's passes (`HintRun`, `HandoffPass`, `CleanupPass`,
+//! `ReapRound`), which the server drives too, and anti-entropy and gossip use the core's
+//! `AaeRound`/`AaeExchange`, `FailureDetector` and `ClusterState::gossip_peer`/`merge`/`plan`.
+//! What it adds is the scheduling around them: timers, the request table, the transport's
+//! backoff, and the sequencing of gossip, joins and anti-entropy exchanges.
 //!
 //! Who drives it: `dynakv-sim` runs 3 to 5 `Node`s in one thread over a simulated network.
-//! The server (`dynakv-server::cluster`) still runs the same sequencing written as async
-//! tasks over the same primitives; docs/architecture.md (*One node state machine*) says what
-//! differs and how the server is to be moved onto this type.
+//! The server (`dynakv-server::cluster`) drives the same machines from async tasks, and still
+//! sequences membership, gossip and anti-entropy itself; docs/architecture.md (*One node:
+//! control plane, data plane, driver*) says what differs and how the server is to be moved
+//! onto this type.
 //!
 //! Buckets: any number; a bucket's properties are the cluster state's (`bucket_props`, parsed
 //! as the server parses them: fields an entry lacks take the built-in defaults) or else
@@ -48,7 +49,7 @@
 //!   waits forever;
 //! - a replica whose ring version is newer than the sender's refuses `ReplicaPut` and
 //!   `HintedPut` (`StaleRing`, with its state), and a node drops a key only once the ring is
-//!   settled and no longer names it (`cleanup_round`), as `cluster.rs` does.
+//!   settled and no longer names it (`cleanup_round`, the core's `CleanupPass`).
 
 use crate::aae_trees::AaeTrees;
 pub use crate::anti_entropy::AaeRecord;
