@@ -40,7 +40,7 @@
 //! Invariants this module keeps:
 //! - every object this node stores goes through `Replica::write` (as coordinator, with its
 //!   own actor) or `Replica::merge` (`sync`): no sibling it did not see is dropped (unless a
-//!   planted [`Bug`], an old rule of [`NodeConfig`] or the `last_write_wins` mode says so);
+//!   planted `Bug`, an old rule of `SimRules` (feature `sim`) or the `last_write_wins` mode says so);
 //! - a hint is deleted only after its target acknowledged it, and only if it did not change
 //!   meanwhile;
 //! - the Merkle tree of a partition is updated on every object write, so two nodes holding
