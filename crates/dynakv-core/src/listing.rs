@@ -302,45 +302,31 @@ impl BucketListing {
     }
 }
 
+/// A listing's machine, for a driver that keeps both kinds in one place.
+#[derive(Debug)]
+pub enum Listing {
+    Keys(KeyListing),
+    Buckets(BucketListing),
+}
+
+impl Listing {
+    /// Feed one outcome ([`KeyListing::handle`], [`BucketListing::handle`]).
+    pub fn handle(&mut self, view: &dyn View, event: ListEvent) -> Vec<ListStep> {
+        match self {
+            Listing::Keys(listing) => listing.handle(view, event),
+            Listing::Buckets(listing) => listing.handle(event),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use crate::bucket::BucketProps;
-    use crate::membership::ClusterState;
-    use crate::test_support::{id, settled_cluster};
-
-    struct TestView {
-        me: NodeId,
-        state: ClusterState,
-    }
-
-    impl View for TestView {
-        fn me(&self) -> &NodeId {
-            &self.me
-        }
-        fn state(&self) -> &ClusterState {
-            &self.state
-        }
-        fn props(&self, _bucket: &str) -> BucketProps {
-            BucketProps::default()
-        }
-        fn is_up(&self, _node: &NodeId) -> bool {
-            true
-        }
-        fn request_timeout_ms(&self) -> u64 {
-            100
-        }
-        fn forward_timeout_ms(&self) -> u64 {
-            500
-        }
-    }
+    use crate::test_support::{TestView, id};
 
     fn view() -> TestView {
-        TestView {
-            me: id("a"),
-            state: settled_cluster(&["a", "b", "c"], 16),
-        }
+        TestView::new("a", &["a", "b", "c"])
     }
 
     fn page(keys: &[&str], next: Option<&str>) -> Reply {

@@ -842,46 +842,39 @@ impl PutRequest {
     }
 }
 
+/// One client request's machine, for a driver that keeps gets and puts in one table.
+#[derive(Debug)]
+pub enum Machine {
+    Get(GetRequest),
+    Put(PutRequest),
+}
+
+impl Machine {
+    /// Feed one outcome ([`GetRequest::handle`], [`PutRequest::handle`]).
+    pub fn handle(&mut self, view: &dyn View, event: Event) -> Vec<Step> {
+        match self {
+            Machine::Get(get) => get.handle(view, event),
+            Machine::Put(put) => put.handle(view, event),
+        }
+    }
+
+    /// Every send came back and the client was answered.
+    pub fn finished(&self) -> bool {
+        match self {
+            Machine::Get(get) => get.finished(),
+            Machine::Put(put) => put.finished(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::test_support::{id, settled_cluster};
-    use std::collections::BTreeSet;
-
-    struct TestView {
-        me: NodeId,
-        state: ClusterState,
-        down: BTreeSet<NodeId>,
-    }
-
-    impl View for TestView {
-        fn me(&self) -> &NodeId {
-            &self.me
-        }
-        fn state(&self) -> &ClusterState {
-            &self.state
-        }
-        fn props(&self, _bucket: &str) -> BucketProps {
-            BucketProps::default()
-        }
-        fn is_up(&self, node: &NodeId) -> bool {
-            !self.down.contains(node)
-        }
-        fn request_timeout_ms(&self) -> u64 {
-            100
-        }
-        fn forward_timeout_ms(&self) -> u64 {
-            500
-        }
-    }
+    use crate::test_support::{TestView, id};
 
     fn view(me: &str, names: &[&str]) -> TestView {
-        TestView {
-            me: id(me),
-            state: settled_cluster(names, 16),
-            down: BTreeSet::new(),
-        }
+        TestView::new(me, names)
     }
 
     /// A key of which `view`'s node is (`primary`) or is not a primary.

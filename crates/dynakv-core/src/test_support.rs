@@ -141,3 +141,43 @@ impl crate::storage::Storage for MapStorage {
         "test-map"
     }
 }
+
+/// A node's view for the request and listing machines' tests: default bucket properties,
+/// every node up but those in `down`, request timeout 100 ms, forward timeout 500 ms.
+pub struct TestView {
+    pub me: NodeId,
+    pub state: crate::membership::ClusterState,
+    pub down: std::collections::BTreeSet<NodeId>,
+}
+
+impl TestView {
+    /// `me` in a settled cluster of `names` over 16 partitions.
+    pub fn new(me: &str, names: &[&str]) -> TestView {
+        TestView {
+            me: id(me),
+            state: settled_cluster(names, 16),
+            down: std::collections::BTreeSet::new(),
+        }
+    }
+}
+
+impl crate::request::View for TestView {
+    fn me(&self) -> &NodeId {
+        &self.me
+    }
+    fn state(&self) -> &crate::membership::ClusterState {
+        &self.state
+    }
+    fn props(&self, _bucket: &str) -> crate::bucket::BucketProps {
+        crate::bucket::BucketProps::default()
+    }
+    fn is_up(&self, node: &NodeId) -> bool {
+        !self.down.contains(node)
+    }
+    fn request_timeout_ms(&self) -> u64 {
+        100
+    }
+    fn forward_timeout_ms(&self) -> u64 {
+        500
+    }
+}

@@ -16,12 +16,13 @@ use crate::cluster::Cluster;
 use crate::replica::{ReplicaRun, WriteRequest};
 use crate::transport::TransportError;
 use dynakv_core::bucket::{BucketProps, Quorum};
-use dynakv_core::listing::{BucketListing, KeyListing, ListEvent, ListStep};
+use dynakv_core::listing::{BucketListing, KeyListing, ListEvent, ListStep, Listing};
 use dynakv_core::membership::ClusterState;
 use dynakv_core::message::PeerMessage;
 use dynakv_core::object::{Content, Object};
 use dynakv_core::request::{
-    Event, ForwardRefused, GetRequest, PutOp, PutRequest, Reply, RequestError, Step, Tag, View,
+    Event, ForwardRefused, GetRequest, Machine, PutOp, PutRequest, Reply, RequestError, Step, Tag,
+    View,
 };
 use dynakv_core::ring::NodeId;
 use std::sync::Arc;
@@ -118,27 +119,6 @@ pub async fn coordinate(
 ) -> Result<Object, RequestError> {
     let (machine, steps) = PutRequest::coordinate(&ServerView::of(cluster), op, now_ms);
     Driver::new(cluster, Machine::Put(machine)).run(steps).await
-}
-
-enum Machine {
-    Get(GetRequest),
-    Put(PutRequest),
-}
-
-impl Machine {
-    fn handle(&mut self, view: &dyn View, event: Event) -> Vec<Step> {
-        match self {
-            Machine::Get(get) => get.handle(view, event),
-            Machine::Put(put) => put.handle(view, event),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        match self {
-            Machine::Get(get) => get.finished(),
-            Machine::Put(put) => put.finished(),
-        }
-    }
 }
 
 /// One request's machine and the replies of its sends.
@@ -264,17 +244,9 @@ impl Driver {
                 object,
             } => {
                 let props = cluster.bucket_props(&bucket);
-                let me = cluster.me().clone();
+                let durability = props.durability;
                 if let Err(e) = cluster
-                    .store_replica(
-                        &me,
-                        &bucket,
-                        &key,
-                        &object,
-                        &object.encode(),
-                        &props,
-                        props.durability,
-                    )
+                    .merge_local(&bucket, &key, &object, &props, durability)
                     .await
                 {
                     tracing::debug!(bucket, key, error = %e, "read repair of this node's copy failed");
@@ -397,11 +369,6 @@ pub async fn list_buckets(cluster: &Arc<Cluster>) -> Result<Vec<String>, Request
     driver.run(steps).await
 }
 
-enum Listing {
-    Keys(KeyListing),
-    Buckets(BucketListing),
-}
-
 /// One listing's machine, the replies of its sends, and where its pages go.
 struct ListDriver {
     cluster: Arc<Cluster>,
@@ -448,10 +415,7 @@ impl ListDriver {
     }
 
     fn handle(&mut self, event: ListEvent) -> Vec<ListStep> {
-        match &mut self.listing {
-            Listing::Keys(listing) => listing.handle(&ServerView::of(&self.cluster), event),
-            Listing::Buckets(listing) => listing.handle(event),
-        }
+        self.listing.handle(&ServerView::of(&self.cluster), event)
     }
 
     async fn perform(&mut self, steps: Vec<ListStep>) {

@@ -131,10 +131,7 @@ impl Node {
     }
 
     fn listing_handle(&self, now: u64, run: &mut ClientListing, event: ListEvent) -> Vec<ListStep> {
-        match &mut run.listing {
-            Listing::Keys(listing) => listing.handle(&NodeView { node: self, now }, event),
-            Listing::Buckets(listing) => listing.handle(event),
-        }
+        run.listing.handle(&NodeView { node: self, now }, event)
     }
 
     /// Perform a listing's steps (local reads fed back at once); whether it ended.

@@ -61,7 +61,7 @@ use crate::handoff::{Cleanup, CleanupMarker, CleanupPass, HandoffPass, PassStep}
 use crate::hints::{HintEvent, HintRun, HintStep};
 use crate::keys;
 use crate::limits;
-use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep};
+use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep, Listing};
 use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
 use crate::merkle::Hash;
 use crate::message::{HandoffEntry, PeerMessage};
@@ -69,7 +69,7 @@ use crate::object::{Content, Object};
 use crate::reaping::{ReapEvent, ReapRound, ReapStep};
 use crate::replica::{Replica, ReplicaError, WriteRequest};
 use crate::request::{
-    Event, GetRequest, PutRequest, Reply as RequestReply, RequestError, Step, Tag, View,
+    Event, GetRequest, Machine, PutRequest, Reply as RequestReply, RequestError, Step, Tag, View,
 };
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::rng::SeededRng;
@@ -474,12 +474,6 @@ struct ClientListing {
     listing: Listing,
 }
 
-#[derive(Debug)]
-enum Listing {
-    Keys(KeyListing),
-    Buckets(BucketListing),
-}
-
 #[derive(Debug, Clone)]
 struct Pending {
     to: NodeId,
@@ -497,28 +491,6 @@ enum ReplyTo {
 struct ClientRequest {
     machine: Machine,
     reply: Option<ReplyTo>,
-}
-
-#[derive(Debug)]
-enum Machine {
-    Get(GetRequest),
-    Put(PutRequest),
-}
-
-impl Machine {
-    fn handle(&mut self, view: &dyn View, event: Event) -> Vec<Step> {
-        match self {
-            Machine::Get(get) => get.handle(view, event),
-            Machine::Put(put) => put.handle(view, event),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        match self {
-            Machine::Get(get) => get.finished(),
-            Machine::Put(put) => put.finished(),
-        }
-    }
 }
 
 /// The node as its request machines see it: the cluster at `now`.

@@ -668,6 +668,35 @@ impl Cluster {
         }
     }
 
+    /// Merge `object` into this node's copy (`Replica::merge`), then check whether this node
+    /// now holds a key it does not replicate: a read repair planned under an older ring may
+    /// land after this node's cleanup.
+    pub(crate) async fn merge_local(
+        &self,
+        bucket: &str,
+        key: &str,
+        object: &Object,
+        props: &BucketProps,
+        durability: Durability,
+    ) -> Result<(), ClusterError> {
+        let replica = Arc::clone(&self.replica);
+        let (b, k, o, p) = (
+            bucket.to_owned(),
+            key.to_owned(),
+            object.clone(),
+            props.clone(),
+        );
+        self.replica
+            .run(Some(durability), move || {
+                replica.merge(&b, &k, &o, &p, durability).map(|_| ())
+            })
+            .await
+            .map_err(internal)?
+            .map_err(ClusterError::from)?;
+        self.check_orphan(bucket, key, props.n_val);
+        Ok(())
+    }
+
     /// Merge `object` into one replica (local or remote). Returns whether it was stored.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn store_replica(
@@ -681,23 +710,9 @@ impl Cluster {
         durability: Durability,
     ) -> Result<(), ClusterError> {
         if node == &self.me {
-            let replica = Arc::clone(&self.replica);
-            let (b, k, o, p) = (
-                bucket.to_owned(),
-                key.to_owned(),
-                object.clone(),
-                props.clone(),
-            );
-            self.replica
-                .run(Some(durability), move || {
-                    replica.merge(&b, &k, &o, &p, durability).map(|_| ())
-                })
-                .await
-                .map_err(internal)?
-                .map_err(ClusterError::from)?;
-            // A read repair planned under an older ring may land after this node's cleanup.
-            self.check_orphan(bucket, key, props.n_val);
-            return Ok(());
+            return self
+                .merge_local(bucket, key, object, props, durability)
+                .await;
         }
         let message = PeerMessage::ReplicaPut {
             bucket: bucket.to_owned(),
