@@ -78,6 +78,19 @@ fn no_node_answered(what: &str) -> RequestError {
     RequestError::Unavailable(format!("{what}: no node answered"))
 }
 
+/// Whether a node's page answers the request for the keys after `after`: at most a page of
+/// keys, strictly increasing, all past `after`, and a next start past `after` and not before
+/// the last key.
+fn well_formed((keys, next_after): &KeyPage, after: Option<&String>) -> bool {
+    let past = |key: &String| after.is_none_or(|a| key > a);
+    keys.len() <= LIST_PAGE_KEYS
+        && keys.windows(2).all(|pair| pair[0] < pair[1])
+        && keys.first().is_none_or(past)
+        && next_after
+            .as_ref()
+            .is_none_or(|next| past(next) && keys.last().is_none_or(|last| next >= last))
+}
+
 /// One node's side of a key listing: the page being merged and where the next one starts.
 #[derive(Debug)]
 struct Cursor {
@@ -146,6 +159,10 @@ impl KeyListing {
             return Vec::new();
         };
         cursor.fetching = false;
+        // A page that is not what was asked (too long, out of order, not past where it
+        // started, or not moving on) leaves its node out: merging it would break the order,
+        // and one that does not move on would be asked for again forever.
+        let page = page.filter(|page| well_formed(page, cursor.next_after.as_ref()));
         if let Some((keys, next_after)) = page {
             cursor.buffer.extend(keys);
             cursor.more = next_after.is_some();
@@ -453,5 +470,85 @@ mod tests {
         buckets: Option<Vec<String>>,
     ) -> Vec<ListStep> {
         listing.handle(ListEvent::Buckets { tag, buckets })
+    }
+
+    /// A node that answers a page out of order, too long, or one that does not move on is
+    /// left out; the listing ends with the other nodes' keys.
+    #[test]
+    fn a_hostile_page_leaves_its_node_out_and_the_listing_still_ends() {
+        let v = view();
+        let hostile: [Reply; 2] = [page(&["k3", "k1"], None), page(&["x"; 2], None)];
+        for bad in hostile {
+            let (mut listing, steps) = KeyListing::start(&v, "b");
+            let asked = asks(&v, &steps);
+            let mut out = Vec::new();
+            for (tag, node) in asked {
+                let event = if node == id("b") {
+                    ListEvent::Reply {
+                        tag,
+                        reply: bad.clone(),
+                    }
+                } else if node == v.me {
+                    ListEvent::Page {
+                        tag,
+                        page: Some((vec!["k2".into()], None)),
+                    }
+                } else {
+                    ListEvent::Reply {
+                        tag,
+                        reply: page(&["k4"], None),
+                    }
+                };
+                out.extend(listing.handle(&v, event));
+            }
+            assert_eq!(
+                keys_of(&out),
+                [(vec!["k2".to_owned(), "k4".to_owned()], true)],
+                "{bad:?}"
+            );
+            assert!(listing.finished());
+        }
+        // A node whose next page does not move on is asked once more, then left out.
+        let (mut listing, steps) = KeyListing::start(&v, "b");
+        let mut out = Vec::new();
+        let mut b_tag = None;
+        for (tag, node) in asks(&v, &steps) {
+            let event = if node == id("b") {
+                b_tag = Some(tag);
+                let reply = page(&["k1"], Some("k1"));
+                ListEvent::Reply { tag, reply }
+            } else if node == v.me {
+                let page = Some((vec!["k2".into()], None));
+                ListEvent::Page { tag, page }
+            } else {
+                let reply = page(&["k4"], None);
+                ListEvent::Reply { tag, reply }
+            };
+            out.extend(listing.handle(&v, event));
+        }
+        let again = asks(&v, &out);
+        assert_eq!(
+            again,
+            [(b_tag.unwrap(), id("b"))],
+            "b's next page is asked for"
+        );
+        let stuck = ListEvent::Reply {
+            tag: again[0].0,
+            reply: page(&[], Some("k1")),
+        };
+        out.extend(listing.handle(&v, stuck));
+        let all: Vec<String> = keys_of(&out).into_iter().flat_map(|(k, _)| k).collect();
+        assert_eq!(all, ["k1", "k2", "k4"]);
+        assert!(listing.finished(), "not asked again");
+        let too_long: Vec<String> = (0..=LIST_PAGE_KEYS).map(|i| format!("k{i:05}")).collect();
+        assert!(!well_formed(&(too_long, None), None));
+        assert!(well_formed(
+            &(vec!["b".into()], Some("c".into())),
+            Some(&"a".to_owned())
+        ));
+        assert!(!well_formed(
+            &(vec!["a".into()], None),
+            Some(&"a".to_owned())
+        ));
     }
 }

@@ -245,3 +245,39 @@ async fn an_administrative_change_is_on_disk_when_persisted_returns() {
         );
     }
 }
+
+/// A full disk: an administrative change whose state cannot be written is reported as a
+/// failure (the HTTP handler answers 500), not acknowledged; once the disk works again the
+/// next change writes the whole state, the earlier change included.
+#[tokio::test]
+async fn an_administrative_change_the_disk_refuses_is_not_acknowledged() {
+    use dynakv_storage::{FaultPoint, FaultyStorage};
+    let faulty = Arc::new(FaultyStorage::new(MemoryStorage::new()));
+    let switch = faulty.switch();
+    let storage: Arc<dyn Storage> = faulty;
+    let cluster = Arc::new(cluster_over(
+        Arc::clone(&storage),
+        settled(&["a", "b", "c"]),
+    ));
+    let props = BucketProps {
+        n_val: 2,
+        ..BucketProps::default()
+    };
+    switch.set(FaultPoint::Put, true);
+    cluster
+        .set_bucket_props("full", Some(&props))
+        .unwrap()
+        .unwrap();
+    assert!(
+        cluster.persisted().await.is_err(),
+        "a refused write is an error"
+    );
+    switch.heal();
+    cluster
+        .set_bucket_props("after", Some(&props))
+        .unwrap()
+        .unwrap();
+    cluster.persisted().await.unwrap();
+    let (stored, _) = load_persisted(storage.as_ref()).unwrap().unwrap();
+    assert!(stored.bucket_props.contains_key("full") && stored.bucket_props.contains_key("after"));
+}
