@@ -481,6 +481,8 @@ impl GetRequest {
 #[derive(Debug)]
 struct Replication {
     stored: Object,
+    /// `stored` encoded once for every send.
+    encoded: Vec<u8>,
     policy: PutPolicy,
     durability: Durability,
     rounds: Vec<PutCoordinator>,
@@ -621,6 +623,7 @@ impl PutRequest {
             ) => match written {
                 Ok(stored) => {
                     let mut replication = Replication {
+                        encoded: stored.encode(),
                         stored,
                         policy,
                         durability,
@@ -820,21 +823,24 @@ impl PutRequest {
         replication: &Replication,
         send: &PutSend,
     ) -> PeerMessage {
-        let (bucket, key, object) = (&self.bucket, &self.key, &replication.stored);
+        let (bucket, key) = (&self.bucket, &self.key);
         match &send.stands_in_for {
-            None => {
-                let durability = if send.fsync {
+            None => PeerMessage::ReplicaPut {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                object: replication.encoded.clone(),
+                durability: if send.fsync {
                     Durability::Fsync
                 } else {
                     replication.durability
-                };
-                replica_put(view.state(), bucket, key, object, durability)
-            }
+                },
+                ring_version: view.state().ring.version,
+            },
             Some(primary) => PeerMessage::HintedPut {
                 target: primary.0.clone(),
                 bucket: bucket.clone(),
                 key: key.clone(),
-                object: object.encode(),
+                object: replication.encoded.clone(),
                 durability: replication.durability,
                 ring_version: view.state().ring.version,
             },
