@@ -15,6 +15,7 @@
 //! [`node`] (the whole node as one state machine, `Node::handle(now, input) -> outputs`, which
 //! the simulator drives), [`rng`] (the seeded RNG a driver passes in).
 
+pub mod aae_run;
 pub mod aae_trees;
 pub mod anti_entropy;
 pub mod bucket;

@@ -138,9 +138,11 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     // anti-entropy rounds moved onto the core's `AaeRound`, which changed the runs'
     // trajectories, and seeds 548, 641 and 1531 showed it until syncs became the node's
     // outputs (an fsync takes 1-8 simulated ms), and seeds 114, 148 and 273 showed it until
-    // the node's handoff and cleanup were paged as the server's. Seed 105 with a forced join
-    // (one of 10 in 2000 such runs, `dynakv-sim --seeds 2000 --membership join --old-rule
-    // unchecked-handoff --no-deletes`) shows it now; 241 and 264 are two more of those 10, so
+    // the node's handoff and cleanup were paged as the server's, and seeds 105, 241 and 264
+    // (with a forced join) until the anti-entropy round became the core's `AaeRun` (its
+    // repairs' writes are buffered, as the server's always were). Seed 45 with a forced join
+    // (one of 14 in 2000 such runs, `dynakv-sim --seeds 2000 --membership join --old-rule
+    // unchecked-handoff --no-deletes`) shows it now; 88 and 245 are two more of those 14, so
     // a small change of trajectory does not silence the test (at least one must show the
     // stray copy).
     let setup = |c: &mut dynakv_sim::sim::SimConfig| {
@@ -148,7 +150,7 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
         c.membership = Some(MembershipChange::Join);
     };
     let mut strays = 0;
-    for seed in [105, 241, 264] {
+    for seed in [45, 88, 245] {
         let old = run_seed(seed, |c| {
             setup(c);
             c.node.sim.handoff_checks_ring = false;
@@ -162,7 +164,7 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     }
     assert!(
         strays > 0,
-        "the old rule left no stray copy on seeds 105, 241, 264"
+        "the old rule left no stray copy on seeds 45, 88, 245"
     );
 }
 
@@ -174,14 +176,19 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
 fn reaped_tombstones_never_bring_deleted_values_back() {
     let (mut deletes, mut reaped) = (0, 0);
     let mut failures = Vec::new();
-    for seed in 0..DETECTION_SEEDS * 2 {
-        for grace in [500, 3_000] {
-            let report = run_seed(seed, |c| c.node.tombstone_grace_ms = grace).unwrap();
-            deletes += report.check.deletes_acknowledged;
-            reaped += report.tombstones_reaped;
-            if !report.passed() {
-                failures.push(report.describe());
-            }
+    // Most reaps come from the short grace period (a run is too short for many 3 s
+    // tombstones), so it gets twice the seeds: 80 seeds of each reaped 12 copies once the
+    // anti-entropy round became the core's `AaeRun` (a changed trajectory; 400 seeds reap
+    // about as many as before), short of the bound below.
+    let runs = (0..DETECTION_SEEDS * 4)
+        .map(|seed| (seed, 500))
+        .chain((0..DETECTION_SEEDS * 2).map(|seed| (seed, 3_000)));
+    for (seed, grace) in runs {
+        let report = run_seed(seed, |c| c.node.tombstone_grace_ms = grace).unwrap();
+        deletes += report.check.deletes_acknowledged;
+        reaped += report.tombstones_reaped;
+        if !report.passed() {
+            failures.push(report.describe());
         }
     }
     println!("{deletes} deletes acknowledged, {reaped} tombstone copies reaped");

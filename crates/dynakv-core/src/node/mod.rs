@@ -16,14 +16,14 @@
 //! too); messages are [`PeerMessage`]s; client requests are the data plane's machines
 //! (`crate::request`: gets, puts, forwarding; `crate::listing`), hint delivery, handoff,
 //! cleanup and reaping are the core's passes (`HintRun`, `HandoffPass`, `CleanupPass`,
-//! `ReapRound`), which the server drives too, and anti-entropy and gossip use the core's
-//! `AaeRound`/`AaeExchange`, `FailureDetector` and `ClusterState::gossip_peer`/`merge`/`plan`.
+//! `ReapRound`) and anti-entropy rounds (`AaeRun`), which the server drives too, and gossip
+//! uses the core's `FailureDetector` and `ClusterState::gossip_peer`/`merge`/`plan`.
 //! What it adds is the scheduling around them: timers, the request table, the transport's
-//! backoff, and the sequencing of gossip, joins and anti-entropy exchanges.
+//! backoff, and the sequencing of gossip and joins.
 //!
 //! Who drives it: `dynakv-sim` runs 3 to 5 `Node`s in one thread over a simulated network.
 //! The server (`dynakv-server::cluster`) drives the same machines from async tasks, and still
-//! sequences membership, gossip and anti-entropy itself; docs/architecture.md (*One node:
+//! sequences membership and gossip itself; docs/architecture.md (*One node:
 //! control plane, data plane, driver*) says what differs and how the server is to be moved
 //! onto this type.
 //!
@@ -51,9 +51,10 @@
 //!   `HintedPut` (`StaleRing`, with its state), and a node drops a key only once the ring is
 //!   settled and no longer names it (`cleanup_round`, the core's `CleanupPass`).
 
+use crate::aae_run::{AaeRun, AaeRunEvent, AaeRunStep};
 use crate::aae_trees::AaeTrees;
 pub use crate::anti_entropy::AaeRecord;
-use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
+use crate::anti_entropy::AaeRound;
 use crate::bucket::{BucketProps, Quorum};
 use crate::coordinator::{ReapAnswer, reap_candidates};
 use crate::failure::FailureDetector;
@@ -452,7 +453,14 @@ enum Purpose {
         /// The batch's send in the cleanup pass.
         tag: u64,
     },
-    Aae,
+    /// A question of the anti-entropy round's exchange (`AaeRun`).
+    AaeAsk {
+        id: u64,
+    },
+    /// A fetch of the peer's copy of a key an exchange compares.
+    AaeFetch {
+        id: u64,
+    },
     /// A primary's copy of a tombstone the reaper checks.
     ReapCheck {
         /// The check's candidate in the reaping round.
@@ -523,18 +531,6 @@ impl View for NodeView<'_> {
     fn forward_timeout_ms(&self) -> u64 {
         self.node.config.timings.forward_ms
     }
-}
-
-/// The anti-entropy exchange in progress: the core's `AaeExchange`, the question it waits
-/// for, and the version fetches of the keys it compares.
-#[derive(Debug)]
-struct AaeRun {
-    peer: NodeId,
-    exchange: AaeExchange<BucketKey>,
-    asking: Option<RequestId>,
-    fetching: BTreeMap<RequestId, BucketKey>,
-    /// A step failed or was answered unexpectedly: the exchange ended early.
-    failed: bool,
 }
 
 /// The transport's view of one peer.
@@ -626,8 +622,8 @@ pub struct Node {
     /// The client request that asked for the join in progress (answered once, no retry).
     join_client: Option<ClientRequestId>,
     aae_round: usize,
-    aae_plan: Option<AaeRound>,
-    aae_current: Option<AaeRun>,
+    /// The anti-entropy round in progress (at most one).
+    aae_run: Option<AaeRun>,
     /// Keys one anti-entropy round may repair (admission control: the driver lowers it while
     /// foreground latency is high).
     aae_budget: usize,
@@ -700,8 +696,7 @@ impl Node {
             join_pending: false,
             join_client: None,
             aae_round: 0,
-            aae_plan: None,
-            aae_current: None,
+            aae_run: None,
             aae_budget: MAX_AAE_KEYS_PER_EXCHANGE,
             aae_records: BTreeMap::new(),
             reap: None,
@@ -956,8 +951,7 @@ impl Node {
         self.cleanup_marker = CleanupMarker::default();
         self.join_pending = false;
         self.join_client = None;
-        self.aae_plan = None;
-        self.aae_current = None;
+        self.aae_run = None;
         self.aae_records.clear();
         self.reap = None;
         self.listings.clear();

@@ -5,10 +5,10 @@
 //! a reply is taken only from the node it was asked of.
 
 use super::{
-    AfterSync, ClientResult, Event, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET,
-    Machine, Node, NodeId, NodeView, Output, PeerMessage, Pending, Purpose, PutRequest, ReapAnswer,
-    ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext, ServeError,
-    StoreDurability, serve,
+    AaeRunEvent, AfterSync, ClientResult, Event, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_HINTS_PER_TARGET, Machine, Node, NodeId, NodeView, Output, PeerMessage, Pending, Purpose,
+    PutRequest, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext,
+    ServeError, StoreDurability, serve,
 };
 use crate::hints::HintEvent;
 use crate::listing::ListEvent;
@@ -270,7 +270,10 @@ impl Node {
                 let ok = matches!(body, Some(PeerMessage::Ack));
                 self.hint_event(now, &target, HintEvent::Reply { tag, ok });
             }
-            Purpose::Aae => self.on_aae_response(now, id, &from, body),
+            Purpose::AaeAsk { id } => {
+                self.aae_event(now, AaeRunEvent::Answer { id, answer: body });
+            }
+            Purpose::AaeFetch { id } => self.aae_event(now, AaeRunEvent::fetched(id, body)),
             Purpose::ReapCheck { id } => {
                 let answer = match body {
                     Some(PeerMessage::ReapState { object, hinted }) => Some(ReapAnswer {

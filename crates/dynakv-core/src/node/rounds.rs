@@ -6,11 +6,10 @@
 //! acknowledged it and only if unchanged.
 
 use super::{
-    AaeAsk, AaeRound, AaeRun, AaeStep, AfterSync, Arc, BTreeMap, BTreeSet, CleanupPass,
-    ClusterState, HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintRun, HintStep,
-    MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Object, Output,
-    PartitionId, PassStep, PeerMessage, Purpose, ReapEvent, ReapRound, ReapStep, RequestId, Timer,
-    member_entry, reap_candidates,
+    AaeRound, AaeRun, AaeRunEvent, AaeRunStep, AfterSync, Arc, BTreeSet, CleanupPass, ClusterState,
+    HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintRun, HintStep,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Output, PassStep,
+    PeerMessage, Purpose, ReapEvent, ReapRound, ReapStep, Timer, member_entry, reap_candidates,
 };
 use std::collections::VecDeque;
 
@@ -488,7 +487,7 @@ impl Node {
     }
 
     pub(super) fn anti_entropy_round(&mut self, now: u64) {
-        if self.aae_current.is_some() || self.aae_plan.is_some() {
+        if self.aae_run.is_some() {
             return; // the previous round is still running
         }
         self.aae_round += 1;
@@ -501,160 +500,90 @@ impl Node {
             self.aae_budget,
             |n| self.is_up(now, n),
         );
-        self.aae_plan = Some(plan);
-        self.next_exchange(now);
+        let (run, steps) = AaeRun::start(plan, self.config.timings.request_ms);
+        self.aae_run = Some(run);
+        self.aae_steps(now, steps);
     }
 
-    pub(super) fn next_exchange(&mut self, now: u64) {
-        self.aae_current = None;
-        let Some(plan) = self.aae_plan.as_mut() else {
+    /// Feed an outcome to the anti-entropy round (the core's `AaeRun`) and perform what it
+    /// asks.
+    pub(super) fn aae_event(&mut self, now: u64, event: AaeRunEvent) {
+        let Some(mut run) = self.aae_run.take() else {
             return;
         };
-        let Some((peer, exchange, ask)) = plan.next_exchange() else {
-            self.aae_plan = None;
-            return;
-        };
-        let request = self.send_aae_ask(now, &peer, exchange.partition(), ask);
-        self.aae_current = Some(AaeRun {
-            peer,
-            exchange,
-            asking: Some(request),
-            fetching: BTreeMap::new(),
-            failed: false,
-        });
+        let aae = Arc::clone(&self.aae);
+        let steps = run.handle(&aae, &self.cluster, &self.me, |b| self.n_val(b), event);
+        self.aae_run = Some(run);
+        self.aae_steps(now, steps);
     }
 
-    pub(super) fn send_aae_ask(
-        &mut self,
-        now: u64,
-        peer: &NodeId,
-        partition: PartitionId,
-        ask: AaeAsk,
-    ) -> RequestId {
-        let request_ms = self.config.timings.request_ms;
-        let (body, timeout_ms) = match ask {
-            AaeAsk::Segments => (PeerMessage::AaeSegments { partition }, request_ms),
-            AaeAsk::Leaves(segments) => (
-                PeerMessage::AaeLeaves {
-                    partition,
-                    segments,
-                },
-                request_ms,
-            ),
-            AaeAsk::Keys(leaves) => (PeerMessage::AaeKeys { partition, leaves }, request_ms * 5),
-        };
-        self.send_request(now, peer, body, Purpose::Aae, timeout_ms)
-    }
-
-    /// An answer (or failure) of a step of the current exchange, fed to the core's
-    /// `AaeExchange` as `Cluster::exchange` feeds it.
-    pub(super) fn on_aae_response(
-        &mut self,
-        now: u64,
-        id: RequestId,
-        from: &NodeId,
-        body: Option<PeerMessage>,
-    ) {
-        let Some(mut current) = self.aae_current.take() else {
-            return;
-        };
-        if &current.peer != from
-            || (current.asking != Some(id) && !current.fetching.contains_key(&id))
-        {
-            self.aae_current = Some(current);
-            return;
-        }
-        let partition = current.exchange.partition();
-        let peer = current.peer.clone();
-        let step = if let Some(bucket_key) = current.fetching.remove(&id) {
-            let (bucket, key) = bucket_key.clone();
-            // A corrupt copy from the peer is skipped, like a failed fetch.
-            let remote = match body {
-                Some(PeerMessage::ReplicaObject { object }) => {
-                    object.map(|b| Object::decode(&b)).transpose().ok()
-                }
-                _ => None,
-            };
-            // So is a local copy that cannot be read.
-            let local = match remote {
-                Some(_) => self.read(&bucket, &key).ok(),
-                None => None,
-            };
-            match (remote, local) {
-                (Some(remote), Some(local)) => {
-                    if let Some(repair) =
-                        current
-                            .exchange
-                            .on_versions(&bucket_key, local.as_ref(), remote.as_ref())
-                    {
-                        if repair.store_local {
-                            self.merge_local(&bucket, &key, &repair.merged);
-                        }
-                        if repair.store_remote {
-                            self.store_replica(now, &peer, &bucket, &key, &repair.merged);
-                        }
-                        if repair.repairs() && self.failed.is_none() {
-                            self.stats.aae_repairs += 1;
-                        }
-                    }
-                }
-                _ => current.exchange.skip(&bucket_key),
-            }
-            if !current.exchange.compared_all() && !current.fetching.is_empty() {
-                self.aae_current = Some(current);
+    /// Perform an anti-entropy round's steps; a local read is fed back at once.
+    fn aae_steps(&mut self, now: u64, steps: Vec<AaeRunStep>) {
+        for step in steps {
+            if self.failed.is_some() {
                 return;
             }
-            current.exchange.finish()
-        } else {
-            current.asking = None;
-            // The core's reading of the answer, as in the server; a failed step or an
-            // unexpected answer ends this partition's exchange.
-            let aae = Arc::clone(&self.aae);
-            let answered = body.map(|answer| {
-                current.exchange.on_answer(
-                    &aae,
-                    answer,
-                    |leaves| {
-                        aae.leaf_keys(partition, leaves, MAX_AAE_KEYS_PER_EXCHANGE)
-                            .map(|(keys, _cut)| keys)
-                    },
-                    |(bucket, key)| {
-                        let replicas = self.primaries(bucket, key);
-                        replicas.contains(&self.me) && replicas.contains(&peer)
-                    },
-                )
-            });
-            if let Some(Ok(step)) = answered {
-                step
-            } else {
-                current.failed = true;
-                current.exchange.finish()
-            }
-        };
-        match step {
-            AaeStep::Ask(ask) => {
-                current.asking = Some(self.send_aae_ask(now, &peer, partition, ask));
-                self.aae_current = Some(current);
-            }
-            AaeStep::Compare(keys) => {
-                let timeout = self.config.timings.request_ms;
-                for key in keys {
-                    let body = crate::request::replica_get(&self.cluster, &key.0, &key.1, None);
-                    let request = self.send_request(now, &peer, body, Purpose::Aae, timeout);
-                    current.fetching.insert(request, key);
+            match step {
+                AaeRunStep::Ask {
+                    id,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    self.send_request(now, &to, message, Purpose::AaeAsk { id }, timeout_ms);
                 }
-                self.aae_current = Some(current);
-            }
-            AaeStep::Done { repaired } => {
-                if let Some(plan) = self.aae_plan.as_mut() {
-                    plan.finished(repaired);
+                AaeRunStep::Fetch {
+                    id,
+                    to,
+                    message,
+                    timeout_ms,
+                } => {
+                    self.send_request(now, &to, message, Purpose::AaeFetch { id }, timeout_ms);
                 }
-                if !current.failed {
+                AaeRunStep::ReadLeafKeys {
+                    id,
+                    partition,
+                    leaves,
+                } => {
+                    let keys = self
+                        .aae
+                        .leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE)
+                        .map(|(keys, _cut)| keys);
+                    self.aae_event(now, AaeRunEvent::LeafKeys { id, keys });
+                }
+                AaeRunStep::ReadLocal { id, bucket, key } => {
+                    // A local copy that cannot be read is skipped, like a failed fetch.
+                    let object = self.read(&bucket, &key).ok();
+                    self.aae_event(now, AaeRunEvent::Local { id, object });
+                }
+                AaeRunStep::Repair {
+                    bucket,
+                    key,
+                    merged,
+                    store_local,
+                    remote,
+                } => {
+                    if store_local {
+                        let me = self.me.clone();
+                        self.store_replica(now, &me, &bucket, &key, &merged);
+                    }
+                    if let Some((to, message, timeout_ms)) = remote {
+                        self.send_request(now, &to, message, Purpose::Store, timeout_ms);
+                    }
+                    if self.failed.is_none() {
+                        self.stats.aae_repairs += 1;
+                    }
+                }
+                AaeRunStep::Exchanged {
+                    partition,
+                    peer,
+                    repaired,
+                } => {
                     // As the server's records for `admin aae`: completed exchanges only.
                     let record = self.aae_records.entry(partition).or_default();
                     record.completed(now, &peer, repaired);
                 }
-                self.next_exchange(now);
+                AaeRunStep::Over { .. } => self.aae_run = None,
             }
         }
     }

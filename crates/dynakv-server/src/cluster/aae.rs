@@ -1,171 +1,181 @@
-//! Active anti-entropy (paper 4.7): Merkle exchanges with a peer per partition and the
-//! repair of the keys that differ (the core's `AaeRound`/`AaeExchange`).
+//! Active anti-entropy (paper 4.7): one round of Merkle exchanges with a peer per partition
+//! and the repair of the keys that differ, as the core's `AaeRun` says (the simulator's
+//! `Node` drives the same machine); this performs its steps.
 
 use super::{
-    AaeAsk, AaeExchange, AaeRound, AaeStep, Arc, BucketKey, Cluster, ClusterError, Durability,
-    Hash, MAX_AAE_KEYS_PER_EXCHANGE, NodeId, ReplicaRun, internal, partition_of,
+    AaeRound, Arc, Cluster, Duration, MAX_AAE_KEYS_PER_EXCHANGE, NodeId, PeerMessage, ReplicaRun,
 };
+use dynakv_core::aae_run::{AaeRun, AaeRunEvent, AaeRunStep};
+use dynakv_core::storage::Durability;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
+
+/// What a request of the round was.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Ask(u64),
+    Fetch(u64),
+    /// A repair's write to the peer: fire and forget.
+    Store,
+}
 
 impl Cluster {
-    /// The keys this node stores in the given leaves of a partition, with their entry hashes.
-    pub(super) async fn local_leaf_keys(
-        &self,
-        partition: u32,
-        leaves: Vec<u16>,
-    ) -> Result<(Vec<(String, String, Hash)>, bool), ClusterError> {
-        let aae = Arc::clone(&self.aae);
-        let leaves: std::collections::BTreeSet<u16> = leaves.into_iter().collect();
-        // A scan (it may wait for the write buffer to drain): on the blocking pool.
-        tokio::task::spawn_blocking(move || {
-            aae.leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(ClusterError::Internal)
-    }
-
-    /// Ask `peer` one anti-entropy question of an exchange of `partition`.
-    /// Ask `peer` one anti-entropy question of `exchange` and feed its answer to the core's
-    /// `AaeExchange::on_answer` (as the simulator does).
-    pub(super) async fn aae_step(
-        &self,
-        peer: &NodeId,
-        exchange: &mut AaeExchange<BucketKey>,
-        ask: AaeAsk,
-    ) -> Result<AaeStep<BucketKey>, ClusterError> {
-        let partition = exchange.partition();
-        // Listing a leaf's keys may read many index entries: more time, and our side is read
-        // on the blocking pool before the answer is fed.
-        let (timeout, ours) = match &ask {
-            AaeAsk::Keys(leaves) => (
-                self.timeouts.request * 5,
-                Some(self.local_leaf_keys(partition, leaves.clone()).await?.0),
-            ),
-            _ => (self.timeouts.request, None),
-        };
-        let answer = self.send(peer, ask.message(partition), timeout).await?;
-        let state = self.state();
-        exchange
-            .on_answer(
-                &self.aae,
-                answer,
-                |_| ours.ok_or_else(|| "keys answered to another question".to_owned()),
-                |(bucket, key)| {
-                    let n_val = self.bucket_props(bucket).n_val;
-                    let replicas = state.preference_list(partition_of(&state, bucket, key), n_val);
-                    replicas.contains(&self.me) && replicas.contains(peer)
-                },
-            )
-            .map_err(|e| ClusterError::Internal(format!("{peer}: {e}")))
-    }
-
-    /// Compare one partition with one peer and repair the keys that differ: both sides end
-    /// with the `sync` of their versions. The steps and the budget are the core's
-    /// `AaeExchange`; this performs them. Returns the number of keys repaired.
-    pub(super) async fn exchange(
-        &self,
-        peer: &NodeId,
-        mut exchange: AaeExchange<BucketKey>,
-        ask: AaeAsk,
-    ) -> Result<usize, ClusterError> {
-        let mut step = self.aae_step(peer, &mut exchange, ask).await?;
-        loop {
-            step = match step {
-                AaeStep::Done { repaired } => return Ok(repaired),
-                AaeStep::Ask(ask) => self.aae_step(peer, &mut exchange, ask).await?,
-                AaeStep::Compare(keys) => {
-                    self.repair_keys(peer, &mut exchange, keys).await?;
-                    exchange.finish()
-                }
-            };
-        }
-    }
-
-    /// Read both versions of each key an exchange listed and perform its repairs.
-    pub(super) async fn repair_keys(
-        &self,
-        peer: &NodeId,
-        exchange: &mut AaeExchange<BucketKey>,
-        keys: Vec<BucketKey>,
-    ) -> Result<(), ClusterError> {
-        let ring_version = self.state().ring.version;
-        let mut stored = false;
-        for bucket_key in keys {
-            if exchange.compared_all() {
-                break;
-            }
-            let (bucket, key) = &bucket_key;
-            let local = self
-                .fetch_replica(&self.me, bucket, key, ring_version, None)
-                .await;
-            let remote = self
-                .fetch_replica(peer, bucket, key, ring_version, None)
-                .await;
-            let (Ok(local), Ok(remote)) = (local, remote) else {
-                exchange.skip(&bucket_key);
-                continue;
-            };
-            let Some(repair) = exchange.on_versions(&bucket_key, local.as_ref(), remote.as_ref())
-            else {
-                continue;
-            };
-            let props = self.bucket_props(bucket);
-            let encoded = repair.merged.encode();
-            for (node, wanted) in [(&self.me, repair.store_local), (peer, repair.store_remote)] {
-                if wanted {
-                    self.store_replica(
-                        node,
-                        bucket,
-                        key,
-                        &repair.merged,
-                        &encoded,
-                        &props,
-                        Durability::Buffered,
-                    )
-                    .await?;
-                    stored |= *node == self.me;
-                }
-            }
-        }
-        if stored {
-            // A sync may wait on the disk: run as the engine says (the blocking pool when so).
-            let storage = Arc::clone(self.replica.storage());
-            self.replica
-                .run(Some(Durability::Fsync), move || storage.sync())
-                .await
-                .map_err(internal)?
-                .map_err(internal)?;
-        }
-        Ok(())
-    }
-
     /// One anti-entropy round: every partition this node replicates is compared with one of
     /// its other replicas (in turn), within the admission-control budget of repaired keys
-    /// (the core's `AaeRound`). Skipped during ring transitions. Returns the number of keys
-    /// repaired.
+    /// (the core's `AaeRound`, run by `AaeRun`). Skipped during ring transitions. Returns the
+    /// number of keys repaired.
     pub async fn anti_entropy_round(&self, round: usize) -> usize {
         let budget = self.admission.budget();
-        let mut plan = self.aae_plan(round, budget);
-        while let Some((peer, exchange, ask)) = plan.next_exchange() {
-            let partition = exchange.partition();
-            match self.exchange(&peer, exchange, ask).await {
-                Ok(repaired) => {
-                    plan.finished(repaired);
-                    let now_ms = self.monotonic_ms();
-                    let mut records = self.aae_records.lock();
-                    let record = records.entry(partition).or_default();
-                    record.completed(now_ms, &peer, repaired);
-                }
-                Err(e) => {
-                    tracing::debug!(partition, %peer, error = %e, "anti-entropy exchange failed");
+        let plan = self.aae_plan(round, budget);
+        let request_ms = u64::try_from(self.timeouts.request.as_millis()).unwrap_or(u64::MAX);
+        let (mut run, steps) = AaeRun::start(plan, request_ms);
+        let mut queue: VecDeque<AaeRunStep> = steps.into();
+        let mut sends = FuturesUnordered::new();
+        loop {
+            while let Some(step) = queue.pop_front() {
+                let event = match step {
+                    AaeRunStep::Ask {
+                        id,
+                        to,
+                        message,
+                        timeout_ms,
+                    } => {
+                        sends.push(self.aae_send(Sent::Ask(id), to, message, timeout_ms));
+                        None
+                    }
+                    AaeRunStep::Fetch {
+                        id,
+                        to,
+                        message,
+                        timeout_ms,
+                    } => {
+                        sends.push(self.aae_send(Sent::Fetch(id), to, message, timeout_ms));
+                        None
+                    }
+                    AaeRunStep::ReadLeafKeys {
+                        id,
+                        partition,
+                        leaves,
+                    } => {
+                        // A scan (it may wait for the write buffer to drain): on the blocking
+                        // pool.
+                        let aae = Arc::clone(&self.aae);
+                        let keys = tokio::task::spawn_blocking(move || {
+                            aae.leaf_keys(partition, &leaves, MAX_AAE_KEYS_PER_EXCHANGE)
+                                .map(|(keys, _cut)| keys)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                        Some(AaeRunEvent::LeafKeys { id, keys })
+                    }
+                    AaeRunStep::ReadLocal { id, bucket, key } => {
+                        let replica = Arc::clone(&self.replica);
+                        let object = match self
+                            .replica
+                            .run(None, move || replica.get(&bucket, &key))
+                            .await
+                        {
+                            Ok(Ok(object)) => Some(object),
+                            _ => None, // skipped, like a failed fetch
+                        };
+                        Some(AaeRunEvent::Local { id, object })
+                    }
+                    AaeRunStep::Repair {
+                        bucket,
+                        key,
+                        merged,
+                        store_local,
+                        remote,
+                    } => {
+                        if store_local {
+                            let props = self.bucket_props(&bucket);
+                            let merged = self
+                                .merge_local(&bucket, &key, &merged, &props, Durability::Buffered)
+                                .await;
+                            if let Err(e) = merged {
+                                tracing::debug!(%bucket, %key, error = %e, "anti-entropy repair of the local copy failed");
+                            }
+                        }
+                        if let Some((to, message, timeout_ms)) = remote {
+                            sends.push(self.aae_send(Sent::Store, to, message, timeout_ms));
+                        }
+                        None
+                    }
+                    AaeRunStep::Exchanged {
+                        partition,
+                        peer,
+                        repaired,
+                    } => {
+                        let now_ms = self.monotonic_ms();
+                        let mut records = self.aae_records.lock();
+                        let record = records.entry(partition).or_default();
+                        record.completed(now_ms, &peer, repaired);
+                        None
+                    }
+                    AaeRunStep::Over { repaired } => {
+                        if repaired > 0 {
+                            tracing::info!(keys = repaired, budget, "anti-entropy repaired keys");
+                        }
+                        None
+                    }
+                };
+                if let Some(event) = event {
+                    let more = self.aae_handle(&mut run, event);
+                    for step in more.into_iter().rev() {
+                        queue.push_front(step);
+                    }
                 }
             }
+            if run.finished() {
+                break;
+            }
+            let Some(event) = sends.next().await else {
+                break;
+            };
+            if let Some(event) = event {
+                queue.extend(self.aae_handle(&mut run, event));
+            }
         }
-        let repaired_total = plan.repaired();
-        if repaired_total > 0 {
-            tracing::info!(keys = repaired_total, budget, "anti-entropy repaired keys");
+        // What is still in flight (repairs' writes, fetches of an exchange that ended at its
+        // budget) finishes within its timeout; the round ends after it.
+        while sends.next().await.is_some() {}
+        run.repaired()
+    }
+
+    fn aae_handle(&self, run: &mut AaeRun, event: AaeRunEvent) -> Vec<AaeRunStep> {
+        let state = self.state();
+        run.handle(
+            &self.aae,
+            &state,
+            &self.me,
+            |b| self.bucket_props(b).n_val,
+            event,
+        )
+    }
+
+    /// Send one request of the round and turn its reply into the event to feed back.
+    async fn aae_send(
+        &self,
+        sent: Sent,
+        to: NodeId,
+        message: PeerMessage,
+        timeout_ms: u64,
+    ) -> Option<AaeRunEvent> {
+        let reply = self
+            .send(&to, message, Duration::from_millis(timeout_ms))
+            .await;
+        if let Err(e) = &reply {
+            tracing::debug!(peer = %to, error = %e, "anti-entropy request failed");
         }
-        repaired_total
+        match sent {
+            Sent::Ask(id) => Some(AaeRunEvent::Answer {
+                id,
+                answer: reply.ok(),
+            }),
+            Sent::Fetch(id) => Some(AaeRunEvent::fetched(id, reply.ok())),
+            Sent::Store => None,
+        }
     }
 
     /// The exchanges of anti-entropy round `round` (the core's `AaeRound`, planned with the

@@ -21,7 +21,7 @@ use crate::clock::WallClock;
 use crate::replica::{Replica, ReplicaError, ReplicaRun};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
-use dynakv_core::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
+use dynakv_core::anti_entropy::AaeRound;
 use dynakv_core::bucket::{BucketProps, CustomBucketError, check_custom_bucket_room};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{ReapAnswer, reap_candidates};
@@ -29,7 +29,6 @@ use dynakv_core::failure::FailureDetector;
 use dynakv_core::handoff::CleanupMarker;
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
-use dynakv_core::merkle::Hash;
 use dynakv_core::message::{HandoffEntry, PeerMessage};
 use dynakv_core::object::Object;
 use dynakv_core::request::RequestError;
@@ -628,46 +627,6 @@ impl Cluster {
 
     // ----- reads -----
 
-    async fn fetch_replica(
-        &self,
-        node: &NodeId,
-        bucket: &str,
-        key: &str,
-        ring_version: u64,
-        hinted_for: Option<&NodeId>,
-    ) -> Result<Option<Object>, ()> {
-        if node == &self.me {
-            let replica = Arc::clone(&self.replica);
-            let (b, k) = (bucket.to_owned(), key.to_owned());
-            let hinted_for = hinted_for.map(|n| n.0.clone());
-            return match self
-                .replica
-                .run(None, move || {
-                    replica.get_with_hint(&b, &k, hinted_for.as_deref())
-                })
-                .await
-            {
-                Ok(Ok(object)) => Ok(object),
-                _ => Err(()),
-            };
-        }
-        let message = PeerMessage::ReplicaGet {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            ring_version,
-            hinted_for: hinted_for.map(|n| n.0.clone()),
-        };
-        match self.send(node, message, self.timeouts.request).await {
-            Ok(PeerMessage::ReplicaObject { object: None }) => Ok(None),
-            Ok(PeerMessage::ReplicaObject {
-                object: Some(bytes),
-            }) => Object::decode(&bytes).map(Some).map_err(|e| {
-                tracing::warn!(%node, error = %e, "replica sent an undecodable object");
-            }),
-            _ => Err(()),
-        }
-    }
-
     /// Merge `object` into this node's copy (`Replica::merge`), then check whether this node
     /// now holds a key it does not replicate: a read repair planned under an older ring may
     /// land after this node's cleanup.
@@ -695,40 +654,6 @@ impl Cluster {
             .map_err(ClusterError::from)?;
         self.check_orphan(bucket, key, props.n_val);
         Ok(())
-    }
-
-    /// Merge `object` into one replica (local or remote). Returns whether it was stored.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn store_replica(
-        &self,
-        node: &NodeId,
-        bucket: &str,
-        key: &str,
-        object: &Object,
-        encoded: &[u8],
-        props: &BucketProps,
-        durability: Durability,
-    ) -> Result<(), ClusterError> {
-        if node == &self.me {
-            return self
-                .merge_local(bucket, key, object, props, durability)
-                .await;
-        }
-        let message = PeerMessage::ReplicaPut {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            object: encoded.to_vec(),
-            durability,
-            ring_version: self.state().ring.version,
-        };
-        self.send_write(node, message).await
-    }
-
-    /// Send a replica write (`ReplicaPut`, `HintedPut`, `Handoff`) with the request timeout:
-    /// see [`Cluster::send_write_within`].
-    async fn send_write(&self, node: &NodeId, message: PeerMessage) -> Result<(), ClusterError> {
-        self.send_write_within(node, message, self.timeouts.request)
-            .await
     }
 
     /// Send a replica write: `Ack` is success; `StaleRing` merges the replica's newer state
