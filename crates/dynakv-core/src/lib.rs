@@ -23,6 +23,7 @@ pub mod codec;
 pub mod context;
 pub mod coordinator;
 pub mod failure;
+pub mod gossip;
 pub mod handoff;
 pub mod hints;
 pub mod keys;

@@ -220,17 +220,14 @@ impl Node {
             status: 400,
             message: message.to_owned(),
         };
-        let result = if self.cluster.members.len() > 1 {
-            Some(refuse(
-                "this node is already part of a cluster with other members",
-            ))
-        } else if self.join_pending || self.join_client.is_some() {
+        let result = if self.join_pending || self.join_client.is_some() {
             Some(refuse("a join is already in progress"))
         } else {
             let first = self.replica.scan_objects(None, 1);
             let holds_data = !self.must(first, "scan objects").is_empty();
-            holds_data
-                .then(|| refuse("this node holds data; only an empty node can join a cluster"))
+            crate::gossip::check_can_join(&self.cluster, holds_data)
+                .err()
+                .map(|e| refuse(&e.to_string()))
         };
         if let Some(result) = result {
             self.outputs.push(Output::Reply { id, result });

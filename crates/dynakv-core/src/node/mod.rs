@@ -16,14 +16,14 @@
 //! too); messages are [`PeerMessage`]s; client requests are the data plane's machines
 //! (`crate::request`: gets, puts, forwarding; `crate::listing`), hint delivery, handoff,
 //! cleanup and reaping are the core's passes (`HintRun`, `HandoffPass`, `CleanupPass`,
-//! `ReapRound`) and anti-entropy rounds (`AaeRun`), which the server drives too, and gossip
-//! uses the core's `FailureDetector` and `ClusterState::gossip_peer`/`merge`/`plan`.
+//! `ReapRound`) and anti-entropy rounds (`AaeRun`), and gossip and joins are the core's
+//! `gossip` functions, all of which the server drives too.
 //! What it adds is the scheduling around them: timers, the request table, the transport's
-//! backoff, and the sequencing of gossip and joins.
+//! backoff, and the join's retries.
 //!
 //! Who drives it: `dynakv-sim` runs 3 to 5 `Node`s in one thread over a simulated network.
-//! The server (`dynakv-server::cluster`) drives the same machines from async tasks, and still
-//! sequences membership and gossip itself; docs/architecture.md (*One node:
+//! The server (`dynakv-server::cluster`) drives the same machines from async tasks, with its
+//! own timers and its own place for the cluster state; docs/architecture.md (*One node:
 //! control plane, data plane, driver*) says what differs and how the server is to be moved
 //! onto this type.
 //!

@@ -10,6 +10,7 @@ use super::{
     PutRequest, ReapAnswer, ReplicaError, Reply, ReplyTo, RequestId, RequestReply, ServeContext,
     ServeError, StoreDurability, serve,
 };
+use crate::gossip::{self, JoinError};
 use crate::hints::HintEvent;
 use crate::listing::ListEvent;
 use crate::reaping::ReapEvent;
@@ -64,34 +65,18 @@ impl Node {
                 self.respond(from, id, PeerMessage::Buckets(buckets));
             }
             PeerMessage::Gossip(theirs) => {
-                if theirs.cluster_name != self.cluster.cluster_name {
-                    let error = PeerMessage::Error("gossip from another cluster".into());
-                    self.respond(from, id, error);
-                    return;
-                }
-                self.merge_state(now, &theirs);
-                let ours = Box::new(self.cluster.clone());
-                self.respond(from, id, PeerMessage::Gossip(ours));
+                let detector = &mut self.failure_detector;
+                let answer = gossip::on_gossip(&mut self.cluster, detector, now, &theirs);
+                self.respond(from, id, answer);
             }
             PeerMessage::JoinRequest {
                 cluster_name,
                 member,
             } => {
-                if cluster_name != self.cluster.cluster_name {
-                    let error = PeerMessage::Error("cluster name mismatch".into());
-                    self.respond(from, id, error);
-                    return;
-                }
-                let admitted =
-                    crate::membership::ClusterState::check_join_request(from, None, &member)
-                        .and_then(|()| self.cluster.add_joining(member));
-                let body = match admitted {
-                    Ok(()) => PeerMessage::JoinAccepted {
-                        state: Box::new(self.cluster.clone()),
-                    },
-                    Err(e) => PeerMessage::Error(e.to_string()),
-                };
-                self.respond(from, id, body);
+                // The simulated transport has no keys: the sender is who it says.
+                let answer =
+                    gossip::on_join_request(&mut self.cluster, from, None, &cluster_name, member);
+                self.respond(from, id, answer);
             }
             other => {
                 let error = PeerMessage::Error(format!("unexpected request {}", other.name()));
@@ -220,28 +205,23 @@ impl Node {
                 self.request_event(now, request, Event::Reply { tag, reply });
             }
             Purpose::Store => {}
-            Purpose::Gossip => {
-                let theirs = match &body {
-                    Some(PeerMessage::Gossip(theirs)) => Some(&**theirs),
-                    _ => None,
-                };
-                self.after_gossip_exchange(now, theirs);
-            }
+            Purpose::Gossip => self.after_gossip_exchange(now, body.as_ref()),
             Purpose::Join => {
                 self.join_pending = false;
                 let client = self.join_client.take();
-                let result = match body {
-                    Some(PeerMessage::JoinAccepted { state, .. }) if !self.join_via.is_empty() => {
-                        // Adopt the cluster's state wholesale.
-                        self.cluster = *state;
+                let result = match gossip::join_answer(body) {
+                    // Adopt the cluster's state wholesale (unless the join was given up).
+                    Ok(state) if !self.join_via.is_empty() => {
+                        self.cluster = state;
                         self.join_via.clear();
                         ClientResult::Done
                     }
-                    Some(PeerMessage::Error(message)) => ClientResult::Failed {
+                    Ok(_) => ClientResult::unavailable(format!("{from}: the join was given up")),
+                    Err(e @ JoinError::Refused(_)) => ClientResult::Failed {
                         status: 400,
-                        message: format!("{from} refused the join: {message}"),
+                        message: format!("{from} {e}"),
                     },
-                    _ => ClientResult::unavailable(format!("{from} did not admit this node")),
+                    Err(e) => ClientResult::unavailable(format!("{from} {e}")),
                 };
                 if let Some(id) = client {
                     // Asked by a client: one attempt, answered (the constructor's join retries).

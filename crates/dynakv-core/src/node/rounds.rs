@@ -8,9 +8,10 @@
 use super::{
     AaeRound, AaeRun, AaeRunEvent, AaeRunStep, AfterSync, Arc, BTreeSet, CleanupPass, ClusterState,
     HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintRun, HintStep,
-    MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, MemberStatus, Node, NodeId, Output, PassStep,
-    PeerMessage, Purpose, ReapEvent, ReapRound, ReapStep, Timer, member_entry, reap_candidates,
+    MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, Node, NodeId, Output, PassStep, PeerMessage,
+    Purpose, ReapEvent, ReapRound, ReapStep, Timer, reap_candidates,
 };
+use crate::gossip;
 use std::collections::VecDeque;
 
 impl Node {
@@ -63,9 +64,10 @@ impl Node {
         }
     }
 
+    /// Merge a peer's state (gossip, `StaleRing`): the core's `gossip::merge` (another
+    /// cluster's state is refused).
     pub(super) fn merge_state(&mut self, now: u64, theirs: &ClusterState) {
-        self.failure_detector.observe_state(theirs, now);
-        self.cluster.merge(theirs);
+        let _refused = gossip::merge(&mut self.cluster, &mut self.failure_detector, now, theirs);
     }
 
     /// The server's one-second background loop: `gossip_round` (beat, exchange with a member
@@ -80,34 +82,24 @@ impl Node {
         if !self.joined() {
             self.send_join(now);
         }
-        let me = self.me.clone();
-        self.cluster.beat(&me);
         self.handoff_round(now);
         self.cleanup_round(now);
         let rng = &mut self.rng;
-        let Some(peer) = self.cluster.gossip_peer(&self.me, |n| rng.index(n)) else {
+        let Some((peer, body)) = gossip::start_round(&mut self.cluster, &self.me, |n| rng.index(n))
+        else {
             // No one to exchange with: plan on what this node knows.
-            self.plan_if_claimant();
+            self.after_gossip_exchange(now, None);
             return;
         };
-        let body = PeerMessage::Gossip(Box::new(self.cluster.clone()));
         let timeout = self.config.timings.gossip_interval_ms;
         self.send_request(now, &peer, body, Purpose::Gossip, timeout);
     }
 
     /// This round's gossip exchange is over (`theirs`: the peer's state, when it answered):
     /// merge it, then plan when claimant.
-    pub(super) fn after_gossip_exchange(&mut self, now: u64, theirs: Option<&ClusterState>) {
-        if let Some(theirs) = theirs {
-            self.merge_state(now, theirs);
-        }
-        self.plan_if_claimant();
-    }
-
-    fn plan_if_claimant(&mut self) {
-        if self.cluster.claimant() == Some(&self.me) {
-            self.cluster.plan();
-        }
+    pub(super) fn after_gossip_exchange(&mut self, now: u64, reply: Option<&PeerMessage>) {
+        let detector = &mut self.failure_detector;
+        let _ = gossip::end_round(&mut self.cluster, &self.me, detector, now, reply);
     }
 
     /// `Cluster::join`: ask a member (in turn) to admit this node.
@@ -117,16 +109,7 @@ impl Node {
         }
         let via = self.join_via[self.join_attempts % self.join_via.len()].clone();
         self.join_attempts += 1;
-        let mut member = self
-            .cluster
-            .member(&self.me)
-            .cloned()
-            .unwrap_or_else(|| member_entry(&self.me));
-        member.status = MemberStatus::Joining;
-        let body = PeerMessage::JoinRequest {
-            cluster_name: self.cluster.cluster_name.clone(),
-            member,
-        };
+        let body = gossip::join_request(&self.cluster, &self.me);
         self.join_pending = true;
         let timeout = self.config.timings.request_ms;
         self.send_request(now, &via, body, Purpose::Join, timeout);

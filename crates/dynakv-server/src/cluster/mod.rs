@@ -26,6 +26,7 @@ use dynakv_core::bucket::{BucketProps, CustomBucketError, check_custom_bucket_ro
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{ReapAnswer, reap_candidates};
 use dynakv_core::failure::FailureDetector;
+use dynakv_core::gossip;
 use dynakv_core::handoff::CleanupMarker;
 use dynakv_core::keys;
 use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
@@ -563,11 +564,6 @@ impl Cluster {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn observe_heartbeats(&self, state: &ClusterState) {
-        let now = self.monotonic_ms();
-        self.failure_detector.lock().observe_state(state, now);
-    }
-
     /// Record that `node` just answered or sent us something: it is up, whatever its gossiped
     /// heartbeat says (heartbeats reach a node only when someone gossips with it).
     pub fn observe_contact(&self, node: &NodeId) {
@@ -613,16 +609,22 @@ impl Cluster {
         &self.timeouts
     }
 
+    /// Merge a peer's state (gossip, `StaleRing`): the core's `gossip::merge`, under the
+    /// state's write lock.
     fn merge_state(&self, other: &ClusterState) -> Result<(), ClusterError> {
-        if other.cluster_name != self.state().cluster_name {
-            return Err(ClusterError::Membership(format!(
-                "gossip from cluster {:?}",
-                other.cluster_name
-            )));
-        }
-        self.observe_heartbeats(other);
-        self.update_state(|state| state.merge(other));
-        Ok(())
+        let now = self.monotonic_ms();
+        self.update_state(|state| {
+            gossip::merge(state, &mut self.failure_detector.lock(), now, other)
+        })
+        .map_err(|e| ClusterError::Membership(e.to_string()))
+    }
+
+    /// A peer's gossip, answered with this node's state (the core's `gossip::on_gossip`).
+    pub(super) fn on_gossip(&self, theirs: &ClusterState) -> PeerMessage {
+        let now = self.monotonic_ms();
+        self.update_state(|state| {
+            gossip::on_gossip(state, &mut self.failure_detector.lock(), now, theirs)
+        })
     }
 
     // ----- reads -----
@@ -732,7 +734,8 @@ impl Cluster {
 
     // ----- membership -----
 
-    /// Ask the cluster at `seed` to admit this node; adopt its state and secret.
+    /// Ask the cluster at `seed` to admit this node; adopt its state and secret (the rules
+    /// are the core's `gossip`: who may ask, the request, the reading of the answer).
     pub async fn join(&self, seed: SocketAddr) -> Result<(), ClusterError> {
         let holds_data = {
             let replica = Arc::clone(&self.replica);
@@ -741,44 +744,21 @@ impl Cluster {
                 .map_err(internal)??
         };
         let state = self.state();
-        if state.members.len() > 1 {
-            return Err(ClusterError::Membership(
-                "this node is already part of a cluster with other members".into(),
-            ));
-        }
-        if holds_data {
-            return Err(ClusterError::Membership(
-                "this node holds data; only an empty node can join a cluster".into(),
-            ));
-        }
-        let mut me = state
-            .member(&self.me)
-            .cloned()
-            .ok_or_else(|| ClusterError::Internal("no member entry for this node".into()))?;
-        me.status = MemberStatus::Joining;
-        let message = PeerMessage::JoinRequest {
-            cluster_name: state.cluster_name.clone(),
-            member: me,
-        };
+        gossip::check_can_join(&state, holds_data)
+            .map_err(|e| ClusterError::Membership(e.to_string()))?;
+        let message = gossip::join_request(&state, &self.me);
         let reply = self
             .client
             .request(seed, message, self.timeouts.request)
             .await
             .map_err(|e| ClusterError::Membership(format!("cannot reach {seed}: {e}")))?;
-        match reply {
-            PeerMessage::JoinAccepted { state } => {
-                *self.state.write() = Arc::new(*state);
-                self.awaiting_join.store(false, Ordering::Release);
-                self.persist_now()?;
-                tracing::info!(%seed, "joined the cluster");
-                Ok(())
-            }
-            PeerMessage::Error(message) => Err(ClusterError::Membership(message)),
-            other => Err(ClusterError::Membership(format!(
-                "unexpected reply {}",
-                other.name()
-            ))),
-        }
+        let state = gossip::join_answer(Some(reply))
+            .map_err(|e| ClusterError::Membership(format!("{seed} {e}")))?;
+        *self.state.write() = Arc::new(state);
+        self.awaiting_join.store(false, Ordering::Release);
+        self.persist_now()?;
+        tracing::info!(%seed, "joined the cluster");
+        Ok(())
     }
 
     /// Change the security state (users, sources, grants, enabled) here; gossip spreads it.
@@ -817,27 +797,44 @@ impl Cluster {
             .map_err(|e| ClusterError::Membership(e.to_string()))
     }
 
-    /// One gossip round: beat, exchange with a random member, plan if claimant.
+    /// One gossip round: the core's `gossip::start_round` (beat, a partner among the members
+    /// that have not exited: `pick`), the exchange, then `gossip::end_round` (merge the reply,
+    /// plan if claimant).
     pub async fn gossip_round(&self, pick: usize) {
         let me = self.me.clone();
-        self.update_state(|state| state.beat(&me));
-        let state = self.state();
-        if let Some(peer) = state
-            .gossip_peer(&self.me, |_| pick)
-            .and_then(|id| state.member(&id))
-            && let Some(addr) = peer_addr(peer)
-        {
-            let message = PeerMessage::Gossip(Box::new((*state).clone()));
-            if let Ok(PeerMessage::Gossip(theirs)) = self
-                .client
-                .request(addr, message, self.timeouts.gossip)
-                .await
-                && let Err(e) = self.merge_state(&theirs)
-            {
-                tracing::warn!(peer = %peer.id, error = %e, "gossip merge failed");
+        let started = self.update_state(|state| gossip::start_round(state, &me, |n| pick % n));
+        let mut reply = None;
+        if let Some((peer, message)) = started {
+            let exchanged = match self.peer_address(&peer) {
+                Some(addr) => self
+                    .client
+                    .request(addr, message, self.timeouts.gossip)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("no address".to_owned()),
+            };
+            match exchanged {
+                Ok(answer) => {
+                    self.observe_contact(&peer);
+                    reply = Some(answer);
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "gossip exchange failed"),
             }
         }
-        if self.state().claimant() == Some(&self.me) && self.update_state(ClusterState::plan) {
+        let now = self.monotonic_ms();
+        let (planned, refused) = self.update_state(|state| {
+            gossip::end_round(
+                state,
+                &me,
+                &mut self.failure_detector.lock(),
+                now,
+                reply.as_ref(),
+            )
+        });
+        if let Some(e) = refused {
+            tracing::warn!(error = %e, "gossip merge refused");
+        }
+        if planned {
             let s = self.state();
             tracing::info!(
                 version = s.ring.version,

@@ -2,9 +2,9 @@
 //! calls, coordinated here for a forwarded put, or merged (gossip, joins).
 
 use super::{
-    Arc, BucketProps, Cluster, ClusterError, ClusterState, HashMap, HintOutcome,
-    MAX_AAE_KEYS_PER_EXCHANGE, MAX_HINTS_PER_TARGET, NodeId, Ordering, PeerInfo, PeerMessage,
-    ReplicaRun, Reply, ServeContext, ServeError, StorageCall, internal, serve,
+    Arc, BucketProps, Cluster, ClusterError, HashMap, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE,
+    MAX_HINTS_PER_TARGET, NodeId, Ordering, PeerInfo, PeerMessage, ReplicaRun, Reply, ServeContext,
+    ServeError, StorageCall, gossip, internal, serve,
 };
 
 impl Cluster {
@@ -29,32 +29,26 @@ impl Cluster {
             return self.serve_locally(call, message).await;
         }
         match message {
-            PeerMessage::Gossip(theirs) => {
-                self.merge_state(&theirs)?;
-                Ok(PeerMessage::Gossip(Box::new((*self.state()).clone())))
-            }
+            PeerMessage::Gossip(theirs) => Ok(self.on_gossip(&theirs)),
             PeerMessage::JoinRequest {
                 cluster_name,
                 member,
             } => {
-                let ours = self.state().cluster_name.clone();
-                if cluster_name != ours {
-                    return Ok(PeerMessage::Error(format!(
-                        "cluster name mismatch: this cluster is {ours:?}, the request is for {cluster_name:?}"
-                    )));
-                }
                 let sender = NodeId(from.node_name.clone());
-                if let Err(e) =
-                    ClusterState::check_join_request(&sender, Some(&from.public_key), &member)
-                {
-                    return Ok(PeerMessage::Error(e.to_string()));
+                let joining = member.id.clone();
+                let answer = self.update_state(|state| {
+                    gossip::on_join_request(
+                        state,
+                        &sender,
+                        Some(&from.public_key),
+                        &cluster_name,
+                        member,
+                    )
+                });
+                if matches!(answer, PeerMessage::JoinAccepted { .. }) {
+                    tracing::info!(node = %joining, via = %from.node_name, "join accepted");
                 }
-                tracing::info!(node = %member.id, via = %from.node_name, "join request");
-                self.update_state(|state| state.add_joining(member))
-                    .map_err(|e| ClusterError::Membership(e.to_string()))?;
-                Ok(PeerMessage::JoinAccepted {
-                    state: Box::new((*self.state()).clone()),
-                })
+                Ok(answer)
             }
             message @ PeerMessage::CoordinatePut { .. } => {
                 // A forward that arrives after its forwarder gave up (we were paused, or it
