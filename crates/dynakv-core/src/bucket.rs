@@ -282,6 +282,91 @@ pub fn check_custom_bucket_room(
     Err(CustomBucketError::TooMany { count, limit })
 }
 
+/// Set (with `None`, reset) `bucket`'s properties in the cluster state, as `node` at
+/// `now_ms`: the new entry is newer than the one it replaces (its timestamp is past the old
+/// one's, and at least `now_ms`; gossip keeps the newest entry), and a change that would make
+/// one custom bucket too many is refused and changes nothing ([`check_custom_bucket_room`]).
+/// The one rule for the server's HTTP API and `Node`.
+///
+/// # Errors
+/// The cluster has no room for another bucket with its own properties.
+pub fn set_props(
+    state: &mut crate::membership::ClusterState,
+    bucket: &str,
+    props: Option<&BucketProps>,
+    node: &crate::ring::NodeId,
+    now_ms: u64,
+) -> Result<(), CustomBucketError> {
+    check_custom_bucket_room(state, bucket)?;
+    let timestamp_ms = state
+        .bucket_props
+        .get(bucket)
+        .map_or(0, |e| e.timestamp_ms.saturating_add(1))
+        .max(now_ms);
+    let entry = crate::membership::BucketPropsEntry {
+        timestamp_ms,
+        node: node.clone(),
+        props_json: props.map(|p| p.to_json(bucket).to_string()),
+    };
+    state.bucket_props.insert(bucket.to_owned(), entry);
+    Ok(())
+}
+
+/// The cluster state's bucket properties, parsed once per entry (kept by the entry's
+/// timestamp; at most `MAX_PARSED_PROPS` parses are kept, then the cache starts over).
+#[derive(Debug, Default)]
+pub struct PropsCache {
+    parsed: std::collections::HashMap<String, (u64, BucketProps)>,
+}
+
+impl PropsCache {
+    /// `bucket`'s properties when they need no parsing: `defaults` when the state has no
+    /// entry for it, or the cached parse of its current entry; `None` otherwise (then
+    /// [`Self::props`]).
+    pub fn cached(
+        &self,
+        state: &crate::membership::ClusterState,
+        bucket: &str,
+        defaults: &BucketProps,
+    ) -> Option<BucketProps> {
+        let Some(entry) = state.bucket_props.get(bucket) else {
+            return Some(defaults.clone());
+        };
+        match self.parsed.get(bucket) {
+            Some((ts, props)) if *ts == entry.timestamp_ms => Some(props.clone()),
+            _ => None,
+        }
+    }
+
+    /// `bucket`'s properties: its entry's (a stored `{"props": ...}`; fields it lacks take
+    /// the built-in defaults), or `defaults` when it has none, resets them or cannot be read.
+    pub fn props(
+        &mut self,
+        state: &crate::membership::ClusterState,
+        bucket: &str,
+        defaults: &BucketProps,
+    ) -> BucketProps {
+        if let Some(props) = self.cached(state, bucket, defaults) {
+            return props;
+        }
+        let Some(entry) = state.bucket_props.get(bucket) else {
+            return defaults.clone();
+        };
+        let props = entry
+            .props_json
+            .as_deref()
+            .and_then(|json| serde_json::from_str::<Value>(json).ok())
+            .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
+            .unwrap_or_else(|| defaults.clone());
+        if self.parsed.len() >= limits::MAX_PARSED_PROPS {
+            self.parsed.clear();
+        }
+        self.parsed
+            .insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
+        props
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +404,62 @@ mod tests {
         assert_eq!(Quorum::Default.resolve(3, Quorum::One), 1);
         assert_eq!(Quorum::parse("2"), Some(Quorum::Count(2)));
         assert_eq!(Quorum::parse("x"), None);
+    }
+
+    /// A change is stamped past the entry it replaces (a clock behind it cannot make it lose
+    /// to the old one in gossip), the cache follows the new entry, and a reset or an
+    /// unreadable entry gives the defaults.
+    #[test]
+    fn set_props_stamps_past_the_old_entry_and_the_cache_follows() {
+        use crate::test_support::{id, settled_cluster};
+        let mut state = settled_cluster(&["a"], 8);
+        let defaults = BucketProps::default();
+        let mut cache = PropsCache::default();
+        let two = BucketProps {
+            n_val: 2,
+            ..BucketProps::default()
+        };
+        set_props(&mut state, "b", Some(&two), &id("a"), 1_000).unwrap();
+        assert_eq!(state.bucket_props["b"].timestamp_ms, 1_000);
+        assert_eq!(cache.cached(&state, "b", &defaults), None, "not parsed yet");
+        assert_eq!(cache.props(&state, "b", &defaults).n_val, 2);
+        assert_eq!(
+            cache.cached(&state, "b", &defaults).map(|p| p.n_val),
+            Some(2)
+        );
+        // A node whose clock is behind still stamps past the entry it replaces.
+        let one = BucketProps {
+            n_val: 1,
+            ..BucketProps::default()
+        };
+        set_props(&mut state, "b", Some(&one), &id("a"), 5).unwrap();
+        assert_eq!(state.bucket_props["b"].timestamp_ms, 1_001);
+        assert_eq!(
+            cache.props(&state, "b", &defaults).n_val,
+            1,
+            "the new entry"
+        );
+        set_props(&mut state, "b", None, &id("a"), 5).unwrap();
+        assert_eq!(cache.props(&state, "b", &defaults), defaults, "reset");
+        if let Some(entry) = state.bucket_props.get_mut("b") {
+            entry.props_json = Some("{not json".into());
+            entry.timestamp_ms += 1;
+        }
+        assert_eq!(cache.props(&state, "b", &defaults), defaults, "unreadable");
+        assert_eq!(cache.props(&state, "none", &defaults), defaults, "no entry");
+    }
+
+    #[test]
+    fn set_props_refuses_one_custom_bucket_too_many_and_changes_nothing() {
+        use crate::test_support::{id, settled_cluster};
+        let mut state = settled_cluster(&["a"], 8);
+        for i in 0..crate::membership::MAX_CUSTOM_BUCKETS {
+            set_props(&mut state, &format!("b{i}"), None, &id("a"), 1).unwrap();
+        }
+        let before = state.clone();
+        let refused = set_props(&mut state, "one-more", None, &id("a"), 1);
+        assert!(matches!(refused, Err(CustomBucketError::TooMany { .. })));
+        assert_eq!(state, before);
+        set_props(&mut state, "b0", None, &id("a"), 1).unwrap();
     }
 }

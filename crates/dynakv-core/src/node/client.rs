@@ -6,10 +6,10 @@
 //! once per request (a key listing in pages, the last marked).
 
 use super::{
-    AfterSync, BucketListing, BucketProps, BucketPropsEntry, ClientListing, ClientOp,
-    ClientRequest, ClientRequestId, ClientResult, Event, GetRequest, KeyListing, KeyPage,
-    LIST_PAGE_KEYS, ListEvent, ListStep, Listing, Machine, Node, NodeId, NodeView, Object, Output,
-    PeerMessage, Purpose, PutRequest, ReplyTo, Step, StoreDurability, keys,
+    AfterSync, BucketListing, BucketProps, ClientListing, ClientOp, ClientRequest, ClientRequestId,
+    ClientResult, Event, GetRequest, KeyListing, KeyPage, LIST_PAGE_KEYS, ListEvent, ListStep,
+    Listing, Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Purpose, PutRequest,
+    ReplyTo, Step, StoreDurability, keys,
 };
 
 impl Node {
@@ -63,25 +63,13 @@ impl Node {
         bucket: &str,
         props: Option<&BucketProps>,
     ) -> ClientResult {
-        if let Err(e) = crate::bucket::check_custom_bucket_room(&self.cluster, bucket) {
-            return ClientResult::Failed {
+        match crate::bucket::set_props(&mut self.cluster, bucket, props, &self.me, now) {
+            Ok(()) => ClientResult::Done,
+            Err(e) => ClientResult::Failed {
                 status: 400,
                 message: e.to_string(),
-            };
+            },
         }
-        let timestamp_ms = self
-            .cluster
-            .bucket_props
-            .get(bucket)
-            .map_or(0, |e| e.timestamp_ms + 1)
-            .max(now);
-        let entry = BucketPropsEntry {
-            timestamp_ms,
-            node: self.me.clone(),
-            props_json: props.map(|p| p.to_json(bucket).to_string()),
-        };
-        self.cluster.bucket_props.insert(bucket.to_owned(), entry);
-        ClientResult::Done
     }
 
     /// One page of this node's live keys of `bucket` after `start_after`, and where the next

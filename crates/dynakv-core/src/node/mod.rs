@@ -55,7 +55,7 @@ use crate::aae_run::{AaeRun, AaeRunEvent, AaeRunStep};
 use crate::aae_trees::AaeTrees;
 pub use crate::anti_entropy::AaeRecord;
 use crate::anti_entropy::AaeRound;
-use crate::bucket::{BucketProps, Quorum};
+use crate::bucket::{BucketProps, PropsCache, Quorum};
 use crate::coordinator::{ReapAnswer, reap_candidates};
 use crate::failure::FailureDetector;
 use crate::handoff::{Cleanup, CleanupMarker, CleanupPass, HandoffPass, PassStep};
@@ -63,7 +63,7 @@ use crate::hints::{HintEvent, HintRun, HintStep};
 use crate::keys;
 use crate::limits;
 use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep, Listing};
-use crate::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
+use crate::membership::{ClusterState, Member, MemberStatus};
 use crate::merkle::Hash;
 use crate::message::{HandoffEntry, PeerMessage};
 use crate::object::{Content, Object};
@@ -598,7 +598,7 @@ pub struct Node {
     /// The anti-entropy trees and index, rebuilt from the storage at every start.
     aae: Arc<AaeTrees>,
     /// Parsed bucket properties of the cluster state, by the entry's timestamp.
-    parsed_props: RefCell<BTreeMap<String, (u64, BucketProps)>>,
+    parsed_props: RefCell<PropsCache>,
     rng: SeededRng,
     next_request: RequestId,
     next_client_request: u64,
@@ -679,7 +679,7 @@ impl Node {
             storage,
             replica,
             aae,
-            parsed_props: RefCell::new(BTreeMap::new()),
+            parsed_props: RefCell::new(PropsCache::default()),
             rng,
             next_request: 1,
             next_client_request: 1,
@@ -800,22 +800,9 @@ impl Node {
     /// the server parses it: fields it lacks take the built-in defaults), else the config's.
     /// Parsed entries are kept by their timestamp (at most `MAX_PARSED_PROPS`).
     pub fn props(&self, bucket: &str) -> BucketProps {
-        let Some(entry) = self.cluster.bucket_props.get(bucket) else {
-            return self.config.props.clone();
-        };
-        let mut cache = self.parsed_props.borrow_mut();
-        if let Some((ts, props)) = cache.get(bucket)
-            && *ts == entry.timestamp_ms
-        {
-            return props.clone();
-        }
-        let props = parse_props(bucket, entry.props_json.as_deref())
-            .unwrap_or_else(|| self.config.props.clone());
-        if cache.len() >= MAX_PARSED_PROPS {
-            cache.clear();
-        }
-        cache.insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
-        props
+        self.parsed_props
+            .borrow_mut()
+            .props(&self.cluster, bucket, &self.config.props)
     }
 
     /// The key's replica count.
@@ -1459,13 +1446,6 @@ pub fn member_entry(id: &NodeId) -> Member {
         heartbeat: 0,
         public_key: None,
     }
-}
-
-/// A bucket's stored properties, parsed (`None` when the entry resets them or is unreadable:
-/// the config's apply).
-fn parse_props(bucket: &str, json: Option<&str>) -> Option<BucketProps> {
-    let value = serde_json::from_str::<serde_json::Value>(json?).ok()?;
-    BucketProps::from_stored(bucket, &value).ok()
 }
 
 /// The replica and trees of a node over its storage, as the server opens them at startup

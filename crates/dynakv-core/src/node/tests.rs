@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::handoff::TransitionHandoff;
+use crate::membership::BucketPropsEntry;
 use crate::message::WirePrecondition;
 use crate::object::PrunePolicy;
 use crate::replica::Precondition;

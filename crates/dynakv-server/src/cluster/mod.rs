@@ -22,14 +22,14 @@ use crate::replica::{Replica, ReplicaError, ReplicaRun};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo, TransportError};
 use dynakv_core::anti_entropy::AaeRound;
-use dynakv_core::bucket::{BucketProps, CustomBucketError, check_custom_bucket_room};
+use dynakv_core::bucket::{BucketProps, CustomBucketError, PropsCache};
 use dynakv_core::context::ContextKey;
 use dynakv_core::coordinator::{ReapAnswer, reap_candidates};
 use dynakv_core::failure::FailureDetector;
 use dynakv_core::gossip;
 use dynakv_core::handoff::CleanupMarker;
 use dynakv_core::keys;
-use dynakv_core::membership::{BucketPropsEntry, ClusterState, Member, MemberStatus};
+use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::{HandoffEntry, PeerMessage};
 use dynakv_core::object::Object;
 use dynakv_core::request::RequestError;
@@ -46,7 +46,7 @@ use thiserror::Error;
 
 use dynakv_core::limits::{
     DEFAULT_REQUEST_TIMEOUT_MS, HANDOFF_BATCH_KEYS, LIST_PAGE_KEYS, MAX_AAE_KEYS_PER_EXCHANGE,
-    MAX_HINTS_PER_TARGET, MAX_PARSED_PROPS, MAX_REAPS_PER_ROUND, SCAN_PAGE_KEYS,
+    MAX_HINTS_PER_TARGET, MAX_REAPS_PER_ROUND, SCAN_PAGE_KEYS,
 };
 /// A member whose heartbeat has not moved for this long is considered down.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -213,7 +213,7 @@ pub struct Cluster {
     timeouts: ClusterTimeouts,
     /// Last heartbeat seen per member and when it last moved.
     failure_detector: Mutex<FailureDetector>,
-    parsed_props: RwLock<HashMap<String, (u64, BucketProps)>>,
+    parsed_props: RwLock<PropsCache>,
     hints: HintCounters,
     /// Tombstones this node reaped (its own copies, as the reaping first primary).
     tombstones_reaped: AtomicU64,
@@ -315,7 +315,7 @@ impl Cluster {
             storage,
             client,
             timeouts,
-            parsed_props: RwLock::new(HashMap::new()),
+            parsed_props: RwLock::new(PropsCache::default()),
             cleanup_marker: Mutex::new(CleanupMarker::default()),
             hints: HintCounters::default(),
             tombstones_reaped: AtomicU64::new(0),
@@ -454,26 +454,15 @@ impl Cluster {
     /// A bucket's properties as the cluster knows them.
     pub fn bucket_props(&self, bucket: &str) -> BucketProps {
         let state = self.state();
-        let Some(entry) = state.bucket_props.get(bucket) else {
-            return self.default_props.clone();
-        };
-        if let Some((ts, props)) = self.parsed_props.read().get(bucket)
-            && *ts == entry.timestamp_ms
-        {
-            return props.clone();
-        }
-        let props = entry
-            .props_json
-            .as_deref()
-            .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
-            .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
-            .unwrap_or_else(|| self.default_props.clone());
-        let mut cache = self.parsed_props.write();
-        if cache.len() >= MAX_PARSED_PROPS {
-            cache.clear();
-        }
-        cache.insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
-        props
+        let cached = self
+            .parsed_props
+            .read()
+            .cached(&state, bucket, &self.default_props);
+        cached.unwrap_or_else(|| {
+            self.parsed_props
+                .write()
+                .props(&state, bucket, &self.default_props)
+        })
     }
 
     /// Set (or, with `None`, reset) a bucket's properties cluster-wide. A change that would
@@ -485,24 +474,9 @@ impl Cluster {
         bucket: &str,
         props: Option<&BucketProps>,
     ) -> Result<Result<(), CustomBucketError>, ClusterError> {
-        let json = props.map(|p| p.to_json(bucket).to_string());
-        let me = self.me.clone();
+        let now_ms = self.now_ms();
         Ok(self.update_state(|state| {
-            check_custom_bucket_room(state, bucket)?;
-            let timestamp_ms = state
-                .bucket_props
-                .get(bucket)
-                .map_or(0, |e| e.timestamp_ms + 1)
-                .max(self.now_ms());
-            state.bucket_props.insert(
-                bucket.to_owned(),
-                BucketPropsEntry {
-                    timestamp_ms,
-                    node: me,
-                    props_json: json,
-                },
-            );
-            Ok(())
+            dynakv_core::bucket::set_props(state, bucket, props, &self.me, now_ms)
         }))
     }
 

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use dynakv_core::membership::MAX_CUSTOM_BUCKETS;
+use dynakv_core::membership::{BucketPropsEntry, MAX_CUSTOM_BUCKETS};
 use dynakv_storage::MemoryStorage;
 
 fn member(name: &str, port: u16) -> Member {
