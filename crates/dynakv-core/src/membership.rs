@@ -164,7 +164,87 @@ struct PersistedIn {
     state: serde_json::Value,
 }
 
+/// Meta-table key of a node's persisted cluster state.
+pub const PERSISTED_STATE_KEY: &[u8] = b"cluster_state";
+
+/// Read a node's persisted cluster state (`None`: it never wrote one, e.g. a wiped disk).
+///
+/// # Errors
+/// The storage failed, or the stored state is unreadable or of a newer format.
+pub fn load_persisted(
+    storage: &dyn crate::storage::Storage,
+) -> Result<Option<ClusterState>, String> {
+    let stored = storage
+        .get(crate::storage::Table::Meta, PERSISTED_STATE_KEY)
+        .map_err(|e| e.to_string())?;
+    stored
+        .map(|bytes| ClusterState::decode_persisted(&bytes).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// Write a node's cluster state, durably (an fsync'd put: it may wait on the disk, so a
+/// driver runs it off its event loop, in the order the states were made).
+///
+/// # Errors
+/// The storage failed.
+pub fn store_persisted(
+    storage: &dyn crate::storage::Storage,
+    state: &ClusterState,
+) -> Result<(), String> {
+    storage
+        .put(
+            crate::storage::Table::Meta,
+            PERSISTED_STATE_KEY,
+            &state.encode_persisted(),
+            crate::storage::Durability::Fsync,
+        )
+        .map_err(|e| e.to_string())
+}
+
 impl ClusterState {
+    /// Whether the two states persist the same (they differ at most in heartbeats, which are
+    /// volatile): a node writes its state only when this changes.
+    pub fn persists_as(&self, other: &ClusterState) -> bool {
+        let same_member = |a: &Member, b: &Member| {
+            // Destructured so that a new field is not forgotten here.
+            let Member {
+                id,
+                peer_addr,
+                http_addr,
+                zone,
+                status,
+                version,
+                heartbeat: _,
+                public_key,
+            } = a;
+            *id == b.id
+                && *peer_addr == b.peer_addr
+                && *http_addr == b.http_addr
+                && *zone == b.zone
+                && *status == b.status
+                && *version == b.version
+                && *public_key == b.public_key
+        };
+        let ClusterState {
+            cluster_name,
+            members,
+            ring,
+            handoffs_done,
+            bucket_props,
+            security,
+        } = self;
+        *cluster_name == other.cluster_name
+            && *ring == other.ring
+            && *handoffs_done == other.handoffs_done
+            && *bucket_props == other.bucket_props
+            && *security == other.security
+            && members.len() == other.members.len()
+            && members
+                .values()
+                .zip(other.members.values())
+                .all(|(a, b)| same_member(a, b))
+    }
+
     /// The bytes a node stores its cluster state as: JSON with a format marker, so a later
     /// version can tell what it reads and an older one refuses what it cannot. Heartbeats are
     /// left out (they are volatile).
@@ -770,5 +850,28 @@ mod tests {
             MemberStatus::Valid
         );
         assert!(state.settled());
+    }
+
+    /// Heartbeats alone do not make a state worth writing; anything else does, and what is
+    /// written reads back the same.
+    #[test]
+    fn only_a_change_beyond_heartbeats_is_persisted() {
+        let state = crate::test_support::settled_cluster(&["a", "b"], 8);
+        let mut beaten = state.clone();
+        beaten.beat(&NodeId("a".into()));
+        assert!(beaten.persists_as(&state));
+        let mut left = state.clone();
+        left.request_leave(&NodeId("b".into())).unwrap();
+        assert!(!left.persists_as(&state));
+        let mut moved = state.clone();
+        if let Some(m) = moved.members.get_mut(&NodeId("b".into())) {
+            m.peer_addr = "127.0.0.1:1".into();
+        }
+        assert!(!moved.persists_as(&state));
+        let storage = crate::test_support::MapStorage::default();
+        assert_eq!(load_persisted(&storage), Ok(None));
+        store_persisted(&storage, &left).unwrap();
+        let read = load_persisted(&storage).unwrap().unwrap();
+        assert!(read.persists_as(&left));
     }
 }

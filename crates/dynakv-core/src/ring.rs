@@ -95,7 +95,7 @@ pub enum RingError {
 }
 
 /// Partition ownership of the whole cluster. See the module documentation for its invariants.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(try_from = "RingEncoding")]
 pub struct Ring {
     /// `Q`, a power of two.
@@ -110,6 +110,31 @@ pub struct Ring {
     #[serde(skip)]
     walk: WalkIndex,
 }
+
+/// Two rings are equal when their partitions, members and owners are. Owners are compared
+/// as indices into the (equal) member lists, not as names: a node compares its cluster state
+/// with the one it last wrote at nearly every input (`Node`'s `Output::Persist`).
+impl PartialEq for Ring {
+    fn eq(&self, other: &Ring) -> bool {
+        let indexed = |ring: &Ring| {
+            ring.walk.owner.len() == ring.owners.len()
+                && ring
+                    .walk
+                    .owner
+                    .iter()
+                    .all(|&i| (i as usize) < ring.nodes.len())
+        };
+        self.partitions == other.partitions
+            && self.nodes == other.nodes
+            && if indexed(self) && indexed(other) {
+                self.walk.owner == other.walk.owner
+            } else {
+                self.owners == other.owners
+            }
+    }
+}
+
+impl Eq for Ring {}
 
 /// Owners and zones as indices, for [`Ring::preference_list`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

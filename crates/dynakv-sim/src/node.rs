@@ -153,6 +153,14 @@ impl SimNode {
         self.node.handle(now, input)
     }
 
+    /// Write the node's cluster state (`Output::Persist`), as the server does.
+    pub fn persist(&self, state: &ClusterState) {
+        must(
+            dynakv_core::membership::store_persisted(self.disk.as_ref(), state),
+            "write the cluster state",
+        );
+    }
+
     /// The stored object of a key of the simulation's bucket (tombstones included).
     pub fn object(&self, key: &str) -> Option<Object> {
         must(self.node.object(BUCKET, key), "read an object")

@@ -990,6 +990,9 @@ impl Simulation {
                     };
                     self.schedule(at, event);
                 }
+                // Written at once, durably (the fsync's time is not modelled): a restart
+                // reads back the last state written.
+                Output::Persist { state } => self.nodes[node].persist(&state),
                 // The simulated disk never fails: a stopped node is a bug of the simulation.
                 Output::Stopped { error } => {
                     panic!(

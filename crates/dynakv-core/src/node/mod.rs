@@ -63,7 +63,7 @@ use crate::hints::{HintEvent, HintRun, HintStep};
 use crate::keys;
 use crate::limits;
 use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep, Listing};
-use crate::membership::{ClusterState, Member, MemberStatus};
+use crate::membership::{self, ClusterState, Member, MemberStatus};
 use crate::merkle::Hash;
 use crate::message::{HandoffEntry, PeerMessage};
 use crate::object::{Content, Object};
@@ -403,6 +403,13 @@ pub enum Output {
     Sync {
         through: u64,
     },
+    /// Write the node's cluster state (`membership::store_persisted`, fsync'd) before the
+    /// outputs that follow this one are carried out, in the order asked: it changed beyond
+    /// heartbeats. [`Node::restart`] reads back the last one written. (The server writes
+    /// gossip's changes in the background and waits only for administrative ones.)
+    Persist {
+        state: Box<ClusterState>,
+    },
     /// A storage call failed: the node stopped (see the module doc). The driver restarts it
     /// with [`Node::restart`] once its storage works again.
     Stopped {
@@ -588,6 +595,8 @@ pub struct Node {
     config: NodeConfig,
     // ---- durable state ----
     cluster: ClusterState,
+    /// The cluster state last asked to be written (`Output::Persist`).
+    persisted: ClusterState,
     /// The node's storage: objects, hints, the dot-counter lease, the anti-entropy index.
     storage: Arc<dyn Storage>,
     // ---- volatile state ----
@@ -675,6 +684,11 @@ impl Node {
             me,
             actor,
             config,
+            // Nothing written yet: the first `handle` (or the constructor) asks for it.
+            persisted: ClusterState {
+                cluster_name: String::new(),
+                ..cluster.clone()
+            },
             cluster,
             storage,
             replica,
@@ -713,7 +727,10 @@ impl Node {
             stop_reported: false,
             stats: NodeStats::default(),
         };
-        let outputs = node.start_timers(now);
+        let mut outputs = node.start_timers(now);
+        // As the server at startup: the state it starts from is written first.
+        node.persist_if_changed();
+        outputs.splice(0..0, std::mem::take(&mut node.outputs));
         Ok((node, outputs))
     }
 
@@ -920,6 +937,13 @@ impl Node {
         rng: SeededRng,
     ) -> Result<Vec<Output>, OpenError> {
         self.actor = actor;
+        // The cluster state is the one last written (a wiped disk has none: the node keeps
+        // what it knew, as the operator's restart with the old state would).
+        let stored = membership::load_persisted(self.storage.as_ref()).map_err(OpenError)?;
+        if let Some(state) = stored {
+            self.cluster = state;
+        }
+        self.persisted = self.cluster.clone();
         // Volatile state: the replica, its hint counts and the trees come back from storage.
         let (replica, aae) = open_storage(&self.storage, self.actor, &self.cluster.ring.current)?;
         self.replica = replica;
@@ -959,6 +983,17 @@ impl Node {
         if self.failed.is_some() {
             return self.stopped_outputs();
         }
+        // Inputs that cannot change the cluster state (a replica-side request is answered by
+        // `serve`, which never sees it) skip the comparison of `persist_if_changed`, the
+        // bulk of the inputs.
+        let may_change_state = match &input {
+            Input::Message {
+                message: Message::Request { body, .. },
+                ..
+            } => serve::storage_call(body).is_none(),
+            Input::Synced { .. } | Input::PeerClock { .. } | Input::Timer(Timer::Flush) => false,
+            _ => true,
+        };
         match input {
             Input::Client { id, op } => self.on_client(now, id, op),
             Input::Message { from, message } => match message {
@@ -1012,7 +1047,26 @@ impl Node {
                 through: self.sync_issued,
             });
         }
+        if may_change_state {
+            self.persist_if_changed();
+        }
         std::mem::take(&mut self.outputs)
+    }
+
+    /// Ask for the cluster state to be written when it changed beyond heartbeats since the
+    /// last write (`Output::Persist`, first among the outputs: nothing that follows from the
+    /// change leaves before it is asked for).
+    fn persist_if_changed(&mut self) {
+        if self.cluster.persists_as(&self.persisted) {
+            return;
+        }
+        self.persisted = self.cluster.clone();
+        self.outputs.insert(
+            0,
+            Output::Persist {
+                state: Box::new(self.cluster.clone()),
+            },
+        );
     }
 
     /// A new sync ticket: the writes made so far must become durable.

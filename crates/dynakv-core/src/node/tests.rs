@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::handoff::TransitionHandoff;
-use crate::membership::BucketPropsEntry;
+use crate::membership::{self, BucketPropsEntry};
 use crate::message::WirePrecondition;
 use crate::object::PrunePolicy;
 use crate::replica::Precondition;
@@ -16,6 +16,8 @@ use std::sync::atomic::Ordering;
 struct Net {
     nodes: Vec<Node>,
     disks: Vec<Arc<MapStorage>>,
+    /// `Output::Persist`s carried out.
+    persists: usize,
     replies: BTreeMap<ClientRequestId, ClientResult>,
     stopped: Vec<String>,
     /// `Output::Sync`s carried out.
@@ -29,6 +31,7 @@ impl Net {
         let mut net = Net {
             nodes: Vec::new(),
             disks: Vec::new(),
+            persists: 0,
             replies: BTreeMap::new(),
             stopped: Vec::new(),
             syncs: 0,
@@ -96,6 +99,10 @@ impl Net {
                             },
                         };
                         queue.push_back((i, input));
+                    }
+                    Output::Persist { state } => {
+                        self.persists += 1;
+                        membership::store_persisted(self.disks[i].as_ref(), &state).unwrap();
                     }
                     Output::Stopped { error } => self.stopped.push(error),
                 }
@@ -310,6 +317,12 @@ fn bucket_props_set_at_one_node_reach_the_others_by_gossip() {
     for node in &net.nodes {
         assert_eq!(node.props("two").n_val, 2, "{}", node.id());
     }
+    // Each node wrote the change it learned (and not every heartbeat of 20 rounds).
+    assert!((3..20).contains(&net.persists), "{} writes", net.persists);
+    for disk in &net.disks {
+        let stored = membership::load_persisted(disk.as_ref()).unwrap().unwrap();
+        assert!(stored.bucket_props.contains_key("two"));
+    }
     net.put(1, 2, "two", "k", b"v");
     assert!(matches!(net.replies[&2], ClientResult::Put(_)));
     assert_eq!(net.copies("two", "k"), 2);
@@ -320,6 +333,56 @@ fn bucket_props_set_at_one_node_reach_the_others_by_gossip() {
     };
     net.run(2, Input::Client { id: 3, op });
     assert_eq!(net.nodes[2].props("two").n_val, 3);
+}
+
+/// The cluster state is written when it changes beyond heartbeats, before the reply to the
+/// change, and not for a heartbeat alone; a restart reads back what was written.
+#[test]
+fn the_cluster_state_is_persisted_when_it_changes_and_read_back_at_restart() {
+    let cluster = cluster_of_three();
+    let storage = Arc::new(MapStorage::default());
+    let (mut node, first) = Node::new(
+        id("a"),
+        ActorId(1),
+        cluster.clone(),
+        NodeConfig::default(),
+        Arc::clone(&storage) as Arc<dyn Storage>,
+        SeededRng::new(1),
+        0,
+    )
+    .unwrap();
+    assert!(
+        matches!(first.first(), Some(Output::Persist { state }) if **state == cluster),
+        "the state it starts from is written first"
+    );
+    // A gossip round beats (a heartbeat is not worth a write).
+    let beat = node.handle(10, Input::Timer(Timer::Gossip));
+    assert!(
+        !beat.iter().any(|o| matches!(o, Output::Persist { .. })),
+        "{beat:?}"
+    );
+    let op = ClientOp::SetBucketProps {
+        bucket: "two".into(),
+        props: Some(BucketProps {
+            n_val: 2,
+            ..BucketProps::default()
+        }),
+    };
+    let outputs = node.handle(20, Input::Client { id: 7, op });
+    let Some(Output::Persist { state }) = outputs.first() else {
+        panic!("not persisted first: {outputs:?}")
+    };
+    assert!(state.bucket_props.contains_key("two"));
+    let replied = outputs
+        .iter()
+        .position(|o| matches!(o, Output::Reply { .. }));
+    assert!(replied.is_some_and(|at| at > 0));
+    // What the disk holds is what a restart starts from (here: the state before the change,
+    // as if its write had not happened before a crash).
+    membership::store_persisted(storage.as_ref(), &cluster).unwrap();
+    node.restart(30, ActorId(2), SeededRng::new(2)).unwrap();
+    assert!(node.cluster().persists_as(&cluster));
+    assert!(!node.cluster().bucket_props.contains_key("two"));
 }
 
 #[test]
@@ -420,7 +483,7 @@ fn list(net: &mut Net, at: usize, id: ClientRequestId, bucket: &str) -> Vec<Vec<
                     }
                 }
                 Output::Sync { through } => queue.push_back((i, Input::Synced { through })),
-                Output::SetTimer { .. } | Output::Stopped { .. } => {}
+                Output::SetTimer { .. } | Output::Stopped { .. } | Output::Persist { .. } => {}
             }
         }
     }

@@ -29,7 +29,7 @@ use dynakv_core::failure::FailureDetector;
 use dynakv_core::gossip;
 use dynakv_core::handoff::CleanupMarker;
 use dynakv_core::keys;
-use dynakv_core::membership::{ClusterState, Member, MemberStatus};
+use dynakv_core::membership::{self, ClusterState, Member, MemberStatus};
 use dynakv_core::message::{HandoffEntry, PeerMessage};
 use dynakv_core::object::Object;
 use dynakv_core::request::RequestError;
@@ -50,8 +50,6 @@ use dynakv_core::limits::{
 };
 /// A member whose heartbeat has not moved for this long is considered down.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Meta-table key of the persisted cluster state.
-const META_CLUSTER: &[u8] = b"cluster_state";
 /// Meta-table key of the context secret of versions before `cluster.secret` (read once, to
 /// upgrade; no longer written).
 const META_SECRET: &[u8] = b"cluster_secret";
@@ -241,23 +239,14 @@ pub type Persisted = (ClusterState, Option<[u8; 32]>);
 
 /// Load the persisted cluster state, if any.
 pub fn load_persisted(storage: &dyn Storage) -> Result<Option<Persisted>, ClusterError> {
-    let Some(state) = storage.get(Table::Meta, META_CLUSTER).map_err(internal)? else {
+    let Some(state) = membership::load_persisted(storage).map_err(ClusterError::Internal)? else {
         return Ok(None);
     };
-    let state = ClusterState::decode_persisted(&state).map_err(internal)?;
     let legacy = storage
         .get(Table::Meta, META_SECRET)
         .map_err(internal)?
         .and_then(|secret| <[u8; 32]>::try_from(secret.as_slice()).ok());
     Ok(Some((state, legacy)))
-}
-
-fn persist(storage: &dyn Storage, state: &ClusterState) -> Result<(), ClusterError> {
-    let bytes = state.encode_persisted();
-    storage
-        .put(Table::Meta, META_CLUSTER, &bytes, Durability::Fsync)
-        .map_err(internal)?;
-    Ok(())
 }
 
 /// Write `state`, the one of persistence order `seq`, unless a newer one was written already
@@ -272,18 +261,9 @@ fn persist_if_newer(
     if *written > seq {
         return Ok(());
     }
-    persist(storage, state)?;
+    membership::store_persisted(storage, state).map_err(ClusterError::Internal)?;
     *written = seq;
     Ok(())
-}
-
-/// The state with heartbeats zeroed: what is worth persisting.
-fn persistent_view(state: &ClusterState) -> ClusterState {
-    let mut view = state.clone();
-    for member in view.members.values_mut() {
-        member.heartbeat = 0;
-    }
-    view
 }
 
 fn peer_addr(member: &Member) -> Option<SocketAddr> {
@@ -401,7 +381,7 @@ impl Cluster {
             let mut guard = self.state.write();
             let mut next = (**guard).clone();
             let result = change(&mut next);
-            let durable_change = persistent_view(&next) != persistent_view(&guard);
+            let durable_change = !next.persists_as(&guard);
             *guard = Arc::new(next);
             let seq = durable_change.then(|| self.state_seq.fetch_add(1, Ordering::AcqRel) + 1);
             (result, seq.map(|seq| (seq, Arc::clone(&guard))))
