@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
 //!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--grace-ms MS]
+//!     [--clock-skew-ms MS]
 //!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward]
 //!     [--seed S --verbose]
 //! ```
@@ -43,6 +44,8 @@ struct Args {
     retry_unanswered_forward: bool,
     /// Override the seed's tombstone grace period.
     grace_ms: Option<u64>,
+    /// Skew each machine's wall clock by up to this much.
+    clock_skew_ms: u64,
 }
 
 fn parse() -> Result<Args, String> {
@@ -64,6 +67,7 @@ fn parse() -> Result<Args, String> {
             "--ops" => args.ops = Some(number(it.next(), "--ops")? as usize),
             "--lww" => args.lww = true,
             "--grace-ms" => args.grace_ms = Some(number(it.next(), "--grace-ms")?),
+            "--clock-skew-ms" => args.clock_skew_ms = number(it.next(), "--clock-skew-ms")?,
             "--keep-actor" => args.keep_actor = true,
             "--old-rule" => match it.next().as_deref() {
                 Some("unchecked-handoff") => args.unchecked_handoff = true,
@@ -98,7 +102,7 @@ fn parse() -> Result<Args, String> {
                 other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
             },
             "-h" | "--help" => {
-                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--verbose]".into());
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--clock-skew-ms MS] [--verbose]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -120,6 +124,7 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
         if let Some(grace) = args.grace_ms {
             c.node.tombstone_grace_ms = grace;
         }
+        c.clock_skew_ms = args.clock_skew_ms;
         if let Some(ops) = args.ops {
             c.ops = ops;
         }

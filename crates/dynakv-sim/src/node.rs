@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 pub use dynakv_core::node::{
     Bug, ClientOp, ClientRequestId, ClientResult, Input, Message, Node, NodeConfig, NodeStats,
-    Output, PutOp, RequestId, Timer, Timings, member_entry,
+    Output, PutOp, RequestId, Time, Timer, Timings, member_entry,
 };
 
 /// The one bucket the simulation uses.
@@ -54,6 +54,8 @@ pub enum CrashKind {
 pub struct SimNode {
     node: Node,
     disk: Arc<SimDisk>,
+    /// This machine's wall clock minus the simulation's time (`--clock-skew-ms`).
+    skew_ms: i64,
 }
 
 impl Deref for SimNode {
@@ -83,7 +85,14 @@ impl SimNode {
         let storage = Arc::clone(&disk) as Arc<dyn Storage>;
         let (node, outputs) =
             Node::new(me, actor, cluster, config, storage, rng, now).map_err(|e| e.to_string())?;
-        Ok((SimNode { node, disk }, outputs))
+        Ok((
+            SimNode {
+                node,
+                disk,
+                skew_ms: 0,
+            },
+            outputs,
+        ))
     }
 
     /// A fresh node that founded its own one-node cluster and asks `via` (in turn, until one
@@ -113,7 +122,14 @@ impl SimNode {
             now,
         )
         .map_err(|e| e.to_string())?;
-        Ok((SimNode { node, disk }, outputs))
+        Ok((
+            SimNode {
+                node,
+                disk,
+                skew_ms: 0,
+            },
+            outputs,
+        ))
     }
 
     /// Crash and restart. Volatile state is gone; the disk keeps what `kind` says. Returns
@@ -150,7 +166,21 @@ impl SimNode {
         if matches!(input, Input::Synced { .. }) {
             must(self.disk.sync(), "sync the disk");
         }
-        self.node.handle(now, input)
+        let time = Time {
+            monotonic_ms: now,
+            wall_ms: now.saturating_add_signed(self.skew_ms),
+        };
+        self.node.handle_at(time, input)
+    }
+
+    /// Skew this machine's wall clock by `skew_ms` against the simulation's time (its
+    /// monotonic clock is not skewed: timers and timeouts run at the simulation's pace).
+    pub fn set_skew(&mut self, skew_ms: i64) {
+        self.skew_ms = skew_ms;
+    }
+
+    pub fn skew(&self) -> i64 {
+        self.skew_ms
     }
 
     /// Write the node's cluster state (`Output::Persist`), as the server does.

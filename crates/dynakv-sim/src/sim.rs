@@ -147,6 +147,9 @@ pub struct SimConfig {
     /// The run's membership change, if any, and when it is asked for.
     pub membership: Option<MembershipChange>,
     pub membership_at_ms: u64,
+    /// Each machine's wall clock is off the simulation's time by up to this much either way
+    /// (drawn per machine from the seed; 0: no skew). Timers and timeouts are not skewed.
+    pub clock_skew_ms: u64,
 }
 
 impl SimConfig {
@@ -191,6 +194,7 @@ impl SimConfig {
             keep_actor_after_loss: false,
             membership,
             membership_at_ms,
+            clock_skew_ms: 0,
         }
     }
 
@@ -228,6 +232,9 @@ impl SimConfig {
             cmd.push_str(" --no-deletes");
         }
         let _ = write!(cmd, " --grace-ms {}", self.node.tombstone_grace_ms);
+        if self.clock_skew_ms > 0 {
+            let _ = write!(cmd, " --clock-skew-ms {}", self.clock_skew_ms);
+        }
         match self.membership {
             None => cmd.push_str(" --membership none"),
             Some(MembershipChange::Join) => cmd.push_str(" --membership join"),
@@ -547,6 +554,8 @@ pub struct Simulation {
     membership_asked: bool,
     membership_node: Option<usize>,
     membership_log: Vec<String>,
+    /// Draws the machines' clock skews (`SimConfig::clock_skew_ms`).
+    skew_rng: SimRng,
 }
 
 impl Simulation {
@@ -595,6 +604,8 @@ impl Simulation {
             membership_asked: false,
             membership_node: None,
             membership_log: Vec::new(),
+            // Its own stream, drawn only with skew: runs without skew stay as they were.
+            skew_rng: SimRng::new(config.seed ^ 0x5cee_c10c_0000_0001),
             config,
         };
         for (i, id) in ids.iter().enumerate() {
@@ -609,6 +620,9 @@ impl Simulation {
             )?;
             sim.nodes.push(node);
             sim.apply_outputs(i, outputs);
+        }
+        for i in 0..sim.nodes.len() {
+            sim.skew_clock(i, None);
         }
         let set_keys = sim.config.keys.div_ceil(2);
         for k in 0..sim.config.keys {
@@ -799,6 +813,7 @@ impl Simulation {
                         self.incarnation.push(0);
                         self.crash_kind.push(None);
                         self.nodes.push(node);
+                        self.skew_clock(i, None);
                         self.membership_node = Some(i);
                         let line = format!("{} join {id} via {}", self.now, via[0]);
                         self.fault_log.push(line.clone());
@@ -894,6 +909,41 @@ impl Simulation {
 
     fn delay(&mut self) -> u64 {
         self.rng.range(MIN_DELAY_MS, MAX_DELAY_MS)
+    }
+
+    /// Give machine `i` its wall clock's skew (`skew`, or a new draw within
+    /// `clock_skew_ms`), and tell it and every other machine the offsets between their
+    /// clocks, as the server's transport measures them at each hello.
+    fn skew_clock(&mut self, i: usize, skew: Option<i64>) {
+        let bound = self.config.clock_skew_ms;
+        if bound == 0 {
+            return;
+        }
+        let skew = skew.unwrap_or_else(|| {
+            let span = bound.saturating_mul(2);
+            let draw = self.skew_rng.range(0, span);
+            i64::try_from(draw).unwrap_or(0) - i64::try_from(bound).unwrap_or(0)
+        });
+        self.nodes[i].set_skew(skew);
+        for j in 0..self.nodes.len() {
+            if j == i {
+                continue;
+            }
+            let theirs = self.nodes[j].skew();
+            let (me, peer) = (self.ids[i].clone(), self.ids[j].clone());
+            let to_i = Input::PeerClock {
+                peer,
+                offset_ms: theirs - skew,
+            };
+            let to_j = Input::PeerClock {
+                peer: me,
+                offset_ms: skew - theirs,
+            };
+            let outputs = self.nodes[i].handle(self.now, to_i);
+            self.apply_outputs(i, outputs);
+            let outputs = self.nodes[j].handle(self.now, to_j);
+            self.apply_outputs(j, outputs);
+        }
     }
 
     fn node_input(&mut self, node: usize, input: Input) {
@@ -1437,7 +1487,10 @@ impl Simulation {
             );
             match joined {
                 Ok((node, outputs)) => {
+                    // The same machine: its clock keeps its skew.
+                    let skew = self.nodes[x].skew();
                     self.nodes[x] = node;
+                    self.skew_clock(x, Some(skew));
                     self.fault_log.push(format!(
                         "{} restart {} wiped, rejoining with actor {}",
                         self.now, me, new_actor

@@ -334,3 +334,31 @@ fn ranges_regained_after_a_join_then_leave_lose_nothing() {
         "no node dropped a range: the scenario did not happen"
     );
 }
+
+/// Skewed wall clocks (each machine up to 5 s off, its timers not): no acknowledged write is
+/// lost, and forwarded puts are judged by the forwarder's clock converted with the offset
+/// its hello measured (`Input::PeerClock`), so the skew does not make coordinators refuse
+/// them as late (unconverted, a 5 s skew against the 500 ms limit refuses most of them).
+#[test]
+fn skewed_wall_clocks_lose_nothing_and_forwards_are_judged_on_converted_clocks() {
+    let (mut refused_plain, mut refused_skewed) = (0, 0);
+    let mut failures = Vec::new();
+    for seed in 0..DETECTION_SEEDS {
+        refused_plain += run_seed(seed, |_| {}).unwrap().late_forwards_refused;
+        let skewed = run_seed(seed, |c| c.clock_skew_ms = 5_000).unwrap();
+        refused_skewed += skewed.late_forwards_refused;
+        if !skewed.passed() {
+            failures.push(skewed.describe());
+        }
+    }
+    println!("late forwards refused: {refused_plain} without skew, {refused_skewed} with");
+    assert!(
+        failures.is_empty(),
+        "failing seeds:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        refused_skewed <= refused_plain * 2 + 20,
+        "skew made coordinators refuse forwards: {refused_skewed} vs {refused_plain}"
+    );
+}

@@ -23,7 +23,7 @@ impl Node {
                 self.start_request(now, Machine::Get(get), ReplyTo::Client(id), steps);
             }
             ClientOp::SetBucketProps { bucket, props } => {
-                let result = self.set_bucket_props(now, &bucket, props.as_ref());
+                let result = self.set_bucket_props(&bucket, props.as_ref());
                 self.outputs.push(Output::Reply { id, result });
             }
             ClientOp::Join { via } => self.join(now, id, via),
@@ -49,21 +49,23 @@ impl Node {
             }
             ClientOp::Put(op) => {
                 let view = NodeView { node: self, now };
-                let (put, steps) = PutRequest::start(&view, op, now);
+                // Stamped by the wall clock.
+                let (put, steps) = PutRequest::start(&view, op, self.wall_ms);
                 self.start_request(now, Machine::Put(put), ReplyTo::Client(id), steps);
             }
         }
     }
 
     /// `Cluster::set_bucket_props`: a new entry for `bucket` in the cluster state, newer than
-    /// the one it replaces (last writer wins by timestamp when gossip merges).
+    /// the one it replaces (last writer wins by timestamp when gossip merges), stamped by the
+    /// wall clock (`bucket::set_props`).
     pub(super) fn set_bucket_props(
         &mut self,
-        now: u64,
         bucket: &str,
         props: Option<&BucketProps>,
     ) -> ClientResult {
-        match crate::bucket::set_props(&mut self.cluster, bucket, props, &self.me, now) {
+        let wall_ms = self.wall_ms;
+        match crate::bucket::set_props(&mut self.cluster, bucket, props, &self.me, wall_ms) {
             Ok(()) => ClientResult::Done,
             Err(e) => ClientResult::Failed {
                 status: 400,

@@ -347,6 +347,15 @@ pub enum Timer {
     Paging,
 }
 
+/// The two clocks a node reads (as TigerBeetle's `Time`): a monotonic one for timers,
+/// timeouts and failure detection, and the wall clock for what is stamped with or aged by
+/// the calendar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time {
+    pub monotonic_ms: u64,
+    pub wall_ms: u64,
+}
+
 /// What drives a node.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -593,6 +602,8 @@ pub struct Node {
     me: NodeId,
     actor: ActorId,
     config: NodeConfig,
+    /// The wall clock at the input being handled (`Node::handle_at`).
+    wall_ms: u64,
     // ---- durable state ----
     cluster: ClusterState,
     /// The cluster state last asked to be written (`Output::Persist`).
@@ -680,6 +691,7 @@ impl Node {
         let (replica, aae) = open_storage(&storage, actor, &cluster.ring.current)?;
         let heartbeat_timeout = config.timings.heartbeat_timeout_ms;
         let mut node = Node {
+            wall_ms: now,
             failure_detector: FailureDetector::new(me.clone(), now, heartbeat_timeout),
             me,
             actor,
@@ -980,6 +992,23 @@ impl Node {
 
     /// Process one input.
     pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
+        self.handle_at(
+            Time {
+                monotonic_ms: now,
+                wall_ms: now,
+            },
+            input,
+        )
+    }
+
+    /// [`Node::handle`] with the two clocks apart: timers, timeouts and failure detection
+    /// run on `time.monotonic_ms`; what is stamped or aged by the calendar (a write's
+    /// `Last-Modified` and clock entries, a bucket-properties entry, a tombstone's age, a
+    /// forwarded put's age) on `time.wall_ms`, which may be skewed against other nodes' and
+    /// may jump.
+    pub fn handle_at(&mut self, time: Time, input: Input) -> Vec<Output> {
+        let now = time.monotonic_ms;
+        self.wall_ms = time.wall_ms;
         if self.failed.is_some() {
             return self.stopped_outputs();
         }
@@ -1024,11 +1053,7 @@ impl Node {
             Input::SyncFailed { error } => {
                 self.must(Err::<(), _>(error), "sync its writes");
             }
-            Input::PeerClock { peer, offset_ms } => {
-                if self.cluster.member(&peer).is_some() || self.clock_offsets.contains_key(&peer) {
-                    self.clock_offsets.insert(peer, offset_ms);
-                }
-            }
+            Input::PeerClock { peer, offset_ms } => self.note_peer_clock(peer, offset_ms),
         }
         while let Some((to, id)) = self.failures.pop_front() {
             if self.failed.is_some() {
@@ -1067,6 +1092,29 @@ impl Node {
                 state: Box::new(self.cluster.clone()),
             },
         );
+    }
+
+    /// Keep a peer's clock offset (the transport measures it at each hello, before the peer
+    /// may be a member here: a joiner learns of the members, and they of it, later). Bounded
+    /// by `MAX_MEMBERS` entries: when full, a member's offset takes the place of one of a
+    /// name that is no member, and a non-member's is not kept.
+    fn note_peer_clock(&mut self, peer: NodeId, offset_ms: i64) {
+        let known = self.clock_offsets.contains_key(&peer);
+        if !known && self.clock_offsets.len() >= membership::MAX_MEMBERS {
+            if self.cluster.member(&peer).is_none() {
+                return;
+            }
+            let stranger = self
+                .clock_offsets
+                .keys()
+                .find(|n| self.cluster.member(n).is_none())
+                .cloned();
+            let Some(stranger) = stranger else {
+                return;
+            };
+            self.clock_offsets.remove(&stranger);
+        }
+        self.clock_offsets.insert(peer, offset_ms);
     }
 
     /// A new sync ticket: the writes made so far must become durable.

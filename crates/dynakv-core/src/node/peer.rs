@@ -35,7 +35,8 @@ impl Node {
                 let limit_ms = (!self.config.retry_unanswered_forward())
                     .then_some(self.config.timings.request_ms);
                 let view = NodeView { node: self, now };
-                match accept_forwarded(&view, message, now, offset, limit_ms) {
+                // Its age: the forwarder's wall clock converted to this node's.
+                match accept_forwarded(&view, message, self.wall_ms, offset, limit_ms) {
                     Ok((op, stamp_ms)) => {
                         let view = NodeView { node: self, now };
                         let (put, steps) = PutRequest::coordinate(&view, op, stamp_ms);

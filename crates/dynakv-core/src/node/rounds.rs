@@ -401,7 +401,9 @@ impl Node {
         }
         let grace = self.config.tombstone_grace_ms;
         // Through the tombstone list, as the server reads it (the core's).
-        let listed = reap_candidates(&self.replica, now, grace, MAX_REAPS_PER_ROUND);
+        // A tombstone's age is by the wall clock (its writes' stamps).
+        let wall_ms = self.wall_ms;
+        let listed = reap_candidates(&self.replica, wall_ms, grace, MAX_REAPS_PER_ROUND);
         let listed = self.must(listed, "scan tombstones");
         if self.failed.is_some() {
             return;
