@@ -393,6 +393,98 @@ impl HintRun {
     pub fn finished(&self) -> bool {
         !self.reading && self.outstanding.is_empty()
     }
+
+    /// Hints routed so far (what the run spent of its budget).
+    pub fn routed(&self) -> usize {
+        self.round.routed()
+    }
+}
+
+/// One delivery round over every target this node holds hints for: one target after another
+/// (each a [`HintRun`]), within one budget of hints for the whole round (admission control:
+/// a target's run gets what the runs before it left). The server and the simulator both
+/// drive it (before, the server ran targets in turn within the budget and the simulator all
+/// targets at once, each with a page's worth).
+#[derive(Debug)]
+pub struct DeliveryRound {
+    /// Targets not started yet, each with whether it is believed up.
+    targets: std::collections::VecDeque<(NodeId, bool)>,
+    budget: usize,
+    spent: usize,
+    limits: (usize, u64),
+    current: Option<HintRun>,
+}
+
+impl DeliveryRound {
+    /// The round over `targets` (each with whether this node believes it up), spending at
+    /// most `budget` hints; `limits` are a run's page size and request timeout. Its steps
+    /// are each for the target named beside it.
+    pub fn start(
+        state: &ClusterState,
+        targets: Vec<(NodeId, bool)>,
+        budget: usize,
+        limits: (usize, u64),
+    ) -> (DeliveryRound, Vec<(NodeId, HintStep)>) {
+        let mut round = DeliveryRound {
+            targets: targets.into(),
+            budget,
+            spent: 0,
+            limits,
+            current: None,
+        };
+        let steps = round.next_target(state);
+        (round, steps)
+    }
+
+    /// The target whose run is in progress.
+    pub fn target(&self) -> Option<&NodeId> {
+        self.current.as_ref().map(HintRun::target)
+    }
+
+    /// Start the next target's run (skipping those whose hints are held), or end the round.
+    fn next_target(&mut self, state: &ClusterState) -> Vec<(NodeId, HintStep)> {
+        while let Some((target, up)) = self.targets.pop_front() {
+            let left = self.budget.saturating_sub(self.spent);
+            if let Some((run, steps)) = HintRun::start(state, &target, up, left, self.limits) {
+                self.current = Some(run);
+                return steps.into_iter().map(|s| (target.clone(), s)).collect();
+            }
+        }
+        self.current = None;
+        Vec::new()
+    }
+
+    /// Feed an outcome of the current target's run (`target`: the one it is for; an outcome
+    /// for another is ignored).
+    pub fn handle(
+        &mut self,
+        state: &ClusterState,
+        n_val: impl Fn(&str) -> u32,
+        target: &NodeId,
+        event: HintEvent,
+    ) -> Vec<(NodeId, HintStep)> {
+        let Some(run) = self.current.as_mut() else {
+            return Vec::new();
+        };
+        if run.target() != target {
+            return Vec::new();
+        }
+        let mut steps: Vec<(NodeId, HintStep)> = run
+            .handle(state, n_val, event)
+            .into_iter()
+            .map(|s| (target.clone(), s))
+            .collect();
+        if run.finished() {
+            self.spent = self.spent.saturating_add(run.routed());
+            steps.extend(self.next_target(state));
+        }
+        steps
+    }
+
+    /// Every target's run is over.
+    pub fn finished(&self) -> bool {
+        self.current.is_none()
+    }
 }
 
 #[cfg(test)]
@@ -657,5 +749,91 @@ mod tests {
         assert!(run.finished());
         // A held target (a member believed down) gets no run at all.
         assert!(HintRun::start(&state, &id("b"), false, 100, (4, 50)).is_none());
+    }
+
+    /// A delivery round runs its targets one after another: a target that is down keeps its
+    /// hints, each later target gets what the earlier ones left of the round's budget, and an
+    /// outcome for another target than the current one is ignored.
+    #[test]
+    fn a_delivery_round_runs_targets_in_turn_within_one_budget() {
+        let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
+        let object = crate::object::Object::default()
+            .update(
+                &crate::version::VersionVector::new(),
+                crate::object::Content::default(),
+                crate::version::ActorId(1),
+                1,
+                crate::object::PrunePolicy::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .encode();
+        let hints = |target: &str, n: usize| -> Vec<Entry> {
+            (0..n)
+                .map(|i| {
+                    let key = format!("k{i:02}");
+                    (keys::hint_key(target, b"x", key.as_bytes()), object.clone())
+                })
+                .collect()
+        };
+        let n_val = |_: &str| 3;
+        let targets = vec![(id("b"), false), (id("c"), true), (id("d"), true)];
+        let (mut round, steps) = DeliveryRound::start(&state, targets, 10, (100, 50));
+        // b is down: c's run starts at once.
+        assert_eq!(round.target(), Some(&id("c")));
+        assert!(matches!(steps.as_slice(), [(t, HintStep::ReadPage { .. })] if *t == id("c")));
+        // An outcome for d (not started) changes nothing.
+        let ignored = round.handle(&state, n_val, &id("d"), HintEvent::Page(hints("d", 3)));
+        assert!(ignored.is_empty());
+        // c's page: 7 hints routed (its budget is 10), all of them to c or moved.
+        let steps = round.handle(&state, n_val, &id("c"), HintEvent::Page(hints("c", 7)));
+        let sends: Vec<u64> = steps
+            .iter()
+            .filter_map(|(_, s)| match s {
+                HintStep::Send { tag, .. } => Some(*tag),
+                _ => None,
+            })
+            .collect();
+        assert!(!sends.is_empty());
+        let mut next = Vec::new();
+        for tag in sends {
+            next = round.handle(&state, n_val, &id("c"), HintEvent::Reply { tag, ok: true });
+        }
+        // c is done (a short page): d's run starts with what is left, 3.
+        assert_eq!(round.target(), Some(&id("d")));
+        assert!(
+            next.iter()
+                .any(|(t, s)| *t == id("d") && matches!(s, HintStep::ReadPage { after: None, .. }))
+        );
+        let steps = round.handle(&state, n_val, &id("d"), HintEvent::Page(hints("d", 8)));
+        let routed: usize = steps
+            .iter()
+            .filter_map(|(_, s)| match s {
+                HintStep::Send { message, .. } => Some(match &**message {
+                    PeerMessage::Handoff { entries, .. } => entries.len(),
+                    _ => 1,
+                }),
+                _ => None,
+            })
+            .sum();
+        assert!(
+            routed >= 3,
+            "three hints routed (a moved one goes to each replica)"
+        );
+        let keys_sent: std::collections::BTreeSet<String> = steps
+            .iter()
+            .filter_map(|(_, s)| match s {
+                HintStep::Send { message, .. } => Some(match &**message {
+                    PeerMessage::Handoff { entries, .. } => {
+                        entries.iter().map(|e| e.key.clone()).collect::<Vec<_>>()
+                    }
+                    PeerMessage::ReplicaPut { key, .. } => vec![key.clone()],
+                    _ => vec![],
+                }),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(keys_sent.len(), 3, "the budget left: {keys_sent:?}");
+        assert!(!round.finished());
     }
 }

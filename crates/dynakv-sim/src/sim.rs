@@ -845,7 +845,10 @@ impl Simulation {
                 }
                 self.membership_asked = true;
                 let line = match self.nodes[x].leave() {
-                    Ok(()) => format!("{} leave {}", self.now, self.ids[x]),
+                    Ok(outputs) => {
+                        self.apply_outputs(x, outputs);
+                        format!("{} leave {}", self.now, self.ids[x])
+                    }
                     Err(e) => format!("{} leave {} refused: {e}", self.now, self.ids[x]),
                 };
                 self.fault_log.push(line.clone());
@@ -877,7 +880,10 @@ impl Simulation {
         }
         self.membership_asked = true;
         let line = match self.nodes[x].leave() {
-            Ok(()) => format!("{} leave {} (after its join)", self.now, id),
+            Ok(outputs) => {
+                self.apply_outputs(x, outputs);
+                format!("{} leave {} (after its join)", self.now, id)
+            }
             Err(e) => format!("{} leave {id} (after its join) refused: {e}", self.now),
         };
         self.fault_log.push(line.clone());

@@ -140,17 +140,18 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     // outputs (an fsync takes 1-8 simulated ms), and seeds 114, 148 and 273 showed it until
     // the node's handoff and cleanup were paged as the server's, and seeds 105, 241 and 264
     // (with a forced join) until the anti-entropy round became the core's `AaeRun` (its
-    // repairs' writes are buffered, as the server's always were). Seed 45 with a forced join
-    // (one of 14 in 2000 such runs, `dynakv-sim --seeds 2000 --membership join --old-rule
-    // unchecked-handoff --no-deletes`) shows it now; 88 and 245 are two more of those 14, so
-    // a small change of trajectory does not silence the test (at least one must show the
-    // stray copy).
+    // repairs' writes are buffered, as the server's always were), and seeds 45, 88 and 245
+    // until hint delivery became one round over the targets (`DeliveryRound`). Seed 42 with
+    // a forced join (one of 20 in 2000 such runs, `dynakv-sim --seeds 2000 --membership join
+    // --old-rule unchecked-handoff --no-deletes`) shows it now; 143 and 220 are two more of
+    // those 20, so a small change of trajectory does not silence the test (at least one must
+    // show the stray copy).
     let setup = |c: &mut dynakv_sim::sim::SimConfig| {
         c.deletes = false;
         c.membership = Some(MembershipChange::Join);
     };
     let mut strays = 0;
-    for seed in [45, 88, 245] {
+    for seed in [42, 143, 220] {
         let old = run_seed(seed, |c| {
             setup(c);
             c.node.sim.handoff_checks_ring = false;
@@ -164,7 +165,7 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     }
     assert!(
         strays > 0,
-        "the old rule left no stray copy on seeds 45, 88, 245"
+        "the old rule left no stray copy on seeds 42, 143, 220"
     );
 }
 

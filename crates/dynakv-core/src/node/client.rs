@@ -38,7 +38,7 @@ impl Node {
                 self.start_listing(now, id, Listing::Buckets(listing), steps);
             }
             ClientOp::Leave => {
-                let result = match self.leave() {
+                let result = match self.request_leave() {
                     Ok(()) => ClientResult::Done,
                     Err(message) => ClientResult::Failed {
                         status: 400,

@@ -59,7 +59,7 @@ use crate::bucket::{BucketProps, PropsCache, Quorum};
 use crate::coordinator::{ReapAnswer, reap_candidates};
 use crate::failure::FailureDetector;
 use crate::handoff::{Cleanup, CleanupMarker, CleanupPass, HandoffPass, PassStep};
-use crate::hints::{HintEvent, HintRun, HintStep};
+use crate::hints::{DeliveryRound, HintEvent, HintStep};
 use crate::keys;
 use crate::limits;
 use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep, Listing};
@@ -626,10 +626,10 @@ pub struct Node {
     requests: BTreeMap<u64, ClientRequest>,
     failure_detector: FailureDetector,
     links: BTreeMap<NodeId, Link>,
-    /// Peers' clock offsets (`Input::PeerClock`), bounded by the members.
+    /// Peers' clock offsets (`Input::PeerClock`), at most `MAX_MEMBERS` (see `note_peer_clock`).
     clock_offsets: BTreeMap<NodeId, i64>,
-    /// The hint delivery round in progress per target.
-    hint_runs: BTreeMap<NodeId, HintRun>,
+    /// The hint delivery round in progress (at most one; the core's `DeliveryRound`).
+    hint_round: Option<DeliveryRound>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
     handoff: Option<HandoffPass>,
@@ -713,7 +713,7 @@ impl Node {
             requests: BTreeMap::new(),
             links: BTreeMap::new(),
             clock_offsets: BTreeMap::new(),
-            hint_runs: BTreeMap::new(),
+            hint_round: None,
             unsent: None,
             handoff: None,
             cleanup_marker: CleanupMarker::default(),
@@ -800,8 +800,19 @@ impl Node {
         self.failed.as_deref()
     }
 
-    /// `Cluster::leave`: mark this node leaving; gossip and the claimant do the rest.
-    pub fn leave(&mut self) -> Result<(), String> {
+    /// `Cluster::leave`: mark this node leaving; gossip and the claimant do the rest. Called
+    /// between inputs; returns the outputs of the change (its `Output::Persist`: a leave
+    /// lost in a crash would leave the node in the ring).
+    ///
+    /// # Errors
+    /// The membership refused it (the last node of the ring, or not a member).
+    pub fn leave(&mut self) -> Result<Vec<Output>, String> {
+        self.request_leave()?;
+        self.persist_if_changed();
+        Ok(std::mem::take(&mut self.outputs))
+    }
+
+    fn request_leave(&mut self) -> Result<(), String> {
         let me = self.me.clone();
         self.cluster.request_leave(&me).map_err(|e| e.to_string())
     }
@@ -969,7 +980,7 @@ impl Node {
             self.config.timings.heartbeat_timeout_ms,
         );
         self.links.clear();
-        self.hint_runs.clear();
+        self.hint_round = None;
         self.handoff = None;
         self.cleanup_marker = CleanupMarker::default();
         self.join_pending = false;

@@ -7,7 +7,7 @@
 
 use super::{
     AaeRound, AaeRun, AaeRunEvent, AaeRunStep, AfterSync, Arc, BTreeSet, CleanupPass, ClusterState,
-    HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintRun, HintStep,
+    DeliveryRound, HANDOFF_BATCH_KEYS, HandoffEntry, HandoffPass, HintEvent, HintStep,
     MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, Node, NodeId, Output, PassStep, PeerMessage,
     Purpose, ReapEvent, ReapRound, ReapStep, Timer, reap_candidates,
 };
@@ -288,47 +288,47 @@ impl Node {
         self.cleanup_steps(now, pass, steps);
     }
 
-    /// `Cluster::deliver_hints`: a delivery run per target that has none out (the core's
-    /// `HintRun`), for a target that is up; a hint whose target no longer replicates its key
-    /// (or has exited) goes to the key's current replicas instead.
+    /// `Cluster::deliver_hints`: one delivery round (the core's `DeliveryRound`) over the
+    /// targets this node holds hints for, one after another within the admission budget
+    /// (`set_aae_budget`), unless the previous round is still out; a target that is down
+    /// keeps its hints, and a hint whose target no longer replicates its key (or has exited)
+    /// goes to the key's current replicas instead.
     pub(super) fn deliver_hints(&mut self, now: u64) {
+        if self.hint_round.is_some() {
+            return; // the previous round's deliveries are still out
+        }
         let targets: BTreeSet<NodeId> = self
             .replica
             .hint_counts()
             .into_iter()
             .map(|(t, _)| NodeId(t))
             .collect();
-        for target in targets {
-            if self.hint_runs.contains_key(&target) {
-                continue; // the previous round's deliveries are still out
-            }
-            let up = self.is_up(now, &target);
-            let limits = (HANDOFF_BATCH_KEYS, self.config.timings.request_ms);
-            let started = HintRun::start(&self.cluster, &target, up, HANDOFF_BATCH_KEYS, limits);
-            let Some((run, steps)) = started else {
-                continue;
-            };
-            self.hint_runs.insert(target.clone(), run);
-            self.hint_steps(now, &target, steps);
-            if self.failed.is_some() {
-                return;
-            }
-        }
+        let targets = targets
+            .into_iter()
+            .map(|t| {
+                let up = self.is_up(now, &t);
+                (t, up)
+            })
+            .collect();
+        let limits = (HANDOFF_BATCH_KEYS, self.config.timings.request_ms);
+        let (round, steps) = DeliveryRound::start(&self.cluster, targets, self.aae_budget, limits);
+        self.hint_round = Some(round);
+        self.hint_steps(now, steps);
     }
 
-    /// Feed an outcome to `target`'s delivery run and perform what it asks.
+    /// Feed an outcome of `target`'s delivery to the round and perform what it asks.
     pub(super) fn hint_event(&mut self, now: u64, target: &NodeId, event: HintEvent) {
-        let Some(mut run) = self.hint_runs.remove(target) else {
+        let Some(mut round) = self.hint_round.take() else {
             return;
         };
-        let steps = run.handle(&self.cluster, |bucket| self.n_val(bucket), event);
-        self.hint_runs.insert(target.clone(), run);
-        self.hint_steps(now, target, steps);
+        let steps = round.handle(&self.cluster, |bucket| self.n_val(bucket), target, event);
+        self.hint_round = Some(round);
+        self.hint_steps(now, steps);
     }
 
-    /// Perform a delivery run's steps; a local step's outcome is fed back at once.
-    fn hint_steps(&mut self, now: u64, target: &NodeId, steps: Vec<HintStep>) {
-        for step in steps {
+    /// Perform a delivery round's steps; a local step's outcome is fed back at once.
+    fn hint_steps(&mut self, now: u64, steps: Vec<(NodeId, HintStep)>) {
+        for (target, step) in steps {
             let event = match step {
                 HintStep::ReadPage { after, limit } => {
                     let page = self.replica.hint_page(&target.0, after.as_deref(), limit);
@@ -378,11 +378,15 @@ impl Node {
                 }
             };
             if let Some(event) = event {
-                self.hint_event(now, target, event);
+                self.hint_event(now, &target, event);
             }
         }
-        if self.hint_runs.get(target).is_some_and(HintRun::finished) {
-            self.hint_runs.remove(target);
+        if self
+            .hint_round
+            .as_ref()
+            .is_some_and(DeliveryRound::finished)
+        {
+            self.hint_round = None;
         }
     }
 

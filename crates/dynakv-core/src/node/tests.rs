@@ -377,6 +377,14 @@ fn the_cluster_state_is_persisted_when_it_changes_and_read_back_at_restart() {
         .iter()
         .position(|o| matches!(o, Output::Reply { .. }));
     assert!(replied.is_some_and(|at| at > 0));
+    // A leave asked between inputs is written too (found by the simulator: a leave followed
+    // by a crash before the next state-changing input came back without it).
+    let left = node.leave().unwrap();
+    assert!(
+        matches!(left.as_slice(), [Output::Persist { state }]
+            if state.member(&id("a")).map(|m| m.status) == Some(MemberStatus::Leaving)),
+        "{left:?}"
+    );
     // What the disk holds is what a restart starts from (here: the state before the change,
     // as if its write had not happened before a crash).
     membership::store_persisted(storage.as_ref(), &cluster).unwrap();

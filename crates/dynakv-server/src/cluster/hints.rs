@@ -5,7 +5,7 @@ use super::{
     Arc, Cluster, ClusterError, Durability, Duration, HANDOFF_BATCH_KEYS, HintStats,
     MAX_HINTS_PER_TARGET, NodeId, Object, Ordering, PeerMessage, internal, serve,
 };
-use dynakv_core::hints::{HintEvent, HintRun, HintStep};
+use dynakv_core::hints::{DeliveryRound, HintEvent, HintStep};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::collections::VecDeque;
@@ -54,85 +54,87 @@ impl Cluster {
         }
     }
 
-    /// Deliver the hints held for nodes that are reachable again; a hint is deleted only after
-    /// its destination acknowledged it (and only if it did not change meanwhile). Hints for a
-    /// key whose preference list no longer names their target go to its current replicas.
-    /// Returns the number of hints delivered.
+    /// Deliver the hints held for nodes that are reachable again: one round of the core's
+    /// `DeliveryRound` (the simulator's too) over the targets, one after another, within the
+    /// admission-control budget of hints; a hint is deleted only after its destination
+    /// acknowledged it (and only if it did not change meanwhile). Hints for a key whose
+    /// preference list no longer names their target go to its current replicas. Returns the
+    /// number of hints delivered.
     pub async fn deliver_hints(&self) -> Result<usize, ClusterError> {
         let mut delivered = 0;
-        // Admission control: at most the background budget of hints per round.
         let budget = self.admission.budget();
         let request_ms = u64::try_from(self.timeouts.request.as_millis()).unwrap_or(u64::MAX);
-        for (target, _) in self.replica.hint_counts() {
-            let target_id = NodeId(target.clone());
-            let up = self.is_up(&target_id);
-            let left = budget.saturating_sub(delivered);
-            let limits = (HANDOFF_BATCH_KEYS, request_ms);
-            // The core's run (the simulator's too): pages, routing, sends, deletions.
-            let Some((mut run, steps)) =
-                HintRun::start(&self.state(), &target_id, up, left, limits)
-            else {
-                continue;
-            };
-            let mut queue: VecDeque<HintStep> = steps.into();
-            let mut sends = FuturesUnordered::new();
-            loop {
-                while let Some(step) = queue.pop_front() {
-                    let event = match step {
-                        HintStep::ReadPage { after, limit } => {
-                            let replica = Arc::clone(&self.replica);
-                            let t = target.clone();
-                            let page = tokio::task::spawn_blocking(move || {
-                                replica.hint_page(&t, after.as_deref(), limit)
-                            })
-                            .await
-                            .map_err(internal)??;
-                            Some(HintEvent::Page(page))
+        let targets = self
+            .replica
+            .hint_counts()
+            .into_iter()
+            .map(|(target, _)| {
+                let target = NodeId(target);
+                let up = self.is_up(&target);
+                (target, up)
+            })
+            .collect();
+        let limits = (HANDOFF_BATCH_KEYS, request_ms);
+        let (mut round, steps) = DeliveryRound::start(&self.state(), targets, budget, limits);
+        let mut queue: VecDeque<(NodeId, HintStep)> = steps.into();
+        let mut sends = FuturesUnordered::new();
+        loop {
+            while let Some((target, step)) = queue.pop_front() {
+                let event = match step {
+                    HintStep::ReadPage { after, limit } => {
+                        let replica = Arc::clone(&self.replica);
+                        let t = target.0.clone();
+                        let page = tokio::task::spawn_blocking(move || {
+                            replica.hint_page(&t, after.as_deref(), limit)
+                        })
+                        .await
+                        .map_err(internal)??;
+                        Some(HintEvent::Page(page))
+                    }
+                    HintStep::Send {
+                        tag,
+                        to,
+                        message,
+                        timeout_ms,
+                    } => {
+                        let timeout = Duration::from_millis(timeout_ms);
+                        let target = target.clone();
+                        sends.push(async move {
+                            let ok = self.send_hint(to, *message, timeout).await;
+                            (target, tag, ok)
+                        });
+                        None
+                    }
+                    HintStep::Delete {
+                        hint_key,
+                        held,
+                        corrupt,
+                    } => {
+                        if corrupt {
+                            tracing::error!(%target, error = "checksum", "corrupt hint removed undelivered; anti-entropy repairs its key");
                         }
-                        HintStep::Send {
-                            tag,
-                            to,
-                            message,
-                            timeout_ms,
-                        } => {
-                            let timeout = Duration::from_millis(timeout_ms);
-                            sends.push(async move {
-                                (tag, self.send_hint(to, *message, timeout).await)
-                            });
-                            None
-                        }
-                        HintStep::Delete {
-                            hint_key,
-                            held,
-                            corrupt,
-                        } => {
+                        if self.drop_hint(&hint_key, &held).await? {
                             if corrupt {
-                                tracing::error!(%target, error = "checksum", "corrupt hint removed undelivered; anti-entropy repairs its key");
+                                self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                delivered += 1;
                             }
-                            if self.drop_hint(&hint_key, &held).await? {
-                                if corrupt {
-                                    self.hints.corrupt.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    delivered += 1;
-                                }
-                            }
-                            None
                         }
-                    };
-                    if let Some(event) = event {
-                        let steps =
-                            run.handle(&self.state(), |b| self.bucket_props(b).n_val, event);
-                        for step in steps.into_iter().rev() {
-                            queue.push_front(step);
-                        }
+                        None
+                    }
+                };
+                if let Some(event) = event {
+                    let steps = self.hint_handle(&mut round, &target, event);
+                    for step in steps.into_iter().rev() {
+                        queue.push_front(step);
                     }
                 }
-                let Some((tag, ok)) = sends.next().await else {
-                    break;
-                };
-                let event = HintEvent::Reply { tag, ok };
-                queue.extend(run.handle(&self.state(), |b| self.bucket_props(b).n_val, event));
             }
+            let Some((target, tag, ok)) = sends.next().await else {
+                break;
+            };
+            let event = HintEvent::Reply { tag, ok };
+            queue.extend(self.hint_handle(&mut round, &target, event));
         }
         if delivered > 0 {
             self.hints
@@ -141,6 +143,16 @@ impl Cluster {
             tracing::info!(hints = delivered, "hints delivered");
         }
         Ok(delivered)
+    }
+
+    fn hint_handle(
+        &self,
+        round: &mut DeliveryRound,
+        target: &NodeId,
+        event: HintEvent,
+    ) -> Vec<(NodeId, HintStep)> {
+        let state = self.state();
+        round.handle(&state, |b| self.bucket_props(b).n_val, target, event)
     }
 
     /// Send one message of a hint delivery run; `true` when it was acknowledged. A message
