@@ -9,14 +9,15 @@
 //!
 //! Invariants: one exchange at a time, one question of it in flight; an answer or fetch this
 //! machine did not ask for (a late reply of an exchange that ended, another request's id) is
-//! ignored; the keys of a `Compare` are fetched together and an exchange ends once every one
-//! has an outcome or the budget is spent; a failed or unexpected answer ends its exchange
+//! ignored; the keys of a `Compare` are fetched at most `AAE_FETCHES_IN_FLIGHT` at a time
+//! and an exchange ends once every one has an outcome or the budget is spent; a failed or unexpected answer ends its exchange
 //! without a record; a repair's remote write is `Buffered` (no client waits for it, and a
 //! repair lost in a crash is found again by the next round).
 
 use crate::aae_trees::AaeTrees;
 use crate::anti_entropy::{AaeAsk, AaeExchange, AaeRound, AaeStep, BucketKey};
 use crate::coordinator::KeyRepair;
+use crate::limits::AAE_FETCHES_IN_FLIGHT;
 use crate::membership::ClusterState;
 use crate::merkle::Hash;
 use crate::message::PeerMessage;
@@ -131,6 +132,8 @@ struct Current {
     /// The question in flight, and a key answer held until this node's keys are read.
     asking: Option<u64>,
     held: Option<(u64, PeerMessage)>,
+    /// Keys of the comparison not fetched yet (at most `AAE_FETCHES_IN_FLIGHT` are out).
+    queued: std::collections::VecDeque<BucketKey>,
     /// Keys whose peer copy is being fetched.
     fetching: BTreeMap<u64, BucketKey>,
     /// Keys whose peer copy arrived and whose local copy is being read.
@@ -152,10 +155,12 @@ impl Current {
     /// After a key's outcome: the exchange's end when every key has one or the budget is
     /// spent, else `None` (more outcomes to wait for).
     fn compared(&mut self) -> Option<AaeStep<BucketKey>> {
-        if !self.exchange.compared_all() && (!self.fetching.is_empty() || !self.reading.is_empty())
+        if !self.exchange.compared_all()
+            && (!self.fetching.is_empty() || !self.reading.is_empty() || !self.queued.is_empty())
         {
             return None;
         }
+        self.queued.clear();
         self.fetching.clear();
         self.reading.clear();
         Some(self.exchange.finish())
@@ -220,6 +225,7 @@ impl AaeRun {
             exchange,
             asking: None,
             held: None,
+            queued: std::collections::VecDeque::new(),
             fetching: BTreeMap::new(),
             reading: BTreeMap::new(),
             failed: false,
@@ -329,6 +335,9 @@ impl AaeRun {
                     }
                     None => current.exchange.skip(&bucket_key),
                 }
+                if !current.exchange.compared_all() {
+                    self.fetch_more(state, &mut current, &mut steps);
+                }
                 let Some(step) = current.compared() else {
                     self.current = Some(current);
                     return steps;
@@ -359,6 +368,9 @@ impl AaeRun {
                     }
                     None => current.exchange.skip(&bucket_key),
                 }
+                if !current.exchange.compared_all() {
+                    self.fetch_more(state, &mut current, &mut steps);
+                }
                 let Some(step) = current.compared() else {
                     self.current = Some(current);
                     return steps;
@@ -368,6 +380,28 @@ impl AaeRun {
         };
         self.on_step(state, current, step, &mut steps);
         steps
+    }
+
+    /// Fetch the next queued keys, up to `AAE_FETCHES_IN_FLIGHT` outstanding.
+    fn fetch_more(
+        &mut self,
+        state: &ClusterState,
+        current: &mut Current,
+        steps: &mut Vec<AaeRunStep>,
+    ) {
+        while current.fetching.len() + current.reading.len() < AAE_FETCHES_IN_FLIGHT {
+            let Some(bucket_key) = current.queued.pop_front() else {
+                return;
+            };
+            let id = self.id();
+            steps.push(AaeRunStep::Fetch {
+                id,
+                to: current.peer.clone(),
+                message: crate::request::replica_get(state, &bucket_key.0, &bucket_key.1, None),
+                timeout_ms: self.request_ms,
+            });
+            current.fetching.insert(id, bucket_key);
+        }
     }
 
     fn on_step(
@@ -383,21 +417,8 @@ impl AaeRun {
                 self.current = Some(current);
             }
             AaeStep::Compare(keys) => {
-                for bucket_key in keys {
-                    let id = self.id();
-                    steps.push(AaeRunStep::Fetch {
-                        id,
-                        to: current.peer.clone(),
-                        message: crate::request::replica_get(
-                            state,
-                            &bucket_key.0,
-                            &bucket_key.1,
-                            None,
-                        ),
-                        timeout_ms: self.request_ms,
-                    });
-                    current.fetching.insert(id, bucket_key);
-                }
+                current.queued.extend(keys);
+                self.fetch_more(state, &mut current, steps);
                 self.current = Some(current);
             }
             AaeStep::Done { repaired } => {
@@ -797,5 +818,96 @@ mod tests {
             repaired: 1,
         }));
         assert_eq!(steps.last(), Some(&AaeRunStep::Over { repaired: 1 }));
+    }
+
+    /// The keys of one comparison are fetched a few at a time: never more than
+    /// `AAE_FETCHES_IN_FLIGHT` outstanding, and every key is compared in the end.
+    #[test]
+    fn a_comparison_keeps_a_bounded_number_of_fetches_in_flight() {
+        let (state, a, b) = two_nodes();
+        let target = partition(&state, "k0");
+        let keys: Vec<String> = (0..2000)
+            .map(|i| format!("k{i}"))
+            .filter(|k| partition(&state, k) == target)
+            .take(3 * crate::limits::AAE_FETCHES_IN_FLIGHT)
+            .collect();
+        for key in &keys {
+            store(&b, key, &version(key, 2));
+        }
+        // Drive by hand: answer fetches last in, first out, counting those outstanding.
+        let me = id("a");
+        let plan = AaeRound::plan(&state, &me, &BucketProps::default(), 0, 1000, |_| true);
+        let (mut run, steps) = AaeRun::start(plan, 100);
+        let mut queue: VecDeque<AaeRunStep> = steps.into();
+        let mut out: Vec<(u64, PeerMessage)> = Vec::new();
+        let mut most = 0;
+        loop {
+            while let Some(step) = queue.pop_front() {
+                let event = match step {
+                    AaeRunStep::Ask { id, message, .. } => Some(AaeRunEvent::Answer {
+                        id,
+                        answer: Some(ask(&b, &state, message)),
+                    }),
+                    AaeRunStep::Fetch { id, message, .. } => {
+                        out.push((id, message));
+                        most = most.max(out.len());
+                        None
+                    }
+                    AaeRunStep::ReadLeafKeys {
+                        id,
+                        partition,
+                        leaves,
+                    } => Some(AaeRunEvent::LeafKeys {
+                        id,
+                        keys: a.aae.leaf_keys(partition, &leaves, 1000).map(|(k, _)| k),
+                    }),
+                    AaeRunStep::ReadLocal { id, bucket, key } => Some(AaeRunEvent::Local {
+                        id,
+                        object: Some(a.replica.get(&bucket, &key).unwrap()),
+                    }),
+                    AaeRunStep::Repair {
+                        bucket,
+                        key,
+                        merged,
+                        store_local,
+                        ..
+                    } => {
+                        if store_local {
+                            store(&a, &key, &merged);
+                            assert_eq!(bucket, "b");
+                        }
+                        None
+                    }
+                    AaeRunStep::Exchanged { .. } | AaeRunStep::Over { .. } => None,
+                };
+                if let Some(event) = event {
+                    let more = run.handle(&a.aae, &state, &me, |_| 3, event);
+                    queue.extend(more);
+                }
+            }
+            let Some((id, message)) = out.pop() else {
+                break;
+            };
+            let PeerMessage::ReplicaObject { object } = ask(&b, &state, message) else {
+                panic!("not an object")
+            };
+            let object = Some(object.map(|o| Object::decode(&o).unwrap()));
+            queue.extend(run.handle(
+                &a.aae,
+                &state,
+                &me,
+                |_| 3,
+                AaeRunEvent::Fetched { id, object },
+            ));
+        }
+        assert!(run.finished());
+        assert_eq!(
+            most,
+            crate::limits::AAE_FETCHES_IN_FLIGHT,
+            "fetches in flight"
+        );
+        for key in &keys {
+            assert!(a.replica.get("b", key).unwrap().is_some(), "{key} repaired");
+        }
     }
 }

@@ -17,6 +17,9 @@ pub const SCAN_PAGE_KEYS: usize = 1000;
 /// simulator found a leaver's cleanup outlasting a 500 ms tombstone grace period and handing
 /// an old copy over after the reap: seed 462 of `sibling_mode_loses_nothing_and_converges`.)
 pub const HANDOFF_BATCHES_IN_FLIGHT: usize = 8;
+/// Most key fetches one anti-entropy exchange has in flight (the keys of a comparison are
+/// fetched a few at a time: a budget of thousands at once would compete with clients).
+pub const AAE_FETCHES_IN_FLIGHT: usize = 8;
 /// Most keys a node keeps as hints for one other node; past it, new hints are dropped (and
 /// counted) and the node relies on read repair and anti-entropy.
 pub const MAX_HINTS_PER_TARGET: usize = 100_000;
@@ -97,7 +100,7 @@ pub const MAX_RING_PARTITIONS: u32 = 4096;
 
 const _: () = assert!(DEFAULT_RING_PARTITIONS.is_power_of_two());
 const _: () = assert!(HANDOFF_BATCH_KEYS > 0 && SCAN_PAGE_KEYS > 0 && HANDOFF_BATCH_BYTES > 0);
-const _: () = assert!(HANDOFF_BATCHES_IN_FLIGHT > 0);
+const _: () = assert!(HANDOFF_BATCHES_IN_FLIGHT > 0 && AAE_FETCHES_IN_FLIGHT > 0);
 const _: () = assert!(MAX_HINTS_PER_TARGET > 0 && MAX_REAPS_PER_ROUND > 0);
 const _: () = assert!(LIST_PAGE_KEYS > 0 && LIST_PAGE_KEYS <= MAX_LIST_PAGE);
 const _: () = assert!(MAX_PARSED_PROPS > 0 && MAX_AAE_KEYS_PER_EXCHANGE > 0);
