@@ -141,32 +141,33 @@ fn stale_hint_delivery_left_an_orphan_copy_under_the_old_rule() {
     // the node's handoff and cleanup were paged as the server's, and seeds 105, 241 and 264
     // (with a forced join) until the anti-entropy round became the core's `AaeRun` (its
     // repairs' writes are buffered, as the server's always were), and seeds 45, 88 and 245
-    // until hint delivery became one round over the targets (`DeliveryRound`). Seed 42 with
-    // a forced join (one of 20 in 2000 such runs, `dynakv-sim --seeds 2000 --membership join
-    // --old-rule unchecked-handoff --no-deletes`) shows it now; 143 and 220 are two more of
-    // those 20, so a small change of trajectory does not silence the test (at least one must
-    // show the stray copy).
+    // until hint delivery became one round over the targets (`DeliveryRound`). Pinned seeds
+    // kept moving, so the test now scans: with a forced join and no deletes, about 1 run in
+    // 100 leaves a stray copy under the old rule (20 of 2000 at 46ae438, the first at seed
+    // 42: `dynakv-sim --seeds 2000 --membership join --old-rule unchecked-handoff
+    // --no-deletes`); the first such seed below `STRAY_SCAN_SEEDS` must show it, and the
+    // same seed under the current rule must pass.
+    const STRAY_SCAN_SEEDS: u64 = 600;
     let setup = |c: &mut dynakv_sim::sim::SimConfig| {
         c.deletes = false;
         c.membership = Some(MembershipChange::Join);
     };
-    let mut strays = 0;
-    for seed in [42, 143, 220] {
+    let found = (0..STRAY_SCAN_SEEDS).find(|&seed| {
         let old = run_seed(seed, |c| {
             setup(c);
             c.node.sim.handoff_checks_ring = false;
         })
         .unwrap();
-        assert_eq!(old.check.lost(), 0);
+        assert_eq!(old.check.lost(), 0, "seed {seed}");
         assert!(old.converged, "{}", old.describe());
-        strays += old.strays.len();
-        let fixed = run_seed(seed, setup).unwrap();
-        assert!(fixed.passed(), "{}", fixed.describe());
-    }
-    assert!(
-        strays > 0,
-        "the old rule left no stray copy on seeds 42, 143, 220"
-    );
+        !old.strays.is_empty()
+    });
+    let Some(seed) = found else {
+        panic!("the old rule left no stray copy in seeds 0..{STRAY_SCAN_SEEDS}");
+    };
+    println!("seed {seed} shows the stray copy under the old rule");
+    let fixed = run_seed(seed, setup).unwrap();
+    assert!(fixed.passed(), "{}", fixed.describe());
 }
 
 /// Deletes under faults with short grace periods: tombstones are reaped, and nothing a client
