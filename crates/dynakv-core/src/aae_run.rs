@@ -910,4 +910,69 @@ mod tests {
             assert!(a.replica.get("b", key).unwrap().is_some(), "{key} repaired");
         }
     }
+
+    /// Attacker: a peer that answers the segment question with keys nobody asked for ends
+    /// that exchange with nothing fetched or repaired (an out-of-order answer, as the core's
+    /// `AaeExchange` reads it), and one that answers with something that is no anti-entropy
+    /// answer at all ends the next exchange unrecorded.
+    #[test]
+    fn a_wrong_answer_ends_the_exchange_unrecorded() {
+        let (state, a, _b) = two_nodes();
+        let me = id("a");
+        let plan = AaeRound::plan(&state, &me, &BucketProps::default(), 0, 100, |_| true);
+        let (mut run, steps) = AaeRun::start(plan, 100);
+        let AaeRunStep::Ask { id: asked, .. } = steps[0] else {
+            panic!("{steps:?}")
+        };
+        let hostile = PeerMessage::AaeKeyHashes {
+            entries: vec![("b".into(), "planted".into(), [7; 16])],
+            truncated: false,
+        };
+        let next = run.handle(
+            &a.aae,
+            &state,
+            &me,
+            |_| 3,
+            AaeRunEvent::Answer {
+                id: asked,
+                answer: Some(hostile),
+            },
+        );
+        // This node's side is read (no leaves were asked), then the exchange ends.
+        let AaeRunStep::ReadLeafKeys { id: read, .. } = &next[0] else {
+            panic!("{next:?}")
+        };
+        let next = run.handle(
+            &a.aae,
+            &state,
+            &me,
+            |_| 3,
+            AaeRunEvent::LeafKeys {
+                id: *read,
+                keys: Ok(Vec::new()),
+            },
+        );
+        let fetched =
+            |s: &AaeRunStep| matches!(s, AaeRunStep::Fetch { .. } | AaeRunStep::Repair { .. });
+        assert!(!next.iter().any(fetched), "{next:?}");
+        let AaeRunStep::Ask { id: second, .. } = next.last().cloned().unwrap() else {
+            panic!("the next exchange starts: {next:?}")
+        };
+        let next = run.handle(
+            &a.aae,
+            &state,
+            &me,
+            |_| 3,
+            AaeRunEvent::Answer {
+                id: second,
+                answer: Some(PeerMessage::Ack),
+            },
+        );
+        assert!(
+            !next
+                .iter()
+                .any(|s| matches!(s, AaeRunStep::Exchanged { .. })),
+            "a wrong answer is not a completed exchange: {next:?}"
+        );
+    }
 }

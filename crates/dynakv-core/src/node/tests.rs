@@ -1053,3 +1053,48 @@ fn the_claimant_plans_on_the_state_its_gossip_exchange_just_merged() {
     let next = ring.next.as_ref().expect("the join is planned this round");
     assert!(next.nodes().iter().any(|n| n.id == id("d")));
 }
+
+/// Attacker: clock offsets for thousands of names that are no members (a peer cycling names
+/// at hello) are bounded, and do not keep a member's offset out: a forward from that member,
+/// whose clock is 10 s behind, is still judged on the converted clock.
+#[test]
+fn strangers_clock_offsets_are_bounded_and_do_not_crowd_out_a_member() {
+    let mut net = Net::new(&cluster_with_single_replica_bucket());
+    let key = "late";
+    let primary = net.index(&net.nodes[0].primaries("single", key)[0]);
+    let from = net.nodes[(primary + 1) % 3].id().clone();
+    let now = 100_000;
+    net.now = now;
+    for i in 0..3 * membership::MAX_MEMBERS {
+        let stranger = Input::PeerClock {
+            peer: id(&format!("ghost-{i}")),
+            offset_ms: i64::MAX,
+        };
+        net.nodes[primary].handle(now, stranger);
+    }
+    assert!(net.nodes[primary].clock_offsets.len() <= membership::MAX_MEMBERS);
+    let clock = Input::PeerClock {
+        peer: from.clone(),
+        offset_ms: -10_000,
+    };
+    net.nodes[primary].handle(now, clock);
+    assert_eq!(net.nodes[primary].clock_offsets.get(&from), Some(&-10_000));
+    assert!(net.nodes[primary].clock_offsets.len() <= membership::MAX_MEMBERS);
+    let message = Message::Request {
+        id: 2,
+        body: PeerMessage::CoordinatePut {
+            bucket: "single".into(),
+            key: key.into(),
+            context: None,
+            content: PutOp::new("single", key, None, Some(b"v".to_vec())).content,
+            w: None,
+            pw: None,
+            dw_given: false,
+            precondition: WirePrecondition::None,
+            now_ms: now - 10_000,
+            ring_version: 0,
+        },
+    };
+    net.run(primary, Input::Message { from, message });
+    assert!(net.nodes[primary].object("single", key).unwrap().is_some());
+}
