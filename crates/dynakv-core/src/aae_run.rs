@@ -335,14 +335,7 @@ impl AaeRun {
                     }
                     None => current.exchange.skip(&bucket_key),
                 }
-                if !current.exchange.compared_all() {
-                    self.fetch_more(state, &mut current, &mut steps);
-                }
-                let Some(step) = current.compared() else {
-                    self.current = Some(current);
-                    return steps;
-                };
-                step
+                return self.after_key(state, current, steps);
             }
             AaeRunEvent::Local { id, object } => {
                 let Some((bucket_key, remote)) = current.reading.remove(&id) else {
@@ -368,17 +361,28 @@ impl AaeRun {
                     }
                     None => current.exchange.skip(&bucket_key),
                 }
-                if !current.exchange.compared_all() {
-                    self.fetch_more(state, &mut current, &mut steps);
-                }
-                let Some(step) = current.compared() else {
-                    self.current = Some(current);
-                    return steps;
-                };
-                step
+                return self.after_key(state, current, steps);
             }
         };
         self.on_step(state, current, step, &mut steps);
+        steps
+    }
+
+    /// After one key's outcome: fetch the next queued keys while the budget lasts, then end
+    /// the exchange if every key has an outcome (or the budget is spent), else wait.
+    fn after_key(
+        &mut self,
+        state: &ClusterState,
+        mut current: Current,
+        mut steps: Vec<AaeRunStep>,
+    ) -> Vec<AaeRunStep> {
+        if !current.exchange.compared_all() {
+            self.fetch_more(state, &mut current, &mut steps);
+        }
+        match current.compared() {
+            Some(step) => self.on_step(state, current, step, &mut steps),
+            None => self.current = Some(current),
+        }
         steps
     }
 

@@ -125,17 +125,16 @@ pub fn check_can_join(state: &ClusterState, holds_data: bool) -> Result<(), Join
     Ok(())
 }
 
-/// The request that asks a member to admit `me` (its member entry, marked joining).
-pub fn join_request(state: &ClusterState, me: &NodeId) -> PeerMessage {
-    let mut member = state
-        .member(me)
-        .cloned()
-        .unwrap_or_else(|| crate::node::member_entry(me));
+/// The request that asks a member to admit `me` (its own member entry, marked joining);
+/// `None` when the state holds no entry for `me` (a node always founds its own cluster with
+/// one).
+pub fn join_request(state: &ClusterState, me: &NodeId) -> Option<PeerMessage> {
+    let mut member = state.member(me).cloned()?;
     member.status = MemberStatus::Joining;
-    PeerMessage::JoinRequest {
+    Some(PeerMessage::JoinRequest {
         cluster_name: state.cluster_name.clone(),
         member,
-    }
+    })
 }
 
 /// A node's request to join (`sender`, as the transport knows it, with the key the
@@ -263,10 +262,10 @@ mod tests {
         let two = settled_cluster(&["a", "b"], 8);
         assert!(check_can_join(&two, false).is_err());
 
-        let PeerMessage::JoinRequest {
+        let Some(PeerMessage::JoinRequest {
             cluster_name,
             member: entry,
-        } = join_request(&lone, &id("n"))
+        }) = join_request(&lone, &id("n"))
         else {
             panic!("not a join request")
         };

@@ -494,6 +494,20 @@ mod tests {
 
     use crate::test_support::{id, member};
 
+    /// One version of a key, encoded as a hint holds it.
+    fn encoded_object() -> Vec<u8> {
+        crate::object::Object::default()
+            .update(
+                &crate::version::VersionVector::new(),
+                crate::object::Content::default(),
+                crate::version::ActorId(1),
+                1,
+                crate::object::PrunePolicy::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .encode()
+    }
+
     fn state() -> ClusterState {
         let mut state = ClusterState::found("c", member("a", MemberStatus::Valid), 8)
             .unwrap_or_else(|e| panic!("{e:?}"));
@@ -667,16 +681,7 @@ mod tests {
     #[test]
     fn a_hint_run_pages_one_at_a_time_and_stops_at_a_failure() {
         let state = crate::test_support::settled_cluster(&["a", "b"], 8);
-        let object = crate::object::Object::default()
-            .update(
-                &crate::version::VersionVector::new(),
-                crate::object::Content::default(),
-                crate::version::ActorId(1),
-                1,
-                crate::object::PrunePolicy::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e:?}"))
-            .encode();
+        let object = encoded_object();
         let hints: Vec<Entry> = (0..10)
             .map(|i| {
                 let key = format!("k{i:02}");
@@ -757,16 +762,7 @@ mod tests {
     #[test]
     fn a_delivery_round_runs_targets_in_turn_within_one_budget() {
         let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
-        let object = crate::object::Object::default()
-            .update(
-                &crate::version::VersionVector::new(),
-                crate::object::Content::default(),
-                crate::version::ActorId(1),
-                1,
-                crate::object::PrunePolicy::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e:?}"))
-            .encode();
+        let object = encoded_object();
         let hints = |target: &str, n: usize| -> Vec<Entry> {
             (0..n)
                 .map(|i| {

@@ -107,9 +107,12 @@ impl Node {
         if self.join_pending || self.join_via.is_empty() {
             return;
         }
+        // A node founds its own cluster with its entry (`Node::joining`).
+        let Some(body) = gossip::join_request(&self.cluster, &self.me) else {
+            return;
+        };
         let via = self.join_via[self.join_attempts % self.join_via.len()].clone();
         self.join_attempts += 1;
-        let body = gossip::join_request(&self.cluster, &self.me);
         self.join_pending = true;
         let timeout = self.config.timings.request_ms;
         self.send_request(now, &via, body, Purpose::Join, timeout);

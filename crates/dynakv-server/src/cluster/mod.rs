@@ -700,7 +700,8 @@ impl Cluster {
         let state = self.state();
         gossip::check_can_join(&state, holds_data)
             .map_err(|e| ClusterError::Membership(e.to_string()))?;
-        let message = gossip::join_request(&state, &self.me);
+        let message = gossip::join_request(&state, &self.me)
+            .ok_or_else(|| ClusterError::Internal("no member entry for this node".into()))?;
         let reply = self
             .client
             .request(seed, message, self.timeouts.request)
