@@ -391,6 +391,26 @@ fn the_cluster_state_is_persisted_when_it_changes_and_read_back_at_restart() {
     node.restart(30, ActorId(2), SeededRng::new(2)).unwrap();
     assert!(node.cluster().persists_as(&cluster));
     assert!(!node.cluster().bucket_props.contains_key("two"));
+    // A stored state that does not read (a damaged disk, a newer format) stops the restart
+    // with an error instead of starting from a guess.
+    storage
+        .put(
+            Table::Meta,
+            membership::PERSISTED_STATE_KEY,
+            b"{\"format\": 99, \"state\": {}}",
+            StoreDurability::Fsync,
+        )
+        .unwrap();
+    assert!(node.restart(40, ActorId(3), SeededRng::new(3)).is_err());
+    storage
+        .put(
+            Table::Meta,
+            membership::PERSISTED_STATE_KEY,
+            b"\xff\x00",
+            StoreDurability::Fsync,
+        )
+        .unwrap();
+    assert!(node.restart(50, ActorId(4), SeededRng::new(4)).is_err());
 }
 
 #[test]
