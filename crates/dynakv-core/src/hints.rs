@@ -6,7 +6,11 @@
 //! a hint may be deleted are the same code in both.
 //!
 //! Invariants:
-//! - nothing is delivered for a target that is a member believed down (its hints wait);
+//! - nothing is delivered for a target that is a member believed down (its hints wait),
+//!   except by a node that is leaving: it hands them over to an heir ([`heir`]), a staying
+//!   member that keeps them as hints for the same target, so that its leave does not wait
+//!   for the target to come back (and never completes with hints held, see
+//!   [`crate::handoff::HandoffPass::finish`]);
 //! - a hint goes to its target when the target still replicates the key, else to each of
 //!   the key's current replicas (a hint follows its key when ownership changed, or when the
 //!   target left);
@@ -32,6 +36,30 @@ pub enum HintRoute {
     /// To each of these nodes, the key's current replicas (this node may be one of them:
     /// a local merge, reported like any other destination).
     Replicas(Vec<NodeId>),
+    /// To this heir, to keep as a hint for the same target (this node is leaving and the
+    /// target is a member believed down).
+    HandOver(NodeId),
+}
+
+/// The member a node that is leaving (or has left) hands over the hints it holds for
+/// members believed down: the first in id order that stays in the cluster (`Valid`), is not
+/// `me` and is believed up (`up`). `None` when `me` is not leaving, or no member qualifies
+/// (the hints then wait, and so does the leave).
+pub fn heir(state: &ClusterState, me: &NodeId, up: impl Fn(&NodeId) -> bool) -> Option<NodeId> {
+    let leaving = state.member(me).is_some_and(|m| {
+        matches!(
+            m.status,
+            crate::membership::MemberStatus::Leaving | crate::membership::MemberStatus::Exiting
+        )
+    });
+    if !leaving {
+        return None;
+    }
+    state
+        .members
+        .values()
+        .find(|m| m.id != *me && m.status == crate::membership::MemberStatus::Valid && up(&m.id))
+        .map(|m| m.id.clone())
 }
 
 /// One delivery round of the hints held for one target. `K` names a hint, `V` is what the
@@ -40,6 +68,8 @@ pub enum HintRoute {
 pub struct HintRound<K, V> {
     target: NodeId,
     delivery: HintDelivery,
+    /// Where the hints go instead when the target's are held and this node is leaving.
+    heir: Option<NodeId>,
     acks: AckSet<K, V>,
     budget: usize,
     routed: usize,
@@ -48,20 +78,26 @@ pub struct HintRound<K, V> {
 
 impl<K: Ord + Clone, V: Clone> HintRound<K, V> {
     /// The round for `target`: `None` when its hints are held (a member this node's failure
-    /// detector believes down) or the budget is spent.
+    /// detector believes down, and no `heir`: see [`heir`]) or the budget is spent.
     pub fn start(
         state: &ClusterState,
         target: &NodeId,
         target_up: bool,
+        heir: Option<&NodeId>,
         budget: usize,
     ) -> Option<HintRound<K, V>> {
         let delivery = HintDelivery::for_target(state, target, target_up);
-        if delivery == HintDelivery::Hold || budget == 0 {
+        let heir = match delivery {
+            HintDelivery::Hold => Some(heir.filter(|h| *h != target)?.clone()),
+            HintDelivery::Deliver { .. } => None,
+        };
+        if budget == 0 {
             return None;
         }
         Some(HintRound {
             target: target.clone(),
             delivery,
+            heir,
             acks: AckSet::default(),
             budget,
             routed: 0,
@@ -80,6 +116,10 @@ impl<K: Ord + Clone, V: Clone> HintRound<K, V> {
             return None;
         }
         self.routed += 1;
+        if let Some(heir) = &self.heir {
+            self.acks.expect(hint, held, 1);
+            return Some(HintRoute::HandOver(heir.clone()));
+        }
         if self.delivery.to_target(&self.target, preflist) {
             self.acks.expect(hint, held, 1);
             return Some(HintRoute::Target);
@@ -185,6 +225,19 @@ impl HintRound<Vec<u8>, Vec<u8>> {
                     });
                     batch_hints.push(hint_key);
                 }
+                // This node is leaving: the heir keeps the hint for the target (fsync'd).
+                Some(HintRoute::HandOver(heir)) => out.sends.push(HintSend {
+                    to: heir,
+                    message: PeerMessage::HintedPut {
+                        target: self.target.0.clone(),
+                        bucket,
+                        key,
+                        object: bytes,
+                        durability: Durability::Fsync,
+                        ring_version: state.ring.version,
+                    },
+                    hints: vec![hint_key],
+                }),
                 // The key moved: its current replicas get the hint instead (fsync'd).
                 Some(HintRoute::Replicas(nodes)) => {
                     for node in nodes {
@@ -291,15 +344,15 @@ pub struct HintRun {
 
 impl HintRun {
     /// The run for `target` (`None` when its hints are held or the budget is 0): its first
-    /// step reads a page.
+    /// step reads a page. `heir`: see [`HintRound::start`].
     pub fn start(
         state: &ClusterState,
-        target: &NodeId,
-        target_up: bool,
+        (target, target_up): (&NodeId, bool),
+        heir: Option<&NodeId>,
         budget: usize,
         (page_keys, request_timeout_ms): (usize, u64),
     ) -> Option<(HintRun, Vec<HintStep>)> {
-        let round = HintRound::start(state, target, target_up, budget)?;
+        let round = HintRound::start(state, target, target_up, heir, budget)?;
         let page_keys = page_keys.max(1);
         let run = HintRun {
             round,
@@ -409,6 +462,8 @@ impl HintRun {
 pub struct DeliveryRound {
     /// Targets not started yet, each with whether it is believed up.
     targets: std::collections::VecDeque<(NodeId, bool)>,
+    /// Who keeps the hints held for members believed down, when this node is leaving.
+    heir: Option<NodeId>,
     budget: usize,
     spent: usize,
     limits: (usize, u64),
@@ -417,16 +472,18 @@ pub struct DeliveryRound {
 
 impl DeliveryRound {
     /// The round over `targets` (each with whether this node believes it up), spending at
-    /// most `budget` hints; `limits` are a run's page size and request timeout. Its steps
-    /// are each for the target named beside it.
+    /// most `budget` hints; `heir` (see [`heir`]) keeps the hints of targets believed down
+    /// when this node is leaving; `limits` are a run's page size and request timeout. Its
+    /// steps are each for the target named beside it.
     pub fn start(
         state: &ClusterState,
-        targets: Vec<(NodeId, bool)>,
+        (targets, heir): (Vec<(NodeId, bool)>, Option<NodeId>),
         budget: usize,
         limits: (usize, u64),
     ) -> (DeliveryRound, Vec<(NodeId, HintStep)>) {
         let mut round = DeliveryRound {
             targets: targets.into(),
+            heir,
             budget,
             spent: 0,
             limits,
@@ -445,7 +502,10 @@ impl DeliveryRound {
     fn next_target(&mut self, state: &ClusterState) -> Vec<(NodeId, HintStep)> {
         while let Some((target, up)) = self.targets.pop_front() {
             let left = self.budget.saturating_sub(self.spent);
-            if let Some((run, steps)) = HintRun::start(state, &target, up, left, self.limits) {
+            let heir = self.heir.as_ref();
+            if let Some((run, steps)) =
+                HintRun::start(state, (&target, up), heir, left, self.limits)
+            {
                 self.current = Some(run);
                 return steps.into_iter().map(|s| (target.clone(), s)).collect();
             }
@@ -493,6 +553,44 @@ mod tests {
     use crate::membership::MemberStatus;
 
     use crate::test_support::{id, member};
+
+    /// A leaving node hands the hints it holds for a member believed down over to an heir
+    /// (the first staying member believed up), which keeps them for the same target; a
+    /// staying node holds them, and so does a leaver with no heir.
+    #[test]
+    fn a_leaver_hands_hints_for_a_down_target_over_to_an_heir() {
+        let mut state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
+        let (a, b, c) = (id("a"), id("b"), id("c"));
+        assert_eq!(heir(&state, &c, |_| true), None, "c stays");
+        state.request_leave(&c).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(heir(&state, &c, |_| true), Some(a.clone()));
+        assert_eq!(heir(&state, &c, |n| *n != a), Some(b.clone()), "a is down");
+        assert_eq!(heir(&state, &c, |_| false), None, "nobody is up");
+        // b is down: a staying node holds its hints, and so does a leaver without an heir.
+        assert!(HintRound::<Vec<u8>, Vec<u8>>::start(&state, &b, false, None, 10).is_none());
+        assert!(
+            HintRound::<Vec<u8>, Vec<u8>>::start(&state, &b, false, Some(&b), 10).is_none(),
+            "the target is not its own heir"
+        );
+        let mut round = HintRound::start(&state, &b, false, Some(&a), 10)
+            .unwrap_or_else(|| panic!("c hands b's hints over"));
+        let page = vec![(keys::hint_key("b", b"x", b"k"), encoded_object())];
+        let routed = round.route_page(page.clone(), &state, |_| 3);
+        assert_eq!(routed.sends.len(), 1);
+        let send = &routed.sends[0];
+        assert_eq!(send.to, a);
+        assert!(
+            matches!(&send.message, PeerMessage::HintedPut { target, key, object, .. }
+                if target == "b" && key == "k" && *object == page[0].1),
+            "{:?}",
+            send.message
+        );
+        assert_eq!(
+            round.on_reply(&send.hints, true).len(),
+            1,
+            "released once kept"
+        );
+    }
 
     /// One version of a key, encoded as a hint holds it.
     fn encoded_object() -> Vec<u8> {
@@ -551,8 +649,8 @@ mod tests {
         let preflist = |key: &str| {
             state.preference_list(state.ring.current.partition_of(b"x", key.as_bytes()), 2)
         };
-        let mut round =
-            HintRound::start(&state, &id("b"), true, 100).unwrap_or_else(|| panic!("b is up"));
+        let mut round = HintRound::start(&state, &id("b"), true, None, 100)
+            .unwrap_or_else(|| panic!("b is up"));
         let routed = round.route_page(page.clone(), &state, |_| 2);
         assert!(!routed.budget_spent);
         assert_eq!(routed.corrupt.len(), 1);
@@ -583,7 +681,7 @@ mod tests {
         assert!(to_b > 0 && !moved.is_empty(), "both routes taken: {to_b}");
         // A smaller budget stops the page.
         let mut small =
-            HintRound::start(&state, &id("b"), true, 5).unwrap_or_else(|| panic!("b is up"));
+            HintRound::start(&state, &id("b"), true, None, 5).unwrap_or_else(|| panic!("b is up"));
         let routed = small.route_page(page, &state, |_| 2);
         assert!(routed.budget_spent);
         assert_eq!(small.routed(), 5);
@@ -591,11 +689,11 @@ mod tests {
 
     #[test]
     fn a_down_member_holds_its_hints() {
-        assert!(HintRound::<u8, u8>::start(&state(), &id("b"), false, 10).is_none());
-        assert!(HintRound::<u8, u8>::start(&state(), &id("b"), true, 0).is_none());
-        assert!(HintRound::<u8, u8>::start(&state(), &id("b"), true, 10).is_some());
+        assert!(HintRound::<u8, u8>::start(&state(), &id("b"), false, None, 10).is_none());
+        assert!(HintRound::<u8, u8>::start(&state(), &id("b"), true, None, 0).is_none());
+        assert!(HintRound::<u8, u8>::start(&state(), &id("b"), true, None, 10).is_some());
         // A node that is no member any more (it left and was removed): deliver elsewhere.
-        let mut round = HintRound::<u8, u8>::start(&state(), &id("gone"), false, 10)
+        let mut round = HintRound::<u8, u8>::start(&state(), &id("gone"), false, None, 10)
             .unwrap_or_else(|| panic!("hints of a non-member move on"));
         assert_eq!(
             round.route(1, 1, &[id("a"), id("c")]),
@@ -605,8 +703,8 @@ mod tests {
 
     #[test]
     fn a_hint_goes_to_its_target_and_is_released_on_its_ack() {
-        let mut round =
-            HintRound::start(&state(), &id("b"), true, 10).unwrap_or_else(|| panic!("b is up"));
+        let mut round = HintRound::start(&state(), &id("b"), true, None, 10)
+            .unwrap_or_else(|| panic!("b is up"));
         let pl = [id("a"), id("b"), id("c")];
         assert_eq!(round.route("k1", 1, &pl), Some(HintRoute::Target));
         assert_eq!(round.route("k2", 2, &pl), Some(HintRoute::Target));
@@ -629,8 +727,8 @@ mod tests {
 
     #[test]
     fn a_failed_delivery_keeps_the_hint_and_ends_the_round() {
-        let mut round =
-            HintRound::start(&state(), &id("b"), true, 10).unwrap_or_else(|| panic!("b is up"));
+        let mut round = HintRound::start(&state(), &id("b"), true, None, 10)
+            .unwrap_or_else(|| panic!("b is up"));
         let moved = [id("a"), id("c")];
         round.route("k", 1, &moved);
         assert!(round.on_reply(&["k"], false).is_empty());
@@ -642,8 +740,8 @@ mod tests {
         assert!(!round.wants_more());
         assert_eq!(round.route("k2", 2, &moved), None);
         // With no replica at all the hint stays.
-        let mut round =
-            HintRound::start(&state(), &id("gone"), true, 10).unwrap_or_else(|| panic!("moves on"));
+        let mut round = HintRound::start(&state(), &id("gone"), true, None, 10)
+            .unwrap_or_else(|| panic!("moves on"));
         assert_eq!(round.route("k", 1, &[]), Some(HintRoute::Replicas(vec![])));
         assert!(round.settled());
         assert!(round.on_reply(&["k"], true).is_empty());
@@ -651,8 +749,8 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_a_round() {
-        let mut round =
-            HintRound::start(&state(), &id("b"), true, 2).unwrap_or_else(|| panic!("b is up"));
+        let mut round = HintRound::start(&state(), &id("b"), true, None, 2)
+            .unwrap_or_else(|| panic!("b is up"));
         let pl = [id("b")];
         assert!(round.route(1, 0, &pl).is_some());
         assert!(round.route(2, 0, &pl).is_some());
@@ -688,7 +786,7 @@ mod tests {
                 (keys::hint_key("b", b"x", key.as_bytes()), object.clone())
             })
             .collect();
-        let (mut run, steps) = HintRun::start(&state, &id("b"), true, 100, (4, 50))
+        let (mut run, steps) = HintRun::start(&state, (&id("b"), true), None, 100, (4, 50))
             .unwrap_or_else(|| panic!("b is up"));
         assert_eq!(
             steps,
@@ -753,7 +851,7 @@ mod tests {
         assert!(steps.is_empty(), "{steps:?}");
         assert!(run.finished());
         // A held target (a member believed down) gets no run at all.
-        assert!(HintRun::start(&state, &id("b"), false, 100, (4, 50)).is_none());
+        assert!(HintRun::start(&state, (&id("b"), false), None, 100, (4, 50)).is_none());
     }
 
     /// A delivery round runs its targets one after another: a target that is down keeps its
@@ -773,7 +871,7 @@ mod tests {
         };
         let n_val = |_: &str| 3;
         let targets = vec![(id("b"), false), (id("c"), true), (id("d"), true)];
-        let (mut round, steps) = DeliveryRound::start(&state, targets, 10, (100, 50));
+        let (mut round, steps) = DeliveryRound::start(&state, (targets, None), 10, (100, 50));
         // b is down: c's run starts at once.
         assert_eq!(round.target(), Some(&id("c")));
         assert!(matches!(steps.as_slice(), [(t, HintStep::ReadPage { .. })] if *t == id("c")));

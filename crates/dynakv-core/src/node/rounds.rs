@@ -11,7 +11,7 @@ use super::{
     MAX_AAE_KEYS_PER_EXCHANGE, MAX_REAPS_PER_ROUND, Node, NodeId, Output, PassStep, PeerMessage,
     Purpose, ReapEvent, ReapRound, ReapStep, Timer, reap_candidates,
 };
-use crate::gossip;
+use crate::{gossip, hints};
 use std::collections::VecDeque;
 
 impl Node {
@@ -178,7 +178,8 @@ impl Node {
                 PassStep::Continue => self.continue_paging(now),
                 PassStep::Over => {
                     let me = self.me.clone();
-                    pass.finish(&mut self.cluster, &me);
+                    let hints_held = !self.replica.hint_counts().is_empty();
+                    pass.finish(&mut self.cluster, &me, hints_held);
                     return;
                 }
             }
@@ -313,8 +314,10 @@ impl Node {
                 (t, up)
             })
             .collect();
+        let heir = hints::heir(&self.cluster, &self.me, |n| self.is_up(now, n));
         let limits = (HANDOFF_BATCH_KEYS, self.config.timings.request_ms);
-        let (round, steps) = DeliveryRound::start(&self.cluster, targets, self.aae_budget, limits);
+        let (round, steps) =
+            DeliveryRound::start(&self.cluster, (targets, heir), self.aae_budget, limits);
         self.hint_round = Some(round);
         self.hint_steps(now, steps);
     }

@@ -51,7 +51,8 @@ impl Cluster {
                     PassStep::Continue => queue.extend(pass.step(&self.state())),
                     PassStep::Over => {
                         let me = self.me.clone();
-                        if self.update_state(|s| pass.finish(s, &me)) {
+                        let hints_held = !self.replica.hint_counts().is_empty();
+                        if self.update_state(|s| pass.finish(s, &me, hints_held)) {
                             tracing::info!(
                                 transition = pass.transition(),
                                 keys = pass.keys_sent(),

@@ -74,8 +74,10 @@ impl Cluster {
                 (target, up)
             })
             .collect();
+        let state = self.state();
+        let heir = dynakv_core::hints::heir(&state, &self.me, |n| self.is_up(n));
         let limits = (HANDOFF_BATCH_KEYS, request_ms);
-        let (mut round, steps) = DeliveryRound::start(&self.state(), targets, budget, limits);
+        let (mut round, steps) = DeliveryRound::start(&state, (targets, heir), budget, limits);
         let mut queue: VecDeque<(NodeId, HintStep)> = steps.into();
         let mut sends = FuturesUnordered::new();
         loop {
