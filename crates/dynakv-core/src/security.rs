@@ -601,6 +601,79 @@ fn merge_map<K: Ord + Clone, T: Clone + Ord>(
     }
 }
 
+/// One administrative change of the security state (an operation of the admin API), as a
+/// value: the server applies it with [`SecurityChange::apply`], and a node's control plane
+/// takes it as a client request (`node::ClientOp::Security`). All or nothing: a refused
+/// change leaves the state as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SecurityChange {
+    /// Turn authentication and authorization on or off.
+    SetEnabled(bool),
+    /// Add a user, or replace its password (`password_hash`: a PHC string, or none).
+    PutUser {
+        name: String,
+        password_hash: Option<String>,
+    },
+    RemoveUser {
+        name: String,
+    },
+    /// Let `users` connect from `range`, authenticating with `method`.
+    PutSource {
+        users: Vec<String>,
+        range: Cidr,
+        method: SourceMethod,
+    },
+    RemoveSource {
+        users: Vec<String>,
+        range: Cidr,
+    },
+    /// Grant (`add`) or revoke `permissions` on `scope` for `users`.
+    Grants {
+        users: Vec<String>,
+        scope: Scope,
+        permissions: BTreeSet<Permission>,
+        add: bool,
+    },
+}
+
+impl SecurityChange {
+    /// Apply the change to `state`, stamped `now_ms` by `node`; a refused change leaves
+    /// `state` as it was.
+    pub fn apply(
+        &self,
+        state: &mut SecurityState,
+        now_ms: u64,
+        node: &str,
+    ) -> Result<(), SecurityError> {
+        let mut changed = state.clone();
+        match self {
+            SecurityChange::SetEnabled(enabled) => changed.set_enabled(*enabled, now_ms, node),
+            SecurityChange::PutUser {
+                name,
+                password_hash,
+            } => changed.put_user(name, password_hash.clone(), now_ms, node)?,
+            SecurityChange::RemoveUser { name } => changed.remove_user(name, now_ms, node)?,
+            SecurityChange::PutSource {
+                users,
+                range,
+                method,
+            } => changed.put_source(users, *range, *method, now_ms, node)?,
+            SecurityChange::RemoveSource { users, range } => {
+                changed.remove_source(users, *range, now_ms, node);
+            }
+            SecurityChange::Grants {
+                users,
+                scope,
+                permissions,
+                add,
+            } => changed.change_grants(users, scope, permissions, *add, now_ms, node)?,
+        }
+        *state = changed;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

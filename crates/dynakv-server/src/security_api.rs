@@ -20,7 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use dynakv_core::security::{Cidr, Permission, Scope, SecurityError, SourceMethod};
+use dynakv_core::security::{Cidr, Permission, Scope, SecurityChange, SecurityError, SourceMethod};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -97,19 +97,17 @@ async fn status(State(state): State<AppState>) -> ApiResult {
 }
 
 async fn enable(State(state): State<AppState>) -> ApiResult {
-    state.cluster.change_security(|s, now, me| {
-        s.set_enabled(true, now, me);
-        Ok(())
-    })??;
+    state
+        .cluster
+        .change_security(&SecurityChange::SetEnabled(true))?;
     state.cluster.persisted().await?;
     Ok(done(&json!({"enabled": true})))
 }
 
 async fn disable(State(state): State<AppState>) -> ApiResult {
-    state.cluster.change_security(|s, now, me| {
-        s.set_enabled(false, now, me);
-        Ok(())
-    })??;
+    state
+        .cluster
+        .change_security(&SecurityChange::SetEnabled(false))?;
     state.cluster.persisted().await?;
     Ok(done(&json!({"enabled": false})))
 }
@@ -133,9 +131,10 @@ async fn put_user(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
         ),
         None => None,
     };
-    state
-        .cluster
-        .change_security(|s, now, me| s.put_user(&user.name, hash, now, me))??;
+    state.cluster.change_security(&SecurityChange::PutUser {
+        name: user.name.clone(),
+        password_hash: hash,
+    })?;
     state.cluster.persisted().await?;
     Ok(done(&json!({"user": user.name})))
 }
@@ -143,7 +142,7 @@ async fn put_user(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
 async fn remove_user(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
     state
         .cluster
-        .change_security(|s, now, me| s.remove_user(&name, now, me))??;
+        .change_security(&SecurityChange::RemoveUser { name: name.clone() })?;
     state.cluster.persisted().await?;
     Ok(done(&json!({"removed": name})))
 }
@@ -160,9 +159,11 @@ async fn put_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     let source: SourceBody = body(&bytes, r#"{"users": [..], "cidr": CIDR, "method": METHOD}"#)?;
     let cidr = Cidr::parse(&source.cidr)?;
     let method = SourceMethod::parse(source.method.as_deref().unwrap_or(""))?;
-    state
-        .cluster
-        .change_security(|s, now, me| s.put_source(&source.users, cidr, method, now, me))??;
+    state.cluster.change_security(&SecurityChange::PutSource {
+        users: source.users.clone(),
+        range: cidr,
+        method,
+    })?;
     state.cluster.persisted().await?;
     Ok(done(
         &json!({"users": source.users, "cidr": cidr.to_string(), "method": method.name()}),
@@ -172,10 +173,12 @@ async fn put_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
 async fn remove_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     let source: SourceBody = body(&bytes, r#"{"users": [..], "cidr": CIDR}"#)?;
     let cidr = Cidr::parse(&source.cidr)?;
-    state.cluster.change_security(|s, now, me| {
-        s.remove_source(&source.users, cidr, now, me);
-        Ok(())
-    })??;
+    state
+        .cluster
+        .change_security(&SecurityChange::RemoveSource {
+            users: source.users.clone(),
+            range: cidr,
+        })?;
     state.cluster.persisted().await?;
     Ok(done(
         &json!({"removed": {"users": source.users, "cidr": cidr.to_string()}}),
@@ -215,9 +218,12 @@ fn parse_grant(bytes: &[u8]) -> Result<(BTreeSet<Permission>, Scope, Vec<String>
 
 async fn grant(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     let (permissions, scope, users) = parse_grant(&bytes)?;
-    state.cluster.change_security(|s, now, me| {
-        s.change_grants(&users, &scope, &permissions, true, now, me)
-    })??;
+    state.cluster.change_security(&SecurityChange::Grants {
+        users: users.clone(),
+        scope: scope.clone(),
+        permissions: permissions.clone(),
+        add: true,
+    })?;
     state.cluster.persisted().await?;
     let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
     Ok(done(
@@ -227,9 +233,12 @@ async fn grant(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
 
 async fn revoke(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     let (permissions, scope, users) = parse_grant(&bytes)?;
-    state.cluster.change_security(|s, now, me| {
-        s.change_grants(&users, &scope, &permissions, false, now, me)
-    })??;
+    state.cluster.change_security(&SecurityChange::Grants {
+        users: users.clone(),
+        scope: scope.clone(),
+        permissions: permissions.clone(),
+        add: false,
+    })?;
     state.cluster.persisted().await?;
     let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
     Ok(done(

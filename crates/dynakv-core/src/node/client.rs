@@ -37,6 +37,17 @@ impl Node {
                 let (listing, steps) = BucketListing::start(&view);
                 self.start_listing(now, id, Listing::Buckets(listing), steps);
             }
+            ClientOp::Security(change) => {
+                let result =
+                    match change.apply(&mut self.cluster.security, self.wall_ms, &self.me.0) {
+                        Ok(()) => ClientResult::Done,
+                        Err(e) => ClientResult::Failed {
+                            status: 400,
+                            message: e.to_string(),
+                        },
+                    };
+                self.outputs.push(Output::Reply { id, result });
+            }
             ClientOp::Leave => {
                 let result = match self.request_leave() {
                     Ok(()) => ClientResult::Done,

@@ -295,6 +295,9 @@ pub enum ClientOp {
     /// Mark this node leaving; the claimant plans the ring without it and handoff moves its
     /// keys.
     Leave,
+    /// Change the security state (users, sources, grants, enabled), all or nothing, stamped
+    /// with this node's wall clock; gossip spreads it. A refused change answers 400.
+    Security(crate::security::SecurityChange),
     /// Every live key of a bucket across the ring's nodes, deduplicated, in key order,
     /// answered in pages (`ClientResult::Keys`, the last with `last`).
     ListKeys {
@@ -388,6 +391,26 @@ pub enum Input {
         peer: NodeId,
         offset_ms: i64,
     },
+    /// What a data plane driven beside this node (requests over the same replica) saw.
+    Observed(Observation),
+}
+
+/// What a data plane running beside a node (the server's requests and replica serving, over
+/// the replica the node shares: [`Node::over`]) tells the node's control plane, as quinn's
+/// connections tell their endpoint (`EndpointEvent`). The node itself records the same
+/// facts for the requests it runs, with the same functions.
+#[derive(Debug, Clone)]
+pub enum Observation {
+    /// A peer asked or answered something: a sign of life for the failure detector.
+    Contact(NodeId),
+    /// A peer refused a write planned under an older ring and sent its state (`StaleRing`):
+    /// merge it (another cluster's state is refused).
+    PeerState(Box<ClusterState>),
+    /// A write was stored here (replica write, hint delivery, read repair): if this node no
+    /// longer replicates the key (settled ring), another cleanup must run.
+    Stored { bucket: String, key: String },
+    /// A hint was kept here (`true`), or dropped at the per-target bound (`false`).
+    Hint { kept: bool },
 }
 
 /// What a node asks its environment to do.
@@ -591,6 +614,32 @@ pub struct NodeStats {
     pub corrupt_skipped: u64,
 }
 
+/// What a node runs over: its storage, and the replica and anti-entropy trees over it (opened
+/// by [`Node::new`], or by a driver that shares them with its data plane: [`Node::over`]).
+#[derive(Debug, Clone)]
+pub struct NodeParts {
+    pub storage: Arc<dyn Storage>,
+    pub replica: Arc<Replica>,
+    pub aae: Arc<AaeTrees>,
+}
+
+impl NodeParts {
+    /// Open the replica (as `actor`) and the anti-entropy trees of `ring` over `storage`:
+    /// the trees are rebuilt and the hints counted.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        actor: ActorId,
+        ring: &Ring,
+    ) -> Result<NodeParts, OpenError> {
+        let (replica, aae) = open_storage(&storage, actor, ring)?;
+        Ok(NodeParts {
+            storage,
+            replica: Arc::new(replica),
+            aae,
+        })
+    }
+}
+
 /// Why a node could not be opened over its storage.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot open the node's storage: {0}")]
@@ -613,8 +662,8 @@ pub struct Node {
     // ---- volatile state ----
     /// The replica over the storage: read-merge-write of objects (with the node-wide dot
     /// counter and its durable lease), the bounded hint store, tombstones. Rebuilt at every
-    /// start.
-    replica: Replica,
+    /// start; shared with the data plane's requests.
+    replica: Arc<Replica>,
     /// The anti-entropy trees and index, rebuilt from the storage at every start.
     aae: Arc<AaeTrees>,
     /// Parsed bucket properties of the cluster state, by the entry's timestamp.
@@ -688,7 +737,27 @@ impl Node {
         rng: SeededRng,
         now: u64,
     ) -> Result<(Node, Vec<Output>), OpenError> {
-        let (replica, aae) = open_storage(&storage, actor, &cluster.ring.current)?;
+        let parts = NodeParts::open(storage, actor, &cluster.ring.current)?;
+        Node::over(me, cluster, config, parts, rng, now)
+    }
+
+    /// A node over a replica and trees its driver opened and shares with the data plane
+    /// (whose requests read and write the same objects and hints); the actor is the
+    /// replica's. Returns it and its first timers.
+    pub fn over(
+        me: NodeId,
+        cluster: ClusterState,
+        config: NodeConfig,
+        parts: NodeParts,
+        rng: SeededRng,
+        now: u64,
+    ) -> Result<(Node, Vec<Output>), OpenError> {
+        let NodeParts {
+            storage,
+            replica,
+            aae,
+        } = parts;
+        let actor = replica.actor();
         let heartbeat_timeout = config.timings.heartbeat_timeout_ms;
         let mut node = Node {
             wall_ms: now,
@@ -773,6 +842,11 @@ impl Node {
         &self.me
     }
 
+    /// The replica this node runs over (shared with a data plane: [`Node::over`]).
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
     /// What this node believes about the cluster.
     pub fn cluster(&self) -> &ClusterState {
         &self.cluster
@@ -810,6 +884,21 @@ impl Node {
         self.request_leave()?;
         self.persist_if_changed();
         Ok(std::mem::take(&mut self.outputs))
+    }
+
+    /// Record what the data plane saw (`Input::Observed`).
+    fn observe(&mut self, now: u64, observation: Observation) {
+        match observation {
+            Observation::Contact(peer) => self.failure_detector.observe_contact(&peer, now),
+            Observation::PeerState(state) => self.merge_state(now, &state),
+            Observation::Stored { bucket, key } => self.check_orphan(&bucket, &key),
+            Observation::Hint { kept: true } => {
+                self.stats.hints_stored = self.stats.hints_stored.saturating_add(1);
+            }
+            Observation::Hint { kept: false } => {
+                self.stats.hints_dropped = self.stats.hints_dropped.saturating_add(1);
+            }
+        }
     }
 
     fn request_leave(&mut self) -> Result<(), String> {
@@ -969,7 +1058,7 @@ impl Node {
         self.persisted = self.cluster.clone();
         // Volatile state: the replica, its hint counts and the trees come back from storage.
         let (replica, aae) = open_storage(&self.storage, self.actor, &self.cluster.ring.current)?;
-        self.replica = replica;
+        self.replica = Arc::new(replica);
         self.aae = aae;
         self.rng = rng;
         self.pending.clear();
@@ -1031,7 +1120,12 @@ impl Node {
                 message: Message::Request { body, .. },
                 ..
             } => serve::storage_call(body).is_none(),
-            Input::Synced { .. } | Input::PeerClock { .. } | Input::Timer(Timer::Flush) => false,
+            Input::Synced { .. }
+            | Input::PeerClock { .. }
+            | Input::Timer(Timer::Flush)
+            | Input::Observed(
+                Observation::Contact(_) | Observation::Stored { .. } | Observation::Hint { .. },
+            ) => false,
             _ => true,
         };
         match input {
@@ -1065,6 +1159,7 @@ impl Node {
                 self.must(Err::<(), _>(error), "sync its writes");
             }
             Input::PeerClock { peer, offset_ms } => self.note_peer_clock(peer, offset_ms),
+            Input::Observed(observation) => self.observe(now, observation),
         }
         while let Some((to, id)) = self.failures.pop_front() {
             if self.failed.is_some() {

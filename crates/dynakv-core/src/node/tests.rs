@@ -1118,3 +1118,143 @@ fn strangers_clock_offsets_are_bounded_and_do_not_crowd_out_a_member() {
     net.run(primary, Input::Message { from, message });
     assert!(net.nodes[primary].object("single", key).unwrap().is_some());
 }
+
+/// A node over a replica shared with a data plane (`Node::over`) runs its control plane over
+/// what the data plane wrote: a hint the data plane kept for b is delivered by the node's
+/// hint round, and the data plane's count of it reaches the node's stats.
+#[test]
+fn a_node_over_a_shared_replica_delivers_the_data_planes_hints() {
+    let cluster = cluster_of_three();
+    let storage: Arc<dyn Storage> = Arc::new(MapStorage::default());
+    let parts = NodeParts::open(storage, ActorId(7), &cluster.ring.current).unwrap();
+    let data_plane = Arc::clone(&parts.replica);
+    let config = NodeConfig {
+        timings: Timings::SIMULATION,
+        ..NodeConfig::default()
+    };
+    let (mut node, _) = Node::over(id("a"), cluster, config, parts, SeededRng::new(1), 0).unwrap();
+    assert_eq!(node.actor(), ActorId(7), "the replica's actor");
+    let object = Object::default()
+        .update(
+            &VersionVector::new(),
+            Content {
+                value: b"v".to_vec(),
+                ..Content::default()
+            },
+            ActorId(9),
+            1,
+            PrunePolicy::default(),
+        )
+        .unwrap();
+    let kept = data_plane
+        .store_hint("b", "x", "k", &object, 10, StoreDurability::Buffered)
+        .unwrap();
+    assert!(kept);
+    node.handle(1, Input::Observed(Observation::Hint { kept }));
+    assert_eq!(node.stats().hints_stored, 1);
+    // b was heard from: its hints go out with the next round.
+    node.handle(2, Input::Observed(Observation::Contact(id("b"))));
+    let outputs = node.handle(3, Input::Timer(Timer::Hints));
+    let delivered = outputs.iter().any(|o| {
+        matches!(o, Output::Send { to, message: Message::Request { body: PeerMessage::Handoff { entries, .. }, .. } }
+            if *to == id("b") && entries.iter().any(|e| e.key == "k"))
+    });
+    assert!(delivered, "{outputs:?}");
+}
+
+/// What the data plane saw reaches the control plane: a contact revives a peer in the failure
+/// detector, a peer's newer state (a `StaleRing` refusal) is merged (and persisted), and a
+/// write stored for a key this node does not replicate asks for another cleanup.
+#[test]
+fn the_data_planes_observations_reach_the_control_plane() {
+    let mut net = Net::new(&cluster_of_three());
+    let late = net.nodes[0].config.timings.heartbeat_timeout_ms * 3;
+    assert!(
+        !net.nodes[0].is_up(late, &id("b")),
+        "b was never heard from since"
+    );
+    net.nodes[0].handle(late, Input::Observed(Observation::Contact(id("b"))));
+    assert!(net.nodes[0].is_up(late, &id("b")));
+
+    let mut newer = net.nodes[1].cluster().clone();
+    let props = BucketProps {
+        n_val: 2,
+        ..BucketProps::default()
+    };
+    crate::bucket::set_props(&mut newer, "two", Some(&props), &id("b"), 5).unwrap();
+    let outputs = net.nodes[0].handle(
+        late,
+        Input::Observed(Observation::PeerState(Box::new(newer))),
+    );
+    assert_eq!(net.nodes[0].props("two").n_val, 2);
+    assert!(
+        outputs.iter().any(|o| matches!(o, Output::Persist { .. })),
+        "{outputs:?}"
+    );
+
+    // A key of bucket "one" (n_val 1) that a does not replicate, stored here by a peer.
+    let one = BucketProps {
+        n_val: 1,
+        ..BucketProps::default()
+    };
+    net.ask(
+        0,
+        1,
+        ClientOp::SetBucketProps {
+            bucket: "one".into(),
+            props: Some(one),
+        },
+    );
+    let state = net.nodes[0].cluster().clone();
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let partition = state.ring.current.partition_of(b"one", k.as_bytes());
+            !state.preference_list(partition, 1).contains(&id("a"))
+        })
+        .unwrap();
+    while !net.nodes[0].cleaned_up() {
+        net.run(0, Input::Timer(Timer::Gossip));
+        net.run(0, Input::Timer(Timer::Paging));
+    }
+    net.nodes[0].handle(
+        late,
+        Input::Observed(Observation::Stored {
+            bucket: "one".into(),
+            key,
+        }),
+    );
+    assert!(!net.nodes[0].cleaned_up(), "another cleanup is due");
+}
+
+/// A security change applies all or nothing, answers 400 when refused, and is persisted
+/// before its answer when it changed the state.
+#[test]
+fn security_changes_apply_all_or_nothing_and_are_persisted() {
+    use crate::security::{Permission, Scope, SecurityChange};
+    let mut net = Net::new(&cluster_of_three());
+    let grant = ClientOp::Security(SecurityChange::Grants {
+        users: vec!["ann".into()],
+        scope: Scope::Any,
+        permissions: [Permission::Get].into_iter().collect(),
+        add: true,
+    });
+    net.ask(0, 1, grant.clone());
+    refused(&net.replies[&1], 400, "ann");
+    assert!(net.nodes[0].cluster().security.user("ann").is_none());
+    let persists = net.persists;
+    let user = ClientOp::Security(SecurityChange::PutUser {
+        name: "ann".into(),
+        password_hash: None,
+    });
+    net.ask(0, 2, user);
+    assert!(matches!(net.replies[&2], ClientResult::Done));
+    assert!(net.nodes[0].cluster().security.user("ann").is_some());
+    assert_eq!(net.persists, persists + 1);
+    net.ask(0, 3, grant);
+    assert!(matches!(net.replies[&3], ClientResult::Done));
+    let stored = membership::load_persisted(net.disks[0].as_ref())
+        .unwrap()
+        .unwrap();
+    assert!(stored.security.user("ann").is_some());
+}

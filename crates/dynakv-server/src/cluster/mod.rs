@@ -716,27 +716,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Change the security state (users, sources, grants, enabled) here; gossip spreads it.
-    /// `change` gets the state, this node's wall clock and name (for the change's stamp).
-    pub fn change_security<T>(
+    /// Change the security state (users, sources, grants, enabled) here, all or nothing,
+    /// stamped with this node's wall clock and name; gossip spreads it.
+    pub fn change_security(
         &self,
-        change: impl FnOnce(
-            &mut dynakv_core::security::SecurityState,
-            u64,
-            &str,
-        ) -> Result<T, dynakv_core::security::SecurityError>,
-    ) -> Result<Result<T, dynakv_core::security::SecurityError>, ClusterError> {
+        change: &dynakv_core::security::SecurityChange,
+    ) -> Result<(), dynakv_core::security::SecurityError> {
         let now_ms = self.now_ms();
         let me = self.me.0.clone();
-        Ok(self.update_state(|state| {
-            let mut security = state.security.clone();
-            let result = change(&mut security, now_ms, &me);
-            // All or nothing: a refused change leaves the state as it was.
-            if result.is_ok() {
-                state.security = security;
-            }
-            result
-        }))
+        self.update_state(|state| change.apply(&mut state.security, now_ms, &me))
     }
 
     /// Mark a new node as waiting for its join (see `awaiting_join`); a successful
