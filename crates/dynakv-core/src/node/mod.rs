@@ -591,7 +591,7 @@ impl Default for Link {
 }
 
 /// High-water marks and counts of what a node did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeStats {
     pub max_siblings: usize,
     pub max_clock_entries: usize,
