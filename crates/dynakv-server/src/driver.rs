@@ -212,7 +212,8 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// Start driving `node` (with `first`, the outputs its constructor returned), writing its
-    /// cluster state to `storage`, in `env`.
+    /// cluster state to `storage`, in `env`. The node's monotonic clock is the driver's: ms
+    /// since this call, so `node` must have been built at time 0.
     ///
     /// # Errors
     /// The thread could not be spawned.
