@@ -420,6 +420,10 @@ impl Run {
 
     fn carry_out(&mut self, outputs: Vec<Output>) {
         let mut new_state = None;
+        // A cluster state that could not be written: the changes answered after it are
+        // reported failed (made, and spread by gossip, but not on this node's disk), as the
+        // server's `Cluster::persisted` does.
+        let mut unwritten: Option<String> = None;
         for output in outputs {
             match output {
                 Output::Send {
@@ -449,6 +453,15 @@ impl Run {
                     }
                 }
                 Output::Reply { id, result } => {
+                    let result = match (&unwritten, result) {
+                        (Some(why), ClientResult::Done) => ClientResult::Failed {
+                            status: 500,
+                            message: format!(
+                                "the change was made but the cluster state was not written: {why}"
+                            ),
+                        },
+                        (_, result) => result,
+                    };
                     if let Some(reply) = self.admin.remove(&id) {
                         reply(result);
                     }
@@ -467,11 +480,15 @@ impl Run {
                     // Written before anything that follows it is carried out.
                     if let Err(e) = membership::store_persisted(self.storage.as_ref(), &state) {
                         tracing::error!(error = %e, "cannot write the cluster state");
+                        unwritten = Some(e);
                     }
                     new_state = Some(Arc::new(*state));
                 }
                 Output::Stopped { error } => {
                     tracing::error!(%error, "the node stopped on a storage failure");
+                    // The stop is published before anyone is told of it.
+                    self.stopped = Some(error.clone());
+                    self.publish(self.now());
                     // Nothing it was asked is answered any more.
                     for (_, reply) in self.inbound.drain() {
                         reply(PeerMessage::Error(format!("the node stopped: {error}")));
@@ -482,7 +499,6 @@ impl Run {
                             message: format!("the node stopped: {error}"),
                         });
                     }
-                    self.stopped = Some(error);
                 }
             }
         }
@@ -526,10 +542,13 @@ mod tests {
     use dynakv_storage::MemoryStorage;
     use parking_lot::Mutex;
 
-    /// Drivers reaching each other's inboxes in memory; a sync is immediate.
+    /// Drivers reaching each other's inboxes in memory; a sync is immediate. A stalled node
+    /// takes requests and never answers (a socket that stopped reading); failing syncs fail.
     #[derive(Default)]
     struct Wires {
         inboxes: Mutex<HashMap<NodeId, DriverInbox>>,
+        stalled: Mutex<BTreeSet<NodeId>>,
+        failing_syncs: std::sync::atomic::AtomicBool,
     }
 
     struct Env {
@@ -539,6 +558,10 @@ mod tests {
 
     impl Environment for Env {
         fn send(&self, to: &NodeId, body: PeerMessage, done: Respond<SendOutcome>) {
+            if self.wires.stalled.lock().contains(to) {
+                drop(done); // never answered
+                return;
+            }
             let inbox = self.wires.inboxes.lock().get(to).cloned();
             let Some(inbox) = inbox else {
                 done(SendOutcome::NotSent);
@@ -566,7 +589,11 @@ mod tests {
         }
 
         fn sync(&self, done: Respond<Result<(), String>>) {
-            done(Ok(()));
+            if self.wires.failing_syncs.load(Ordering::Acquire) {
+                done(Err("injected sync failure".into()));
+            } else {
+                done(Ok(()));
+            }
         }
 
         fn wall_ms(&self) -> u64 {
@@ -590,6 +617,16 @@ mod tests {
     }
 
     fn start(wires: &Arc<Wires>, name: &str, via: Option<&str>) -> Driver {
+        start_writing_to(wires, name, via, None)
+    }
+
+    /// `start`, the driver writing the cluster state to `persist_to` when given.
+    fn start_writing_to(
+        wires: &Arc<Wires>,
+        name: &str,
+        via: Option<&str>,
+        persist_to: Option<Arc<dyn Storage>>,
+    ) -> Driver {
         let me = NodeId(name.into());
         let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
         let actor = ActorId(name.bytes().map(u64::from).sum());
@@ -625,7 +662,7 @@ mod tests {
             me: me.clone(),
             wires: Arc::clone(wires),
         });
-        let driver = Driver::start(node, first, storage, env).unwrap();
+        let driver = Driver::start(node, first, persist_to.unwrap_or(storage), env).unwrap();
         wires.inboxes.lock().insert(me, driver.inbox());
         driver
     }
@@ -720,6 +757,97 @@ mod tests {
         a.stop();
         b.stop();
         c.stop();
+    }
+
+    /// Three joined drivers, each up in the others' view.
+    fn three(wires: &Arc<Wires>) -> [Driver; 3] {
+        let a = start(wires, "a", None);
+        let b = start(wires, "b", Some("a"));
+        let c = start(wires, "c", Some("a"));
+        eventually(&[&a, &b, &c], "a settled ring of three, all up", |p| {
+            p.state.ring.next.is_none()
+                && p.state.ring.current.nodes().len() == 3
+                && p.up.len() == 3
+        });
+        [a, b, c]
+    }
+
+    /// A peer that takes requests and never answers (a stalled socket) does not stall the
+    /// others' drivers: its requests fail by the node's own timers, it is judged down, and
+    /// the others go on answering and gossiping.
+    #[test]
+    fn a_stalled_peer_is_judged_down_and_stalls_nobody() {
+        let wires = Arc::new(Wires::default());
+        let [a, b, c] = three(&wires);
+        wires.stalled.lock().insert(NodeId("c".into()));
+        c.stop();
+        eventually(&[&a, &b], "c judged down", |p| {
+            !p.up.contains(&NodeId("c".into()))
+        });
+        let op = ClientOp::SetBucketProps {
+            bucket: "late".into(),
+            props: Some(BucketProps::default()),
+        };
+        assert!(matches!(admin(&a, op), ClientResult::Done));
+        eventually(&[&b], "gossip goes on", |p| {
+            p.state.bucket_props.contains_key("late")
+        });
+    }
+
+    /// A failed sync stops the node: the write waiting for it is answered with a failure,
+    /// the stop is published, and every later request is refused at once.
+    #[test]
+    fn a_failed_sync_stops_the_node_and_answers_what_waits() {
+        let wires = Arc::new(Wires::default());
+        let [a, _b, _c] = three(&wires);
+        wires.failing_syncs.store(true, Ordering::Release);
+        let put = ClientOp::Put(PutOp::new("b", "k", None, Some(vec![1])));
+        match admin(&a, put) {
+            ClientResult::Failed {
+                status: 503,
+                message,
+            } => {
+                assert!(message.contains("stopped"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(a.published().stopped.is_some());
+        let again = admin(&a, ClientOp::Leave);
+        assert!(
+            matches!(&again, ClientResult::Failed { status: 503, .. }),
+            "{again:?}"
+        );
+    }
+
+    /// A cluster state that cannot be written (a full or failing disk) turns the answer to
+    /// the change that made it into a failure: an administrative change is acknowledged only
+    /// once it is on disk.
+    #[test]
+    fn a_change_whose_state_is_not_written_is_not_acknowledged() {
+        let wires = Arc::new(Wires::default());
+        let disk = dynakv_storage::FaultyStorage::new(MemoryStorage::new());
+        let switch = disk.switch();
+        let a = start_writing_to(&wires, "a", None, Some(Arc::new(disk)));
+        switch.set(dynakv_storage::FaultPoint::Put, true);
+        let op = ClientOp::SetBucketProps {
+            bucket: "p".into(),
+            props: Some(BucketProps::default()),
+        };
+        match admin(&a, op) {
+            ClientResult::Failed {
+                status: 500,
+                message,
+            } => {
+                assert!(message.contains("not written"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        switch.heal();
+        let op = ClientOp::SetBucketProps {
+            bucket: "q".into(),
+            props: Some(BucketProps::default()),
+        };
+        assert!(matches!(admin(&a, op), ClientResult::Done));
     }
 
     /// Past `DRIVER_INBOX` waiting inputs from outside, a submission is refused; the
