@@ -1039,16 +1039,7 @@ mod tests {
 
     /// Stored objects of `n` keys in bucket `b`, as a page from storage.
     fn stored(n: usize) -> Vec<Entry> {
-        let object = crate::object::Object::default()
-            .update(
-                &crate::version::VersionVector::new(),
-                crate::object::Content::default(),
-                crate::version::ActorId(1),
-                1,
-                crate::object::PrunePolicy::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e:?}"))
-            .encode();
+        let object = crate::test_support::version(b"", 1).encode();
         let mut page: Vec<Entry> = (0..n)
             .map(|i| {
                 (

@@ -594,16 +594,7 @@ mod tests {
 
     /// One version of a key, encoded as a hint holds it.
     fn encoded_object() -> Vec<u8> {
-        crate::object::Object::default()
-            .update(
-                &crate::version::VersionVector::new(),
-                crate::object::Content::default(),
-                crate::version::ActorId(1),
-                1,
-                crate::object::PrunePolicy::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e:?}"))
-            .encode()
+        crate::test_support::version(b"", 1).encode()
     }
 
     fn state() -> ClusterState {
@@ -623,21 +614,7 @@ mod tests {
     #[test]
     fn a_page_of_hints_becomes_one_batch_and_the_moves() {
         let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
-        let object = |v: &str| {
-            crate::object::Object::default()
-                .update(
-                    &crate::version::VersionVector::new(),
-                    crate::object::Content {
-                        value: v.as_bytes().to_vec(),
-                        ..crate::object::Content::default()
-                    },
-                    crate::version::ActorId(1),
-                    1,
-                    crate::object::PrunePolicy::default(),
-                )
-                .unwrap_or_else(|e| panic!("{e:?}"))
-                .encode()
-        };
+        let object = |v: &str| crate::test_support::version(v.as_bytes(), 1).encode();
         let mut page: Vec<Entry> = (0..20)
             .map(|i| {
                 let key = format!("k{i}");

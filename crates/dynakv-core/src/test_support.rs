@@ -7,6 +7,22 @@ pub fn id(name: &str) -> NodeId {
     NodeId(name.to_owned())
 }
 
+/// An object of one version holding `value`, written by `actor` (its first dot).
+pub fn version(value: &[u8], actor: u64) -> crate::object::Object {
+    crate::object::Object::default()
+        .update(
+            &crate::version::VersionVector::new(),
+            crate::object::Content {
+                value: value.to_vec(),
+                ..crate::object::Content::default()
+            },
+            crate::version::ActorId(actor),
+            1,
+            crate::object::PrunePolicy::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"))
+}
+
 /// A member entry with empty addresses and zone.
 pub fn member(name: &str, status: MemberStatus) -> Member {
     Member {

@@ -1134,18 +1134,7 @@ fn a_node_over_a_shared_replica_delivers_the_data_planes_hints() {
     };
     let (mut node, _) = Node::over(id("a"), cluster, config, parts, SeededRng::new(1), 0).unwrap();
     assert_eq!(node.actor(), ActorId(7), "the replica's actor");
-    let object = Object::default()
-        .update(
-            &VersionVector::new(),
-            Content {
-                value: b"v".to_vec(),
-                ..Content::default()
-            },
-            ActorId(9),
-            1,
-            PrunePolicy::default(),
-        )
-        .unwrap();
+    let object = crate::test_support::version(b"v", 9);
     let kept = data_plane
         .store_hint("b", "x", "k", &object, 10, StoreDurability::Buffered)
         .unwrap();
