@@ -79,8 +79,12 @@ pub enum DriverInput {
     },
     /// What the data plane saw.
     Observed(Observation),
-    /// A peer's clock offset, from the transport's hello.
-    PeerClock { peer: NodeId, offset_ms: i64 },
+    /// What the transport's hello with a peer established (its clock offset, its key).
+    Hello {
+        peer: NodeId,
+        offset_ms: i64,
+        key: Option<[u8; 32]>,
+    },
     /// The admission budget of background work.
     Budget(usize),
     // ---- the driver's own ----
@@ -112,11 +116,13 @@ impl std::fmt::Debug for DriverInput {
             DriverInput::Observed(observation) => {
                 f.debug_tuple("Observed").field(observation).finish()
             }
-            DriverInput::PeerClock { peer, offset_ms } => f
-                .debug_struct("PeerClock")
+            DriverInput::Hello {
+                peer, offset_ms, ..
+            } => f
+                .debug_struct("Hello")
                 .field("peer", peer)
                 .field("offset_ms", offset_ms)
-                .finish(),
+                .finish_non_exhaustive(),
             DriverInput::Budget(budget) => f.debug_tuple("Budget").field(budget).finish(),
             DriverInput::Sent { to, id, outcome } => f
                 .debug_struct("Sent")
@@ -386,7 +392,15 @@ impl Run {
                 Input::Client { id, op }
             }
             DriverInput::Observed(observation) => Input::Observed(observation),
-            DriverInput::PeerClock { peer, offset_ms } => Input::PeerClock { peer, offset_ms },
+            DriverInput::Hello {
+                peer,
+                offset_ms,
+                key,
+            } => Input::Hello {
+                peer,
+                offset_ms,
+                key,
+            },
             DriverInput::Budget(budget) => {
                 self.node.set_aae_budget(budget);
                 return;

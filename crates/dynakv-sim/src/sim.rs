@@ -937,13 +937,15 @@ impl Simulation {
             }
             let theirs = self.nodes[j].skew();
             let (me, peer) = (self.ids[i].clone(), self.ids[j].clone());
-            let to_i = Input::PeerClock {
+            let to_i = Input::Hello {
                 peer,
                 offset_ms: theirs - skew,
+                key: None,
             };
-            let to_j = Input::PeerClock {
+            let to_j = Input::Hello {
                 peer: me,
                 offset_ms: skew - theirs,
+                key: None,
             };
             let outputs = self.nodes[i].handle(self.now, to_i);
             self.apply_outputs(i, outputs);

@@ -355,7 +355,7 @@ fn ranges_regained_after_a_join_then_leave_lose_nothing() {
 
 /// Skewed wall clocks (each machine up to 5 s off, its timers not): no acknowledged write is
 /// lost, and forwarded puts are judged by the forwarder's clock converted with the offset
-/// its hello measured (`Input::PeerClock`), so the skew does not make coordinators refuse
+/// its hello measured (`Input::Hello`), so the skew does not make coordinators refuse
 /// them as late (unconverted, a 5 s skew against the 500 ms limit refuses most of them).
 #[test]
 fn skewed_wall_clocks_lose_nothing_and_forwards_are_judged_on_converted_clocks() {

@@ -385,11 +385,14 @@ pub enum Input {
     SyncFailed {
         error: String,
     },
-    /// `peer`'s clock minus this node's, as measured by the transport's hello: a forwarded
-    /// put's timestamp (the forwarder's clock) is converted before its age is judged.
-    PeerClock {
+    /// What the transport's hello with `peer` established: its clock minus this node's (a
+    /// forwarded put's timestamp, on the forwarder's clock, is converted before its age is
+    /// judged), and the public key it proved it holds (`None` where links carry no keys, as
+    /// in the simulator): a join request is admitted only for the member entry of that key.
+    Hello {
         peer: NodeId,
         offset_ms: i64,
+        key: Option<[u8; 32]>,
     },
     /// What a data plane driven beside this node (requests over the same replica) saw.
     Observed(Observation),
@@ -640,6 +643,13 @@ impl NodeParts {
     }
 }
 
+/// What a peer's hello established (`Input::Hello`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerHello {
+    offset_ms: i64,
+    key: Option<[u8; 32]>,
+}
+
 /// Why a node could not be opened over its storage.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot open the node's storage: {0}")]
@@ -675,8 +685,9 @@ pub struct Node {
     requests: BTreeMap<u64, ClientRequest>,
     failure_detector: FailureDetector,
     links: BTreeMap<NodeId, Link>,
-    /// Peers' clock offsets (`Input::PeerClock`), at most `MAX_MEMBERS` (see `note_peer_clock`).
-    clock_offsets: BTreeMap<NodeId, i64>,
+    /// What each peer's hello established (`Input::Hello`), at most `MAX_MEMBERS` (see
+    /// `note_hello`).
+    hellos: BTreeMap<NodeId, PeerHello>,
     /// The hint delivery round in progress (at most one; the core's `DeliveryRound`).
     hint_round: Option<DeliveryRound>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
@@ -781,7 +792,7 @@ impl Node {
             pending: BTreeMap::new(),
             requests: BTreeMap::new(),
             links: BTreeMap::new(),
-            clock_offsets: BTreeMap::new(),
+            hellos: BTreeMap::new(),
             hint_round: None,
             unsent: None,
             handoff: None,
@@ -1121,7 +1132,7 @@ impl Node {
                 ..
             } => serve::storage_call(body).is_none(),
             Input::Synced { .. }
-            | Input::PeerClock { .. }
+            | Input::Hello { .. }
             | Input::Timer(Timer::Flush)
             | Input::Observed(
                 Observation::Contact(_) | Observation::Stored { .. } | Observation::Hint { .. },
@@ -1158,7 +1169,11 @@ impl Node {
             Input::SyncFailed { error } => {
                 self.must(Err::<(), _>(error), "sync its writes");
             }
-            Input::PeerClock { peer, offset_ms } => self.note_peer_clock(peer, offset_ms),
+            Input::Hello {
+                peer,
+                offset_ms,
+                key,
+            } => self.note_hello(peer, PeerHello { offset_ms, key }),
             Input::Observed(observation) => self.observe(now, observation),
         }
         while let Some((to, id)) = self.failures.pop_front() {
@@ -1204,23 +1219,23 @@ impl Node {
     /// may be a member here: a joiner learns of the members, and they of it, later). Bounded
     /// by `MAX_MEMBERS` entries: when full, a member's offset takes the place of one of a
     /// name that is no member, and a non-member's is not kept.
-    fn note_peer_clock(&mut self, peer: NodeId, offset_ms: i64) {
-        let known = self.clock_offsets.contains_key(&peer);
-        if !known && self.clock_offsets.len() >= membership::MAX_MEMBERS {
+    fn note_hello(&mut self, peer: NodeId, hello: PeerHello) {
+        let known = self.hellos.contains_key(&peer);
+        if !known && self.hellos.len() >= membership::MAX_MEMBERS {
             if self.cluster.member(&peer).is_none() {
                 return;
             }
             let stranger = self
-                .clock_offsets
+                .hellos
                 .keys()
                 .find(|n| self.cluster.member(n).is_none())
                 .cloned();
             let Some(stranger) = stranger else {
                 return;
             };
-            self.clock_offsets.remove(&stranger);
+            self.hellos.remove(&stranger);
         }
-        self.clock_offsets.insert(peer, offset_ms);
+        self.hellos.insert(peer, hello);
     }
 
     /// A new sync ticket: the writes made so far must become durable.

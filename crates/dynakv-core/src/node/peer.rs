@@ -31,7 +31,7 @@ impl Node {
         }
         match body {
             message @ PeerMessage::CoordinatePut { .. } => {
-                let offset = self.clock_offsets.get(from).copied().unwrap_or(0);
+                let offset = self.hellos.get(from).map_or(0, |h| h.offset_ms);
                 let limit_ms = (!self.config.retry_unanswered_forward())
                     .then_some(self.config.timings.request_ms);
                 let view = NodeView { node: self, now };
@@ -74,9 +74,16 @@ impl Node {
                 cluster_name,
                 member,
             } => {
-                // The simulated transport has no keys: the sender is who it says.
-                let answer =
-                    gossip::on_join_request(&mut self.cluster, from, None, &cluster_name, member);
+                // The key the sender proved in its hello (none in the simulator, whose
+                // links carry no keys: the sender is who it says).
+                let key = self.hellos.get(from).and_then(|h| h.key);
+                let answer = gossip::on_join_request(
+                    &mut self.cluster,
+                    from,
+                    key.as_ref(),
+                    &cluster_name,
+                    member,
+                );
                 self.respond(from, id, answer);
             }
             other => {

@@ -643,9 +643,10 @@ fn a_forward_from_a_node_whose_clock_is_behind_is_judged_on_this_nodes_clock() {
         matches!(sends(&out)[..], [PeerMessage::Failed { .. }]),
         "refused as late: {out:?}"
     );
-    let clock = Input::PeerClock {
+    let clock = Input::Hello {
         peer: from.clone(),
         offset_ms: -10_000,
+        key: None,
     };
     net.nodes[primary].handle(now, clock);
     let message = Message::Request {
@@ -1086,20 +1087,25 @@ fn strangers_clock_offsets_are_bounded_and_do_not_crowd_out_a_member() {
     let now = 100_000;
     net.now = now;
     for i in 0..3 * membership::MAX_MEMBERS {
-        let stranger = Input::PeerClock {
+        let stranger = Input::Hello {
             peer: id(&format!("ghost-{i}")),
             offset_ms: i64::MAX,
+            key: None,
         };
         net.nodes[primary].handle(now, stranger);
     }
-    assert!(net.nodes[primary].clock_offsets.len() <= membership::MAX_MEMBERS);
-    let clock = Input::PeerClock {
+    assert!(net.nodes[primary].hellos.len() <= membership::MAX_MEMBERS);
+    let clock = Input::Hello {
         peer: from.clone(),
         offset_ms: -10_000,
+        key: None,
     };
     net.nodes[primary].handle(now, clock);
-    assert_eq!(net.nodes[primary].clock_offsets.get(&from), Some(&-10_000));
-    assert!(net.nodes[primary].clock_offsets.len() <= membership::MAX_MEMBERS);
+    assert_eq!(
+        net.nodes[primary].hellos.get(&from).map(|h| h.offset_ms),
+        Some(-10_000)
+    );
+    assert!(net.nodes[primary].hellos.len() <= membership::MAX_MEMBERS);
     let message = Message::Request {
         id: 2,
         body: PeerMessage::CoordinatePut {
@@ -1246,4 +1252,60 @@ fn security_changes_apply_all_or_nothing_and_are_persisted() {
         .unwrap()
         .unwrap();
     assert!(stored.security.user("ann").is_some());
+}
+
+/// A join request is admitted only for the member entry of the key the sender proved in its
+/// hello (the server's rule, now `Node`'s): a sender whose entry names another key, or that
+/// asks for another node, is refused; the key it holds is admitted.
+#[test]
+fn a_join_request_is_admitted_only_for_the_key_the_sender_proved() {
+    let mut net = Net::new(&cluster_of_three());
+    let key = [7u8; 32];
+    net.nodes[0].handle(
+        1,
+        Input::Hello {
+            peer: id("d"),
+            offset_ms: 0,
+            key: Some(key),
+        },
+    );
+    let ask = |node: &mut Node, member_key: [u8; 32], id_asked: &str, request: RequestId| {
+        let mut member = member_entry(&crate::test_support::id(id_asked));
+        member.public_key = Some(member_key);
+        let body = PeerMessage::JoinRequest {
+            cluster_name: node.cluster().cluster_name.clone(),
+            member,
+        };
+        let message = Message::Request { id: request, body };
+        node.handle(
+            2,
+            Input::Message {
+                from: id("d"),
+                message,
+            },
+        )
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Send {
+                message: Message::Response { body, .. },
+                ..
+            } => Some(body),
+            _ => None,
+        })
+        .unwrap()
+    };
+    let other_key = ask(&mut net.nodes[0], [8u8; 32], "d", 1);
+    assert!(matches!(other_key, PeerMessage::Error(_)), "{other_key:?}");
+    let other_node = ask(&mut net.nodes[0], key, "e", 2);
+    assert!(
+        matches!(other_node, PeerMessage::Error(_)),
+        "{other_node:?}"
+    );
+    assert!(net.nodes[0].cluster().member(&id("d")).is_none());
+    let admitted = ask(&mut net.nodes[0], key, "d", 3);
+    assert!(
+        matches!(admitted, PeerMessage::JoinAccepted { .. }),
+        "{admitted:?}"
+    );
+    assert!(net.nodes[0].cluster().member(&id("d")).is_some());
 }
