@@ -828,7 +828,7 @@ impl Node {
 
     /// A fresh node that founded its own one-node cluster and asks `via` (in turn, until one
     /// accepts) to admit it: `Cluster::join`. Its storage should hold no data.
-    #[allow(clippy::too_many_arguments)] // mirrors `new` plus what a join needs
+    #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)] // mirrors `new`
     pub fn joining(
         me: NodeId,
         actor: ActorId,
@@ -842,7 +842,41 @@ impl Node {
     ) -> Result<(Node, Vec<Output>), OpenError> {
         let cluster = ClusterState::found(cluster_name, member_entry(&me), partitions)
             .map_err(|e| OpenError(e.to_string()))?;
-        let (mut node, mut outputs) = Node::new(me, actor, cluster, config, storage, rng, now)?;
+        let parts = NodeParts::open(storage, actor, &cluster.ring.current)?;
+        Node::start_joining(cluster, via, config, parts, rng, now)
+    }
+
+    /// [`Node::joining`] as `member` (its addresses and key, as the cluster will know it),
+    /// over parts its driver opened ([`Node::over`]).
+    pub fn joining_over(
+        member: Member,
+        (cluster_name, partitions): (&str, u32),
+        via: Vec<NodeId>,
+        config: NodeConfig,
+        parts: NodeParts,
+        (rng, now): (SeededRng, u64),
+    ) -> Result<(Node, Vec<Output>), OpenError> {
+        let cluster = ClusterState::found(cluster_name, member, partitions)
+            .map_err(|e| OpenError(e.to_string()))?;
+        Node::start_joining(cluster, via, config, parts, rng, now)
+    }
+
+    /// A node of its own founded `cluster` that asks `via` to admit it.
+    fn start_joining(
+        cluster: ClusterState,
+        via: Vec<NodeId>,
+        config: NodeConfig,
+        parts: NodeParts,
+        rng: SeededRng,
+        now: u64,
+    ) -> Result<(Node, Vec<Output>), OpenError> {
+        let me = cluster
+            .members
+            .keys()
+            .next()
+            .cloned()
+            .ok_or_else(|| OpenError("a founded cluster has its founder".into()))?;
+        let (mut node, mut outputs) = Node::over(me, cluster, config, parts, rng, now)?;
         node.join_via = via;
         node.send_join(now);
         outputs.append(&mut node.outputs);

@@ -61,6 +61,10 @@ pub trait Environment: Send + Sync + 'static {
     fn sync(&self, done: Respond<Result<(), String>>);
     /// The wall clock, ms since the Unix epoch.
     fn wall_ms(&self) -> u64;
+    /// The driver published a new cluster state (at its start, then each time one is
+    /// written): an environment that addresses peers by the state's member entries reads
+    /// them here.
+    fn state_published(&self, _state: &Arc<ClusterState>) {}
 }
 
 /// An input for the driver.
@@ -203,6 +207,7 @@ impl DriverInbox {
 
 /// A running driver: its thread, its inbox and what it publishes.
 pub struct Driver {
+    me: NodeId,
     inbox: DriverInbox,
     published: Arc<RwLock<Arc<Published>>>,
     thread: Option<JoinHandle<()>>,
@@ -229,13 +234,16 @@ impl Driver {
         storage: Arc<dyn Storage>,
         env: Arc<dyn Environment>,
     ) -> std::io::Result<Driver> {
+        let me = node.id().clone();
         let (tx, rx) = mpsc::channel();
         let inbox = DriverInbox {
             tx,
             queued: Arc::new(AtomicUsize::new(0)),
         };
+        let state = Arc::new(node.cluster().clone());
+        env.state_published(&state);
         let published = Arc::new(RwLock::new(Arc::new(Published {
-            state: Arc::new(node.cluster().clone()),
+            state,
             up: BTreeSet::new(),
             stats: node.stats(),
             stopped: None,
@@ -263,10 +271,16 @@ impl Driver {
                 run.run(&rx);
             })?;
         Ok(Driver {
+            me,
             inbox,
             published,
             thread: Some(thread),
         })
+    }
+
+    /// The node it drives.
+    pub fn id(&self) -> &NodeId {
+        &self.me
     }
 
     pub fn inbox(&self) -> DriverInbox {
@@ -517,6 +531,7 @@ impl Run {
             }
         }
         if let Some(state) = new_state {
+            self.env.state_published(&state);
             let mut published = self.published.write();
             let mut next = Published::clone(&published);
             next.state = state;
@@ -545,345 +560,7 @@ impl Run {
     }
 }
 
+pub mod transport;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use dynakv_core::bucket::BucketProps;
-    use dynakv_core::membership::MemberStatus;
-    use dynakv_core::node::{NodeConfig, PutOp, Timings};
-    use dynakv_core::rng::SeededRng;
-    use dynakv_core::version::ActorId;
-    use dynakv_storage::MemoryStorage;
-    use parking_lot::Mutex;
-
-    /// Drivers reaching each other's inboxes in memory; a sync is immediate. A stalled node
-    /// takes requests and never answers (a socket that stopped reading); failing syncs fail.
-    #[derive(Default)]
-    struct Wires {
-        inboxes: Mutex<HashMap<NodeId, DriverInbox>>,
-        stalled: Mutex<BTreeSet<NodeId>>,
-        failing_syncs: std::sync::atomic::AtomicBool,
-    }
-
-    struct Env {
-        me: NodeId,
-        wires: Arc<Wires>,
-    }
-
-    impl Environment for Env {
-        fn send(&self, to: &NodeId, body: PeerMessage, done: Respond<SendOutcome>) {
-            if self.wires.stalled.lock().contains(to) {
-                drop(done); // never answered
-                return;
-            }
-            let inbox = self.wires.inboxes.lock().get(to).cloned();
-            let Some(inbox) = inbox else {
-                done(SendOutcome::NotSent);
-                return;
-            };
-            let (tx, rx) = mpsc::channel();
-            let submitted = inbox.submit(DriverInput::Peer {
-                from: self.me.clone(),
-                message: body,
-                reply: Box::new(move |reply| {
-                    let _ = tx.send(reply);
-                }),
-            });
-            if submitted.is_err() {
-                done(SendOutcome::NotSent);
-                return;
-            }
-            // Wait for the answer off the sender's thread (a driver must not wait on another).
-            std::thread::spawn(move || {
-                done(match rx.recv_timeout(Duration::from_secs(2)) {
-                    Ok(reply) => SendOutcome::Answered(Box::new(reply)),
-                    Err(_) => SendOutcome::Lost,
-                });
-            });
-        }
-
-        fn sync(&self, done: Respond<Result<(), String>>) {
-            if self.wires.failing_syncs.load(Ordering::Acquire) {
-                done(Err("injected sync failure".into()));
-            } else {
-                done(Ok(()));
-            }
-        }
-
-        fn wall_ms(&self) -> u64 {
-            crate::clock::WallClock::default().now_ms()
-        }
-    }
-
-    fn config() -> NodeConfig {
-        NodeConfig {
-            timings: Timings {
-                request_ms: 500,
-                forward_ms: 2500,
-                gossip_interval_ms: 50,
-                heartbeat_timeout_ms: 2000,
-                hint_interval_ms: 100,
-                aae_interval_ms: 300,
-                flush_interval_ms: 50,
-            },
-            ..NodeConfig::default()
-        }
-    }
-
-    fn start(wires: &Arc<Wires>, name: &str, via: Option<&str>) -> Driver {
-        start_writing_to(wires, name, via, None)
-    }
-
-    /// `start`, the driver writing the cluster state to `persist_to` when given.
-    fn start_writing_to(
-        wires: &Arc<Wires>,
-        name: &str,
-        via: Option<&str>,
-        persist_to: Option<Arc<dyn Storage>>,
-    ) -> Driver {
-        let me = NodeId(name.into());
-        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
-        let actor = ActorId(name.bytes().map(u64::from).sum());
-        let rng = SeededRng::new(actor.0);
-        let (node, first) = match via {
-            None => {
-                let founder = dynakv_core::node::member_entry(&me);
-                let state = ClusterState::found("test", founder, 16).unwrap();
-                Node::new(
-                    me.clone(),
-                    actor,
-                    state,
-                    config(),
-                    Arc::clone(&storage),
-                    rng,
-                    0,
-                )
-            }
-            Some(via) => Node::joining(
-                me.clone(),
-                actor,
-                "test",
-                16,
-                vec![NodeId(via.into())],
-                config(),
-                Arc::clone(&storage),
-                rng,
-                0,
-            ),
-        }
-        .unwrap();
-        let env = Arc::new(Env {
-            me: me.clone(),
-            wires: Arc::clone(wires),
-        });
-        let driver = Driver::start(node, first, persist_to.unwrap_or(storage), env).unwrap();
-        wires.inboxes.lock().insert(me, driver.inbox());
-        driver
-    }
-
-    /// Wait until `check` holds for every driver's published view (10 s at most).
-    fn eventually(drivers: &[&Driver], what: &str, check: impl Fn(&Published) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !drivers.iter().all(|d| check(&d.published())) {
-            assert!(Instant::now() < deadline, "never: {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn admin(driver: &Driver, op: ClientOp) -> ClientResult {
-        let (tx, rx) = mpsc::channel();
-        driver
-            .inbox()
-            .submit(DriverInput::Admin {
-                op,
-                reply: Box::new(move |result| {
-                    let _ = tx.send(result);
-                }),
-            })
-            .unwrap();
-        rx.recv_timeout(Duration::from_secs(5)).unwrap()
-    }
-
-    /// Three drivers of core's `Node`, over memory: two nodes join the first, the ring
-    /// settles with all three, a bucket property set at one reaches the others by gossip,
-    /// and a leave completes (the leaver's handoff, the claimant's plan, its exit), all by
-    /// the driver's timers, sends, replies and writes of the cluster state.
-    #[test]
-    fn drivers_of_nodes_join_gossip_and_leave() {
-        let wires = Arc::new(Wires::default());
-        let a = start(&wires, "a", None);
-        let b = start(&wires, "b", Some("a"));
-        let c = start(&wires, "c", Some("a"));
-        let all = [&a, &b, &c];
-        eventually(&all, "a settled ring of three", |p| {
-            p.state.ring.next.is_none()
-                && p.state.ring.current.nodes().len() == 3
-                && p.state
-                    .members
-                    .values()
-                    .all(|m| m.status == MemberStatus::Valid)
-        });
-        eventually(&all, "everyone up", |p| p.up.len() == 3);
-
-        let props = BucketProps {
-            n_val: 2,
-            ..BucketProps::default()
-        };
-        let op = ClientOp::SetBucketProps {
-            bucket: "two".into(),
-            props: Some(props),
-        };
-        assert!(matches!(admin(&b, op), ClientResult::Done));
-        eventually(&all, "the bucket's properties everywhere", |p| {
-            p.state.bucket_props.contains_key("two")
-        });
-
-        // Writes (durable: each replica's acknowledgement waits for its sync) before the
-        // leave, to a bucket of two replicas so that c's handoff has keys to hand over.
-        for i in 0..50 {
-            let op = ClientOp::Put(PutOp::new("two", &format!("k{i}"), None, Some(vec![1; 10])));
-            let put = admin(&a, op);
-            assert!(matches!(put, ClientResult::Put(_)), "{put:?}");
-        }
-        assert!(matches!(admin(&c, ClientOp::Leave), ClientResult::Done));
-        eventually(&[&a, &b], "c has left", |p| {
-            p.state
-                .member(&NodeId("c".into()))
-                .is_some_and(|m| m.status == MemberStatus::Exiting)
-                && p.state.ring.current.nodes().len() == 2
-        });
-        for i in 0..50 {
-            let get = ClientOp::Get {
-                bucket: "two".into(),
-                key: format!("k{i}"),
-                r: None,
-                pr: None,
-            };
-            match admin(&b, get) {
-                ClientResult::Got(object) => assert_eq!(object.siblings().len(), 1, "k{i}"),
-                other => panic!("k{i}: {other:?}"),
-            }
-        }
-        assert!(
-            c.published().stats.handoff_keys > 0,
-            "c handed its keys over"
-        );
-        a.stop();
-        b.stop();
-        c.stop();
-    }
-
-    /// Three joined drivers, each up in the others' view.
-    fn three(wires: &Arc<Wires>) -> [Driver; 3] {
-        let a = start(wires, "a", None);
-        let b = start(wires, "b", Some("a"));
-        let c = start(wires, "c", Some("a"));
-        eventually(&[&a, &b, &c], "a settled ring of three, all up", |p| {
-            p.state.ring.next.is_none()
-                && p.state.ring.current.nodes().len() == 3
-                && p.up.len() == 3
-        });
-        [a, b, c]
-    }
-
-    /// A peer that takes requests and never answers (a stalled socket) does not stall the
-    /// others' drivers: its requests fail by the node's own timers, it is judged down, and
-    /// the others go on answering and gossiping.
-    #[test]
-    fn a_stalled_peer_is_judged_down_and_stalls_nobody() {
-        let wires = Arc::new(Wires::default());
-        let [a, b, c] = three(&wires);
-        wires.stalled.lock().insert(NodeId("c".into()));
-        c.stop();
-        eventually(&[&a, &b], "c judged down", |p| {
-            !p.up.contains(&NodeId("c".into()))
-        });
-        let op = ClientOp::SetBucketProps {
-            bucket: "late".into(),
-            props: Some(BucketProps::default()),
-        };
-        assert!(matches!(admin(&a, op), ClientResult::Done));
-        eventually(&[&b], "gossip goes on", |p| {
-            p.state.bucket_props.contains_key("late")
-        });
-    }
-
-    /// A failed sync stops the node: the write waiting for it is answered with a failure,
-    /// the stop is published, and every later request is refused at once.
-    #[test]
-    fn a_failed_sync_stops_the_node_and_answers_what_waits() {
-        let wires = Arc::new(Wires::default());
-        let [a, _b, _c] = three(&wires);
-        wires.failing_syncs.store(true, Ordering::Release);
-        let put = ClientOp::Put(PutOp::new("b", "k", None, Some(vec![1])));
-        match admin(&a, put) {
-            ClientResult::Failed {
-                status: 503,
-                message,
-            } => {
-                assert!(message.contains("stopped"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(a.published().stopped.is_some());
-        let again = admin(&a, ClientOp::Leave);
-        assert!(
-            matches!(&again, ClientResult::Failed { status: 503, .. }),
-            "{again:?}"
-        );
-    }
-
-    /// A cluster state that cannot be written (a full or failing disk) turns the answer to
-    /// the change that made it into a failure: an administrative change is acknowledged only
-    /// once it is on disk.
-    #[test]
-    fn a_change_whose_state_is_not_written_is_not_acknowledged() {
-        let wires = Arc::new(Wires::default());
-        let disk = dynakv_storage::FaultyStorage::new(MemoryStorage::new());
-        let switch = disk.switch();
-        let a = start_writing_to(&wires, "a", None, Some(Arc::new(disk)));
-        switch.set(dynakv_storage::FaultPoint::Put, true);
-        let op = ClientOp::SetBucketProps {
-            bucket: "p".into(),
-            props: Some(BucketProps::default()),
-        };
-        match admin(&a, op) {
-            ClientResult::Failed {
-                status: 500,
-                message,
-            } => {
-                assert!(message.contains("not written"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
-        switch.heal();
-        let op = ClientOp::SetBucketProps {
-            bucket: "q".into(),
-            props: Some(BucketProps::default()),
-        };
-        assert!(matches!(admin(&a, op), ClientResult::Done));
-    }
-
-    /// Past `DRIVER_INBOX` waiting inputs from outside, a submission is refused; the
-    /// driver's own (a send's outcome) are never refused.
-    #[test]
-    fn the_inbox_is_bounded_for_outside_inputs() {
-        let (tx, _rx) = mpsc::channel();
-        let inbox = DriverInbox {
-            tx,
-            queued: Arc::new(AtomicUsize::new(0)),
-        };
-        for _ in 0..DRIVER_INBOX {
-            inbox
-                .submit(DriverInput::Budget(1))
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        assert_eq!(inbox.submit(DriverInput::Budget(1)), Err(SubmitError::Busy));
-        let sent = DriverInput::Sent {
-            to: NodeId("x".into()),
-            id: 1,
-            outcome: SendOutcome::Lost,
-        };
-        assert!(inbox.submit(sent).is_ok());
-    }
-}
+mod tests;

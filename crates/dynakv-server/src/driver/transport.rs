@@ -1,0 +1,139 @@
+//! The driver's environment over the server's own pieces: the peer transport
+//! ([`PeerClient`], addressing a member by the peer address of its entry in the published
+//! cluster state), the flusher's group commit ([`SyncBarrier`]) and the [`WallClock`].
+
+use super::{Environment, Respond, SendOutcome};
+use crate::clock::WallClock;
+use crate::sync_barrier::SyncBarrier;
+use crate::transport::{PeerClient, TransportError};
+use dynakv_core::membership::ClusterState;
+use dynakv_core::message::PeerMessage;
+use dynakv_core::ring::NodeId;
+use dynakv_core::storage::Storage;
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Peers the driver may address before they are members (at most this many: the seeds of a
+/// join).
+pub const MAX_SEED_ADDRESSES: usize = 16;
+
+/// How the driver reaches peers and the disk in a server.
+#[derive(Debug)]
+pub struct TransportEnv {
+    client: PeerClient<PeerMessage>,
+    runtime: tokio::runtime::Handle,
+    /// Longest a send waits for its answer (the node's own timer fails it sooner; this only
+    /// bounds the task). At least the forward timeout.
+    send_timeout: Duration,
+    /// The flusher's group commit; `None`: sync the storage on the blocking pool.
+    syncs: Option<Arc<SyncBarrier>>,
+    storage: Arc<dyn Storage>,
+    clock: WallClock,
+    /// Peer addresses by member, from the published state.
+    members: RwLock<BTreeMap<NodeId, SocketAddr>>,
+    /// Addresses of peers that are not members yet (a join's seeds), bounded.
+    seeds: RwLock<BTreeMap<NodeId, SocketAddr>>,
+}
+
+impl TransportEnv {
+    /// The environment over `client`, spawning its sends on `runtime`.
+    pub fn new(
+        client: PeerClient<PeerMessage>,
+        runtime: tokio::runtime::Handle,
+        send_timeout: Duration,
+        (syncs, storage): (Option<Arc<SyncBarrier>>, Arc<dyn Storage>),
+        clock: WallClock,
+    ) -> TransportEnv {
+        TransportEnv {
+            client,
+            runtime,
+            send_timeout,
+            syncs,
+            storage,
+            clock,
+            members: RwLock::new(BTreeMap::new()),
+            seeds: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Address `peer` at `addr` until it is a member (a join's seed).
+    ///
+    /// # Errors
+    /// `MAX_SEED_ADDRESSES` seeds are known already.
+    pub fn add_seed(&self, peer: NodeId, addr: SocketAddr) -> Result<(), String> {
+        let mut seeds = self.seeds.write();
+        if seeds.len() >= MAX_SEED_ADDRESSES && !seeds.contains_key(&peer) {
+            return Err(format!("at most {MAX_SEED_ADDRESSES} seeds"));
+        }
+        seeds.insert(peer, addr);
+        Ok(())
+    }
+
+    fn address(&self, peer: &NodeId) -> Option<SocketAddr> {
+        let member = self.members.read().get(peer).copied();
+        member.or_else(|| self.seeds.read().get(peer).copied())
+    }
+}
+
+/// What became of a request the transport failed: never sent (try elsewhere, fail now), or
+/// maybe delivered (the node's timer decides).
+fn outcome_of(error: &TransportError) -> SendOutcome {
+    match error {
+        TransportError::Unreachable { .. }
+        | TransportError::Rejected { .. }
+        | TransportError::Overloaded { .. }
+        | TransportError::FrameTooLarge { .. }
+        | TransportError::Encode(_) => SendOutcome::NotSent,
+        _ => SendOutcome::Lost,
+    }
+}
+
+impl Environment for TransportEnv {
+    fn send(&self, to: &NodeId, body: PeerMessage, done: Respond<SendOutcome>) {
+        let Some(addr) = self.address(to) else {
+            done(SendOutcome::NotSent);
+            return;
+        };
+        let client = self.client.clone();
+        let timeout = self.send_timeout;
+        self.runtime.spawn(async move {
+            done(match client.request(addr, body, timeout).await {
+                Ok(reply) => SendOutcome::Answered(Box::new(reply)),
+                Err(e) => outcome_of(&e),
+            });
+        });
+    }
+
+    fn sync(&self, done: Respond<Result<(), String>>) {
+        if let Some(syncs) = self.syncs.clone() {
+            self.runtime.spawn(async move { done(syncs.wait().await) });
+            return;
+        }
+        let storage = Arc::clone(&self.storage);
+        self.runtime.spawn(async move {
+            let synced = tokio::task::spawn_blocking(move || storage.sync()).await;
+            done(match synced {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            });
+        });
+    }
+
+    fn wall_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn state_published(&self, state: &Arc<ClusterState>) {
+        let members: BTreeMap<NodeId, SocketAddr> = state
+            .members
+            .values()
+            .filter_map(|m| Some((m.id.clone(), m.peer_addr.parse().ok()?)))
+            .collect();
+        self.seeds.write().retain(|id, _| !members.contains_key(id));
+        *self.members.write() = members;
+    }
+}
