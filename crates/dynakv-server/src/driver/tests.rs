@@ -348,7 +348,7 @@ fn the_inbox_is_bounded_for_outside_inputs() {
 
 /// Three drivers over the real peer transport on 127.0.0.1 (the server's `TransportEnv`,
 /// each node's transport server handing every request to its driver): two join the first
-/// by its address, the ring settles, durable writes are stored at their replicas, and a
+/// knowing only its address (`TransportEnv::seed_name`), the ring settles, durable writes are stored at their replicas, and a
 /// leave hands keys over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drivers_over_the_peer_transport_join_write_and_leave() {
@@ -389,7 +389,9 @@ async fn drivers_over_the_peer_transport_join_write_and_leave() {
                 let parts = parts(&state);
                 Node::over(me.clone(), state, config(), parts, rng, 0).unwrap()
             }
-            Some((seed_id, seed_addr)) => {
+            Some((_, seed_addr)) => {
+                // Known by its address only, as `--join ADDR` knows it.
+                let seed_id = transport::TransportEnv::seed_name(*seed_addr);
                 env.add_seed(seed_id.clone(), *seed_addr).unwrap();
                 let founded = ClusterState::found("test", member.clone(), 16).unwrap();
                 Node::joining_over(

@@ -59,6 +59,13 @@ impl TransportEnv {
         }
     }
 
+    /// The name a seed known only by its address goes by (`--join ADDR` names no node):
+    /// the node asks it to join under this name, and learns the real names from the state
+    /// it is sent.
+    pub fn seed_name(addr: SocketAddr) -> NodeId {
+        NodeId(format!("seed:{addr}"))
+    }
+
     /// Address `peer` at `addr` until it is a member (a join's seed).
     ///
     /// # Errors
