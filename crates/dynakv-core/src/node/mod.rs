@@ -605,6 +605,8 @@ pub struct NodeStats {
     pub hints_corrupt: u64,
     pub read_repairs: u64,
     pub aae_repairs: u64,
+    /// Anti-entropy exchanges completed (each updates its partition's `aae_records` entry).
+    pub aae_exchanges: u64,
     /// Keys sent by this node's transition handoffs, and keys dropped by cleanup.
     pub handoff_keys: u64,
     pub cleanup_dropped: u64,

@@ -577,6 +577,7 @@ impl Node {
                     // As the server's records for `admin aae`: completed exchanges only.
                     let record = self.aae_records.entry(partition).or_default();
                     record.completed(now, &peer, repaired);
+                    self.stats.aae_exchanges = self.stats.aae_exchanges.saturating_add(1);
                 }
                 AaeRunStep::Over { .. } => self.aae_run = None,
             }

@@ -17,13 +17,14 @@
 //! - the inbox is bounded for what comes from outside (peers, administration, the data
 //!   plane): past `DRIVER_INBOX`, a submission is refused rather than queued.
 
+use dynakv_core::anti_entropy::AaeRecord;
 use dynakv_core::membership::{self, ClusterState};
 use dynakv_core::message::PeerMessage;
 use dynakv_core::node::{
     ClientOp, ClientRequestId, ClientResult, Input, Message, Node, NodeStats, Observation, Output,
     RequestId, Time, Timer,
 };
-use dynakv_core::ring::NodeId;
+use dynakv_core::ring::{NodeId, PartitionId};
 use dynakv_core::storage::Storage;
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -162,6 +163,9 @@ pub struct Published {
     /// The members the node's failure detector believes up (itself included).
     pub up: BTreeSet<NodeId>,
     pub stats: NodeStats,
+    /// What the last completed anti-entropy exchange of each partition did (for
+    /// `admin aae`), republished when an exchange completes.
+    pub aae_records: Arc<BTreeMap<PartitionId, AaeRecord>>,
     /// Why the node stopped (a storage failure), if it did.
     pub stopped: Option<String>,
 }
@@ -246,6 +250,7 @@ impl Driver {
             state,
             up: BTreeSet::new(),
             stats: node.stats(),
+            aae_records: Arc::new(node.aae_records().clone()),
             stopped: None,
         })));
         let mut run = Run {
@@ -552,6 +557,9 @@ impl Run {
         let stats = self.node.stats();
         if up != published.up || stats != published.stats || self.stopped != published.stopped {
             let mut next = Published::clone(&published);
+            if stats.aae_exchanges != published.stats.aae_exchanges {
+                next.aae_records = Arc::new(self.node.aae_records().clone());
+            }
             next.up = up;
             next.stats = stats;
             next.stopped.clone_from(&self.stopped);

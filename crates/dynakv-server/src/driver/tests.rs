@@ -224,6 +224,9 @@ fn drivers_of_nodes_join_gossip_and_leave() {
         p.state.bucket_props.contains_key("two")
     });
 
+    eventually(&all, "anti-entropy exchanges published", |p| {
+        p.stats.aae_exchanges > 0 && !p.aae_records.is_empty()
+    });
     write_leave_read((&a, &c, &b), &[&a, &b], 50);
     assert!(
         c.published().stats.handoff_keys > 0,
