@@ -209,6 +209,38 @@ impl DriverInbox {
     }
 }
 
+/// How often at most the data plane tells the driver it heard from one peer
+/// (`Observation::Contact`): every peer message is a sign of life, but the failure detector
+/// needs one per heartbeat timeout, not one per request.
+pub const CONTACT_REPORT_INTERVAL: Duration = Duration::from_millis(250);
+/// Most peers a [`ContactGate`] remembers (past it, it starts over: at worst a few reports
+/// too many).
+const MAX_CONTACT_PEERS: usize = 2 * dynakv_core::membership::MAX_MEMBERS;
+
+/// Thins the data plane's signs of life to one report per peer per
+/// [`CONTACT_REPORT_INTERVAL`].
+#[derive(Debug, Default)]
+pub struct ContactGate {
+    last: parking_lot::Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl ContactGate {
+    /// Whether a contact with `peer` at `now` should be reported.
+    pub fn report(&self, peer: &NodeId, now: Instant) -> bool {
+        let mut last = self.last.lock();
+        if let Some(at) = last.get(peer)
+            && now.saturating_duration_since(*at) < CONTACT_REPORT_INTERVAL
+        {
+            return false;
+        }
+        if last.len() >= MAX_CONTACT_PEERS && !last.contains_key(peer) {
+            last.clear();
+        }
+        last.insert(peer.clone(), now);
+        true
+    }
+}
+
 /// A running driver: its thread, its inbox and what it publishes.
 pub struct Driver {
     me: NodeId,

@@ -470,3 +470,23 @@ async fn drivers_over_the_peer_transport_join_write_and_leave() {
         tokio::task::block_in_place(|| driver.stop());
     }
 }
+
+/// The data plane reports one contact per peer per interval, and a flood of names (a
+/// hostile peer cycling names) keeps the gate bounded.
+#[test]
+fn contacts_are_thinned_per_peer_and_the_gate_stays_bounded() {
+    let gate = ContactGate::default();
+    let start = Instant::now();
+    let (a, b) = (NodeId("a".into()), NodeId("b".into()));
+    assert!(gate.report(&a, start));
+    assert!(!gate.report(&a, start + Duration::from_millis(10)));
+    assert!(
+        gate.report(&b, start + Duration::from_millis(10)),
+        "per peer"
+    );
+    assert!(gate.report(&a, start + CONTACT_REPORT_INTERVAL));
+    for i in 0..10 * MAX_CONTACT_PEERS {
+        gate.report(&NodeId(format!("ghost-{i}")), start);
+    }
+    assert!(gate.last.lock().len() <= MAX_CONTACT_PEERS);
+}
