@@ -221,7 +221,7 @@ impl Node {
             status: 400,
             message: message.to_owned(),
         };
-        let result = if self.join_pending || self.join_client.is_some() {
+        let result = if self.joining.pending || self.joining.client.is_some() {
             Some(refuse("a join is already in progress"))
         } else {
             let first = self.replica.scan_objects(None, 1);
@@ -234,9 +234,9 @@ impl Node {
             self.outputs.push(Output::Reply { id, result });
             return;
         }
-        self.join_via = vec![via];
-        self.join_attempts = 0;
-        self.join_client = Some(id);
+        self.joining.via = vec![via];
+        self.joining.attempts = 0;
+        self.joining.client = Some(id);
         self.send_join(now);
     }
 
@@ -431,7 +431,8 @@ impl Node {
     pub(super) fn check_orphan(&mut self, bucket: &str, key: &str) {
         let partition = self.partition_of(bucket, key);
         let n_val = self.n_val(bucket);
-        self.cleanup_marker
+        self.passes
+            .marker
             .on_stored(&self.cluster, &self.me, partition, n_val);
     }
 }

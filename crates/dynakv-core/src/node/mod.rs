@@ -694,32 +694,16 @@ pub struct Node {
     hint_round: Option<DeliveryRound>,
     /// The request being failed because it was never delivered (see `fail_unsent`).
     unsent: Option<RequestId>,
-    handoff: Option<HandoffPass>,
-    /// The ring version whose cleanup ran (volatile, as in the server).
-    cleanup_marker: CleanupMarker,
-    /// Until a join is accepted: the members to ask, in turn (the operator retrying).
-    join_via: Vec<NodeId>,
-    join_attempts: usize,
-    join_pending: bool,
-    /// The client request that asked for the join in progress (answered once, no retry).
-    join_client: Option<ClientRequestId>,
-    aae_round: usize,
-    /// The anti-entropy round in progress (at most one).
-    aae_run: Option<AaeRun>,
-    /// Keys one anti-entropy round may repair (admission control: the driver lowers it while
-    /// foreground latency is high).
-    aae_budget: usize,
-    /// Completed exchanges per partition (volatile, as in the server).
-    aae_records: BTreeMap<PartitionId, AaeRecord>,
+    /// Transition handoff and cleanup (`passes`).
+    passes: passes::Passes,
+    /// A join in progress (`rounds`).
+    joining: rounds::Joining,
+    /// Anti-entropy rounds (`aae`).
+    anti_entropy: aae::AntiEntropy,
     /// The reaping round in progress (at most one).
     reap: Option<ReapRound>,
     listings: BTreeMap<u64, ClientListing>,
     next_listing: u64,
-    /// Keys cleanup is handing to their primaries: the copy sent, acknowledgements awaited,
-    /// and whether all so far succeeded.
-    cleanup: Option<CleanupPass>,
-    /// A `Timer::Paging` is set and not yet fired.
-    paging_timer_set: bool,
     /// Transport failures to process before returning (a send to a peer in backoff fails
     /// at once).
     failures: VecDeque<(NodeId, RequestId)>,
@@ -797,21 +781,12 @@ impl Node {
             hellos: BTreeMap::new(),
             hint_round: None,
             unsent: None,
-            handoff: None,
-            cleanup_marker: CleanupMarker::default(),
-            join_via: Vec::new(),
-            join_attempts: 0,
-            join_pending: false,
-            join_client: None,
-            aae_round: 0,
-            aae_run: None,
-            aae_budget: MAX_AAE_KEYS_PER_EXCHANGE,
-            aae_records: BTreeMap::new(),
+            passes: passes::Passes::default(),
+            joining: rounds::Joining::default(),
+            anti_entropy: aae::AntiEntropy::default(),
             reap: None,
             listings: BTreeMap::new(),
             next_listing: 0,
-            cleanup: None,
-            paging_timer_set: false,
             failures: VecDeque::new(),
             outputs: Vec::new(),
             sync_issued: 0,
@@ -879,7 +854,7 @@ impl Node {
             .cloned()
             .ok_or_else(|| OpenError("a founded cluster has its founder".into()))?;
         let (mut node, mut outputs) = Node::over(me, cluster, config, parts, rng, now)?;
-        node.join_via = via;
+        node.joining.via = via;
         node.send_join(now);
         outputs.append(&mut node.outputs);
         Ok((node, outputs))
@@ -901,7 +876,7 @@ impl Node {
 
     /// Whether this node is part of the cluster (its join, if any, was accepted).
     pub fn joined(&self) -> bool {
-        self.join_via.is_empty()
+        self.joining.via.is_empty()
     }
 
     /// Whether this node's own state says it has left (`Cluster::has_exited`).
@@ -913,7 +888,7 @@ impl Node {
 
     /// Whether this node's cleanup ran for the ring it knows.
     pub fn cleaned_up(&self) -> bool {
-        self.cleanup_marker.cleaned_version() >= self.cluster.ring.version
+        self.passes.marker.cleaned_version() >= self.cluster.ring.version
     }
 
     /// Whether a storage failure stopped this node (until [`Node::restart`]).
@@ -964,12 +939,12 @@ impl Node {
     /// Admission control of background work: the keys one anti-entropy round may repair
     /// (at least 1). The server's `Admission` computes it from the foreground p99.
     pub fn set_aae_budget(&mut self, budget: usize) {
-        self.aae_budget = budget.max(1);
+        self.anti_entropy.budget = budget.max(1);
     }
 
     /// What anti-entropy did per partition since the node started.
     pub fn aae_records(&self) -> &BTreeMap<PartitionId, AaeRecord> {
-        &self.aae_records
+        &self.anti_entropy.records
     }
 
     /// The properties of `bucket`: the cluster state's entry (a stored `{"props": ...}` as
@@ -1117,16 +1092,11 @@ impl Node {
         );
         self.links.clear();
         self.hint_round = None;
-        self.handoff = None;
-        self.cleanup_marker = CleanupMarker::default();
-        self.join_pending = false;
-        self.join_client = None;
-        self.aae_run = None;
-        self.aae_records.clear();
+        self.passes = passes::Passes::default();
+        self.joining.restart();
+        self.anti_entropy.restart();
         self.reap = None;
         self.listings.clear();
-        self.cleanup = None;
-        self.paging_timer_set = false;
         self.failures.clear();
         self.outputs.clear();
         // Tickets stay monotonic across restarts; what waited is gone with the process.
@@ -1308,7 +1278,7 @@ impl Node {
                     self.request_event(now, request, Event::Written(Ok(stored)));
                 }
                 AfterSync::RecordCleanup(cleanup) => {
-                    cleanup.record(&self.cluster, &mut self.cleanup_marker);
+                    cleanup.record(&self.cluster, &mut self.passes.marker);
                 }
             }
         }
@@ -1728,8 +1698,12 @@ fn open_storage(
 const _: () = assert!(BACKOFF_INITIAL_MS <= BACKOFF_MAX_MS);
 const _: () = assert!(limits::MAX_SIBLINGS > 1);
 
+mod aae;
 mod client;
+mod hinted;
+mod passes;
 mod peer;
+mod reap;
 mod rounds;
 #[cfg(test)]
 mod tests;

@@ -134,7 +134,7 @@ impl Node {
             hint_target_member: serve::hint_target(&message)
                 .is_some_and(|target| self.cluster.is_member(target)),
             max_leaf_keys: MAX_AAE_KEYS_PER_EXCHANGE,
-            aae_budget: u32::try_from(self.aae_budget).unwrap_or(u32::MAX),
+            aae_budget: u32::try_from(self.anti_entropy.budget).unwrap_or(u32::MAX),
             defer_sync: true,
         };
         let served = match serve::serve(&self.replica, &self.aae, &context, message) {
@@ -215,13 +215,13 @@ impl Node {
             Purpose::Store => {}
             Purpose::Gossip => self.after_gossip_exchange(now, body.as_ref()),
             Purpose::Join => {
-                self.join_pending = false;
-                let client = self.join_client.take();
+                self.joining.pending = false;
+                let client = self.joining.client.take();
                 let result = match gossip::join_answer(body) {
                     // Adopt the cluster's state wholesale (unless the join was given up).
-                    Ok(state) if !self.join_via.is_empty() => {
+                    Ok(state) if !self.joining.via.is_empty() => {
                         self.cluster = state;
-                        self.join_via.clear();
+                        self.joining.via.clear();
                         ClientResult::Done
                     }
                     Ok(_) => ClientResult::unavailable(format!("{from}: the join was given up")),
@@ -234,7 +234,7 @@ impl Node {
                 if let Some(id) = client {
                     // Asked by a client: one attempt, answered (the constructor's join retries).
                     if !matches!(result, ClientResult::Done) {
-                        self.join_via.clear();
+                        self.joining.via.clear();
                     }
                     self.outputs.push(Output::Reply { id, result });
                 }
