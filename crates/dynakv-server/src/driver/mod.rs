@@ -84,6 +84,13 @@ pub enum DriverInput {
     },
     /// What the data plane saw.
     Observed(Observation),
+    /// A peer's newer state (a `StaleRing` refusal) to merge; `merged` gets the state as
+    /// published after the merge, so that the request that was refused re-plans on it (its
+    /// once-only re-plan needs the newer ring, not the one published before).
+    Merge {
+        state: Box<ClusterState>,
+        merged: Respond<Arc<ClusterState>>,
+    },
     /// What the transport's hello with a peer established (its clock offset, its key).
     Hello {
         peer: NodeId,
@@ -121,6 +128,10 @@ impl std::fmt::Debug for DriverInput {
             DriverInput::Observed(observation) => {
                 f.debug_tuple("Observed").field(observation).finish()
             }
+            DriverInput::Merge { state, .. } => f
+                .debug_struct("Merge")
+                .field("ring_version", &state.ring.version)
+                .finish_non_exhaustive(),
             DriverInput::Hello {
                 peer, offset_ms, ..
             } => f
@@ -443,6 +454,11 @@ impl Run {
                 Input::Client { id, op }
             }
             DriverInput::Observed(observation) => Input::Observed(observation),
+            DriverInput::Merge { state, merged } => {
+                self.handle(Input::Observed(Observation::PeerState(state)));
+                merged(Arc::clone(&self.published.read().state));
+                return;
+            }
             DriverInput::Hello {
                 peer,
                 offset_ms,

@@ -490,3 +490,30 @@ fn contacts_are_thinned_per_peer_and_the_gate_stays_bounded() {
     }
     assert!(gate.last.lock().len() <= MAX_CONTACT_PEERS);
 }
+
+/// A peer's newer state handed to the driver (a `StaleRing` refusal) is merged and published
+/// before the answer, so the refused request re-plans on the newer state.
+#[test]
+fn a_merged_state_is_published_before_the_answer() {
+    let wires = Arc::new(Wires::default());
+    let a = start(&wires, "a", None);
+    let mut newer = (*a.published().state).clone();
+    let props = BucketProps {
+        n_val: 1,
+        ..BucketProps::default()
+    };
+    dynakv_core::bucket::set_props(&mut newer, "one", Some(&props), &NodeId("z".into()), 9)
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    a.inbox()
+        .submit(DriverInput::Merge {
+            state: Box::new(newer),
+            merged: Box::new(move |state| {
+                let _ = tx.send(state);
+            }),
+        })
+        .unwrap();
+    let merged = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(merged.bucket_props.contains_key("one"));
+    assert!(a.published().state.bucket_props.contains_key("one"));
+}
