@@ -577,13 +577,28 @@ pub struct HandoffPass {
     request_timeout_ms: u64,
 }
 
+/// Whether `me` is leaving while it holds hints (`hints_held`): its handoff waits until they
+/// are handed over (see [`HandoffPass::finish`]).
+fn leaver_holds_hints(state: &ClusterState, me: &NodeId, hints_held: bool) -> bool {
+    hints_held
+        && state
+            .member(me)
+            .is_some_and(|m| m.status == crate::membership::MemberStatus::Leaving)
+}
+
 impl HandoffPass {
-    /// The pass `me` has to run now (see [`TransitionHandoff::start`]).
+    /// The pass `me` has to run now (see [`TransitionHandoff::start`]). None either while
+    /// `me` is leaving and holds hints (`hints_held`): the pass could not complete, so it
+    /// would send the whole store again at every round until the hints are handed over.
     pub fn start(
         state: &ClusterState,
         me: &NodeId,
         request_timeout_ms: u64,
+        hints_held: bool,
     ) -> Option<HandoffPass> {
+        if leaver_holds_hints(state, me, hints_held) {
+            return None;
+        }
         Some(HandoffPass {
             handoff: TransitionHandoff::start(state, me)?,
             batches: Batches::new(
@@ -656,10 +671,7 @@ impl HandoffPass {
         if self.paging.given_up {
             return false;
         }
-        let leaving = state
-            .member(me)
-            .is_some_and(|m| m.status == crate::membership::MemberStatus::Leaving);
-        if leaving && hints_held {
+        if leaver_holds_hints(state, me, hints_held) {
             return false;
         }
         self.handoff.on_scanned();
@@ -1060,7 +1072,8 @@ mod tests {
         let a = id("a");
         for fail in [false, true] {
             let mut state = joining_d();
-            let mut pass = HandoffPass::start(&state, &a, 100).unwrap_or_else(|| panic!("a"));
+            let mut pass =
+                HandoffPass::start(&state, &a, 100, false).unwrap_or_else(|| panic!("a"));
             let steps = pass.step(&state);
             assert_eq!(steps, [PassStep::ScanPage { after: None }]);
             let page = stored(300);
@@ -1127,12 +1140,23 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e:?}"));
             state.plan();
             assert!(state.ring.next.is_some());
-            let mut pass = HandoffPass::start(&state, &me, 100).unwrap_or_else(|| panic!("me"));
+            let mut pass =
+                HandoffPass::start(&state, &me, 100, false).unwrap_or_else(|| panic!("me"));
             let mut steps = pass.step(&state);
             steps.extend(pass.on_page(&state, &me, Vec::new(), |_| 3));
             assert!(steps.contains(&PassStep::Over), "{steps:?}");
             assert_eq!(pass.finish(&mut state, &me, hints_held), marked, "{me:?}");
             assert_eq!(state.handoff_done(&me), marked);
+            // Nor does it start one while it holds them (a staying node does).
+            let mut fresh = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 16);
+            fresh
+                .request_leave(&id("c"))
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            fresh.plan();
+            assert_eq!(
+                HandoffPass::start(&fresh, &me, 100, hints_held).is_some(),
+                marked
+            );
         }
     }
 

@@ -32,7 +32,9 @@ impl Node {
     pub(super) fn handoff_round(&mut self, now: u64) {
         if self.passes.handoff.is_none() {
             let request_ms = self.config.timings.request_ms;
-            let Some(pass) = HandoffPass::start(&self.cluster, &self.me, request_ms) else {
+            let hints_held = !self.replica.hint_counts().is_empty();
+            let started = HandoffPass::start(&self.cluster, &self.me, request_ms, hints_held);
+            let Some(pass) = started else {
                 return;
             };
             self.passes.handoff = Some(pass);

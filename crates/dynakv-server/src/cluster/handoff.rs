@@ -22,7 +22,9 @@ impl Cluster {
     /// first failed batch ends the pass). Returns the number of keys sent.
     pub async fn handoff_round(&self) -> Result<usize, ClusterError> {
         let request_ms = millis(self.timeouts.request);
-        let Some(mut pass) = HandoffPass::start(&self.state(), &self.me, request_ms) else {
+        let hints_held = !self.replica.hint_counts().is_empty();
+        let started = HandoffPass::start(&self.state(), &self.me, request_ms, hints_held);
+        let Some(mut pass) = started else {
             return Ok(0);
         };
         let mut queue: VecDeque<PassStep> = pass.step(&self.state()).into();
