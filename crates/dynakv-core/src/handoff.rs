@@ -283,6 +283,16 @@ pub struct CleanupMarker {
     strays_stored: u64,
 }
 
+/// Whether a key of `partition` (in a bucket of `n_val` replicas) just stored by `me` may be
+/// one it does not replicate, by `state`: what [`CleanupMarker::on_stored`] looks for, and
+/// more (any key stored during a transition, when the ring the node settles on may leave
+/// `me` out). A data plane that stores keys outside its node's control loop reports to it
+/// only the keys this says may stray, so the node's check sees every stray and not every
+/// write.
+pub fn may_stray(state: &ClusterState, me: &NodeId, partition: PartitionId, n_val: u32) -> bool {
+    state.ring.next.is_some() || !state.preference_list(partition, n_val).contains(me)
+}
+
 impl CleanupMarker {
     /// A key of `partition` (in a bucket of `n_val` replicas) was just stored here: when the
     /// ring is settled and `me` does not replicate it (a write, read repair, hint or handoff
@@ -983,6 +993,32 @@ mod tests {
         let before = other;
         other.on_stored(&state, &a, kept, 3);
         assert_eq!(other, before);
+    }
+
+    /// `may_stray` (what a data plane reports) covers every key `on_stored` acts on, and
+    /// during a transition every key: the ring settled on may leave the node out.
+    #[test]
+    fn may_stray_covers_every_key_the_marker_acts_on() {
+        let mut state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 8);
+        let a = id("a");
+        for partition in 0..8 {
+            for n_val in 1..=3 {
+                let mut marker = CleanupMarker {
+                    cleaned_version: 5,
+                    ..CleanupMarker::default()
+                };
+                marker.on_stored(&state, &a, partition, n_val);
+                let acted = marker.cleaned_version == 0;
+                let mine = state.preference_list(partition, n_val).contains(&a);
+                assert_eq!(may_stray(&state, &a, partition, n_val), !mine);
+                assert_eq!(acted, !mine);
+            }
+        }
+        state
+            .add_joining(member("e"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(state.plan() && state.ring.next.is_some());
+        assert!((0..8).all(|p| may_stray(&state, &a, p, 3)));
     }
 
     #[test]

@@ -276,6 +276,18 @@ pub enum SecurityError {
     Full { what: &'static str, limit: usize },
 }
 
+impl SecurityError {
+    /// The status a client is answered with (as `RequestError::status`): 404 for a user
+    /// that does not exist, 409 when a table is full, 400 for a malformed change.
+    pub fn status(&self) -> u16 {
+        match self {
+            SecurityError::NoSuchUser(_) => 404,
+            SecurityError::Full { .. } => 409,
+            SecurityError::UnknownPermission(_) | SecurityError::Invalid(_) => 400,
+        }
+    }
+}
+
 /// Who a request comes from, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Authentication {

@@ -8,7 +8,6 @@
 pub mod aae;
 pub mod auth;
 pub mod clock;
-pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod http;
@@ -24,8 +23,8 @@ pub mod stats;
 pub mod sync_barrier;
 pub mod tls;
 pub mod transport;
+pub mod view;
 
-use cluster::{Cluster, ClusterTimeouts};
 use config::{ServerConfig, StorageKind};
 use dynakv_core::membership::{ClusterState, Member, MemberStatus};
 use dynakv_core::message::PeerMessage;
@@ -43,6 +42,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::watch;
 use transport::{PeerClient, TransportConfig};
+use view::{Cluster, ClusterTimeouts};
 
 /// The Riak KV version advertised to clients for feature detection: new-style
 /// `/buckets/...` URLs, no bucket types, no datatypes.
@@ -219,7 +219,7 @@ pub async fn start_with_http(
     let http_addr = listener.local_addr()?;
     let peer_addr = peer_listener.local_addr()?;
     let me = NodeId(identity.name.clone());
-    let persisted = cluster::load_persisted(storage.as_ref()).map_err(cluster_error)?;
+    let persisted = view::load_persisted(storage.as_ref()).map_err(cluster_error)?;
     let (cluster_secret, node_key) = {
         let config = config.clone();
         let legacy = persisted.as_ref().and_then(|(_, legacy)| *legacy);
@@ -307,7 +307,6 @@ pub async fn start_with_http(
     }
     let timeouts = ClusterTimeouts {
         request: Duration::from_millis(config.request_timeout_ms),
-        ..ClusterTimeouts::default()
     };
     let aae = Arc::new(aae::AaeTrees::new(
         state.ring.current.clone(),
@@ -332,40 +331,26 @@ pub async fn start_with_http(
             "anti-entropy trees built"
         );
     }
-    let cluster = Arc::new(Cluster::new(
-        me,
-        state,
-        secret,
-        cluster::ClusterParts {
-            replica: Arc::clone(&replica),
-            storage: Arc::clone(&storage),
-            client,
-            timeouts,
-            aae,
-            syncs: syncs.clone(),
-            clock,
-            // No setting changes the default properties (Riak's `default_bucket_props`).
-            default_props: dynakv_core::bucket::BucketProps::default(),
-        },
-    ));
-    let _ = verifier_target.set(Arc::downgrade(&cluster));
-    cluster
-        .admission()
-        .set_target_p99_us(config.aae_latency_target_ms.saturating_mul(1000));
-    cluster.persist_now().map_err(cluster_error)?;
-    // A new node asked to join answers no peer before its join is accepted (members that
-    // reach its address, say after it was wiped and restarted, would otherwise gossip their
-    // state into it and its join would be refused).
-    cluster.set_awaiting_join(fresh && config.join.is_some());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
+    // The node, once it runs: until then (a new node's `--join` in progress) peers are
+    // refused (members that reach its address, say after it was wiped and restarted, would
+    // otherwise gossip their state into it and its join would be refused).
+    let node_slot: Arc<std::sync::OnceLock<Arc<Cluster>>> = Arc::default();
     let peer_task = {
-        let cluster = Arc::clone(&cluster);
+        let slot = Arc::clone(&node_slot);
         let shutdown = wait_for_shutdown(shutdown_rx.clone());
         tokio::spawn(async move {
             let handler = move |from: transport::PeerInfo, message: PeerMessage| {
-                let cluster = Arc::clone(&cluster);
-                async move { cluster.handle_peer(from, message).await }
+                let node = slot.get().cloned();
+                async move {
+                    match node {
+                        Some(cluster) => cluster.handle_peer(from, message).await,
+                        None => PeerMessage::Error(
+                            dynakv_core::membership::AWAITING_JOIN_REFUSAL.to_owned(),
+                        ),
+                    }
+                }
             };
             if let Err(e) =
                 transport::serve(peer_listener, transport_config, handler, shutdown).await
@@ -374,13 +359,70 @@ pub async fn start_with_http(
             }
         })
     };
-    if let Some(seed) = config.join {
-        if fresh {
-            join_with_retries(&cluster, seed).await?;
-        } else {
-            tracing::info!("already a member of a cluster: --join ignored");
+    let state = match config.join {
+        Some(seed) if fresh => {
+            let joined =
+                join_with_retries(&client, (&state, &me), &replica, seed, timeouts.request).await?;
+            tracing::info!(%seed, "joined the cluster");
+            joined
         }
+        Some(_) => {
+            tracing::info!("already a member of a cluster: --join ignored");
+            state
+        }
+        None => state,
+    };
+    {
+        // Written before anything is served (the node writes it again when it starts).
+        let (storage, state) = (Arc::clone(&storage), state.clone());
+        tokio::task::spawn_blocking(move || {
+            dynakv_core::membership::store_persisted(storage.as_ref(), &state)
+        })
+        .await
+        .map_err(|e| ServerError::Internal(e.to_string()))?
+        .map_err(ServerError::Internal)?;
     }
+    let failure = StorageFailure {
+        reason: Arc::new(std::sync::OnceLock::new()),
+        stop_node: Arc::downgrade(&shutdown_tx),
+    };
+    let on_stop = {
+        let (failure, syncs) = (failure.clone(), syncs.clone());
+        driver::transport::StopHook(Box::new(move |error: String| {
+            failure.engine_failed(&error, syncs.as_deref());
+        }))
+    };
+    let node_config = dynakv_core::node::NodeConfig {
+        // No setting changes the default properties (Riak's `default_bucket_props`).
+        props: dynakv_core::bucket::BucketProps::default(),
+        timings: timeouts.timings(config.aae_interval_ms, config.flush_interval_ms),
+        tombstone_grace_ms: config.tombstone_grace_ms,
+        ..dynakv_core::node::NodeConfig::default()
+    };
+    let cluster = Arc::new(
+        Cluster::start(
+            me,
+            state,
+            secret,
+            view::ClusterParts {
+                replica: Arc::clone(&replica),
+                storage: Arc::clone(&storage),
+                client,
+                timeouts,
+                aae,
+                syncs: syncs.clone(),
+                clock,
+                node: node_config,
+                on_stop: Some(on_stop),
+            },
+        )
+        .map_err(cluster_error)?,
+    );
+    let _ = verifier_target.set(Arc::downgrade(&cluster));
+    let _ = node_slot.set(Arc::clone(&cluster));
+    cluster
+        .admission()
+        .set_target_p99_us(config.aae_latency_target_ms.saturating_mul(1000));
     let stats = Arc::new(stats::Stats::new().map_err(|e| ServerError::Internal(e.to_string()))?);
     let state = Arc::new(http::ApiState {
         cluster: Arc::clone(&cluster),
@@ -400,12 +442,11 @@ pub async fn start_with_http(
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
     }
     tracing::info!(node = %config.name, http = %http_addr, tls = tls.is_some(), peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
-    let background = tokio::spawn(background_loops(Arc::clone(&cluster), shutdown_rx.clone()));
     let limits = tokio::spawn(limit_loop(Arc::clone(&state.limiter), shutdown_rx.clone()));
-    let anti_entropy = tokio::spawn(anti_entropy_loop(
+    let admission = tokio::spawn(admission_loop(
         Arc::clone(&cluster),
         Arc::clone(&state.stats),
-        (config.aae_interval_ms, config.tombstone_grace_ms),
+        config.aae_interval_ms,
         shutdown_rx.clone(),
     ));
     let flusher = Flusher {
@@ -416,10 +457,7 @@ pub async fn start_with_http(
         syncs,
         window: Duration::from_millis(config.group_commit_window_ms),
         stats: Arc::clone(&state.stats),
-        failure: StorageFailure {
-            reason: Arc::new(std::sync::OnceLock::new()),
-            stop_node: Arc::downgrade(&shutdown_tx),
-        },
+        failure,
     };
     let task = tokio::spawn(serve(
         listener,
@@ -428,7 +466,7 @@ pub async fn start_with_http(
         storage,
         flusher,
         shutdown_rx,
-        vec![peer_task, background, anti_entropy, limits],
+        vec![peer_task, admission, limits],
     ));
     Ok(RunningServer {
         http_addr,
@@ -577,7 +615,7 @@ pub async fn supervise(
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as map_err(cluster_error)
-fn cluster_error(e: cluster::ClusterError) -> ServerError {
+fn cluster_error(e: view::ClusterError) -> ServerError {
     ServerError::Internal(e.to_string())
 }
 
@@ -588,13 +626,28 @@ const JOIN_ATTEMPTS: u32 = 30;
 /// process down (a few heartbeat timeouts); a second process beside a live member never is.
 const JOIN_NAME_TAKEN_ATTEMPTS: u32 = 12;
 
-async fn join_with_retries(cluster: &Arc<Cluster>, seed: SocketAddr) -> Result<(), ServerError> {
+/// `--join` of a new node (its own one-node cluster `state` as `me`): ask `seed` until it
+/// answers; returns the cluster's state to adopt.
+async fn join_with_retries(
+    client: &PeerClient<PeerMessage>,
+    (state, me): (&ClusterState, &NodeId),
+    replica: &Arc<Replica>,
+    seed: SocketAddr,
+    timeout: Duration,
+) -> Result<ClusterState, ServerError> {
+    let holds_data = {
+        let replica = Arc::clone(replica);
+        tokio::task::spawn_blocking(move || replica.holds_data())
+            .await
+            .map_err(|e| ServerError::Internal(e.to_string()))?
+            .map_err(|e| ServerError::Internal(e.to_string()))?
+    };
     let mut last = String::new();
     let mut name_taken = 0_u32;
     for attempt in 1..=JOIN_ATTEMPTS {
-        match cluster.join(seed).await {
-            Ok(()) => return Ok(()),
-            Err(cluster::ClusterError::Membership(message))
+        match view::join_at_start(client, (state, me), holds_data, seed, timeout).await {
+            Ok(state) => return Ok(state),
+            Err(view::ClusterError::Membership(message))
                 if !message.starts_with("cannot reach") =>
             {
                 return Err(ServerError::Join(message));
@@ -646,73 +699,25 @@ async fn limit_loop(limiter: Arc<load_limit::LoadLimiter>, mut shutdown: watch::
     }
 }
 
-/// Anti-entropy exchanges and tombstone reaping every `interval_ms`, with the budget set by
-/// admission control from the foreground p99 of the last interval.
-async fn anti_entropy_loop(
+/// Admission control of background work (paper 6.5): every anti-entropy interval, the
+/// budget of the node's next rounds from the foreground p99 of the last interval.
+async fn admission_loop(
     cluster: Arc<Cluster>,
     stats: Arc<stats::Stats>,
-    (interval_ms, tombstone_grace_ms): (u64, u64),
+    interval_ms: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // The first round comes one interval after startup, not at once.
-    let period = Duration::from_millis(interval_ms);
+    let period = Duration::from_millis(interval_ms.max(1));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut round = 0usize;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
         let p99_us = stats.take_recent_p99_us();
-        let budget = cluster.admission().observe_p99_us(p99_us);
+        let budget = cluster.admit(p99_us);
         tracing::trace!(p99_us, budget, "anti-entropy admission");
-        cluster.anti_entropy_round(round).await;
-        if let Err(e) = cluster.reap_tombstones(tombstone_grace_ms).await {
-            tracing::warn!(error = %e, "tombstone reaping failed; will retry");
-        }
-        round = round.wrapping_add(1);
-    }
-}
-
-/// Gossip, handoff and cleanup, every gossip interval, until shutdown.
-async fn background_loops(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
-    // Gossip runs in its own loop so slow handoff, cleanup or hint delivery never delays the
-    // heartbeats other nodes judge this one by.
-    let gossip = {
-        let cluster = Arc::clone(&cluster);
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = shutdown.changed() => return,
-                }
-                cluster.gossip_round(rand::random::<u32>() as usize).await;
-            }
-        })
-    };
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => {
-                let _ = gossip.await;
-                return;
-            }
-        }
-        if let Err(e) = cluster.handoff_round().await {
-            tracing::warn!(error = %e, "handoff round failed; will retry");
-        }
-        if let Err(e) = cluster.cleanup_round().await {
-            tracing::warn!(error = %e, "cleanup round failed; will retry");
-        }
-        if let Err(e) = cluster.deliver_hints().await {
-            tracing::warn!(error = %e, "hint delivery failed; will retry");
-        }
     }
 }
 
@@ -739,11 +744,14 @@ async fn serve(
     let failed = Arc::clone(&flusher.failure.reason);
     let flusher = tokio::spawn(flush_loop(flusher, flusher_stop));
     let limits = state.http.limits.clone();
+    let cluster = Arc::clone(&state.cluster);
     let app = http::router(state);
     http_serve::serve(listener, app, &limits, tls, wait_for_shutdown(shutdown)).await;
     for task in others {
         let _ = task.await;
     }
+    // The control plane stops before the flusher: it gossips and hands off no more.
+    let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
     let _ = stop_flusher.send(true);
     let _ = flusher.await;
     if let Some(reason) = failed.get() {

@@ -12,9 +12,9 @@
 //!   (sends beyond W and their hints, read repair) goes on in a detached task until it is
 //!   `finished`.
 
-use crate::cluster::Cluster;
 use crate::replica::{ReplicaRun, WriteRequest};
 use crate::transport::TransportError;
+use crate::view::Cluster;
 use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::listing::{BucketListing, KeyListing, ListEvent, ListStep, Listing};
 use dynakv_core::membership::ClusterState;
@@ -333,7 +333,7 @@ async fn send(cluster: &Cluster, to: &NodeId, message: PeerMessage, timeout: Dur
         Ok(reply) => {
             cluster.observe_contact(to);
             if let PeerMessage::StaleRing(state) = &reply
-                && let Err(e) = cluster.merge_peer_state(state)
+                && let Err(e) = cluster.merge_peer_state(state).await
             {
                 tracing::warn!(node = %to, error = %e, "cannot merge a replica's newer state");
             }

@@ -13,7 +13,7 @@
 //!   "users": [..]}`.
 
 use crate::auth::hash_password;
-use crate::http::{ApiError, ApiResult, AppState, json_response};
+use crate::http::{ApiError, ApiResult, ApiState, AppState, json_response};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -41,13 +41,7 @@ pub fn routes() -> Router<AppState> {
 
 impl From<SecurityError> for ApiError {
     fn from(e: SecurityError) -> Self {
-        let status = match e {
-            SecurityError::NoSuchUser(_) => StatusCode::NOT_FOUND,
-            SecurityError::Full { .. } => StatusCode::CONFLICT,
-            SecurityError::UnknownPermission(_) | SecurityError::Invalid(_) => {
-                StatusCode::BAD_REQUEST
-            }
-        };
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
         ApiError::new(status, e.to_string())
     }
 }
@@ -99,16 +93,16 @@ async fn status(State(state): State<AppState>) -> ApiResult {
 async fn enable(State(state): State<AppState>) -> ApiResult {
     state
         .cluster
-        .change_security(&SecurityChange::SetEnabled(true))?;
-    state.cluster.persisted().await?;
+        .change_security(SecurityChange::SetEnabled(true))
+        .await?;
     Ok(done(&json!({"enabled": true})))
 }
 
 async fn disable(State(state): State<AppState>) -> ApiResult {
     state
         .cluster
-        .change_security(&SecurityChange::SetEnabled(false))?;
-    state.cluster.persisted().await?;
+        .change_security(SecurityChange::SetEnabled(false))
+        .await?;
     Ok(done(&json!({"enabled": false})))
 }
 
@@ -131,19 +125,21 @@ async fn put_user(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
         ),
         None => None,
     };
-    state.cluster.change_security(&SecurityChange::PutUser {
-        name: user.name.clone(),
-        password_hash: hash,
-    })?;
-    state.cluster.persisted().await?;
+    state
+        .cluster
+        .change_security(SecurityChange::PutUser {
+            name: user.name.clone(),
+            password_hash: hash,
+        })
+        .await?;
     Ok(done(&json!({"user": user.name})))
 }
 
 async fn remove_user(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
     state
         .cluster
-        .change_security(&SecurityChange::RemoveUser { name: name.clone() })?;
-    state.cluster.persisted().await?;
+        .change_security(SecurityChange::RemoveUser { name: name.clone() })
+        .await?;
     Ok(done(&json!({"removed": name})))
 }
 
@@ -159,12 +155,14 @@ async fn put_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
     let source: SourceBody = body(&bytes, r#"{"users": [..], "cidr": CIDR, "method": METHOD}"#)?;
     let cidr = Cidr::parse(&source.cidr)?;
     let method = SourceMethod::parse(source.method.as_deref().unwrap_or(""))?;
-    state.cluster.change_security(&SecurityChange::PutSource {
-        users: source.users.clone(),
-        range: cidr,
-        method,
-    })?;
-    state.cluster.persisted().await?;
+    state
+        .cluster
+        .change_security(SecurityChange::PutSource {
+            users: source.users.clone(),
+            range: cidr,
+            method,
+        })
+        .await?;
     Ok(done(
         &json!({"users": source.users, "cidr": cidr.to_string(), "method": method.name()}),
     ))
@@ -175,11 +173,11 @@ async fn remove_source(State(state): State<AppState>, bytes: Bytes) -> ApiResult
     let cidr = Cidr::parse(&source.cidr)?;
     state
         .cluster
-        .change_security(&SecurityChange::RemoveSource {
+        .change_security(SecurityChange::RemoveSource {
             users: source.users.clone(),
             range: cidr,
-        })?;
-    state.cluster.persisted().await?;
+        })
+        .await?;
     Ok(done(
         &json!({"removed": {"users": source.users, "cidr": cidr.to_string()}}),
     ))
@@ -217,31 +215,28 @@ fn parse_grant(bytes: &[u8]) -> Result<(BTreeSet<Permission>, Scope, Vec<String>
 }
 
 async fn grant(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
-    let (permissions, scope, users) = parse_grant(&bytes)?;
-    state.cluster.change_security(&SecurityChange::Grants {
-        users: users.clone(),
-        scope: scope.clone(),
-        permissions: permissions.clone(),
-        add: true,
-    })?;
-    state.cluster.persisted().await?;
-    let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
-    Ok(done(
-        &json!({"granted": names, "on": scope.to_string(), "users": users}),
-    ))
+    change_grants(&state, &bytes, true).await
 }
 
 async fn revoke(State(state): State<AppState>, bytes: Bytes) -> ApiResult {
-    let (permissions, scope, users) = parse_grant(&bytes)?;
-    state.cluster.change_security(&SecurityChange::Grants {
-        users: users.clone(),
-        scope: scope.clone(),
-        permissions: permissions.clone(),
-        add: false,
-    })?;
-    state.cluster.persisted().await?;
+    change_grants(&state, &bytes, false).await
+}
+
+/// Grant (`add`) or revoke the permissions a body names, answered once written.
+async fn change_grants(state: &ApiState, bytes: &[u8], add: bool) -> ApiResult {
+    let (permissions, scope, users) = parse_grant(bytes)?;
+    state
+        .cluster
+        .change_security(SecurityChange::Grants {
+            users: users.clone(),
+            scope: scope.clone(),
+            permissions: permissions.clone(),
+            add,
+        })
+        .await?;
     let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
+    let verb = if add { "granted" } else { "revoked" };
     Ok(done(
-        &json!({"revoked": names, "on": scope.to_string(), "users": users}),
+        &json!({verb: names, "on": scope.to_string(), "users": users}),
     ))
 }

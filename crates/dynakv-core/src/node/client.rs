@@ -42,7 +42,7 @@ impl Node {
                     match change.apply(&mut self.cluster.security, self.wall_ms, &self.me.0) {
                         Ok(()) => ClientResult::Done,
                         Err(e) => ClientResult::Failed {
-                            status: 400,
+                            status: e.status(),
                             message: e.to_string(),
                         },
                     };

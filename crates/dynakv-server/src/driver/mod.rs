@@ -9,8 +9,8 @@
 //!
 //! Invariants:
 //! - outputs are carried out in the order the node returned them: a `Persist` is written
-//!   before the reply that follows it, so an administrative change is answered only once
-//!   it is on disk;
+//!   and published before the reply that follows it, so an administrative change is
+//!   answered only once it is on disk and the data plane reads it;
 //! - every `SetTimer` fires once, in deadline order (as the simulator fires them);
 //! - a send that could not leave (`SendOutcome::NotSent`) comes back as `SendFailed`; one
 //!   that was lost is left to the node's own request timeout;
@@ -66,6 +66,9 @@ pub trait Environment: Send + Sync + 'static {
     /// written): an environment that addresses peers by the state's member entries reads
     /// them here.
     fn state_published(&self, _state: &Arc<ClusterState>) {}
+    /// The node stopped on a storage failure (`Output::Stopped`): a server stops and is
+    /// started again from its disk.
+    fn stopped(&self, _error: &str) {}
 }
 
 /// An input for the driver.
@@ -179,6 +182,9 @@ pub struct Published {
     pub aae_records: Arc<BTreeMap<PartitionId, AaeRecord>>,
     /// Why the node stopped (a storage failure), if it did.
     pub stopped: Option<String>,
+    /// Whether the node is part of its cluster (no join of it in progress): a joining node
+    /// serves no peer.
+    pub joined: bool,
 }
 
 /// Why the driver did not take an input.
@@ -257,7 +263,9 @@ pub struct Driver {
     me: NodeId,
     inbox: DriverInbox,
     published: Arc<RwLock<Arc<Published>>>,
-    thread: Option<JoinHandle<()>>,
+    /// The node's monotonic clock starts here.
+    started: Instant,
+    thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -295,14 +303,16 @@ impl Driver {
             stats: node.stats(),
             aae_records: Arc::new(node.aae_records().clone()),
             stopped: None,
+            joined: node.joined(),
         })));
+        let started = Instant::now();
         let mut run = Run {
             node,
             storage,
             env,
             inbox: inbox.clone(),
             published: Arc::clone(&published),
-            started: Instant::now(),
+            started,
             timers: BTreeMap::new(),
             next_timer: 0,
             inbound: HashMap::new(),
@@ -322,7 +332,8 @@ impl Driver {
             me,
             inbox,
             published,
-            thread: Some(thread),
+            started,
+            thread: parking_lot::Mutex::new(Some(thread)),
         })
     }
 
@@ -340,14 +351,22 @@ impl Driver {
         Arc::clone(&self.published.read())
     }
 
+    /// The node's monotonic clock (ms since the driver started): the clock of its timers,
+    /// its failure detector and its anti-entropy records.
+    pub fn monotonic_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Stop the driver and wait for its thread (what is still in the inbox after the stop
     /// is dropped, its replies unsent).
-    pub fn stop(mut self) {
+    pub fn stop(self) {
         self.shut_down();
     }
 
-    fn shut_down(&mut self) {
-        if let Some(thread) = self.thread.take() {
+    /// [`Driver::stop`] through a shared handle (later calls do nothing).
+    pub fn shut_down(&self) {
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
             let _ = self.inbox.tx.send(DriverInput::Stop);
             let _ = thread.join();
         }
@@ -500,7 +519,6 @@ impl Run {
     }
 
     fn carry_out(&mut self, outputs: Vec<Output>) {
-        let mut new_state = None;
         // A cluster state that could not be written: the changes answered after it are
         // reported failed (made, and spread by gossip, but not on this node's disk), as the
         // server's `Cluster::persisted` does.
@@ -563,10 +581,13 @@ impl Run {
                         tracing::error!(error = %e, "cannot write the cluster state");
                         unwritten = Some(e);
                     }
-                    new_state = Some(Arc::new(*state));
+                    // Published before anything that follows it is answered: a change is
+                    // visible to the data plane once acknowledged.
+                    self.publish_state(Arc::new(*state));
                 }
                 Output::Stopped { error } => {
                     tracing::error!(%error, "the node stopped on a storage failure");
+                    self.env.stopped(&error);
                     // The stop is published before anyone is told of it.
                     self.stopped = Some(error.clone());
                     self.publish(self.now());
@@ -583,13 +604,14 @@ impl Run {
                 }
             }
         }
-        if let Some(state) = new_state {
-            self.env.state_published(&state);
-            let mut published = self.published.write();
-            let mut next = Published::clone(&published);
-            next.state = state;
-            *published = Arc::new(next);
-        }
+    }
+
+    fn publish_state(&self, state: Arc<ClusterState>) {
+        self.env.state_published(&state);
+        let mut published = self.published.write();
+        let mut next = Published::clone(&published);
+        next.state = state;
+        *published = Arc::new(next);
     }
 
     /// Publish liveness, stats and a stop (the state is published when written).
@@ -603,7 +625,12 @@ impl Run {
             .cloned()
             .collect();
         let stats = self.node.stats();
-        if up != published.up || stats != published.stats || self.stopped != published.stopped {
+        let joined = self.node.joined();
+        if up != published.up
+            || stats != published.stats
+            || self.stopped != published.stopped
+            || joined != published.joined
+        {
             let mut next = Published::clone(&published);
             if stats.aae_exchanges != published.stats.aae_exchanges {
                 next.aae_records = Arc::new(self.node.aae_records().clone());
@@ -611,6 +638,7 @@ impl Run {
             next.up = up;
             next.stats = stats;
             next.stopped.clone_from(&self.stopped);
+            next.joined = joined;
             *published = Arc::new(next);
         }
     }

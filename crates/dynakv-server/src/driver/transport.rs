@@ -36,6 +36,20 @@ pub struct TransportEnv {
     members: RwLock<BTreeMap<NodeId, SocketAddr>>,
     /// Addresses of peers that are not members yet (a join's seeds), bounded.
     seeds: RwLock<BTreeMap<NodeId, SocketAddr>>,
+    /// Why the last send to each seed failed (a join's error names the transport's reason:
+    /// another cluster's secret, a refused name), at most one per seed.
+    seed_errors: Arc<parking_lot::Mutex<BTreeMap<NodeId, String>>>,
+    /// Called once when the node stops on a storage failure.
+    on_stop: parking_lot::Mutex<Option<StopHook>>,
+}
+
+/// What a server does when its node stops on a storage failure.
+pub struct StopHook(pub Box<dyn FnOnce(String) + Send>);
+
+impl std::fmt::Debug for StopHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StopHook")
+    }
 }
 
 impl TransportEnv {
@@ -56,7 +70,19 @@ impl TransportEnv {
             clock,
             members: RwLock::new(BTreeMap::new()),
             seeds: RwLock::new(BTreeMap::new()),
+            seed_errors: Arc::default(),
+            on_stop: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Call `hook` when the node stops on a storage failure.
+    pub fn on_stop(&self, hook: StopHook) {
+        *self.on_stop.lock() = Some(hook);
+    }
+
+    /// Why the last send to the seed `peer` failed, if it did.
+    pub fn seed_error(&self, peer: &NodeId) -> Option<String> {
+        self.seed_errors.lock().get(peer).cloned()
     }
 
     /// The name a seed known only by its address goes by (`--join ADDR` names no node):
@@ -106,8 +132,18 @@ impl Environment for TransportEnv {
         };
         let client = self.client.clone();
         let timeout = self.send_timeout;
+        let seed = (!self.members.read().contains_key(to))
+            .then(|| (to.clone(), Arc::clone(&self.seed_errors)));
         self.runtime.spawn(async move {
-            done(match client.request(addr, body, timeout).await {
+            let sent = client.request(addr, body, timeout).await;
+            if let Some((peer, errors)) = seed {
+                let mut errors = errors.lock();
+                match &sent {
+                    Ok(_) => errors.remove(&peer),
+                    Err(e) => errors.insert(peer, e.to_string()),
+                };
+            }
+            done(match sent {
                 Ok(reply) => SendOutcome::Answered(Box::new(reply)),
                 Err(e) => outcome_of(&e),
             });
@@ -141,6 +177,15 @@ impl Environment for TransportEnv {
             .filter_map(|m| Some((m.id.clone(), m.peer_addr.parse().ok()?)))
             .collect();
         self.seeds.write().retain(|id, _| !members.contains_key(id));
+        self.seed_errors
+            .lock()
+            .retain(|id, _| !members.contains_key(id));
         *self.members.write() = members;
+    }
+
+    fn stopped(&self, error: &str) {
+        if let Some(StopHook(hook)) = self.on_stop.lock().take() {
+            hook(error.to_owned());
+        }
     }
 }

@@ -290,8 +290,7 @@ pub(super) async fn admin_join(State(state): State<AppState>, body: Bytes) -> Ap
 }
 
 pub(super) async fn admin_leave(State(state): State<AppState>) -> ApiResult {
-    state.cluster.leave()?;
-    state.cluster.persisted().await?;
+    state.cluster.leave().await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"leaving": state.node_name}),

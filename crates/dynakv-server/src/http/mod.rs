@@ -5,11 +5,11 @@
 //! are refused from `Content-Length` before they are read when too large, and read through a
 //! hard limit otherwise. Storage calls run on the blocking pool.
 
-use crate::cluster::{Cluster, ClusterError, error_status};
 use crate::http_serve::HttpLimits;
 use crate::load_limit::LoadLimiter;
 use crate::replica::{Precondition, ReplicaError};
 use crate::stats::{Op, Stats};
+use crate::view::{Cluster, ClusterError, error_status};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, RawPathParams, State};

@@ -56,29 +56,24 @@ pub(super) async fn set_props(
     props
         .apply(&bucket, &update)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    change_props(&state, &bucket, Some(&props))?;
-    state.cluster.persisted().await?;
+    change_props(&state, &bucket, Some(&props)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(super) async fn reset_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let bucket = bucket_param(&params)?;
-    change_props(&state, &bucket, None)?;
-    state.cluster.persisted().await?;
+    change_props(&state, &bucket, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Set (`Some`) or reset (`None`) a bucket's properties, refused with 400 when the bucket
-/// would be one custom bucket too many (`Cluster::set_bucket_props` checks it with the core's
-/// `check_custom_bucket_room`): past the limit gossip would not carry the change, and it
-/// would stay on this node alone.
-pub(super) fn change_props(
+/// Set (`Some`) or reset (`None`) a bucket's properties, answered once the node wrote the
+/// change; refused with 400 when the bucket would be one custom bucket too many (the node
+/// checks it with the core's `check_custom_bucket_room`): past the limit gossip would not
+/// carry the change, and it would stay on this node alone.
+pub(super) async fn change_props(
     state: &ApiState,
     bucket: &str,
     props: Option<&BucketProps>,
 ) -> Result<(), ApiError> {
-    state
-        .cluster
-        .set_bucket_props(bucket, props)?
-        .map_err(|e| ApiError::bad_request(e.to_string()))
+    Ok(state.cluster.set_bucket_props(bucket, props).await?)
 }

@@ -1,19 +1,17 @@
-//! The peer side: requests from other nodes, answered by the core's `serve` for replica
-//! calls, coordinated here for a forwarded put, or merged (gossip, joins).
+//! The peer side: requests from other nodes. Replica calls are answered by the core's
+//! `serve` here, on the data plane; a forwarded put is coordinated here; listings are read
+//! here; the node's own protocol (gossip, joins) goes to the node.
 
 use super::{
     Arc, BucketProps, Cluster, ClusterError, HashMap, HintOutcome, MAX_AAE_KEYS_PER_EXCHANGE,
-    MAX_HINTS_PER_TARGET, NodeId, Ordering, PeerInfo, PeerMessage, ReplicaRun, Reply, ServeContext,
-    ServeError, StorageCall, gossip, internal, serve,
+    MAX_HINTS_PER_TARGET, NodeId, Observation, PeerInfo, PeerMessage, ReplicaRun, Reply,
+    ServeContext, ServeError, StorageCall, internal, serve,
 };
 
 impl Cluster {
     /// Answer one peer request.
     pub async fn handle_peer(self: Arc<Self>, from: PeerInfo, message: PeerMessage) -> PeerMessage {
         self.observe_contact(&NodeId(from.node_name.clone()));
-        if self.awaiting_join.load(Ordering::Acquire) {
-            return PeerMessage::Error(dynakv_core::membership::AWAITING_JOIN_REFUSAL.to_owned());
-        }
         match self.handle_peer_inner(&from, message).await {
             Ok(reply) => reply,
             Err(e) => PeerMessage::Error(e.to_string()),
@@ -26,29 +24,21 @@ impl Cluster {
         message: PeerMessage,
     ) -> Result<PeerMessage, ClusterError> {
         if let Some(call) = serve::storage_call(&message) {
+            if !self.driver.published().joined {
+                // A node joining a cluster serves no replica call: its keys are not yet
+                // the cluster's (the node refuses its own protocol the same way).
+                return Ok(PeerMessage::Error(
+                    dynakv_core::membership::AWAITING_JOIN_REFUSAL.to_owned(),
+                ));
+            }
             return self.serve_locally(call, message).await;
         }
         match message {
-            PeerMessage::Gossip(theirs) => Ok(self.on_gossip(&theirs)),
-            PeerMessage::JoinRequest {
-                cluster_name,
-                member,
-            } => {
-                let sender = NodeId(from.node_name.clone());
-                let joining = member.id.clone();
-                let answer = self.update_state(|state| {
-                    gossip::on_join_request(
-                        state,
-                        &sender,
-                        Some(&from.public_key),
-                        &cluster_name,
-                        member,
-                    )
-                });
-                if matches!(answer, PeerMessage::JoinAccepted { .. }) {
-                    tracing::info!(node = %joining, via = %from.node_name, "join accepted");
-                }
-                Ok(answer)
+            message @ PeerMessage::Gossip(_) => Ok(self.ask_node(from, message).await),
+            message @ PeerMessage::JoinRequest { .. } => {
+                // The node checks the join against the key the sender proved.
+                self.hello(from);
+                Ok(self.ask_node(from, message).await)
             }
             message @ PeerMessage::CoordinatePut { .. } => {
                 // A forward that arrives after its forwarder gave up (we were paused, or it
@@ -169,14 +159,10 @@ impl Cluster {
             ServeError::Replica(e) => ClusterError::from(e),
             other => internal(other),
         })?;
-        match served.hint {
-            Some(HintOutcome::Stored) => {
-                self.hints.stored.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(HintOutcome::Dropped) => {
-                self.hints.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {}
+        if let Some(outcome) = served.hint {
+            self.observe(Observation::Hint {
+                kept: matches!(outcome, HintOutcome::Stored),
+            });
         }
         for (bucket, key) in &served.stored {
             let n_val = n_vals
