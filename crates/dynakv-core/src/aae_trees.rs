@@ -3,7 +3,7 @@
 //!
 //! The exchange itself (compare segment hashes, descend into differing segments and leaves,
 //! exchange the differing keys' full sibling sets, merge on both sides) is driven by the
-//! core's `AaeRound`/`AaeExchange` (the server's `Cluster::anti_entropy_round`, the simulator's node). Trees are keyed by the key's primary partition only; buckets
+//! core's `AaeRound`/`AaeExchange` (driven by `Node`, in the server and the simulator). Trees are keyed by the key's primary partition only; buckets
 //! with different `n_val`s legitimately differ between replicas, and the exchange skips keys
 //! the peer does not replicate.
 //!

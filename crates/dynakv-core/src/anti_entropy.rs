@@ -692,4 +692,29 @@ mod tests {
         assert!(round.next_exchange::<String>().is_none());
         assert_eq!(round.remaining(), 0);
     }
+
+    /// Drift 2 of issue 18: the plan's replica count is the default properties' `n_val` (the
+    /// server once planned with a literal 3 whatever its defaults): with one replica per key
+    /// there is no other replica to compare with, with two each partition of this node has
+    /// one peer, with three two.
+    #[test]
+    fn the_plan_uses_the_default_properties_n_val() {
+        let me = NodeId("a".into());
+        let state = crate::test_support::settled_cluster(&["a", "b", "c", "d"], 16);
+        let mine = |n_val: u32| {
+            (0..state.ring.current.partition_count())
+                .filter(|p| state.preference_list(*p, n_val).contains(&me))
+                .count()
+        };
+        for n_val in [1, 2, 3] {
+            let props = BucketProps {
+                n_val,
+                ..BucketProps::default()
+            };
+            let plan = AaeRound::plan(&state, &me, &props, 0, 100, |_| true);
+            let expected = if n_val == 1 { 0 } else { mine(n_val) };
+            assert_eq!(plan.remaining(), expected, "n_val {n_val}");
+        }
+        assert_ne!(mine(2), mine(3), "the test tells the two apart");
+    }
 }

@@ -10,11 +10,18 @@
 //!   node that just started has not gossiped yet), then down until it is heard of;
 //! - a heartbeat counts only when it is higher than the highest seen (an old state relayed
 //!   by a third node does not revive a dead member);
-//! - this node itself is always up.
+//! - this node itself is always up;
+//! - at most `MAX_TRACKED` peers are tracked (any name that reaches the node adds one): past
+//!   it, the stalest entry makes room (a peer not heard of for the longest, which is down
+//!   or soon heard of again).
 
-use crate::membership::ClusterState;
+use crate::membership::{ClusterState, MAX_MEMBERS};
 use crate::ring::NodeId;
 use std::collections::BTreeMap;
+
+/// Most peers a failure detector tracks: every member twice over (members that left, peers
+/// that are joining).
+pub const MAX_TRACKED: usize = 2 * MAX_MEMBERS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureDetector {
@@ -39,17 +46,15 @@ impl FailureDetector {
     /// Take the heartbeats of a cluster state (received by gossip, or this node's own).
     pub fn observe_state(&mut self, state: &ClusterState, now_ms: u64) {
         for member in state.members.values() {
-            match self.peers.get_mut(&member.id) {
-                Some((beat, moved)) => {
-                    if member.heartbeat > *beat {
-                        *beat = member.heartbeat;
-                        *moved = now_ms;
-                    }
+            if let Some((beat, moved)) = self.peers.get_mut(&member.id) {
+                if member.heartbeat > *beat {
+                    *beat = member.heartbeat;
+                    *moved = now_ms;
                 }
-                None => {
-                    self.peers
-                        .insert(member.id.clone(), (member.heartbeat, now_ms));
-                }
+            } else {
+                self.make_room();
+                self.peers
+                    .insert(member.id.clone(), (member.heartbeat, now_ms));
             }
         }
     }
@@ -60,8 +65,31 @@ impl FailureDetector {
         if *node == self.me {
             return;
         }
+        if !self.peers.contains_key(node) {
+            self.make_room();
+        }
         let entry = self.peers.entry(node.clone()).or_insert((0, now_ms));
         entry.1 = entry.1.max(now_ms);
+    }
+
+    /// Before a new peer is tracked: when `MAX_TRACKED` are, forget the stalest.
+    fn make_room(&mut self) {
+        if self.peers.len() < MAX_TRACKED {
+            return;
+        }
+        let stalest = self
+            .peers
+            .iter()
+            .min_by_key(|(_, (_, moved))| *moved)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = stalest {
+            self.peers.remove(&id);
+        }
+    }
+
+    /// How many peers are tracked.
+    pub fn tracked(&self) -> usize {
+        self.peers.len()
     }
 
     /// Whether `node` is believed up at `now_ms`.
@@ -99,6 +127,21 @@ mod tests {
             }
         }
         state
+    }
+
+    /// A flood of names (any peer that completes a handshake is heard from) cannot grow the
+    /// detector past `MAX_TRACKED`; the member heard from recently stays tracked and up.
+    #[test]
+    fn a_flood_of_peer_names_is_bounded_and_keeps_the_live_member() {
+        let mut fd = FailureDetector::new(id("a"), 0, 5000);
+        for i in 0..(3 * MAX_TRACKED) {
+            let now = 10_000 + i as u64;
+            fd.observe_contact(&id("b"), now);
+            fd.observe_contact(&id(&format!("intruder{i}")), now);
+            assert!(fd.tracked() <= MAX_TRACKED);
+        }
+        assert_eq!(fd.tracked(), MAX_TRACKED);
+        assert!(fd.is_up(&id("b"), 10_000 + 3 * MAX_TRACKED as u64));
     }
 
     #[test]

@@ -397,6 +397,8 @@ pub async fn start_with_http(
         props: dynakv_core::bucket::BucketProps::default(),
         timings: timeouts.timings(config.aae_interval_ms, config.flush_interval_ms),
         tombstone_grace_ms: config.tombstone_grace_ms,
+        // The flusher below makes buffered writes durable, the node's and the data plane's.
+        driver_flushes: true,
         ..dynakv_core::node::NodeConfig::default()
     };
     let cluster = Arc::new(

@@ -40,7 +40,7 @@ impl AntiEntropy {
 }
 
 impl Node {
-    /// `Cluster::anti_entropy_round`: each partition this node replicates is compared with
+    /// One anti-entropy round: each partition this node replicates is compared with
     /// one of its other replicas, in turn; partitions are exchanged one after another.
     pub(super) fn anti_entropy_round(&mut self, now: u64) {
         if self.anti_entropy.run.is_some() {

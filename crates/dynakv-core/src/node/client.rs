@@ -67,7 +67,7 @@ impl Node {
         }
     }
 
-    /// `Cluster::set_bucket_props`: a new entry for `bucket` in the cluster state, newer than
+    /// A new entry for `bucket` in the cluster state, newer than
     /// the one it replaces (last writer wins by timestamp when gossip merges), stamped by the
     /// wall clock (`bucket::set_props`).
     pub(super) fn set_bucket_props(
@@ -215,7 +215,7 @@ impl Node {
         ended
     }
 
-    /// `Cluster::join`: a node alone in its cluster and holding no data asks `via` once.
+    /// A node alone in its cluster and holding no data asks `via` once.
     pub(super) fn join(&mut self, now: u64, id: ClientRequestId, via: NodeId) {
         let refuse = |message: &str| ClientResult::Failed {
             status: 400,
@@ -402,7 +402,7 @@ impl Node {
         }
     }
 
-    /// `Cluster::store_replica` without waiting for the outcome (read repair, anti-entropy).
+    /// Store a replica without waiting for the outcome (read repair, anti-entropy).
     pub(super) fn store_replica(
         &mut self,
         now: u64,
@@ -426,7 +426,7 @@ impl Node {
         }
     }
 
-    /// `Cluster::check_orphan`: a write stored here for a key this node no longer replicates
+    /// A write stored here for a key this node no longer replicates
     /// (settled ring) asks for another cleanup.
     pub(super) fn check_orphan(&mut self, bucket: &str, key: &str) {
         let partition = self.partition_of(bucket, key);

@@ -10,7 +10,7 @@ use super::{
 use crate::hints;
 
 impl Node {
-    /// `Cluster::deliver_hints`: one delivery round (the core's `DeliveryRound`) over the
+    /// One delivery round (the core's `DeliveryRound`) over the
     /// targets this node holds hints for, one after another within the admission budget
     /// (`set_aae_budget`), unless the previous round is still out; a target that is down
     /// keeps its hints, and a hint whose target no longer replicates its key (or has exited)

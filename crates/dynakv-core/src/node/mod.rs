@@ -164,6 +164,11 @@ pub struct NodeConfig {
     pub timings: Timings,
     /// A tombstone is reaped once its newest write is this old (and every primary holds it).
     pub tombstone_grace_ms: u64,
+    /// The driver makes buffered writes durable on its own schedule (the server's flusher,
+    /// which also syncs the data plane's writes, with its group commit): the node sets no
+    /// `Timer::Flush` and asks for a sync (`Output::Sync`) only for a write something waits
+    /// on. Off (the simulator): the node's flush timer is the flusher.
+    pub driver_flushes: bool,
     /// The planted bug and the old rules (feature `sim`: built only for the simulator, so no
     /// binary that ships contains them).
     #[cfg(feature = "sim")]
@@ -251,6 +256,7 @@ impl Default for NodeConfig {
             props: BucketProps::default(),
             timings: Timings::default(),
             tombstone_grace_ms: DEFAULT_TOMBSTONE_GRACE_MS,
+            driver_flushes: false,
             #[cfg(feature = "sim")]
             sim: SimRules::default(),
         }
@@ -804,7 +810,7 @@ impl Node {
     }
 
     /// A fresh node that founded its own one-node cluster and asks `via` (in turn, until one
-    /// accepts) to admit it: `Cluster::join`. Its storage should hold no data.
+    /// accepts) to admit it. Its storage should hold no data.
     #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)] // mirrors `new`
     pub fn joining(
         me: NodeId,
@@ -879,7 +885,7 @@ impl Node {
         self.joining.via.is_empty()
     }
 
-    /// Whether this node's own state says it has left (`Cluster::has_exited`).
+    /// Whether this node's own state says it has left.
     pub fn has_exited(&self) -> bool {
         self.cluster
             .member(&self.me)
@@ -896,7 +902,7 @@ impl Node {
         self.failed.as_deref()
     }
 
-    /// `Cluster::leave`: mark this node leaving; gossip and the claimant do the rest. Called
+    /// Mark this node leaving; gossip and the claimant do the rest. Called
     /// between inputs; returns the outputs of the change (its `Output::Persist`: a leave
     /// lost in a crash would leave the node in the ring).
     ///
@@ -1050,11 +1056,13 @@ impl Node {
             },
         ];
         // Any bucket may be buffered (its properties can change at any time): the flush runs
-        // always, as the server's flusher does.
-        out.push(Output::SetTimer {
-            at_ms: now + timings.flush_interval_ms,
-            timer: Timer::Flush,
-        });
+        // always, unless the driver's own flusher does it.
+        if !self.config.driver_flushes {
+            out.push(Output::SetTimer {
+                at_ms: now + timings.flush_interval_ms,
+                timer: Timer::Flush,
+            });
+        }
         out
     }
 

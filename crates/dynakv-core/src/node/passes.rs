@@ -25,7 +25,7 @@ pub(super) struct Passes {
 }
 
 impl Node {
-    /// `Cluster::handoff_round`: the core's `HandoffPass` (paged and resumable: each step
+    /// The transition handoff: the core's `HandoffPass` (paged and resumable: each step
     /// scans at most one page and at most `HANDOFF_BATCHES_IN_FLIGHT` batches await replies;
     /// a reply or `Timer::Paging` takes the next step; a failed batch or a new transition
     /// ends the pass unmarked, and a later round starts over), the server's too.
@@ -107,7 +107,7 @@ impl Node {
         }
     }
 
-    /// `Cluster::cleanup_round`: once the ring is settled, every key this node no longer
+    /// Cleanup: once the ring is settled, every key this node no longer
     /// replicates is sent to its primaries (a write that landed here after the transition's
     /// handoff may exist nowhere else) and dropped once all of them acknowledged, if
     /// unchanged: the core's `CleanupPass` (paged and resumable as the handoff; a ring that

@@ -3,7 +3,7 @@
 use super::{MAX_REAPS_PER_ROUND, Node, Purpose, ReapEvent, ReapRound, ReapStep, reap_candidates};
 
 impl Node {
-    /// `Cluster::reap_tombstones`: the tombstones this node is the first primary of, older
+    /// Reaping: the tombstones this node is the first primary of, older
     /// than the grace period, are checked with every other member: each primary must hold
     /// exactly the same tombstone, and no member may hold a hint of the key or (outside the
     /// primaries) a copy of it. Only then is each primary asked to delete it (if unchanged),

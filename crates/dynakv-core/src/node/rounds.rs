@@ -81,10 +81,10 @@ impl Node {
         let _refused = gossip::merge(&mut self.cluster, &mut self.failure_detector, now, theirs);
     }
 
-    /// The server's one-second background loop: `gossip_round` (beat, exchange with a member
-    /// that has not exited, then plan when claimant), then `handoff_round` and
-    /// `cleanup_round`. The claimant plans once this round's exchange is over (its reply
-    /// merged, or failed: [`Node::after_gossip_exchange`]), as the server does: the plan then
+    /// The one-second background round: `handoff_round` and `cleanup_round`, then gossip
+    /// (beat, exchange with a member that has not exited, then plan when claimant). The
+    /// claimant plans once this round's exchange is over (its reply merged, or failed:
+    /// [`Node::after_gossip_exchange`]): the plan then
     /// reads the freshest merged state (a handoff-done mark, a join or leave, or a newer ring
     /// planned by a previous claimant that this exchange brought), instead of planning a ring
     /// from a state one round staler and spreading it before the merge that would have
@@ -113,7 +113,7 @@ impl Node {
         let _ = gossip::end_round(&mut self.cluster, &self.me, detector, now, reply);
     }
 
-    /// `Cluster::join`: ask a member (in turn) to admit this node.
+    /// Ask a member (in turn) to admit this node.
     pub(super) fn send_join(&mut self, now: u64) {
         if self.joining.pending || self.joining.via.is_empty() {
             return;

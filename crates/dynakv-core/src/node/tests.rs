@@ -1222,8 +1222,9 @@ fn the_data_planes_observations_reach_the_control_plane() {
     assert!(!net.nodes[0].cleaned_up(), "another cleanup is due");
 }
 
-/// A security change applies all or nothing, answers 400 when refused, and is persisted
-/// before its answer when it changed the state.
+/// A security change applies all or nothing, answers the error's status when refused (404:
+/// a grant to a user that does not exist, as the server's admin API answers), and is
+/// persisted before its answer when it changed the state.
 #[test]
 fn security_changes_apply_all_or_nothing_and_are_persisted() {
     use crate::security::{Permission, Scope, SecurityChange};
@@ -1235,7 +1236,7 @@ fn security_changes_apply_all_or_nothing_and_are_persisted() {
         add: true,
     });
     net.ask(0, 1, grant.clone());
-    refused(&net.replies[&1], 400, "ann");
+    refused(&net.replies[&1], 404, "ann");
     assert!(net.nodes[0].cluster().security.user("ann").is_none());
     let persists = net.persists;
     let user = ClientOp::Security(SecurityChange::PutUser {
@@ -1308,4 +1309,51 @@ fn a_join_request_is_admitted_only_for_the_key_the_sender_proved() {
         "{admitted:?}"
     );
     assert!(net.nodes[0].cluster().member(&id("d")).is_some());
+}
+
+/// A node whose driver flushes (the server's flusher) sets no flush timer, so it asks for no
+/// sync of its own every flush interval (the server measured those extra group commits on
+/// fsync workloads); one without (the simulator) does. A sync something waits for (here the
+/// first cleanup pass's record) is asked for either way.
+#[test]
+fn a_node_whose_driver_flushes_sets_no_flush_timer() {
+    let cluster = settled_cluster(&["a", "b"], 8);
+    let run = |driver_flushes: bool| {
+        let config = NodeConfig {
+            driver_flushes,
+            ..NodeConfig::default()
+        };
+        let storage: Arc<dyn Storage> = Arc::new(MapStorage::default());
+        let (mut node, first) = Node::new(
+            id("a"),
+            ActorId(1),
+            cluster.clone(),
+            config,
+            storage,
+            SeededRng::new(1),
+            0,
+        )
+        .unwrap();
+        let timers = first
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::SetTimer {
+                        timer: Timer::Flush,
+                        ..
+                    }
+                )
+            })
+            .count();
+        let later = node.handle(1000, Input::Timer(Timer::Gossip));
+        let syncs = later
+            .iter()
+            .filter(|o| matches!(o, Output::Sync { .. }))
+            .count();
+        (timers, syncs)
+    };
+    let (driver, own) = (run(true), run(false));
+    assert_eq!((driver.0, own.0), (0, 1));
+    assert_eq!(driver.1, own.1);
 }

@@ -520,8 +520,7 @@ impl Run {
 
     fn carry_out(&mut self, outputs: Vec<Output>) {
         // A cluster state that could not be written: the changes answered after it are
-        // reported failed (made, and spread by gossip, but not on this node's disk), as the
-        // server's `Cluster::persisted` does.
+        // reported failed (made, and spread by gossip, but not on this node's disk).
         let mut unwritten: Option<String> = None;
         for output in outputs {
             match output {
