@@ -14,6 +14,27 @@ use std::time::Duration;
 /// Highest latency tracked exactly, in microseconds.
 const MAX_TRACKED_LATENCY_US: u64 = 60_000_000;
 
+/// Clock ticks per second of `/proc/PID/stat`'s CPU times (`USER_HZ`: 100 on every Linux
+/// architecture this builds for; the kernel reports in these units whatever its own HZ).
+const USER_HZ: f64 = 100.0;
+
+/// The CPU time (user + system, seconds) in a `/proc/PID/stat` line: fields 14 and 15, read
+/// after the command name's closing parenthesis (the name may hold spaces and parentheses).
+/// `None` for a line that does not parse.
+pub fn cpu_seconds_in_stat(stat: &str) -> Option<f64> {
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user.saturating_add(system) as f64 / USER_HZ)
+}
+
+/// The CPU time this process has used, in seconds, its exited threads' included (`None`
+/// where `/proc` is not there).
+pub fn own_cpu_seconds() -> Option<f64> {
+    cpu_seconds_in_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
 /// The operations whose latency is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -144,6 +165,12 @@ impl Stats {
         map.insert("connected_nodes".into(), json!(Vec::<String>::new()));
         map.insert("ring_num_partitions".into(), json!(partitions));
         map.insert("storage_backend".into(), json!("dynakv"));
+        // The process and its CPU time, for a load generator's CPU per operation (the nodes
+        // of one `dynakv dev` share a process).
+        map.insert("process_id".into(), json!(std::process::id()));
+        if let Some(cpu) = own_cpu_seconds() {
+            map.insert("process_cpu_seconds".into(), json!(cpu));
+        }
         for op in Op::ALL {
             let (count, p50, p99, p999, max, mean) = self.percentiles(op);
             let name = op.name();
@@ -208,6 +235,10 @@ impl Stats {
     /// Prometheus text exposition.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::with_capacity(2048);
+        if let Some(cpu) = own_cpu_seconds() {
+            let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+            let _ = writeln!(out, "process_cpu_seconds_total {cpu}");
+        }
         let _ = writeln!(out, "# TYPE dynakv_requests_total counter");
         for op in Op::ALL {
             let s = &self.ops[op.index()];
@@ -268,5 +299,25 @@ impl Stats {
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU fields are read after the name's last parenthesis, whatever the name holds;
+    /// a line that is cut short or not numeric reads as nothing.
+    #[test]
+    fn cpu_time_is_read_from_a_stat_line() {
+        let line = "4242 (tokio) (x y) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 75 0 0 20 0 9 0";
+        assert_eq!(cpu_seconds_in_stat(line), Some(3.25));
+        assert_eq!(cpu_seconds_in_stat("4242 (short) S 1 2"), None);
+        assert_eq!(
+            cpu_seconds_in_stat("1 (n) S 1 1 1 0 -1 0 0 0 0 0 x 1 0"),
+            None
+        );
+        assert_eq!(cpu_seconds_in_stat("no parenthesis"), None);
+        assert!(own_cpu_seconds().is_some_and(|s| s >= 0.0));
     }
 }

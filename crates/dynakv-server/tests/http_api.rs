@@ -107,6 +107,14 @@ async fn discovery_ping_stats() {
     assert!(headers.get("link").is_some());
     let stats = node.client.get_json("/stats").await.unwrap();
     assert_eq!(stats["riak_kv_version"], "2.1.4");
+    // The node's process and its CPU time (a load generator's CPU per operation).
+    assert_eq!(stats["process_id"], std::process::id());
+    assert!(
+        stats["process_cpu_seconds"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0),
+        "{stats}"
+    );
     node.stop().await;
 }
 

@@ -10,14 +10,21 @@
 //! updates are blind writes, which in a sibling-keeping bucket would pile up siblings on hot
 //! keys. Every other setting is the bucket default (N=3, R=2, W=2); `--durability buffered`
 //! makes the bucket's writes buffered (flushed every `flush_interval_ms`) instead of fsync'd.
+//!
+//! CPU per operation: the run phase's CPU time of the node processes (each node's `/stats`
+//! gives its process id and CPU seconds; the nodes of one `dynakv dev` share a process, counted
+//! once) and of the generator itself (`/proc/self/stat`), divided by the operations done, and
+//! as cores used over the run, so a reader sees how the machine was shared.
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use dynakv_client::Client;
 use dynakv_client::routing::{self, RoutingClient};
+use dynakv_server::stats::own_cpu_seconds;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -292,6 +299,17 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     if config.target == Target::Dynakv {
         set_bench_props(&config, &clients[0]).await?;
     }
+    // The node processes whose CPU time is measured (dynakv's `/stats` reports it).
+    let nodes: Vec<(String, Client)> = if config.target == Target::Dynakv {
+        config
+            .urls
+            .iter()
+            .cloned()
+            .zip(clients.iter().cloned())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let senders: Vec<Sender> = match config.target {
         Target::Etcd => clients.into_iter().map(Sender::Etcd).collect(),
         Target::Dynakv if config.client_routing => {
@@ -314,7 +332,9 @@ pub async fn run(config: BenchConfig) -> Result<()> {
             report.errors + report.unavailable
         );
     }
+    let before = CpuSample::take(&nodes).await;
     let report = phase(&config, &senders, &value, Phase::Run).await?;
+    let cpu = CpuSample::take(&nodes).await.since(&before, &report);
     let read = summary(&report.read);
     let update = summary(&report.update);
     if config.json {
@@ -337,6 +357,11 @@ pub async fn run(config: BenchConfig) -> Result<()> {
             "update": update,
             "unavailable_latency": summary(&report.rejected),
             "accepted_service": summary(&report.served),
+            "server_cpu_us_per_op": cpu.server_us_per_op,
+            "server_cores": cpu.server_cores,
+            "server_processes": cpu.server_processes,
+            "generator_cpu_us_per_op": cpu.generator_us_per_op,
+            "generator_cores": cpu.generator_cores,
         });
         println!("{out}");
     } else {
@@ -362,8 +387,92 @@ pub async fn run(config: BenchConfig) -> Result<()> {
                 ms(h.max())
             );
         }
+        println!("  {}", cpu.line());
     }
     Ok(())
+}
+
+/// CPU seconds used so far: by each node process (keyed by host and process id), and by this
+/// generator.
+struct CpuSample {
+    /// `None` when a node did not report its CPU time (not dynakv, `/stats` refused).
+    servers: Option<BTreeMap<(String, u64), f64>>,
+    generator: Option<f64>,
+}
+
+/// CPU per operation over a run.
+#[derive(Debug, Default)]
+struct CpuReport {
+    server_us_per_op: Option<f64>,
+    server_cores: Option<f64>,
+    server_processes: usize,
+    generator_us_per_op: Option<f64>,
+    generator_cores: Option<f64>,
+}
+
+impl CpuSample {
+    async fn take(nodes: &[(String, Client)]) -> CpuSample {
+        let mut servers = Some(BTreeMap::new());
+        for (url, client) in nodes {
+            let sample = client.get_json("/stats").await.ok().and_then(|stats| {
+                let pid = stats.get("process_id")?.as_u64()?;
+                let cpu = stats.get("process_cpu_seconds")?.as_f64()?;
+                let host = url.parse::<hyper::Uri>().ok()?.host()?.to_owned();
+                Some(((host, pid), cpu))
+            });
+            match (sample, servers.as_mut()) {
+                (Some((process, cpu)), Some(map)) => {
+                    map.insert(process, cpu);
+                }
+                _ => servers = None,
+            }
+        }
+        if nodes.is_empty() {
+            servers = None;
+        }
+        CpuSample {
+            servers,
+            generator: own_cpu_seconds(),
+        }
+    }
+
+    /// What was used since `before`, over the run `report` describes.
+    fn since(&self, before: &CpuSample, report: &PhaseReport) -> CpuReport {
+        let ops = report.done.max(1) as f64;
+        let secs = report.elapsed.as_secs_f64().max(1e-9);
+        let server = match (&self.servers, &before.servers) {
+            (Some(after), Some(before)) if after.keys().eq(before.keys()) => Some(
+                after
+                    .iter()
+                    .map(|(process, cpu)| cpu - before.get(process).copied().unwrap_or(*cpu))
+                    .sum::<f64>(),
+            ),
+            _ => None,
+        };
+        let generator = self.generator.zip(before.generator).map(|(a, b)| a - b);
+        CpuReport {
+            server_us_per_op: server.map(|s| s * 1e6 / ops),
+            server_cores: server.map(|s| s / secs),
+            server_processes: self.servers.as_ref().map_or(0, BTreeMap::len),
+            generator_us_per_op: generator.map(|g| g * 1e6 / ops),
+            generator_cores: generator.map(|g| g / secs),
+        }
+    }
+}
+
+impl CpuReport {
+    fn line(&self) -> String {
+        let part = |per_op: Option<f64>, cores: Option<f64>| match per_op.zip(cores) {
+            Some((per_op, cores)) => format!("{per_op:.1} us/op ({cores:.2} cores)"),
+            None => "not measured".to_owned(),
+        };
+        format!(
+            "cpu: server {} over {} process(es), generator {}",
+            part(self.server_us_per_op, self.server_cores),
+            self.server_processes,
+            part(self.generator_us_per_op, self.generator_cores)
+        )
+    }
 }
 
 /// Make the bench bucket `last_write_wins` with the chosen durability, and give gossip a

@@ -170,6 +170,20 @@ fn the_cli_talks_https_to_a_server_started_with_a_certificate() {
     let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
     assert_eq!(report["ops"], 200, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
+    // CPU per operation: the node's process (one) and the generator's, both measured.
+    assert_eq!(report["server_processes"], 1, "{report}");
+    assert!(
+        report["server_cpu_us_per_op"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0),
+        "{report}"
+    );
+    assert!(
+        report["generator_cpu_us_per_op"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0),
+        "{report}"
+    );
 
     // No CA given, a CA that did not sign the node's certificate, plain HTTP: clear failures.
     let no_ca = cli(&["get", "b", "k", "--url", &url], None);
