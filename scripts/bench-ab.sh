@@ -3,14 +3,16 @@
 # workload a (zipfian, buffered) then workload w, 50 clients, 1 KiB values; prints ops/s and
 # p99/p99.9 per operation. Run it for each binary in turn, on a quiet machine.
 #   scripts/bench-ab.sh target/release/dynakv LABEL
-# DURABILITY=fsync runs both workloads with fsync'd writes (default: buffered).
+# DURABILITY=fsync runs both workloads with fsync'd writes (default: buffered); DEV_ARGS adds
+# arguments to `dynakv dev` (e.g. DEV_ARGS="--runtime per-node").
 set -euo pipefail
 DURABILITY=${DURABILITY:-buffered}
+read -r -a DEV_EXTRA <<<"${DEV_ARGS:-}"
 BIN=$1
 LABEL=${2:-run}
 WORK=$(mktemp -d)
 PORT=$((20000 + RANDOM % 20000))
-"$BIN" dev --nodes 3 --http-port "$PORT" --data-dir "$WORK/dev" >"$WORK/dev.log" 2>&1 &
+"$BIN" dev --nodes 3 --http-port "$PORT" --data-dir "$WORK/dev" "${DEV_EXTRA[@]}" >"$WORK/dev.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
 for k in 0 1 2; do
@@ -30,5 +32,7 @@ for w in a w; do
 import json, sys
 d = json.load(open('$WORK/$w.json'))
 ops = {k: (round(v['p99_ms'], 1), round(v['p999_ms'], 1)) for k, v in d.items() if isinstance(v, dict) and 'p99_ms' in v}
-print('$LABEL', '$DURABILITY', '$w', int(d['throughput_ops_per_sec']), 'ops/s; p99/p99.9 ms', ops)"
+cpu = d.get('server_cpu_us_per_op')
+cpu = 'server cpu %.0f us/op' % cpu if cpu is not None else 'server cpu not measured'
+print('$LABEL', '$DURABILITY', '$w', int(d['throughput_ops_per_sec']), 'ops/s; p99/p99.9 ms', ops, cpu)"
 done

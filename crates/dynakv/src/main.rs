@@ -183,6 +183,11 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value = "disk")]
         storage: StorageKind,
+        /// `per-node`: one single-threaded runtime per node, each on its own thread (measured
+        /// faster on 2 cores: docs/BENCHMARKS.md); `shared`: one runtime for every node, a
+        /// worker per core (as `dynakv server` runs).
+        #[arg(long, value_enum, default_value = "per-node")]
+        runtime: DevRuntime,
     },
     /// Fetch a key: prints the value (or every sibling) and its context.
     Get {
@@ -546,9 +551,10 @@ async fn run(cli: Cli) -> Result<()> {
             http_port,
             data_dir,
             storage,
+            runtime,
         } => {
             init_logging("info,fjall=warn,lsm_tree=warn");
-            dev(nodes, http_port, data_dir, storage).await
+            dev(nodes, http_port, data_dir, (storage, runtime)).await
         }
         Command::Get {
             bucket,
@@ -735,12 +741,90 @@ impl ShutdownOnSignal {
     }
 }
 
-async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind) -> Result<()> {
+/// How `dynakv dev` runs its nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DevRuntime {
+    /// One multi-threaded runtime shared by every node.
+    Shared,
+    /// One single-threaded runtime per node, each on its own thread.
+    PerNode,
+}
+
+/// A running node of `dynakv dev`.
+struct DevNode {
+    name: String,
+    http_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    cluster: std::sync::Arc<dynakv_server::view::Cluster>,
+    /// How its supervision ended (after `stopped` turned true, or a failure it cannot fix).
+    done: tokio::sync::oneshot::Receiver<Result<(), dynakv_server::ServerError>>,
+}
+
+/// Start a node of `dynakv dev` (supervised: it restarts after a storage failure) on the
+/// shared runtime or on a runtime of its own, until `stopped` turns true.
+async fn start_dev_node(
+    config: ServerConfig,
+    stopped: tokio::sync::watch::Receiver<bool>,
+    runtime: DevRuntime,
+) -> Result<DevNode> {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let thread_name = format!("dynakv-{}", config.name);
+    let run = async move {
+        match dynakv_server::start(config.clone()).await {
+            Ok(server) => {
+                let started = (
+                    server.name.clone(),
+                    server.http_addr,
+                    server.peer_addr,
+                    std::sync::Arc::clone(&server.cluster),
+                );
+                let _ = started_tx.send(Ok(started));
+                let _ = done_tx.send(dynakv_server::supervise(server, config, stopped).await);
+            }
+            Err(e) => {
+                let _ = started_tx.send(Err(e));
+            }
+        }
+    };
+    match runtime {
+        DevRuntime::Shared => {
+            tokio::spawn(run);
+        }
+        DevRuntime::PerNode => {
+            let own = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a node's runtime")?;
+            std::thread::Builder::new()
+                .name(thread_name)
+                .spawn(move || own.block_on(run))
+                .context("starting a node's thread")?;
+        }
+    }
+    let (name, http_addr, peer_addr, cluster) =
+        started_rx.await.context("the node's task ended")??;
+    Ok(DevNode {
+        name,
+        http_addr,
+        peer_addr,
+        cluster,
+        done,
+    })
+}
+
+async fn dev(
+    nodes: u16,
+    http_port: u16,
+    data_dir: PathBuf,
+    (storage, runtime): (StorageKind, DevRuntime),
+) -> Result<()> {
     if nodes == 0 || nodes > 16 {
         bail!("--nodes must be from 1 to 16");
     }
-    let mut servers: Vec<dynakv_server::RunningServer> = Vec::new();
-    let mut configs: Vec<ServerConfig> = Vec::new();
+    // Each node restarts itself after a storage failure (see `supervise`) until `stop`.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers: Vec<DevNode> = Vec::new();
     for i in 1..=nodes {
         let name = format!("dev{i}");
         let port = http_port
@@ -763,11 +847,10 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
                     .join(dynakv_server::secrets::CLUSTER_SECRET_FILE),
             );
         }
-        let server = dynakv_server::start(config.clone())
+        let server = start_dev_node(config, stopped.clone(), runtime)
             .await
             .with_context(|| format!("starting node {name}"))?;
         servers.push(server);
-        configs.push(config);
     }
     let signals = ShutdownOnSignal::install()?;
     if servers.len() > 1 {
@@ -788,20 +871,11 @@ async fn dev(nodes: u16, http_port: u16, data_dir: PathBuf, storage: StorageKind
         println!("  {}  http://{}", server.name, server.http_addr);
     }
     println!("data in {}; press Ctrl-C to stop", data_dir.display());
-    // Each node restarts itself after a storage failure (see `supervise`).
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let nodes: Vec<_> = servers
-        .into_iter()
-        .zip(configs)
-        .map(|(server, config)| {
-            tokio::spawn(dynakv_server::supervise(server, config, stopped.clone()))
-        })
-        .collect();
     signals.wait().await;
     println!("stopping");
     let _ = stop.send(true);
-    for node in nodes {
-        node.await.context("a node's task failed")??;
+    for node in servers {
+        node.done.await.context("a node's task failed")??;
     }
     Ok(())
 }
