@@ -105,9 +105,10 @@ impl TransportEnv {
         Ok(())
     }
 
-    fn address(&self, peer: &NodeId) -> Option<SocketAddr> {
-        let member = self.members.read().get(peer).copied();
-        member.or_else(|| self.seeds.read().get(peer).copied())
+    /// A peer's address, and whether it is a seed (not a member yet).
+    fn address(&self, peer: &NodeId) -> Option<(SocketAddr, bool)> {
+        let member = self.members.read().get(peer).map(|addr| (*addr, false));
+        member.or_else(|| self.seeds.read().get(peer).map(|addr| (*addr, true)))
     }
 }
 
@@ -126,14 +127,13 @@ fn outcome_of(error: &TransportError) -> SendOutcome {
 
 impl Environment for TransportEnv {
     fn send(&self, to: &NodeId, body: PeerMessage, done: Respond<SendOutcome>) {
-        let Some(addr) = self.address(to) else {
+        let Some((addr, is_seed)) = self.address(to) else {
             done(SendOutcome::NotSent);
             return;
         };
         let client = self.client.clone();
         let timeout = self.send_timeout;
-        let seed = (!self.members.read().contains_key(to))
-            .then(|| (to.clone(), Arc::clone(&self.seed_errors)));
+        let seed = is_seed.then(|| (to.clone(), Arc::clone(&self.seed_errors)));
         self.runtime.spawn(async move {
             let sent = client.request(addr, body, timeout).await;
             if let Some((peer, errors)) = seed {

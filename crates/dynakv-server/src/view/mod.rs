@@ -21,7 +21,7 @@
 use crate::aae::{AaeRecord, AaeTrees};
 use crate::clock::WallClock;
 use crate::driver::transport::{StopHook, TransportEnv};
-use crate::driver::{ContactGate, Driver, DriverInbox, DriverInput, SubmitError};
+use crate::driver::{ContactGate, Driver, DriverInbox, DriverInput, Respond, SubmitError};
 use crate::replica::{Replica, ReplicaError, ReplicaRun};
 use crate::sync_barrier::SyncBarrier;
 use crate::transport::{PeerClient, PeerInfo};
@@ -429,14 +429,10 @@ impl Cluster {
     /// Ask the node to carry out an administrative `op`, and wait for its answer (given once
     /// the change is made and the state holding it written).
     async fn admin(&self, op: ClientOp) -> Result<(), ClusterError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inbox.submit(DriverInput::Admin {
-            op,
-            reply: Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        })?;
-        match rx.await.map_err(|_| SubmitError::Stopped)? {
+        match self
+            .ask(|reply| DriverInput::Admin { op, reply }, None)
+            .await?
+        {
             ClientResult::Done => Ok(()),
             ClientResult::Failed { status, message } => {
                 Err(ClusterError::Refused { status, message })
@@ -582,15 +578,38 @@ impl Cluster {
     /// # Errors
     /// The node could not take it (busy or stopped).
     pub(crate) async fn merge_peer_state(&self, other: &ClusterState) -> Result<(), ClusterError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inbox.submit(DriverInput::Merge {
-            state: Box::new(other.clone()),
-            merged: Box::new(move |state| {
-                let _ = tx.send(state);
-            }),
-        })?;
-        rx.await.map_err(|_| SubmitError::Stopped)?;
+        let state = Box::new(other.clone());
+        self.ask(|merged| DriverInput::Merge { state, merged }, None)
+            .await?;
         Ok(())
+    }
+
+    /// Submit the input `input` builds around its reply, and wait for the reply (at most
+    /// `within`, when given).
+    ///
+    /// # Errors
+    /// 503: the node is busy or stopped, or did not answer in time.
+    async fn ask<T: Send + 'static>(
+        &self,
+        input: impl FnOnce(Respond<T>) -> DriverInput,
+        within: Option<Duration>,
+    ) -> Result<T, ClusterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inbox.submit(input(Box::new(move |reply| {
+            let _ = tx.send(reply);
+        })))?;
+        let answer = match within {
+            Some(within) => {
+                tokio::time::timeout(within, rx)
+                    .await
+                    .map_err(|_| ClusterError::Refused {
+                        status: 503,
+                        message: "the node's control plane did not answer in time".into(),
+                    })?
+            }
+            None => rx.await,
+        };
+        Ok(answer.map_err(|_| SubmitError::Stopped)?)
     }
 
     /// A key was stored here: tell the node when it may be one this node does not replicate
@@ -771,22 +790,15 @@ impl Cluster {
     /// Send a message of the node's protocol (gossip, a join) to the node and wait for its
     /// answer.
     async fn ask_node(&self, from: &PeerInfo, message: PeerMessage) -> PeerMessage {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let submitted = self.inbox.submit(DriverInput::Peer {
-            from: NodeId(from.node_name.clone()),
+        let from = NodeId(from.node_name.clone());
+        let input = |reply| DriverInput::Peer {
+            from,
             message,
-            reply: Box::new(move |reply| {
-                let _ = tx.send(reply);
-            }),
-        });
-        if let Err(e) = submitted {
-            return PeerMessage::Error(e.to_string());
-        }
-        match tokio::time::timeout(self.timeouts.request, rx).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => PeerMessage::Error(SubmitError::Stopped.to_string()),
-            Err(_) => PeerMessage::Error("the node's control plane did not answer in time".into()),
-        }
+            reply,
+        };
+        self.ask(input, Some(self.timeouts.request))
+            .await
+            .unwrap_or_else(|e| PeerMessage::Error(e.to_string()))
     }
 
     /// Tell the node what a peer's link established (its clock offset, the key it proved).
