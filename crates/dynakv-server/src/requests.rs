@@ -2,9 +2,9 @@
 //! core's request machine (`dynakv_core::request`, the one the simulator's nodes run) in the
 //! task of its HTTP request; this module only performs its steps.
 //!
-//! - `Step::Send` goes out as a peer request on a spawned task, its reply (or transport
-//!   failure, or timeout) comes back on the request's channel; a `StaleRing` answer is merged
-//!   into this node's state first.
+//! - `Step::Send` goes out as a peer request, a future the request's task polls (no task per
+//!   send); its reply (or transport failure, or timeout) is fed to the machine; a `StaleRing`
+//!   answer is merged into this node's state first.
 //! - Local steps (read, merge, the coordinator's write, a hint) run on the replica, on the
 //!   blocking pool when the engine may wait on the disk; a durable write awaits the flusher's
 //!   group commit (`Cluster::run_write`).
@@ -25,6 +25,12 @@ use dynakv_core::request::{
     View,
 };
 use dynakv_core::ring::NodeId;
+use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -121,26 +127,29 @@ pub async fn coordinate(
     Driver::new(cluster, Machine::Put(machine)).run(steps).await
 }
 
-/// One request's machine and the replies of its sends.
+/// A send of a request's machine: its tag (`None`: no reply is awaited) and the reply.
+type SendFuture = Pin<Box<dyn Future<Output = Option<(Tag, Reply)>> + Send>>;
+
+/// One request's machine and its sends in flight. The sends are polled by the request's own
+/// task, not spawned: each is polled once when it is made (which queues its frame on the
+/// peer's connection), then whenever the request waits for a reply.
 struct Driver {
     cluster: Arc<Cluster>,
     machine: Machine,
-    replies: mpsc::UnboundedReceiver<(Tag, Reply)>,
-    reply_to: mpsc::UnboundedSender<(Tag, Reply)>,
-    /// Sends whose reply has not come back yet.
-    outstanding: usize,
+    sends: FuturesUnordered<SendFuture>,
+    /// Replies that came back at the first poll of their send (the peer has no address, or
+    /// its connection is gone).
+    ready: VecDeque<(Tag, Reply)>,
     answer: Option<Result<Object, RequestError>>,
 }
 
 impl Driver {
     fn new(cluster: &Arc<Cluster>, machine: Machine) -> Driver {
-        let (reply_to, replies) = mpsc::unbounded_channel();
         Driver {
             cluster: Arc::clone(cluster),
             machine,
-            replies,
-            reply_to,
-            outstanding: 0,
+            sends: FuturesUnordered::new(),
+            ready: VecDeque::new(),
             answer: None,
         }
     }
@@ -150,8 +159,10 @@ impl Driver {
         self.perform(steps).await;
         while self.answer.is_none() && self.next().await {}
         let answer = self.answer.take();
-        if !self.machine.finished() && self.outstanding > 0 {
-            tokio::spawn(async move { while !self.machine.finished() && self.next().await {} });
+        if !self.sends.is_empty() || !self.ready.is_empty() {
+            // Sends beyond the quorum (and their hints, read repair) finish after the answer;
+            // a send no reply is awaited for is still driven when the machine is done.
+            tokio::spawn(async move { while self.next().await {} });
         }
         answer.unwrap_or_else(|| {
             Err(RequestError::Internal(
@@ -160,15 +171,23 @@ impl Driver {
         })
     }
 
-    /// Feed the next reply to the machine; `false` when none can come.
+    /// Feed the next reply to the machine (dropped once it is finished); `false` when none
+    /// can come.
     async fn next(&mut self) -> bool {
-        if self.outstanding == 0 {
-            return false;
-        }
-        let Some((tag, reply)) = self.replies.recv().await else {
-            return false;
+        let (tag, reply) = match self.ready.pop_front() {
+            Some(ready) => ready,
+            None => loop {
+                match self.sends.next().await {
+                    None => return false,
+                    Some(Some(reply)) => break reply,
+                    // A send no reply is awaited for ended.
+                    Some(None) => {}
+                }
+            },
         };
-        self.outstanding -= 1;
+        if self.machine.finished() {
+            return true;
+        }
         let steps = self
             .machine
             .handle(&ServerView::of(&self.cluster), Event::Reply { tag, reply });
@@ -203,16 +222,15 @@ impl Driver {
             } => {
                 let cluster = Arc::clone(cluster);
                 let timeout = Duration::from_millis(timeout_ms);
-                let reply_to = tag.map(|tag| (tag, self.reply_to.clone()));
-                if reply_to.is_some() {
-                    self.outstanding += 1;
-                }
-                tokio::spawn(async move {
+                let mut sending: SendFuture = Box::pin(async move {
                     let reply = send(&cluster, &to, message, timeout).await;
-                    if let Some((tag, reply_to)) = reply_to {
-                        let _ = reply_to.send((tag, reply));
-                    }
+                    tag.map(|tag| (tag, reply))
                 });
+                match sending.as_mut().now_or_never() {
+                    Some(Some(reply)) => self.ready.push_back(reply),
+                    Some(None) => {}
+                    None => self.sends.push(sending),
+                }
                 None
             }
             Step::ReadLocal {
@@ -245,9 +263,9 @@ impl Driver {
             } => {
                 let props = cluster.bucket_props(&bucket);
                 let durability = props.durability;
-                if let Err(e) = cluster
-                    .merge_local(&bucket, &key, &object, &props, durability)
-                    .await
+                // Boxed, as the hint below: a rare step's future would size every request's.
+                if let Err(e) =
+                    Box::pin(cluster.merge_local(&bucket, &key, &object, &props, durability)).await
                 {
                     tracing::debug!(bucket, key, error = %e, "read repair of this node's copy failed");
                 }
@@ -299,9 +317,7 @@ impl Driver {
                 object,
                 durability,
             } => {
-                cluster
-                    .keep_hint(&target, &bucket, &key, &object, durability)
-                    .await;
+                Box::pin(cluster.keep_hint(&target, &bucket, &key, &object, durability)).await;
                 None
             }
             Step::CheckOrphan { bucket, key } => {
@@ -333,7 +349,7 @@ async fn send(cluster: &Cluster, to: &NodeId, message: PeerMessage, timeout: Dur
         Ok(reply) => {
             cluster.observe_contact(to);
             if let PeerMessage::StaleRing(state) = &reply
-                && let Err(e) = cluster.merge_peer_state(state).await
+                && let Err(e) = Box::pin(cluster.merge_peer_state(state)).await
             {
                 tracing::warn!(node = %to, error = %e, "cannot merge a replica's newer state");
             }

@@ -1,8 +1,11 @@
 //! `dynakv bench`: a YCSB-style load generator for dynakv's HTTP API.
 //!
 //! A load phase inserts `records` keys, then a run phase issues `ops` operations with the
-//! workload's read/update mix over uniform or zipfian keys, from `concurrency` tasks sharing
-//! pooled keep-alive connections (TCP_NODELAY) spread over the given node URLs. Latency is
+//! workload's read/update mix over uniform or zipfian keys, from `concurrency` tasks spread over
+//! the given node URLs. Each task has its own keep-alive connection (TCP_NODELAY) and writes
+//! pre-built HTTP/1.1 requests on it (`crate::rawhttp`); `--generator hyper` (and any https://
+//! URL, `--client-routing`, etcd) uses the full pooled client instead, which costs the
+//! generator about three times the CPU per operation. Latency is
 //! recorded per operation in HDR histograms (microseconds, 3 significant digits); a progress line
 //! goes to stderr every second; `--json` prints one object at the end.
 //!
@@ -16,6 +19,7 @@
 //! once) and of the generator itself (`/proc/self/stat`), divided by the operations done, and
 //! as cores used over the run, so a reader sees how the machine was shared.
 
+use crate::rawhttp::{RawConnection, RawTarget};
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use dynakv_client::Client;
@@ -118,6 +122,28 @@ pub struct BenchConfig {
     pub duration_secs: u64,
     /// CA and credentials of every client (https:// URLs, HTTP Basic).
     pub client: crate::ClientSettings,
+    /// The HTTP client of the generator.
+    pub generator: Generator,
+}
+
+/// The load generator's HTTP client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generator {
+    /// One raw keep-alive connection per task (plain http:// URLs; the others fall back to hyper).
+    Raw,
+    /// The full client (hyper, pooled connections).
+    Hyper,
+}
+
+impl std::str::FromStr for Generator {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Generator::Raw),
+            "hyper" => Ok(Generator::Hyper),
+            other => Err(format!("unknown generator {other:?} (raw or hyper)")),
+        }
+    }
 }
 
 /// The system under test.
@@ -145,6 +171,9 @@ impl std::str::FromStr for Target {
 enum Sender {
     /// The node `clients[task % len]`, which coordinates (or forwards) the request.
     Dynakv(Client),
+    /// A dynakv node or an etcd member, over the task's own raw connection (made per task
+    /// from this target).
+    Raw(RawTarget, Target),
     /// A replica of the key, from the client's copy of the ring.
     Routed(RoutingClient),
     Etcd(Client),
@@ -159,16 +188,91 @@ enum Outcome {
     Failed,
 }
 
+/// One task's way to the system under test: its own raw connection, or a shared client.
+#[derive(Debug)]
+enum TaskSender {
+    Raw(RawConnection, Target),
+    Shared(Sender),
+}
+
+impl TaskSender {
+    fn of(sender: Sender) -> TaskSender {
+        match sender {
+            Sender::Raw(raw, target) => {
+                TaskSender::Raw(RawConnection::new(raw, RAW_TIMEOUT), target)
+            }
+            other => TaskSender::Shared(other),
+        }
+    }
+
+    async fn execute(&mut self, bucket: &str, key: &str, value: &Bytes, is_read: bool) -> Outcome {
+        match self {
+            TaskSender::Raw(conn, Target::Dynakv) => {
+                let path = format!("/buckets/{bucket}/keys/{key}");
+                let answer = if is_read {
+                    conn.request("GET", &path, &[], b"").await
+                } else {
+                    conn.request("PUT", &path, OCTETS, value).await
+                };
+                match answer {
+                    Ok(status) if (200..300).contains(&status) || status == 404 => Outcome::Ok,
+                    Ok(503) => Outcome::Unavailable,
+                    _ => Outcome::Failed,
+                }
+            }
+            TaskSender::Raw(conn, Target::Etcd) => {
+                let (path, body) = etcd_request(bucket, key, value, is_read);
+                let answer = conn
+                    .request("POST", path, JSON, body.to_string().as_bytes())
+                    .await;
+                match answer {
+                    Ok(status) if (200..300).contains(&status) => Outcome::Ok,
+                    Ok(503) => Outcome::Unavailable,
+                    _ => Outcome::Failed,
+                }
+            }
+            TaskSender::Shared(sender) => sender.execute(bucket, key, value, is_read).await,
+        }
+    }
+}
+
+/// etcd's v3 JSON gateway: the path and body of a read or a write of `bucket/key`.
+fn etcd_request(
+    bucket: &str,
+    key: &str,
+    value: &Bytes,
+    is_read: bool,
+) -> (&'static str, serde_json::Value) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let etcd_key = b64.encode(format!("{bucket}/{key}"));
+    if is_read {
+        ("/v3/kv/range", serde_json::json!({"key": etcd_key}))
+    } else {
+        (
+            "/v3/kv/put",
+            serde_json::json!({"key": etcd_key, "value": b64.encode(value)}),
+        )
+    }
+}
+
+const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+/// The content type of a benchmark write.
+const OCTETS: &[(&str, &str)] = &[("content-type", "application/octet-stream")];
+/// Time limit of one request on a raw connection (the full client's default).
+const RAW_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Sender {
     async fn execute(&self, bucket: &str, key: &str, value: &Bytes, is_read: bool) -> Outcome {
-        let octets: &[(&str, &str)] = &[("content-type", "application/octet-stream")];
         let path = format!("/buckets/{bucket}/keys/{key}");
         let (method, headers, body) = if is_read {
             (hyper::Method::GET, &[][..], Bytes::new())
         } else {
-            (hyper::Method::PUT, octets, value.clone())
+            (hyper::Method::PUT, OCTETS, value.clone())
         };
         let answer = match self {
+            // A task makes its own connection of a raw target (`TaskSender::of`).
+            Sender::Raw(..) => return Outcome::Failed,
             Sender::Dynakv(client) => client.request(method, &path, headers, body).await,
             Sender::Routed(routing) => {
                 routing
@@ -176,22 +280,12 @@ impl Sender {
                     .await
             }
             Sender::Etcd(client) => {
-                use base64::Engine as _;
-                let b64 = base64::engine::general_purpose::STANDARD;
-                let etcd_key = b64.encode(format!("{bucket}/{key}"));
-                let (path, body) = if is_read {
-                    ("/v3/kv/range", serde_json::json!({"key": etcd_key}))
-                } else {
-                    (
-                        "/v3/kv/put",
-                        serde_json::json!({"key": etcd_key, "value": b64.encode(value)}),
-                    )
-                };
+                let (path, body) = etcd_request(bucket, key, value, is_read);
                 client
                     .request(
                         hyper::Method::POST,
                         path,
-                        &[("content-type", "application/json")],
+                        JSON,
                         Bytes::from(body.to_string()),
                     )
                     .await
@@ -310,15 +404,32 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     } else {
         Vec::new()
     };
+    let raw = |url: &str| {
+        (config.generator == Generator::Raw)
+            .then(|| RawTarget::from_url(url, config.client.basic_auth()))
+            .flatten()
+    };
     let senders: Vec<Sender> = match config.target {
-        Target::Etcd => clients.into_iter().map(Sender::Etcd).collect(),
+        Target::Etcd => clients
+            .into_iter()
+            .zip(&config.urls)
+            .map(|(client, url)| {
+                raw(url).map_or(Sender::Etcd(client), |r| Sender::Raw(r, Target::Etcd))
+            })
+            .collect(),
         Target::Dynakv if config.client_routing => {
             let routing = RoutingClient::connect_with(clients, routing::DEFAULT_N_VAL)
                 .await
                 .context("fetching the routing table")?;
             vec![Sender::Routed(routing)]
         }
-        Target::Dynakv => clients.into_iter().map(Sender::Dynakv).collect(),
+        Target::Dynakv => clients
+            .into_iter()
+            .zip(&config.urls)
+            .map(|(client, url)| {
+                raw(url).map_or(Sender::Dynakv(client), |r| Sender::Raw(r, Target::Dynakv))
+            })
+            .collect(),
     };
     let value = Bytes::from(vec![b'x'; config.value_size]);
     if !config.skip_load {
@@ -593,7 +704,7 @@ async fn phase(
     };
     let mut tasks = Vec::with_capacity(config.concurrency);
     for task in 0..config.concurrency {
-        let sender = senders[task % senders.len()].clone();
+        let mut sender = TaskSender::of(senders[task % senders.len()].clone());
         let shared = Arc::clone(&shared);
         let zipfian = Arc::clone(&zipfian);
         let (config, value) = (config.clone(), value.clone());

@@ -2,6 +2,7 @@
 //! (`get`, `put`, `delete`, `admin`).
 
 mod bench;
+mod rawhttp;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
@@ -90,6 +91,13 @@ impl ClientSettings {
     }
 
     /// A client of the node at `url` with these settings.
+    /// The HTTP Basic credentials, if any.
+    pub fn basic_auth(&self) -> Option<(&str, &str)> {
+        self.basic_auth
+            .as_ref()
+            .map(|(user, password)| (user.as_str(), password.as_str()))
+    }
+
     pub fn client(&self, url: &str) -> Result<Client> {
         let mut client = Client::new(url)?;
         if let Some(pem) = &self.ca_pem {
@@ -270,6 +278,10 @@ enum Command {
         /// Stop the run phase after this many seconds even if --ops are not done (0 = no limit).
         #[arg(long, default_value_t = 0)]
         duration_secs: u64,
+        /// The generator's HTTP client: raw (one pre-built keep-alive connection per client,
+        /// plain http:// only) or hyper (the full pooled client, as https:// always uses).
+        #[arg(long, default_value = "raw")]
+        generator: bench::Generator,
         #[command(flatten)]
         client: ClientOptions,
     },
@@ -471,10 +483,14 @@ fn init_logging(default: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The load generator runs on one thread: on a small machine the server under test needs
+    // the other cores, and a task waking another thread costs more than the request.
+    let mut builder = if matches!(cli.command, Command::Bench { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -670,6 +686,7 @@ async fn run(cli: Cli) -> Result<()> {
             rate,
             target,
             duration_secs,
+            generator,
             client,
         } => {
             init_logging("warn");
@@ -692,6 +709,7 @@ async fn run(cli: Cli) -> Result<()> {
                 target,
                 duration_secs,
                 client,
+                generator,
             })
             .await
         }

@@ -34,11 +34,13 @@ impl Cluster {
             return self.serve_locally(call, message).await;
         }
         match message {
-            message @ PeerMessage::Gossip(_) => Ok(self.ask_node(from, message).await),
+            // The rare requests' futures are boxed: inline, the largest of them would size
+            // (and make the runtime copy) every replica call's future.
+            message @ PeerMessage::Gossip(_) => Ok(Box::pin(self.ask_node(from, message)).await),
             message @ PeerMessage::JoinRequest { .. } => {
                 // The node checks the join against the key the sender proved.
                 self.hello(from);
-                Ok(self.ask_node(from, message).await)
+                Ok(Box::pin(self.ask_node(from, message)).await)
             }
             message @ PeerMessage::CoordinatePut { .. } => {
                 // A forward that arrives after its forwarder gave up (we were paused, or it
@@ -56,7 +58,7 @@ impl Cluster {
                     Err(refused) => return Ok(*refused.answer),
                 };
                 Ok(
-                    match crate::requests::coordinate(self, op, stamp_ms).await {
+                    match Box::pin(crate::requests::coordinate(self, op, stamp_ms)).await {
                         Ok(object) => PeerMessage::Coordinated {
                             object: object.encode(),
                         },
@@ -79,9 +81,9 @@ impl Cluster {
                 start_after,
                 limit,
             } => {
-                let (keys, next_after) = self
-                    .local_key_page(&bucket, start_after.as_deref(), limit as usize)
-                    .await?;
+                let (keys, next_after) =
+                    Box::pin(self.local_key_page(&bucket, start_after.as_deref(), limit as usize))
+                        .await?;
                 Ok(PeerMessage::KeyPage { keys, next_after })
             }
             other => Ok(PeerMessage::Error(format!(

@@ -257,3 +257,26 @@ async fn gossip_goes_to_the_node_and_stops_with_it() {
         .await;
     assert!(matches!(reply, PeerMessage::Error(_)), "{reply:?}");
 }
+
+/// Every replica call's future is as large as the largest branch of the peer handler, and the
+/// runtime copies it when it spawns and polls it: the rare branches (a forwarded put's whole
+/// coordination, the node's gossip, listings) are boxed so that a replica call's future stays
+/// small. The bounds hold in debug builds, whose futures are the larger.
+#[tokio::test]
+async fn a_replica_calls_future_is_not_sized_by_the_rare_requests() {
+    let cluster = Arc::new(cluster_over(memory(), settled(&["a", "b"])));
+    let from = peer("b");
+    let message = PeerMessage::ListBuckets;
+    let handling = Arc::clone(&cluster).handle_peer(from.clone(), message.clone());
+    let peer_size = std::mem::size_of_val(&handling);
+    drop(handling);
+    let get = crate::requests::get(&cluster, "b", "k", None, None);
+    let get_size = std::mem::size_of_val(&get);
+    drop(get);
+    // Debug build: 3,688 bytes with the rare branches inline, 2,432 boxed.
+    assert!(
+        peer_size <= 3072,
+        "handle_peer's future is {peer_size} bytes"
+    );
+    assert!(get_size <= 3072, "a get's future is {get_size} bytes");
+}
