@@ -651,6 +651,42 @@ struct PhaseReport {
     throughput: f64,
 }
 
+/// Operations due but not yet taken by a task, at most (the schedule waits beyond that; the
+/// operations it then hands out late are measured from their due time all the same).
+const SCHEDULE_QUEUE: usize = 65_536;
+
+/// The open loop's schedule: a thread hands out each operation with its due time
+/// (`started + op / rate`) when it is due. A thread's sleep wakes within tens of µs; the
+/// runtime's timer rounds up to the next millisecond, which made every operation look late
+/// by about a millisecond at low rates.
+fn schedule(
+    started: Instant,
+    rate: f64,
+    total: u64,
+    deadline: Option<Instant>,
+) -> Result<tokio::sync::mpsc::Receiver<(u64, Instant)>> {
+    let (due_ops, receiver) = tokio::sync::mpsc::channel(SCHEDULE_QUEUE);
+    std::thread::Builder::new()
+        .name("bench-schedule".into())
+        .spawn(move || {
+            for op in 0..total {
+                let due = started + Duration::from_secs_f64(op as f64 / rate);
+                if deadline.is_some_and(|d| due >= d) {
+                    break;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if due_ops.blocking_send((op, due)).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the schedule's thread")?;
+    Ok(receiver)
+}
+
 /// Histograms of one task: reads, updates, 503s.
 type TaskHistograms = (
     Histogram<u64>,
@@ -685,6 +721,13 @@ async fn phase(
     });
     let zipfian = Arc::new(Zipfian::new(config.records));
     let started = Instant::now();
+    let schedule = if rate > 0.0 {
+        Some(Arc::new(tokio::sync::Mutex::new(schedule(
+            started, rate, total, deadline,
+        )?)))
+    } else {
+        None
+    };
     let progress = {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
@@ -708,6 +751,7 @@ async fn phase(
         let shared = Arc::clone(&shared);
         let zipfian = Arc::clone(&zipfian);
         let (config, value) = (config.clone(), value.clone());
+        let schedule = schedule.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng =
                 StdRng::seed_from_u64(config.seed ^ (task as u64).wrapping_mul(0x9e37_79b9));
@@ -716,19 +760,22 @@ async fn phase(
             let mut rejected = histogram()?;
             let mut served = histogram()?;
             loop {
-                let op = shared.next_op.fetch_add(1, Ordering::Relaxed);
+                // Open loop: operation `op` is due at `op / rate` seconds and handed out then
+                // by the schedule's thread; its latency counts from then, so time spent
+                // waiting for a free task is measured, not hidden.
+                let (op, due) = match &schedule {
+                    Some(schedule) => match schedule.lock().await.recv().await {
+                        Some(next) => next,
+                        None => break,
+                    },
+                    None => (
+                        shared.next_op.fetch_add(1, Ordering::Relaxed),
+                        Instant::now(),
+                    ),
+                };
                 if op >= total || deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
-                // Open loop: operation `op` is due at `op / rate` seconds; its latency counts
-                // from then, so time spent waiting for a free task is measured, not hidden.
-                let due = if rate > 0.0 {
-                    let due = started + Duration::from_secs_f64(op as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
-                    due
-                } else {
-                    Instant::now()
-                };
                 let (is_read, key) = match phase {
                     Phase::Load => (false, op),
                     Phase::Run => {
@@ -793,4 +840,50 @@ async fn phase(
         elapsed,
         throughput: done as f64 / elapsed.as_secs_f64().max(1e-9),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The open loop's schedule hands out every operation in order, never before it is due,
+    /// with its due time, and nothing due after the deadline.
+    #[tokio::test]
+    async fn the_schedule_hands_out_each_operation_when_due() {
+        let started = Instant::now();
+        let mut due_ops = schedule(started, 2_000.0, 100, None).unwrap();
+        for expect in 0..100u64 {
+            let (op, due) = due_ops.recv().await.unwrap();
+            assert_eq!(op, expect);
+            assert_eq!(due, started + Duration::from_secs_f64(op as f64 / 2_000.0));
+            assert!(Instant::now() >= due, "operation {op} handed out early");
+        }
+        assert!(due_ops.recv().await.is_none());
+        let deadline = Some(started + Duration::from_millis(20));
+        let mut due_ops = schedule(started, 1_000.0, 1_000, deadline).unwrap();
+        let mut handed = 0;
+        while due_ops.recv().await.is_some() {
+            handed += 1;
+        }
+        assert_eq!(
+            handed, 20,
+            "operations due before the 20 ms deadline at 1,000/s"
+        );
+    }
+
+    /// The zipfian generator stays in range and favours a few keys.
+    #[test]
+    fn zipfian_keys_are_in_range_and_skewed() {
+        let zipfian = Zipfian::new(1_000);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = BTreeMap::new();
+        for _ in 0..20_000 {
+            let key = zipfian.next(&mut rng);
+            assert!(key < 1_000);
+            *counts.entry(key).or_insert(0u32) += 1;
+        }
+        let hottest = counts.values().max().copied().unwrap_or(0);
+        assert!(hottest > 1_000, "the hottest key drew {hottest} of 20,000");
+    }
 }
