@@ -108,9 +108,12 @@ URLS=(--url "http://127.0.0.1:$DPORT" --url "http://127.0.0.1:$((DPORT + 1))" --
     --durability fsync >"$OUT/dev3-a-fsync.json"
 "$DYNAKV" bench "${URLS[@]}" "${BENCH_COMMON[@]}" --concurrency 50 --workload w --records "$RECORDS" --ops "$OPS" \
     --skip-load --durability buffered >"$OUT/dev3-w-buffered.json"
+log "one client"
+"$DYNAKV" bench "${URLS[@]}" "${BENCH_COMMON[@]}" --workload a --concurrency 1 --records "$RECORDS" \
+    --ops $((OPS / 10)) --skip-load --durability buffered >"$OUT/dev3-a-one-client.json"
 MAX=$(/usr/bin/python3 -c "import json; print(int(json.load(open('$OUT/dev3-a-buffered.json'))['throughput_ops_per_sec']))")
 log "load sweep (closed-loop max $MAX ops/s)"
-for pct in 20 40 60 80 100 120; do
+for pct in 20 40 50 60 80 100 120; do
     rate=$((MAX * pct / 100))
     "$DYNAKV" bench "${URLS[@]}" "${BENCH_COMMON[@]}" --workload a --concurrency 200 --records "$RECORDS" \
         --ops $((rate * SWEEP_SECS)) --rate "$rate" --skip-load --durability buffered \

@@ -57,6 +57,7 @@ def main():
                   f"{lat if name == 'GET' else '-'} | {lat if name == 'SET' else '-'} | 0 |")
     runs = [
         ("dynakv 3 nodes", "dev, N=3 R=2 W=2, buffered, workload a", "dev3-a-buffered.json"),
+        ("dynakv 3 nodes", "same, one client", "dev3-a-one-client.json"),
         ("dynakv 3 nodes", "same, --client-routing", "dev3-a-routing.json"),
         ("dynakv 3 nodes", "same, fsync per write", "dev3-a-fsync.json"),
         ("dynakv 3 nodes", "buffered, writes only (workload w)", "dev3-w-buffered.json"),
@@ -79,24 +80,7 @@ def main():
     print("vs Redis: ops/s over the mean of Redis SET and GET ops/s from the same run.")
 
     print()
-    print("Targets:")
-    dev = results.get("dev3-a-buffered.json")
-    if dev and redis_ref:
-        ratio = dev["throughput_ops_per_sec"] / redis_ref
-        worst = max(dev["read"].get("p999_ms", 0), dev["update"].get("p999_ms", 0))
-        print(f"- 3-node buffered workload a: {ratio:.0%} of Redis (target 50%), "
-              f"p99.9 {worst:.1f} ms (target 10 ms)")
-    single = results.get("single-memory.json")
-    if single and redis_ref:
-        print(f"- 1 node memory workload a: {single['throughput_ops_per_sec'] / redis_ref:.0%} of Redis (target 70%)")
-    dw, ew = results.get("dev3-w-buffered.json"), results.get("etcd-w.json")
-    if dw and ew:
-        print(f"- writes vs etcd: {dw['throughput_ops_per_sec'] / ew['throughput_ops_per_sec']:.2f}x "
-              f"(target 3x); p99.9 {dw['update']['p999_ms']:.1f} ms vs {ew['update']['p999_ms']:.1f} ms")
-    routed = results.get("dev3-a-routing.json")
-    if dev and routed:
-        print(f"- client routing: {routed['throughput_ops_per_sec']:.0f} vs {dev['throughput_ops_per_sec']:.0f} ops/s; "
-              f"update p99.9 {routed['update']['p999_ms']:.1f} vs {dev['update']['p999_ms']:.1f} ms")
+    targets(out, results, redis_ref)
 
     over = load(os.path.join(out, "overload.json"))
     if over:
@@ -148,6 +132,69 @@ def main():
                   f'{fmt_lat(r.get("read"))} | {fmt_lat(r.get("update"))} |')
 
     plot(out, redis, results, sweep, sizes)
+
+
+def worst_p999(run):
+    """The larger of a run's read and update p99.9, in ms."""
+    return max(run.get(op, {}).get("p999_ms", 0) for op in ("read", "update"))
+
+
+def targets(out, results, redis_ref):
+    """Issue 19's targets, each with what this run measured and whether it was met."""
+    rows = []
+
+    def target(name, measured, met):
+        rows.append((name, measured, "met" if met else "**not met**"))
+
+    dev = results.get("dev3-a-buffered.json")
+    if dev and redis_ref:
+        ratio = dev["throughput_ops_per_sec"] / redis_ref
+        p = worst_p999(dev)
+        target("3 nodes, buffered, workload a, 50 clients: >= 0.3x Redis (goal 0.5x)",
+               f"{ratio:.2f}x", ratio >= 0.3)
+        target("same: p99.9 <= 10 ms", f"{p:.1f} ms", p <= 10)
+    fsync = results.get("dev3-a-fsync.json")
+    if fsync and redis_ref:
+        ratio = fsync["throughput_ops_per_sec"] / redis_ref
+        p = worst_p999(fsync)
+        target("same with fsync'd writes: >= 0.15x Redis", f"{ratio:.2f}x", ratio >= 0.15)
+        target("same with fsync'd writes: p99.9 <= 20 ms", f"{p:.1f} ms", p <= 20)
+    half = load(os.path.join(out, "sweep-50.json"))
+    if half:
+        p = worst_p999(half)
+        target(f"open loop at 50% of the closed-loop maximum ({half['offered_rate']:.0f} ops/s): "
+               "p99.9 <= 5 ms from the due time", f"{p:.1f} ms", p <= 5)
+    if dev and dev.get("server_cpu_us_per_op") is not None:
+        cpu = dev["server_cpu_us_per_op"]
+        gen = dev.get("generator_cpu_us_per_op")
+        gen = f"; generator {gen:.1f} us/op" if gen is not None else ""
+        target("server CPU per operation <= 60 us (3 nodes, buffered, workload a)",
+               f"{cpu:.1f} us/op ({dev.get('server_cores', 0):.2f} cores){gen}", cpu <= 60)
+    one = results.get("dev3-a-one-client.json")
+    if one:
+        get_us = one["read"].get("p50_ms", 0) * 1000
+        put_us = one["update"].get("p50_ms", 0) * 1000
+        target("one client: quorum get p50 <= 150 us", f"{get_us:.0f} us", get_us <= 150)
+        target("one client: quorum put p50 <= 200 us", f"{put_us:.0f} us", put_us <= 200)
+    single = results.get("single-memory.json")
+    if single and redis_ref:
+        ratio = single["throughput_ops_per_sec"] / redis_ref
+        target("one node, memory engine, workload a: >= 0.7x Redis", f"{ratio:.2f}x", ratio >= 0.7)
+    dw, ew = results.get("dev3-w-buffered.json"), results.get("etcd-w.json")
+    if dw and ew:
+        ratio = dw["throughput_ops_per_sec"] / ew["throughput_ops_per_sec"]
+        dp, ep = dw["update"].get("p999_ms", 0), ew["update"].get("p999_ms", 0)
+        target("writes (workload w, 3 nodes) >= 3x etcd's (3 members) at a lower p99.9",
+               f"{ratio:.2f}x; p99.9 {dp:.1f} vs {ep:.1f} ms", ratio >= 3 and dp < ep)
+    routed = results.get("dev3-a-routing.json")
+    print("| Target (issue 19) | Measured | |")
+    print("|---|---|---|")
+    for name, measured, met in rows:
+        print(f"| {name} | {measured} | {met} |")
+    if dev and routed:
+        print()
+        print(f"Client routing: {routed['throughput_ops_per_sec']:.0f} vs {dev['throughput_ops_per_sec']:.0f} "
+              f"ops/s; update p99.9 {routed['update']['p999_ms']:.1f} vs {dev['update']['p999_ms']:.1f} ms")
 
 
 def plot(out, redis, results, sweep, sizes):

@@ -75,6 +75,11 @@ pub struct ServerConfig {
     pub flush_interval_ms: u64,
     /// Block cache of the durable engine, in bytes.
     pub cache_size_bytes: u64,
+    /// Write buffer (memtable) of one table of the durable engine before it is flushed to a
+    /// sorted file, in bytes (default 64 MiB). Each flush, and each compaction, makes fjall
+    /// hold its table's version lock across two fsyncs, stalling every read of the table
+    /// (see BENCHMARKS.md): larger buffers flush less often.
+    pub memtable_size_bytes: u64,
     /// Background threads of the durable engine (memtable flushes and compactions). Default 1:
     /// with two or more, fjall 3.1's first worker hands compaction requests back to the
     /// queue in a loop while another worker compacts, which burned about half of the workers'
@@ -132,6 +137,7 @@ pub struct FileConfig {
     pub flush_interval_ms: Option<u64>,
     pub group_commit_window_ms: Option<u64>,
     pub cache_size_bytes: Option<u64>,
+    pub memtable_size_bytes: Option<u64>,
     pub storage_worker_threads: Option<usize>,
     pub ring_partitions: Option<u32>,
     pub zone: Option<String>,
@@ -183,6 +189,7 @@ impl ServerConfig {
             flush_interval_ms: 100,
             group_commit_window_ms: DEFAULT_GROUP_COMMIT_WINDOW_MS,
             cache_size_bytes: 64 * 1024 * 1024,
+            memtable_size_bytes: 64 * 1024 * 1024,
             storage_worker_threads: 1,
             ring_partitions: limits::DEFAULT_RING_PARTITIONS,
             cluster_name: "dynakv".to_owned(),
@@ -243,6 +250,9 @@ impl ServerConfig {
         }
         if let Some(v) = file.cache_size_bytes {
             self.cache_size_bytes = v;
+        }
+        if let Some(v) = file.memtable_size_bytes {
+            self.memtable_size_bytes = v;
         }
         if let Some(v) = file.storage_worker_threads {
             self.storage_worker_threads = v;
@@ -339,6 +349,9 @@ impl ServerConfig {
         if self.cache_size_bytes < 1024 * 1024 {
             return invalid("cache_size_bytes must be at least 1 MiB".into());
         }
+        if !(1024 * 1024..=1024 * 1024 * 1024).contains(&self.memtable_size_bytes) {
+            return invalid("memtable_size_bytes must be 1 MiB to 1 GiB".into());
+        }
         if !(1..=16).contains(&self.storage_worker_threads) {
             return invalid("storage_worker_threads must be 1 to 16".into());
         }
@@ -407,6 +420,20 @@ mod tests {
         );
         assert!(with_file("storage_worker_threads = 17\n").is_err());
         assert!(with_file("no_such_setting = 1\n").is_err());
+    }
+
+    #[test]
+    fn memtable_size_defaults_to_64_mib_and_is_bounded() {
+        assert_eq!(config().memtable_size_bytes, 64 * 1024 * 1024);
+        let set = with_file("memtable_size_bytes = 2097152\n").unwrap();
+        assert_eq!(set.memtable_size_bytes, 2 * 1024 * 1024);
+        for bad in ["1024", "2147483648"] {
+            let refused = with_file(&format!("memtable_size_bytes = {bad}\n")).unwrap_err();
+            assert!(
+                refused.to_string().contains("memtable_size_bytes"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -142,6 +142,7 @@ fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, ServerError> 
             })?;
             let options = FjallOptions {
                 cache_size_bytes: config.cache_size_bytes,
+                max_memtable_size_bytes: config.memtable_size_bytes,
                 worker_threads: Some(config.storage_worker_threads),
                 ..FjallOptions::default()
             };

@@ -154,6 +154,22 @@ impl RawConnection {
         }
     }
 
+    /// Open the connection now (it is otherwise opened by the first request), so that the
+    /// first request's latency is not the connection's. An error is the first request's too.
+    pub async fn connect(&mut self) -> Result<(), RawError> {
+        if self.stream.is_none() {
+            let addr = self.target.addr;
+            let connecting = tokio::time::timeout(self.timeout, TcpStream::connect(addr));
+            let stream = connecting
+                .await
+                .map_err(|_| RawError::Timeout(self.timeout))?
+                .map_err(|source| RawError::Connect { addr, source })?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.stream = None;
         self.start = 0;
