@@ -393,6 +393,9 @@ pub async fn start_with_http(
             failure.engine_failed(&error, syncs.as_deref());
         }))
     };
+    // The update is needed when the workspace builds the simulator too: feature unification
+    // then gives `NodeConfig` its `sim` field.
+    #[allow(clippy::needless_update)]
     let node_config = dynakv_core::node::NodeConfig {
         // No setting changes the default properties (Riak's `default_bucket_props`).
         props: dynakv_core::bucket::BucketProps::default(),

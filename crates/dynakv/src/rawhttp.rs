@@ -178,14 +178,7 @@ impl RawConnection {
 
     async fn exchange(&mut self) -> Result<u16, RawError> {
         self.answered = false;
-        if self.stream.is_none() {
-            let addr = self.target.addr;
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(|source| RawError::Connect { addr, source })?;
-            stream.set_nodelay(true)?;
-            self.stream = Some(stream);
-        }
+        self.connect().await?;
         let Some(stream) = self.stream.as_mut() else {
             return Err(RawError::Closed);
         };
