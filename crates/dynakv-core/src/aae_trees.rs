@@ -17,7 +17,10 @@
 //! objects, as the trees are.
 //!
 //! Memory: one `MerkleTree` (16 KiB) per partition this node holds keys of; the index lives in
-//! storage.
+//! storage; and the entry hashes of the last [`MAX_RECENT_HASHES`] objects written (a write
+//! XORs the old object's hash out of its leaf, and the old object is most often the one the
+//! previous write of the key stored: its hash is reused when the old bytes have the same
+//! length and CRC-32 as those, instead of hashing them again).
 
 use crate::keys;
 use crate::merkle::{Hash, MerkleTree, entry_hash, leaf_of};
@@ -32,6 +35,13 @@ use std::sync::Arc;
 const REBUILD_SCAN_PAGE: usize = 1000;
 /// Meta key present while the anti-entropy index is complete (written after a rebuild).
 const KEY_INDEX_BUILT: &[u8] = b"aae_index_v1";
+/// Most recently written objects whose entry hash is remembered (about 100 bytes each); the
+/// memo is emptied when it is full.
+pub const MAX_RECENT_HASHES: usize = 65_536;
+
+/// The entry hash of the bytes last written under an object key, and those bytes' length and
+/// CRC-32: the hash is reused only for bytes that match both.
+type RecentHash = (usize, u32, Hash);
 
 /// How the trees were built at startup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +91,8 @@ pub struct AaeTrees {
     partitioning: Ring,
     storage: Arc<dyn Storage>,
     trees: Mutex<HashMap<PartitionId, MerkleTree>>,
+    /// Per object key, the entry hash of the bytes the last write stored.
+    recent: Mutex<HashMap<Vec<u8>, RecentHash>>,
 }
 
 impl AaeTrees {
@@ -90,6 +102,7 @@ impl AaeTrees {
             partitioning,
             storage,
             trees: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
         }
     }
 
@@ -109,8 +122,19 @@ impl AaeTrees {
         let (old_bytes, new_bytes) = (old, new);
         let partition = self.partition_of(bucket, key);
         let leaf = leaf_of(bucket, key);
-        let old = old.map(|o| entry_hash(bucket, key, o));
-        let new = new.map(|n| entry_hash(bucket, key, n));
+        let old = old.map(|o| self.old_entry_hash(storage_key, bucket, key, o));
+        let new = new.map(|n| {
+            let hash = entry_hash(bucket, key, n);
+            let mut recent = self.recent.lock();
+            if recent.len() >= MAX_RECENT_HASHES && !recent.contains_key(storage_key) {
+                recent.clear();
+            }
+            recent.insert(storage_key.to_vec(), (n.len(), crc32fast::hash(n), hash));
+            hash
+        });
+        if new.is_none() {
+            self.recent.lock().remove(storage_key);
+        }
         self.trees
             .lock()
             .entry(partition)
@@ -150,6 +174,17 @@ impl AaeTrees {
             {
                 tracing::error!(%error, "could not clear the anti-entropy index marker");
             }
+        }
+    }
+
+    /// The entry hash of `old`, the bytes stored under `storage_key` before a write: the one
+    /// remembered from the write that stored them when their length and CRC-32 match, else
+    /// computed.
+    fn old_entry_hash(&self, storage_key: &[u8], bucket: &[u8], key: &[u8], old: &[u8]) -> Hash {
+        let remembered = self.recent.lock().get(storage_key).copied();
+        match remembered {
+            Some((len, crc, hash)) if len == old.len() && crc == crc32fast::hash(old) => hash,
+            _ => entry_hash(bucket, key, old),
         }
     }
 
@@ -492,6 +527,46 @@ mod tests {
         assert!(report.from_index);
         assert_eq!(report.entries, 199);
         assert_eq!(all_segments(&trusted), live);
+    }
+
+    /// A write's old object is hashed out of its leaf with the hash remembered from the write
+    /// that stored it, and only when the old bytes are those: bytes that changed under the
+    /// memo (same key, other bytes) are hashed again, so the leaf stays exact; and the memo
+    /// stays bounded.
+    #[test]
+    fn the_old_objects_hash_is_reused_only_for_the_same_bytes() {
+        let storage: Arc<dyn Storage> = Arc::new(MapStorage::default());
+        let trees = AaeTrees::new(ring(), Arc::clone(&storage));
+        let storage_key = keys::object_key(b"b", b"k");
+        let (a, b, c) = (object("a", false), object("b", false), object("c", false));
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "same length: only the CRC tells them apart"
+        );
+        trees.observe(&storage_key, None, Some(&a));
+        // The stored bytes were b, not the a the memo remembers.
+        trees.observe(&storage_key, Some(&b), Some(&c));
+        let mut expected = MerkleTree::new();
+        let leaf = leaf_of(b"b", b"k");
+        let hash = |bytes: &[u8]| entry_hash(b"b", b"k", bytes);
+        expected.update(leaf, None, Some(&hash(&a)));
+        expected.update(leaf, Some(&hash(&b)), Some(&hash(&c)));
+        let partition = trees.partition_of(b"b", b"k");
+        assert_eq!(trees.segments(partition), expected.segments());
+        // The usual case: the old bytes are the last written, and the leaf is exact too.
+        let d = object("d", false);
+        trees.observe(&storage_key, Some(&c), Some(&d));
+        expected.update(leaf, Some(&hash(&c)), Some(&hash(&d)));
+        assert_eq!(trees.segments(partition), expected.segments());
+        trees.observe(&storage_key, Some(&d), None);
+        assert!(!trees.recent.lock().contains_key(storage_key.as_slice()));
+
+        for i in 0..MAX_RECENT_HASHES + 10 {
+            let key = keys::object_key(b"b", format!("k{i}").as_bytes());
+            trees.observe(&key, None, Some(&a));
+        }
+        assert!(trees.recent.lock().len() <= MAX_RECENT_HASHES);
     }
 
     #[test]
