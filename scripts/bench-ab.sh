@@ -11,18 +11,13 @@ read -r -a DEV_EXTRA <<<"${DEV_ARGS:-}"
 BIN=$1
 LABEL=${2:-run}
 WORK=$(mktemp -d)
-PORT=$((20000 + RANDOM % 20000))
-"$BIN" dev --nodes 3 --http-port "$PORT" --data-dir "$WORK/dev" "${DEV_EXTRA[@]}" >"$WORK/dev.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
-for k in 0 1 2; do
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$((PORT + k))/ping" >/dev/null && break
-        sleep 0.2
-    done
-done
+# shellcheck source=lib/ports.sh
+source "$(dirname "$0")/lib/ports.sh"
+PORT=$(free_port 3)
+trap 'kill ${DEV_PID:-} 2>/dev/null; wait ${DEV_PID:-} 2>/dev/null; rm -rf "$WORK"' EXIT
+start_dev "$BIN" "$PORT" "$WORK/dev" "$WORK/dev.log" "${DEV_EXTRA[@]}"
 sleep 3
-URLS=(--url "http://127.0.0.1:$PORT" --url "http://127.0.0.1:$((PORT + 1))" --url "http://127.0.0.1:$((PORT + 2))")
+URLS=("${DEV_URLS[@]}")
 "$BIN" bench "${URLS[@]}" --json --workload a --distribution zipfian --concurrency 50 \
     --value-size 1024 --records 100000 --ops 200000 --durability "$DURABILITY" >"$WORK/a.json"
 "$BIN" bench "${URLS[@]}" --json --workload w --concurrency 50 --value-size 1024 \

@@ -24,17 +24,11 @@ WORK=$(mktemp -d)
 # shellcheck source=lib/ports.sh
 source "$ROOT/scripts/lib/ports.sh"
 PORT=$(free_port 3)
-"$SBIN" dev --nodes 3 --http-port "$PORT" --data-dir "$WORK/dev" >"$WORK/dev.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
-for k in 0 1 2; do
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$((PORT + k))/ping" >/dev/null && break
-        sleep 0.2
-    done
-done
+trap 'kill ${DEV_PID:-} 2>/dev/null; wait ${DEV_PID:-} 2>/dev/null; rm -rf "$WORK"' EXIT
+start_dev "$SBIN" "$PORT" "$WORK/dev" "$WORK/dev.log"
+PID=$DEV_PID
 sleep 2
-URLS=(--url "http://127.0.0.1:$PORT" --url "http://127.0.0.1:$((PORT + 1))" --url "http://127.0.0.1:$((PORT + 2))")
+URLS=("${DEV_URLS[@]}")
 "$GEN" bench "${URLS[@]}" --json --workload a --distribution zipfian --concurrency 50 --value-size 1024 \
     --records 100000 --ops 400000 --durability buffered >"$WORK/a.json" 2>/dev/null &
 BENCH=$!

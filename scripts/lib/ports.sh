@@ -19,3 +19,21 @@ for _ in range(1000):
         for s in socks: s.close()
 PY
 }
+
+# start_dev BIN PORT DATA_DIR LOG [DEV_ARGS...]: a 3-node `dynakv dev` in the background (its
+# pid in DEV_PID), HTTP on PORT..PORT+2; returns once each node answers /ping (or after 20 s).
+# DEV_URLS holds the three nodes' --url arguments for `dynakv bench`.
+start_dev() {
+    local bin=$1 port=$2 dir=$3 log=$4
+    shift 4
+    "$bin" dev --nodes 3 --http-port "$port" --data-dir "$dir" "$@" >"$log" 2>&1 &
+    DEV_PID=$!
+    DEV_URLS=()
+    for k in 0 1 2; do
+        DEV_URLS+=(--url "http://127.0.0.1:$((port + k))")
+        for _ in $(seq 100); do
+            curl -sf "http://127.0.0.1:$((port + k))/ping" >/dev/null && break
+            sleep 0.2
+        done
+    done
+}

@@ -122,19 +122,7 @@ impl AaeTrees {
         let (old_bytes, new_bytes) = (old, new);
         let partition = self.partition_of(bucket, key);
         let leaf = leaf_of(bucket, key);
-        let old = old.map(|o| self.old_entry_hash(storage_key, bucket, key, o));
-        let new = new.map(|n| {
-            let hash = entry_hash(bucket, key, n);
-            let mut recent = self.recent.lock();
-            if recent.len() >= MAX_RECENT_HASHES && !recent.contains_key(storage_key) {
-                recent.clear();
-            }
-            recent.insert(storage_key.to_vec(), (n.len(), crc32fast::hash(n), hash));
-            hash
-        });
-        if new.is_none() {
-            self.recent.lock().remove(storage_key);
-        }
+        let (old, new) = self.entry_hashes(storage_key, (bucket, key), old, new);
         self.trees
             .lock()
             .entry(partition)
@@ -177,15 +165,41 @@ impl AaeTrees {
         }
     }
 
-    /// The entry hash of `old`, the bytes stored under `storage_key` before a write: the one
-    /// remembered from the write that stored them when their length and CRC-32 match, else
-    /// computed.
-    fn old_entry_hash(&self, storage_key: &[u8], bucket: &[u8], key: &[u8], old: &[u8]) -> Hash {
+    /// The entry hashes of a write's old and new bytes. The old one is the hash remembered
+    /// from the write that stored those bytes when their length and CRC-32 match, else
+    /// computed; the new one is remembered for the next write of the key.
+    fn entry_hashes(
+        &self,
+        storage_key: &[u8],
+        (bucket, key): (&[u8], &[u8]),
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> (Option<Hash>, Option<Hash>) {
         let remembered = self.recent.lock().get(storage_key).copied();
-        match remembered {
+        let old = old.map(|old| match remembered {
             Some((len, crc, hash)) if len == old.len() && crc == crc32fast::hash(old) => hash,
             _ => entry_hash(bucket, key, old),
+        });
+        let new = new.map(|new| {
+            (
+                new.len(),
+                crc32fast::hash(new),
+                entry_hash(bucket, key, new),
+            )
+        });
+        let mut recent = self.recent.lock();
+        match new {
+            Some(entry) => {
+                if recent.len() >= MAX_RECENT_HASHES && !recent.contains_key(storage_key) {
+                    recent.clear();
+                }
+                recent.insert(storage_key.to_vec(), entry);
+            }
+            None => {
+                recent.remove(storage_key);
+            }
         }
+        (old, new.map(|(_, _, hash)| hash))
     }
 
     /// The keys (bucket, key, entry hash) under the given leaves of a partition, in leaf order,

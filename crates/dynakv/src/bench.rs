@@ -188,6 +188,18 @@ enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    /// The outcome of an answer with this status (`None`: no answer).
+    fn of(status: Option<u16>) -> Outcome {
+        match status {
+            // A read of a key that is not there yet is an answer, not a failure.
+            Some(status) if (200..300).contains(&status) || status == 404 => Outcome::Ok,
+            Some(503) => Outcome::Unavailable,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
 /// One task's way to the system under test: its own raw connection, or a shared client.
 #[derive(Debug)]
 enum TaskSender {
@@ -214,22 +226,14 @@ impl TaskSender {
                 } else {
                     conn.request("PUT", &path, OCTETS, value).await
                 };
-                match answer {
-                    Ok(status) if (200..300).contains(&status) || status == 404 => Outcome::Ok,
-                    Ok(503) => Outcome::Unavailable,
-                    _ => Outcome::Failed,
-                }
+                Outcome::of(answer.ok())
             }
             TaskSender::Raw(conn, Target::Etcd) => {
                 let (path, body) = etcd_request(bucket, key, value, is_read);
                 let answer = conn
                     .request("POST", path, JSON, body.to_string().as_bytes())
                     .await;
-                match answer {
-                    Ok(status) if (200..300).contains(&status) => Outcome::Ok,
-                    Ok(503) => Outcome::Unavailable,
-                    _ => Outcome::Failed,
-                }
+                Outcome::of(answer.ok())
             }
             TaskSender::Shared(sender) => sender.execute(bucket, key, value, is_read).await,
         }
@@ -291,12 +295,7 @@ impl Sender {
                     .await
             }
         };
-        match answer {
-            // A read of a key that is not there yet is an answer, not a failure.
-            Ok((status, _, _)) if status.is_success() || status == 404 => Outcome::Ok,
-            Ok((status, _, _)) if status == 503 => Outcome::Unavailable,
-            _ => Outcome::Failed,
-        }
+        Outcome::of(answer.ok().map(|(status, _, _)| status.as_u16()))
     }
 }
 
