@@ -404,3 +404,36 @@ async fn a_props_change_past_the_custom_bucket_limit_is_refused_where_it_is_rece
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     node.stop().await;
 }
+
+/// HTTP/1.1 pipelining (issue 19): requests written at once on one connection, a write then
+/// reads of it and of a missing key, are each served, in order, with nothing lost between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let node = start(|_| {}, HttpLimits::default()).await;
+    let addr = node.addr;
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let put = "PUT /buckets/p/keys/k HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n\
+                   Content-Length: 5\r\n\r\nhello";
+        let get = "GET /buckets/p/keys/k HTTP/1.1\r\nHost: x\r\n\r\n";
+        let missing = "GET /buckets/p/keys/none HTTP/1.1\r\nHost: x\r\n\r\n";
+        let last = "GET /buckets/p/keys/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let batch = [put, get, missing, last].concat();
+        stream.write_all(batch.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).unwrap();
+        String::from_utf8_lossy(&all).into_owned()
+    })
+    .await
+    .unwrap();
+    let statuses: Vec<&str> = answers
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answers[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["204", "200", "404", "200"], "{answers}");
+    assert_eq!(answers.matches("hello").count(), 2, "{answers}");
+    node.stop().await;
+}

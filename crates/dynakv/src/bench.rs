@@ -19,7 +19,7 @@
 //! once) and of the generator itself (`/proc/self/stat`), divided by the operations done, and
 //! as cores used over the run, so a reader sees how the machine was shared.
 
-use crate::rawhttp::{RawConnection, RawTarget};
+use crate::rawhttp::{RawConnection, RawRequest, RawTarget};
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use dynakv_client::Client;
@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 const MAX_LATENCY_US: u64 = 60_000_000;
 /// Most concurrent client tasks.
 const MAX_CONCURRENCY: usize = 4096;
+/// Most requests a bench client pipelines at once.
+const MAX_PIPELINE: usize = 256;
 /// YCSB's zipfian constant.
 const ZIPFIAN_THETA: f64 = 0.99;
 
@@ -124,6 +126,8 @@ pub struct BenchConfig {
     pub client: crate::ClientSettings,
     /// The HTTP client of the generator.
     pub generator: Generator,
+    /// Requests each client writes at once before reading their responses (1 = none).
+    pub pipeline: usize,
 }
 
 /// The load generator's HTTP client.
@@ -383,6 +387,24 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     }
     if config.client_routing && config.target != Target::Dynakv {
         bail!("--client-routing works with --target dynakv only");
+    }
+    if config.pipeline == 0 || config.pipeline > MAX_PIPELINE {
+        bail!("--pipeline must be from 1 to {MAX_PIPELINE}");
+    }
+    if config.pipeline > 1
+        && (config.rate > 0.0
+            || config.target != Target::Dynakv
+            || config.generator != Generator::Raw
+            || config.client_routing
+            || config
+                .urls
+                .iter()
+                .any(|u| RawTarget::from_url(u, None).is_none()))
+    {
+        bail!(
+            "--pipeline works in a closed loop (--rate 0) against plain http://IP:PORT dynakv \
+             nodes with the raw generator and no --client-routing"
+        );
     }
     let clients: Vec<Client> = config
         .urls
@@ -694,6 +716,101 @@ type TaskHistograms = (
     Histogram<u64>,
 );
 
+/// The next operation of a task: a read or not, and its key.
+fn choose(
+    config: &BenchConfig,
+    phase: Phase,
+    zipfian: &Zipfian,
+    rng: &mut StdRng,
+    op: u64,
+) -> (bool, u64) {
+    match phase {
+        Phase::Load => (false, op),
+        Phase::Run => {
+            let key = match config.distribution {
+                Distribution::Uniform => rng.random_range(0..config.records),
+                Distribution::Zipfian => zipfian.next(rng),
+            };
+            (rng.random::<f64>() < config.workload.read_fraction(), key)
+        }
+    }
+}
+
+/// One task's histograms.
+struct Recorder {
+    read: Histogram<u64>,
+    update: Histogram<u64>,
+    rejected: Histogram<u64>,
+    served: Histogram<u64>,
+}
+
+impl Recorder {
+    /// Count one answered operation, due at `due` and sent at `sent`.
+    fn record(
+        &mut self,
+        outcome: Outcome,
+        is_read: bool,
+        due: Instant,
+        sent: Instant,
+        shared: &Shared,
+    ) {
+        let us = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if !matches!(outcome, Outcome::Unavailable) {
+            let service = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.served
+                .saturating_record(service.clamp(1, MAX_LATENCY_US));
+        }
+        let h = match outcome {
+            Outcome::Unavailable => &mut self.rejected,
+            _ if is_read => &mut self.read,
+            _ => &mut self.update,
+        };
+        h.saturating_record(us.clamp(1, MAX_LATENCY_US));
+        shared.done.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Unavailable => {
+                shared.unavailable.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Failed => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Send a batch of operations pipelined on one connection; each operation's latency is the
+/// batch's, from its write to the last response (as redis-benchmark -P counts).
+async fn send_pipelined(
+    conn: &mut RawConnection,
+    bucket: &str,
+    value: &Bytes,
+    batch: &[(bool, String)],
+    hs: &mut Recorder,
+    shared: &Shared,
+) {
+    let paths: Vec<String> = batch
+        .iter()
+        .map(|(_, key)| format!("/buckets/{bucket}/keys/{key}"))
+        .collect();
+    let requests: Vec<RawRequest<'_>> = batch
+        .iter()
+        .zip(&paths)
+        .map(|((is_read, _), path)| RawRequest {
+            method: if *is_read { "GET" } else { "PUT" },
+            path,
+            headers: if *is_read { &[] } else { OCTETS },
+            body: if *is_read { b"" } else { value },
+        })
+        .collect();
+    let sent = Instant::now();
+    let statuses = conn.pipeline(&requests).await.map(<[u16]>::to_vec);
+    for (i, (is_read, _)) in batch.iter().enumerate() {
+        let status = statuses.as_ref().ok().and_then(|s| s.get(i).copied());
+        hs.record(Outcome::of(status), *is_read, sent, sent, shared);
+    }
+}
+
 async fn phase(
     config: &BenchConfig,
     senders: &[Sender],
@@ -768,7 +885,16 @@ async fn phase(
         tasks.push(tokio::spawn(async move {
             let mut rng =
                 StdRng::seed_from_u64(config.seed ^ (task as u64).wrapping_mul(0x9e37_79b9));
-            let (mut read, mut update, mut rejected, mut served) = histograms;
+            let (read, update, rejected, served) = histograms;
+            let mut hs = Recorder {
+                read,
+                update,
+                rejected,
+                served,
+            };
+            let pipelined =
+                config.pipeline > 1 && matches!(sender, TaskSender::Raw(_, Target::Dynakv));
+            let mut batch: Vec<(bool, String)> = Vec::with_capacity(config.pipeline);
             loop {
                 // Open loop: operation `op` is due at `op / rate` seconds and handed out then
                 // by the schedule's thread; its latency counts from then, so time spent
@@ -786,43 +912,33 @@ async fn phase(
                 if op >= total || deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
-                let (is_read, key) = match phase {
-                    Phase::Load => (false, op),
-                    Phase::Run => {
-                        let key = match config.distribution {
-                            Distribution::Uniform => rng.random_range(0..config.records),
-                            Distribution::Zipfian => zipfian.next(&mut rng),
-                        };
-                        (rng.random::<f64>() < config.workload.read_fraction(), key)
+                let (is_read, key) = choose(&config, phase, &zipfian, &mut rng, op);
+                if pipelined {
+                    batch.push((is_read, key_name(key)));
+                    // The batch goes when full or when the ops run out (checked next turn).
+                    let last = shared.next_op.load(Ordering::Relaxed) >= total;
+                    if batch.len() < config.pipeline && !last {
+                        continue;
                     }
-                };
+                    if let TaskSender::Raw(conn, _) = &mut sender {
+                        send_pipelined(conn, &config.bucket, &value, &batch, &mut hs, &shared)
+                            .await;
+                    }
+                    batch.clear();
+                    continue;
+                }
                 let sent = Instant::now();
                 let outcome = sender
                     .execute(&config.bucket, &key_name(key), &value, is_read)
                     .await;
-                let us = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
-                if !matches!(outcome, Outcome::Unavailable) {
-                    let service = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    served.saturating_record(service.clamp(1, MAX_LATENCY_US));
-                }
-                let h = match outcome {
-                    Outcome::Unavailable => &mut rejected,
-                    _ if is_read => &mut read,
-                    _ => &mut update,
-                };
-                h.saturating_record(us.clamp(1, MAX_LATENCY_US));
-                shared.done.fetch_add(1, Ordering::Relaxed);
-                match outcome {
-                    Outcome::Ok => {}
-                    Outcome::Unavailable => {
-                        shared.unavailable.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Outcome::Failed => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                hs.record(outcome, is_read, due, sent, &shared);
             }
-            anyhow::Ok::<TaskHistograms>((read, update, rejected, served))
+            if let TaskSender::Raw(conn, _) = &mut sender
+                && !batch.is_empty()
+            {
+                send_pipelined(conn, &config.bucket, &value, &batch, &mut hs, &shared).await;
+            }
+            anyhow::Ok::<TaskHistograms>((hs.read, hs.update, hs.rejected, hs.served))
         }));
     }
     let mut read = histogram()?;

@@ -282,6 +282,10 @@ enum Command {
         /// plain http:// only) or hyper (the full pooled client, as https:// always uses).
         #[arg(long, default_value = "raw")]
         generator: bench::Generator,
+        /// HTTP/1.1 pipelining: each client writes this many requests at once and then reads
+        /// their responses (closed loop, raw generator, dynakv target; 1 = no pipelining).
+        #[arg(long, default_value_t = 1)]
+        pipeline: usize,
         #[command(flatten)]
         client: ClientOptions,
     },
@@ -687,6 +691,7 @@ async fn run(cli: Cli) -> Result<()> {
             target,
             duration_secs,
             generator,
+            pipeline,
             client,
         } => {
             init_logging("warn");
@@ -710,6 +715,7 @@ async fn run(cli: Cli) -> Result<()> {
                 duration_secs,
                 client,
                 generator,
+                pipeline,
             })
             .await
         }

@@ -81,6 +81,17 @@ pub struct RawConnection {
     end: usize,
     /// Some byte of the current response arrived.
     answered: bool,
+    /// The statuses of the responses read by the last send.
+    statuses: Vec<u16>,
+}
+
+/// One request of a pipelined batch.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
 }
 
 /// Where a response's body ends.
@@ -100,6 +111,7 @@ impl RawConnection {
             start: 0,
             end: 0,
             answered: false,
+            statuses: Vec::new(),
         }
     }
 
@@ -113,6 +125,25 @@ impl RawConnection {
         body: &[u8],
     ) -> Result<u16, RawError> {
         self.out.clear();
+        self.push_request(method, path, headers, body);
+        self.statuses.clear();
+        self.send(1).await?;
+        self.statuses.first().copied().ok_or(RawError::Closed)
+    }
+
+    /// HTTP/1.1 pipelining: send every request of `batch` in one write, then read their
+    /// responses in order; the statuses, one per request. The time limit is the batch's.
+    pub async fn pipeline(&mut self, batch: &[RawRequest<'_>]) -> Result<&[u16], RawError> {
+        self.out.clear();
+        for r in batch {
+            self.push_request(r.method, r.path, r.headers, r.body);
+        }
+        self.statuses.clear();
+        self.send(batch.len()).await?;
+        Ok(&self.statuses)
+    }
+
+    fn push_request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
         self.out.extend_from_slice(method.as_bytes());
         self.out.push(b' ');
         self.out.extend_from_slice(path.as_bytes());
@@ -131,18 +162,24 @@ impl RawConnection {
         }
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(body);
+    }
+
+    /// Write `out` and read `count` responses into `statuses`, retrying once on a connection
+    /// the server had closed while idle (no byte of any answer arrived).
+    async fn send(&mut self, count: usize) -> Result<(), RawError> {
         let timeout = self.timeout;
         let reused = self.stream.is_some();
-        let first = tokio::time::timeout(timeout, self.exchange()).await;
+        let first = tokio::time::timeout(timeout, self.exchange(count)).await;
         let outcome = match first {
             Ok(Err(RawError::Closed)) if reused && !self.answered => {
                 self.reset();
-                tokio::time::timeout(timeout, self.exchange()).await
+                self.statuses.clear();
+                tokio::time::timeout(timeout, self.exchange(count)).await
             }
             other => other,
         };
         match outcome {
-            Ok(Ok(status)) => Ok(status),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 self.reset();
                 Err(e)
@@ -176,7 +213,7 @@ impl RawConnection {
         self.end = 0;
     }
 
-    async fn exchange(&mut self) -> Result<u16, RawError> {
+    async fn exchange(&mut self, count: usize) -> Result<(), RawError> {
         self.answered = false;
         self.connect().await?;
         let Some(stream) = self.stream.as_mut() else {
@@ -190,24 +227,31 @@ impl RawConnection {
                 _ => RawError::Io(e),
             });
         }
-        let (status, length, close) = loop {
-            if let Some(head) = parse_head(&self.buf[self.start..self.end])? {
-                self.start += head.len;
-                if (100..200).contains(&head.status) {
-                    continue;
+        for answer in 0..count {
+            let (status, length, close) = loop {
+                if let Some(head) = parse_head(&self.buf[self.start..self.end])? {
+                    self.start += head.len;
+                    if (100..200).contains(&head.status) {
+                        continue;
+                    }
+                    break (head.status, head.body, head.close);
                 }
-                break (head.status, head.body, head.close);
+                self.fill().await?;
+            };
+            match length {
+                BodyLength::Fixed(n) => self.skip(n).await?,
+                BodyLength::Chunked => self.skip_chunks().await?,
             }
-            self.fill().await?;
-        };
-        match length {
-            BodyLength::Fixed(n) => self.skip(n).await?,
-            BodyLength::Chunked => self.skip_chunks().await?,
+            self.statuses.push(status);
+            if close {
+                self.reset();
+                // The server will not answer the rest of the batch on this connection.
+                if answer + 1 < count {
+                    return Err(RawError::Malformed("connection closed inside a pipeline"));
+                }
+            }
         }
-        if close {
-            self.reset();
-        }
-        Ok(status)
+        Ok(())
     }
 
     /// Read more bytes after `end`, making room first; `Closed` at end of stream.
@@ -488,6 +532,63 @@ mod tests {
         let error = conn.request("GET", "/", &[], b"").await.unwrap_err();
         assert!(matches!(error, RawError::Timeout(_)), "{error}");
         hold.abort();
+    }
+
+    /// A server that reads until it has seen `requests` request heads, then writes `answer`.
+    async fn batch_server(requests: usize, answer: &'static [u8]) -> RawTarget {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while seen.windows(4).filter(|w| *w == b"\r\n\r\n").count() < requests {
+                let n = socket.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            socket.write_all(answer).await.unwrap();
+            // Hold the connection open: the client must not wait for a close.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        RawTarget::from_url(&format!("http://{addr}"), None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pipeline_reads_every_response_in_order() {
+        let get = RawRequest {
+            method: "GET",
+            path: "/k",
+            headers: &[],
+            body: b"",
+        };
+        let put = RawRequest {
+            method: "PUT",
+            body: b"v",
+            ..get
+        };
+        let target = batch_server(
+            3,
+            b"HTTP/1.1 204 No Content\r\n\r\n\
+              HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nv\r\n0\r\n\r\n\
+              HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\nno",
+        )
+        .await;
+        let mut conn = RawConnection::new(target, Duration::from_secs(5));
+        let statuses = conn.pipeline(&[put, get, get]).await.unwrap();
+        assert_eq!(statuses, [204, 200, 404]);
+        // A server that closes the connection in the middle of a pipeline: an error, not a
+        // wait for answers that will not come.
+        let target = batch_server(
+            2,
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let mut conn = RawConnection::new(target, Duration::from_secs(5));
+        let error = conn.pipeline(&[get, get]).await.unwrap_err();
+        assert!(error.to_string().contains("inside a pipeline"), "{error}");
     }
 
     #[test]
