@@ -8,8 +8,14 @@ def _namedtuple(*a, **k):
     return _nt(*a, **k)
 collections.namedtuple = _namedtuple
 import sys, riak
-port = int(sys.argv[1]) if len(sys.argv) > 1 else 8098
-c = riak.RiakClient(protocol='http', host='127.0.0.1', http_port=port)
+# Usage: riak_python_client_check.py [http|pbc] PORT [PORT...]  (one node per port)
+args = sys.argv[1:]
+protocol = args.pop(0) if args and args[0] in ('http', 'pbc') else 'http'
+ports = [int(p) for p in args] or [8098]
+port_field = 'http_port' if protocol == 'http' else 'pb_port'
+c = riak.RiakClient(protocol=protocol,
+                    nodes=[{'host': '127.0.0.1', port_field: p} for p in ports])
+print("protocol", protocol, "nodes", ports)
 assert c.ping(), "ping"
 print("ping ok")
 b = c.bucket('pyclient')

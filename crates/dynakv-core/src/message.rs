@@ -113,6 +113,8 @@ pub enum WirePrecondition {
     None,
     Absent,
     Matches(String),
+    /// `encode_clock` bytes of the context the stored object must still have.
+    Unmodified(#[serde(with = "raw_bytes")] Vec<u8>),
 }
 
 impl From<crate::replica::Precondition> for WirePrecondition {
@@ -122,18 +124,30 @@ impl From<crate::replica::Precondition> for WirePrecondition {
             Precondition::None => WirePrecondition::None,
             Precondition::Absent => WirePrecondition::Absent,
             Precondition::Matches(vtag) => WirePrecondition::Matches(vtag),
+            Precondition::Unmodified(clock) => {
+                let mut writer = crate::codec::Writer::default();
+                crate::object::encode_clock(&mut writer, &clock);
+                WirePrecondition::Unmodified(writer.buf)
+            }
         }
     }
 }
 
-impl From<WirePrecondition> for crate::replica::Precondition {
-    fn from(precondition: WirePrecondition) -> Self {
+impl WirePrecondition {
+    /// The precondition a peer sent; an `Unmodified` context that does not decode is an error.
+    pub fn decode(self) -> Result<crate::replica::Precondition, crate::codec::DecodeError> {
         use crate::replica::Precondition;
-        match precondition {
+        Ok(match self {
             WirePrecondition::None => Precondition::None,
             WirePrecondition::Absent => Precondition::Absent,
             WirePrecondition::Matches(vtag) => Precondition::Matches(vtag),
-        }
+            WirePrecondition::Unmodified(bytes) => {
+                let mut reader = crate::codec::Reader::new(&bytes);
+                let clock = crate::object::decode_clock(&mut reader)?;
+                reader.finish()?;
+                Precondition::Unmodified(clock)
+            }
+        })
     }
 }
 

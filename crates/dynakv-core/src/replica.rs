@@ -72,6 +72,9 @@ pub enum Precondition {
     Absent,
     /// Only write when the key holds exactly one live sibling with this vtag.
     Matches(String),
+    /// Only write when the key's causal context is exactly this one: nothing was written
+    /// since the client read it (Riak PB's `if_not_modified`).
+    Unmodified(VersionVector),
 }
 
 /// A write to apply.
@@ -365,6 +368,13 @@ impl Replica {
                 if !matches {
                     return Err(ReplicaError::Precondition(
                         "the stored value does not match If-Match",
+                    ));
+                }
+            }
+            Precondition::Unmodified(context) => {
+                if stored.clock() != context {
+                    return Err(ReplicaError::Precondition(
+                        "the object was modified since the given vclock was read",
                     ));
                 }
             }
@@ -818,6 +828,46 @@ mod tests {
         let second = replica(&storage, 7);
         let after = dot_of(&blind_put(&second, "k", b"after restart"));
         assert!(after.counter > other.counter, "{after:?} after {other:?}");
+    }
+
+    /// `Unmodified` (PB's `if_not_modified`): a write with the context of the stored object
+    /// goes through; one whose context is stale (another write came between) is refused and
+    /// changes nothing. A context that travels between nodes comes back the same.
+    #[test]
+    fn an_unmodified_precondition_refuses_a_write_after_another() {
+        let storage = Arc::new(MapStorage::default());
+        let replica = replica(&storage, 7);
+        let first = blind_put(&replica, "k", b"one");
+        let conditional = |context: &VersionVector, value: &[u8]| {
+            replica.write(WriteRequest {
+                context: Some(context.clone()),
+                precondition: Precondition::Unmodified(context.clone()),
+                ..write_of("k", value, Durability::Fsync)
+            })
+        };
+        let second = conditional(first.clock(), b"two").unwrap();
+        let refused = conditional(first.clock(), b"three").unwrap_err();
+        assert!(
+            matches!(refused, ReplicaError::Precondition(_)),
+            "{refused}"
+        );
+        let stored = blind_put(&replica, "other", b"x");
+        assert_ne!(stored.clock(), second.clock());
+        let now = replica.get("b", "k").unwrap().unwrap();
+        let values: Vec<&[u8]> = now
+            .live_siblings()
+            .map(|s| s.content.value.as_slice())
+            .collect();
+        assert_eq!(values, [b"two".as_slice()]);
+        let wire = crate::message::WirePrecondition::from(Precondition::Unmodified(
+            second.clock().clone(),
+        ));
+        assert_eq!(
+            wire.decode().unwrap(),
+            Precondition::Unmodified(second.clock().clone())
+        );
+        let garbage = crate::message::WirePrecondition::Unmodified(vec![0xff; 3]);
+        assert!(garbage.decode().is_err());
     }
 
     /// A storage whose `sync` waits until the test opens a gate, after saying it started.

@@ -212,6 +212,10 @@ pub fn accept_forwarded(
         Ok(context) => context,
         Err(e) => return Err(refused(PeerMessage::Error(e.to_string()), false)),
     };
+    let precondition = match precondition.decode() {
+        Ok(precondition) => precondition,
+        Err(e) => return Err(refused(PeerMessage::Error(e.to_string()), false)),
+    };
     let op = PutOp {
         bucket,
         key,
@@ -220,7 +224,7 @@ pub fn accept_forwarded(
         w: w.map(Quorum::Count),
         pw: pw.map(Quorum::Count),
         dw_given,
-        precondition: precondition.into(),
+        precondition,
     };
     // Stamped with when the client's put arrived, on this node's clock.
     Ok((op, sent_ms))

@@ -298,13 +298,28 @@ pub async fn check(
     let Some((user, password)) = basic_credentials(headers) else {
         return Err(Refusal::Unauthenticated("no Basic credentials".to_owned()));
     };
-    match security.source_for(&user, connection.remote_addr.ip()) {
-        SourceCheck::Trust => {}
+    authenticate(security, cache, connection, &user, &password).await?;
+    permit(security, &user, needed)
+}
+
+/// Check `user`'s credentials against the source that applies to the connection's address
+/// (trust, password or certificate): the one rule of the HTTP and PB ports.
+pub async fn authenticate(
+    security: &SecurityState,
+    cache: &AuthCache,
+    connection: &ClientConnection,
+    user: &str,
+    password: &str,
+) -> Result<(), Refusal> {
+    match security.source_for(user, connection.remote_addr.ip()) {
+        SourceCheck::Trust => Ok(()),
         SourceCheck::Password(stored) => {
-            if !cache.check(&user, &password, stored).await {
-                return Err(Refusal::Unauthenticated(format!(
+            if cache.check(user, password, stored).await {
+                Ok(())
+            } else {
+                Err(Refusal::Unauthenticated(format!(
                     "wrong password for {user:?}"
-                )));
+                )))
             }
         }
         SourceCheck::Certificate => {
@@ -313,10 +328,15 @@ pub async fn check(
                     "no client certificate for {user:?}"
                 )));
             };
-            certificate_names_user(der, &user).map_err(Refusal::Unauthenticated)?;
+            certificate_names_user(der, user).map_err(Refusal::Unauthenticated)
         }
-        SourceCheck::Refuse(reason) => return Err(Refusal::Unauthenticated(reason)),
+        SourceCheck::Refuse(reason) => Err(Refusal::Unauthenticated(reason)),
     }
+}
+
+/// Whether an authenticated `user` may make a request that needs `needed`.
+pub fn permit(security: &SecurityState, user: &str, needed: Required) -> Result<(), Refusal> {
+    let user = user.to_owned();
     match needed {
         Required::Nothing | Required::Authenticated => Ok(()),
         Required::Permission(permission, bucket) => {

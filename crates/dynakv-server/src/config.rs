@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// Peer transport address (used by the cluster protocol).
     pub peer_addr: SocketAddr,
+    /// Riak's Protocol Buffers API address (`None`: not served).
+    pub pb_addr: Option<SocketAddr>,
     /// Where the node keeps its data and identity.
     pub data_dir: PathBuf,
     /// A peer of an existing cluster to join.
@@ -127,6 +129,7 @@ pub struct ServerConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    pub pb_addr: Option<SocketAddr>,
     pub insecure: Option<bool>,
     pub allowed_origins: Option<Vec<String>>,
     pub cluster_secret_file: Option<PathBuf>,
@@ -177,6 +180,7 @@ impl ServerConfig {
             name: name.to_owned(),
             http_addr,
             peer_addr,
+            pb_addr: None,
             data_dir,
             join: None,
             cluster_secret_file: None,
@@ -221,6 +225,9 @@ impl ServerConfig {
             Some(dir) if v.is_relative() => dir.join(v),
             _ => v,
         };
+        if let Some(v) = file.pb_addr {
+            self.pb_addr = Some(v);
+        }
         if let Some(v) = file.insecure {
             self.insecure = v;
         }

@@ -44,6 +44,8 @@ pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a request's body may take to arrive in full once its head has (at 1 MiB, the
 /// default largest value, a client must send at least ~35 KB/s).
 pub const HTTP_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A PB connection with no request for this long is closed (clients' pools reconnect).
+pub const PB_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most client HTTP connections one node holds open at once (the cap may be lower: see
 /// [`OPEN_FILE_SHARE_DIVISOR`]). Connections past it are refused.
 pub const MAX_HTTP_CONNECTIONS: usize = 16_384;
@@ -93,6 +95,9 @@ pub struct HttpLimits {
     /// is refused with 403. Clients that are not browsers send no `Origin` and are not
     /// affected.
     pub allowed_origins: Vec<String>,
+    /// See [`PB_IDLE_TIMEOUT`]; a PB frame's body, once its length arrived, must arrive
+    /// within `body_read_timeout`.
+    pub pb_idle_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -104,6 +109,7 @@ impl Default for HttpLimits {
             request_body_budget_bytes: MAX_REQUEST_BODY_BYTES_IN_FLIGHT,
             response_budget_bytes: MAX_RESPONSE_BYTES_IN_FLIGHT,
             allowed_origins: Vec::new(),
+            pb_idle_timeout: PB_IDLE_TIMEOUT,
         }
     }
 }

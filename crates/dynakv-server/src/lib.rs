@@ -15,6 +15,7 @@ pub mod http_serve;
 pub mod identity;
 pub mod link;
 pub mod load_limit;
+pub mod pb;
 pub mod replica;
 pub mod requests;
 pub mod secrets;
@@ -106,6 +107,8 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     /// The address the peer transport listens on.
     pub peer_addr: SocketAddr,
+    /// The address Riak's PB API listens on, if it was asked for.
+    pub pb_addr: Option<SocketAddr>,
     pub name: String,
     pub cluster: Arc<Cluster>,
     shutdown: Arc<watch::Sender<bool>>,
@@ -219,6 +222,7 @@ pub async fn start_with_http(
         })?;
     let http_addr = listener.local_addr()?;
     let peer_addr = peer_listener.local_addr()?;
+    let (pb_listener, pb_addr) = pb::bind(config.pb_addr).await?;
     let me = NodeId(identity.name.clone());
     let persisted = view::load_persisted(storage.as_ref()).map_err(cluster_error)?;
     let (cluster_secret, node_key) = {
@@ -258,7 +262,8 @@ pub async fn start_with_http(
             .map_err(|e| ServerError::Internal(e.to_string()))?;
         (state, true)
     };
-    if !config.insecure && !http_addr.ip().is_loopback() && !state.security.enabled() {
+    let public = !http_addr.ip().is_loopback() || pb_addr.is_some_and(|a| !a.ip().is_loopback());
+    if !config.insecure && public && !state.security.enabled() {
         return Err(ServerError::Config(config::ConfigError::Invalid(format!(
             "the client port {http_addr} is reachable from other hosts and this cluster's \
              security is disabled: anyone who reaches it could read, write and reconfigure \
@@ -447,7 +452,7 @@ pub async fn start_with_http(
     if identity.new_generation {
         tracing::warn!(actor = %identity.actor, "the last run did not stop cleanly: this node writes under a new causal identity");
     }
-    tracing::info!(node = %config.name, http = %http_addr, tls = tls.is_some(), peer = %peer_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
+    tracing::info!(node = %config.name, http = %http_addr, tls = tls.is_some(), peer = %peer_addr, pb = ?pb_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let limits = tokio::spawn(limit_loop(Arc::clone(&state.limiter), shutdown_rx.clone()));
     let admission = tokio::spawn(admission_loop(
         Arc::clone(&cluster),
@@ -465,6 +470,14 @@ pub async fn start_with_http(
         stats: Arc::clone(&state.stats),
         failure,
     };
+    let pb_task = pb_listener.map(|l| {
+        tokio::spawn(pb::serve(
+            l,
+            Arc::clone(&state),
+            tls.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
     let task = tokio::spawn(serve(
         listener,
         tls,
@@ -472,11 +485,15 @@ pub async fn start_with_http(
         storage,
         flusher,
         shutdown_rx,
-        vec![peer_task, admission, limits],
+        [peer_task, admission, limits]
+            .into_iter()
+            .chain(pb_task)
+            .collect(),
     ));
     Ok(RunningServer {
         http_addr,
         peer_addr,
+        pb_addr,
         name: config.name,
         cluster,
         shutdown: shutdown_tx,
@@ -572,6 +589,7 @@ pub async fn supervise(
     let mut config = config;
     config.http_addr = server.http_addr;
     config.peer_addr = server.peer_addr;
+    config.pb_addr = server.pb_addr;
     let mut delay = RESTART_DELAY_MIN;
     loop {
         let started = std::time::Instant::now();

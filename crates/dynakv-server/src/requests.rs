@@ -99,6 +99,49 @@ pub async fn put(cluster: &Arc<Cluster>, op: PutOp, now_ms: u64) -> Result<Objec
     Driver::new(cluster, Machine::Put(machine)).run(steps).await
 }
 
+/// The quorums of a client's delete (`None`: the bucket's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeleteQuorums {
+    pub r: Option<Quorum>,
+    pub pr: Option<Quorum>,
+    pub w: Option<Quorum>,
+    pub pw: Option<Quorum>,
+    pub dw_given: bool,
+}
+
+/// A client's delete of `bucket/key` (HTTP and PB): a quorum read, then a tombstone written
+/// with the client's context, or without one with the context of what the replicas hold now
+/// (as Riak does). `Ok(false)`: there was nothing live to delete, and nothing was written.
+pub async fn delete(
+    cluster: &Arc<Cluster>,
+    (bucket, key): (String, String),
+    context: Option<dynakv_core::version::VersionVector>,
+    quorums: DeleteQuorums,
+) -> Result<bool, RequestError> {
+    let existing = get(cluster, &bucket, &key, quorums.r, quorums.pr).await?;
+    if existing.is_deleted() {
+        return Ok(false);
+    }
+    let context = context.unwrap_or_else(|| existing.clock().clone());
+    let op = PutOp {
+        bucket,
+        key,
+        context: Some(context),
+        content: dynakv_core::message::WireContent {
+            value: Vec::new(),
+            content_type: String::new(),
+            meta: Vec::new(),
+            deleted: true,
+        },
+        w: quorums.w,
+        pw: quorums.pw,
+        dw_given: quorums.dw_given,
+        precondition: dynakv_core::replica::Precondition::None,
+    };
+    put(cluster, op, cluster.now_ms()).await?;
+    Ok(true)
+}
+
 /// Whether to coordinate a put a peer forwarded here: the core's `accept_forwarded` at this
 /// node's wall clock.
 pub fn accept_forwarded(

@@ -145,6 +145,10 @@ enum Command {
         /// Address of the peer transport.
         #[arg(long, default_value = "127.0.0.1:9098")]
         peer: SocketAddr,
+        /// Address of Riak's Protocol Buffers API (Riak's port is 8087, e.g.
+        /// 127.0.0.1:8087); not served unless given here or as pb_addr in --config.
+        #[arg(long, value_name = "ADDR")]
+        pb: Option<SocketAddr>,
         /// Directory for the node's data.
         #[arg(long)]
         data_dir: PathBuf,
@@ -181,12 +185,16 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         tls_client_ca: Option<PathBuf>,
     },
-    /// Run a local cluster in this process; node i serves HTTP on P+i-1 and peers on P+1000+i-1.
+    /// Run a local cluster in this process; node i serves HTTP on P+i-1, peers on P+1000+i-1
+    /// and Riak's PB API on --pb-port + i-1.
     Dev {
         #[arg(long, default_value_t = 3)]
         nodes: u16,
         #[arg(long, default_value_t = 8098)]
         http_port: u16,
+        /// First node's PB port (0: no PB API).
+        #[arg(long, default_value_t = 8087)]
+        pb_port: u16,
         #[arg(long, default_value = "dynakv-data")]
         data_dir: PathBuf,
         #[arg(long, default_value = "disk")]
@@ -516,6 +524,7 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             http,
             peer,
+            pb,
             data_dir,
             join,
             cluster_secret_file,
@@ -539,6 +548,9 @@ async fn run(cli: Cli) -> Result<()> {
                 server_config.storage = storage;
             }
             server_config.join = join;
+            if pb.is_some() {
+                server_config.pb_addr = pb;
+            }
             if let Some(file) = cluster_secret_file {
                 server_config.cluster_secret_file = Some(file);
             }
@@ -569,12 +581,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dev {
             nodes,
             http_port,
+            pb_port,
             data_dir,
             storage,
             runtime,
         } => {
             init_logging("info,fjall=warn,lsm_tree=warn");
-            dev(nodes, http_port, data_dir, (storage, runtime)).await
+            dev(nodes, (http_port, pb_port), data_dir, (storage, runtime)).await
         }
         Command::Get {
             bucket,
@@ -779,6 +792,7 @@ struct DevNode {
     name: String,
     http_addr: SocketAddr,
     peer_addr: SocketAddr,
+    pb_addr: Option<SocketAddr>,
     cluster: std::sync::Arc<dynakv_server::view::Cluster>,
     /// How its supervision ended (after `stopped` turned true, or a failure it cannot fix).
     done: tokio::sync::oneshot::Receiver<Result<(), dynakv_server::ServerError>>,
@@ -799,8 +813,7 @@ async fn start_dev_node(
             Ok(server) => {
                 let started = (
                     server.name.clone(),
-                    server.http_addr,
-                    server.peer_addr,
+                    (server.http_addr, server.peer_addr, server.pb_addr),
                     std::sync::Arc::clone(&server.cluster),
                 );
                 let _ = started_tx.send(Ok(started));
@@ -826,12 +839,13 @@ async fn start_dev_node(
                 .context("starting a node's thread")?;
         }
     }
-    let (name, http_addr, peer_addr, cluster) =
+    let (name, (http_addr, peer_addr, pb_addr), cluster) =
         started_rx.await.context("the node's task ended")??;
     Ok(DevNode {
         name,
         http_addr,
         peer_addr,
+        pb_addr,
         cluster,
         done,
     })
@@ -839,7 +853,7 @@ async fn start_dev_node(
 
 async fn dev(
     nodes: u16,
-    http_port: u16,
+    (http_port, pb_port): (u16, u16),
     data_dir: PathBuf,
     (storage, runtime): (StorageKind, DevRuntime),
 ) -> Result<()> {
@@ -862,6 +876,12 @@ async fn dev(
             data_dir.join(&name),
         );
         config.storage = storage;
+        if pb_port != 0 {
+            let port = pb_port
+                .checked_add(i - 1)
+                .context("--pb-port too high for that many nodes")?;
+            config.pb_addr = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
         config.join = servers.first().map(|first| first.peer_addr);
         if i > 1 {
             // dev1 founded the cluster and made its secret; the others are given a copy.
@@ -892,7 +912,10 @@ async fn dev(
     }
     println!("dynakv dev cluster: {} node(s)", servers.len());
     for server in &servers {
-        println!("  {}  http://{}", server.name, server.http_addr);
+        match server.pb_addr {
+            Some(pb) => println!("  {}  http://{}  pb {pb}", server.name, server.http_addr),
+            None => println!("  {}  http://{}", server.name, server.http_addr),
+        }
     }
     println!("data in {}; press Ctrl-C to stop", data_dir.display());
     signals.wait().await;

@@ -69,6 +69,20 @@ pub struct HttpGuards {
 }
 
 impl HttpGuards {
+    /// Reserve `bytes` of the request-body budget for a PB frame being read, or say why not.
+    pub(crate) fn reserve_request_body(
+        &self,
+        bytes: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+        self.request_bodies.try_take(bytes).map_err(|_| {
+            format!(
+                "overloaded: request bodies being received and served on this node hold their \
+                 budget of {} bytes; retry later",
+                self.limits.request_body_budget_bytes
+            )
+        })
+    }
+
     pub fn new(limits: HttpLimits) -> Self {
         HttpGuards {
             request_bodies: ByteBudget::new(limits.request_body_budget_bytes),
@@ -138,6 +152,10 @@ impl ApiError {
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// The one-line reason (what a PB client is told).
+    pub(crate) fn into_message(self) -> String {
+        self.message
     }
     /// 503 with `Retry-After: 1`: refused for a load that passes.
     fn overloaded(message: impl Into<String>) -> Self {
@@ -543,14 +561,7 @@ fn parse_options(
                         "invalid {name} {value:?}: expected a number or one, quorum, all, default"
                     ))
                 })?;
-                if let Quorum::Count(count) = quorum
-                    && count > props.n_val
-                {
-                    return Err(ApiError::bad_request(format!(
-                        "{name}={count} is more than the bucket's n_val {}",
-                        props.n_val
-                    )));
-                }
+                let quorum = check_quorum(name, quorum, props).map_err(ApiError::bad_request)?;
                 match name.as_str() {
                     "dw" => {
                         options.dw_given = !matches!(quorum, Quorum::Count(0) | Quorum::Default);
@@ -586,6 +597,24 @@ fn parse_options(
     Ok(options)
 }
 
+/// A request's quorum `name` against the bucket: a count may not exceed its n_val (HTTP's
+/// and PB's rule).
+pub(crate) fn check_quorum(
+    name: &str,
+    quorum: Quorum,
+    props: &BucketProps,
+) -> Result<Quorum, String> {
+    if let Quorum::Count(count) = quorum
+        && count > props.n_val
+    {
+        return Err(format!(
+            "{name}={count} is more than the bucket's n_val {}",
+            props.n_val
+        ));
+    }
+    Ok(quorum)
+}
+
 fn header_text(value: &HeaderValue, what: &str) -> Result<String, ApiError> {
     value
         .to_str()
@@ -604,7 +633,7 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response 
 
 mod admin;
 mod listings;
-mod objects;
+pub(crate) mod objects;
 mod props;
 use admin::{
     admin_aae, admin_handoffs, admin_join, admin_leave, admin_members, admin_replica, admin_ring,

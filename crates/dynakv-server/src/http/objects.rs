@@ -156,7 +156,7 @@ pub(super) const MULTIPART_PART_OVERHEAD_BYTES: usize = 256;
 
 /// Reserve `bytes` of the node's response budget (`response_budget_bytes`) for a response
 /// being built and sent, or refuse it with 503 (a clear reason, `Retry-After`).
-pub(super) fn reserve_response(
+pub(crate) fn reserve_response(
     state: &ApiState,
     bytes: usize,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
@@ -304,7 +304,7 @@ pub(super) fn display_header_name(name: &str) -> String {
     }
 }
 
-pub(super) fn random_token(len: usize) -> String {
+pub(crate) fn random_token(len: usize) -> String {
     const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     (0..len)
         .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
@@ -430,14 +430,21 @@ pub(super) fn user_meta(headers: &HeaderMap) -> Result<Vec<(String, String)>, Ap
             meta.push((meta_name.to_owned(), value));
         }
     }
-    if meta.len() > limits::MAX_META_ENTRIES || bytes > limits::MAX_META_BYTES {
-        return Err(ApiError::bad_request(format!(
+    check_user_meta(meta.len(), bytes).map_err(ApiError::bad_request)?;
+    Ok(meta)
+}
+
+/// The bounds on an object's user metadata (`entries` pairs of `bytes` names and values in
+/// all), the same over HTTP and PB.
+pub(crate) fn check_user_meta(entries: usize, bytes: usize) -> Result<(), String> {
+    if entries > limits::MAX_META_ENTRIES || bytes > limits::MAX_META_BYTES {
+        return Err(format!(
             "too much user metadata (at most {} entries and {} bytes)",
             limits::MAX_META_ENTRIES,
             limits::MAX_META_BYTES
-        )));
+        ));
     }
-    Ok(meta)
+    Ok(())
 }
 
 pub(super) fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
@@ -586,29 +593,15 @@ pub(super) async fn delete_inner(
     let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
-    let existing =
-        crate::requests::get(&state.cluster, &bucket, &key, options.r, options.pr).await?;
-    if existing.is_deleted() {
-        return Ok(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
-    }
-    // Without a context, delete what the replicas hold now (as Riak does).
-    let context = context.unwrap_or_else(|| existing.clock().clone());
-    let now = state.cluster.now_ms();
-    let op = PutOp {
-        bucket,
-        key,
-        context: Some(context),
-        content: WireContent {
-            value: Vec::new(),
-            content_type: String::new(),
-            meta: Vec::new(),
-            deleted: true,
-        },
+    let quorums = crate::requests::DeleteQuorums {
+        r: options.r,
+        pr: options.pr,
         w: options.w,
         pw: options.pw,
         dw_given: options.dw_given,
-        precondition: Precondition::None,
     };
-    crate::requests::put(&state.cluster, op, now).await?;
+    if !crate::requests::delete(&state.cluster, (bucket, key), context, quorums).await? {
+        return Ok(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
