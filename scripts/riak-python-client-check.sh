@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Runs Basho's Riak Python client (PyPI package `riak`, its HTTP transport) unchanged against a
-# dynakv node: ping, store/fetch JSON, siblings and their resolution, user metadata,
-# server-made keys, delete, key and bucket listing, bucket properties, preflist.
+# Runs Basho's Riak Python client (PyPI package `riak`, unchanged) against a 3-node
+# `dynakv dev` cluster, once over its HTTP transport and once over Protocol Buffers: ping,
+# store/fetch JSON, siblings and their resolution, user metadata, server-made keys, delete,
+# key and bucket listing, bucket properties, preflist.
 # The client predates Python 3.10; scripts/riak_python_client_check.py shims the stdlib names
 # it imports (collections.Iterable, namedtuple(verbose=)), not the protocol.
-# Usage: scripts/riak-python-client-check.sh   (builds the release binary, uses port 18500)
+# Usage: scripts/riak-python-client-check.sh   (builds the release binary; free 127.0.0.1 ports)
+# Exit status 3: the client could not be installed (no route to PyPI); anything else non-zero
+# is a failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=lib/ports.sh
+source scripts/lib/ports.sh
 cargo build --release -q -p dynakv
 VENV=${VENV:-target/riak-venv}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q riak
+if ! { [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"; } ||
+    ! "$VENV/bin/pip" install -q riak; then
+    echo "cannot install the riak client from PyPI" >&2
+    exit 3
+fi
 DATA=$(mktemp -d)
-target/release/dynakv dev --nodes 1 --http-port 18500 --data-dir "$DATA" >"$DATA/dev.log" 2>&1 &
-DEV=$!
-trap 'kill -INT $DEV 2>/dev/null; wait $DEV 2>/dev/null; rm -rf "$DATA"' EXIT
-for _ in $(seq 100); do curl -sf http://127.0.0.1:18500/ping >/dev/null && break; sleep 0.1; done
-"$VENV/bin/python" scripts/riak_python_client_check.py 18500
+HTTP=$(free_port 3)
+PB=$(free_port 3)
+trap 'kill -INT ${DEV_PID:-} 2>/dev/null; wait ${DEV_PID:-} 2>/dev/null; rm -rf "$DATA"' EXIT
+start_dev target/release/dynakv "$HTTP" "$DATA/dev" "$DATA/dev.log" --pb-port "$PB"
+for _ in $(seq 300); do grep -q 'press Ctrl-C' "$DATA/dev.log" && break; sleep 0.2; done
+"$VENV/bin/python" scripts/riak_python_client_check.py http "$HTTP" $((HTTP + 1)) $((HTTP + 2))
+"$VENV/bin/python" scripts/riak_python_client_check.py pbc "$PB" $((PB + 1)) $((PB + 2))

@@ -18,7 +18,8 @@ c = riak.RiakClient(protocol=protocol,
 print("protocol", protocol, "nodes", ports)
 assert c.ping(), "ping"
 print("ping ok")
-b = c.bucket('pyclient')
+name = 'pyclient-' + protocol
+b = c.bucket(name)
 o = b.new('k1', data={'a': 1})
 o.store()
 print("stored", o.key, o.vclock is not None)
@@ -54,7 +55,7 @@ print("deleted")
 keys = sorted(b.get_keys())
 assert 'meta' in keys and 'sib' in keys and 'k1' not in keys, keys
 print("keys", keys)
-assert 'pyclient' in [x.name for x in c.get_buckets()]
+assert name in [x.name for x in c.get_buckets()]
 print("buckets ok")
 assert b.get_property('n_val') == 3
 print("props ok")
