@@ -94,7 +94,8 @@ kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 # --- dynakv: 3-node dev cluster, durable engine --------------------------------------
 log "dynakv dev, 3 nodes"
 DPORT=$(free_port 3)
-"$DYNAKV" dev --nodes 3 --http-port "$DPORT" --data-dir "$WORK/dev" >"$WORK/dev.log" 2>&1 &
+"$DYNAKV" dev --nodes 3 --http-port "$DPORT" --pb-port $((DPORT + 2000)) --data-dir "$WORK/dev" \
+    >"$WORK/dev.log" 2>&1 &
 DEV_PID=$!
 PIDS+=($DEV_PID)
 for k in 0 1 2; do wait_http "http://127.0.0.1:$((DPORT + k))/ping"; done

@@ -2,7 +2,7 @@
 # Runs Basho's Riak Python client (PyPI package `riak`, unchanged) against a 3-node
 # `dynakv dev` cluster, once over its HTTP transport and once over Protocol Buffers: ping,
 # store/fetch JSON, siblings and their resolution, user metadata, server-made keys, delete,
-# key and bucket listing, bucket properties, preflist.
+# key and bucket listing, bucket properties, bucket types, preflist.
 # The client predates Python 3.10; scripts/riak_python_client_check.py shims the stdlib names
 # it imports (collections.Iterable, namedtuple(verbose=)), not the protocol.
 # Usage: scripts/riak-python-client-check.sh   (builds the release binary; free 127.0.0.1 ports)
@@ -21,9 +21,26 @@ if ! { [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"; } ||
 fi
 DATA=$(mktemp -d)
 HTTP=$(free_port 3)
-PB=$(free_port 3)
+PB=$((HTTP + 2000))
 trap 'kill -INT ${DEV_PID:-} 2>/dev/null; wait ${DEV_PID:-} 2>/dev/null; rm -rf "$DATA"' EXIT
-start_dev target/release/dynakv "$HTTP" "$DATA/dev" "$DATA/dev.log" --pb-port "$PB"
+start_dev target/release/dynakv "$HTTP" "$DATA/dev" "$DATA/dev.log"
 for _ in $(seq 300); do grep -q 'press Ctrl-C' "$DATA/dev.log" && break; sleep 0.2; done
+# A bucket type for the check, activated once every member has it (as `riak admin
+# bucket-type` is used).
+target/release/dynakv admin --url "http://127.0.0.1:$HTTP" bucket-type create pytype \
+    '{"props":{"n_val":2,"allow_mult":false}}' >/dev/null
+for _ in $(seq 100); do
+    target/release/dynakv admin --url "http://127.0.0.1:$HTTP" bucket-type activate pytype \
+        >/dev/null 2>&1 && break
+    sleep 0.2
+done
+# Activation spreads by gossip: wait until every node serves the type.
+for k in 0 1 2; do
+    for _ in $(seq 100); do
+        target/release/dynakv admin --url "http://127.0.0.1:$((HTTP + k))" bucket-type status \
+            pytype 2>/dev/null | grep -q '"active": true' && break
+        sleep 0.2
+    done
+done
 "$VENV/bin/python" scripts/riak_python_client_check.py http "$HTTP" $((HTTP + 1)) $((HTTP + 2))
 "$VENV/bin/python" scripts/riak_python_client_check.py pbc "$PB" $((PB + 1)) $((PB + 2))

@@ -59,5 +59,20 @@ assert name in [x.name for x in c.get_buckets()]
 print("buckets ok")
 assert b.get_property('n_val') == 3
 print("props ok")
+# bucket types: `pytype` was created (n_val 2, allow_mult false) and activated by the
+# shell script; a bucket of it is not the default type's bucket of the same name
+t = c.bucket_type('pytype')
+tprops = t.get_properties()
+assert tprops['n_val'] == 2 and tprops['allow_mult'] is False, tprops
+tb = t.bucket(name)
+o = tb.new('typed', data='in a type', content_type='text/plain'); o.store()
+assert tb.get('typed').data == 'in a type'
+assert not b.get('typed').exists
+assert name in [x.name for x in t.get_buckets()]
+assert sorted(tb.get_keys()) == ['typed'], tb.get_keys()
+assert tb.get_property('n_val') == 2
+t.set_property('r', 1)
+assert t.get_property('r') == 1, t.get_property('r')
+print("bucket types ok")
 print("preflist", b.get_preflist('meta') if hasattr(b, 'get_preflist') else 'n/a')
 print("OK: every step passed")

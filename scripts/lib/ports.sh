@@ -1,13 +1,13 @@
 # Sourced by the benchmark scripts.
-# free_port [SPAN]: a free 127.0.0.1 port, or, with SPAN > 1, a base port P with P+k and
-# P+1000+k free for k < SPAN (the layout of `dynakv dev` and of a local cluster's peers).
+# free_port [SPAN]: a free 127.0.0.1 port, or, with SPAN > 1, a base port P with P+k,
+# P+1000+k and P+2000+k free for k < SPAN (the layout of `dynakv dev`: HTTP, peers, PB).
 free_port() {
     /usr/bin/python3 - "$@" <<'PY'
 import random, socket, sys
 span = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 for _ in range(1000):
     base = random.randint(20000, 39000)
-    ports = [base + k for k in range(span)] + ([base + 1000 + k for k in range(span)] if span > 1 else [])
+    ports = [base + k for k in range(span)] + ([base + o + k for o in (1000, 2000) for k in range(span)] if span > 1 else [])
     socks = []
     try:
         for p in ports:
@@ -26,7 +26,8 @@ PY
 start_dev() {
     local bin=$1 port=$2 dir=$3 log=$4
     shift 4
-    "$bin" dev --nodes 3 --http-port "$port" --data-dir "$dir" "$@" >"$log" 2>&1 &
+    "$bin" dev --nodes 3 --http-port "$port" --pb-port $((port + 2000)) --data-dir "$dir" "$@" \
+        >"$log" 2>&1 &
     DEV_PID=$!
     DEV_URLS=()
     for k in 0 1 2; do

@@ -317,6 +317,8 @@ pub fn set_props(
 #[derive(Debug, Default)]
 pub struct PropsCache {
     parsed: std::collections::HashMap<String, (u64, BucketProps)>,
+    /// Bucket types' properties, by the type entry's timestamp.
+    types: std::collections::HashMap<String, (u64, BucketProps)>,
 }
 
 impl PropsCache {
@@ -330,7 +332,16 @@ impl PropsCache {
         defaults: &BucketProps,
     ) -> Option<BucketProps> {
         let Some(entry) = state.bucket_props.get(bucket) else {
-            return Some(defaults.clone());
+            let (bucket_type, _) = crate::bucket_types::split_bucket(bucket);
+            if bucket_type == crate::bucket_types::DEFAULT_TYPE {
+                return Some(defaults.clone());
+            }
+            // A bucket of a type, without properties of its own: the type's.
+            let entry = state.bucket_types.get(bucket_type)?;
+            return match self.types.get(bucket_type) {
+                Some((ts, props)) if *ts == entry.timestamp_ms => Some(props.clone()),
+                _ => None,
+            };
         };
         match self.parsed.get(bucket) {
             Some((ts, props)) if *ts == entry.timestamp_ms => Some(props.clone()),
@@ -349,6 +360,21 @@ impl PropsCache {
         if let Some(props) = self.cached(state, bucket, defaults) {
             return props;
         }
+        // A bucket of a type inherits the type's properties (a type not known here: the
+        // defaults; requests check the type is active before they get here).
+        let (bucket_type, _) = crate::bucket_types::split_bucket(bucket);
+        let defaults = &match state.bucket_types.get(bucket_type) {
+            Some(entry) => {
+                let props = crate::bucket_types::parse(bucket_type, entry, defaults);
+                if self.types.len() >= limits::MAX_PARSED_PROPS {
+                    self.types.clear();
+                }
+                self.types
+                    .insert(bucket_type.to_owned(), (entry.timestamp_ms, props.clone()));
+                props
+            }
+            None => defaults.clone(),
+        };
         let Some(entry) = state.bucket_props.get(bucket) else {
             return defaults.clone();
         };

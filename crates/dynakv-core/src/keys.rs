@@ -17,6 +17,8 @@ pub enum NameError {
     EmptyKey,
     #[error("key is longer than {} bytes", limits::MAX_KEY_BYTES)]
     KeyTooLong,
+    #[error("bucket name contains the NUL character (reserved for bucket types)")]
+    BucketHasNul,
 }
 
 /// Check a bucket name.
@@ -26,6 +28,11 @@ pub fn check_bucket(bucket: &[u8]) -> Result<(), NameError> {
     }
     if bucket.len() > limits::MAX_BUCKET_BYTES {
         return Err(NameError::BucketTooLong);
+    }
+    // A bucket of a type other than default is stored as `NUL type NUL bucket`
+    // (`bucket_types::internal_bucket`): no name a client gives may look like one.
+    if bucket.contains(&0) {
+        return Err(NameError::BucketHasNul);
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod aae_run;
 pub mod aae_trees;
 pub mod anti_entropy;
 pub mod bucket;
+pub mod bucket_types;
 pub mod codec;
 pub mod context;
 pub mod coordinator;

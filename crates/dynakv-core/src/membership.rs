@@ -133,6 +133,9 @@ pub struct ClusterState {
     /// Users, sources and grants (absent in states written before security).
     #[serde(default)]
     pub security: crate::security::SecurityState,
+    /// Bucket types (absent in states written before types).
+    #[serde(default)]
+    pub bucket_types: BTreeMap<String, crate::bucket_types::BucketTypeEntry>,
 }
 
 /// The format of the persisted cluster state this version writes (see
@@ -232,12 +235,14 @@ impl ClusterState {
             handoffs_done,
             bucket_props,
             security,
+            bucket_types,
         } = self;
         *cluster_name == other.cluster_name
             && *ring == other.ring
             && *handoffs_done == other.handoffs_done
             && *bucket_props == other.bucket_props
             && *security == other.security
+            && *bucket_types == other.bucket_types
             && members.len() == other.members.len()
             && members
                 .values()
@@ -331,6 +336,7 @@ impl ClusterState {
             handoffs_done: BTreeSet::new(),
             bucket_props: BTreeMap::new(),
             security: crate::security::SecurityState::default(),
+            bucket_types: BTreeMap::new(),
         })
     }
 
@@ -365,6 +371,7 @@ impl ClusterState {
         let transition = self.ring.transition;
         self.handoffs_done.retain(|(t, _)| *t >= transition);
         self.security.merge(&other.security);
+        crate::bucket_types::merge(&mut self.bucket_types, &other.bucket_types);
         for (bucket, theirs) in &other.bucket_props {
             match self.bucket_props.get_mut(bucket) {
                 None => {

@@ -182,12 +182,26 @@ pub enum Required {
 /// The permission a request needs, from its method and path (Riak's new-style, bucket-type
 /// and old-style paths). Anything not recognised needs `admin` (fail closed).
 pub fn required(method: &Method, path: &str) -> Required {
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
+    // `/types/T/...`: the bucket of a grant is the type's bucket (its internal name).
+    let (bucket_type, path) = match path.strip_prefix("/types/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((t, rest)) => (Some(t), &path[path.len() - rest.len() - 1..]),
+            None => (Some(rest), "/"),
+        },
+        None => (None, path),
     };
-    let path = path.strip_prefix("/types/default").unwrap_or(path);
+    let decode = |s: &str| {
+        let bucket = percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned();
+        match bucket_type {
+            Some(t) => {
+                let t = percent_encoding::percent_decode_str(t).decode_utf8_lossy();
+                dynakv_core::bucket_types::internal_bucket(&t, &bucket)
+            }
+            None => bucket,
+        }
+    };
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let write = |bucket: &str| {
         let permission = if method == Method::DELETE {

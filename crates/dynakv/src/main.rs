@@ -327,6 +327,23 @@ enum AdminCommand {
     /// Client security, as Riak's `riak-admin security` (users, sources, grants).
     #[command(subcommand)]
     Security(SecurityCommand),
+    /// Bucket types, as Riak's `riak admin bucket-type`.
+    #[command(subcommand)]
+    BucketType(BucketTypeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BucketTypeCommand {
+    /// Create a type: `create maps '{"props":{"n_val":3}}'` (then activate it).
+    Create { name: String, props: Option<String> },
+    /// Serve buckets of a created type (once every member knows it: see `status`).
+    Activate { name: String },
+    /// Change a type's properties: `update maps '{"props":{"r":1}}'`.
+    Update { name: String, props: String },
+    /// A type's status (created, ready to activate, active) and properties.
+    Status { name: String },
+    /// Every type.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -391,6 +408,46 @@ fn password_option(options: &[String]) -> Result<Option<String>> {
         }
     }
     Ok(password)
+}
+
+async fn bucket_type_command(
+    client: &Client,
+    command: BucketTypeCommand,
+) -> Result<serde_json::Value> {
+    let path = |name: &str| {
+        format!(
+            "/admin/bucket-types/{}",
+            percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+        )
+    };
+    // The props argument is Riak's `{"props":{...}}`; the node checks it.
+    let body = |props: Option<String>| props.unwrap_or_else(|| r#"{"props":{}}"#.to_owned());
+    Ok(match command {
+        BucketTypeCommand::Create { name, props } => {
+            client.post_json(&path(&name), &body(props)).await?
+        }
+        BucketTypeCommand::Activate { name } => {
+            client
+                .post_json(&format!("{}/activate", path(&name)), "{}")
+                .await?
+        }
+        BucketTypeCommand::Update { name, props } => {
+            let (status, _, answer) = client
+                .request(
+                    hyper::Method::PUT,
+                    &path(&name),
+                    &[("content-type", "application/json")],
+                    bytes::Bytes::from(props),
+                )
+                .await?;
+            if status != hyper::StatusCode::OK {
+                bail!("{status}: {}", String::from_utf8_lossy(&answer).trim_end());
+            }
+            serde_json::from_slice(&answer)?
+        }
+        BucketTypeCommand::Status { name } => client.get_json(&path(&name)).await?,
+        BucketTypeCommand::List => client.get_json("/admin/bucket-types").await?,
+    })
 }
 
 async fn security_command(client: &Client, command: SecurityCommand) -> Result<serde_json::Value> {
@@ -751,6 +808,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 AdminCommand::Leave => client.post_json("/admin/leave", "{}").await?,
                 AdminCommand::Security(command) => security_command(&client, command).await?,
+                AdminCommand::BucketType(command) => bucket_type_command(&client, command).await?,
             };
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(())

@@ -873,6 +873,8 @@ fn dev_runs_three_nodes() {
             "3",
             "--http-port",
             &base.to_string(),
+            "--pb-port",
+            &(base + 2000).to_string(),
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
@@ -898,6 +900,8 @@ fn dev_runs_three_nodes() {
             vec![
                 format!("dev{}", i + 1),
                 format!("http://127.0.0.1:{}", base + i),
+                "pb".to_owned(),
+                format!("127.0.0.1:{}", base + 2000 + i),
             ]
         })
         .collect();
@@ -926,6 +930,16 @@ fn dev_runs_three_nodes() {
         .collect();
     let r = put_kv(&urls[0], "dev", "k", "hello", None, None).unwrap();
     assert_eq!(r.status, 204, "{}", r.summary());
+    // Each node answers Riak's PB ping on its PB port.
+    for i in 0..3u16 {
+        use std::io::{Read as _, Write as _};
+        let mut pb = std::net::TcpStream::connect(("127.0.0.1", base + 2000 + i)).unwrap();
+        pb.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        pb.write_all(&[0, 0, 0, 1, 1]).unwrap();
+        let mut answer = [0u8; 5];
+        pb.read_exact(&mut answer).unwrap();
+        assert_eq!(answer, [0, 0, 0, 1, 2], "PB ping of dev{}", i + 1);
+    }
     for url in &urls[1..] {
         let r = get_kv(url, "dev", "k", None).unwrap();
         assert_eq!(

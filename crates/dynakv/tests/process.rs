@@ -269,6 +269,8 @@ fn dev_starts_a_node_and_refuses_reuse_by_another_name() {
             "1",
             "--http-port",
             &port.to_string(),
+            "--pb-port",
+            "0",
             "--data-dir",
         ])
         .arg(dir.path())

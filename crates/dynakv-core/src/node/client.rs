@@ -48,6 +48,23 @@ impl Node {
                     };
                 self.outputs.push(Output::Reply { id, result });
             }
+            ClientOp::BucketType(change) => {
+                let defaults = self.config.props.clone();
+                let result = match crate::bucket_types::apply(
+                    &mut self.cluster,
+                    change,
+                    &self.me,
+                    self.wall_ms,
+                    &defaults,
+                ) {
+                    Ok(()) => ClientResult::Done,
+                    Err(e) => ClientResult::Failed {
+                        status: e.status(),
+                        message: e.to_string(),
+                    },
+                };
+                self.outputs.push(Output::Reply { id, result });
+            }
             ClientOp::Leave => {
                 let result = match self.request_leave() {
                     Ok(()) => ClientResult::Done,

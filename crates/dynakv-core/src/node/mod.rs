@@ -304,6 +304,9 @@ pub enum ClientOp {
     /// Change the security state (users, sources, grants, enabled), all or nothing, stamped
     /// with this node's wall clock; gossip spreads it. A refused change answers 400.
     Security(crate::security::SecurityChange),
+    /// Create, activate or update a bucket type (`bucket_types::apply`), stamped with this
+    /// node's wall clock; gossip spreads it.
+    BucketType(crate::bucket_types::TypeChange),
     /// Every live key of a bucket across the ring's nodes, deduplicated, in key order,
     /// answered in pages (`ClientResult::Keys`, the last with `last`).
     ListKeys {

@@ -95,6 +95,9 @@ impl Node {
         }
         self.handoff_round(now);
         self.cleanup_round(now);
+        // This node has the bucket types its state holds: say so (activation waits for every
+        // member's mark).
+        crate::bucket_types::acknowledge(&mut self.cluster, &self.me);
         let rng = &mut self.rng;
         let Some((peer, body)) = gossip::start_round(&mut self.cluster, &self.me, |n| rng.index(n))
         else {

@@ -86,8 +86,13 @@ pub(super) fn tokio_stream<T: Send + 'static>(
 
 pub(super) async fn list_buckets(
     State(state): State<AppState>,
+    params: RawPathParams,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    let bucket_type = match params.iter().find(|(name, _)| *name == "type") {
+        Some(_) => super::path_param(&params, "type")?,
+        None => dynakv_core::bucket_types::DEFAULT_TYPE.to_owned(),
+    };
     match query.get("buckets").map(String::as_str) {
         Some("true" | "stream") => {}
         _ => {
@@ -97,6 +102,7 @@ pub(super) async fn list_buckets(
         }
     }
     let buckets = crate::requests::list_buckets(&state.cluster).await?;
+    let buckets = dynakv_core::bucket_types::buckets_of(&bucket_type, buckets);
     Ok(json_response(
         StatusCode::OK,
         &json!({ "buckets": buckets }),

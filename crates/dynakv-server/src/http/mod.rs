@@ -282,7 +282,16 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/leave", axum::routing::post(admin_leave))
         .route("/admin/replica/{bucket}/{key}", get(admin_replica))
         .merge(crate::security_api::routes())
-        .nest("/types/default", buckets.clone())
+        .merge(types::routes())
+        .nest(
+            "/types/{type}",
+            buckets
+                .clone()
+                .route_layer(axum::middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    types::require_active_type,
+                )),
+        )
         .merge(buckets)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -505,10 +514,35 @@ fn path_param(params: &RawPathParams, name: &str) -> Result<String, ApiError> {
     decode_segment(raw, name)
 }
 
+/// The request's bucket: under `/types/{type}/...` the internal name of the type's bucket
+/// (`require_active_type` checked the type), else the bucket's own name.
 fn bucket_param(params: &RawPathParams) -> Result<String, ApiError> {
     let bucket = path_param(params, "bucket")?;
     keys::check_bucket(bucket.as_bytes()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(bucket)
+    match params.iter().find(|(name, _)| *name == "type") {
+        Some(_) => {
+            let bucket_type = path_param(params, "type")?;
+            Ok(dynakv_core::bucket_types::internal_bucket(
+                &bucket_type,
+                &bucket,
+            ))
+        }
+        None => Ok(bucket),
+    }
+}
+
+/// The path of a bucket as clients name it: `/buckets/B`, or `/types/T/buckets/B`.
+fn public_bucket_path(internal: &str) -> String {
+    let (bucket_type, bucket) = dynakv_core::bucket_types::split_bucket(internal);
+    let bucket = utf8_percent_encode(bucket, URL_SAFE);
+    if bucket_type == dynakv_core::bucket_types::DEFAULT_TYPE {
+        format!("/buckets/{bucket}")
+    } else {
+        format!(
+            "/types/{}/buckets/{bucket}",
+            utf8_percent_encode(bucket_type, URL_SAFE)
+        )
+    }
 }
 
 fn bucket_and_key(params: &RawPathParams) -> Result<(String, String), ApiError> {
@@ -635,6 +669,7 @@ mod admin;
 mod listings;
 pub(crate) mod objects;
 mod props;
+mod types;
 use admin::{
     admin_aae, admin_handoffs, admin_join, admin_leave, admin_members, admin_replica, admin_ring,
     admin_routing, admin_status, list_resources, metrics, ping, stats,

@@ -14,10 +14,7 @@ pub(super) fn http_date(ms: u64) -> String {
 }
 
 pub(super) fn bucket_link(bucket: &str) -> String {
-    format!(
-        "</buckets/{}>; rel=\"up\"",
-        utf8_percent_encode(bucket, URL_SAFE)
-    )
+    format!("<{}>; rel=\"up\"", super::public_bucket_path(bucket))
 }
 
 pub(super) fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -542,8 +539,8 @@ pub(super) async fn store_inner(
     };
     let stored = crate::requests::put(&state.cluster, op, now).await?;
     let location = format!(
-        "/buckets/{}/keys/{}",
-        utf8_percent_encode(&bucket, URL_SAFE),
+        "{}/keys/{}",
+        super::public_bucket_path(&bucket),
         utf8_percent_encode(&key, URL_SAFE)
     );
     if options.return_body {

@@ -9,9 +9,10 @@ use super::{
 pub(super) async fn get_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let bucket = bucket_param(&params)?;
     let props = state.cluster.bucket_props(&bucket);
+    let name = dynakv_core::bucket_types::split_bucket(&bucket).1;
     Ok(json_response(
         StatusCode::OK,
-        &json!({ "props": props.to_json(&bucket) }),
+        &json!({ "props": props.to_json(name) }),
     ))
 }
 
@@ -54,7 +55,7 @@ pub(super) async fn set_props(
     let update = props_from_body(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut props = state.cluster.bucket_props(&bucket);
     props
-        .apply(&bucket, &update)
+        .apply(dynakv_core::bucket_types::split_bucket(&bucket).1, &update)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     change_props(&state, &bucket, Some(&props)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

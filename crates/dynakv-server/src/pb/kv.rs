@@ -99,7 +99,12 @@ impl Session {
 
     async fn get(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
         let request = RpbGetReq::decode(body).map_err(|e| format!("malformed RpbGetReq: {e}"))?;
-        let (bucket, key) = object_name(request.bucket, request.key, request.r#type.as_deref())?;
+        let (bucket, key) = object_name(
+            &self.state.cluster,
+            request.bucket,
+            request.key,
+            request.r#type.as_deref(),
+        )?;
         self.permitted(Permission::Get, Some(&bucket))?;
         let props = self.state.cluster.bucket_props(&bucket);
         check_request_fields(&props, request.n_val, request.sloppy_quorum)?;
@@ -146,7 +151,12 @@ impl Session {
         let request = RpbPutReq::decode(body).map_err(|e| format!("malformed RpbPutReq: {e}"))?;
         let generated = request.key.is_none();
         let key = request.key.unwrap_or_else(|| random_token(22).into_bytes());
-        let (bucket, key) = object_name(request.bucket, Some(key), request.r#type.as_deref())?;
+        let (bucket, key) = object_name(
+            &self.state.cluster,
+            request.bucket,
+            Some(key),
+            request.r#type.as_deref(),
+        )?;
         self.permitted(Permission::Put, Some(&bucket))?;
         let props = self.state.cluster.bucket_props(&bucket);
         check_request_fields(&props, request.n_val, request.sloppy_quorum)?;
@@ -213,7 +223,12 @@ impl Session {
 
     async fn delete(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
         let request = RpbDelReq::decode(body).map_err(|e| format!("malformed RpbDelReq: {e}"))?;
-        let (bucket, key) = object_name(request.bucket, request.key, request.r#type.as_deref())?;
+        let (bucket, key) = object_name(
+            &self.state.cluster,
+            request.bucket,
+            request.key,
+            request.r#type.as_deref(),
+        )?;
         self.permitted(Permission::Delete, Some(&bucket))?;
         let props = self.state.cluster.bucket_props(&bucket);
         check_request_fields(&props, request.n_val, request.sloppy_quorum)?;
@@ -245,7 +260,11 @@ impl Session {
     fn list_keys(&mut self, body: &[u8]) -> Result<Control, Refusal> {
         let request =
             RpbListKeysReq::decode(body).map_err(|e| format!("malformed RpbListKeysReq: {e}"))?;
-        let bucket = bucket_name(request.bucket, request.r#type.as_deref())?;
+        let bucket = bucket_name(
+            &self.state.cluster,
+            request.bucket,
+            request.r#type.as_deref(),
+        )?;
         self.permitted(Permission::ListKeys, Some(&bucket))?;
         let limit = request.timeout.map_or(DEFAULT_LIST_TIMEOUT, |ms| {
             Duration::from_millis(u64::from(ms))
@@ -304,7 +323,8 @@ impl Session {
     async fn list_buckets(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
         let request = RpbListBucketsReq::decode(body)
             .map_err(|e| format!("malformed RpbListBucketsReq: {e}"))?;
-        check_type(request.r#type.as_deref())?;
+        let bucket_type = type_name(request.r#type.as_deref())?.to_owned();
+        self.state.cluster.typed_bucket(&bucket_type, "-")?;
         self.permitted(Permission::ListBuckets, None)?;
         let limit = request.timeout.map_or(DEFAULT_LIST_TIMEOUT, |ms| {
             Duration::from_millis(u64::from(ms))
@@ -314,7 +334,10 @@ impl Session {
                 .await
                 .map_err(|_| "timeout".to_owned())?
                 .map_err(|e| e.to_string())?;
-        let buckets: Vec<Vec<u8>> = buckets.into_iter().map(String::into_bytes).collect();
+        let buckets: Vec<Vec<u8>> = dynakv_core::bucket_types::buckets_of(&bucket_type, buckets)
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
         if request.stream != Some(true) {
             let response = RpbListBucketsResp {
                 buckets,
@@ -341,7 +364,12 @@ impl Session {
     fn preflist(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
         let request = dynakv_pb::RpbGetBucketKeyPreflistReq::decode(body)
             .map_err(|e| format!("malformed RpbGetBucketKeyPreflistReq: {e}"))?;
-        let (bucket, key) = object_name(request.bucket, request.key, request.r#type.as_deref())?;
+        let (bucket, key) = object_name(
+            &self.state.cluster,
+            request.bucket,
+            request.key,
+            request.r#type.as_deref(),
+        )?;
         self.permitted(Permission::Get, Some(&bucket))?;
         let props = self.state.cluster.bucket_props(&bucket);
         let state = self.state.cluster.state();
@@ -434,34 +462,36 @@ fn live_siblings<'a>(object: &'a Object, props: &BucketProps) -> Vec<&'a Sibling
     }
 }
 
-/// Until bucket types exist, only the `default` type is served.
-pub(super) fn check_type(bucket_type: Option<&[u8]>) -> Result<(), Refusal> {
+/// A request's bucket type: absent is `default`; UTF-8.
+pub(super) fn type_name(bucket_type: Option<&[u8]>) -> Result<&str, Refusal> {
     match bucket_type {
-        None | Some(b"default") => Ok(()),
-        Some(other) => Err(format!(
-            "Invalid bucket type: {:?} (no such bucket type is active)",
-            String::from_utf8_lossy(other)
-        )),
+        None => Ok(dynakv_core::bucket_types::DEFAULT_TYPE),
+        Some(t) => std::str::from_utf8(t).map_err(|_| "the bucket type is not UTF-8".to_owned()),
     }
 }
 
-/// A request's bucket: required, UTF-8, within the name limits.
+/// A request's bucket: required, UTF-8, within the name limits, of an active type (its
+/// internal name for a type other than `default`).
 pub(super) fn bucket_name(
+    cluster: &crate::view::Cluster,
     bucket: Option<Vec<u8>>,
     bucket_type: Option<&[u8]>,
 ) -> Result<String, Refusal> {
-    check_type(bucket_type)?;
+    let bucket_type = type_name(bucket_type)?;
     let bucket = bucket.ok_or("the bucket is required")?;
     keys::check_bucket(&bucket).map_err(|e| e.to_string())?;
-    String::from_utf8(bucket).map_err(|_| "the bucket name is not UTF-8".to_owned())
+    let bucket =
+        String::from_utf8(bucket).map_err(|_| "the bucket name is not UTF-8".to_owned())?;
+    cluster.typed_bucket(bucket_type, &bucket)
 }
 
 fn object_name(
+    cluster: &crate::view::Cluster,
     bucket: Option<Vec<u8>>,
     key: Option<Vec<u8>>,
     bucket_type: Option<&[u8]>,
 ) -> Result<(String, String), Refusal> {
-    let bucket = bucket_name(bucket, bucket_type)?;
+    let bucket = bucket_name(cluster, bucket, bucket_type)?;
     let key = key.ok_or("the key is required")?;
     keys::check_key(&key).map_err(|e| e.to_string())?;
     let key = String::from_utf8(key).map_err(|_| "the key is not UTF-8".to_owned())?;

@@ -4,8 +4,9 @@
 //! ask for what dynakv does, and refused otherwise with a reason.
 
 use super::Session;
-use super::kv::{Refusal, bucket_name, check_type, pb_quorum};
+use super::kv::{Refusal, bucket_name, pb_quorum, type_name};
 use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::bucket_types::{DEFAULT_TYPE, TypeChange};
 use dynakv_core::security::Permission;
 use dynakv_pb::{
     RpbBucketProps, RpbGetBucketReq, RpbGetBucketResp, RpbModFun, RpbResetBucketReq,
@@ -34,7 +35,11 @@ impl Session {
             code::GET_BUCKET_REQ => {
                 let request = RpbGetBucketReq::decode(body)
                     .map_err(|e| format!("malformed RpbGetBucketReq: {e}"))?;
-                let bucket = bucket_name(request.bucket, request.r#type.as_deref())?;
+                let bucket = bucket_name(
+                    &self.state.cluster,
+                    request.bucket,
+                    request.r#type.as_deref(),
+                )?;
                 self.permitted(Permission::GetBucket, Some(&bucket))?;
                 let props = self.state.cluster.bucket_props(&bucket);
                 let response = RpbGetBucketResp {
@@ -45,14 +50,19 @@ impl Session {
             code::SET_BUCKET_REQ => {
                 let request = RpbSetBucketReq::decode(body)
                     .map_err(|e| format!("malformed RpbSetBucketReq: {e}"))?;
-                let bucket = bucket_name(request.bucket, request.r#type.as_deref())?;
+                let bucket = bucket_name(
+                    &self.state.cluster,
+                    request.bucket,
+                    request.r#type.as_deref(),
+                )?;
                 self.permitted(Permission::SetBucket, Some(&bucket))?;
                 let update = request
                     .props
                     .ok_or("RpbSetBucketReq needs props (its required field 2)")?;
                 let update = to_json(&update)?;
                 let mut props = self.state.cluster.bucket_props(&bucket);
-                props.apply(&bucket, &update).map_err(|e| e.to_string())?;
+                let name = dynakv_core::bucket_types::split_bucket(&bucket).1;
+                props.apply(name, &update).map_err(|e| e.to_string())?;
                 self.state
                     .cluster
                     .set_bucket_props(&bucket, Some(&props))
@@ -63,7 +73,11 @@ impl Session {
             code::RESET_BUCKET_REQ => {
                 let request = RpbResetBucketReq::decode(body)
                     .map_err(|e| format!("malformed RpbResetBucketReq: {e}"))?;
-                let bucket = bucket_name(request.bucket, request.r#type.as_deref())?;
+                let bucket = bucket_name(
+                    &self.state.cluster,
+                    request.bucket,
+                    request.r#type.as_deref(),
+                )?;
                 self.permitted(Permission::SetBucket, Some(&bucket))?;
                 self.state
                     .cluster
@@ -76,10 +90,21 @@ impl Session {
                 let request = dynakv_pb::RpbGetBucketTypeReq::decode(body)
                     .map_err(|e| format!("malformed RpbGetBucketTypeReq: {e}"))?;
                 let bucket_type = request.r#type.ok_or("the bucket type is required")?;
-                check_type(Some(&bucket_type))?;
+                let bucket_type = type_name(Some(&bucket_type))?;
                 self.permitted(Permission::GetBucket, None)?;
+                let defaults = self.state.cluster.bucket_props("-");
+                let props = if bucket_type == DEFAULT_TYPE {
+                    defaults
+                } else {
+                    let state = self.state.cluster.state();
+                    let entry = state
+                        .bucket_types
+                        .get(bucket_type)
+                        .ok_or_else(|| format!("Invalid bucket type: {bucket_type:?}"))?;
+                    dynakv_core::bucket_types::parse(bucket_type, entry, &defaults)
+                };
                 let response = RpbGetBucketResp {
-                    props: Some(to_pb(&BucketProps::default())),
+                    props: Some(to_pb(&props)),
                 };
                 encode_frame(out, code::GET_BUCKET_RESP, &response);
             }
@@ -87,12 +112,18 @@ impl Session {
                 let request = dynakv_pb::RpbSetBucketTypeReq::decode(body)
                     .map_err(|e| format!("malformed RpbSetBucketTypeReq: {e}"))?;
                 let bucket_type = request.r#type.ok_or("the bucket type is required")?;
-                check_type(Some(&bucket_type))?;
+                let name = type_name(Some(&bucket_type))?.to_owned();
                 self.permitted(Permission::Admin, None)?;
-                return Err(
-                    "the default bucket type's properties are fixed: set properties per bucket"
-                        .to_owned(),
-                );
+                let update = request
+                    .props
+                    .ok_or("RpbSetBucketTypeReq needs props (its required field 2)")?;
+                let props = to_json(&update)?;
+                self.state
+                    .cluster
+                    .change_bucket_type(TypeChange::Update { name, props })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                encode_empty(out, code::SET_BUCKET_RESP);
             }
         }
         Ok(())

@@ -459,6 +459,34 @@ impl Cluster {
         .await
     }
 
+    /// Create, activate or update a bucket type cluster-wide (the core's
+    /// `bucket_types::apply`); answered once written.
+    ///
+    /// # Errors
+    /// Refused (400, 404, 409), or the state could not be written (500).
+    pub async fn change_bucket_type(
+        &self,
+        change: dynakv_core::bucket_types::TypeChange,
+    ) -> Result<(), ClusterError> {
+        self.admin(ClientOp::BucketType(change)).await
+    }
+
+    /// The internal name of `bucket` of `bucket_type`, when the type is active (`default`
+    /// always is); else why not.
+    pub fn typed_bucket(&self, bucket_type: &str, bucket: &str) -> Result<String, String> {
+        use dynakv_core::bucket_types::{DEFAULT_TYPE, internal_bucket};
+        if bucket_type != DEFAULT_TYPE
+            && !self
+                .state()
+                .bucket_types
+                .get(bucket_type)
+                .is_some_and(|t| t.active)
+        {
+            return Err(format!("no active bucket type named {bucket_type:?}"));
+        }
+        Ok(internal_bucket(bucket_type, bucket))
+    }
+
     /// Change the security state (users, sources, grants, enabled), all or nothing, stamped
     /// with this node's wall clock and name; gossip spreads it. Answered once written.
     ///

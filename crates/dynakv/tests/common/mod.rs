@@ -56,21 +56,20 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 }
 
 /// A base port `p` such that `p..p+n` are free (and, because `dev` may derive its peer ports
-/// from its HTTP ports, `p+1000..p+1000+n` too).
+/// from its HTTP ports, `p+1000..p+1000+n` too; `p+2000..p+2000+n` for PB ports).
 pub fn consecutive_free_ports(n: u16) -> u16 {
     let mut rng = Rng::seeded(0xdead_beef);
     for _ in 0..200 {
         let base = 20_000 + (rng.next() % 10_000) as u16;
         let mut held = Vec::new();
-        let ok =
-            (0..n).flat_map(|i| [base + i, base + 1000 + i]).all(|p| {
-                match TcpListener::bind(("127.0.0.1", p)) {
-                    Ok(l) => {
-                        held.push(l);
-                        true
-                    }
-                    Err(_) => false,
+        let ok = (0..n)
+            .flat_map(|i| [base + i, base + 1000 + i, base + 2000 + i])
+            .all(|p| match TcpListener::bind(("127.0.0.1", p)) {
+                Ok(l) => {
+                    held.push(l);
+                    true
                 }
+                Err(_) => false,
             });
         if ok {
             return base;
