@@ -128,6 +128,29 @@ pub struct BenchConfig {
     pub generator: Generator,
     /// Requests each client writes at once before reading their responses (1 = none).
     pub pipeline: usize,
+    /// The client API of the operations.
+    pub protocol: Protocol,
+    /// The nodes' PB addresses (`Protocol::Pb`).
+    pub pb_addrs: Vec<std::net::SocketAddr>,
+}
+
+/// The client API a bench's operations use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    /// Riak's Protocol Buffers API.
+    Pb,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http" => Ok(Protocol::Http),
+            "pb" => Ok(Protocol::Pb),
+            other => Err(format!("unknown protocol {other:?} (expected http or pb)")),
+        }
+    }
 }
 
 /// The load generator's HTTP client.
@@ -181,6 +204,8 @@ enum Sender {
     /// A replica of the key, from the client's copy of the ring.
     Routed(RoutingClient),
     Etcd(Client),
+    /// A node's PB port, over the task's own connection.
+    Pb(std::net::SocketAddr),
 }
 
 /// What became of one operation.
@@ -208,6 +233,7 @@ impl Outcome {
 #[derive(Debug)]
 enum TaskSender {
     Raw(RawConnection, Target),
+    Pb(crate::pbclient::PbConnection),
     Shared(Sender),
 }
 
@@ -216,6 +242,9 @@ impl TaskSender {
         match sender {
             Sender::Raw(raw, target) => {
                 TaskSender::Raw(RawConnection::new(raw, RAW_TIMEOUT), target)
+            }
+            Sender::Pb(addr) => {
+                TaskSender::Pb(crate::pbclient::PbConnection::new(addr, RAW_TIMEOUT))
             }
             other => TaskSender::Shared(other),
         }
@@ -238,6 +267,22 @@ impl TaskSender {
                     .request("POST", path, JSON, body.to_string().as_bytes())
                     .await;
                 Outcome::of(answer.ok())
+            }
+            TaskSender::Pb(conn) => {
+                use crate::pbclient::PbAnswer;
+                let answer = if is_read {
+                    conn.get(bucket, key).await
+                } else {
+                    conn.put(bucket, key, value).await
+                };
+                match answer {
+                    Ok(PbAnswer::Ok) => Outcome::Ok,
+                    // The node's refusals for load (the in-flight limit, the body budget).
+                    Ok(PbAnswer::Error(text)) if text.starts_with("overloaded") => {
+                        Outcome::Unavailable
+                    }
+                    Ok(PbAnswer::Error(_)) | Err(_) => Outcome::Failed,
+                }
             }
             TaskSender::Shared(sender) => sender.execute(bucket, key, value, is_read).await,
         }
@@ -279,8 +324,8 @@ impl Sender {
             (hyper::Method::PUT, OCTETS, value.clone())
         };
         let answer = match self {
-            // A task makes its own connection of a raw target (`TaskSender::of`).
-            Sender::Raw(..) => return Outcome::Failed,
+            // A task makes its own connection of a raw or PB target (`TaskSender::of`).
+            Sender::Raw(..) | Sender::Pb(_) => return Outcome::Failed,
             Sender::Dynakv(client) => client.request(method, &path, headers, body).await,
             Sender::Routed(routing) => {
                 routing
@@ -388,6 +433,13 @@ pub async fn run(config: BenchConfig) -> Result<()> {
     if config.client_routing && config.target != Target::Dynakv {
         bail!("--client-routing works with --target dynakv only");
     }
+    if config.protocol == Protocol::Pb
+        && (config.pb_addrs.is_empty() || config.target != Target::Dynakv || config.client_routing)
+    {
+        bail!(
+            "--protocol pb needs --pb ADDR for each node, --target dynakv and no --client-routing"
+        );
+    }
     if config.pipeline == 0 || config.pipeline > MAX_PIPELINE {
         bail!("--pipeline must be from 1 to {MAX_PIPELINE}");
     }
@@ -444,6 +496,9 @@ pub async fn run(config: BenchConfig) -> Result<()> {
                 .context("fetching the routing table")?;
             vec![Sender::Routed(routing)]
         }
+        Target::Dynakv if config.protocol == Protocol::Pb => {
+            config.pb_addrs.iter().copied().map(Sender::Pb).collect()
+        }
         Target::Dynakv => clients
             .into_iter()
             .zip(&config.urls)
@@ -479,6 +534,8 @@ pub async fn run(config: BenchConfig) -> Result<()> {
             "errors": report.errors,
             "unavailable": report.unavailable,
             "concurrency": config.concurrency,
+            "protocol": format!("{:?}", config.protocol).to_lowercase(),
+            "pipeline": config.pipeline,
             "value_size": config.value_size,
             "durability": config.durability,
             "client_routing": config.client_routing,
@@ -844,6 +901,11 @@ async fn phase(
     for task in 0..config.concurrency {
         let mut sender = TaskSender::of(senders[task % senders.len()].clone());
         if let TaskSender::Raw(conn, _) = &mut sender
+            && let Err(e) = conn.connect().await
+        {
+            eprintln!("  client {task}: {e}");
+        }
+        if let TaskSender::Pb(conn) = &mut sender
             && let Err(e) = conn.connect().await
         {
             eprintln!("  client {task}: {e}");

@@ -2,6 +2,7 @@
 //! (`get`, `put`, `delete`, `admin`).
 
 mod bench;
+mod pbclient;
 mod rawhttp;
 
 use anyhow::{Context as _, Result, bail};
@@ -294,6 +295,13 @@ enum Command {
         /// their responses (closed loop, raw generator, dynakv target; 1 = no pipelining).
         #[arg(long, default_value_t = 1)]
         pipeline: usize,
+        /// The client API the operations use: http, or pb (Riak's Protocol Buffers, to the
+        /// --pb addresses; --url still serves the bucket setup and the CPU readings).
+        #[arg(long, default_value = "http")]
+        protocol: bench::Protocol,
+        /// A node's PB address (repeat per node), for --protocol pb.
+        #[arg(long = "pb", value_name = "ADDR")]
+        pb_addrs: Vec<std::net::SocketAddr>,
         #[command(flatten)]
         client: ClientOptions,
     },
@@ -762,6 +770,8 @@ async fn run(cli: Cli) -> Result<()> {
             duration_secs,
             generator,
             pipeline,
+            protocol,
+            pb_addrs,
             client,
         } => {
             init_logging("warn");
@@ -786,6 +796,8 @@ async fn run(cli: Cli) -> Result<()> {
                 client,
                 generator,
                 pipeline,
+                protocol,
+                pb_addrs,
             })
             .await
         }
