@@ -131,6 +131,65 @@ pub fn encode_error(out: &mut Vec<u8>, message: &str) {
     );
 }
 
+/// A field on the wire: its number, and the payload of a length-delimited one.
+pub type Field<'a> = (u32, Option<&'a [u8]>);
+
+/// The encoding is not a well-formed sequence of protobuf fields.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("not a well-formed protobuf encoding")]
+pub struct MalformedFields;
+
+/// The fields of a protobuf message's encoding, in order, read from the wire format without
+/// knowing the message (so fields a decoder would skip can be seen): each field's number and,
+/// for a length-delimited field, its payload. `None` when the bytes are not a well-formed
+/// sequence of fields.
+pub fn fields(mut bytes: &[u8]) -> Option<Vec<Field<'_>>> {
+    fn varint(bytes: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = bytes.split_first()?;
+            *bytes = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes)?;
+        let number = u32::try_from(key >> 3).ok()?;
+        let (skip, delimited) = match key & 7 {
+            0 => {
+                varint(&mut bytes)?;
+                (0, false)
+            }
+            1 => (8, false),
+            2 => (usize::try_from(varint(&mut bytes)?).ok()?, true),
+            5 => (4, false),
+            _ => return None,
+        };
+        let payload = bytes.get(..skip)?;
+        bytes = &bytes[skip..];
+        out.push((number, delimited.then_some(payload)));
+    }
+    Some(out)
+}
+
+/// The first field number of `message`'s encoding outside `known`, if any (a field a
+/// decoder would skip without a word); `Err` when the bytes are not well-formed.
+pub fn unknown_field(
+    message: &[u8],
+    known: std::ops::RangeInclusive<u32>,
+) -> Result<Option<u32>, MalformedFields> {
+    let fields = fields(message).ok_or(MalformedFields)?;
+    Ok(fields
+        .into_iter()
+        .map(|(n, _)| n)
+        .find(|n| !known.contains(n)))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -167,6 +226,21 @@ mod tests {
             })
         );
         assert_eq!(frame_length([0, 0, 0, 10], 10), Ok(10));
+    }
+
+    #[test]
+    fn fields_a_decoder_would_skip_are_seen() {
+        // RpbBucketProps with n_val (1) and a field 40 no version of Riak has.
+        let props = [0x08, 3, 0xc0, 0x02, 1];
+        assert_eq!(unknown_field(&props, 1..=29), Ok(Some(40)));
+        assert_eq!(unknown_field(&props[..2], 1..=29), Ok(None));
+        // Nested in RpbSetBucketReq as field 2.
+        let mut request = vec![0x0a, 1, b'b', 0x12, props.len() as u8];
+        request.extend_from_slice(&props);
+        let fields = fields(&request).unwrap();
+        assert_eq!(fields[1], (2, Some(props.as_slice())));
+        assert!(unknown_field(&[0x0a, 5, b'x'], 1..=2).is_err(), "truncated");
+        assert!(unknown_field(&[0x0b], 1..=2).is_err(), "group wire type");
     }
 
     #[test]

@@ -472,6 +472,29 @@ async fn every_served_message_answers_as_riaks_clients_expect() {
         assert!(error.contains(expect), "{expect}: {error}");
     }
 
+    // A property field RpbBucketProps does not have (a decoder would drop it silently) is
+    // refused, and nothing changes.
+    let mut unknown = Vec::new();
+    dynakv_pb::encode_frame(
+        &mut unknown,
+        code::SET_BUCKET_REQ,
+        &RpbSetBucketReq {
+            bucket: bytes("p"),
+            props: None,
+            r#type: None,
+        },
+    );
+    // props (field 2) = { allow_mult (2): false, field 40: 1 }, appended by hand.
+    unknown.extend_from_slice(&[0x12, 5, 0x10, 0, 0xc0, 0x02, 1]);
+    let length = u32::try_from(unknown.len() - 4).unwrap();
+    unknown[..4].copy_from_slice(&length.to_be_bytes());
+    c.send_raw(&unknown).await;
+    assert!(c.expect_error().await.contains("field 40"));
+    let props: RpbGetBucketResp = c
+        .call(code::GET_BUCKET_REQ, &get_props, code::GET_BUCKET_RESP)
+        .await;
+    assert_eq!(props.props.unwrap().allow_mult, Some(true));
+
     // Pipelined requests in one write are answered in order.
     let mut batch = Vec::new();
     dynakv_pb::encode_frame(&mut batch, code::PUT_REQ, &put_req("b", Some("pipe"), "1"));

@@ -24,6 +24,30 @@ const BIG_VCLOCK: u32 = 50;
 /// `RpbReplMode` false.
 const REPL_FALSE: i32 = 0;
 
+/// Field numbers of `RpbBucketProps` (Riak 2.x).
+const KNOWN_PROPS_FIELDS: std::ops::RangeInclusive<u32> = 1..=29;
+
+/// Refuse properties carrying a field `RpbBucketProps` does not have (a newer client's, or
+/// garbage): the decoder would drop it without a word, and the client would believe it set.
+fn refuse_unknown_props(request: &[u8]) -> Result<(), Refusal> {
+    let fields = dynakv_pb::fields(request).ok_or("malformed request")?;
+    for (_, props) in fields.into_iter().filter(|(n, _)| *n == 2) {
+        let Some(props) = props else {
+            return Err("props must be a message".to_owned());
+        };
+        match dynakv_pb::unknown_field(props, KNOWN_PROPS_FIELDS) {
+            Ok(None) => {}
+            Ok(Some(n)) => {
+                return Err(format!(
+                    "unknown bucket property: field {n} of RpbBucketProps"
+                ));
+            }
+            Err(e) => return Err(format!("props: {e}")),
+        }
+    }
+    Ok(())
+}
+
 impl Session {
     pub(super) async fn bucket_request(
         &mut self,
@@ -50,6 +74,7 @@ impl Session {
             code::SET_BUCKET_REQ => {
                 let request = RpbSetBucketReq::decode(body)
                     .map_err(|e| format!("malformed RpbSetBucketReq: {e}"))?;
+                refuse_unknown_props(body)?;
                 let bucket = bucket_name(
                     &self.state.cluster,
                     request.bucket,
@@ -111,6 +136,7 @@ impl Session {
             _ => {
                 let request = dynakv_pb::RpbSetBucketTypeReq::decode(body)
                     .map_err(|e| format!("malformed RpbSetBucketTypeReq: {e}"))?;
+                refuse_unknown_props(body)?;
                 let bucket_type = request.r#type.ok_or("the bucket type is required")?;
                 let name = type_name(Some(&bucket_type))?.to_owned();
                 self.permitted(Permission::Admin, None)?;
