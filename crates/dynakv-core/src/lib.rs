@@ -23,6 +23,7 @@ pub mod bucket_types;
 pub mod codec;
 pub mod context;
 pub mod coordinator;
+pub mod crdt;
 pub mod failure;
 pub mod gossip;
 pub mod handoff;

@@ -1,0 +1,193 @@
+//! Add-wins observed-remove set without tombstones (Riak's ORSWOT).
+//!
+//! State: a clock (per actor, the highest add it made that this replica has seen) and, per
+//! element, the dots of the adds that are live. An add by `actor` takes the next dot of its
+//! clock and becomes the element's only dot. A remove drops the element's dots that a client
+//! context (the clock of the read it made) covers; dots it did not see (concurrent adds)
+//! stay. Merge keeps a dot both sides have, and a dot one side has that the other's clock does
+//! not cover (the other has not seen it, so did not remove it).
+
+use super::{
+    CrdtError, MAX_CRDT_ACTORS, MAX_ELEMENT_BYTES, MAX_SET_ELEMENTS, MAX_SET_ELEMENTS_MERGED,
+    check_element, next_counter, shown,
+};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::version::{ActorId, Dot};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a client read of a set saw: the set's clock then.
+pub type SetContext = BTreeMap<ActorId, u64>;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrSet {
+    clock: BTreeMap<ActorId, u64>,
+    entries: BTreeMap<Vec<u8>, BTreeSet<Dot>>,
+}
+
+fn covers(clock: &BTreeMap<ActorId, u64>, dot: &Dot) -> bool {
+    clock.get(&dot.actor).is_some_and(|c| *c >= dot.counter)
+}
+
+impl OrSet {
+    /// Add `element` as `actor`.
+    pub fn add(&mut self, actor: ActorId, element: &[u8]) -> Result<(), CrdtError> {
+        check_element(element)?;
+        if !self.entries.contains_key(element) && self.entries.len() >= MAX_SET_ELEMENTS {
+            return Err(CrdtError::TooManyElements);
+        }
+        let counter = next_counter(&mut self.clock, actor)?;
+        self.entries
+            .insert(element.to_vec(), BTreeSet::from([Dot { actor, counter }]));
+        Ok(())
+    }
+
+    /// Remove `element` as a client that read the set with `context`: the adds the read saw
+    /// are undone, later or concurrent ones stay. Refused when the read did not see it.
+    pub fn remove(&mut self, element: &[u8], context: &SetContext) -> Result<(), CrdtError> {
+        let seen = self
+            .entries
+            .get(element)
+            .is_some_and(|dots| dots.iter().any(|d| covers(context, d)));
+        if !seen {
+            return Err(CrdtError::NotPresent(shown(element)));
+        }
+        if let Some(dots) = self.entries.get_mut(element) {
+            dots.retain(|d| !covers(context, d));
+            if dots.is_empty() {
+                self.entries.remove(element);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, element: &[u8]) -> bool {
+        self.entries.contains_key(element)
+    }
+
+    /// The elements, in byte order.
+    pub fn elements(&self) -> impl Iterator<Item = &[u8]> {
+        self.entries.keys().map(Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The context a client keeps from a read, for a later remove.
+    pub fn context(&self) -> SetContext {
+        self.clock.clone()
+    }
+
+    pub fn merge(&mut self, other: &OrSet) {
+        let keys: BTreeSet<Vec<u8>> = self
+            .entries
+            .keys()
+            .chain(other.entries.keys())
+            .cloned()
+            .collect();
+        let mut entries = BTreeMap::new();
+        let empty = BTreeSet::new();
+        for key in keys {
+            let ours = self.entries.get(&key).unwrap_or(&empty);
+            let theirs = other.entries.get(&key).unwrap_or(&empty);
+            let kept: BTreeSet<Dot> = ours
+                .intersection(theirs)
+                .copied()
+                .chain(
+                    ours.difference(theirs)
+                        .filter(|d| !covers(&other.clock, d))
+                        .copied(),
+                )
+                .chain(
+                    theirs
+                        .difference(ours)
+                        .filter(|d| !covers(&self.clock, d))
+                        .copied(),
+                )
+                .collect();
+            if !kept.is_empty() && entries.len() < MAX_SET_ELEMENTS_MERGED {
+                entries.insert(key, kept);
+            }
+        }
+        for (actor, counter) in &other.clock {
+            if !self.clock.contains_key(actor) && self.clock.len() >= MAX_CRDT_ACTORS {
+                continue;
+            }
+            let entry = self.clock.entry(*actor).or_insert(0);
+            *entry = (*entry).max(*counter);
+        }
+        self.entries = entries;
+    }
+
+    pub fn encode(&self, w: &mut Writer) {
+        encode_context(w, &self.clock);
+        w.varint(self.entries.len() as u64);
+        for (element, dots) in &self.entries {
+            w.bytes(element);
+            w.varint(dots.len() as u64);
+            for dot in dots {
+                w.u64_fixed(dot.actor.0);
+                w.varint(dot.counter);
+            }
+        }
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<OrSet, DecodeError> {
+        let clock = decode_context(r)?;
+        let count = r.count(MAX_SET_ELEMENTS_MERGED, "set elements")?;
+        let mut entries = BTreeMap::new();
+        for _ in 0..count {
+            let element = r.bytes(MAX_ELEMENT_BYTES, "set element")?.to_vec();
+            let dots_count = r.count(MAX_CRDT_ACTORS, "element dots")?;
+            if dots_count == 0 {
+                return Err(DecodeError::Invalid("a set element without dots"));
+            }
+            let mut dots = BTreeSet::new();
+            for _ in 0..dots_count {
+                let dot = Dot {
+                    actor: ActorId(r.u64_fixed()?),
+                    counter: r.varint()?,
+                };
+                if dot.counter == 0 || !covers(&clock, &dot) {
+                    return Err(DecodeError::Invalid("a set dot its clock does not cover"));
+                }
+                dots.insert(dot);
+            }
+            entries.insert(element, dots);
+        }
+        Ok(OrSet { clock, entries })
+    }
+}
+
+/// Encode a set's clock (also a client's context).
+pub fn encode_context(w: &mut Writer, clock: &SetContext) {
+    w.varint(clock.len() as u64);
+    for (actor, counter) in clock {
+        w.u64_fixed(actor.0);
+        w.varint(*counter);
+    }
+}
+
+/// Decode what [`encode_context`] wrote: actors in order, counters non-zero.
+pub fn decode_context(r: &mut Reader<'_>) -> Result<SetContext, DecodeError> {
+    let count = r.count(MAX_CRDT_ACTORS, "set clock actors")?;
+    let mut clock = BTreeMap::new();
+    let mut previous = None;
+    for _ in 0..count {
+        let actor = ActorId(r.u64_fixed()?);
+        if previous.is_some_and(|p| p >= actor) {
+            return Err(DecodeError::Invalid("set clock actors out of order"));
+        }
+        previous = Some(actor);
+        let counter = r.varint()?;
+        if counter == 0 {
+            return Err(DecodeError::Invalid("zero counter in a set clock"));
+        }
+        clock.insert(actor, counter);
+    }
+    Ok(clock)
+}

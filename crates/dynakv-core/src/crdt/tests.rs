@@ -1,0 +1,246 @@
+//! Merge laws (commutative, associative, idempotent) and each operation's effect, for every
+//! data type; encodings round-trip and garbage does not decode into a panic.
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::codec::{Reader, Writer};
+use proptest::prelude::*;
+
+const ACTORS: [ActorId; 3] = [ActorId(1), ActorId(2), ActorId(3)];
+
+/// One step of a three-replica history: an operation at a replica, or a replica taking
+/// another's state.
+#[derive(Debug, Clone)]
+enum Step {
+    Op { at: usize, value: i64, element: u8 },
+    Remove { at: usize, element: u8 },
+    Sync { from: usize, to: usize },
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => (0..3usize, -5i64..10, 0..6u8).prop_map(|(at, value, element)| Step::Op { at, value, element }),
+            2 => (0..3usize, 0..6u8).prop_map(|(at, element)| Step::Remove { at, element }),
+            2 => (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
+        ],
+        0..40,
+    )
+}
+
+/// Three replicas' counters after `steps`, and the sum of every increment made.
+fn counters(steps: &[Step]) -> ([PnCounter; 3], i64) {
+    let mut replicas: [PnCounter; 3] = Default::default();
+    let mut total = 0;
+    for step in steps {
+        match step {
+            Step::Op { at, value, .. } => {
+                replicas[*at].apply(ACTORS[*at], *value).unwrap();
+                total += value;
+            }
+            Step::Sync { from, to } => {
+                let from = replicas[*from].clone();
+                replicas[*to].merge(&from);
+            }
+            Step::Remove { .. } => {}
+        }
+    }
+    (replicas, total)
+}
+
+/// Three replicas' sets after `steps` (a remove uses the replica's own current context).
+fn sets(steps: &[Step]) -> [OrSet; 3] {
+    let mut replicas: [OrSet; 3] = Default::default();
+    for step in steps {
+        match step {
+            Step::Op { at, element, .. } => replicas[*at].add(ACTORS[*at], &[*element]).unwrap(),
+            Step::Remove { at, element } => {
+                let context = replicas[*at].context();
+                let _ = replicas[*at].remove(&[*element], &context);
+            }
+            Step::Sync { from, to } => {
+                let from = replicas[*from].clone();
+                replicas[*to].merge(&from);
+            }
+        }
+    }
+    replicas
+}
+
+fn merged<T: Clone>(a: &T, b: &T, merge: impl Fn(&mut T, &T)) -> T {
+    let mut out = a.clone();
+    merge(&mut out, b);
+    out
+}
+
+/// The three laws for one type, on three states.
+fn laws<T: Clone + PartialEq + std::fmt::Debug>(
+    a: &T,
+    b: &T,
+    c: &T,
+    merge: impl Fn(&mut T, &T) + Copy,
+) {
+    assert_eq!(merged(a, b, merge), merged(b, a, merge), "commutative");
+    assert_eq!(
+        merged(&merged(a, b, merge), c, merge),
+        merged(a, &merged(b, c, merge), merge),
+        "associative"
+    );
+    assert_eq!(merged(a, a, merge), *a, "idempotent");
+}
+
+proptest! {
+    #[test]
+    fn counter_merges_are_lawful_and_count_every_increment(steps in steps()) {
+        let ([a, b, c], total) = counters(&steps);
+        laws(&a, &b, &c, PnCounter::merge);
+        let all = merged(&merged(&a, &b, PnCounter::merge), &c, PnCounter::merge);
+        prop_assert_eq!(all.value(), total);
+    }
+
+    #[test]
+    fn set_merges_are_lawful(steps in steps()) {
+        let [a, b, c] = sets(&steps);
+        laws(&a, &b, &c, OrSet::merge);
+    }
+
+    #[test]
+    fn gset_merges_are_lawful(xs in prop::collection::vec(0..50u8, 0..30), ys in prop::collection::vec(0..50u8, 0..30)) {
+        let (mut a, mut b) = (GSet::default(), GSet::default());
+        for x in &xs { a.add(&[*x]).unwrap(); }
+        for y in &ys { b.add(&[*y]).unwrap(); }
+        let c = merged(&a, &b, GSet::merge);
+        laws(&a, &b, &c, GSet::merge);
+        prop_assert_eq!(c.len(), xs.iter().chain(&ys).collect::<std::collections::BTreeSet<_>>().len());
+    }
+
+    #[test]
+    fn hll_merges_are_lawful(xs in prop::collection::vec(any::<u16>(), 0..200), ys in prop::collection::vec(any::<u16>(), 0..200)) {
+        let (mut a, mut b) = (Hll::new(8).unwrap(), Hll::new(8).unwrap());
+        for x in &xs { a.add(&x.to_le_bytes()).unwrap(); }
+        for y in &ys { b.add(&y.to_le_bytes()).unwrap(); }
+        let c = merged(&a, &b, Hll::merge);
+        laws(&a, &b, &c, Hll::merge);
+    }
+
+    #[test]
+    fn encodings_round_trip(steps in steps()) {
+        let ([counter, ..], _) = counters(&steps);
+        let [set, ..] = sets(&steps);
+        let mut w = Writer::default();
+        counter.encode(&mut w);
+        set.encode(&mut w);
+        let mut r = Reader::new(&w.buf);
+        prop_assert_eq!(PnCounter::decode(&mut r).unwrap(), counter);
+        prop_assert_eq!(OrSet::decode(&mut r).unwrap(), set);
+        r.finish().unwrap();
+    }
+
+    #[test]
+    fn garbage_does_not_decode_into_a_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        let _ = PnCounter::decode(&mut Reader::new(&bytes));
+        let _ = OrSet::decode(&mut Reader::new(&bytes));
+        let _ = GSet::decode(&mut Reader::new(&bytes));
+        let _ = Hll::decode(&mut Reader::new(&bytes));
+    }
+}
+
+#[test]
+fn a_remove_undoes_only_the_adds_its_read_saw() {
+    let (a, b) = (ACTORS[0], ACTORS[1]);
+    let mut on_a = OrSet::default();
+    on_a.add(a, b"x").unwrap();
+    let mut on_b = on_a.clone();
+    // A client read x at a; meanwhile b adds x again (a new dot the read did not see).
+    let read = on_a.context();
+    on_b.add(b, b"x").unwrap();
+    on_a.remove(b"x", &read).unwrap();
+    assert!(!on_a.contains(b"x"));
+    // Add wins: the concurrent add survives the merge, both ways.
+    let ab = merged(&on_a, &on_b, OrSet::merge);
+    let ba = merged(&on_b, &on_a, OrSet::merge);
+    assert!(ab.contains(b"x") && ba.contains(b"x"));
+    // A remove with a context that saw everything removes it everywhere, for good: merging
+    // any older state does not bring it back.
+    let mut done = ab.clone();
+    done.remove(b"x", &ab.context()).unwrap();
+    for old in [&on_a, &on_b, &ab] {
+        assert!(!merged(&done, old, OrSet::merge).contains(b"x"));
+    }
+    // A remove of what the read did not see is refused.
+    let empty = OrSet::default().context();
+    assert!(matches!(
+        done.clone().remove(b"y", &empty),
+        Err(CrdtError::NotPresent(_))
+    ));
+}
+
+#[test]
+fn counters_refuse_overflow_and_keep_their_value() {
+    let mut c = PnCounter::default();
+    c.apply(ACTORS[0], i64::MAX).unwrap();
+    assert_eq!(c.apply(ACTORS[1], 1), Err(CrdtError::Overflow));
+    assert_eq!(c.value(), i64::MAX);
+    c.apply(ACTORS[1], -5).unwrap();
+    assert_eq!(c.value(), i64::MAX - 5);
+}
+
+/// A counter merge that takes the larger total over all actors instead of each actor's: the
+/// property test's sum catches it (the planted bug of the issue).
+#[test]
+fn a_max_merge_instead_of_per_actor_max_loses_increments() {
+    fn wrong_merge(mine: &mut PnCounter, theirs: &PnCounter) {
+        if theirs.value() > mine.value() {
+            *mine = theirs.clone();
+        }
+    }
+    let mut a = PnCounter::default();
+    let mut b = PnCounter::default();
+    a.apply(ACTORS[0], 3).unwrap();
+    b.apply(ACTORS[1], 4).unwrap();
+    let right = merged(&a, &b, PnCounter::merge);
+    let wrong = merged(&a, &b, wrong_merge);
+    assert_eq!(right.value(), 7);
+    assert_ne!(wrong.value(), 7);
+}
+
+#[test]
+fn bounds_are_refused_and_change_nothing() {
+    let mut set = OrSet::default();
+    assert_eq!(
+        set.add(ACTORS[0], &[0u8; MAX_ELEMENT_BYTES + 1]),
+        Err(CrdtError::ElementTooLarge)
+    );
+    assert!(set.is_empty());
+    let mut g = GSet::default();
+    for i in 0..MAX_SET_ELEMENTS as u32 {
+        g.add(&i.to_le_bytes()).unwrap();
+    }
+    assert_eq!(g.add(b"one more"), Err(CrdtError::TooManyElements));
+    assert_eq!(g.len(), MAX_SET_ELEMENTS);
+}
+
+#[test]
+fn hll_estimates_within_its_error() {
+    let mut h = Hll::default();
+    for i in 0..20_000u32 {
+        h.add(&i.to_le_bytes()).unwrap();
+    }
+    let estimate = h.estimate() as f64;
+    // p = 14: standard error 0.81%; five of them.
+    assert!((estimate / 20_000.0 - 1.0).abs() < 0.05, "{estimate}");
+    // Small cardinalities are exact enough (linear counting).
+    let mut small = Hll::default();
+    for i in 0..100u32 {
+        small.add(&i.to_le_bytes()).unwrap();
+        small.add(&i.to_le_bytes()).unwrap();
+    }
+    assert!(small.estimate().abs_diff(100) <= 2, "{}", small.estimate());
+    // Folding a finer estimator into a coarser one keeps the estimate.
+    let mut coarse = Hll::new(10).unwrap();
+    coarse.merge(&h);
+    assert_eq!(coarse.precision(), 10);
+    let folded = coarse.estimate() as f64;
+    assert!((folded / 20_000.0 - 1.0).abs() < 0.15, "{folded}");
+}
