@@ -316,41 +316,51 @@ pub fn set_props(
 /// timestamp; at most `MAX_PARSED_PROPS` parses are kept, then the cache starts over).
 #[derive(Debug, Default)]
 pub struct PropsCache {
-    parsed: std::collections::HashMap<String, (u64, BucketProps)>,
-    /// Bucket types' properties, by the type entry's timestamp.
-    types: std::collections::HashMap<String, (u64, BucketProps)>,
+    /// Buckets whose entry holds properties of their own: the entry's version and its parse.
+    parsed: std::collections::HashMap<String, (EntryVersion, BucketProps)>,
+    /// Bucket types: the type entry's version and its parse.
+    types: std::collections::HashMap<String, (EntryVersion, BucketProps)>,
 }
 
+/// What identifies one write of an entry: its timestamp and the node that made it (a node
+/// never stamps two writes of one entry alike; merges break ties on the node).
+type EntryVersion = (u64, crate::ring::NodeId);
+
 impl PropsCache {
-    /// `bucket`'s properties when they need no parsing: `defaults` when the state has no
-    /// entry for it, or the cached parse of its current entry; `None` otherwise (then
-    /// [`Self::props`]).
+    /// `bucket`'s properties when they need no parsing; `None` otherwise (then
+    /// [`Self::props`]). See [`Self::props`] for where they come from.
     pub fn cached(
         &self,
         state: &crate::membership::ClusterState,
         bucket: &str,
         defaults: &BucketProps,
     ) -> Option<BucketProps> {
-        let Some(entry) = state.bucket_props.get(bucket) else {
-            let (bucket_type, _) = crate::bucket_types::split_bucket(bucket);
-            if bucket_type == crate::bucket_types::DEFAULT_TYPE {
-                return Some(defaults.clone());
-            }
-            // A bucket of a type, without properties of its own: the type's.
-            let entry = state.bucket_types.get(bucket_type)?;
-            return match self.types.get(bucket_type) {
-                Some((ts, props)) if *ts == entry.timestamp_ms => Some(props.clone()),
+        if let Some(entry) = state.bucket_props.get(bucket)
+            && entry.props_json.is_some()
+        {
+            return match self.parsed.get(bucket) {
+                Some(((ts, node), props)) if *ts == entry.timestamp_ms && *node == entry.node => {
+                    Some(props.clone())
+                }
                 _ => None,
             };
+        }
+        let (bucket_type, _) = crate::bucket_types::split_bucket(bucket);
+        let Some(entry) = state.bucket_types.get(bucket_type) else {
+            return Some(defaults.clone());
         };
-        match self.parsed.get(bucket) {
-            Some((ts, props)) if *ts == entry.timestamp_ms => Some(props.clone()),
+        match self.types.get(bucket_type) {
+            Some(((ts, node), props)) if *ts == entry.timestamp_ms && *node == entry.node => {
+                Some(props.clone())
+            }
             _ => None,
         }
     }
 
-    /// `bucket`'s properties: its entry's (a stored `{"props": ...}`; fields it lacks take
-    /// the built-in defaults), or `defaults` when it has none, resets them or cannot be read.
+    /// `bucket`'s properties: its entry's when it has properties of its own (a stored
+    /// `{"props": ...}`, a full set taken when they were set); else, for a bucket of a type,
+    /// the type's; else `defaults` (also for an entry that cannot be read). Parses are kept
+    /// by the entry's version (at most `MAX_PARSED_PROPS` of each kind).
     pub fn props(
         &mut self,
         state: &crate::membership::ClusterState,
@@ -360,35 +370,32 @@ impl PropsCache {
         if let Some(props) = self.cached(state, bucket, defaults) {
             return props;
         }
-        // A bucket of a type inherits the type's properties (a type not known here: the
-        // defaults; requests check the type is active before they get here).
-        let (bucket_type, _) = crate::bucket_types::split_bucket(bucket);
-        let defaults = &match state.bucket_types.get(bucket_type) {
-            Some(entry) => {
-                let props = crate::bucket_types::parse(bucket_type, entry, defaults);
-                if self.types.len() >= limits::MAX_PARSED_PROPS {
-                    self.types.clear();
-                }
-                self.types
-                    .insert(bucket_type.to_owned(), (entry.timestamp_ms, props.clone()));
-                props
+        if let Some(entry) = state.bucket_props.get(bucket)
+            && let Some(json) = entry.props_json.as_deref()
+        {
+            let props = serde_json::from_str::<Value>(json)
+                .ok()
+                .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
+                .unwrap_or_else(|| defaults.clone());
+            if self.parsed.len() >= limits::MAX_PARSED_PROPS {
+                self.parsed.clear();
             }
-            None => defaults.clone(),
-        };
-        let Some(entry) = state.bucket_props.get(bucket) else {
+            let version = (entry.timestamp_ms, entry.node.clone());
+            self.parsed
+                .insert(bucket.to_owned(), (version, props.clone()));
+            return props;
+        }
+        let (bucket_type, _) = crate::bucket_types::split_bucket(bucket);
+        let Some(entry) = state.bucket_types.get(bucket_type) else {
             return defaults.clone();
         };
-        let props = entry
-            .props_json
-            .as_deref()
-            .and_then(|json| serde_json::from_str::<Value>(json).ok())
-            .and_then(|value| BucketProps::from_stored(bucket, &value).ok())
-            .unwrap_or_else(|| defaults.clone());
-        if self.parsed.len() >= limits::MAX_PARSED_PROPS {
-            self.parsed.clear();
+        let props = crate::bucket_types::parse(bucket_type, entry, defaults);
+        if self.types.len() >= limits::MAX_PARSED_PROPS {
+            self.types.clear();
         }
-        self.parsed
-            .insert(bucket.to_owned(), (entry.timestamp_ms, props.clone()));
+        let version = (entry.timestamp_ms, entry.node.clone());
+        self.types
+            .insert(bucket_type.to_owned(), (version, props.clone()));
         props
     }
 }

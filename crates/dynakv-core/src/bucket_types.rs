@@ -21,8 +21,12 @@ use std::collections::BTreeSet;
 
 /// The type every bucket named without one belongs to.
 pub const DEFAULT_TYPE: &str = "default";
-/// Most bucket types a cluster holds (gossip takes no more).
+/// Most bucket types a cluster holds: a create past it is refused.
 pub const MAX_BUCKET_TYPES: usize = 256;
+/// Most types merges keep: creates made concurrently on nodes that could not see each other
+/// may together pass [`MAX_BUCKET_TYPES`]; merges keep them up to this, and past it keep the
+/// first by name (so every node keeps the same ones).
+pub const MAX_BUCKET_TYPES_MERGED: usize = 2 * MAX_BUCKET_TYPES;
 /// Longest type name, in bytes.
 pub const MAX_TYPE_NAME_BYTES: usize = 128;
 /// Properties Riak does not let an active type change.
@@ -141,9 +145,9 @@ pub fn buckets_of(bucket_type: &str, internal: Vec<String>) -> Vec<String> {
         .collect()
 }
 
-/// The properties of an active `bucket_type` (`defaults` for `default`); `None` when there
-/// is no such active type.
-pub fn type_props(
+/// The properties of `bucket_type`, active or not (`defaults` for `default`); `None` when
+/// there is no such type.
+pub fn props_of(
     state: &ClusterState,
     bucket_type: &str,
     defaults: &BucketProps,
@@ -151,8 +155,30 @@ pub fn type_props(
     if bucket_type == DEFAULT_TYPE {
         return Some(defaults.clone());
     }
-    let entry = state.bucket_types.get(bucket_type).filter(|e| e.active)?;
+    let entry = state.bucket_types.get(bucket_type)?;
     Some(parse(bucket_type, entry, defaults))
+}
+
+/// Whether buckets of `bucket_type` are served: `default` always, another once activated.
+pub fn is_active(state: &ClusterState, bucket_type: &str) -> bool {
+    bucket_type == DEFAULT_TYPE
+        || state
+            .bucket_types
+            .get(bucket_type)
+            .is_some_and(|t| t.active)
+}
+
+/// The properties of an active `bucket_type` (`defaults` for `default`); `None` when there
+/// is no such active type.
+pub fn type_props(
+    state: &ClusterState,
+    bucket_type: &str,
+    defaults: &BucketProps,
+) -> Option<BucketProps> {
+    if !is_active(state, bucket_type) {
+        return None;
+    }
+    props_of(state, bucket_type, defaults)
 }
 
 /// A type's properties (its entry, over the built-in defaults for anything it lacks).
@@ -235,11 +261,10 @@ pub fn apply(
             if missing > 0 {
                 return Err(TypeError::NotReady { name, missing });
             }
-            let timestamp_ms = stamp(Some(entry));
+            // Only the flag: merges keep it once set, and the properties' own version stays,
+            // so an update made elsewhere meanwhile is not overwritten.
             if let Some(entry) = state.bucket_types.get_mut(&name) {
                 entry.active = true;
-                entry.timestamp_ms = timestamp_ms;
-                entry.node = node.clone();
             }
         }
         TypeChange::Update { props, .. } => {
@@ -287,18 +312,20 @@ fn refuse_unsupported(props: &Map<String, Value>) -> Result<(), TypeError> {
 }
 
 /// Merge a peer's types into `ours`: per type the newest properties (by timestamp, then
-/// node), activation kept once made, the union of the members that have seen it. New types
-/// past [`MAX_BUCKET_TYPES`] are not taken.
+/// node), activation kept once made, the union of the members that have seen it; names that
+/// are not valid type names are not taken, and past [`MAX_BUCKET_TYPES_MERGED`] the first by
+/// name are kept (commutative, associative, idempotent).
 pub fn merge(
     ours: &mut std::collections::BTreeMap<String, BucketTypeEntry>,
     theirs: &std::collections::BTreeMap<String, BucketTypeEntry>,
 ) {
     for (name, their) in theirs {
+        if check_type_name(name).is_err() || name == DEFAULT_TYPE {
+            continue;
+        }
         match ours.get_mut(name) {
             None => {
-                if ours.len() < MAX_BUCKET_TYPES {
-                    ours.insert(name.clone(), their.clone());
-                }
+                ours.insert(name.clone(), their.clone());
             }
             Some(our) => {
                 let seen: BTreeSet<NodeId> = our.seen_by.union(&their.seen_by).cloned().collect();
@@ -312,6 +339,9 @@ pub fn merge(
                 our.active = active;
             }
         }
+    }
+    while ours.len() > MAX_BUCKET_TYPES_MERGED {
+        ours.pop_last();
     }
 }
 
@@ -428,6 +458,73 @@ mod tests {
             ),
             Err(TypeError::Default)
         );
+    }
+
+    proptest::proptest! {
+        /// Merges of type maps built by creates, updates, activations and marks on three
+        /// nodes (names from a small set, so they collide) are commutative, associative and
+        /// idempotent, the cap included.
+        #[test]
+        fn merges_are_lawful(ops in proptest::collection::vec((0..3usize, 0..4u8, 0..600u16, 0..3u32), 0..60)) {
+            let defaults = BucketProps::default();
+            let nodes = ["a", "b", "c"].map(|n| NodeId(n.into()));
+            let mut states = [state_with(&["a", "b", "c"]), state_with(&["a", "b", "c"]), state_with(&["a", "b", "c"])];
+            for (i, (at, kind, name, n)) in ops.into_iter().enumerate() {
+                let name = format!("t{}", name % 40);
+                let now = i as u64;
+                let change = match kind {
+                    0 => TypeChange::Create { name, props: props(&format!(r#"{{"n_val":{}}}"#, n + 1)) },
+                    1 => TypeChange::Update { name, props: props(&format!(r#"{{"n_val":{}}}"#, n + 1)) },
+                    2 => TypeChange::Activate { name },
+                    _ => {
+                        acknowledge(&mut states[at], &nodes[at]);
+                        let other = states[(at + 1) % 3].bucket_types.clone();
+                        merge(&mut states[at].bucket_types, &other);
+                        continue;
+                    }
+                };
+                let _ = apply(&mut states[at], change, &nodes[at], now, &defaults);
+            }
+            let [a, b, c] = states.map(|s| s.bucket_types);
+            let m = |x: &std::collections::BTreeMap<String, BucketTypeEntry>, y: &std::collections::BTreeMap<String, BucketTypeEntry>| {
+                let mut out = x.clone();
+                merge(&mut out, y);
+                out
+            };
+            proptest::prop_assert_eq!(m(&a, &b), m(&b, &a));
+            proptest::prop_assert_eq!(m(&m(&a, &b), &c), m(&a, &m(&b, &c)));
+            proptest::prop_assert_eq!(m(&a, &a), a.clone());
+        }
+    }
+
+    #[test]
+    fn past_the_cap_every_node_keeps_the_same_types() {
+        let entry = |node: &str| BucketTypeEntry {
+            timestamp_ms: 1,
+            node: NodeId(node.into()),
+            props_json: "{}".into(),
+            active: false,
+            seen_by: BTreeSet::new(),
+        };
+        let mut a = std::collections::BTreeMap::new();
+        let mut b = std::collections::BTreeMap::new();
+        for i in 0..MAX_BUCKET_TYPES_MERGED {
+            a.insert(format!("a{i:04}"), entry("a"));
+            b.insert(format!("b{i:04}"), entry("b"));
+        }
+        let mut ab = a.clone();
+        merge(&mut ab, &b);
+        let mut ba = b.clone();
+        merge(&mut ba, &a);
+        assert_eq!(ab, ba);
+        assert_eq!(ab.len(), MAX_BUCKET_TYPES_MERGED);
+        // Names no create would accept are not taken from a peer.
+        let mut bad = std::collections::BTreeMap::new();
+        bad.insert("x/y".to_owned(), entry("c"));
+        bad.insert("default".to_owned(), entry("c"));
+        let mut ours = std::collections::BTreeMap::new();
+        merge(&mut ours, &bad);
+        assert!(ours.is_empty());
     }
 
     #[test]

@@ -140,7 +140,10 @@ pub struct ClusterState {
 
 /// The format of the persisted cluster state this version writes (see
 /// [`ClusterState::encode_persisted`]).
-pub const PERSISTED_STATE_FORMAT: u32 = 1;
+/// Format 2 is written only by a state holding bucket types (which format 1's readers would
+/// drop without a word, then write back without); a state without any is still format 1,
+/// so a version before types can still read it.
+pub const PERSISTED_STATE_FORMAT: u32 = 2;
 
 /// Why a persisted cluster state cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -259,7 +262,11 @@ impl ClusterState {
             member.heartbeat = 0;
         }
         let out = PersistedOut {
-            format: PERSISTED_STATE_FORMAT,
+            format: if state.bucket_types.is_empty() {
+                1
+            } else {
+                PERSISTED_STATE_FORMAT
+            },
             state: &state,
         };
         // Serializing plain structs and maps of strings cannot fail.
@@ -669,9 +676,28 @@ mod tests {
         let legacy = serde_json::to_vec(&state).unwrap();
         assert_eq!(ClusterState::decode_persisted(&legacy).unwrap(), state);
         // A newer version's state is refused with what to do.
-        let newer = text.replacen(r#""format":1"#, r#""format":2"#, 1);
+        let newer = text.replacen(r#""format":1"#, r#""format":3"#, 1);
         let err = ClusterState::decode_persisted(newer.as_bytes()).unwrap_err();
-        assert_eq!(err, PersistedStateError::Newer { found: 2 });
+        assert_eq!(err, PersistedStateError::Newer { found: 3 });
+        // A state with bucket types is format 2 (a reader of 1 would drop them), and reads back.
+        let mut typed = state.clone();
+        crate::bucket_types::apply(
+            &mut typed,
+            crate::bucket_types::TypeChange::Create {
+                name: "t".into(),
+                props: serde_json::Map::new(),
+            },
+            &crate::ring::NodeId("a".into()),
+            1,
+            &crate::bucket::BucketProps::default(),
+        )
+        .unwrap();
+        let bytes = typed.encode_persisted();
+        assert!(bytes.starts_with(br#"{"format":2,"#));
+        assert_eq!(
+            ClusterState::decode_persisted(&bytes).unwrap().bucket_types,
+            typed.bucket_types
+        );
         assert!(err.to_string().contains("newer dynakv"));
         assert!(matches!(
             ClusterState::decode_persisted(b"{\"format\":1,\"state\":7}"),

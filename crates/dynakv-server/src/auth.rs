@@ -234,6 +234,11 @@ pub fn required(method: &Method, path: &str) -> Required {
         ["buckets", bucket, "keys", _key, ..] => write(bucket),
         ["riak", bucket] if method == Method::POST => write(bucket),
         ["buckets", bucket, "props"] | ["riak", bucket] => read_or_set_props(bucket),
+        // A type's properties (`/types/T/props`): read as PB's RpbGetBucketTypeReq is,
+        // changed by admins only.
+        ["props"] if bucket_type.is_some() && (method == Method::GET || method == Method::HEAD) => {
+            Required::Permission(Permission::GetBucket, None)
+        }
         ["riak", bucket, _key] => write(bucket),
         _ => Required::Permission(Permission::Admin, None),
     }

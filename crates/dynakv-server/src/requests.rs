@@ -106,6 +106,9 @@ pub struct DeleteQuorums {
     pub pr: Option<Quorum>,
     pub w: Option<Quorum>,
     pub pw: Option<Quorum>,
+    /// Riak's quorum for both halves of a delete: the read's `r` and the write's `w` where
+    /// those are not given.
+    pub rw: Option<Quorum>,
     pub dw_given: bool,
 }
 
@@ -118,7 +121,7 @@ pub async fn delete(
     context: Option<dynakv_core::version::VersionVector>,
     quorums: DeleteQuorums,
 ) -> Result<bool, RequestError> {
-    let existing = get(cluster, &bucket, &key, quorums.r, quorums.pr).await?;
+    let existing = get(cluster, &bucket, &key, quorums.r.or(quorums.rw), quorums.pr).await?;
     if existing.is_deleted() {
         return Ok(false);
     }
@@ -133,7 +136,7 @@ pub async fn delete(
             meta: Vec::new(),
             deleted: true,
         },
-        w: quorums.w,
+        w: quorums.w.or(quorums.rw),
         pw: quorums.pw,
         dw_given: quorums.dw_given,
         precondition: dynakv_core::replica::Precondition::None,

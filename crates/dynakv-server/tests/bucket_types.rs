@@ -225,6 +225,27 @@ async fn a_type_is_activated_when_every_member_has_it_and_its_buckets_stand_apar
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (_, body) = call(&first, Method::GET, "/types/carts/props", "").await;
     assert!(body.contains(r#""r":1"#), "{body}");
+    // Its buckets without properties of their own follow it, on every node (the parse
+    // cached before the update is not used after it); one that set and then reset its own
+    // follows it again.
+    let (status, _) = call(
+        &first,
+        Method::PUT,
+        "/types/carts/buckets/own/props",
+        r#"{"props":{"w":1}}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(&first, Method::DELETE, "/types/carts/buckets/own/props", "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for node in [&first, &second] {
+        wait_for("the update to reach the type's buckets", async || {
+            let (_, b) = call(node, Method::GET, "/types/carts/buckets/b/props", "").await;
+            let (_, own) = call(node, Method::GET, "/types/carts/buckets/own/props", "").await;
+            b.contains(r#""r":1"#) && own.contains(r#""r":1"#) && own.contains(r#""w":"quorum""#)
+        })
+        .await;
+    }
     let (status, body) = call(
         &first,
         Method::PUT,

@@ -3,7 +3,7 @@
 use super::{
     ApiError, ApiResult, AppState, Arc, Body, Bytes, HashMap, IntoResponse,
     LIST_STREAM_BUFFER_PAGES, Query, RawPathParams, State, StatusCode, bucket_and_key,
-    bucket_param, header, json, json_response, limits,
+    bucket_param, header, json, json_response,
 };
 
 pub(super) async fn list_keys(
@@ -111,16 +111,9 @@ pub(super) async fn list_buckets(
 
 pub(super) async fn preflist(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let (bucket, key) = bucket_and_key(&params)?;
-    let props = state.cluster.bucket_props(&bucket);
-    let cluster = state.cluster.state();
-    let partition = cluster
-        .ring
-        .current
-        .partition_of(bucket.as_bytes(), key.as_bytes());
-    let list: Vec<_> = cluster
-        .ring
-        .current
-        .preference_list(partition, props.n_val.clamp(1, limits::MAX_N_VAL) as usize)
+    let list: Vec<_> = state
+        .cluster
+        .preflist(&bucket, &key)
         .into_iter()
         .map(|(partition, node)| json!({"partition": partition, "node": node.0, "primary": true}))
         .collect();

@@ -578,6 +578,7 @@ struct RequestOptions {
     w: Option<Quorum>,
     pr: Option<Quorum>,
     pw: Option<Quorum>,
+    rw: Option<Quorum>,
 }
 
 /// Check the quorum and flag parameters against the bucket; unknown parameters are ignored
@@ -604,6 +605,7 @@ fn parse_options(
                     "w" => options.w = Some(quorum),
                     "pr" => options.pr = Some(quorum),
                     "pw" => options.pw = Some(quorum),
+                    "rw" => options.rw = Some(quorum),
                     _ => {}
                 }
             }

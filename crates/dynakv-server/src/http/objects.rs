@@ -595,6 +595,7 @@ pub(super) async fn delete_inner(
         pr: options.pr,
         w: options.w,
         pw: options.pw,
+        rw: options.rw,
         dw_given: options.dw_given,
     };
     if !crate::requests::delete(&state.cluster, (bucket, key), context, quorums).await? {

@@ -53,11 +53,7 @@ pub(super) async fn set_props(
         })?
         .to_bytes();
     let update = props_from_body(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut props = state.cluster.bucket_props(&bucket);
-    props
-        .apply(dynakv_core::bucket_types::split_bucket(&bucket).1, &update)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    change_props(&state, &bucket, Some(&props)).await?;
+    state.cluster.update_bucket_props(&bucket, &update).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

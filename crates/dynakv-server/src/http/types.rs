@@ -89,15 +89,7 @@ async fn type_status(State(state): State<AppState>, params: RawPathParams) -> Ap
 async fn type_props(State(state): State<AppState>, params: RawPathParams) -> ApiResult {
     let name = path_param(&params, "type")?;
     let defaults = state.cluster.bucket_props("-");
-    let props = if name == DEFAULT_TYPE {
-        Some(defaults)
-    } else {
-        let cluster = state.cluster.state();
-        cluster
-            .bucket_types
-            .get(&name)
-            .map(|entry| bucket_types::parse(&name, entry, &defaults))
-    };
+    let props = bucket_types::props_of(&state.cluster.state(), &name, &defaults);
     let props = props.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

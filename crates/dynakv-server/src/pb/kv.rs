@@ -29,6 +29,17 @@ const BUCKETS_PER_FRAME: usize = 1000;
 const LIST_FRAMES_BUFFERED: usize = 4;
 /// Time limit of a listing without a `timeout` field.
 const DEFAULT_LIST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest time limit a listing's `timeout` field may ask for.
+const MAX_LIST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A listing's time limit: the client's `timeout` (ms), at most [`MAX_LIST_TIMEOUT`].
+fn list_limit(timeout: Option<u32>) -> Duration {
+    timeout
+        .map_or(DEFAULT_LIST_TIMEOUT, |ms| {
+            Duration::from_millis(u64::from(ms))
+        })
+        .min(MAX_LIST_TIMEOUT)
+}
 
 /// A request's failure: the error response's text.
 pub(super) type Refusal = String;
@@ -119,7 +130,9 @@ impl Session {
             crate::requests::get(&cluster, &bucket, &key, r, pr).await
         })
         .await??;
-        if if_modified.as_ref() == Some(object.clock()) && !object.clock().is_empty() {
+        // Unchanged: the clock the client holds, of a value that is there (a tombstone is
+        // answered as not found, as Riak does).
+        if if_modified.as_ref() == Some(object.clock()) && !object.is_deleted() {
             let unchanged = RpbGetResp {
                 unchanged: Some(true),
                 ..RpbGetResp::default()
@@ -236,14 +249,13 @@ impl Session {
             .vclock
             .map(|vclock| self.decode_vclock(&bucket, &key, &vclock))
             .transpose()?;
-        // rw is Riak's quorum for both halves of a delete, where r and w are not given.
-        let rw = quorum_field("rw", request.rw, &props)?;
         let dw = quorum_field("dw", request.dw, &props)?;
         let quorums = crate::requests::DeleteQuorums {
-            r: quorum_field("r", request.r, &props)?.or(rw),
+            r: quorum_field("r", request.r, &props)?,
             pr: quorum_field("pr", request.pr, &props)?,
-            w: quorum_field("w", request.w, &props)?.or(rw),
+            w: quorum_field("w", request.w, &props)?,
             pw: quorum_field("pw", request.pw, &props)?,
+            rw: quorum_field("rw", request.rw, &props)?,
             dw_given: dw_given(dw),
         };
         let cluster = Arc::clone(&self.state.cluster);
@@ -266,9 +278,7 @@ impl Session {
             request.r#type.as_deref(),
         )?;
         self.permitted(Permission::ListKeys, Some(&bucket))?;
-        let limit = request.timeout.map_or(DEFAULT_LIST_TIMEOUT, |ms| {
-            Duration::from_millis(u64::from(ms))
-        });
+        let limit = list_limit(request.timeout);
         let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(LIST_FRAMES_BUFFERED);
         let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Vec<String>>(1);
         let cluster = Arc::clone(&self.state.cluster);
@@ -326,9 +336,7 @@ impl Session {
         let bucket_type = type_name(request.r#type.as_deref())?.to_owned();
         self.state.cluster.typed_bucket(&bucket_type, "-")?;
         self.permitted(Permission::ListBuckets, None)?;
-        let limit = request.timeout.map_or(DEFAULT_LIST_TIMEOUT, |ms| {
-            Duration::from_millis(u64::from(ms))
-        });
+        let limit = list_limit(request.timeout);
         let buckets =
             tokio::time::timeout(limit, crate::requests::list_buckets(&self.state.cluster))
                 .await
@@ -371,12 +379,10 @@ impl Session {
             request.r#type.as_deref(),
         )?;
         self.permitted(Permission::Get, Some(&bucket))?;
-        let props = self.state.cluster.bucket_props(&bucket);
-        let state = self.state.cluster.state();
-        let ring = &state.ring.current;
-        let partition = ring.partition_of(bucket.as_bytes(), key.as_bytes());
-        let preflist = ring
-            .preference_list(partition, props.n_val.clamp(1, limits::MAX_N_VAL) as usize)
+        let preflist = self
+            .state
+            .cluster
+            .preflist(&bucket, &key)
             .into_iter()
             .map(|(partition, node)| dynakv_pb::RpbBucketKeyPreflistItem {
                 partition: Some(i64::from(partition)),

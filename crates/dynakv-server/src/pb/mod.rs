@@ -36,6 +36,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Bytes of responses gathered before they are written (pipelined requests are answered in
 /// one write up to this).
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// Longest frame of any message but a put (the others carry names and small fields; prost
+/// decodes repeated fields into structures several times their wire size).
+const MAX_SMALL_FRAME_BYTES: usize = 64 * 1024;
+/// The read buffer kept between frames; a larger one (after a large put) is given back.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Serve the PB API on `listener` until `shutdown` turns true. `tls`: the node's TLS
 /// configuration, which `RpbStartTls` switches a connection to.
@@ -190,7 +195,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
         };
-        let control = session.handle(code, &body, &mut out).await;
+        let control = session.handle(code, &frames.buf[body], &mut out).await;
         frames.release();
         match control {
             Control::Continue => {}
@@ -198,6 +203,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 if !write(stream, &out).await {
                     return End::Closed;
                 }
+                session.held.clear();
                 return End::StartTls;
             }
             Control::Stream(mut pages) => {
@@ -205,8 +211,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     return End::Closed;
                 }
                 out.clear();
-                // Each page is written as it comes: memory is the channel's few pages.
-                while let Some(page) = pages.recv().await {
+                session.held.clear();
+                // Each page is written as it comes: memory is the channel's few pages. The
+                // node's stop ends the listing (its task stops when the channel closes).
+                loop {
+                    let page = tokio::select! {
+                        page = pages.recv() => page,
+                        _ = shutdown.wait_for(|stop| *stop) => return End::Closed,
+                    };
+                    let Some(page) = page else { break };
                     if !write(stream, &page).await {
                         return End::Closed;
                     }
@@ -261,18 +274,26 @@ impl Frames {
                 })
     }
 
+    /// The frame was handled: its budget is returned, and a buffer grown for a large frame
+    /// is given back once nothing else is buffered.
     fn release(&mut self) {
         self.permit = None;
+        if self.buf.len() > READ_BUFFER_BYTES && self.is_empty() {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
     }
 
-    /// The next frame's code and body; `None` when the client closed between frames.
+    /// The next frame's code and where its body is in `buf`; `None` when the client closed
+    /// between frames.
     async fn next<S: AsyncRead + Unpin>(
         &mut self,
         stream: &mut S,
         limits: &crate::http_serve::HttpLimits,
         limit: usize,
         session: &Session,
-    ) -> Result<Option<(u8, Vec<u8>)>, FrameFault> {
+    ) -> Result<Option<(u8, std::ops::Range<usize>)>, FrameFault> {
         // Between frames the client may be idle up to the idle timeout.
         match tokio::time::timeout(
             limits.pb_idle_timeout,
@@ -288,6 +309,25 @@ impl Frames {
         prefix.copy_from_slice(&self.buf[self.start..self.start + dynakv_pb::LENGTH_BYTES]);
         let length = dynakv_pb::frame_length(prefix, limit)
             .map_err(|e| FrameFault::Refused(format!("{e}: the connection is closed")))?;
+        if length > MAX_SMALL_FRAME_BYTES {
+            // Only a put may be large: its code decides, before any of its body is read.
+            match tokio::time::timeout(
+                limits.body_read_timeout,
+                self.fill_to(stream, dynakv_pb::LENGTH_BYTES + 1),
+            )
+            .await
+            {
+                Ok(Ok(true)) => {}
+                _ => return Err(FrameFault::Gone),
+            }
+            let code = self.buf[self.start + dynakv_pb::LENGTH_BYTES];
+            if code != code::PUT_REQ {
+                return Err(FrameFault::Refused(format!(
+                    "a frame of {length} bytes for message code {code}: only a put may be \
+                     longer than {MAX_SMALL_FRAME_BYTES}; the connection is closed"
+                )));
+            }
+        }
         self.start += dynakv_pb::LENGTH_BYTES;
         let permit = match session.state.http.reserve_request_body(length) {
             Ok(permit) => Some(permit),
@@ -306,7 +346,7 @@ impl Frames {
             _ => return Err(FrameFault::Gone),
         }
         let code = self.buf[self.start];
-        let body = self.buf[self.start + 1..self.start + length].to_vec();
+        let body = self.start + 1..self.start + length;
         self.start += length;
         self.permit = permit;
         Ok(Some((code, body)))
@@ -324,7 +364,7 @@ impl Frames {
                 self.end -= self.start;
                 self.start = 0;
             }
-            let room = want.max(16 * 1024);
+            let room = want.max(READ_BUFFER_BYTES);
             if self.buf.len() < room {
                 self.buf.resize(room, 0);
             }

@@ -6,7 +6,7 @@
 use super::Session;
 use super::kv::{Refusal, bucket_name, pb_quorum, type_name};
 use dynakv_core::bucket::{BucketProps, Quorum};
-use dynakv_core::bucket_types::{DEFAULT_TYPE, TypeChange};
+use dynakv_core::bucket_types::TypeChange;
 use dynakv_core::security::Permission;
 use dynakv_pb::{
     RpbBucketProps, RpbGetBucketReq, RpbGetBucketResp, RpbModFun, RpbResetBucketReq,
@@ -85,14 +85,11 @@ impl Session {
                     .props
                     .ok_or("RpbSetBucketReq needs props (its required field 2)")?;
                 let update = to_json(&update)?;
-                let mut props = self.state.cluster.bucket_props(&bucket);
-                let name = dynakv_core::bucket_types::split_bucket(&bucket).1;
-                props.apply(name, &update).map_err(|e| e.to_string())?;
                 self.state
                     .cluster
-                    .set_bucket_props(&bucket, Some(&props))
+                    .update_bucket_props(&bucket, &update)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| crate::view::error_status(&e).1)?;
                 encode_empty(out, code::SET_BUCKET_RESP);
             }
             code::RESET_BUCKET_REQ => {
@@ -118,16 +115,12 @@ impl Session {
                 let bucket_type = type_name(Some(&bucket_type))?;
                 self.permitted(Permission::GetBucket, None)?;
                 let defaults = self.state.cluster.bucket_props("-");
-                let props = if bucket_type == DEFAULT_TYPE {
-                    defaults
-                } else {
-                    let state = self.state.cluster.state();
-                    let entry = state
-                        .bucket_types
-                        .get(bucket_type)
-                        .ok_or_else(|| format!("Invalid bucket type: {bucket_type:?}"))?;
-                    dynakv_core::bucket_types::parse(bucket_type, entry, &defaults)
-                };
+                let props = dynakv_core::bucket_types::props_of(
+                    &self.state.cluster.state(),
+                    bucket_type,
+                    &defaults,
+                )
+                .ok_or_else(|| format!("Invalid bucket type: {bucket_type:?}"))?;
                 let response = RpbGetBucketResp {
                     props: Some(to_pb(&props)),
                 };
@@ -293,10 +286,7 @@ fn to_json(props: &RpbBucketProps) -> Result<Map<String, Value>, Refusal> {
         );
     }
     if props.datatype.as_ref().is_some_and(|d| !d.is_empty()) || props.hll_precision.is_some() {
-        return refuse(
-            "datatype",
-            "data types are set on bucket types, which dynakv does not have yet",
-        );
+        return refuse("datatype", "data types are not supported by dynakv yet");
     }
     if props.consistent == Some(true) {
         return refuse(

@@ -471,17 +471,49 @@ impl Cluster {
         self.admin(ClientOp::BucketType(change)).await
     }
 
+    /// A key's preference list on the current ring (HTTP's and PB's answer; every entry is
+    /// reported primary).
+    pub fn preflist(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Vec<(dynakv_core::ring::PartitionId, dynakv_core::ring::NodeId)> {
+        let n = self
+            .bucket_props(bucket)
+            .n_val
+            .clamp(1, dynakv_core::limits::MAX_N_VAL) as usize;
+        let state = self.state();
+        let ring = &state.ring.current;
+        ring.preference_list(ring.partition_of(bucket.as_bytes(), key.as_bytes()), n)
+    }
+
+    /// Apply a client's properties update (`{"props":{...}}`'s inner object) to `bucket`'s
+    /// current properties and set the result cluster-wide (HTTP's and PB's set); a bad
+    /// update is refused with its reason and changes nothing.
+    ///
+    /// # Errors
+    /// The update is invalid (400), or refused or not written (see `set_bucket_props`).
+    pub async fn update_bucket_props(
+        &self,
+        bucket: &str,
+        update: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), ClusterError> {
+        let mut props = self.bucket_props(bucket);
+        let name = dynakv_core::bucket_types::split_bucket(bucket).1;
+        props
+            .apply(name, update)
+            .map_err(|e| ClusterError::Refused {
+                status: 400,
+                message: e.to_string(),
+            })?;
+        self.set_bucket_props(bucket, Some(&props)).await
+    }
+
     /// The internal name of `bucket` of `bucket_type`, when the type is active (`default`
     /// always is); else why not.
     pub fn typed_bucket(&self, bucket_type: &str, bucket: &str) -> Result<String, String> {
-        use dynakv_core::bucket_types::{DEFAULT_TYPE, internal_bucket};
-        if bucket_type != DEFAULT_TYPE
-            && !self
-                .state()
-                .bucket_types
-                .get(bucket_type)
-                .is_some_and(|t| t.active)
-        {
+        use dynakv_core::bucket_types::{internal_bucket, is_active};
+        if !is_active(&self.state(), bucket_type) {
             return Err(format!("no active bucket type named {bucket_type:?}"));
         }
         Ok(internal_bucket(bucket_type, bucket))
