@@ -7,6 +7,8 @@
 //!   client's context had seen, so an add concurrent with the remove survives.
 //! - [`GSet`]: a set that only grows (union).
 //! - [`Hll`]: HyperLogLog cardinality estimate (register-wise maximum).
+//! - [`LwwRegister`] (the later write by wall clock, then actor) and [`EwFlag`] (enable
+//!   wins over a concurrent disable): the fields a map holds besides counters and sets.
 //!
 //! Every merge is commutative, associative and idempotent (property tests in `tests.rs`).
 //! Every bound is a named constant here; an operation past one is refused with a
@@ -18,6 +20,7 @@ use thiserror::Error;
 mod counter;
 mod gset;
 mod hll;
+mod register;
 mod set;
 #[cfg(test)]
 mod tests;
@@ -25,6 +28,7 @@ mod tests;
 pub use counter::PnCounter;
 pub use gset::GSet;
 pub use hll::{DEFAULT_HLL_PRECISION, Hll, MAX_HLL_PRECISION, MIN_HLL_PRECISION};
+pub use register::{EwFlag, LwwRegister, MAX_REGISTER_BYTES};
 pub use set::{OrSet, SetContext};
 
 /// Most elements a set (or a grow-only set) holds: an add past it is refused.

@@ -24,7 +24,41 @@ pub struct OrSet {
     entries: BTreeMap<Vec<u8>, BTreeSet<Dot>>,
 }
 
-fn covers(clock: &BTreeMap<ActorId, u64>, dot: &Dot) -> bool {
+/// The live dots of one element after a merge: those both sides have, and those one side has
+/// that the other's clock has not seen (so the other did not remove them).
+pub(super) fn merge_dots(
+    (ours, our_clock): (&BTreeSet<Dot>, &SetContext),
+    (theirs, their_clock): (&BTreeSet<Dot>, &SetContext),
+) -> BTreeSet<Dot> {
+    ours.intersection(theirs)
+        .copied()
+        .chain(
+            ours.difference(theirs)
+                .filter(|d| !covers(their_clock, d))
+                .copied(),
+        )
+        .chain(
+            theirs
+                .difference(ours)
+                .filter(|d| !covers(our_clock, d))
+                .copied(),
+        )
+        .collect()
+}
+
+/// The pointwise maximum of two clocks (actors past the bound are not taken).
+pub(super) fn merge_clock(ours: &mut SetContext, theirs: &SetContext) {
+    for (actor, counter) in theirs {
+        if !ours.contains_key(actor) && ours.len() >= MAX_CRDT_ACTORS {
+            continue;
+        }
+        let entry = ours.entry(*actor).or_insert(0);
+        *entry = (*entry).max(*counter);
+    }
+}
+
+/// Whether `clock` has seen `dot`.
+pub(super) fn covers(clock: &BTreeMap<ActorId, u64>, dot: &Dot) -> bool {
     clock.get(&dot.actor).is_some_and(|c| *c >= dot.counter)
 }
 
@@ -94,32 +128,12 @@ impl OrSet {
         for key in keys {
             let ours = self.entries.get(&key).unwrap_or(&empty);
             let theirs = other.entries.get(&key).unwrap_or(&empty);
-            let kept: BTreeSet<Dot> = ours
-                .intersection(theirs)
-                .copied()
-                .chain(
-                    ours.difference(theirs)
-                        .filter(|d| !covers(&other.clock, d))
-                        .copied(),
-                )
-                .chain(
-                    theirs
-                        .difference(ours)
-                        .filter(|d| !covers(&self.clock, d))
-                        .copied(),
-                )
-                .collect();
+            let kept = merge_dots((ours, &self.clock), (theirs, &other.clock));
             if !kept.is_empty() && entries.len() < MAX_SET_ELEMENTS_MERGED {
                 entries.insert(key, kept);
             }
         }
-        for (actor, counter) in &other.clock {
-            if !self.clock.contains_key(actor) && self.clock.len() >= MAX_CRDT_ACTORS {
-                continue;
-            }
-            let entry = self.clock.entry(*actor).or_insert(0);
-            *entry = (*entry).max(*counter);
-        }
+        merge_clock(&mut self.clock, &other.clock);
         self.entries = entries;
     }
 

@@ -146,6 +146,53 @@ proptest! {
     }
 }
 
+proptest! {
+    #[test]
+    fn register_and_flag_merges_are_lawful(ops in prop::collection::vec((0..3usize, 0..3u8, 0..5u64, any::<u8>()), 0..30)) {
+        let mut registers: [LwwRegister; 3] = Default::default();
+        let mut flags: [EwFlag; 3] = Default::default();
+        for (at, kind, time, value) in ops {
+            match kind {
+                0 => {
+                    registers[at].set(ACTORS[at], time, &[value]).unwrap();
+                    flags[at].enable(ACTORS[at]).unwrap();
+                }
+                1 => {
+                    let context = flags[at].context();
+                    flags[at].disable(&context);
+                }
+                _ => {
+                    let (r, f) = (registers[(at + 1) % 3].clone(), flags[(at + 1) % 3].clone());
+                    registers[at].merge(&r);
+                    flags[at].merge(&f);
+                }
+            }
+        }
+        let [a, b, c] = registers;
+        laws(&a, &b, &c, LwwRegister::merge);
+        let [a, b, c] = flags;
+        laws(&a, &b, &c, EwFlag::merge);
+    }
+}
+
+#[test]
+fn the_later_register_write_wins_and_enable_wins_over_a_concurrent_disable() {
+    let mut a = LwwRegister::default();
+    let mut b = LwwRegister::default();
+    a.set(ACTORS[0], 10, b"old").unwrap();
+    b.set(ACTORS[1], 20, b"new").unwrap();
+    assert_eq!(merged(&a, &b, LwwRegister::merge).value(), b"new");
+    assert_eq!(merged(&b, &a, LwwRegister::merge).value(), b"new");
+    let mut on_a = EwFlag::default();
+    on_a.enable(ACTORS[0]).unwrap();
+    let mut on_b = on_a.clone();
+    let read = on_a.context();
+    on_b.enable(ACTORS[1]).unwrap();
+    on_a.disable(&read);
+    assert!(!on_a.enabled());
+    assert!(merged(&on_a, &on_b, EwFlag::merge).enabled());
+}
+
 #[test]
 fn a_remove_undoes_only_the_adds_its_read_saw() {
     let (a, b) = (ACTORS[0], ACTORS[1]);
