@@ -20,6 +20,7 @@ use thiserror::Error;
 mod counter;
 mod gset;
 mod hll;
+mod map;
 mod register;
 mod set;
 #[cfg(test)]
@@ -28,6 +29,9 @@ mod tests;
 pub use counter::PnCounter;
 pub use gset::GSet;
 pub use hll::{DEFAULT_HLL_PRECISION, Hll, MAX_HLL_PRECISION, MIN_HLL_PRECISION};
+pub use map::{
+    FieldKey, FieldKind, FieldOp, FieldValue, MAX_MAP_DEPTH, MAX_MAP_FIELDS, MapOp, OrMap,
+};
 pub use register::{EwFlag, LwwRegister, MAX_REGISTER_BYTES};
 pub use set::{OrSet, SetContext};
 
@@ -59,6 +63,10 @@ pub enum CrdtError {
          with the context of that read)"
     )]
     NotPresent(String),
+    #[error("maps nest at most {} deep", map::MAX_MAP_DEPTH)]
+    TooDeep,
+    #[error("wrong operation: {0}")]
+    WrongOp(String),
     #[error("malformed data type: {0}")]
     Malformed(#[from] crate::codec::DecodeError),
 }

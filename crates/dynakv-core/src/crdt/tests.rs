@@ -291,3 +291,165 @@ fn hll_estimates_within_its_error() {
     let folded = coarse.estimate() as f64;
     assert!((folded / 20_000.0 - 1.0).abs() < 0.15, "{folded}");
 }
+
+fn key(name: &str, kind: FieldKind) -> FieldKey {
+    FieldKey {
+        name: name.as_bytes().to_vec(),
+        kind,
+    }
+}
+
+/// A random map operation on a small set of fields (one nested map), removes with the
+/// replica's own current context.
+fn map_op(kind: u8, field: u8, value: u8) -> MapOp {
+    let name = ["a", "b"][usize::from(field % 2)];
+    match kind % 8 {
+        0 => MapOp::Update(
+            key(name, FieldKind::Counter),
+            FieldOp::Increment(i64::from(value) - 3),
+        ),
+        1 => MapOp::Update(key(name, FieldKind::Set), FieldOp::Add(vec![value % 4])),
+        2 => MapOp::Update(
+            key(name, FieldKind::Set),
+            FieldOp::RemoveElement(vec![value % 4]),
+        ),
+        3 => MapOp::Update(key(name, FieldKind::Register), FieldOp::Assign(vec![value])),
+        4 => MapOp::Update(
+            key(name, FieldKind::Flag),
+            if value.is_multiple_of(2) {
+                FieldOp::Enable
+            } else {
+                FieldOp::Disable
+            },
+        ),
+        5 => MapOp::Update(
+            key("m", FieldKind::Map),
+            FieldOp::Update(vec![MapOp::Update(
+                key(name, FieldKind::Counter),
+                FieldOp::Increment(1),
+            )]),
+        ),
+        6 => MapOp::Remove(key(
+            name,
+            [
+                FieldKind::Counter,
+                FieldKind::Set,
+                FieldKind::Register,
+                FieldKind::Flag,
+            ][usize::from(value % 4)],
+        )),
+        _ => MapOp::Remove(key("m", FieldKind::Map)),
+    }
+}
+
+proptest! {
+    /// Maps built by random updates, removes (with each replica's own context) and syncs on
+    /// three replicas merge lawfully, removes of fields updated elsewhere included.
+    #[test]
+    fn map_merges_are_lawful(ops in prop::collection::vec((0..3usize, 0..10u8, any::<u8>(), any::<u8>(), 0..3usize), 0..50)) {
+        let mut replicas: [OrMap; 3] = Default::default();
+        for (i, (at, kind, field, value, from)) in ops.into_iter().enumerate() {
+            if kind >= 8 {
+                let other = replicas[from].clone();
+                replicas[at].merge(&other);
+                continue;
+            }
+            let context = replicas[at].context();
+            let _ = replicas[at].update(ACTORS[at], i as u64, &[map_op(kind, field, value)], Some(&context));
+        }
+        let [a, b, c] = replicas;
+        laws(&a, &b, &c, OrMap::merge);
+    }
+}
+
+#[test]
+fn a_field_removed_on_one_replica_and_updated_on_another_converges() {
+    let counter = key("visits", FieldKind::Counter);
+    let mut a = OrMap::default();
+    a.update(
+        ACTORS[0],
+        1,
+        &[MapOp::Update(counter.clone(), FieldOp::Increment(5))],
+        None,
+    )
+    .unwrap();
+    let mut b = a.clone();
+    let mut c = a.clone();
+    // b removes the field it read; c increments it concurrently; a increments again.
+    let read = b.context();
+    b.update(ACTORS[1], 2, &[MapOp::Remove(counter.clone())], Some(&read))
+        .unwrap();
+    assert!(b.read().is_empty());
+    c.update(
+        ACTORS[2],
+        2,
+        &[MapOp::Update(counter.clone(), FieldOp::Increment(2))],
+        None,
+    )
+    .unwrap();
+    a.update(
+        ACTORS[0],
+        3,
+        &[MapOp::Update(counter.clone(), FieldOp::Increment(1))],
+        None,
+    )
+    .unwrap();
+    // Every order of merging gives the same map: the field is back (the updates the remove
+    // had not seen win) with c's 2 and a's contribution, 6: a counter's contribution is
+    // cumulative per actor and a's later increment re-tagged all of it (as Riak's embedded
+    // counter does); the remove dropped only what it saw of each actor.
+    let orders = [
+        merged(&merged(&a, &b, OrMap::merge), &c, OrMap::merge),
+        merged(&a, &merged(&b, &c, OrMap::merge), OrMap::merge),
+        merged(&merged(&c, &a, OrMap::merge), &b, OrMap::merge),
+    ];
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[1], orders[2]);
+    let fields = orders[0].read();
+    assert_eq!(fields.get(&counter), Some(&FieldValue::Counter(8)));
+    // A remove needs a context that saw the field; a wrong operation for a field's type is
+    // refused; all or nothing.
+    let mut d = OrMap::default();
+    assert!(matches!(
+        d.update(
+            ACTORS[0],
+            1,
+            &[MapOp::Remove(counter.clone())],
+            Some(&d.context())
+        ),
+        Err(CrdtError::NotPresent(_))
+    ));
+    let wrong = [
+        MapOp::Update(key("ok", FieldKind::Flag), FieldOp::Enable),
+        MapOp::Update(counter.clone(), FieldOp::Add(b"x".to_vec())),
+    ];
+    assert!(matches!(
+        d.update(ACTORS[0], 1, &wrong, None),
+        Err(CrdtError::WrongOp(_))
+    ));
+    assert!(d.read().is_empty(), "nothing of a refused update stays");
+}
+
+#[test]
+fn maps_nest_up_to_their_depth_and_fields_are_bounded() {
+    fn nested(depth: usize) -> MapOp {
+        let leaf = MapOp::Update(key("f", FieldKind::Flag), FieldOp::Enable);
+        (0..depth).fold(leaf, |inner, _| {
+            MapOp::Update(key("m", FieldKind::Map), FieldOp::Update(vec![inner]))
+        })
+    }
+    let mut m = OrMap::default();
+    m.update(ACTORS[0], 1, &[nested(MAX_MAP_DEPTH - 1)], None)
+        .unwrap();
+    assert_eq!(
+        m.update(ACTORS[0], 2, &[nested(MAX_MAP_DEPTH)], None),
+        Err(CrdtError::TooDeep)
+    );
+    let many: Vec<MapOp> = (0..=MAX_MAP_FIELDS)
+        .map(|i| MapOp::Update(key(&format!("f{i}"), FieldKind::Flag), FieldOp::Enable))
+        .collect();
+    assert_eq!(
+        OrMap::default().update(ACTORS[0], 1, &many, None),
+        Err(CrdtError::TooManyElements)
+    );
+}

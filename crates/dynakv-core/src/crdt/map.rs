@@ -1,0 +1,387 @@
+//! Riak's map: named fields of counters, sets, registers, flags and maps, each merged by its
+//! own rule, under the map's one clock.
+//!
+//! The values in a map are *causal* (a dot store, as in Almeida et al.'s delta-CRDTs and
+//! Riak's embedded types): they keep no clock of their own, and everything in them is tagged
+//! with the dot of the map update that made it. So a field is present while its value holds
+//! a dot; removing a field (with the context of a read) drops the dots the read saw, at every
+//! depth (reset-remove); and a merge keeps a dot both sides have, or one side has that the
+//! other's clock has not seen. This makes the merge commutative, associative and idempotent
+//! even for a field removed on one replica and updated on another.
+//!
+//! - counter: per actor, its latest contribution (cumulative increments and decrements),
+//!   tagged with the dot of the update that made it;
+//! - set: per element, the dots of the adds that are live (add wins);
+//! - register: the writes no one has overwritten yet (concurrent ones all kept), read as the
+//!   one with the latest `(timestamp, actor)`;
+//! - flag: the dots of the enables that are live (enable wins);
+//! - map: fields, recursively.
+
+use super::set::{covers, merge_clock, merge_dots};
+use super::{CrdtError, MAX_ELEMENT_BYTES, MAX_SET_ELEMENTS, SetContext, next_counter, shown};
+use crate::version::{ActorId, Dot};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Most fields a map (each nested map too) holds.
+pub const MAX_MAP_FIELDS: usize = 1024;
+/// Deepest nesting of maps in a map (a top-level map is depth 1).
+pub const MAX_MAP_DEPTH: usize = 4;
+
+/// A field's type: part of its name, as in Riak (`visits_counter`, `tags_set`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FieldKind {
+    Counter,
+    Set,
+    Register,
+    Flag,
+    Map,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FieldKey {
+    pub name: Vec<u8>,
+    pub kind: FieldKind,
+}
+
+/// An operation on one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldOp {
+    Increment(i64),
+    Add(Vec<u8>),
+    /// Needs the context of a read that saw the element.
+    RemoveElement(Vec<u8>),
+    Assign(Vec<u8>),
+    Enable,
+    /// Needs the context of a read.
+    Disable,
+    Update(Vec<MapOp>),
+}
+
+/// An operation on a map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapOp {
+    Update(FieldKey, FieldOp),
+    /// Needs the context of a read that saw the field.
+    Remove(FieldKey),
+}
+
+/// A field's value: causal, tagged with the map clock's dots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    Counter(BTreeMap<Dot, (u64, u64)>),
+    Set(BTreeMap<Vec<u8>, BTreeSet<Dot>>),
+    Register(BTreeMap<Dot, (u64, Vec<u8>)>),
+    Flag(BTreeSet<Dot>),
+    Map(BTreeMap<FieldKey, Value>),
+}
+
+/// What a client reads of a field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldValue {
+    Counter(i64),
+    Set(Vec<Vec<u8>>),
+    Register(Vec<u8>),
+    Flag(bool),
+    Map(BTreeMap<FieldKey, FieldValue>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrMap {
+    clock: SetContext,
+    fields: BTreeMap<FieldKey, Value>,
+}
+
+impl Value {
+    fn empty(kind: FieldKind) -> Value {
+        match kind {
+            FieldKind::Counter => Value::Counter(BTreeMap::new()),
+            FieldKind::Set => Value::Set(BTreeMap::new()),
+            FieldKind::Register => Value::Register(BTreeMap::new()),
+            FieldKind::Flag => Value::Flag(BTreeSet::new()),
+            FieldKind::Map => Value::Map(BTreeMap::new()),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Value::Counter(m) => m.is_empty(),
+            Value::Set(m) => m.is_empty(),
+            Value::Register(m) => m.is_empty(),
+            Value::Flag(s) => s.is_empty(),
+            Value::Map(m) => m.is_empty(),
+        }
+    }
+
+    /// Whether `context` has seen any of the value's dots.
+    fn seen_by(&self, context: &SetContext) -> bool {
+        match self {
+            Value::Counter(m) => m.keys().any(|d| covers(context, d)),
+            Value::Set(m) => m.values().flatten().any(|d| covers(context, d)),
+            Value::Register(m) => m.keys().any(|d| covers(context, d)),
+            Value::Flag(s) => s.iter().any(|d| covers(context, d)),
+            Value::Map(m) => m.values().any(|v| v.seen_by(context)),
+        }
+    }
+
+    /// Drop every dot `context` has seen (a removal by a client that read it then).
+    fn reset(&mut self, context: &SetContext) {
+        match self {
+            Value::Counter(m) => m.retain(|d, _| !covers(context, d)),
+            Value::Set(m) => {
+                for dots in m.values_mut() {
+                    dots.retain(|d| !covers(context, d));
+                }
+                m.retain(|_, dots| !dots.is_empty());
+            }
+            Value::Register(m) => m.retain(|d, _| !covers(context, d)),
+            Value::Flag(s) => s.retain(|d| !covers(context, d)),
+            Value::Map(m) => {
+                for value in m.values_mut() {
+                    value.reset(context);
+                }
+                m.retain(|_, v| !v.is_empty());
+            }
+        }
+    }
+
+    /// The causal merge of two values of the same field, under their maps' clocks.
+    fn merge(ours: (&Value, &SetContext), theirs: (&Value, &SetContext)) -> Value {
+        let (a, ca) = ours;
+        let (b, cb) = theirs;
+        match (a, b) {
+            (Value::Counter(x), Value::Counter(y)) => Value::Counter(merge_fun(x, ca, y, cb)),
+            (Value::Register(x), Value::Register(y)) => Value::Register(merge_fun(x, ca, y, cb)),
+            (Value::Flag(x), Value::Flag(y)) => Value::Flag(merge_dots((x, ca), (y, cb))),
+            (Value::Set(x), Value::Set(y)) => {
+                let empty = BTreeSet::new();
+                let keys: BTreeSet<&Vec<u8>> = x.keys().chain(y.keys()).collect();
+                let mut out = BTreeMap::new();
+                for key in keys {
+                    let dots = merge_dots(
+                        (x.get(key).unwrap_or(&empty), ca),
+                        (y.get(key).unwrap_or(&empty), cb),
+                    );
+                    if !dots.is_empty() {
+                        out.insert(key.clone(), dots);
+                    }
+                }
+                Value::Set(out)
+            }
+            (Value::Map(x), Value::Map(y)) => Value::Map(merge_fields(x, ca, y, cb)),
+            // A key's kind is part of it: two values of one key are of one kind.
+            (ours, _) => ours.clone(),
+        }
+    }
+
+    fn read(&self) -> FieldValue {
+        match self {
+            Value::Counter(m) => {
+                let wide: i128 = m
+                    .values()
+                    .map(|(inc, dec)| i128::from(*inc) - i128::from(*dec))
+                    .sum();
+                FieldValue::Counter(i64::try_from(wide).unwrap_or(if wide < 0 {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                }))
+            }
+            Value::Set(m) => FieldValue::Set(m.keys().cloned().collect()),
+            Value::Register(m) => FieldValue::Register(
+                m.iter()
+                    .max_by_key(|(dot, (ts, value))| (*ts, dot.actor, value.clone()))
+                    .map(|(_, (_, value))| value.clone())
+                    .unwrap_or_default(),
+            ),
+            Value::Flag(s) => FieldValue::Flag(!s.is_empty()),
+            Value::Map(m) => {
+                FieldValue::Map(m.iter().map(|(k, v)| (k.clone(), v.read())).collect())
+            }
+        }
+    }
+}
+
+/// Merge of dot-tagged entries: an entry both sides have, or one side has and the other's
+/// clock has not seen.
+fn merge_fun<T: Clone>(
+    x: &BTreeMap<Dot, T>,
+    cx: &SetContext,
+    y: &BTreeMap<Dot, T>,
+    cy: &SetContext,
+) -> BTreeMap<Dot, T> {
+    let mut out = BTreeMap::new();
+    for (dot, value) in x {
+        if y.contains_key(dot) || !covers(cy, dot) {
+            out.insert(*dot, value.clone());
+        }
+    }
+    for (dot, value) in y {
+        if !x.contains_key(dot) && !covers(cx, dot) {
+            out.insert(*dot, value.clone());
+        }
+    }
+    out
+}
+
+fn merge_fields(
+    x: &BTreeMap<FieldKey, Value>,
+    cx: &SetContext,
+    y: &BTreeMap<FieldKey, Value>,
+    cy: &SetContext,
+) -> BTreeMap<FieldKey, Value> {
+    let keys: BTreeSet<&FieldKey> = x.keys().chain(y.keys()).collect();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let empty = Value::empty(key.kind);
+        let merged = Value::merge(
+            (x.get(key).unwrap_or(&empty), cx),
+            (y.get(key).unwrap_or(&empty), cy),
+        );
+        if !merged.is_empty() {
+            out.insert(key.clone(), merged);
+        }
+    }
+    out
+}
+
+/// Apply `ops` to `fields` with `dot` (the update's), at nesting `depth`.
+fn apply(
+    fields: &mut BTreeMap<FieldKey, Value>,
+    ops: &[MapOp],
+    dot: Dot,
+    (now_ms, context, depth): (u64, Option<&SetContext>, usize),
+) -> Result<(), CrdtError> {
+    let need_context = |what: &[u8]| context.ok_or_else(|| CrdtError::NotPresent(shown(what)));
+    for op in ops {
+        match op {
+            MapOp::Remove(key) => {
+                let context = need_context(&key.name)?;
+                let value = fields
+                    .get_mut(key)
+                    .filter(|v| v.seen_by(context))
+                    .ok_or_else(|| CrdtError::NotPresent(shown(&key.name)))?;
+                value.reset(context);
+                if value.is_empty() {
+                    fields.remove(key);
+                }
+            }
+            MapOp::Update(key, op) => {
+                if key.name.len() > MAX_ELEMENT_BYTES {
+                    return Err(CrdtError::ElementTooLarge);
+                }
+                if !fields.contains_key(key) && fields.len() >= MAX_MAP_FIELDS {
+                    return Err(CrdtError::TooManyElements);
+                }
+                let value = fields
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::empty(key.kind));
+                match (value, op) {
+                    (Value::Counter(m), FieldOp::Increment(delta)) => {
+                        let (inc, dec) = m
+                            .iter()
+                            .filter(|(d, _)| d.actor == dot.actor)
+                            .map(|(_, t)| *t)
+                            .fold((0u64, 0u64), |a, t| (a.0.max(t.0), a.1.max(t.1)));
+                        let (inc, dec) = if *delta >= 0 {
+                            (
+                                inc.checked_add(delta.unsigned_abs())
+                                    .ok_or(CrdtError::Overflow)?,
+                                dec,
+                            )
+                        } else {
+                            (
+                                inc,
+                                dec.checked_add(delta.unsigned_abs())
+                                    .ok_or(CrdtError::Overflow)?,
+                            )
+                        };
+                        m.retain(|d, _| d.actor != dot.actor);
+                        m.insert(dot, (inc, dec));
+                    }
+                    (Value::Set(m), FieldOp::Add(element)) => {
+                        super::check_element(element)?;
+                        if !m.contains_key(element) && m.len() >= MAX_SET_ELEMENTS {
+                            return Err(CrdtError::TooManyElements);
+                        }
+                        m.insert(element.clone(), BTreeSet::from([dot]));
+                    }
+                    (Value::Set(m), FieldOp::RemoveElement(element)) => {
+                        let context = need_context(element)?;
+                        let dots = m
+                            .get_mut(element)
+                            .filter(|dots| dots.iter().any(|d| covers(context, d)))
+                            .ok_or_else(|| CrdtError::NotPresent(shown(element)))?;
+                        dots.retain(|d| !covers(context, d));
+                        if dots.is_empty() {
+                            m.remove(element);
+                        }
+                    }
+                    (Value::Register(m), FieldOp::Assign(bytes)) => {
+                        if bytes.len() > super::MAX_REGISTER_BYTES {
+                            return Err(CrdtError::ElementTooLarge);
+                        }
+                        m.clear();
+                        m.insert(dot, (now_ms, bytes.clone()));
+                    }
+                    (Value::Flag(s), FieldOp::Enable) => *s = BTreeSet::from([dot]),
+                    (Value::Flag(s), FieldOp::Disable) => {
+                        let context = need_context(&key.name)?;
+                        s.retain(|d| !covers(context, d));
+                    }
+                    (Value::Map(m), FieldOp::Update(inner)) => {
+                        if depth >= MAX_MAP_DEPTH {
+                            return Err(CrdtError::TooDeep);
+                        }
+                        apply(m, inner, dot, (now_ms, context, depth + 1))?;
+                    }
+                    (_, op) => {
+                        return Err(CrdtError::WrongOp(format!(
+                            "{op:?} on the {:?} field {:?}",
+                            key.kind,
+                            shown(&key.name)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    fields.retain(|_, v| !v.is_empty());
+    Ok(())
+}
+
+impl OrMap {
+    /// Apply `ops` as one update by `actor` at `now_ms` (one dot for all of them); removes
+    /// need `context`, the map's clock as a read saw it. All or nothing.
+    pub fn update(
+        &mut self,
+        actor: ActorId,
+        now_ms: u64,
+        ops: &[MapOp],
+        context: Option<&SetContext>,
+    ) -> Result<(), CrdtError> {
+        let mut next = self.clone();
+        let counter = next_counter(&mut next.clock, actor)?;
+        let dot = Dot { actor, counter };
+        apply(&mut next.fields, ops, dot, (now_ms, context, 1))?;
+        *self = next;
+        Ok(())
+    }
+
+    /// The fields and their values.
+    pub fn read(&self) -> BTreeMap<FieldKey, FieldValue> {
+        self.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), v.read()))
+            .collect()
+    }
+
+    /// The context a client keeps from a read, for later removes.
+    pub fn context(&self) -> SetContext {
+        self.clock.clone()
+    }
+
+    pub fn merge(&mut self, other: &OrMap) {
+        self.fields = merge_fields(&self.fields, &self.clock, &other.fields, &other.clock);
+        merge_clock(&mut self.clock, &other.clock);
+    }
+}
