@@ -17,8 +17,12 @@
 //! - flag: the dots of the enables that are live (enable wins);
 //! - map: fields, recursively.
 
-use super::set::{covers, merge_clock, merge_dots};
-use super::{CrdtError, MAX_ELEMENT_BYTES, MAX_SET_ELEMENTS, SetContext, next_counter, shown};
+use super::set::{covers, decode_context, encode_context, merge_clock, merge_dots};
+use super::{
+    CrdtError, MAX_CRDT_ACTORS, MAX_ELEMENT_BYTES, MAX_REGISTER_BYTES, MAX_SET_ELEMENTS,
+    MAX_SET_ELEMENTS_MERGED, SetContext, next_counter, shown,
+};
+use crate::codec::{DecodeError, Reader, Writer};
 use crate::version::{ActorId, Dot};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -383,5 +387,162 @@ impl OrMap {
     pub fn merge(&mut self, other: &OrMap) {
         self.fields = merge_fields(&self.fields, &self.clock, &other.fields, &other.clock);
         merge_clock(&mut self.clock, &other.clock);
+    }
+}
+
+impl FieldKind {
+    fn code(self) -> u8 {
+        match self {
+            FieldKind::Counter => 0,
+            FieldKind::Set => 1,
+            FieldKind::Register => 2,
+            FieldKind::Flag => 3,
+            FieldKind::Map => 4,
+        }
+    }
+
+    fn of_code(code: u8) -> Result<FieldKind, DecodeError> {
+        Ok(match code {
+            0 => FieldKind::Counter,
+            1 => FieldKind::Set,
+            2 => FieldKind::Register,
+            3 => FieldKind::Flag,
+            4 => FieldKind::Map,
+            _ => return Err(DecodeError::Invalid("unknown map field kind")),
+        })
+    }
+}
+
+fn encode_dot(w: &mut Writer, dot: &Dot) {
+    w.u64_fixed(dot.actor.0);
+    w.varint(dot.counter);
+}
+
+/// A dot the map's clock covers (anything else was not made by this map's updates).
+fn decode_dot(r: &mut Reader<'_>, clock: &SetContext) -> Result<Dot, DecodeError> {
+    let dot = Dot {
+        actor: ActorId(r.u64_fixed()?),
+        counter: r.varint()?,
+    };
+    if dot.counter == 0 || !covers(clock, &dot) {
+        return Err(DecodeError::Invalid("a map dot its clock does not cover"));
+    }
+    Ok(dot)
+}
+
+fn encode_dots(w: &mut Writer, dots: &BTreeSet<Dot>) {
+    w.varint(dots.len() as u64);
+    for dot in dots {
+        encode_dot(w, dot);
+    }
+}
+
+fn decode_dots(r: &mut Reader<'_>, clock: &SetContext) -> Result<BTreeSet<Dot>, DecodeError> {
+    let count = r.count(MAX_CRDT_ACTORS, "map dots")?;
+    (0..count).map(|_| decode_dot(r, clock)).collect()
+}
+
+fn encode_fields(w: &mut Writer, fields: &BTreeMap<FieldKey, Value>) {
+    w.varint(fields.len() as u64);
+    for (key, value) in fields {
+        w.bytes(&key.name);
+        w.u8(key.kind.code());
+        match value {
+            Value::Counter(m) => {
+                w.varint(m.len() as u64);
+                for (dot, (inc, dec)) in m {
+                    encode_dot(w, dot);
+                    w.varint(*inc);
+                    w.varint(*dec);
+                }
+            }
+            Value::Set(m) => {
+                w.varint(m.len() as u64);
+                for (element, dots) in m {
+                    w.bytes(element);
+                    encode_dots(w, dots);
+                }
+            }
+            Value::Register(m) => {
+                w.varint(m.len() as u64);
+                for (dot, (ts, bytes)) in m {
+                    encode_dot(w, dot);
+                    w.varint(*ts);
+                    w.bytes(bytes);
+                }
+            }
+            Value::Flag(s) => encode_dots(w, s),
+            Value::Map(m) => encode_fields(w, m),
+        }
+    }
+}
+
+fn decode_fields(
+    r: &mut Reader<'_>,
+    clock: &SetContext,
+    depth: usize,
+) -> Result<BTreeMap<FieldKey, Value>, DecodeError> {
+    if depth > MAX_MAP_DEPTH {
+        return Err(DecodeError::Invalid("maps nested too deep"));
+    }
+    let count = r.count(MAX_MAP_FIELDS, "map fields")?;
+    let mut fields = BTreeMap::new();
+    for _ in 0..count {
+        let name = r.bytes(MAX_ELEMENT_BYTES, "map field name")?.to_vec();
+        let kind = FieldKind::of_code(r.u8()?)?;
+        let value = match kind {
+            FieldKind::Counter => {
+                let n = r.count(MAX_CRDT_ACTORS, "counter contributions")?;
+                let mut m = BTreeMap::new();
+                for _ in 0..n {
+                    let dot = decode_dot(r, clock)?;
+                    m.insert(dot, (r.varint()?, r.varint()?));
+                }
+                Value::Counter(m)
+            }
+            FieldKind::Set => {
+                let n = r.count(MAX_SET_ELEMENTS_MERGED, "map set elements")?;
+                let mut m = BTreeMap::new();
+                for _ in 0..n {
+                    let element = r.bytes(MAX_ELEMENT_BYTES, "map set element")?.to_vec();
+                    m.insert(element, decode_dots(r, clock)?);
+                }
+                Value::Set(m)
+            }
+            FieldKind::Register => {
+                let n = r.count(MAX_CRDT_ACTORS, "register writes")?;
+                let mut m = BTreeMap::new();
+                for _ in 0..n {
+                    let dot = decode_dot(r, clock)?;
+                    let ts = r.varint()?;
+                    m.insert(
+                        dot,
+                        (ts, r.bytes(MAX_REGISTER_BYTES, "register value")?.to_vec()),
+                    );
+                }
+                Value::Register(m)
+            }
+            FieldKind::Flag => Value::Flag(decode_dots(r, clock)?),
+            FieldKind::Map => Value::Map(decode_fields(r, clock, depth + 1)?),
+        };
+        if value.is_empty() || matches!(&value, Value::Set(m) if m.values().any(BTreeSet::is_empty))
+        {
+            return Err(DecodeError::Invalid("an empty map field"));
+        }
+        fields.insert(FieldKey { name, kind }, value);
+    }
+    Ok(fields)
+}
+
+impl OrMap {
+    pub fn encode(&self, w: &mut Writer) {
+        encode_context(w, &self.clock);
+        encode_fields(w, &self.fields);
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<OrMap, DecodeError> {
+        let clock = decode_context(r)?;
+        let fields = decode_fields(r, &clock, 1)?;
+        Ok(OrMap { clock, fields })
     }
 }

@@ -143,6 +143,7 @@ proptest! {
         let _ = OrSet::decode(&mut Reader::new(&bytes));
         let _ = GSet::decode(&mut Reader::new(&bytes));
         let _ = Hll::decode(&mut Reader::new(&bytes));
+        let _ = OrMap::decode(&mut Reader::new(&bytes));
     }
 }
 
@@ -356,6 +357,13 @@ proptest! {
             }
             let context = replicas[at].context();
             let _ = replicas[at].update(ACTORS[at], i as u64, &[map_op(kind, field, value)], Some(&context));
+        }
+        for map in &replicas {
+            let mut w = Writer::default();
+            map.encode(&mut w);
+            let mut r = Reader::new(&w.buf);
+            prop_assert_eq!(&OrMap::decode(&mut r).unwrap(), map);
+            r.finish().unwrap();
         }
         let [a, b, c] = replicas;
         laws(&a, &b, &c, OrMap::merge);
