@@ -25,6 +25,7 @@ mod register;
 mod set;
 #[cfg(test)]
 mod tests;
+mod value;
 
 pub use counter::PnCounter;
 pub use gset::GSet;
@@ -33,7 +34,8 @@ pub use map::{
     FieldKey, FieldKind, FieldOp, FieldValue, MAX_MAP_DEPTH, MAX_MAP_FIELDS, MapOp, OrMap,
 };
 pub use register::{EwFlag, LwwRegister, MAX_REGISTER_BYTES};
-pub use set::{OrSet, SetContext};
+pub use set::{OrSet, SetContext, decode_context, encode_context};
+pub use value::{Crdt, DataTypeKind, Op, parse_op};
 
 /// Most elements a set (or a grow-only set) holds: an add past it is refused.
 pub const MAX_SET_ELEMENTS: usize = 65_536;
