@@ -924,6 +924,12 @@ fn dev_runs_three_nodes() {
         printed.push(line);
     }
     eprintln!("[dev] printed: {printed:#?}");
+    // Its log goes to a file: plain text, no terminal colour codes.
+    let logged = std::fs::read(&log).unwrap();
+    assert!(
+        !logged.is_empty() && !logged.contains(&0x1b),
+        "colour codes in a log file"
+    );
 
     let urls: Vec<String> = (0..3u16)
         .map(|i| format!("http://127.0.0.1:{}", base + i))
