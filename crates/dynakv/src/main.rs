@@ -129,9 +129,21 @@ impl ClientSettings {
     about = "A Dynamo-style, always-writable, replicated key-value store"
 )]
 struct Cli {
+    /// Log lines as plain text (`text`) or one JSON object per line (`json`), on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log format asked for on the command line (set once, before logging starts).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -552,17 +564,21 @@ async fn security_command(client: &Client, command: SecurityCommand) -> Result<s
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colour codes only on a terminal: a log written to a file or a pipe stays plain text.
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(terminal)
-        .init();
+        .with_writer(std::io::stderr);
+    if LOG_FORMAT.get() == Some(&LogFormat::Json) {
+        builder.json().init();
+    } else {
+        // Colour codes only on a terminal: a log written to a file or a pipe stays plain text.
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        builder.with_ansi(terminal).init();
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let _ = LOG_FORMAT.set(cli.log_format);
     // The load generator runs on one thread: on a small machine the server under test needs
     // the other cores, and a task waking another thread costs more than the request.
     let mut builder = if matches!(cli.command, Command::Bench { .. }) {
