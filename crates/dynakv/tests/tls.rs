@@ -156,8 +156,10 @@ fn the_cli_talks_https_to_a_server_started_with_a_certificate() {
             ca,
             "--records",
             "50",
+            // Enough operations for the generator's CPU time, read from /proc in 10 ms
+            // clock ticks, to be more than zero ticks (200 took ~2 ms and sometimes read 0).
             "--ops",
-            "200",
+            "3000",
             "--concurrency",
             "4",
             "--durability",
@@ -168,7 +170,7 @@ fn the_cli_talks_https_to_a_server_started_with_a_certificate() {
     );
     assert!(bench.status.success(), "{}", text(&bench));
     let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
-    assert_eq!(report["ops"], 200, "{report}");
+    assert_eq!(report["ops"], 3000, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     // CPU per operation: the node's process (one) and the generator's, both measured.
     assert_eq!(report["server_processes"], 1, "{report}");
