@@ -128,13 +128,19 @@ fn props_body(body: &Bytes) -> Result<serde_json::Map<String, serde_json::Value>
     props_from_body(body).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// The type a request names and the properties its body carries.
+type NamedProps = (String, serde_json::Map<String, serde_json::Value>);
+
+fn named_props(params: &RawPathParams, body: &Bytes) -> Result<NamedProps, ApiError> {
+    Ok((path_param(params, "type")?, props_body(body)?))
+}
+
 async fn create_type(
     State(state): State<AppState>,
     params: RawPathParams,
     body: Bytes,
 ) -> ApiResult {
-    let name = path_param(&params, "type")?;
-    let props = props_body(&body)?;
+    let (name, props) = named_props(&params, &body)?;
     change(&state, TypeChange::Create { name, props }).await
 }
 
@@ -143,8 +149,7 @@ async fn update_type(
     params: RawPathParams,
     body: Bytes,
 ) -> ApiResult {
-    let name = path_param(&params, "type")?;
-    let props = props_body(&body)?;
+    let (name, props) = named_props(&params, &body)?;
     change(&state, TypeChange::Update { name, props }).await
 }
 

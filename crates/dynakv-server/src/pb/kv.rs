@@ -41,6 +41,9 @@ fn list_limit(timeout: Option<u32>) -> Duration {
         .min(MAX_LIST_TIMEOUT)
 }
 
+/// A request's bucket, key and bucket type fields, as sent.
+type ObjectName<'a> = (Option<Vec<u8>>, Option<Vec<u8>>, Option<&'a [u8]>);
+
 /// A request's failure: the error response's text.
 pub(super) type Refusal = String;
 
@@ -110,15 +113,11 @@ impl Session {
 
     async fn get(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
         let request = RpbGetReq::decode(body).map_err(|e| format!("malformed RpbGetReq: {e}"))?;
-        let (bucket, key) = object_name(
-            &self.state.cluster,
-            request.bucket,
-            request.key,
-            request.r#type.as_deref(),
+        let (bucket, key, props) = self.object(
+            (request.bucket, request.key, request.r#type.as_deref()),
+            Permission::Get,
+            (request.n_val, request.sloppy_quorum),
         )?;
-        self.permitted(Permission::Get, Some(&bucket))?;
-        let props = self.state.cluster.bucket_props(&bucket);
-        check_request_fields(&props, request.n_val, request.sloppy_quorum)?;
         let r = quorum_field("r", request.r, &props)?;
         let pr = quorum_field("pr", request.pr, &props)?;
         let if_modified = request
@@ -164,15 +163,11 @@ impl Session {
         let request = RpbPutReq::decode(body).map_err(|e| format!("malformed RpbPutReq: {e}"))?;
         let generated = request.key.is_none();
         let key = request.key.unwrap_or_else(|| random_token(22).into_bytes());
-        let (bucket, key) = object_name(
-            &self.state.cluster,
-            request.bucket,
-            Some(key),
-            request.r#type.as_deref(),
+        let (bucket, key, props) = self.object(
+            (request.bucket, Some(key), request.r#type.as_deref()),
+            Permission::Put,
+            (request.n_val, request.sloppy_quorum),
         )?;
-        self.permitted(Permission::Put, Some(&bucket))?;
-        let props = self.state.cluster.bucket_props(&bucket);
-        check_request_fields(&props, request.n_val, request.sloppy_quorum)?;
         if request.asis == Some(true) {
             return Err("asis is not supported: dynakv coordinates every write itself".to_owned());
         }
@@ -236,15 +231,11 @@ impl Session {
 
     async fn delete(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
         let request = RpbDelReq::decode(body).map_err(|e| format!("malformed RpbDelReq: {e}"))?;
-        let (bucket, key) = object_name(
-            &self.state.cluster,
-            request.bucket,
-            request.key,
-            request.r#type.as_deref(),
+        let (bucket, key, props) = self.object(
+            (request.bucket, request.key, request.r#type.as_deref()),
+            Permission::Delete,
+            (request.n_val, request.sloppy_quorum),
         )?;
-        self.permitted(Permission::Delete, Some(&bucket))?;
-        let props = self.state.cluster.bucket_props(&bucket);
-        check_request_fields(&props, request.n_val, request.sloppy_quorum)?;
         let context = request
             .vclock
             .map(|vclock| self.decode_vclock(&bucket, &key, &vclock))
@@ -393,6 +384,21 @@ impl Session {
         let response = dynakv_pb::RpbGetBucketKeyPreflistResp { preflist };
         encode_frame(out, code::GET_BUCKET_KEY_PREFLIST_RESP, &response);
         Ok(())
+    }
+
+    /// An object request's bucket (internal name), key and the bucket's properties, once the
+    /// names are valid, the type active, the grant held and the request's fields possible.
+    fn object(
+        &self,
+        (bucket, key, bucket_type): ObjectName<'_>,
+        permission: Permission,
+        (n_val, sloppy_quorum): (Option<u32>, Option<bool>),
+    ) -> Result<(String, String, BucketProps), Refusal> {
+        let (bucket, key) = object_name(&self.state.cluster, bucket, key, bucket_type)?;
+        self.permitted(permission, Some(&bucket))?;
+        let props = self.state.cluster.bucket_props(&bucket);
+        check_request_fields(&props, n_val, sloppy_quorum)?;
+        Ok((bucket, key, props))
     }
 
     /// The context of `bucket/key` as a PB vclock (the same authenticated bytes HTTP's
