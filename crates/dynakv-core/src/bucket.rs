@@ -86,6 +86,9 @@ pub struct BucketProps {
     pub basic_quorum: bool,
     pub notfound_ok: bool,
     pub durability: Durability,
+    /// The data type every key of the bucket holds (a bucket type's `datatype` property,
+    /// fixed once the type is active); `None` for opaque values.
+    pub datatype: Option<crate::crdt::DataTypeKind>,
 }
 
 impl Default for BucketProps {
@@ -103,6 +106,7 @@ impl Default for BucketProps {
             basic_quorum: false,
             notfound_ok: true,
             durability: Durability::Fsync,
+            datatype: None,
         }
     }
 }
@@ -128,7 +132,7 @@ fn bad(name: &str, reason: &str) -> PropsError {
 impl BucketProps {
     /// Riak's JSON form, including the bucket name.
     pub fn to_json(&self, bucket: &str) -> Value {
-        json!({
+        let mut out = json!({
             "name": bucket,
             "n_val": self.n_val,
             "r": self.r.to_json(),
@@ -145,7 +149,11 @@ impl BucketProps {
                 Durability::Fsync => "fsync",
                 Durability::Buffered => "buffered",
             },
-        })
+        });
+        if let (Some(kind), Some(map)) = (self.datatype, out.as_object_mut()) {
+            map.insert("datatype".into(), json!(kind.name()));
+        }
+        out
     }
 
     /// Apply an update (the inner `props` object). All-or-nothing: on error `self` is unchanged.
@@ -200,6 +208,20 @@ impl BucketProps {
                         _ => return Err(bad(name, "expected \"fsync\" or \"buffered\"")),
                     }
                 }
+                "datatype" => {
+                    next.datatype = match value {
+                        Value::Null => None,
+                        Value::String(name) => Some(
+                            crate::crdt::DataTypeKind::parse(name).ok_or_else(|| {
+                                bad(
+                                    "datatype",
+                                    "expected one of \"counter\", \"set\", \"map\", \"hll\", \"gset\"",
+                                )
+                            })?,
+                        ),
+                        _ => return Err(bad(name, "expected a data type name")),
+                    }
+                }
                 other => return Err(PropsError::Unknown(other.to_owned())),
             }
         }
@@ -227,8 +249,34 @@ impl BucketProps {
                 "cannot be true while allow_mult is true; set allow_mult to false as well",
             ));
         }
+        if next.datatype.is_some() && (next.last_write_wins || !next.allow_mult) {
+            // Replicas of a data type merge their versions; dropping one would drop updates.
+            return Err(bad(
+                "datatype",
+                "a data type needs allow_mult true and last_write_wins false",
+            ));
+        }
         *self = next;
         Ok(())
+    }
+
+    /// [`BucketProps::apply`] for one bucket's own properties: its data type is its type's
+    /// and cannot be changed bucket by bucket.
+    pub fn apply_to_bucket(
+        &mut self,
+        bucket: &str,
+        update: &Map<String, Value>,
+    ) -> Result<(), PropsError> {
+        if let Some(value) = update.get("datatype") {
+            let asked = value.as_str().and_then(crate::crdt::DataTypeKind::parse);
+            if asked != self.datatype {
+                return Err(bad(
+                    "datatype",
+                    "is its bucket type's: set it when creating the type",
+                ));
+            }
+        }
+        self.apply(bucket, update)
     }
 
     /// Parse the stored form (the output of `to_json`).

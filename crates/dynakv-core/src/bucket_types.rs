@@ -296,7 +296,7 @@ pub fn apply(
 /// The type properties Riak has and dynakv does not serve yet are refused by name (rather
 /// than as unknown properties).
 fn refuse_unsupported(props: &Map<String, Value>) -> Result<(), TypeError> {
-    for name in FIXED_AFTER_ACTIVATION {
+    for name in ["consistent", "write_once"] {
         let asks = match props.get(name) {
             None | Some(Value::Null | Value::Bool(false)) => false,
             Some(_) => true,
@@ -532,7 +532,7 @@ mod tests {
         let defaults = BucketProps::default();
         let a = NodeId("a".into());
         let mut state = state_with(&["a"]);
-        for bad in [r#"{"bogus":1}"#, r#"{"n_val":0}"#, r#"{"datatype":"set"}"#] {
+        for bad in [r#"{"bogus":1}"#, r#"{"n_val":0}"#, r#"{"datatype":"bogus"}"#, r#"{"consistent":true}"#] {
             let create = TypeChange::Create {
                 name: "t".into(),
                 props: props(bad),

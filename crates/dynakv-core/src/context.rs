@@ -111,6 +111,58 @@ pub fn decode(
     Ok(clock)
 }
 
+/// The version byte of a data type's context (a set's or a map's clock, see
+/// `crdt::encode_context`), authenticated like an object's context.
+const DATATYPE_CONTEXT_VERSION: u8 = 2;
+
+/// Encode a data type's `clock` as the context for `bucket`/`key` (sets and maps give it with
+/// a read; a removal needs it back).
+pub fn encode_datatype(
+    secret: &ContextKey,
+    bucket: &[u8],
+    key: &[u8],
+    clock: &crate::crdt::SetContext,
+) -> String {
+    let mut w = Writer::with_capacity(16 + clock.len() * 12);
+    w.u8(DATATYPE_CONTEXT_VERSION);
+    crate::crdt::encode_context(&mut w, clock);
+    let mac = secret.mac(bucket, key, &w.buf);
+    w.buf.extend_from_slice(&mac);
+    STANDARD.encode(&w.buf)
+}
+
+/// Decode and authenticate a data type context a client sent for `bucket`/`key`.
+pub fn decode_datatype(
+    secret: &ContextKey,
+    bucket: &[u8],
+    key: &[u8],
+    text: &str,
+) -> Result<crate::crdt::SetContext, ContextError> {
+    let text = text.trim();
+    if text.len() > limits::MAX_CONTEXT_BYTES {
+        return Err(ContextError::TooLong);
+    }
+    let bytes = STANDARD.decode(text).map_err(|_| ContextError::NotBase64)?;
+    if bytes.len() < 1 + MAC_BYTES {
+        return Err(ContextError::Malformed(DecodeError::Truncated));
+    }
+    let (body, mac) = bytes.split_at(bytes.len() - MAC_BYTES);
+    if body[0] != DATATYPE_CONTEXT_VERSION {
+        return Err(ContextError::Malformed(DecodeError::UnknownVersion(
+            body[0],
+        )));
+    }
+    // The MAC covers the version byte, so an object's context is never taken for a data
+    // type's (nor the other way round).
+    if secret.mac(bucket, key, body) != mac {
+        return Err(ContextError::NotAuthentic);
+    }
+    let mut r = Reader::new(&body[1..]);
+    let clock = crate::crdt::decode_context(&mut r).map_err(ContextError::Malformed)?;
+    r.finish().map_err(ContextError::Malformed)?;
+    Ok(clock)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,8 @@ const WRITE_LOCK_STRIPES: usize = 1024;
 const KEY_COUNTER_LEASE: &[u8] = b"dot_counter_lease";
 /// Counters reserved per lease write (one fsync'd `Meta` write per this many writes).
 const COUNTER_LEASE_BLOCK: u64 = 100_000;
+/// `Meta` key of the data type actor epoch (see [`Replica::datatype_actor`]).
+const KEY_DATATYPE_EPOCH: &[u8] = b"datatype_epoch";
 
 /// A failed local operation.
 #[derive(Debug, Error)]
@@ -55,6 +57,30 @@ pub enum ReplicaError {
     Write(#[from] WriteError),
     #[error("precondition failed: {0}")]
     Precondition(&'static str),
+    /// A data type update that cannot be applied (or a write of the wrong kind to a data type
+    /// bucket).
+    #[error("{0}")]
+    DataType(#[from] crate::crdt::CrdtError),
+}
+
+impl ReplicaError {
+    /// The HTTP status a client is answered with: 500 for a storage failure or a stored
+    /// object that does not decode, 409 for a write refused by the sibling or size limits, 412
+    /// for a failed precondition or a data type removal of what the context has not seen
+    /// (Riak's precondition), 400 for another refused data type update.
+    pub fn status(&self) -> u16 {
+        use crate::crdt::CrdtError;
+        match self {
+            ReplicaError::Storage(_)
+            | ReplicaError::Corrupt(_)
+            | ReplicaError::DataType(CrdtError::Malformed(_)) => 500,
+            ReplicaError::Write(_) => 409,
+            ReplicaError::Precondition(_) | ReplicaError::DataType(CrdtError::NotPresent(_)) => {
+                412
+            }
+            ReplicaError::DataType(_) => 400,
+        }
+    }
 }
 
 fn storage_error(e: impl std::fmt::Display) -> ReplicaError {
@@ -114,6 +140,11 @@ pub struct Replica {
     /// Held only to load the lease from `Meta` or to reserve a new one: writes below the
     /// lease touch nothing but the atomics.
     lease_lock: Mutex<()>,
+    /// The data type actor epoch (valid once `epoch_loaded`), and whether no data type update
+    /// has used it yet (then a removal need not start a new one).
+    datatype_epoch: std::sync::atomic::AtomicU64,
+    epoch_loaded: std::sync::atomic::AtomicBool,
+    epoch_unused: std::sync::atomic::AtomicBool,
 }
 
 impl Replica {
@@ -134,7 +165,92 @@ impl Replica {
             counter_lease: std::sync::atomic::AtomicU64::new(0),
             lease_loaded: std::sync::atomic::AtomicBool::new(false),
             lease_lock: Mutex::new(()),
+            datatype_epoch: std::sync::atomic::AtomicU64::new(0),
+            epoch_loaded: std::sync::atomic::AtomicBool::new(false),
+            epoch_unused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn load_epoch(&self) -> Result<u64, ReplicaError> {
+        use std::sync::atomic::Ordering;
+        if !self.epoch_loaded.load(Ordering::Acquire) {
+            let _guard = self.lease_lock.lock();
+            if !self.epoch_loaded.load(Ordering::Acquire) {
+                let stored = match self
+                    .storage
+                    .get(Table::Meta, KEY_DATATYPE_EPOCH)
+                    .map_err(storage_error)?
+                {
+                    None => 0,
+                    Some(bytes) => {
+                        u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                            ReplicaError::Storage("data type actor epoch is corrupt".into())
+                        })?)
+                    }
+                };
+                self.datatype_epoch.store(stored, Ordering::SeqCst);
+                self.epoch_loaded.store(true, Ordering::Release);
+            }
+        }
+        Ok(self.datatype_epoch.load(Ordering::SeqCst))
+    }
+
+    /// The actor this replica applies data type operations as. A counter's or a set's entry
+    /// for an actor only grows, so an actor must never apply an operation to a value that
+    /// misses one of its own earlier operations (its entry would go back, and a merge would
+    /// drop the increment). A replica applies every operation of its actor to its own stored
+    /// value first, so that holds while the value stays; it stops holding when the replica
+    /// drops keys it no longer replicates (after a handoff) and later replicates them again.
+    /// Each such removal therefore starts a new epoch, and the actor is derived from the
+    /// node's causal identity and the epoch (the identity itself changes after a wiped disk
+    /// or an unclean stop).
+    fn datatype_actor(&self) -> Result<ActorId, ReplicaError> {
+        let epoch = self.load_epoch()?;
+        self.epoch_unused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if epoch == 0 {
+            return Ok(self.actor);
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"dynakv-datatype-actor");
+        hasher.update(&self.actor.0.to_le_bytes());
+        hasher.update(&epoch.to_le_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+        Ok(ActorId(u64::from_le_bytes(first)))
+    }
+
+    /// Called before a stored object (`bytes`) is dropped: a live one starts a new data type
+    /// actor epoch ([`Replica::next_datatype_epoch`]); a tombstone (reaping) does not.
+    fn before_drop(&self, bytes: &[u8]) -> Result<(), ReplicaError> {
+        if Object::encoded_is_deleted(bytes).unwrap_or(false) {
+            return Ok(());
+        }
+        self.next_datatype_epoch()
+    }
+
+    /// Before a key this replica held is dropped: start a new data type actor epoch unless
+    /// no operation used the current one. Buffered: a crash before it is flushed is an
+    /// unclean stop, after which the node has a new identity anyway.
+    fn next_datatype_epoch(&self) -> Result<(), ReplicaError> {
+        use std::sync::atomic::Ordering;
+        let epoch = self.load_epoch()?;
+        if self.epoch_unused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _guard = self.lease_lock.lock();
+        let next = epoch.saturating_add(1);
+        self.storage
+            .put(
+                Table::Meta,
+                KEY_DATATYPE_EPOCH,
+                &next.to_be_bytes(),
+                Durability::Buffered,
+            )
+            .map_err(storage_error)?;
+        self.datatype_epoch.store(next, Ordering::SeqCst);
+        self.epoch_unused.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The floor for the next dot counter: every counter issued so far (by this process, or
@@ -379,17 +495,55 @@ impl Replica {
                 }
             }
         }
-        let context = match request.context {
-            Some(context) => context,
+        let mut content = request.content;
+        let is_update = content.content_type == crate::crdt::DATATYPE_UPDATE_CONTENT_TYPE;
+        let context = match (request.props.datatype, request.context) {
+            // A data type update: applied to the merge of every version held here, and
+            // stored as one version that replaces them all.
+            (Some(kind), _) if !content.deleted => {
+                if !is_update {
+                    return Err(crate::crdt::CrdtError::WrongOp(format!(
+                        "this bucket holds {}s: update it through the data types API",
+                        kind.name()
+                    ))
+                    .into());
+                }
+                let update = crate::crdt::Update::decode(&content.value)?;
+                if update.kind != kind {
+                    return Err(crate::crdt::CrdtError::WrongOp(format!(
+                        "this bucket holds {}s, not {}s",
+                        kind.name(),
+                        update.kind.name()
+                    ))
+                    .into());
+                }
+                let actor = self.datatype_actor()?;
+                let value = crate::crdt::apply_update(&stored, &update, actor, request.now_ms)?;
+                content = Content {
+                    value: value.encode(),
+                    content_type: crate::crdt::DATATYPE_CONTENT_TYPE.to_owned(),
+                    last_modified_ms: content.last_modified_ms,
+                    meta: Vec::new(),
+                    deleted: false,
+                };
+                stored.clock().clone()
+            }
+            (None, _) if is_update => {
+                return Err(crate::crdt::CrdtError::WrongOp(
+                    "this bucket holds no data type (its bucket type has no datatype)".into(),
+                )
+                .into());
+            }
+            (_, Some(context)) => context,
             // A delete without context removes what is here now; a put without context is a
             // write by a client that has seen nothing.
-            None if request.content.deleted => stored.clock().clone(),
-            None => VersionVector::new(),
+            (_, None) if content.deleted => stored.clock().clone(),
+            (_, None) => VersionVector::new(),
         };
         let floor = self.counter_floor()?;
         let mut updated = stored.update_after(
             &context,
-            request.content,
+            content,
             self.actor,
             floor,
             request.now_ms,
@@ -500,6 +654,9 @@ impl Replica {
             .storage
             .get(Table::Objects, storage_key)
             .map_err(storage_error)?;
+        if let Some(old) = &old {
+            self.before_drop(old)?;
+        }
         self.storage
             .delete(Table::Objects, storage_key, Durability::Buffered)
             .map_err(storage_error)?;
@@ -698,6 +855,7 @@ impl Replica {
         if &crate::merkle::entry_hash(bucket, key, &current) != expected {
             return Ok(false);
         }
+        self.before_drop(&current)?;
         self.storage
             .delete(Table::Objects, storage_key, Durability::Buffered)
             .map_err(storage_error)?;

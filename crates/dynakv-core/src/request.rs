@@ -265,9 +265,8 @@ impl RequestError {
             RequestError::Quorum(_)
             | RequestError::NoCoordinator(_)
             | RequestError::Unavailable(_) => 503,
-            RequestError::Replica(ReplicaError::Write(_)) => 409,
-            RequestError::Replica(ReplicaError::Precondition(_)) => 412,
-            RequestError::Replica(_) | RequestError::Internal(_) => 500,
+            RequestError::Replica(e) => e.status(),
+            RequestError::Internal(_) => 500,
             RequestError::Remote { status, .. } => *status,
         }
     }

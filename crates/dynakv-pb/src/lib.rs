@@ -12,6 +12,7 @@
 
 use thiserror::Error;
 
+pub mod dt;
 pub mod messages;
 pub use messages::*;
 
@@ -54,7 +55,9 @@ pub mod code {
     pub const COUNTER_GET_REQ: u8 = 52;
     pub const COVERAGE_REQ: u8 = 70;
     pub const DT_FETCH_REQ: u8 = 80;
+    pub const DT_FETCH_RESP: u8 = 81;
     pub const DT_UPDATE_REQ: u8 = 82;
+    pub const DT_UPDATE_RESP: u8 = 83;
     pub const AUTH_REQ: u8 = 253;
     pub const AUTH_RESP: u8 = 254;
     pub const START_TLS: u8 = 255;

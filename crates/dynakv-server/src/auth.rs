@@ -232,6 +232,8 @@ pub fn required(method: &Method, path: &str) -> Required {
             Required::Permission(Permission::ListKeys, Some(decode(bucket)))
         }
         ["buckets", bucket, "keys", _key, ..] => write(bucket),
+        // Data types: a fetch is a get, an update (also under a generated key) a put.
+        ["buckets", bucket, "datatypes", ..] => write(bucket),
         ["riak", bucket] if method == Method::POST => write(bucket),
         ["buckets", bucket, "props"] | ["riak", bucket] => read_or_set_props(bucket),
         // A type's properties (`/types/T/props`): read as PB's RpbGetBucketTypeReq is,

@@ -9,6 +9,7 @@ pub mod aae;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod datatypes;
 pub mod driver;
 pub mod http;
 pub mod http_serve;

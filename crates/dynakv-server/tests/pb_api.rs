@@ -638,7 +638,7 @@ async fn bad_input_gets_an_error_keeps_the_connection_and_stores_nothing() {
     // A frame over 64 KiB for anything but a put: refused from its length and code.
     let mut c = Conn::open(&node).await;
     c.send_raw(&[0, 1, 1, 0, code::GET_REQ]).await;
-    assert!(c.expect_error().await.contains("only a put may be"));
+    assert!(c.expect_error().await.contains("only a put or a data"));
     assert!(c.recv().await.is_none(), "closed after an oversized get");
     let mut c = Conn::open(&node).await;
     // A frame of length 0, and one longer than the limit: refused from the length alone

@@ -391,7 +391,7 @@ impl OrMap {
 }
 
 impl FieldKind {
-    fn code(self) -> u8 {
+    pub(super) fn code(self) -> u8 {
         match self {
             FieldKind::Counter => 0,
             FieldKind::Set => 1,
@@ -401,7 +401,7 @@ impl FieldKind {
         }
     }
 
-    fn of_code(code: u8) -> Result<FieldKind, DecodeError> {
+    pub(super) fn of_code(code: u8) -> Result<FieldKind, DecodeError> {
         Ok(match code {
             0 => FieldKind::Counter,
             1 => FieldKind::Set,

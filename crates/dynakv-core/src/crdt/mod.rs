@@ -25,6 +25,7 @@ mod register;
 mod set;
 #[cfg(test)]
 mod tests;
+mod update;
 mod value;
 
 pub use counter::PnCounter;
@@ -35,6 +36,10 @@ pub use map::{
 };
 pub use register::{EwFlag, LwwRegister, MAX_REGISTER_BYTES};
 pub use set::{OrSet, SetContext, decode_context, encode_context};
+pub use update::{
+    DATATYPE_CONTENT_TYPE, DATATYPE_UPDATE_CONTENT_TYPE, MAX_UPDATE_OPS, Update, apply_update,
+    merged_value,
+};
 pub use value::{Crdt, DataTypeKind, Op, parse_op};
 
 /// Most elements a set (or a grow-only set) holds: an add past it is refused.

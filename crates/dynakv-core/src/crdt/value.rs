@@ -193,13 +193,7 @@ impl Crdt {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(CRDT_FORMAT);
-        w.u8(match self.kind() {
-            DataTypeKind::Counter => 0,
-            DataTypeKind::Set => 1,
-            DataTypeKind::Map => 2,
-            DataTypeKind::Hll => 3,
-            DataTypeKind::GSet => 4,
-        });
+        w.u8(super::update::kind_code(self.kind()));
         match self {
             Crdt::Counter(c) => c.encode(&mut w),
             Crdt::Set(s) => s.encode(&mut w),
@@ -216,13 +210,12 @@ impl Crdt {
         if format != CRDT_FORMAT {
             return Err(DecodeError::UnknownVersion(format).into());
         }
-        let value = match r.u8()? {
-            0 => Crdt::Counter(PnCounter::decode(&mut r)?),
-            1 => Crdt::Set(OrSet::decode(&mut r)?),
-            2 => Crdt::Map(OrMap::decode(&mut r)?),
-            3 => Crdt::Hll(Hll::decode(&mut r)?),
-            4 => Crdt::GSet(GSet::decode(&mut r)?),
-            _ => return Err(DecodeError::Invalid("unknown data type").into()),
+        let value = match super::update::kind_of_code(r.u8()?)? {
+            DataTypeKind::Counter => Crdt::Counter(PnCounter::decode(&mut r)?),
+            DataTypeKind::Set => Crdt::Set(OrSet::decode(&mut r)?),
+            DataTypeKind::Map => Crdt::Map(OrMap::decode(&mut r)?),
+            DataTypeKind::Hll => Crdt::Hll(Hll::decode(&mut r)?),
+            DataTypeKind::GSet => Crdt::GSet(GSet::decode(&mut r)?),
         };
         r.finish()?;
         Ok(value)

@@ -206,15 +206,14 @@ impl From<ClusterError> for ApiError {
 
 impl From<ReplicaError> for ApiError {
     fn from(e: ReplicaError) -> Self {
-        let status = match &e {
-            ReplicaError::Storage(_) | ReplicaError::Corrupt(_) => {
-                tracing::error!(error = %e, "local storage operation failed");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            ReplicaError::Write(_) => StatusCode::CONFLICT,
-            ReplicaError::Precondition(_) => StatusCode::PRECONDITION_FAILED,
-        };
-        ApiError::new(status, e.to_string())
+        let status = e.status();
+        if status == 500 {
+            tracing::error!(error = %e, "local storage operation failed");
+        }
+        ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.to_string(),
+        )
     }
 }
 
@@ -240,6 +239,14 @@ pub fn router(state: AppState) -> Router {
                 .delete(missing_key),
         )
         .route("/buckets/{bucket}/keys/{key}/preflist", get(preflist))
+        .route(
+            "/buckets/{bucket}/datatypes/{key}",
+            get(datatypes::fetch).post(datatypes::update),
+        )
+        .route(
+            "/buckets/{bucket}/datatypes",
+            axum::routing::post(datatypes::create),
+        )
         .route(
             "/buckets/{bucket}/props",
             get(get_props).put(set_props).delete(reset_props),
@@ -668,6 +675,7 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response 
 }
 
 mod admin;
+mod datatypes;
 mod listings;
 pub(crate) mod objects;
 mod props;

@@ -92,13 +92,28 @@ impl Session {
                     .await
                     .map(|()| Control::Continue),
             ),
+            code::DT_FETCH_REQ => (
+                Op::Get,
+                self.dt_fetch(body, out).await.map(|()| Control::Continue),
+            ),
+            code::DT_UPDATE_REQ => (
+                Op::Put,
+                self.dt_update(body, out).await.map(|()| Control::Continue),
+            ),
             _ => (
                 Op::Get,
                 self.preflist(body, out).map(|()| Control::Continue),
             ),
         };
         let ok = result.is_ok();
-        if matches!(code, code::GET_REQ | code::PUT_REQ | code::DEL_REQ) {
+        if matches!(
+            code,
+            code::GET_REQ
+                | code::PUT_REQ
+                | code::DEL_REQ
+                | code::DT_FETCH_REQ
+                | code::DT_UPDATE_REQ
+        ) {
             self.state.stats.record(op, started.elapsed(), ok);
         }
         result.unwrap_or_else(|message| {
@@ -388,7 +403,7 @@ impl Session {
 
     /// An object request's bucket (internal name), key and the bucket's properties, once the
     /// names are valid, the type active, the grant held and the request's fields possible.
-    fn object(
+    pub(super) fn object(
         &self,
         (bucket, key, bucket_type): ObjectName<'_>,
         permission: Permission,
@@ -447,7 +462,7 @@ impl Session {
 }
 
 /// Run a request within the client's `timeout` (ms), when it gave one.
-async fn within<T, E: ToString>(
+pub(super) async fn within<T, E: ToString>(
     timeout: Option<u32>,
     request: impl Future<Output = Result<T, E>>,
 ) -> Result<Result<T, Refusal>, Refusal> {
@@ -461,7 +476,7 @@ async fn within<T, E: ToString>(
 }
 
 /// A `dw` that asks for durability (as HTTP's `dw` parameter: not 0, not the default).
-fn dw_given(dw: Option<Quorum>) -> bool {
+pub(super) fn dw_given(dw: Option<Quorum>) -> bool {
     !matches!(dw, None | Some(Quorum::Count(0) | Quorum::Default))
 }
 

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+mod dt;
 mod kv;
 mod props;
 
@@ -321,10 +322,11 @@ impl Frames {
                 _ => return Err(FrameFault::Gone),
             }
             let code = self.buf[self.start + dynakv_pb::LENGTH_BYTES];
-            if code != code::PUT_REQ {
+            if code != code::PUT_REQ && code != code::DT_UPDATE_REQ {
                 return Err(FrameFault::Refused(format!(
-                    "a frame of {length} bytes for message code {code}: only a put may be \
-                     longer than {MAX_SMALL_FRAME_BYTES}; the connection is closed"
+                    "a frame of {length} bytes for message code {code}: only a put or a data \
+                     type update may be longer than {MAX_SMALL_FRAME_BYTES}; the connection is \
+                     closed"
                 )));
             }
         }
@@ -456,7 +458,9 @@ impl Session {
             | code::DEL_REQ
             | code::LIST_KEYS_REQ
             | code::LIST_BUCKETS_REQ
-            | code::GET_BUCKET_KEY_PREFLIST_REQ => return self.data_request(code, body, out).await,
+            | code::GET_BUCKET_KEY_PREFLIST_REQ
+            | code::DT_FETCH_REQ
+            | code::DT_UPDATE_REQ => return self.data_request(code, body, out).await,
             code::GET_BUCKET_REQ
             | code::SET_BUCKET_REQ
             | code::RESET_BUCKET_REQ
@@ -575,7 +579,6 @@ fn unsupported(code: u8) -> String {
         code::CS_BUCKET_REQ => "bucket folds for Riak CS (RpbCSBucketReq)",
         code::COUNTER_UPDATE_REQ | code::COUNTER_GET_REQ => "Riak 1.4 counters",
         code::COVERAGE_REQ => "coverage plans (RpbCoverageReq)",
-        code::DT_FETCH_REQ | code::DT_UPDATE_REQ => "data types (DtFetchReq, DtUpdateReq)",
         90..=104 => "Riak TS",
         _ => return format!("unknown message code {code}"),
     };

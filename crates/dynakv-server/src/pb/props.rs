@@ -192,7 +192,7 @@ pub(super) fn to_pb(props: &BucketProps) -> RpbBucketProps {
         search: Some(false),
         repl: Some(REPL_FALSE),
         search_index: None,
-        datatype: None,
+        datatype: props.datatype.map(|kind| kind.name().as_bytes().to_vec()),
         consistent: Some(false),
         write_once: Some(false),
         hll_precision: None,
@@ -285,8 +285,20 @@ fn to_json(props: &RpbBucketProps) -> Result<Map<String, Value>, Refusal> {
             "multi-datacenter replication is not supported by dynakv",
         );
     }
-    if props.datatype.as_ref().is_some_and(|d| !d.is_empty()) || props.hll_precision.is_some() {
-        return refuse("datatype", "data types are not supported by dynakv yet");
+    if let Some(datatype) = props.datatype.as_ref().filter(|d| !d.is_empty()) {
+        update.insert(
+            "datatype".into(),
+            json!(String::from_utf8_lossy(datatype).into_owned()),
+        );
+    }
+    if props
+        .hll_precision
+        .is_some_and(|p| p != u32::from(dynakv_core::crdt::DEFAULT_HLL_PRECISION))
+    {
+        return refuse(
+            "hll_precision",
+            "every hll of dynakv has the default precision",
+        );
     }
     if props.consistent == Some(true) {
         return refuse(

@@ -501,7 +501,7 @@ impl Cluster {
         let mut props = self.bucket_props(bucket);
         let name = dynakv_core::bucket_types::split_bucket(bucket).1;
         props
-            .apply(name, update)
+            .apply_to_bucket(name, update)
             .map_err(|e| ClusterError::Refused {
                 status: 400,
                 message: e.to_string(),
@@ -886,9 +886,8 @@ fn partition_of(state: &ClusterState, bucket: &str, key: &str) -> PartitionId {
 pub fn error_status(e: &ClusterError) -> (u16, String) {
     match e {
         ClusterError::Request(request) => (request.status(), request.to_string()),
-        ClusterError::Replica(ReplicaError::Write(_)) => (409, e.to_string()),
-        ClusterError::Replica(ReplicaError::Precondition(_)) => (412, e.to_string()),
-        ClusterError::Replica(_) | ClusterError::Internal(_) => (500, e.to_string()),
+        ClusterError::Replica(replica) => (replica.status(), e.to_string()),
+        ClusterError::Internal(_) => (500, e.to_string()),
         ClusterError::Membership(_) => (400, e.to_string()),
         ClusterError::Refused { status, message } => (*status, message.clone()),
     }
