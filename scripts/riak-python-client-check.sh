@@ -2,7 +2,8 @@
 # Runs Basho's Riak Python client (PyPI package `riak`, unchanged) against a 3-node
 # `dynakv dev` cluster, once over its HTTP transport and once over Protocol Buffers: ping,
 # store/fetch JSON, siblings and their resolution, user metadata, server-made keys, delete,
-# key and bucket listing, bucket properties, bucket types, preflist.
+# key and bucket listing, bucket properties, bucket types, preflist, and data types
+# (counters, sets, maps, hll).
 # The client predates Python 3.10; scripts/riak_python_client_check.py shims the stdlib names
 # it imports (collections.Iterable, namedtuple(verbose=)), not the protocol.
 # Usage: scripts/riak-python-client-check.sh   (builds the release binary; free 127.0.0.1 ports)
@@ -34,12 +35,24 @@ for _ in $(seq 100); do
         >/dev/null 2>&1 && break
     sleep 0.2
 done
-# Activation spreads by gossip: wait until every node serves the type.
-for k in 0 1 2; do
+# Data type buckets: a type per data type.
+for dt in counter set map hll; do
+    target/release/dynakv admin --url "http://127.0.0.1:$HTTP" bucket-type create "py${dt}s" \
+        "{\"props\":{\"datatype\":\"$dt\"}}" >/dev/null
     for _ in $(seq 100); do
-        target/release/dynakv admin --url "http://127.0.0.1:$((HTTP + k))" bucket-type status \
-            pytype 2>/dev/null | grep -q '"active": true' && break
+        target/release/dynakv admin --url "http://127.0.0.1:$HTTP" bucket-type activate \
+            "py${dt}s" >/dev/null 2>&1 && break
         sleep 0.2
+    done
+done
+# Activation spreads by gossip: wait until every node serves the types.
+for k in 0 1 2; do
+    for t in pytype pycounters pysets pymaps pyhlls; do
+        for _ in $(seq 100); do
+            target/release/dynakv admin --url "http://127.0.0.1:$((HTTP + k))" bucket-type \
+                status "$t" 2>/dev/null | grep -q '"active": true' && break
+            sleep 0.2
+        done
     done
 done
 "$VENV/bin/python" scripts/riak_python_client_check.py http "$HTTP" $((HTTP + 1)) $((HTTP + 2))
