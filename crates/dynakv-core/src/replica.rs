@@ -43,8 +43,8 @@ const WRITE_LOCK_STRIPES: usize = 1024;
 const KEY_COUNTER_LEASE: &[u8] = b"dot_counter_lease";
 /// Counters reserved per lease write (one fsync'd `Meta` write per this many writes).
 const COUNTER_LEASE_BLOCK: u64 = 100_000;
-/// `Meta` key of the data type actor epoch (see [`Replica::datatype_actor`]).
-const KEY_DATATYPE_EPOCH: &[u8] = b"datatype_epoch";
+/// `Meta` key of the write actor epoch (see [`Replica::write_actor`]).
+const KEY_WRITE_EPOCH: &[u8] = b"write_epoch";
 
 /// A failed local operation.
 #[derive(Debug, Error)]
@@ -140,9 +140,10 @@ pub struct Replica {
     /// Held only to load the lease from `Meta` or to reserve a new one: writes below the
     /// lease touch nothing but the atomics.
     lease_lock: Mutex<()>,
-    /// The data type actor epoch (valid once `epoch_loaded`), and whether no data type update
+    /// The write actor epoch and its actor (valid once `epoch_loaded`), and whether no write
     /// has used it yet (then a removal need not start a new one).
-    datatype_epoch: std::sync::atomic::AtomicU64,
+    write_epoch: std::sync::atomic::AtomicU64,
+    epoch_actor: std::sync::atomic::AtomicU64,
     epoch_loaded: std::sync::atomic::AtomicBool,
     epoch_unused: std::sync::atomic::AtomicBool,
 }
@@ -165,7 +166,8 @@ impl Replica {
             counter_lease: std::sync::atomic::AtomicU64::new(0),
             lease_loaded: std::sync::atomic::AtomicBool::new(false),
             lease_lock: Mutex::new(()),
-            datatype_epoch: std::sync::atomic::AtomicU64::new(0),
+            write_epoch: std::sync::atomic::AtomicU64::new(0),
+            epoch_actor: std::sync::atomic::AtomicU64::new(actor.0),
             epoch_loaded: std::sync::atomic::AtomicBool::new(false),
             epoch_unused: std::sync::atomic::AtomicBool::new(false),
         }
@@ -178,61 +180,73 @@ impl Replica {
             if !self.epoch_loaded.load(Ordering::Acquire) {
                 let stored = match self
                     .storage
-                    .get(Table::Meta, KEY_DATATYPE_EPOCH)
+                    .get(Table::Meta, KEY_WRITE_EPOCH)
                     .map_err(storage_error)?
                 {
                     None => 0,
                     Some(bytes) => {
                         u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                            ReplicaError::Storage("data type actor epoch is corrupt".into())
+                            ReplicaError::Storage("write actor epoch is corrupt".into())
                         })?)
                     }
                 };
-                self.datatype_epoch.store(stored, Ordering::SeqCst);
+                self.set_epoch(stored);
                 self.epoch_loaded.store(true, Ordering::Release);
             }
         }
-        Ok(self.datatype_epoch.load(Ordering::SeqCst))
+        Ok(self.write_epoch.load(Ordering::SeqCst))
     }
 
-    /// The actor this replica applies data type operations as. A counter's or a set's entry
-    /// for an actor only grows, so an actor must never apply an operation to a value that
-    /// misses one of its own earlier operations (its entry would go back, and a merge would
-    /// drop the increment). A replica applies every operation of its actor to its own stored
-    /// value first, so that holds while the value stays; it stops holding when the replica
-    /// drops keys it no longer replicates (after a handoff) and later replicates them again.
-    /// Each such removal therefore starts a new epoch, and the actor is derived from the
-    /// node's causal identity and the epoch (the identity itself changes after a wiped disk
-    /// or an unclean stop).
-    fn datatype_actor(&self) -> Result<ActorId, ReplicaError> {
-        let epoch = self.load_epoch()?;
-        self.epoch_unused
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        if epoch == 0 {
-            return Ok(self.actor);
+    /// Take `epoch` and its actor (the node's identity for epoch 0, else derived from both).
+    fn set_epoch(&self, epoch: u64) {
+        use std::sync::atomic::Ordering;
+        let actor = if epoch == 0 {
+            self.actor
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(b"dynakv-write-actor");
+            hasher.update(&self.actor.0.to_le_bytes());
+            hasher.update(&epoch.to_le_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+            ActorId(u64::from_le_bytes(first))
+        };
+        self.epoch_actor.store(actor.0, Ordering::SeqCst);
+        self.write_epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// The actor this replica writes as: the dots of the versions it coordinates, and the
+    /// entries of the data type values it updates. An actor's history of a key must never go
+    /// back: a version it writes claims (in its clock) every earlier dot of its actor, and a
+    /// counter's or a set's entry for an actor only grows. A replica coordinates every write
+    /// of its actor on its own stored value first, so that holds while the value stays; it
+    /// stops holding when the replica drops keys it no longer replicates (after a handoff)
+    /// and later replicates them again (a write then would claim, and silently replace, the
+    /// versions its actor wrote before the drop). Each such drop therefore starts a new
+    /// epoch, and the actor is derived from the node's causal identity and the epoch (the
+    /// identity itself changes after a wiped disk or an unclean stop).
+    fn write_actor(&self) -> Result<ActorId, ReplicaError> {
+        use std::sync::atomic::Ordering;
+        self.load_epoch()?;
+        if self.epoch_unused.load(Ordering::SeqCst) {
+            self.epoch_unused.store(false, Ordering::SeqCst);
         }
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(b"dynakv-datatype-actor");
-        hasher.update(&self.actor.0.to_le_bytes());
-        hasher.update(&epoch.to_le_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
-        Ok(ActorId(u64::from_le_bytes(first)))
+        Ok(ActorId(self.epoch_actor.load(Ordering::SeqCst)))
     }
 
-    /// Called before a stored object (`bytes`) is dropped: a live one starts a new data type
-    /// actor epoch ([`Replica::next_datatype_epoch`]); a tombstone (reaping) does not.
+    /// Called before a stored object (`bytes`) is dropped: a live one starts a new write
+    /// actor epoch ([`Replica::next_write_epoch`]); a tombstone (reaping) does not.
     fn before_drop(&self, bytes: &[u8]) -> Result<(), ReplicaError> {
         if Object::encoded_is_deleted(bytes).unwrap_or(false) {
             return Ok(());
         }
-        self.next_datatype_epoch()
+        self.next_write_epoch()
     }
 
-    /// Before a key this replica held is dropped: start a new data type actor epoch unless
-    /// no operation used the current one. Buffered: a crash before it is flushed is an
-    /// unclean stop, after which the node has a new identity anyway.
-    fn next_datatype_epoch(&self) -> Result<(), ReplicaError> {
+    /// Before a key this replica held is dropped: start a new write actor epoch unless no
+    /// write used the current one. Buffered: a crash before it is flushed is an unclean stop,
+    /// after which the node has a new identity anyway.
+    fn next_write_epoch(&self) -> Result<(), ReplicaError> {
         use std::sync::atomic::Ordering;
         let epoch = self.load_epoch()?;
         if self.epoch_unused.load(Ordering::SeqCst) {
@@ -243,12 +257,12 @@ impl Replica {
         self.storage
             .put(
                 Table::Meta,
-                KEY_DATATYPE_EPOCH,
+                KEY_WRITE_EPOCH,
                 &next.to_be_bytes(),
                 Durability::Buffered,
             )
             .map_err(storage_error)?;
-        self.datatype_epoch.store(next, Ordering::SeqCst);
+        self.set_epoch(next);
         self.epoch_unused.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -517,7 +531,7 @@ impl Replica {
                     ))
                     .into());
                 }
-                let actor = self.datatype_actor()?;
+                let actor = self.write_actor()?;
                 let value = crate::crdt::apply_update(&stored, &update, actor, request.now_ms)?;
                 content = Content {
                     value: value.encode(),
@@ -541,15 +555,16 @@ impl Replica {
             (_, None) => VersionVector::new(),
         };
         let floor = self.counter_floor()?;
+        let actor = self.write_actor()?;
         let mut updated = stored.update_after(
             &context,
             content,
-            self.actor,
+            actor,
             floor,
             request.now_ms,
             PrunePolicy::default(),
         )?;
-        self.reserve_counter(updated.clock().counter(self.actor))?;
+        self.reserve_counter(updated.clock().counter(actor))?;
         if request.props.last_write_wins {
             updated.resolve_last_write_wins();
         }
@@ -1205,5 +1220,116 @@ mod tests {
             dot.counter > reserved,
             "{dot:?} within the old lease {reserved}"
         );
+    }
+
+    fn counter_update<'a>(props: &'a BucketProps, delta: i64) -> WriteRequest<'a> {
+        let update = crate::crdt::Update {
+            kind: crate::crdt::DataTypeKind::Counter,
+            op: crate::crdt::Op::Counter(delta),
+            context: None,
+        };
+        WriteRequest {
+            bucket: "b",
+            key: "k",
+            context: None,
+            content: Content {
+                value: update.encode(),
+                content_type: crate::crdt::DATATYPE_UPDATE_CONTENT_TYPE.into(),
+                ..Content::default()
+            },
+            props,
+            durability: Durability::Fsync,
+            precondition: Precondition::None,
+            now_ms: 1,
+        }
+    }
+
+    fn counter_value(object: &Object) -> i64 {
+        match crate::crdt::merged_value(object, crate::crdt::DataTypeKind::Counter).unwrap() {
+            Some(crate::crdt::Crdt::Counter(c)) => c.value(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A data type update is applied by the replica to the merge of what it holds and
+    /// stored as one version that replaces every version it merged; a plain value is refused
+    /// in a data type bucket and an update outside one. After the replica drops a live key (a
+    /// handoff's cleanup), its updates are made as a new actor, so a value that comes back
+    /// from elsewhere with the old actor's entries is not undercounted.
+    #[test]
+    fn data_type_updates_merge_what_is_held_and_a_new_actor_follows_a_drop() {
+        let storage = Arc::new(MapStorage::default());
+        let other = replica(&Arc::new(MapStorage::default()), 9);
+        let replica = replica(&storage, 7);
+        let props = BucketProps {
+            datatype: Some(crate::crdt::DataTypeKind::Counter),
+            ..BucketProps::default()
+        };
+        let first = replica.write(counter_update(&props, 5)).unwrap();
+        // Another replica's concurrent increment arrives as a sibling.
+        let elsewhere = other.write(counter_update(&props, 2)).unwrap();
+        let both = replica
+            .merge("b", "k", &elsewhere, &props, Durability::Fsync)
+            .unwrap();
+        assert_eq!(both.siblings().len(), 2);
+        assert_eq!(counter_value(&both), 7);
+        let after = replica.write(counter_update(&props, 1)).unwrap();
+        assert_eq!(after.siblings().len(), 1, "one version replaces the merged ones");
+        assert_eq!(counter_value(&after), 8);
+        assert!(after.clock().covers(first.siblings()[0].dot));
+
+        let plain = replica.write(WriteRequest {
+            props: &props,
+            ..write_of("k", b"plain", Durability::Fsync)
+        });
+        assert!(matches!(plain, Err(ReplicaError::DataType(_))), "{plain:?}");
+        let outside = replica.write(counter_update(&DEFAULT_PROPS, 1));
+        assert!(matches!(outside, Err(ReplicaError::DataType(_))), "{outside:?}");
+
+        // The replica drops the key (no longer its own), and is sent an older copy later.
+        let storage_key = keys::object_key(b"b", b"k");
+        let bytes = storage.get(Table::Objects, &storage_key).unwrap().unwrap();
+        let expected = crate::merkle::entry_hash(b"b", b"k", &bytes);
+        assert!(
+            replica
+                .remove_if_unchanged_with(&storage_key, &expected, Durability::Fsync)
+                .unwrap()
+        );
+        let again = replica.write(counter_update(&props, 1)).unwrap();
+        let merged = again.sync(&after);
+        assert_eq!(counter_value(&merged), 9, "no increment is lost");
+    }
+
+    /// A replica drops a key (a handoff's cleanup) that another replica still holds, and is
+    /// then written the key blind (it replicates it again, before its handoff arrived): the
+    /// new version is a sibling of the old one, not its replacement (before the write actor
+    /// epoch, the new dot's clock entry claimed every earlier dot of the same actor, and the
+    /// old value was silently dropped wherever the two met).
+    #[test]
+    fn a_blind_write_after_a_drop_keeps_the_dropped_value_as_a_sibling() {
+        let storage = Arc::new(MapStorage::default());
+        let first = replica(&storage, 7);
+        let old = blind_put(&first, "k", b"old");
+        let storage_key = keys::object_key(b"b", b"k");
+        let bytes = storage.get(Table::Objects, &storage_key).unwrap().unwrap();
+        let expected = crate::merkle::entry_hash(b"b", b"k", &bytes);
+        assert!(
+            first
+                .remove_if_unchanged_with(&storage_key, &expected, Durability::Buffered)
+                .unwrap()
+        );
+        let new = blind_put(&first, "k", b"new");
+        let met = new.sync(&old);
+        let mut values: Vec<&[u8]> = met
+            .live_siblings()
+            .map(|s| s.content.value.as_slice())
+            .collect();
+        values.sort_unstable();
+        assert_eq!(values, [b"new".as_slice(), b"old".as_slice()]);
+        // A restart keeps the epoch: the next write is not made as an earlier actor.
+        drop(first);
+        let again = replica(&storage, 7);
+        let after = blind_put(&again, "k", b"after");
+        assert_eq!(dot_of(&after).actor, dot_of(&new).actor);
     }
 }

@@ -93,6 +93,52 @@ pub enum FieldValue {
 pub struct OrMap {
     clock: SetContext,
     fields: BTreeMap<FieldKey, Value>,
+    /// Removals (of a field, a set field's element, a flag's enables) whose context has seen
+    /// updates this replica has not (see `deferred`): the field's path, and the element.
+    deferred: super::deferred::Deferred<Target>,
+}
+
+/// What a deferred removal removes: the field at a path, or an element of the set there.
+type Target = (Vec<FieldKey>, Option<Vec<u8>>);
+
+/// One update's removals: the update's context, whether this replica's clock covers it (else
+/// the removals are deferred as well as applied), and those deferred so far.
+struct Removals<'a> {
+    context: Option<&'a SetContext>,
+    covered: bool,
+    path: Vec<FieldKey>,
+    deferred: Vec<Target>,
+}
+
+/// Drop what `context` has seen of the target at `path` (a field, or an element of the set
+/// there), and any field left empty on the way.
+fn reset_at(
+    fields: &mut BTreeMap<FieldKey, Value>,
+    (path, element): (&[FieldKey], Option<&[u8]>),
+    context: &SetContext,
+) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    let Some(value) = fields.get_mut(first) else {
+        return;
+    };
+    match (value, rest.is_empty(), element) {
+        (Value::Map(inner), false, _) => reset_at(inner, (rest, element), context),
+        (Value::Set(m), true, Some(element)) => {
+            if let Some(dots) = m.get_mut(element) {
+                dots.retain(|d| !covers(context, d));
+                if dots.is_empty() {
+                    m.remove(element);
+                }
+            }
+        }
+        (value, true, None) => value.reset(context),
+        _ => {}
+    }
+    if fields.get(first).is_some_and(Value::is_empty) {
+        fields.remove(first);
+    }
 }
 
 impl Value {
@@ -113,17 +159,6 @@ impl Value {
             Value::Register(m) => m.is_empty(),
             Value::Flag(s) => s.is_empty(),
             Value::Map(m) => m.is_empty(),
-        }
-    }
-
-    /// Whether `context` has seen any of the value's dots.
-    fn seen_by(&self, context: &SetContext) -> bool {
-        match self {
-            Value::Counter(m) => m.keys().any(|d| covers(context, d)),
-            Value::Set(m) => m.values().flatten().any(|d| covers(context, d)),
-            Value::Register(m) => m.keys().any(|d| covers(context, d)),
-            Value::Flag(s) => s.iter().any(|d| covers(context, d)),
-            Value::Map(m) => m.values().any(|v| v.seen_by(context)),
         }
     }
 
@@ -248,21 +283,32 @@ fn merge_fields(
     out
 }
 
-/// Apply `ops` to `fields` with `dot` (the update's), at nesting `depth`.
+/// Apply `ops` to `fields` with `dot` (the update's), at nesting `depth`; removals whose
+/// context this replica has not caught up with are also added to `removals.deferred`.
 fn apply(
     fields: &mut BTreeMap<FieldKey, Value>,
     ops: &[MapOp],
     dot: Dot,
-    (now_ms, context, depth): (u64, Option<&SetContext>, usize),
+    (now_ms, depth): (u64, usize),
+    removals: &mut Removals<'_>,
 ) -> Result<(), CrdtError> {
+    let context = removals.context;
     let need_context = |what: &[u8]| context.ok_or_else(|| CrdtError::NotPresent(shown(what)));
     for op in ops {
         match op {
             MapOp::Remove(key) => {
                 let context = need_context(&key.name)?;
+                if !removals.covered {
+                    let mut path = removals.path.clone();
+                    path.push(key.clone());
+                    reset_at(fields, (&path[path.len() - 1..], None), context);
+                    removals.deferred.push((path, None));
+                    continue;
+                }
+                // Absent: refused; present through updates the read did not see only: those
+                // win, and the removal changes nothing.
                 let value = fields
                     .get_mut(key)
-                    .filter(|v| v.seen_by(context))
                     .ok_or_else(|| CrdtError::NotPresent(shown(&key.name)))?;
                 value.reset(context);
                 if value.is_empty() {
@@ -311,9 +357,21 @@ fn apply(
                     }
                     (Value::Set(m), FieldOp::RemoveElement(element)) => {
                         let context = need_context(element)?;
+                        if !removals.covered {
+                            super::check_element(element)?;
+                            if let Some(dots) = m.get_mut(element) {
+                                dots.retain(|d| !covers(context, d));
+                                if dots.is_empty() {
+                                    m.remove(element);
+                                }
+                            }
+                            let mut path = removals.path.clone();
+                            path.push(key.clone());
+                            removals.deferred.push((path, Some(element.clone())));
+                            continue;
+                        }
                         let dots = m
                             .get_mut(element)
-                            .filter(|dots| dots.iter().any(|d| covers(context, d)))
                             .ok_or_else(|| CrdtError::NotPresent(shown(element)))?;
                         dots.retain(|d| !covers(context, d));
                         if dots.is_empty() {
@@ -331,12 +389,20 @@ fn apply(
                     (Value::Flag(s), FieldOp::Disable) => {
                         let context = need_context(&key.name)?;
                         s.retain(|d| !covers(context, d));
+                        if !removals.covered {
+                            let mut path = removals.path.clone();
+                            path.push(key.clone());
+                            removals.deferred.push((path, None));
+                        }
                     }
                     (Value::Map(m), FieldOp::Update(inner)) => {
                         if depth >= MAX_MAP_DEPTH {
                             return Err(CrdtError::TooDeep);
                         }
-                        apply(m, inner, dot, (now_ms, context, depth + 1))?;
+                        removals.path.push(key.clone());
+                        let applied = apply(m, inner, dot, (now_ms, depth + 1), removals);
+                        removals.path.pop();
+                        applied?;
                     }
                     (_, op) => {
                         return Err(CrdtError::WrongOp(format!(
@@ -364,9 +430,21 @@ impl OrMap {
         context: Option<&SetContext>,
     ) -> Result<(), CrdtError> {
         let mut next = self.clone();
+        let covered = context.is_none_or(|c| super::deferred::dominated(c, &self.clock));
         let counter = next_counter(&mut next.clock, actor)?;
         let dot = Dot { actor, counter };
-        apply(&mut next.fields, ops, dot, (now_ms, context, 1))?;
+        let mut removals = Removals {
+            context,
+            covered,
+            path: Vec::new(),
+            deferred: Vec::new(),
+        };
+        apply(&mut next.fields, ops, dot, (now_ms, 1), &mut removals)?;
+        if let Some(context) = context {
+            for target in removals.deferred {
+                super::deferred::defer(&mut next.deferred, context, target)?;
+            }
+        }
         *self = next;
         Ok(())
     }
@@ -387,6 +465,16 @@ impl OrMap {
     pub fn merge(&mut self, other: &OrMap) {
         self.fields = merge_fields(&self.fields, &self.clock, &other.fields, &other.clock);
         merge_clock(&mut self.clock, &other.clock);
+        super::deferred::merge(&mut self.deferred, &other.deferred);
+        let fields = &mut self.fields;
+        super::deferred::apply(&mut self.deferred, &self.clock, |context, (path, element)| {
+            reset_at(fields, (path, element.as_deref()), context);
+        });
+    }
+
+    /// Removals still waiting for updates this replica has not seen.
+    pub fn deferred_removals(&self) -> usize {
+        self.deferred.values().map(BTreeSet::len).sum()
     }
 }
 
@@ -538,11 +626,46 @@ impl OrMap {
     pub fn encode(&self, w: &mut Writer) {
         encode_context(w, &self.clock);
         encode_fields(w, &self.fields);
+        super::deferred::encode(w, &self.deferred, |w, (path, element)| {
+            w.varint(path.len() as u64);
+            for key in path {
+                w.bytes(&key.name);
+                w.u8(key.kind.code());
+            }
+            match element {
+                None => w.u8(0),
+                Some(element) => {
+                    w.u8(1);
+                    w.bytes(element);
+                }
+            }
+        });
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<OrMap, DecodeError> {
         let clock = decode_context(r)?;
         let fields = decode_fields(r, &clock, 1)?;
-        Ok(OrMap { clock, fields })
+        let deferred = super::deferred::decode(r, |r| {
+            let depth = r.count(MAX_MAP_DEPTH, "deferred removal path")?;
+            let mut path = Vec::with_capacity(depth);
+            for _ in 0..depth {
+                let name = r.bytes(MAX_ELEMENT_BYTES, "map field name")?.to_vec();
+                path.push(FieldKey {
+                    name,
+                    kind: FieldKind::of_code(r.u8()?)?,
+                });
+            }
+            let element = match r.u8()? {
+                0 => None,
+                1 => Some(r.bytes(MAX_ELEMENT_BYTES, "deferred element")?.to_vec()),
+                _ => return Err(DecodeError::Invalid("bad deferred removal")),
+            };
+            Ok((path, element))
+        })?;
+        Ok(OrMap {
+            clock,
+            fields,
+            deferred,
+        })
     }
 }

@@ -18,6 +18,7 @@ use crate::version::ActorId;
 use thiserror::Error;
 
 mod counter;
+mod deferred;
 mod gset;
 mod hll;
 mod map;
@@ -29,6 +30,7 @@ mod update;
 mod value;
 
 pub use counter::PnCounter;
+pub use deferred::{MAX_DEFERRED, MAX_DEFERRED_MERGED};
 pub use gset::GSet;
 pub use hll::{DEFAULT_HLL_PRECISION, Hll, MAX_HLL_PRECISION, MIN_HLL_PRECISION};
 pub use map::{

@@ -22,6 +22,8 @@ pub type SetContext = BTreeMap<ActorId, u64>;
 pub struct OrSet {
     clock: BTreeMap<ActorId, u64>,
     entries: BTreeMap<Vec<u8>, BTreeSet<Dot>>,
+    /// Removals whose context has seen adds this replica has not (see `deferred`).
+    deferred: super::deferred::Deferred<Vec<u8>>,
 }
 
 /// The live dots of one element after a merge: those both sides have, and those one side has
@@ -57,6 +59,20 @@ pub(super) fn merge_clock(ours: &mut SetContext, theirs: &SetContext) {
     }
 }
 
+/// Drop the dots of `element` that `context` covers.
+fn reset_element(
+    entries: &mut BTreeMap<Vec<u8>, BTreeSet<Dot>>,
+    element: &[u8],
+    context: &SetContext,
+) {
+    if let Some(dots) = entries.get_mut(element) {
+        dots.retain(|d| !covers(context, d));
+        if dots.is_empty() {
+            entries.remove(element);
+        }
+    }
+}
+
 /// Whether `clock` has seen `dot`.
 pub(super) fn covers(clock: &BTreeMap<ActorId, u64>, dot: &Dot) -> bool {
     clock.get(&dot.actor).is_some_and(|c| *c >= dot.counter)
@@ -76,22 +92,32 @@ impl OrSet {
     }
 
     /// Remove `element` as a client that read the set with `context`: the adds the read saw
-    /// are undone, later or concurrent ones stay. Refused when the read did not see it.
+    /// are undone, later or concurrent ones stay. Refused when the element is absent; when
+    /// the read saw adds this replica has not seen yet, the removal is also kept until they
+    /// arrive (`deferred`).
     pub fn remove(&mut self, element: &[u8], context: &SetContext) -> Result<(), CrdtError> {
-        let seen = self
-            .entries
-            .get(element)
-            .is_some_and(|dots| dots.iter().any(|d| covers(context, d)));
-        if !seen {
+        if !super::deferred::dominated(context, &self.clock) {
+            check_element(element)?;
+            super::deferred::defer(&mut self.deferred, context, element.to_vec())?;
+            self.reset(element, context);
+            return Ok(());
+        }
+        // Absent: nothing to remove (refused, as Riak does). Present through adds the read did
+        // not see only: those win, and the removal changes nothing.
+        if !self.entries.contains_key(element) {
             return Err(CrdtError::NotPresent(shown(element)));
         }
-        if let Some(dots) = self.entries.get_mut(element) {
-            dots.retain(|d| !covers(context, d));
-            if dots.is_empty() {
-                self.entries.remove(element);
-            }
-        }
+        self.reset(element, context);
         Ok(())
+    }
+
+    fn reset(&mut self, element: &[u8], context: &SetContext) {
+        reset_element(&mut self.entries, element, context);
+    }
+
+    /// Removals still waiting for adds this replica has not seen.
+    pub fn deferred_removals(&self) -> usize {
+        self.deferred.values().map(BTreeSet::len).sum()
     }
 
     pub fn contains(&self, element: &[u8]) -> bool {
@@ -135,6 +161,11 @@ impl OrSet {
         }
         merge_clock(&mut self.clock, &other.clock);
         self.entries = entries;
+        super::deferred::merge(&mut self.deferred, &other.deferred);
+        let entries = &mut self.entries;
+        super::deferred::apply(&mut self.deferred, &self.clock, |context, element| {
+            reset_element(entries, element, context);
+        });
     }
 
     pub fn encode(&self, w: &mut Writer) {
@@ -148,6 +179,7 @@ impl OrSet {
                 w.varint(dot.counter);
             }
         }
+        super::deferred::encode(w, &self.deferred, |w, element| w.bytes(element));
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<OrSet, DecodeError> {
@@ -173,7 +205,14 @@ impl OrSet {
             }
             entries.insert(element, dots);
         }
-        Ok(OrSet { clock, entries })
+        let deferred = super::deferred::decode(r, |r| {
+            Ok(r.bytes(MAX_ELEMENT_BYTES, "deferred element")?.to_vec())
+        })?;
+        Ok(OrSet {
+            clock,
+            entries,
+            deferred,
+        })
     }
 }
 

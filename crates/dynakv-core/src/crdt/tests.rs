@@ -14,7 +14,9 @@ const ACTORS: [ActorId; 3] = [ActorId(1), ActorId(2), ActorId(3)];
 #[derive(Debug, Clone)]
 enum Step {
     Op { at: usize, value: i64, element: u8 },
-    Remove { at: usize, element: u8 },
+    /// A remove at `at` with the context of a read at `via` (which may have seen adds `at`
+    /// has not: a deferred removal).
+    Remove { at: usize, element: u8, via: usize },
     Sync { from: usize, to: usize },
 }
 
@@ -22,7 +24,7 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
     prop::collection::vec(
         prop_oneof![
             4 => (0..3usize, -5i64..10, 0..6u8).prop_map(|(at, value, element)| Step::Op { at, value, element }),
-            2 => (0..3usize, 0..6u8).prop_map(|(at, element)| Step::Remove { at, element }),
+            2 => (0..3usize, 0..6u8, 0..3usize).prop_map(|(at, element, via)| Step::Remove { at, element, via }),
             2 => (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
         ],
         0..40,
@@ -49,14 +51,14 @@ fn counters(steps: &[Step]) -> ([PnCounter; 3], i64) {
     (replicas, total)
 }
 
-/// Three replicas' sets after `steps` (a remove uses the replica's own current context).
+/// Three replicas' sets after `steps` (a remove uses the context of a read at `via`).
 fn sets(steps: &[Step]) -> [OrSet; 3] {
     let mut replicas: [OrSet; 3] = Default::default();
     for step in steps {
         match step {
             Step::Op { at, element, .. } => replicas[*at].add(ACTORS[*at], &[*element]).unwrap(),
-            Step::Remove { at, element } => {
-                let context = replicas[*at].context();
+            Step::Remove { at, element, via } => {
+                let context = replicas[*via].context();
                 let _ = replicas[*at].remove(&[*element], &context);
             }
             Step::Sync { from, to } => {
@@ -103,6 +105,9 @@ proptest! {
     fn set_merges_are_lawful(steps in steps()) {
         let [a, b, c] = sets(&steps);
         laws(&a, &b, &c, OrSet::merge);
+        // Once every replica has met every other, no removal waits any more.
+        let all = merged(&merged(&a, &b, OrSet::merge), &c, OrSet::merge);
+        prop_assert_eq!(all.deferred_removals(), 0);
     }
 
     #[test]
@@ -355,7 +360,10 @@ proptest! {
                 replicas[at].merge(&other);
                 continue;
             }
-            let context = replicas[at].context();
+            // Half the removes carry the context of a read at another replica (which may
+            // have seen updates this one has not: a deferred removal).
+            let via = if i % 2 == 0 { at } else { from };
+            let context = replicas[via].context();
             let _ = replicas[at].update(ACTORS[at], i as u64, &[map_op(kind, field, value)], Some(&context));
         }
         for map in &replicas {
@@ -367,7 +375,57 @@ proptest! {
         }
         let [a, b, c] = replicas;
         laws(&a, &b, &c, OrMap::merge);
+        let all = merged(&merged(&a, &b, OrMap::merge), &c, OrMap::merge);
+        prop_assert_eq!(all.deferred_removals(), 0);
     }
+}
+
+/// A client reads a set at one replica and removes through another that has not seen the
+/// add yet: the removal is kept, and takes effect when the add arrives, in either order.
+#[test]
+fn a_removal_through_a_replica_that_lags_waits_for_what_it_removes() {
+    let mut ahead = OrSet::default();
+    ahead.add(ACTORS[0], b"x").unwrap();
+    ahead.add(ACTORS[0], b"y").unwrap();
+    let read = ahead.context();
+    let mut behind = OrSet::default();
+    behind.remove(b"x", &read).unwrap();
+    assert_eq!(behind.deferred_removals(), 1);
+    let ab = merged(&ahead, &behind, OrSet::merge);
+    let ba = merged(&behind, &ahead, OrSet::merge);
+    assert_eq!(ab, ba);
+    assert!(!ab.contains(b"x") && ab.contains(b"y"));
+    assert_eq!(ab.deferred_removals(), 0, "applied for good once the add arrived");
+    // Through encoding too (a replica stores the waiting removal).
+    let mut w = Writer::default();
+    behind.encode(&mut w);
+    assert_eq!(OrSet::decode(&mut Reader::new(&w.buf)).unwrap(), behind);
+
+    // The same for a map: a field's removal and a set field's element removal.
+    let counter = key("c", FieldKind::Counter);
+    let tags = key("tags", FieldKind::Set);
+    let mut ahead = OrMap::default();
+    let ops = [
+        MapOp::Update(counter.clone(), FieldOp::Increment(3)),
+        MapOp::Update(tags.clone(), FieldOp::Add(b"t".to_vec())),
+        MapOp::Update(tags.clone(), FieldOp::Add(b"u".to_vec())),
+    ];
+    ahead.update(ACTORS[0], 1, &ops, None).unwrap();
+    let read = ahead.context();
+    let mut behind = OrMap::default();
+    let removes = [
+        MapOp::Remove(counter.clone()),
+        MapOp::Update(tags.clone(), FieldOp::RemoveElement(b"t".to_vec())),
+    ];
+    behind.update(ACTORS[1], 2, &removes, Some(&read)).unwrap();
+    assert_eq!(behind.deferred_removals(), 2);
+    let ab = merged(&ahead, &behind, OrMap::merge);
+    assert_eq!(ab, merged(&behind, &ahead, OrMap::merge));
+    assert_eq!(
+        ab.read(),
+        std::collections::BTreeMap::from([(tags, FieldValue::Set(vec![b"u".to_vec()]))])
+    );
+    assert_eq!(ab.deferred_removals(), 0);
 }
 
 #[test]

@@ -164,6 +164,27 @@ fn decode_map_ops(
     Ok(ops)
 }
 
+fn check_map_ops(ops: &[MapOp], depth: usize) -> Result<(), CrdtError> {
+    if depth > super::MAX_MAP_DEPTH {
+        return Err(CrdtError::TooDeep);
+    }
+    for op in ops {
+        let (MapOp::Remove(key) | MapOp::Update(key, _)) = op;
+        super::check_element(&key.name)?;
+        match op {
+            MapOp::Update(_, FieldOp::Add(e) | FieldOp::RemoveElement(e)) => {
+                super::check_element(e)?;
+            }
+            MapOp::Update(_, FieldOp::Assign(v)) if v.len() > super::MAX_REGISTER_BYTES => {
+                return Err(CrdtError::ElementTooLarge);
+            }
+            MapOp::Update(_, FieldOp::Update(inner)) => check_map_ops(inner, depth + 1)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// How many operations `ops` holds, nested ones included.
 fn map_op_count(ops: &[MapOp]) -> usize {
     ops.iter()
@@ -185,14 +206,23 @@ impl Update {
         }
     }
 
-    /// Refuse an update past [`MAX_UPDATE_OPS`] (before it is sent anywhere).
+    /// Refuse an update past [`MAX_UPDATE_OPS`], or with an element, a field name or a
+    /// register past its bound (before it is sent anywhere).
     pub fn check(&self) -> Result<(), CrdtError> {
         if self.op_count() > MAX_UPDATE_OPS {
             return Err(CrdtError::WrongOp(format!(
                 "an update carries at most {MAX_UPDATE_OPS} operations"
             )));
         }
-        Ok(())
+        match &self.op {
+            Op::Counter(_) => Ok(()),
+            Op::Set { add, remove } => add
+                .iter()
+                .chain(remove)
+                .try_for_each(|e| super::check_element(e)),
+            Op::Add(elements) => elements.iter().try_for_each(|e| super::check_element(e)),
+            Op::Map(ops) => check_map_ops(ops, 1),
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
