@@ -208,20 +208,18 @@ impl BucketProps {
                         _ => return Err(bad(name, "expected \"fsync\" or \"buffered\"")),
                     }
                 }
-                "datatype" => {
-                    next.datatype = match value {
-                        Value::Null => None,
-                        Value::String(name) => Some(
-                            crate::crdt::DataTypeKind::parse(name).ok_or_else(|| {
-                                bad(
-                                    "datatype",
-                                    "expected one of \"counter\", \"set\", \"map\", \"hll\", \"gset\"",
-                                )
-                            })?,
-                        ),
-                        _ => return Err(bad(name, "expected a data type name")),
+                "datatype" => next.datatype = match value {
+                    Value::Null => None,
+                    Value::String(name) => {
+                        Some(crate::crdt::DataTypeKind::parse(name).ok_or_else(|| {
+                            bad(
+                                "datatype",
+                                "expected one of \"counter\", \"set\", \"map\", \"hll\", \"gset\"",
+                            )
+                        })?)
                     }
-                }
+                    _ => return Err(bad(name, "expected a data type name")),
+                },
                 other => return Err(PropsError::Unknown(other.to_owned())),
             }
         }

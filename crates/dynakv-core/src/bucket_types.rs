@@ -532,7 +532,12 @@ mod tests {
         let defaults = BucketProps::default();
         let a = NodeId("a".into());
         let mut state = state_with(&["a"]);
-        for bad in [r#"{"bogus":1}"#, r#"{"n_val":0}"#, r#"{"datatype":"bogus"}"#, r#"{"consistent":true}"#] {
+        for bad in [
+            r#"{"bogus":1}"#,
+            r#"{"n_val":0}"#,
+            r#"{"datatype":"bogus"}"#,
+            r#"{"consistent":true}"#,
+        ] {
             let create = TypeChange::Create {
                 name: "t".into(),
                 props: props(bad),

@@ -163,6 +163,21 @@ impl Object {
         }
     }
 
+    /// This object with only the sibling of `dot`, the clock unchanged: the simulator's
+    /// planted `node::Bug::DatatypeMaxMerge` only.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn keep_only(&self, dot: crate::version::Dot) -> Object {
+        Object {
+            clock: self.clock.clone(),
+            siblings: self
+                .siblings
+                .iter()
+                .filter(|s| s.dot == dot)
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// An object that has seen nothing.
     pub fn new() -> Self {
         Self::default()

@@ -75,9 +75,7 @@ impl ReplicaError {
             | ReplicaError::Corrupt(_)
             | ReplicaError::DataType(CrdtError::Malformed(_)) => 500,
             ReplicaError::Write(_) => 409,
-            ReplicaError::Precondition(_) | ReplicaError::DataType(CrdtError::NotPresent(_)) => {
-                412
-            }
+            ReplicaError::Precondition(_) | ReplicaError::DataType(CrdtError::NotPresent(_)) => 412,
             ReplicaError::DataType(_) => 400,
         }
     }
@@ -1222,7 +1220,7 @@ mod tests {
         );
     }
 
-    fn counter_update<'a>(props: &'a BucketProps, delta: i64) -> WriteRequest<'a> {
+    fn counter_update(props: &BucketProps, delta: i64) -> WriteRequest<'_> {
         let update = crate::crdt::Update {
             kind: crate::crdt::DataTypeKind::Counter,
             op: crate::crdt::Op::Counter(delta),
@@ -1274,7 +1272,11 @@ mod tests {
         assert_eq!(both.siblings().len(), 2);
         assert_eq!(counter_value(&both), 7);
         let after = replica.write(counter_update(&props, 1)).unwrap();
-        assert_eq!(after.siblings().len(), 1, "one version replaces the merged ones");
+        assert_eq!(
+            after.siblings().len(),
+            1,
+            "one version replaces the merged ones"
+        );
         assert_eq!(counter_value(&after), 8);
         assert!(after.clock().covers(first.siblings()[0].dot));
 
@@ -1284,7 +1286,10 @@ mod tests {
         });
         assert!(matches!(plain, Err(ReplicaError::DataType(_))), "{plain:?}");
         let outside = replica.write(counter_update(&DEFAULT_PROPS, 1));
-        assert!(matches!(outside, Err(ReplicaError::DataType(_))), "{outside:?}");
+        assert!(
+            matches!(outside, Err(ReplicaError::DataType(_))),
+            "{outside:?}"
+        );
 
         // The replica drops the key (no longer its own), and is sent an older copy later.
         let storage_key = keys::object_key(b"b", b"k");

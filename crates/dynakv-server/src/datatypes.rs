@@ -47,13 +47,8 @@ pub fn client_context(
     key: &str,
     text: &str,
 ) -> Result<SetContext, String> {
-    dynakv_core::context::decode_datatype(
-        cluster.secret(),
-        bucket.as_bytes(),
-        key.as_bytes(),
-        text,
-    )
-    .map_err(|e| format!("invalid context: {e}"))
+    dynakv_core::context::decode_datatype(cluster.secret(), bucket.as_bytes(), key.as_bytes(), text)
+        .map_err(|e| format!("invalid context: {e}"))
 }
 
 fn read(
@@ -138,5 +133,11 @@ pub async fn update(
         precondition: Precondition::None,
     };
     let stored = crate::requests::put(cluster, op, cluster.now_ms()).await?;
-    read(cluster, (bucket, key), update.kind, &stored, include_context)
+    read(
+        cluster,
+        (bucket, key),
+        update.kind,
+        &stored,
+        include_context,
+    )
 }

@@ -10,8 +10,8 @@ mod support;
 
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
-use dynakv_pb::dt::{CounterOp, DtFetchReq, DtFetchResp, DtOp, DtUpdateReq, DtUpdateResp, SetOp};
 use dynakv_pb::code;
+use dynakv_pb::dt::{CounterOp, DtFetchReq, DtFetchResp, DtOp, DtUpdateReq, DtUpdateResp, SetOp};
 use prost::Message as _;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -81,14 +81,10 @@ async fn cluster() -> Vec<support::Node> {
         let (status, body) = call(&nodes[0], Method::POST, &path, &props).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         wait_for("the type to be ready", async || {
-            call(
-                &nodes[0],
-                Method::POST,
-                &format!("{path}/activate"),
-                "{}",
-            )
-            .await
-            .0 == StatusCode::OK
+            call(&nodes[0], Method::POST, &format!("{path}/activate"), "{}")
+                .await
+                .0
+                == StatusCode::OK
         })
         .await;
         for node in &nodes {
@@ -156,9 +152,14 @@ async fn concurrent_updates_through_every_node_converge_through_a_node_going_dow
         let node = &nodes[node];
         async move {
             let body = format!("{{\"add\":\"{element}\"}}");
-            call(node, Method::POST, "/types/sets/buckets/s/datatypes/k", &body)
-                .await
-                .0
+            call(
+                node,
+                Method::POST,
+                "/types/sets/buckets/s/datatypes/k",
+                &body,
+            )
+            .await
+            .0
         }
     };
     let mut adds = Vec::new();
@@ -291,7 +292,13 @@ async fn removals_need_a_context_and_hostile_operations_change_nothing() {
     }
     let (_, body) = call(node, Method::GET, set, "").await;
     assert_eq!(value(&body), serde_json::json!(["a", "c"]), "{body}");
-    let (_, body) = call(node, Method::GET, "/types/counters/buckets/c/datatypes/k", "").await;
+    let (_, body) = call(
+        node,
+        Method::GET,
+        "/types/counters/buckets/c/datatypes/k",
+        "",
+    )
+    .await;
     assert_eq!(value(&body), serde_json::json!(i64::MAX), "{body}");
 
     // A plain put to a data type bucket is refused, and a data type read of a missing key
@@ -362,7 +369,12 @@ async fn pb_updates_and_fetches_what_http_serves() {
         ..DtOp::default()
     };
     let (answer, body) = pb(&nodes[0], code::DT_UPDATE_REQ, &update("k", adds, None)).await;
-    assert_eq!(answer, code::DT_UPDATE_RESP, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        answer,
+        code::DT_UPDATE_RESP,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let response = DtUpdateResp::decode(body.as_slice()).unwrap();
     assert_eq!(response.set_value.len(), 3);
     let context = response.context.unwrap();
@@ -403,7 +415,13 @@ async fn pb_updates_and_fetches_what_http_serves() {
         fetched.value.unwrap().set_value,
         vec![b"y".to_vec(), vec![0xff, 0x00]]
     );
-    let (_, body) = call(&nodes[0], Method::GET, "/types/sets/buckets/b/datatypes/k", "").await;
+    let (_, body) = call(
+        &nodes[0],
+        Method::GET,
+        "/types/sets/buckets/b/datatypes/k",
+        "",
+    )
+    .await;
     assert_eq!(value(&body).as_array().unwrap().len(), 2, "{body}");
 
     // A counter operation on a set bucket, a bucket without a data type, no type: errors.
@@ -411,7 +429,12 @@ async fn pb_updates_and_fetches_what_http_serves() {
         counter_op: Some(CounterOp { increment: Some(2) }),
         ..DtOp::default()
     };
-    let (answer, _) = pb(&nodes[0], code::DT_UPDATE_REQ, &update("k", counter.clone(), None)).await;
+    let (answer, _) = pb(
+        &nodes[0],
+        code::DT_UPDATE_REQ,
+        &update("k", counter.clone(), None),
+    )
+    .await;
     assert_eq!(answer, code::ERROR_RESP);
     let mut plain = update("k", counter.clone(), None);
     plain.r#type = Some(b"plain".to_vec());

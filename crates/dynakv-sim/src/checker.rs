@@ -216,3 +216,101 @@ pub fn check(history: &History, finals: &BTreeMap<String, Object>) -> CheckRepor
         .collect();
     report
 }
+
+/// The data type checkers, over the keys of the data type workloads (`--datatypes`):
+/// - **counter**: each counter's final value is at least the increments acknowledged and at
+///   most those plus the indeterminate ones (sent, not acknowledged);
+/// - **set**: every acknowledged add whose element no removal was sent for is in the final
+///   set; no element whose removal was acknowledged is (each element is added once, so none
+///   has a later add); every element in it was sent.
+///
+/// Returns the problems found, and the acknowledged increments, adds and removes.
+pub fn check_datatypes(
+    history: &History,
+    finals: &BTreeMap<String, Object>,
+    keys: &[(String, OpKind)],
+) -> (Vec<String>, (usize, usize, usize)) {
+    use dynakv_core::crdt::{Crdt, DataTypeKind, merged_value};
+    let mut problems = Vec::new();
+    let mut acked_ops = (0, 0, 0);
+    for (key, kind) in keys {
+        let writes = || {
+            history
+                .writes
+                .iter()
+                .filter(move |w| &w.key == key && w.sent)
+        };
+        match kind {
+            OpKind::Increment => {
+                let acked = writes().filter(|w| w.acked.is_some()).count();
+                let unknown = writes().filter(|w| w.acked.is_none()).count();
+                acked_ops.0 += acked;
+                let value = match finals
+                    .get(key)
+                    .map(|o| merged_value(o, DataTypeKind::Counter))
+                {
+                    None | Some(Ok(None)) => 0,
+                    Some(Ok(Some(Crdt::Counter(c)))) => c.value(),
+                    Some(other) => {
+                        problems.push(format!("{key}: final value {other:?}"));
+                        continue;
+                    }
+                };
+                let low = i64::try_from(acked).unwrap_or(i64::MAX);
+                let high = i64::try_from(acked + unknown).unwrap_or(i64::MAX);
+                if value < low || value > high {
+                    problems.push(format!(
+                        "{key}: counter {value}, {acked} increments acknowledged and {unknown} \
+                         indeterminate"
+                    ));
+                }
+            }
+            OpKind::DtAdd => {
+                let set: BTreeSet<u64> =
+                    match finals.get(key).map(|o| merged_value(o, DataTypeKind::Set)) {
+                        None | Some(Ok(None)) => BTreeSet::new(),
+                        Some(Ok(Some(Crdt::Set(s)))) => {
+                            s.elements().filter_map(decode_register).collect()
+                        }
+                        Some(other) => {
+                            problems.push(format!("{key}: final value {other:?}"));
+                            continue;
+                        }
+                    };
+                let sent_adds: BTreeSet<u64> = writes()
+                    .filter(|w| w.kind == OpKind::DtAdd)
+                    .map(|w| w.value)
+                    .collect();
+                let removes_sent: BTreeSet<u64> = writes()
+                    .filter(|w| w.kind == OpKind::DtRemove)
+                    .map(|w| w.value)
+                    .collect();
+                for w in writes().filter(|w| w.acked.is_some()) {
+                    match w.kind {
+                        OpKind::DtAdd => {
+                            acked_ops.1 += 1;
+                            if !removes_sent.contains(&w.value) && !set.contains(&w.value) {
+                                problems.push(format!("{key}: acknowledged add {} lost", w.value));
+                            }
+                        }
+                        OpKind::DtRemove => {
+                            acked_ops.2 += 1;
+                            if set.contains(&w.value) {
+                                problems.push(format!(
+                                    "{key}: {} came back after its acknowledged removal",
+                                    w.value
+                                ));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                for element in set.difference(&sent_adds) {
+                    problems.push(format!("{key}: phantom element {element}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    (problems, acked_ops)
+}

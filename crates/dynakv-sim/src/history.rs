@@ -19,6 +19,13 @@ pub enum OpKind {
     Write,
     /// Read a register, then delete it with the read's context (a tombstone).
     Delete,
+    /// Increment a counter data type by one (blind: a data type needs no read).
+    Increment,
+    /// Add a unique element to a set data type (blind).
+    DtAdd,
+    /// Read a set data type, then remove one of its elements with the read's context (the
+    /// element is the write record's value once read).
+    DtRemove,
 }
 
 /// How an event ends an operation, or that it starts one.
@@ -87,6 +94,9 @@ impl History {
                 OpKind::SetAdd => "add",
                 OpKind::Write => "write",
                 OpKind::Delete => "delete",
+                OpKind::Increment => "increment",
+                OpKind::DtAdd => "dt-add",
+                OpKind::DtRemove => "dt-remove",
             };
             let _ = writeln!(
                 out,

@@ -1,7 +1,7 @@
 //! `dynakv-sim`: run many seeds (or replay one) and print a summary.
 //!
 //! ```text
-//! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling]
+//! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling|datatype-max-merge] [--datatypes]
 //!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--grace-ms MS]
 //!     [--clock-skew-ms MS]
 //!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward]
@@ -38,6 +38,7 @@ struct Args {
     /// Issue dot counters per key only (the rule before the reaping finding).
     per_key_counters: bool,
     no_deletes: bool,
+    datatypes: bool,
     /// Reap after checking the primaries only (the rule before the reaping finding).
     primaries_only_reap: bool,
     /// Retry an unanswered forward elsewhere, with no expiry (the rule before finding 5).
@@ -82,6 +83,7 @@ fn parse() -> Result<Args, String> {
             },
             "--no-faults" => args.no_faults = true,
             "--no-deletes" => args.no_deletes = true,
+            "--datatypes" => args.datatypes = true,
             "--verbose" => args.verbose = true,
             "--membership" => {
                 args.membership_given = true;
@@ -99,7 +101,12 @@ fn parse() -> Result<Args, String> {
             }
             "--bug" => match it.next().as_deref() {
                 Some("drop-sibling") => args.bug = Some(Bug::DropSiblingOnMerge),
-                other => return Err(format!("unknown bug {other:?} (known: drop-sibling)")),
+                Some("datatype-max-merge") => args.bug = Some(Bug::DatatypeMaxMerge),
+                other => {
+                    return Err(format!(
+                        "unknown bug {other:?} (known: drop-sibling, datatype-max-merge)"
+                    ));
+                }
             },
             "-h" | "--help" => {
                 return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--clock-skew-ms MS] [--verbose]".into());
@@ -121,6 +128,7 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
         c.node.sim.retry_unanswered_forward = args.retry_unanswered_forward;
         c.faults = !args.no_faults;
         c.deletes = !args.no_deletes;
+        c.datatypes = args.datatypes;
         if let Some(grace) = args.grace_ms {
             c.node.tombstone_grace_ms = grace;
         }
@@ -202,6 +210,8 @@ struct Totals {
     replans: u64,
     pauses: usize,
     late_forwards_refused: u64,
+    datatype_ops: (usize, usize, usize),
+    datatype_problems: usize,
     failing: Vec<String>,
 }
 
@@ -243,6 +253,10 @@ impl Totals {
         self.replans += r.replans;
         self.pauses += r.pauses;
         self.late_forwards_refused += r.late_forwards_refused;
+        self.datatype_ops.0 += r.datatype_ops.0;
+        self.datatype_ops.1 += r.datatype_ops.1;
+        self.datatype_ops.2 += r.datatype_ops.2;
+        self.datatype_problems += r.datatype_problems.len();
         if !r.passed() {
             if self.failing.len() < MAX_FAILURES_SHOWN {
                 print!("FAIL {}", r.describe());
@@ -308,6 +322,15 @@ impl Totals {
             "pauses {}; forwarded puts refused for arriving late {}; puts applied twice {}",
             self.pauses, self.late_forwards_refused, self.applied_twice
         );
+        if self.datatype_ops != (0, 0, 0) || self.datatype_problems > 0 {
+            println!(
+                "data types: increments acknowledged {}; set adds acknowledged {} removes acknowledged {}; problems {}",
+                self.datatype_ops.0,
+                self.datatype_ops.1,
+                self.datatype_ops.2,
+                self.datatype_problems
+            );
+        }
         if self.failing.is_empty() {
             println!("all seeds passed");
         } else {

@@ -23,8 +23,26 @@ pub use dynakv_core::node::{
     Output, PutOp, RequestId, Time, Timer, Timings, member_entry,
 };
 
-/// The one bucket the simulation uses.
+/// The bucket of the simulation's registers and client-merged sets.
 pub const BUCKET: &str = "sim";
+/// The bucket of the counter workload (its type's `datatype` is `counter`), and its keys'
+/// prefix.
+pub const COUNTER_BUCKET: &str = "sim-counters";
+pub const COUNTER_KEY_PREFIX: &str = "ctr-";
+/// The bucket of the set workload (a `set` data type), and its keys' prefix.
+pub const SET_BUCKET: &str = "sim-sets";
+pub const SET_KEY_PREFIX: &str = "dset-";
+
+/// The bucket a simulation key lives in (from its prefix).
+pub fn bucket_of(key: &str) -> &'static str {
+    if key.starts_with(COUNTER_KEY_PREFIX) {
+        COUNTER_BUCKET
+    } else if key.starts_with(SET_KEY_PREFIX) {
+        SET_BUCKET
+    } else {
+        BUCKET
+    }
+}
 /// One replica request's timeout in the simulation.
 pub const REQUEST_TIMEOUT_MS: u64 = Timings::SIMULATION.request_ms;
 /// How long a forwarded put waits for its remote coordinator in the simulation.
@@ -191,28 +209,28 @@ impl SimNode {
         );
     }
 
-    /// The stored object of a key of the simulation's bucket (tombstones included).
+    /// The stored object of a simulation key (tombstones included).
     pub fn object(&self, key: &str) -> Option<Object> {
-        must(self.node.object(BUCKET, key), "read an object")
+        must(self.node.object(bucket_of(key), key), "read an object")
     }
 
-    /// Every stored object of the simulation's bucket, in key order.
+    /// Every stored object of the simulation's keys, in key order.
     pub fn objects(&self) -> Vec<(String, Object)> {
         must(self.node.objects(), "scan objects")
             .into_iter()
-            .filter(|(bucket, _, _)| bucket == BUCKET)
+            .filter(|(bucket, key, _)| bucket == bucket_of(key))
             .map(|(_, key, object)| (key, object))
             .collect()
     }
 
     /// The key's partition.
     pub fn partition_of(&self, key: &str) -> PartitionId {
-        self.node.partition_of(BUCKET, key)
+        self.node.partition_of(bucket_of(key), key)
     }
 
     /// The key's primaries (its preference list).
     pub fn primaries(&self, key: &str) -> Vec<NodeId> {
-        self.node.primaries(BUCKET, key)
+        self.node.primaries(bucket_of(key), key)
     }
 }
 

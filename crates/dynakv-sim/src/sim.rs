@@ -16,6 +16,7 @@ use crate::node::{
 };
 use crate::rng::SimRng;
 use dynakv_core::bucket::{BucketProps, Quorum};
+use dynakv_core::crdt::{Crdt, DataTypeKind, Op};
 use dynakv_core::limits;
 use dynakv_core::membership::{ClusterState, MemberStatus, MembershipError};
 use dynakv_core::object::Object;
@@ -104,6 +105,10 @@ pub const MAX_MEMBERSHIP_MS: u64 = 2500;
 pub const LEAVE_RETRY_MS: u64 = 500;
 /// The cluster's name.
 pub const CLUSTER_NAME: &str = "dynakv-sim";
+/// Keys of each data type workload (with `--datatypes`).
+pub const DATATYPE_KEYS: usize = 2;
+/// Probability that a set data type operation is a removal (read, then remove an element).
+pub const DT_REMOVE_PROBABILITY: f64 = 0.3;
 
 const _: () = assert!(SIM_RING_PARTITIONS.is_power_of_two());
 const _: () = assert!(MIN_NODES >= 3 && MIN_NODES <= MAX_NODES);
@@ -130,6 +135,7 @@ pub enum MembershipChange {
 
 /// One run's parameters.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches of one run
 pub struct SimConfig {
     pub seed: u64,
     pub nodes: usize,
@@ -150,6 +156,9 @@ pub struct SimConfig {
     /// Each machine's wall clock is off the simulation's time by up to this much either way
     /// (drawn per machine from the seed; 0: no skew). Timers and timeouts are not skewed.
     pub clock_skew_ms: u64,
+    /// Add the data type workloads: counters incremented and sets added to and removed from,
+    /// in buckets whose type holds a counter and a set (`--datatypes`).
+    pub datatypes: bool,
 }
 
 impl SimConfig {
@@ -195,6 +204,7 @@ impl SimConfig {
             membership,
             membership_at_ms,
             clock_skew_ms: 0,
+            datatypes: false,
         }
     }
 
@@ -207,8 +217,10 @@ impl SimConfig {
         if self.node.props.last_write_wins {
             cmd.push_str(" --lww");
         }
-        if self.node.sim.bug.is_some() {
-            cmd.push_str(" --bug drop-sibling");
+        match self.node.sim.bug {
+            Some(crate::node::Bug::DropSiblingOnMerge) => cmd.push_str(" --bug drop-sibling"),
+            Some(crate::node::Bug::DatatypeMaxMerge) => cmd.push_str(" --bug datatype-max-merge"),
+            None => {}
         }
         if self.keep_actor_after_loss {
             cmd.push_str(" --keep-actor");
@@ -234,6 +246,9 @@ impl SimConfig {
         let _ = write!(cmd, " --grace-ms {}", self.node.tombstone_grace_ms);
         if self.clock_skew_ms > 0 {
             let _ = write!(cmd, " --clock-skew-ms {}", self.clock_skew_ms);
+        }
+        if self.datatypes {
+            cmd.push_str(" --datatypes");
         }
         match self.membership {
             None => cmd.push_str(" --membership none"),
@@ -293,6 +308,10 @@ pub struct RunReport {
     pub late_forwards_refused: u64,
     /// Tombstones removed (summed over nodes: one reap removes up to N copies).
     pub tombstones_reaped: u64,
+    /// What the data type checkers found (empty when they passed or did not run).
+    pub datatype_problems: Vec<String>,
+    /// The data type workloads' acknowledged operations: increments, adds, removes.
+    pub datatype_ops: (usize, usize, usize),
 }
 
 impl RunReport {
@@ -305,6 +324,7 @@ impl RunReport {
             && self.bounds_ok
             && self.membership_ok
             && self.strays.is_empty()
+            && self.datatype_problems.is_empty()
     }
 
     /// One line per finding, for a failing seed.
@@ -374,6 +394,9 @@ impl RunReport {
                 first(&self.check.phantom_adds),
                 first(&self.check.phantom_writes)
             );
+        }
+        if !self.datatype_problems.is_empty() {
+            let _ = writeln!(out, "  data types: {:?}", first(&self.datatype_problems));
         }
         if let Some(problem) = &self.convergence_problem {
             let _ = writeln!(out, "  not converged: {problem}");
@@ -567,7 +590,22 @@ impl Simulation {
         let ids: Vec<NodeId> = (0..config.nodes)
             .map(|i| NodeId(format!("n{}", i + 1)))
             .collect();
-        let cluster = initial_cluster(&ids).map_err(|e| e.to_string())?;
+        let mut cluster = initial_cluster(&ids).map_err(|e| e.to_string())?;
+        if config.datatypes {
+            for (bucket, kind) in [
+                (crate::node::COUNTER_BUCKET, DataTypeKind::Counter),
+                (crate::node::SET_BUCKET, DataTypeKind::Set),
+            ] {
+                let props = BucketProps {
+                    datatype: Some(kind),
+                    allow_mult: true,
+                    last_write_wins: false,
+                    ..config.node.props.clone()
+                };
+                dynakv_core::bucket::set_props(&mut cluster, bucket, Some(&props), &ids[0], 0)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         let mut sim = Simulation {
             rng: rng.fork(),
             now: 0,
@@ -630,6 +668,14 @@ impl Simulation {
                 sim.keys.push((format!("set-{k}"), OpKind::SetAdd));
             } else {
                 sim.keys.push((format!("reg-{k}"), OpKind::Write));
+            }
+        }
+        if sim.config.datatypes {
+            for k in 0..DATATYPE_KEYS {
+                let counter = format!("{}{k}", crate::node::COUNTER_KEY_PREFIX);
+                sim.keys.push((counter, OpKind::Increment));
+                sim.keys
+                    .push((format!("{}{k}", crate::node::SET_KEY_PREFIX), OpKind::DtAdd));
             }
         }
         let clients = sim.config.clients;
@@ -1102,11 +1148,18 @@ impl Simulation {
         if kind == OpKind::Write && self.config.deletes && self.rng.chance(DELETE_PROBABILITY) {
             kind = OpKind::Delete;
         }
+        if kind == OpKind::DtAdd && self.rng.chance(DT_REMOVE_PROBABILITY) {
+            kind = OpKind::DtRemove;
+        }
         let value = self.next_value;
         self.next_value += 1;
         let op = self.next_op;
         self.next_op += 1;
-        let read_first = kind != OpKind::Write || self.rng.chance(REGISTER_READ_PROBABILITY);
+        let read_first = match kind {
+            OpKind::Increment | OpKind::DtAdd => false,
+            OpKind::DtRemove | OpKind::SetAdd | OpKind::Delete => true,
+            OpKind::Write => self.rng.chance(REGISTER_READ_PROBABILITY),
+        };
         let write = self.history.writes.len();
         self.history.writes.push(WriteRecord {
             kind,
@@ -1142,7 +1195,7 @@ impl Simulation {
         if read_first {
             // R and W are the bucket's (quorum).
             let op = ClientOp::Get {
-                bucket: BUCKET.into(),
+                bucket: crate::node::bucket_of(&key).into(),
                 key,
                 r: None,
                 pr: None,
@@ -1152,7 +1205,18 @@ impl Simulation {
         } else {
             current.phase = Phase::Writing;
             self.clients[client].current = Some(current);
-            self.send_put(client, None, Some(encode_register(value)));
+            let value = match kind {
+                OpKind::Increment => datatype_update(Op::Counter(1), None),
+                OpKind::DtAdd => datatype_update(
+                    Op::Set {
+                        add: vec![value.to_le_bytes().to_vec()],
+                        remove: Vec::new(),
+                    },
+                    None,
+                ),
+                _ => encode_register(value),
+            };
+            self.send_put(client, None, Some(value));
         }
     }
 
@@ -1168,10 +1232,13 @@ impl Simulation {
         let (key, write) = (current.key.clone(), current.write);
         self.history.writes[write].context.clone_from(&context);
         self.history.writes[write].sent = true;
-        let request = self.client_request(
-            client,
-            ClientOp::Put(PutOp::new(BUCKET, &key, context, value)),
-        );
+        let bucket = crate::node::bucket_of(&key);
+        let mut op = PutOp::new(bucket, &key, context, value);
+        if bucket != BUCKET {
+            dynakv_core::crdt::DATATYPE_UPDATE_CONTENT_TYPE
+                .clone_into(&mut op.content.content_type);
+        }
+        let request = self.client_request(client, ClientOp::Put(op));
         if let Some(current) = &mut self.clients[client].current {
             current.request = request;
         }
@@ -1223,6 +1290,38 @@ impl Simulation {
             current.write,
         );
         match (phase, result) {
+            (Phase::Reading, ClientResult::Got(object)) if kind == OpKind::DtRemove => {
+                let set = match dynakv_core::crdt::merged_value(&object, DataTypeKind::Set) {
+                    Ok(Some(Crdt::Set(set))) => set,
+                    Ok(_) => {
+                        self.finish(client, EventType::Fail, "nothing to remove".into());
+                        return;
+                    }
+                    Err(e) => {
+                        self.finish(client, EventType::Fail, format!("read: {e}"));
+                        return;
+                    }
+                };
+                let elements: Vec<u64> = set.elements().filter_map(decode_register).collect();
+                if elements.is_empty() {
+                    self.finish(client, EventType::Fail, "nothing to remove".into());
+                    return;
+                }
+                let element = elements[self.rng.index(elements.len())];
+                self.history.writes[write].value = element;
+                if let Some(current) = &mut self.clients[client].current {
+                    current.phase = Phase::Writing;
+                    current.value = element;
+                }
+                let update = datatype_update(
+                    Op::Set {
+                        add: Vec::new(),
+                        remove: vec![element.to_le_bytes().to_vec()],
+                    },
+                    Some(set.context()),
+                );
+                self.send_put(client, None, Some(update));
+            }
             (Phase::Reading, ClientResult::Got(object)) => {
                 let values: Vec<Vec<u8>> = object
                     .live_siblings()
@@ -1252,6 +1351,11 @@ impl Simulation {
                         }
                         encode_register(value)
                     }
+                    // Data type operations other than a removal send no read.
+                    OpKind::Increment | OpKind::DtAdd | OpKind::DtRemove => {
+                        self.finish(client, EventType::Fail, "unexpected read".into());
+                        return;
+                    }
                 };
                 let new_value = (kind != OpKind::Delete).then_some(new_value);
                 if let Some(current) = &mut self.clients[client].current {
@@ -1270,6 +1374,8 @@ impl Simulation {
                         OpKind::SetAdd => decode_set(&s.content.value).contains(&value),
                         OpKind::Write => decode_register(&s.content.value) == Some(value),
                         OpKind::Delete => s.content.deleted,
+                        // A data type update is stored as the key's one new version.
+                        OpKind::Increment | OpKind::DtAdd | OpKind::DtRemove => true,
                     })
                     .map(|s| s.dot)
                     .max();
@@ -1650,7 +1756,7 @@ impl Simulation {
             Input::Client {
                 id: request,
                 op: ClientOp::Get {
-                    bucket: BUCKET.into(),
+                    bucket: crate::node::bucket_of(&key).into(),
                     key,
                     r,
                     pr: None,
@@ -1661,6 +1767,11 @@ impl Simulation {
 
     fn report(self) -> RunReport {
         let check = checker::check(&self.history, &self.finals);
+        let (datatype_problems, datatype_ops) = if self.config.datatypes {
+            checker::check_datatypes(&self.history, &self.finals, &self.keys)
+        } else {
+            (Vec::new(), (0, 0, 0))
+        };
         let membership_ok = self.membership_ok();
         let strays = self.strays();
         let convergence_problem = if self.converged_at.is_some() {
@@ -1738,6 +1849,8 @@ impl Simulation {
             pauses,
             late_forwards_refused,
             tombstones_reaped,
+            datatype_problems,
+            datatype_ops,
             config: self.config,
         }
     }
@@ -1789,6 +1902,15 @@ fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, MembershipError> {
     }
     debug_assert!(state.settled());
     Ok(state)
+}
+
+/// A data type update's bytes, as the client API sends them on.
+fn datatype_update(op: Op, context: Option<dynakv_core::crdt::SetContext>) -> Vec<u8> {
+    let kind = match op {
+        Op::Counter(_) => DataTypeKind::Counter,
+        _ => DataTypeKind::Set,
+    };
+    dynakv_core::crdt::Update { kind, op, context }.encode()
 }
 
 /// Run one seed with the given modifications of its configuration.

@@ -380,3 +380,56 @@ fn skewed_wall_clocks_lose_nothing_and_forwards_are_judged_on_converted_clocks()
         "skew made coordinators refuse forwards: {refused_skewed} vs {refused_plain}"
     );
 }
+
+/// The data type workloads (issue 21): counters and sets updated through every node under
+/// faults lose no acknowledged increment, add or removal, and join-then-leave runs (which
+/// drop and regain ranges) too.
+#[test]
+fn data_types_lose_nothing_under_faults() {
+    let mut acked = (0, 0, 0);
+    for seed in 0..40 {
+        let report = run_seed(seed, |c| c.datatypes = true).unwrap();
+        assert!(report.passed(), "{}", report.describe());
+        acked.0 += report.datatype_ops.0;
+        acked.1 += report.datatype_ops.1;
+        acked.2 += report.datatype_ops.2;
+    }
+    for seed in 0..10 {
+        let report = run_seed(seed, |c| {
+            c.datatypes = true;
+            c.membership = Some(MembershipChange::JoinThenLeave);
+        })
+        .unwrap();
+        assert!(report.datatype_problems.is_empty(), "{}", report.describe());
+    }
+    assert!(
+        acked.0 > 1000 && acked.1 > 500 && acked.2 > 100,
+        "{acked:?}"
+    );
+}
+
+/// A data type merge that keeps the largest version instead of merging them (the counter
+/// merge "max instead of per-actor max") is caught by both the counter and the set checker.
+#[test]
+fn planted_datatype_max_merge_is_caught() {
+    let (mut counters, mut sets) = (0, 0);
+    for seed in 0..DETECTION_SEEDS {
+        let report = run_seed(seed, |c| {
+            c.datatypes = true;
+            c.node.sim.bug = Some(Bug::DatatypeMaxMerge);
+        })
+        .unwrap();
+        counters += usize::from(
+            report
+                .datatype_problems
+                .iter()
+                .any(|p| p.contains("counter")),
+        );
+        sets += usize::from(report.datatype_problems.iter().any(|p| p.contains("add")));
+    }
+    assert!(
+        counters * 2 > DETECTION_SEEDS as usize && sets > 0,
+        "caught by the counter checker on {counters} and the set checker on {sets} of \
+         {DETECTION_SEEDS} seeds"
+    );
+}

@@ -60,7 +60,11 @@ pub fn merge<T: Ord + Clone>(ours: &mut Deferred<T>, theirs: &Deferred<T>) {
             if total >= MAX_DEFERRED_MERGED {
                 return;
             }
-            if ours.entry(context.clone()).or_default().insert(target.clone()) {
+            if ours
+                .entry(context.clone())
+                .or_default()
+                .insert(target.clone())
+            {
                 total += 1;
             }
         }

@@ -467,9 +467,13 @@ impl OrMap {
         merge_clock(&mut self.clock, &other.clock);
         super::deferred::merge(&mut self.deferred, &other.deferred);
         let fields = &mut self.fields;
-        super::deferred::apply(&mut self.deferred, &self.clock, |context, (path, element)| {
-            reset_at(fields, (path, element.as_deref()), context);
-        });
+        super::deferred::apply(
+            &mut self.deferred,
+            &self.clock,
+            |context, (path, element)| {
+                reset_at(fields, (path, element.as_deref()), context);
+            },
+        );
     }
 
     /// Removals still waiting for updates this replica has not seen.

@@ -13,11 +13,22 @@ const ACTORS: [ActorId; 3] = [ActorId(1), ActorId(2), ActorId(3)];
 /// another's state.
 #[derive(Debug, Clone)]
 enum Step {
-    Op { at: usize, value: i64, element: u8 },
+    Op {
+        at: usize,
+        value: i64,
+        element: u8,
+    },
     /// A remove at `at` with the context of a read at `via` (which may have seen adds `at`
     /// has not: a deferred removal).
-    Remove { at: usize, element: u8, via: usize },
-    Sync { from: usize, to: usize },
+    Remove {
+        at: usize,
+        element: u8,
+        via: usize,
+    },
+    Sync {
+        from: usize,
+        to: usize,
+    },
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
@@ -395,7 +406,11 @@ fn a_removal_through_a_replica_that_lags_waits_for_what_it_removes() {
     let ba = merged(&behind, &ahead, OrSet::merge);
     assert_eq!(ab, ba);
     assert!(!ab.contains(b"x") && ab.contains(b"y"));
-    assert_eq!(ab.deferred_removals(), 0, "applied for good once the add arrived");
+    assert_eq!(
+        ab.deferred_removals(),
+        0,
+        "applied for good once the add arrived"
+    );
     // Through encoding too (a replica stores the waiting removal).
     let mut w = Writer::default();
     behind.encode(&mut w);

@@ -148,9 +148,7 @@ fn decode_map_ops(
                     2 => FieldOp::RemoveElement(
                         r.bytes(super::MAX_ELEMENT_BYTES, "element")?.to_vec(),
                     ),
-                    3 => FieldOp::Assign(
-                        r.bytes(super::MAX_REGISTER_BYTES, "register")?.to_vec(),
-                    ),
+                    3 => FieldOp::Assign(r.bytes(super::MAX_REGISTER_BYTES, "register")?.to_vec()),
                     4 => FieldOp::Enable,
                     5 => FieldOp::Disable,
                     6 => FieldOp::Update(decode_map_ops(r, budget, depth + 1)?),

@@ -151,6 +151,10 @@ const _: () = assert!(Timings::SIMULATION.forward_ms > Timings::SIMULATION.reque
 pub enum Bug {
     /// After every replica-side merge (`sync`), keep only the first sibling (by dot).
     DropSiblingOnMerge,
+    /// After a replica-side merge of a data type key left concurrent versions, keep only
+    /// the one with the largest value (a counter's total, a set's size) instead of merging
+    /// them: the "max instead of per-actor max" merge.
+    DatatypeMaxMerge,
 }
 
 /// Node settings.
@@ -1595,12 +1599,27 @@ impl Node {
     /// first sibling. Returns what it stored instead, if anything.
     #[cfg(feature = "sim")]
     fn planted_bug(&mut self, bucket: &str, key: &str, merged: &Object) -> Option<Object> {
-        if self.config.sim.bug != Some(Bug::DropSiblingOnMerge) || merged.siblings().len() < 2 {
+        if merged.siblings().len() < 2 {
             return None;
         }
-        let first_only = merged.keep_first_sibling_only();
-        self.overwrite(bucket, key, &first_only);
-        Some(first_only)
+        let kept = match self.config.sim.bug {
+            Some(Bug::DropSiblingOnMerge) => merged.keep_first_sibling_only(),
+            Some(Bug::DatatypeMaxMerge) => {
+                let size = |s: &crate::object::Sibling| match crate::crdt::Crdt::decode(
+                    &s.content.value,
+                ) {
+                    Ok(crate::crdt::Crdt::Counter(c)) => c.value(),
+                    Ok(crate::crdt::Crdt::Set(set)) => i64::try_from(set.len()).unwrap_or(i64::MAX),
+                    _ => i64::MIN,
+                };
+                self.props(bucket).datatype?;
+                let largest = merged.live_siblings().max_by_key(|s| size(s))?.dot;
+                merged.keep_only(largest)
+            }
+            None => return None,
+        };
+        self.overwrite(bucket, key, &kept);
+        Some(kept)
     }
 
     /// No bug is planted outside the simulator.

@@ -5,9 +5,9 @@
 //! (201 with its `Location`). The requests themselves are `crate::datatypes`'.
 
 use super::{
-    ApiError, ApiResult, AppState, Body, HeaderMap, IntoResponse, Query, RawPathParams,
-    Response, State, StatusCode, URL_SAFE, bucket_and_key, bucket_param, header, json,
-    json_response, objects, parse_options,
+    ApiError, ApiResult, AppState, Body, HeaderMap, IntoResponse, Query, RawPathParams, Response,
+    State, StatusCode, URL_SAFE, bucket_and_key, bucket_param, header, json, json_response,
+    objects, parse_options,
 };
 use crate::datatypes::{self, Fetched, UpdateQuorums};
 use crate::stats::Op;
@@ -82,7 +82,9 @@ pub(super) async fn update(
 ) -> Response {
     let started = Instant::now();
     let result = match bucket_and_key(&params) {
-        Ok((bucket, key)) => update_inner(&state, (bucket, key, false), &query, &headers, body).await,
+        Ok((bucket, key)) => {
+            update_inner(&state, (bucket, key, false), &query, &headers, body).await
+        }
         Err(e) => Err(e),
     };
     objects::timed(&state, Op::Put, started, result)

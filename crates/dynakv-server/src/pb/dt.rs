@@ -7,8 +7,7 @@ use super::kv::{Refusal, dw_given, quorum_field, within};
 use crate::datatypes::{self, Fetched, UpdateQuorums};
 use crate::http::objects::random_token;
 use dynakv_core::crdt::{
-    Crdt, DataTypeKind, FieldKey, FieldKind, FieldOp, FieldValue, MAX_MAP_DEPTH, MapOp, Op,
-    Update,
+    Crdt, DataTypeKind, FieldKey, FieldKind, FieldOp, FieldValue, MAX_MAP_DEPTH, MapOp, Op, Update,
 };
 use dynakv_core::security::Permission;
 use dynakv_pb::dt::{
@@ -19,6 +18,16 @@ use dynakv_pb::{code, encode_frame};
 use prost::Message as _;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// A request's bucket, key and bucket type fields, as sent.
+type RequestName = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+/// A data type request's bucket (internal name), key, properties and data type.
+type Named = (
+    String,
+    String,
+    dynakv_core::bucket::BucketProps,
+    DataTypeKind,
+);
 
 fn data_type_code(kind: DataTypeKind) -> i32 {
     match kind {
@@ -168,11 +177,11 @@ impl Session {
     /// A request's data type bucket, key and properties (the type must hold one).
     fn datatype_object(
         &self,
-        (bucket, key, bucket_type): (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>),
+        (bucket, key, bucket_type): RequestName,
         permission: Permission,
         n_val: Option<u32>,
         sloppy_quorum: Option<bool>,
-    ) -> Result<(String, String, dynakv_core::bucket::BucketProps, DataTypeKind), Refusal> {
+    ) -> Result<Named, Refusal> {
         if bucket_type.is_none() {
             return Err("data types need a bucket type (the type field)".to_owned());
         }
@@ -186,8 +195,7 @@ impl Session {
     }
 
     pub(super) async fn dt_fetch(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
-        let request =
-            DtFetchReq::decode(body).map_err(|e| format!("malformed DtFetchReq: {e}"))?;
+        let request = DtFetchReq::decode(body).map_err(|e| format!("malformed DtFetchReq: {e}"))?;
         let (bucket, key, props, kind) = self.datatype_object(
             (request.bucket, request.key, request.r#type),
             Permission::Get,
@@ -219,9 +227,7 @@ impl Session {
         let request =
             DtUpdateReq::decode(body).map_err(|e| format!("malformed DtUpdateReq: {e}"))?;
         let generated = request.key.is_none();
-        let key = request
-            .key
-            .unwrap_or_else(|| random_token(22).into_bytes());
+        let key = request.key.unwrap_or_else(|| random_token(22).into_bytes());
         let (bucket, key, props, kind) = self.datatype_object(
             (request.bucket, Some(key), request.r#type),
             Permission::Put,
