@@ -189,6 +189,117 @@ pub fn check_registers(history: &[Event], bucket: &str, finals: &Finals) -> Regi
     report
 }
 
+/// The verdict of the counter checker on one bucket.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct CounterReport {
+    pub increments_acknowledged: usize,
+    pub increments_indeterminate: usize,
+    /// Counters outside `[acknowledged, acknowledged + indeterminate]`: `(key, why)`.
+    pub wrong: Vec<(String, String)>,
+}
+
+/// Counter checker for the keys of `bucket` (a `counter` data type): each final value lies
+/// between the increments acknowledged and those plus the indeterminate ones. The final
+/// state of a counter key is its one value (none: 0).
+pub fn check_counters(history: &[Event], bucket: &str, finals: &Finals) -> CounterReport {
+    let mut report = CounterReport::default();
+    let mut per_key: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for e in completions(history, bucket, "increment") {
+        let entry = per_key.entry(e.key.as_str()).or_default();
+        match e.kind {
+            EventType::Ok => {
+                entry.0 += 1;
+                report.increments_acknowledged += 1;
+            }
+            EventType::Info => {
+                entry.1 += 1;
+                report.increments_indeterminate += 1;
+            }
+            EventType::Fail | EventType::Invoke => {}
+        }
+    }
+    for ((b, key), values) in finals {
+        if b != bucket {
+            continue;
+        }
+        let value = values.iter().flatten().copied().next().unwrap_or(0);
+        let (acked, unknown) = per_key.get(key.as_str()).copied().unwrap_or_default();
+        if value < acked || value > acked + unknown {
+            report.wrong.push((
+                key.clone(),
+                format!(
+                    "{value}, with {acked} increments acknowledged and {unknown} indeterminate"
+                ),
+            ));
+        }
+    }
+    report
+}
+
+/// The verdict of the set data type checker on one bucket.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DtSetReport {
+    pub adds_acknowledged: usize,
+    pub removes_acknowledged: usize,
+    /// Acknowledged adds, of elements no removal was sent for, missing at the end.
+    pub lost: Vec<(String, u64)>,
+    /// Elements whose removal was acknowledged, present at the end (each is added once).
+    pub resurrected: Vec<(String, u64)>,
+    pub phantom: Vec<(String, u64)>,
+}
+
+/// Set data type checker for the keys of `bucket`.
+pub fn check_dt_sets(history: &[Event], bucket: &str, finals: &Finals) -> DtSetReport {
+    let mut report = DtSetReport::default();
+    let invoked: BTreeSet<(&str, u64)> = history
+        .iter()
+        .filter(|e| e.bucket == bucket && e.f == "dt-add" && e.kind == EventType::Invoke)
+        .map(|e| (e.key.as_str(), e.value))
+        .collect();
+    // A removal is sent once its read found the element: any completion but a failed one
+    // whose read came back empty or failed (those carry the invocation's value).
+    let removals_sent: BTreeSet<(&str, u64)> = completions(history, bucket, "dt-remove")
+        .filter(|e| {
+            e.kind != EventType::Fail
+                || e.error
+                    .as_deref()
+                    .is_some_and(|m| !m.starts_with("read") && m != "nothing to remove")
+        })
+        .map(|e| (e.key.as_str(), e.value))
+        .collect();
+    let finals_of = |key: &str| -> BTreeSet<u64> {
+        finals
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .map(|v| v.iter().flatten().copied().collect())
+            .unwrap_or_default()
+    };
+    for ((b, key), values) in finals {
+        if b != bucket {
+            continue;
+        }
+        for element in values.iter().flatten() {
+            if !invoked.contains(&(key.as_str(), *element)) {
+                report.phantom.push((key.clone(), *element));
+            }
+        }
+    }
+    for e in completions(history, bucket, "dt-add").filter(|e| e.kind == EventType::Ok) {
+        report.adds_acknowledged += 1;
+        if !removals_sent.contains(&(e.key.as_str(), e.value))
+            && !finals_of(&e.key).contains(&e.value)
+        {
+            report.lost.push((e.key.clone(), e.value));
+        }
+    }
+    for e in completions(history, bucket, "dt-remove").filter(|e| e.kind == EventType::Ok) {
+        report.removes_acknowledged += 1;
+        if finals_of(&e.key).contains(&e.value) {
+            report.resurrected.push((e.key.clone(), e.value));
+        }
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +403,51 @@ mod tests {
         assert_eq!(r.overwritten, 1, "1 was deleted");
         assert!(r.lost.is_empty());
         assert_eq!(r.resurrected, vec![("j".to_owned(), 3)]);
+    }
+
+    #[test]
+    fn counters_must_hold_every_acknowledged_increment_and_no_more_than_were_sent() {
+        let history = vec![
+            ev(EventType::Ok, "increment", "c", 1, &[]),
+            ev(EventType::Ok, "increment", "c", 2, &[]),
+            ev(EventType::Info, "increment", "c", 3, &[]),
+            ev(EventType::Fail, "increment", "c", 4, &[]),
+        ];
+        for (value, ok) in [(1, false), (2, true), (3, true), (4, false)] {
+            let report = check_counters(&history, "b", &finals("c", &[&[value]]));
+            assert_eq!(report.wrong.is_empty(), ok, "{value}: {report:?}");
+        }
+        assert_eq!(
+            check_counters(&history, "b", &finals("c", &[])).wrong.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn set_data_types_find_lost_adds_removed_elements_back_and_phantoms() {
+        let mut history = vec![
+            ev(EventType::Invoke, "dt-add", "d", 1, &[]),
+            ev(EventType::Ok, "dt-add", "d", 1, &[]),
+            ev(EventType::Invoke, "dt-add", "d", 2, &[]),
+            ev(EventType::Ok, "dt-add", "d", 2, &[]),
+            ev(EventType::Invoke, "dt-remove", "d", 900, &[]),
+            ev(EventType::Ok, "dt-remove", "d", 2, &[]),
+        ];
+        let good = check_dt_sets(&history, "b", &finals("d", &[&[1]]));
+        assert!(good.lost.is_empty() && good.resurrected.is_empty() && good.phantom.is_empty());
+        assert_eq!((good.adds_acknowledged, good.removes_acknowledged), (2, 1));
+        let bad = check_dt_sets(&history, "b", &finals("d", &[&[2, 7]]));
+        assert_eq!(bad.lost, vec![("d".to_owned(), 1)]);
+        assert_eq!(bad.resurrected, vec![("d".to_owned(), 2)]);
+        assert_eq!(bad.phantom, vec![("d".to_owned(), 7)]);
+        // A removal whose read found nothing was never sent: the add it did not remove
+        // must still be there.
+        let mut failed = ev(EventType::Fail, "dt-remove", "d", 1, &[]);
+        failed.error = Some("nothing to remove".to_owned());
+        history.push(failed);
+        assert_eq!(
+            check_dt_sets(&history, "b", &finals("d", &[])).lost,
+            vec![("d".to_owned(), 1)]
+        );
     }
 }

@@ -1,11 +1,11 @@
 //! One run (one seed): form the cluster, run the clients under the nemesis, heal, wait for
 //! convergence, read everything with R = N, check, report.
 
-use crate::checker::{self, Finals, RegisterReport, SetReport};
+use crate::checker::{self, CounterReport, DtSetReport, Finals, RegisterReport, SetReport};
 use crate::cluster::{self, Cluster, wait_for};
 use crate::history::{Event, EventType, Recorder, decode_set};
 use crate::nemesis::{self, FaultKind, FaultRecord, Nemesis, Period};
-use crate::workload::{ClientSpec, Family, run_client};
+use crate::workload::{ClientSpec, Family, bucket_path, datatype_path, run_client};
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -22,6 +22,10 @@ pub const SET_BUCKET: &str = "sets";
 pub const LWW_BUCKET: &str = "lwwsets";
 /// The register bucket.
 pub const REG_BUCKET: &str = "regs";
+/// The counter data type bucket (`TYPE/BUCKET`; the type's datatype is `counter`).
+pub const COUNTER_BUCKET: &str = "ncounters/c";
+/// The set data type bucket.
+pub const DTSET_BUCKET: &str = "nsets/s";
 /// Replication factor and quorums (the bucket defaults).
 pub const N: usize = 3;
 pub const R: usize = 2;
@@ -70,6 +74,8 @@ pub struct RunReport {
     pub sets: SetReport,
     pub registers: RegisterReport,
     pub lww_contrast: SetReport,
+    pub counters: CounterReport,
+    pub dt_sets: DtSetReport,
     /// Acknowledged set-adds and register writes lost (must be 0).
     pub lost: usize,
     pub phantom: usize,
@@ -127,6 +133,8 @@ fn all_keys() -> Vec<(String, String)> {
         (LWW_BUCKET, keys("l", 2)),
         (REG_BUCKET, keys("r", 4)),
         (REG_BUCKET, keys("z", RETIRED_KEYS)),
+        (COUNTER_BUCKET, keys("c", 2)),
+        (DTSET_BUCKET, keys("d", 4)),
     ] {
         out.extend(ks.into_iter().map(|k| (bucket.to_owned(), k)));
     }
@@ -149,7 +157,50 @@ fn clients() -> Vec<ClientSpec> {
     add(Family::SetAdd, LWW_BUCKET, keys("l", 2), 2);
     add(Family::Register, REG_BUCKET, keys("r", 4), 3);
     add(Family::Retire, REG_BUCKET, keys("z", RETIRED_KEYS), 1);
+    add(Family::Counter, COUNTER_BUCKET, keys("c", 2), 2);
+    add(Family::DtSet, DTSET_BUCKET, keys("d", 4), 2);
     specs
+}
+
+/// Creates and activates the bucket type `name` holding `datatype`, and waits until every
+/// node serves it.
+fn make_datatype_type(nodes: usize, name: &str, datatype: &str) -> Result<()> {
+    let path = format!("/admin/bucket-types/{name}");
+    let body = format!("{{\"props\":{{\"datatype\":\"{datatype}\"}}}}");
+    let resp = cluster::call(
+        1,
+        "POST",
+        &path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )?;
+    if !(200..300).contains(&resp.status) {
+        bail!("POST {path}: {}", resp.summary());
+    }
+    wait_for(
+        &format!("{name} activated"),
+        Duration::from_secs(30),
+        || {
+            let resp = cluster::call(1, "POST", &format!("{path}/activate"), &[], b"{}")?;
+            if !(200..300).contains(&resp.status) {
+                bail!("not yet: {}", resp.summary());
+            }
+            Ok(())
+        },
+    )?;
+    wait_for(
+        &format!("{name} on every node"),
+        Duration::from_secs(30),
+        || {
+            for i in 1..=nodes {
+                let v = cluster::get_json(i, &format!("/types/{name}/props"))?;
+                if v.pointer("/props/datatype").and_then(Value::as_str) != Some(datatype) {
+                    bail!("n{i} does not serve {name} yet");
+                }
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Sets a bucket last-write-wins and waits until every node has the props.
@@ -192,7 +243,7 @@ fn p99(mut v: Vec<u64>) -> Option<u64> {
 
 /// The primaries of a key (from any running node).
 fn primaries(nodes: usize, bucket: &str, key: &str) -> Result<Vec<usize>> {
-    let path = format!("/buckets/{bucket}/keys/{key}/preflist");
+    let path = format!("{}/keys/{key}/preflist", bucket_path(bucket));
     let mut last = anyhow!("no node answered");
     for i in 1..=nodes {
         match cluster::get_json(i, &path) {
@@ -265,6 +316,11 @@ fn convergence_check(nodes: usize) -> Result<()> {
 fn final_reads(nodes: usize) -> Result<Finals> {
     let mut finals = Finals::new();
     for (bucket, key) in all_keys() {
+        if bucket == COUNTER_BUCKET || bucket == DTSET_BUCKET {
+            let value = final_datatype(nodes, &bucket, &key, finals.len())?;
+            finals.insert((bucket, key), value);
+            continue;
+        }
         let path = format!("/buckets/{bucket}/keys/{key}?r={N}");
         let resp = wait_for(
             &format!("R=N read of {bucket}/{key}"),
@@ -295,6 +351,40 @@ fn final_reads(nodes: usize) -> Result<Finals> {
         finals.insert((bucket, key), decoded);
     }
     Ok(finals)
+}
+
+/// A data type key read with R = N: a counter's value, or a set's elements (one entry; none
+/// when not found).
+fn final_datatype(nodes: usize, bucket: &str, key: &str, n: usize) -> Result<Vec<BTreeSet<u64>>> {
+    let path = format!("{}?r={N}", datatype_path(bucket, key));
+    wait_for(
+        &format!("R=N read of {bucket}/{key}"),
+        Duration::from_secs(30),
+        || {
+            let node = 1 + (n % nodes);
+            let r = cluster::call(node, "GET", &path, &[], b"")?;
+            match r.status {
+                404 => Ok(Vec::new()),
+                200 => {
+                    let json = r.json().map_err(|e| anyhow!("{e}"))?;
+                    let value: BTreeSet<u64> = match &json["value"] {
+                        Value::Number(n) => n.as_u64().into_iter().collect(),
+                        Value::Array(items) => items
+                            .iter()
+                            .map(|e| {
+                                e.as_str()
+                                    .and_then(|t| t.parse().ok())
+                                    .ok_or_else(|| anyhow!("{bucket}/{key}: element {e}"))
+                            })
+                            .collect::<Result<_>>()?,
+                        other => bail!("{bucket}/{key}: undecodable final value {other}"),
+                    };
+                    Ok(vec![value])
+                }
+                _ => bail!("{}", r.summary()),
+            }
+        },
+    )
 }
 
 /// Runs one seed with the cluster's data and logs under `dir`.
@@ -329,11 +419,14 @@ pub fn run_one(plan: &RunPlan, bin: &Path, dir: &Path, nodes: usize) -> RunRepor
 fn judge(report: &mut RunReport) {
     if report.lost > 0 {
         report.failures.push(format!(
-            "{} acknowledged writes lost (set-add {:?}, register {:?}, overwritten or deleted values back {:?})",
+            "{} acknowledged writes lost (set-add {:?}, register {:?}, overwritten or deleted values back {:?}, counters {:?}, set data type adds {:?}, removed elements back {:?})",
             report.lost,
             report.sets.lost.iter().take(10).collect::<Vec<_>>(),
             report.registers.lost.iter().take(10).collect::<Vec<_>>(),
-            report.registers.resurrected.iter().take(10).collect::<Vec<_>>()
+            report.registers.resurrected.iter().take(10).collect::<Vec<_>>(),
+            report.counters.wrong.iter().take(10).collect::<Vec<_>>(),
+            report.dt_sets.lost.iter().take(10).collect::<Vec<_>>(),
+            report.dt_sets.resurrected.iter().take(10).collect::<Vec<_>>()
         ));
     }
     if report.phantom > 0 {
@@ -365,6 +458,8 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
     );
     cluster.form()?;
     make_lww(nodes, LWW_BUCKET)?;
+    make_datatype_type(nodes, "ncounters", "counter")?;
+    make_datatype_type(nodes, "nsets", "set")?;
     if plan.lww_primary {
         make_lww(nodes, SET_BUCKET)?;
     }
@@ -511,11 +606,18 @@ pub fn analyse(history: &[Event], finals: &Finals, report: &mut RunReport) {
     report.sets = checker::check_sets(history, SET_BUCKET, finals);
     report.lww_contrast = checker::check_sets(history, LWW_BUCKET, finals);
     report.registers = checker::check_registers(history, REG_BUCKET, finals);
-    report.lost =
-        report.sets.lost.len() + report.registers.lost.len() + report.registers.resurrected.len();
+    report.counters = checker::check_counters(history, COUNTER_BUCKET, finals);
+    report.dt_sets = checker::check_dt_sets(history, DTSET_BUCKET, finals);
+    report.lost = report.sets.lost.len()
+        + report.registers.lost.len()
+        + report.registers.resurrected.len()
+        + report.counters.wrong.len()
+        + report.dt_sets.lost.len()
+        + report.dt_sets.resurrected.len();
     report.phantom = report.sets.phantom.len()
         + report.registers.phantom.len()
-        + report.lww_contrast.phantom.len();
+        + report.lww_contrast.phantom.len()
+        + report.dt_sets.phantom.len();
     report.recovered_by_sibling = report.sets.recovered_by_sibling;
     report.lww_lost = report.lww_contrast.lost.len();
     report.max_siblings = history
@@ -606,6 +708,14 @@ pub fn table(r: &RunReport) -> String {
         r.lww_lost,
         r.lww_contrast.adds_acknowledged,
         r.max_siblings
+    );
+    let _ = writeln!(
+        s,
+        "  data types: increments acked {} (indeterminate {}), set adds acked {} removes acked {}",
+        r.counters.increments_acknowledged,
+        r.counters.increments_indeterminate,
+        r.dt_sets.adds_acknowledged,
+        r.dt_sets.removes_acknowledged
     );
     let _ = writeln!(
         s,

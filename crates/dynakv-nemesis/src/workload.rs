@@ -13,6 +13,12 @@
 //!   Those tombstones go idle past the servers' grace period during the run, so the real
 //!   binary reaps them under the run's faults, and the register checks (no acknowledged write
 //!   lost, nothing deleted or overwritten comes back) cover the reaped keys.
+//! - **counter** (a `counter` data type, `f` = `increment`): increment by one, blind.
+//! - **dt-set** (a `set` data type): add a unique element, blind (`dt-add`); or, one in
+//!   `DT_REMOVE_ONE_IN`, read the set and remove one of its elements with the read's context
+//!   (`dt-remove`, the completion's value being the element removed).
+//!
+//! A data type bucket is named `TYPE/BUCKET` (its paths are under `/types/TYPE/`).
 
 use crate::cluster::http_addr;
 use crate::history::{Event, EventType, Recorder, decode_set, encode_set};
@@ -30,6 +36,9 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
 /// One register operation in this many is a delete.
 pub const DELETE_ONE_IN: u32 = 7;
 
+/// One set data type operation in this many is a removal.
+pub const DT_REMOVE_ONE_IN: u32 = 3;
+
 /// What a client thread does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -37,6 +46,115 @@ pub enum Family {
     Register,
     /// Registers written once, deleted, then idle (see the module documentation).
     Retire,
+    /// A counter data type, incremented.
+    Counter,
+    /// A set data type, added to and removed from.
+    DtSet,
+}
+
+/// The path of a key of a data type bucket `TYPE/BUCKET`.
+pub fn datatype_path(bucket: &str, key: &str) -> String {
+    let (bucket_type, bucket) = bucket.split_once('/').unwrap_or(("default", bucket));
+    format!("/types/{bucket_type}/buckets/{bucket}/datatypes/{key}")
+}
+
+/// The path of a bucket as the key routes name it: `/buckets/B`, or `/types/T/buckets/B` for
+/// a bucket `T/B`.
+pub fn bucket_path(bucket: &str) -> String {
+    match bucket.split_once('/') {
+        Some((bucket_type, bucket)) => format!("/types/{bucket_type}/buckets/{bucket}"),
+        None => format!("/buckets/{bucket}"),
+    }
+}
+
+/// The outcome of a request that changes something.
+fn outcome(result: Result<http::Resp, HttpError>) -> (EventType, Option<String>) {
+    match result {
+        Ok(r) if (200..300).contains(&r.status) => (EventType::Ok, None),
+        // Refused before anything changed (bad input, a removal of what is gone).
+        Ok(r) if (400..500).contains(&r.status) => (EventType::Fail, Some(r.summary())),
+        Ok(r) => (EventType::Info, Some(r.summary())),
+        Err(HttpError::Connect(e)) => (EventType::Fail, Some(e)),
+        Err(HttpError::Unknown(e)) => (EventType::Info, Some(e)),
+    }
+}
+
+fn datatype_update(
+    node: usize,
+    bucket: &str,
+    key: &str,
+    body: &str,
+) -> (EventType, Option<String>) {
+    outcome(http::request(
+        "POST",
+        &http_addr(node),
+        &datatype_path(bucket, key),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        CLIENT_TIMEOUT,
+    ))
+}
+
+/// A set data type's elements and context (`None` context: not found).
+fn datatype_read(
+    node: usize,
+    bucket: &str,
+    key: &str,
+) -> Result<(Vec<u64>, Option<String>), String> {
+    let resp = http::request(
+        "GET",
+        &http_addr(node),
+        &datatype_path(bucket, key),
+        &[],
+        b"",
+        CLIENT_TIMEOUT,
+    )
+    .map_err(|e| format!("read: {e}"))?;
+    match resp.status {
+        404 => Ok((Vec::new(), None)),
+        200 => {
+            let json = resp.json()?;
+            let elements = json["value"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e.as_str()?.parse().ok()).collect())
+                .unwrap_or_default();
+            Ok((elements, json["context"].as_str().map(str::to_owned)))
+        }
+        _ => Err(format!("read: {}", resp.summary())),
+    }
+}
+
+/// One data type operation of a client: its `f`, and the completion (the element removed is
+/// written into `done.value`).
+fn datatype_op(
+    spec: &ClientSpec,
+    rng: &mut StdRng,
+    node: usize,
+    key: &str,
+    done: &mut Event,
+) -> (EventType, Option<String>) {
+    if spec.family == Family::Counter {
+        return datatype_update(node, &spec.bucket, key, r#"{"increment":1}"#);
+    }
+    if done.f == "dt-add" {
+        let body = format!("{{\"add\":\"{}\"}}", done.value);
+        return datatype_update(node, &spec.bucket, key, &body);
+    }
+    match datatype_read(node, &spec.bucket, key) {
+        Err(e) => (EventType::Fail, Some(e)),
+        Ok((elements, _)) if elements.is_empty() => {
+            (EventType::Fail, Some("nothing to remove".to_owned()))
+        }
+        Ok((elements, context)) => {
+            let element = elements[rng.random_range(0..elements.len())];
+            done.value = element;
+            let body = serde_json::json!({
+                "remove": element.to_string(),
+                "context": context,
+            });
+            datatype_update(node, &spec.bucket, key, &body.to_string())
+        }
+    }
 }
 
 /// One client thread's assignment.
@@ -55,7 +173,7 @@ struct Read {
 }
 
 fn read(node: usize, bucket: &str, key: &str) -> Result<Read, String> {
-    let path = format!("/buckets/{bucket}/keys/{key}");
+    let path = format!("{}/keys/{key}", bucket_path(bucket));
     let resp = http::request(
         "GET",
         &http_addr(node),
@@ -137,13 +255,20 @@ pub fn run_client(
                 spec.keys[rng.random_range(0..spec.keys.len())].clone(),
                 rng.random_range(0..DELETE_ONE_IN) == 0,
             ),
-            Family::SetAdd => (
+            Family::SetAdd | Family::Counter => (
                 spec.keys[rng.random_range(0..spec.keys.len())].clone(),
                 false,
+            ),
+            Family::DtSet => (
+                spec.keys[rng.random_range(0..spec.keys.len())].clone(),
+                rng.random_range(0..DT_REMOVE_ONE_IN) == 0,
             ),
         };
         let f = match spec.family {
             Family::SetAdd => "add",
+            Family::Counter => "increment",
+            Family::DtSet if delete => "dt-remove",
+            Family::DtSet => "dt-add",
             Family::Register | Family::Retire if delete => "delete",
             Family::Register | Family::Retire => "write",
         };
@@ -165,6 +290,16 @@ pub fn run_client(
         recorder.record(base.clone());
         let started = Instant::now();
         let mut done = base;
+        if matches!(spec.family, Family::Counter | Family::DtSet) {
+            let (kind, error) = datatype_op(spec, &mut rng, node, &key, &mut done);
+            done.kind = kind;
+            done.error = error;
+            done.time = recorder.now_ms();
+            done.latency_ms = Some(started.elapsed().as_millis() as u64);
+            recorder.record(done);
+            std::thread::sleep(Duration::from_millis(rng.random_range(5..25)));
+            continue;
+        }
         match read(node, &spec.bucket, &key) {
             Err(e) => {
                 done.kind = EventType::Fail;
@@ -204,6 +339,9 @@ pub fn run_client(
                                 )
                             }
                         }
+                    }
+                    Family::Counter | Family::DtSet => {
+                        (EventType::Fail, Some("not a key-value family".to_owned()))
                     }
                     Family::Register | Family::Retire => {
                         done.seen = r

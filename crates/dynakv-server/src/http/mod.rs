@@ -288,6 +288,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
         .route("/admin/replica/{bucket}/{key}", get(admin_replica))
+        .route("/admin/replica/{type}/{bucket}/{key}", get(admin_replica))
         .merge(crate::security_api::routes())
         .merge(types::routes())
         .nest(
