@@ -353,6 +353,64 @@ impl Client {
         }
     }
 
+    /// The path of a data type key of `bucket_type`.
+    fn datatype_path(bucket_type: &str, bucket: &str, key: &str) -> String {
+        format!(
+            "/types/{}/buckets/{}/datatypes/{}",
+            utf8_percent_encode(bucket_type, SEGMENT),
+            utf8_percent_encode(bucket, SEGMENT),
+            utf8_percent_encode(key, SEGMENT)
+        )
+    }
+
+    /// Fetch a data type key (a bucket type with a `datatype`): Riak's JSON
+    /// `{"type": .., "value": .., "context": ..}`, or `None` when not found.
+    pub async fn fetch_datatype(
+        &self,
+        bucket_type: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<serde_json::Value>, ClientError> {
+        let path = Self::datatype_path(bucket_type, bucket, key);
+        let (status, _, body) = self.request(Method::GET, &path, &[], Bytes::new()).await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(e.to_string())),
+            other => Err(status_error(other, &body)),
+        }
+    }
+
+    /// Apply an operation to a data type key (Riak's JSON: `{"increment": 1}`,
+    /// `{"add_all": [..], "context": ..}`, `{"update": {..}}`); returns the value after it.
+    pub async fn update_datatype(
+        &self,
+        bucket_type: &str,
+        bucket: &str,
+        key: &str,
+        operation: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!(
+            "{}?returnbody=true",
+            Self::datatype_path(bucket_type, bucket, key)
+        );
+        let (status, _, body) = self
+            .request(
+                Method::POST,
+                &path,
+                &[("content-type", "application/json")],
+                Bytes::from(operation.to_string()),
+            )
+            .await?;
+        match status {
+            StatusCode::OK => {
+                serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+            }
+            other => Err(status_error(other, &body)),
+        }
+    }
+
     /// GET a JSON resource (`/stats`, `/admin/...`).
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
         let (status, _, body) = self

@@ -132,6 +132,47 @@ pub struct BenchConfig {
     pub protocol: Protocol,
     /// The nodes' PB addresses (`Protocol::Pb`).
     pub pb_addrs: Vec<std::net::SocketAddr>,
+    /// Operate on a data type instead of plain values: updates increment a counter or add a
+    /// new element to a set, reads fetch it (bucket type `bench_counter` or `bench_set`).
+    pub datatype: Option<BenchDatatype>,
+}
+
+/// The data type a bench operates on (`--datatype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchDatatype {
+    Counter,
+    Set,
+}
+
+impl std::str::FromStr for BenchDatatype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "counter" => Ok(BenchDatatype::Counter),
+            "set" => Ok(BenchDatatype::Set),
+            other => Err(format!("unknown data type {other:?} (counter or set)")),
+        }
+    }
+}
+
+impl BenchDatatype {
+    /// The bucket type the bench makes for it.
+    fn bucket_type(self) -> &'static str {
+        match self {
+            BenchDatatype::Counter => "bench_counter",
+            BenchDatatype::Set => "bench_set",
+        }
+    }
+}
+
+/// One operation: what, on which key, and for a set's add the element.
+#[derive(Debug, Clone, Copy)]
+struct Operation<'a> {
+    bucket: &'a str,
+    key: &'a str,
+    is_read: bool,
+    datatype: Option<BenchDatatype>,
+    element: u64,
 }
 
 /// The client API a bench's operations use.
@@ -250,7 +291,16 @@ impl TaskSender {
         }
     }
 
-    async fn execute(&mut self, bucket: &str, key: &str, value: &Bytes, is_read: bool) -> Outcome {
+    async fn execute(&mut self, op: Operation<'_>, value: &Bytes) -> Outcome {
+        let Operation {
+            bucket,
+            key,
+            is_read,
+            ..
+        } = op;
+        if let Some(datatype) = op.datatype {
+            return self.execute_datatype(op, datatype).await;
+        }
         match self {
             TaskSender::Raw(conn, Target::Dynakv) => {
                 let path = format!("/buckets/{bucket}/keys/{key}");
@@ -285,6 +335,48 @@ impl TaskSender {
                 }
             }
             TaskSender::Shared(sender) => sender.execute(bucket, key, value, is_read).await,
+        }
+    }
+
+    /// A data type operation (raw HTTP or PB only: `run` checks).
+    async fn execute_datatype(&mut self, op: Operation<'_>, datatype: BenchDatatype) -> Outcome {
+        let bucket_type = datatype.bucket_type();
+        let element = format!("e{}", op.element);
+        match self {
+            TaskSender::Raw(conn, Target::Dynakv) => {
+                let path = format!(
+                    "/types/{bucket_type}/buckets/{}/datatypes/{}",
+                    op.bucket, op.key
+                );
+                let answer = if op.is_read {
+                    conn.request("GET", &path, &[], b"").await
+                } else {
+                    let body = match datatype {
+                        BenchDatatype::Counter => r#"{"increment":1}"#.to_owned(),
+                        BenchDatatype::Set => format!(r#"{{"add":"{element}"}}"#),
+                    };
+                    conn.request("POST", &path, JSON, body.as_bytes()).await
+                };
+                Outcome::of(answer.ok())
+            }
+            TaskSender::Pb(conn) => {
+                use crate::pbclient::PbAnswer;
+                let name = (bucket_type, op.bucket, op.key);
+                let answer = if op.is_read {
+                    conn.dt_fetch(name).await
+                } else {
+                    let element = (datatype == BenchDatatype::Set).then_some(element.as_str());
+                    conn.dt_update(name, element).await
+                };
+                match answer {
+                    Ok(PbAnswer::Ok) => Outcome::Ok,
+                    Ok(PbAnswer::Error(text)) if text.starts_with("overloaded") => {
+                        Outcome::Unavailable
+                    }
+                    Ok(PbAnswer::Error(_)) | Err(_) => Outcome::Failed,
+                }
+            }
+            _ => Outcome::Failed,
         }
     }
 }
@@ -463,7 +555,24 @@ pub async fn run(config: BenchConfig) -> Result<()> {
         .iter()
         .map(|u| config.client.client(u))
         .collect::<Result<_, _>>()?;
-    if config.target == Target::Dynakv {
+    if let Some(datatype) = config.datatype {
+        if config.target != Target::Dynakv
+            || config.client_routing
+            || config.pipeline > 1
+            || (config.protocol == Protocol::Http
+                && (config.generator != Generator::Raw
+                    || config
+                        .urls
+                        .iter()
+                        .any(|u| RawTarget::from_url(u, None).is_none())))
+        {
+            bail!(
+                "--datatype works against dynakv nodes, over PB or over plain http://IP:PORT \
+                 with the raw generator, without --client-routing or --pipeline"
+            );
+        }
+        make_bench_type(&config, &clients[0], datatype).await?;
+    } else if config.target == Target::Dynakv {
         set_bench_props(&config, &clients[0]).await?;
     }
     // The node processes whose CPU time is measured (dynakv's `/stats` reports it).
@@ -508,7 +617,8 @@ pub async fn run(config: BenchConfig) -> Result<()> {
             .collect(),
     };
     let value = Bytes::from(vec![b'x'; config.value_size]);
-    if !config.skip_load {
+    // A data type key is made by its first update: there is nothing to load.
+    if !config.skip_load && config.datatype.is_none() {
         let started = Instant::now();
         let report = phase(&config, &senders, &value, Phase::Load).await?;
         eprintln!(
@@ -666,6 +776,59 @@ impl CpuReport {
 
 /// Make the bench bucket `last_write_wins` with the chosen durability, and give gossip a
 /// moment to spread it.
+/// Create and activate the bench's bucket type for `datatype` (kept when it exists).
+async fn make_bench_type(
+    config: &BenchConfig,
+    client: &Client,
+    datatype: BenchDatatype,
+) -> Result<()> {
+    let name = datatype.bucket_type();
+    let kind = match datatype {
+        BenchDatatype::Counter => "counter",
+        BenchDatatype::Set => "set",
+    };
+    let props = format!(
+        r#"{{"props":{{"datatype":"{kind}","durability":"{}"}}}}"#,
+        config.durability
+    );
+    let path = format!("/admin/bucket-types/{name}");
+    let (status, _, body) = client
+        .request(hyper::Method::POST, &path, JSON, Bytes::from(props))
+        .await?;
+    // 409: it exists (an earlier bench made it).
+    if !status.is_success() && status.as_u16() != 409 {
+        bail!(
+            "creating the bench's bucket type: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let activate = format!("{path}/activate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, body) = client
+            .request(
+                hyper::Method::POST,
+                &activate,
+                JSON,
+                Bytes::from_static(b"{}"),
+            )
+            .await?;
+        if status.is_success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "activating the bench's bucket type: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Activation spreads by gossip.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    Ok(())
+}
+
 async fn set_bench_props(config: &BenchConfig, client: &Client) -> Result<()> {
     let props = format!(
         r#"{{"props":{{"allow_mult":false,"last_write_wins":true,"durability":"{}"}}}}"#,
@@ -990,9 +1153,15 @@ async fn phase(
                     continue;
                 }
                 let sent = Instant::now();
-                let outcome = sender
-                    .execute(&config.bucket, &key_name(key), &value, is_read)
-                    .await;
+                let key = key_name(key);
+                let operation = Operation {
+                    bucket: &config.bucket,
+                    key: &key,
+                    is_read,
+                    datatype: config.datatype,
+                    element: rng.random(),
+                };
+                let outcome = sender.execute(operation, &value).await;
                 hs.record(outcome, is_read, due, sent, &shared);
             }
             if let TaskSender::Raw(conn, _) = &mut sender

@@ -314,8 +314,23 @@ enum Command {
         /// A node's PB address (repeat per node), for --protocol pb.
         #[arg(long = "pb", value_name = "ADDR")]
         pb_addrs: Vec<std::net::SocketAddr>,
+        /// Operate on a data type instead of plain values: counter (updates increment) or
+        /// set (updates add a new element); reads fetch it. Makes the bucket type
+        /// bench_counter or bench_set; no load phase.
+        #[arg(long)]
+        datatype: Option<bench::BenchDatatype>,
         #[command(flatten)]
         client: ClientOptions,
+    },
+    /// Data types (counters, sets, maps, hlls, gsets) of a bucket type with a datatype, as
+    /// Riak's: `dt get counters b k`, `dt update counters b k '{"increment":1}'`.
+    Dt {
+        #[arg(long, default_value = DEFAULT_URL, global = true)]
+        url: String,
+        #[command(flatten)]
+        client: ClientOptions,
+        #[command(subcommand)]
+        command: DtCommand,
     },
     /// Inspect a node.
     Admin {
@@ -350,6 +365,25 @@ enum AdminCommand {
     /// Bucket types, as Riak's `riak admin bucket-type`.
     #[command(subcommand)]
     BucketType(BucketTypeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DtCommand {
+    /// Print a key's value and context as JSON (`{"type":..,"value":..,"context":..}`).
+    Get {
+        bucket_type: String,
+        bucket: String,
+        key: String,
+    },
+    /// Apply an operation (Riak's JSON: `{"increment":5}`, `{"add_all":["a","b"]}`,
+    /// `{"remove":"a","context":"..."}`, `{"update":{"name_register":"x"}}`) and print the
+    /// value after it.
+    Update {
+        bucket_type: String,
+        bucket: String,
+        key: String,
+        operation: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -791,6 +825,7 @@ async fn run(cli: Cli) -> Result<()> {
             pipeline,
             protocol,
             pb_addrs,
+            datatype,
             client,
         } => {
             init_logging("warn");
@@ -817,8 +852,41 @@ async fn run(cli: Cli) -> Result<()> {
                 pipeline,
                 protocol,
                 pb_addrs,
+                datatype,
             })
             .await
+        }
+        Command::Dt {
+            url,
+            client,
+            command,
+        } => {
+            init_logging("warn");
+            let client = ClientSettings::from_options(&client)?.client(&url)?;
+            let value = match command {
+                DtCommand::Get {
+                    bucket_type,
+                    bucket,
+                    key,
+                } => client
+                    .fetch_datatype(&bucket_type, &bucket, &key)
+                    .await?
+                    .with_context(|| format!("not found: {bucket_type}/{bucket}/{key}"))?,
+                DtCommand::Update {
+                    bucket_type,
+                    bucket,
+                    key,
+                    operation,
+                } => {
+                    let operation: serde_json::Value =
+                        serde_json::from_str(&operation).context("the operation is not JSON")?;
+                    client
+                        .update_datatype(&bucket_type, &bucket, &key, &operation)
+                        .await?
+                }
+            };
+            println!("{value}");
+            Ok(())
         }
         Command::Admin {
             url,

@@ -88,6 +88,55 @@ impl PbConnection {
         self.exchange(code::PUT_RESP).await
     }
 
+    /// A data type operation on `bucket/key` of `bucket_type`: a counter's increment by one,
+    /// or a set's add of `element`.
+    pub async fn dt_update(
+        &mut self,
+        (bucket_type, bucket, key): (&str, &str, &str),
+        set_element: Option<&str>,
+    ) -> std::io::Result<PbAnswer> {
+        use dynakv_pb::dt::{CounterOp, DtOp, DtUpdateReq, SetOp};
+        let op = match set_element {
+            None => DtOp {
+                counter_op: Some(CounterOp { increment: Some(1) }),
+                ..DtOp::default()
+            },
+            Some(element) => DtOp {
+                set_op: Some(SetOp {
+                    adds: vec![element.as_bytes().to_vec()],
+                    removes: Vec::new(),
+                }),
+                ..DtOp::default()
+            },
+        };
+        let request = DtUpdateReq {
+            bucket: Some(bucket.as_bytes().to_vec()),
+            key: Some(key.as_bytes().to_vec()),
+            r#type: Some(bucket_type.as_bytes().to_vec()),
+            op: Some(op),
+            ..DtUpdateReq::default()
+        };
+        self.out.clear();
+        dynakv_pb::encode_frame(&mut self.out, code::DT_UPDATE_REQ, &request);
+        self.exchange(code::DT_UPDATE_RESP).await
+    }
+
+    /// A data type fetch of `bucket/key` of `bucket_type`.
+    pub async fn dt_fetch(
+        &mut self,
+        (bucket_type, bucket, key): (&str, &str, &str),
+    ) -> std::io::Result<PbAnswer> {
+        let request = dynakv_pb::dt::DtFetchReq {
+            bucket: Some(bucket.as_bytes().to_vec()),
+            key: Some(key.as_bytes().to_vec()),
+            r#type: Some(bucket_type.as_bytes().to_vec()),
+            ..dynakv_pb::dt::DtFetchReq::default()
+        };
+        self.out.clear();
+        dynakv_pb::encode_frame(&mut self.out, code::DT_FETCH_REQ, &request);
+        self.exchange(code::DT_FETCH_RESP).await
+    }
+
     async fn exchange(&mut self, expect: u8) -> std::io::Result<PbAnswer> {
         let timeout = self.timeout;
         let result = tokio::time::timeout(timeout, self.write_and_read()).await;

@@ -91,6 +91,29 @@ impl OrSet {
         Ok(())
     }
 
+    /// Whether adding every one of `elements` as `actor` would succeed (each within its
+    /// size, the set within its element bound, the actor within the clock's bound).
+    pub fn can_add(&self, actor: ActorId, elements: &[Vec<u8>]) -> Result<(), CrdtError> {
+        let mut new = BTreeSet::new();
+        for element in elements {
+            check_element(element)?;
+            if !self.entries.contains_key(element) {
+                new.insert(element.as_slice());
+            }
+        }
+        if self.entries.len().saturating_add(new.len()) > MAX_SET_ELEMENTS {
+            return Err(CrdtError::TooManyElements);
+        }
+        if !self.clock.contains_key(&actor) && self.clock.len() >= MAX_CRDT_ACTORS {
+            return Err(CrdtError::TooManyActors);
+        }
+        let counter = self.clock.get(&actor).copied().unwrap_or(0);
+        counter
+            .checked_add(elements.len() as u64)
+            .ok_or(CrdtError::Overflow)?;
+        Ok(())
+    }
+
     /// Remove `element` as a client that read the set with `context`: the adds the read saw
     /// are undone, later or concurrent ones stay. Refused when the element is absent; when
     /// the read saw adds this replica has not seen yet, the removal is also kept until they
@@ -170,12 +193,20 @@ impl OrSet {
 
     pub fn encode(&self, w: &mut Writer) {
         encode_context(w, &self.clock);
+        // A dot's actor is written as its position in the clock (one byte for up to 128
+        // actors, instead of eight).
+        let position: BTreeMap<ActorId, u64> = self
+            .clock
+            .keys()
+            .enumerate()
+            .map(|(i, actor)| (*actor, i as u64))
+            .collect();
         w.varint(self.entries.len() as u64);
         for (element, dots) in &self.entries {
             w.bytes(element);
             w.varint(dots.len() as u64);
             for dot in dots {
-                w.u64_fixed(dot.actor.0);
+                w.varint(position.get(&dot.actor).copied().unwrap_or(u64::MAX));
                 w.varint(dot.counter);
             }
         }
@@ -184,6 +215,7 @@ impl OrSet {
 
     pub fn decode(r: &mut Reader<'_>) -> Result<OrSet, DecodeError> {
         let clock = decode_context(r)?;
+        let actors: Vec<ActorId> = clock.keys().copied().collect();
         let count = r.count(MAX_SET_ELEMENTS_MERGED, "set elements")?;
         let mut entries = BTreeMap::new();
         for _ in 0..count {
@@ -194,8 +226,15 @@ impl OrSet {
             }
             let mut dots = BTreeSet::new();
             for _ in 0..dots_count {
+                let actor = usize::try_from(r.varint()?)
+                    .ok()
+                    .and_then(|i| actors.get(i))
+                    .copied()
+                    .ok_or(DecodeError::Invalid(
+                        "a set dot's actor is not in its clock",
+                    ))?;
                 let dot = Dot {
-                    actor: ActorId(r.u64_fixed()?),
+                    actor,
                     counter: r.varint()?,
                 };
                 if dot.counter == 0 || !covers(&clock, &dot) {

@@ -638,3 +638,20 @@ fn riaks_json_operations_apply_and_read_back() {
     }
     assert!(Crdt::decode(&[9, 0]).is_err());
 }
+
+/// What a 10,000-element set costs (docs/BENCHMARKS.md): its encoding (what a replica stores
+/// and every update ships to the other replicas) stays within 16 bytes per element of 8
+/// bytes, once written by one actor or by three.
+#[test]
+fn a_ten_thousand_element_set_encodes_compactly() {
+    for actors in [1usize, 3] {
+        let mut set = OrSet::default();
+        for i in 0..10_000u64 {
+            set.add(ACTORS[i as usize % actors], &i.to_be_bytes())
+                .unwrap();
+        }
+        let bytes = Crdt::Set(set).encode().len();
+        println!("10,000 elements of 8 bytes, {actors} actor(s): {bytes} bytes encoded");
+        assert!(bytes <= 10_000 * 16, "{bytes}");
+    }
+}

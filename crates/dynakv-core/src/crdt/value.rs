@@ -131,6 +131,18 @@ impl Crdt {
         op: &Op,
         context: Option<&SetContext>,
     ) -> Result<(), CrdtError> {
+        // The common adds to a set are checked whole and applied in place, without the copy
+        // that makes other operations all or nothing (a large set's copy costs as much as
+        // its update).
+        if let (Crdt::Set(set), Op::Set { add, remove }) = (&mut *self, op)
+            && remove.is_empty()
+            && set.can_add(actor, add).is_ok()
+        {
+            for element in add {
+                set.add(actor, element)?;
+            }
+            return Ok(());
+        }
         let mut next = self.clone();
         match (&mut next, op) {
             (Crdt::Counter(c), Op::Counter(delta)) => c.apply(actor, *delta)?,
