@@ -825,7 +825,7 @@ async fn make_bench_type(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Activation spreads by gossip.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(())
 }
 

@@ -957,6 +957,63 @@ fn dev_runs_three_nodes() {
     }
     assert_eq!(members(&urls[0]).unwrap().len(), 3);
 
+    // Data types from the command line: a counter type, updated and read with `dynakv dt`,
+    // and `dynakv bench --datatype counter` over PB.
+    let cli = |args: &[&str]| {
+        let out = Command::new(common::BIN)
+            .args(args)
+            .args(["--url", &urls[0]])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = cli(&[
+        "admin",
+        "bucket-type",
+        "create",
+        "hits",
+        r#"{"props":{"datatype":"counter"}}"#,
+    ]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(&["admin", "bucket-type", "activate", "hits"]).0 {
+        assert!(Instant::now() < deadline, "the type was never activated");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, out, err) = cli(&["dt", "update", "hits", "b", "k", r#"{"increment":3}"#]);
+    assert!(ok && out.contains(r#""value":3"#), "{out} {err}");
+    let (ok, out, err) = cli(&["dt", "get", "hits", "b", "k"]);
+    assert!(ok && out.contains(r#""type":"counter""#), "{out} {err}");
+    let (ok, _, err) = cli(&["dt", "update", "hits", "b", "k", "not json"]);
+    assert!(!ok && err.contains("not JSON"), "{err}");
+    let pb = format!("127.0.0.1:{}", base + 2000);
+    let (ok, out, err) = cli(&[
+        "bench",
+        "--datatype",
+        "counter",
+        "--protocol",
+        "pb",
+        "--pb",
+        &pb,
+        "--workload",
+        "a",
+        "--ops",
+        "300",
+        "--records",
+        "10",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["errors"], 0, "{out}");
+
     let pid = dev.0.as_ref().unwrap().id();
     let kill = Command::new("kill")
         .args(["-INT", &pid.to_string()])
