@@ -519,8 +519,11 @@ async fn bad_input_gets_an_error_keeps_the_connection_and_stores_nothing() {
     assert!(c.expect_error().await.contains("unknown message code 200"));
     c.send_raw(&[0, 0, 0, 1, code::MAP_RED_REQ]).await;
     assert!(c.expect_error().await.contains("MapReduce"));
-    c.send_raw(&[0, 0, 0, 1, code::DT_FETCH_REQ]).await;
+    c.send_raw(&[0, 0, 0, 1, code::COUNTER_GET_REQ]).await;
     assert!(c.expect_error().await.contains("not supported"));
+    // A data type fetch without its required fields.
+    c.send_raw(&[0, 0, 0, 1, code::DT_FETCH_REQ]).await;
+    assert!(c.expect_error().await.contains("bucket type"));
     c.ping().await;
     // Malformed protobuf: a length-delimited field whose length runs past the body.
     c.send_raw(&[0, 0, 0, 4, code::GET_REQ, 0x0a, 0x7f, b'b'])
