@@ -146,5 +146,38 @@ h.store()
 estimate = hb.get('h1').value
 assert 95 <= estimate <= 105, estimate
 print("hll ok", estimate)
+# secondary indexes: entries on store, exact and range queries, pages, terms, the special
+# indexes, streaming, and a delete taking its entries away
+ib = c.bucket(name + '-2i')
+for i in range(30):
+    o = ib.new('u%02d' % i, data={'i': i})
+    o.add_index('age_int', i)
+    o.add_index('group_bin', 'g%d' % (i % 3))
+    o.store()
+fetched = ib.get('u05')
+assert ('age_int', 5) in fetched.indexes and ('group_bin', 'g2') in fetched.indexes, fetched.indexes
+assert sorted(ib.get_index('age_int', 10, 19)) == ['u%02d' % i for i in range(10, 20)]
+assert sorted(ib.get_index('group_bin', 'g1')) == ['u%02d' % i for i in range(1, 30, 3)]
+seen, page = [], ib.get_index('age_int', 0, 29, max_results=7)
+while True:
+    assert len(page) <= 7
+    seen.extend(page)
+    if not page.has_next_page():
+        break
+    page = page.next_page()
+assert seen == ['u%02d' % i for i in range(30)], seen
+terms = list(ib.get_index('age_int', 5, 7, return_terms=True))
+assert terms == [(5, 'u05'), (6, 'u06'), (7, 'u07')], terms
+assert len(list(ib.get_index('$bucket', name + '-2i'))) == 30
+assert sorted(ib.get_index('$key', 'u00', 'u04')) == ['u00', 'u01', 'u02', 'u03', 'u04']
+streamed = [k for chunk in ib.stream_index('age_int', 0, 29) for k in chunk]
+assert sorted(streamed) == ['u%02d' % i for i in range(30)], streamed
+ib.get('u05').delete()
+assert list(ib.get_index('age_int', 5, 5)) == []
+o = ib.get('u06')
+o.remove_index('age_int')
+o.store()
+assert list(ib.get_index('age_int', 6, 6)) == [] and 'u06' in list(ib.get_index('group_bin', 'g0'))
+print("secondary indexes ok")
 print("preflist", b.get_preflist('meta') if hasattr(b, 'get_preflist') else 'n/a')
 print("OK: every step passed")

@@ -111,6 +111,40 @@ impl AaeTrees {
         self.partitioning.partition_of_hash(&key_hash(bucket, key))
     }
 
+    /// Take the secondary index (`Table::Index`) of `bucket/key` from the old object's entries
+    /// to the new one's. Only objects whose header says they have entries are decoded.
+    fn update_secondary_index(
+        &self,
+        (bucket, key): (&[u8], &[u8]),
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let entries = |bytes: Option<&[u8]>| {
+            bytes
+                .filter(|b| crate::object::Object::encoded_has_indexes(b))
+                .and_then(|b| crate::object::Object::decode_stored(b).ok())
+                .map(|o| crate::index::object_entries(&o))
+                .unwrap_or_default()
+        };
+        let (old, new) = (entries(old), entries(new));
+        if old == new {
+            return Ok(());
+        }
+        for (table_key, present) in crate::index::delta(bucket, key, &old, &new) {
+            let written = if present {
+                self.storage
+                    .put(Table::Index, &table_key, &[], Durability::Buffered)
+                    .map_err(|e| e.to_string())
+            } else {
+                self.storage
+                    .delete(Table::Index, &table_key, Durability::Buffered)
+                    .map_err(|e| e.to_string())
+            };
+            written?;
+        }
+        Ok(())
+    }
+
     /// Record a change of a stored object (`None` for absent).
     pub fn observe(&self, storage_key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
         let Some((bucket, key)) = keys::split_object_key(storage_key) else {
@@ -139,6 +173,7 @@ impl AaeTrees {
                 .delete(Table::AaeIndex, &index_key, Durability::Buffered)
                 .map_err(|e| e.to_string()),
         };
+        let secondary = self.update_secondary_index((bucket, key), old_bytes, new_bytes);
         let was_tombstone = old_bytes.is_some_and(is_tombstone);
         let is_now_tombstone = new_bytes.is_some_and(is_tombstone);
         let listed = if is_now_tombstone && !was_tombstone {
@@ -152,7 +187,7 @@ impl AaeTrees {
         } else {
             Ok(())
         };
-        if let Err(error) = indexed.and(listed) {
+        if let Err(error) = indexed.and(listed).and(secondary) {
             // The tree is right but the index misses this change: have the next start rebuild
             // it (a failing engine most likely fails the delete too; the log says so).
             tracing::warn!(%error, "anti-entropy index write failed; it is rebuilt at the next start");
@@ -314,7 +349,7 @@ impl AaeTrees {
         storage
             .delete(Table::Meta, KEY_INDEX_BUILT, Durability::Fsync)
             .map_err(|e| e.to_string())?;
-        for table in [Table::AaeIndex, Table::Tombstones] {
+        for table in [Table::AaeIndex, Table::Tombstones, Table::Index] {
             loop {
                 let page = storage
                     .scan(table, &[], None, REBUILD_SCAN_PAGE)
@@ -354,6 +389,7 @@ impl AaeTrees {
                     .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
                     .map_err(|e| e.to_string())?;
             }
+            self.update_secondary_index((bucket, key), None, Some(value))?;
             count += 1;
             Ok(ControlFlow::Continue(()))
         })?;

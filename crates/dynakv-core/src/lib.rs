@@ -28,6 +28,7 @@ pub mod failure;
 pub mod gossip;
 pub mod handoff;
 pub mod hints;
+pub mod index;
 pub mod keys;
 pub mod limits;
 pub mod listing;

@@ -95,6 +95,23 @@ pub struct WireContent {
     pub content_type: String,
     pub meta: Vec<(String, String)>,
     pub deleted: bool,
+    /// Secondary index entries (`index::normalize`d by the client API).
+    pub indexes: Vec<crate::index::IndexEntry>,
+}
+
+/// A secondary index query's share of one node (`PeerMessage::IndexQuery`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexRequest {
+    pub bucket: String,
+    pub index: String,
+    #[serde(with = "raw_bytes")]
+    pub start: Vec<u8>,
+    #[serde(with = "raw_bytes")]
+    pub end: Vec<u8>,
+    pub after: Option<(Vec<u8>, String)>,
+    pub limit: u32,
+    pub partitions: Vec<u32>,
+    pub partition_count: u32,
 }
 
 /// One key in a handoff batch.
@@ -206,7 +223,7 @@ pub enum PeerMessage {
         /// `encode_clock` bytes of the client's authenticated context, if it sent one.
         #[serde(with = "optional_raw_bytes")]
         context: Option<Vec<u8>>,
-        content: WireContent,
+        content: Box<WireContent>,
         w: Option<u32>,
         pw: Option<u32>,
         dw_given: bool,
@@ -242,6 +259,13 @@ pub enum PeerMessage {
     KeyPage {
         keys: Vec<String>,
         next_after: Option<String>,
+    },
+    /// A secondary index query's share of the receiver: the results among the keys of
+    /// `partitions` (of a ring of `partition_count`), see `index::Query`; reply `IndexPage`.
+    IndexQuery(Box<IndexRequest>),
+    /// At most the query's `limit` results, in (sortable term, key) order.
+    IndexPage {
+        hits: Vec<(Vec<u8>, String)>,
     },
     /// The buckets holding objects on the receiver; reply `Buckets`.
     ListBuckets,
@@ -336,6 +360,8 @@ impl PeerMessage {
             PeerMessage::Failed { .. } => "Failed",
             PeerMessage::Handoff { .. } => "Handoff",
             PeerMessage::ListKeys { .. } => "ListKeys",
+            PeerMessage::IndexQuery(_) => "IndexQuery",
+            PeerMessage::IndexPage { .. } => "IndexPage",
             PeerMessage::ListBuckets => "ListBuckets",
             PeerMessage::Buckets(_) => "Buckets",
             PeerMessage::KeyPage { .. } => "KeyPage",

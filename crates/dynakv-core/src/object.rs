@@ -36,6 +36,8 @@ pub struct Content {
     pub meta: Vec<(String, String)>,
     /// A tombstone: the key was deleted with this write's context.
     pub deleted: bool,
+    /// Secondary index entries (`index::normalize`d: sorted, unique; none on a tombstone).
+    pub indexes: Vec<crate::index::IndexEntry>,
 }
 
 impl Content {
@@ -47,6 +49,7 @@ impl Content {
             last_modified_ms: now_ms,
             meta: Vec::new(),
             deleted: true,
+            indexes: Vec::new(),
         }
     }
 }
@@ -146,7 +149,11 @@ impl Default for PrunePolicy {
 
 const ENCODING_VERSION: u8 = 1;
 const FLAG_ALL_TOMBSTONES: u8 = 1;
+/// Some live sibling carries secondary index entries.
+const FLAG_HAS_INDEXES: u8 = 2;
 const SIBLING_FLAG_DELETED: u8 = 1;
+/// The sibling's content carries index entries (written after its metadata).
+const SIBLING_FLAG_INDEXES: u8 = 2;
 /// Most siblings an encoded object may carry: `sync` never drops a sibling, so two replicas at
 /// the write limit can merge to twice it.
 pub const MAX_STORED_SIBLINGS: usize = 2 * limits::MAX_SIBLINGS;
@@ -327,6 +334,14 @@ impl Object {
                     .saturating_add(bytes(name.len()))
                     .saturating_add(bytes(value.len()));
             }
+            if !c.indexes.is_empty() {
+                body = body.saturating_add(varint_len(c.indexes.len() as u64));
+                for (name, term) in &c.indexes {
+                    body = body
+                        .saturating_add(bytes(name.len()))
+                        .saturating_add(bytes(term.len()));
+                }
+            }
             body = body.saturating_add(bytes(c.value.len()));
         }
         body.saturating_add(6)
@@ -438,22 +453,37 @@ impl Object {
             body.u64_fixed(sibling.dot.actor.0);
             body.varint(sibling.dot.counter);
             body.varint(c.last_modified_ms);
-            body.u8(if c.deleted { SIBLING_FLAG_DELETED } else { 0 });
+            let mut flags = if c.deleted { SIBLING_FLAG_DELETED } else { 0 };
+            if !c.indexes.is_empty() {
+                flags |= SIBLING_FLAG_INDEXES;
+            }
+            body.u8(flags);
             body.bytes(c.content_type.as_bytes());
             body.varint(c.meta.len() as u64);
             for (name, value) in &c.meta {
                 body.bytes(name.as_bytes());
                 body.bytes(value.as_bytes());
             }
+            if !c.indexes.is_empty() {
+                body.varint(c.indexes.len() as u64);
+                for (name, term) in &c.indexes {
+                    body.bytes(name.as_bytes());
+                    body.bytes(term);
+                }
+            }
             body.bytes(&c.value);
         }
         let mut out = Vec::with_capacity(body.buf.len() + 6);
         out.push(ENCODING_VERSION);
-        out.push(if self.is_deleted() {
+        let mut flags = if self.is_deleted() {
             FLAG_ALL_TOMBSTONES
         } else {
             0
-        });
+        };
+        if self.live_siblings().any(|s| !s.content.indexes.is_empty()) {
+            flags |= FLAG_HAS_INDEXES;
+        }
+        out.push(flags);
         out.extend_from_slice(&crc32fast::hash(&body.buf).to_le_bytes());
         out.extend_from_slice(&body.buf);
         out
@@ -466,6 +496,12 @@ impl Object {
             [version, ..] => Err(DecodeError::UnknownVersion(*version)),
             [] => Err(DecodeError::Truncated),
         }
+    }
+
+    /// Whether an encoded object has live index entries, read from its header alone (an
+    /// object that does not decode has none).
+    pub fn encoded_has_indexes(bytes: &[u8]) -> bool {
+        matches!(bytes, [ENCODING_VERSION, flags, ..] if flags & FLAG_HAS_INDEXES != 0)
     }
 
     /// Decode, checking version, checksum, limits and invariants. Never panics.
@@ -517,6 +553,17 @@ impl Object {
                 let value = r.string(limits::MAX_META_BYTES, "metadata value")?;
                 meta.push((name, value));
             }
+            let mut indexes = Vec::new();
+            if flags & SIBLING_FLAG_INDEXES != 0 {
+                let count = r.count(crate::index::MAX_INDEX_ENTRIES, "index entries")?;
+                for _ in 0..count {
+                    let name = r.string(crate::index::MAX_INDEX_NAME_BYTES, "index name")?;
+                    let term = r
+                        .bytes(crate::index::MAX_INDEX_TERM_BYTES, "index term")?
+                        .to_vec();
+                    indexes.push((name, term));
+                }
+            }
             let value = r
                 .bytes(limits::HARD_MAX_VALUE_BYTES, "value size")?
                 .to_vec();
@@ -528,6 +575,7 @@ impl Object {
                     last_modified_ms,
                     meta,
                     deleted: flags & SIBLING_FLAG_DELETED != 0,
+                    indexes,
                 },
             });
         }
@@ -597,6 +645,7 @@ mod tests {
             last_modified_ms: at,
             meta: vec![("color".into(), "blue".into())],
             deleted: false,
+            indexes: vec![("age_int".into(), b"5".to_vec())],
         }
     }
 

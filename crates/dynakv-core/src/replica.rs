@@ -537,6 +537,7 @@ impl Replica {
                     last_modified_ms: content.last_modified_ms,
                     meta: Vec::new(),
                     deleted: false,
+                    indexes: Vec::new(),
                 };
                 stored.clock().clone()
             }
@@ -915,6 +916,107 @@ impl Replica {
             }
         }
         Ok((out, next))
+    }
+
+    /// This node's results of a secondary index query among the keys `keep` admits (the
+    /// partitions this node answers for): at most `query.limit`, in (term, key) order, after
+    /// the query's continuation. Terms are in sortable form (`index::sortable`).
+    pub fn index_page(
+        &self,
+        query: &crate::index::Query,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<crate::index::Hit>, ReplicaError> {
+        if query.on_keys() {
+            return self.key_index_page(query, keep);
+        }
+        let bucket = query.bucket.as_bytes();
+        let prefix = crate::index::prefix(bucket, &query.index);
+        let mut start_after = match &query.after {
+            Some((term, key)) => {
+                crate::index::storage_key(bucket, &query.index, term, key.as_bytes())
+            }
+            None => crate::index::scan_from(bucket, &query.index, &query.start),
+        };
+        let mut hits = Vec::new();
+        loop {
+            let page = self
+                .storage
+                .scan(
+                    Table::Index,
+                    &prefix,
+                    Some(&start_after),
+                    limits::MAX_LIST_PAGE,
+                )
+                .map_err(storage_error)?;
+            let full = page.len() == limits::MAX_LIST_PAGE;
+            for (table_key, _) in &page {
+                let Some((term, key)) = crate::index::split_storage_key(table_key, prefix.len())
+                else {
+                    continue;
+                };
+                if term > query.end {
+                    return Ok(hits);
+                }
+                if term >= query.start && keep(&key) {
+                    hits.push((term, key));
+                    if hits.len() >= query.limit {
+                        return Ok(hits);
+                    }
+                }
+            }
+            match page.last() {
+                Some((last, _)) if full => start_after.clone_from(last),
+                _ => return Ok(hits),
+            }
+        }
+    }
+
+    /// `$bucket` and `$key`: the live keys themselves (their terms are the keys).
+    fn key_index_page(
+        &self,
+        query: &crate::index::Query,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<crate::index::Hit>, ReplicaError> {
+        let mut hits = Vec::new();
+        let in_range = |key: &str| {
+            key.as_bytes() >= query.start.as_slice() && key.as_bytes() <= query.end.as_slice()
+        };
+        let mut after: Option<Vec<u8>> = if let Some((_, key)) = &query.after {
+            Some(keys::object_key(query.bucket.as_bytes(), key.as_bytes()))
+        } else {
+            // The range's first key itself, then the keys after it.
+            let first = String::from_utf8_lossy(&query.start).into_owned();
+            if !first.is_empty()
+                && keep(&first)
+                && self
+                    .get(&query.bucket, &first)?
+                    .is_some_and(|o| !o.is_deleted())
+            {
+                hits.push((first.clone().into_bytes(), first));
+            }
+            (!query.start.is_empty())
+                .then(|| keys::object_key(query.bucket.as_bytes(), &query.start))
+        };
+        while hits.len() < query.limit {
+            let (page, next) =
+                self.list_keys_page(&query.bucket, after.as_deref(), limits::MAX_LIST_PAGE)?;
+            for key in page {
+                if key.as_bytes() > query.end.as_slice() {
+                    return Ok(hits);
+                }
+                if in_range(&key) && keep(&key) {
+                    hits.push((key.clone().into_bytes(), key));
+                    if hits.len() >= query.limit {
+                        return Ok(hits);
+                    }
+                }
+            }
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        Ok(hits)
     }
 
     /// Every bucket holding at least one stored object, skipping from bucket to bucket.

@@ -224,10 +224,7 @@ impl Ring {
 
     /// The partition holding a ring position: the top `log2(Q)` bits of the 128-bit hash.
     pub fn partition_of_hash(&self, hash: &[u8; 16]) -> PartitionId {
-        let position = u128::from_be_bytes(*hash);
-        let bits = self.partitions.trailing_zeros();
-        // With one partition there are no bits to keep, and a shift by 128 would overflow.
-        position.checked_shr(128 - bits).unwrap_or(0) as PartitionId
+        partition_of_hash_in(self.partitions, hash)
     }
 
     /// The partition holding a key.
@@ -695,6 +692,15 @@ impl ClaimPlan {
                 "a partition was left without an owner",
             ))
     }
+}
+
+/// The partition of a ring of `partitions` (a power of two) holding a ring position: the top
+/// `log2(partitions)` bits of the 128-bit hash.
+pub fn partition_of_hash_in(partitions: u32, hash: &[u8; 16]) -> PartitionId {
+    let position = u128::from_be_bytes(*hash);
+    let bits = partitions.trailing_zeros();
+    // With one partition there are no bits to keep, and a shift by 128 would overflow.
+    position.checked_shr(128 - bits).unwrap_or(0) as PartitionId
 }
 
 #[cfg(test)]

@@ -45,10 +45,12 @@ pub enum Permission {
     GetBucket,
     SetBucket,
     Admin,
+    /// Secondary index queries (`riak_kv.index`).
+    Index,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 8] = [
+    pub const ALL: [Permission; 9] = [
         Permission::Get,
         Permission::Put,
         Permission::Delete,
@@ -57,6 +59,7 @@ impl Permission {
         Permission::GetBucket,
         Permission::SetBucket,
         Permission::Admin,
+        Permission::Index,
     ];
 
     /// Riak's name of the permission.
@@ -70,6 +73,7 @@ impl Permission {
             Permission::GetBucket => "riak_kv.get_bucket",
             Permission::SetBucket => "riak_kv.set_bucket",
             Permission::Admin => "admin",
+            Permission::Index => "riak_kv.index",
         }
     }
 

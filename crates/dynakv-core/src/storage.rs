@@ -31,17 +31,21 @@ pub enum Table {
     /// The object keys whose stored object is all tombstones (empty values), so reaping reads
     /// only deleted keys.
     Tombstones,
+    /// Secondary index entries (`index::storage_key`: bucket, index, term, key; empty values),
+    /// kept with every object write.
+    Index,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Objects,
         Table::BucketProps,
         Table::Meta,
         Table::Hints,
         Table::AaeIndex,
         Table::Tombstones,
+        Table::Index,
     ];
 
     /// A stable name for the table, used by engines as a file or partition name.
@@ -53,6 +57,7 @@ impl Table {
             Table::Hints => "hints",
             Table::AaeIndex => "aae_index",
             Table::Tombstones => "tombstones",
+            Table::Index => "secondary_index",
         }
     }
 }

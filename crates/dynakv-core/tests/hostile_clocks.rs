@@ -18,6 +18,7 @@ fn content(value: &[u8]) -> Content {
         last_modified_ms: 1,
         meta: vec![],
         deleted: false,
+        indexes: Vec::new(),
     }
 }
 

@@ -37,6 +37,7 @@ fn content(tag: u64, now: u64) -> Content {
         last_modified_ms: now,
         meta: vec![],
         deleted: false,
+        indexes: Vec::new(),
     }
 }
 

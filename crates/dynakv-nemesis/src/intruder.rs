@@ -356,6 +356,7 @@ fn forge(target: &Target, claimed: &str, public: [u8; 32]) -> Result<Forgeries> 
                 last_modified_ms: now,
                 meta: Vec::new(),
                 deleted: false,
+                indexes: Vec::new(),
             },
             ActorId(u64::from(u32::MAX)),
             now,

@@ -43,6 +43,7 @@ pub mod code {
     pub const SET_BUCKET_RESP: u8 = 22;
     pub const MAP_RED_REQ: u8 = 23;
     pub const INDEX_REQ: u8 = 25;
+    pub const INDEX_RESP: u8 = 26;
     pub const SEARCH_QUERY_REQ: u8 = 27;
     pub const RESET_BUCKET_REQ: u8 = 29;
     pub const RESET_BUCKET_RESP: u8 = 30;

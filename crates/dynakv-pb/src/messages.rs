@@ -244,6 +244,56 @@ pub struct RpbListKeysResp {
     pub done: Option<bool>,
 }
 
+/// Code 25: a secondary index query (`qtype` 0: exact `key`; 1: `range_min`..`range_max`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpbIndexReq {
+    #[prost(bytes = "vec", optional, tag = "1")]
+    pub bucket: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    pub index: Option<Vec<u8>>,
+    #[prost(int32, optional, tag = "3")]
+    pub qtype: Option<i32>,
+    #[prost(bytes = "vec", optional, tag = "4")]
+    pub key: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "5")]
+    pub range_min: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "6")]
+    pub range_max: Option<Vec<u8>>,
+    #[prost(bool, optional, tag = "7")]
+    pub return_terms: Option<bool>,
+    #[prost(bool, optional, tag = "8")]
+    pub stream: Option<bool>,
+    #[prost(uint32, optional, tag = "9")]
+    pub max_results: Option<u32>,
+    #[prost(bytes = "vec", optional, tag = "10")]
+    pub continuation: Option<Vec<u8>>,
+    #[prost(uint32, optional, tag = "11")]
+    pub timeout: Option<u32>,
+    #[prost(bytes = "vec", optional, tag = "12")]
+    pub r#type: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "13")]
+    pub term_regex: Option<Vec<u8>>,
+    #[prost(bool, optional, tag = "14")]
+    pub pagination_sort: Option<bool>,
+    #[prost(bytes = "vec", optional, tag = "15")]
+    pub cover_context: Option<Vec<u8>>,
+    #[prost(bool, optional, tag = "16")]
+    pub return_body: Option<bool>,
+}
+
+/// Code 26.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpbIndexResp {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub keys: Vec<Vec<u8>>,
+    #[prost(message, repeated, tag = "2")]
+    pub results: Vec<RpbPair>,
+    #[prost(bytes = "vec", optional, tag = "3")]
+    pub continuation: Option<Vec<u8>>,
+    #[prost(bool, optional, tag = "4")]
+    pub done: Option<bool>,
+}
+
 /// Code 19.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RpbGetBucketReq {

@@ -232,6 +232,9 @@ pub fn required(method: &Method, path: &str) -> Required {
             Required::Permission(Permission::ListKeys, Some(decode(bucket)))
         }
         ["buckets", bucket, "keys", _key, ..] => write(bucket),
+        ["buckets", bucket, "index", ..] => {
+            Required::Permission(Permission::Index, Some(decode(bucket)))
+        }
         // Data types: a fetch is a get, an update (also under a generated key) a put.
         ["buckets", bucket, "datatypes", ..] => write(bucket),
         ["riak", bucket] if method == Method::POST => write(bucket),

@@ -126,6 +126,7 @@ pub async fn update(
             content_type: crdt::DATATYPE_UPDATE_CONTENT_TYPE.to_owned(),
             meta: Vec::new(),
             deleted: false,
+            indexes: Vec::new(),
         },
         w: quorums.w,
         pw: quorums.pw,

@@ -135,6 +135,7 @@ pub async fn delete(
             content_type: String::new(),
             meta: Vec::new(),
             deleted: true,
+            indexes: Vec::new(),
         },
         w: quorums.w.or(quorums.rw),
         pw: quorums.pw,
@@ -334,6 +335,7 @@ impl Driver {
                                 last_modified_ms: now_ms,
                                 meta: op.content.meta,
                                 deleted: op.content.deleted,
+                                indexes: op.content.indexes,
                             };
                             replica.write(WriteRequest {
                                 bucket: &op.bucket,
@@ -566,4 +568,76 @@ impl ListDriver {
             }
         }
     }
+}
+
+/// One page of a secondary index query over the ring (the core's `index::coverage_plan` and
+/// `merge_pages`): each partition asked once, of a replica that is up (this node first), all
+/// at once; the merged first `query.limit` results and whether more may follow. A partition
+/// no replica that is up holds, or a node that does not answer for its partitions, fails the
+/// query (503) rather than leaving their keys out.
+///
+/// # Errors
+/// `Unavailable` as above, `Internal` for an answer that is not a page.
+pub async fn index_page(
+    cluster: &Arc<Cluster>,
+    query: &dynakv_core::index::Query,
+) -> Result<(Vec<dynakv_core::index::Hit>, bool), RequestError> {
+    use dynakv_core::index;
+    let state = cluster.state();
+    let n_val = cluster.bucket_props(&query.bucket).n_val;
+    let plan = index::coverage_plan(&state, n_val, cluster.me(), |n| cluster.is_up(n)).map_err(
+        |uncovered| {
+            RequestError::Unavailable(format!(
+                "no replica that is up holds partitions {uncovered:?}: the query would miss \
+                 their keys"
+            ))
+        },
+    )?;
+    let count = state.ring.current.partition_count();
+    let timeout = Duration::from_millis(millis(cluster.timeouts().request).saturating_mul(5));
+    let asks = plan.into_iter().map(|(node, partitions)| {
+        let message = query.message(partitions, count);
+        let cluster = Arc::clone(cluster);
+        async move {
+            let reply = if &node == cluster.me() {
+                let replica = Arc::clone(cluster.replica());
+                match tokio::task::spawn_blocking(move || index::answer(&replica, message)).await {
+                    Ok(answer) => Reply::Message(answer),
+                    Err(e) => Reply::NotSent(e.to_string()),
+                }
+            } else {
+                send(&cluster, &node, message, timeout).await
+            };
+            (node, reply)
+        }
+    });
+    let mut pages = Vec::new();
+    for (node, reply) in futures_util::future::join_all(asks).await {
+        match reply {
+            Reply::Message(PeerMessage::IndexPage { hits }) => {
+                // A page past its limit, or out of order, is not taken.
+                if hits.len() > query.limit || hits.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(RequestError::Internal(format!(
+                        "{node} answered a malformed index page"
+                    )));
+                }
+                pages.push(hits);
+            }
+            Reply::Message(PeerMessage::Error(e)) => {
+                return Err(RequestError::Unavailable(format!("{node}: {e}")));
+            }
+            Reply::Message(other) => {
+                return Err(RequestError::Internal(format!(
+                    "{node} answered {} to an index query",
+                    other.name()
+                )));
+            }
+            Reply::NotSent(e) | Reply::Unanswered(e) => {
+                return Err(RequestError::Unavailable(format!(
+                    "the index query could not cover the partitions of {node}: {e}"
+                )));
+            }
+        }
+    }
+    Ok(index::merge_pages(pages, query.limit))
 }

@@ -113,6 +113,7 @@ fn forged_messages(state: &ClusterState) -> Vec<PeerMessage> {
                 last_modified_ms: 1,
                 meta: vec![],
                 deleted: false,
+                indexes: Vec::new(),
             },
             ActorId(u64::MAX - 7),
             1,

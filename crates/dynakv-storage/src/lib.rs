@@ -79,6 +79,7 @@ pub(crate) const fn table_index(table: Table) -> usize {
         Table::Hints => 3,
         Table::AaeIndex => 4,
         Table::Tombstones => 5,
+        Table::Index => 6,
     }
 }
 

@@ -1519,6 +1519,7 @@ impl Node {
             last_modified_ms: now,
             meta: op.content.meta,
             deleted: op.content.deleted,
+            indexes: op.content.indexes,
         };
         let (bucket, key) = (op.bucket.as_str(), op.key.as_str());
         #[cfg(feature = "sim")]

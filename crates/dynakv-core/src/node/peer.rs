@@ -60,6 +60,10 @@ impl Node {
                     self.local_key_page(&bucket, start_after.as_deref(), limit as usize);
                 self.respond(from, id, PeerMessage::KeyPage { keys, next_after });
             }
+            message @ PeerMessage::IndexQuery(_) => {
+                let answer = crate::index::answer(&self.replica, message);
+                self.respond(from, id, answer);
+            }
             PeerMessage::ListBuckets => {
                 let buckets = self.replica.list_buckets();
                 let buckets = self.must(buckets, "list buckets");

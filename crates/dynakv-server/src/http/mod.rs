@@ -248,6 +248,14 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(datatypes::create),
         )
         .route(
+            "/buckets/{bucket}/index/{index}/{start}",
+            get(secondary::query),
+        )
+        .route(
+            "/buckets/{bucket}/index/{index}/{start}/{end}",
+            get(secondary::query),
+        )
+        .route(
             "/buckets/{bucket}/props",
             get(get_props).put(set_props).delete(reset_props),
         )
@@ -680,6 +688,7 @@ mod datatypes;
 mod listings;
 pub(crate) mod objects;
 mod props;
+mod secondary;
 mod types;
 use admin::{
     admin_aae, admin_handoffs, admin_join, admin_leave, admin_members, admin_replica, admin_ring,

@@ -47,6 +47,47 @@ pub(super) fn sibling_headers(headers: &mut HeaderMap, bucket: &str, sibling: &S
             headers.append(name, value);
         }
     }
+    // Index entries as Riak sends them: one header per index, its terms comma-separated.
+    let mut by_name: std::collections::BTreeMap<&str, Vec<String>> =
+        std::collections::BTreeMap::new();
+    for (name, term) in &content.indexes {
+        by_name
+            .entry(name)
+            .or_default()
+            .push(String::from_utf8_lossy(term).into_owned());
+    }
+    for (name, terms) in by_name {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(format!("{INDEX_PREFIX}{name}").as_bytes()),
+            HeaderValue::from_str(&terms.join(", ")),
+        ) {
+            headers.append(name, value);
+        }
+    }
+}
+
+/// The prefix of an index entry's header (`X-Riak-Index-NAME_bin: term, term`).
+const INDEX_PREFIX: &str = "x-riak-index-";
+
+/// A write's index entries from its `X-Riak-Index-*` headers, checked.
+pub(super) fn index_entries(
+    headers: &HeaderMap,
+) -> Result<Vec<dynakv_core::index::IndexEntry>, ApiError> {
+    let mut entries = Vec::new();
+    for (name, value) in headers {
+        if let Some(index) = name.as_str().strip_prefix(INDEX_PREFIX) {
+            let value = header_text(value, name.as_str())?;
+            for term in value.split(',') {
+                entries.push((index.to_owned(), term.trim().as_bytes().to_vec()));
+                if entries.len() > dynakv_core::index::MAX_INDEX_ENTRIES {
+                    return Err(ApiError::bad_request(
+                        dynakv_core::index::IndexError::TooMany.to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    dynakv_core::index::normalize(entries).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 pub(super) fn accepts_multipart(headers: &HeaderMap) -> bool {
@@ -508,6 +549,7 @@ pub(super) async fn store_inner(
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
     let meta = user_meta(headers)?;
+    let indexes = index_entries(headers)?;
     let precondition = precondition(headers)?;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         Some(value) => header_text(value, "Content-Type")?,
@@ -531,6 +573,7 @@ pub(super) async fn store_inner(
             content_type,
             meta,
             deleted: false,
+            indexes,
         },
         w: options.w,
         pw: options.pw,

@@ -92,6 +92,12 @@ impl Session {
                     .await
                     .map(|()| Control::Continue),
             ),
+            code::INDEX_REQ => (
+                Op::Get,
+                self.index_query(body, out)
+                    .await
+                    .map(|()| Control::Continue),
+            ),
             code::DT_FETCH_REQ => (
                 Op::Get,
                 self.dt_fetch(body, out).await.map(|()| Control::Continue),
@@ -576,7 +582,7 @@ fn check_request_fields(
 }
 
 /// A put's content, checked: the value within the node's limit, UTF-8 metadata within the
-/// limits HTTP applies; links and index entries are refused (not kept by dynakv yet).
+/// limits HTTP applies, index entries checked (`index::normalize`); links are refused.
 fn wire_content(content: RpbContent, max_value_bytes: usize) -> Result<WireContent, Refusal> {
     let value = content
         .value
@@ -587,9 +593,22 @@ fn wire_content(content: RpbContent, max_value_bytes: usize) -> Result<WireConte
     if !content.links.is_empty() {
         return Err("links are not supported by dynakv".to_owned());
     }
-    if !content.indexes.is_empty() {
-        return Err("secondary indexes are not supported by dynakv yet".to_owned());
+    if content.indexes.len() > dynakv_core::index::MAX_INDEX_ENTRIES {
+        return Err(dynakv_core::index::IndexError::TooMany.to_string());
     }
+    let indexes = dynakv_core::index::normalize(
+        content
+            .indexes
+            .into_iter()
+            .map(|RpbPair { key, value }| {
+                (
+                    String::from_utf8_lossy(&key.unwrap_or_default()).into_owned(),
+                    value.unwrap_or_default(),
+                )
+            })
+            .collect(),
+    )
+    .map_err(|e| e.to_string())?;
     if content
         .content_encoding
         .as_deref()
@@ -635,6 +654,7 @@ fn wire_content(content: RpbContent, max_value_bytes: usize) -> Result<WireConte
         content_type,
         meta,
         deleted: false,
+        indexes,
     })
 }
 
@@ -667,7 +687,14 @@ fn content_of(sibling: &Sibling, head: bool) -> RpbContent {
                 value: Some(v.as_bytes().to_vec()),
             })
             .collect(),
-        indexes: Vec::new(),
+        indexes: content
+            .indexes
+            .iter()
+            .map(|(name, term)| RpbPair {
+                key: Some(name.as_bytes().to_vec()),
+                value: Some(term.clone()),
+            })
+            .collect(),
         deleted: content.deleted.then_some(true),
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 mod dt;
 mod kv;
 mod props;
+mod secondary;
 
 /// Bytes a frame may hold beyond the node's largest value (key, metadata, the other fields).
 pub const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
@@ -460,7 +461,8 @@ impl Session {
             | code::LIST_BUCKETS_REQ
             | code::GET_BUCKET_KEY_PREFLIST_REQ
             | code::DT_FETCH_REQ
-            | code::DT_UPDATE_REQ => return self.data_request(code, body, out).await,
+            | code::DT_UPDATE_REQ
+            | code::INDEX_REQ => return self.data_request(code, body, out).await,
             code::GET_BUCKET_REQ
             | code::SET_BUCKET_REQ
             | code::RESET_BUCKET_REQ
@@ -574,7 +576,6 @@ impl Session {
 fn unsupported(code: u8) -> String {
     let what = match code {
         code::MAP_RED_REQ => "MapReduce (RpbMapRedReq)",
-        code::INDEX_REQ => "secondary index queries (RpbIndexReq)",
         code::SEARCH_QUERY_REQ | 54..=60 => "Riak Search (Yokozuna)",
         code::CS_BUCKET_REQ => "bucket folds for Riak CS (RpbCSBucketReq)",
         code::COUNTER_UPDATE_REQ | code::COUNTER_GET_REQ => "Riak 1.4 counters",

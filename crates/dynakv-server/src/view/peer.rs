@@ -76,6 +76,15 @@ impl Cluster {
                     .map_err(internal)??;
                 Ok(PeerMessage::Buckets(buckets))
             }
+            message @ PeerMessage::IndexQuery(_) => {
+                let replica = Arc::clone(&self.replica);
+                let answer = tokio::task::spawn_blocking(move || {
+                    dynakv_core::index::answer(&replica, message)
+                })
+                .await
+                .map_err(internal)?;
+                Ok(answer)
+            }
             PeerMessage::ListKeys {
                 bucket,
                 start_after,
