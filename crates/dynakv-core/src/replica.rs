@@ -938,17 +938,19 @@ impl Replica {
             None => crate::index::scan_from(bucket, &query.index, &query.start),
         };
         let mut hits = Vec::new();
+        // A node answers for part of the partitions it holds: the first scan reads a few
+        // times the results asked for, and each next one twice the last.
+        let mut page_size = query
+            .limit
+            .saturating_mul(4)
+            .clamp(16, limits::MAX_LIST_PAGE);
         loop {
             let page = self
                 .storage
-                .scan(
-                    Table::Index,
-                    &prefix,
-                    Some(&start_after),
-                    limits::MAX_LIST_PAGE,
-                )
+                .scan(Table::Index, &prefix, Some(&start_after), page_size)
                 .map_err(storage_error)?;
-            let full = page.len() == limits::MAX_LIST_PAGE;
+            let full = page.len() == page_size;
+            page_size = page_size.saturating_mul(2).min(limits::MAX_LIST_PAGE);
             for (table_key, _) in &page {
                 let Some((term, key)) = crate::index::split_storage_key(table_key, prefix.len())
                 else {

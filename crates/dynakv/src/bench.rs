@@ -135,6 +135,9 @@ pub struct BenchConfig {
     /// Operate on a data type instead of plain values: updates increment a counter or add a
     /// new element to a set, reads fetch it (bucket type `bench_counter` or `bench_set`).
     pub datatype: Option<BenchDatatype>,
+    /// Secondary indexes: every write carries the index entry `n_int` = its key's number,
+    /// and every read is a range query of this many terms from its key's number.
+    pub index_range: Option<u64>,
 }
 
 /// The data type a bench operates on (`--datatype`).
@@ -173,6 +176,7 @@ struct Operation<'a> {
     is_read: bool,
     datatype: Option<BenchDatatype>,
     element: u64,
+    index_range: Option<u64>,
 }
 
 /// The client API a bench's operations use.
@@ -300,6 +304,23 @@ impl TaskSender {
         } = op;
         if let Some(datatype) = op.datatype {
             return self.execute_datatype(op, datatype).await;
+        }
+        if let (Some(range), TaskSender::Raw(conn, Target::Dynakv)) = (op.index_range, &mut *self) {
+            let n: u64 = key.trim_start_matches("user").parse().unwrap_or(0);
+            let answer = if is_read {
+                let end = n.saturating_add(range.saturating_sub(1));
+                let path = format!("/buckets/{bucket}/index/n_int/{n}/{end}?max_results={range}");
+                conn.request("GET", &path, &[], b"").await
+            } else {
+                let path = format!("/buckets/{bucket}/keys/{key}");
+                let n = n.to_string();
+                let headers = [
+                    ("content-type", "application/octet-stream"),
+                    ("x-riak-index-n_int", n.as_str()),
+                ];
+                conn.request("PUT", &path, &headers, value).await
+            };
+            return Outcome::of(answer.ok());
         }
         match self {
             TaskSender::Raw(conn, Target::Dynakv) => {
@@ -555,6 +576,19 @@ pub async fn run(config: BenchConfig) -> Result<()> {
         .iter()
         .map(|u| config.client.client(u))
         .collect::<Result<_, _>>()?;
+    if config.index_range.is_some()
+        && (config.datatype.is_some()
+            || config.protocol != Protocol::Http
+            || config.generator != Generator::Raw
+            || config.pipeline > 1
+            || config.client_routing
+            || config.target != Target::Dynakv)
+    {
+        bail!(
+            "--index-range works over HTTP with the raw generator against dynakv nodes, \
+             without --datatype, --pipeline or --client-routing"
+        );
+    }
     if let Some(datatype) = config.datatype {
         if config.target != Target::Dynakv
             || config.client_routing
@@ -1160,6 +1194,7 @@ async fn phase(
                     is_read,
                     datatype: config.datatype,
                     element: rng.random(),
+                    index_range: config.index_range,
                 };
                 let outcome = sender.execute(operation, &value).await;
                 hs.record(outcome, is_read, due, sent, &shared);

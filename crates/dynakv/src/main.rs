@@ -319,6 +319,10 @@ enum Command {
         /// bench_counter or bench_set; no load phase.
         #[arg(long)]
         datatype: Option<bench::BenchDatatype>,
+        /// Secondary indexes: writes carry the entry n_int = the key's number, and reads
+        /// are range queries of this many terms (max_results the same).
+        #[arg(long, value_name = "TERMS")]
+        index_range: Option<u64>,
         #[command(flatten)]
         client: ClientOptions,
     },
@@ -826,6 +830,7 @@ async fn run(cli: Cli) -> Result<()> {
             protocol,
             pb_addrs,
             datatype,
+            index_range,
             client,
         } => {
             init_logging("warn");
@@ -853,6 +858,7 @@ async fn run(cli: Cli) -> Result<()> {
                 protocol,
                 pb_addrs,
                 datatype,
+                index_range,
             })
             .await
         }
