@@ -919,7 +919,13 @@ impl Simulation {
                 && state.ring.current.nodes().iter().any(|n| n.id == id)
                 && state.member(&id).map(|m| m.status) == Some(MemberStatus::Valid)
         });
-        if !self.up[x] || !settled_member {
+        // The node itself must have rejoined too (a node wiped and restarted after its join
+        // sees a ring of its own until the cluster takes it back; asked then, it would refuse
+        // to leave as the last node of its ring).
+        let own = self.nodes[x].cluster();
+        let rejoined = own.ring.current.nodes().len() > 1
+            && own.member(&id).map(|m| m.status) == Some(MemberStatus::Valid);
+        if !self.up[x] || !settled_member || !rejoined {
             let at = self.now + LEAVE_RETRY_MS;
             self.schedule(at, EventKind::Membership);
             return;
