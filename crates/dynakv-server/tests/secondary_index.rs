@@ -115,7 +115,7 @@ async fn entries_follow_values_and_queries_cover_the_ring() {
         paged.extend(page);
         match continuation {
             Some(c) => {
-                path = format!("/buckets/u/index/age_int/5/9?max_results=4&continuation={c}")
+                path = format!("/buckets/u/index/age_int/5/9?max_results=4&continuation={c}");
             }
             None => break,
         }
