@@ -242,7 +242,7 @@ async fn closed_by_peer(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// A raw connection that passed a (handcrafted) version-3 handshake: what it sends is sealed.
+/// A raw connection that passed a (handcrafted) version-4 handshake: what it sends is sealed.
 struct Raw {
     stream: TcpStream,
     sealer: Sealer,
@@ -263,7 +263,7 @@ async fn raw_handshake(server: SocketAddr, name: &str, keys: &LinkKeys) -> (Raw,
     let mut stream = TcpStream::connect(server).await.unwrap();
     let mut handshake = keys.initiator().unwrap();
     stream
-        .write_all(&first_frame(3, &mut handshake))
+        .write_all(&first_frame(4, &mut handshake))
         .await
         .unwrap();
     let answer = read_raw_frame(&mut stream).await;
@@ -408,7 +408,8 @@ async fn wrong_cluster_name_is_rejected() {
 #[tokio::test]
 async fn wrong_protocol_version_is_rejected_and_connection_closed() {
     let server = start_server(server_config()).await;
-    for version in [2_u16, 4] {
+    // 3: the messages before data types and secondary indexes (issue 21).
+    for version in [2_u16, 3, 5] {
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let mut handshake = keys().initiator().unwrap();
         stream
@@ -446,7 +447,7 @@ async fn wrong_protocol_version_is_rejected_and_connection_closed() {
         .unwrap();
     assert!(closed_by_peer(&mut stream).await);
 
-    // The documented version-3 handshake is accepted.
+    // The documented version-4 handshake is accepted.
     let _ = raw_connection(server.addr).await;
     assert!(server.connections.lock().unwrap().is_empty());
     server.stop().await.unwrap();
@@ -477,7 +478,7 @@ async fn a_stranger_without_the_secret_is_refused_and_learns_nothing() {
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let mut handshake = stranger_keys.initiator().unwrap();
     stream
-        .write_all(&first_frame(3, &mut handshake))
+        .write_all(&first_frame(4, &mut handshake))
         .await
         .unwrap();
     let reply = read_raw_frame(&mut stream).await;

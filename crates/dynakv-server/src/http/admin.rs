@@ -12,6 +12,7 @@ pub(super) async fn ping() -> Response {
 pub(super) async fn list_resources() -> Response {
     let resources = [
         ("riak_kv_wm_buckets", "/buckets"),
+        ("riak_kv_wm_index", "/buckets"),
         ("riak_kv_wm_bucket_type", "/types"),
         ("riak_kv_wm_ping", "/ping"),
         ("riak_kv_wm_stats", "/stats"),

@@ -90,7 +90,7 @@ use tokio::time::Instant;
 use crate::link::{self, FrameBudget, LinkKeys, MAX_RECORD_PLAINTEXT, Opener, Sealer};
 
 /// Version of this wire protocol, sent in the hello. A node accepts only its own version.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// A peer whose wall clock differs from this node's by more than this (ms) is logged when it
 /// connects.
 pub const CLOCK_OFFSET_WARNING_MS: u64 = 1_000;
