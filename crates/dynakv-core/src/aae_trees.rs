@@ -31,6 +31,14 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
+/// The `Table::Expiry` key of an object that expires at `at_ms`.
+pub fn expiry_key(at_ms: u64, storage_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + storage_key.len());
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(storage_key);
+    out
+}
+
 /// Objects (or index entries) read per scan step while rebuilding.
 const REBUILD_SCAN_PAGE: usize = 1000;
 /// Meta key present while the anti-entropy index is complete (written after a rebuild).
@@ -145,6 +153,46 @@ impl AaeTrees {
         Ok(())
     }
 
+    /// Keep `Table::Expiry` (`expiry_key`) for an object's change: its entry is the object's
+    /// expiry when every live sibling expires. Only objects whose header says so are decoded.
+    fn update_expiry(
+        &self,
+        storage_key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let expiry = |bytes: Option<&[u8]>| {
+            bytes
+                .filter(|b| crate::object::Object::encoded_expires(b))
+                .and_then(|b| crate::object::Object::decode_stored(b).ok())
+                .and_then(|o| o.expires_ms())
+        };
+        let (old, new) = (expiry(old), expiry(new));
+        if old == new {
+            return Ok(());
+        }
+        if let Some(at) = old {
+            self.storage
+                .delete(
+                    Table::Expiry,
+                    &expiry_key(at, storage_key),
+                    Durability::Buffered,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(at) = new {
+            self.storage
+                .put(
+                    Table::Expiry,
+                    &expiry_key(at, storage_key),
+                    &[],
+                    Durability::Buffered,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Record a change of a stored object (`None` for absent).
     pub fn observe(&self, storage_key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
         let Some((bucket, key)) = keys::split_object_key(storage_key) else {
@@ -173,7 +221,9 @@ impl AaeTrees {
                 .delete(Table::AaeIndex, &index_key, Durability::Buffered)
                 .map_err(|e| e.to_string()),
         };
-        let secondary = self.update_secondary_index((bucket, key), old_bytes, new_bytes);
+        let secondary = self
+            .update_secondary_index((bucket, key), old_bytes, new_bytes)
+            .and(self.update_expiry(storage_key, old_bytes, new_bytes));
         let was_tombstone = old_bytes.is_some_and(is_tombstone);
         let is_now_tombstone = new_bytes.is_some_and(is_tombstone);
         let listed = if is_now_tombstone && !was_tombstone {
@@ -349,7 +399,12 @@ impl AaeTrees {
         storage
             .delete(Table::Meta, KEY_INDEX_BUILT, Durability::Fsync)
             .map_err(|e| e.to_string())?;
-        for table in [Table::AaeIndex, Table::Tombstones, Table::Index] {
+        for table in [
+            Table::AaeIndex,
+            Table::Tombstones,
+            Table::Index,
+            Table::Expiry,
+        ] {
             loop {
                 let page = storage
                     .scan(table, &[], None, REBUILD_SCAN_PAGE)
@@ -390,6 +445,7 @@ impl AaeTrees {
                     .map_err(|e| e.to_string())?;
             }
             self.update_secondary_index((bucket, key), None, Some(value))?;
+            self.update_expiry(storage_key, None, Some(value))?;
             count += 1;
             Ok(ControlFlow::Continue(()))
         })?;

@@ -89,6 +89,8 @@ pub struct BucketProps {
     /// The data type every key of the bucket holds (a bucket type's `datatype` property,
     /// fixed once the type is active); `None` for opaque values.
     pub datatype: Option<crate::crdt::DataTypeKind>,
+    /// Time to live of the bucket's values, in seconds (`None`: they do not expire).
+    pub ttl_secs: Option<u64>,
 }
 
 impl Default for BucketProps {
@@ -107,9 +109,13 @@ impl Default for BucketProps {
             notfound_ok: true,
             durability: Durability::Fsync,
             datatype: None,
+            ttl_secs: None,
         }
     }
 }
+
+/// The longest time to live a bucket or a value may have: ten years, in seconds.
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Why a properties update was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -152,6 +158,9 @@ impl BucketProps {
         });
         if let (Some(kind), Some(map)) = (self.datatype, out.as_object_mut()) {
             map.insert("datatype".into(), json!(kind.name()));
+        }
+        if let (Some(secs), Some(map)) = (self.ttl_secs, out.as_object_mut()) {
+            map.insert("ttl_secs".into(), json!(secs));
         }
         out
     }
@@ -206,6 +215,19 @@ impl BucketProps {
                         Some("fsync") => Durability::Fsync,
                         Some("buffered") => Durability::Buffered,
                         _ => return Err(bad(name, "expected \"fsync\" or \"buffered\"")),
+                    }
+                }
+                "ttl_secs" => {
+                    next.ttl_secs = match value.as_u64() {
+                        _ if value.is_null() => None,
+                        Some(0) => None,
+                        Some(secs) if secs <= MAX_TTL_SECS => Some(secs),
+                        _ => {
+                            return Err(bad(
+                                name,
+                                &format!("expected seconds from 0 (none) to {MAX_TTL_SECS}"),
+                            ));
+                        }
                     }
                 }
                 "datatype" => next.datatype = match value {

@@ -97,6 +97,17 @@ pub struct WireContent {
     pub deleted: bool,
     /// Secondary index entries (`index::normalize`d by the client API).
     pub indexes: Vec<crate::index::IndexEntry>,
+    /// The value's time to live in seconds, when the client gave one (else the bucket's
+    /// `ttl_secs`, if any, applies).
+    pub ttl_secs: Option<u64>,
+}
+
+impl WireContent {
+    /// When a value written at `now_ms` with this content expires (its own TTL), if it does.
+    pub fn expires_at(&self, now_ms: u64) -> Option<u64> {
+        self.ttl_secs
+            .map(|secs| now_ms.saturating_add(secs.saturating_mul(1000)))
+    }
 }
 
 /// A secondary index query's share of one node (`PeerMessage::IndexQuery`).

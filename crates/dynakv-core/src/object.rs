@@ -38,6 +38,9 @@ pub struct Content {
     pub deleted: bool,
     /// Secondary index entries (`index::normalize`d: sorted, unique; none on a tombstone).
     pub indexes: Vec<crate::index::IndexEntry>,
+    /// When the value expires (ms since the Unix epoch, the coordinator's clock; `None`:
+    /// never). An expired value is answered as not found and removed by a tombstone.
+    pub expires_ms: Option<u64>,
 }
 
 impl Content {
@@ -50,7 +53,13 @@ impl Content {
             meta: Vec::new(),
             deleted: true,
             indexes: Vec::new(),
+            expires_ms: None,
         }
+    }
+
+    /// Whether the value has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|at| at <= now_ms)
     }
 }
 
@@ -151,9 +160,13 @@ const ENCODING_VERSION: u8 = 1;
 const FLAG_ALL_TOMBSTONES: u8 = 1;
 /// Some live sibling carries secondary index entries.
 const FLAG_HAS_INDEXES: u8 = 2;
+/// Every live sibling expires (the object's expiry is the latest of theirs).
+const FLAG_EXPIRES: u8 = 4;
 const SIBLING_FLAG_DELETED: u8 = 1;
 /// The sibling's content carries index entries (written after its metadata).
 const SIBLING_FLAG_INDEXES: u8 = 2;
+/// The sibling's content expires (its expiry written after its index entries).
+const SIBLING_FLAG_EXPIRES: u8 = 4;
 /// Most siblings an encoded object may carry: `sync` never drops a sibling, so two replicas at
 /// the write limit can merge to twice it.
 pub const MAX_STORED_SIBLINGS: usize = 2 * limits::MAX_SIBLINGS;
@@ -334,6 +347,9 @@ impl Object {
                     .saturating_add(bytes(name.len()))
                     .saturating_add(bytes(value.len()));
             }
+            if let Some(at) = c.expires_ms {
+                body = body.saturating_add(varint_len(at));
+            }
             if !c.indexes.is_empty() {
                 body = body.saturating_add(varint_len(c.indexes.len() as u64));
                 for (name, term) in &c.indexes {
@@ -457,6 +473,9 @@ impl Object {
             if !c.indexes.is_empty() {
                 flags |= SIBLING_FLAG_INDEXES;
             }
+            if c.expires_ms.is_some() {
+                flags |= SIBLING_FLAG_EXPIRES;
+            }
             body.u8(flags);
             body.bytes(c.content_type.as_bytes());
             body.varint(c.meta.len() as u64);
@@ -471,6 +490,9 @@ impl Object {
                     body.bytes(term);
                 }
             }
+            if let Some(at) = c.expires_ms {
+                body.varint(at);
+            }
             body.bytes(&c.value);
         }
         let mut out = Vec::with_capacity(body.buf.len() + 6);
@@ -482,6 +504,9 @@ impl Object {
         };
         if self.live_siblings().any(|s| !s.content.indexes.is_empty()) {
             flags |= FLAG_HAS_INDEXES;
+        }
+        if self.expires_ms().is_some() {
+            flags |= FLAG_EXPIRES;
         }
         out.push(flags);
         out.extend_from_slice(&crc32fast::hash(&body.buf).to_le_bytes());
@@ -496,6 +521,40 @@ impl Object {
             [version, ..] => Err(DecodeError::UnknownVersion(*version)),
             [] => Err(DecodeError::Truncated),
         }
+    }
+
+    /// When every live sibling has expired (the latest of their expiries); `None` when some
+    /// live sibling never expires, or there is none.
+    pub fn expires_ms(&self) -> Option<u64> {
+        let mut latest = None;
+        for sibling in self.live_siblings() {
+            let at = sibling.content.expires_ms?;
+            latest = Some(latest.map_or(at, |l: u64| l.max(at)));
+        }
+        latest
+    }
+
+    /// This object as a client sees it at `now_ms`: its expired live siblings left out (the
+    /// clock kept, so a write with its context overwrites them too).
+    #[must_use]
+    pub fn unexpired(&self, now_ms: u64) -> Object {
+        if !self.siblings.iter().any(|s| s.content.expired(now_ms)) {
+            return self.clone();
+        }
+        Object {
+            clock: self.clock.clone(),
+            siblings: self
+                .siblings
+                .iter()
+                .filter(|s| s.content.deleted || !s.content.expired(now_ms))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Whether an encoded object expires, read from its header alone.
+    pub fn encoded_expires(bytes: &[u8]) -> bool {
+        matches!(bytes, [ENCODING_VERSION, flags, ..] if flags & FLAG_EXPIRES != 0)
     }
 
     /// Whether an encoded object has live index entries, read from its header alone (an
@@ -564,6 +623,11 @@ impl Object {
                     indexes.push((name, term));
                 }
             }
+            let expires_ms = if flags & SIBLING_FLAG_EXPIRES != 0 {
+                Some(r.varint()?)
+            } else {
+                None
+            };
             let value = r
                 .bytes(limits::HARD_MAX_VALUE_BYTES, "value size")?
                 .to_vec();
@@ -576,6 +640,7 @@ impl Object {
                     meta,
                     deleted: flags & SIBLING_FLAG_DELETED != 0,
                     indexes,
+                    expires_ms,
                 },
             });
         }
@@ -646,6 +711,7 @@ mod tests {
             meta: vec![("color".into(), "blue".into())],
             deleted: false,
             indexes: vec![("age_int".into(), b"5".to_vec())],
+            expires_ms: Some(at + 60_000),
         }
     }
 
@@ -775,5 +841,34 @@ mod tests {
             ),
             Err(WriteError::ObjectTooLarge { .. })
         ));
+    }
+
+    /// An object expires when every live value does (at the latest expiry); a client never
+    /// sees an expired value; a tombstone or a value without expiry keeps it from expiring.
+    #[test]
+    fn expiry_is_every_live_values_and_reads_leave_expired_ones_out() {
+        let prune = PrunePolicy::default();
+        let clock = VersionVector::new();
+        let mut early = value(1, 10);
+        early.expires_ms = Some(100);
+        let mut late = value(1, 20);
+        late.expires_ms = Some(200);
+        let object = Object::new()
+            .update(&clock, early, ActorId(1), 10, prune)
+            .unwrap()
+            .update(&clock, late, ActorId(2), 20, prune)
+            .unwrap();
+        assert_eq!(object.expires_ms(), Some(200));
+        assert_eq!(object.unexpired(150).live_siblings().count(), 1);
+        assert!(object.unexpired(200).is_deleted());
+        assert_eq!(object.unexpired(200).clock(), object.clock());
+        assert!(Object::encoded_expires(&object.encode()));
+        assert_eq!(Object::decode(&object.encode()).unwrap(), object);
+        let mut forever = value(1, 30);
+        forever.expires_ms = None;
+        let mixed = object.update(&clock, forever, ActorId(3), 30, prune).unwrap();
+        assert_eq!(mixed.expires_ms(), None);
+        assert!(!Object::encoded_expires(&mixed.encode()));
+        assert_eq!(mixed.unexpired(1000).live_siblings().count(), 1);
     }
 }

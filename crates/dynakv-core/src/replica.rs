@@ -538,6 +538,7 @@ impl Replica {
                     meta: Vec::new(),
                     deleted: false,
                     indexes: Vec::new(),
+                    expires_ms: None,
                 };
                 stored.clock().clone()
             }
@@ -553,6 +554,19 @@ impl Replica {
             (_, None) if content.deleted => stored.clock().clone(),
             (_, None) => VersionVector::new(),
         };
+        // A value without a time to live of its own takes its bucket's (data types do not
+        // expire).
+        if content.expires_ms.is_none()
+            && !content.deleted
+            && request.props.datatype.is_none()
+            && let Some(secs) = request.props.ttl_secs
+        {
+            content.expires_ms = Some(
+                content
+                    .last_modified_ms
+                    .saturating_add(secs.saturating_mul(1000)),
+            );
+        }
         let floor = self.counter_floor()?;
         let actor = self.write_actor()?;
         let mut updated = stored.update_after(
@@ -1019,6 +1033,37 @@ impl Replica {
             }
         }
         Ok(hits)
+    }
+
+    /// Keys whose every live value expired at or before `now_ms`, after `start_after` (an
+    /// `expiry` table key), at most `limit`: `(table key, bucket, key)`, earliest first.
+    pub fn expired_keys(
+        &self,
+        now_ms: u64,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, String, String)>, ReplicaError> {
+        let page = self
+            .storage
+            .scan(Table::Expiry, &[], start_after, limit)
+            .map_err(storage_error)?;
+        let mut out = Vec::new();
+        for (table_key, _) in page {
+            let Some((at, storage_key)) = table_key.split_first_chunk::<8>() else {
+                continue;
+            };
+            if u64::from_be_bytes(*at) > now_ms {
+                break;
+            }
+            if let Some((bucket, key)) = keys::split_object_key(storage_key) {
+                let (bucket, key) = (
+                    String::from_utf8_lossy(bucket).into_owned(),
+                    String::from_utf8_lossy(key).into_owned(),
+                );
+                out.push((table_key.clone(), bucket, key));
+            }
+        }
+        Ok(out)
     }
 
     /// Every bucket holding at least one stored object, skipping from bucket to bucket.

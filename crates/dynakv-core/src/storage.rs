@@ -34,11 +34,14 @@ pub enum Table {
     /// Secondary index entries (`index::storage_key`: bucket, index, term, key; empty values),
     /// kept with every object write.
     Index,
+    /// Objects whose every live value expires: `u64 BE expiry ms | object key` (empty values),
+    /// kept with every object write, read by the expiry sweep.
+    Expiry,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Objects,
         Table::BucketProps,
         Table::Meta,
@@ -46,6 +49,7 @@ impl Table {
         Table::AaeIndex,
         Table::Tombstones,
         Table::Index,
+        Table::Expiry,
     ];
 
     /// A stable name for the table, used by engines as a file or partition name.
@@ -58,6 +62,7 @@ impl Table {
             Table::AaeIndex => "aae_index",
             Table::Tombstones => "tombstones",
             Table::Index => "secondary_index",
+            Table::Expiry => "expiry",
         }
     }
 }

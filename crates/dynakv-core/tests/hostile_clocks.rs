@@ -19,6 +19,7 @@ fn content(value: &[u8]) -> Content {
         meta: vec![],
         deleted: false,
         indexes: Vec::new(),
+        expires_ms: None,
     }
 }
 

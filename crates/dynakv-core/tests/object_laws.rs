@@ -38,6 +38,7 @@ fn content(tag: u64, now: u64) -> Content {
         meta: vec![],
         deleted: false,
         indexes: Vec::new(),
+        expires_ms: None,
     }
 }
 

@@ -357,6 +357,7 @@ fn forge(target: &Target, claimed: &str, public: [u8; 32]) -> Result<Forgeries> 
                 meta: Vec::new(),
                 deleted: false,
                 indexes: Vec::new(),
+                expires_ms: None,
             },
             ActorId(u64::from(u32::MAX)),
             now,

@@ -127,6 +127,7 @@ pub async fn update(
             meta: Vec::new(),
             deleted: false,
             indexes: Vec::new(),
+            ttl_secs: None,
         },
         w: quorums.w,
         pw: quorums.pw,

@@ -80,8 +80,21 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A quorum read of `bucket/key` (`r`, `pr`: `None` is the bucket's).
+/// A quorum read of `bucket/key` (`r`, `pr`: `None` is the bucket's), as a client sees it:
+/// values that expired by this node's clock are left out (`Object::unexpired`).
 pub async fn get(
+    cluster: &Arc<Cluster>,
+    bucket: &str,
+    key: &str,
+    r: Option<Quorum>,
+    pr: Option<Quorum>,
+) -> Result<Object, RequestError> {
+    let object = get_raw(cluster, bucket, key, r, pr).await?;
+    Ok(object.unexpired(cluster.now_ms()))
+}
+
+/// A quorum read of `bucket/key`, expired values included.
+pub async fn get_raw(
     cluster: &Arc<Cluster>,
     bucket: &str,
     key: &str,
@@ -136,6 +149,7 @@ pub async fn delete(
             meta: Vec::new(),
             deleted: true,
             indexes: Vec::new(),
+            ttl_secs: None,
         },
         w: quorums.w.or(quorums.rw),
         pw: quorums.pw,
@@ -329,6 +343,7 @@ impl Driver {
                     .run_write(
                         durability,
                         move |durability| {
+                            let expires_ms = op.content.expires_at(now_ms);
                             let content = Content {
                                 value: op.content.value,
                                 content_type: op.content.content_type,
@@ -336,6 +351,7 @@ impl Driver {
                                 meta: op.content.meta,
                                 deleted: op.content.deleted,
                                 indexes: op.content.indexes,
+                                expires_ms,
                             };
                             replica.write(WriteRequest {
                                 bucket: &op.bucket,

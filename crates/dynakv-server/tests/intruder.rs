@@ -114,6 +114,7 @@ fn forged_messages(state: &ClusterState) -> Vec<PeerMessage> {
                 meta: vec![],
                 deleted: false,
                 indexes: Vec::new(),
+                expires_ms: None,
             },
             ActorId(u64::MAX - 7),
             1,

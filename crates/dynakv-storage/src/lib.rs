@@ -80,6 +80,7 @@ pub(crate) const fn table_index(table: Table) -> usize {
         Table::AaeIndex => 4,
         Table::Tombstones => 5,
         Table::Index => 6,
+        Table::Expiry => 7,
     }
 }
 

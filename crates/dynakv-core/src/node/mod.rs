@@ -1513,11 +1513,13 @@ impl Node {
         props: &BucketProps,
         durability: StoreDurability,
     ) -> Result<Object, RequestError> {
+        let expires_ms = op.content.expires_at(now);
         let content = Content {
             value: op.content.value,
             content_type: op.content.content_type,
             last_modified_ms: now,
             meta: op.content.meta,
+            expires_ms,
             deleted: op.content.deleted,
             indexes: op.content.indexes,
         };

@@ -472,6 +472,29 @@ pub(super) fn user_meta(headers: &HeaderMap) -> Result<Vec<(String, String)>, Ap
     Ok(meta)
 }
 
+/// The user metadata entry that gives a value its time to live in seconds (HTTP's
+/// `X-Riak-Meta-Dynakv-Ttl` or `X-Dynakv-Ttl`, PB's `usermeta`), taken out of the metadata.
+pub(crate) const TTL_META: &str = "dynakv-ttl";
+
+/// A write's time to live from its metadata (the entry is removed), checked.
+pub(crate) fn take_ttl(meta: &mut Vec<(String, String)>) -> Result<Option<u64>, String> {
+    let Some(at) = meta
+        .iter()
+        .position(|(name, _)| name.eq_ignore_ascii_case(TTL_META))
+    else {
+        return Ok(None);
+    };
+    let (_, value) = meta.remove(at);
+    let max = dynakv_core::bucket::MAX_TTL_SECS;
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|secs| (1..=max).contains(secs))
+        .map(Some)
+        .ok_or_else(|| format!("{TTL_META} must be a number of seconds from 1 to {max}"))
+}
+
 /// The bounds on an object's user metadata (`entries` pairs of `bytes` names and values in
 /// all), the same over HTTP and PB.
 pub(crate) fn check_user_meta(entries: usize, bytes: usize) -> Result<(), String> {
@@ -548,7 +571,11 @@ pub(super) async fn store_inner(
     let props = state.cluster.bucket_props(&bucket);
     let options = parse_options(query, &props)?;
     let context = client_context(state, headers, &bucket, &key)?;
-    let meta = user_meta(headers)?;
+    let mut meta = user_meta(headers)?;
+    if let Some(value) = headers.get("x-dynakv-ttl") {
+        meta.push((TTL_META.to_owned(), header_text(value, "X-Dynakv-Ttl")?));
+    }
+    let ttl_secs = take_ttl(&mut meta).map_err(ApiError::bad_request)?;
     let indexes = index_entries(headers)?;
     let precondition = precondition(headers)?;
     let content_type = match headers.get(header::CONTENT_TYPE) {
@@ -574,6 +601,7 @@ pub(super) async fn store_inner(
             meta,
             deleted: false,
             indexes,
+            ttl_secs,
         },
         w: options.w,
         pw: options.pw,

@@ -649,12 +649,14 @@ fn wire_content(content: RpbContent, max_value_bytes: usize) -> Result<WireConte
         meta.push((name, value));
     }
     check_user_meta(meta.len(), bytes)?;
+    let ttl_secs = crate::http::objects::take_ttl(&mut meta)?;
     Ok(WireContent {
         value,
         content_type,
         meta,
         deleted: false,
         indexes,
+        ttl_secs,
     })
 }
 
