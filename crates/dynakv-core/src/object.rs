@@ -866,7 +866,9 @@ mod tests {
         assert_eq!(Object::decode(&object.encode()).unwrap(), object);
         let mut forever = value(1, 30);
         forever.expires_ms = None;
-        let mixed = object.update(&clock, forever, ActorId(3), 30, prune).unwrap();
+        let mixed = object
+            .update(&clock, forever, ActorId(3), 30, prune)
+            .unwrap();
         assert_eq!(mixed.expires_ms(), None);
         assert!(!Object::encoded_expires(&mixed.encode()));
         assert_eq!(mixed.unexpired(1000).live_siblings().count(), 1);

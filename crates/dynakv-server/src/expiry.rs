@@ -11,9 +11,6 @@
 //! values early by its skew; one behind answers them as found for as long.
 
 use crate::view::Cluster;
-use dynakv_core::message::WireContent;
-use dynakv_core::replica::Precondition;
-use dynakv_core::request::PutOp;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -92,23 +89,8 @@ async fn remove_if_expired(cluster: &Arc<Cluster>, bucket: &str, key: &str) -> b
     if object.expires_ms().is_none_or(|at| at > cluster.now_ms()) {
         return false;
     }
-    let op = PutOp {
-        bucket: bucket.to_owned(),
-        key: key.to_owned(),
-        context: Some(object.clock().clone()),
-        content: WireContent {
-            value: Vec::new(),
-            content_type: String::new(),
-            meta: Vec::new(),
-            deleted: true,
-            indexes: Vec::new(),
-            ttl_secs: None,
-        },
-        w: None,
-        pw: None,
-        dw_given: false,
-        precondition: Precondition::None,
-    };
+    let op =
+        crate::requests::tombstone((bucket.to_owned(), key.to_owned()), object.clock().clone());
     crate::requests::put(cluster, op, cluster.now_ms())
         .await
         .is_ok()

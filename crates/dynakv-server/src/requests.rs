@@ -139,7 +139,21 @@ pub async fn delete(
         return Ok(false);
     }
     let context = context.unwrap_or_else(|| existing.clock().clone());
-    let op = PutOp {
+    let mut op = tombstone((bucket, key), context);
+    op.w = quorums.w.or(quorums.rw);
+    op.pw = quorums.pw;
+    op.dw_given = quorums.dw_given;
+    put(cluster, op, cluster.now_ms()).await?;
+    Ok(true)
+}
+
+/// The write of a tombstone of `bucket/key` with `context` (what it deletes), with the
+/// bucket's quorums: a client's delete, and the removal of an expired value.
+pub fn tombstone(
+    (bucket, key): (String, String),
+    context: dynakv_core::version::VersionVector,
+) -> PutOp {
+    PutOp {
         bucket,
         key,
         context: Some(context),
@@ -151,13 +165,11 @@ pub async fn delete(
             indexes: Vec::new(),
             ttl_secs: None,
         },
-        w: quorums.w.or(quorums.rw),
-        pw: quorums.pw,
-        dw_given: quorums.dw_given,
+        w: None,
+        pw: None,
+        dw_given: false,
         precondition: dynakv_core::replica::Precondition::None,
-    };
-    put(cluster, op, cluster.now_ms()).await?;
-    Ok(true)
+    }
 }
 
 /// Whether to coordinate a put a peer forwarded here: the core's `accept_forwarded` at this

@@ -8,46 +8,12 @@
 mod support;
 
 use axum::http::{Method, StatusCode};
-use bytes::Bytes;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-async fn call(
-    node: &support::Node,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (StatusCode, String) {
-    let (status, _, body) = node
-        .client
-        .request(method, path, headers, Bytes::from(body.to_owned()))
-        .await
-        .unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use support::{call, wait_for};
 
 async fn cluster() -> Vec<support::Node> {
-    let first = support::start_node(|dir| support::memory_config("e1", dir, None)).await;
-    let join = Some(first.server.peer_addr);
-    let second = support::start_node(|dir| support::memory_config("e2", dir, join)).await;
-    let third = support::start_node(|dir| support::memory_config("e3", dir, join)).await;
-    let nodes = vec![first, second, third];
-    wait_for("three members and a settled ring", async || {
-        nodes.iter().all(|n| {
-            let state = n.server.cluster.state();
-            state.ring.current.nodes().len() == 3 && state.settled()
-        })
-    })
-    .await;
-    nodes
+    support::three_nodes("e").await
 }
 
 const TEXT: (&str, &str) = ("content-type", "text/plain");

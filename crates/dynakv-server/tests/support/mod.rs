@@ -53,3 +53,50 @@ pub async fn start_node(
         _dir: dir,
     }
 }
+
+/// One request to `node`: its status and body as text.
+pub async fn call(
+    node: &Node,
+    method: axum::http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (axum::http::StatusCode, String) {
+    let (status, _, body) = node
+        .client
+        .request(method, path, headers, bytes::Bytes::from(body.to_owned()))
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Poll `check` every 100 ms until it holds; panics after 30 s naming `what`.
+pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Three in-memory nodes named `{prefix}1..3`, the second and third joined to the first,
+/// once every node sees a settled ring of three.
+pub async fn three_nodes(prefix: &str) -> Vec<Node> {
+    let names: Vec<String> = (1..=3).map(|i| format!("{prefix}{i}")).collect();
+    let first = start_node(|dir| memory_config(&names[0], dir, None)).await;
+    let join = Some(first.server.peer_addr);
+    let second = start_node(|dir| memory_config(&names[1], dir, join)).await;
+    let third = start_node(|dir| memory_config(&names[2], dir, join)).await;
+    let nodes = vec![first, second, third];
+    wait_for("three members and a settled ring", async || {
+        nodes.iter().all(|n| {
+            let state = n.server.cluster.state();
+            state.ring.current.nodes().len() == 3 && state.settled()
+        })
+    })
+    .await;
+    nodes
+}
