@@ -3,7 +3,7 @@
 # `dynakv dev` cluster, once over its HTTP transport and once over Protocol Buffers: ping,
 # store/fetch JSON, siblings and their resolution, user metadata, server-made keys, delete,
 # key and bucket listing, bucket properties, bucket types, preflist, and data types
-# (counters, sets, maps, hll).
+# (counters, sets, maps, hll), secondary indexes and expiry.
 # The client predates Python 3.10; scripts/riak_python_client_check.py shims the stdlib names
 # it imports (collections.Iterable, namedtuple(verbose=)), not the protocol.
 # Usage: scripts/riak-python-client-check.sh   (builds the release binary; free 127.0.0.1 ports)

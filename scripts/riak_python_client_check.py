@@ -179,5 +179,15 @@ o.remove_index('age_int')
 o.store()
 assert list(ib.get_index('age_int', 6, 6)) == [] and 'u06' in list(ib.get_index('group_bin', 'g0'))
 print("secondary indexes ok")
+# expiry: a value with a time to live (the usermeta entry dynakv-ttl, in seconds) is not
+# found once it has passed
+import time
+e = b.new('expiring', data='soon gone', content_type='text/plain')
+e.usermeta = {'dynakv-ttl': '1'}
+e.store()
+assert b.get('expiring').exists
+time.sleep(1.5)
+assert not b.get('expiring').exists
+print("expiry ok")
 print("preflist", b.get_preflist('meta') if hasattr(b, 'get_preflist') else 'n/a')
 print("OK: every step passed")
