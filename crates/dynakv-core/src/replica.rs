@@ -482,13 +482,15 @@ impl Replica {
         };
         match &request.precondition {
             Precondition::None => {}
+            // What a client would read: expired values are not there.
             Precondition::Absent => {
-                if !stored.is_deleted() {
+                if !stored.unexpired(request.now_ms).is_deleted() {
                     return Err(ReplicaError::Precondition("the key already has a value"));
                 }
             }
             Precondition::Matches(vtag) => {
-                let mut live = stored.live_siblings();
+                let visible = stored.unexpired(request.now_ms);
+                let mut live = visible.live_siblings();
                 let matches = match (live.next(), live.next()) {
                     (Some(only), None) => only.vtag() == *vtag,
                     _ => false,

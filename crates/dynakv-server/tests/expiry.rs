@@ -74,6 +74,10 @@ async fn expired_values_are_not_found_then_removed_and_later_writes_survive() {
         put(2, "/buckets/plain/keys/kept", vec![]).await,
         StatusCode::NO_CONTENT
     );
+    assert_eq!(
+        put(0, "/buckets/plain/keys/cond", vec![("x-dynakv-ttl", "1")]).await,
+        StatusCode::NO_CONTENT
+    );
     let (status, _) = call(&nodes[1], Method::GET, "/buckets/short/keys/k", &[], "").await;
     assert_eq!(status, StatusCode::OK, "found before it expires");
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -85,6 +89,19 @@ async fn expired_values_are_not_found_then_removed_and_later_writes_survive() {
         let (status, _) = call(node, Method::GET, "/buckets/plain/keys/kept", &[], "").await;
         assert_eq!(status, StatusCode::OK);
     }
+    // An expired value is not there for a conditional create either (whether or not the
+    // sweep removed it yet).
+    let (status, body) = call(
+        &nodes[2],
+        Method::PUT,
+        "/buckets/plain/keys/cond",
+        &[TEXT, ("if-none-match", "*")],
+        "created",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = call(&nodes[0], Method::GET, "/buckets/plain/keys/cond", &[], "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "created"));
     // Removed by a tombstone on every replica.
     wait_for(
         "the expired keys' tombstones on every replica",
