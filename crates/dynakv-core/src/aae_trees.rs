@@ -119,76 +119,46 @@ impl AaeTrees {
         self.partitioning.partition_of_hash(&key_hash(bucket, key))
     }
 
-    /// Take the secondary index (`Table::Index`) of `bucket/key` from the old object's entries
-    /// to the new one's. Only objects whose header says they have entries are decoded.
-    fn update_secondary_index(
+    /// Keep the tables derived from an object's values for a change of `storage_key`: the
+    /// secondary index (`Table::Index`: the difference between the old and the new live
+    /// entries) and `Table::Expiry` (`expiry_key`: the object's expiry when every live value
+    /// expires). Each object is decoded once, and only when its header says it has entries
+    /// or expires.
+    fn update_value_tables(
         &self,
-        (bucket, key): (&[u8], &[u8]),
+        (storage_key, bucket, key): (&[u8], &[u8], &[u8]),
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<(), String> {
-        let entries = |bytes: Option<&[u8]>| {
+        use crate::object::Object;
+        let derived = |bytes: Option<&[u8]>| {
             bytes
-                .filter(|b| crate::object::Object::encoded_has_indexes(b))
-                .and_then(|b| crate::object::Object::decode_stored(b).ok())
-                .map(|o| crate::index::object_entries(&o))
+                .filter(|b| Object::encoded_has_indexes(b) || Object::encoded_expires(b))
+                .and_then(|b| Object::decode_stored(b).ok())
+                .map(|o| (crate::index::object_entries(&o), o.expires_ms()))
                 .unwrap_or_default()
         };
-        let (old, new) = (entries(old), entries(new));
-        if old == new {
-            return Ok(());
+        let ((old_entries, old_expiry), (new_entries, new_expiry)) = (derived(old), derived(new));
+        let mut writes: Vec<(Table, Vec<u8>, bool)> =
+            crate::index::delta(bucket, key, &old_entries, &new_entries)
+                .into_iter()
+                .map(|(table_key, present)| (Table::Index, table_key, present))
+                .collect();
+        if old_expiry != new_expiry {
+            writes.extend(old_expiry.map(|at| (Table::Expiry, expiry_key(at, storage_key), false)));
+            writes.extend(new_expiry.map(|at| (Table::Expiry, expiry_key(at, storage_key), true)));
         }
-        for (table_key, present) in crate::index::delta(bucket, key, &old, &new) {
+        for (table, table_key, present) in writes {
             let written = if present {
                 self.storage
-                    .put(Table::Index, &table_key, &[], Durability::Buffered)
+                    .put(table, &table_key, &[], Durability::Buffered)
                     .map_err(|e| e.to_string())
             } else {
                 self.storage
-                    .delete(Table::Index, &table_key, Durability::Buffered)
+                    .delete(table, &table_key, Durability::Buffered)
                     .map_err(|e| e.to_string())
             };
             written?;
-        }
-        Ok(())
-    }
-
-    /// Keep `Table::Expiry` (`expiry_key`) for an object's change: its entry is the object's
-    /// expiry when every live sibling expires. Only objects whose header says so are decoded.
-    fn update_expiry(
-        &self,
-        storage_key: &[u8],
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<(), String> {
-        let expiry = |bytes: Option<&[u8]>| {
-            bytes
-                .filter(|b| crate::object::Object::encoded_expires(b))
-                .and_then(|b| crate::object::Object::decode_stored(b).ok())
-                .and_then(|o| o.expires_ms())
-        };
-        let (old, new) = (expiry(old), expiry(new));
-        if old == new {
-            return Ok(());
-        }
-        if let Some(at) = old {
-            self.storage
-                .delete(
-                    Table::Expiry,
-                    &expiry_key(at, storage_key),
-                    Durability::Buffered,
-                )
-                .map_err(|e| e.to_string())?;
-        }
-        if let Some(at) = new {
-            self.storage
-                .put(
-                    Table::Expiry,
-                    &expiry_key(at, storage_key),
-                    &[],
-                    Durability::Buffered,
-                )
-                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -221,9 +191,7 @@ impl AaeTrees {
                 .delete(Table::AaeIndex, &index_key, Durability::Buffered)
                 .map_err(|e| e.to_string()),
         };
-        let secondary = self
-            .update_secondary_index((bucket, key), old_bytes, new_bytes)
-            .and(self.update_expiry(storage_key, old_bytes, new_bytes));
+        let secondary = self.update_value_tables((storage_key, bucket, key), old_bytes, new_bytes);
         let was_tombstone = old_bytes.is_some_and(is_tombstone);
         let is_now_tombstone = new_bytes.is_some_and(is_tombstone);
         let listed = if is_now_tombstone && !was_tombstone {
@@ -444,8 +412,7 @@ impl AaeTrees {
                     .put(Table::Tombstones, storage_key, &[], Durability::Buffered)
                     .map_err(|e| e.to_string())?;
             }
-            self.update_secondary_index((bucket, key), None, Some(value))?;
-            self.update_expiry(storage_key, None, Some(value))?;
+            self.update_value_tables((storage_key, bucket, key), None, Some(value))?;
             count += 1;
             Ok(ControlFlow::Continue(()))
         })?;

@@ -68,23 +68,32 @@ pub enum ContextError {
     NotAuthentic,
 }
 
-/// Encode `clock` as the context for `bucket`/`key`.
-pub fn encode(secret: &ContextKey, bucket: &[u8], key: &[u8], clock: &VersionVector) -> String {
-    let mut w = Writer::with_capacity(16 + clock.len() * 20);
-    w.u8(CONTEXT_VERSION);
-    encode_clock(&mut w, clock);
-    let mac = secret.mac(bucket, key, &w.buf[1..]);
-    w.buf.extend_from_slice(&mac);
-    STANDARD.encode(&w.buf)
+/// What the MAC of a context of `version` covers: an object context's clock only (version 1,
+/// as it always has), a data type context's version byte too (so neither is taken for the
+/// other).
+fn covered(body: &[u8]) -> &[u8] {
+    if body.first() == Some(&CONTEXT_VERSION) {
+        &body[1..]
+    } else {
+        body
+    }
 }
 
-/// Decode and authenticate a context a client sent for `bucket`/`key`.
-pub fn decode(
+/// `body` (its version byte first) with its MAC for `bucket`/`key`, in base64.
+fn seal(secret: &ContextKey, bucket: &[u8], key: &[u8], mut body: Vec<u8>) -> String {
+    let mac = secret.mac(bucket, key, covered(&body));
+    body.extend_from_slice(&mac);
+    STANDARD.encode(&body)
+}
+
+/// The body after the version byte of a context of `version` a client sent for
+/// `bucket`/`key`, once its length, encoding, version and MAC are checked.
+fn open(
     secret: &ContextKey,
-    bucket: &[u8],
-    key: &[u8],
+    (bucket, key): (&[u8], &[u8]),
     text: &str,
-) -> Result<VersionVector, ContextError> {
+    version: u8,
+) -> Result<Vec<u8>, ContextError> {
     let text = text.trim();
     if text.len() > limits::MAX_CONTEXT_BYTES {
         return Err(ContextError::TooLong);
@@ -94,18 +103,36 @@ pub fn decode(
         return Err(ContextError::Malformed(DecodeError::Truncated));
     }
     let (body, mac) = bytes.split_at(bytes.len() - MAC_BYTES);
-    if body[0] != CONTEXT_VERSION {
+    if body[0] != version {
         return Err(ContextError::Malformed(DecodeError::UnknownVersion(
             body[0],
         )));
     }
-    let expected = secret.mac(bucket, key, &body[1..]);
     // Not constant-time: the MAC guards against mistakes and forged clocks, not timing attacks
     // by a client that can already write the key.
-    if expected != mac {
+    if secret.mac(bucket, key, covered(body)) != mac {
         return Err(ContextError::NotAuthentic);
     }
-    let mut r = Reader::new(&body[1..]);
+    Ok(body[1..].to_vec())
+}
+
+/// Encode `clock` as the context for `bucket`/`key`.
+pub fn encode(secret: &ContextKey, bucket: &[u8], key: &[u8], clock: &VersionVector) -> String {
+    let mut w = Writer::with_capacity(16 + clock.len() * 20);
+    w.u8(CONTEXT_VERSION);
+    encode_clock(&mut w, clock);
+    seal(secret, bucket, key, w.buf)
+}
+
+/// Decode and authenticate a context a client sent for `bucket`/`key`.
+pub fn decode(
+    secret: &ContextKey,
+    bucket: &[u8],
+    key: &[u8],
+    text: &str,
+) -> Result<VersionVector, ContextError> {
+    let body = open(secret, (bucket, key), text, CONTEXT_VERSION)?;
+    let mut r = Reader::new(&body);
     let clock = decode_clock(&mut r).map_err(ContextError::Malformed)?;
     r.finish().map_err(ContextError::Malformed)?;
     Ok(clock)
@@ -126,9 +153,7 @@ pub fn encode_datatype(
     let mut w = Writer::with_capacity(16 + clock.len() * 12);
     w.u8(DATATYPE_CONTEXT_VERSION);
     crate::crdt::encode_context(&mut w, clock);
-    let mac = secret.mac(bucket, key, &w.buf);
-    w.buf.extend_from_slice(&mac);
-    STANDARD.encode(&w.buf)
+    seal(secret, bucket, key, w.buf)
 }
 
 /// Decode and authenticate a data type context a client sent for `bucket`/`key`.
@@ -138,26 +163,8 @@ pub fn decode_datatype(
     key: &[u8],
     text: &str,
 ) -> Result<crate::crdt::SetContext, ContextError> {
-    let text = text.trim();
-    if text.len() > limits::MAX_CONTEXT_BYTES {
-        return Err(ContextError::TooLong);
-    }
-    let bytes = STANDARD.decode(text).map_err(|_| ContextError::NotBase64)?;
-    if bytes.len() < 1 + MAC_BYTES {
-        return Err(ContextError::Malformed(DecodeError::Truncated));
-    }
-    let (body, mac) = bytes.split_at(bytes.len() - MAC_BYTES);
-    if body[0] != DATATYPE_CONTEXT_VERSION {
-        return Err(ContextError::Malformed(DecodeError::UnknownVersion(
-            body[0],
-        )));
-    }
-    // The MAC covers the version byte, so an object's context is never taken for a data
-    // type's (nor the other way round).
-    if secret.mac(bucket, key, body) != mac {
-        return Err(ContextError::NotAuthentic);
-    }
-    let mut r = Reader::new(&body[1..]);
+    let body = open(secret, (bucket, key), text, DATATYPE_CONTEXT_VERSION)?;
+    let mut r = Reader::new(&body);
     let clock = crate::crdt::decode_context(&mut r).map_err(ContextError::Malformed)?;
     r.finish().map_err(ContextError::Malformed)?;
     Ok(clock)
@@ -171,6 +178,18 @@ mod tests {
 
     fn secret() -> ContextKey {
         ContextKey::from_bytes([7u8; 32])
+    }
+
+    /// An object's context is not a data type's, nor the other way round, for the same key.
+    #[test]
+    fn object_and_data_type_contexts_are_not_interchangeable() {
+        let mut clock = VersionVector::new();
+        clock.observe(ActorId(1), 3, 10);
+        let object = encode(&secret(), b"b", b"k", &clock);
+        let set = encode_datatype(&secret(), b"b", b"k", &[(ActorId(1), 3)].into());
+        assert!(decode_datatype(&secret(), b"b", b"k", &object).is_err());
+        assert!(decode(&secret(), b"b", b"k", &set).is_err());
+        assert!(decode_datatype(&secret(), b"b", b"k", &set).is_ok());
     }
 
     #[test]

@@ -526,4 +526,37 @@ mod tests {
         assert_eq!(merged.len(), 1);
         assert!(!more);
     }
+
+    /// A peer's index query past its bounds is refused before any scan (a hostile or broken
+    /// peer cannot make a node read without limit or index outside its ring).
+    #[test]
+    fn a_peer_query_out_of_bounds_is_refused() {
+        let storage = std::sync::Arc::new(crate::test_support::MapStorage::default());
+        let replica = crate::replica::Replica::new(
+            storage,
+            crate::version::ActorId(1),
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        let ok = Query::new("b", "n_int", (b"1", Some(b"9")), None, 10).unwrap();
+        assert!(matches!(
+            answer(&replica, ok.message(vec![0, 1], 4)),
+            PeerMessage::IndexPage { .. }
+        ));
+        let mut limit_zero = ok.clone();
+        limit_zero.limit = 0;
+        let mut huge = ok.clone();
+        huge.limit = MAX_PAGE_RESULTS + 1;
+        let mut long_term = ok.clone();
+        long_term.start = vec![0; 4096];
+        for message in [
+            limit_zero.message(vec![0], 4),
+            huge.message(vec![0], 4),
+            long_term.message(vec![0], 4),
+            ok.message(vec![4], 4),
+            ok.message(vec![0], 3),
+            PeerMessage::Ack,
+        ] {
+            assert!(matches!(answer(&replica, message), PeerMessage::Error(_)));
+        }
+    }
 }

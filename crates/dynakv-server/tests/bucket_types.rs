@@ -7,12 +7,13 @@
 
 mod support;
 
+use support::pb;
+
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
 use dynakv_pb::{RpbContent, RpbGetReq, RpbGetResp, RpbPutReq, code};
 use prost::Message as _;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 async fn call(
     node: &support::Node,
@@ -53,21 +54,6 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// One PB request on a new connection; the answer's code and body.
-async fn pb(node: &support::Node, code: u8, message: &impl prost::Message) -> (u8, Vec<u8>) {
-    let mut stream = tokio::net::TcpStream::connect(node.server.pb_addr.unwrap())
-        .await
-        .unwrap();
-    let mut frame = Vec::new();
-    dynakv_pb::encode_frame(&mut frame, code, message);
-    stream.write_all(&frame).await.unwrap();
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    stream.read_exact(&mut body).await.unwrap();
-    (body[0], body[1..].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,13 +8,13 @@
 
 mod support;
 
+use support::pb;
+
 use axum::http::{Method, StatusCode};
 use bytes::Bytes;
 use dynakv_pb::code;
 use dynakv_pb::dt::{CounterOp, DtFetchReq, DtFetchResp, DtOp, DtUpdateReq, DtUpdateResp, SetOp};
 use prost::Message as _;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 async fn call(
     node: &support::Node,
@@ -22,26 +22,17 @@ async fn call(
     path: &str,
     body: &str,
 ) -> (StatusCode, String) {
-    let (status, _, body) = node
-        .client
-        .request(
-            method,
-            path,
-            &[("content-type", "application/json")],
-            Bytes::from(body.to_owned()),
-        )
-        .await
-        .unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    support::call(
+        node,
+        method,
+        path,
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
 }
 
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use support::wait_for;
 
 fn config(
     name: &'static str,
@@ -332,21 +323,6 @@ async fn removals_need_a_context_and_hostile_operations_change_nothing() {
     assert_eq!(value(&String::from_utf8_lossy(&body)), serde_json::json!(3));
     let (_, body) = call(node, Method::GET, location, "").await;
     assert_eq!(value(&body), serde_json::json!(3), "{body}");
-}
-
-/// One PB request on a new connection; the answer's code and body.
-async fn pb(node: &support::Node, code: u8, message: &impl prost::Message) -> (u8, Vec<u8>) {
-    let mut stream = tokio::net::TcpStream::connect(node.server.pb_addr.unwrap())
-        .await
-        .unwrap();
-    let mut frame = Vec::new();
-    dynakv_pb::encode_frame(&mut frame, code, message);
-    stream.write_all(&frame).await.unwrap();
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    stream.read_exact(&mut body).await.unwrap();
-    (body[0], body[1..].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

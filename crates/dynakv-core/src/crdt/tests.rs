@@ -160,6 +160,9 @@ proptest! {
         let _ = GSet::decode(&mut Reader::new(&bytes));
         let _ = Hll::decode(&mut Reader::new(&bytes));
         let _ = OrMap::decode(&mut Reader::new(&bytes));
+        // An update from a peer, and a stored value.
+        let _ = Update::decode(&bytes);
+        let _ = Crdt::decode(&bytes);
     }
 }
 

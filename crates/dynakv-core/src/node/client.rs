@@ -376,7 +376,11 @@ impl Node {
                 Step::Answer(result) => {
                     if let Some(to) = request.reply.take() {
                         let result = match (result, &request.machine) {
-                            (Ok(object), Machine::Get(_)) => ClientResult::Got(object),
+                            // What a client reads: expired values left out (as the
+                            // server's `requests::get`).
+                            (Ok(object), Machine::Get(_)) => {
+                                ClientResult::Got(object.unexpired(self.wall_ms))
+                            }
                             (Ok(object), Machine::Put(_)) => ClientResult::Put(object),
                             (Err(e), _) => ClientResult::Failed {
                                 status: e.status(),

@@ -74,7 +74,7 @@ fn results_json(name: &str, hits: &[Hit], return_terms: bool) -> serde_json::Val
 }
 
 pub(super) async fn query(
-    State(state): axum::extract::State<AppState>,
+    axum::extract::State(state): axum::extract::State<AppState>,
     params: RawPathParams,
     Query(query): Query<HashMap<String, String>>,
 ) -> axum::response::Response {
@@ -82,8 +82,6 @@ pub(super) async fn query(
     let result = run(&state, &params, &query).await;
     super::objects::timed(&state, crate::stats::Op::Get, started, result)
 }
-
-use axum::extract::State;
 
 async fn run(
     state: &AppState,
@@ -200,7 +198,7 @@ fn stream(
             ))))
             .await;
     });
-    let body = Body::from_stream(tokio_stream_of(rx));
+    let body = Body::from_stream(super::listings::tokio_stream(rx));
     (
         StatusCode::OK,
         [(
@@ -210,11 +208,4 @@ fn stream(
         body,
     )
         .into_response()
-}
-
-/// The receiving end of a channel as a stream of body chunks.
-fn tokio_stream_of(
-    mut rx: tokio::sync::mpsc::Receiver<Result<axum::body::Bytes, std::io::Error>>,
-) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

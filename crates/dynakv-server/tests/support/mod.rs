@@ -100,3 +100,19 @@ pub async fn three_nodes(prefix: &str) -> Vec<Node> {
     .await;
     nodes
 }
+
+/// One PB request on a new connection to `node`'s PB port; the answer's code and body.
+pub async fn pb(node: &Node, code: u8, message: &impl prost::Message) -> (u8, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(node.server.pb_addr.unwrap())
+        .await
+        .unwrap();
+    let mut frame = Vec::new();
+    dynakv_pb::encode_frame(&mut frame, code, message);
+    stream.write_all(&frame).await.unwrap();
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut body).await.unwrap();
+    (body[0], body[1..].to_vec())
+}
