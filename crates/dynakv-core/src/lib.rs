@@ -24,6 +24,7 @@ pub mod codec;
 pub mod context;
 pub mod coordinator;
 pub mod crdt;
+pub mod expiry;
 pub mod failure;
 pub mod gossip;
 pub mod handoff;

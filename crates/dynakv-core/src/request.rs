@@ -145,6 +145,15 @@ impl PutOp {
             precondition: Precondition::None,
         }
     }
+
+    /// The write of a tombstone of `bucket/key` with `context` (what it deletes), with the
+    /// bucket's quorums: a client's delete, and the expiry sweep's removal of an expired
+    /// value (`crate::expiry`).
+    pub fn tombstone(bucket: &str, key: &str, context: VersionVector) -> PutOp {
+        let mut op = PutOp::new(bucket, key, Some(context), None);
+        op.content.content_type.clear();
+        op
+    }
 }
 
 /// A forwarded put this node does not coordinate: the answer to its forwarder, and whether

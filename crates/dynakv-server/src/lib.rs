@@ -11,7 +11,6 @@ pub mod clock;
 pub mod config;
 pub mod datatypes;
 pub mod driver;
-pub mod expiry;
 pub mod http;
 pub mod http_serve;
 pub mod identity;
@@ -456,10 +455,6 @@ pub async fn start_with_http(
     }
     tracing::info!(node = %config.name, http = %http_addr, tls = tls.is_some(), peer = %peer_addr, pb = ?pb_addr, data_dir = %config.data_dir.display(), engine = storage.engine_name(), "node started");
     let limits = tokio::spawn(limit_loop(Arc::clone(&state.limiter), shutdown_rx.clone()));
-    let expiry = tokio::spawn(expiry::sweep_loop(
-        Arc::clone(&cluster),
-        shutdown_rx.clone(),
-    ));
     let admission = tokio::spawn(admission_loop(
         Arc::clone(&cluster),
         Arc::clone(&state.stats),
@@ -491,7 +486,7 @@ pub async fn start_with_http(
         storage,
         flusher,
         shutdown_rx,
-        [peer_task, admission, limits, expiry]
+        [peer_task, admission, limits]
             .into_iter()
             .chain(pb_task)
             .collect(),

@@ -89,20 +89,11 @@ pub async fn get(
     r: Option<Quorum>,
     pr: Option<Quorum>,
 ) -> Result<Object, RequestError> {
-    let object = get_raw(cluster, bucket, key, r, pr).await?;
-    Ok(object.unexpired(cluster.now_ms()))
-}
-
-/// A quorum read of `bucket/key`, expired values included.
-pub async fn get_raw(
-    cluster: &Arc<Cluster>,
-    bucket: &str,
-    key: &str,
-    r: Option<Quorum>,
-    pr: Option<Quorum>,
-) -> Result<Object, RequestError> {
     let (machine, steps) = GetRequest::start(&ServerView::of(cluster), bucket, key, (r, pr));
-    Driver::new(cluster, Machine::Get(machine)).run(steps).await
+    let object = Driver::new(cluster, Machine::Get(machine))
+        .run(steps)
+        .await?;
+    Ok(object.unexpired(cluster.now_ms()))
 }
 
 /// A client's write (a put or a delete), stamped `now_ms`: coordinated here when this node is
@@ -139,37 +130,12 @@ pub async fn delete(
         return Ok(false);
     }
     let context = context.unwrap_or_else(|| existing.clock().clone());
-    let mut op = tombstone((bucket, key), context);
+    let mut op = PutOp::tombstone(&bucket, &key, context);
     op.w = quorums.w.or(quorums.rw);
     op.pw = quorums.pw;
     op.dw_given = quorums.dw_given;
     put(cluster, op, cluster.now_ms()).await?;
     Ok(true)
-}
-
-/// The write of a tombstone of `bucket/key` with `context` (what it deletes), with the
-/// bucket's quorums: a client's delete, and the removal of an expired value.
-pub fn tombstone(
-    (bucket, key): (String, String),
-    context: dynakv_core::version::VersionVector,
-) -> PutOp {
-    PutOp {
-        bucket,
-        key,
-        context: Some(context),
-        content: dynakv_core::message::WireContent {
-            value: Vec::new(),
-            content_type: String::new(),
-            meta: Vec::new(),
-            deleted: true,
-            indexes: Vec::new(),
-            ttl_secs: None,
-        },
-        w: None,
-        pw: None,
-        dw_given: false,
-        precondition: dynakv_core::replica::Precondition::None,
-    }
 }
 
 /// Whether to coordinate a put a peer forwarded here: the core's `accept_forwarded` at this

@@ -314,3 +314,47 @@ pub fn check_datatypes(
     }
     (problems, acked_ops)
 }
+
+/// The expiry checker (`--expiry`): a value written with a time to live of `ttl_ms` is
+/// stamped by its coordinator before the write is acknowledged, by a clock within `skew_ms`
+/// of true time, and a read leaves out what expired by the clock of the machine that answers
+/// it, also within `skew_ms`. So no read invoked `ttl_ms + 2 * skew_ms` or more after a
+/// value's write was acknowledged may return it. (A write that was never acknowledged has no
+/// such bound from outside: a paused coordinator stamps it when it resumes. That expired
+/// values are also removed from storage is checked at convergence: a key's replicas must
+/// converge to its tombstone.)
+///
+/// Returns the problems found, and the reads checked and those that came late enough after
+/// an acknowledged write of their key for the rule to bite.
+pub fn check_expiry(history: &History, ttl_ms: u64, skew_ms: u64) -> (Vec<String>, (usize, usize)) {
+    let bound = ttl_ms.saturating_add(skew_ms.saturating_mul(2));
+    let mut problems = Vec::new();
+    let mut biting = 0;
+    for read in &history.ttl_reads {
+        let expired_before = history.ttl_writes.values().any(|(key, acked)| {
+            key == &read.key && acked.is_some_and(|at| at.saturating_add(bound) <= read.invoked_ms)
+        });
+        biting += usize::from(expired_before);
+        for value in &read.values {
+            match history.ttl_writes.get(value) {
+                None => problems.push(format!(
+                    "{}: read at {} ms returned {value}, never written",
+                    read.key, read.invoked_ms
+                )),
+                Some((key, _)) if key != &read.key => problems.push(format!(
+                    "{}: read at {} ms returned {value}, written to {key}",
+                    read.key, read.invoked_ms
+                )),
+                Some((_, Some(acked))) if acked.saturating_add(bound) <= read.invoked_ms => {
+                    problems.push(format!(
+                        "{}: read at {} ms returned {value}, acknowledged at {acked} ms with a \
+                         time to live of {ttl_ms} ms (skew bound {skew_ms} ms)",
+                        read.key, read.invoked_ms
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    (problems, (history.ttl_reads.len(), biting))
+}

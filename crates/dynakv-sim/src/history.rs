@@ -26,6 +26,10 @@ pub enum OpKind {
     /// Read a set data type, then remove one of its elements with the read's context (the
     /// element is the write record's value once read).
     DtRemove,
+    /// Write a unique value blind, with a time to live (`--expiry`).
+    TtlWrite,
+    /// Read a key written with a time to live, recording what it returned.
+    TtlRead,
 }
 
 /// How an event ends an operation, or that it starts one.
@@ -77,6 +81,21 @@ pub struct History {
     /// The dots each register value was seen with (by a read or in a put's acknowledgement):
     /// a put is coordinated once, so a value with two dots was applied twice.
     pub register_dots: BTreeMap<(String, u64), BTreeSet<Dot>>,
+    /// Each value written with a time to live: its key, and when its write was
+    /// acknowledged (`None`: it was not, or not yet).
+    pub ttl_writes: BTreeMap<u64, (String, Option<u64>)>,
+    /// Each successful read of a key written with a time to live.
+    pub ttl_reads: Vec<TtlRead>,
+}
+
+/// A successful read of a key written with a time to live (`--expiry`).
+#[derive(Debug, Clone)]
+pub struct TtlRead {
+    pub key: String,
+    /// When the read was invoked.
+    pub invoked_ms: u64,
+    /// The values it returned.
+    pub values: Vec<u64>,
 }
 
 impl History {
@@ -97,6 +116,8 @@ impl History {
                 OpKind::Increment => "increment",
                 OpKind::DtAdd => "dt-add",
                 OpKind::DtRemove => "dt-remove",
+                OpKind::TtlWrite => "ttl-write",
+                OpKind::TtlRead => "ttl-read",
             };
             let _ = writeln!(
                 out,

@@ -1,7 +1,9 @@
 //! `dynakv-sim`: run many seeds (or replay one) and print a summary.
 //!
 //! ```text
-//! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww] [--bug drop-sibling|datatype-max-merge] [--datatypes]
+//! cargo run --release -p dynakv-sim -- --seeds 5000 [--start SEED] [--lww]
+//!     [--bug drop-sibling|datatype-max-merge|expiry-unfiltered-read|expiry-drop-locally]
+//!     [--datatypes] [--expiry]
 //!     [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--grace-ms MS]
 //!     [--clock-skew-ms MS]
 //!     [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward]
@@ -39,6 +41,7 @@ struct Args {
     per_key_counters: bool,
     no_deletes: bool,
     datatypes: bool,
+    expiry: bool,
     /// Reap after checking the primaries only (the rule before the reaping finding).
     primaries_only_reap: bool,
     /// Retry an unanswered forward elsewhere, with no expiry (the rule before finding 5).
@@ -84,6 +87,7 @@ fn parse() -> Result<Args, String> {
             "--no-faults" => args.no_faults = true,
             "--no-deletes" => args.no_deletes = true,
             "--datatypes" => args.datatypes = true,
+            "--expiry" => args.expiry = true,
             "--verbose" => args.verbose = true,
             "--membership" => {
                 args.membership_given = true;
@@ -102,14 +106,18 @@ fn parse() -> Result<Args, String> {
             "--bug" => match it.next().as_deref() {
                 Some("drop-sibling") => args.bug = Some(Bug::DropSiblingOnMerge),
                 Some("datatype-max-merge") => args.bug = Some(Bug::DatatypeMaxMerge),
+                Some("expiry-unfiltered-read") => args.bug = Some(Bug::ExpiryUnfilteredRead),
+                Some("expiry-drop-locally") => {
+                    args.bug = Some(Bug::ExpiryDropLocally);
+                }
                 other => {
                     return Err(format!(
-                        "unknown bug {other:?} (known: drop-sibling, datatype-max-merge)"
+                        "unknown bug {other:?} (known: drop-sibling, datatype-max-merge, expiry-unfiltered-read, expiry-drop-locally)"
                     ));
                 }
             },
             "-h" | "--help" => {
-                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--clock-skew-ms MS] [--verbose]".into());
+                return Err("usage: dynakv-sim [--seeds N] [--start S] [--seed S] [--lww] [--bug drop-sibling|datatype-max-merge|expiry-unfiltered-read|expiry-drop-locally] [--datatypes] [--expiry] [--ops N] [--keep-actor] [--no-faults] [--no-deletes] [--membership join|leave|join-leave|none] [--old-rule unchecked-handoff|per-key-counters|primaries-only-reap|retry-unanswered-forward] [--grace-ms MS] [--clock-skew-ms MS] [--verbose]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -129,6 +137,7 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
         c.faults = !args.no_faults;
         c.deletes = !args.no_deletes;
         c.datatypes = args.datatypes;
+        c.expiry = args.expiry;
         if let Some(grace) = args.grace_ms {
             c.node.tombstone_grace_ms = grace;
         }
@@ -212,6 +221,8 @@ struct Totals {
     late_forwards_refused: u64,
     datatype_ops: (usize, usize, usize),
     datatype_problems: usize,
+    expiry_reads: (usize, usize),
+    expiry_problems: usize,
     failing: Vec<String>,
 }
 
@@ -257,6 +268,9 @@ impl Totals {
         self.datatype_ops.1 += r.datatype_ops.1;
         self.datatype_ops.2 += r.datatype_ops.2;
         self.datatype_problems += r.datatype_problems.len();
+        self.expiry_reads.0 += r.expiry_reads.0;
+        self.expiry_reads.1 += r.expiry_reads.1;
+        self.expiry_problems += r.expiry_problems.len();
         if !r.passed() {
             if self.failing.len() < MAX_FAILURES_SHOWN {
                 print!("FAIL {}", r.describe());
@@ -329,6 +343,12 @@ impl Totals {
                 self.datatype_ops.1,
                 self.datatype_ops.2,
                 self.datatype_problems
+            );
+        }
+        if self.expiry_reads != (0, 0) || self.expiry_problems > 0 {
+            println!(
+                "expiry: reads checked {} (issued after some value of their key expired {}); problems {}",
+                self.expiry_reads.0, self.expiry_reads.1, self.expiry_problems
             );
         }
         if self.failing.is_empty() {

@@ -33,12 +33,19 @@ pub const COUNTER_KEY_PREFIX: &str = "ctr-";
 pub const SET_BUCKET: &str = "sim-sets";
 pub const SET_KEY_PREFIX: &str = "dset-";
 
+/// The bucket of the expiry workload (values written with a time to live), and its keys'
+/// prefix.
+pub const TTL_BUCKET: &str = "sim-ttl";
+pub const TTL_KEY_PREFIX: &str = "ttl-";
+
 /// The bucket a simulation key lives in (from its prefix).
 pub fn bucket_of(key: &str) -> &'static str {
     if key.starts_with(COUNTER_KEY_PREFIX) {
         COUNTER_BUCKET
     } else if key.starts_with(SET_KEY_PREFIX) {
         SET_BUCKET
+    } else if key.starts_with(TTL_KEY_PREFIX) {
+        TTL_BUCKET
     } else {
         BUCKET
     }

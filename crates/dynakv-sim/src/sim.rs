@@ -7,12 +7,12 @@
 
 use crate::checker::{self, CheckReport};
 use crate::history::{
-    Event, EventType, History, OpKind, WriteRecord, decode_register, decode_set, encode_register,
-    encode_set,
+    Event, EventType, History, OpKind, TtlRead, WriteRecord, decode_register, decode_set,
+    encode_register, encode_set,
 };
 use crate::node::{
-    BUCKET, ClientOp, ClientRequestId, ClientResult, CrashKind, Input, Message, NodeConfig, Output,
-    PutOp, SimNode, Timer, member_entry, sim_config,
+    ClientOp, ClientRequestId, ClientResult, CrashKind, Input, Message, NodeConfig, Output, PutOp,
+    SimNode, Timer, member_entry, sim_config,
 };
 use crate::rng::SimRng;
 use dynakv_core::bucket::{BucketProps, Quorum};
@@ -109,6 +109,14 @@ pub const CLUSTER_NAME: &str = "dynakv-sim";
 pub const DATATYPE_KEYS: usize = 2;
 /// Probability that a set data type operation is a removal (read, then remove an element).
 pub const DT_REMOVE_PROBABILITY: f64 = 0.3;
+/// Keys of the expiry workload (with `--expiry`).
+pub const EXPIRY_KEYS: usize = 2;
+/// The time to live of the expiry workload's writes, in seconds (the simulation's runs last
+/// several seconds).
+pub const EXPIRY_TTL_SECS: u64 = 1;
+/// Probability that an expiry workload operation is a read (else a blind write with the
+/// time to live).
+pub const TTL_READ_PROBABILITY: f64 = 0.6;
 
 const _: () = assert!(SIM_RING_PARTITIONS.is_power_of_two());
 const _: () = assert!(MIN_NODES >= 3 && MIN_NODES <= MAX_NODES);
@@ -159,6 +167,10 @@ pub struct SimConfig {
     /// Add the data type workloads: counters incremented and sets added to and removed from,
     /// in buckets whose type holds a counter and a set (`--datatypes`).
     pub datatypes: bool,
+    /// Add the expiry workload: values written with a time to live and read back; no read
+    /// issued later than the time to live plus twice the clock skew bound may return one
+    /// (`--expiry`).
+    pub expiry: bool,
 }
 
 impl SimConfig {
@@ -205,6 +217,7 @@ impl SimConfig {
             membership_at_ms,
             clock_skew_ms: 0,
             datatypes: false,
+            expiry: false,
         }
     }
 
@@ -220,6 +233,12 @@ impl SimConfig {
         match self.node.sim.bug {
             Some(crate::node::Bug::DropSiblingOnMerge) => cmd.push_str(" --bug drop-sibling"),
             Some(crate::node::Bug::DatatypeMaxMerge) => cmd.push_str(" --bug datatype-max-merge"),
+            Some(crate::node::Bug::ExpiryUnfilteredRead) => {
+                cmd.push_str(" --bug expiry-unfiltered-read");
+            }
+            Some(crate::node::Bug::ExpiryDropLocally) => {
+                cmd.push_str(" --bug expiry-drop-locally");
+            }
             None => {}
         }
         if self.keep_actor_after_loss {
@@ -249,6 +268,9 @@ impl SimConfig {
         }
         if self.datatypes {
             cmd.push_str(" --datatypes");
+        }
+        if self.expiry {
+            cmd.push_str(" --expiry");
         }
         match self.membership {
             None => cmd.push_str(" --membership none"),
@@ -312,6 +334,11 @@ pub struct RunReport {
     pub datatype_problems: Vec<String>,
     /// The data type workloads' acknowledged operations: increments, adds, removes.
     pub datatype_ops: (usize, usize, usize),
+    /// What the expiry checker found (empty when it passed or did not run).
+    pub expiry_problems: Vec<String>,
+    /// The expiry workload's reads checked, and those issued after a value they could
+    /// have returned had expired (the reads that test the rule).
+    pub expiry_reads: (usize, usize),
 }
 
 impl RunReport {
@@ -325,6 +352,7 @@ impl RunReport {
             && self.membership_ok
             && self.strays.is_empty()
             && self.datatype_problems.is_empty()
+            && self.expiry_problems.is_empty()
     }
 
     /// One line per finding, for a failing seed.
@@ -397,6 +425,9 @@ impl RunReport {
         }
         if !self.datatype_problems.is_empty() {
             let _ = writeln!(out, "  data types: {:?}", first(&self.datatype_problems));
+        }
+        if !self.expiry_problems.is_empty() {
+            let _ = writeln!(out, "  expiry: {:?}", first(&self.expiry_problems));
         }
         if let Some(problem) = &self.convergence_problem {
             let _ = writeln!(out, "  not converged: {problem}");
@@ -529,6 +560,8 @@ struct Current {
     write: usize,
     phase: Phase,
     request: ClientRequestId,
+    /// When the operation was invoked.
+    invoked_ms: u64,
 }
 
 #[derive(Debug)]
@@ -676,6 +709,12 @@ impl Simulation {
                 sim.keys.push((counter, OpKind::Increment));
                 sim.keys
                     .push((format!("{}{k}", crate::node::SET_KEY_PREFIX), OpKind::DtAdd));
+            }
+        }
+        if sim.config.expiry {
+            for k in 0..EXPIRY_KEYS {
+                let key = format!("{}{k}", crate::node::TTL_KEY_PREFIX);
+                sim.keys.push((key, OpKind::TtlWrite));
             }
         }
         let clients = sim.config.clients;
@@ -1157,13 +1196,16 @@ impl Simulation {
         if kind == OpKind::DtAdd && self.rng.chance(DT_REMOVE_PROBABILITY) {
             kind = OpKind::DtRemove;
         }
+        if kind == OpKind::TtlWrite && self.rng.chance(TTL_READ_PROBABILITY) {
+            kind = OpKind::TtlRead;
+        }
         let value = self.next_value;
         self.next_value += 1;
         let op = self.next_op;
         self.next_op += 1;
         let read_first = match kind {
-            OpKind::Increment | OpKind::DtAdd => false,
-            OpKind::DtRemove | OpKind::SetAdd | OpKind::Delete => true,
+            OpKind::Increment | OpKind::DtAdd | OpKind::TtlWrite => false,
+            OpKind::DtRemove | OpKind::SetAdd | OpKind::Delete | OpKind::TtlRead => true,
             OpKind::Write => self.rng.chance(REGISTER_READ_PROBABILITY),
         };
         let write = self.history.writes.len();
@@ -1184,7 +1226,13 @@ impl Simulation {
             write,
             phase: Phase::Reading,
             request: 0,
+            invoked_ms: self.now,
         };
+        if kind == OpKind::TtlWrite {
+            self.history
+                .ttl_writes
+                .insert(value, (current.key.clone(), None));
+        }
         self.record(
             client,
             &current,
@@ -1240,9 +1288,12 @@ impl Simulation {
         self.history.writes[write].sent = true;
         let bucket = crate::node::bucket_of(&key);
         let mut op = PutOp::new(bucket, &key, context, value);
-        if bucket != BUCKET {
+        if bucket == crate::node::COUNTER_BUCKET || bucket == crate::node::SET_BUCKET {
             dynakv_core::crdt::DATATYPE_UPDATE_CONTENT_TYPE
                 .clone_into(&mut op.content.content_type);
+        }
+        if bucket == crate::node::TTL_BUCKET {
+            op.content.ttl_secs = Some(EXPIRY_TTL_SECS);
         }
         let request = self.client_request(client, ClientOp::Put(op));
         if let Some(current) = &mut self.clients[client].current {
@@ -1295,7 +1346,20 @@ impl Simulation {
             current.value,
             current.write,
         );
+        let invoked_ms = current.invoked_ms;
         match (phase, result) {
+            (Phase::Reading, ClientResult::Got(object)) if kind == OpKind::TtlRead => {
+                let values = object
+                    .live_siblings()
+                    .filter_map(|s| decode_register(&s.content.value))
+                    .collect();
+                self.history.ttl_reads.push(TtlRead {
+                    key,
+                    invoked_ms,
+                    values,
+                });
+                self.finish(client, EventType::Ok, String::new());
+            }
             (Phase::Reading, ClientResult::Got(object)) if kind == OpKind::DtRemove => {
                 let set = match dynakv_core::crdt::merged_value(&object, DataTypeKind::Set) {
                     Ok(Some(Crdt::Set(set))) => set,
@@ -1357,8 +1421,13 @@ impl Simulation {
                         }
                         encode_register(value)
                     }
-                    // Data type operations other than a removal send no read.
-                    OpKind::Increment | OpKind::DtAdd | OpKind::DtRemove => {
+                    // Data type operations other than a removal send no read; nor do
+                    // expiry writes (a read of theirs is answered above).
+                    OpKind::Increment
+                    | OpKind::DtAdd
+                    | OpKind::DtRemove
+                    | OpKind::TtlWrite
+                    | OpKind::TtlRead => {
                         self.finish(client, EventType::Fail, "unexpected read".into());
                         return;
                     }
@@ -1378,14 +1447,22 @@ impl Simulation {
                     .iter()
                     .filter(|s| match kind {
                         OpKind::SetAdd => decode_set(&s.content.value).contains(&value),
-                        OpKind::Write => decode_register(&s.content.value) == Some(value),
+                        OpKind::Write | OpKind::TtlWrite => {
+                            decode_register(&s.content.value) == Some(value)
+                        }
                         OpKind::Delete => s.content.deleted,
                         // A data type update is stored as the key's one new version.
                         OpKind::Increment | OpKind::DtAdd | OpKind::DtRemove => true,
+                        OpKind::TtlRead => false,
                     })
                     .map(|s| s.dot)
                     .max();
                 self.history.writes[write].acked = dot;
+                if kind == OpKind::TtlWrite
+                    && let Some(write) = self.history.ttl_writes.get_mut(&value)
+                {
+                    write.1 = Some(self.now);
+                }
                 if let (OpKind::Write, Some(dot)) = (kind, dot) {
                     self.history
                         .register_dots
@@ -1710,6 +1787,15 @@ impl Simulation {
             {
                 return Some(format!("{key}: replicas differ"));
             }
+            // Expired values are removed: once a value expired by every machine's clock
+            // (its stamp plus the skew bound), its key's replicas converge to its tombstone.
+            if let Some(expired) = object.as_ref().and_then(|o| {
+                o.live_siblings()
+                    .filter_map(|s| s.content.expires_ms)
+                    .find(|at| at.saturating_add(self.config.clock_skew_ms) <= self.now)
+            }) {
+                return Some(format!("{key}: holds a value that expired at {expired}"));
+            }
         }
         // Keys left outside their preference list after every node's cleanup are reported by
         // `strays` (they do not hold convergence up: cleanup will not remove them).
@@ -1777,6 +1863,12 @@ impl Simulation {
             checker::check_datatypes(&self.history, &self.finals, &self.keys)
         } else {
             (Vec::new(), (0, 0, 0))
+        };
+        let (expiry_problems, expiry_reads) = if self.config.expiry {
+            let ttl_ms = EXPIRY_TTL_SECS * 1000;
+            checker::check_expiry(&self.history, ttl_ms, self.config.clock_skew_ms)
+        } else {
+            (Vec::new(), (0, 0))
         };
         let membership_ok = self.membership_ok();
         let strays = self.strays();
@@ -1857,6 +1949,8 @@ impl Simulation {
             tombstones_reaped,
             datatype_problems,
             datatype_ops,
+            expiry_problems,
+            expiry_reads,
             config: self.config,
         }
     }

@@ -433,3 +433,55 @@ fn planted_datatype_max_merge_is_caught() {
          {DETECTION_SEEDS} seeds"
     );
 }
+
+/// The expiry workload (issue 21): values written with a time to live of a second, read
+/// through every node under faults and with clocks skewed, are never returned once expired
+/// (by the time to live plus twice the skew bound after their acknowledgement), and every
+/// key's replicas converge to its tombstone (the convergence check fails while an expired
+/// value is still stored anywhere).
+#[test]
+fn expired_values_are_never_read_and_always_removed() {
+    let mut late_reads = 0;
+    for seed in 0..40 {
+        let skew = if seed % 2 == 0 { 0 } else { 150 };
+        let report = run_seed(seed, |c| {
+            c.expiry = true;
+            c.clock_skew_ms = skew;
+        })
+        .unwrap();
+        assert!(report.passed(), "{}", report.describe());
+        late_reads += report.expiry_reads.1;
+    }
+    assert!(late_reads > 1000, "{late_reads} reads came after an expiry");
+}
+
+/// Reads that do not leave expired values out are caught by the expiry checker; a sweep that
+/// drops its own copy instead of writing a tombstone (riak_kv#1649) never converges, since
+/// anti-entropy brings the value back from the other replicas.
+#[test]
+fn planted_expiry_bugs_are_caught() {
+    // A run that never converges simulates up to the convergence bound: fewer seeds.
+    const DROP_SEEDS: u64 = 8;
+    let (mut unfiltered, mut dropped) = (0, 0);
+    for seed in 0..DETECTION_SEEDS {
+        let report = run_seed(seed, |c| {
+            c.expiry = true;
+            c.node.sim.bug = Some(Bug::ExpiryUnfilteredRead);
+        })
+        .unwrap();
+        unfiltered += usize::from(!report.expiry_problems.is_empty());
+    }
+    for seed in 0..DROP_SEEDS {
+        let report = run_seed(seed, |c| {
+            c.expiry = true;
+            c.node.sim.bug = Some(Bug::ExpiryDropLocally);
+        })
+        .unwrap();
+        dropped += usize::from(!report.converged);
+    }
+    assert!(
+        unfiltered * 2 > DETECTION_SEEDS as usize && dropped * 2 > DROP_SEEDS as usize,
+        "unfiltered reads caught on {unfiltered} of {DETECTION_SEEDS} seeds, local drops on \
+         {dropped} of {DROP_SEEDS}"
+    );
+}

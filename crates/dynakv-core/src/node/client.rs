@@ -7,9 +7,9 @@
 
 use super::{
     AfterSync, BucketListing, BucketProps, ClientListing, ClientOp, ClientRequest, ClientRequestId,
-    ClientResult, Event, GetRequest, KeyListing, KeyPage, LIST_PAGE_KEYS, ListEvent, ListStep,
-    Listing, Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Purpose, PutRequest,
-    ReplyTo, Step, StoreDurability, keys,
+    ClientResult, Event, ExpiryEvent, GetRequest, KeyListing, KeyPage, LIST_PAGE_KEYS, ListEvent,
+    ListStep, Listing, Machine, Node, NodeId, NodeView, Object, Output, PeerMessage, Purpose,
+    PutRequest, ReplyTo, Step, StoreDurability, keys,
 };
 
 impl Node {
@@ -374,13 +374,24 @@ impl Node {
                     None
                 }
                 Step::Answer(result) => {
-                    if let Some(to) = request.reply.take() {
+                    if matches!(request.reply, Some(ReplyTo::Expiry)) {
+                        // The expiry round's read (as stored) or tombstone.
+                        request.reply = None;
+                        let event = match &request.machine {
+                            Machine::Get(_) => ExpiryEvent::Read(result.ok()),
+                            Machine::Put(_) => ExpiryEvent::Written(result.is_ok()),
+                        };
+                        self.expiry_event(now, event);
+                    } else if let Some(to) = request.reply.take() {
                         let result = match (result, &request.machine) {
                             // What a client reads: expired values left out (as the
                             // server's `requests::get`).
-                            (Ok(object), Machine::Get(_)) => {
+                            (Ok(object), Machine::Get(_))
+                                if self.config.filters_expired_reads() =>
+                            {
                                 ClientResult::Got(object.unexpired(self.wall_ms))
                             }
+                            (Ok(object), Machine::Get(_)) => ClientResult::Got(object),
                             (Ok(object), Machine::Put(_)) => ClientResult::Put(object),
                             (Err(e), _) => ClientResult::Failed {
                                 status: e.status(),
@@ -403,6 +414,8 @@ impl Node {
     pub(super) fn answer(&mut self, to: ReplyTo, result: ClientResult) {
         match to {
             ReplyTo::Client(id) => self.outputs.push(Output::Reply { id, result }),
+            // Answered in `perform` (never through here).
+            ReplyTo::Expiry => {}
             ReplyTo::Peer(peer, id) => {
                 let body = match result {
                     ClientResult::Put(object) | ClientResult::Got(object) => {

@@ -57,6 +57,7 @@ pub use crate::anti_entropy::AaeRecord;
 use crate::anti_entropy::AaeRound;
 use crate::bucket::{BucketProps, PropsCache, Quorum};
 use crate::coordinator::{ReapAnswer, reap_candidates};
+use crate::expiry::{ExpiryEvent, ExpiryRound, ExpiryStep};
 use crate::failure::FailureDetector;
 use crate::handoff::{Cleanup, CleanupMarker, CleanupPass, HandoffPass, PassStep};
 use crate::hints::{DeliveryRound, HintEvent, HintStep};
@@ -112,6 +113,8 @@ pub struct Timings {
     pub aae_interval_ms: u64,
     /// Buffered-durability flush interval.
     pub flush_interval_ms: u64,
+    /// Expiry sweep interval (`crate::expiry`).
+    pub expiry_interval_ms: u64,
 }
 
 impl Timings {
@@ -125,6 +128,7 @@ impl Timings {
         hint_interval_ms: 1000,
         aae_interval_ms: 2000,
         flush_interval_ms: 100,
+        expiry_interval_ms: 1000,
     };
 
     /// The simulator's: the request timeout scaled down from 2 s to 500 ms (and the forward
@@ -155,6 +159,14 @@ pub enum Bug {
     /// the one with the largest value (a counter's total, a set's size) instead of merging
     /// them: the "max instead of per-actor max" merge.
     DatatypeMaxMerge,
+    /// Client reads answer expired values too (no `Object::unexpired` at the boundary):
+    /// caught by the simulator's expiry checker (a read long after expiry returns a value).
+    ExpiryUnfilteredRead,
+    /// The expiry sweep drops the expired key from its own storage instead of writing a
+    /// tombstone (the removal riak_kv#1649 describes): the other replicas' copies come back
+    /// through anti-entropy and read repair, so the key never converges to its removal
+    /// (caught by the simulator's convergence check).
+    ExpiryDropLocally,
 }
 
 /// Node settings.
@@ -229,6 +241,24 @@ impl NodeConfig {
     fn handoff_checks_ring(&self) -> bool {
         #[cfg(feature = "sim")]
         return self.sim.handoff_checks_ring;
+        #[cfg(not(feature = "sim"))]
+        true
+    }
+
+    /// Whether client reads leave expired values out (always, outside the simulator's
+    /// planted `Bug::ExpiryUnfilteredRead`).
+    fn filters_expired_reads(&self) -> bool {
+        #[cfg(feature = "sim")]
+        return self.sim.bug != Some(Bug::ExpiryUnfilteredRead);
+        #[cfg(not(feature = "sim"))]
+        true
+    }
+
+    /// Whether the expiry sweep removes a key by writing a tombstone (always, outside the
+    /// simulator's planted `Bug::ExpiryDropLocally`).
+    fn expiry_writes_tombstones(&self) -> bool {
+        #[cfg(feature = "sim")]
+        return self.sim.bug != Some(Bug::ExpiryDropLocally);
         #[cfg(not(feature = "sim"))]
         true
     }
@@ -356,6 +386,8 @@ pub enum Timer {
     Hints,
     Aae,
     Flush,
+    /// The expiry sweep (`crate::expiry`).
+    Expiry,
     RequestTimeout(RequestId),
     /// Resume paged background work (transition handoff, cleanup) that has nothing in
     /// flight to resume it: set for the current time, so a long scan goes on one page per
@@ -547,6 +579,8 @@ struct Pending {
 enum ReplyTo {
     Client(ClientRequestId),
     Peer(NodeId, RequestId),
+    /// The expiry round's read or tombstone (`expire`).
+    Expiry,
 }
 
 /// A client request in progress: its data-plane machine and whom to answer.
@@ -628,6 +662,8 @@ pub struct NodeStats {
     pub late_forwards_refused: u64,
     pub replans: u64,
     pub tombstones_reaped: u64,
+    /// Expired keys this node removed (a tombstone written by its expiry round).
+    pub expired_removed: u64,
     /// Stored objects or hints that did not decode, left alone (see `Node::replica_call`).
     pub corrupt_skipped: u64,
 }
@@ -715,6 +751,8 @@ pub struct Node {
     anti_entropy: aae::AntiEntropy,
     /// The reaping round in progress (at most one).
     reap: Option<ReapRound>,
+    /// The expiry round in progress (at most one).
+    expiry: Option<ExpiryRound>,
     listings: BTreeMap<u64, ClientListing>,
     next_listing: u64,
     /// Transport failures to process before returning (a send to a peer in backoff fails
@@ -798,6 +836,7 @@ impl Node {
             joining: rounds::Joining::default(),
             anti_entropy: aae::AntiEntropy::default(),
             reap: None,
+            expiry: None,
             listings: BTreeMap::new(),
             next_listing: 0,
             failures: VecDeque::new(),
@@ -1061,6 +1100,10 @@ impl Node {
                 at_ms: now + timings.aae_interval_ms,
                 timer: Timer::Aae,
             },
+            Output::SetTimer {
+                at_ms: now + timings.expiry_interval_ms,
+                timer: Timer::Expiry,
+            },
         ];
         // Any bucket may be buffered (its properties can change at any time): the flush runs
         // always, unless the driver's own flusher does it.
@@ -1111,6 +1154,7 @@ impl Node {
         self.joining.restart();
         self.anti_entropy.restart();
         self.reap = None;
+        self.expiry = None;
         self.listings.clear();
         self.failures.clear();
         self.outputs.clear();
@@ -1619,7 +1663,9 @@ impl Node {
                 let largest = merged.live_siblings().max_by_key(|s| size(s))?.dot;
                 merged.keep_only(largest)
             }
-            None => return None,
+            Some(Bug::ExpiryUnfilteredRead | Bug::ExpiryDropLocally) | None => {
+                return None;
+            }
         };
         self.overwrite(bucket, key, &kept);
         Some(kept)
@@ -1733,6 +1779,7 @@ const _: () = assert!(limits::MAX_SIBLINGS > 1);
 
 mod aae;
 mod client;
+mod expire;
 mod hinted;
 mod passes;
 mod peer;

@@ -1,6 +1,7 @@
 //! The timer-driven work of a `Node`: the timers' dispatch, gossip and joins. Each
 //! background round has its own module: `passes` (transition handoff, cleanup), `hinted`
-//! (hint delivery), `reap` (tombstone reaping), `aae` (anti-entropy).
+//! (hint delivery), `reap` (tombstone reaping), `expire` (the expiry sweep), `aae`
+//! (anti-entropy).
 
 use super::{ClientRequestId, ClusterState, Node, NodeId, Output, PeerMessage, Purpose, Timer};
 use crate::gossip;
@@ -64,6 +65,13 @@ impl Node {
                 self.passes.paging_timer_set = false;
                 self.handoff_step(now);
                 self.cleanup_step(now);
+            }
+            Timer::Expiry => {
+                self.expiry_round(now);
+                self.outputs.push(Output::SetTimer {
+                    at_ms: now + self.config.timings.expiry_interval_ms,
+                    timer: Timer::Expiry,
+                });
             }
             Timer::Flush => {
                 self.flush();

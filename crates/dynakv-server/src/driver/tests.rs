@@ -77,6 +77,7 @@ fn config() -> NodeConfig {
             hint_interval_ms: 100,
             aae_interval_ms: 300,
             flush_interval_ms: 50,
+            expiry_interval_ms: 300,
         },
         ..NodeConfig::default()
     }
