@@ -4,6 +4,7 @@
 mod bench;
 mod pbclient;
 mod rawhttp;
+mod tables;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
@@ -340,6 +341,9 @@ enum Command {
     Admin {
         #[arg(long, default_value = DEFAULT_URL, global = true)]
         url: String,
+        /// Print the node's JSON answer instead of a table (for scripts).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(flatten)]
         client: ClientOptions,
         #[command(subcommand)]
@@ -349,15 +353,15 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
-    /// Node status.
+    /// Node status (a table; `--json` for the node's JSON).
     Status,
-    /// Cluster members.
+    /// Cluster members: status, up, zone, partitions now and after a transition.
     Members,
-    /// Ring ownership.
+    /// Ring ownership per node, and the ring drawn partition by partition.
     Ring,
-    /// Pending ownership transfers and hints held.
+    /// Partitions moving in a ring transition, and the hints this node holds.
     Handoffs,
-    /// Anti-entropy state per partition.
+    /// Anti-entropy per partition held here: last exchange, keys repaired.
     Aae,
     /// Make the node at --url join the cluster of PEER_ADDR (a member's peer address).
     Join { peer_addr: String },
@@ -896,17 +900,31 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Admin {
             url,
+            json,
             client,
             command,
         } => {
             init_logging("warn");
             let client = ClientSettings::from_options(&client)?.client(&url)?;
+            let show = async |view, path| -> Result<()> {
+                let value = client.get_json(path).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    print!("{}", tables::render(view, &value));
+                }
+                Ok(())
+            };
             let value = match command {
-                AdminCommand::Status => client.get_json("/admin/status").await?,
-                AdminCommand::Members => client.get_json("/admin/members").await?,
-                AdminCommand::Ring => client.get_json("/admin/ring").await?,
-                AdminCommand::Handoffs => client.get_json("/admin/handoffs").await?,
-                AdminCommand::Aae => client.get_json("/admin/aae").await?,
+                AdminCommand::Status => return show(tables::View::Status, "/admin/status").await,
+                AdminCommand::Members => {
+                    return show(tables::View::Members, "/admin/members").await;
+                }
+                AdminCommand::Ring => return show(tables::View::Ring, "/admin/ring").await,
+                AdminCommand::Handoffs => {
+                    return show(tables::View::Handoffs, "/admin/handoffs").await;
+                }
+                AdminCommand::Aae => return show(tables::View::Aae, "/admin/aae").await,
                 AdminCommand::Join { peer_addr } => {
                     let body = serde_json::json!({ "peer": peer_addr }).to_string();
                     client.post_json("/admin/join", &body).await?

@@ -285,7 +285,7 @@ fn three_nodes_write_through_one_read_through_another() {
     let names: BTreeSet<String> = (0..3).map(|i| cluster.name(i)).collect();
 
     // The members view, through the CLI and over HTTP.
-    let out = cluster.admin(0, &["members"]);
+    let out = cluster.admin(0, &["members", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let listed = common::parse_members(&json).unwrap();
@@ -311,9 +311,27 @@ fn three_nodes_write_through_one_read_through_another() {
         );
     }
     assert_eq!(members(&cluster.url(1)).unwrap().len(), 3);
+    // For people: a table, one row per member (its partitions of 64), then a summary.
+    let out = cluster.admin(1, &["members"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("NAME "), "{table}");
+    for name in &names {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}: {table}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cells[1..3], ["valid", "yes"], "{row}");
+        let partitions: u32 = cells[4].parse().unwrap();
+        assert!((21..=22).contains(&partitions), "{row}");
+    }
+    assert!(table.ends_with("3 members, 3 up\n"), "{table}");
     // Nothing pending once settled; both ways of asking answer JSON.
     let out = cluster.admin(2, &["handoffs"]);
     assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("no ring transition in progress"), "{text}");
+    let out = cluster.admin(2, &["handoffs", "--json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
     common::get_json(&format!("{}/admin/handoffs", cluster.url(0))).unwrap();
 

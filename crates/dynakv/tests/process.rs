@@ -54,7 +54,7 @@ fn start_server(data_dir: &Path, name: &str) -> Server {
             if child.try_wait().unwrap().is_some() {
                 break;
             }
-            let out = cli(&["admin", "status", "--url", &url]);
+            let out = cli(&["admin", "status", "--json", "--url", &url]);
             if out.status.success() {
                 let status: serde_json::Value =
                     serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -97,7 +97,7 @@ fn cli(args: &[&str]) -> Output {
 }
 
 fn actor(url: &str) -> String {
-    let out = cli(&["admin", "status", "--url", url]);
+    let out = cli(&["admin", "status", "--json", "--url", url]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     status["actor"].as_str().unwrap().to_owned()
 }
@@ -233,7 +233,7 @@ fn sigterm_stops_cleanly_and_cli_round_trip() {
     assert!(!gone.status.success());
     let status = cli(&["admin", "status", "--url", &url]);
     assert!(
-        stdout(&status).contains(&format!("\"node\": \"{name}\"")),
+        stdout(&status).contains(&format!("node:            {name}\n")),
         "{status:?}"
     );
     let actor_before = actor(&url);

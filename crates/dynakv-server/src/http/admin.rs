@@ -129,6 +129,9 @@ pub(super) async fn admin_status(State(state): State<AppState>) -> Response {
 
 pub(super) async fn admin_members(State(state): State<AppState>) -> Response {
     let cluster = state.cluster.state();
+    let count = |ring: &dynakv_core::ring::Ring, id: &dynakv_core::ring::NodeId| {
+        ring.owners().iter().filter(|owner| *owner == id).count()
+    };
     let members: Vec<_> = cluster
         .members
         .values()
@@ -140,6 +143,8 @@ pub(super) async fn admin_members(State(state): State<AppState>) -> Response {
                 "peer_addr": m.peer_addr,
                 "http_addr": m.http_addr,
                 "up": state.cluster.is_up(&m.id),
+                "partitions": count(&cluster.ring.current, &m.id),
+                "partitions_next": cluster.ring.next.as_ref().map(|next| count(next, &m.id)),
             })
         })
         .collect();
