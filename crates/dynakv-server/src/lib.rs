@@ -7,6 +7,7 @@
 
 pub mod aae;
 pub mod auth;
+pub mod causality;
 pub mod clock;
 pub mod config;
 pub mod datatypes;

@@ -79,6 +79,8 @@ pub struct Stats {
     /// Syncs of buffered writes by the flusher (periodic, and for durable writes).
     pub syncs: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Siblings and clock entries per read, per bucket; the keys with most siblings.
+    pub causality: crate::causality::Causality,
 }
 
 impl Stats {
@@ -101,6 +103,7 @@ impl Stats {
             requests_shed: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            causality: crate::causality::Causality::default(),
         })
     }
 
@@ -229,6 +232,7 @@ impl Stats {
             "bytes_written_total".into(),
             json!(self.bytes_written.load(Ordering::Relaxed)),
         );
+        map.insert("causality".into(), self.causality.to_json());
         Value::Object(map)
     }
 
@@ -298,6 +302,7 @@ impl Stats {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        self.causality.to_prometheus(&mut out);
         out
     }
 }

@@ -136,6 +136,12 @@ pub(super) fn object_response(
         object.newest_live_sibling().into_iter().collect()
     };
     state.stats.record_siblings(live.len());
+    state.stats.causality.record_read(
+        bucket,
+        key,
+        object.live_siblings().count(),
+        object.clock().len(),
+    );
     match live.as_slice() {
         [] => {
             state

@@ -162,6 +162,12 @@ impl Session {
         }
         let live = live_siblings(&object, &props);
         self.state.stats.record_siblings(live.len());
+        self.state.stats.causality.record_read(
+            &bucket,
+            &key,
+            object.live_siblings().count(),
+            object.clock().len(),
+        );
         let mut response = RpbGetResp::default();
         if live.is_empty() {
             self.state.stats.not_found.fetch_add(1, Ordering::Relaxed);
