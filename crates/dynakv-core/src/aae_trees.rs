@@ -31,6 +31,9 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
+/// A page of a partition's stored keys: `(index key, object key)`.
+pub type PartitionPage = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The `Table::Expiry` key of an object that expires at `at_ms`.
 pub fn expiry_key(at_ms: u64, storage_key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + storage_key.len());
@@ -300,6 +303,37 @@ impl AaeTrees {
             }
         }
         Ok((out, false))
+    }
+
+    /// One page of the stored keys of `partition` (from the index, so a partition is read
+    /// without scanning the others): up to `limit` `(index key, object key)` after
+    /// `start_after` (an index key of this partition), in index order.
+    ///
+    /// # Errors
+    /// The index could not be read.
+    pub fn partition_page(
+        &self,
+        partition: PartitionId,
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<PartitionPage, String> {
+        let page = self
+            .storage
+            .scan(
+                Table::AaeIndex,
+                &partition.to_be_bytes(),
+                start_after,
+                limit,
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(page
+            .into_iter()
+            .filter_map(|(index_key, _)| {
+                let (_, _, object_key) = keys::split_aae_index_key(&index_key)?;
+                let object_key = object_key.to_vec();
+                Some((index_key, object_key))
+            })
+            .collect())
     }
 
     /// Build every tree at startup: from the index when `trust_index` (the last run ended

@@ -197,8 +197,6 @@ impl ExpiryRound {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::object::{Content, PrunePolicy};
-    use crate::version::{ActorId, VersionVector};
 
     fn node(name: &str) -> NodeId {
         NodeId(name.into())
@@ -206,28 +204,9 @@ mod tests {
 
     /// An object holding one value per `expiry` (`None`: it does not expire), written blind.
     fn object(expiries: &[Option<u64>]) -> Object {
-        let mut object = Object::new();
-        for (i, expires_ms) in expiries.iter().enumerate() {
-            let content = Content {
-                value: vec![u8::try_from(i).unwrap()],
-                content_type: "text/plain".into(),
-                last_modified_ms: 1,
-                meta: Vec::new(),
-                deleted: false,
-                indexes: Vec::new(),
-                expires_ms: *expires_ms,
-            };
-            object = object
-                .update(
-                    &VersionVector::new(),
-                    content,
-                    ActorId(i as u64 + 1),
-                    1,
-                    PrunePolicy::default(),
-                )
-                .unwrap();
-        }
-        object
+        let values: Vec<(&[u8], Option<u64>)> =
+            expiries.iter().map(|e| (b"v".as_slice(), *e)).collect();
+        crate::test_support::siblings(&values)
     }
 
     fn entry(at: u64, key: &str) -> (Vec<u8>, String, String) {

@@ -18,6 +18,7 @@
 pub mod aae_run;
 pub mod aae_trees;
 pub mod anti_entropy;
+pub mod backup;
 pub mod bucket;
 pub mod bucket_types;
 pub mod codec;

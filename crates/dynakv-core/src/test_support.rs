@@ -23,6 +23,28 @@ pub fn version(value: &[u8], actor: u64) -> crate::object::Object {
         .unwrap_or_else(|e| panic!("{e:?}"))
 }
 
+/// An object of blind writes, one sibling per `(value, expiry)`, the i-th by actor i + 1.
+pub fn siblings(values: &[(&[u8], Option<u64>)]) -> crate::object::Object {
+    let mut object = crate::object::Object::default();
+    for (i, (value, expires_ms)) in values.iter().enumerate() {
+        object = object
+            .update(
+                &crate::version::VersionVector::new(),
+                crate::object::Content {
+                    value: value.to_vec(),
+                    content_type: "text/plain".into(),
+                    expires_ms: *expires_ms,
+                    ..crate::object::Content::default()
+                },
+                crate::version::ActorId(i as u64 + 1),
+                1,
+                crate::object::PrunePolicy::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    }
+    object
+}
+
 /// A member entry with empty addresses and zone.
 pub fn member(name: &str, status: MemberStatus) -> Member {
     Member {

@@ -635,3 +635,66 @@ pub async fn index_page(
     }
     Ok(index::merge_pages(pages, query.limit))
 }
+
+/// Merge a restored object (a backup's: its clock, siblings and tombstones as stored) into
+/// every primary of its key that is up, as read repair does: each replica keeps the causal
+/// merge of what it holds and what arrives (`Object::sync`), so a restore never replaces
+/// newer data and running it twice changes nothing. `Ok(n)`: stored on `n` primaries, at
+/// least the bucket's W.
+///
+/// # Errors
+/// Fewer than W primaries stored it (down, or refused), with their reasons.
+pub async fn restore_object(
+    cluster: &Arc<Cluster>,
+    bucket: &str,
+    key: &str,
+    object: &Object,
+) -> Result<usize, String> {
+    let (bucket_type, _) = dynakv_core::bucket_types::split_bucket(bucket);
+    if bucket_type != dynakv_core::bucket_types::DEFAULT_TYPE
+        && !dynakv_core::bucket_types::is_active(&cluster.state(), bucket_type)
+    {
+        return Err(format!(
+            "bucket type {bucket_type} is not active in this cluster: create and activate it \
+             (with the same properties) before restoring"
+        ));
+    }
+    let props = cluster.bucket_props(bucket);
+    let primaries = cluster.preflist(bucket, key);
+    let n = u32::try_from(primaries.len()).unwrap_or(u32::MAX);
+    let needed = props.w.resolve(n, Quorum::Quorum).clamp(1, n.max(1));
+    let state = cluster.state();
+    let timeout = cluster.timeouts().request;
+    let stores = primaries.into_iter().map(|(_, node)| {
+        let message =
+            dynakv_core::request::replica_put(&state, bucket, key, object, props.durability);
+        let props = &props;
+        async move {
+            if &node == cluster.me() {
+                return cluster
+                    .merge_local(bucket, key, object, props, props.durability)
+                    .await
+                    .map_err(|e| format!("{node}: {e}"));
+            }
+            if !cluster.is_up(&node) {
+                return Err(format!("{node} is down"));
+            }
+            match send(cluster, &node, message, timeout).await {
+                Reply::Message(PeerMessage::Ack) => Ok(()),
+                Reply::Message(other) => Err(format!("{node} answered {}", other.name())),
+                Reply::NotSent(e) | Reply::Unanswered(e) => Err(e),
+            }
+        }
+    });
+    let outcomes = futures_util::future::join_all(stores).await;
+    let stored = outcomes.iter().filter(|o| o.is_ok()).count();
+    if u32::try_from(stored).unwrap_or(u32::MAX) >= needed {
+        Ok(stored)
+    } else {
+        let reasons: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
+        Err(format!(
+            "stored on {stored} of {n} primaries, {needed} needed: {}",
+            reasons.join("; ")
+        ))
+    }
+}

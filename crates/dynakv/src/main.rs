@@ -1,6 +1,7 @@
 //! The `dynakv` command: run a node (`server`), a local cluster (`dev`), and talk to one
 //! (`get`, `put`, `delete`, `admin`).
 
+mod backup;
 mod bench;
 mod pbclient;
 mod rawhttp;
@@ -367,6 +368,19 @@ enum AdminCommand {
     Join { peer_addr: String },
     /// Make the node at --url leave its cluster (its data moves to the others).
     Leave,
+    /// Back the whole cluster up into a file: every stored object with its clock, siblings
+    /// and tombstones, each partition read from a replica that is up (progress on stderr).
+    Backup {
+        /// The file to write (written as FILE.partial, renamed once complete).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Merge a backup file into the cluster of the node at --url: every key and sibling comes
+    /// back with its clock; newer data is never replaced (running it twice changes nothing).
+    Restore {
+        /// A file written by `dynakv admin backup`.
+        file: std::path::PathBuf,
+    },
     /// Client security, as Riak's `riak-admin security` (users, sources, grants).
     #[command(subcommand)]
     Security(SecurityCommand),
@@ -905,7 +919,15 @@ async fn run(cli: Cli) -> Result<()> {
             command,
         } => {
             init_logging("warn");
-            let client = ClientSettings::from_options(&client)?.client(&url)?;
+            let settings = ClientSettings::from_options(&client)?;
+            match &command {
+                AdminCommand::Backup { out } => return backup::backup(&settings, &url, out).await,
+                AdminCommand::Restore { file } => {
+                    return backup::restore(&settings, &url, file).await;
+                }
+                _ => {}
+            }
+            let client = settings.client(&url)?;
             let show = async |view, path| -> Result<()> {
                 let value = client.get_json(path).await?;
                 if json {
@@ -930,6 +952,7 @@ async fn run(cli: Cli) -> Result<()> {
                     client.post_json("/admin/join", &body).await?
                 }
                 AdminCommand::Leave => client.post_json("/admin/leave", "{}").await?,
+                AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => return Ok(()),
                 AdminCommand::Security(command) => security_command(&client, command).await?,
                 AdminCommand::BucketType(command) => bucket_type_command(&client, command).await?,
             };

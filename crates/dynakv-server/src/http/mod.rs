@@ -295,6 +295,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/aae", get(admin_aae))
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
+        .route("/admin/backup/{partition}", get(backup::backup_page))
+        .route("/admin/restore", axum::routing::post(backup::restore))
         .route("/admin/replica/{bucket}/{key}", get(admin_replica))
         .route("/admin/replica/{type}/{bucket}/{key}", get(admin_replica))
         .merge(crate::security_api::routes())
@@ -383,7 +385,12 @@ async fn guard_request(
     if request.body().is_end_stream() {
         return next.run(request).await;
     }
-    let limit = state.max_value_bytes.max(limits::MAX_PROPS_BODY_BYTES);
+    // A restore's body is a batch of whole stored objects (siblings and all).
+    let limit = if request.uri().path() == "/admin/restore" {
+        RESTORE_BODY_BYTES
+    } else {
+        state.max_value_bytes.max(limits::MAX_PROPS_BODY_BYTES)
+    };
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -435,6 +442,9 @@ async fn guard_request(
     next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
         .await
 }
+
+/// Largest restore request body (`POST /admin/restore`): a batch of backup records.
+pub const RESTORE_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Methods that change nothing on this API.
 fn safe_method(method: &axum::http::Method) -> bool {
@@ -684,6 +694,7 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response 
 }
 
 mod admin;
+mod backup;
 mod datatypes;
 mod listings;
 pub(crate) mod objects;

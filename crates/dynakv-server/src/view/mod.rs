@@ -686,6 +686,11 @@ impl Cluster {
     }
 
     /// The peer address of a member.
+    /// The anti-entropy trees and their index (a partition's keys: backup pages).
+    pub(crate) fn aae(&self) -> &Arc<AaeTrees> {
+        &self.aae
+    }
+
     pub(crate) fn peer_address(&self, node: &NodeId) -> Option<SocketAddr> {
         self.state().member(node).and_then(peer_addr)
     }
