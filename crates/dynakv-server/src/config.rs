@@ -5,6 +5,7 @@
 
 use dynakv_core::limits;
 use serde::Deserialize;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -372,6 +373,177 @@ impl ServerConfig {
     }
 }
 
+/// A TOML value's text (strings quoted and escaped as TOML wants).
+fn toml_text(value: impl Into<toml::Value>) -> String {
+    value.into().to_string()
+}
+
+impl ServerConfig {
+    /// The effective configuration as a `--config` file: every setting a file may hold with
+    /// its value, its range and what it does (settings not set are commented out), and the
+    /// command-line-only ones as comments. A node started with this file and the same flags
+    /// runs with the same settings (`dynakv server ... --print-config`).
+    pub fn print_config(&self) -> String {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| toml_text(p.display().to_string()));
+        let number = |n: u64| toml_text(i64::try_from(n).unwrap_or(i64::MAX));
+        let size = |n: usize| number(n as u64);
+        let settings: Vec<(&str, Option<String>, &str)> = vec![
+            (
+                "pb_addr",
+                self.pb_addr.map(|a| toml_text(a.to_string())),
+                "address of Riak's Protocol Buffers API (Riak's port: 8087); not served when unset",
+            ),
+            (
+                "insecure",
+                Some(toml_text(self.insecure)),
+                "serve clients on a non-loopback address while the cluster's security is disabled",
+            ),
+            (
+                "allowed_origins",
+                Some(toml_text(toml::Value::Array(
+                    self.allowed_origins
+                        .iter()
+                        .map(|o| toml::Value::String(o.clone()))
+                        .collect(),
+                ))),
+                "Origins whose state-changing browser requests are served (others get 403)",
+            ),
+            (
+                "cluster_secret_file",
+                path(&self.cluster_secret_file),
+                "a copy of a member's DATA_DIR/cluster.secret (mode 0600): needed to join a cluster",
+            ),
+            (
+                "tls_cert_file",
+                path(&self.tls_cert_file),
+                "PEM certificate chain of the client port: with tls_key_file it speaks only HTTPS",
+            ),
+            (
+                "tls_key_file",
+                path(&self.tls_key_file),
+                "PEM private key of tls_cert_file",
+            ),
+            (
+                "tls_client_ca_file",
+                path(&self.tls_client_ca_file),
+                "PEM CAs of client certificates (`certificate` security sources)",
+            ),
+            (
+                "max_value_bytes",
+                Some(size(self.max_value_bytes)),
+                "largest value a put accepts, bytes (1 to 67108864)",
+            ),
+            (
+                "flush_interval_ms",
+                Some(number(self.flush_interval_ms)),
+                "buffered writes are flushed this often, ms (1 to 60000)",
+            ),
+            (
+                "group_commit_window_ms",
+                Some(number(self.group_commit_window_ms)),
+                "a sync starts at least this long after the previous one so durable writes share it, ms (0 to 1000)",
+            ),
+            (
+                "cache_size_bytes",
+                Some(number(self.cache_size_bytes)),
+                "block cache of the disk engine, bytes (at least 1 MiB)",
+            ),
+            (
+                "memtable_size_bytes",
+                Some(number(self.memtable_size_bytes)),
+                "write buffer of one table of the disk engine, bytes (1 MiB to 1 GiB)",
+            ),
+            (
+                "storage_worker_threads",
+                Some(size(self.storage_worker_threads)),
+                "flush and compaction threads of the disk engine (1 to 16)",
+            ),
+            (
+                "ring_partitions",
+                Some(number(u64::from(self.ring_partitions))),
+                "ring partitions (Q) when this node founds a cluster (a power of two)",
+            ),
+            (
+                "zone",
+                Some(toml_text(self.zone.clone())),
+                "availability zone of this node: replicas are spread over zones",
+            ),
+            (
+                "storage",
+                Some(toml_text(match self.storage {
+                    StorageKind::Memory => "memory",
+                    StorageKind::Disk => "disk",
+                })),
+                "storage engine: disk (durable) or memory (lost on exit)",
+            ),
+            (
+                "cluster_name",
+                Some(toml_text(self.cluster_name.clone())),
+                "the name every node of the cluster shares",
+            ),
+            (
+                "request_timeout_ms",
+                Some(number(self.request_timeout_ms)),
+                "time limit of one request to a peer replica, ms (10 to 600000)",
+            ),
+            (
+                "aae_interval_ms",
+                Some(number(self.aae_interval_ms)),
+                "time between anti-entropy rounds, ms (100 to 3600000)",
+            ),
+            (
+                "aae_latency_target_ms",
+                Some(number(self.aae_latency_target_ms)),
+                "foreground p99 above which anti-entropy slows down, ms (1 to 60000)",
+            ),
+            (
+                "tombstone_grace_ms",
+                Some(number(self.tombstone_grace_ms)),
+                "a tombstone is kept this long after its delete before it may be reaped, ms (up to a year)",
+            ),
+            (
+                "max_in_flight_requests",
+                Some(size(self.max_in_flight_requests)),
+                "client data requests served at once; more get 503 at once (1 to 65536)",
+            ),
+            (
+                "overload_latency_target_ms",
+                Some(number(self.overload_latency_target_ms)),
+                "the p99 a saturated node aims at by lowering its in-flight limit, ms (0: off, to 60000)",
+            ),
+        ];
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# dynakv server configuration (--print-config): the effective settings of node {:?}.",
+            self.name
+        );
+        let _ = writeln!(out, "# Use it as --config FILE. Command-line only:");
+        let _ = writeln!(
+            out,
+            "#   --name {}  --http {}  --peer {}",
+            self.name, self.http_addr, self.peer_addr
+        );
+        let _ = writeln!(out, "#   --data-dir {}", self.data_dir.display());
+        if let Some(join) = self.join {
+            let _ = writeln!(out, "#   --join {join}");
+        }
+        for (name, value, doc) in settings {
+            out.push('\n');
+            let _ = writeln!(out, "# {doc}");
+            match value {
+                Some(value) => {
+                    let _ = writeln!(out, "{name} = {value}");
+                }
+                None => {
+                    let _ = writeln!(out, "# {name} = (not set)");
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +551,44 @@ mod tests {
     fn config() -> ServerConfig {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         ServerConfig::new("n1", addr, addr, PathBuf::from("/nonexistent"))
+    }
+
+    /// `--print-config` writes every file setting with its value, and a node reading it back
+    /// gets the same settings.
+    #[test]
+    fn printed_config_reads_back_as_the_same_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config();
+        config.pb_addr = Some("127.0.0.1:8087".parse().unwrap());
+        config.zone = "eu \"west\"".into();
+        config.allowed_origins = vec!["https://app.example".into()];
+        config.cluster_secret_file = Some(dir.path().join("cluster.secret"));
+        config.tls_cert_file = Some(dir.path().join("cert.pem"));
+        config.tls_key_file = Some(dir.path().join("key.pem"));
+        config.tls_client_ca_file = Some(dir.path().join("ca.pem"));
+        config.storage = StorageKind::Memory;
+        config.tombstone_grace_ms = 60_000;
+        config.max_in_flight_requests = 7;
+        let text = config.print_config();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(table.len(), 23, "every file setting is printed:\n{text}");
+        let path = dir.path().join("printed.toml");
+        std::fs::write(&path, &text).unwrap();
+        let mut read = ServerConfig::new(
+            &config.name,
+            config.http_addr,
+            config.peer_addr,
+            config.data_dir.clone(),
+        );
+        read.apply_file(&path).unwrap();
+        assert_eq!(format!("{read:?}"), format!("{config:?}"));
+        // Unset settings are commented out, and the defaults read back as defaults too.
+        let defaults = self::config().print_config();
+        assert!(defaults.contains("# pb_addr = (not set)"), "{defaults}");
+        std::fs::write(&path, &defaults).unwrap();
+        let mut read = self::config();
+        read.apply_file(&path).unwrap();
+        assert_eq!(format!("{read:?}"), format!("{:?}", self::config()));
     }
 
     fn with_file(text: &str) -> Result<ServerConfig, ConfigError> {

@@ -199,6 +199,10 @@ enum Command {
         /// without one still connect. Needs --tls-cert and --tls-key (or the config file's).
         #[arg(long, value_name = "FILE")]
         tls_client_ca: Option<PathBuf>,
+        /// Print the effective settings (flags and --config) as a documented config file,
+        /// and exit without starting.
+        #[arg(long)]
+        print_config: bool,
     },
     /// Run a local cluster in this process; node i serves HTTP on P+i-1, peers on P+1000+i-1
     /// and Riak's PB API on --pb-port + i-1.
@@ -675,8 +679,11 @@ async fn run(cli: Cli) -> Result<()> {
             tls_cert,
             tls_key,
             tls_client_ca,
+            print_config,
         } => {
-            init_logging("info,fjall=warn,lsm_tree=warn");
+            if !print_config {
+                init_logging("info,fjall=warn,lsm_tree=warn");
+            }
             let mut server_config = ServerConfig::new(&name, http, peer, data_dir);
             if let Some(path) = config {
                 server_config.apply_file(&path)?;
@@ -701,6 +708,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(ca) = tls_client_ca {
                 server_config.tls_client_ca_file = Some(ca);
+            }
+            if print_config {
+                server_config.validate()?;
+                print!("{}", server_config.print_config());
+                return Ok(());
             }
             let server = dynakv_server::start(server_config.clone()).await?;
             let handle = ShutdownOnSignal::install()?;
