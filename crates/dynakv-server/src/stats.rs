@@ -13,6 +13,12 @@ use std::time::Duration;
 
 /// Highest latency tracked exactly, in microseconds.
 const MAX_TRACKED_LATENCY_US: u64 = 60_000_000;
+/// The recent window's latencies (`*_recent` in `/stats`) come from snapshots of the
+/// histograms taken this often when `/stats` is read, kept for [`RECENT_WINDOW`].
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(60);
+const RECENT_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// At most this many snapshots are held (each a copy of the three histograms).
+const MAX_SNAPSHOTS: usize = 6;
 
 /// Clock ticks per second of `/proc/PID/stat`'s CPU times (`USER_HZ`: 100 on every Linux
 /// architecture this builds for; the kernel reports in these units whatever its own HZ).
@@ -57,6 +63,10 @@ impl Op {
     }
 }
 
+/// One operation's latencies over the recent window: the operation, its count, and its
+/// p50, p99 and p99.9 in µs.
+pub type RecentLatency = (Op, u64, u64, u64, u64);
+
 #[derive(Debug)]
 struct OpStats {
     count: AtomicU64,
@@ -81,6 +91,8 @@ pub struct Stats {
     pub bytes_written: AtomicU64,
     /// Siblings and clock entries per read, per bucket; the keys with most siblings.
     pub causality: crate::causality::Causality,
+    /// Copies of the operations' histograms, oldest first (see `SNAPSHOT_EVERY`).
+    snapshots: Mutex<std::collections::VecDeque<(std::time::Instant, Vec<Histogram<u64>>)>>,
 }
 
 impl Stats {
@@ -104,6 +116,7 @@ impl Stats {
             syncs: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             causality: crate::causality::Causality::default(),
+            snapshots: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -140,6 +153,56 @@ impl Stats {
             .fetch_add(count as u64, Ordering::Relaxed);
         self.max_siblings_seen
             .fetch_max(count as u64, Ordering::Relaxed);
+    }
+
+    /// The operations' latencies over the recent window: the seconds it spans (since the
+    /// oldest snapshot within `RECENT_WINDOW`, 0 before the first), and per operation its
+    /// count and p50/p99/p99.9 in µs. Takes a snapshot when the last is `SNAPSHOT_EVERY` old.
+    pub fn recent(&self) -> (u64, Vec<RecentLatency>) {
+        let now = std::time::Instant::now();
+        let current: Vec<Histogram<u64>> = Op::ALL
+            .iter()
+            .map(|op| self.ops[op.index()].latency_us.lock().clone())
+            .collect();
+        let mut snapshots = self.snapshots.lock();
+        if snapshots
+            .back()
+            .is_none_or(|(at, _)| now.duration_since(*at) >= SNAPSHOT_EVERY)
+        {
+            snapshots.push_back((now, current.clone()));
+        }
+        while snapshots.len() > MAX_SNAPSHOTS
+            || (snapshots.len() > 1
+                && snapshots
+                    .front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_WINDOW))
+        {
+            snapshots.pop_front();
+        }
+        let Some((since, base)) = snapshots.front() else {
+            return (0, Vec::new());
+        };
+        let seconds = now.duration_since(*since).as_secs();
+        let out = Op::ALL
+            .iter()
+            .zip(current)
+            .zip(base)
+            .map(|((op, mut window), base)| {
+                // The base is an earlier copy of the same histogram: it never holds more.
+                if window.subtract(base).is_err() {
+                    window.reset();
+                }
+                let q = |q| {
+                    if window.is_empty() {
+                        0
+                    } else {
+                        window.value_at_quantile(q)
+                    }
+                };
+                (*op, window.len(), q(0.5), q(0.99), q(0.999))
+            })
+            .collect();
+        (seconds, out)
     }
 
     fn percentiles(&self, op: Op) -> (u64, u64, u64, u64, u64, f64) {
@@ -233,6 +296,15 @@ impl Stats {
             json!(self.bytes_written.load(Ordering::Relaxed)),
         );
         map.insert("causality".into(), self.causality.to_json());
+        let (seconds, recent) = self.recent();
+        map.insert("recent_window_seconds".into(), json!(seconds));
+        for (op, count, p50, p99, p999) in recent {
+            let name = op.name();
+            map.insert(format!("node_{name}s_recent"), json!(count));
+            map.insert(format!("node_{name}_fsm_time_median_recent"), json!(p50));
+            map.insert(format!("node_{name}_fsm_time_99_recent"), json!(p99));
+            map.insert(format!("node_{name}_fsm_time_999_recent"), json!(p999));
+        }
         Value::Object(map)
     }
 

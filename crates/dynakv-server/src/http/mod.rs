@@ -296,6 +296,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
         .route("/admin/backup/{partition}", get(backup::backup_page))
+        .route("/console", get(console::index))
+        .route("/console/app.js", get(console::script))
+        .route("/console/style.css", get(console::style))
         .route("/admin/restore", axum::routing::post(backup::restore))
         .route("/admin/replica/{bucket}/{key}", get(admin_replica))
         .route("/admin/replica/{type}/{bucket}/{key}", get(admin_replica))
@@ -695,6 +698,7 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response 
 
 mod admin;
 mod backup;
+mod console;
 mod datatypes;
 mod listings;
 pub(crate) mod objects;
