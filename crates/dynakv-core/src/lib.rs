@@ -39,6 +39,7 @@ pub mod merkle;
 pub mod message;
 pub mod node;
 pub mod object;
+pub mod pbs;
 pub mod quorum;
 pub mod reaping;
 pub mod replica;

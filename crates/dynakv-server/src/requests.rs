@@ -387,8 +387,14 @@ async fn send(cluster: &Cluster, to: &NodeId, message: PeerMessage, timeout: Dur
     let Some(addr) = cluster.peer_address(to) else {
         return Reply::NotSent(format!("no address for node {to}"));
     };
+    let timed = dynakv_core::pbs::kind_of(&message).map(|kind| (kind, std::time::Instant::now()));
     match cluster.client().request(addr, message, timeout).await {
         Ok(reply) => {
+            if let Some((kind, sent)) = timed
+                && dynakv_core::pbs::answered(kind, &reply)
+            {
+                cluster.record_round_trip(kind, sent.elapsed());
+            }
             cluster.observe_contact(to);
             if let PeerMessage::StaleRing(state) = &reply
                 && let Err(e) = Box::pin(cluster.merge_peer_state(state)).await

@@ -35,6 +35,7 @@ pub mod checker;
 pub mod disk;
 pub mod history;
 pub mod node;
+pub mod pbs;
 pub mod rng;
 pub mod sim;
 

@@ -42,6 +42,8 @@ struct Args {
     no_deletes: bool,
     datatypes: bool,
     expiry: bool,
+    /// Validate the PBS predictor (`--pbs`): measured vs predicted staleness.
+    pbs: bool,
     /// Reap after checking the primaries only (the rule before the reaping finding).
     primaries_only_reap: bool,
     /// Retry an unanswered forward elsewhere, with no expiry (the rule before finding 5).
@@ -88,6 +90,7 @@ fn parse() -> Result<Args, String> {
             "--no-deletes" => args.no_deletes = true,
             "--datatypes" => args.datatypes = true,
             "--expiry" => args.expiry = true,
+            "--pbs" => args.pbs = true,
             "--verbose" => args.verbose = true,
             "--membership" => {
                 args.membership_given = true;
@@ -125,6 +128,53 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
+/// `--pbs`: for 3 and 5 nodes (N = 3) and several R, W, the share of reads issued t ms
+/// after a write's acknowledgement that returned it, measured in the simulation, beside the
+/// core predictor's figure from the round trips the same nodes measured.
+fn pbs_table() -> ExitCode {
+    use dynakv_core::storage::Durability;
+    use dynakv_sim::pbs::{ProbeConfig, probe};
+    let t_ms = vec![0, 1, 2, 5, 10, 20, 50];
+    println!("| nodes | durability | R | W | trials | t (ms) | measured | predicted |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut worst: f64 = 0.0;
+    for (nodes, durability) in [
+        (3, Durability::Buffered),
+        (3, Durability::Fsync),
+        (5, Durability::Buffered),
+    ] {
+        for (r, w) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            let config = ProbeConfig {
+                seed: 42,
+                nodes,
+                r,
+                w,
+                t_ms: t_ms.clone(),
+                trials: 1000,
+                durability,
+            };
+            let report = match probe(config) {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("probe failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            worst = worst.max(report.max_error());
+            for ((t, hits, reads), p) in report.measured.iter().zip(&report.predicted) {
+                #[allow(clippy::cast_precision_loss)]
+                let measured = *hits as f64 / (*reads).max(1) as f64;
+                println!(
+                    "| {nodes} | {durability:?} | {r} | {w} | {reads} | {t} | {measured:.3} | {:.3} |",
+                    p.consistent
+                );
+            }
+        }
+    }
+    println!("largest difference between measured and predicted: {worst:.3}");
+    ExitCode::SUCCESS
+}
+
 fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
     move |c: &mut SimConfig| {
         c.node.props.last_write_wins = args.lww;
@@ -152,6 +202,9 @@ fn adjust(args: &Args) -> impl Fn(&mut SimConfig) + '_ {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--pbs") {
+        return pbs_table();
+    }
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {

@@ -1985,7 +1985,7 @@ fn wire(message: Message) -> Message {
 /// The cluster every node starts with, built as the server builds it: the first node founds
 /// it, the others are admitted (`add_joining`), and the claimant's `plan` settles the ring
 /// (no data yet, so every handoff is done at once).
-fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, MembershipError> {
+pub(crate) fn initial_cluster(ids: &[NodeId]) -> Result<ClusterState, MembershipError> {
     let (first, rest) = ids.split_first().ok_or(RingError::NoNodes)?;
     let mut state = ClusterState::found(CLUSTER_NAME, member_entry(first), SIM_RING_PARTITIONS)?;
     for id in rest {

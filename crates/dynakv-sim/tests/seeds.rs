@@ -485,3 +485,42 @@ fn planted_expiry_bugs_are_caught() {
          {dropped} of {DROP_SEEDS}"
     );
 }
+
+/// The PBS predictor (issue 22) against the simulation: the share of reads issued t ms after
+/// a write's acknowledgement that returned it, measured, is within 0.15 of what the core's
+/// predictor makes of the round trips the same nodes measured, for partial and strict
+/// quorums, 3 and 5 nodes.
+#[test]
+fn pbs_predictions_match_measured_staleness() {
+    use dynakv_core::storage::Durability;
+    use dynakv_sim::pbs::{ProbeConfig, probe};
+    for (nodes, r, w) in [(3, 1, 1), (3, 2, 1), (5, 1, 1), (3, 2, 2)] {
+        let report = probe(ProbeConfig {
+            seed: 7,
+            nodes,
+            r,
+            w,
+            t_ms: vec![0, 2, 5, 10, 20],
+            trials: 400,
+            durability: Durability::Buffered,
+        })
+        .unwrap();
+        assert!(
+            report.samples.0 > 100 && report.samples.1 > 100,
+            "{report:?}"
+        );
+        assert!(report.max_error() < 0.15, "{report:?}");
+        if r + w > 3 {
+            assert!(
+                report.measured.iter().all(|(_, hits, reads)| hits == reads),
+                "{report:?}"
+            );
+        } else {
+            let (_, hits, reads) = report.measured[0];
+            assert!(
+                hits < reads,
+                "a partial quorum is sometimes stale at t = 0: {report:?}"
+            );
+        }
+    }
+}

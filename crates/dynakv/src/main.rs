@@ -4,6 +4,7 @@
 mod backup;
 mod bench;
 mod pbclient;
+mod pbs_probe;
 mod rawhttp;
 mod tables;
 
@@ -368,6 +369,24 @@ enum AdminCommand {
     Handoffs,
     /// Anti-entropy per partition held here: last exchange, keys repaired.
     Aae,
+    /// Probabilistically bounded staleness: for each t, the probability that a read issued
+    /// t ms after a write's acknowledgement returns it, predicted from this node's measured
+    /// replica round trips (Bailis et al.), and the k-staleness form.
+    Pbs {
+        #[arg(long, default_value_t = 3)]
+        n: usize,
+        #[arg(long, default_value_t = 1)]
+        r: usize,
+        #[arg(long, default_value_t = 1)]
+        w: usize,
+        /// Times after the acknowledgement, in ms, comma-separated.
+        #[arg(long, default_value = "0,1,2,5,10,20,50,100")]
+        t_ms: String,
+        /// Also measure it: this many writer/reader trials per t on the live cluster, printed
+        /// beside the prediction (the probe's keys are deleted afterwards).
+        #[arg(long, value_name = "TRIALS")]
+        probe: Option<usize>,
+    },
     /// Make the node at --url join the cluster of PEER_ADDR (a member's peer address).
     Join { peer_addr: String },
     /// Make the node at --url leave its cluster (its data moves to the others).
@@ -959,6 +978,37 @@ async fn run(cli: Cli) -> Result<()> {
                     return show(tables::View::Handoffs, "/admin/handoffs").await;
                 }
                 AdminCommand::Aae => return show(tables::View::Aae, "/admin/aae").await,
+                AdminCommand::Pbs {
+                    n,
+                    r,
+                    w,
+                    t_ms,
+                    probe,
+                } => {
+                    let t: String = t_ms.chars().filter(|c| !c.is_whitespace()).collect();
+                    let path = format!("/admin/pbs?n={n}&r={r}&w={w}&t={t}");
+                    let Some(trials) = probe.filter(|t| *t > 0) else {
+                        return show(tables::View::Pbs, &path).await;
+                    };
+                    let times = t
+                        .split(',')
+                        .map(str::parse::<u64>)
+                        .collect::<Result<Vec<_>, _>>()
+                        .context("--t-ms must be whole milliseconds with --probe")?;
+                    let measured =
+                        pbs_probe::probe(&settings, &url, (r, w), &times, trials).await?;
+                    let mut value = client.get_json(&path).await?;
+                    value["measured"] = serde_json::json!(measured
+                        .iter()
+                        .map(|(t, fresh, trials)| serde_json::json!({"t_ms": t, "fresh": fresh, "reads": trials}))
+                        .collect::<Vec<_>>());
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&value)?);
+                    } else {
+                        print!("{}", tables::render(tables::View::Pbs, &value));
+                    }
+                    return Ok(());
+                }
                 AdminCommand::Join { peer_addr } => {
                     let body = serde_json::json!({ "peer": peer_addr }).to_string();
                     client.post_json("/admin/join", &body).await?

@@ -15,6 +15,7 @@ pub enum View {
     Ring,
     Handoffs,
     Aae,
+    Pbs,
 }
 
 /// The text of `view` for the node's answer `value`.
@@ -25,6 +26,7 @@ pub fn render(view: View, value: &Value) -> String {
         View::Ring => ring(value),
         View::Handoffs => handoffs(value),
         View::Aae => aae(value),
+        View::Pbs => pbs(value),
     }
 }
 
@@ -374,6 +376,59 @@ fn aae(value: &Value) -> String {
         partitions.len(),
         cell(&value["budget_keys_per_round"])
     );
+    out
+}
+
+fn pbs(value: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "N={} R={} W={}: predicted from {} write and {} read round trips measured by this node",
+        cell(&value["n"]),
+        cell(&value["r"]),
+        cell(&value["w"]),
+        cell(&value["samples"]["writes"]),
+        cell(&value["samples"]["reads"])
+    );
+    let measured = items(value, "measured");
+    let mut table = if measured.is_empty() {
+        Table::new(&["t (ms)", "P(read returns the write)"])
+    } else {
+        Table::new(&["t (ms)", "P(read returns the write)", "measured (probe)"])
+    };
+    for (i, p) in items(value, "t_visibility").iter().enumerate() {
+        let probability = p["probability"]
+            .as_f64()
+            .map_or_else(|| "-".into(), |x| format!("{x:.4}"));
+        let mut row = vec![cell(&p["t_ms"]), probability];
+        if let Some(m) = measured.get(i) {
+            let (fresh, reads) = (
+                m["fresh"].as_u64().unwrap_or(0),
+                m["reads"].as_u64().unwrap_or(0),
+            );
+            #[allow(clippy::cast_precision_loss)] // trial counts
+            let share = fresh as f64 / reads.max(1) as f64;
+            row.push(format!("{share:.4} ({fresh}/{reads})"));
+        }
+        table.row(row);
+    }
+    table.render(&mut out);
+    let k: Vec<String> = items(value, "k_staleness")
+        .iter()
+        .map(|k| {
+            format!(
+                "k={}: {:.4}",
+                cell(&k["k"]),
+                k["probability"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "a read returns one of the last k acknowledged versions (no time): {}",
+        k.join(", ")
+    );
+    let _ = writeln!(out, "{}", cell(&value["note"]));
     out
 }
 

@@ -573,6 +573,8 @@ struct ClientListing {
 struct Pending {
     to: NodeId,
     purpose: Purpose,
+    /// When it was sent, for a replica write or read whose round trip feeds `pbs`.
+    timed: Option<(crate::pbs::Kind, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -753,6 +755,8 @@ pub struct Node {
     reap: Option<ReapRound>,
     /// The expiry round in progress (at most one).
     expiry: Option<ExpiryRound>,
+    /// Round trips of this node's replica writes and reads (`crate::pbs`).
+    pbs: crate::pbs::Samples,
     listings: BTreeMap<u64, ClientListing>,
     next_listing: u64,
     /// Transport failures to process before returning (a send to a peer in backoff fails
@@ -837,6 +841,7 @@ impl Node {
             anti_entropy: aae::AntiEntropy::default(),
             reap: None,
             expiry: None,
+            pbs: crate::pbs::Samples::default(),
             listings: BTreeMap::new(),
             next_listing: 0,
             failures: VecDeque::new(),
@@ -1078,6 +1083,11 @@ impl Node {
             .partition_of(bucket.as_bytes(), key.as_bytes())
     }
 
+    /// The round trips of this node's replica writes and reads (`crate::pbs`).
+    pub fn pbs_samples(&self) -> &crate::pbs::Samples {
+        &self.pbs
+    }
+
     /// The key's primaries (its preference list).
     pub fn primaries(&self, bucket: &str, key: &str) -> Vec<NodeId> {
         self.cluster
@@ -1219,6 +1229,12 @@ impl Node {
                         self.failure_detector.observe_contact(&from, now);
                         let link = self.links.entry(from.clone()).or_default();
                         *link = Link::default();
+                        if let Some((kind, sent)) = pending.timed
+                            && crate::pbs::answered(kind, &body)
+                        {
+                            let rtt_us = now.saturating_sub(sent).saturating_mul(1000);
+                            self.pbs.record(kind, rtt_us);
+                        }
                         self.on_response(now, id, pending, Some(body));
                     }
                 }
@@ -1407,11 +1423,13 @@ impl Node {
     ) -> RequestId {
         let id = self.next_request;
         self.next_request += 1;
+        let timed = crate::pbs::kind_of(&body).map(|kind| (kind, now));
         self.pending.insert(
             id,
             Pending {
                 to: to.clone(),
                 purpose,
+                timed,
             },
         );
         if self.links.get(to).is_some_and(|l| l.backoff_until > now) {

@@ -324,3 +324,58 @@ pub(super) async fn admin_replica(
     };
     Ok(json_response(StatusCode::OK, &body))
 }
+
+/// Most `t` values one PBS prediction answers.
+const MAX_PBS_POINTS: usize = 32;
+
+/// `GET /admin/pbs?n=3&r=1&w=1&t=0,1,10,100`: the probability that a read issued `t` ms
+/// after a write's acknowledgement returns it, predicted from this node's replica round
+/// trips (`dynakv_core::pbs`), and the k-staleness closed form.
+pub(super) async fn admin_pbs(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> ApiResult {
+    let number = |name: &str, default: usize| -> Result<usize, ApiError> {
+        query.get(name).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| ApiError::bad_request(format!("{name} must be a number")))
+        })
+    };
+    let (n, r, w) = (number("n", 3)?, number("r", 1)?, number("w", 1)?);
+    let t_ms: Vec<f64> = match query.get("t") {
+        None => vec![0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0],
+        Some(list) => list
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|t| (0.0..=600_000.0).contains(t))
+            })
+            .collect::<Option<Vec<f64>>>()
+            .filter(|t| !t.is_empty() && t.len() <= MAX_PBS_POINTS)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "t must be 1 to {MAX_PBS_POINTS} comma-separated times in ms (0 to 600000)"
+                ))
+            })?,
+    };
+    let samples = state.cluster.pbs_samples();
+    let nodes = state.cluster.state().ring.current.nodes().len().max(1);
+    #[allow(clippy::cast_precision_loss)] // node counts are small
+    let local = (n as f64 / nodes as f64).min(1.0);
+    let points = dynakv_core::pbs::predict(&samples, (n, r, w), &t_ms, local, 0x9b5)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (writes, reads) = samples.counts();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "n": n, "r": r, "w": w,
+            "samples": {"writes": writes, "reads": reads},
+            "read_coordinator_is_replica": local,
+            "t_visibility": points.iter().map(|p| json!({"t_ms": p.t_ms, "probability": p.consistent})).collect::<Vec<_>>(),
+            "k_staleness": (1..=3).map(|k| json!({"k": k, "probability": dynakv_core::pbs::k_staleness(n, r, w, k)})).collect::<Vec<_>>(),
+            "note": "predicted from this node's own replica round trips; sloppy quorum (a write acknowledged by a fallback while a replica is down) makes reads staler than predicted",
+        }),
+    ))
+}

@@ -293,6 +293,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/members", get(admin_members))
         .route("/admin/handoffs", get(admin_handoffs))
         .route("/admin/aae", get(admin_aae))
+        .route("/admin/pbs", get(admin::admin_pbs))
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
         .route("/admin/backup/{partition}", get(backup::backup_page))

@@ -227,6 +227,8 @@ pub struct Cluster {
     clock: WallClock,
     /// The properties of a bucket the cluster state sets none for.
     default_props: BucketProps,
+    /// Round trips of the data plane's replica writes and reads (`dynakv_core::pbs`).
+    pbs: parking_lot::Mutex<dynakv_core::pbs::Samples>,
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -338,6 +340,7 @@ impl Cluster {
             contacts: ContactGate::default(),
             parsed_props: RwLock::new(PropsCache::default()),
             admission: Admission::default(),
+            pbs: parking_lot::Mutex::new(dynakv_core::pbs::Samples::default()),
             syncs,
             clock,
             default_props,
@@ -686,6 +689,17 @@ impl Cluster {
     }
 
     /// The peer address of a member.
+    /// Record a replica round trip of the data plane (`dynakv_core::pbs`).
+    pub(crate) fn record_round_trip(&self, kind: dynakv_core::pbs::Kind, rtt: Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.pbs.lock().record(kind, us);
+    }
+
+    /// A copy of the replica round trips measured here.
+    pub fn pbs_samples(&self) -> dynakv_core::pbs::Samples {
+        self.pbs.lock().clone()
+    }
+
     /// The anti-entropy trees and their index (a partition's keys: backup pages).
     pub(crate) fn aae(&self) -> &Arc<AaeTrees> {
         &self.aae
