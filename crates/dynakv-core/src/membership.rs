@@ -311,6 +311,8 @@ pub enum MembershipError {
     WrongCluster { ours: String, theirs: String },
     #[error("ring: {0}")]
     Ring(#[from] RingError),
+    #[error("a ring transition is in progress: wait until the ring has settled")]
+    TransitionInProgress,
 }
 
 impl ClusterState {
@@ -483,6 +485,38 @@ impl ClusterState {
         }
         member.status = MemberStatus::Leaving;
         member.version += 1;
+        Ok(())
+    }
+
+    /// Take `node` out of the ring at once, without handoff (Riak's `force-remove`), for a
+    /// node that is gone for good: its partitions go to the others by the claim rule a leave
+    /// uses, and their new owners get the data from the key's other replicas (anti-entropy,
+    /// read repair); what only that node held (an `n_val` 1 bucket's keys, hints it kept) is
+    /// lost. Refused during a ring transition and for the last node.
+    pub fn force_remove(&mut self, node: &NodeId) -> Result<(), MembershipError> {
+        if self.ring.next.is_some() {
+            return Err(MembershipError::TransitionInProgress);
+        }
+        if !self.members.contains_key(node) {
+            return Err(MembershipError::NotMember(node.clone()));
+        }
+        if self.ring.current.nodes().iter().any(|n| &n.id == node) {
+            self.ring.current = self
+                .ring
+                .current
+                .with_node_removed(node)
+                .map_err(|e| match e {
+                    RingError::NoNodes => MembershipError::LastNode,
+                    other => MembershipError::Ring(other),
+                })?;
+            self.ring.version += 1;
+        }
+        if let Some(member) = self.members.get_mut(node)
+            && member.status != MemberStatus::Exiting
+        {
+            member.status = MemberStatus::Exiting;
+            member.version += 1;
+        }
         Ok(())
     }
 
@@ -906,5 +940,43 @@ mod tests {
         store_persisted(&storage, &left).unwrap();
         let read = load_persisted(&storage).unwrap().unwrap();
         assert!(read.persists_as(&left));
+    }
+
+    #[test]
+    fn force_remove_takes_a_node_out_at_once_and_wins_in_gossip() {
+        let mut state = crate::test_support::settled_cluster(&["a", "b", "c"], 16);
+        let before = state.ring.version;
+        let gone = crate::test_support::id("c");
+        let mut stale = state.clone();
+        state.force_remove(&gone).unwrap();
+        assert!(state.ring.next.is_none());
+        assert_eq!(state.ring.version, before + 1);
+        assert!(!state.ring.current.nodes().iter().any(|n| n.id == gone));
+        assert_eq!(state.members[&gone].status, MemberStatus::Exiting);
+        assert!(state.settled());
+        // Another member's older state takes the removal when they gossip.
+        stale.merge(&state);
+        assert_eq!(stale.ring.current.owners(), state.ring.current.owners());
+        assert_eq!(stale.members[&gone].status, MemberStatus::Exiting);
+        // Twice is once; an unknown node, the last node, and a transition are refused.
+        state.force_remove(&gone).unwrap();
+        assert_eq!(state.ring.version, before + 1);
+        assert!(matches!(
+            state.force_remove(&crate::test_support::id("zz")),
+            Err(MembershipError::NotMember(_))
+        ));
+        state.force_remove(&crate::test_support::id("b")).unwrap();
+        assert!(matches!(
+            state.force_remove(&crate::test_support::id("a")),
+            Err(MembershipError::LastNode)
+        ));
+        let mut moving = crate::test_support::settled_cluster(&["a", "b"], 16);
+        moving.request_leave(&crate::test_support::id("b")).unwrap();
+        moving.plan();
+        assert!(moving.ring.next.is_some());
+        assert!(matches!(
+            moving.force_remove(&crate::test_support::id("b")),
+            Err(MembershipError::TransitionInProgress)
+        ));
     }
 }

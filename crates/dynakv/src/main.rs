@@ -6,6 +6,7 @@ mod bench;
 mod pbclient;
 mod pbs_probe;
 mod rawhttp;
+mod staging;
 mod tables;
 
 use anyhow::{Context as _, Result, bail};
@@ -391,6 +392,15 @@ enum AdminCommand {
     Join { peer_addr: String },
     /// Make the node at --url leave its cluster (its data moves to the others).
     Leave,
+    /// Membership changes staged, reviewed and applied together (Riak's `cluster` commands):
+    /// join, leave, replace, force-remove, then plan, commit or clear.
+    Cluster {
+        /// Where the staged changes are kept until commit or clear.
+        #[arg(long, default_value = "dynakv-cluster-plan.json", global = true)]
+        plan_file: std::path::PathBuf,
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Back the whole cluster up into a file: every stored object with its clock, siblings
     /// and tombstones, each partition read from a replica that is up (progress on stderr).
     Backup {
@@ -410,6 +420,25 @@ enum AdminCommand {
     /// Bucket types, as Riak's `riak admin bucket-type`.
     #[command(subcommand)]
     BucketType(BucketTypeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Stage the join of the node at --url (a fresh node) through the member at PEER_ADDR.
+    Join { peer_addr: String },
+    /// Stage the leave of NODE (default: the node at --url); its data is handed off.
+    Leave { node: Option<String> },
+    /// Stage OLD's leave and the join of the fresh node at NEW_URL in its place.
+    Replace { old: String, new_url: String },
+    /// Stage taking NODE, gone for good, out of the ring without handoff (its partitions'
+    /// new owners get the data from the other replicas; what only it held is lost).
+    ForceRemove { node: String },
+    /// Show what the staged changes do: partitions moving, keys to transfer, ownership.
+    Plan,
+    /// Apply the staged changes (after `plan`, if the ring has not changed since).
+    Commit,
+    /// Drop the staged changes.
+    Clear,
 }
 
 #[derive(Debug, Subcommand)]
@@ -952,6 +981,27 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let settings = ClientSettings::from_options(&client)?;
             match &command {
+                AdminCommand::Cluster { plan_file, command } => {
+                    let command = match command {
+                        ClusterCommand::Join { peer_addr } => staging::Command::Join {
+                            peer: peer_addr.clone(),
+                        },
+                        ClusterCommand::Leave { node } => {
+                            staging::Command::Leave { node: node.clone() }
+                        }
+                        ClusterCommand::Replace { old, new_url } => staging::Command::Replace {
+                            old: old.clone(),
+                            new_url: new_url.clone(),
+                        },
+                        ClusterCommand::ForceRemove { node } => {
+                            staging::Command::ForceRemove { node: node.clone() }
+                        }
+                        ClusterCommand::Plan => staging::Command::Plan,
+                        ClusterCommand::Commit => staging::Command::Commit,
+                        ClusterCommand::Clear => staging::Command::Clear,
+                    };
+                    return staging::run(&settings, &url, plan_file, command).await;
+                }
                 AdminCommand::Backup { out } => return backup::backup(&settings, &url, out).await,
                 AdminCommand::Restore { file } => {
                     return backup::restore(&settings, &url, file).await;
@@ -1014,7 +1064,9 @@ async fn run(cli: Cli) -> Result<()> {
                     client.post_json("/admin/join", &body).await?
                 }
                 AdminCommand::Leave => client.post_json("/admin/leave", "{}").await?,
-                AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => return Ok(()),
+                AdminCommand::Backup { .. }
+                | AdminCommand::Restore { .. }
+                | AdminCommand::Cluster { .. } => return Ok(()),
                 AdminCommand::Security(command) => security_command(&client, command).await?,
                 AdminCommand::BucketType(command) => bucket_type_command(&client, command).await?,
             };

@@ -65,6 +65,21 @@ impl Node {
                 };
                 self.outputs.push(Output::Reply { id, result });
             }
+            ClientOp::ForceRemove { node } => {
+                let result = if node == self.me {
+                    Err("a node cannot force-remove itself: ask another member".to_owned())
+                } else {
+                    self.cluster.force_remove(&node).map_err(|e| e.to_string())
+                };
+                let result = match result {
+                    Ok(()) => ClientResult::Done,
+                    Err(message) => ClientResult::Failed {
+                        status: 400,
+                        message,
+                    },
+                };
+                self.outputs.push(Output::Reply { id, result });
+            }
             ClientOp::Leave => {
                 let result = match self.request_leave() {
                     Ok(()) => ClientResult::Done,

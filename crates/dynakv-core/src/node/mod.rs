@@ -335,6 +335,11 @@ pub enum ClientOp {
     /// Mark this node leaving; the claimant plans the ring without it and handoff moves its
     /// keys.
     Leave,
+    /// Take a member that is gone for good out of the ring at once, without handoff
+    /// (`ClusterState::force_remove`); never this node itself.
+    ForceRemove {
+        node: NodeId,
+    },
     /// Change the security state (users, sources, grants, enabled), all or nothing, stamped
     /// with this node's wall clock; gossip spreads it. A refused change answers 400.
     Security(crate::security::SecurityChange),

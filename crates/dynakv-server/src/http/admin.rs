@@ -296,6 +296,21 @@ pub(super) async fn admin_join(State(state): State<AppState>, body: Bytes) -> Ap
     ))
 }
 
+pub(super) async fn admin_force_remove(State(state): State<AppState>, body: Bytes) -> ApiResult {
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("body must be {\"node\": \"NAME\"}"))?;
+    let node = value
+        .get("node")
+        .and_then(serde_json::Value::as_str)
+        .filter(|n| !n.is_empty() && n.len() <= dynakv_core::limits::MAX_ACTOR_BYTES)
+        .ok_or_else(|| ApiError::bad_request("body must be {\"node\": \"NAME\"}"))?;
+    state.cluster.force_remove(node).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"force_removed": node}),
+    ))
+}
+
 pub(super) async fn admin_leave(State(state): State<AppState>) -> ApiResult {
     state.cluster.leave().await?;
     Ok(json_response(

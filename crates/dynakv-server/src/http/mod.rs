@@ -296,6 +296,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/pbs", get(admin::admin_pbs))
         .route("/admin/join", axum::routing::post(admin_join))
         .route("/admin/leave", axum::routing::post(admin_leave))
+        .route(
+            "/admin/force-remove",
+            axum::routing::post(admin::admin_force_remove),
+        )
         .route("/admin/backup/{partition}", get(backup::backup_page))
         .route("/console", get(console::index))
         .route("/console/app.js", get(console::script))

@@ -539,6 +539,18 @@ impl Cluster {
         self.admin(ClientOp::Leave).await
     }
 
+    /// Take `node`, gone for good, out of the ring at once, without handoff (Riak's
+    /// `force-remove`); answered once this node made the change and wrote it.
+    ///
+    /// # Errors
+    /// Not a member, this node itself, the last node, a transition in progress (400).
+    pub async fn force_remove(&self, node: &str) -> Result<(), ClusterError> {
+        self.admin(ClientOp::ForceRemove {
+            node: NodeId(node.to_owned()),
+        })
+        .await
+    }
+
     /// Ask the cluster at `seed` to admit this running node (one attempt; the node refuses
     /// peers meanwhile and adopts the cluster's state when admitted).
     ///
