@@ -5,6 +5,7 @@ mod backup;
 mod bench;
 mod pbclient;
 mod pbs_probe;
+mod progress;
 mod rawhttp;
 mod staging;
 mod tables;
@@ -391,7 +392,11 @@ enum AdminCommand {
     /// Make the node at --url join the cluster of PEER_ADDR (a member's peer address).
     Join { peer_addr: String },
     /// Make the node at --url leave its cluster (its data moves to the others).
-    Leave,
+    Leave {
+        /// Follow the handoff until the node has exited, printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Membership changes staged, reviewed and applied together (Riak's `cluster` commands):
     /// join, leave, replace, force-remove, then plan, commit or clear.
     Cluster {
@@ -436,7 +441,11 @@ enum ClusterCommand {
     /// Show what the staged changes do: partitions moving, keys to transfer, ownership.
     Plan,
     /// Apply the staged changes (after `plan`, if the ring has not changed since).
-    Commit,
+    Commit {
+        /// Follow the transition until the ring has settled, printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Drop the staged changes.
     Clear,
 }
@@ -997,7 +1006,7 @@ async fn run(cli: Cli) -> Result<()> {
                             staging::Command::ForceRemove { node: node.clone() }
                         }
                         ClusterCommand::Plan => staging::Command::Plan,
-                        ClusterCommand::Commit => staging::Command::Commit,
+                        ClusterCommand::Commit { wait } => staging::Command::Commit { wait: *wait },
                         ClusterCommand::Clear => staging::Command::Clear,
                     };
                     return staging::run(&settings, &url, plan_file, command).await;
@@ -1063,7 +1072,19 @@ async fn run(cli: Cli) -> Result<()> {
                     let body = serde_json::json!({ "peer": peer_addr }).to_string();
                     client.post_json("/admin/join", &body).await?
                 }
-                AdminCommand::Leave => client.post_json("/admin/leave", "{}").await?,
+                AdminCommand::Leave { wait } => {
+                    let answer = client.post_json("/admin/leave", "{}").await?;
+                    if wait {
+                        println!("{}", serde_json::to_string_pretty(&answer)?);
+                        let name = client.get_json("/admin/status").await?["node"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
+                        progress::follow(&client, Some(&name)).await?;
+                        return Ok(());
+                    }
+                    answer
+                }
                 AdminCommand::Backup { .. }
                 | AdminCommand::Restore { .. }
                 | AdminCommand::Cluster { .. } => return Ok(()),

@@ -158,7 +158,9 @@ pub enum Command {
         node: String,
     },
     Plan,
-    Commit,
+    Commit {
+        wait: bool,
+    },
     Clear,
 }
 
@@ -226,12 +228,19 @@ pub async fn run(
             let version = plan(settings, &client, url, &staged).await?;
             staged.planned_at = Some(version);
         }
-        Command::Commit => {
+        Command::Commit { wait } => {
             commit(settings, &client, &staged).await?;
             if plan_file.exists() {
                 std::fs::remove_file(plan_file)?;
             }
-            println!("committed; follow the transfers with `dynakv admin handoffs` and `ring`");
+            if wait {
+                crate::progress::follow(&client, None).await?;
+            } else {
+                println!(
+                    "committed; follow the transfers with `dynakv admin handoffs` and `ring` \
+                     (or commit with --wait)"
+                );
+            }
             return Ok(());
         }
         Command::Clear => {

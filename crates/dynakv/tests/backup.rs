@@ -7,23 +7,9 @@
 
 mod common;
 
-use common::{Cluster, get_kv, http, put_kv, replica, serial};
-use std::process::Command;
+use common::{Cluster, dynakv, get_kv, http, put_kv, replica, serial};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dynakv");
 const KEYS: usize = 200;
-
-fn dynakv(args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    eprintln!(
-        "[test] dynakv {}: {}\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Whether every primary of `bucket/key` holds a tombstone of it.
 fn tombstoned(cluster: &Cluster, bucket: &str, key: &str) -> bool {

@@ -770,8 +770,12 @@ fn leave_under_write_load_loses_nothing() {
 
     let left_at = Instant::now();
     let before = writers.acked_count();
-    let out = cluster.admin(3, &["leave"]);
+    // `--wait` follows the handoff until the node has exited, showing its progress.
+    let out = cluster.admin(3, &["leave", "--wait"]);
     assert!(out.status.success(), "dynakv admin leave failed: {out:?}");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("partitions moving"), "{progress}");
+    assert!(progress.contains("ring settled"), "{progress}");
     cluster.wait_settled(&[0, 1, 2], SETTLE);
     eprintln!(
         "[leave] settled {:.1?} after the leave; {} writes acknowledged meanwhile; n4 {}",

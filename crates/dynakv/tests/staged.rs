@@ -7,26 +7,14 @@
 
 mod common;
 
-use common::{Cluster, get_kv, members, put_kv, serial};
-use std::process::{Command, Output};
+use common::{Cluster, dynakv, get_kv, members, put_kv, serial};
+use std::process::Output;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dynakv");
-
 fn cli(url: &str, plan: &str, args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .args(["admin", "--url", url, "cluster", "--plan-file", plan])
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!(
-        "[test] cluster {}: {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let mut all = vec!["admin", "--url", url, "cluster", "--plan-file", plan];
+    all.extend_from_slice(args);
+    dynakv(&all)
 }
 
 fn stdout(out: &Output) -> String {
@@ -83,8 +71,11 @@ fn staged_join_plan_commit_clear_and_force_remove() {
         "{row}"
     );
 
-    let out = cli(&base, plan, &["commit"]);
+    let out = cli(&base, plan, &["commit", "--wait"]);
     assert!(out.status.success());
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("partitions moving"), "{progress}");
+    assert!(progress.contains("ring settled"), "{progress}");
     assert!(
         !std::path::Path::new(plan).exists(),
         "the plan file is removed at commit"

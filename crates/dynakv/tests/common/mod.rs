@@ -514,6 +514,19 @@ pub fn replica(base: &str, bucket: &str, key: &str) -> Result<LocalReplica, Stri
     })
 }
 
+/// Runs `dynakv ARGS...`, logging its output (shown when the test fails).
+pub fn dynakv(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    eprintln!(
+        "[harness] dynakv {}: {} stdout {:?} stderr {:?}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Polling.
 
@@ -903,19 +916,9 @@ impl Cluster {
     /// Runs `dynakv admin --url <node i> ARGS...`.
     pub fn admin(&self, i: usize, args: &[&str]) -> Output {
         let url = self.url(i);
-        let out = Command::new(BIN)
-            .args(["admin", "--url", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        eprintln!(
-            "[harness] dynakv admin --url {url} {}: {} stdout {:?} stderr {:?}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        let mut all = vec!["admin", "--url", &url];
+        all.extend_from_slice(args);
+        dynakv(&all)
     }
 
     /// Waits until, on every node in `on`: the ring is settled and owned by exactly the
