@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// A read finding more siblings than this logs a warning and counts
 /// `dynakv_reads_over_sibling_warning_total`.
@@ -91,6 +91,9 @@ pub struct Causality {
     buckets: RwLock<BTreeMap<String, Arc<BucketStats>>>,
     other: BucketStats,
     top: Mutex<Vec<TopKey>>,
+    /// Keys in `top`: a read of a key with one value skips the list's lock while it is empty
+    /// (the common case, on every read).
+    top_len: AtomicUsize,
     over_warning: AtomicU64,
 }
 
@@ -124,6 +127,9 @@ impl Causality {
         stats.clock_entries.record(clock_entries as u64);
         if siblings > SIBLING_WARNING {
             self.over_warning.fetch_add(1, Ordering::Relaxed);
+        }
+        if siblings < 2 && self.top_len.load(Ordering::Relaxed) == 0 {
+            return;
         }
         self.update_top(bucket, key, siblings, clock_entries);
     }
@@ -176,6 +182,7 @@ impl Causality {
                 }
             }
         }
+        self.top_len.store(top.len(), Ordering::Relaxed);
         drop(top);
         if siblings > SIBLING_WARNING && before <= SIBLING_WARNING {
             tracing::warn!(
