@@ -726,4 +726,117 @@ mod tests {
         assert!(again.rebuild(true).unwrap().from_index);
         assert_eq!(all_segments(&again), all_segments(&restarted));
     }
+
+    /// A storage whose puts and deletes to one table fail while it is chosen.
+    #[derive(Debug, Default)]
+    struct TableFaults {
+        inner: MapStorage,
+        failing: parking_lot::Mutex<Option<Table>>,
+    }
+
+    impl TableFaults {
+        fn check(&self, table: Table) -> Result<(), crate::storage::EngineFailure> {
+            if *self.failing.lock() == Some(table) {
+                return Err(crate::storage::EngineFailure {
+                    engine: "test-faults",
+                    message: format!("injected failure of {table:?}"),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Storage for TableFaults {
+        fn get(
+            &self,
+            table: Table,
+            key: &[u8],
+        ) -> Result<Option<Vec<u8>>, crate::storage::GetError> {
+            self.inner.get(table, key)
+        }
+        fn put(
+            &self,
+            table: Table,
+            key: &[u8],
+            value: &[u8],
+            durability: Durability,
+        ) -> Result<(), crate::storage::PutError> {
+            self.check(table)?;
+            self.inner.put(table, key, value, durability)
+        }
+        fn delete(
+            &self,
+            table: Table,
+            key: &[u8],
+            durability: Durability,
+        ) -> Result<(), crate::storage::DeleteError> {
+            self.check(table)?;
+            self.inner.delete(table, key, durability)
+        }
+        fn scan(
+            &self,
+            table: Table,
+            prefix: &[u8],
+            start_after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<crate::storage::Entry>, crate::storage::ScanError> {
+            self.inner.scan(table, prefix, start_after, limit)
+        }
+        fn sync(&self) -> Result<(), crate::storage::SyncError> {
+            self.inner.sync()
+        }
+        fn engine_name(&self) -> &'static str {
+            "test-faults"
+        }
+    }
+
+    /// A write whose secondary index or expiry entry could not be written (the engine
+    /// failed on that table) leaves the object stored without it: the failure clears the
+    /// index-built mark, so the next start rebuilds every derived table from the objects and
+    /// the entry is there again (an index query or the expiry sweep never misses it for good).
+    #[test]
+    fn a_failed_index_or_expiry_write_is_repaired_by_the_next_start() {
+        for table in [Table::Index, Table::Expiry] {
+            let storage = Arc::new(TableFaults::default());
+            let trees = AaeTrees::new(ring(), Arc::clone(&storage) as Arc<dyn Storage>);
+            trees.rebuild(false).unwrap();
+            assert!(storage.get(Table::Meta, KEY_INDEX_BUILT).unwrap().is_some());
+            let content = Content {
+                value: b"v".to_vec(),
+                last_modified_ms: 1,
+                indexes: vec![("age_int".into(), b"42".to_vec())],
+                expires_ms: Some(5_000),
+                ..Content::default()
+            };
+            let bytes = Object::new()
+                .update(
+                    &VersionVector::default(),
+                    content,
+                    ActorId(1),
+                    1,
+                    PrunePolicy::default(),
+                )
+                .unwrap()
+                .encode();
+            *storage.failing.lock() = Some(table);
+            store(&trees, storage.as_ref(), "k", Some(&bytes));
+            *storage.failing.lock() = None;
+            let derived = |storage: &TableFaults| storage.scan(table, &[], None, 10).unwrap().len();
+            assert_eq!(
+                derived(&storage),
+                0,
+                "{table:?}: the injected failure wrote nothing"
+            );
+            assert!(
+                storage.get(Table::Meta, KEY_INDEX_BUILT).unwrap().is_none(),
+                "{table:?}: the failure must clear the index-built mark"
+            );
+            // The next start trusts only a marked index: it rebuilds, entry included.
+            let restarted = AaeTrees::new(ring(), Arc::clone(&storage) as Arc<dyn Storage>);
+            let report = restarted.rebuild(true).unwrap();
+            assert!(!report.from_index, "{table:?}");
+            assert_eq!(derived(&storage), 1, "{table:?}: rebuilt from the object");
+            assert!(storage.get(Table::Meta, KEY_INDEX_BUILT).unwrap().is_some());
+        }
+    }
 }
