@@ -185,7 +185,7 @@ impl Object {
 
     /// This object with only the sibling of `dot`, the clock unchanged: the simulator's
     /// planted `node::Bug::DatatypeMaxMerge` only.
-    #[cfg(any(test, feature = "sim"))]
+    #[cfg(feature = "sim")]
     pub(crate) fn keep_only(&self, dot: crate::version::Dot) -> Object {
         Object {
             clock: self.clock.clone(),
