@@ -121,3 +121,60 @@ async fn sibling_histograms_top_keys_and_the_warning() {
         "{stats}"
     );
 }
+
+/// `GET /admin/pbs`: a prediction from the round trips this node measured of its own
+/// replica requests (none before traffic: a clear 400), strict quorums always consistent,
+/// and bad quorums or times refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pbs_predicts_from_measured_round_trips_and_refuses_bad_input() {
+    let nodes = support::three_nodes("p").await;
+    let (status, body) = call(&nodes[0], Method::GET, "/admin/pbs", &[], "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("no replica round trips"), "{body}");
+    for i in 0..30 {
+        let path = format!("/buckets/pbs/keys/k{i}");
+        let (status, _) = call(&nodes[0], Method::PUT, &path, &[TEXT], "v").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = call(&nodes[0], Method::GET, &path, &[], "").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, body) = call(&nodes[0], Method::GET, "/admin/pbs?t=0,1,50", &[], "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(answer["samples"]["writes"].as_u64() >= Some(30), "{answer}");
+    assert!(answer["samples"]["reads"].as_u64() >= Some(30), "{answer}");
+    let p: Vec<f64> = answer["t_visibility"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["probability"].as_f64().unwrap())
+        .collect();
+    assert_eq!(p.len(), 3);
+    assert!(p.windows(2).all(|w| w[0] <= w[1]), "{answer}");
+    assert!(p.iter().all(|x| (0.0..=1.0).contains(x)), "{answer}");
+    let k1 = answer["k_staleness"][0]["probability"].as_f64().unwrap();
+    assert!((k1 - 1.0 / 3.0).abs() < 1e-9, "{answer}");
+    let (_, body) = call(&nodes[0], Method::GET, "/admin/pbs?r=2&w=2&t=0", &[], "").await;
+    let strict: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(strict["t_visibility"][0]["probability"], 1.0, "{strict}");
+    let many = vec!["1"; 33].join(",");
+    for query in [
+        "r=4",
+        "w=0",
+        "n=17",
+        "t=abc",
+        "t=-1",
+        "t=",
+        &format!("t={many}"),
+    ] {
+        let (status, body) = call(
+            &nodes[0],
+            Method::GET,
+            &format!("/admin/pbs?{query}"),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+    }
+}

@@ -379,9 +379,14 @@ pub(super) async fn admin_pbs(
     let nodes = state.cluster.state().ring.current.nodes().len().max(1);
     #[allow(clippy::cast_precision_loss)] // node counts are small
     let local = (n as f64 / nodes as f64).min(1.0);
-    let points = dynakv_core::pbs::predict(&samples, (n, r, w), &t_ms, local, 0x9b5)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (writes, reads) = samples.counts();
+    // Tens of thousands of trials: off the request threads.
+    let points = tokio::task::spawn_blocking(move || {
+        dynakv_core::pbs::predict(&samples, (n, r, w), &t_ms, local, 0x9b5)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
