@@ -1136,6 +1136,7 @@ mod tests {
                     durability: crate::storage::Durability::Fsync,
                     precondition: Precondition::None,
                     now_ms: at,
+                    wall_ms: at,
                 })
                 .unwrap_or_else(|e| panic!("{e:?}"));
         };

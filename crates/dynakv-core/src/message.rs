@@ -108,6 +108,25 @@ impl WireContent {
         self.ttl_secs
             .map(|secs| now_ms.saturating_add(secs.saturating_mul(1000)))
     }
+
+    /// The stored content of a coordinator's write: stamped `stamp_ms` (the write's time, a
+    /// forwarded write's carried from its forwarder), expiring its time to live after
+    /// `wall_ms`, the coordinating node's own clock now. A forwarded stamp went through a
+    /// clock offset estimated at the peers' handshake, which a slow handshake (packet loss)
+    /// gets wrong by its delay; an expiry counted from it would let a value outlive its
+    /// time to live by that much (the nemesis found 400 ms).
+    pub fn into_content(self, stamp_ms: u64, wall_ms: u64) -> crate::object::Content {
+        let expires_ms = self.expires_at(wall_ms);
+        crate::object::Content {
+            value: self.value,
+            content_type: self.content_type,
+            last_modified_ms: stamp_ms,
+            meta: self.meta,
+            deleted: self.deleted,
+            indexes: self.indexes,
+            expires_ms,
+        }
+    }
 }
 
 /// A secondary index query's share of one node (`PeerMessage::IndexQuery`).

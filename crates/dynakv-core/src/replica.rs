@@ -114,6 +114,9 @@ pub struct WriteRequest<'a> {
     pub durability: Durability,
     pub precondition: Precondition,
     pub now_ms: u64,
+    /// The coordinating node's own wall clock now: a bucket's time to live counts from it
+    /// (see `WireContent::into_content`).
+    pub wall_ms: u64,
 }
 
 /// The node's local store of objects and bucket properties.
@@ -563,11 +566,7 @@ impl Replica {
             && request.props.datatype.is_none()
             && let Some(secs) = request.props.ttl_secs
         {
-            content.expires_ms = Some(
-                content
-                    .last_modified_ms
-                    .saturating_add(secs.saturating_mul(1000)),
-            );
+            content.expires_ms = Some(request.wall_ms.saturating_add(secs.saturating_mul(1000)));
         }
         let floor = self.counter_floor()?;
         let actor = self.write_actor()?;
@@ -1152,6 +1151,57 @@ mod tests {
         assert!(after.counter > other.counter, "{after:?} after {other:?}");
     }
 
+    /// A value's expiry counts from the coordinating node's own clock when it writes, not
+    /// from the write's stamp: a forwarded write's stamp crossed a clock offset estimated at
+    /// the peers' handshake, and a slow handshake makes it late (the nemesis found values
+    /// readable 400 ms past their time to live). Its own TTL and its bucket's alike.
+    #[test]
+    fn expiry_counts_from_the_coordinators_clock_not_the_stamp() {
+        let storage = Arc::new(MapStorage::default());
+        let replica = replica(&storage, 7);
+        let wire = crate::message::WireContent {
+            value: b"v".to_vec(),
+            content_type: "text/plain".into(),
+            meta: Vec::new(),
+            deleted: false,
+            indexes: Vec::new(),
+            ttl_secs: Some(2),
+        };
+        // Stamped 9,600 by a forwarder's clock as converted here; the coordinator's is 9,000.
+        let content = wire.clone().into_content(9_600, 9_000);
+        assert_eq!(
+            (content.last_modified_ms, content.expires_ms),
+            (9_600, Some(11_000))
+        );
+        let stored = replica
+            .write(WriteRequest {
+                content,
+                now_ms: 9_600,
+                wall_ms: 9_000,
+                ..write_of("own", b"", Durability::Fsync)
+            })
+            .unwrap();
+        assert_eq!(stored.expires_ms(), Some(11_000));
+        let props = BucketProps {
+            ttl_secs: Some(5),
+            ..BucketProps::default()
+        };
+        let stored = replica
+            .write(WriteRequest {
+                content: crate::message::WireContent {
+                    ttl_secs: None,
+                    ..wire
+                }
+                .into_content(9_600, 9_000),
+                props: &props,
+                now_ms: 9_600,
+                wall_ms: 9_000,
+                ..write_of("bucket", b"", Durability::Fsync)
+            })
+            .unwrap();
+        assert_eq!(stored.expires_ms(), Some(14_000));
+    }
+
     /// `Unmodified` (PB's `if_not_modified`): a write with the context of the stored object
     /// goes through; one whose context is stale (another write came between) is refused and
     /// changes nothing. A context that travels between nodes comes back the same.
@@ -1264,6 +1314,7 @@ mod tests {
             durability,
             precondition: Precondition::None,
             now_ms: 1,
+            wall_ms: 1,
         }
     }
 
@@ -1390,6 +1441,7 @@ mod tests {
             durability: Durability::Fsync,
             precondition: Precondition::None,
             now_ms: 1,
+            wall_ms: 1,
         }
     }
 

@@ -451,3 +451,123 @@ mod tests {
         );
     }
 }
+
+/// The verdict of the expiry checker on one bucket.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TtlReport {
+    pub writes_acknowledged: usize,
+    pub reads: usize,
+    /// Reads issued after some acknowledged value of their key had expired (those the rule
+    /// tests).
+    pub reads_after_an_expiry: usize,
+    /// Reads that returned a value past its expiry: `(key, why)`.
+    pub expired_reads: Vec<(String, String)>,
+}
+
+/// Expiry checker for the keys of `bucket`, written with a time to live of `ttl_ms`: a value
+/// is stamped by its coordinator before its write is acknowledged, and a read leaves out
+/// what expired by the clock of the node answering it. The nodes share the host's clock
+/// except while a `clock-skew` fault runs a node up to `max_skew_ms` off (`skewed`: those
+/// faults' windows; a value stamped during one keeps its shifted expiry). So a read invoked
+/// `ttl_ms + slack` after a value's acknowledgement must not return it, with `slack` twice
+/// the skew when the write or the read overlaps a skewed window, else `slop_ms`.
+pub fn check_ttl(
+    history: &[Event],
+    bucket: &str,
+    ttl_ms: u64,
+    (skewed, max_skew_ms, slop_ms): (&[(u64, u64)], u64, u64),
+) -> TtlReport {
+    let mut report = TtlReport::default();
+    let overlaps = |from: u64, to: u64| skewed.iter().any(|(s, e)| from <= *e && to >= *s);
+    let span = |e: &Event| (e.time.saturating_sub(e.latency_ms.unwrap_or(0)), e.time);
+    // Each acknowledged value: its key, acknowledgement and whether it was stamped skewed.
+    let acked: BTreeMap<u64, (&str, u64, bool)> = history
+        .iter()
+        .filter(|e| e.bucket == bucket && e.f == "ttl-write" && e.kind == EventType::Ok)
+        .map(|e| {
+            let (from, to) = span(e);
+            (e.value, (e.key.as_str(), e.time, overlaps(from, to)))
+        })
+        .collect();
+    report.writes_acknowledged = acked.len();
+    for read in history
+        .iter()
+        .filter(|e| e.bucket == bucket && e.f == "ttl-read" && e.kind == EventType::Ok)
+    {
+        report.reads += 1;
+        let (invoked, done) = span(read);
+        let read_skewed = overlaps(invoked, done);
+        let deadline = |ack: u64, write_skewed: bool| {
+            let slack = if write_skewed || read_skewed {
+                2 * max_skew_ms
+            } else {
+                slop_ms
+            };
+            ack + ttl_ms + slack
+        };
+        if acked
+            .values()
+            .any(|(key, ack, skew)| *key == read.key && invoked >= deadline(*ack, *skew))
+        {
+            report.reads_after_an_expiry += 1;
+        }
+        for value in &read.seen {
+            if let Some((key, ack, skew)) = acked.get(value)
+                && *key == read.key
+                && invoked >= deadline(*ack, *skew)
+            {
+                report.expired_reads.push((
+                    read.key.clone(),
+                    format!(
+                        "read invoked at {invoked} ms returned {value}, acknowledged at {ack} ms \
+                         with a time to live of {ttl_ms} ms"
+                    ),
+                ));
+            }
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod ttl_tests {
+    use super::*;
+
+    fn done(f: &str, value: u64, time: u64, latency: u64, seen: &[u64]) -> Event {
+        Event {
+            kind: EventType::Ok,
+            process: 0,
+            f: f.to_owned(),
+            bucket: "t".to_owned(),
+            key: "k".to_owned(),
+            value,
+            node: 1,
+            time,
+            latency_ms: Some(latency),
+            seen: seen.to_vec(),
+            partial: Vec::new(),
+            siblings: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_read_past_expiry_that_returns_the_value_is_caught_unless_a_clock_was_skewed() {
+        let history = vec![
+            done("ttl-write", 7, 1_000, 10, &[]),
+            // Within the time to live: fine.
+            done("ttl-read", 0, 2_500, 10, &[7]),
+            // Invoked 2.5 s after the acknowledgement of a 2 s value: expired.
+            done("ttl-read", 0, 3_510, 10, &[7]),
+            // Not returned: fine, and counted as a read the rule tests.
+            done("ttl-read", 0, 3_600, 10, &[]),
+        ];
+        let report = check_ttl(&history, "t", 2_000, (&[], 30_000, 250));
+        assert_eq!((report.writes_acknowledged, report.reads), (1, 3));
+        assert_eq!(report.reads_after_an_expiry, 2);
+        assert_eq!(report.expired_reads.len(), 1, "{report:?}");
+        // The same read while a node's clock was skewed is allowed.
+        let skewed = check_ttl(&history, "t", 2_000, (&[(3_000, 4_000)], 30_000, 250));
+        assert!(skewed.expired_reads.is_empty(), "{skewed:?}");
+    }
+}

@@ -1,7 +1,9 @@
 //! One run (one seed): form the cluster, run the clients under the nemesis, heal, wait for
 //! convergence, read everything with R = N, check, report.
 
-use crate::checker::{self, CounterReport, DtSetReport, Finals, RegisterReport, SetReport};
+use crate::checker::{
+    self, CounterReport, DtSetReport, Finals, RegisterReport, SetReport, TtlReport,
+};
 use crate::cluster::{self, Cluster, wait_for};
 use crate::history::{Event, EventType, Recorder, decode_set};
 use crate::nemesis::{self, FaultKind, FaultRecord, Nemesis, Period};
@@ -26,6 +28,13 @@ pub const REG_BUCKET: &str = "regs";
 pub const COUNTER_BUCKET: &str = "ncounters/c";
 /// The set data type bucket.
 pub const DTSET_BUCKET: &str = "nsets/s";
+/// The bucket of the expiry client (values written with a time to live).
+pub const TTL_BUCKET: &str = "nttl";
+/// The most a `clock-skew` fault moves a node's wall clock (see `nemesis`), in ms.
+const MAX_CLOCK_SKEW_MS: u64 = 30_000;
+/// What the expiry checker allows beyond the time to live when no clock is skewed (the
+/// nodes share the host's clock), in ms.
+const TTL_SLOP_MS: u64 = 250;
 /// Replication factor and quorums (the bucket defaults).
 pub const N: usize = 3;
 pub const R: usize = 2;
@@ -76,6 +85,9 @@ pub struct RunReport {
     pub lww_contrast: SetReport,
     pub counters: CounterReport,
     pub dt_sets: DtSetReport,
+    pub ttl: TtlReport,
+    /// Expired values still stored on some node once the run ended: `bucket/key on node`.
+    pub expired_left: Vec<String>,
     /// Acknowledged set-adds and register writes lost (must be 0).
     pub lost: usize,
     pub phantom: usize,
@@ -159,6 +171,7 @@ fn clients() -> Vec<ClientSpec> {
     add(Family::Retire, REG_BUCKET, keys("z", RETIRED_KEYS), 1);
     add(Family::Counter, COUNTER_BUCKET, keys("c", 2), 2);
     add(Family::DtSet, DTSET_BUCKET, keys("d", 4), 2);
+    add(Family::Ttl, TTL_BUCKET, keys("t", 2), 2);
     specs
 }
 
@@ -312,6 +325,33 @@ fn convergence_check(nodes: usize) -> Result<()> {
     Ok(())
 }
 
+/// Expired values still stored anywhere once the run ended: every node's own copy of each
+/// key of the expiry client must hold no live value after the time to live and a few sweeps
+/// (a value stamped by a node whose clock was skewed back may live that much longer).
+/// Polled for up to a minute past that.
+fn expired_left(nodes: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now()
+        + Duration::from_secs(crate::workload::TTL_SECS)
+        + Duration::from_millis(2 * MAX_CLOCK_SKEW_MS)
+        + Duration::from_secs(30);
+    loop {
+        let mut left = Vec::new();
+        for key in keys("t", 2) {
+            for node in 1..=nodes {
+                match cluster::get_json(node, &format!("/admin/replica/{TTL_BUCKET}/{key}")) {
+                    Ok(v) if v["values"].as_array().is_none_or(Vec::is_empty) => {}
+                    Ok(v) => left.push(format!("{TTL_BUCKET}/{key} on n{node}: {}", v["values"])),
+                    Err(e) => left.push(format!("{TTL_BUCKET}/{key} on n{node}: {e:#}")),
+                }
+            }
+        }
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Reads every key with R = N and decodes its siblings.
 fn final_reads(nodes: usize) -> Result<Finals> {
     let mut finals = Finals::new();
@@ -433,6 +473,19 @@ fn judge(report: &mut RunReport) {
         report
             .failures
             .push(format!("{} phantom values", report.phantom));
+    }
+    if !report.ttl.expired_reads.is_empty() {
+        report.failures.push(format!(
+            "{} reads returned expired values: {:?}",
+            report.ttl.expired_reads.len(),
+            report.ttl.expired_reads.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    if !report.expired_left.is_empty() {
+        report.failures.push(format!(
+            "expired values never removed: {:?}",
+            report.expired_left
+        ));
     }
     if !report.converged {
         report.failures.push(format!(
@@ -575,6 +628,7 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
         .failures
         .extend(nemesis.final_membership_check(cluster));
     let finals = final_reads(nodes)?;
+    report.expired_left = expired_left(nodes);
     report.tombstones_reaped += reaped_so_far(nodes, plan.seed);
     std::fs::write(
         dir.join("finals.json"),
@@ -608,6 +662,18 @@ pub fn analyse(history: &[Event], finals: &Finals, report: &mut RunReport) {
     report.registers = checker::check_registers(history, REG_BUCKET, finals);
     report.counters = checker::check_counters(history, COUNTER_BUCKET, finals);
     report.dt_sets = checker::check_dt_sets(history, DTSET_BUCKET, finals);
+    let skewed: Vec<(u64, u64)> = report
+        .faults
+        .iter()
+        .filter(|f| f.kind == FaultKind::ClockSkew)
+        .map(|f| (f.start_ms, f.end_ms))
+        .collect();
+    report.ttl = checker::check_ttl(
+        history,
+        TTL_BUCKET,
+        crate::workload::TTL_SECS * 1000,
+        (&skewed, MAX_CLOCK_SKEW_MS, TTL_SLOP_MS),
+    );
     report.lost = report.sets.lost.len()
         + report.registers.lost.len()
         + report.registers.resurrected.len()
@@ -716,6 +782,15 @@ pub fn table(r: &RunReport) -> String {
         r.counters.increments_indeterminate,
         r.dt_sets.adds_acknowledged,
         r.dt_sets.removes_acknowledged
+    );
+    let _ = writeln!(
+        s,
+        "  expiry: writes acked {} reads {} (after an expiry {}) expired reads {} expired left {}",
+        r.ttl.writes_acknowledged,
+        r.ttl.reads,
+        r.ttl.reads_after_an_expiry,
+        r.ttl.expired_reads.len(),
+        r.expired_left.len()
     );
     let _ = writeln!(
         s,

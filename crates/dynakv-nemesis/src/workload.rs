@@ -50,7 +50,12 @@ pub enum Family {
     Counter,
     /// A set data type, added to and removed from.
     DtSet,
+    /// Values written with a time to live (`X-Dynakv-Ttl`) and read back (issue 21's expiry).
+    Ttl,
 }
+
+/// The time to live of the `Ttl` family's writes, in seconds.
+pub const TTL_SECS: u64 = 2;
 
 /// The path of a key of a data type bucket `TYPE/BUCKET`.
 pub fn datatype_path(bucket: &str, key: &str) -> String {
@@ -155,6 +160,52 @@ fn datatype_op(
             datatype_update(node, &spec.bucket, key, &body.to_string())
         }
     }
+}
+
+/// One operation of the `Ttl` family: a blind write of `value` with a time to live of
+/// [`TTL_SECS`], or (`read`) a read whose values go into `done.seen`.
+fn ttl_op(
+    node: usize,
+    bucket: &str,
+    key: &str,
+    value: u64,
+    read: bool,
+    done: &mut Event,
+) -> (EventType, Option<String>) {
+    let path = format!("/buckets/{bucket}/keys/{key}");
+    if read {
+        let resp = http::request(
+            "GET",
+            &http_addr(node),
+            &path,
+            &[("Accept", "multipart/mixed, */*")],
+            b"",
+            CLIENT_TIMEOUT,
+        );
+        return match resp {
+            Ok(r) if r.status == 404 => (EventType::Ok, None),
+            Ok(r) => match r.values() {
+                Ok(values) => {
+                    done.seen = values
+                        .iter()
+                        .filter_map(|v| v.trim().parse().ok())
+                        .collect();
+                    (EventType::Ok, None)
+                }
+                Err(e) => (EventType::Fail, Some(format!("read: {e}"))),
+            },
+            Err(e) => (EventType::Fail, Some(format!("read: {e}"))),
+        };
+    }
+    let ttl = TTL_SECS.to_string();
+    outcome(http::request(
+        "PUT",
+        &http_addr(node),
+        &path,
+        &[("Content-Type", "text/plain"), ("X-Dynakv-Ttl", &ttl)],
+        value.to_string().as_bytes(),
+        CLIENT_TIMEOUT,
+    ))
 }
 
 /// One client thread's assignment.
@@ -263,12 +314,19 @@ pub fn run_client(
                 spec.keys[rng.random_range(0..spec.keys.len())].clone(),
                 rng.random_range(0..DT_REMOVE_ONE_IN) == 0,
             ),
+            // `delete` stands for a read here.
+            Family::Ttl => (
+                spec.keys[rng.random_range(0..spec.keys.len())].clone(),
+                rng.random_bool(0.6),
+            ),
         };
         let f = match spec.family {
             Family::SetAdd => "add",
             Family::Counter => "increment",
             Family::DtSet if delete => "dt-remove",
             Family::DtSet => "dt-add",
+            Family::Ttl if delete => "ttl-read",
+            Family::Ttl => "ttl-write",
             Family::Register | Family::Retire if delete => "delete",
             Family::Register | Family::Retire => "write",
         };
@@ -290,6 +348,16 @@ pub fn run_client(
         recorder.record(base.clone());
         let started = Instant::now();
         let mut done = base;
+        if spec.family == Family::Ttl {
+            let (kind, error) = ttl_op(node, &spec.bucket, &key, value, delete, &mut done);
+            done.kind = kind;
+            done.error = error;
+            done.time = recorder.now_ms();
+            done.latency_ms = Some(started.elapsed().as_millis() as u64);
+            recorder.record(done);
+            std::thread::sleep(Duration::from_millis(rng.random_range(5..25)));
+            continue;
+        }
         if matches!(spec.family, Family::Counter | Family::DtSet) {
             let (kind, error) = datatype_op(spec, &mut rng, node, &key, &mut done);
             done.kind = kind;
@@ -340,9 +408,10 @@ pub fn run_client(
                             }
                         }
                     }
-                    Family::Counter | Family::DtSet => {
-                        (EventType::Fail, Some("not a key-value family".to_owned()))
-                    }
+                    Family::Counter | Family::DtSet | Family::Ttl => (
+                        EventType::Fail,
+                        Some("not a read-modify-write family".to_owned()),
+                    ),
                     Family::Register | Family::Retire => {
                         done.seen = r
                             .values

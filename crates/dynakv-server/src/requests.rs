@@ -19,7 +19,7 @@ use dynakv_core::bucket::{BucketProps, Quorum};
 use dynakv_core::listing::{BucketListing, KeyListing, ListEvent, ListStep, Listing};
 use dynakv_core::membership::ClusterState;
 use dynakv_core::message::PeerMessage;
-use dynakv_core::object::{Content, Object};
+use dynakv_core::object::Object;
 use dynakv_core::request::{
     Event, ForwardRefused, GetRequest, Machine, PutOp, PutRequest, Reply, RequestError, Step, Tag,
     View,
@@ -317,20 +317,12 @@ impl Driver {
             } => {
                 let props = cluster.bucket_props(&op.bucket);
                 let replica = Arc::clone(cluster.replica());
+                let wall_ms = cluster.now_ms();
                 let written = cluster
                     .run_write(
                         durability,
                         move |durability| {
-                            let expires_ms = op.content.expires_at(now_ms);
-                            let content = Content {
-                                value: op.content.value,
-                                content_type: op.content.content_type,
-                                last_modified_ms: now_ms,
-                                meta: op.content.meta,
-                                deleted: op.content.deleted,
-                                indexes: op.content.indexes,
-                                expires_ms,
-                            };
+                            let content = op.content.into_content(now_ms, wall_ms);
                             replica.write(WriteRequest {
                                 bucket: &op.bucket,
                                 key: &op.key,
@@ -340,6 +332,7 @@ impl Driver {
                                 durability,
                                 precondition: op.precondition,
                                 now_ms,
+                                wall_ms,
                             })
                         },
                         |_| true,

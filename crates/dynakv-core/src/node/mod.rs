@@ -67,7 +67,7 @@ use crate::listing::{BucketListing, KeyListing, KeyPage, ListEvent, ListStep, Li
 use crate::membership::{self, ClusterState, Member, MemberStatus};
 use crate::merkle::Hash;
 use crate::message::{HandoffEntry, PeerMessage};
-use crate::object::{Content, Object};
+use crate::object::Object;
 use crate::reaping::{ReapEvent, ReapRound, ReapStep};
 use crate::replica::{Replica, ReplicaError, WriteRequest};
 use crate::request::{
@@ -1580,16 +1580,7 @@ impl Node {
         props: &BucketProps,
         durability: StoreDurability,
     ) -> Result<Object, RequestError> {
-        let expires_ms = op.content.expires_at(now);
-        let content = Content {
-            value: op.content.value,
-            content_type: op.content.content_type,
-            last_modified_ms: now,
-            meta: op.content.meta,
-            expires_ms,
-            deleted: op.content.deleted,
-            indexes: op.content.indexes,
-        };
+        let content = op.content.into_content(now, self.wall_ms);
         let (bucket, key) = (op.bucket.as_str(), op.key.as_str());
         #[cfg(feature = "sim")]
         if self.config.sim.per_key_counters {
@@ -1625,6 +1616,7 @@ impl Node {
             durability,
             precondition: op.precondition,
             now_ms: now,
+            wall_ms: self.wall_ms,
         });
         // A refused write (too many siblings, a failed precondition) is the client's answer
         // (see `RequestError::status`); a storage failure stops the node.

@@ -4,7 +4,7 @@ use super::*;
 use crate::handoff::TransitionHandoff;
 use crate::membership::{self, BucketPropsEntry};
 use crate::message::WirePrecondition;
-use crate::object::PrunePolicy;
+use crate::object::{Content, PrunePolicy};
 use crate::replica::Precondition;
 use crate::storage::Table;
 use crate::test_support::{MapStorage, id, settled_cluster};
@@ -904,6 +904,7 @@ fn store(node: &Node, bucket: &str, key: &str, value: Vec<u8>) {
             durability: StoreDurability::Buffered,
             precondition: Precondition::None,
             now_ms: 1,
+            wall_ms: 1,
         })
         .unwrap();
 }
