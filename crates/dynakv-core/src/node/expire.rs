@@ -8,7 +8,13 @@
 use super::{
     ExpiryEvent, ExpiryRound, ExpiryStep, GetRequest, Machine, Node, NodeView, PutRequest,
 };
-use super::{ReplyTo, keys};
+use super::{Output, ReplyTo, Timer, keys};
+
+/// Completions nested deeper than this set the round's next steps aside for a
+/// `Timer::ExpiryResume` at once: a key whose read and tombstone complete locally (a bucket
+/// with `n_val` 1, or R = W = 1 and buffered writes) answers inside the call that started
+/// it, and a round of a thousand such keys would otherwise recurse a thousand times.
+pub(super) const MAX_EXPIRY_DEPTH: u32 = 16;
 
 impl Node {
     /// Start a round unless one is running.
@@ -34,7 +40,25 @@ impl Node {
         });
         self.stats.expired_removed += round.removed() - before;
         self.expiry = Some(round);
+        if self.expiry_depth >= MAX_EXPIRY_DEPTH {
+            self.expiry_stash.extend(steps);
+            self.outputs.push(Output::SetTimer {
+                at_ms: now,
+                timer: Timer::ExpiryResume,
+            });
+            return;
+        }
+        self.expiry_depth += 1;
         self.expiry_steps(now, steps);
+        self.expiry_depth -= 1;
+    }
+
+    /// Carry out the steps set aside by a deep chain of completions.
+    pub(super) fn expiry_resume(&mut self, now: u64) {
+        let steps = std::mem::take(&mut self.expiry_stash);
+        if self.expiry.is_some() && !steps.is_empty() {
+            self.expiry_steps(now, steps);
+        }
     }
 
     /// Perform the round's steps: a scan is read at once and fed back; a read or a write

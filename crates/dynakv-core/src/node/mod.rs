@@ -393,6 +393,9 @@ pub enum Timer {
     Flush,
     /// The expiry sweep (`crate::expiry`).
     Expiry,
+    /// Resume the expiry round's steps set aside so that keys whose reads and writes
+    /// complete at once (local replicas only) do not recurse without bound (`expire`).
+    ExpiryResume,
     RequestTimeout(RequestId),
     /// Resume paged background work (transition handoff, cleanup) that has nothing in
     /// flight to resume it: set for the current time, so a long scan goes on one page per
@@ -760,6 +763,10 @@ pub struct Node {
     reap: Option<ReapRound>,
     /// The expiry round in progress (at most one).
     expiry: Option<ExpiryRound>,
+    /// How deep the expiry round's completions are nested right now, and its steps set
+    /// aside for `Timer::ExpiryResume` once that passed `expire::MAX_EXPIRY_DEPTH`.
+    expiry_depth: u32,
+    expiry_stash: Vec<ExpiryStep>,
     /// Round trips of this node's replica writes and reads (`crate::pbs`).
     pbs: crate::pbs::Samples,
     listings: BTreeMap<u64, ClientListing>,
@@ -846,6 +853,8 @@ impl Node {
             anti_entropy: aae::AntiEntropy::default(),
             reap: None,
             expiry: None,
+            expiry_depth: 0,
+            expiry_stash: Vec::new(),
             pbs: crate::pbs::Samples::default(),
             listings: BTreeMap::new(),
             next_listing: 0,
@@ -1170,6 +1179,8 @@ impl Node {
         self.anti_entropy.restart();
         self.reap = None;
         self.expiry = None;
+        self.expiry_depth = 0;
+        self.expiry_stash.clear();
         self.listings.clear();
         self.failures.clear();
         self.outputs.clear();

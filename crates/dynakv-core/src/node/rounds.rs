@@ -73,6 +73,7 @@ impl Node {
                     timer: Timer::Expiry,
                 });
             }
+            Timer::ExpiryResume => self.expiry_resume(now),
             Timer::Flush => {
                 self.flush();
                 self.outputs.push(Output::SetTimer {

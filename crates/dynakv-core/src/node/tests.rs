@@ -1358,3 +1358,56 @@ fn a_node_whose_driver_flushes_sets_no_flush_timer() {
     assert_eq!((driver.0, own.0), (0, 1));
     assert_eq!(driver.1, own.1);
 }
+
+/// A round of expired keys whose reads and tombstones all complete locally (one node, a
+/// buffered `n_val` 1 bucket: every step answers inside the call that started it) does not
+/// recurse once per key: past `MAX_EXPIRY_DEPTH` the round's next steps wait for a
+/// `Timer::ExpiryResume`, and every key is still removed. Without the limit, a thousand such
+/// keys overflow the stack.
+#[test]
+fn a_round_of_local_expiries_does_not_recurse_per_key() {
+    const KEYS: usize = 1000;
+    let mut cluster = settled_cluster(&["a"], 16);
+    cluster.bucket_props.insert(
+        "cache".into(),
+        BucketPropsEntry {
+            timestamp_ms: 1,
+            node: id("a"),
+            props_json: Some(r#"{"n_val":1,"durability":"buffered","ttl_secs":1}"#.into()),
+        },
+    );
+    let mut net = Net::new(&cluster);
+    for i in 0..KEYS {
+        net.put(0, i as u64, "cache", &format!("k{i}"), b"v");
+    }
+    assert!(
+        (0..KEYS as u64).all(|i| matches!(net.replies.get(&i), Some(ClientResult::Put(_)))),
+        "every put acknowledged"
+    );
+    net.now += 2_000;
+    // Run in a thread with a small stack, as a node's driver thread might have.
+    let removed = std::thread::Builder::new()
+        .stack_size(1 << 20)
+        .spawn(move || {
+            net.run(0, Input::Timer(Timer::Expiry));
+            for _ in 0..KEYS {
+                if net.nodes[0].stats().expired_removed as usize == KEYS {
+                    break;
+                }
+                net.run(0, Input::Timer(Timer::ExpiryResume));
+            }
+            let tombstoned = (0..KEYS)
+                .filter(|i| {
+                    net.nodes[0]
+                        .object("cache", &format!("k{i}"))
+                        .unwrap()
+                        .is_some_and(|o| o.is_deleted())
+                })
+                .count();
+            (net.nodes[0].stats().expired_removed, tombstoned)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(removed, (KEYS as u64, KEYS));
+}
