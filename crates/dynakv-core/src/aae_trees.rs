@@ -727,69 +727,6 @@ mod tests {
         assert_eq!(all_segments(&again), all_segments(&restarted));
     }
 
-    /// A storage whose puts and deletes to one table fail while it is chosen.
-    #[derive(Debug, Default)]
-    struct TableFaults {
-        inner: MapStorage,
-        failing: parking_lot::Mutex<Option<Table>>,
-    }
-
-    impl TableFaults {
-        fn check(&self, table: Table) -> Result<(), crate::storage::EngineFailure> {
-            if *self.failing.lock() == Some(table) {
-                return Err(crate::storage::EngineFailure {
-                    engine: "test-faults",
-                    message: format!("injected failure of {table:?}"),
-                });
-            }
-            Ok(())
-        }
-    }
-
-    impl Storage for TableFaults {
-        fn get(
-            &self,
-            table: Table,
-            key: &[u8],
-        ) -> Result<Option<Vec<u8>>, crate::storage::GetError> {
-            self.inner.get(table, key)
-        }
-        fn put(
-            &self,
-            table: Table,
-            key: &[u8],
-            value: &[u8],
-            durability: Durability,
-        ) -> Result<(), crate::storage::PutError> {
-            self.check(table)?;
-            self.inner.put(table, key, value, durability)
-        }
-        fn delete(
-            &self,
-            table: Table,
-            key: &[u8],
-            durability: Durability,
-        ) -> Result<(), crate::storage::DeleteError> {
-            self.check(table)?;
-            self.inner.delete(table, key, durability)
-        }
-        fn scan(
-            &self,
-            table: Table,
-            prefix: &[u8],
-            start_after: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<Vec<crate::storage::Entry>, crate::storage::ScanError> {
-            self.inner.scan(table, prefix, start_after, limit)
-        }
-        fn sync(&self) -> Result<(), crate::storage::SyncError> {
-            self.inner.sync()
-        }
-        fn engine_name(&self) -> &'static str {
-            "test-faults"
-        }
-    }
-
     /// A write whose secondary index or expiry entry could not be written (the engine
     /// failed on that table) leaves the object stored without it: the failure clears the
     /// index-built mark, so the next start rebuilds every derived table from the objects and
@@ -797,7 +734,7 @@ mod tests {
     #[test]
     fn a_failed_index_or_expiry_write_is_repaired_by_the_next_start() {
         for table in [Table::Index, Table::Expiry] {
-            let storage = Arc::new(TableFaults::default());
+            let storage = Arc::new(MapStorage::default());
             let trees = AaeTrees::new(ring(), Arc::clone(&storage) as Arc<dyn Storage>);
             trees.rebuild(false).unwrap();
             assert!(storage.get(Table::Meta, KEY_INDEX_BUILT).unwrap().is_some());
@@ -818,10 +755,10 @@ mod tests {
                 )
                 .unwrap()
                 .encode();
-            *storage.failing.lock() = Some(table);
+            *storage.failing_table.lock() = Some(table);
             store(&trees, storage.as_ref(), "k", Some(&bytes));
-            *storage.failing.lock() = None;
-            let derived = |storage: &TableFaults| storage.scan(table, &[], None, 10).unwrap().len();
+            *storage.failing_table.lock() = None;
+            let derived = |storage: &MapStorage| storage.scan(table, &[], None, 10).unwrap().len();
             assert_eq!(
                 derived(&storage),
                 0,

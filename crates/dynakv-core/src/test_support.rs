@@ -97,6 +97,8 @@ pub struct MapStorage {
     map: parking_lot::Mutex<Tables>,
     /// While set, every call fails (a dead disk).
     pub failing: std::sync::atomic::AtomicBool,
+    /// While set, puts and deletes to this table fail (an engine failing on one table).
+    pub failing_table: parking_lot::Mutex<Option<crate::storage::Table>>,
 }
 
 impl MapStorage {
@@ -105,6 +107,21 @@ impl MapStorage {
             return Err(crate::storage::EngineFailure {
                 engine: "test-map",
                 message: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `check`, and the failure of writes to `failing_table`.
+    fn check_write(
+        &self,
+        table: crate::storage::Table,
+    ) -> Result<(), crate::storage::EngineFailure> {
+        self.check()?;
+        if *self.failing_table.lock() == Some(table) {
+            return Err(crate::storage::EngineFailure {
+                engine: "test-map",
+                message: format!("injected failure of {table:?}"),
             });
         }
         Ok(())
@@ -130,7 +147,7 @@ impl crate::storage::Storage for MapStorage {
         value: &[u8],
         _durability: crate::storage::Durability,
     ) -> Result<(), crate::storage::PutError> {
-        self.check()?;
+        self.check_write(table)?;
         self.map
             .lock()
             .insert((table, key.to_vec()), value.to_vec());
@@ -143,7 +160,7 @@ impl crate::storage::Storage for MapStorage {
         key: &[u8],
         _durability: crate::storage::Durability,
     ) -> Result<(), crate::storage::DeleteError> {
-        self.check()?;
+        self.check_write(table)?;
         self.map.lock().remove(&(table, key.to_vec()));
         Ok(())
     }

@@ -172,31 +172,20 @@ fn ttl_op(
     read: bool,
     done: &mut Event,
 ) -> (EventType, Option<String>) {
-    let path = format!("/buckets/{bucket}/keys/{key}");
     if read {
-        let resp = http::request(
-            "GET",
-            &http_addr(node),
-            &path,
-            &[("Accept", "multipart/mixed, */*")],
-            b"",
-            CLIENT_TIMEOUT,
-        );
-        return match resp {
-            Ok(r) if r.status == 404 => (EventType::Ok, None),
-            Ok(r) => match r.values() {
-                Ok(values) => {
-                    done.seen = values
-                        .iter()
-                        .filter_map(|v| v.trim().parse().ok())
-                        .collect();
-                    (EventType::Ok, None)
-                }
-                Err(e) => (EventType::Fail, Some(format!("read: {e}"))),
-            },
-            Err(e) => (EventType::Fail, Some(format!("read: {e}"))),
+        return match self::read(node, bucket, key) {
+            Ok(r) => {
+                done.seen = r
+                    .values
+                    .iter()
+                    .filter_map(|v| v.trim().parse().ok())
+                    .collect();
+                (EventType::Ok, None)
+            }
+            Err(e) => (EventType::Fail, Some(e)),
         };
     }
+    let path = format!("/buckets/{bucket}/keys/{key}");
     let ttl = TTL_SECS.to_string();
     outcome(http::request(
         "PUT",

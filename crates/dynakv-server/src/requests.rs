@@ -664,10 +664,10 @@ pub async fn restore_object(
     let needed = props.w.resolve(n, Quorum::Quorum).clamp(1, n.max(1));
     let state = cluster.state();
     let timeout = cluster.timeouts().request;
+    // Encoded once, sent to every other primary.
+    let message = dynakv_core::request::replica_put(&state, bucket, key, object, props.durability);
     let stores = primaries.into_iter().map(|(_, node)| {
-        let message =
-            dynakv_core::request::replica_put(&state, bucket, key, object, props.durability);
-        let props = &props;
+        let (props, message) = (&props, &message);
         async move {
             if &node == cluster.me() {
                 return cluster
@@ -678,7 +678,7 @@ pub async fn restore_object(
             if !cluster.is_up(&node) {
                 return Err(format!("{node} is down"));
             }
-            match send(cluster, &node, message, timeout).await {
+            match send(cluster, &node, message.clone(), timeout).await {
                 Reply::Message(PeerMessage::Ack) => Ok(()),
                 Reply::Message(other) => Err(format!("{node} answered {}", other.name())),
                 Reply::NotSent(e) | Reply::Unanswered(e) => Err(e),

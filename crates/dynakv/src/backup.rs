@@ -44,11 +44,6 @@ pub async fn backup(settings: &ClientSettings, url: &str, out: &Path) -> Result<
              settled)"
         );
     }
-    let scheme = if url.starts_with("https://") {
-        "https"
-    } else {
-        "http"
-    };
     let node_client = |name: &str| -> Result<Option<Client>> {
         let member = &routing["members"][name];
         if member["up"].as_bool() != Some(true) {
@@ -57,7 +52,9 @@ pub async fn backup(settings: &ClientSettings, url: &str, out: &Path) -> Result<
         let Some(addr) = member["http_addr"].as_str() else {
             return Ok(None);
         };
-        settings.client(&format!("{scheme}://{addr}")).map(Some)
+        settings
+            .client(&ClientSettings::member_url(url, addr))
+            .map(Some)
     };
     let partial = out.with_extension("partial");
     let file = std::fs::File::create(&partial)

@@ -104,6 +104,17 @@ impl ClientSettings {
             .map(|(user, password)| (user.as_str(), password.as_str()))
     }
 
+    /// The URL of a member's client port `addr` (`HOST:PORT`, as `/admin/members` lists
+    /// it), with the scheme of `url`, the node the command was pointed at.
+    pub fn member_url(url: &str, addr: &str) -> String {
+        let scheme = if url.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
+    }
+
     pub fn client(&self, url: &str) -> Result<Client> {
         let mut client = Client::new(url)?;
         if let Some(pem) = &self.ca_pem {

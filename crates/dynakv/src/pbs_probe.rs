@@ -22,18 +22,13 @@ pub async fn probe(
 ) -> Result<Vec<(u64, usize, usize)>> {
     let entry = settings.client(url)?;
     let members = entry.get_json("/admin/members").await?;
-    let scheme = if url.starts_with("https://") {
-        "https"
-    } else {
-        "http"
-    };
     let clients = members["members"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|m| m["up"].as_bool() == Some(true))
         .filter_map(|m| m["http_addr"].as_str())
-        .map(|addr| settings.client(&format!("{scheme}://{addr}")))
+        .map(|addr| settings.client(&ClientSettings::member_url(url, addr)))
         .collect::<Result<Vec<_>>>()?;
     if clients.len() < 2 {
         bail!(

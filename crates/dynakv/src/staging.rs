@@ -292,12 +292,7 @@ async fn member_url(client: &Client, url: &str, node: &str) -> Result<String> {
         .find(|m| m["name"] == node)
         .and_then(|m| m["http_addr"].as_str())
         .with_context(|| format!("{node} is not a member of this cluster"))?;
-    let scheme = if url.starts_with("https://") {
-        "https"
-    } else {
-        "http"
-    };
-    Ok(format!("{scheme}://{addr}"))
+    Ok(ClientSettings::member_url(url, addr))
 }
 
 /// The ring the staged changes lead to, from `ring`: force-removals, then joins, then leaves
@@ -363,17 +358,12 @@ async fn plan(
     }
     // Keys to transfer: each moving partition's keys, as its current owner counts them.
     let mut keys_of: BTreeMap<(String, u32), u64> = BTreeMap::new();
-    let scheme = if url.starts_with("https://") {
-        "https"
-    } else {
-        "http"
-    };
     if let Some(members) = routing["members"].as_object() {
         for (name, member) in members {
             let (Some(addr), true) = (member["http_addr"].as_str(), member["up"] == true) else {
                 continue;
             };
-            let Ok(node) = settings.client(&format!("{scheme}://{addr}")) else {
+            let Ok(node) = settings.client(&ClientSettings::member_url(url, addr)) else {
                 continue;
             };
             if let Ok(aae) = node.get_json("/admin/aae").await {
