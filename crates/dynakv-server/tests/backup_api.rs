@@ -87,3 +87,40 @@ async fn hostile_backup_and_restore_requests_are_refused() {
     let (status, body) = call(&nodes[2], Method::GET, "/buckets/b/keys/k", &[], "").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "v"));
 }
+
+/// `POST /admin/force-remove` as a careless or hostile client meets it: a body that is not
+/// `{"node": NAME}`, an empty or overlong name, a node that is not a member and the node
+/// itself are refused with a 400, and the ring does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_force_removals_are_refused_and_change_nothing() {
+    let nodes = support::three_nodes("fr").await;
+    let ring = |body: String| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["version"].clone()
+    };
+    let (_, before) = call(&nodes[0], Method::GET, "/admin/ring", &[], "").await;
+    let (_, status) = call(&nodes[0], Method::GET, "/admin/status", &[], "").await;
+    let me: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let me = me["node"].as_str().unwrap().to_owned();
+    let long = "x".repeat(1000);
+    for body in [
+        "garbage".to_owned(),
+        "{}".to_owned(),
+        r#"{"node":""}"#.to_owned(),
+        format!(r#"{{"node":"{long}"}}"#),
+        r#"{"node":"nosuch"}"#.to_owned(),
+        format!(r#"{{"node":"{me}"}}"#),
+    ] {
+        let (status, answer) = call(
+            &nodes[0],
+            Method::POST,
+            "/admin/force-remove",
+            &[("content-type", "application/json")],
+            &body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+    let (_, after) = call(&nodes[0], Method::GET, "/admin/ring", &[], "").await;
+    assert_eq!(ring(before), ring(after));
+}

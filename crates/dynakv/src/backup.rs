@@ -59,6 +59,9 @@ pub async fn backup(settings: &ClientSettings, url: &str, out: &Path) -> Result<
     let partial = out.with_extension("partial");
     let file = std::fs::File::create(&partial)
         .with_context(|| format!("creating {}", partial.display()))?;
+    // An error that stops the backup (a full disk, a partition no replica answers for)
+    // leaves no partial file behind.
+    let mut guard = RemoveOnDrop(Some(partial.clone()));
     let mut writer = BufWriter::new(file);
     let header = Header {
         cluster: status["cluster"].as_str().unwrap_or_default().to_owned(),
@@ -110,7 +113,6 @@ pub async fn backup(settings: &ClientSettings, url: &str, out: &Path) -> Result<
     }
     if !missing.is_empty() {
         drop(writer);
-        let _ = std::fs::remove_file(&partial);
         bail!(
             "{} partitions could not be read from any replica ({:?}); no backup written",
             missing.len(),
@@ -124,6 +126,7 @@ pub async fn backup(settings: &ClientSettings, url: &str, out: &Path) -> Result<
     file.sync_all()?;
     std::fs::rename(&partial, out)
         .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+    guard.0 = None;
     eprintln!(
         "backup of cluster {:?} written to {}: {objects} objects (siblings and tombstones \
          included), {:.1} MiB, in {:.1} s",
@@ -133,6 +136,17 @@ pub async fn backup(settings: &ClientSettings, url: &str, out: &Path) -> Result<
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Removes the file it names when dropped (unless emptied first).
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Where a partition's backup stands: it resumes there on another replica when one fails
