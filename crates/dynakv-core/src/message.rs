@@ -10,10 +10,12 @@ use crate::membership::{ClusterState, Member};
 use crate::storage::Durability;
 use serde::{Deserialize, Serialize};
 
+pub mod v3;
+
 /// Byte strings as serde bytes (one length and a copy) rather than a sequence of `u8`s (one
 /// call per byte). In postcard both are a varint length then the raw bytes, so the wire format
 /// is the same; only the cost differs (values and objects are most of every message).
-mod raw_bytes {
+pub(crate) mod raw_bytes {
     use serde::{Deserializer, Serializer};
 
     #[allow(clippy::ptr_arg)] // serde's `with` passes the field as declared
@@ -54,7 +56,7 @@ mod raw_bytes {
 }
 
 /// [`raw_bytes`] for an optional byte string.
-mod optional_raw_bytes {
+pub(crate) mod optional_raw_bytes {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     /// Borrowed bytes, serialized as serde bytes (no copy).

@@ -563,6 +563,21 @@ impl Object {
         matches!(bytes, [ENCODING_VERSION, flags, ..] if flags & FLAG_HAS_INDEXES != 0)
     }
 
+    /// Whether an encoded object uses what peer protocol version 3 cannot read: a value with
+    /// index entries or an expiry. An object that does not decode is left to its receiver's
+    /// own check (`false`).
+    pub fn encoded_needs_v4(bytes: &[u8]) -> bool {
+        if Self::encoded_expires(bytes) || Self::encoded_has_indexes(bytes) {
+            return true;
+        }
+        Self::decode(bytes).is_ok_and(|object| {
+            object
+                .siblings
+                .iter()
+                .any(|s| !s.content.indexes.is_empty() || s.content.expires_ms.is_some())
+        })
+    }
+
     /// Decode, checking version, checksum, limits and invariants. Never panics.
     pub fn decode(bytes: &[u8]) -> Result<Object, DecodeError> {
         Self::decode_within(bytes, limits::MAX_OBJECT_BYTES)

@@ -366,6 +366,7 @@ async fn a_props_change_past_the_custom_bucket_limit_is_refused_where_it_is_rece
         public_key: [0; 32],
         remote_addr: "127.0.0.1:9".parse().unwrap(),
         clock_offset_ms: 0,
+        protocol_version: dynakv_server::transport::PROTOCOL_VERSION,
     };
     let reply = std::sync::Arc::clone(cluster)
         .handle_peer(from, PeerMessage::Gossip(Box::new(gossip)))

@@ -132,6 +132,18 @@ fn status(value: &Value) -> String {
             ("node", cell(&value["node"])),
             ("cluster", cell(&value["cluster"])),
             ("version", cell(&value["version"])),
+            (
+                "peer protocol",
+                format!(
+                    "{} (accepts {})",
+                    cell(&value["protocol_version"]),
+                    items(value, "protocol_versions_accepted")
+                        .iter()
+                        .map(cell)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
             ("actor", cell(&value["actor"])),
             ("storage engine", cell(&value["storage_engine"])),
             (
@@ -168,6 +180,7 @@ fn members(value: &Value) -> String {
         "PARTITIONS",
         "RING",
         "NEXT",
+        "PROTO",
         "PEER",
         "HTTP",
     ]);
@@ -184,6 +197,7 @@ fn members(value: &Value) -> String {
             cell(&m["partitions"]),
             share,
             cell(&m["partitions_next"]),
+            cell(&m["protocol"]),
             cell(&m["peer_addr"]),
             cell(&m["http_addr"]),
         ]);
@@ -441,9 +455,11 @@ mod tests {
     fn members_are_an_aligned_table_with_shares() {
         let value = json!({"members": [
             {"name": "n1", "zone": "", "status": "valid", "peer_addr": "127.0.0.1:9001",
-             "http_addr": "127.0.0.1:8001", "up": true, "partitions": 22, "partitions_next": null},
+             "http_addr": "127.0.0.1:8001", "up": true, "partitions": 22, "partitions_next": null,
+             "protocol": 4},
             {"name": "node-two", "zone": "z2", "status": "leaving", "peer_addr": "127.0.0.1:9002",
-             "http_addr": "127.0.0.1:8002", "up": false, "partitions": 42, "partitions_next": 0},
+             "http_addr": "127.0.0.1:8002", "up": false, "partitions": 42, "partitions_next": 0,
+             "protocol": 3},
         ]});
         let text = render(View::Members, &value);
         let lines: Vec<&str> = text.lines().collect();
@@ -463,6 +479,9 @@ mod tests {
         // Every row's columns start where the header's do.
         let peer = lines[0].find("PEER").unwrap();
         assert_eq!(&lines[1][peer..peer + 9], "127.0.0.1");
+        let proto = lines[0].find("PROTO").unwrap();
+        assert_eq!(lines[1][proto..proto + 5].trim(), "4");
+        assert_eq!(lines[2][proto..proto + 5].trim(), "3");
     }
 
     #[test]

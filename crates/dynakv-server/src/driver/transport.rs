@@ -5,7 +5,7 @@
 use super::{Environment, Respond, SendOutcome};
 use crate::clock::WallClock;
 use crate::sync_barrier::SyncBarrier;
-use crate::transport::{PeerClient, TransportError};
+use crate::transport::{PeerClient, TransportError, WireMessage};
 use dynakv_core::membership::ClusterState;
 use dynakv_core::message::PeerMessage;
 use dynakv_core::ring::NodeId;
@@ -112,6 +112,20 @@ impl TransportEnv {
     }
 }
 
+/// The peer protocol's messages, in the current version and the previous one (a peer not yet
+/// upgraded): `dynakv_core::message::v3`.
+impl WireMessage for PeerMessage {
+    type Previous = dynakv_core::message::v3::PeerMessage;
+
+    fn to_previous(self) -> Result<Self::Previous, String> {
+        dynakv_core::message::v3::to_v3(self)
+    }
+
+    fn from_previous(previous: Self::Previous) -> Self {
+        dynakv_core::message::v3::from_v3(previous)
+    }
+}
+
 /// What became of a request the transport failed: never sent (try elsewhere, fail now), or
 /// maybe delivered (the node's timer decides).
 fn outcome_of(error: &TransportError) -> SendOutcome {
@@ -120,6 +134,7 @@ fn outcome_of(error: &TransportError) -> SendOutcome {
         | TransportError::Rejected { .. }
         | TransportError::Overloaded { .. }
         | TransportError::FrameTooLarge { .. }
+        | TransportError::OlderPeer { .. }
         | TransportError::Encode(_) => SendOutcome::NotSent,
         _ => SendOutcome::Lost,
     }

@@ -123,6 +123,11 @@ pub(super) async fn admin_status(State(state): State<AppState>) -> Response {
             "members": ring_members(&cluster),
             "max_value_bytes": state.max_value_bytes,
             "version": env!("CARGO_PKG_VERSION"),
+            "protocol_version": state.cluster.client().newest_version(),
+            "protocol_versions_accepted": crate::transport::SUPPORTED_PROTOCOL_VERSIONS
+                .into_iter()
+                .filter(|v| *v <= state.cluster.client().newest_version())
+                .collect::<Vec<u16>>(),
         }),
     )
 }
@@ -145,6 +150,7 @@ pub(super) async fn admin_members(State(state): State<AppState>) -> Response {
                 "up": state.cluster.is_up(&m.id),
                 "partitions": count(&cluster.ring.current, &m.id),
                 "partitions_next": cluster.ring.next.as_ref().map(|next| count(next, &m.id)),
+                "protocol": state.cluster.protocol_of(&m.id),
             })
         })
         .collect();

@@ -2,13 +2,13 @@
 //! with backoff and the handshake that opens it.
 
 use super::{
-    Arc, AsyncWriteExt, AtomicBool, AtomicU32, AtomicU64, Body, BytesMut, DeserializeOwned,
-    Duration, Envelope, FRAME_HEADER_BYTES, HANDSHAKE_CONTINUE, HANDSHAKE_REFUSED,
-    HELLO_PREFIX_BYTES, HashMap, Hello, HelloReply, Instant, MAGIC, MAX_CONSECUTIVE_TIMEOUTS,
-    MAX_HANDSHAKE_FRAME_BYTES, MAX_PEERS, MAX_PENDING_PER_PEER, MAX_WAIT, Mutex, Notify,
-    OUTBOUND_QUEUE_FRAMES, Opener, Ordering, OwnedReadHalf, PROTOCOL_VERSION, Sealer, Serialize,
-    SocketAddr, TcpStream, TransportConfig, TransportError, decode_payload, encode_frame, fmt,
-    link, mpsc, oneshot, read_frame, watch, write_loop,
+    Arc, AsyncWriteExt, AtomicBool, AtomicU32, AtomicU64, Body, BytesMut, Duration, Envelope,
+    FRAME_HEADER_BYTES, HANDSHAKE_CONTINUE, HANDSHAKE_REFUSED, HELLO_PREFIX_BYTES, HashMap, Hello,
+    HelloReply, Instant, MAGIC, MAX_CONSECUTIVE_TIMEOUTS, MAX_HANDSHAKE_FRAME_BYTES, MAX_PEERS,
+    MAX_PENDING_PER_PEER, MAX_WAIT, Mutex, Notify, OUTBOUND_QUEUE_FRAMES, Opener, Ordering,
+    OwnedReadHalf, PROTOCOL_VERSION, Sealer, SocketAddr, TcpStream, TransportConfig,
+    TransportError, WireMessage, decode_envelope_payload, decode_payload, encode_envelope, fmt,
+    link, mpsc, older_version_in_refusal, oneshot, read_frame, watch, write_loop,
 };
 
 /// Client side: one persistent connection per peer address, multiplexed by request id.
@@ -130,6 +130,8 @@ impl<M> PeerState<M> {
 /// One established connection to a peer.
 pub(super) struct Connection<M> {
     peer: SocketAddr,
+    /// The protocol version the connection speaks.
+    version: u16,
     outbound: mpsc::Sender<Vec<u8>>,
     shared: Mutex<ConnectionShared<M>>,
     next_request_id: AtomicU64,
@@ -148,9 +150,10 @@ pub(super) struct ConnectionShared<M> {
 }
 
 impl<M> Connection<M> {
-    fn new(peer: SocketAddr, outbound: mpsc::Sender<Vec<u8>>) -> Self {
+    fn new(peer: SocketAddr, version: u16, outbound: mpsc::Sender<Vec<u8>>) -> Self {
         Self {
             peer,
+            version,
             outbound,
             shared: Mutex::new(ConnectionShared {
                 pending: HashMap::new(),
@@ -254,11 +257,12 @@ pub(super) struct Established {
     opener: Opener,
     sealer: Sealer,
     remote_node: String,
+    version: u16,
 }
 
 impl<M> PeerEntry<M>
 where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
 {
     fn new(peer: SocketAddr, config: Arc<TransportConfig>) -> Self {
         let next_backoff = config.first_backoff();
@@ -324,13 +328,21 @@ where
     /// Start using a connection that passed the handshake.
     fn install(self: &Arc<Self>, established: Established) {
         let (outbound, outbound_queue) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
-        let connection = Arc::new(Connection::new(self.peer, outbound));
+        let connection = Arc::new(Connection::new(self.peer, established.version, outbound));
         {
             let mut state = self.state.lock();
             state.link = Link::Connected(Arc::clone(&connection));
             state.record_success(&self.config);
         }
-        tracing::debug!(peer = %self.peer, remote_node = %established.remote_node, "peer connection established");
+        tracing::debug!(peer = %self.peer, remote_node = %established.remote_node, version = established.version, "peer connection established");
+        if established.version != PROTOCOL_VERSION {
+            tracing::info!(
+                peer = %self.peer,
+                remote_node = %established.remote_node,
+                version = established.version,
+                "the peer speaks only the previous protocol version: using it until the peer is upgraded"
+            );
+        }
         tokio::spawn(run_connection(
             Arc::clone(self),
             Arc::clone(&connection),
@@ -394,7 +406,7 @@ pub(super) async fn connect_task<M>(
     entry: Arc<PeerEntry<M>>,
     done: watch::Sender<Option<Result<(), ConnectFailure>>>,
 ) where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
 {
     let outcome = match establish(&entry.config, entry.peer).await {
         Ok(established) => {
@@ -409,10 +421,27 @@ pub(super) async fn connect_task<M>(
     done.send_replace(Some(outcome));
 }
 
-/// Connect to `peer` and run the handshake.
+/// Connect to `peer` and run the handshake, with this node's protocol version; when the
+/// peer refuses it saying it speaks the previous version, connect again with that.
 pub(super) async fn establish(
     config: &TransportConfig,
     peer: SocketAddr,
+) -> Result<Established, ConnectFailure> {
+    let newest = config.newest_version();
+    match establish_with(config, peer, newest).await {
+        Err(ConnectFailure::Rejected(reason)) => match older_version_in_refusal(&reason, newest) {
+            Some(version) => establish_with(config, peer, version).await,
+            None => Err(ConnectFailure::Rejected(reason)),
+        },
+        outcome => outcome,
+    }
+}
+
+/// Connect to `peer` and run the handshake asking for protocol `version`.
+async fn establish_with(
+    config: &TransportConfig,
+    peer: SocketAddr,
+    version: u16,
 ) -> Result<Established, ConnectFailure> {
     let hello = postcard::to_stdvec(&Hello {
         cluster_name: config.cluster_name.clone(),
@@ -434,13 +463,14 @@ pub(super) async fn establish(
     stream
         .set_nodelay(true)
         .map_err(|e| ConnectFailure::Unreachable(format!("cannot set TCP_NODELAY: {e}")))?;
-    let exchange = initiate(&mut stream, config, &hello);
+    let exchange = initiate(&mut stream, config, &hello, version);
     match tokio::time::timeout(config.handshake_timeout, exchange).await {
         Ok(Ok((opener, sealer, remote_node))) => Ok(Established {
             stream,
             opener,
             sealer,
             remote_node,
+            version,
         }),
         Ok(Err(failure)) => Err(failure),
         Err(_) => Err(ConnectFailure::Unreachable(format!(
@@ -456,13 +486,14 @@ pub(super) async fn initiate(
     stream: &mut TcpStream,
     config: &TransportConfig,
     hello: &[u8],
+    version: u16,
 ) -> Result<(Opener, Sealer, String), ConnectFailure> {
     let unreachable = ConnectFailure::Unreachable;
     let mut handshake = config.keys.initiator().map_err(ConnectFailure::Encode)?;
     let mut message = vec![0_u8; MAX_HANDSHAKE_FRAME_BYTES];
     let mut first = Vec::with_capacity(HELLO_PREFIX_BYTES + 64);
     first.extend_from_slice(&MAGIC);
-    first.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    first.extend_from_slice(&version.to_be_bytes());
     let written = handshake
         .write_message(&[], &mut message)
         .map_err(|e| ConnectFailure::Encode(format!("noise: {e}")))?;
@@ -541,7 +572,7 @@ pub(super) async fn run_connection<M>(
     (opener, sealer): (Opener, Sealer),
     outbound_queue: mpsc::Receiver<Vec<u8>>,
 ) where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
 {
     let (reader, writer) = stream.into_split();
     let limit = entry.config.frame_limit();
@@ -557,7 +588,7 @@ pub(super) async fn run_connection<M>(
 }
 
 /// Deliver replies to their pending requests; returns why it stopped.
-pub(super) async fn client_read_loop<M: DeserializeOwned>(
+pub(super) async fn client_read_loop<M: WireMessage>(
     connection: &Connection<M>,
     mut reader: OwnedReadHalf,
     mut opener: Opener,
@@ -570,7 +601,7 @@ pub(super) async fn client_read_loop<M: DeserializeOwned>(
             Err(reason) => return reason,
         };
         connection.consecutive_timeouts.store(0, Ordering::Release);
-        match decode_payload::<Envelope<M>>(&payload) {
+        match decode_envelope_payload::<M>(&payload, connection.version) {
             Ok(Envelope {
                 request_id,
                 body: Body::Response(message),
@@ -590,7 +621,7 @@ pub(super) async fn client_read_loop<M: DeserializeOwned>(
 
 impl<M> PeerClient<M>
 where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
 {
     pub fn new(config: TransportConfig) -> Self {
         Self {
@@ -619,11 +650,13 @@ where
         };
         let connection = connection?;
         let request_id = connection.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(
-            &Envelope {
+        let frame = encode_envelope(
+            Envelope {
                 request_id,
                 body: Body::Request(message),
             },
+            connection.version,
+            peer,
             self.inner.config.max_frame_bytes,
         )?;
         let reply = connection.register(request_id)?;
@@ -671,6 +704,27 @@ where
         if let Some(entry) = entry {
             entry.state.lock().record_success(&self.inner.config);
         }
+    }
+
+    /// The newest protocol version this client speaks (its configuration's).
+    pub fn newest_version(&self) -> u16 {
+        self.inner.config.newest_version()
+    }
+
+    /// The protocol version of each live connection, by peer address (sorted).
+    pub fn protocol_versions(&self) -> Vec<(SocketAddr, u16)> {
+        let entries: Vec<_> = self.inner.peers.lock().values().map(Arc::clone).collect();
+        let mut versions: Vec<(SocketAddr, u16)> = entries
+            .iter()
+            .filter_map(|entry| match &entry.state.lock().link {
+                Link::Connected(connection) if !connection.is_closed() => {
+                    Some((entry.peer, connection.version))
+                }
+                Link::Connected(_) | Link::Connecting(_) | Link::Idle => None,
+            })
+            .collect();
+        versions.sort_unstable();
+        versions
     }
 
     /// Requests awaiting a reply, over all peers (for tests and stats).

@@ -19,9 +19,11 @@
 //! 1. The connecting side sends `MAGIC (6 bytes) | protocol_version (u16 big-endian) | Noise
 //!    message 1`.
 //! 2. The accepting side answers `0 | Noise message 2`, or `1 | reason (UTF-8)` and closes the
-//!    connection: for a wrong magic, a protocol version other than [`PROTOCOL_VERSION`] (the
-//!    reason says which versions), or a first message that does not decrypt (the reason is
-//!    only "handshake refused": a stranger learns nothing about the cluster).
+//!    connection: for a wrong magic, a protocol version not in [`SUPPORTED_PROTOCOL_VERSIONS`]
+//!    (the reason says "this node speaks version N", which a connecting node of a newer
+//!    version reads to connect again with version N if it can speak it), or a first message
+//!    that does not decrypt (the reason is only "handshake refused": a stranger learns
+//!    nothing about the cluster).
 //! 3. The connecting side sends Noise message 3, whose payload is the [`Hello`]:
 //!    `cluster_name: String`, `node_name: String` (varint length, then UTF-8 bytes),
 //!    `wall_clock_ms: u64` (varint): the accepting side takes `wall_clock_ms` minus its own
@@ -36,6 +38,19 @@
 //! [`Body`]: variant 0 `Request(M)` (only from the connecting side), variant 1 `Response(M)`
 //! or variant 2 `Error(String)` (only from the accepting side, carrying the request's id).
 //! Responses may come in any order.
+//!
+//! # Versions
+//!
+//! A node speaks [`PROTOCOL_VERSION`] and [`PREVIOUS_PROTOCOL_VERSION`], so that a cluster can
+//! be upgraded one node at a time. The version of a connection is the one its connecting side
+//! put in its first frame: a node connects with its own version, and when the peer refuses it
+//! saying it speaks the previous one, connects again with that (and says so in its log). Every
+//! envelope of a connection of the previous version carries the message's previous form
+//! ([`WireMessage::Previous`]); a message that form cannot carry is not sent
+//! ([`TransportError::OlderPeer`]), or, for a reply, answered with [`Body::Error`]. The
+//! version is not authenticated before the handshake: a man in the middle can make two nodes
+//! of the current version speak the previous one (a downgrade to a version that is
+//! authenticated and encrypted the same way, losing only the newer messages).
 //!
 //! # Invariants
 //!
@@ -89,8 +104,14 @@ use tokio::time::Instant;
 
 use crate::link::{self, FrameBudget, LinkKeys, MAX_RECORD_PLAINTEXT, Opener, Sealer};
 
-/// Version of this wire protocol, sent in the hello. A node accepts only its own version.
+/// Version of this wire protocol, sent in the hello.
 pub const PROTOCOL_VERSION: u16 = 4;
+/// The version before [`PROTOCOL_VERSION`], still spoken so that a cluster can be upgraded
+/// one node at a time: a node accepts connections of either version, and connects with the
+/// previous one to a peer that refuses the current one (see [`WireMessage`]).
+pub const PREVIOUS_PROTOCOL_VERSION: u16 = 3;
+/// Every version a node accepts.
+pub const SUPPORTED_PROTOCOL_VERSIONS: [u16; 2] = [PREVIOUS_PROTOCOL_VERSION, PROTOCOL_VERSION];
 /// A peer whose wall clock differs from this node's by more than this (ms) is logged when it
 /// connects.
 pub const CLOCK_OFFSET_WARNING_MS: u64 = 1_000;
@@ -195,6 +216,10 @@ pub struct TransportConfig {
     /// Checks the name and key of every peer after its handshake (both sides); `None`
     /// accepts any peer that holds the cluster secret.
     pub verifier: Option<PeerVerifier>,
+    /// The newest protocol version this node speaks: [`PROTOCOL_VERSION`], or
+    /// [`PREVIOUS_PROTOCOL_VERSION`] to behave as a node not yet upgraded (tests of mixed
+    /// clusters). Other values are taken as [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
 }
 
 /// The check of a peer's node name and public key, run after each handshake: `Err` refuses
@@ -236,6 +261,16 @@ impl TransportConfig {
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
             clock: crate::clock::WallClock::default(),
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// The newest protocol version this node speaks (see [`TransportConfig::protocol_version`]).
+    pub fn newest_version(&self) -> u16 {
+        if self.protocol_version == PREVIOUS_PROTOCOL_VERSION {
+            PREVIOUS_PROTOCOL_VERSION
+        } else {
+            PROTOCOL_VERSION
         }
     }
 
@@ -281,6 +316,16 @@ pub enum TransportError {
     /// The message could not be serialised.
     #[error("cannot encode the message: {0}")]
     Encode(String),
+    /// The peer speaks an older protocol version that cannot carry this message (it was not
+    /// sent; a reply that cannot be carried is answered with [`Body::Error`]).
+    #[error(
+        "peer {peer} speaks protocol version {version}, which cannot carry {reason}: upgrade it"
+    )]
+    OlderPeer {
+        peer: SocketAddr,
+        version: u16,
+        reason: String,
+    },
     /// The peer could not handle the request (its handler panicked, or its reply did not fit).
     #[error("the peer failed to handle the request: {0}")]
     RemoteError(String),
@@ -358,6 +403,88 @@ pub struct PeerInfo {
     /// from its hello (within the hello's one-way delay). A wall-clock time the peer sends is
     /// this node's time plus this offset.
     pub clock_offset_ms: i64,
+    /// The protocol version of the connection (one of [`SUPPORTED_PROTOCOL_VERSIONS`]).
+    pub protocol_version: u16,
+}
+
+/// A message type the transport carries, in the current protocol version (its own serde
+/// form) and in the previous one (the form of [`WireMessage::Previous`]), chosen per
+/// connection.
+pub trait WireMessage: Serialize + DeserializeOwned + Send + 'static {
+    /// The message as [`PREVIOUS_PROTOCOL_VERSION`] encodes it.
+    type Previous: Serialize + DeserializeOwned;
+
+    /// This message in the previous version.
+    ///
+    /// # Errors
+    /// What in it the previous version cannot carry.
+    fn to_previous(self) -> Result<Self::Previous, String>;
+
+    /// A message of the previous version in the current one.
+    fn from_previous(previous: Self::Previous) -> Self;
+}
+
+/// Encode an envelope for a connection of protocol `version` to `peer` (length prefix
+/// included).
+///
+/// # Errors
+/// [`TransportError::OlderPeer`] when the message cannot be said in `version`; the frame
+/// errors of [`encode_frame`].
+pub fn encode_envelope<M: WireMessage>(
+    envelope: Envelope<M>,
+    version: u16,
+    peer: SocketAddr,
+    max_frame_bytes: usize,
+) -> Result<Vec<u8>, TransportError> {
+    if version != PREVIOUS_PROTOCOL_VERSION {
+        return encode_frame(&envelope, max_frame_bytes);
+    }
+    let older = |reason| TransportError::OlderPeer {
+        peer,
+        version,
+        reason,
+    };
+    let body = match envelope.body {
+        Body::Request(message) => Body::Request(message.to_previous().map_err(older)?),
+        Body::Response(message) => Body::Response(message.to_previous().map_err(older)?),
+        Body::Error(reason) => Body::Error(reason),
+    };
+    encode_frame(
+        &Envelope {
+            request_id: envelope.request_id,
+            body,
+        },
+        max_frame_bytes,
+    )
+}
+
+/// Decode a whole payload of a connection of protocol `version` as an [`Envelope`].
+///
+/// # Errors
+/// The payload is not a valid envelope of that version.
+pub fn decode_envelope_payload<M: WireMessage>(
+    payload: &[u8],
+    version: u16,
+) -> Result<Envelope<M>, FrameError> {
+    if version != PREVIOUS_PROTOCOL_VERSION {
+        return decode_payload(payload);
+    }
+    let Envelope { request_id, body } = decode_payload::<Envelope<M::Previous>>(payload)?;
+    let body = match body {
+        Body::Request(message) => Body::Request(M::from_previous(message)),
+        Body::Response(message) => Body::Response(M::from_previous(message)),
+        Body::Error(reason) => Body::Error(reason),
+    };
+    Ok(Envelope { request_id, body })
+}
+
+/// The version a refusal says the refusing node speaks, when it is one this node can speak
+/// too and older than its own: "... this node speaks version N ...".
+pub fn older_version_in_refusal(reason: &str, asked: u16) -> Option<u16> {
+    let (_, rest) = reason.split_once("this node speaks version ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let version: u16 = digits.parse().ok()?;
+    (version < asked && SUPPORTED_PROTOCOL_VERSIONS.contains(&version)).then_some(version)
 }
 
 /// Encode `value` as one frame (length prefix included).

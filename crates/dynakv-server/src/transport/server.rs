@@ -2,13 +2,14 @@
 
 use super::{
     ACCEPT_ERROR_PAUSE, Arc, AssertUnwindSafe, AsyncWriteExt, Body, BytesMut,
-    CLOCK_OFFSET_WARNING_MS, DeserializeOwned, Envelope, FrameBudget, Future, FutureExt,
-    HANDSHAKE_CONTINUE, HANDSHAKE_REFUSED, HELLO_PREFIX_BYTES, HashMap, Hello, HelloReply, JoinSet,
-    MAGIC, MAX_CONNECTIONS_PER_PEER_NAME, MAX_HANDSHAKE_FRAME_BYTES, MAX_HANDSHAKING_CONNECTIONS,
+    CLOCK_OFFSET_WARNING_MS, Envelope, FrameBudget, Future, FutureExt, HANDSHAKE_CONTINUE,
+    HANDSHAKE_REFUSED, HELLO_PREFIX_BYTES, HashMap, Hello, HelloReply, JoinSet, MAGIC,
+    MAX_CONNECTIONS_PER_PEER_NAME, MAX_HANDSHAKE_FRAME_BYTES, MAX_HANDSHAKING_CONNECTIONS,
     MAX_INBOUND_CONNECTIONS, Mutex, OUTBOUND_QUEUE_FRAMES, Opener, OwnedReadHalf,
     OwnedSemaphorePermit, PROTOCOL_VERSION, PeerInfo, REFUSED_REASON, SHUTDOWN_DRAIN_TIMEOUT,
-    Sealer, Semaphore, Serialize, SocketAddr, TcpListener, TcpStream, TransportConfig,
-    decode_payload, encode_frame, link, mpsc, read_frame, watch, write_loop, write_plain_frame,
+    SUPPORTED_PROTOCOL_VERSIONS, Sealer, Semaphore, SocketAddr, TcpListener, TcpStream,
+    TransportConfig, WireMessage, decode_envelope_payload, decode_payload, encode_envelope,
+    encode_frame, link, mpsc, read_frame, watch, write_loop, write_plain_frame,
 };
 
 /// Server side: accept connections, handshake, run `handler` for each request (concurrently,
@@ -24,7 +25,7 @@ pub async fn serve<M, H, Fut>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()>
 where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
     H: Fn(PeerInfo, M) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = M> + Send + 'static,
 {
@@ -137,7 +138,7 @@ pub(super) async fn serve_connection<M, H, Fut>(
     stop: watch::Receiver<bool>,
     (handshake_slot, slots): (OwnedSemaphorePermit, Arc<InboundSlots>),
 ) where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
     H: Fn(PeerInfo, M) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = M> + Send + 'static,
 {
@@ -163,6 +164,7 @@ pub(super) async fn serve_connection<M, H, Fut>(
         arrived_ms,
         opener,
         mut sealer,
+        version,
     } = accepted;
     // The hello is authenticated: check what it claims, then answer it (encrypted).
     let verdict =
@@ -209,11 +211,20 @@ pub(super) async fn serve_connection<M, H, Fut>(
             "the peer's wall clock differs from this node's (forwarded writes are corrected for it; last-write-wins buckets and Last-Modified are not)"
         );
     }
+    if version != PROTOCOL_VERSION {
+        tracing::info!(
+            peer = %node_name,
+            %remote_addr,
+            version,
+            "peer connected with the previous protocol version (it has not been upgraded yet)"
+        );
+    }
     let peer = PeerInfo {
         node_name,
         public_key,
         remote_addr,
         clock_offset_ms,
+        protocol_version: version,
     };
     let (reader, writer) = stream.into_split();
     let (outbound, outbound_queue) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
@@ -249,6 +260,8 @@ pub(super) struct Accepted {
     arrived_ms: u64,
     opener: Opener,
     sealer: Sealer,
+    /// The protocol version the peer asked for (a supported one).
+    version: u16,
 }
 
 /// The accepting side's handshake up to the decrypted hello. `Err`: why it failed (a
@@ -261,10 +274,13 @@ pub(super) async fn accept_handshake(
     let first = read_frame(stream, &mut buffer, MAX_HANDSHAKE_FRAME_BYTES)
         .await?
         .ok_or_else(|| "closed before the hello".to_owned())?;
-    if let Err(reason) = check_handshake_prefix(&first) {
-        refuse(stream, &reason).await;
-        return Err(reason);
-    }
+    let version = match check_handshake_prefix(&first, config.newest_version()) {
+        Ok(version) => version,
+        Err(reason) => {
+            refuse(stream, &reason).await;
+            return Err(reason);
+        }
+    };
     let mut handshake = config.keys.responder()?;
     let mut payload = vec![0_u8; MAX_HANDSHAKE_FRAME_BYTES];
     if handshake
@@ -295,6 +311,7 @@ pub(super) async fn accept_handshake(
         arrived_ms,
         opener: Opener::new(Arc::clone(&state), buffer),
         sealer: Sealer::new(state),
+        version,
     })
 }
 
@@ -306,8 +323,12 @@ pub(super) async fn refuse(stream: &mut TcpStream, reason: &str) {
     let _ = stream.shutdown().await;
 }
 
-/// Whether the first handshake frame starts with our magic and protocol version.
-pub fn check_handshake_prefix(first: &[u8]) -> Result<(), String> {
+/// Whether the first handshake frame starts with our magic and a protocol version this node
+/// speaks (a supported one up to `newest`); `Ok`: that version.
+///
+/// # Errors
+/// Why the frame is refused (the connecting side is told).
+pub fn check_handshake_prefix(first: &[u8], newest: u16) -> Result<u16, String> {
     let (Some(magic), Some(version)) = (
         first.get(..MAGIC.len()),
         first.get(MAGIC.len()..HELLO_PREFIX_BYTES),
@@ -318,12 +339,17 @@ pub fn check_handshake_prefix(first: &[u8]) -> Result<(), String> {
         return Err("not a dynakv hello (bad magic)".to_owned());
     }
     let version = u16::from_be_bytes([version[0], version[1]]);
-    if version != PROTOCOL_VERSION {
+    if version > newest || !SUPPORTED_PROTOCOL_VERSIONS.contains(&version) {
+        let accepted: Vec<u16> = SUPPORTED_PROTOCOL_VERSIONS
+            .into_iter()
+            .filter(|v| *v <= newest)
+            .collect();
         return Err(format!(
-            "protocol version {version} is not supported: this node speaks version {PROTOCOL_VERSION}"
+            "protocol version {version} is not supported: this node speaks version {newest} \
+             (and accepts {accepted:?})"
         ));
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Whether an authenticated hello is acceptable: our cluster, and a name the verifier binds
@@ -355,7 +381,7 @@ pub(super) async fn server_read_loop<M, H, Fut>(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String>
 where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
     H: Fn(PeerInfo, M) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = M> + Send + 'static,
 {
@@ -374,7 +400,8 @@ where
                 Err(_) => return Err(format!("no complete frame within {:?} ({} bytes buffered)", config.idle_timeout, opener.buffered())),
             },
         };
-        let envelope: Envelope<M> = decode_payload(&payload).map_err(|e| e.to_string())?;
+        let envelope: Envelope<M> =
+            decode_envelope_payload(&payload, peer.protocol_version).map_err(|e| e.to_string())?;
         let Envelope {
             request_id,
             body: Body::Request(message),
@@ -410,11 +437,12 @@ pub(super) async fn handle_request<M, H, Fut>(
     outbound: mpsc::Sender<Vec<u8>>,
     _permit: OwnedSemaphorePermit,
 ) where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: WireMessage,
     H: Fn(PeerInfo, M) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = M> + Send + 'static,
 {
     let remote_addr = peer.remote_addr;
+    let version = peer.protocol_version;
     let handled = AssertUnwindSafe(async move { handler(peer, message).await })
         .catch_unwind()
         .await;
@@ -424,7 +452,7 @@ pub(super) async fn handle_request<M, H, Fut>(
         tracing::error!(%remote_addr, request_id, "peer request handler panicked");
         Body::Error("the request handler panicked".to_owned())
     };
-    let frame = match encode_frame(&Envelope { request_id, body }, limit) {
+    let frame = match encode_envelope(Envelope { request_id, body }, version, remote_addr, limit) {
         Ok(frame) => frame,
         Err(e) => {
             tracing::warn!(%remote_addr, request_id, error = %e, "cannot send a peer reply");

@@ -628,6 +628,21 @@ impl Cluster {
         published.up.contains(id)
     }
 
+    /// The peer protocol version this node speaks with member `id`: its own newest for
+    /// itself, the version of its live connection to `id` for another (`None`: no connection
+    /// open now).
+    pub fn protocol_of(&self, id: &NodeId) -> Option<u16> {
+        if id == &self.me {
+            return Some(self.client.newest_version());
+        }
+        let addr = self.peer_address(id)?;
+        self.client
+            .protocol_versions()
+            .into_iter()
+            .find(|(peer, _)| *peer == addr)
+            .map(|(_, version)| version)
+    }
+
     /// Milliseconds on the node's monotonic clock (the one of the anti-entropy records).
     pub fn monotonic_ms(&self) -> u64 {
         self.driver.monotonic_ms()

@@ -234,6 +234,7 @@ fn peer(name: &str) -> PeerInfo {
         public_key: [0; 32],
         remote_addr: "127.0.0.1:9".parse().unwrap(),
         clock_offset_ms: 0,
+        protocol_version: crate::transport::PROTOCOL_VERSION,
     }
 }
 
