@@ -14,130 +14,19 @@
 mod common;
 
 use common::{
-    Cluster, Resp, Rng, Tally, consecutive_free_ports, get_kv, members, preflist, put_kv, replica,
-    ring, serial, wait_for,
+    Cluster, Resp, Tally, Writers, consecutive_free_ports, get_kv, members, preflist, put_kv,
+    read_back, replica, ring, serial, wait_for,
 };
 use std::collections::BTreeSet;
 use std::io::BufRead as _;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SETTLE: Duration = Duration::from_secs(45);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers specific to these tests.
-
-/// Background writers: each thread writes unique keys `t{thread}-{i}` (value
-/// `value-t{thread}-{i}`) with `w=2` through a random node of `targets`, pausing between
-/// writes, and records every acknowledged (204) key.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    handles: Vec<JoinHandle<()>>,
-    acked: Arc<Mutex<Vec<(String, String)>>>,
-    tally: Arc<Tally>,
-}
-
-impl Writers {
-    fn start(
-        targets: &[(String, String)],
-        bucket: &str,
-        threads: usize,
-        pause: Duration,
-    ) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let tally = Arc::new(Tally::new(&format!("writers {bucket}")));
-        let handles = (0..threads)
-            .map(|t| {
-                let stop = Arc::clone(&stop);
-                let acked = Arc::clone(&acked);
-                let tally = Arc::clone(&tally);
-                let targets = targets.to_vec();
-                let bucket = bucket.to_owned();
-                std::thread::spawn(move || {
-                    let mut rng = Rng::seeded(t as u64 + 1);
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let key = format!("t{t}-{i}");
-                        let value = format!("value-{key}");
-                        i += 1;
-                        let (name, url) = &targets[rng.below(targets.len())];
-                        tally.attempt();
-                        let outcome = put_kv(url, &bucket, &key, &value, Some(2), None);
-                        if matches!(outcome, Ok(ref r) if r.status == 204) {
-                            tally.ack();
-                            acked.lock().unwrap().push((key, value));
-                        } else {
-                            tally.fail(name, &outcome);
-                        }
-                        std::thread::sleep(pause);
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            stop,
-            handles,
-            acked,
-            tally,
-        }
-    }
-
-    fn acked_count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Stops the threads; returns every acknowledged write.
-    fn finish(mut self) -> Vec<(String, String)> {
-        self.stop.store(true, Ordering::Relaxed);
-        for h in self.handles.drain(..) {
-            h.join().unwrap();
-        }
-        self.tally.print();
-        std::mem::take(&mut *self.acked.lock().unwrap())
-    }
-}
-
-impl Drop for Writers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
-/// Reads every key with `r` through the nodes of `via` in turn; returns one line per key that
-/// did not come back with its value.
-fn read_back(
-    via: &[(String, String)],
-    bucket: &str,
-    writes: &[(String, String)],
-    r: u32,
-    tally: &Tally,
-) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (n, (key, value)) in writes.iter().enumerate() {
-        let (name, url) = &via[n % via.len()];
-        tally.attempt();
-        let outcome = get_kv(url, bucket, key, Some(r));
-        match &outcome {
-            Ok(resp) if resp.status == 200 && resp.text() == *value => tally.ack(),
-            _ => {
-                tally.fail(name, &outcome);
-                failures.push(format!(
-                    "{key} via {name}: {}",
-                    outcome.map_or_else(|e| e, |r| r.summary())
-                ));
-            }
-        }
-    }
-    tally.print();
-    failures
-}
 
 /// Evenly spread sample of at most `max` entries.
 fn sample<T: Clone>(all: &[T], max: usize) -> Vec<T> {

@@ -428,6 +428,14 @@ pub enum Input {
         to: NodeId,
         id: RequestId,
     },
+    /// A request was not sent because the peer cannot carry it (it runs the previous peer
+    /// protocol version, during a rolling upgrade). The peer is not down: the request fails
+    /// as unsent (a write tries a fallback), with no backoff, so the requests it can carry
+    /// still go to it.
+    SendRefused {
+        to: NodeId,
+        id: RequestId,
+    },
     Timer(Timer),
     /// The storage sync asked for by `Output::Sync { through }` completed: every write the
     /// node made before it returned that output is durable.
@@ -1258,6 +1266,11 @@ impl Node {
             Input::SendFailed { to, id } => {
                 if self.pending.get(&id).is_some_and(|p| p.to == to) {
                     self.backoff(now, &to);
+                    self.fail_unsent(now, id);
+                }
+            }
+            Input::SendRefused { to, id } => {
+                if self.pending.get(&id).is_some_and(|p| p.to == to) {
                     self.fail_unsent(now, id);
                 }
             }

@@ -264,6 +264,46 @@ fn a_durable_write_is_sent_on_and_acknowledged_only_after_its_sync() {
     assert_eq!(sends(&out).len(), 2, "{out:?}");
 }
 
+/// A replica put a peer cannot carry (it runs the previous protocol version) fails as unsent
+/// without marking the peer down, while one that could not be sent (connection refused) does
+/// mark it down: a refused indexed write must not make the plain writes after it skip an old
+/// replica (the rolling upgrade test saw them fail with "1 asked").
+#[test]
+fn a_refused_send_leaves_the_peer_up_and_a_failed_one_backs_it_off() {
+    let mut net = Net::new(&cluster_of_three());
+    net.nodes[0].config.props.durability = StoreDurability::Buffered;
+    let requests = |out: &[Output]| -> Vec<(NodeId, RequestId)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    message: Message::Request { id, .. },
+                } => Some((to.clone(), *id)),
+                _ => None,
+            })
+            .collect()
+    };
+    let op = |key: &str| Input::Client {
+        id: 1,
+        op: ClientOp::Put(PutOp::new("b", key, None, Some(b"v".to_vec()))),
+    };
+    let out = net.nodes[0].handle(1, op("k1"));
+    let sent = requests(&out);
+    assert_eq!(sent.len(), 2, "{out:?}");
+    let (to, id) = sent[0].clone();
+    net.nodes[0].handle(2, Input::SendRefused { to: to.clone(), id });
+    assert!(net.nodes[0].is_up(3, &to));
+    // The next write still goes to that peer.
+    let out = net.nodes[0].handle(3, op("k2"));
+    assert!(
+        requests(&out).iter().any(|(peer, _)| *peer == to),
+        "{out:?}"
+    );
+    let (to, id) = requests(&out)[0].clone();
+    net.nodes[0].handle(4, Input::SendFailed { to: to.clone(), id });
+    assert!(!net.nodes[0].is_up(5, &to));
+}
+
 #[test]
 fn a_failed_sync_stops_the_node_before_anything_waiting_for_it() {
     let mut net = Net::new(&cluster_of_three());

@@ -46,6 +46,9 @@ pub enum SendOutcome {
     Answered(Box<PeerMessage>),
     /// It was never sent (the peer is unreachable, or in backoff): fail it now.
     NotSent,
+    /// It was never sent because the peer cannot carry it (an older protocol version): fail
+    /// it now, the peer is not down.
+    Refused,
     /// Sent, and no answer came (timeout, connection lost): the node's timer fails it.
     Lost,
 }
@@ -297,9 +300,19 @@ impl Driver {
         };
         let state = Arc::new(node.cluster().clone());
         env.state_published(&state);
+        // Liveness as the node sees it now (too early to tell: every member up), not an empty
+        // set: the data plane serves requests before the node's thread first publishes, and
+        // would otherwise plan them with every peer down (a restarted node failed its first
+        // writes with "1 asked").
+        let up: BTreeSet<NodeId> = state
+            .members
+            .keys()
+            .filter(|id| *id == node.id() || node.is_up(0, id))
+            .cloned()
+            .collect();
         let published = Arc::new(RwLock::new(Arc::new(Published {
             state,
-            up: BTreeSet::new(),
+            up,
             stats: node.stats(),
             aae_records: Arc::new(node.aae_records().clone()),
             stopped: None,
@@ -497,6 +510,7 @@ impl Run {
                     message: Message::Response { id, body: *body },
                 },
                 SendOutcome::NotSent => Input::SendFailed { to, id },
+                SendOutcome::Refused => Input::SendRefused { to, id },
                 SendOutcome::Lost => return,
             },
             DriverInput::Synced { through, outcome } => match outcome {

@@ -134,8 +134,8 @@ fn outcome_of(error: &TransportError) -> SendOutcome {
         | TransportError::Rejected { .. }
         | TransportError::Overloaded { .. }
         | TransportError::FrameTooLarge { .. }
-        | TransportError::OlderPeer { .. }
         | TransportError::Encode(_) => SendOutcome::NotSent,
+        TransportError::OlderPeer { .. } => SendOutcome::Refused,
         _ => SendOutcome::Lost,
     }
 }

@@ -18,8 +18,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dynakv");
@@ -658,6 +659,118 @@ impl Tally {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Load: writers in the background, and reading their writes back.
+
+/// Background writers: each thread writes unique keys `t{thread}-{i}` (value
+/// `value-t{thread}-{i}`) with `w=2` through a random node of `targets`, pausing between
+/// writes, and records every acknowledged (204) key.
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    acked: Arc<Mutex<Vec<(String, String)>>>,
+    pub tally: Arc<Tally>,
+}
+
+impl Writers {
+    pub fn start(
+        targets: &[(String, String)],
+        bucket: &str,
+        threads: usize,
+        pause: Duration,
+    ) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let tally = Arc::new(Tally::new(&format!("writers {bucket}")));
+        let handles = (0..threads)
+            .map(|t| {
+                let stop = Arc::clone(&stop);
+                let acked = Arc::clone(&acked);
+                let tally = Arc::clone(&tally);
+                let targets = targets.to_vec();
+                let bucket = bucket.to_owned();
+                std::thread::spawn(move || {
+                    let mut rng = Rng::seeded(t as u64 + 1);
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("t{t}-{i}");
+                        let value = format!("value-{key}");
+                        i += 1;
+                        let (name, url) = &targets[rng.below(targets.len())];
+                        tally.attempt();
+                        let outcome = put_kv(url, &bucket, &key, &value, Some(2), None);
+                        if matches!(outcome, Ok(ref r) if r.status == 204) {
+                            tally.ack();
+                            acked.lock().unwrap().push((key, value));
+                        } else {
+                            tally.fail(name, &outcome);
+                        }
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            handles,
+            acked,
+            tally,
+        }
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the threads; returns every acknowledged write.
+    pub fn finish(mut self) -> Vec<(String, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            h.join().unwrap();
+        }
+        self.tally.print();
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Reads every key with `r` through the nodes of `via` in turn; returns one line per key that
+/// did not come back with its value.
+pub fn read_back(
+    via: &[(String, String)],
+    bucket: &str,
+    writes: &[(String, String)],
+    r: u32,
+    tally: &Tally,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (n, (key, value)) in writes.iter().enumerate() {
+        let (name, url) = &via[n % via.len()];
+        tally.attempt();
+        let outcome = get_kv(url, bucket, key, Some(r));
+        match &outcome {
+            Ok(resp) if resp.status == 200 && resp.text() == *value => tally.ack(),
+            _ => {
+                tally.fail(name, &outcome);
+                failures.push(format!(
+                    "{key} via {name}: {}",
+                    outcome.map_or_else(|e| e, |r| r.summary())
+                ));
+            }
+        }
+    }
+    tally.print();
+    failures
+}
+
+// ---------------------------------------------------------------------------------------------
 // Server processes.
 
 #[derive(Debug)]
@@ -674,6 +787,9 @@ pub struct NodeProc {
     /// a new node.
     pub secret_file: PathBuf,
     pub with_secret: bool,
+    /// The `dynakv` executable every start runs: this build's ([`BIN`]) unless a test runs
+    /// another (a previous release, for an upgrade).
+    pub bin: PathBuf,
     child: Option<Child>,
 }
 
@@ -694,7 +810,7 @@ impl NodeProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["server", "--name", &self.name])
             .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
             .args(["--peer", &self.peer_addr()])
@@ -752,6 +868,40 @@ impl NodeProc {
         }
     }
 
+    /// SIGTERM (how an operator stops a node), then waits for a clean exit (panics when the
+    /// node does not exit within `timeout`, or exits with a failure).
+    pub fn stop(&mut self, timeout: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status} on SIGTERM; log:\n{}",
+                    self.name,
+                    tail(&self.log, 40)
+                );
+                eprintln!("[harness] stopped {} (SIGTERM)", self.name);
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not stop within {timeout:?} of SIGTERM; log:\n{}",
+                    self.name,
+                    tail(&self.log, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, then reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -796,6 +946,8 @@ pub struct Cluster {
     root: tempfile::TempDir,
     /// The `--config` file every node of this cluster starts with, if any.
     config: Option<PathBuf>,
+    /// The executable of the nodes it creates (see [`NodeProc::bin`]).
+    bin: PathBuf,
 }
 
 impl Default for Cluster {
@@ -810,7 +962,15 @@ impl Cluster {
             nodes: Vec::new(),
             root: tempfile::tempdir().unwrap(),
             config: None,
+            bin: PathBuf::from(BIN),
         }
+    }
+
+    /// A cluster whose nodes run the executable `bin` (until a test sets a node's own).
+    pub fn with_binary(bin: &Path) -> Cluster {
+        let mut cluster = Cluster::new();
+        bin.clone_into(&mut cluster.bin);
+        cluster
     }
 
     /// A cluster whose nodes all start with `--config` holding `toml`.
@@ -883,6 +1043,7 @@ impl Cluster {
             data_dir,
             log,
             config: self.config.clone(),
+            bin: self.bin.clone(),
             child: None,
         });
         index
