@@ -86,6 +86,12 @@ fn the_console_shows_members_ring_and_hints_in_a_browser() {
         assert_eq!(text_of(&dom, "member-count"), "3");
         assert_eq!(text_of(&dom, "members-up"), "3 up");
         assert_eq!(text_of(&dom, "partition-count"), "64");
+        // Each member's peer protocol version, as this node speaks it with them.
+        assert_eq!(
+            dom.matches("<td class=\"num protocol\">4</td>").count(),
+            3,
+            "a protocol cell per member: {dom}"
+        );
         assert_eq!(
             dom.matches("data-owner=").count(),
             64,

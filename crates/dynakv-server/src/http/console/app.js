@@ -49,7 +49,8 @@ function drawMembers(members) {
   setText("members-up", `${list.filter((m) => m.up).length} up`);
   rows("members", list, (m) => [
     [m.name], [m.status], [m.up ? "up" : "down", m.up ? "up" : "down"], [m.zone || "-"],
-    [m.partitions ?? "-", "num"], [m.partitions_next ?? "-", "num"], [m.http_addr],
+    [m.partitions ?? "-", "num"], [m.partitions_next ?? "-", "num"],
+    [m.protocol ?? "-", "num protocol"], [m.http_addr],
   ]);
 }
 
