@@ -21,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
         loop {
             match reader.next_record() {
                 Ok(Some(record)) => {
-                    bytes.extend(encode_record(&record.bucket, &record.key, &record.object).unwrap());
+                    bytes.extend(
+                        encode_record(&record.bucket, &record.key, &record.object).unwrap(),
+                    );
                     count += 1;
                 }
                 Ok(None) => {

@@ -4,11 +4,24 @@
 
 use dynakv_server::link::LinkKeys;
 use dynakv_server::secrets::{ClusterSecret, NodeKey};
-use dynakv_server::transport::check_handshake_prefix;
+use dynakv_server::transport::{
+    PREVIOUS_PROTOCOL_VERSION, PROTOCOL_VERSION, check_handshake_prefix, older_version_in_refusal,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = check_handshake_prefix(data);
+    // As a current node and as a node playing the previous version; and a refusal's text as
+    // the connecting side reads it.
+    for newest in [PROTOCOL_VERSION, PREVIOUS_PROTOCOL_VERSION] {
+        if let Ok(version) = check_handshake_prefix(data, newest) {
+            assert!(version <= newest);
+        }
+    }
+    if let Some(version) =
+        older_version_in_refusal(&String::from_utf8_lossy(data), PROTOCOL_VERSION)
+    {
+        assert!(version < PROTOCOL_VERSION);
+    }
     let keys = LinkKeys::new(
         &ClusterSecret::from_bytes([1; 32]),
         &NodeKey::from_private([2; 32]),
