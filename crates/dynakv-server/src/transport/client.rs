@@ -88,7 +88,14 @@ pub(super) struct PeerEntry<M> {
     state: Mutex<PeerState<M>>,
     /// Set when the owning client is dropped: a connect finishing later closes at once.
     client_dropped: AtomicBool,
+    /// When a message was last refused for the peer's older protocol version and logged
+    /// (at most one warning per [`OLDER_PEER_WARNING_INTERVAL`]).
+    older_warned: Mutex<Option<Instant>>,
 }
+
+/// Least time between two warnings that messages to one peer were refused for its older
+/// protocol version (during a rolling upgrade they may be many).
+const OLDER_PEER_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 pub(super) struct PeerState<M> {
     link: Link<M>,
@@ -276,7 +283,21 @@ where
                 last_failure: String::new(),
             }),
             client_dropped: AtomicBool::new(false),
+            older_warned: Mutex::new(None),
         }
+    }
+
+    /// Log (at most once per [`OLDER_PEER_WARNING_INTERVAL`]) that a message was not sent to
+    /// this peer because its protocol version cannot carry it: the operator's answer to a
+    /// write failing its quorum during a rolling upgrade.
+    fn warn_older(&self, error: &TransportError) {
+        let now = Instant::now();
+        let mut last = self.older_warned.lock();
+        if last.is_some_and(|at| now.duration_since(at) < OLDER_PEER_WARNING_INTERVAL) {
+            return;
+        }
+        *last = Some(now);
+        tracing::warn!(peer = %self.peer, error = %error, "a request was not sent: upgrade that node (further refusals to it are not logged for 10 s)");
     }
 
     /// The live connection, connecting first if there is none (one attempt at a time, shared
@@ -443,12 +464,6 @@ async fn establish_with(
     peer: SocketAddr,
     version: u16,
 ) -> Result<Established, ConnectFailure> {
-    let hello = postcard::to_stdvec(&Hello {
-        cluster_name: config.cluster_name.clone(),
-        node_name: config.node_name.clone(),
-        wall_clock_ms: config.clock.now_ms(),
-    })
-    .map_err(|e| ConnectFailure::Encode(format!("hello: {e}")))?;
     let mut stream =
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(peer)).await {
             Ok(Ok(stream)) => stream,
@@ -463,7 +478,7 @@ async fn establish_with(
     stream
         .set_nodelay(true)
         .map_err(|e| ConnectFailure::Unreachable(format!("cannot set TCP_NODELAY: {e}")))?;
-    let exchange = initiate(&mut stream, config, &hello, version);
+    let exchange = initiate(&mut stream, config, version);
     match tokio::time::timeout(config.handshake_timeout, exchange).await {
         Ok(Ok((opener, sealer, remote_node))) => Ok(Established {
             stream,
@@ -480,12 +495,23 @@ async fn establish_with(
     }
 }
 
+/// The hello, its clock read now: just before it is sent, so that the accepting side's
+/// measure of the clock offset is off by the hello's one-way delay only (not by the connect
+/// and the first handshake round trip, which a lost packet stretches to seconds).
+fn hello_now(config: &TransportConfig) -> Result<Vec<u8>, ConnectFailure> {
+    postcard::to_stdvec(&Hello {
+        cluster_name: config.cluster_name.clone(),
+        node_name: config.node_name.clone(),
+        wall_clock_ms: config.clock.now_ms(),
+    })
+    .map_err(|e| ConnectFailure::Encode(format!("hello: {e}")))
+}
+
 /// The connecting side's handshake: the two sides' secrets and keys proven, the hello
 /// accepted, the accepting side's name and key checked.
 pub(super) async fn initiate(
     stream: &mut TcpStream,
     config: &TransportConfig,
-    hello: &[u8],
     version: u16,
 ) -> Result<(Opener, Sealer, String), ConnectFailure> {
     let unreachable = ConnectFailure::Unreachable;
@@ -522,8 +548,9 @@ pub(super) async fn initiate(
         .map_err(|_| {
             ConnectFailure::Rejected("the peer does not hold this cluster's secret".to_owned())
         })?;
+    let hello = hello_now(config)?;
     let written = handshake
-        .write_message(hello, &mut message)
+        .write_message(&hello, &mut message)
         .map_err(|e| ConnectFailure::Encode(format!("noise: {e}")))?;
     write_plain_frame(stream, &message[..written])
         .await
@@ -658,7 +685,12 @@ where
             connection.version,
             peer,
             self.inner.config.max_frame_bytes,
-        )?;
+        )
+        .inspect_err(|e| {
+            if matches!(e, TransportError::OlderPeer { .. }) {
+                entry.warn_older(e);
+            }
+        })?;
         let reply = connection.register(request_id)?;
         let pending = PendingGuard {
             connection: &connection,
