@@ -112,6 +112,7 @@ impl GetCoordinator {
                 replied: 0,
                 needed: r.max(1),
                 asked: replicas.len(),
+                why: None,
             });
         }
         let quorum = GetQuorum::new(replicas, r).with_primaries(plan.primaries.clone(), pr);
@@ -142,6 +143,7 @@ impl GetCoordinator {
                     replied: 0,
                     needed: self.quorum.needed(),
                     asked: self.quorum.replicas().len(),
+                    why: None,
                 })));
             }
             let merged = self.quorum.merged();
@@ -320,6 +322,7 @@ impl PutCoordinator {
                 replied: 0,
                 needed: self.w,
                 asked: self.primaries.len(),
+                why: None,
             })));
         }
     }

@@ -23,11 +23,18 @@ pub enum Progress<T> {
 
 /// Too few replicas answered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{replied} of {needed} required replicas answered ({asked} asked)")]
+#[error("{replied} of {needed} required replicas answered ({asked} asked{})", because(.why.as_deref()))]
 pub struct QuorumFailure {
     pub replied: usize,
     pub needed: usize,
     pub asked: usize,
+    /// Why the last replica that failed did (`node: reason`), when the request knows: what
+    /// an operator needs to act on a 503.
+    pub why: Option<String>,
+}
+
+fn because(why: Option<&str>) -> String {
+    why.map(|why| format!("; {why}")).unwrap_or_default()
 }
 
 /// One replica slot of a sloppy quorum: the node written to, and the primary it stands in for
@@ -161,6 +168,7 @@ impl GetQuorum {
                 replied: self.replies.len(),
                 needed: self.needed,
                 asked: self.replicas.len(),
+                why: None,
             }));
         }
         Progress::Waiting
@@ -317,6 +325,7 @@ impl PutQuorum {
                 }),
                 needed: self.needed,
                 asked: self.targets().len(),
+                why: None,
             }));
         }
         Progress::Waiting
@@ -381,7 +390,8 @@ mod tests {
             Progress::Done(Err(QuorumFailure {
                 replied: 0,
                 needed: 2,
-                asked: 3
+                asked: 3,
+                why: None,
             }))
         );
     }

@@ -502,6 +502,8 @@ struct Replication {
     rounds: Vec<PutCoordinator>,
     /// The round and send of each outstanding send.
     sends: BTreeMap<Tag, (usize, PutSend)>,
+    /// Why the last replica write that failed did, for a quorum failure's message.
+    last_failure: Option<String>,
 }
 
 #[derive(Debug)]
@@ -643,6 +645,7 @@ impl PutRequest {
                         durability,
                         rounds: Vec::new(),
                         sends: BTreeMap::new(),
+                        last_failure: None,
                     };
                     self.start_round(view, &mut replication, plan, &mut steps);
                     self.phase = PutPhase::Replicating(replication);
@@ -652,6 +655,17 @@ impl PutRequest {
             (PutPhase::Replicating(mut replication), Event::Reply { tag, reply }) => {
                 if let Some((round, send)) = replication.sends.remove(&tag) {
                     let ok = matches!(reply, Reply::Message(PeerMessage::Ack));
+                    if !ok {
+                        replication.last_failure = Some(match reply {
+                            Reply::NotSent(why) | Reply::Unanswered(why) => why,
+                            Reply::Message(PeerMessage::Error(why)) => {
+                                format!("{}: {why}", send.node)
+                            }
+                            Reply::Message(other) => {
+                                format!("{}: answered {}", send.node, other.name())
+                            }
+                        });
+                    }
                     let round_steps = match replication.rounds.get_mut(round) {
                         Some(coordinator) => coordinator.on_reply(&send, ok),
                         None => Vec::new(),
@@ -800,6 +814,10 @@ impl PutRequest {
                     }
                 }
                 PutStep::Answer(result) => {
+                    let result = result.map_err(|mut failure| {
+                        failure.why.clone_from(&replication.last_failure);
+                        failure
+                    });
                     if round > 0 {
                         let result = result
                             .map(|()| replication.stored.clone())
@@ -1093,6 +1111,31 @@ mod tests {
         );
         assert!(matches!(answer(&steps), Some(Err(RequestError::Quorum(_)))));
         assert!(put.finished());
+    }
+
+    /// A put that fails its quorum says why the last replica failed: during a rolling
+    /// upgrade, that an old replica could not carry the write (the operator's next step).
+    #[test]
+    fn a_quorum_failure_says_why_the_last_replica_failed() {
+        let v = view("a", &["a", "b", "c"]);
+        let (mut put, _) =
+            PutRequest::coordinate(&v, PutOp::new("b", "k", None, Some(b"v".to_vec())), 1);
+        let steps = put.handle(&v, Event::Written(Ok(written(b"v"))));
+        let tags: Vec<Tag> = sends(&steps).iter().map(|s| s.0.unwrap()).collect();
+        put.handle(&v, fail(tags[0]));
+        let refused = Event::Reply {
+            tag: tags[1],
+            reply: Reply::NotSent("c: runs the previous peer protocol version".into()),
+        };
+        let steps = put.handle(&v, refused);
+        match answer(&steps) {
+            Some(Err(e @ RequestError::Quorum(_))) => assert_eq!(
+                e.to_string(),
+                "quorum not met: 1 of 2 required replicas answered (3 asked; \
+                 c: runs the previous peer protocol version)"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// The one tracked send of `steps`.

@@ -132,6 +132,13 @@ fn mixed_cluster_refuses_what_version_3_cannot_carry(url: &str) {
         put.summary()
     );
     assert!(put.status >= 500, "{}", put.summary());
+    // The answer says why: what the operator has to do.
+    assert!(
+        put.text()
+            .contains("speaks protocol version 3, which cannot carry"),
+        "{}",
+        put.summary()
+    );
     let query = http(
         "GET",
         &format!("{url}/buckets/indexed/index/color_bin/red"),

@@ -759,8 +759,10 @@ pub struct Node {
     hellos: BTreeMap<NodeId, PeerHello>,
     /// The hint delivery round in progress (at most one; the core's `DeliveryRound`).
     hint_round: Option<DeliveryRound>,
-    /// The request being failed because it was never delivered (see `fail_unsent`).
-    unsent: Option<RequestId>,
+    /// The request being failed because it was never delivered (see `fail_unsent`), and
+    /// whether the peer refused it for its protocol version (`Input::SendRefused`) rather
+    /// than being unreachable.
+    unsent: Option<(RequestId, bool)>,
     /// Transition handoff and cleanup (`passes`).
     passes: passes::Passes,
     /// A join in progress (`rounds`).
@@ -1266,12 +1268,12 @@ impl Node {
             Input::SendFailed { to, id } => {
                 if self.pending.get(&id).is_some_and(|p| p.to == to) {
                     self.backoff(now, &to);
-                    self.fail_unsent(now, id);
+                    self.fail_unsent(now, id, false);
                 }
             }
             Input::SendRefused { to, id } => {
                 if self.pending.get(&id).is_some_and(|p| p.to == to) {
-                    self.fail_unsent(now, id);
+                    self.fail_unsent(now, id, true);
                 }
             }
             Input::Timer(timer) => self.on_timer(now, timer),
@@ -1291,7 +1293,7 @@ impl Node {
                 break;
             }
             if self.pending.get(&id).is_some_and(|p| p.to == to) {
-                self.fail_unsent(now, id);
+                self.fail_unsent(now, id, false);
             }
         }
         if self.failed.is_some() {
@@ -1486,8 +1488,8 @@ impl Node {
 
     /// A request the transport never delivered (connect refused, peer in backoff): failed, and
     /// known not to have reached the peer.
-    fn fail_unsent(&mut self, now: u64, id: RequestId) {
-        self.unsent = Some(id);
+    fn fail_unsent(&mut self, now: u64, id: RequestId, refused: bool) {
+        self.unsent = Some((id, refused));
         self.fail_request(now, id);
         self.unsent = None;
     }

@@ -203,7 +203,11 @@ impl Node {
             Purpose::Request { request, tag } => {
                 let reply = match body {
                     Some(message) => RequestReply::Message(message),
-                    None if self.unsent == Some(id) => {
+                    None if self.unsent == Some((id, true)) => RequestReply::NotSent(format!(
+                        "{from}: runs the previous peer protocol version, which cannot carry \
+                         this request (upgrade it)"
+                    )),
+                    None if self.unsent == Some((id, false)) => {
                         RequestReply::NotSent(format!("{from}: unreachable"))
                     }
                     // The rule before finding 5 retried a forward that timed out.
