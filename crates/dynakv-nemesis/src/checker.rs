@@ -571,3 +571,173 @@ mod ttl_tests {
         assert!(skewed.expired_reads.is_empty(), "{skewed:?}");
     }
 }
+
+/// What the index queries of every node found once the run ended (`IndexFinals::of` each
+/// node): the values of the keys its queries of every client's group found, and those its
+/// query of the whole integer index found.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct IndexFinals {
+    pub by_group: BTreeMap<usize, BTreeSet<u64>>,
+    pub by_number: BTreeMap<usize, BTreeSet<u64>>,
+}
+
+/// The verdict of the secondary index checker on one bucket.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct IndexReport {
+    pub writes_acknowledged: usize,
+    pub deletes_acknowledged: usize,
+    pub queries: usize,
+    /// Keys a query found that no write ever carried: `(where, value)`.
+    pub phantom: Vec<(String, u64)>,
+    /// Acknowledged writes (no delete of them sent) a node's final queries did not find:
+    /// `(node, value)`.
+    pub missing: Vec<(usize, u64)>,
+    /// Acknowledged deletes a node's final queries still found: `(node, value)`.
+    pub undeleted: Vec<(usize, u64)>,
+    /// Nodes whose group queries and integer range query disagreed at the end.
+    pub disagreeing: Vec<usize>,
+}
+
+/// Secondary index checker: a write `ix-write` of value `v` makes key `x{v}` with the index
+/// entries of its client's group and of `v`; `ix-delete` deletes one with a read's context.
+/// Queries may miss or keep keys while replicas disagree (a query asks one replica per
+/// partition), so the rules are: no query ever finds a key no write carried; once the run has
+/// converged, every node's queries find every acknowledged write whose delete was never
+/// sent (a delete that failed before it was sent leaves the key), none of the acknowledged
+/// deletes, and the same keys by the group index as by the integer index.
+pub fn check_index(history: &[Event], bucket: &str, finals: &IndexFinals) -> IndexReport {
+    let mut report = IndexReport::default();
+    let ours = |e: &&Event| e.bucket == bucket;
+    let written: BTreeSet<u64> = history
+        .iter()
+        .filter(ours)
+        .filter(|e| e.f == "ix-write" && e.kind == EventType::Invoke)
+        .map(|e| e.value)
+        .collect();
+    let acked: BTreeSet<u64> = history
+        .iter()
+        .filter(ours)
+        .filter(|e| e.f == "ix-write" && e.kind == EventType::Ok)
+        .map(|e| e.value)
+        .collect();
+    // A delete that was sent (acknowledged or not): its key may or may not be there.
+    let delete_sent: BTreeSet<u64> = history
+        .iter()
+        .filter(ours)
+        .filter(|e| e.f == "ix-delete" && matches!(e.kind, EventType::Ok | EventType::Info))
+        .map(|e| e.value)
+        .collect();
+    let deleted: BTreeSet<u64> = history
+        .iter()
+        .filter(ours)
+        .filter(|e| e.f == "ix-delete" && e.kind == EventType::Ok)
+        .map(|e| e.value)
+        .collect();
+    report.writes_acknowledged = acked.len();
+    report.deletes_acknowledged = deleted.len();
+    for query in history
+        .iter()
+        .filter(ours)
+        .filter(|e| e.f == "ix-query" && e.kind == EventType::Ok)
+    {
+        report.queries += 1;
+        for value in query.seen.iter().filter(|v| !written.contains(v)) {
+            let at = format!(
+                "query of {} at {} ms on n{}",
+                query.key, query.time, query.node
+            );
+            report.phantom.push((at, *value));
+        }
+    }
+    for (node, found) in &finals.by_group {
+        for value in found.iter().filter(|v| !written.contains(v)) {
+            report
+                .phantom
+                .push((format!("final query on n{node}"), *value));
+        }
+        for value in acked.difference(&delete_sent) {
+            if !found.contains(value) {
+                report.missing.push((*node, *value));
+            }
+        }
+        for value in &deleted {
+            if found.contains(value) {
+                report.undeleted.push((*node, *value));
+            }
+        }
+        if finals.by_number.get(node) != Some(found) {
+            report.disagreeing.push(*node);
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    fn ev(kind: EventType, f: &str, value: u64, seen: &[u64]) -> Event {
+        Event {
+            kind,
+            process: 0,
+            f: f.to_owned(),
+            bucket: "x".to_owned(),
+            key: format!("x{value}"),
+            value,
+            node: 1,
+            time: 0,
+            latency_ms: Some(1),
+            seen: seen.to_vec(),
+            partial: Vec::new(),
+            siblings: 0,
+            error: None,
+        }
+    }
+
+    fn finals(found: &[u64]) -> IndexFinals {
+        let set: BTreeSet<u64> = found.iter().copied().collect();
+        IndexFinals {
+            by_group: [(1, set.clone())].into_iter().collect(),
+            by_number: [(1, set)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn lost_resurrected_and_phantom_index_entries_are_caught() {
+        use EventType::{Fail, Info, Invoke, Ok};
+        let mut history = Vec::new();
+        for (value, outcome) in [(1, Ok), (2, Ok), (3, Info), (4, Ok), (5, Ok)] {
+            history.push(ev(Invoke, "ix-write", value, &[]));
+            history.push(ev(outcome, "ix-write", value, &[]));
+        }
+        // 2 deleted (acknowledged), 4's delete indeterminate, 5's failed before it was sent.
+        history.push(ev(Ok, "ix-delete", 2, &[]));
+        history.push(ev(Info, "ix-delete", 4, &[]));
+        history.push(ev(Fail, "ix-delete", 5, &[]));
+        history.push(ev(Ok, "ix-query", 0, &[1, 2, 3]));
+        // Right: 1 and 5 there, 2 gone, 3 and 4 either way.
+        let good = check_index(&history, "x", &finals(&[1, 3, 5]));
+        assert_eq!(
+            (good.writes_acknowledged, good.deletes_acknowledged),
+            (4, 1)
+        );
+        assert_eq!(good.queries, 1);
+        assert!(
+            good.phantom.is_empty()
+                && good.missing.is_empty()
+                && good.undeleted.is_empty()
+                && good.disagreeing.is_empty(),
+            "{good:?}"
+        );
+        // Wrong: 1 lost, 2 back, 9 never written (also in a query during the run), and the
+        // two indexes disagree.
+        history.push(ev(Ok, "ix-query", 0, &[9]));
+        let mut bad_finals = finals(&[2, 4, 5, 9]);
+        bad_finals.by_number.insert(1, [2, 4].into_iter().collect());
+        let bad = check_index(&history, "x", &bad_finals);
+        assert_eq!(bad.missing, vec![(1, 1)]);
+        assert_eq!(bad.undeleted, vec![(1, 2)]);
+        assert_eq!(bad.phantom.len(), 2, "{bad:?}");
+        assert_eq!(bad.disagreeing, vec![1]);
+    }
+}

@@ -2,7 +2,8 @@
 //! convergence, read everything with R = N, check, report.
 
 use crate::checker::{
-    self, CounterReport, DtSetReport, Finals, RegisterReport, SetReport, TtlReport,
+    self, CounterReport, DtSetReport, Finals, IndexFinals, IndexReport, RegisterReport, SetReport,
+    TtlReport,
 };
 use crate::cluster::{self, Cluster, wait_for};
 use crate::history::{Event, EventType, Recorder, decode_set};
@@ -30,6 +31,12 @@ pub const COUNTER_BUCKET: &str = "ncounters/c";
 pub const DTSET_BUCKET: &str = "nsets/s";
 /// The bucket of the expiry client (values written with a time to live).
 pub const TTL_BUCKET: &str = "nttl";
+/// The bucket of the secondary index client.
+pub const INDEX_BUCKET: &str = "nidx";
+/// How long the final index check waits for every node's queries to agree with the history
+/// (replicas that missed a write under the faults get it by hinted handoff, read repair or
+/// anti-entropy), at most.
+const INDEX_SETTLE: Duration = Duration::from_secs(120);
 /// The most a `clock-skew` fault moves a node's wall clock (see `nemesis`), in ms.
 const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 /// What the expiry checker allows beyond the time to live when no clock is skewed (the
@@ -86,6 +93,12 @@ pub struct RunReport {
     pub counters: CounterReport,
     pub dt_sets: DtSetReport,
     pub ttl: TtlReport,
+    pub index: IndexReport,
+    /// How long after convergence every node's index queries agreed with the history (ms);
+    /// `None`: they never did within `INDEX_SETTLE`.
+    pub index_settled_ms: Option<u64>,
+    /// Final index queries that failed: `node: error`.
+    pub index_query_errors: Vec<String>,
     /// Expired values still stored on some node once the run ended: `bucket/key on node`.
     pub expired_left: Vec<String>,
     /// Acknowledged set-adds and register writes lost (must be 0).
@@ -172,6 +185,7 @@ fn clients() -> Vec<ClientSpec> {
     add(Family::Counter, COUNTER_BUCKET, keys("c", 2), 2);
     add(Family::DtSet, DTSET_BUCKET, keys("d", 4), 2);
     add(Family::Ttl, TTL_BUCKET, keys("t", 2), 2);
+    add(Family::Index, INDEX_BUCKET, Vec::new(), 2);
     specs
 }
 
@@ -352,6 +366,54 @@ fn expired_left(nodes: usize) -> Vec<String> {
     }
 }
 
+/// Every node's index queries once the run ended (see `checker::IndexFinals`), polled until
+/// they agree with the history (`checker::check_index` finds nothing missing, undeleted or
+/// disagreeing) or `INDEX_SETTLE` passes. Returns the last queries, the failed queries of the
+/// last poll, and how long it took when it settled.
+fn index_finals(nodes: usize, history: &[Event]) -> (IndexFinals, Vec<String>, Option<u64>) {
+    let started = std::time::Instant::now();
+    let groups: Vec<String> = clients()
+        .iter()
+        .filter(|c| c.family == Family::Index)
+        .map(|c| crate::workload::index_group(c.process))
+        .collect();
+    loop {
+        let mut finals = IndexFinals::default();
+        let mut errors = Vec::new();
+        for node in 1..=nodes {
+            let mut found = std::collections::BTreeSet::new();
+            for group in &groups {
+                let query = (crate::workload::INDEX_GROUP, group.as_str(), None);
+                match crate::workload::index_query(node, INDEX_BUCKET, query) {
+                    Ok(values) => found.extend(values),
+                    Err(e) => errors.push(format!("n{node}: {e}")),
+                }
+            }
+            finals.by_group.insert(node, found);
+            let all = (crate::workload::INDEX_NUMBER, "0", Some("999999999999"));
+            match crate::workload::index_query(node, INDEX_BUCKET, all) {
+                Ok(values) => {
+                    finals.by_number.insert(node, values.into_iter().collect());
+                }
+                Err(e) => errors.push(format!("n{node}: {e}")),
+            }
+        }
+        let check = checker::check_index(history, INDEX_BUCKET, &finals);
+        let settled = errors.is_empty()
+            && check.missing.is_empty()
+            && check.undeleted.is_empty()
+            && check.disagreeing.is_empty();
+        let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if settled {
+            return (finals, errors, Some(waited));
+        }
+        if started.elapsed() > INDEX_SETTLE {
+            return (finals, errors, None);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Reads every key with R = N and decodes its siblings.
 fn final_reads(nodes: usize) -> Result<Finals> {
     let mut finals = Finals::new();
@@ -457,6 +519,7 @@ pub fn run_one(plan: &RunPlan, bin: &Path, dir: &Path, nodes: usize) -> RunRepor
 }
 
 fn judge(report: &mut RunReport) {
+    judge_index(report);
     if report.lost > 0 {
         report.failures.push(format!(
             "{} acknowledged writes lost (set-add {:?}, register {:?}, overwritten or deleted values back {:?}, counters {:?}, set data type adds {:?}, removed elements back {:?})",
@@ -640,6 +703,14 @@ fn body(plan: &RunPlan, cluster: &mut Cluster, report: &mut RunReport, dir: &Pat
         )?,
     )?;
     analyse(&history, &finals, report);
+    let (index_finals, errors, settled) = index_finals(nodes, &history);
+    report.index = checker::check_index(&history, INDEX_BUCKET, &index_finals);
+    report.index_settled_ms = settled;
+    report.index_query_errors = errors;
+    std::fs::write(
+        dir.join("index-finals.json"),
+        serde_json::to_vec_pretty(&index_finals)?,
+    )?;
     Ok(())
 }
 
@@ -717,6 +788,45 @@ fn opt(v: Option<u64>) -> String {
 }
 
 /// A short table of one run.
+/// The secondary index verdict's failures (see `checker::check_index`).
+fn judge_index(report: &mut RunReport) {
+    let index = &report.index;
+    let mut failures = Vec::new();
+    if !index.phantom.is_empty() {
+        failures.push(format!(
+            "index queries found keys never written: {:?}",
+            index.phantom.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    if !index.missing.is_empty() {
+        failures.push(format!(
+            "{} acknowledged index writes not found by the final queries: {:?}",
+            index.missing.len(),
+            index.missing.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    if !index.undeleted.is_empty() {
+        failures.push(format!(
+            "{} acknowledged deletes still found by the final queries: {:?}",
+            index.undeleted.len(),
+            index.undeleted.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    if !index.disagreeing.is_empty() {
+        failures.push(format!(
+            "nodes whose group and integer index queries disagree: {:?}",
+            index.disagreeing
+        ));
+    }
+    if !report.index_query_errors.is_empty() {
+        failures.push(format!(
+            "final index queries failed: {:?}",
+            report.index_query_errors.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    report.failures.extend(failures);
+}
+
 pub fn table(r: &RunReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -782,6 +892,18 @@ pub fn table(r: &RunReport) -> String {
         r.counters.increments_indeterminate,
         r.dt_sets.adds_acknowledged,
         r.dt_sets.removes_acknowledged
+    );
+    let _ = writeln!(
+        s,
+        "  2i: writes acked {} deletes acked {} queries {} phantom {} missing {} undeleted {} settled {}",
+        r.index.writes_acknowledged,
+        r.index.deletes_acknowledged,
+        r.index.queries,
+        r.index.phantom.len(),
+        r.index.missing.len(),
+        r.index.undeleted.len(),
+        r.index_settled_ms
+            .map_or_else(|| "never".to_owned(), |ms| format!("in {ms} ms")),
     );
     let _ = writeln!(
         s,

@@ -18,6 +18,12 @@
 //!   `DT_REMOVE_ONE_IN`, read the set and remove one of its elements with the read's context
 //!   (`dt-remove`, the completion's value being the element removed).
 //!
+//! - **ttl**: blind writes with a time to live (`ttl-write`) and reads (`ttl-read`).
+//! - **index** (secondary indexes): write a new key `x{value}` carrying the index entries
+//!   `grp_bin: g{process}` and `n_int: {value}` (`ix-write`); or delete one of the client's
+//!   acknowledged keys with the context of a read (`ix-delete`); or query the client's group
+//!   (`ix-query`, the keys found in `seen`, by value).
+//!
 //! A data type bucket is named `TYPE/BUCKET` (its paths are under `/types/TYPE/`).
 
 use crate::cluster::http_addr;
@@ -52,6 +58,61 @@ pub enum Family {
     DtSet,
     /// Values written with a time to live (`X-Dynakv-Ttl`) and read back (issue 21's expiry).
     Ttl,
+    /// Keys written with secondary index entries, deleted, and found by index queries.
+    Index,
+}
+
+/// The `Index` family's group index: each client's writes carry `g{process}`.
+pub const INDEX_GROUP: &str = "grp_bin";
+/// The `Index` family's integer index: each write carries its value.
+pub const INDEX_NUMBER: &str = "n_int";
+
+/// The key of the `Index` family's write of `value`.
+pub fn index_key(value: u64) -> String {
+    format!("x{value}")
+}
+
+/// The value of an `Index` family key (`None`: not one of its keys).
+pub fn index_value(key: &str) -> Option<u64> {
+    key.strip_prefix('x')?.parse().ok()
+}
+
+/// The `Index` family's group of client `process`.
+pub fn index_group(process: usize) -> String {
+    format!("g{process}")
+}
+
+/// The values of the keys an index query of `bucket` for `index` from `start` (to `end`)
+/// finds on `node`, as the query answers (all of them: no pagination).
+///
+/// # Errors
+/// The query failed or did not answer keys.
+pub fn index_query(
+    node: usize,
+    bucket: &str,
+    (index, start, end): (&str, &str, Option<&str>),
+) -> Result<Vec<u64>, String> {
+    let path = match end {
+        Some(end) => format!("{}/index/{index}/{start}/{end}", bucket_path(bucket)),
+        None => format!("{}/index/{index}/{start}", bucket_path(bucket)),
+    };
+    let resp = http::request("GET", &http_addr(node), &path, &[], b"", CLIENT_TIMEOUT)
+        .map_err(|e| format!("query: {e}"))?;
+    if resp.status != 200 {
+        return Err(format!("query: {}", resp.summary()));
+    }
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.body).map_err(|e| format!("query: not JSON: {e}"))?;
+    let keys = body["keys"]
+        .as_array()
+        .ok_or_else(|| format!("query: no keys in {body}"))?;
+    keys.iter()
+        .map(|k| {
+            k.as_str()
+                .and_then(index_value)
+                .ok_or_else(|| format!("query: a key that no client writes: {k}"))
+        })
+        .collect()
 }
 
 /// The time to live of the `Ttl` family's writes, in seconds.
@@ -264,6 +325,100 @@ fn write(
     }
 }
 
+/// The invocation of operation `f` on `key` with `value` through `node`, recorded; returns
+/// the event its completion is made from.
+fn invocation(
+    spec: &ClientSpec,
+    (f, key, value): (&str, &str, u64),
+    node: usize,
+    recorder: &Recorder,
+) -> Event {
+    let base = Event {
+        kind: EventType::Invoke,
+        process: spec.process,
+        f: f.to_owned(),
+        bucket: spec.bucket.clone(),
+        key: key.to_owned(),
+        value,
+        node,
+        time: recorder.now_ms(),
+        latency_ms: None,
+        seen: Vec::new(),
+        partial: Vec::new(),
+        siblings: 0,
+        error: None,
+    };
+    recorder.record(base.clone());
+    base
+}
+
+/// One operation of the `Index` family (see the module documentation), recorded: two in ten
+/// delete one of `acked` (the client's acknowledged keys still there), two in ten query the
+/// client's group, the others write a new key with `value`.
+fn index_step(
+    spec: &ClientSpec,
+    rng: &mut StdRng,
+    (node, value): (usize, u64),
+    acked: &mut Vec<u64>,
+    recorder: &Recorder,
+) {
+    let roll = rng.random_range(0..10);
+    let group = index_group(spec.process);
+    let (f, key, value) = if roll < 2 && !acked.is_empty() {
+        let victim = acked.swap_remove(rng.random_range(0..acked.len()));
+        ("ix-delete", index_key(victim), victim)
+    } else if roll < 4 {
+        ("ix-query", group.clone(), value)
+    } else {
+        ("ix-write", index_key(value), value)
+    };
+    let mut done = invocation(spec, (f, &key, value), node, recorder);
+    let started = Instant::now();
+    let (kind, error) = match f {
+        "ix-write" => {
+            let number = value.to_string();
+            let path = format!("/buckets/{}/keys/{key}", spec.bucket);
+            let group_header = format!("X-Riak-Index-{INDEX_GROUP}");
+            let number_header = format!("X-Riak-Index-{INDEX_NUMBER}");
+            outcome(http::request(
+                "PUT",
+                &http_addr(node),
+                &path,
+                &[
+                    ("Content-Type", "text/plain"),
+                    (group_header.as_str(), group.as_str()),
+                    (number_header.as_str(), number.as_str()),
+                ],
+                number.as_bytes(),
+                CLIENT_TIMEOUT,
+            ))
+        }
+        "ix-delete" => match read(node, &spec.bucket, &key) {
+            Err(e) => (EventType::Fail, Some(e)),
+            Ok(r) if r.values.is_empty() => (
+                EventType::Fail,
+                Some("the read found nothing to delete".to_owned()),
+            ),
+            Ok(r) => write(node, &spec.bucket, &key, None, r.vclock.as_deref()),
+        },
+        _ => match index_query(node, &spec.bucket, (INDEX_GROUP, &group, None)) {
+            Ok(values) => {
+                done.seen = values;
+                (EventType::Ok, None)
+            }
+            Err(e) => (EventType::Fail, Some(e)),
+        },
+    };
+    if f == "ix-write" && kind == EventType::Ok {
+        acked.push(value);
+    }
+    done.kind = kind;
+    done.error = error;
+    done.time = recorder.now_ms();
+    done.latency_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    recorder.record(done);
+}
+
 /// Runs one client until `stop`; returns how many operations it invoked.
 pub fn run_client(
     spec: &ClientSpec,
@@ -275,10 +430,17 @@ pub fn run_client(
     let mut rng =
         StdRng::seed_from_u64(seed ^ (spec.process as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut counter = 0u64;
+    // The `Index` family's acknowledged keys (by value) not yet deleted.
+    let mut index_acked = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         counter += 1;
         let value = (spec.process as u64 + 1) * 1_000_000 + counter;
         let node = rng.random_range(1..=nodes);
+        if spec.family == Family::Index {
+            index_step(spec, &mut rng, (node, value), &mut index_acked, recorder);
+            std::thread::sleep(Duration::from_millis(rng.random_range(5..25)));
+            continue;
+        }
         let (key, delete) = match spec.family {
             // Operation 2i writes key i, operation 2i + 1 deletes it; then it stays idle.
             Family::Retire => {
@@ -303,6 +465,8 @@ pub fn run_client(
                 spec.keys[rng.random_range(0..spec.keys.len())].clone(),
                 rng.random_range(0..DT_REMOVE_ONE_IN) == 0,
             ),
+            // Its operations are made by `index_step` (above).
+            Family::Index => (String::new(), false),
             // `delete` stands for a read here.
             Family::Ttl => (
                 spec.keys[rng.random_range(0..spec.keys.len())].clone(),
@@ -316,27 +480,12 @@ pub fn run_client(
             Family::DtSet => "dt-add",
             Family::Ttl if delete => "ttl-read",
             Family::Ttl => "ttl-write",
+            Family::Index => "ix-write",
             Family::Register | Family::Retire if delete => "delete",
             Family::Register | Family::Retire => "write",
         };
-        let base = Event {
-            kind: EventType::Invoke,
-            process: spec.process,
-            f: f.to_owned(),
-            bucket: spec.bucket.clone(),
-            key: key.clone(),
-            value,
-            node,
-            time: recorder.now_ms(),
-            latency_ms: None,
-            seen: Vec::new(),
-            partial: Vec::new(),
-            siblings: 0,
-            error: None,
-        };
-        recorder.record(base.clone());
         let started = Instant::now();
-        let mut done = base;
+        let mut done = invocation(spec, (f, &key, value), node, recorder);
         if spec.family == Family::Ttl {
             let (kind, error) = ttl_op(node, &spec.bucket, &key, value, delete, &mut done);
             done.kind = kind;
@@ -397,7 +546,7 @@ pub fn run_client(
                             }
                         }
                     }
-                    Family::Counter | Family::DtSet | Family::Ttl => (
+                    Family::Counter | Family::DtSet | Family::Ttl | Family::Index => (
                         EventType::Fail,
                         Some("not a read-modify-write family".to_owned()),
                     ),
