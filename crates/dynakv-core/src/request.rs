@@ -364,14 +364,24 @@ pub enum Event {
     Written(Result<Object, RequestError>),
 }
 
-/// The object of a `ReplicaObject` reply (`Err`: a failure, or an undecodable object).
-fn fetched(reply: Reply) -> Result<Option<Object>, ()> {
+/// Why `node`'s reply is a failure, for a quorum failure's message (`QuorumFailure::why`).
+fn failure_of(node: &NodeId, reply: &Reply) -> String {
+    match reply {
+        Reply::NotSent(why) | Reply::Unanswered(why) => why.clone(),
+        Reply::Message(PeerMessage::Error(why)) => format!("{node}: {why}"),
+        Reply::Message(other) => format!("{node}: answered {}", other.name()),
+    }
+}
+
+/// The object of `node`'s `ReplicaObject` reply (`Err`: why it failed, a failure or an
+/// undecodable object).
+fn fetched(node: &NodeId, reply: Reply) -> Result<Option<Object>, String> {
     match reply {
         Reply::Message(PeerMessage::ReplicaObject { object }) => object
             .map(|b| Object::decode(&b))
             .transpose()
-            .map_err(|_| ()),
-        _ => Err(()),
+            .map_err(|_| format!("{node}: its copy does not decode")),
+        other => Err(failure_of(node, &other)),
     }
 }
 
@@ -384,6 +394,8 @@ pub struct GetRequest {
     coordinator: Option<GetCoordinator>,
     /// The node each outstanding fetch went to.
     fetches: BTreeMap<Tag, NodeId>,
+    /// Why the last fetch that failed did, for a quorum failure's message.
+    last_failure: Option<String>,
 }
 
 impl GetRequest {
@@ -404,6 +416,7 @@ impl GetRequest {
             key: key.to_owned(),
             coordinator: None,
             fetches: BTreeMap::new(),
+            last_failure: None,
         };
         let (coordinator, slots) = match GetCoordinator::start(&plan, needed, needed_primaries) {
             Ok(started) => started,
@@ -436,10 +449,17 @@ impl GetRequest {
     /// Feed one fetch's outcome.
     pub fn handle(&mut self, view: &dyn View, event: Event) -> Vec<Step> {
         let (tag, reply) = match event {
-            Event::Reply { tag, reply } => (tag, fetched(reply)),
-            Event::Read { tag, result } => (tag, result),
+            Event::Reply { tag, reply } => match self.fetches.get(&tag) {
+                Some(node) => (tag, fetched(node, reply)),
+                None => return Vec::new(),
+            },
+            Event::Read { tag, result } => (
+                tag,
+                result.map_err(|()| format!("{}: its own copy could not be read", view.me())),
+            ),
             Event::Written(_) => return Vec::new(),
         };
+        let reply = reply.map_err(|why| self.last_failure = Some(why));
         let (Some(from), Some(coordinator)) =
             (self.fetches.remove(&tag), self.coordinator.as_mut())
         else {
@@ -449,7 +469,11 @@ impl GetRequest {
         for step in coordinator.on_reply(&from, reply) {
             match step {
                 GetStep::Answer(result) => {
-                    steps.push(Step::Answer(result.map_err(RequestError::Quorum)));
+                    let result = result.map_err(|mut failure| {
+                        failure.why.clone_from(&self.last_failure);
+                        RequestError::Quorum(failure)
+                    });
+                    steps.push(Step::Answer(result));
                 }
                 GetStep::Repair { merged, targets } => {
                     let durability = view.props(&self.bucket).durability;
@@ -656,15 +680,7 @@ impl PutRequest {
                 if let Some((round, send)) = replication.sends.remove(&tag) {
                     let ok = matches!(reply, Reply::Message(PeerMessage::Ack));
                     if !ok {
-                        replication.last_failure = Some(match reply {
-                            Reply::NotSent(why) | Reply::Unanswered(why) => why,
-                            Reply::Message(PeerMessage::Error(why)) => {
-                                format!("{}: {why}", send.node)
-                            }
-                            Reply::Message(other) => {
-                                format!("{}: answered {}", send.node, other.name())
-                            }
-                        });
+                        replication.last_failure = Some(failure_of(&send.node, &reply));
                     }
                     let round_steps = match replication.rounds.get_mut(round) {
                         Some(coordinator) => coordinator.on_reply(&send, ok),
@@ -1134,6 +1150,33 @@ mod tests {
                 "quorum not met: 1 of 2 required replicas answered (3 asked; \
                  c: runs the previous peer protocol version)"
             ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A get that fails its quorum says why too.
+    #[test]
+    fn a_get_quorum_failure_says_why_the_last_replica_failed() {
+        let v = view("a", &["a", "b", "c"]);
+        let (mut get, steps) = GetRequest::start(&v, "b", "k", (None, None));
+        let tags: Vec<Tag> = sends(&steps).iter().map(|s| s.0.unwrap()).collect();
+        assert_eq!(tags.len(), 2, "{steps:?}");
+        get.handle(&v, fail(tags[0]));
+        let refused = Event::Reply {
+            tag: tags[1],
+            reply: Reply::Message(PeerMessage::Error("disk on fire".into())),
+        };
+        let steps = get.handle(&v, refused);
+        let answer = steps.iter().find_map(|s| match s {
+            Step::Answer(result) => Some(result),
+            _ => None,
+        });
+        match answer {
+            Some(Err(e @ RequestError::Quorum(_))) => {
+                let text = e.to_string();
+                assert!(text.ends_with(": disk on fire)"), "{text}");
+                assert!(text.starts_with("quorum not met: "), "{text}");
+            }
             other => panic!("{other:?}"),
         }
     }
