@@ -105,6 +105,12 @@ use tokio::time::Instant;
 use crate::link::{self, FrameBudget, LinkKeys, MAX_RECORD_PLAINTEXT, Opener, Sealer};
 
 /// Version of this wire protocol, sent in the hello.
+///
+/// Changing any peer message (a field, a variant, what an encoded object may hold) bumps it
+/// and [`PREVIOUS_PROTOCOL_VERSION`], replaces `dynakv_core::message::v3` by a mirror of the
+/// messages as they were (with its golden encoding test, the bytes generated at the last
+/// commit of the old version), and points `scripts/build-previous-release.sh` at that commit:
+/// see `docs/UPGRADING.md`.
 pub const PROTOCOL_VERSION: u16 = 4;
 /// The version before [`PROTOCOL_VERSION`], still spoken so that a cluster can be upgraded
 /// one node at a time: a node accepts connections of either version, and connects with the
