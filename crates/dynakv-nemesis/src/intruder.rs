@@ -19,8 +19,9 @@
 //!   to the intruder's address, a `JoinRequest` re-announcing a live member at the intruder's
 //!   address, or a `ReplicaPut` of a value with a clock no real write has; also the same
 //!   envelope with no hello at all.
-//! - (b) a version-3 Noise `XXpsk0` first message made with a random (wrong) cluster secret
-//!   and a random node key, then the same forged frames, behind a plain-frame `Hello`
+//! - (b) a Noise `XXpsk0` first message made with a random (wrong) cluster secret and a
+//!   random node key, in either protocol version a node accepts (4, or 3 for rolling
+//!   upgrades, drawn per attempt), then the same forged frames, behind a plain-frame `Hello`
 //!   claiming a live member's name, sealed with a transport state from a handshake the
 //!   intruder ran with itself under its wrong secret (the only state it can have).
 //! - (c) replays of bytes recorded during this run: the first [`RECORD_BYTES`] bytes a node
@@ -44,7 +45,7 @@ use dynakv_server::link::{self, LinkKeys, Sealer};
 use dynakv_server::secrets::{ClusterSecret, NodeKey};
 use dynakv_server::transport::{
     Body, Envelope, FRAME_HEADER_BYTES, Hello, MAGIC, MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES,
-    PROTOCOL_VERSION, encode_frame,
+    PREVIOUS_PROTOCOL_VERSION, PROTOCOL_VERSION, encode_frame,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -399,8 +400,13 @@ fn wrong_secret_attempt(target: &Target, claimed: &str, frame: &[u8]) -> Result<
     let written = handshake
         .write_message(&[], &mut message)
         .map_err(|e| anyhow!("noise: {e}"))?;
+    let version = if rand::rng().random_bool(0.5) {
+        PROTOCOL_VERSION
+    } else {
+        PREVIOUS_PROTOCOL_VERSION
+    };
     let mut first = MAGIC.to_vec();
-    first.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    first.extend_from_slice(&version.to_be_bytes());
     first.extend_from_slice(&message[..written]);
     let mut bytes = plain_frame(&first)?;
     let hello = postcard_hello(target, claimed)?;
@@ -730,6 +736,12 @@ mod tests {
         assert_eq!(hello[10], 2);
         let v3 = wrong_secret_attempt(&target, "n2", &forged.gossip).unwrap();
         assert_eq!(&v3[4..10], b"dynakv");
-        assert_eq!(&v3[10..12], &PROTOCOL_VERSION.to_be_bytes());
+        assert!(
+            [PROTOCOL_VERSION, PREVIOUS_PROTOCOL_VERSION]
+                .iter()
+                .any(|v| v3[10..12] == v.to_be_bytes()),
+            "{:?}",
+            &v3[10..12]
+        );
     }
 }
