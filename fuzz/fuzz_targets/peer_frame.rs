@@ -7,7 +7,10 @@ use bytes::BytesMut;
 use dynakv_core::message::PeerMessage;
 use dynakv_server::link::{self, LinkKeys, Opener};
 use dynakv_server::secrets::{ClusterSecret, NodeKey};
-use dynakv_server::transport::{Envelope, decode_envelope, encode_frame};
+use dynakv_server::transport::{
+    Envelope, PREVIOUS_PROTOCOL_VERSION, decode_envelope, decode_envelope_payload, decode_frame,
+    encode_envelope, encode_frame,
+};
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 
@@ -36,6 +39,23 @@ fuzz_target!(|data: &[u8]| {
         let mut again = BytesMut::from(&frame[..]);
         let decoded: Envelope<PeerMessage> = decode_envelope(&mut again, LIMIT).unwrap().unwrap();
         assert_eq!(decoded, envelope);
+    }
+    // The same bytes from a peer speaking the previous version (a node not yet upgraded):
+    // read as version 3's messages, converted; what converts back reads back the same.
+    let mut buffer = BytesMut::from(data);
+    let peer = "127.0.0.1:1".parse().unwrap();
+    while let Ok(Some(payload)) = decode_frame(&mut buffer, LIMIT) {
+        let Ok(envelope) =
+            decode_envelope_payload::<PeerMessage>(&payload, PREVIOUS_PROTOCOL_VERSION)
+        else {
+            break;
+        };
+        if let Ok(frame) = encode_envelope(envelope.clone(), PREVIOUS_PROTOCOL_VERSION, peer, LIMIT)
+        {
+            let again: Envelope<PeerMessage> =
+                decode_envelope_payload(&frame[4..], PREVIOUS_PROTOCOL_VERSION).unwrap();
+            assert_eq!(again, envelope);
+        }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

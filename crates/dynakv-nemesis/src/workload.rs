@@ -352,6 +352,20 @@ fn invocation(
     base
 }
 
+/// Records the completion `done` of an operation invoked at `started` with its outcome.
+fn complete(
+    recorder: &Recorder,
+    mut done: Event,
+    (kind, error): (EventType, Option<String>),
+    started: Instant,
+) {
+    done.kind = kind;
+    done.error = error;
+    done.time = recorder.now_ms();
+    done.latency_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    recorder.record(done);
+}
+
 /// One operation of the `Index` family (see the module documentation), recorded: two in ten
 /// delete one of `acked` (the client's acknowledged keys still there), two in ten query the
 /// client's group, the others write a new key with `value`.
@@ -374,7 +388,7 @@ fn index_step(
     };
     let mut done = invocation(spec, (f, &key, value), node, recorder);
     let started = Instant::now();
-    let (kind, error) = match f {
+    let outcome = match f {
         "ix-write" => {
             let number = value.to_string();
             let path = format!("/buckets/{}/keys/{key}", spec.bucket);
@@ -409,14 +423,10 @@ fn index_step(
             Err(e) => (EventType::Fail, Some(e)),
         },
     };
-    if f == "ix-write" && kind == EventType::Ok {
+    if f == "ix-write" && outcome.0 == EventType::Ok {
         acked.push(value);
     }
-    done.kind = kind;
-    done.error = error;
-    done.time = recorder.now_ms();
-    done.latency_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-    recorder.record(done);
+    complete(recorder, done, outcome, started);
 }
 
 /// Runs one client until `stop`; returns how many operations it invoked.
@@ -486,23 +496,13 @@ pub fn run_client(
         };
         let started = Instant::now();
         let mut done = invocation(spec, (f, &key, value), node, recorder);
-        if spec.family == Family::Ttl {
-            let (kind, error) = ttl_op(node, &spec.bucket, &key, value, delete, &mut done);
-            done.kind = kind;
-            done.error = error;
-            done.time = recorder.now_ms();
-            done.latency_ms = Some(started.elapsed().as_millis() as u64);
-            recorder.record(done);
-            std::thread::sleep(Duration::from_millis(rng.random_range(5..25)));
-            continue;
-        }
-        if matches!(spec.family, Family::Counter | Family::DtSet) {
-            let (kind, error) = datatype_op(spec, &mut rng, node, &key, &mut done);
-            done.kind = kind;
-            done.error = error;
-            done.time = recorder.now_ms();
-            done.latency_ms = Some(started.elapsed().as_millis() as u64);
-            recorder.record(done);
+        if matches!(spec.family, Family::Ttl | Family::Counter | Family::DtSet) {
+            let outcome = if spec.family == Family::Ttl {
+                ttl_op(node, &spec.bucket, &key, value, delete, &mut done)
+            } else {
+                datatype_op(spec, &mut rng, node, &key, &mut done)
+            };
+            complete(recorder, done, outcome, started);
             std::thread::sleep(Duration::from_millis(rng.random_range(5..25)));
             continue;
         }
