@@ -19,15 +19,9 @@ fn count_on(url: &str, bucket: &str) -> usize {
         .count()
 }
 
+/// The hints a node holds (`u64::MAX` when it does not say).
 fn hints_held(url: &str) -> u64 {
-    get_json(&format!("{url}/admin/handoffs"))
-        .ok()
-        .and_then(|v| {
-            v["hints"]["held_per_target"]
-                .as_array()
-                .map(|targets| targets.iter().filter_map(|t| t["keys"].as_u64()).sum())
-        })
-        .unwrap_or(u64::MAX)
+    common::hints_held(url).unwrap_or(u64::MAX)
 }
 
 #[test]

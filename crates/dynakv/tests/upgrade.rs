@@ -17,7 +17,9 @@
 
 mod common;
 
-use common::{BIN, Cluster, Tally, Writers, get_json, get_kv, http, put_kv, read_back, serial};
+use common::{
+    BIN, Cluster, Tally, Writers, get_json, get_kv, hints_held, http, put_kv, read_back, serial,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -91,14 +93,6 @@ fn versions_check(url: &str, upgraded: &[String], names: &[String]) -> Result<()
         }
     }
     Ok(())
-}
-
-fn hints_held(url: &str) -> Result<u64, String> {
-    let handoffs = get_json(&format!("{url}/admin/handoffs"))?;
-    handoffs["hints"]["held_per_target"]
-        .as_array()
-        .map(|targets| targets.iter().filter_map(|t| t["keys"].as_u64()).sum())
-        .ok_or_else(|| format!("no hints in {handoffs}"))
 }
 
 fn sorted_values(url: &str, key: &str) -> Result<(u16, Vec<String>), String> {

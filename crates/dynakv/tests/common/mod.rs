@@ -339,6 +339,15 @@ pub fn get_json(url: &str) -> Result<Value, String> {
         .map_err(|e| format!("GET {url}: not JSON ({e}): {}", resp.summary()))
 }
 
+/// The hints a node holds, over every target (`/admin/handoffs`).
+pub fn hints_held(url: &str) -> Result<u64, String> {
+    let handoffs = get_json(&format!("{url}/admin/handoffs"))?;
+    handoffs["hints"]["held_per_target"]
+        .as_array()
+        .map(|targets| targets.iter().filter_map(|t| t["keys"].as_u64()).sum())
+        .ok_or_else(|| format!("no hints in {handoffs}"))
+}
+
 /// `PUT /buckets/B/keys/K?w=W` with a text/plain value and an optional context.
 pub fn put_kv(
     base: &str,
